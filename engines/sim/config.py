@@ -1,0 +1,79 @@
+"""Configuration of one simulated engine process (flags, YAML file, or both)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class SimEngineConfig(BaseModel):
+    """Every knob of ``pdgate engine sim``; each field is also a ``--kebab-case`` flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8100, ge=0, le=65535, description="HTTP port (0 picks a free one)")
+    role: Literal["both", "prefill", "decode"] = Field(
+        "both", description="colocated engine, or one side of prefill-decode disaggregation"
+    )
+    api: Literal["vllm", "sglang"] = Field("vllm", description="whose HTTP API, PD protocol and metric names to speak")
+    profile: str | None = Field(
+        "h100-llama-3-8b",
+        description="calibrated performance profile GPU-MODEL[-tpN]; set to '' to use --model/--gpu/--tp (roofline when no profile matches)",
+    )
+    model: str | None = Field(None, description="model shape (e.g. llama-3-8b) when no --profile is given")
+    gpu: str | None = Field(None, description="GPU (h100, a100, a40) when no --profile is given")
+    tp: int = Field(1, ge=1, description="tensor-parallel degree when no --profile is given")
+    served_model_name: str | None = Field(None, description="model name clients use (default: the profile's model)")
+    time_scale: float = Field(1.0, gt=0, description="run this many times faster than real time (tests use 10-100)")
+    tokenizer: str = Field("builtin", description="'builtin' or a local Hugging Face tokenizer directory")
+    block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
+    num_gpu_blocks: int | None = Field(None, ge=1, description="override the KV cache size in blocks (default: from GPU memory)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory for weights + KV cache")
+    max_num_seqs: int = Field(256, ge=1, description="maximum running sequences per step")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="token budget per step (chunked prefill)")
+    max_model_len: int | None = Field(None, ge=2, description="context length limit (default: the model's)")
+    enable_prefix_caching: bool = Field(True, description="reuse KV blocks of identical prefixes")
+    scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="waiting-queue order (priority: lower value first)")
+    output_len_median: float = Field(180.0, gt=0, description="median of the per-conversation mean natural output length")
+    output_len_sigma: float = Field(0.9, ge=0, description="log-normal spread of natural output lengths")
+    engine_id: str | None = Field(None, description="KV connector engine id (default: random)")
+    kv_link_bandwidth_gbps: float = Field(25.0, gt=0, description="KV transfer bandwidth in GB/s (25 = 200 Gb/s RDMA)")
+    kv_link_latency_ms: float = Field(1.0, ge=0, description="fixed cost of one KV transfer in ms")
+    kv_load_failure_policy: Literal["fail", "recompute"] = Field("fail", description="decode leg when the KV pull fails")
+    kv_hold_timeout_s: float = Field(480.0, gt=0, description="seconds a prefill leg keeps KV for its decode peer")
+    bootstrap_port: int | None = Field(None, ge=0, le=65535, description="SGLang prefill bootstrap port (default 8998 for an sglang prefill)")
+    kv_events_endpoint: str | None = Field(None, description="ZMQ endpoint for vLLM-format KV events, e.g. tcp://127.0.0.1:5557")
+    kv_events_replay_endpoint: str | None = Field(None, description="ZMQ ROUTER endpoint serving replays of recent KV events")
+    kv_events_topic: str = Field("kv", description="topic frame of KV event messages")
+    enable_prompt_tokens_details: bool = Field(True, description="report usage.prompt_tokens_details.cached_tokens")
+    api_key: str | None = Field(None, description="require this bearer token on /v1 routes")
+    seed: int = Field(0, description="seed for sampled (temperature > 0) requests that give none")
+
+    @model_validator(mode="after")
+    def _check(self) -> SimEngineConfig:
+        if not self.profile and not self.model:
+            raise ValueError("give a --profile, or a --model (with optional --gpu, --tp)")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be at least block_size")
+        return self
+
+    def resolved_engine_id(self) -> str:
+        return self.engine_id or str(uuid.uuid4())
+
+    def resolved_bootstrap_port(self) -> int | None:
+        if self.api == "sglang" and self.role == "prefill":
+            return 8998 if self.bootstrap_port is None else self.bootstrap_port
+        return None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: object) -> SimEngineConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of engine settings")
+        data.update(overrides)
+        return cls.model_validate(data)

@@ -1,0 +1,238 @@
+"""Runs an :class:`~engines.sim.core.EngineCore` in (scaled) real time on an asyncio loop.
+
+The engine owns one background task, the step loop, plus one task per in-flight KV pull; all
+are cancelled and awaited by :meth:`AsyncSimEngine.close`. Requests are submitted with
+:meth:`AsyncSimEngine.submit` and their outputs read from the returned :class:`RequestStream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engines.sim.core import EngineCore, RequestOutput, ScheduledStep
+from engines.sim.kv_events import KvEvent
+from engines.sim.request import RequestStatus, SimRequest
+
+
+class Clock(Protocol):
+    """Simulated time. ``now`` is in simulated seconds."""
+
+    def now(self) -> float: ...
+
+    async def sleep_until(self, t: float) -> None: ...
+
+    def to_wall(self, sim_seconds: float) -> float: ...
+
+
+class RealtimeClock:
+    """Simulated time running ``time_scale`` times faster than the wall clock."""
+
+    def __init__(self, time_scale: float = 1.0) -> None:
+        if time_scale <= 0:
+            raise ValueError("time_scale must be positive")
+        self.time_scale = time_scale
+        self._origin = time.monotonic()
+
+    def now(self) -> float:
+        return (time.monotonic() - self._origin) * self.time_scale
+
+    async def sleep_until(self, t: float) -> None:
+        delay = (t - self.now()) / self.time_scale
+        await asyncio.sleep(max(0.0, delay))
+
+    def to_wall(self, sim_seconds: float) -> float:
+        return sim_seconds / self.time_scale
+
+
+class EngineObserver(Protocol):
+    """Receives what the step loop did (metrics)."""
+
+    def on_step(self, step: ScheduledStep, outputs: list[RequestOutput], now: float) -> None: ...
+
+    def on_finished(self, request: SimRequest, now: float) -> None: ...
+
+
+class KvPullError(Exception):
+    """The decode leg could not obtain the prompt's KV from its prefill peer."""
+
+
+KvPuller = Callable[[SimRequest], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class RequestStream:
+    """Outputs of one request, in order; the last one has a ``finish_reason``."""
+
+    request: SimRequest
+    queue: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
+
+    async def __aiter__(self):
+        while True:
+            output = await self.queue.get()
+            yield output
+            if output.finished:
+                return
+
+
+class AsyncSimEngine:
+    """Drives the step loop: schedule, sleep for the step's modelled time, commit, deliver."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        clock: Clock,
+        *,
+        kv_puller: KvPuller | None = None,
+        kv_load_failure_policy: str = "fail",
+        observer: EngineObserver | None = None,
+        publish_events: Callable[[float, list[KvEvent]], None] | None = None,
+    ) -> None:
+        self.core = core
+        self.clock = clock
+        self._kv_puller = kv_puller
+        self._failure_policy = kv_load_failure_policy
+        self._observer = observer
+        self._publish = publish_events
+        self._streams: dict[str, RequestStream] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._pulls: dict[str, asyncio.Task[None]] = {}
+        self._pending_events: list[KvEvent] = []
+        core.kv.event_sink = self._pending_events.extend
+        self.steps = 0
+        self.busy_seconds = 0.0
+
+    # -------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._run(), name="sim-engine-step-loop")
+
+    async def close(self) -> None:
+        tasks = list(self._pulls.values())
+        if self._loop_task is not None:
+            tasks.append(self._loop_task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._pulls.clear()
+        self._loop_task = None
+
+    # --------------------------------------------------------------- requests
+    def submit(self, request: SimRequest) -> RequestStream:
+        self.core.add_request(request)
+        stream = RequestStream(request)
+        self._streams[request.request_id] = stream
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """Stop a request (client disconnected, stop string matched); frees its KV blocks."""
+        pull = self._pulls.pop(request_id, None)
+        if pull is not None:
+            pull.cancel()
+        now = self.clock.now()
+        req = self.core.abort(request_id, now, status)
+        stream = self._streams.pop(request_id, None)
+        if req is not None:
+            if self._observer is not None:
+                self._observer.on_finished(req, now)
+            if stream is not None:
+                stream.queue.put_nowait(RequestOutput(req, [], status.value))
+        self._flush_events(now)
+        self._wake.set()
+
+    @property
+    def num_active_pulls(self) -> int:
+        return len(self._pulls)
+
+    # -------------------------------------------------------------- step loop
+    async def _run(self) -> None:
+        core, clock = self.core, self.clock
+        while True:
+            if not core.has_unfinished():
+                await self._idle_wait()
+                continue
+            now = clock.now()
+            step = core.schedule(now)
+            for req in step.kv_pulls:
+                self._start_pull(req)
+            if step.empty:
+                await self._idle_wait()
+                continue
+            duration = core.step_time(step)
+            await clock.sleep_until(now + duration)
+            await asyncio.sleep(0)  # let handlers run even when steps take no wall time
+            done = max(clock.now(), now + duration)
+            outputs = core.update(step, done)
+            self.steps += 1
+            self.busy_seconds += duration
+            if self._observer is not None:
+                self._observer.on_step(step, outputs, done)
+            self._deliver(outputs, done)
+            self._flush_events(done)
+
+    async def _idle_wait(self) -> None:
+        self._wake.clear()
+        expiry = self.core.next_hold_expiry()
+        timeout = None if expiry is None else max(0.0, self.clock.to_wall(expiry - self.clock.now()))
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+        if expiry is not None:
+            self.core.expire_held(self.clock.now())
+            self._flush_events(self.clock.now())
+
+    def _deliver(self, outputs: list[RequestOutput], now: float) -> None:
+        for output in outputs:
+            rid = output.request.request_id
+            stream = self._streams.get(rid)
+            if output.finished:
+                self._streams.pop(rid, None)
+                if self._observer is not None:
+                    self._observer.on_finished(output.request, now)
+            if stream is not None:
+                stream.queue.put_nowait(output)
+
+    def _flush_events(self, now: float) -> None:
+        if self._pending_events:
+            events = list(self._pending_events)
+            self._pending_events.clear()
+            if self._publish is not None:
+                self._publish(now, events)
+
+    # ---------------------------------------------------------------- KV pulls
+    def _start_pull(self, req: SimRequest) -> None:
+        task = asyncio.create_task(self._pull(req), name=f"kv-pull-{req.request_id}")
+        self._pulls[req.request_id] = task
+
+    async def _pull(self, req: SimRequest) -> None:
+        ok = False
+        error = "no KV transfer path is configured on this engine"
+        try:
+            if self._kv_puller is not None:
+                await self._kv_puller(req)
+                ok = True
+        except KvPullError as exc:
+            error = str(exc)
+        except (OSError, asyncio.TimeoutError) as exc:
+            error = f"KV transfer failed: {exc!r}"
+        finally:
+            self._pulls.pop(req.request_id, None)
+        now = self.clock.now()
+        if ok or self._failure_policy == "recompute":
+            self.core.finish_remote_kv(req.request_id, ok, now)
+        else:
+            failed = self.core.fail_request(req.request_id, error, now)
+            stream = self._streams.pop(req.request_id, None)
+            if failed is not None:
+                if self._observer is not None:
+                    self._observer.on_finished(failed, now)
+                if stream is not None:
+                    stream.queue.put_nowait(RequestOutput(failed, [], RequestStatus.FINISHED_ERROR.value))
+        self._flush_events(now)
+        self._wake.set()

@@ -1,0 +1,42 @@
+"""``pdgate``: the one console script. Subcommands register themselves from their packages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from engines.cli import add_engine_commands
+
+DESCRIPTION = """\
+pdgate: an SLO-aware gateway and global scheduler for prefill-decode disaggregated LLM serving.
+
+It sits in front of vLLM / SGLang engines (or its own simulated engine, which speaks the same
+HTTP API without a GPU) and decides where each request is prefilled and decoded.
+"""
+
+EPILOG = """\
+examples:
+  pdgate engine sim                                   # one simulated vLLM-style engine on :8100
+  pdgate engine sim --role prefill --port 8101 --api vllm --profile h100-llama-3-8b
+  pdgate engine sim --help                            # every engine flag, with defaults
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdgate", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_engine_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
