@@ -142,7 +142,7 @@ def isotonic(y: np.ndarray) -> np.ndarray:
 def grid_indices(tokens: np.ndarray) -> list[int]:
     """Indices of the measured num_tokens nearest (in log space) to 1, GRID_STEP, GRID_STEP**2, ... and the last."""
     logs = np.log(tokens)
-    n = int(math.floor(math.log(tokens[-1]) / math.log(GRID_STEP) + 1e-9))
+    n = math.floor(math.log(tokens[-1]) / math.log(GRID_STEP) + 1e-9)
     picks = {int(np.argmin(np.abs(logs - k * math.log(GRID_STEP)))) for k in range(n + 1)}
     return sorted(picks | {0, len(tokens) - 1})
 
@@ -343,7 +343,7 @@ def build_profiles(vidur: Path) -> dict[str, dict]:
     ratios = gpu_ratios(tables)
     profiles = {}
     for gpu, model, tp in profile_keys(tables):
-        name = pm._profile_name(gpu, model, tp)
+        name = pm.profile_name(gpu, model, tp)
         if (gpu, model, tp) in tables:
             table = tables[(gpu, model, tp)]
             series = measured_series(table)

@@ -25,6 +25,7 @@ from engines.sim.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    KvEvent,
     KvEventPublisher,
     WireSchema,
     encode_batch,
@@ -214,7 +215,7 @@ def _vllm_structs(extended: bool) -> tuple[Any, ...]:
 def _sample_pairs(S: Any, R: Any, C: Any, extended: bool) -> tuple[list[Any], list[Any]]:
     """The same batch as our dataclasses and as the vLLM struct mirrors S/R/C."""
     hashes = [to_event_hash(h) for h in block_hashes(list(range(64)), 16)]
-    extra = dict(
+    extra: dict[str, Any] = dict(
         locality="LOCAL",
         ownership="t2",
         session_id="s",
@@ -270,8 +271,8 @@ def _sample_pairs(S: Any, R: Any, C: Any, extended: bool) -> tuple[list[Any], li
     ("schema", "extended"), [(VLLM_UPSTREAM_SCHEMA, False), (VLLM_EXTENDED_SCHEMA, True)]
 )
 def test_encoding_is_byte_identical_to_vllm_msgspec(schema: WireSchema, extended: bool) -> None:
-    msgspec, EventBatch, batch_type, *structs = _vllm_structs(extended)
-    ours, theirs = _sample_pairs(*structs, extended)
+    msgspec, EventBatch, batch_type, S, R, C = _vllm_structs(extended)
+    ours, theirs = _sample_pairs(S, R, C, extended)
     enc = msgspec.msgpack.Encoder()
     ts = time.time()
     for rank in (0, 5, None):
@@ -328,7 +329,7 @@ async def test_pub_connects_to_bound_sub_and_frames_match_vllm() -> None:
     try:
         sub.setsockopt(zmq.SUBSCRIBE, b"kv-events")
         sub.bind("tcp://127.0.0.1:*")
-        sub_addr = sub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        sub_addr = sub.getsockopt_string(zmq.LAST_ENDPOINT)
         # Concrete host => vLLM's rule makes the PUB connect to our bound SUB.
         pub = KvEventPublisher(sub_addr, replay_endpoint="tcp://127.0.0.1:*", topic="kv-events")
         await pub.start()
@@ -337,7 +338,7 @@ async def test_pub_connects_to_bound_sub_and_frames_match_vllm() -> None:
 
         tokens = list(range(100, 148))
         hs = [to_event_hash(h) for h in block_hashes(tokens, 16)]
-        batches = [
+        batches: list[tuple[float, list[KvEvent]]] = [
             (1.25, [BlockStored(hs, None, tokens, 16)]),
             (2.5, [BlockRemoved(hs[1:]), BlockStored([hs[0]], None, tokens[:16], 16, lora_id=7)]),
             (3.75, [AllBlocksCleared()]),

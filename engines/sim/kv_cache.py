@@ -116,7 +116,7 @@ class KVCacheManager:
             block.ref_cnt = 1
             owned.append(block)
         if removed:
-            self._emit([BlockRemoved(block_hashes=removed, medium=self.medium)])
+            self._emit([BlockRemoved(block_hashes=removed, medium=self.medium, group_idx=0)])
         return True
 
     def free(self, owned: list[KVBlock]) -> None:
@@ -166,6 +166,9 @@ class KVCacheManager:
                     token_ids=tokens,
                     block_size=self.block_size,
                     medium=self.medium,
+                    extra_keys=[None] * len(hashes),  # as real vLLM sends for plain-text requests
+                    group_idx=0,
+                    kv_cache_spec_kind="full_attention",
                 )
             ]
         )

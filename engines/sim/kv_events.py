@@ -87,14 +87,14 @@ class BlockStored:
     remaining fields only when not ``None``.
     """
 
-    block_hashes: list[ExternalBlockHash]
+    block_hashes: Sequence[ExternalBlockHash]
     parent_block_hash: ExternalBlockHash | None
-    token_ids: list[int]
+    token_ids: Sequence[int]
     block_size: int
     lora_id: int | None = None
     medium: str | None = MEDIUM_GPU
     lora_name: str | None = None
-    extra_keys: list[tuple[Any, ...] | None] | None = None
+    extra_keys: Sequence[tuple[Any, ...] | None] | None = None
     group_idx: int | None = None
     kv_cache_spec_kind: str | None = None
     kv_cache_spec_sliding_window: int | None = None
@@ -102,15 +102,15 @@ class BlockStored:
     ownership: str | None = None
     session_id: str | None = None
     skipped_parent_block_hash: ExternalBlockHash | None = None
-    skipped_token_ids: list[int] | None = None
-    skipped_extra_keys: list[tuple[Any, ...] | None] | None = None
+    skipped_token_ids: Sequence[int] | None = None
+    skipped_extra_keys: Sequence[tuple[Any, ...] | None] | None = None
 
 
 @dataclass(frozen=True)
 class BlockRemoved:
     """Blocks evicted (vLLM ``BlockRemoved``); ``medium`` is always on the wire."""
 
-    block_hashes: list[ExternalBlockHash]
+    block_hashes: Sequence[ExternalBlockHash]
     medium: str | None = MEDIUM_GPU
     group_idx: int | None = None
     locality: str | None = None

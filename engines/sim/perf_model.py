@@ -28,22 +28,26 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Sequence
 
 __all__ = [
     "ModelSpec",
     "GpuSpec",
     "StepBatch",
     "AttentionCoeffs",
+    "RooflineFactors",
+    "ROOFLINE",
     "EngineProfile",
     "MODELS",
     "GPUS",
     "available_profiles",
+    "profile_name",
     "load_profile",
     "roofline_profile",
     "resolve_profile",
@@ -61,28 +65,6 @@ SEQ_OVERHEAD_S = 5.0e-6
 """Extra CPU cost per sequence that produces a token in the step (sampling, output processing)."""
 ACTIVATION_RESERVE_BYTES = 2 * GiB
 """Per-GPU memory kept out of the KV cache: activations, CUDA graphs, allocator slack."""
-
-# --- Roofline efficiency factors (fitted on the vidur data, see the docs) ----
-GEMM_COMPUTE_EFF = 0.70
-"""Fraction of dense bf16 FLOP/s that large GEMMs reach."""
-GEMM_MEMORY_EFF = 0.75
-"""Fraction of HBM bandwidth that weight-streaming (small-batch) GEMMs reach."""
-GEMM_LAUNCH_S = 8e-6
-"""Fixed time per GEMM kernel."""
-ELEMENTWISE_EFF = 0.60
-"""Fraction of HBM bandwidth reached by norms, activation, rotary embedding and adds."""
-ELEMENTWISE_LAUNCH_S = 2e-6
-"""Fixed time per element-wise kernel."""
-ATTN_PREFILL_EFF = 0.45
-"""Prefill attention: FLOP/s fraction, counting 4 * head_dim FLOPs per query-key pair as defined by StepBatch."""
-ATTN_DECODE_EFF = 0.77
-"""Decode attention: HBM bandwidth fraction while streaming the KV cache."""
-ATTN_LAUNCH_S = 15e-6
-"""Fixed time per attention kernel call (per layer)."""
-ALLREDUCE_LATENCY_S = 27.5e-6
-"""Fixed time of one NCCL all-reduce."""
-ALLREDUCE_EFF = 0.675
-"""Fraction of the per-direction GPU interconnect bandwidth reached by a ring all-reduce."""
 
 _ROOFLINE_MAX_TOKENS = 65536
 
@@ -139,6 +121,31 @@ class StepBatch:
     prefill_attn_pairs: int = 0  # sum over chunks of chunk_len * (tokens before the chunk + chunk_len)
     decode_seqs: int = 0  # sequences generating one token this step
     decode_kv_tokens: int = 0  # sum of the context lengths of those sequences
+
+
+@dataclass(frozen=True)
+class RooflineFactors:
+    """Efficiency factors of the roofline fallback.
+
+    The GEMM and element-wise values are a grid-search fit to every per-layer
+    table in the vidur data (``benchmarks/sim_fidelity.py --fit-roofline``); the
+    attention values are implied by the attention.csv fit; the all-reduce values
+    fit the a100/h100 DGX all_reduce.csv tables.
+    """
+
+    gemm_compute_eff: float = 0.70  # fraction of dense bf16 FLOP/s reached by large GEMMs
+    gemm_memory_eff: float = 0.80  # fraction of HBM bandwidth reached by weight-streaming GEMMs
+    gemm_launch_s: float = 10e-6  # fixed time per GEMM
+    elementwise_eff: float = 0.60  # HBM fraction of norms, activation, rotary embedding, adds
+    elementwise_launch_s: float = 2e-6  # fixed time per element-wise kernel
+    attn_prefill_eff: float = 0.45  # FLOP/s fraction, counting 4 * head_dim FLOPs per StepBatch query-key pair
+    attn_decode_eff: float = 0.77  # HBM fraction while streaming the KV cache
+    attn_launch_s: float = 15.5e-6  # fixed time per attention call (per layer)
+    allreduce_latency_s: float = 27.5e-6  # fixed time of one all-reduce
+    allreduce_eff: float = 0.675  # fraction of per-direction interconnect bandwidth reached by a ring all-reduce
+
+
+ROOFLINE = RooflineFactors()
 
 
 def _spec_table(*specs):
@@ -207,7 +214,7 @@ class EngineProfile:
 
     def __post_init__(self) -> None:
         xs, ys = self.dense_tokens, self.dense_seconds
-        if len(xs) < 2 or len(xs) != len(ys) or any(b <= a for a, b in zip(xs, xs[1:])):
+        if len(xs) < 2 or len(xs) != len(ys) or any(b <= a for a, b in itertools.pairwise(xs)):
             raise ValueError(f"profile {self.name!r}: dense table needs >= 2 strictly ascending breakpoints")
         if self.tp < 1:
             raise ValueError(f"profile {self.name!r}: tp must be >= 1, got {self.tp}")
@@ -239,10 +246,9 @@ class EngineProfile:
             rows += 1
         if decode > 0:
             t += a.decode_base + a.decode_per_kv_token * batch.decode_kv_tokens + a.decode_per_seq * decode
-        logits = self.logits_per_row_seconds * rows
         return (
             t
-            + (logits if logits > self.logits_seconds else self.logits_seconds)
+            + max(self.logits_seconds, self.logits_per_row_seconds * rows)
             + self.overhead_seconds
             + self.overhead_per_seq_seconds * rows
         )
@@ -307,15 +313,16 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float, tail_slope: floa
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def _profile_name(gpu: str, model: str, tp: int) -> str:
+def profile_name(gpu: str, model: str, tp: int = 1) -> str:
+    """Canonical profile name, e.g. ``h100-llama-3-8b`` or ``a100-llama-3-70b-tp4``."""
     return f"{gpu}-{model}" + (f"-tp{tp}" if tp > 1 else "")
 
 
-def _logits_times(model: ModelSpec, gpu: GpuSpec, tp: int) -> tuple[float, float]:
+def _logits_times(model: ModelSpec, gpu: GpuSpec, tp: int, f: RooflineFactors = ROOFLINE) -> tuple[float, float]:
     """Roofline lm head (vocab-parallel over ``tp``): (weight-read seconds, compute seconds per row)."""
     weights = model.vocab_size * model.hidden_size / tp
-    read = weights * model.dtype_bytes / (GEMM_MEMORY_EFF * gpu.mem_bandwidth) + GEMM_LAUNCH_S
-    return read, 2 * weights / (GEMM_COMPUTE_EFF * gpu.dense_flops)
+    read = weights * model.dtype_bytes / (f.gemm_memory_eff * gpu.mem_bandwidth) + f.gemm_launch_s
+    return read, 2 * weights / (f.gemm_compute_eff * gpu.dense_flops)
 
 
 # --------------------------------------------------------------------------- roofline
@@ -326,51 +333,66 @@ def _shard(model: ModelSpec, tp: int) -> tuple[float, float, float]:
     return model.num_heads / tp, max(1.0, model.num_kv_heads / tp), model.intermediate_size / tp
 
 
-def roofline_layer_times(model: ModelSpec, gpu: GpuSpec, tp: int, tokens: float) -> tuple[float, float]:
+def layer_gemm_shapes(model: ModelSpec, tp: int) -> tuple[tuple[float, float], ...]:
+    """(K, N) of the four per-GPU GEMMs of one layer: QKV, attention output, gate/up, down."""
+    h, hd = model.hidden_size, model.head_dim
+    heads, kv_heads, inter = _shard(model, tp)
+    return (
+        (h, (heads + 2 * kv_heads) * hd),
+        (heads * hd, h),
+        (h, (2 if model.gated_mlp else 1) * inter),
+        (inter, h),
+    )
+
+
+def layer_elementwise_bytes(model: ModelSpec, tp: int, tokens: float) -> float:
+    """HBM bytes moved by one layer's two norms, activation, rotary embedding and residual add."""
+    h = model.hidden_size
+    heads, kv_heads, inter = _shard(model, tp)
+    per_token = 4 * h + inter * (3 if model.gated_mlp else 2) + 2 * (heads + kv_heads) * model.head_dim + 3 * h
+    return model.dtype_bytes * tokens * per_token
+
+
+def roofline_layer_times(
+    model: ModelSpec, gpu: GpuSpec, tp: int, tokens: float, f: RooflineFactors = ROOFLINE
+) -> tuple[float, float]:
     """Roofline (linear, element-wise) seconds of one transformer layer on one GPU for ``tokens`` tokens.
 
-    Each GEMM takes ``max(FLOPs / (GEMM_COMPUTE_EFF * peak), bytes / (GEMM_MEMORY_EFF * bandwidth))``
-    plus a launch; element-wise kernels stream their bytes at ``ELEMENTWISE_EFF``.
+    A GEMM (T x K) @ (K x N) takes ``max(2TKN / (compute_eff * FLOP/s),
+    bytes(KN + TK + TN) / (memory_eff * bandwidth)) + launch``; element-wise
+    kernels stream their bytes at ``elementwise_eff`` of the bandwidth.
     """
-    h, hd, d = model.hidden_size, model.head_dim, model.dtype_bytes
-    heads, kv_heads, inter = _shard(model, tp)
-    gemms = (
-        (h, (heads + 2 * kv_heads) * hd),  # QKV projection
-        (heads * hd, h),  # attention output projection
-        (h, (2 if model.gated_mlp else 1) * inter),  # gate/up projection
-        (inter, h),  # down projection
-    )
-    flops_rate = GEMM_COMPUTE_EFF * gpu.dense_flops
-    bytes_rate = GEMM_MEMORY_EFF * gpu.mem_bandwidth
+    flops_rate = f.gemm_compute_eff * gpu.dense_flops
+    bytes_rate = f.gemm_memory_eff * gpu.mem_bandwidth
+    d = model.dtype_bytes
     linear = 0.0
-    for k, n in gemms:
-        linear += max(2 * tokens * k * n / flops_rate, d * (k * n + tokens * (k + n)) / bytes_rate) + GEMM_LAUNCH_S
-    elem_bytes = d * tokens * (4 * h + inter * (3 if model.gated_mlp else 2) + 2 * (heads + kv_heads) * hd + 3 * h)
-    elementwise = elem_bytes / (ELEMENTWISE_EFF * gpu.mem_bandwidth) + 5 * ELEMENTWISE_LAUNCH_S
+    for k, n in layer_gemm_shapes(model, tp):
+        linear += max(2 * tokens * k * n / flops_rate, d * (k * n + tokens * (k + n)) / bytes_rate) + f.gemm_launch_s
+    elementwise = (layer_elementwise_bytes(model, tp, tokens) / (f.elementwise_eff * gpu.mem_bandwidth)
+                   + 5 * f.elementwise_launch_s)
     return linear, elementwise
 
 
-def roofline_allreduce_time(gpu: GpuSpec, tp: int, nbytes: float) -> float:
+def roofline_allreduce_time(gpu: GpuSpec, tp: int, nbytes: float, f: RooflineFactors = ROOFLINE) -> float:
     """Roofline ring all-reduce of ``nbytes`` over ``tp`` GPUs (0 when tp == 1)."""
     if tp <= 1:
         return 0.0
     if gpu.interconnect_bandwidth <= 0:
         raise ValueError(f"GPU {gpu.name!r} has no interconnect_bandwidth; cannot model tp={tp}")
-    return ALLREDUCE_LATENCY_S + 2 * (tp - 1) / tp * nbytes / (ALLREDUCE_EFF * gpu.interconnect_bandwidth)
+    return f.allreduce_latency_s + 2 * (tp - 1) / tp * nbytes / (f.allreduce_eff * gpu.interconnect_bandwidth)
 
 
-def roofline_attention(model: ModelSpec, gpu: GpuSpec, tp: int) -> AttentionCoeffs:
+def roofline_attention(model: ModelSpec, gpu: GpuSpec, tp: int, f: RooflineFactors = ROOFLINE) -> AttentionCoeffs:
     """Roofline attention coefficients (whole model, seconds)."""
     layers, hd, d = model.num_layers, model.head_dim, model.dtype_bytes
     heads, kv_heads, _ = _shard(model, tp)
-    elem_rate = ELEMENTWISE_EFF * gpu.mem_bandwidth
-    per_token_io = d * hd * 2 * (heads + kv_heads) / elem_rate  # q in, out, k/v cache writes
+    per_token_io = d * hd * 2 * (heads + kv_heads) / (f.elementwise_eff * gpu.mem_bandwidth)  # q, out, k/v writes
     return AttentionCoeffs(
-        prefill_base=layers * ATTN_LAUNCH_S,
-        prefill_per_pair=layers * 4 * heads * hd / (ATTN_PREFILL_EFF * gpu.dense_flops),
+        prefill_base=layers * f.attn_launch_s,
+        prefill_per_pair=layers * 4 * heads * hd / (f.attn_prefill_eff * gpu.dense_flops),
         prefill_per_token=layers * per_token_io,
-        decode_base=layers * ATTN_LAUNCH_S,
-        decode_per_kv_token=layers * 2 * kv_heads * hd * d / (ATTN_DECODE_EFF * gpu.mem_bandwidth),
+        decode_base=layers * f.attn_launch_s,
+        decode_per_kv_token=layers * 2 * kv_heads * hd * d / (f.attn_decode_eff * gpu.mem_bandwidth),
         decode_per_seq=layers * per_token_io,
     )
 
@@ -384,22 +406,22 @@ def _lookup(table: Mapping[str, object], key: str, kind: str):
 
 @functools.lru_cache(maxsize=64)
 def roofline_profile(model: ModelSpec | str, gpu: GpuSpec | str, tp: int = 1) -> EngineProfile:
-    """Uncalibrated profile from model dimensions, GPU FLOP/s and bandwidth (efficiency factors above)."""
+    """Uncalibrated profile from model dimensions, GPU FLOP/s and bandwidth (factors: :data:`ROOFLINE`)."""
     m = _lookup(MODELS, model, "model") if isinstance(model, str) else model
     g = _lookup(GPUS, gpu, "GPU") if isinstance(gpu, str) else gpu
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
-    tokens = [float(2 ** (k / 2)) for k in range(0, 2 * int(math.log2(_ROOFLINE_MAX_TOKENS)) + 1)]
+    tokens = [float(2 ** (k / 2)) for k in range(2 * int(math.log2(_ROOFLINE_MAX_TOKENS)) + 1)]
     act_bytes = m.hidden_size * m.dtype_bytes
     seconds = []
     for t in tokens:
         linear, elementwise = roofline_layer_times(m, g, tp, t)
-        embedding = 2 * t * act_bytes / (ELEMENTWISE_EFF * g.mem_bandwidth) + ELEMENTWISE_LAUNCH_S
+        embedding = 2 * t * act_bytes / (ROOFLINE.elementwise_eff * g.mem_bandwidth) + ROOFLINE.elementwise_launch_s
         allreduce = 2 * m.num_layers * roofline_allreduce_time(g, tp, t * act_bytes)
         seconds.append(m.num_layers * (linear + elementwise) + embedding + allreduce)
     logits, per_row = _logits_times(m, g, tp)
     return EngineProfile(
-        name=_profile_name(g.name, m.name, tp) + "-roofline",
+        name=profile_name(g.name, m.name, tp) + "-roofline",
         model=m,
         gpu=g,
         tp=tp,
@@ -483,7 +505,7 @@ def _from_json(data: Mapping) -> EngineProfile:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_profile(name: str) -> EngineProfile:
     """Shipped calibrated profile ``name``; ValueError naming the available ones if there is none."""
     path = _profile_files().get(name.lower()) if isinstance(name, str) else None
@@ -501,7 +523,7 @@ def resolve_profile(
         return load_profile(name)
     if model is None or gpu is None:
         raise ValueError("resolve_profile needs a profile name, or both model and gpu")
-    shipped = _profile_name(gpu.lower(), model.lower(), tp)
+    shipped = profile_name(gpu.lower(), model.lower(), tp)
     if shipped in _profile_files():
         return load_profile(shipped)
     return roofline_profile(model, gpu, tp)

@@ -104,6 +104,11 @@ def build_state(config: SimEngineConfig) -> SimState:
     num_blocks = config.num_gpu_blocks or max(
         1, profile.kv_cache_tokens(config.gpu_memory_utilization) // config.block_size
     )
+    if num_blocks * config.block_size < max_model_len:
+        raise ValueError(
+            f"max_model_len {max_model_len} is larger than the KV cache ({num_blocks} blocks x {config.block_size} "
+            "tokens): lower max_model_len or give more blocks"
+        )
     kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
     generator = TokenGenerator(
         tokenizer.generatable_ids(),
