@@ -64,10 +64,11 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace, config_fil
 
 
 def run_sim(args: argparse.Namespace) -> int:
-    from engines.sim.server import serve_forever
+    from engines.sim.server import SimServer, serve_forever
 
     try:
         config = model_from_args(SimEngineConfig, args, args.config)
+        server = SimServer(config)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"pdgate engine sim: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
@@ -87,7 +88,7 @@ def run_sim(args: argparse.Namespace) -> int:
             print(f"  KV events -> {config.kv_events_endpoint} topic={config.kv_events_topic!r}", flush=True)
 
     try:
-        run_async(serve_forever(config, ready=ready))
+        run_async(serve_forever(server, ready=ready))
     except OSError as exc:
         print(f"pdgate engine sim: cannot start: {exc}", file=sys.stderr)
         return 1

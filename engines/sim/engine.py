@@ -61,6 +61,7 @@ class KvPullError(Exception):
 
 
 KvPuller = Callable[[SimRequest], Awaitable[None]]
+LATE_STEP_THRESHOLD = 0.001  # wall seconds: a step ending later than this is "late"
 
 
 @dataclass(eq=False)
@@ -105,6 +106,9 @@ class AsyncSimEngine:
         core.kv.event_sink = self._pending_events.extend
         self.steps = 0
         self.busy_seconds = 0.0
+        self.lag_total = 0.0  # simulated seconds by which steps ended later than modelled
+        self.lag_max = 0.0
+        self.late_steps = 0  # steps that ended more than LATE_STEP_THRESHOLD late
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -166,14 +170,27 @@ class AsyncSimEngine:
             duration = core.step_time(step)
             await clock.sleep_until(now + duration)
             await asyncio.sleep(0)  # let handlers run even when steps take no wall time
-            done = max(clock.now(), now + duration)
+            planned = now + duration
+            done = max(clock.now(), planned)
             outputs = core.update(step, done)
-            self.steps += 1
-            self.busy_seconds += duration
+            self._account(duration, done - planned)
             if self._observer is not None:
                 self._observer.on_step(step, outputs, done)
             self._deliver(outputs, done)
             self._flush_events(done)
+
+    def _account(self, duration: float, lag: float) -> None:
+        """Step statistics; ``lag`` shows when the host CPU cannot keep simulated time."""
+        self.steps += 1
+        self.busy_seconds += duration
+        self.lag_total += lag
+        self.lag_max = max(self.lag_max, lag)
+        if lag > LATE_STEP_THRESHOLD * self.clock_scale:
+            self.late_steps += 1
+
+    @property
+    def clock_scale(self) -> float:
+        return getattr(self.clock, "time_scale", 1.0)
 
     async def _idle_wait(self) -> None:
         self._wake.clear()

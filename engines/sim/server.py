@@ -656,6 +656,9 @@ async def handle_state(state: SimState, request: web.Request) -> web.Response:
         "num_preemptions": core.num_preemptions,
         "steps": state.engine.steps,
         "busy_seconds": state.engine.busy_seconds,
+        "lag_total_seconds": state.engine.lag_total,
+        "lag_max_seconds": state.engine.lag_max,
+        "late_steps": state.engine.late_steps,
     })
 
 
@@ -834,9 +837,8 @@ class SimServer:
         self._runners.clear()
 
 
-async def serve_forever(config: SimEngineConfig, *, ready: Callable[[SimServer], None] | None = None) -> None:
+async def serve_forever(server: SimServer, *, ready: Callable[[SimServer], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM, then shut down cleanly."""
-    server = SimServer(config)
     await server.start()
     if ready is not None:
         ready(server)
