@@ -9,7 +9,7 @@ from engines.sim.generation import ContextHash, LengthModel, TokenGenerator
 from engines.sim.kv_cache import KVCacheManager
 from engines.sim.kv_events import BlockRemoved, BlockStored
 from engines.sim.perf_model import load_profile
-from engines.sim.request import RemotePrefill, RequestStatus, SamplingParams, SimRequest
+from engines.sim.request import RemotePrefill, SamplingParams, SimRequest
 from engines.sim.tokenizer import BuiltinTokenizer
 from scheduler.block_hash import block_hashes, to_event_hash
 

@@ -146,8 +146,11 @@ class AsyncSimEngine:
                 self._observer.on_finished(req, now)
             if stream is not None:
                 stream.queue.put_nowait(RequestOutput(req, [], status.value))
-        self._flush_events(now)
+        self.flush_events(now)
         self._wake.set()
+
+    def set_event_publisher(self, publish: Callable[[float, list[KvEvent]], None]) -> None:
+        self._publish = publish
 
     @property
     def num_active_pulls(self) -> int:
@@ -177,7 +180,7 @@ class AsyncSimEngine:
             if self._observer is not None:
                 self._observer.on_step(step, outputs, done)
             self._deliver(outputs, done)
-            self._flush_events(done)
+            self.flush_events(done)
 
     def _account(self, duration: float, lag: float) -> None:
         """Step statistics; ``lag`` shows when the host CPU cannot keep simulated time."""
@@ -202,7 +205,7 @@ class AsyncSimEngine:
             pass
         if expiry is not None:
             self.core.expire_held(self.clock.now())
-            self._flush_events(self.clock.now())
+            self.flush_events(self.clock.now())
 
     def _deliver(self, outputs: list[RequestOutput], now: float) -> None:
         for output in outputs:
@@ -215,7 +218,8 @@ class AsyncSimEngine:
             if stream is not None:
                 stream.queue.put_nowait(output)
 
-    def _flush_events(self, now: float) -> None:
+    def flush_events(self, now: float) -> None:
+        """Publish KV events collected since the last flush (no-op without a publisher)."""
         if self._pending_events:
             events = list(self._pending_events)
             self._pending_events.clear()
@@ -251,5 +255,5 @@ class AsyncSimEngine:
                     self._observer.on_finished(failed, now)
                 if stream is not None:
                     stream.queue.put_nowait(RequestOutput(failed, [], RequestStatus.FINISHED_ERROR.value))
-        self._flush_events(now)
+        self.flush_events(now)
         self._wake.set()

@@ -7,10 +7,12 @@ silently ignored. Responses are plain dicts in the engines' own key order.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
@@ -166,3 +168,11 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | 
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": details,
     }
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a 400 that says why it is not."""
+    try:
+        return await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None

@@ -1,0 +1,165 @@
+"""Prefill-decode KV hand-off of the simulated engine, in vLLM's and SGLang's protocols.
+
+vLLM (NixlConnector): a prefill leg holds its blocks and returns ``kv_transfer_params``; the
+decode leg pulls them through ``POST /sim/kv/read`` on ``remote_host:remote_port`` (the sim's
+stand-in for NIXL's side channel). SGLang: both legs carry ``bootstrap_host/port/room``; the
+decode leg long-polls ``GET /sim/bootstrap/{room}`` on the prefill's bootstrap port, and the
+prefill answers its client only once the KV was taken. Either way the decode side then spends
+``latency + bytes / bandwidth`` of simulated time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from engines.sim.engine import KvPullError
+from engines.sim.protocol import ApiError, ChatCompletionRequest, CompletionRequest, read_json
+from engines.sim.request import RemotePrefill, SimRequest
+
+if TYPE_CHECKING:
+    from engines.sim.state import SimState
+
+
+def on_request_finished(state: SimState, req: SimRequest) -> None:
+    key = req.kv_hold_key
+    if key is not None and key in state.core.held:
+        entry = state.handoff(key)
+        entry.block_ids = [b.block_id for b in req.blocks]
+        entry.ready.set()
+
+
+async def pull_kv(state: SimState, req: SimRequest) -> None:
+    """Decode side: fetch the prompt KV from the prefill peer, then spend the transfer time."""
+    remote = req.remote_prefill
+    assert remote is not None
+    session = state.session
+    if session is None:
+        raise KvPullError("the engine has no HTTP client session")
+    params = remote.params
+    wait_s = state.clock.to_wall(state.config.kv_hold_timeout_s)
+    try:
+        if remote.protocol == "nixl":
+            url = f"http://{params['remote_host']}:{params['remote_port']}/sim/kv/read"
+            body = {k: params[k] for k in ("remote_engine_id", "remote_request_id", "remote_block_ids")}
+            request = session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30))
+        else:
+            url = f"http://{params['bootstrap_host']}:{params['bootstrap_port']}/sim/bootstrap/{params['bootstrap_room']}"
+            request = session.get(url, params={"timeout_s": str(wait_s)}, timeout=aiohttp.ClientTimeout(total=wait_s + 30))
+        async with request as resp:
+            if resp.status != 200:
+                raise KvPullError(f"KV pull from {url} failed with HTTP {resp.status}: {(await resp.text())[:200]}")
+            data = await resp.json()
+    except aiohttp.ClientError as exc:
+        raise KvPullError(f"KV pull from the prefill peer failed: {exc!r}") from exc
+    tokens = data.get("token_ids") or []
+    if tokens[: req.num_prompt_tokens] != req.prompt_token_ids[: len(tokens)] or len(tokens) < req.num_prompt_tokens - 1:
+        raise KvPullError("the prefill peer holds KV of a different prompt")
+    nbytes = req.num_external_tokens * state.profile.kv_bytes_per_token
+    seconds = state.config.kv_link_latency_ms / 1000.0 + nbytes / (state.config.kv_link_bandwidth_gbps * 1e9)
+    await state.clock.sleep_until(state.clock.now() + seconds)
+
+
+def remote_prefill_from(req: CompletionRequest | ChatCompletionRequest, api: str) -> RemotePrefill | None:
+    if api == "sglang":
+        if req.bootstrap_room is None:
+            return None
+        return RemotePrefill("bootstrap", {
+            "bootstrap_host": req.bootstrap_host, "bootstrap_port": req.bootstrap_port, "bootstrap_room": req.bootstrap_room,
+        })
+    params = req.kv_transfer_params or {}
+    required = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port")
+    if params.get("do_remote_prefill") and all(params.get(k) not in (None, []) for k in required):
+        return RemotePrefill("nixl", dict(params))
+    return None  # like vLLM: invalid or absent params mean a local prefill
+
+
+def kv_transfer_params(state: SimState, request: SimRequest, prefill_leg: bool) -> dict[str, Any] | None:
+    req = request
+    if state.config.api != "vllm" or not prefill_leg or req.kv_hold_key not in state.core.held:
+        return None
+    entry = state.handoffs.get(req.kv_hold_key)
+    return {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_block_ids": list(entry.block_ids) if entry else [],
+        "remote_engine_id": state.engine_id,
+        "remote_request_id": req.request_id,
+        "remote_host": state.config.host,
+        "remote_port": state.bound_port,
+        "tp_size": state.profile.tp,
+    }
+
+
+async def await_handoff(state: SimState, request: SimRequest, prefill_leg: bool) -> None:
+    """SGLang prefill leg: answer only once the decode peer took the KV."""
+    if state.config.api != "sglang" or not prefill_leg:
+        return
+    key = request.kv_hold_key
+    assert key is not None
+    if key not in state.core.held:
+        return
+    entry = state.handoff(key)
+    try:
+        await asyncio.wait_for(entry.taken.wait(), state.clock.to_wall(state.config.kv_hold_timeout_s))
+    except TimeoutError:
+        raise ApiError(500, f"no decode peer took the KV of bootstrap room {key.removeprefix('room:')}") from None
+    finally:
+        state.handoffs.pop(key, None)
+
+
+async def handle_kv_read(state: SimState, request: web.Request) -> web.Response:
+    """Side channel: a decode peer takes a held prefill's KV (the sim's NIXL read)."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    if body.get("remote_engine_id") != state.engine_id:
+        raise ApiError(404, f"engine id {body.get('remote_engine_id')!r} is not this engine ({state.engine_id})")
+    key = str(body.get("remote_request_id"))
+    entry = state.handoffs.get(key)
+    if entry is not None and body.get("remote_block_ids") != entry.block_ids:
+        raise ApiError(400, "remote_block_ids do not match the held request's blocks", param="remote_block_ids")
+    held = state.core.take_held(key)
+    state.handoffs.pop(key, None)
+    if held is None:
+        raise ApiError(404, f"no KV is held for request {key!r} (never prefilled here, already pulled, or expired)")
+    return web.json_response({"token_ids": held.prompt_token_ids, "num_tokens": held.num_prompt_tokens})
+
+
+async def handle_bootstrap_room(state: SimState, request: web.Request) -> web.Response:
+    """Long-poll until the prefill of ``room`` finished, then hand its KV to the decode peer."""
+    room = request.match_info["room"]
+    key = f"room:{room}"
+    try:
+        timeout = float(request.query.get("timeout_s", "60"))
+    except ValueError:
+        raise ApiError(400, "timeout_s must be a number", param="timeout_s") from None
+    entry = state.handoff(key)
+    try:
+        await asyncio.wait_for(entry.ready.wait(), timeout)
+    except TimeoutError:
+        if not entry.taken.is_set():
+            state.handoffs.pop(key, None)
+        raise ApiError(404, f"bootstrap room {room} was not prefilled here within {timeout:.0f}s") from None
+    held = state.core.take_held(key)
+    entry.taken.set()
+    if held is None:
+        raise ApiError(404, f"bootstrap room {room} expired before the decode peer arrived")
+    return web.json_response({"token_ids": held.prompt_token_ids, "num_tokens": held.num_prompt_tokens})
+
+
+async def handle_bootstrap_route(state: SimState, request: web.Request) -> web.Response:
+    return web.json_response({
+        "attn_tp_size": state.profile.tp, "attn_cp_size": 1, "dp_size": 1, "pp_size": 1,
+        "page_size": state.config.block_size, "kv_cache_dtype": "auto", "follow_bootstrap_room": True,
+        "prefill_http_port": state.bound_port,
+    })
+
+
+async def handle_bootstrap_health(state: SimState, request: web.Request) -> web.Response:
+    return web.Response(text="OK")
+
+

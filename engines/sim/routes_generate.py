@@ -1,0 +1,316 @@
+"""OpenAI-compatible generation routes of the simulated engine (completions and chat, SSE or JSON)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from engines.sim.core import RequestOutput
+from engines.sim.engine import RequestStream
+from engines.sim.handoff import await_handoff, kv_transfer_params, remote_prefill_from
+from engines.sim.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    new_id,
+    now_s,
+    parse_request,
+    read_json,
+    usage_dict,
+)
+from engines.sim.request import RequestStatus, SamplingParams, SimRequest
+from engines.sim.state import SimState, check_auth
+from engines.sim.tokenizer import Tokenizer
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
+
+class OutputText:
+    """Incremental detokenization with stop strings (held back while they could still match)."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], include_stop: bool, eos_token_id: int) -> None:
+        self._tok = tokenizer
+        self._stops = stops
+        self._include = include_stop
+        self._eos = eos_token_id
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+        self.stop_hit: str | None = None
+
+    def add(self, token_ids: list[int], *, stop_checks: bool = True) -> str:
+        """Append tokens; return the text now safe to send (all of it once a stop matched)."""
+        for token in token_ids:
+            if token != self._eos:
+                self.text += self._tok.token_text(token)
+        if self._stops and stop_checks:
+            start = max(0, self.sent - self._hold)
+            for stop in self._stops:
+                idx = self.text.find(stop, start)
+                if idx >= 0 and (self.stop_hit is None or idx < len(self.text)):
+                    self.stop_hit = stop
+                    self.text = self.text[: idx + (len(stop) if self._include else 0)]
+                    break
+        limit = len(self.text) if (self.stop_hit or not self._stops) else max(self.sent, len(self.text) - self._hold)
+        delta = self.text[self.sent : limit]
+        self.sent = limit
+        return delta
+
+    def flush(self) -> str:
+        delta = self.text[self.sent :]
+        self.sent = len(self.text)
+        return delta
+
+
+@dataclass
+class Generation:
+    """A validated generation request, ready for the engine."""
+
+    kind: str  # "completion" or "chat"
+    body: CompletionRequest | ChatCompletionRequest
+    request_id: str
+    prompt_ids: list[int]
+    sim_request: SimRequest
+    prefill_leg: bool
+
+
+def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Generation:
+    config = state.config
+    model_cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
+    req = parse_request(model_cls, body)
+    req.check_supported()
+    if req.model is not None and req.model != state.served_model_name:
+        raise ApiError(404, f"The model `{req.model}` does not exist.", param="model", err_type="NotFoundError")
+    tok = state.tokenizer
+    try:
+        if isinstance(req, CompletionRequest):
+            if isinstance(req.prompt, str):
+                prompt_ids = tok.encode(req.prompt)
+            else:
+                prompt_ids = list(req.prompt)
+                if any(t < 0 or t >= tok.vocab_size for t in prompt_ids):
+                    raise ApiError(400, f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
+        else:
+            messages = [m.model_dump() for m in req.messages]
+            prompt_ids = tok.encode(tok.apply_chat_template(messages))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    if not prompt_ids:
+        raise ApiError(400, "the prompt is empty after tokenization", param="prompt")
+    n_prompt = len(prompt_ids)
+    max_len = state.max_model_len
+    max_tokens = req.max_tokens
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        max_tokens = req.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if kind == "completion" else max_len - n_prompt
+    if n_prompt + max_tokens > max_len or n_prompt >= max_len:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {max_len} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion.",
+            param="max_tokens" if max_tokens else "prompt",
+        )
+    if max_tokens < 1:
+        raise ApiError(400, "max_tokens must be at least 1", param="max_tokens")
+    if req.priority != 0 and config.scheduling_policy != "priority":
+        raise ApiError(400, "priority is only supported with --scheduling-policy priority", param="priority")
+    if req.min_tokens > max_tokens:
+        raise ApiError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    seed = req.seed if req.seed is not None else (None if temperature == 0 else config.seed ^ secrets.randbits(63))
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        temperature=temperature,
+        seed=seed,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+    )
+    base = header_id or new_id("cmpl" if kind == "completion" else "chatcmpl")
+    internal_id = f"{base}-{secrets.token_hex(4)}"
+    prefill_leg = False
+    hold_key = None
+    if config.api == "vllm" and (req.kv_transfer_params or {}).get("do_remote_decode"):
+        prefill_leg, hold_key = True, internal_id
+    remote = remote_prefill_from(req, config.api)
+    if config.api == "sglang" and config.role in ("prefill", "decode") and req.bootstrap_room is None:
+        raise ApiError(400, f"bootstrap_room is required by a {config.role} server in disaggregation mode", param="bootstrap_room")
+    if config.api == "sglang" and config.role == "prefill":
+        # SGLang's prefill server only prefills: one token, then the KV goes to the room's decoder
+        prefill_leg, hold_key, remote = True, f"room:{req.bootstrap_room}", None
+        sampling = SamplingParams(max_tokens=1, ignore_eos=True, temperature=temperature, seed=seed)
+    sim_request = SimRequest(
+        request_id=internal_id,
+        prompt_token_ids=prompt_ids,
+        sampling=sampling,
+        arrival_time=state.clock.now(),
+        priority=req.priority,
+        kv_hold_key=hold_key,
+        remote_prefill=remote,
+    )
+    return Generation(kind, req, base, prompt_ids, sim_request, prefill_leg)
+
+
+async def handle_completions(state: SimState, request: web.Request) -> web.StreamResponse:
+    return await _generate(state, request, "completion")
+
+
+async def handle_chat(state: SimState, request: web.Request) -> web.StreamResponse:
+    return await _generate(state, request, "chat")
+
+
+async def _generate(state: SimState, request: web.Request, kind: str) -> web.StreamResponse:
+    check_auth(state, request)
+    gen = _prepare(state, kind, await read_json(request), request.headers.get("X-Request-Id"))
+    stream = state.engine.submit(gen.sim_request)
+    finished = False
+    try:
+        if gen.body.stream:
+            response = await _stream_response(state, request, gen, stream)
+        else:
+            response = await _full_response(state, gen, stream)
+        finished = True
+        return response
+    finally:
+        if not finished and not gen.sim_request.status.finished:
+            state.engine.abort(gen.sim_request.request_id)  # client went away: free its KV
+
+
+def _text_of(state: SimState, gen: Generation) -> OutputText:
+    body = gen.body
+    return OutputText(state.tokenizer, body.stop_strings(), body.include_stop_str_in_output, state.tokenizer.eos_token_id)
+
+
+async def _outputs(state: SimState, gen: Generation, stream: RequestStream, text: OutputText) -> AsyncIterator[tuple[list[int], str, RequestOutput]]:
+    """Engine outputs with their text delta; ends the request early when a stop string matches."""
+    min_tokens = gen.sim_request.sampling.min_tokens
+    async for output in stream:
+        checks = gen.sim_request.num_output_tokens > min_tokens
+        delta = text.add(output.new_token_ids, stop_checks=checks)
+        if text.stop_hit is not None and not output.finished:
+            state.engine.abort(gen.sim_request.request_id, RequestStatus.FINISHED_STOPPED)
+            output = RequestOutput(output.request, output.new_token_ids, "stop")
+            yield output.new_token_ids, delta, output
+            return
+        yield output.new_token_ids, delta, output
+        if output.finished:
+            return
+
+
+def _finish_fields(output: RequestOutput, text: OutputText) -> tuple[str | None, Any]:
+    reason = output.finish_reason
+    if reason is None:
+        return None, None
+    req = output.request
+    stop_reason: Any = None
+    if text.stop_hit is not None:
+        stop_reason = text.stop_hit
+    elif reason == "stop" and req.output_token_ids and req.output_token_ids[-1] in req.sampling.stop_token_ids:
+        stop_reason = req.output_token_ids[-1]
+    return reason, stop_reason
+
+
+def _usage(state: SimState, gen: Generation) -> dict[str, Any]:
+    req = gen.sim_request
+    return usage_dict(len(gen.prompt_ids), req.num_output_tokens, max(0, req.num_cached_tokens), state.config.enable_prompt_tokens_details)
+
+
+async def _full_response(state: SimState, gen: Generation, stream: RequestStream) -> web.Response:
+    text = _text_of(state, gen)
+    token_ids: list[int] = []
+    last: RequestOutput | None = None
+    async for new_ids, _, output in _outputs(state, gen, stream, text):
+        token_ids.extend(new_ids)
+        last = output
+    assert last is not None
+    if last.finish_reason == "error":
+        raise ApiError(500, gen.sim_request.error or "the request failed inside the engine", err_type="InternalServerError")
+    await await_handoff(state, gen.sim_request, gen.prefill_leg)
+    reason, stop_reason = _finish_fields(last, text)
+    body = gen.body
+    text.flush()
+    final_text = text.text
+    created, model = now_s(), state.served_model_name
+    if gen.kind == "completion":
+        choice: dict[str, Any] = {"index": 0, "text": final_text, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
+        choice["token_ids"] = token_ids if body.return_token_ids else None
+        choice["prompt_logprobs"] = None
+        choice["prompt_token_ids"] = gen.prompt_ids if body.return_token_ids else None
+        payload: dict[str, Any] = {"id": gen.request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    else:
+        message = {"role": "assistant", "content": final_text, "tool_calls": []}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
+        choice["token_ids"] = token_ids if body.return_token_ids else None
+        payload = {"id": gen.request_id, "object": "chat.completion", "created": created, "model": model, "choices": [choice]}
+    payload["service_tier"] = None
+    payload["system_fingerprint"] = None
+    payload["usage"] = _usage(state, gen)
+    if gen.kind == "chat":
+        payload["prompt_logprobs"] = None
+        payload["prompt_token_ids"] = gen.prompt_ids if body.return_token_ids else None
+    payload["kv_transfer_params"] = kv_transfer_params(state, gen.sim_request, gen.prefill_leg)
+    return web.json_response(payload, headers={"X-Request-Id": gen.request_id})
+
+
+async def _stream_response(state: SimState, request: web.Request, gen: Generation, stream: RequestStream) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": gen.request_id})
+    await response.prepare(request)
+    body = gen.body
+    created, model = now_s(), state.served_model_name
+    is_chat = gen.kind == "chat"
+    obj = "chat.completion.chunk" if is_chat else "text_completion"
+    text = _text_of(state, gen)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+    async def send(payload: dict[str, Any]) -> None:
+        await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+    first = True
+    if is_chat:
+        head: dict[str, Any] = {"id": gen.request_id, "object": obj, "created": created, "model": model,
+                                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+        if body.return_token_ids:
+            head["prompt_token_ids"] = gen.prompt_ids
+        await send(head)
+    async for new_ids, delta, output in _outputs(state, gen, stream, text):
+        if output.finish_reason == "error":
+            err = ApiError(500, gen.sim_request.error or "the request failed inside the engine", err_type="InternalServerError")
+            await send(error_body(err, state.config.api))
+            break
+        reason, stop_reason = _finish_fields(output, text)
+        if reason is not None:
+            delta += text.flush()
+        if is_chat:
+            choice: dict[str, Any] = {"index": 0, "delta": {"content": delta} if delta or reason is None else {}, "logprobs": None,
+                                      "finish_reason": reason, "stop_reason": stop_reason}
+            if body.return_token_ids:
+                choice["token_ids"] = new_ids
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
+            choice["prompt_token_ids"] = gen.prompt_ids if (body.return_token_ids and first) else None
+            choice["token_ids"] = new_ids if body.return_token_ids else None
+        chunk: dict[str, Any] = {"id": gen.request_id, "object": obj, "created": created, "model": model, "choices": [choice]}
+        if continuous:
+            chunk["usage"] = _usage(state, gen)
+        elif not is_chat:
+            chunk["usage"] = None
+        await send(chunk)
+        first = False
+    await await_handoff(state, gen.sim_request, gen.prefill_leg)
+    if include_usage:
+        usage = {k: v for k, v in _usage(state, gen).items() if v is not None}
+        await send({"id": gen.request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage})
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
