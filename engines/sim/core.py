@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -88,7 +89,7 @@ class _WaitingQueue:
     def __init__(self, policy: SchedulingPolicy) -> None:
         self._policy = policy
         self._heap: list[tuple[int, float, int, SimRequest]] = []
-        self._fifo: list[SimRequest] = []
+        self._fifo: deque[SimRequest] = deque()
         self._tiebreak = itertools.count()
 
     def __len__(self) -> int:
@@ -98,7 +99,7 @@ class _WaitingQueue:
         if self._policy == "priority":
             heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._tiebreak), req))
         elif front:
-            self._fifo.insert(0, req)
+            self._fifo.appendleft(req)
         else:
             self._fifo.append(req)
 
@@ -106,7 +107,7 @@ class _WaitingQueue:
         return self._heap[0][3] if self._policy == "priority" else self._fifo[0]
 
     def pop(self) -> SimRequest:
-        return heapq.heappop(self._heap)[3] if self._policy == "priority" else self._fifo.pop(0)
+        return heapq.heappop(self._heap)[3] if self._policy == "priority" else self._fifo.popleft()
 
     def remove(self, req: SimRequest) -> bool:
         if self._policy == "priority":
@@ -122,9 +123,6 @@ class _WaitingQueue:
             return True
         except ValueError:
             return False
-
-    def __iter__(self):
-        return iter([item[3] for item in self._heap] if self._policy == "priority" else list(self._fifo))
 
 
 class EngineCore:
@@ -348,7 +346,7 @@ class EngineCore:
             token = self._sample(req)
             reason = self._append_token(req, token, now)
             outputs.append(RequestOutput(req, [token], reason))
-        self._expire_held(now)
+        self.expire_held(now)
         return outputs
 
     def _sample(self, req: SimRequest) -> int:
@@ -414,14 +412,12 @@ class EngineCore:
         self.kv.free(held.request.blocks)
         return held.request
 
-    def _expire_held(self, now: float) -> None:
+    def expire_held(self, now: float) -> None:
+        """Free held prefill KV nobody pulled within ``kv_hold_timeout``."""
         if not self.held:
             return
         for key in [k for k, h in self.held.items() if h.expires_at <= now]:
             self.kv.free(self.held.pop(key).request.blocks)
-
-    def expire_held(self, now: float) -> None:
-        self._expire_held(now)
 
     def next_hold_expiry(self) -> float | None:
         return min((h.expires_at for h in self.held.values()), default=None)
