@@ -49,14 +49,13 @@ class OutputText:
         for token in token_ids:
             if token != self._eos:
                 self.text += self._tok.token_text(token)
-        if self._stops and stop_checks:
+        if self._stops and stop_checks and self.stop_hit is None:
             start = max(0, self.sent - self._hold)
-            for stop in self._stops:
-                idx = self.text.find(stop, start)
-                if idx >= 0 and (self.stop_hit is None or idx < len(self.text)):
-                    self.stop_hit = stop
-                    self.text = self.text[: idx + (len(stop) if self._include else 0)]
-                    break
+            found = [(idx, stop) for stop in self._stops if (idx := self.text.find(stop, start)) >= 0]
+            if found:
+                idx, stop = min(found)  # the earliest match wins
+                self.stop_hit = stop
+                self.text = self.text[: idx + (len(stop) if self._include else 0)]
         limit = len(self.text) if (self.stop_hit or not self._stops) else max(self.sent, len(self.text) - self._hold)
         delta = self.text[self.sent : limit]
         self.sent = limit
