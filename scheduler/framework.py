@@ -1,0 +1,148 @@
+"""The scheduling framework: filter -> score -> pick over an immutable cluster snapshot.
+
+Modelled on the llm-d / Gateway API Inference Extension endpoint picker:
+
+* :class:`Filter` drops instances, :class:`Scorer` returns a score in [0, 1] per instance,
+  :class:`Picker` chooses one. Scorers know nothing of weights: a :class:`Profile` holds the
+  weights and the framework clamps every score to [0, 1] before weighting.
+* Decisions are pure functions of a :class:`~scheduler.snapshot.ClusterSnapshot` and a
+  :class:`~scheduler.snapshot.RequestInfo`. State a plugin keeps (round-robin counters,
+  affinity tables) changes only in the lifecycle hooks called after the decision
+  (:class:`LifecycleHooks`), never inside ``filter``/``score``/``pick``.
+* Every plugin call is timed; the timings come back with the decision (metrics, tracing).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+
+
+class PluginParams(BaseModel):
+    """Base of every plugin's parameters model (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Plugin:
+    """Base class of all plugins. ``type_name`` is the kebab-case name used in configs."""
+
+    type_name: ClassVar[str] = ""
+    Params: ClassVar[type[PluginParams]] = PluginParams
+
+    def __init__(self, name: str, params: PluginParams) -> None:
+        self.name = name
+        self.params = params
+
+
+class LifecycleHooks:
+    """Optional hooks, called after a decision with what happened. Default: do nothing."""
+
+    def on_sent(self, request: RequestInfo, instance: InstanceView, phase: str) -> None: ...
+
+    def on_first_token(self, request: RequestInfo, instance_id: str) -> None: ...
+
+    def on_finished(self, request: RequestInfo, instance_id: str, ok: bool) -> None: ...
+
+
+class Filter(Plugin, LifecycleHooks):
+    def filter(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> list[InstanceView]:
+        raise NotImplementedError
+
+
+class Scorer(Plugin, LifecycleHooks):
+    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+        """Score per instance id, in [0, 1] (higher is better). Missing ids score 0."""
+        raise NotImplementedError
+
+
+class Picker(Plugin, LifecycleHooks):
+    def pick(self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]) -> InstanceView | None:
+        """Choose from ``ranked`` (instances with their total weighted score, best first)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ProfileStep:
+    plugin: Plugin
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """An ordered list of filters, weighted scorers and exactly one picker."""
+
+    name: str
+    filters: tuple[Filter, ...]
+    scorers: tuple[tuple[Scorer, float], ...]
+    picker: Picker
+
+    @property
+    def plugins(self) -> tuple[Plugin, ...]:
+        return (*self.filters, *(s for s, _ in self.scorers), self.picker)
+
+
+@dataclass
+class Decision:
+    """The outcome of running one profile, with what the plugins saw and how long they took."""
+
+    profile: str
+    instance: InstanceView | None
+    candidates: int
+    scores: dict[str, float] = field(default_factory=dict)
+    plugin_seconds: dict[str, float] = field(default_factory=dict)
+    rejected_by: str | None = None  # the filter that left no candidate
+
+    @property
+    def instance_id(self) -> str | None:
+        return self.instance.id if self.instance else None
+
+
+def run_profile(profile: Profile, request: RequestInfo, snapshot: ClusterSnapshot,
+                candidates: Sequence[InstanceView] | None = None) -> Decision:
+    """Filter, score and pick one instance for ``request``; times every plugin call."""
+    clock = time.perf_counter
+    timings: dict[str, float] = {}
+    current = list(snapshot.instances if candidates is None else candidates)
+    decision = Decision(profile.name, None, len(current))
+    for flt in profile.filters:
+        t0 = clock()
+        current = list(flt.filter(request, snapshot, current))
+        timings[flt.name] = clock() - t0
+        if not current:
+            decision.rejected_by = flt.name
+            decision.plugin_seconds = timings
+            return decision
+    totals = {inst.id: 0.0 for inst in current}
+    for scorer, weight in profile.scorers:
+        t0 = clock()
+        scores = scorer.score(request, snapshot, current)
+        timings[scorer.name] = clock() - t0
+        for inst_id in totals:
+            raw = scores.get(inst_id, 0.0)
+            totals[inst_id] += weight * (0.0 if raw != raw else min(1.0, max(0.0, raw)))  # NaN -> 0
+    ranked = sorted(((inst, totals[inst.id]) for inst in current), key=lambda item: -item[1])
+    t0 = clock()
+    chosen = profile.picker.pick(request, snapshot, ranked)
+    timings[profile.picker.name] = clock() - t0
+    decision.instance = chosen
+    decision.scores = totals
+    decision.plugin_seconds = timings
+    decision.candidates = len(current)
+    return decision
+
+
+def describe(plugin_cls: type[Plugin]) -> dict[str, Any]:
+    """What a plugin is and takes, for ``--help`` style listings and docs."""
+    return {
+        "type": plugin_cls.type_name,
+        "kind": next((k.__name__ for k in (Filter, Scorer, Picker) if issubclass(plugin_cls, k)), "Plugin"),
+        "doc": (plugin_cls.__doc__ or "").strip().splitlines()[0] if plugin_cls.__doc__ else "",
+        "parameters": plugin_cls.Params.model_json_schema().get("properties", {}),
+    }

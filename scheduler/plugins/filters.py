@@ -1,0 +1,32 @@
+"""In-tree filters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from scheduler.framework import Filter, PluginParams
+from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+
+
+class HealthFilter(Filter):
+    """Keeps instances that are healthy (circuit closed) and not draining."""
+
+    type_name = "health-filter"
+
+    def filter(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> list[InstanceView]:
+        return [i for i in candidates if i.healthy and not i.draining]
+
+
+class RoleFilterParams(PluginParams):
+    role: Literal["prefill", "decode"]
+
+
+class RoleFilter(Filter):
+    """Keeps instances that serve the phase ``role``: that role, or colocated (``both``)."""
+
+    type_name = "role-filter"
+    Params = RoleFilterParams
+
+    def filter(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> list[InstanceView]:
+        role = self.params.role  # type: ignore[attr-defined]
+        return [i for i in candidates if i.serves(role)]

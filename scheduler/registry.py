@@ -1,0 +1,143 @@
+"""Plugin registry and the validated scheduling configuration.
+
+In-tree plugins are registered explicitly; third-party ones are found through the Python
+entry-point group ``pdgate.plugins`` (each entry point names a :class:`~scheduler.framework.Plugin`
+subclass). Configuration, in the style of llm-d's endpoint picker::
+
+    plugins:
+      - {name: prefix, type: prefix-affinity}
+      - {name: load, type: least-loaded}
+      - {name: decode-role, type: role-filter, parameters: {role: decode}}
+      - {name: pick, type: max-score}
+    profiles:
+      decode:
+        - {pluginRef: decode-role}
+        - {pluginRef: prefix, weight: 2}
+        - {pluginRef: load, weight: 1}
+        - {pluginRef: pick}
+
+Unknown plugin types, references to undeclared plugins, scorers without a weight, weights on
+non-scorers and profiles without exactly one picker are rejected at load with a message that
+names the offending entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from scheduler.framework import Filter, Picker, Plugin, Profile, Scorer
+from scheduler.plugins import IN_TREE_PLUGINS
+
+ENTRY_POINT_GROUP = "pdgate.plugins"
+
+
+class PluginSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProfileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    plugin_ref: str = Field(alias="pluginRef", min_length=1)
+    weight: float | None = Field(None, ge=0)
+
+
+class SchedulingConfig(BaseModel):
+    """The ``scheduling`` section of a gateway config."""
+
+    model_config = ConfigDict(extra="forbid")
+    plugins: list[PluginSpec]
+    profiles: dict[str, list[ProfileEntry]]
+
+
+class PluginConfigError(ValueError):
+    """A scheduling configuration that cannot be built; the message names the entry."""
+
+
+class PluginRegistry:
+    """Plugin classes by kebab-case type name. One registry per gateway (no globals)."""
+
+    def __init__(self, classes: Iterable[type[Plugin]] = IN_TREE_PLUGINS, *, load_entry_points: bool = True) -> None:
+        self._classes: dict[str, type[Plugin]] = {}
+        for cls in classes:
+            self.register(cls)
+        if load_entry_points:
+            self.load_entry_points()
+
+    def register(self, cls: type[Plugin]) -> None:
+        if not cls.type_name:
+            raise PluginConfigError(f"{cls.__qualname__} has no type_name")
+        if not issubclass(cls, (Filter, Scorer, Picker)):
+            raise PluginConfigError(f"{cls.type_name}: a plugin must subclass Filter, Scorer or Picker")
+        existing = self._classes.get(cls.type_name)
+        if existing is not None and existing is not cls:
+            raise PluginConfigError(f"plugin type {cls.type_name!r} is registered twice ({existing.__module__}, {cls.__module__})")
+        self._classes[cls.type_name] = cls
+
+    def load_entry_points(self) -> None:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+                raise PluginConfigError(f"entry point {ep.name!r} ({ep.value}) is not a pdgate Plugin class")
+            self.register(cls)
+
+    @property
+    def types(self) -> list[str]:
+        return sorted(self._classes)
+
+    def get(self, type_name: str) -> type[Plugin]:
+        cls = self._classes.get(type_name)
+        if cls is None:
+            raise PluginConfigError(f"unknown plugin type {type_name!r}; known: {', '.join(self.types)}")
+        return cls
+
+    def create(self, spec: PluginSpec) -> Plugin:
+        cls = self.get(spec.type)
+        try:
+            params = cls.Params.model_validate(spec.parameters)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise PluginConfigError(f"plugin {spec.name!r} ({spec.type}): parameter {where!r}: {first['msg']}") from None
+        return cls(spec.name, params)
+
+    def build(self, config: SchedulingConfig | Mapping[str, Any]) -> dict[str, Profile]:
+        """Instantiate the plugins and assemble the profiles; raises PluginConfigError."""
+        if not isinstance(config, SchedulingConfig):
+            config = SchedulingConfig.model_validate(config)
+        plugins: dict[str, Plugin] = {}
+        for spec in config.plugins:
+            if spec.name in plugins:
+                raise PluginConfigError(f"plugin name {spec.name!r} is declared twice")
+            plugins[spec.name] = self.create(spec)
+        return {name: _assemble(name, entries, plugins) for name, entries in config.profiles.items()}
+
+
+def _assemble(name: str, entries: list[ProfileEntry], plugins: Mapping[str, Plugin]) -> Profile:
+    filters: list[Filter] = []
+    scorers: list[tuple[Scorer, float]] = []
+    pickers: list[Picker] = []
+    for entry in entries:
+        plugin = plugins.get(entry.plugin_ref)
+        if plugin is None:
+            raise PluginConfigError(f"profile {name!r}: pluginRef {entry.plugin_ref!r} is not declared under plugins")
+        if isinstance(plugin, Scorer):
+            if entry.weight is None:
+                raise PluginConfigError(f"profile {name!r}: scorer {entry.plugin_ref!r} needs a weight")
+            scorers.append((plugin, entry.weight))
+            continue
+        if entry.weight is not None:
+            raise PluginConfigError(f"profile {name!r}: {entry.plugin_ref!r} is not a scorer and takes no weight")
+        if isinstance(plugin, Filter):
+            filters.append(plugin)
+        else:
+            pickers.append(plugin)  # type: ignore[arg-type]
+    if len(pickers) != 1:
+        raise PluginConfigError(f"profile {name!r}: needs exactly one picker, has {len(pickers)}")
+    return Profile(name, tuple(filters), tuple(scorers), pickers[0])

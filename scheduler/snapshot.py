@@ -1,0 +1,70 @@
+"""Immutable inputs of one scheduling decision: the request and a snapshot of the cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["prefill", "decode", "both"]
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """One engine instance as the scheduler sees it at decision time.
+
+    ``running``/``waiting``/``kv_usage`` come from the engine's own metrics (``None`` when the
+    last scrape is missing or stale); ``inflight_*`` are the gateway's own accounting, updated
+    when a request is sent and when its stream ends.
+    """
+
+    id: str
+    url: str
+    role: Role
+    model: str
+    kind: str = "sim"
+    healthy: bool = True
+    draining: bool = False
+    running: int | None = None
+    waiting: int | None = None
+    kv_usage: float | None = None
+    scrape_age_s: float | None = None
+    inflight_requests: int = 0
+    inflight_prefill_tokens: int = 0
+    inflight_decode_tokens: int = 0
+    block_size: int = 16
+    capabilities: frozenset[str] = frozenset()
+
+    def serves(self, phase: Literal["prefill", "decode"]) -> bool:
+        return self.role == phase or self.role == "both"
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests on the instance: the larger of what it reports and what we sent it."""
+        reported = (self.running or 0) + (self.waiting or 0)
+        return max(reported, self.inflight_requests)
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What the scheduler may know of a request (no prompt text)."""
+
+    request_id: str
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    block_hashes: tuple[int, ...] = ()
+    priority: int = 0
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """All instances, plus for this request how many prompt tokens each one already holds."""
+
+    instances: tuple[InstanceView, ...]
+    taken_at: float = 0.0
+    prefix_hit_tokens: Mapping[str, int] = field(default_factory=dict)
+
+    def by_id(self, instance_id: str) -> InstanceView | None:
+        return next((i for i in self.instances if i.id == instance_id), None)
