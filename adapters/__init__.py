@@ -1,0 +1,28 @@
+"""Engine adapters by kind. ``make_adapter`` builds the right one for an instance spec."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from adapters.base import Capabilities, EngineAdapter, HandoffError, InstanceSpec
+from adapters.sglang import SglangAdapter
+from adapters.sim import SimSglangAdapter, SimVllmAdapter
+from adapters.vllm import VllmAdapter
+
+__all__ = ["ADAPTERS", "Capabilities", "EngineAdapter", "HandoffError", "InstanceSpec", "make_adapter"]
+
+ADAPTERS: dict[str, type[EngineAdapter]] = {
+    "vllm": VllmAdapter,
+    "sglang": SglangAdapter,
+    "sim": SimVllmAdapter,
+    "sim-vllm": SimVllmAdapter,
+    "sim-sglang": SimSglangAdapter,
+}
+
+
+def make_adapter(spec: InstanceSpec, session: aiohttp.ClientSession) -> EngineAdapter:
+    try:
+        cls = ADAPTERS[spec.kind]
+    except KeyError:
+        raise ValueError(f"unknown adapter kind {spec.kind!r}; known: {', '.join(sorted(ADAPTERS))}") from None
+    return cls(spec, session)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from engines.cli import add_engine_commands
+from gateway.commands import add_gateway_commands
 
 DESCRIPTION = """\
 pdgate: an SLO-aware gateway and global scheduler for prefill-decode disaggregated LLM serving.
@@ -17,6 +18,8 @@ HTTP API without a GPU) and decides where each request is prefilled and decoded.
 
 EPILOG = """\
 examples:
+  pdgate up                                           # simulated 2P2D fleet + gateway on 127.0.0.1:8000
+  pdgate serve --config configs/sim-2p2d.yaml         # gateway over an already running fleet
   pdgate engine sim                                   # one simulated vLLM-style engine on :8100
   pdgate engine sim --role prefill --port 8101 --api vllm --profile h100-llama-3-8b
   pdgate engine sim --help                            # every engine flag, with defaults
@@ -28,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pdgate", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_gateway_commands(commands)
     add_engine_commands(commands)
     return parser
 

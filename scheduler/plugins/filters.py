@@ -18,15 +18,21 @@ class HealthFilter(Filter):
 
 
 class RoleFilterParams(PluginParams):
-    role: Literal["prefill", "decode"]
+    role: Literal["prefill", "decode", "both"]
 
 
 class RoleFilter(Filter):
-    """Keeps instances that serve the phase ``role``: that role, or colocated (``both``)."""
+    """Keeps instances that can serve ``role``.
+
+    ``prefill`` / ``decode``: instances of that role and colocated (``both``) ones;
+    ``both``: only colocated instances (a request served in one leg).
+    """
 
     type_name = "role-filter"
     Params = RoleFilterParams
 
     def filter(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> list[InstanceView]:
         role = self.params.role  # type: ignore[attr-defined]
+        if role == "both":
+            return [i for i in candidates if i.role == "both"]
         return [i for i in candidates if i.serves(role)]

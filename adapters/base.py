@@ -1,0 +1,117 @@
+"""The one interface the gateway drives engines through; all engine-specific detail lives below it.
+
+An adapter turns a placement into HTTP calls on one engine instance:
+
+* colocated: one request to a ``both`` instance (:meth:`EngineAdapter.send`);
+* PD, ``sequential`` hand-off (vLLM KV connectors): :meth:`EngineAdapter.prefill_body`, send it
+  to the prefill instance, :meth:`EngineAdapter.handoff_from_prefill` on its JSON reply, then
+  :meth:`EngineAdapter.decode_body` for the decode instance;
+* PD, ``concurrent`` hand-off (SGLang bootstrap): :meth:`EngineAdapter.concurrent_fields` are
+  added to the same body, which goes to both instances at once; the answer streams from decode.
+
+Aborting is closing the upstream connection: vLLM, SGLang and the simulated engine abort a
+request whose client went away. Load is scraped from ``/metrics`` under the engine's own names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+from adapters.load import EngineLoad, parse_load
+
+PdProtocol = Literal["sequential", "concurrent", "none"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine kind can do; the gateway asks, it never checks the kind by name."""
+
+    pd_protocol: PdProtocol
+    metrics_flavour: Literal["vllm", "sglang"]
+    token_ids_in: bool = True  # accepts prompts as token-id lists
+    token_ids_out: bool = True  # "return_token_ids": true
+    kv_events: bool = False  # publishes vLLM-format KV events
+    live_migration: bool = False
+    abort_on_disconnect: bool = True
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """How to reach one engine instance (built from the gateway's fleet config)."""
+
+    id: str
+    url: str
+    kind: str
+    role: Literal["prefill", "decode", "both"]
+    model: str
+    api_key: str | None = None
+    bootstrap_port: int | None = None  # SGLang prefill
+    block_size: int = 16
+    kv_events_endpoint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return aiohttp.client.URL(self.url).host or "127.0.0.1"
+
+
+class HandoffError(Exception):
+    """The prefill leg did not produce what the decode leg needs."""
+
+
+class EngineAdapter(ABC):
+    """Base adapter for OpenAI-compatible engines over HTTP."""
+
+    capabilities: Capabilities
+
+    def __init__(self, spec: InstanceSpec, session: aiohttp.ClientSession) -> None:
+        self.spec = spec
+        self.session = session
+
+    # ------------------------------------------------------------ transport
+    def headers(self, request_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """Headers for an upstream call: the instance's own key (never the client's), the id."""
+        headers = {"X-Request-Id": request_id}
+        if self.spec.api_key:
+            headers["Authorization"] = f"Bearer {self.spec.api_key}"
+        if extra:
+            headers.update(extra)
+        return headers
+
+    async def send(self, path: str, body: dict[str, Any], request_id: str, *,
+                   timeout: aiohttp.ClientTimeout | None = None, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        """POST ``body`` to ``path``; the caller reads (or relays) and releases the response."""
+        return await self.session.post(
+            self.spec.url + path, json=body, headers=self.headers(request_id, headers), timeout=timeout
+        )
+
+    # ---------------------------------------------------------------- PD legs
+    def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        raise HandoffError(f"{self.spec.kind} has no sequential PD hand-off")
+
+    def handoff_from_prefill(self, reply: dict[str, Any]) -> dict[str, Any]:
+        raise HandoffError(f"{self.spec.kind} has no sequential PD hand-off")
+
+    def decode_body(self, body: dict[str, Any], handoff: dict[str, Any]) -> dict[str, Any]:
+        return {**body, **handoff}
+
+    def concurrent_fields(self, prefill: EngineAdapter) -> dict[str, Any]:
+        raise HandoffError(f"{self.spec.kind} has no concurrent PD hand-off")
+
+    # ------------------------------------------------------------ monitoring
+    async def scrape_load(self, now: float, timeout: float = 2.0) -> EngineLoad:
+        async with self.session.get(self.spec.url + "/metrics", headers=self.headers("scrape"),
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            resp.raise_for_status()
+            return parse_load(await resp.text(), self.capabilities.metrics_flavour, now)
+
+    async def check_health(self, timeout: float = 2.0) -> bool:
+        try:
+            async with self.session.get(self.spec.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False

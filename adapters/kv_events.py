@@ -1,0 +1,448 @@
+"""Subscribe to engines' KV cache events (vLLM's ZMQ format) and feed a prefix index.
+
+Wire format (vLLM ``ZmqEventPublisher``; the simulated engine speaks the same, see
+``engines/sim/kv_events.py``):
+
+* Frames ``[topic, seq (8-byte big-endian), payload]``; ``seq`` counts 0, 1, 2, ... per
+  publisher process, so it restarts at 0 when the engine restarts.
+* ``payload`` is msgpack ``[ts, [event, ...], dp_rank]``. Events are maps tagged by
+  ``"type"`` (vLLM >= PR #42892) or, in older vLLM, arrays with the tag first:
+  ``["BlockStored", hashes, parent, token_ids, block_size, lora_id, medium?, ...]``,
+  ``["BlockRemoved", hashes, medium?]``, ``["AllBlocksCleared"]``. Hashes are uint64, or
+  raw digests (msgpack bin) when vLLM runs with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``;
+  digests are folded to 64 bits with :func:`scheduler.block_hash.to_event_hash`.
+* Replay: a DEALER sends ``[b"", start_seq]`` to the engine's ROUTER and receives
+  ``[b"", seq, payload]`` for every buffered ``seq >= start``, then ``[b"", 0xff*8, b""]``.
+
+Connection rule, mirroring vLLM's publisher: the engine *binds* when its endpoint contains
+``*`` or ``::`` or is ``ipc://`` / ``inproc://``, otherwise it *connects*. So for
+``tcp://127.0.0.1:5557`` we bind a SUB there; for ``tcp://*:5557`` we connect to
+``tcp://<source.host>:5557``. The replay ROUTER is always bound by the engine.
+
+Sequence tracking per instance (``last`` = last seq applied, none at start):
+
+* ``seq <= last``: the engine restarted; ``forget`` the instance, then go on as if nothing
+  had been seen (counted in ``restarts``).
+* ``seq > expected`` (``expected = last + 1``, or 0 when nothing was seen): a gap (counted).
+  With a replay endpoint, batches ``expected .. seq-1`` are requested and applied first;
+  any that do not come back within ``replay_timeout_s`` (or without a replay endpoint) mark
+  the instance's index stale (``sink.mark_stale``). A subscriber that joins a running
+  engine therefore starts stale unless the engine's replay buffer still reaches seq 0.
+* A batch that cannot be decoded is counted and marks the index stale; ``last`` advances.
+
+Caveat: an engine that restarts and publishes past the old ``last`` before we see any of
+its batches looks like a gap, not a restart; whoever sees the restart (health checks)
+should call ``sink.forget``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, Self
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from scheduler.block_hash import to_event_hash
+from scheduler.prefix_index import AllBlocksCleared, BlockRemoved, BlockStored, KvCacheEvent
+
+logger = logging.getLogger(__name__)
+
+END_SEQ = b"\xff" * 8
+"""Sequence frame that ends a replay response."""
+RCV_HWM = 100_000
+"""SUB receive high-water mark in messages (vLLM's publisher default ``hwm``)."""
+RECV_ERROR_BACKOFF_S = 0.1
+_U64_MASK = (1 << 64) - 1
+_WILDCARD_HOSTS = ("*", "[::]", "::", "[::0]")
+
+
+class KvEventSink(Protocol):
+    """Where decoded events go (:class:`scheduler.prefix_index.ExactPrefixIndex` fits)."""
+
+    def apply(self, instance_id: str, events: Sequence[KvCacheEvent]) -> None: ...
+
+    def forget(self, instance_id: str) -> None: ...
+
+    def mark_stale(self, instance_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class KvEventSource:
+    """One engine's KV event stream.
+
+    ``endpoint`` / ``replay_endpoint`` / ``topic`` are the engine's own
+    ``--kv-events-config`` values; ``host`` is where to connect when the engine binds a
+    wildcard address (``tcp://*:port``).
+    """
+
+    instance_id: str
+    endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = ""
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class KvEventCounters:
+    """Cumulative counters of one instance's stream (for metrics)."""
+
+    batches: int = 0
+    events: int = 0
+    ignored_events: int = 0
+    gaps: int = 0
+    replays: int = 0
+    replayed_batches: int = 0
+    replay_failures: int = 0
+    stale_marks: int = 0
+    restarts: int = 0
+    decode_errors: int = 0
+    last_seq: int | None = None
+
+
+class DecodeError(ValueError):
+    """A payload that is not a valid KV event batch."""
+
+
+# ----------------------------------------------------------------------------- addressing
+
+
+def engine_binds(endpoint: str) -> bool:
+    """vLLM's rule: the publisher binds wildcard / IPv6 / ipc / inproc endpoints."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
+def _with_host(endpoint: str, host: str) -> str:
+    """Replace a wildcard host in ``tcp://HOST:PORT`` by ``host``."""
+    scheme, sep, rest = endpoint.partition("://")
+    addr, colon, port = rest.rpartition(":")
+    if scheme == "tcp" and sep and colon and addr in _WILDCARD_HOSTS:
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"tcp://{host}:{port}"
+    return endpoint
+
+
+def subscriber_address(endpoint: str, host: str = "127.0.0.1") -> tuple[bool, str]:
+    """``(bind, address)`` for our SUB socket given the engine's publisher ``endpoint``."""
+    if engine_binds(endpoint):
+        return False, _with_host(endpoint, host)
+    return True, endpoint
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _hash(value: Any) -> int:
+    if isinstance(value, bytes):
+        return to_event_hash(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value & _U64_MASK
+    raise DecodeError(f"bad block hash {value!r}")
+
+
+def _hashes(values: Any) -> tuple[int, ...]:
+    if not isinstance(values, list):
+        raise DecodeError(f"bad block hash list {values!r}")
+    return tuple(_hash(v) for v in values)
+
+
+def _medium(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise DecodeError(f"bad medium {value!r}")
+
+
+def _decode_event(raw: Any) -> KvCacheEvent | None:
+    """One event (map or legacy array form); ``None`` for event types we do not use."""
+    if isinstance(raw, dict):
+        kind = raw.get("type")
+        if kind == "BlockStored":
+            parent = raw.get("parent_block_hash")
+            return BlockStored(_hashes(raw.get("block_hashes")),
+                               None if parent is None else _hash(parent), _medium(raw.get("medium")))
+        if kind == "BlockRemoved":
+            return BlockRemoved(_hashes(raw.get("block_hashes")), _medium(raw.get("medium")))
+    elif isinstance(raw, list) and raw:
+        kind = raw[0]
+        if kind == "BlockStored" and len(raw) >= 5:
+            parent = raw[2]
+            return BlockStored(_hashes(raw[1]), None if parent is None else _hash(parent),
+                               _medium(raw[6]) if len(raw) > 6 else None)
+        if kind == "BlockRemoved" and len(raw) >= 2:
+            return BlockRemoved(_hashes(raw[1]), _medium(raw[2]) if len(raw) > 2 else None)
+        if kind in ("BlockStored", "BlockRemoved"):
+            raise DecodeError(f"truncated {kind} event")
+    else:
+        raise DecodeError(f"bad event {raw!r}")
+    if kind == "AllBlocksCleared":
+        return AllBlocksCleared()
+    if not isinstance(kind, str):
+        raise DecodeError(f"event without a type: {raw!r}")
+    return None
+
+
+def decode_batch(payload: bytes) -> tuple[list[KvCacheEvent], int]:
+    """Decode ``[ts, [events], dp_rank]``; return the events we use and how many were skipped.
+
+    Raises :class:`DecodeError` on anything malformed (the whole batch is then unusable).
+    """
+    try:
+        batch = msgpack.unpackb(payload, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise DecodeError(f"not msgpack: {exc}") from exc
+    if not isinstance(batch, list) or len(batch) < 2 or not isinstance(batch[1], list):
+        raise DecodeError(f"not an event batch: {batch!r:.200}")
+    events: list[KvCacheEvent] = []
+    skipped = 0
+    for raw in batch[1]:
+        event = _decode_event(raw)
+        if event is None:
+            skipped += 1
+        else:
+            events.append(event)
+    return events, skipped
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+class _InstanceStream:
+    """One instance's SUB socket (and replay DEALER), sequence tracking and counters."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, source: KvEventSource, sink: KvEventSink,
+                 replay_timeout_s: float) -> None:
+        self.source = source
+        self.counters = KvEventCounters()
+        self._ctx = ctx
+        self._sink = sink
+        self._replay_timeout_s = replay_timeout_s
+        self._sub: zmq.asyncio.Socket | None = None
+        self._replay: zmq.asyncio.Socket | None = None
+        self.address = ""
+
+    def open(self) -> None:
+        """Create and bind/connect the sockets; errors propagate (sockets closed)."""
+        bind, self.address = subscriber_address(self.source.endpoint, self.source.host)
+        try:
+            self._sub = self._ctx.socket(zmq.SUB)
+            self._sub.setsockopt(zmq.LINGER, 0)
+            self._sub.setsockopt(zmq.RCVHWM, RCV_HWM)
+            self._sub.setsockopt(zmq.IPV6, "[" in self.address)
+            self._sub.setsockopt(zmq.SUBSCRIBE, self.source.topic.encode())
+            if bind:
+                self._sub.bind(self.address)
+            else:
+                self._sub.connect(self.address)
+            if self.source.replay_endpoint is not None:
+                self._open_replay()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for sock in (self._sub, self._replay):
+            if sock is not None:
+                sock.close(linger=0)
+        self._sub = self._replay = None
+
+    async def run(self) -> None:
+        assert self._sub is not None
+        while True:
+            try:
+                frames = await self._sub.recv_multipart()
+            except zmq.ZMQError:
+                logger.exception("KV events of %s: receive failed", self.source.instance_id)
+                await asyncio.sleep(RECV_ERROR_BACKOFF_S)
+                continue
+            try:
+                await self._on_message(frames)
+            except Exception:  # keep the stream alive; the index may be off until repaired
+                logger.exception("KV events of %s: batch failed", self.source.instance_id)
+                self._mark_stale()
+
+    async def _on_message(self, frames: list[bytes]) -> None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self.counters.decode_errors += 1
+            self._mark_stale()
+            return
+        seq = int.from_bytes(frames[1], "big")
+        last = self.counters.last_seq
+        if last is not None and seq <= last:
+            self.counters.restarts += 1
+            self._sink.forget(self.source.instance_id)
+            self.counters.last_seq = last = None
+        expected = 0 if last is None else last + 1
+        if seq > expected:
+            self.counters.gaps += 1
+            await self._fill_gap(expected, seq)
+        self._apply(seq, frames[2])
+
+    def _apply(self, seq: int, payload: bytes) -> None:
+        self.counters.last_seq = seq
+        self.counters.batches += 1
+        try:
+            events, skipped = decode_batch(payload)
+        except DecodeError as exc:
+            logger.warning("KV events of %s: seq %d undecodable: %s", self.source.instance_id, seq, exc)
+            self.counters.decode_errors += 1
+            self._mark_stale()
+            return
+        self.counters.events += len(events)
+        self.counters.ignored_events += skipped
+        self._sink.apply(self.source.instance_id, events)
+
+    async def _fill_gap(self, start: int, stop: int) -> None:
+        """Replay and apply batches ``start .. stop-1``; mark stale if any is missing."""
+        if self._replay is None:
+            self._mark_stale()
+            return
+        self.counters.replays += 1
+        replayed = await self._request_replay(start)
+        if replayed is None:
+            self.counters.replay_failures += 1
+            self._mark_stale()
+            return
+        wanted = {seq: payload for seq, payload in replayed if start <= seq < stop}
+        self.counters.replayed_batches += len(wanted)
+        for seq in sorted(wanted):
+            self._apply(seq, wanted[seq])
+        if len(wanted) < stop - start:
+            self._mark_stale()
+
+    async def _request_replay(self, start: int) -> list[tuple[int, bytes]] | None:
+        """Everything the engine still buffers from ``start`` on; ``None`` on timeout."""
+        assert self._replay is not None
+        sock = self._replay
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._replay_timeout_s
+        out: list[tuple[int, bytes]] = []
+        with contextlib.suppress(zmq.Again):  # a full queue: no answer, handled as a timeout
+            await sock.send_multipart((b"", start.to_bytes(8, "big")), flags=zmq.NOBLOCK)
+        while (remaining := deadline - loop.time()) > 0:
+            if not await sock.poll(remaining * 1000, zmq.POLLIN):
+                break
+            frames = await sock.recv_multipart()
+            if len(frames) != 3 or len(frames[1]) != 8:
+                continue
+            if frames[1] == END_SEQ:
+                return out
+            out.append((int.from_bytes(frames[1], "big"), frames[2]))
+        # A late answer must not be taken for the next request's: start a fresh socket.
+        sock.close(linger=0)
+        self._replay = None
+        self._open_replay()
+        return None
+
+    def _open_replay(self) -> None:
+        assert self.source.replay_endpoint is not None
+        address = _with_host(self.source.replay_endpoint, self.source.host)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, "[" in address)
+        try:
+            sock.connect(address)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self._replay = sock
+
+    def _mark_stale(self) -> None:
+        self.counters.stale_marks += 1
+        self._sink.mark_stale(self.source.instance_id)
+
+
+# ----------------------------------------------------------------------------- subscriber
+
+
+class KvEventSubscriber:
+    """Runs one asyncio task per subscribed instance, feeding ``sink`` from its KV events.
+
+    Lifecycle: ``await start()`` (sockets are bound/connected there; errors propagate and
+    nothing is left open), ``add``/``remove`` while running, ``await close()`` (cancels and
+    awaits every task, closes every socket and the owned ZMQ context; idempotent). Also an
+    async context manager. All methods must be called from the event loop's thread.
+    """
+
+    def __init__(self, sink: KvEventSink, sources: Iterable[KvEventSource] = (), *,
+                 replay_timeout_s: float = 1.0) -> None:
+        self._sink = sink
+        self._replay_timeout_s = replay_timeout_s
+        self._pending: list[KvEventSource] = []
+        for source in sources:
+            if any(s.instance_id == source.instance_id for s in self._pending):
+                raise ValueError(f"duplicate instance id {source.instance_id!r}")
+            self._pending.append(source)
+        self._ctx: zmq.asyncio.Context | None = None
+        self._streams: dict[str, _InstanceStream] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._ctx is not None or self._closed:
+            raise RuntimeError("subscriber already started or closed")
+        self._ctx = zmq.asyncio.Context()
+        try:
+            for source in self._pending:
+                await self.add(source)
+        except BaseException:
+            await self.close()
+            raise
+        self._pending.clear()
+
+    async def add(self, source: KvEventSource) -> None:
+        """Subscribe to one more instance (after :meth:`start`)."""
+        if self._ctx is None or self._closed:
+            raise RuntimeError("subscriber is not running")
+        if source.instance_id in self._streams:
+            raise ValueError(f"duplicate instance id {source.instance_id!r}")
+        stream = _InstanceStream(self._ctx, source, self._sink, self._replay_timeout_s)
+        stream.open()
+        self._streams[source.instance_id] = stream
+        self._tasks[source.instance_id] = asyncio.create_task(
+            stream.run(), name=f"kv-events-{source.instance_id}")
+
+    async def remove(self, instance_id: str, *, forget: bool = True) -> None:
+        """Stop following an instance and (by default) forget what the sink knows of it."""
+        task = self._tasks.pop(instance_id, None)
+        stream = self._streams.pop(instance_id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if stream is not None:
+            stream.close()
+            if forget:
+                self._sink.forget(instance_id)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for instance_id in list(self._streams):
+            await self.remove(instance_id, forget=False)
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def counters(self) -> Mapping[str, KvEventCounters]:
+        """Live counters per instance (do not mutate)."""
+        return {iid: stream.counters for iid, stream in self._streams.items()}
+
+    @property
+    def addresses(self) -> Mapping[str, str]:
+        """The address each instance's SUB socket bound or connected to."""
+        return {iid: stream.address for iid, stream in self._streams.items()}

@@ -1,0 +1,255 @@
+"""Live cluster state: per-instance load, health, in-flight accounting, and snapshots of it.
+
+* Load: each instance's ``/metrics`` is scraped every ``scrape_interval_s``; a scrape older than
+  ``stale_after_s`` is ignored (the view then shows ``None``).
+* In-flight: the gateway counts what it has sent to each instance (requests, prefill tokens,
+  decode tokens) from send until the end of the stream (:class:`Lease`).
+* Health: an active ``/health`` check every ``interval_s`` plus passive failure counting; after
+  ``failure_threshold`` consecutive failures the instance's circuit opens for ``cooldown_s``, then
+  one trial request (half-open) closes it again on success.
+
+One background task (the monitor) is owned by :class:`Cluster`; :meth:`Cluster.close` cancels
+and awaits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from adapters import EngineAdapter, InstanceSpec, make_adapter
+from adapters.kv_events import KvEventSource, KvEventSubscriber
+from adapters.load import EngineLoad
+from gateway.config import GatewayConfig
+from scheduler.block_hash import block_hashes, to_event_hash
+from scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
+from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+
+log = logging.getLogger("pdgate.cluster")
+
+
+@dataclass
+class CircuitBreaker:
+    """Consecutive-failure breaker: closed -> open (cooldown) -> half-open (one trial) -> closed."""
+
+    failure_threshold: int
+    cooldown_s: float
+    failures: int = 0
+    open_until: float = 0.0
+    trial_in_flight: bool = False
+
+    def allows(self, now: float) -> bool:
+        if self.failures < self.failure_threshold:
+            return True
+        return now >= self.open_until and not self.trial_in_flight
+
+    @property
+    def state(self) -> str:
+        if self.failures < self.failure_threshold:
+            return "closed"
+        return "half-open" if self.trial_in_flight else "open"
+
+    def record_success(self) -> None:
+        self.failures = 0
+        self.trial_in_flight = False
+
+    def record_failure(self, now: float) -> None:
+        self.failures += 1
+        self.trial_in_flight = False
+        if self.failures >= self.failure_threshold:
+            self.open_until = now + self.cooldown_s
+
+    def on_send(self, now: float) -> None:
+        if self.failures >= self.failure_threshold and now >= self.open_until:
+            self.trial_in_flight = True
+
+
+@dataclass(eq=False)
+class InstanceState:
+    spec: InstanceSpec
+    adapter: EngineAdapter
+    breaker: CircuitBreaker
+    load: EngineLoad | None = None
+    inflight_requests: int = 0
+    inflight_prefill_tokens: int = 0
+    inflight_decode_tokens: int = 0
+    draining: bool = False
+    last_error: str | None = None
+
+    def view(self, now: float, stale_after: float) -> InstanceView:
+        load = self.load if self.load is not None and now - self.load.scraped_at <= stale_after else None
+        return InstanceView(
+            id=self.spec.id,
+            url=self.spec.url,
+            role=self.spec.role,
+            model=self.spec.model,
+            kind=self.spec.kind,
+            healthy=self.breaker.allows(now),
+            draining=self.draining,
+            running=load.running if load else None,
+            waiting=load.waiting if load else None,
+            kv_usage=load.kv_usage if load else None,
+            scrape_age_s=(now - self.load.scraped_at) if self.load else None,
+            inflight_requests=self.inflight_requests,
+            inflight_prefill_tokens=self.inflight_prefill_tokens,
+            inflight_decode_tokens=self.inflight_decode_tokens,
+            block_size=self.spec.block_size,
+            capabilities=frozenset(k for k, v in vars(self.adapter.capabilities).items() if v is True),
+        )
+
+
+@dataclass(eq=False)
+class Lease:
+    """In-flight accounting for one leg on one instance; ``release`` is idempotent."""
+
+    state: InstanceState
+    prefill_tokens: int
+    decode_tokens: int
+    released: bool = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.state.inflight_requests -= 1
+        self.state.inflight_prefill_tokens -= self.prefill_tokens
+        self.state.inflight_decode_tokens -= self.decode_tokens
+
+
+@dataclass
+class PromptHashes:
+    """The prompt's chained block hashes for each block size in use (as published in KV events)."""
+
+    by_block_size: dict[int, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, token_ids: list[int], block_sizes: Iterable[int]) -> PromptHashes:
+        return cls({size: [to_event_hash(h) for h in block_hashes(token_ids, size)] for size in set(block_sizes)})
+
+
+class Cluster:
+    """All instances of the fleet, their state, and the prefix indexes."""
+
+    def __init__(self, config: GatewayConfig, session: aiohttp.ClientSession,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.instances: dict[str, InstanceState] = {}
+        for inst in config.instances:
+            spec = inst.spec()
+            breaker = CircuitBreaker(config.health.failure_threshold, config.health.cooldown_s)
+            self.instances[spec.id] = InstanceState(spec, make_adapter(spec, session), breaker)
+        self.exact_index = ExactPrefixIndex()
+        self.approx_index = ApproximatePrefixIndex(max_blocks=config.approx_prefix_max_blocks)
+        sources = [
+            KvEventSource(inst.spec().id, inst.kv_events.endpoint, inst.kv_events.replay_endpoint, inst.kv_events.topic,
+                          host=inst.spec().host)
+            for inst in config.instances
+            if inst.kv_events is not None
+        ]
+        self.kv_events = KvEventSubscriber(self.exact_index, sources)
+        self._monitor: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await self.kv_events.start()
+        await self.refresh()
+        self._monitor = asyncio.create_task(self._monitor_loop(), name="cluster-monitor")
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
+        await self.kv_events.close()
+
+    async def _monitor_loop(self) -> None:
+        scrape, health = self.config.scrape_interval_s, self.config.health.interval_s
+        next_health = self.clock() + health
+        while True:
+            await asyncio.sleep(scrape)
+            check_health = self.clock() >= next_health
+            if check_health:
+                next_health = self.clock() + health
+            await self.refresh(check_health=check_health)
+
+    async def refresh(self, *, check_health: bool = True) -> None:
+        """Scrape every instance's load (and health) concurrently."""
+        await asyncio.gather(*(self._refresh_one(s, check_health) for s in self.instances.values()))
+
+    async def _refresh_one(self, state: InstanceState, check_health: bool) -> None:
+        timeout = self.config.health.timeout_s
+        try:
+            state.load = await state.adapter.scrape_load(self.clock(), timeout)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            state.last_error = f"scrape failed: {exc!r}"
+        if check_health:
+            if await state.adapter.check_health(timeout):
+                if state.breaker.failures >= state.breaker.failure_threshold and self.clock() >= state.breaker.open_until:
+                    state.breaker.record_success()
+            else:
+                state.last_error = "health check failed"
+                state.breaker.record_failure(self.clock())
+
+    # -------------------------------------------------------------- queries
+    def for_model(self, model: str) -> list[InstanceState]:
+        return [s for s in self.instances.values() if s.spec.model == model]
+
+    def has_pd(self, model: str) -> bool:
+        return any(s.spec.role in ("prefill", "decode") for s in self.for_model(model))
+
+    def snapshot(self, model: str, hashes: PromptHashes | None = None) -> ClusterSnapshot:
+        now = self.clock()
+        stale = self.config.stale_after_s
+        states = self.for_model(model)
+        hits: dict[str, int] = {}
+        if hashes is not None:
+            for state in states:
+                chain = hashes.by_block_size.get(state.spec.block_size, [])
+                index = self.exact_index if self._has_events(state) else self.approx_index
+                blocks = index.match(state.spec.id, chain)
+                if blocks:
+                    hits[state.spec.id] = blocks * state.spec.block_size
+        return ClusterSnapshot(tuple(s.view(now, stale) for s in states), now, hits)
+
+    def ready(self, model: str) -> bool:
+        """Whether ``model`` has a healthy serving path (colocated, or prefill + decode)."""
+        now = self.clock()
+        healthy = [s for s in self.for_model(model) if s.breaker.allows(now) and not s.draining]
+        serves_prefill = any(s.spec.role in ("prefill", "both") for s in healthy)
+        serves_decode = any(s.spec.role in ("decode", "both") for s in healthy)
+        return serves_prefill and serves_decode
+
+    @staticmethod
+    def _has_events(state: InstanceState) -> bool:
+        return state.adapter.capabilities.kv_events and state.spec.kv_events_endpoint is not None
+
+    # ------------------------------------------------------------ accounting
+    def lease(self, instance_id: str, *, prefill_tokens: int = 0, decode_tokens: int = 0) -> Lease:
+        state = self.instances[instance_id]
+        state.inflight_requests += 1
+        state.inflight_prefill_tokens += prefill_tokens
+        state.inflight_decode_tokens += decode_tokens
+        state.breaker.on_send(self.clock())
+        return Lease(state, prefill_tokens, decode_tokens)
+
+    def record_sent_prompt(self, instance_id: str, hashes: PromptHashes) -> None:
+        """Approximate index: remember the prompt blocks an instance without KV events now holds."""
+        state = self.instances[instance_id]
+        if self._has_events(state):
+            return
+        self.approx_index.record(instance_id, hashes.by_block_size.get(state.spec.block_size, []))
+
+    def record_success(self, instance_id: str) -> None:
+        self.instances[instance_id].breaker.record_success()
+
+    def record_failure(self, instance_id: str, reason: str) -> None:
+        state = self.instances[instance_id]
+        state.last_error = reason
+        state.breaker.record_failure(self.clock())
+        log.warning("instance %s failed: %s", instance_id, reason)

@@ -1,0 +1,98 @@
+"""``pdgate serve`` and ``pdgate up``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from engines.cli import run_async
+from gateway.config import ConfigError, GatewayConfig
+from scheduler.registry import PluginConfigError
+
+SERVE_HELP = """\
+Run the gateway over the fleet described in a YAML config (instances: url, kind, role, model,
+optional API key, KV-events endpoint). The engines must already be running; see
+configs/*.yaml for examples and `pdgate up` to start a simulated fleet too.
+"""
+
+UP_HELP = """\
+The one-command embedded default: start the simulated engines of a fleet config as child
+processes (default configs/default.yaml: two prefill and two decode engines), wait until they
+are healthy, then serve the gateway on the config's address (127.0.0.1:8000). Ctrl-C or SIGTERM
+stops the gateway and every child cleanly.
+"""
+
+
+def add_gateway_commands(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="run the gateway over a running fleet", description=SERVE_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--config", required=True, metavar="FILE", help="fleet and gateway YAML")
+    _common(serve)
+    serve.set_defaults(run=run_serve)
+    up = commands.add_parser("up", help="start a simulated fleet and the gateway (embedded default)", description=UP_HELP,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    up.add_argument("--config", metavar="FILE", help="fleet and gateway YAML (default: configs/default.yaml)")
+    _common(up)
+    up.set_defaults(run=run_up)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="override the config's listen address")
+    parser.add_argument("--port", type=int, help="override the config's port (0 picks a free one)")
+
+
+def _load(args: argparse.Namespace, path: str) -> Any:
+    from gateway.app import build_gateway
+
+    config = GatewayConfig.load(path)
+    overrides = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k) is not None}
+    if overrides:
+        config = config.model_copy(update=overrides)
+    return config, build_gateway(config)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from gateway.app import GatewayServer, serve_until_signalled
+    from gateway.launcher import describe
+
+    try:
+        config, gateway = _load(args, args.config)
+    except (ConfigError, PluginConfigError, ValueError, OSError) as exc:
+        print(f"pdgate serve: {exc}", file=sys.stderr)
+        return 2
+    server = GatewayServer(gateway)
+    try:
+        run_async(serve_until_signalled(server, lambda s: print(describe(config, [], s.url), flush=True)))
+    except OSError as exc:
+        print(f"pdgate serve: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from gateway.app import GatewayServer, serve_until_signalled
+    from gateway.launcher import default_config_path, describe, start_children, stop_children, wait_healthy
+
+    path = args.config or str(default_config_path())
+    try:
+        config, gateway = _load(args, path)
+    except (ConfigError, PluginConfigError, ValueError, OSError) as exc:
+        print(f"pdgate up: {exc}", file=sys.stderr)
+        return 2
+    children = start_children(config)
+    try:
+        async def main() -> None:
+            await wait_healthy(children)
+            server = GatewayServer(gateway)
+            await serve_until_signalled(server, lambda s: print(describe(config, children, s.url), flush=True))
+
+        run_async(main())
+    except (RuntimeError, OSError) as exc:
+        print(f"pdgate up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_children(children)
+    return 0

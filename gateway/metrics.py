@@ -1,0 +1,40 @@
+"""The gateway's Prometheus metrics (``pdgate_`` prefix), one registry per gateway."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from gateway.cluster import Cluster
+    from gateway.proxy import Routed
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("pdgate_requests", "Requests answered, by route, model and HTTP status.",
+                                ["route", "model", "status"], registry=r)
+        self.retries = Counter("pdgate_retries", "Requests retried on another instance before their first byte.",
+                               ["model"], registry=r)
+        self.plugin_seconds = Histogram("pdgate_plugin_duration_seconds", "Latency of one scheduling plugin call.",
+                                        ["profile", "plugin"], registry=r,
+                                        buckets=(1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2))
+        self.inflight = Gauge("pdgate_instance_inflight_requests", "Requests the gateway has in flight on an instance.",
+                              ["instance"], registry=r)
+        self.inflight_tokens = Gauge("pdgate_instance_inflight_tokens", "Tokens in flight on an instance, by phase.",
+                                     ["instance", "phase"], registry=r)
+        self.healthy = Gauge("pdgate_instance_healthy", "1 when the instance's circuit is closed.", ["instance"], registry=r)
+
+    def count(self, routed: Routed, status: int) -> None:
+        self.requests.labels(route=routed.path, model=routed.info.model, status=str(status)).inc()
+
+    def render(self, cluster: Cluster) -> bytes:
+        now = cluster.clock()
+        for instance_id, state in cluster.instances.items():
+            self.inflight.labels(instance=instance_id).set(state.inflight_requests)
+            self.inflight_tokens.labels(instance=instance_id, phase="prefill").set(state.inflight_prefill_tokens)
+            self.inflight_tokens.labels(instance=instance_id, phase="decode").set(state.inflight_decode_tokens)
+            self.healthy.labels(instance=instance_id).set(1 if state.breaker.allows(now) else 0)
+        return generate_latest(self.registry)

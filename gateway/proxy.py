@@ -1,0 +1,296 @@
+"""Serving one OpenAI request: validate, tokenize, place, drive the legs, relay the stream.
+
+Placement runs the scheduling profiles on an immutable snapshot: ``prefill`` then ``decode``
+for a model with PD instances, ``colocated`` otherwise. Execution depends only on the adapters'
+capabilities: a sequential hand-off (vLLM ``kv_transfer_params``: prefill, then decode with the
+returned params), a concurrent one (SGLang bootstrap room: both legs at once, the answer from
+decode), or one colocated leg. A leg that fails before the first byte reaches the client is
+retried once on other instances; the client's disconnect closes every upstream connection,
+which aborts the request on the engines. In-flight accounting is released at the end of the
+stream, not at response headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from adapters import EngineAdapter, HandoffError
+from engines.sim.tokenizer import Tokenizer
+from gateway.cluster import Cluster, InstanceState, Lease, PromptHashes
+from gateway.config import GatewayConfig, ModelConfig
+from gateway.metrics import GatewayMetrics
+from gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
+from scheduler.framework import Decision, Profile, run_profile
+from scheduler.snapshot import ClusterSnapshot, RequestInfo
+
+log = logging.getLogger("pdgate.proxy")
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+RETRY_AFTER_S = "1"
+
+
+class UpstreamFailed(Exception):
+    """A leg failed before anything reached the client: safe to retry elsewhere."""
+
+    def __init__(self, instance_id: str, reason: str) -> None:
+        super().__init__(f"{instance_id}: {reason}")
+        self.instance_id = instance_id
+        self.reason = reason
+
+
+@dataclass
+class Routed:
+    """A validated request, ready to place."""
+
+    kind: str  # "completion" | "chat"
+    path: str
+    body: dict[str, Any]
+    info: RequestInfo
+    prompt_ids: list[int]
+    hashes: PromptHashes
+    stream: bool
+
+
+@dataclass
+class Placement:
+    decode: InstanceState  # the instance that streams the answer (colocated: the only one)
+    prefill: InstanceState | None
+    decisions: list[Decision]
+
+
+class Proxy:
+    """The request path; one per gateway."""
+
+    def __init__(self, config: GatewayConfig, cluster: Cluster, profiles: dict[str, Profile],
+                 tokenizers: dict[str, Tokenizer], metrics: GatewayMetrics) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.profiles = profiles
+        self.tokenizers = tokenizers
+        self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
+        self.metrics = metrics
+
+    # --------------------------------------------------------------- entry
+    async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
+        routed = self._validate(await request.read(), kind, request.headers.get("X-Request-Id"))
+        excluded: set[str] = set()
+        last_error = "no instance could serve the request"
+        for _ in range(1 + self.config.retries):
+            placement = self._place(routed, excluded)
+            try:
+                return await self._execute(request, routed, placement)
+            except UpstreamFailed as failure:
+                excluded.add(failure.instance_id)
+                self.cluster.record_failure(failure.instance_id, failure.reason)
+                self.metrics.retries.labels(model=routed.info.model).inc()
+                last_error = str(failure)
+        raise GatewayError(502, f"upstream failed: {last_error}", headers={"Retry-After": RETRY_AFTER_S})
+
+    # ---------------------------------------------------------- validation
+    def _validate(self, raw: bytes, kind: str, header_id: str | None) -> Routed:
+        body, parsed = parse_body(raw, CompletionBody if kind == "completion" else ChatBody)
+        model = self.models.get(parsed.model)
+        if model is None:
+            raise GatewayError(404, f"The model `{parsed.model}` does not exist.", param="model", code="model_not_found")
+        tokenizer = self.tokenizers[model.name]
+        if kind == "completion":
+            prompt = parsed.prompt
+            prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            body["prompt"] = prompt_ids  # the ids we hash are the ids the engine sees
+            max_tokens = parsed.max_tokens if parsed.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+        else:
+            try:
+                prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(parsed.messages))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise GatewayError(400, f"invalid messages: {exc}", param="messages") from None
+            limit = parsed.max_completion_tokens if parsed.max_completion_tokens is not None else parsed.max_tokens
+            max_tokens = limit if limit is not None else model.max_model_len - len(prompt_ids)
+        if not prompt_ids:
+            raise GatewayError(400, "the prompt is empty", param="prompt")
+        if len(prompt_ids) + max_tokens > model.max_model_len or len(prompt_ids) >= model.max_model_len:
+            raise GatewayError(
+                400,
+                f"This model's maximum context length is {model.max_model_len} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} in the completion).",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        request_id = header_id or f"pdgate-{uuid.uuid4().hex}"
+        states = self.cluster.for_model(model.name)
+        hashes = PromptHashes.of(prompt_ids, (s.spec.block_size for s in states))
+        first_chain = next(iter(hashes.by_block_size.values()), [])
+        info = RequestInfo(
+            request_id=request_id, model=model.name, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
+            block_hashes=tuple(first_chain), priority=int(body.get("priority", 0) or 0),
+        )
+        path = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
+        return Routed(kind, path, body, info, prompt_ids, hashes, parsed.stream)
+
+    # ----------------------------------------------------------- placement
+    def _place(self, routed: Routed, excluded: set[str]) -> Placement:
+        model = routed.info.model
+        snapshot = self.cluster.snapshot(model, routed.hashes)
+        candidates = [i for i in snapshot.instances if i.id not in excluded]
+        if self.cluster.has_pd(model):
+            prefill = self._decide("prefill", routed, snapshot, candidates)
+            decode = self._decide("decode", routed, snapshot, [c for c in candidates if c.id != prefill.instance_id] or candidates)
+            placement = Placement(self.cluster.instances[decode.instance_id], self.cluster.instances[prefill.instance_id], [prefill, decode])
+        else:
+            only = self._decide("colocated", routed, snapshot, candidates)
+            placement = Placement(self.cluster.instances[only.instance_id], None, [only])
+        for decision in placement.decisions:
+            for plugin in self.profiles[decision.profile].plugins:
+                plugin.on_sent(routed.info, decision.instance, decision.profile)
+        return placement
+
+    def _decide(self, profile_name: str, routed: Routed, snapshot: ClusterSnapshot, candidates: list) -> Decision:
+        decision = run_profile(self.profiles[profile_name], routed.info, snapshot, candidates)
+        for plugin, seconds in decision.plugin_seconds.items():
+            self.metrics.plugin_seconds.labels(profile=profile_name, plugin=plugin).observe(seconds)
+        if decision.instance is None:
+            reason = f"filter '{decision.rejected_by}' left no instance" if decision.rejected_by else "no candidate instance"
+            raise GatewayError(503, f"no healthy instance can serve model '{routed.info.model}' ({profile_name}: {reason})",
+                               err_type="service_unavailable", headers={"Retry-After": RETRY_AFTER_S})
+        return decision
+
+    # ----------------------------------------------------------- execution
+    async def _execute(self, request: web.Request, routed: Routed, placement: Placement) -> web.StreamResponse:
+        decode, prefill = placement.decode, placement.prefill
+        info = routed.info
+        body = routed.body
+        prefill_task: asyncio.Task[None] | None = None
+        leases: list[Lease] = []
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            if prefill is not None and prefill is not decode:
+                protocol = decode.adapter.capabilities.pd_protocol
+                if protocol == "sequential":
+                    body = await self._sequential_prefill(routed, prefill, decode, leases)
+                elif protocol == "concurrent":
+                    try:
+                        fields = decode.adapter.concurrent_fields(prefill.adapter)
+                    except HandoffError as exc:
+                        raise GatewayError(500, str(exc)) from None
+                    body = {**body, **fields}
+                    leases.append(self.cluster.lease(prefill.spec.id, prefill_tokens=info.prompt_tokens))
+                    prefill_task = asyncio.create_task(self._concurrent_prefill(routed, prefill, body, leases[-1]))
+                else:
+                    raise GatewayError(500, f"instance {decode.spec.id} ({decode.spec.kind}) cannot take a PD hand-off")
+            leases.append(self.cluster.lease(decode.spec.id, prefill_tokens=0 if prefill else info.prompt_tokens,
+                                             decode_tokens=info.max_tokens))
+            upstream = await self._open(decode, routed.path, body, info.request_id)
+            self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
+            response = await self._relay(request, routed, decode, upstream)
+            if prefill_task is not None:
+                await prefill_task
+            self.cluster.record_success(decode.spec.id)
+            return response
+        finally:
+            if prefill_task is not None and not prefill_task.done():
+                prefill_task.cancel()
+                await asyncio.gather(prefill_task, return_exceptions=True)
+            if upstream is not None:
+                upstream.close()
+            for lease in leases:
+                lease.release()
+
+    async def _open(self, state: InstanceState, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
+        """Send one leg; a connection error or 5xx before any byte is an UpstreamFailed."""
+        timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout_s, sock_connect=5)
+        try:
+            resp = await state.adapter.send(path, body, request_id, timeout=timeout)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise UpstreamFailed(state.spec.id, f"connection failed: {exc!r}") from None
+        if resp.status >= 500:
+            detail = (await resp.text())[:300]
+            resp.close()
+            raise UpstreamFailed(state.spec.id, f"HTTP {resp.status}: {detail}")
+        return resp
+
+    async def _sequential_prefill(self, routed: Routed, prefill: InstanceState, decode: InstanceState,
+                                  leases: list[Lease]) -> dict[str, Any]:
+        lease = self.cluster.lease(prefill.spec.id, prefill_tokens=routed.info.prompt_tokens)
+        try:
+            resp = await self._open(prefill, routed.path, prefill.adapter.prefill_body(routed.body), routed.info.request_id)
+            async with resp:
+                reply = await resp.read()
+                if resp.status >= 400:
+                    raise _client_error(resp.status, reply)
+            self.cluster.record_sent_prompt(prefill.spec.id, routed.hashes)
+            self.cluster.record_success(prefill.spec.id)
+            try:
+                handoff = prefill.adapter.handoff_from_prefill(json.loads(reply))
+            except (HandoffError, json.JSONDecodeError) as exc:
+                raise UpstreamFailed(prefill.spec.id, str(exc)) from None
+            return decode.adapter.decode_body(routed.body, handoff)
+        finally:
+            lease.release()
+
+    async def _concurrent_prefill(self, routed: Routed, prefill: InstanceState, body: dict[str, Any], lease: Lease) -> None:
+        """SGLang's prefill leg: sent with the decode leg, its answer drained and checked."""
+        try:
+            resp = await self._open(prefill, routed.path, {**body, "stream": False}, routed.info.request_id)
+            async with resp:
+                await resp.read()
+                if resp.status >= 400:
+                    log.warning("prefill leg on %s answered HTTP %s", prefill.spec.id, resp.status)
+                    return
+            self.cluster.record_sent_prompt(prefill.spec.id, routed.hashes)
+            self.cluster.record_success(prefill.spec.id)
+        except UpstreamFailed as failure:
+            self.cluster.record_failure(failure.instance_id, failure.reason)
+        finally:
+            lease.release()
+
+    async def _relay(self, request: web.Request, routed: Routed, decode: InstanceState,
+                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        headers = {"X-Request-Id": routed.info.request_id}
+        if upstream.status >= 400:
+            raise _client_error(upstream.status, await upstream.read())
+        if not routed.stream:
+            data = await upstream.read()
+            self.metrics.count(routed, upstream.status)
+            return web.Response(body=data, status=upstream.status, content_type="application/json", headers=headers)
+        response = web.StreamResponse(status=upstream.status, headers={
+            **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        first = True
+        try:
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    await response.prepare(request)
+                    first = False
+                await response.write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            if first:
+                raise UpstreamFailed(decode.spec.id, f"stream broke before the first byte: {exc!r}") from None
+            log.warning("stream from %s broke mid-way: %r", decode.spec.id, exc)
+            error = {"error": {"message": f"upstream {decode.spec.id} failed mid-stream", "type": "upstream_error",
+                               "param": None, "code": None}}
+            await response.write(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
+            self.metrics.count(routed, 502)
+            return response
+        if first:
+            await response.prepare(request)
+        await response.write_eof()
+        self.metrics.count(routed, upstream.status)
+        return response
+
+
+def _client_error(status: int, body: bytes) -> GatewayError:
+    """An engine's 4xx, in OpenAI's error shape whatever shape the engine used."""
+    message = body.decode(errors="replace")[:1000]
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict):
+            inner = data.get("error") if isinstance(data.get("error"), dict) else data
+            message = str(inner.get("message", message))
+    except json.JSONDecodeError:
+        pass
+    return GatewayError(status, message)
