@@ -28,7 +28,7 @@ from adapters.load import EngineLoad
 from gateway.config import GatewayConfig
 from scheduler.block_hash import block_hashes, to_event_hash
 from scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from scheduler.snapshot import ClusterSnapshot, InstanceView
 
 log = logging.getLogger("pdgate.cluster")
 

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from adapters import EngineAdapter, HandoffError
+from adapters import HandoffError
 from engines.sim.tokenizer import Tokenizer
 from gateway.cluster import Cluster, InstanceState, Lease, PromptHashes
 from gateway.config import GatewayConfig, ModelConfig

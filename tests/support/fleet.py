@@ -1,0 +1,65 @@
+"""Build gateway configs over simulated engines started by the tests."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from support.procs import PdgateProcess, free_port, start_pdgate
+
+MODEL = "sim-model"
+
+
+def engine_flags(role: str, api: str = "vllm", *, kv_port: int | None = None, boot_port: int | None = None,
+                 extra: tuple[str, ...] = ()) -> list[str]:
+    flags = ["--role", role, "--api", api, "--served-model-name", MODEL, "--max-model-len", "4096"]
+    if kv_port is not None:
+        flags += ["--kv-events-endpoint", f"tcp://127.0.0.1:{kv_port}"]
+    if boot_port is not None:
+        flags += ["--bootstrap-port", str(boot_port)]
+    return [*flags, *extra]
+
+
+def instance_entry(proc: PdgateProcess, role: str, kind: str, *, kv_port: int | None = None,
+                   boot_port: int | None = None, **extra: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": f"{role}-{proc.url.rsplit(':', 1)[1]}", "url": proc.url, "kind": kind,
+                             "role": role, "model": MODEL, **extra}
+    if kv_port is not None:
+        entry["kv_events"] = {"endpoint": f"tcp://127.0.0.1:{kv_port}"}
+    if boot_port is not None:
+        entry["bootstrap_port"] = boot_port
+    return entry
+
+
+def write_config(path: Path, instances: list[dict[str, Any]], **gateway: Any) -> Path:
+    config = {"host": "127.0.0.1", "port": 0, "models": [{"name": MODEL, "max_model_len": 4096}],
+              "instances": instances, "scrape_interval_s": 0.2,
+              "health": {"interval_s": 0.2, "timeout_s": 1.0, "failure_threshold": 1, "cooldown_s": 30}, **gateway}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start_gateway(config: Path, *, env: dict[str, str] | None = None) -> PdgateProcess:
+    return start_pdgate("serve", "--config", str(config), env=env)
+
+
+def get_json(url: str) -> Any:
+    return json.load(urllib.request.urlopen(url, timeout=10))
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+__all__ = ["MODEL", "engine_flags", "free_port", "get_json", "instance_entry", "metric", "start_gateway", "write_config"]
