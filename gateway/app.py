@@ -63,11 +63,16 @@ async def errors_middleware(request: web.Request, handler: Callable) -> web.Stre
     except GatewayError as err:
         return err.response()
     except web.HTTPRequestEntityTooLarge as exc:
-        return GatewayError(413, f"request body too large ({exc.actual_size} bytes; limit {exc.max_size})").response()
+        return GatewayError(413, f"request body too large: {exc.text}").response()
     except web.HTTPNotFound:
         return GatewayError(404, f"no route {request.method} {request.path}").response()
     except web.HTTPMethodNotAllowed:
         return GatewayError(405, f"method {request.method} not allowed on {request.path}").response()
+    except web.HTTPException:
+        raise
+    except Exception:  # never a bare 500: log it and answer in OpenAI's shape
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return GatewayError(500, "internal error in the gateway (logged)", err_type="server_error").response()
 
 
 def auth_middleware(keys: list[str]) -> Callable:

@@ -1,0 +1,139 @@
+"""Gateway behaviour around failures, limits and keys, on fleets built per test."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from support.fleet import MODEL, engine_flags, get_json, instance_entry, metric, start_gateway, write_config
+from support.procs import start_pdgate
+
+
+def post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.load(resp), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err), dict(err.headers)
+
+
+def completion(url: str, prompt: str = "hello", **kw) -> tuple[int, dict, dict]:
+    return post(f"{url}/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4, **kw})
+
+
+def colocated_fleet(sim_factory, tmp_path, n: int = 2, **gateway):
+    engines = [sim_factory(*engine_flags("both")) for _ in range(n)]
+    entries = [instance_entry(e, "both", "sim") for e in engines]
+    return engines, entries, write_config(tmp_path / "fleet.yaml", entries, **gateway)
+
+
+def test_a_dead_instance_is_avoided_and_reported(sim_factory, tmp_path):
+    engines, _, config = colocated_fleet(sim_factory, tmp_path, n=2)
+    gateway = start_gateway(config)
+    try:
+        engines[0].kill()
+        ok = [completion(gateway.url, f"after the kill {i}")[0] for i in range(8)]
+        assert ok == [200] * 8  # a failure before the first byte is retried on the other instance
+        time.sleep(0.5)
+        dead_id = f"both-{engines[0].url.rsplit(':', 1)[1]}"
+        assert metric(gateway.url, "pdgate_instance_healthy", instance=dead_id) == 0
+        engines[1].kill()
+        time.sleep(0.5)
+        status, body, headers = completion(gateway.url)
+        assert status == 503 and headers.get("Retry-After") and body["error"]["type"] == "service_unavailable"
+        ready = urllib.request.Request(f"{gateway.url}/ready")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(ready)
+        assert info.value.code == 503
+    finally:
+        gateway.stop()
+
+
+def test_body_too_large_is_413(sim_factory, tmp_path):
+    _, _, config = colocated_fleet(sim_factory, tmp_path, n=1, max_body_bytes=4096)
+    gateway = start_gateway(config)
+    try:
+        status, body, _ = completion(gateway.url, "x" * 10_000)
+        assert status == 413 and "too large" in body["error"]["message"]
+    finally:
+        gateway.stop()
+
+
+def test_gateway_key_is_checked_and_instance_key_is_used_upstream(sim_factory, tmp_path):
+    engine = sim_factory(*engine_flags("both", extra=("--api-key", "engine-secret")))
+    entries = [instance_entry(engine, "both", "sim", api_key="engine-secret")]
+    config = write_config(tmp_path / "keys.yaml", entries, api_keys=["gw-key"])
+    gateway = start_gateway(config)
+    try:
+        assert completion(gateway.url)[0] == 401
+        assert completion(gateway.url, headers=None)[0] == 401
+        status, body, _ = post(f"{gateway.url}/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                               {"Authorization": "Bearer gw-key"})
+        assert status == 200, body
+        # the engine rejects the gateway's key: it was not forwarded, the instance's own key was
+        assert completion(engine.url, headers=None)[0] == 401
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="gw-key", max_retries=0)
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        gateway.stop()
+
+
+def test_invalid_config_names_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [{name: m}]\ninstances: [{url: 'ftp://x', model: m}]\n")
+    proc = start_pdgate_expect_exit("serve", "--config", str(bad))
+    assert proc.returncode == 2 and "instances.0.url" in proc.stderr
+    unknown = tmp_path / "plugin.yaml"
+    unknown.write_text(
+        "models: [{name: m}]\ninstances: [{url: 'http://127.0.0.1:1', model: m}]\n"
+        "scheduling: {plugins: [{name: x, type: nope}], profiles: {colocated: [{pluginRef: x}]}}\n")
+    proc = start_pdgate_expect_exit("serve", "--config", str(unknown))
+    assert proc.returncode == 2 and "unknown plugin type 'nope'" in proc.stderr
+
+
+def start_pdgate_expect_exit(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_pdgate_up_starts_the_fleet_and_stops_every_child(tmp_path):
+    from support.procs import free_port
+
+    ports = [free_port() for _ in range(3)]
+    config = tmp_path / "up.yaml"
+    config.write_text(
+        f"""
+host: 127.0.0.1
+port: 0
+models: [{{name: {MODEL}}}]
+instances:
+  - {{url: "http://127.0.0.1:{ports[0]}", kind: sim, role: prefill, model: {MODEL}, launch: {{time_scale: 20}}}}
+  - {{url: "http://127.0.0.1:{ports[1]}", kind: sim, role: decode, model: {MODEL}, launch: {{time_scale: 20}}}}
+  - {{url: "http://127.0.0.1:{ports[2]}", kind: sim, role: decode, model: {MODEL}, launch: {{time_scale: 20, args: {{max_num_seqs: 64}}}}}}
+""")
+    up = start_pdgate("up", "--config", str(config), timeout=60)
+    pids = []
+    try:
+        assert "pid" in up.log
+        pids = [int(line.split("(pid ")[1].rstrip(")\n")) for line in up.output if "(pid " in line]
+        assert len(pids) == 3
+        status, body, _ = completion(up.url, "through pdgate up")
+        assert status == 200 and body["usage"]["completion_tokens"] == 4
+        assert get_json(f"http://127.0.0.1:{ports[2]}/sim/state")["role"] == "decode"
+    finally:
+        assert up.stop(signal.SIGTERM) == 0
+    import os
+
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
