@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,10 @@ EXAMPLE = Path(__file__).parent / "plugin_example"
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "plugin_example"
+    shutil.copytree(EXAMPLE, source)  # building writes build/ and *.egg-info next to the sources
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(EXAMPLE)], check=True, timeout=120)
+                    "--target", str(target), str(source)], check=True, timeout=120)
     return target
 
 
