@@ -189,6 +189,8 @@ def test_client_disconnect_aborts_both_legs_and_inflight_returns_to_zero(vllm_fl
                 await r.content.readline()
                 running = sum(get_json(d.url + "/sim/state")["num_running"] for d in vllm_fleet.decode)
                 assert running == 1
+                # headers and first tokens are out, the decode lease is still held until the stream ends
+                assert metric(vllm_fleet.gateway.url, "pdgate_instance_inflight_requests") == 1
 
     asyncio.run(main())
     deadline = time.monotonic() + 5
