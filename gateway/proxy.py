@@ -165,7 +165,7 @@ class Proxy:
         decode, prefill = placement.decode, placement.prefill
         info = routed.info
         body = routed.body
-        prefill_task: asyncio.Task[None] | None = None
+        prefill_task: asyncio.Task[UpstreamFailed | None] | None = None
         leases: list[Lease] = []
         upstream: aiohttp.ClientResponse | None = None
         try:
@@ -183,13 +183,14 @@ class Proxy:
                     prefill_task = asyncio.create_task(self._concurrent_prefill(routed, prefill, body, leases[-1]))
                 else:
                     raise GatewayError(500, f"instance {decode.spec.id} ({decode.spec.kind}) cannot take a PD hand-off")
-            leases.append(self.cluster.lease(decode.spec.id, prefill_tokens=0 if prefill else info.prompt_tokens,
+            split = prefill is not None and prefill is not decode
+            leases.append(self.cluster.lease(decode.spec.id, prefill_tokens=0 if split else info.prompt_tokens,
                                              decode_tokens=info.max_tokens))
-            upstream = await self._open(decode, routed.path, body, info.request_id)
+            upstream = await self._racing_prefill(self._open(decode, routed.path, body, info.request_id), prefill_task)
             self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
-            response = await self._relay(request, routed, decode, upstream)
-            if prefill_task is not None:
-                await prefill_task
+            response = await self._relay(request, routed, decode, upstream, prefill_task)
+            if prefill_task is not None and (failure := await prefill_task) is not None:
+                self.cluster.record_failure(failure.instance_id, failure.reason)
             self.cluster.record_success(decode.spec.id)
             return response
         finally:
@@ -233,40 +234,66 @@ class Proxy:
         finally:
             lease.release()
 
-    async def _concurrent_prefill(self, routed: Routed, prefill: InstanceState, body: dict[str, Any], lease: Lease) -> None:
-        """SGLang's prefill leg: sent with the decode leg, its answer drained and checked."""
+    async def _concurrent_prefill(self, routed: Routed, prefill: InstanceState, body: dict[str, Any],
+                                  lease: Lease) -> UpstreamFailed | None:
+        """SGLang's prefill leg: sent with the decode leg, its answer drained and checked.
+
+        Returns the failure (instead of raising) so the decode leg can be abandoned for it.
+        """
         try:
             resp = await self._open(prefill, routed.path, {**body, "stream": False}, routed.info.request_id)
             async with resp:
                 await resp.read()
                 if resp.status >= 400:
-                    log.warning("prefill leg on %s answered HTTP %s", prefill.spec.id, resp.status)
-                    return
+                    return UpstreamFailed(prefill.spec.id, f"prefill leg answered HTTP {resp.status}")
             self.cluster.record_sent_prompt(prefill.spec.id, routed.hashes)
             self.cluster.record_success(prefill.spec.id)
+            return None
         except UpstreamFailed as failure:
-            self.cluster.record_failure(failure.instance_id, failure.reason)
+            return failure
         finally:
             lease.release()
 
+    @staticmethod
+    async def _racing_prefill(awaitable: Any, prefill_task: asyncio.Task | None) -> Any:
+        """Await ``awaitable`` unless the concurrent prefill leg fails first (then raise its failure)."""
+        if prefill_task is None:
+            return await awaitable
+        work = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                pending = {work} if prefill_task.done() else {work, prefill_task}
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if work.done():
+                    return work.result()
+                failure = prefill_task.result()
+                if failure is not None:
+                    raise failure
+        finally:
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+
     async def _relay(self, request: web.Request, routed: Routed, decode: InstanceState,
-                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+                     upstream: aiohttp.ClientResponse, prefill_task: asyncio.Task | None = None) -> web.StreamResponse:
         headers = {"X-Request-Id": routed.info.request_id}
         if upstream.status >= 400:
             raise _client_error(upstream.status, await upstream.read())
         if not routed.stream:
-            data = await upstream.read()
+            data = await self._racing_prefill(upstream.read(), prefill_task)
             self.metrics.count(routed, upstream.status)
             return web.Response(body=data, status=upstream.status, content_type="application/json", headers=headers)
         response = web.StreamResponse(status=upstream.status, headers={
             **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         first = True
         try:
-            async for chunk in upstream.content.iter_any():
+            chunk = await self._racing_prefill(upstream.content.readany(), prefill_task)
+            while chunk:
                 if first:
                     await response.prepare(request)
                     first = False
                 await response.write(chunk)
+                chunk = await upstream.content.readany()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             if first:
                 raise UpstreamFailed(decode.spec.id, f"stream broke before the first byte: {exc!r}") from None

@@ -137,3 +137,24 @@ instances:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_sglang_dead_prefill_leg_is_abandoned_and_retried(sim_factory, tmp_path):
+    from support.procs import free_port
+
+    boots = [free_port(), free_port()]
+    prefills = [sim_factory(*engine_flags("prefill", "sglang", boot_port=b)) for b in boots]
+    decode = sim_factory(*engine_flags("decode", "sglang"))
+    entries = [instance_entry(p, "prefill", "sim-sglang", boot_port=b) for p, b in zip(prefills, boots)]
+    entries.append(instance_entry(decode, "decode", "sim-sglang"))
+    # no active health checks during the test: the failure must be found on the request path
+    gateway = start_gateway(write_config(tmp_path / "sg.yaml", entries, health={"interval_s": 60, "failure_threshold": 1}))
+    try:
+        prefills[0].kill()
+        started = time.monotonic()
+        results = [completion(gateway.url, f"sglang {i}")[0] for i in range(4)]
+        assert results == [200] * 4
+        assert time.monotonic() - started < 10  # not stuck waiting for a bootstrap room that never fills
+        assert get_json(decode.url + "/sim/state")["num_running"] == 0
+    finally:
+        gateway.stop()
