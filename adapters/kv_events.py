@@ -49,7 +49,12 @@ import zmq
 import zmq.asyncio
 
 from scheduler.block_hash import to_event_hash
-from scheduler.prefix_index import AllBlocksCleared, BlockRemoved, BlockStored, KvCacheEvent
+from scheduler.prefix_index import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvCacheEvent,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import types
 import typing
@@ -64,7 +63,8 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace, config_fil
 
 
 def run_sim(args: argparse.Namespace) -> int:
-    from engines.sim.server import SimServer, serve_forever
+    from engines.runtime import run_async, serve_until_signalled
+    from engines.sim.server import SimServer
 
     try:
         config = model_from_args(SimEngineConfig, args, args.config)
@@ -88,18 +88,8 @@ def run_sim(args: argparse.Namespace) -> int:
             print(f"  KV events -> {config.kv_events_endpoint} topic={config.kv_events_topic!r}", flush=True)
 
     try:
-        run_async(serve_forever(server, ready=ready))
+        run_async(serve_until_signalled(server, ready))
     except OSError as exc:
         print(f"pdgate engine sim: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def run_async(main: Any) -> Any:
-    """Run a coroutine on uvloop when it is installed, else on asyncio's default loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - optional on some platforms
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from engines.cli import run_async
+from engines.runtime import run_async
 from gateway.config import ConfigError, GatewayConfig
 from scheduler.registry import PluginConfigError
 
@@ -53,7 +53,8 @@ def _load(args: argparse.Namespace, path: str) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from gateway.app import GatewayServer, serve_until_signalled
+    from engines.runtime import serve_until_signalled
+    from gateway.app import GatewayServer
     from gateway.launcher import describe
 
     try:
@@ -71,8 +72,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from gateway.app import GatewayServer, serve_until_signalled
-    from gateway.launcher import default_config_path, describe, start_children, stop_children, wait_healthy
+    from engines.runtime import serve_until_signalled
+    from gateway.app import GatewayServer
+    from gateway.launcher import (
+        default_config_path,
+        describe,
+        start_children,
+        stop_children,
+        wait_healthy,
+    )
 
     path = args.config or str(default_config_path())
     try:

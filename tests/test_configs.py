@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import GatewayConfig
+from gateway.config import DEFAULT_SCHEDULING, GatewayConfig
 from scheduler.registry import PluginRegistry
-from gateway.config import DEFAULT_SCHEDULING
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

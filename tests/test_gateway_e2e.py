@@ -10,8 +10,16 @@ from dataclasses import dataclass
 import aiohttp
 import openai
 import pytest
-
-from support.fleet import MODEL, engine_flags, free_port, get_json, instance_entry, metric, start_gateway, write_config
+from support.fleet import (
+    MODEL,
+    engine_flags,
+    free_port,
+    get_json,
+    instance_entry,
+    metric,
+    start_gateway,
+    write_config,
+)
 from support.procs import PdgateProcess, start_sim
 
 PROMPT = "Prefill-decode disaggregation splits the two phases of inference across machines. " * 5

@@ -10,8 +10,15 @@ import urllib.request
 
 import openai
 import pytest
-
-from support.fleet import MODEL, engine_flags, get_json, instance_entry, metric, start_gateway, write_config
+from support.fleet import (
+    MODEL,
+    engine_flags,
+    get_json,
+    instance_entry,
+    metric,
+    start_gateway,
+    write_config,
+)
 from support.procs import start_pdgate
 
 

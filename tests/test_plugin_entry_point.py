@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from support.fleet import MODEL, engine_flags, instance_entry, metric, start_gateway, write_config
+from support.fleet import (
+    MODEL,
+    engine_flags,
+    instance_entry,
+    metric,
+    start_gateway,
+    write_config,
+)
 
 EXAMPLE = Path(__file__).parent / "plugin_example"
 

@@ -9,25 +9,13 @@ import time
 import aiohttp
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from support.fleet import metric
 
 MODEL = "sim-model"
 
 
 def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def state(url: str) -> dict:

@@ -10,7 +10,6 @@ import urllib.request
 
 import msgpack
 import zmq
-
 from support.procs import free_port
 
 BLOCK = 16

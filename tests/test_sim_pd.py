@@ -8,9 +8,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-
+from support.fleet import metric
 from support.procs import free_port
-from test_sim_http import metric
 
 PROMPT = "In the beginning the universe was created. This has made a lot of people very angry. " * 6
 

@@ -37,7 +37,7 @@ def test_builtin_counts_are_word_like_and_generated_tokens_decode_alone():
 @pytest.fixture(scope="module")
 def hf_tokenizer_dir(tmp_path_factory):
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers, decoders
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -17,7 +17,12 @@ import aiohttp
 from aiohttp import web
 
 from engines.sim.engine import KvPullError
-from engines.sim.protocol import ApiError, ChatCompletionRequest, CompletionRequest, read_json
+from engines.sim.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    read_json,
+)
 from engines.sim.request import RemotePrefill, SimRequest
 
 if TYPE_CHECKING:

@@ -8,7 +8,13 @@ own :class:`~prometheus_client.CollectorRegistry`; nothing is process-global.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from engines.sim.core import EngineCore, RequestOutput, ScheduledStep
 from engines.sim.request import RequestStatus, SimRequest

@@ -12,15 +12,18 @@ See :mod:`engines.sim.handoff` for the PD protocols.
 
 from __future__ import annotations
 
-import asyncio
-import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from engines.sim.config import SimEngineConfig
-from engines.sim.handoff import handle_bootstrap_health, handle_bootstrap_room, handle_bootstrap_route, handle_kv_read
+from engines.sim.handoff import (
+    handle_bootstrap_health,
+    handle_bootstrap_room,
+    handle_bootstrap_route,
+    handle_kv_read,
+)
 from engines.sim.kv_events import KvEventPublisher
 from engines.sim.routes_generate import handle_chat, handle_completions
 from engines.sim.routes_info import (
@@ -137,18 +140,3 @@ class SimServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-
-
-async def serve_forever(server: SimServer, *, ready: Callable[[SimServer], None] | None = None) -> None:
-    """Run until SIGINT/SIGTERM, then shut down cleanly."""
-    await server.start()
-    if ready is not None:
-        ready(server)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()

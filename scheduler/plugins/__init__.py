@@ -1,8 +1,17 @@
 """In-tree scheduling plugins. Each class documents its formula in its docstring."""
 
 from scheduler.plugins.filters import HealthFilter, RoleFilter
-from scheduler.plugins.pickers import MaxScorePicker, PowerOfTwoPicker, RandomPicker, RoundRobinPicker
-from scheduler.plugins.scorers import KvUsageScorer, LeastLoadedScorer, PrefixAffinityScorer
+from scheduler.plugins.pickers import (
+    MaxScorePicker,
+    PowerOfTwoPicker,
+    RandomPicker,
+    RoundRobinPicker,
+)
+from scheduler.plugins.scorers import (
+    KvUsageScorer,
+    LeastLoadedScorer,
+    PrefixAffinityScorer,
+)
 
 IN_TREE_PLUGINS = (
     HealthFilter,
