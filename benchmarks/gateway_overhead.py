@@ -3,36 +3,51 @@
 engine and against a minimal aiohttp+uvloop reverse proxy.
 
     python benchmarks/gateway_overhead.py [--requests 2000] [--streams 500] [--concurrency 16]
-        [--rate 50] [--duration 10] [--time-scale 1000] [--repeat 2] [--paths direct,minimal,gateway]
-        [--skip-cpu] [--skip-latency] [--hold]
+        [--repeat 2] [--rate 50] [--duration 10] [--rounds 5] [--time-scale 1000]
+        [--paced-time-scale 5] [--paced-streams 300] [--paths direct,minimal,gateway]
+        [--skip-cpu] [--skip-latency] [--py-spy DIR] [--hold]
 
-One simulated engine (``pdgate engine sim --role both``, time scale ``--time-scale`` so that
-engine time is negligible) is the backend of three paths, measured in one run:
+One simulated engine (``pdgate engine sim --role both``) is the backend of three paths:
 
 * ``direct``: the client talks to the engine;
-* ``minimal``: a ~40-line aiohttp+uvloop reverse proxy (in this file, run as its own process:
-  it forwards the POST body and relays the response bytes, streamed chunks as they come, over one
-  shared ClientSession) -- the floor for a Python proxy;
+* ``minimal``: a ~40-line aiohttp+uvloop reverse proxy (:func:`serve_minimal_proxy`, run as its
+  own process: it forwards the POST body and relays the response bytes, streamed chunks as they
+  come, over one shared ClientSession): the floor for an aiohttp proxy;
 * ``gateway``: ``pdgate serve`` over that one ``both`` instance (kind ``sim``, no KV events,
-  default scrape and health periods).
+  default scrape and health periods: /metrics every 1 s, /health every 2 s).
 
-Measured, from this aiohttp client process:
+Measured from this aiohttp (uvloop) client process:
 
-1. CPU: utime + stime of the proxy process (``/proc/PID/stat``) over ``--requests`` non-streamed
-   completions (a prompt of a few tokens, ``max_tokens`` 1) and over ``--streams`` streamed ones
-   (``max_tokens`` 64, ``ignore_eos``: 64 SSE chunks + ``[DONE]``), ``--concurrency`` in flight,
-   after a warm-up. The gateway's idle CPU (its periodic /metrics scrape and /health check),
-   measured before the load, is subtracted. The engine's and the client's CPU per request are
-   printed too: on this host they compete with the proxy for the same cores. With ``--repeat``
-   > 1 each path is measured that many times, interleaved, and the median is reported.
-2. Latency at a fixed offered load: streamed requests (64 chunks) arriving as a Poisson process at
-   ``--rate`` per second for ``--duration`` seconds, per path: end-to-end latency and TTFT
-   percentiles; "added" is a path's percentile minus the direct path's.
-3. Stalls: the gaps between consecutive reads of one stream at the client (after the first
-   byte), max and p99.9, in the rate phase. A ~40 ms gap is the signature of Nagle + delayed ACK
-   (TCP_NODELAY missing somewhere on the path); sglang-router showed such stalls.
+1. CPU: utime + stime of the proxy process (``/proc/PID/stat``, ticks of 1/SC_CLK_TCK s) over
+   ``--requests`` non-streamed completions (a prompt of a few tokens, ``max_tokens`` 1) and over
+   ``--streams`` streamed ones (``max_tokens`` 64, ``ignore_eos``: 64 SSE chunks + ``[DONE]``),
+   ``--concurrency`` in flight, after a warm-up; divided by the number of requests. The gateway's
+   idle CPU (its periodic scrape and health check; measured first, from schedstat) is subtracted.
+   Each path is measured ``--repeat`` times, interleaved, and the median run is reported. The
+   engine's and the client's CPU per request are printed too: on this host they compete with
+   the proxy for the same cores, and so does anything else running (printed as "other procs").
+   Streams are measured twice:
 
-Every process started here is stopped at the end, also on Ctrl-C / SIGTERM.
+   * "burst", on an engine at ``--time-scale`` (default 1000: engine time negligible). The engine
+     emits its tokens faster than a proxy relays them, so a proxy reads several SSE events per
+     ``recv`` and writes them as one: fewer, larger chunks (the "client reads" column says how
+     many reached the client). The cheapest case.
+   * "paced", on a second engine started afterwards at ``--paced-time-scale`` (default 5: a
+     decode step every ~3 ms at batch 16), so every SSE event arrives on its own and costs one
+     read and one write: what a proxy pays with real engines, whose tokens are ms apart.
+
+2. Latency at a fixed offered load (burst engine): streamed requests (64 chunks) arriving as a
+   Poisson process at ``--rate`` per second for ``--duration`` seconds per path, in
+   ``--rounds`` interleaved rounds (so a burst of foreign load hits every path alike).
+   End-to-end latency and TTFT percentiles; "added" is a path's percentile minus the direct
+   path's percentile.
+3. Stalls: the gap between consecutive reads of one stream at the client (after the first byte),
+   max and p99.9, in the latency phase. A ~40 ms gap is the signature of Nagle's algorithm meeting
+   a delayed ACK (TCP_NODELAY missing on some hop); sglang-router showed such stalls.
+
+``--py-spy DIR`` adds uncounted runs of the gateway with ``py-spy record`` attached to its PID
+(collapsed stacks and speedscope files in DIR, top functions printed). Every process started
+here is stopped at the end, also on Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations
@@ -61,23 +76,34 @@ for extra in (REPO_ROOT, REPO_ROOT / "tests"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from support.fleet import MODEL, engine_flags, instance_entry, start_gateway, write_config  # noqa: E402
+from support.fleet import (  # noqa: E402
+    MODEL,
+    engine_flags,
+    instance_entry,
+    start_gateway,
+    write_config,
+)
 from support.procs import PdgateProcess, start_sim  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_RE = re.compile(r"ready: (http://\S+)")
 STALL_MS = 30.0  # a gap this long is a Nagle / delayed-ACK stall, not scheduling noise
+PROMPT = "Hello, my name is"  # a few tokens: below one KV block, so no prefix hashing work
 
 # Measured on this kind of 2-core machine (/work/shared/REAL_ENGINES.md, "Peer routers"):
 # CPU µs per non-streamed request, per 64-chunk stream.
 REFERENCE = [
-    ("sglang-router 0.3.2 (Rust)", "~71-84", "~600-690", "~40 ms stalls (p90/p99)"),
+    ("sglang-router 0.3.2 (Rust)", "~71-84", "~600-690", "~40 ms stalls in streams (p90/p99)"),
     ("vllm-router 0.1.17 (Rust)", "~71-84", "~600-690", ""),
     ("36-line aiohttp+uvloop proxy", "170", "529", ""),
 ]
 RUST_NONSTREAM_US = (71.0, 84.0)
+RUST_STREAM_US = (600.0, 690.0)
+REF_MINIMAL_US = (170.0, 529.0)
 TARGET_STREAM_US = 600.0  # beat the Rust routers on streams
-TARGET_NONSTREAM_US = 1.4 * RUST_NONSTREAM_US[0] + 10  # ~1.4x of them: < ~110 µs
+TARGET_NONSTREAM_US = 110.0  # within ~1.4x of them on non-streamed requests
+
+STARTED: list[PdgateProcess] = []  # every child process, stopped again in main() whatever happens
 
 
 # ------------------------------------------------------------------ the minimal reverse proxy
@@ -137,7 +163,7 @@ def start_minimal_proxy(upstream: str, timeout: float = 30.0) -> PdgateProcess:
             match = READY_RE.search(line)
             if match:
                 child.url = match.group(1)
-                threading.Thread(target=lambda: [child.output.append(x) for x in proc.stdout], daemon=True).start()
+                threading.Thread(target=lambda: child.output.extend(proc.stdout), daemon=True).start()
                 return child
     finally:
         selector.close()
@@ -145,12 +171,24 @@ def start_minimal_proxy(upstream: str, timeout: float = 30.0) -> PdgateProcess:
     raise RuntimeError(f"minimal proxy did not become ready:\n{child.log}")
 
 
-# ------------------------------------------------------------------------------ measurement
+# ---------------------------------------------------------------------------- CPU accounting
 def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
+    """utime + stime of a process (all threads), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc_pid_stat(5)
+
+
+def proc_sched_s(pid: int) -> float:
+    """On-CPU time of all threads of a process from schedstat (ns precision), in seconds."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e9
 
 
 def host_cpu_s() -> tuple[float, float]:
@@ -160,9 +198,31 @@ def host_cpu_s() -> tuple[float, float]:
     return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
 
 
+class CpuWindow:
+    """CPU of our processes and of everything else on the host over one measured window."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = sorted({*pids, os.getpid()})
+
+    def __enter__(self) -> CpuWindow:
+        self.before = {p: proc_cpu_s(p) for p in self.pids}
+        self.host0 = host_cpu_s()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        host1 = host_cpu_s()
+        self.used = {p: proc_cpu_s(p) - self.before[p] for p in self.pids}
+        # everything the host ran that is not one of our processes, in cores
+        self.foreign_cores = max(0.0, (host1[0] - self.host0[0]) - sum(self.used.values())) / self.wall
+        self.steal_cores = (host1[1] - self.host0[1]) / self.wall
+
+
+# ------------------------------------------------------------------------------------ data
 @dataclass
-class Path_:
-    name: str
+class ProxyPath:
+    name: str  # direct | minimal | gateway
     url: str
     proxy_pid: int | None  # None for direct
     idle_cpu_s_per_s: float = 0.0
@@ -172,94 +232,90 @@ class Path_:
 class CpuRun:
     requests: int
     wall_s: float
-    proxy_us: float | None  # per request, idle-corrected
+    proxy_us: float | None  # per request, idle-corrected; None for direct
     engine_us: float
     client_us: float
-    events_per_req: float = 0.0
-    reads_per_req: float = 0.0
-    foreign_cores: float = 0.0  # CPU used by processes not started here, in cores, during the run
-    steal_cores: float = 0.0
+    events_per_req: float
+    reads_per_req: float
+    foreign_cores: float
+    steal_cores: float
 
 
 @dataclass
 class StreamSample:
-    latency_s: float
-    ttft_s: float
+    latency_s: float = 0.0
+    ttft_s: float = 0.0
     gaps_s: list[float] = field(default_factory=list)
     ok: bool = True
 
 
-def bodies(stream: bool, n: int) -> list[bytes]:
+KINDS = {  # kind -> (label, streamed)
+    "nonstream": ("non-stream", False),
+    "stream": ("stream64 burst", True),
+    "paced": ("stream64 paced", True),
+}
+
+
+def body(stream: bool) -> bytes:
     if stream:
-        one = {"model": MODEL, "prompt": "Hello, my name is", "max_tokens": 64, "ignore_eos": True, "stream": True}
-    else:
-        one = {"model": MODEL, "prompt": "Hello, my name is", "max_tokens": 1}
-    data = json.dumps(one).encode()
-    return [data] * n
+        return json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True, "stream": True}).encode()
+    return json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 1}).encode()
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, stats: list[int]) -> None:
-    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"{url}: HTTP {resp.status}: {(await resp.text())[:300]}")
-        reads = events = 0
-        async for chunk in resp.content.iter_any():
-            reads += 1
-            events += chunk.count(b"data: ")
-        stats[0] += reads
-        stats[1] += events
-
-
-async def closed_loop(url: str, payloads: list[bytes], concurrency: int) -> tuple[float, list[int]]:
-    """Send every payload, ``concurrency`` at a time; wall seconds and [reads, SSE events]."""
-    stats = [0, 0]
-    pending = iter(payloads)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-        endpoint = url + "/v1/completions"
+# ------------------------------------------------------------------------------------ load
+async def closed_loop(url: str, stream: bool, n: int, concurrency: int) -> tuple[float, int, int]:
+    """Send ``n`` requests, ``concurrency`` at a time: (wall seconds, client reads, SSE events)."""
+    payload = body(stream)
+    headers = {"Content-Type": "application/json"}
+    endpoint = url + "/v1/completions"
+    left = n
+    reads = events = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False) as session:
 
         async def worker() -> None:
-            for body in pending:
-                await one_request(session, endpoint, body, stats)
+            nonlocal left, reads, events
+            while left > 0:
+                left -= 1
+                async with session.post(endpoint, data=payload, headers=headers) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"{endpoint}: HTTP {resp.status}: {(await resp.text())[:300]}")
+                    async for chunk in resp.content.iter_any():
+                        reads += 1
+                        events += chunk.count(b"data: ")
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - t0, stats
+        return time.perf_counter() - t0, reads, events
 
 
-async def measure_cpu(path: Path_, engine_pid: int, all_pids: list[int], stream: bool, n: int, concurrency: int,
-                      warmup: int) -> CpuRun:
-    await closed_loop(path.url, bodies(stream, warmup), concurrency)
-    pids = sorted({*all_pids, os.getpid()})
-    before = {p: proc_cpu_s(p) for p in pids}
-    host0, steal0 = host_cpu_s()
-    wall, (reads, events) = await closed_loop(path.url, bodies(stream, n), concurrency)
-    host1, steal1 = host_cpu_s()
-    used = {p: proc_cpu_s(p) - before[p] for p in pids}
+async def measure_cpu(path: ProxyPath, engine_pid: int, all_pids: list[int], kind: str, n: int,
+                      args: argparse.Namespace) -> CpuRun:
+    stream = KINDS[kind][1]
+    await closed_loop(path.url, stream, args.warmup, args.concurrency)
+    with CpuWindow(all_pids) as w:
+        _, reads, events = await closed_loop(path.url, stream, n, args.concurrency)
     proxy_us = None
     if path.proxy_pid is not None:
-        proxy_us = 1e6 * max(0.0, used[path.proxy_pid] - path.idle_cpu_s_per_s * wall) / n
-    foreign = max(0.0, (host1 - host0) - sum(used.values())) / wall
-    return CpuRun(n, wall, proxy_us, 1e6 * used[engine_pid] / n, 1e6 * used[os.getpid()] / n, events / n, reads / n,
-                  foreign, (steal1 - steal0) / wall)
+        proxy_us = 1e6 * max(0.0, w.used[path.proxy_pid] - path.idle_cpu_s_per_s * w.wall) / n
+    return CpuRun(n, w.wall, proxy_us, 1e6 * w.used[engine_pid] / n, 1e6 * w.used[os.getpid()] / n,
+                  events / n, reads / n, w.foreign_cores, w.steal_cores)
 
 
-async def rate_phase(url: str, rate: float, duration: float, seed: int) -> list[StreamSample]:
-    """Poisson arrivals of 64-chunk streams at ``rate``/s for ``duration`` s (open loop)."""
-    rng = random.Random(seed)
-    body = bodies(True, 1)[0]
+async def poisson_streams(url: str, rate: float, duration: float, rng: random.Random) -> list[StreamSample]:
+    """Open loop: 64-chunk streams arriving as a Poisson process at ``rate``/s for ``duration`` s."""
+    payload = body(True)
+    headers = {"Content-Type": "application/json"}
+    endpoint = url + "/v1/completions"
     samples: list[StreamSample] = []
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-        endpoint = url + "/v1/completions"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False) as session:
 
-        async def one() -> None:
+        async def one(keep: bool) -> None:
+            sample = StreamSample()
             t0 = time.perf_counter()
-            sample = StreamSample(0.0, 0.0)
             try:
-                async with session.post(endpoint, data=body, headers={"Content-Type": "application/json"}) as resp:
+                async with session.post(endpoint, data=payload, headers=headers) as resp:
                     last = None
-                    async for _chunk in resp.content.iter_any():
+                    async for _ in resp.content.iter_any():
                         now = time.perf_counter()
                         if last is None:
                             sample.ttft_s = now - t0
@@ -270,130 +326,37 @@ async def rate_phase(url: str, rate: float, duration: float, seed: int) -> list[
             except aiohttp.ClientError:
                 sample.ok = False
             sample.latency_s = time.perf_counter() - t0
-            samples.append(sample)
+            if keep:
+                samples.append(sample)
 
-        # a few requests to open connections before the clock starts
-        await asyncio.gather(*(one() for _ in range(8)))
-        samples.clear()
+        await asyncio.gather(*(one(False) for _ in range(8)))  # open connections first
         tasks = []
         start = time.perf_counter()
-        t = 0.0
-        while True:
-            t += rng.expovariate(rate)
-            if t >= duration:
-                break
+        t = rng.expovariate(rate)
+        while t < duration:
             delay = start + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
+            tasks.append(asyncio.create_task(one(True)))
+            t += rng.expovariate(rate)
         await asyncio.gather(*tasks)
     return samples
 
 
-# -------------------------------------------------------------------------------- reporting
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, r in enumerate([header, *rows]):
-        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def fmt(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None or value != value else f"{value:.{digits}f}"
-
-
-def median_run(runs: list[CpuRun]) -> CpuRun:
-    """The run with the median proxy CPU (engine CPU for direct)."""
-    key = (lambda r: r.proxy_us) if runs[0].proxy_us is not None else (lambda r: r.engine_us)
-    return sorted(runs, key=key)[len(runs) // 2]
-
-
-def report(args: argparse.Namespace, paths: list[Path_], cpu: dict[str, dict[str, list[CpuRun]]],
-           lat: dict[str, list[StreamSample]]) -> None:
-    print()
-    print("== gateway overhead: one sim engine (time scale "
-          f"{args.time_scale:g}), {os.cpu_count()} cores, client concurrency {args.concurrency} ==")
-    ns = {p: median_run(cpu[p]["nonstream"]) for p in cpu if cpu[p].get("nonstream")}
-    st = {p: median_run(cpu[p]["stream"]) for p in cpu if cpu[p].get("stream")}
-    direct = lat.get("direct")
-    header = ["path", "CPU µs/req", "CPU µs/stream64", "x minimal (req/stream)", "e2e p50/p99 ms",
-              "added p50/p99 ms", "TTFT p50/p99 ms", "gap max/p99.9 ms"]
-    rows = []
-    for p in paths:
-        n, s = ns.get(p.name), st.get(p.name)
-        mn, ms = ns.get("minimal"), st.get("minimal")
-        ratio = "-"
-        if p.proxy_pid is not None and n and s and mn and ms and mn.proxy_us and ms.proxy_us:
-            ratio = f"{n.proxy_us / mn.proxy_us:.2f} / {s.proxy_us / ms.proxy_us:.2f}"
-        e2e = added = ttft = gaps = "-"
-        samples = [x for x in lat.get(p.name, []) if x.ok]
-        if samples:
-            lats = [x.latency_s * 1e3 for x in samples]
-            ttfts = [x.ttft_s * 1e3 for x in samples]
-            all_gaps = [g * 1e3 for x in samples for g in x.gaps_s]
-            e2e = f"{pct(lats, 50):.2f} / {pct(lats, 99):.2f}"
-            ttft = f"{pct(ttfts, 50):.2f} / {pct(ttfts, 99):.2f}"
-            gaps = f"{max(all_gaps):.1f} / {pct(all_gaps, 99.9):.1f}" if all_gaps else "-"
-            if direct and p.name != "direct":
-                dl = [x.latency_s * 1e3 for x in direct if x.ok]
-                added = f"{pct(lats, 50) - pct(dl, 50):+.2f} / {pct(lats, 99) - pct(dl, 99):+.2f}"
-        rows.append([p.name, fmt(n.proxy_us if n else None), fmt(s.proxy_us if s else None), ratio, e2e, added, ttft, gaps])
-    print_table(header, rows)
-
-    if ns or st:
-        print("\nper path, CPU phase details (median run of "
-              f"{args.repeat}; engine and client share the {os.cpu_count()} cores with the proxy):")
-        header = ["path", "kind", "n", "req/s", "proxy µs", "engine µs", "client µs", "SSE events", "client reads",
-                  "proxy idle µs/s", "other procs (cores)", "all runs (proxy µs)"]
-        rows = []
-        for p in paths:
-            for kind, table in (("non-stream", ns), ("stream64", st)):
-                r = table.get(p.name)
-                if r is None:
-                    continue
-                runs = cpu[p.name]["nonstream" if kind == "non-stream" else "stream"]
-                every = ", ".join(fmt(x.proxy_us) for x in runs) if p.proxy_pid is not None else "-"
-                rows.append([p.name, kind, str(r.requests), fmt(r.requests / r.wall_s), fmt(r.proxy_us), fmt(r.engine_us),
-                             fmt(r.client_us), fmt(r.events_per_req, 1), fmt(r.reads_per_req, 1),
-                             fmt(1e6 * p.idle_cpu_s_per_s) if p.proxy_pid is not None else "-",
-                             ", ".join(f"{x.foreign_cores:.2f}" for x in runs), every])
-        print_table(header, rows)
-        worst = max((x.foreign_cores for t in cpu.values() for runs in t.values() for x in runs), default=0.0)
-        if worst > 0.1:
-            print(f"WARNING: processes not started here used up to {worst:.2f} cores during a CPU run: "
-                  "the host was not quiet, figures are inflated; rerun on a quiet host")
-
-    if lat:
-        print(f"\nrate phase: Poisson {args.rate:g} streams/s (64 chunks each) for {args.duration:g} s per path")
-        for p in paths:
-            samples = lat.get(p.name)
-            if not samples:
-                continue
-            ok = [x for x in samples if x.ok]
-            all_gaps = [g * 1e3 for x in ok for g in x.gaps_s]
-            stalls = sum(1 for g in all_gaps if g >= STALL_MS)
-            reads = np.mean([len(x.gaps_s) + 1 for x in ok]) if ok else float("nan")
-            print(f"  {p.name:8s} {len(ok)}/{len(samples)} ok, {fmt(reads, 1)} reads per stream, gaps p99 "
-                  f"{fmt(pct(all_gaps, 99), 2)} ms, gaps >= {STALL_MS:g} ms: {stalls}"
-                  f"{'  (no Nagle/delayed-ACK stalls: TCP_NODELAY effective)' if not stalls else '  <-- STALLS'}")
-
-    print("\nreference (REAL_ENGINES.md, same kind of 2-core machine): CPU µs per request / per 64-chunk stream")
-    print_table(["router", "µs/req", "µs/stream64", "note"], [list(r) for r in REFERENCE])
-    gw_n, gw_s = ns.get("gateway"), st.get("gateway")
-    if gw_n and gw_s:
-        print(f"\ntargets: stream < {TARGET_STREAM_US:.0f} µs (beat the Rust routers): {gw_s.proxy_us:.0f} µs -> "
-              f"{'MET' if gw_s.proxy_us < TARGET_STREAM_US else 'MISSED'}; non-stream < ~{TARGET_NONSTREAM_US:.0f} µs "
-              f"(1.4x Rust): {gw_n.proxy_us:.0f} µs -> {'MET' if gw_n.proxy_us < TARGET_NONSTREAM_US else 'MISSED'} "
-              f"({gw_n.proxy_us / np.mean(RUST_NONSTREAM_US):.2f}x the Rust midpoint)")
+async def measure_idle(paths: list[ProxyPath], seconds: float) -> None:
+    """Idle CPU of each proxy (the gateway scrapes /metrics and checks /health periodically)."""
+    # schedstat, not /proc/PID/stat: an idle gateway uses about one 10 ms tick in several seconds
+    proxies = [p for p in paths if p.proxy_pid is not None]
+    before = {p.name: proc_sched_s(p.proxy_pid) for p in proxies}
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    elapsed = time.perf_counter() - t0
+    for p in proxies:
+        p.idle_cpu_s_per_s = (proc_sched_s(p.proxy_pid) - before[p.name]) / elapsed
 
 
 # ------------------------------------------------------------------------------- profiling
-async def profile_gateway(args: argparse.Namespace, paths: list[Path_], engine_pid: int, all_pids: list[int]) -> None:
+async def profile_gateway(args: argparse.Namespace, paths: list[ProxyPath], kinds: list[tuple[str, int]]) -> None:
     """Extra (uncounted) CPU runs of the gateway with ``py-spy record`` attached to its PID."""
     gateway = next((p for p in paths if p.name == "gateway"), None)
     if gateway is None:
@@ -401,9 +364,9 @@ async def profile_gateway(args: argparse.Namespace, paths: list[Path_], engine_p
     out = Path(args.py_spy)
     out.mkdir(parents=True, exist_ok=True)
     py_spy = str(Path(sys.executable).with_name("py-spy"))
-    for kind, stream, n in (("nonstream", False, args.requests), ("stream", True, args.streams)):
-        # a warm-up, then enough requests for a few seconds of samples
-        await closed_loop(gateway.url, bodies(stream, args.warmup), args.concurrency)
+    for kind, n in kinds:
+        stream = KINDS[kind][1]
+        await closed_loop(gateway.url, stream, args.warmup, args.concurrency)
         for fmt_, suffix in (("raw", "txt"), ("speedscope", "json")):
             target = out / f"gateway-{kind}.{suffix}"
             spy = subprocess.Popen([py_spy, "record", "--pid", str(gateway.proxy_pid), "--rate", str(args.py_spy_rate),
@@ -411,11 +374,11 @@ async def profile_gateway(args: argparse.Namespace, paths: list[Path_], engine_p
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             try:
                 await asyncio.sleep(1.0)  # py-spy attaches
-                await closed_loop(gateway.url, bodies(stream, n * args.py_spy_scale), args.concurrency)
+                await closed_loop(gateway.url, stream, n * args.py_spy_scale, args.concurrency)
             finally:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
                 try:
-                    _, err = spy.communicate(timeout=30)
+                    _, err = spy.communicate(timeout=60)
                 except subprocess.TimeoutExpired:
                     spy.kill()
                     _, err = spy.communicate()
@@ -424,8 +387,11 @@ async def profile_gateway(args: argparse.Namespace, paths: list[Path_], engine_p
                 print_hotspots(target)
 
 
-def print_hotspots(collapsed: Path, top: int = 25) -> None:
-    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+GATEWAY_FILES = ("gateway/", "scheduler/", "adapters/", "engines/sim/tokenizer")
+
+
+def print_hotspots(collapsed: Path, top: int = 20) -> None:
+    """Self and inclusive sample shares per function, from py-spy's collapsed stacks."""
     own: dict[str, int] = {}
     incl: dict[str, int] = {}
     total = 0
@@ -435,81 +401,269 @@ def print_hotspots(collapsed: Path, top: int = 25) -> None:
             continue
         n = int(count)
         total += n
-        frames = [f.split(" (", 1)[0] + " (" + f.split(" (", 1)[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                  if " (" in f else f for f in stack.split(";")]
+        frames = []
+        for frame in stack.split(";"):  # "func (path/to/file.py:LINE)"
+            name, _, where = frame.partition(" (")
+            file = where.rsplit(":", 1)[0]
+            short = "/".join(file.split("/")[-2:])
+            frames.append(f"{name} ({short})")
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
     if not total:
         return
-    print(f"  {total} samples; top self:")
+    print(f"  {total} samples; top self time:")
     for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         print(f"    {100 * c / total:5.1f}%  {f}")
-    print("  top inclusive (gateway code):")
-    ours = [(f, c) for f, c in incl.items() if any(m in f for m in ("proxy.py", "app.py", "cluster.py", "requests.py",
-                                                                     "framework.py", "metrics.py", "base.py", "plugins"))]
+    print("  top inclusive time, gateway code:")
+    ours = [(f, c) for f, c in incl.items() if any(m in f for m in GATEWAY_FILES)]
     for f, c in sorted(ours, key=lambda kv: -kv[1])[:top]:
         print(f"    {100 * c / total:5.1f}%  {f}")
 
 
+# -------------------------------------------------------------------------------- reporting
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for i, r in enumerate([header, *rows]):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def median_run(runs: list[CpuRun]) -> CpuRun | None:
+    if not runs:
+        return None
+    key = (lambda r: r.proxy_us) if runs[0].proxy_us is not None else (lambda r: r.engine_us)
+    return sorted(runs, key=key)[len(runs) // 2]
+
+
+def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, list[CpuRun]]],
+           idle: dict[str, dict[str, float]], lat: dict[str, list[StreamSample]], lat_foreign: list[float]) -> None:
+    med = {p: {k: median_run(cpu.get(p, {}).get(k, [])) for k in KINDS} for p in names}
+
+    def proxy_us(p: str, k: str) -> float | None:
+        r = med[p][k]
+        return r.proxy_us if r else None
+
+    print()
+    print(f"== gateway overhead: 1 sim engine, {os.cpu_count()} cores, concurrency {args.concurrency} (CPU), "
+          f"Poisson {args.rate:g} streams/s (latency) ==")
+    header = ["path", "CPU µs/req", "µs/stream64 burst", "µs/stream64 paced", "x minimal (req/burst/paced)",
+              "e2e p50/p99 ms", "added p50/p99 ms", "TTFT p50/p99 ms", "gap max/p99.9 ms"]
+    rows = []
+    direct_ok = [x for x in lat.get("direct", []) if x.ok]
+    for p in names:
+        ratios = []
+        for k in KINDS:
+            a, b = proxy_us(p, k), proxy_us("minimal", k) if "minimal" in names else None
+            ratios.append(f"{a / b:.2f}" if a is not None and b else "-")
+        e2e = added = ttft = gaps = "-"
+        ok = [x for x in lat.get(p, []) if x.ok]
+        if ok:
+            lats = [x.latency_s * 1e3 for x in ok]
+            ttfts = [x.ttft_s * 1e3 for x in ok]
+            all_gaps = [g * 1e3 for x in ok for g in x.gaps_s]
+            e2e = f"{pct(lats, 50):.2f} / {pct(lats, 99):.2f}"
+            ttft = f"{pct(ttfts, 50):.2f} / {pct(ttfts, 99):.2f}"
+            gaps = f"{max(all_gaps):.1f} / {pct(all_gaps, 99.9):.1f}" if all_gaps else "-"
+            if direct_ok and p != "direct":
+                dl = [x.latency_s * 1e3 for x in direct_ok]
+                added = f"{pct(lats, 50) - pct(dl, 50):+.2f} / {pct(lats, 99) - pct(dl, 99):+.2f}"
+        rows.append([p, fmt(proxy_us(p, "nonstream")), fmt(proxy_us(p, "stream")), fmt(proxy_us(p, "paced")),
+                     " / ".join(ratios) if p != "direct" else "-", e2e, added, ttft, gaps])
+    print_table(header, rows)
+
+    if any(cpu.values()):
+        print(f"\nCPU runs (median of {args.repeat}; µs per request; the engine and this client share the "
+              f"{os.cpu_count()} cores with the proxy; 'other procs' = CPU of processes not started here):")
+        header = ["path", "kind", "n", "req/s", "proxy", "engine", "client", "SSE events", "client reads",
+                  "proxy idle µs/s", "other procs (cores)", "steal", "every run (proxy)"]
+        rows = []
+        for p in names:
+            for k, (label, _) in KINDS.items():
+                r, runs = med[p][k], cpu.get(p, {}).get(k, [])
+                if r is None:
+                    continue
+                backend = "paced" if k == "paced" else "burst"
+                rows.append([p, label, str(r.requests), fmt(r.requests / r.wall_s), fmt(r.proxy_us), fmt(r.engine_us),
+                             fmt(r.client_us), fmt(r.events_per_req, 1), fmt(r.reads_per_req, 1),
+                             fmt(1e6 * idle[backend][p]) if p in idle[backend] else "-",
+                             ", ".join(f"{x.foreign_cores:.2f}" for x in runs), f"{max(x.steal_cores for x in runs):.2f}",
+                             ", ".join(fmt(x.proxy_us) for x in runs) if r.proxy_us is not None else "-"])
+        print_table(header, rows)
+        for p in names:
+            n, s = proxy_us(p, "nonstream"), proxy_us(p, "paced")
+            if n is not None and s is not None:
+                print(f"  {p}: relaying one SSE chunk (paced stream - non-stream) / 64 = {(s - n) / 64:.1f} µs")
+        worst = max((x.foreign_cores for t in cpu.values() for runs in t.values() for x in runs), default=0.0)
+        if worst > 0.1:
+            print(f"  WARNING: other processes used up to {worst:.2f} cores during a CPU run: the host was not "
+                  "quiet; the figures are inflated (rerun on a quiet host)")
+
+    if lat:
+        print(f"\nlatency phase: Poisson {args.rate:g} streams/s of 64 chunks, {args.duration:g} s per path in "
+              f"{args.rounds} interleaved rounds; other processes used {np.mean(lat_foreign):.2f} cores on average")
+        for p in names:
+            ok = [x for x in lat.get(p, []) if x.ok]
+            if not lat.get(p):
+                continue
+            all_gaps = [g * 1e3 for x in ok for g in x.gaps_s]
+            stalls = sum(1 for g in all_gaps if g >= STALL_MS)
+            reads = np.mean([len(x.gaps_s) + 1 for x in ok]) if ok else float("nan")
+            verdict = "no ~40 ms Nagle/delayed-ACK stalls: TCP_NODELAY effective" if not stalls else "STALLS"
+            print(f"  {p:8s} {len(ok)}/{len(lat[p])} ok, {fmt(reads, 1)} reads/stream, gap p99 {fmt(pct(all_gaps, 99), 2)} ms, "
+                  f"gaps >= {STALL_MS:g} ms: {stalls} ({verdict})")
+
+    print("\nreference, /work/shared/REAL_ENGINES.md (same kind of 2-core machine), CPU µs:")
+    print_table(["router", "per request", "per 64-chunk stream", "note"], [list(r) for r in REFERENCE])
+    mn, mb = proxy_us("minimal", "nonstream") if "minimal" in names else None, proxy_us("minimal", "stream") if "minimal" in names else None
+    if mn and mb:
+        fn, fb = mn / REF_MINIMAL_US[0], mb / REF_MINIMAL_US[1]
+        print(f"  scaled to this run by (minimal proxy here / 36-line proxy there): Rust ~{RUST_NONSTREAM_US[0] * fn:.0f}-"
+              f"{RUST_NONSTREAM_US[1] * fn:.0f} µs/req (x{fn:.2f}), ~{RUST_STREAM_US[0] * fb:.0f}-{RUST_STREAM_US[1] * fb:.0f} "
+              f"µs/burst stream (x{fb:.2f})")
+    gn, gb, gp = proxy_us("gateway", "nonstream"), proxy_us("gateway", "stream"), proxy_us("gateway", "paced")
+    if gn is not None:
+        print(f"\ntargets (absolute, vs REAL_ENGINES.md figures): non-stream < {TARGET_NONSTREAM_US:.0f} µs (~1.4x Rust): "
+              f"{gn:.0f} µs -> {'MET' if gn < TARGET_NONSTREAM_US else 'MISSED'} ({gn / np.mean(RUST_NONSTREAM_US):.1f}x "
+              "the Rust routers)")
+        for label, v in (("burst", gb), ("paced", gp)):
+            if v is not None:
+                print(f"  64-chunk stream ({label}) < {TARGET_STREAM_US:.0f} µs (beat Rust): {v:.0f} µs -> "
+                      f"{'MET' if v < TARGET_STREAM_US else 'MISSED'}")
+
+
 # ------------------------------------------------------------------------------------ main
-async def run(args: argparse.Namespace, paths: list[Path_], engine_pid: int) -> None:
-    all_pids = [engine_pid, *(p.proxy_pid for p in paths if p.proxy_pid is not None)]
-    cpu: dict[str, dict[str, list[CpuRun]]] = {p.name: {"nonstream": [], "stream": []} for p in paths}
-    lat: dict[str, list[StreamSample]] = {}
-    # idle CPU of each proxy process (the gateway scrapes /metrics and checks /health periodically)
-    if not args.skip_cpu and args.idle_s > 0:
-        before = {p.name: proc_cpu_s(p.proxy_pid) for p in paths if p.proxy_pid is not None}
-        t0 = time.perf_counter()
-        await asyncio.sleep(args.idle_s)
-        elapsed = time.perf_counter() - t0
-        for p in paths:
-            if p.proxy_pid is not None:
-                p.idle_cpu_s_per_s = (proc_cpu_s(p.proxy_pid) - before[p.name]) / elapsed
-    if not args.skip_cpu:
+class Fleet:
+    """One sim engine and the proxies in front of it; stops what it started."""
+
+    def __init__(self, time_scale: float, wanted: list[str], tmp: Path) -> None:
+        self.children: list[PdgateProcess] = []
+        self.paths: list[ProxyPath] = []
+        self.time_scale = time_scale
+        try:
+            self.engine = self._keep(start_sim(*engine_flags("both"), time_scale=time_scale))
+            paths = [ProxyPath("direct", self.engine.url, None)]
+            if "minimal" in wanted:
+                minimal = self._keep(start_minimal_proxy(self.engine.url))
+                paths.append(ProxyPath("minimal", minimal.url, minimal.proc.pid))
+            if "gateway" in wanted:
+                # production defaults for the background work (scrape every 1 s, /health every 2 s)
+                config = write_config(tmp / f"gateway-{time_scale:g}.yaml", [instance_entry(self.engine, "both", "sim")],
+                                      scrape_interval_s=1.0,
+                                      health={"interval_s": 2.0, "timeout_s": 2.0, "failure_threshold": 3, "cooldown_s": 5.0})
+                gateway = self._keep(start_gateway(config))
+                paths.append(ProxyPath("gateway", gateway.url, gateway.proc.pid))
+            self.paths = [p for p in paths if p.name in wanted]
+        except BaseException:
+            self.stop()
+            raise
+        print(f"engine (time scale {time_scale:g}) pid {self.engine.proc.pid} {self.engine.url}; "
+              + "; ".join(f"{p.name} pid {p.proxy_pid} {p.url}" for p in self.paths if p.proxy_pid), flush=True)
+
+    def _keep(self, child: PdgateProcess) -> PdgateProcess:
+        self.children.append(child)
+        STARTED.append(child)
+        return child
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.children]
+
+    def stop(self) -> None:
+        while self.children:
+            self.children.pop().stop()
+
+
+async def run_fleet(args: argparse.Namespace, fleet: Fleet, kinds: list[tuple[str, int]], latency: bool,
+                    cpu: dict[str, dict[str, list[CpuRun]]], idle: dict[str, float],
+                    lat: dict[str, list[StreamSample]], lat_foreign: list[float]) -> None:
+    paths, engine_pid = fleet.paths, fleet.engine.proc.pid
+    kinds = [(k, n) for k, n in kinds if n > 0]
+    if kinds and not args.skip_cpu:
+        await measure_idle(paths, args.idle_s)
+        idle.update({p.name: p.idle_cpu_s_per_s for p in paths if p.proxy_pid is not None})
         for rep in range(args.repeat):
             for p in paths:
-                for kind, stream, n in (("nonstream", False, args.requests), ("stream", True, args.streams)):
-                    if n <= 0:
-                        continue
-                    r = await measure_cpu(p, engine_pid, all_pids, stream, n, args.concurrency, args.warmup)
-                    cpu[p.name][kind].append(r)
-                    print(f"[cpu {rep + 1}/{args.repeat}] {p.name:8s} {kind:9s} n={n} {n / r.wall_s:6.0f} req/s  "
-                          f"proxy {fmt(r.proxy_us):>5s} µs  engine {r.engine_us:6.0f} µs  client {r.client_us:6.0f} µs  "
-                          f"other processes {r.foreign_cores:.2f} cores, steal {r.steal_cores:.2f}", flush=True)
-    if args.py_spy:
-        await profile_gateway(args, paths, engine_pid, all_pids)
-    if not args.skip_latency:
-        for p in paths:
-            lat[p.name] = await rate_phase(p.url, args.rate, args.duration, args.seed)
-            ok = [x for x in lat[p.name] if x.ok]
-            print(f"[latency] {p.name:8s} {len(ok)} streams, e2e p50 {pct([x.latency_s * 1e3 for x in ok], 50):.2f} ms",
-                  flush=True)
-    report(args, paths, cpu, lat)
+                for kind, n in kinds:
+                    r = await measure_cpu(p, engine_pid, fleet.pids, kind, n, args)
+                    cpu.setdefault(p.name, {}).setdefault(kind, []).append(r)
+                    print(f"[cpu {rep + 1}/{args.repeat}] {p.name:8s} {KINDS[kind][0]:15s} n={n:<5d} {n / r.wall_s:5.0f} req/s  "
+                          f"proxy {fmt(r.proxy_us):>5s} µs  engine {r.engine_us:5.0f} µs  client {r.client_us:5.0f} µs  "
+                          f"reads {r.reads_per_req:4.1f}  other procs {r.foreign_cores:.2f} cores", flush=True)
+    if args.py_spy and kinds:
+        await profile_gateway(args, paths, kinds)
+    if latency and not args.skip_latency:
+        rng = random.Random(args.seed)
+        per_round = args.duration / args.rounds
+        for rnd in range(args.rounds):
+            for p in paths:
+                with CpuWindow(fleet.pids) as w:
+                    lat.setdefault(p.name, []).extend(await poisson_streams(p.url, args.rate, per_round, rng))
+                lat_foreign.append(w.foreign_cores)
+            print(f"[latency] round {rnd + 1}/{args.rounds} done", flush=True)
+
+
+async def run(args: argparse.Namespace, wanted: list[str], tmp: Path) -> None:
+    cpu: dict[str, dict[str, list[CpuRun]]] = {}
+    idle: dict[str, dict[str, float]] = {"burst": {}, "paced": {}}
+    lat: dict[str, list[StreamSample]] = {}
+    lat_foreign: list[float] = []
+    fleet = Fleet(args.time_scale, wanted, tmp)
+    try:
+        await run_fleet(args, fleet, [("nonstream", args.requests), ("stream", args.streams)], True,
+                        cpu, idle["burst"], lat, lat_foreign)
+    finally:
+        fleet.stop()
+    if args.paced_time_scale > 0 and args.paced_streams > 0 and not args.skip_cpu:
+        fleet = Fleet(args.paced_time_scale, wanted, tmp)
+        try:
+            await run_fleet(args, fleet, [("paced", args.paced_streams)], False, cpu, idle["paced"], lat, lat_foreign)
+        finally:
+            fleet.stop()
+    report(args, wanted, cpu, idle, lat, lat_foreign)
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=2000, help="non-streamed requests per CPU run")
-    ap.add_argument("--streams", type=int, default=500, help="64-chunk streamed requests per CPU run")
+    ap.add_argument("--streams", type=int, default=500, help="64-chunk streams per CPU run (burst engine)")
+    ap.add_argument("--paced-streams", type=int, default=300, help="64-chunk streams per CPU run (paced engine)")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight in the CPU runs")
     ap.add_argument("--warmup", type=int, default=100, help="requests sent before each CPU run")
-    ap.add_argument("--repeat", type=int, default=2, help="CPU runs per path (interleaved); the median is reported")
-    ap.add_argument("--idle-s", type=float, default=3.0, help="seconds of idle CPU measured (and subtracted) first")
+    ap.add_argument("--repeat", type=int, default=3, help="CPU runs per path and kind (interleaved); the median is reported")
+    ap.add_argument("--idle-s", type=float, default=2.0, help="seconds of idle proxy CPU measured (and subtracted) first")
     ap.add_argument("--rate", type=float, default=50.0, help="offered streams per second in the latency phase")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of the latency phase per path")
-    ap.add_argument("--time-scale", type=float, default=1000.0, help="sim engine time scale")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the latency phase is split into")
+    ap.add_argument("--time-scale", type=float, default=1000.0, help="time scale of the burst engine")
+    ap.add_argument("--paced-time-scale", type=float, default=5.0,
+                    help="time scale of the paced engine (0: skip the paced streams)")
     ap.add_argument("--paths", default="direct,minimal,gateway", help="comma-separated subset of direct,minimal,gateway")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--py-spy", metavar="DIR", help="also profile the gateway (extra runs, not counted) with py-spy "
+    ap.add_argument("--py-spy", metavar="DIR", help="also profile the gateway (extra, uncounted runs) with py-spy "
                     "attached to its PID; collapsed stacks and speedscope files go to DIR")
     ap.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
-    ap.add_argument("--py-spy-scale", type=int, default=3, help="profiled runs send this many times --requests/--streams")
+    ap.add_argument("--py-spy-scale", type=int, default=3, help="profiled runs send this many times the requests")
     ap.add_argument("--hold", action="store_true",
-                    help="start everything, print the PIDs and URLs, and wait for Ctrl-C (to profile by hand)")
-    return ap.parse_args()
+                    help="start the burst engine and the proxies, print PIDs and URLs, wait for Ctrl-C")
+    args = ap.parse_args()
+    args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if unknown := set(args.paths) - {"direct", "minimal", "gateway"}:
+        ap.error(f"--paths: unknown {sorted(unknown)}")
+    if args.repeat < 1 or args.rounds < 1:
+        ap.error("--repeat and --rounds must be >= 1")
+    return args
 
 
 def main() -> None:
@@ -517,42 +671,28 @@ def main() -> None:
         serve_minimal_proxy(sys.argv[2])
         return
     args = parse_args()
-    wanted = [x.strip() for x in args.paths.split(",") if x.strip()]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM also stops the children
-    children: list[PdgateProcess] = []
-    tmp = tempfile.TemporaryDirectory(prefix="pdgate-bench-")
-    try:
-        engine = start_sim(*engine_flags("both"), time_scale=args.time_scale)
-        children.append(engine)
-        paths = [Path_("direct", engine.url, None)]
-        if "minimal" in wanted:
-            minimal = start_minimal_proxy(engine.url)
-            children.append(minimal)
-            paths.append(Path_("minimal", minimal.url, minimal.proc.pid))
-        if "gateway" in wanted:
-            # production defaults for the background work (scrape every 1 s, /health every 2 s)
-            config = write_config(Path(tmp.name) / "gateway.yaml", [instance_entry(engine, "both", "sim")],
-                                  scrape_interval_s=1.0,
-                                  health={"interval_s": 2.0, "timeout_s": 2.0, "failure_threshold": 3, "cooldown_s": 5.0})
-            gateway = start_gateway(config)
-            children.append(gateway)
-            paths.append(Path_("gateway", gateway.url, gateway.proc.pid))
-        paths = [p for p in paths if p.name in wanted]
-        print(f"engine pid {engine.proc.pid} {engine.url}; "
-              + "; ".join(f"{p.name} pid {p.proxy_pid} {p.url}" for p in paths if p.proxy_pid), flush=True)
-        if args.hold:
-            print("holding; Ctrl-C to stop", flush=True)
-            while True:
-                time.sleep(3600)
-        import uvloop
+    with tempfile.TemporaryDirectory(prefix="pdgate-bench-") as tmp:
+        try:
+            if args.hold:
+                fleet = Fleet(args.time_scale, args.paths, Path(tmp))
+                try:
+                    print("holding; Ctrl-C to stop", flush=True)
+                    while True:
+                        time.sleep(3600)
+                finally:
+                    fleet.stop()
+            import uvloop
 
-        uvloop.run(run(args, paths, engine.proc.pid))
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping children", file=sys.stderr)
-    finally:
-        for child in reversed(children):
-            child.stop()
-        tmp.cleanup()
+            t0 = time.perf_counter()
+            uvloop.run(run(args, args.paths, Path(tmp)))
+            print(f"\n(total {time.perf_counter() - t0:.0f} s)")
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(130)
+        finally:
+            for child in reversed(STARTED):
+                child.stop()
 
 
 if __name__ == "__main__":

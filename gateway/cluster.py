@@ -209,12 +209,15 @@ class Cluster:
         states = self.for_model(model)
         hits: dict[str, int] = {}
         if hashes is not None:
+            groups: dict[tuple[bool, int], list[str]] = {}  # one lookup per (index, block size)
             for state in states:
-                chain = hashes.by_block_size.get(state.spec.block_size, [])
-                index = self.exact_index if self._has_events(state) else self.approx_index
-                blocks = index.match(state.spec.id, chain)
-                if blocks:
-                    hits[state.spec.id] = blocks * state.spec.block_size
+                groups.setdefault((self._has_events(state), state.spec.block_size), []).append(state.spec.id)
+            for (exact, block_size), ids in groups.items():
+                index = self.exact_index if exact else self.approx_index
+                chain = hashes.by_block_size.get(block_size, [])
+                for instance_id, blocks in index.match_all(chain, ids).items():
+                    if blocks:
+                        hits[instance_id] = blocks * block_size
         return ClusterSnapshot(tuple(s.view(now, stale) for s in states), now, hits)
 
     def ready(self, model: str) -> bool:
