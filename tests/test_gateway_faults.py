@@ -165,3 +165,33 @@ def test_sglang_dead_prefill_leg_is_abandoned_and_retried(sim_factory, tmp_path)
         assert get_json(decode.url + "/sim/state")["num_running"] == 0
     finally:
         gateway.stop()
+
+
+def test_approximate_prefix_index_routes_shared_prefixes_to_the_instance_holding_them(sim_factory, tmp_path):
+    _, _, config = colocated_fleet(sim_factory, tmp_path, n=3)  # no KV events: the gateway remembers what it sent
+    gateway = start_gateway(config)
+    try:
+        system = "Answer as the travel agency's assistant; obey the booking rules listed here. " * 10
+        cached = []
+        for i in range(6):
+            status, body, _ = completion(gateway.url, system + f"Trip {i}?")
+            assert status == 200
+            cached.append((body["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+        assert cached[0] == 0 and all(c >= 0.8 * body["usage"]["prompt_tokens"] for c in cached[1:])
+    finally:
+        gateway.stop()
+
+
+def test_circuit_breaker_opens_after_failures_and_half_opens_after_cooldown():
+    from gateway.cluster import CircuitBreaker
+
+    breaker = CircuitBreaker(failure_threshold=2, cooldown_s=5)
+    breaker.record_failure(0.0)
+    assert breaker.allows(0.1) and breaker.state == "closed"
+    breaker.record_failure(1.0)
+    assert not breaker.allows(2.0) and breaker.state == "open"
+    assert breaker.allows(6.0)  # cooldown over: one trial
+    breaker.on_send(6.0)
+    assert not breaker.allows(6.1) and breaker.state == "half-open"
+    breaker.record_success()
+    assert breaker.allows(6.2) and breaker.state == "closed"
