@@ -61,7 +61,8 @@ class KvPullError(Exception):
 
 
 KvPuller = Callable[[SimRequest], Awaitable[None]]
-LATE_STEP_THRESHOLD = 0.001  # wall seconds: a step ending later than this is "late"
+LATE_STEP_THRESHOLD = 0.001  # wall seconds: tokens delivered later than this after their step's end are "late"
+MAX_CATCHUP_WALL_S = 0.02  # wake-ups up to this late are absorbed; beyond it simulated time is lost
 
 
 @dataclass(eq=False)
@@ -106,9 +107,10 @@ class AsyncSimEngine:
         core.kv.event_sink = self._pending_events.extend
         self.steps = 0
         self.busy_seconds = 0.0
-        self.lag_total = 0.0  # simulated seconds by which steps ended later than modelled
+        self.lag_total = 0.0  # simulated seconds lost because the host could not keep up
         self.lag_max = 0.0
-        self.late_steps = 0  # steps that ended more than LATE_STEP_THRESHOLD late
+        self.late_steps = 0  # steps whose tokens went out more than LATE_STEP_THRESHOLD late
+        self.jitter_max = 0.0  # the latest delivery of a step's tokens, simulated seconds
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -159,37 +161,50 @@ class AsyncSimEngine:
     # -------------------------------------------------------------- step loop
     async def _run(self) -> None:
         core, clock = self.core, self.clock
+        cursor: float | None = None  # planned end of the previous step while the engine stays busy
         while True:
             if not core.has_unfinished():
+                cursor = None
                 await self._idle_wait()
                 continue
             now = clock.now()
+            if cursor is not None:
+                behind = now - cursor
+                if behind <= MAX_CATCHUP_WALL_S * self.clock_scale:
+                    now = cursor  # a timer fired a little late: keep the modelled timeline exact
+                else:
+                    self._account_lag(behind)  # the host could not keep up: simulated time was lost
             step = core.schedule(now)
             for req in step.kv_pulls:
                 self._start_pull(req)
             if step.empty:
+                cursor = None
                 await self._idle_wait()
                 continue
             duration = core.step_time(step)
-            await clock.sleep_until(now + duration)
-            await asyncio.sleep(0)  # let handlers run even when steps take no wall time
             planned = now + duration
-            done = max(clock.now(), planned)
-            outputs = core.update(step, done)
-            self._account(duration, done - planned)
+            await clock.sleep_until(planned)
+            await asyncio.sleep(0)  # let handlers run even when steps take no wall time
+            self._account_step(duration, clock.now() - planned)
+            outputs = core.update(step, planned)
+            cursor = planned
             if self._observer is not None:
-                self._observer.on_step(step, outputs, done)
-            self._deliver(outputs, done)
-            self.flush_events(done)
+                self._observer.on_step(step, outputs, planned)
+            self._deliver(outputs, planned)
+            self.flush_events(planned)
 
-    def _account(self, duration: float, lag: float) -> None:
-        """Step statistics; ``lag`` shows when the host CPU cannot keep simulated time."""
+    def _account_step(self, duration: float, late: float) -> None:
+        """Step statistics; ``late`` is how much after its modelled end a step's tokens went out."""
         self.steps += 1
         self.busy_seconds += duration
-        self.lag_total += lag
-        self.lag_max = max(self.lag_max, lag)
-        if lag > LATE_STEP_THRESHOLD * self.clock_scale:
+        self.jitter_max = max(self.jitter_max, late)
+        if late > LATE_STEP_THRESHOLD * self.clock_scale:
             self.late_steps += 1
+
+    def _account_lag(self, behind: float) -> None:
+        """Simulated time lost because the host CPU fell behind (a distorted run)."""
+        self.lag_total += behind
+        self.lag_max = max(self.lag_max, behind)
 
     @property
     def clock_scale(self) -> float:

@@ -107,6 +107,7 @@ async def handle_state(state: SimState, request: web.Request) -> web.Response:
         "lag_total_seconds": state.engine.lag_total,
         "lag_max_seconds": state.engine.lag_max,
         "late_steps": state.engine.late_steps,
+        "delivery_jitter_max_seconds": state.engine.jitter_max,
     })
 
 
