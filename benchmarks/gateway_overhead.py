@@ -3,18 +3,20 @@
 engine and against a minimal aiohttp+uvloop reverse proxy.
 
     python benchmarks/gateway_overhead.py [--requests 2000] [--streams 500] [--concurrency 16]
-        [--repeat 2] [--rate 50] [--duration 10] [--rounds 5] [--time-scale 1000]
+        [--repeat 3] [--rate 50] [--duration 10] [--rounds 5] [--time-scale 1000]
         [--paced-time-scale 5] [--paced-streams 300] [--paths direct,minimal,gateway]
-        [--skip-cpu] [--skip-latency] [--py-spy DIR] [--hold]
+        [--skip-cpu] [--skip-latency] [--wait-quiet S] [--py-spy DIR] [--hold]
 
-One simulated engine (``pdgate engine sim --role both``) is the backend of three paths:
+One simulated engine (``pdgate engine sim --role both``) is the backend of each path:
 
 * ``direct``: the client talks to the engine;
 * ``minimal``: a ~40-line aiohttp+uvloop reverse proxy (:func:`serve_minimal_proxy`, run as its
   own process: it forwards the POST body and relays the response bytes, streamed chunks as they
   come, over one shared ClientSession): the floor for an aiohttp proxy;
 * ``gateway``: ``pdgate serve`` over that one ``both`` instance (kind ``sim``, no KV events,
-  default scrape and health periods: /metrics every 1 s, /health every 2 s).
+  default scrape and health periods: /metrics every 1 s, /health every 2 s);
+* ``raw`` (only with ``--paths ...,raw``): :func:`serve_raw_relay`, a byte-level relay on raw
+  uvloop Protocols, not a usable proxy: the floor of what a Python proxy can cost.
 
 Measured from this aiohttp (uvloop) client process:
 
@@ -33,7 +35,7 @@ Measured from this aiohttp (uvloop) client process:
      ``recv`` and writes them as one: fewer, larger chunks (the "client reads" column says how
      many reached the client). The cheapest case.
    * "paced", on a second engine started afterwards at ``--paced-time-scale`` (default 5: a
-     decode step every ~3 ms at batch 16), so every SSE event arrives on its own and costs one
+     decode step every ~2 ms at batch 16), so (nearly) every SSE event arrives on its own and costs one
      read and one write: what a proxy pays with real engines, whose tokens are ms apart.
 
 2. Latency at a fixed offered load (burst engine): streamed requests (64 chunks) arriving as a
@@ -55,6 +57,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -67,6 +70,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 import numpy as np
@@ -76,14 +80,14 @@ for extra in (REPO_ROOT, REPO_ROOT / "tests"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from support.fleet import (  # noqa: E402
+from support.fleet import (
     MODEL,
     engine_flags,
     instance_entry,
     start_gateway,
     write_config,
 )
-from support.procs import PdgateProcess, start_sim  # noqa: E402
+from support.procs import PdgateProcess, start_sim
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_RE = re.compile(r"ready: (http://\S+)")
@@ -146,9 +150,103 @@ def serve_minimal_proxy(upstream: str) -> None:
     uvloop.run(main())
 
 
-def start_minimal_proxy(upstream: str, timeout: float = 30.0) -> PdgateProcess:
-    """This file, run as ``--serve-minimal-proxy URL``, until its ``ready: URL`` line."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-minimal-proxy", upstream]
+def serve_raw_relay(upstream: str) -> None:
+    """Not a usable proxy: the floor of a Python one. A byte-level HTTP/1.1 relay on raw uvloop
+    Protocols (no aiohttp, no task per request): the request bytes go upstream unchanged, the
+    response bytes (the engine's own chunked framing) come back as they arrive, upstream
+    connections are kept alive. It tracks framing only to know when a response ends (Content-Length,
+    or the ``0\\r\\n\\r\\n`` chunked terminator, a heuristic that holds for SSE), and has no
+    backpressure, timeouts or error handling."""
+    from urllib.parse import urlsplit
+
+    import uvloop
+
+    up = urlsplit(upstream)
+    pool: list[Upstream] = []
+
+    def content_length(head: bytes) -> int:
+        i = head.find(b"content-length:")
+        if i < 0:
+            return 0
+        j = head.find(b"\r\n", i)
+        return int(head[i + 15:j if j > 0 else None])
+
+    class Upstream(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = transport
+            self.client: Client | None = None
+
+        def start(self, client: Client, raw: bytes) -> None:
+            self.client, self.head, self.left, self.chunked, self.tail = client, b"", None, False, b""
+            self.t.write(raw)
+
+        def data_received(self, data: bytes) -> None:
+            self.client.t.write(data)
+            if self.left is None and not self.chunked:  # still in the response head
+                self.head += data
+                end = self.head.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head, data = self.head[:end].lower(), self.head[end + 4:]
+                self.chunked = b"transfer-encoding: chunked" in head
+                self.left = None if self.chunked else content_length(head)
+            if self.chunked:
+                self.tail = (self.tail + data)[-5:]
+                done = self.tail == b"0\r\n\r\n"
+            else:
+                self.left -= len(data)
+                done = self.left <= 0
+            if done:
+                self.client = None
+                pool.append(self)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self in pool:
+                pool.remove(self)
+            if self.client is not None:
+                self.client.t.close()
+
+    class Client(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = transport
+            self.buf = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            size = end + 4 + content_length(self.buf[:end].lower())
+            if len(self.buf) < size:
+                return
+            raw, self.buf = self.buf[:size], self.buf[size:]
+            if pool:
+                pool.pop().start(self, raw)
+            else:
+                asyncio.ensure_future(self.connect(raw))
+
+        async def connect(self, raw: bytes) -> None:
+            _, conn = await asyncio.get_running_loop().create_connection(Upstream, up.hostname, up.port)
+            conn.start(self, raw)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", 0)
+        print(f"raw relay ready: http://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.close()
+
+    uvloop.run(main())
+
+
+HELPERS = {"minimal": ("--serve-minimal-proxy", serve_minimal_proxy), "raw": ("--serve-raw-relay", serve_raw_relay)}
+
+
+def start_helper(name: str, upstream: str, timeout: float = 30.0) -> PdgateProcess:
+    """This file, run as ``--serve-minimal-proxy URL`` (or ``--serve-raw-relay``), until its ``ready: URL`` line."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), HELPERS[name][0], upstream]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     child = PdgateProcess(cmd, proc)
     selector = selectors.DefaultSelector()
@@ -168,7 +266,7 @@ def start_minimal_proxy(upstream: str, timeout: float = 30.0) -> PdgateProcess:
     finally:
         selector.close()
     child.stop()
-    raise RuntimeError(f"minimal proxy did not become ready:\n{child.log}")
+    raise RuntimeError(f"{name} proxy did not become ready:\n{child.log}")
 
 
 # ---------------------------------------------------------------------------- CPU accounting
@@ -204,7 +302,7 @@ class CpuWindow:
     def __init__(self, pids: list[int]) -> None:
         self.pids = sorted({*pids, os.getpid()})
 
-    def __enter__(self) -> CpuWindow:
+    def __enter__(self) -> Self:
         self.before = {p: proc_cpu_s(p) for p in self.pids}
         self.host0 = host_cpu_s()
         self.t0 = time.perf_counter()
@@ -369,20 +467,21 @@ async def profile_gateway(args: argparse.Namespace, paths: list[ProxyPath], kind
         await closed_loop(gateway.url, stream, args.warmup, args.concurrency)
         for fmt_, suffix in (("raw", "txt"), ("speedscope", "json")):
             target = out / f"gateway-{kind}.{suffix}"
-            spy = subprocess.Popen([py_spy, "record", "--pid", str(gateway.proxy_pid), "--rate", str(args.py_spy_rate),
-                                    "--format", fmt_, "--output", str(target), "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            spy = await asyncio.create_subprocess_exec(
+                py_spy, "record", "--pid", str(gateway.proxy_pid), "--rate", str(args.py_spy_rate), "--format", fmt_,
+                "--output", str(target), "--nonblocking", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
                 await asyncio.sleep(1.0)  # py-spy attaches
                 await closed_loop(gateway.url, stream, n * args.py_spy_scale, args.concurrency)
             finally:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
                 try:
-                    _, err = spy.communicate(timeout=60)
-                except subprocess.TimeoutExpired:
+                    _, err = await asyncio.wait_for(spy.communicate(), 60)
+                except TimeoutError:
                     spy.kill()
-                    _, err = spy.communicate()
-            print(f"[py-spy] gateway {kind}: {target} ({'ok' if target.exists() else 'FAILED: ' + err[-300:]})", flush=True)
+                    _, err = await spy.communicate()
+            status = "ok" if target.exists() else "FAILED: " + err.decode(errors="replace")[-300:]
+            print(f"[py-spy] gateway {kind}: {target} ({status})", flush=True)
             if fmt_ == "raw" and target.exists():
                 print_hotspots(target)
 
@@ -427,7 +526,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None or value != value else f"{value:.{digits}f}"
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -552,9 +651,10 @@ class Fleet:
         try:
             self.engine = self._keep(start_sim(*engine_flags("both"), time_scale=time_scale))
             paths = [ProxyPath("direct", self.engine.url, None)]
-            if "minimal" in wanted:
-                minimal = self._keep(start_minimal_proxy(self.engine.url))
-                paths.append(ProxyPath("minimal", minimal.url, minimal.proc.pid))
+            for name in ("minimal", "raw"):
+                if name in wanted:
+                    helper = self._keep(start_helper(name, self.engine.url))
+                    paths.append(ProxyPath(name, helper.url, helper.proc.pid))
             if "gateway" in wanted:
                 # production defaults for the background work (scrape every 1 s, /health every 2 s)
                 config = write_config(tmp / f"gateway-{time_scale:g}.yaml", [instance_entry(self.engine, "both", "sim")],
@@ -562,7 +662,7 @@ class Fleet:
                                       health={"interval_s": 2.0, "timeout_s": 2.0, "failure_threshold": 3, "cooldown_s": 5.0})
                 gateway = self._keep(start_gateway(config))
                 paths.append(ProxyPath("gateway", gateway.url, gateway.proc.pid))
-            self.paths = [p for p in paths if p.name in wanted]
+            self.paths = sorted((p for p in paths if p.name in wanted), key=lambda p: wanted.index(p.name))
         except BaseException:
             self.stop()
             raise
@@ -612,11 +712,27 @@ async def run_fleet(args: argparse.Namespace, fleet: Fleet, kinds: list[tuple[st
             print(f"[latency] round {rnd + 1}/{args.rounds} done", flush=True)
 
 
+def wait_quiet(limit_s: float, threshold: float = 0.1, window_s: float = 2.0) -> None:
+    """Wait (up to ``limit_s``) until other processes use < ``threshold`` cores over ``window_s``."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        with CpuWindow([]) as w:
+            time.sleep(window_s)
+        if w.foreign_cores < threshold:
+            print(f"host quiet: other processes use {w.foreign_cores:.2f} cores", flush=True)
+            return
+        if time.monotonic() >= deadline:
+            print(f"host still busy after {limit_s:g} s (other processes: {w.foreign_cores:.2f} cores); going on", flush=True)
+            return
+
+
 async def run(args: argparse.Namespace, wanted: list[str], tmp: Path) -> None:
     cpu: dict[str, dict[str, list[CpuRun]]] = {}
     idle: dict[str, dict[str, float]] = {"burst": {}, "paced": {}}
     lat: dict[str, list[StreamSample]] = {}
     lat_foreign: list[float] = []
+    if args.wait_quiet > 0:
+        wait_quiet(args.wait_quiet)
     fleet = Fleet(args.time_scale, wanted, tmp)
     try:
         await run_fleet(args, fleet, [("nonstream", args.requests), ("stream", args.streams)], True,
@@ -647,10 +763,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--time-scale", type=float, default=1000.0, help="time scale of the burst engine")
     ap.add_argument("--paced-time-scale", type=float, default=5.0,
                     help="time scale of the paced engine (0: skip the paced streams)")
-    ap.add_argument("--paths", default="direct,minimal,gateway", help="comma-separated subset of direct,minimal,gateway")
+    ap.add_argument("--paths", default="direct,minimal,gateway",
+                    help="comma-separated, from direct,minimal,gateway,raw (raw: the byte-level relay, the floor of a Python proxy)")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="first wait up to S seconds for other processes on the host to use < 0.1 cores")
     ap.add_argument("--py-spy", metavar="DIR", help="also profile the gateway (extra, uncounted runs) with py-spy "
                     "attached to its PID; collapsed stacks and speedscope files go to DIR")
     ap.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
@@ -659,7 +778,7 @@ def parse_args() -> argparse.Namespace:
                     help="start the burst engine and the proxies, print PIDs and URLs, wait for Ctrl-C")
     args = ap.parse_args()
     args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
-    if unknown := set(args.paths) - {"direct", "minimal", "gateway"}:
+    if unknown := set(args.paths) - {"direct", "minimal", "gateway", "raw"}:
         ap.error(f"--paths: unknown {sorted(unknown)}")
     if args.repeat < 1 or args.rounds < 1:
         ap.error("--repeat and --rounds must be >= 1")
@@ -667,9 +786,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--serve-minimal-proxy":
-        serve_minimal_proxy(sys.argv[2])
-        return
+    for flag, serve in HELPERS.values():
+        if len(sys.argv) == 3 and sys.argv[1] == flag:
+            serve(sys.argv[2])
+            return
     args = parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM also stops the children
     with tempfile.TemporaryDirectory(prefix="pdgate-bench-") as tmp:
