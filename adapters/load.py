@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from prometheus_client.parser import text_string_to_metric_families
-
 # gauge names per engine flavour: (running, waiting, kv usage in [0, 1])
 METRIC_NAMES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "vllm": (
@@ -39,15 +37,29 @@ class EngineLoad:
 
 
 def parse_load(text: str, flavour: str, scraped_at: float) -> EngineLoad:
-    """Sum each gauge over its label sets (one engine may report several, e.g. per DP rank)."""
+    """Sum each gauge over its label sets (one engine may report several, e.g. per DP rank).
+
+    Only the few lines whose metric name we need are parsed (an engine's exposition is tens of
+    KB; a full parse would block the event loop for milliseconds on every scrape).
+    """
     running_names, waiting_names, usage_names = METRIC_NAMES[flavour]
     queries_name, hits_name = PREFIX_COUNTERS[flavour]
-    wanted = set(running_names) | set(waiting_names) | set(usage_names) | {queries_name, hits_name}
+    wanted = tuple(n for n in (*running_names, *waiting_names, *usage_names, queries_name, hits_name) if n)
     values: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in wanted:
-                values.setdefault(sample.name, []).append(sample.value)
+    for line in text.splitlines():
+        if not line.startswith(wanted):
+            continue
+        brace = line.find("{")
+        name = line[: brace if brace >= 0 else line.find(" ")]
+        if name not in wanted:
+            continue  # a longer name sharing the prefix (e.g. *_created)
+        rest = line[line.rfind("}") + 1 :] if brace >= 0 else line[len(name) :]
+        fields = rest.split()
+        if fields:
+            try:
+                values.setdefault(name, []).append(float(fields[0]))
+            except ValueError as exc:
+                raise ValueError(f"malformed metric line: {line[:200]!r}") from exc
 
     def first(names: tuple[str, ...], combine=sum) -> float:
         for name in names:

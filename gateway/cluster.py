@@ -15,6 +15,7 @@ and awaits it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -99,8 +100,12 @@ class InstanceState:
             inflight_prefill_tokens=self.inflight_prefill_tokens,
             inflight_decode_tokens=self.inflight_decode_tokens,
             block_size=self.spec.block_size,
-            capabilities=frozenset(k for k, v in vars(self.adapter.capabilities).items() if v is True),
+            capabilities=self.capability_names,
         )
+
+    @functools.cached_property
+    def capability_names(self) -> frozenset[str]:
+        return frozenset(k for k, v in vars(self.adapter.capabilities).items() if v is True)
 
 
 @dataclass(eq=False)

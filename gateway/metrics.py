@@ -32,9 +32,21 @@ class GatewayMetrics:
         self.inflight_tokens = Gauge("pdgate_instance_inflight_tokens", "Tokens in flight on an instance, by phase.",
                                      ["instance", "phase"], registry=r)
         self.healthy = Gauge("pdgate_instance_healthy", "1 when the instance's circuit is closed.", ["instance"], registry=r)
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *values: str):
+        """A labelled child, looked up once (``.labels()`` costs microseconds per call)."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def count(self, routed: Routed, status: int) -> None:
-        self.requests.labels(route=routed.path, model=routed.info.model, status=str(status)).inc()
+        self._child(self.requests, routed.path, routed.info.model, str(status)).inc()
+
+    def observe_plugin(self, profile: str, plugin: str, seconds: float) -> None:
+        self._child(self.plugin_seconds, profile, plugin).observe(seconds)
 
     def render(self, cluster: Cluster) -> bytes:
         now = cluster.clock()

@@ -13,6 +13,7 @@ stream, not at response headers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import uuid
@@ -77,6 +78,8 @@ class Proxy:
         self.tokenizers = tokenizers
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.metrics = metrics
+        prefix = uuid.uuid4().hex[:12]
+        self._ids = (f"pdgate-{prefix}-{n}" for n in itertools.count())  # unique per gateway process
 
     # --------------------------------------------------------------- entry
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
@@ -122,7 +125,7 @@ class Proxy:
                 f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} in the completion).",
                 param="max_tokens", code="context_length_exceeded",
             )
-        request_id = header_id or f"pdgate-{uuid.uuid4().hex}"
+        request_id = header_id or next(self._ids)
         states = self.cluster.for_model(model.name)
         hashes = PromptHashes.of(prompt_ids, (s.spec.block_size for s in states))
         first_chain = next(iter(hashes.by_block_size.values()), [])
@@ -153,7 +156,7 @@ class Proxy:
     def _decide(self, profile_name: str, routed: Routed, snapshot: ClusterSnapshot, candidates: list) -> Decision:
         decision = run_profile(self.profiles[profile_name], routed.info, snapshot, candidates)
         for plugin, seconds in decision.plugin_seconds.items():
-            self.metrics.plugin_seconds.labels(profile=profile_name, plugin=plugin).observe(seconds)
+            self.metrics.observe_plugin(profile_name, plugin, seconds)
         if decision.instance is None:
             reason = f"filter '{decision.rejected_by}' left no instance" if decision.rejected_by else "no candidate instance"
             raise GatewayError(503, f"no healthy instance can serve model '{routed.info.model}' ({profile_name}: {reason})",
