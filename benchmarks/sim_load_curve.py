@@ -21,7 +21,8 @@ long when arrivals stop, is past saturation (marked ``*``).
 ``pdgate engine sim`` process over HTTP (aiohttp streaming client, ``--time-scale`` times
 faster than real time; wall timings are multiplied by the time scale to get simulated seconds)
 and prints the HTTP-measured TTFT/TPOT next to the virtual-time ones for the very same
-arrivals and prompts, plus the engine's own lag counters from ``/sim/state``. The engine
+arrivals and prompts, plus the engine's own counters from ``/sim/state`` (lag: simulated time
+lost because the host fell behind; jitter and late steps: how late tokens went out). The engine
 process is stopped at the end, also on Ctrl-C.
 """
 
@@ -293,6 +294,7 @@ def realtime_check(args: argparse.Namespace) -> None:
     print(f"real engine (/sim/state): {st['steps']} steps, {st['busy_seconds']:.1f} s modelled busy, sim_time "
           f"{st['sim_time']:.1f} s at the end; lag total {st['lag_total_seconds']:.2f} s "
           f"({100 * st['lag_total_seconds'] / st['sim_time']:.1f}% of sim_time), lag max {1e3 * st['lag_max_seconds']:.1f} ms, "
+          f"delivery jitter max {1e3 * st.get('delivery_jitter_max_seconds', float('nan')):.1f} ms, "
           f"late steps {100 * st['late_steps'] / steps:.1f}%")
     print(f"client: {wall:.1f} s wall, {cpu:.1f} s CPU ({100 * cpu / wall:.0f}% of one core); latencies in simulated ms")
 
