@@ -18,6 +18,9 @@ from engines.sim.kv_events import KvEvent
 from engines.sim.request import RequestStatus, SimRequest
 
 
+SLEEP_SPLIT_S = 0.001
+
+
 class Clock(Protocol):
     """Simulated time. ``now`` is in simulated seconds."""
 
@@ -41,7 +44,16 @@ class RealtimeClock:
         return (time.monotonic() - self._origin) * self.time_scale
 
     async def sleep_until(self, t: float) -> None:
+        """Wake as close to ``t`` as the loop allows.
+
+        libuv computes a timer's wait from the loop time cached when the timer was armed, so work
+        done after arming (writing the previous step's tokens) makes it fire late; sleeping to
+        1 ms before ``t`` and then the remainder, computed afresh, absorbs that.
+        """
         delay = (t - self.now()) / self.time_scale
+        if delay > SLEEP_SPLIT_S:
+            await asyncio.sleep(delay - SLEEP_SPLIT_S)
+            delay = (t - self.now()) / self.time_scale
         await asyncio.sleep(max(0.0, delay))
 
     def to_wall(self, sim_seconds: float) -> float:
