@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 DEFAULT_MEDIA = ("GPU",)
 """Event ``medium`` values the exact index tracks (events without a medium count as GPU)."""
@@ -247,7 +247,29 @@ class _BlockSets:
 # ----------------------------------------------------------------------------- exact
 
 
-class ExactPrefixIndex:
+class _IndexBase:
+    """Lookups and statistics shared by both indexes (their ``_sets`` and ``_evictions``)."""
+
+    _sets: _BlockSets
+    _evictions: Mapping[str, int]
+
+    def match(self, instance_id: str, block_hashes: Sequence[int]) -> int:
+        """Number of leading ``block_hashes`` held by (or recorded for) the instance."""
+        return self._sets.match_all(block_hashes, (instance_id,))[instance_id]
+
+    def match_all(self, block_hashes: Sequence[int], instance_ids: Iterable[str]) -> dict[str, int]:
+        return self._sets.match_all(block_hashes, instance_ids)
+
+    def _stats(self, **extra: Any) -> PrefixIndexStats:
+        return PrefixIndexStats(
+            blocks={iid: self._sets.size(iid) for iid in self._sets.instances()},
+            evictions=dict(self._evictions),
+            unique_hashes=self._sets.unique_hashes,
+            **extra,
+        )
+
+
+class ExactPrefixIndex(_IndexBase):
     """Blocks each instance holds, as told by its KV events.
 
     * ``BlockStored`` adds (or refreshes) hashes, ``BlockRemoved`` removes them,
@@ -306,20 +328,8 @@ class ExactPrefixIndex:
     def is_stale(self, instance_id: str) -> bool:
         return instance_id in self._stale
 
-    def match(self, instance_id: str, block_hashes: Sequence[int]) -> int:
-        """Number of leading ``block_hashes`` the instance holds."""
-        return self._sets.match_all(block_hashes, (instance_id,))[instance_id]
-
-    def match_all(self, block_hashes: Sequence[int], instance_ids: Iterable[str]) -> dict[str, int]:
-        return self._sets.match_all(block_hashes, instance_ids)
-
     def stats(self) -> PrefixIndexStats:
-        return PrefixIndexStats(
-            blocks={iid: self._sets.size(iid) for iid in self._sets.instances()},
-            evictions=dict(self._evictions),
-            unique_hashes=self._sets.unique_hashes,
-            stale=frozenset(self._stale),
-        )
+        return self._stats(stale=frozenset(self._stale))
 
     def _tracks(self, medium: str | None) -> bool:
         return medium is None or medium in self._media
@@ -335,7 +345,7 @@ class ExactPrefixIndex:
 # ----------------------------------------------------------------------------- approximate
 
 
-class ApproximatePrefixIndex:
+class ApproximatePrefixIndex(_IndexBase):
     """What the gateway sent where, for engines without KV events: a bounded LRU.
 
     :meth:`record` is called when a prompt is sent to an instance: its block hashes are
@@ -392,16 +402,5 @@ class ApproximatePrefixIndex:
             del lru[(instance_id, h)]
         self._sets.drop(instance_id)
 
-    def match(self, instance_id: str, block_hashes: Sequence[int]) -> int:
-        """Number of leading ``block_hashes`` recorded for the instance."""
-        return self._sets.match_all(block_hashes, (instance_id,))[instance_id]
-
-    def match_all(self, block_hashes: Sequence[int], instance_ids: Iterable[str]) -> dict[str, int]:
-        return self._sets.match_all(block_hashes, instance_ids)
-
     def stats(self) -> PrefixIndexStats:
-        return PrefixIndexStats(
-            blocks={iid: self._sets.size(iid) for iid in self._sets.instances()},
-            evictions=dict(self._evictions),
-            unique_hashes=self._sets.unique_hashes,
-        )
+        return self._stats()

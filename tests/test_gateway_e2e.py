@@ -62,20 +62,19 @@ def _start_fleet(tmp_path, api: str, kind: str) -> Fleet:
         raise
 
 
-@pytest.fixture(scope="module")
-def vllm_fleet(tmp_path_factory) -> Iterator[Fleet]:
-    fleet = _start_fleet(tmp_path_factory.mktemp("vllm"), "vllm", "sim")
-    yield fleet
-    for proc in (fleet.gateway, *fleet.engines, fleet.reference):
-        proc.stop()
+def _fleet_fixture(api: str, kind: str):
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory) -> Iterator[Fleet]:
+        fleet = _start_fleet(tmp_path_factory.mktemp(api), api, kind)
+        yield fleet
+        for proc in (fleet.gateway, *fleet.engines, fleet.reference):
+            proc.stop()
+
+    return fixture
 
 
-@pytest.fixture(scope="module")
-def sglang_fleet(tmp_path_factory) -> Iterator[Fleet]:
-    fleet = _start_fleet(tmp_path_factory.mktemp("sglang"), "sglang", "sim-sglang")
-    yield fleet
-    for proc in (fleet.gateway, *fleet.engines, fleet.reference):
-        proc.stop()
+vllm_fleet = _fleet_fixture("vllm", "sim")
+sglang_fleet = _fleet_fixture("sglang", "sim-sglang")
 
 
 def greedy(client: openai.OpenAI, prompt: str, n: int = 16, **kw):
