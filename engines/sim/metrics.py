@@ -8,6 +8,8 @@ own :class:`~prometheus_client.CollectorRegistry`; nothing is process-global.
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -52,9 +54,6 @@ class SimMetrics:
         self.core = core
         self.registry = CollectorRegistry(auto_describe=True)
         self._last_token_time: dict[str, float] = {}
-        self._seen_queries = 0
-        self._seen_hits = 0
-        self._seen_preemptions = 0
 
     def render(self) -> bytes:
         self.refresh()
@@ -76,7 +75,6 @@ class SimMetrics:
             else:
                 self.on_inter_token(now - last)
             self._last_token_time[req.request_id] = now
-        self.refresh()
 
     def on_finished(self, request: SimRequest, now: float) -> None:
         self._last_token_time.pop(request.request_id, None)
@@ -91,20 +89,13 @@ class SimMetrics:
 
     def on_request_done(self, request: SimRequest, now: float) -> None: ...
 
-    def _delta_counters(self) -> tuple[int, int, int]:
-        stats = self.core.kv.stats
-        dq, dh = stats.queries - self._seen_queries, stats.hits - self._seen_hits
-        dp = self.core.num_preemptions - self._seen_preemptions
-        self._seen_queries, self._seen_hits = stats.queries, stats.hits
-        self._seen_preemptions = self.core.num_preemptions
-        return dq, dh, dp
-
 
 class VllmMetrics(SimMetrics):
     """vLLM v1 ``PrometheusStatLogger`` names."""
 
     def __init__(self, core: EngineCore, model_name: str, cache_info: dict[str, str]) -> None:
         super().__init__(core)
+        self._seen_queries = self._seen_hits = self._seen_preemptions = 0
         r, labels = self.registry, ["model_name", "engine"]
         values = (model_name, "0")
         self._running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", labels, registry=r).labels(*values)
@@ -140,10 +131,12 @@ class VllmMetrics(SimMetrics):
         self._running.set(core.num_running)
         self._waiting.set(core.num_waiting)
         self._usage.set(core.kv.usage)
-        dq, dh, dp = self._delta_counters()
-        self._queries.inc(dq)
-        self._hits.inc(dh)
-        self._preemptions.inc(dp)
+        # the engine keeps cumulative totals; the counters take what was added since the last scrape
+        stats = core.kv.stats
+        self._queries.inc(stats.queries - self._seen_queries)
+        self._hits.inc(stats.hits - self._seen_hits)
+        self._preemptions.inc(core.num_preemptions - self._seen_preemptions)
+        self._seen_queries, self._seen_hits, self._seen_preemptions = stats.queries, stats.hits, core.num_preemptions
 
     def on_iteration(self, step: ScheduledStep) -> None:
         self._iteration.observe(sum(n for _, n in step.entries))
@@ -202,7 +195,7 @@ class SglangMetrics(SimMetrics):
         self._ttft = hist("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", SGLANG_TTFT_BUCKETS)
         self._itl = hist("sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", SGLANG_ITL_BUCKETS)
         self._e2e = hist("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds", SGLANG_E2E_BUCKETS)
-        self._window: list[tuple[float, int]] = []
+        self._window: deque[tuple[float, int]] = deque()
 
     def refresh(self) -> None:
         core = self.core
@@ -213,16 +206,12 @@ class SglangMetrics(SimMetrics):
         self._token_usage.set(core.kv.usage)
         stats = core.kv.stats
         self._hit_rate.set(stats.hits / stats.queries if stats.queries else 0.0)
-        self._delta_counters()
-
-    def on_iteration(self, step: ScheduledStep) -> None:
-        pass
 
     def on_step(self, step: ScheduledStep, outputs: list[RequestOutput], now: float) -> None:
         generated = sum(len(o.new_token_ids) for o in outputs)
         self._window.append((now, generated))
         while self._window and self._window[0][0] < now - 5.0:
-            self._window.pop(0)
+            self._window.popleft()
         span = now - self._window[0][0] if len(self._window) > 1 else 0.0
         self._throughput.set(sum(n for _, n in self._window) / span if span > 0 else 0.0)
         super().on_step(step, outputs, now)
