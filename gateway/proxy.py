@@ -131,7 +131,7 @@ class Proxy:
         first_chain = next(iter(hashes.by_block_size.values()), [])
         info = RequestInfo(
             request_id=request_id, model=model.name, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
-            block_hashes=tuple(first_chain), priority=int(body.get("priority", 0) or 0),
+            block_hashes=tuple(first_chain), priority=parsed.priority,
         )
         path = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
         return Routed(kind, path, body, info, prompt_ids, hashes, parsed.stream)

@@ -56,6 +56,7 @@ class _Body(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1)
+    priority: int = 0  # read for scheduling, forwarded unchanged
 
 
 class CompletionBody(_Body):

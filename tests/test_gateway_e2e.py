@@ -177,6 +177,7 @@ def test_bad_inputs_get_openai_errors(vllm_fleet):
         (b'{"model": "other", "prompt": "x"}', 404, "does not exist"),
         (b'{"model": "sim-model", "prompt": "x", "max_tokens": 5000}', 400, "maximum context length"),
         (b'{"model": "sim-model", "prompt": "x", "n": 2}', 400, "n=1"),
+        (b'{"model": "sim-model", "prompt": "x", "priority": "high"}', 400, "priority"),
     ]
     for body, status, fragment in cases:
         got, payload, _ = asyncio.run(post(body))
