@@ -59,6 +59,11 @@ class CircuitBreaker:
         self.failures = 0
         self.trial_in_flight = False
 
+    def record_probe_success(self, now: float) -> None:
+        """A passing health check: closes an open circuit once its cooldown is over."""
+        if self.failures >= self.failure_threshold and now >= self.open_until:
+            self.record_success()
+
     def record_failure(self, now: float) -> None:
         self.failures += 1
         self.trial_in_flight = False
@@ -195,8 +200,7 @@ class Cluster:
             state.last_error = f"scrape failed: {exc!r}"
         if check_health:
             if await state.adapter.check_health(timeout):
-                if state.breaker.failures >= state.breaker.failure_threshold and self.clock() >= state.breaker.open_until:
-                    state.breaker.record_success()
+                state.breaker.record_probe_success(self.clock())
             else:
                 state.last_error = "health check failed"
                 state.breaker.record_failure(self.clock())
