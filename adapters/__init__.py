@@ -7,9 +7,11 @@ import aiohttp
 from adapters.base import Capabilities, EngineAdapter, HandoffError, InstanceSpec
 from adapters.sglang import SglangAdapter
 from adapters.sim import SimSglangAdapter, SimVllmAdapter
+from adapters.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from adapters.vllm import VllmAdapter
 
-__all__ = ["ADAPTERS", "Capabilities", "EngineAdapter", "HandoffError", "InstanceSpec", "make_adapter"]
+__all__ = ["ADAPTERS", "Capabilities", "EngineAdapter", "HandoffError", "InstanceSpec", "UpstreamError",
+           "UpstreamPool", "UpstreamResponse", "make_adapter"]
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {
     "vllm": VllmAdapter,
@@ -20,9 +22,9 @@ ADAPTERS: dict[str, type[EngineAdapter]] = {
 }
 
 
-def make_adapter(spec: InstanceSpec, session: aiohttp.ClientSession) -> EngineAdapter:
+def make_adapter(spec: InstanceSpec, session: aiohttp.ClientSession, pool: UpstreamPool) -> EngineAdapter:
     try:
         cls = ADAPTERS[spec.kind]
     except KeyError:
         raise ValueError(f"unknown adapter kind {spec.kind!r}; known: {', '.join(sorted(ADAPTERS))}") from None
-    return cls(spec, session)
+    return cls(spec, session, pool)

@@ -15,13 +15,16 @@ request whose client went away. Load is scraped from ``/metrics`` under the engi
 
 from __future__ import annotations
 
+import json
 from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from adapters.load import EngineLoad, parse_load
+from adapters.upstream import UpstreamPool, UpstreamResponse
 
 PdProtocol = Literal["sequential", "concurrent", "none"]
 
@@ -68,9 +71,14 @@ class EngineAdapter(ABC):
 
     capabilities: Capabilities
 
-    def __init__(self, spec: InstanceSpec, session: aiohttp.ClientSession) -> None:
+    def __init__(self, spec: InstanceSpec, session: aiohttp.ClientSession, pool: UpstreamPool) -> None:
         self.spec = spec
-        self.session = session
+        self.session = session  # monitoring calls (metrics, health)
+        self.pool = pool  # the request path
+        url = urlsplit(spec.url)
+        tls = url.scheme == "https"
+        self.origin = (url.hostname or "127.0.0.1", url.port or (443 if tls else 80), tls)
+        self.base_path = url.path.rstrip("/")
 
     # ------------------------------------------------------------ transport
     def headers(self, request_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -82,12 +90,18 @@ class EngineAdapter(ABC):
             headers.update(extra)
         return headers
 
-    async def send(self, path: str, body: dict[str, Any], request_id: str, *,
-                   timeout: aiohttp.ClientTimeout | None = None, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
-        """POST ``body`` to ``path``; the caller reads (or relays) and releases the response."""
-        return await self.session.post(
-            self.spec.url + path, json=body, headers=self.headers(request_id, headers), timeout=timeout
-        )
+    async def send(self, path: str, body: dict[str, Any], request_id: str, *, timeout_s: float,
+                   headers: dict[str, str] | None = None) -> UpstreamResponse:
+        """POST ``body`` as JSON to ``path``; the caller reads (or relays) and closes the response.
+
+        Raises :class:`adapters.upstream.UpstreamError` when the engine cannot be reached or
+        fails to answer.
+        """
+        all_headers = self.headers(request_id, headers)
+        all_headers["Content-Type"] = "application/json"
+        return await self.pool.request(self.origin, "POST", self.base_path + path,
+                                       json.dumps(body, separators=(",", ":")).encode(),
+                                       headers=all_headers, timeout_s=timeout_s)
 
     # ---------------------------------------------------------------- PD legs
     def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:

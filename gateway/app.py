@@ -1,19 +1,24 @@
-"""The gateway's aiohttp application: routes, auth, error shape and lifecycle."""
+"""The gateway's HTTP application: routes, auth, error shape and lifecycle.
+
+Served by :mod:`gateway.http1` (no web framework on the request path). Every error a client
+gets is OpenAI's error JSON; an unknown path is a 404, a known path with the wrong method a 405.
+"""
 
 from __future__ import annotations
 
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
 
+from adapters import UpstreamPool
 from engines.sim.tokenizer import Tokenizer, load_tokenizer
 from gateway.cluster import Cluster
 from gateway.config import DEFAULT_SCHEDULING, GatewayConfig
+from gateway.http1 import HttpRequest, HttpServer, Responder
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.requests import GatewayError
@@ -23,23 +28,24 @@ from scheduler.registry import PluginRegistry
 log = logging.getLogger("pdgate.gateway")
 
 REQUIRED_PROFILES = ("prefill", "decode", "colocated")
+SHUTDOWN_GRACE_S = 5.0
+
+Route = Callable[[HttpRequest, Responder], Awaitable[None]]
 
 
 @dataclass
 class Gateway:
-    """Everything one gateway owns. Built by :func:`build_gateway`; started by the app."""
+    """Everything one gateway owns. Built by :func:`build_gateway`; started by :class:`GatewayServer`."""
 
     config: GatewayConfig
     profiles: dict[str, Profile]
     tokenizers: dict[str, Tokenizer]
     metrics: GatewayMetrics
     session: aiohttp.ClientSession | None = None
+    pool: UpstreamPool | None = None
     cluster: Cluster | None = None
     proxy: Proxy | None = None
     started_at: float = 0.0
-
-
-GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 
 
 def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None) -> Gateway:
@@ -54,114 +60,78 @@ def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None)
     return Gateway(config, profiles, tokenizers, GatewayMetrics())
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as err:
-        return err.response()
-    except web.HTTPRequestEntityTooLarge as exc:
-        return GatewayError(413, f"request body too large: {exc.text}").response()
-    except web.HTTPNotFound:
-        return GatewayError(404, f"no route {request.method} {request.path}").response()
-    except web.HTTPMethodNotAllowed:
-        return GatewayError(405, f"method {request.method} not allowed on {request.path}").response()
-    except web.HTTPException:
-        raise
-    except Exception:  # never a bare 500: log it and answer in OpenAI's shape
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        return GatewayError(500, "internal error in the gateway (logged)", err_type="server_error").response()
+class GatewayApp:
+    """Routes a parsed request to its handler, after the API-key check on ``/v1/``."""
 
+    def __init__(self, gateway: Gateway, cluster: Cluster, proxy: Proxy) -> None:
+        self.gw = gateway
+        self.cluster = cluster
+        self.proxy = proxy
+        self._keys = [k.encode() for k in gateway.config.client_api_keys()]
+        self.routes: dict[str, dict[str, Route]] = {
+            "/v1/completions": {"POST": self.completions},
+            "/v1/chat/completions": {"POST": self.chat_completions},
+            "/v1/models": {"GET": self.models},
+            "/health": {"GET": self.health},
+            "/ready": {"GET": self.ready},
+            "/metrics": {"GET": self.metrics},
+        }
 
-def auth_middleware(keys: list[str]) -> Callable:
-    encoded = [k.encode() for k in keys]
+    async def __call__(self, request: HttpRequest, responder: Responder) -> None:
+        try:
+            methods = self.routes.get(request.path)
+            if methods is None:
+                raise GatewayError(404, f"no route {request.method} {request.path}")
+            handler = methods.get(request.method)
+            if handler is None:
+                raise GatewayError(405, f"method {request.method} not allowed on {request.path}",
+                                   headers={"Allow": ", ".join(methods)})
+            if self._keys and request.path.startswith("/v1/"):
+                self._authenticate(request)
+            await handler(request, responder)
+        except GatewayError as err:
+            if responder.started:  # cannot happen before the first byte; log rather than corrupt the stream
+                log.warning("error after the response started: %s", err.message)
+                return
+            responder.send_json(err.status, err.body(), headers=err.headers)
 
-    @web.middleware
-    async def check(request: web.Request, handler: Callable) -> web.StreamResponse:
-        if encoded and request.path.startswith("/v1/"):
-            supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
-            # compare against every key so timing does not reveal which prefix matched
-            if not any([hmac.compare_digest(supplied, key) for key in encoded]):
-                raise GatewayError(401, "invalid or missing API key", code="invalid_api_key")
-        return await handler(request)
+    def _authenticate(self, request: HttpRequest) -> None:
+        supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+        # compare against every key so timing does not reveal which prefix matched
+        if not any([hmac.compare_digest(supplied, key) for key in self._keys]):  # noqa: C419 (all, not short-circuit)
+            raise GatewayError(401, "invalid or missing API key", code="invalid_api_key")
 
-    return check
+    async def completions(self, request: HttpRequest, responder: Responder) -> None:
+        await self.proxy.handle(request, responder, "completion")
 
+    async def chat_completions(self, request: HttpRequest, responder: Responder) -> None:
+        await self.proxy.handle(request, responder, "chat")
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await request.app[GATEWAY].proxy.handle(request, "completion")  # type: ignore[union-attr]
+    async def models(self, request: HttpRequest, responder: Responder) -> None:
+        created = int(self.gw.started_at)
+        data = [{"id": m.name, "object": "model", "created": created, "owned_by": "pdgate", "root": m.name,
+                 "max_model_len": m.max_model_len} for m in self.gw.config.models]
+        responder.send_json(200, {"object": "list", "data": data})
 
+    async def health(self, request: HttpRequest, responder: Responder) -> None:
+        responder.send_json(200, {"status": "ok"})
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await request.app[GATEWAY].proxy.handle(request, "chat")  # type: ignore[union-attr]
+    async def ready(self, request: HttpRequest, responder: Responder) -> None:
+        status = {m.name: self.cluster.ready(m.name) for m in self.gw.config.models}
+        code = 200 if all(status.values()) else 503
+        headers = {} if code == 200 else {"Retry-After": "1"}
+        responder.send_json(code, {"ready": code == 200, "models": status}, headers=headers)
 
-
-async def models(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    created = int(gw.started_at)
-    data = [{"id": m.name, "object": "model", "created": created, "owned_by": "pdgate", "root": m.name,
-             "max_model_len": m.max_model_len} for m in gw.config.models]
-    return web.json_response({"object": "list", "data": data})
-
-
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    assert gw.cluster is not None
-    status = {m.name: gw.cluster.ready(m.name) for m in gw.config.models}
-    code = 200 if all(status.values()) else 503
-    headers = {} if code == 200 else {"Retry-After": "1"}
-    return web.json_response({"ready": code == 200, "models": status}, status=code, headers=headers)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    assert gw.cluster is not None
-    return web.Response(body=gw.metrics.render(gw.cluster), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    gw = app[GATEWAY]
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-    gw.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    gw.cluster = Cluster(gw.config, gw.session)
-    gw.proxy = Proxy(gw.config, gw.cluster, gw.profiles, gw.tokenizers, gw.metrics)
-    gw.started_at = time.time()
-    await gw.cluster.start()
-    try:
-        yield
-    finally:
-        await gw.cluster.close()
-        await gw.session.close()
-
-
-def create_app(gateway: Gateway) -> web.Application:
-    app = web.Application(
-        client_max_size=gateway.config.max_body_bytes,
-        middlewares=[errors_middleware, auth_middleware(gateway.config.client_api_keys())],
-    )
-    app[GATEWAY] = gateway
-    app.add_routes([
-        web.post("/v1/completions", completions),
-        web.post("/v1/chat/completions", chat_completions),
-        web.get("/v1/models", models),
-        web.get("/health", health),
-        web.get("/ready", ready),
-        web.get("/metrics", metrics),
-    ])
-    app.cleanup_ctx.append(_lifecycle)
-    return app
+    async def metrics(self, request: HttpRequest, responder: Responder) -> None:
+        responder.send(200, self.gw.metrics.render(self.cluster), content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 class GatewayServer:
-    """Runs the gateway's site on this loop."""
+    """Runs one gateway on this loop: its cluster monitor, upstream pool and HTTP server."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._runner: web.AppRunner | None = None
+        self._http: HttpServer | None = None
         self.port = 0
 
     @property
@@ -169,13 +139,30 @@ class GatewayServer:
         return f"http://{self.gateway.config.host}:{self.port}"
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(create_app(self.gateway), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.gateway.config.host, self.gateway.config.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        gw = self.gateway
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=4)
+        gw.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)  # scrapes and health checks
+        gw.pool = UpstreamPool()
+        gw.cluster = Cluster(gw.config, gw.session, gw.pool)
+        gw.proxy = Proxy(gw.config, gw.cluster, gw.profiles, gw.tokenizers, gw.metrics)
+        gw.started_at = time.time()
+        try:
+            await gw.cluster.start()
+            self._http = HttpServer(GatewayApp(gw, gw.cluster, gw.proxy), max_body_bytes=gw.config.max_body_bytes)
+            await self._http.start(gw.config.host, gw.config.port)
+        except BaseException:
+            await self.stop()
+            raise
+        self.port = self._http.port
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        gw = self.gateway
+        if self._http is not None:
+            await self._http.close(SHUTDOWN_GRACE_S)
+            self._http = None
+        if gw.cluster is not None:
+            await gw.cluster.close()
+        if gw.pool is not None:
+            await gw.pool.close()
+        if gw.session is not None:
+            await gw.session.close()

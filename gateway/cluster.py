@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from adapters import EngineAdapter, InstanceSpec, make_adapter
+from adapters import EngineAdapter, InstanceSpec, UpstreamPool, make_adapter
 from adapters.kv_events import KvEventSource, KvEventSubscriber
 from adapters.load import EngineLoad
 from gateway.config import GatewayConfig
@@ -145,7 +145,7 @@ class PromptHashes:
 class Cluster:
     """All instances of the fleet, their state, and the prefix indexes."""
 
-    def __init__(self, config: GatewayConfig, session: aiohttp.ClientSession,
+    def __init__(self, config: GatewayConfig, session: aiohttp.ClientSession, pool: UpstreamPool,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
@@ -153,7 +153,7 @@ class Cluster:
         for inst in config.instances:
             spec = inst.spec()
             breaker = CircuitBreaker(config.health.failure_threshold, config.health.cooldown_s)
-            self.instances[spec.id] = InstanceState(spec, make_adapter(spec, session), breaker)
+            self.instances[spec.id] = InstanceState(spec, make_adapter(spec, session, pool), breaker)
         self.exact_index = ExactPrefixIndex()
         self.approx_index = ApproximatePrefixIndex(max_blocks=config.approx_prefix_max_blocks)
         sources = [

@@ -20,13 +20,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
-from adapters import HandoffError
+from adapters import HandoffError, UpstreamError, UpstreamResponse
 from engines.sim.tokenizer import Tokenizer
 from gateway.cluster import Cluster, InstanceState, Lease, PromptHashes
 from gateway.config import GatewayConfig, ModelConfig
+from gateway.http1 import HttpRequest, Responder
 from gateway.metrics import GatewayMetrics
 from gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
 from scheduler.framework import Decision, Profile, run_profile
@@ -82,14 +80,15 @@ class Proxy:
         self._ids = (f"pdgate-{prefix}-{n}" for n in itertools.count())  # unique per gateway process
 
     # --------------------------------------------------------------- entry
-    async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
-        routed = self._validate(await request.read(), kind, request.headers.get("X-Request-Id"))
+    async def handle(self, request: HttpRequest, responder: Responder, kind: str) -> None:
+        routed = self._validate(request.body, kind, request.headers.get("x-request-id"))
         excluded: set[str] = set()
         last_error = "no instance could serve the request"
         for _ in range(1 + self.config.retries):
             placement = self._place(routed, excluded)
             try:
-                return await self._execute(request, routed, placement)
+                await self._execute(responder, routed, placement)
+                return
             except UpstreamFailed as failure:
                 excluded.add(failure.instance_id)
                 self.cluster.record_failure(failure.instance_id, failure.reason)
@@ -125,6 +124,8 @@ class Proxy:
                 f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} in the completion).",
                 param="max_tokens", code="context_length_exceeded",
             )
+        if header_id is not None and not _valid_request_id(header_id):
+            raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
         request_id = header_id or next(self._ids)
         states = self.cluster.for_model(model.name)
         hashes = PromptHashes.of(prompt_ids, (s.spec.block_size for s in states))
@@ -164,13 +165,13 @@ class Proxy:
         return decision
 
     # ----------------------------------------------------------- execution
-    async def _execute(self, request: web.Request, routed: Routed, placement: Placement) -> web.StreamResponse:
+    async def _execute(self, responder: Responder, routed: Routed, placement: Placement) -> None:
         decode, prefill = placement.decode, placement.prefill
         info = routed.info
         body = routed.body
         prefill_task: asyncio.Task[UpstreamFailed | None] | None = None
         leases: list[Lease] = []
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: UpstreamResponse | None = None
         try:
             if prefill is not None and prefill is not decode:
                 protocol = decode.adapter.capabilities.pd_protocol
@@ -191,42 +192,53 @@ class Proxy:
                                              decode_tokens=info.max_tokens))
             upstream = await self._racing_prefill(self._open(decode, routed.path, body, info.request_id), prefill_task)
             self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
-            response = await self._relay(request, routed, decode, upstream, prefill_task)
+            await self._relay(responder, routed, decode, upstream, prefill_task)
             if prefill_task is not None and (failure := await prefill_task) is not None:
                 self.cluster.record_failure(failure.instance_id, failure.reason)
             self.cluster.record_success(decode.spec.id)
-            return response
         finally:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
                 await asyncio.gather(prefill_task, return_exceptions=True)
             if upstream is not None:
-                upstream.close()
+                upstream.close()  # unless read to its end, this aborts the request on the engine
             for lease in leases:
                 lease.release()
 
-    async def _open(self, state: InstanceState, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
+    async def _open(self, state: InstanceState, path: str, body: dict[str, Any], request_id: str) -> UpstreamResponse:
         """Send one leg; a connection error or 5xx before any byte is an UpstreamFailed."""
-        timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout_s, sock_connect=5)
         try:
-            resp = await state.adapter.send(path, body, request_id, timeout=timeout)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise UpstreamFailed(state.spec.id, f"connection failed: {exc!r}") from None
+            resp = await state.adapter.send(path, body, request_id, timeout_s=self.config.upstream_timeout_s)
+        except UpstreamError as exc:
+            raise UpstreamFailed(state.spec.id, f"connection failed: {exc}") from None
         if resp.status >= 500:
-            detail = (await resp.text())[:300]
-            resp.close()
+            try:
+                detail = (await resp.read())[:300].decode(errors="replace")
+            except UpstreamError as exc:
+                detail = str(exc)
+            finally:
+                resp.close()
             raise UpstreamFailed(state.spec.id, f"HTTP {resp.status}: {detail}")
         return resp
+
+    @staticmethod
+    async def _read_all(state: InstanceState, resp: UpstreamResponse) -> bytes:
+        """A leg's whole reply; a broken one is an UpstreamFailed (nothing reached the client yet)."""
+        try:
+            return await resp.read()
+        except UpstreamError as exc:
+            raise UpstreamFailed(state.spec.id, f"reply broke: {exc}") from None
+        finally:
+            resp.close()
 
     async def _sequential_prefill(self, routed: Routed, prefill: InstanceState, decode: InstanceState,
                                   leases: list[Lease]) -> dict[str, Any]:
         lease = self.cluster.lease(prefill.spec.id, prefill_tokens=routed.info.prompt_tokens)
         try:
             resp = await self._open(prefill, routed.path, prefill.adapter.prefill_body(routed.body), routed.info.request_id)
-            async with resp:
-                reply = await resp.read()
-                if resp.status >= 400:
-                    raise _client_error(resp.status, reply)
+            reply = await self._read_all(prefill, resp)
+            if resp.status >= 400:
+                raise _client_error(resp.status, reply)
             self.cluster.record_sent_prompt(prefill.spec.id, routed.hashes)
             self.cluster.record_success(prefill.spec.id)
             try:
@@ -245,10 +257,9 @@ class Proxy:
         """
         try:
             resp = await self._open(prefill, routed.path, {**body, "stream": False}, routed.info.request_id)
-            async with resp:
-                await resp.read()
-                if resp.status >= 400:
-                    return UpstreamFailed(prefill.spec.id, f"prefill leg answered HTTP {resp.status}")
+            await self._read_all(prefill, resp)
+            if resp.status >= 400:
+                return UpstreamFailed(prefill.spec.id, f"prefill leg answered HTTP {resp.status}")
             self.cluster.record_sent_prompt(prefill.spec.id, routed.hashes)
             self.cluster.record_success(prefill.spec.id)
             return None
@@ -277,40 +288,40 @@ class Proxy:
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
 
-    async def _relay(self, request: web.Request, routed: Routed, decode: InstanceState,
-                     upstream: aiohttp.ClientResponse, prefill_task: asyncio.Task | None = None) -> web.StreamResponse:
+    async def _relay(self, responder: Responder, routed: Routed, decode: InstanceState,
+                     upstream: UpstreamResponse, prefill_task: asyncio.Task | None = None) -> None:
+        """Answer the client from the decode leg: whole, or relayed chunk by chunk as it arrives.
+
+        Nothing is sent to the client before the first piece of the answer is in, so a leg that
+        fails before it is still retried elsewhere.
+        """
         headers = {"X-Request-Id": routed.info.request_id}
         if upstream.status >= 400:
-            raise _client_error(upstream.status, await upstream.read())
+            raise _client_error(upstream.status, await self._read_all(decode, upstream))
         if not routed.stream:
-            data = await self._racing_prefill(upstream.read(), prefill_task)
+            data = await self._racing_prefill(self._read_all(decode, upstream), prefill_task)
+            responder.send(upstream.status, data, content_type=upstream.headers.get("content-type", "application/json"),
+                           headers=headers)
             self.metrics.count(routed, upstream.status)
-            return web.Response(body=data, status=upstream.status, content_type="application/json", headers=headers)
-        response = web.StreamResponse(status=upstream.status, headers={
-            **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        first = True
+            return
         try:
-            chunk = await self._racing_prefill(upstream.content.readany(), prefill_task)
-            while chunk:
-                if first:
-                    await response.prepare(request)
-                    first = False
-                await response.write(chunk)
-                chunk = await upstream.content.readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            if first:
-                raise UpstreamFailed(decode.spec.id, f"stream broke before the first byte: {exc!r}") from None
-            log.warning("stream from %s broke mid-way: %r", decode.spec.id, exc)
+            first = await self._racing_prefill(upstream.first_chunk(), prefill_task)
+        except UpstreamError as exc:
+            raise UpstreamFailed(decode.spec.id, f"stream broke before the first byte: {exc}") from None
+        responder.start(upstream.status, content_type="text/event-stream",
+                        headers={**headers, "Cache-Control": "no-cache"}, first=first)
+        responder.on_flow(upstream.pause_reading, upstream.resume_reading)
+        try:
+            await upstream.relay(responder.write)
+        except UpstreamError as exc:
+            log.warning("stream from %s broke mid-way: %s", decode.spec.id, exc)
             error = {"error": {"message": f"upstream {decode.spec.id} failed mid-stream", "type": "upstream_error",
                                "param": None, "code": None}}
-            await response.write(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
+            responder.end(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
             self.metrics.count(routed, 502)
-            return response
-        if first:
-            await response.prepare(request)
-        await response.write_eof()
+            return
+        responder.end()
         self.metrics.count(routed, upstream.status)
-        return response
 
 
 def _client_error(status: int, body: bytes) -> GatewayError:
@@ -324,3 +335,7 @@ def _client_error(status: int, body: bytes) -> GatewayError:
     except json.JSONDecodeError:
         pass
     return GatewayError(status, message)
+
+
+def _valid_request_id(value: str) -> bool:
+    return 0 < len(value) <= 256 and value.isascii() and value.isprintable() and " " not in value

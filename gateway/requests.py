@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
@@ -27,15 +26,16 @@ class GatewayError(Exception):
         self.code = code
         self.headers = headers or {}
 
-    def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status, headers=self.headers)
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.code}}
 
 
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -83,7 +83,7 @@ class ChatBody(_Body):
     def _roles(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for i, message in enumerate(value):
             if not isinstance(message.get("role"), str):
-                raise ValueError(f"message {i} has no 'role'")
+                raise ValueError(f"message {i} has no 'role'")  # noqa: TRY004 (pydantic wants ValueError)
         return value
 
 

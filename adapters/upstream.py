@@ -1,0 +1,366 @@
+"""A lean HTTP/1.1 client for the request path: pooled keep-alive connections to the engines.
+
+The gateway's legs (:meth:`adapters.base.EngineAdapter.send`) go through this rather than
+aiohttp's client, which cost several times more CPU per request on this kind of machine
+(docs/gateway-benchmarks.md). It is an ``asyncio.Protocol`` per connection with ``httptools``'
+response parser (llhttp), nothing else:
+
+* :meth:`UpstreamPool.request` sends one request and returns an :class:`UpstreamResponse` as soon
+  as the status line and headers are in. A reused keep-alive connection that the engine closed
+  meanwhile (nothing answered) is retried once on a fresh connection, as browsers and aiohttp do.
+* The body is consumed either whole (:meth:`UpstreamResponse.read`) or relayed: after
+  :meth:`UpstreamResponse.first_chunk`, :meth:`UpstreamResponse.relay` calls a sink with every
+  further piece straight from ``data_received`` (no task switch per chunk) and returns when the
+  body ends. Chunked transfer encoding is decoded; the pieces are the engine's chunks.
+* :meth:`UpstreamResponse.close` hands a fully read keep-alive connection back to the pool and
+  closes any other. Closing mid-response is how a request is aborted on the engine.
+* Every request has a deadline; on expiry the connection is closed and the waiter gets
+  :class:`UpstreamError`.
+
+Errors are :class:`UpstreamError` (connect refused, reset, malformed response, timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+
+Origin = tuple[str, int, bool]  # host, port, TLS
+
+
+class UpstreamError(Exception):
+    """The exchange with the engine failed (connection, protocol or deadline)."""
+
+
+class _StaleConnection(UpstreamError):
+    """A reused connection closed before answering anything: safe to resend once."""
+
+
+class UpstreamResponse:
+    """One response; its status and headers are set when :meth:`UpstreamPool.request` returns."""
+
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_deadline",
+        "_done",
+        "_error",
+        "_first",
+        "_got_bytes",
+        "_head",
+        "_loop",
+        "_sink",
+        "complete",
+        "headers",
+        "keep_alive",
+        "status",
+    )
+
+    def __init__(self, conn: _Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._conn: _Connection | None = conn
+        self._loop = loop
+        self._head: asyncio.Future[None] = loop.create_future()
+        self._done: asyncio.Future[None] | None = None
+        self._first: asyncio.Future[bytes] | None = None
+        self._chunks: list[bytes] = []
+        self._sink: Callable[[bytes], None] | None = None
+        self.complete = False
+        self.keep_alive = False
+        self._error: UpstreamError | None = None
+        self._got_bytes = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ from the connection
+    def _on_head(self, status: int, headers: dict[str, str], keep_alive: bool) -> None:
+        self.status, self.headers, self.keep_alive = status, headers, keep_alive
+        if not self._head.done():
+            self._head.set_result(None)
+
+    def _on_body(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(data)
+            return
+        self._chunks.append(data)
+        if self._first is not None and not self._first.done():
+            self._first.set_result(self._take_chunks())
+
+    def _on_complete(self) -> None:
+        self.complete = True
+        self._cancel_deadline()
+        if self._first is not None and not self._first.done():
+            self._first.set_result(self._take_chunks())
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _on_error(self, error: UpstreamError) -> None:
+        if self.complete:
+            return
+        self._error = error
+        self._cancel_deadline()
+        for future in (self._head, self._first, self._done):
+            if future is not None and not future.done():
+                future.set_exception(error)
+
+    def _take_chunks(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    # ------------------------------------------------------------------ for the caller
+    async def read(self) -> bytes:
+        """The whole body (waits for its end)."""
+        if not self.complete:
+            self._raise_if_failed()
+            self._done = self._loop.create_future()
+            await self._done
+        return self._take_chunks()
+
+    async def first_chunk(self) -> bytes:
+        """The first piece of body (``b""`` when the body is empty); then use :meth:`relay`."""
+        if self._chunks or self.complete:
+            return self._take_chunks()
+        self._raise_if_failed()
+        self._first = self._loop.create_future()
+        return await self._first
+
+    async def relay(self, sink: Callable[[bytes], None]) -> None:
+        """Call ``sink`` with every further piece of body, as it arrives; return at its end.
+
+        ``sink`` runs inside the connection's ``data_received`` and must not raise.
+        """
+        if self._chunks:
+            sink(self._take_chunks())
+        if self.complete:
+            return
+        self._raise_if_failed()
+        self._sink = sink
+        self._done = self._loop.create_future()
+        await self._done
+
+    def pause_reading(self) -> None:
+        """Backpressure: stop reading from the engine until :meth:`resume_reading`."""
+        if self._conn is not None and self._conn.transport is not None:
+            self._conn.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._conn is not None and self._conn.transport is not None and not self._conn.transport.is_closing():
+            self._conn.transport.resume_reading()
+
+    def close(self) -> None:
+        """Release the connection: back to the pool if the response was read to its end and the
+        engine keeps it alive; closed otherwise (which aborts an unfinished request)."""
+        conn, self._conn = self._conn, None
+        self._cancel_deadline()
+        self._sink = None
+        if conn is not None:
+            conn.finish(reusable=self.complete and self.keep_alive)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an engine; serves one response at a time."""
+
+    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.response: UpstreamResponse | None = None
+        self.parser: Any = None
+        self.idle_since = 0.0
+        self.closed = False
+        self._header_names: list[bytes] = []
+        self._header_values: list[bytes] = []
+
+    # ------------------------------------------------------------ transport events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None or self.parser is None:  # bytes nobody asked for: the connection is unusable
+            self._abort()
+            return
+        response._got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            response._on_error(UpstreamError(f"malformed response from the engine: {exc}"))
+            self._abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        response, self.response = self.response, None
+        if response is not None and not response.complete:
+            if response._got_bytes:
+                response._on_error(UpstreamError(f"the engine closed the connection mid-response ({exc or 'EOF'})"))
+            else:
+                response._on_error(_StaleConnection(f"the engine closed the connection ({exc or 'EOF'})"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # -------------------------------------------------------------- parser callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_names.append(name)
+        self._header_values.append(value)
+
+    def on_headers_complete(self) -> None:
+        headers = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in zip(self._header_names, self._header_values)}
+        self._header_names.clear()
+        self._header_values.clear()
+        if self.response is not None:
+            self.response._on_head(self.parser.get_status_code(), headers, self.parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response._on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.response is not None:
+            self.response._on_complete()
+
+    # ------------------------------------------------------------------ use
+    def start(self, response: UpstreamResponse, request: bytes) -> None:
+        self.response = response
+        self.parser = httptools.HttpResponseParser(self)
+        assert self.transport is not None
+        self.transport.write(request)
+
+    def finish(self, reusable: bool) -> None:
+        self.response = None
+        self.parser = None
+        if reusable and not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.idle_since = time.monotonic()
+            self.pool._park(self)
+        else:
+            self._abort()
+
+    def _abort(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections per origin ``(host, port, tls)``; one owner closes it at shutdown.
+
+    ``idle_timeout_s`` should stay below the engines' own keep-alive timeout (uvicorn, which
+    vLLM and SGLang run, closes idle connections after 5 s), so that a parked connection is
+    rarely one the engine is about to close.
+    """
+
+    def __init__(self, *, idle_timeout_s: float = 4.0, max_idle_per_origin: int = 256,
+                 connect_timeout_s: float = 5.0) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self.max_idle_per_origin = max_idle_per_origin
+        self.connect_timeout_s = connect_timeout_s
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._all: set[_Connection] = set()
+        self._closed = False
+        self.connections_opened = 0
+
+    async def request(self, origin: Origin, method: str, path: str, body: bytes, *,
+                      headers: dict[str, str], timeout_s: float) -> UpstreamResponse:
+        """Send the request; return once the response's head is in (see the module doc)."""
+        host, port, _tls = origin
+        if self._closed:
+            raise UpstreamError("the upstream pool is closed")
+        head = [f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"]
+        for name, value in headers.items():
+            head.append(f"{name}: {value}\r\n")
+        head.append("\r\n")
+        raw = "".join(head).encode("latin-1") + body
+        loop = asyncio.get_running_loop()
+        for _attempt in range(2):
+            conn = self._take_idle(origin)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(loop, origin)
+            response = UpstreamResponse(conn, loop)
+            response._deadline = loop.call_later(timeout_s, _expire, response, conn, timeout_s)
+            conn.start(response, raw)
+            try:
+                await response._head
+            except _StaleConnection:
+                response.close()
+                if reused:
+                    continue
+                raise UpstreamError(f"{host}:{port} closed the connection without answering") from None
+            except BaseException:
+                response.close()
+                raise
+            return response
+        raise UpstreamError(f"{host}:{port} closed the connection without answering")
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, origin: Origin) -> _Connection:
+        host, port, tls = origin
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(lambda: _Connection(self, origin), host, port,
+                                                       ssl=ssl.create_default_context() if tls else None)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc!r}") from None
+        self._all.add(conn)
+        self.connections_opened += 1
+        return conn
+
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        parked = self._idle.get(origin)
+        if not parked:
+            return None
+        oldest_ok = time.monotonic() - self.idle_timeout_s
+        while parked:
+            conn = parked.pop()  # most recently used first: it is the least likely to be stale
+            if conn.idle_since >= oldest_ok and not conn.closed:
+                return conn
+            conn._abort()
+        return None
+
+    def _park(self, conn: _Connection) -> None:
+        parked = self._idle.setdefault(conn.origin, [])
+        if self._closed or len(parked) >= self.max_idle_per_origin:
+            conn._abort()
+            return
+        parked.append(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        parked = self._idle.get(conn.origin)
+        if parked and conn in parked:
+            parked.remove(conn)
+
+    def idle_connections(self) -> int:
+        return sum(len(p) for p in self._idle.values())
+
+    async def close(self) -> None:
+        """Close every connection, in use or parked."""
+        self._closed = True
+        for conn in list(self._all):
+            conn._abort()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let the transports deliver connection_lost
+
+
+def _expire(response: UpstreamResponse, conn: _Connection, timeout_s: float) -> None:
+    response._deadline = None
+    response._on_error(UpstreamError(f"no complete answer within {timeout_s:g} s"))
+    conn._abort()

@@ -1,0 +1,367 @@
+"""The gateway's HTTP/1.1 server: an ``asyncio.Protocol`` per connection on ``httptools``.
+
+aiohttp's server cost more per request than all of the gateway's own logic on this kind of
+machine (docs/gateway-benchmarks.md), so the gateway serves HTTP itself; this module knows
+HTTP and nothing about the gateway:
+
+* Requests are parsed by llhttp (``httptools``); keep-alive and pipelined requests are served
+  one at a time per connection, in order. A body over ``max_body_bytes`` is answered 413
+  (from ``Content-Length`` before it is read, or as it grows) and the connection closed.
+* Each request runs the handler in its own task with a :class:`Responder`: a whole response
+  (:meth:`Responder.send`) or a chunked stream (:meth:`Responder.start`, :meth:`Responder.write`,
+  :meth:`Responder.end`). Writes go straight to the transport.
+* When the client goes away, the request's task is cancelled (the handler's ``finally`` then
+  aborts its upstream work). Backpressure: while the client's socket buffer is full,
+  :attr:`Responder.paused` is set and the hooks given to :meth:`Responder.on_flow` are called.
+* Idle keep-alive connections are closed after ``keepalive_timeout_s``; a request's head and
+  body must arrive within ``request_timeout_s`` (408 otherwise).
+* :meth:`HttpServer.close` stops listening, lets in-flight requests finish for a grace period,
+  then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+
+log = logging.getLogger("pdgate.http")
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+    body: bytes
+    keep_alive: bool
+
+
+Handler = Callable[[HttpRequest, "Responder"], Awaitable[None]]
+
+
+def _head(status: int, headers: dict[str, str] | None, extra: str) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n", extra]
+    if headers:
+        for name, value in headers.items():
+            lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+class Responder:
+    """How a handler answers one request; see the module doc."""
+
+    __slots__ = ("_conn", "_flow", "_transport", "finished", "keep_alive", "paused", "started", "status", "streaming")
+
+    def __init__(self, conn: HttpServerProtocol, keep_alive: bool) -> None:
+        self._conn = conn
+        self._transport = conn.transport
+        self.keep_alive = keep_alive
+        self.started = False
+        self.finished = False
+        self.streaming = False
+        self.paused = False
+        self._flow: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self.status = 0
+
+    @property
+    def client_gone(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
+
+    def send(self, status: int, body: bytes, *, content_type: str = "application/json",
+             headers: dict[str, str] | None = None) -> None:
+        """A whole response."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = self.finished = True
+        self.status = status
+        connection = "keep-alive" if self.keep_alive else "close"
+        extra = f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: {connection}\r\n"
+        if not self.client_gone:
+            self._transport.write(_head(status, headers, extra) + body)  # type: ignore[union-attr]
+
+    def send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
+        self.send(status, json.dumps(data).encode(), headers=headers)
+
+    def start(self, status: int, *, content_type: str, headers: dict[str, str] | None = None,
+              first: bytes = b"") -> None:
+        """Start a chunked response, optionally with its first piece in the same write."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = self.streaming = True
+        self.status = status
+        extra = f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\nConnection: {'keep-alive' if self.keep_alive else 'close'}\r\n"
+        data = _head(status, headers, extra)
+        if first:
+            data += b"%x\r\n%b\r\n" % (len(first), first)
+        if not self.client_gone:
+            self._transport.write(data)  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        """One chunk of a started stream (empty data is skipped: it would end the stream)."""
+        if data and not self.client_gone:
+            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
+
+    def end(self, last: bytes = b"") -> None:
+        """End a started stream, optionally with a last piece in the same write."""
+        if self.finished:
+            return
+        self.finished = True
+        data = b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n"
+        if not self.client_gone:
+            self._transport.write(data)  # type: ignore[union-attr]
+
+    def on_flow(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        """Hooks for backpressure: ``pause`` when the client's buffer fills, ``resume`` when it drains."""
+        self._flow = (pause, resume)
+        if self.paused:
+            pause()
+
+    def _pause(self) -> None:
+        self.paused = True
+        if self._flow is not None:
+            self._flow[0]()
+
+    def _resume(self) -> None:
+        self.paused = False
+        if self._flow is not None:
+            self._flow[1]()
+
+
+class HttpServerProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._rejected = False
+        self._pending: deque[HttpRequest] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._responder: Responder | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_message = False
+
+    # ------------------------------------------------------------ transport events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server._connections.add(self)
+        self._arm(self.server.keepalive_timeout_s, self._idle_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        self._disarm()
+        self._pending.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the client left: the handler's finally aborts its upstream work
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            if not self._rejected:
+                self._reject(400, f"malformed HTTP request: {exc}")
+
+    def pause_writing(self) -> None:
+        if self._responder is not None:
+            self._responder._pause()
+
+    def resume_writing(self) -> None:
+        if self._responder is not None:
+            self._responder._resume()
+
+    # -------------------------------------------------------------- parser callbacks
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+        if self._task is None:
+            self._arm(self.server.request_timeout_s, self._request_expired)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
+            self._reject(413, f"request body too large: {length} bytes (limit {self.server.max_body_bytes})")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.server.max_body_bytes:
+            self._reject(413, f"request body too large: over {self.server.max_body_bytes} bytes")
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        if self._rejected:
+            return
+        target = self._url.decode("latin-1")
+        path, _, query = target.partition("?")
+        request = HttpRequest(self.parser.get_method().decode("latin-1"), path, query, self._headers,
+                              b"".join(self._body), self.parser.should_keep_alive())
+        if self._task is None:
+            self._disarm()
+            self._run(request)
+        else:
+            self._pending.append(request)
+            if self.transport is not None:
+                self.transport.pause_reading()  # one request at a time; the client waits
+
+    # ------------------------------------------------------------------- serving
+    def _run(self, request: HttpRequest) -> None:
+        self._responder = Responder(self, request.keep_alive and not self.server.closing)
+        self._task = self.loop.create_task(self._serve(request, self._responder))
+
+    async def _serve(self, request: HttpRequest, responder: Responder) -> None:
+        try:
+            await self.server.handler(request, responder)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            if not responder.started:
+                responder.send_json(500, _error_body(500, "internal error in the gateway (logged)", "server_error"))
+        finally:
+            self._after(responder)
+
+    def _after(self, responder: Responder) -> None:
+        self._task = None
+        self._responder = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not responder.finished or not responder.keep_alive:
+            transport.close()  # an unfinished stream can only be ended by closing
+            return
+        if self._pending:
+            self._run(self._pending.popleft())
+            if not self._pending:
+                transport.resume_reading()
+        else:
+            self._arm(self.server.keepalive_timeout_s, self._idle_expired)
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer an unparseable or oversized request and close the connection."""
+        self._rejected = True  # ignore whatever else arrives
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._task is None:
+            body = json.dumps(_error_body(status, message, "invalid_request_error")).encode()
+            transport.write(_head(status, None, f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                                                "Connection: close\r\n") + body)
+            transport.close()
+        else:  # a pipelined request went wrong while another is served: drop the connection afterwards
+            self._pending.clear()
+            transport.pause_reading()
+            if self._responder is not None:
+                self._responder.keep_alive = False
+
+    # -------------------------------------------------------------------- timers
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_expired(self) -> None:
+        self._timer = None
+        if self._task is None and not self._in_message and self.transport is not None:
+            self.transport.close()
+
+    def _request_expired(self) -> None:
+        self._timer = None
+        if self._task is None and self._in_message:
+            self._reject(408, "the request did not arrive in time")
+
+    def shutdown(self) -> None:
+        """Close now if idle; otherwise after the response in progress."""
+        if self._task is None:
+            if self.transport is not None:
+                self.transport.close()
+        elif self._responder is not None:
+            self._responder.keep_alive = False
+
+
+def _error_body(status: int, message: str, err_type: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": None, "code": None}}
+
+
+class HttpServer:
+    """Listens on one address and serves every request with ``handler``."""
+
+    def __init__(self, handler: Handler, *, max_body_bytes: int, keepalive_timeout_s: float = 75.0,
+                 request_timeout_s: float = 60.0) -> None:
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.loop = asyncio.get_running_loop()
+        self._connections: set[HttpServerProtocol] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self.closing = False
+        self.port = 0
+
+    async def start(self, host: str, port: int, backlog: int = 1024) -> None:
+        self._server = await self.loop.create_server(lambda: HttpServerProtocol(self), host, port,
+                                                     backlog=backlog, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def active_requests(self) -> int:
+        return sum(1 for c in self._connections if c._task is not None)
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Stop listening; finish in-flight requests for up to ``grace_s``, then cancel them."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.shutdown()
+        deadline = self.loop.time() + grace_s
+        while self.active_requests() and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        tasks = [c._task for c in self._connections if c._task is not None]
+        for conn in list(self._connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
