@@ -9,9 +9,10 @@ response parser (llhttp), nothing else:
   as the status line and headers are in. A reused keep-alive connection that the engine closed
   meanwhile (nothing answered) is retried once on a fresh connection, as browsers and aiohttp do.
 * The body is consumed either whole (:meth:`UpstreamResponse.read`) or relayed: after
-  :meth:`UpstreamResponse.first_chunk`, :meth:`UpstreamResponse.relay` calls a sink with every
-  further piece straight from ``data_received`` (no task switch per chunk) and returns when the
-  body ends. Chunked transfer encoding is decoded; the pieces are the engine's chunks.
+  :meth:`UpstreamResponse.first_chunk`, :meth:`UpstreamResponse.relay` calls a sink straight
+  from ``data_received`` (no task switch per chunk) and returns when the body ends. Chunked
+  transfer encoding is decoded; the sink gets everything one socket read brought, so SSE
+  events that arrived together leave in one write.
 * :meth:`UpstreamResponse.close` hands a fully read keep-alive connection back to the pool and
   closes any other. Closing mid-response is how a request is aborted on the engine.
 * Every request has a deadline; on expiry the connection is closed and the waiter gets
@@ -85,20 +86,24 @@ class UpstreamResponse:
             self._head.set_result(None)
 
     def _on_body(self, data: bytes) -> None:
-        if self._sink is not None:
-            self._sink(data)
-            return
-        self._chunks.append(data)
-        if self._first is not None and not self._first.done():
-            self._first.set_result(self._take_chunks())
+        self._chunks.append(data)  # handed on once the whole read is parsed: one write for many chunks
 
     def _on_complete(self) -> None:
         self.complete = True
         self._cancel_deadline()
-        if self._first is not None and not self._first.done():
-            self._first.set_result(self._take_chunks())
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+
+    def _after_read(self) -> None:
+        """After each socket read is parsed: deliver its body pieces, wake whoever waits."""
+        if self._chunks:
+            if self._sink is not None:
+                self._sink(self._take_chunks())
+            elif self._first is not None and not self._first.done():
+                self._first.set_result(self._take_chunks())
+        if self.complete:
+            if self._first is not None and not self._first.done():
+                self._first.set_result(self._take_chunks())
+            if self._done is not None and not self._done.done():
+                self._done.set_result(None)
 
     def _on_error(self, error: UpstreamError) -> None:
         if self.complete:
@@ -205,6 +210,8 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             response._on_error(UpstreamError(f"malformed response from the engine: {exc}"))
             self._abort()
+            return
+        response._after_read()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
