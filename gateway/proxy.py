@@ -105,12 +105,17 @@ class Proxy:
         tokenizer = self.tokenizers[model.name]
         if kind == "completion":
             prompt = parsed.prompt
-            prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if isinstance(prompt, str):
+                prompt_ids = tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
+            else:
+                prompt_ids = list(prompt)
             body["prompt"] = prompt_ids  # the ids we hash are the ids the engine sees
             max_tokens = parsed.max_tokens if parsed.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         else:
             try:
-                prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(parsed.messages))
+                text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=parsed.add_generation_prompt,
+                                                     tools=parsed.tools, **(parsed.chat_template_kwargs or {}))
+                prompt_ids = tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens)
             except (ValueError, KeyError, TypeError) as exc:
                 raise GatewayError(400, f"invalid messages: {exc}", param="messages") from None
             limit = parsed.max_completion_tokens if parsed.max_completion_tokens is not None else parsed.max_tokens

@@ -61,6 +61,7 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     prompt: str | list[int] | list[str] | list[list[int]]
+    add_special_tokens: bool = True  # as vLLM: a text prompt gets the tokenizer's special tokens (BOS)
 
     @field_validator("prompt")
     @classmethod
@@ -77,6 +78,11 @@ class CompletionBody(_Body):
 class ChatBody(_Body):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
+    # read to render the prompt exactly as the engine will (vLLM's chat parameters and defaults)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("messages")
     @classmethod

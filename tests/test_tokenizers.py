@@ -6,6 +6,7 @@ import json
 import urllib.request
 
 import pytest
+import yaml
 
 from engines.sim.tokenizer import BuiltinTokenizer, HFTokenizer
 
@@ -65,3 +66,69 @@ def test_hf_tokenizer_directory_is_used_by_the_engine(hf_tokenizer_dir, sim_fact
                                  headers={"Content-Type": "application/json"})
     out = json.load(urllib.request.urlopen(req))["choices"][0]
     assert len(out["token_ids"]) == 8 and out["text"] == local.decode(out["token_ids"])
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool messages') }}"
+    "{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama_like_dir(hf_tokenizer_dir, tmp_path_factory):
+    """The same vocabulary with a BOS post-processor and a Jinja chat template, like a Llama tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    from tokenizers import processors
+
+    tok = tokenizers.Tokenizer.from_file(str(hf_tokenizer_dir / "tokenizer.json"))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    path = tmp_path_factory.mktemp("llama-like")
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+    return path
+
+
+def test_hf_chat_template_is_rendered_like_transformers(llama_like_dir):
+    tok = HFTokenizer(llama_like_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the city"}]
+    assert tok.apply_chat_template(messages) == "<s>[system] Be brief.\n[user] the city\n[assistant]"
+    assert tok.apply_chat_template(messages, add_generation_prompt=False).endswith("[user] the city\n")
+    ids = tok.encode(tok.apply_chat_template(messages))
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1  # the template's BOS, no second one
+    with pytest.raises(ValueError, match="no tool messages"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    text = "the history of the city"
+    assert tok.encode(text, add_special_tokens=True) == [tok.bos_token_id, *tok.encode(text)]
+
+
+def test_gateway_tokenizes_like_the_engine_with_special_tokens(llama_like_dir, sim_factory, tmp_path):
+    """A text prompt gets BOS at the gateway exactly as the engine would add it itself, so the
+    ids the gateway hashes and forwards give the same answer as the text sent directly."""
+    openai = pytest.importorskip("openai")
+    from support.fleet import MODEL, start_gateway, write_config
+
+    engine = sim_factory("--tokenizer", str(llama_like_dir), "--served-model-name", MODEL)
+    config = write_config(tmp_path / "gw.yaml", [{"id": "e0", "url": engine.url, "kind": "sim", "role": "both",
+                                                 "model": MODEL}])
+    raw = yaml.safe_load(config.read_text())
+    raw["models"][0]["tokenizer"] = str(llama_like_dir)
+    config.write_text(yaml.safe_dump(raw))
+    gateway = start_gateway(config)
+    try:
+        args = {"model": MODEL, "prompt": "the history of the city", "max_tokens": 6, "temperature": 0,
+                "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+        direct = openai.OpenAI(base_url=f"{engine.url}/v1", api_key="x").completions.create(**args)
+        via = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x").completions.create(**args)
+        assert via.usage.prompt_tokens == direct.usage.prompt_tokens == len(HFTokenizer(llama_like_dir).encode(
+            "the history of the city", add_special_tokens=True))
+        assert via.choices[0].text == direct.choices[0].text
+        chat = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "the city"}], max_tokens=4)
+        local = HFTokenizer(llama_like_dir)
+        assert chat.usage.prompt_tokens == len(local.encode(local.apply_chat_template([{"role": "user", "content": "the city"}])))
+    finally:
+        gateway.stop()
+

@@ -114,6 +114,7 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    add_special_tokens: bool = True  # vLLM's default for completions (e.g. a BOS token)
 
     @field_validator("prompt")
     @classmethod
@@ -137,6 +138,9 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # vLLM's default for chat: the template has its own
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 def parse_request(model: type[BaseModel], body: Any) -> Any:

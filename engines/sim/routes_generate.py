@@ -90,14 +90,16 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
     try:
         if isinstance(req, CompletionRequest):
             if isinstance(req.prompt, str):
-                prompt_ids = tok.encode(req.prompt)
+                prompt_ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
             else:
                 prompt_ids = list(req.prompt)
                 if any(t < 0 or t >= tok.vocab_size for t in prompt_ids):
                     raise ApiError(400, f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
         else:
             messages = [m.model_dump() for m in req.messages]
-            prompt_ids = tok.encode(tok.apply_chat_template(messages))
+            text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools,
+                                           **(req.chat_template_kwargs or {}))
+            prompt_ids = tok.encode(text, add_special_tokens=req.add_special_tokens)
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     if not prompt_ids:

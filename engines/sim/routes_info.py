@@ -45,13 +45,17 @@ async def handle_tokenize(state: SimState, request: web.Request) -> web.Response
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     tok = state.tokenizer
+    special = body.get("add_special_tokens", "messages" not in body)  # vLLM's defaults: chat False, text True
+    if not isinstance(special, bool):
+        raise ApiError(400, "'add_special_tokens' must be a boolean", param="add_special_tokens")
     if "messages" in body:
         try:
-            tokens = tok.encode(tok.apply_chat_template(body["messages"]))
+            text = tok.apply_chat_template(body["messages"], add_generation_prompt=body.get("add_generation_prompt", True) is not False)
+            tokens = tok.encode(text, add_special_tokens=special)
         except (KeyError, TypeError, ValueError) as exc:
             raise ApiError(400, f"invalid messages: {exc}", param="messages") from None
     elif isinstance(body.get("prompt"), str):
-        tokens = tok.encode(body["prompt"])
+        tokens = tok.encode(body["prompt"], add_special_tokens=special)
     else:
         raise ApiError(400, "give 'prompt' (a string) or 'messages'", param="prompt")
     strs = [tok.decode([t]) for t in tokens] if body.get("return_token_strs") else None

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engines.sim.chat_template import ChatTemplate, find_chat_template
+
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -38,8 +40,9 @@ class Tokenizer(ABC):
     bos_token_id: int | None
 
     @abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` applies the tokenizer's own post-processing
+        (e.g. a BOS token), as vLLM does for text completion prompts."""
 
     @abstractmethod
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -53,16 +56,19 @@ class Tokenizer(ABC):
     def token_text(self, token_id: int) -> str:
         """Text of one generatable token, for incremental (streamed) detokenization."""
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
         """Render chat messages to one prompt string ending where the assistant speaks.
 
         A deliberately simple template (``<role>: content`` lines) shared by the engine and every
-        client that needs to count chat tokens the way the engine will.
+        client that needs to count chat tokens the way the engine will. A Hugging Face tokenizer
+        with a ``chat_template`` renders that instead.
         """
         lines = []
         for message in messages:
             lines.append(f"{message['role']}: {message_text(message.get('content'))}\n")
-        lines.append("assistant:")
+        if add_generation_prompt:
+            lines.append("assistant:")
         return "".join(lines)
 
 
@@ -116,8 +122,8 @@ class BuiltinTokenizer(Tokenizer):
         self._piece_bytes = [p.encode() for p in self._pieces]
         self.vocab_size = self._piece_base + len(self._pieces)
 
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids: list[int] = []  # no post-processor: the same ids with or without special tokens
         piece_ids = self._piece_ids
         for match in _PIECE_RE.finditer(text):
             chunk = match.group()
@@ -192,6 +198,16 @@ class HFTokenizer(Tokenizer):
         self._special_ids.add(self.eos_token_id)
         self._generatable = [i for i in range(self.vocab_size) if i not in self._special_ids and self._stable(i)]
         self._texts: dict[int, str] = {}
+        source = find_chat_template(file.parent, config)
+        special = {name: _token_content(config.get(name)) for name in
+                   ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")}
+        self._chat_template = ChatTemplate(source, special) if source else None
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+        if self._chat_template is None:
+            return super().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
 
     def _token_id(self, configured: Any, fallbacks: list[str]) -> int:
         if isinstance(configured, dict):
@@ -206,8 +222,8 @@ class HFTokenizer(Tokenizer):
         text = self._tok.decode([token_id], skip_special_tokens=True)
         return bool(text) and "\ufffd" not in text
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tok.decode(list(token_ids), skip_special_tokens=True)
@@ -222,6 +238,12 @@ class HFTokenizer(Tokenizer):
             text = self._tok.decode([token_id], skip_special_tokens=True)
             self._texts[token_id] = text
         return text
+
+
+def _token_content(token: Any) -> str | None:
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
 
 
 def _read_tokenizer_config(directory: Path) -> dict[str, Any]:
