@@ -114,6 +114,14 @@ class UpstreamResponse:
             if future is not None and not future.done():
                 future.set_exception(error)
 
+    def _until_close(self) -> bool:
+        """Whether the body (its head is in) has no length and ends when the connection does."""
+        if not self._head.done() or self._head.exception() is not None:
+            return False
+        if self.status < 200 or self.status in (204, 304):
+            return False
+        return "content-length" not in self.headers and "chunked" not in self.headers.get("transfer-encoding", "")
+
     def _take_chunks(self) -> bytes:
         data = b"".join(self._chunks)
         self._chunks.clear()
@@ -217,7 +225,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.pool._forget(self)
         response, self.response = self.response, None
-        if response is not None and not response.complete:
+        if response is not None and not response.complete and exc is None and response._until_close():
+            response._on_complete()  # a body delimited by the end of the connection (RFC 9112 6.3)
+            response._after_read()
+        elif response is not None and not response.complete:
             if response._got_bytes:
                 response._on_error(UpstreamError(f"the engine closed the connection mid-response ({exc or 'EOF'})"))
             else:
@@ -297,8 +308,8 @@ class UpstreamPool:
         head.append("\r\n")
         raw = "".join(head).encode("latin-1") + body
         loop = asyncio.get_running_loop()
-        for _attempt in range(2):
-            conn = self._take_idle(origin)
+        for attempt in range(2):
+            conn = self._take_idle(origin) if attempt == 0 else None  # the retry goes on a new connection
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(loop, origin)
@@ -320,6 +331,8 @@ class UpstreamPool:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, origin: Origin) -> _Connection:
         host, port, tls = origin
+        if self._closed:
+            raise UpstreamError("the upstream pool is closed")
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(lambda: _Connection(self, origin), host, port,

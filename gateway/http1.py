@@ -268,6 +268,8 @@ class HttpServerProtocol(asyncio.Protocol):
             self._run(self._pending.popleft())
             if not self._pending:
                 transport.resume_reading()
+        elif self._in_message:  # the next request has begun to arrive: it has request_timeout_s to finish
+            self._arm(self.server.request_timeout_s, self._request_expired)
         else:
             self._arm(self.server.keepalive_timeout_s, self._idle_expired)
 
