@@ -2,19 +2,56 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from gateway.cluster import Cluster
     from gateway.proxy import Routed
+
+
+class LightHistogram(Collector):
+    """A histogram for the request path: ``observe`` is a bisect and two additions (no lock, no
+    label lookup; the gateway's loop is one thread), exported in Prometheus' form at scrape time.
+    ``prometheus_client.Histogram`` costs several times more per observation, and the gateway
+    makes one per plugin per request."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.bounds = list(buckets)
+        self._series: dict[tuple[str, ...], list[float]] = {}  # per-bucket counts (+Inf last), then the sum
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0.0] * (len(self.bounds) + 2)
+        series[bisect_left(self.bounds, value)] += 1
+        series[-1] += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, series in self._series.items():
+            cumulative, buckets = 0.0, []
+            for bound, count in zip([*map(str, self.bounds), "+Inf"], series[:-1], strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(labels), buckets, series[-1])
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
 class GatewayMetrics:
@@ -24,9 +61,9 @@ class GatewayMetrics:
                                 ["route", "model", "status"], registry=r)
         self.retries = Counter("pdgate_retries", "Requests retried on another instance before their first byte.",
                                ["model"], registry=r)
-        self.plugin_seconds = Histogram("pdgate_plugin_duration_seconds", "Latency of one scheduling plugin call.",
-                                        ["profile", "plugin"], registry=r,
-                                        buckets=(1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2))
+        self.plugin_seconds = LightHistogram("pdgate_plugin_duration_seconds", "Latency of one scheduling plugin call.",
+                                             ("profile", "plugin"), (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2))
+        r.register(self.plugin_seconds)
         self.inflight = Gauge("pdgate_instance_inflight_requests", "Requests the gateway has in flight on an instance.",
                               ["instance"], registry=r)
         self.inflight_tokens = Gauge("pdgate_instance_inflight_tokens", "Tokens in flight on an instance, by phase.",
@@ -46,7 +83,7 @@ class GatewayMetrics:
         self._child(self.requests, routed.path, routed.info.model, str(status)).inc()
 
     def observe_plugin(self, profile: str, plugin: str, seconds: float) -> None:
-        self._child(self.plugin_seconds, profile, plugin).observe(seconds)
+        self.plugin_seconds.observe((profile, plugin), seconds)
 
     def render(self, cluster: Cluster) -> bytes:
         now = cluster.clock()
