@@ -1,4 +1,4 @@
-"""``pdgate engine ...``: launch engines (the embedded simulator; real engines in later recipes)."""
+"""``pdgate engine ...``: launch engines (the embedded simulator, real vLLM, SGLang)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def add_engine_commands(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--config", metavar="FILE", help="YAML file of engine settings")
     add_model_flags(sim, SimEngineConfig)
     sim.set_defaults(run=run_sim)
+    from engines.sglang_launch import add_sglang_command
+    from engines.vllm_cpu.install import add_setup_command
+    from engines.vllm_launch import add_vllm_command
+
+    add_vllm_command(kinds)
+    add_setup_command(kinds)
+    add_sglang_command(kinds)
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:

@@ -38,6 +38,18 @@ class SimLaunch(Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="more engine settings, snake_case")
 
 
+class VllmLaunch(Strict):
+    """How ``pdgate up`` starts a real vLLM instance (``pdgate engine vllm``; see its --help)."""
+
+    model_path: str = Field(description="local model directory")
+    side_channel_port: int | None = Field(None, description="NIXL side-channel port (prefill/decode; unique per host)")
+    cpu_cores: str | None = Field(None, description="taskset core list (CPU builds)")
+    device: Literal["cpu", "gpu"] = "cpu"
+    python: str | None = Field(None, description="the vLLM environment's interpreter (default: from vllm-setup)")
+    max_model_len: int | None = None
+    args: dict[str, Any] = Field(default_factory=dict, description="more `pdgate engine vllm` settings, snake_case")
+
+
 class InstanceConfig(Strict):
     id: str | None = Field(None, description="unique name (default: host:port)")
     url: str = Field(description="base URL of the engine, e.g. http://127.0.0.1:8101")
@@ -49,7 +61,7 @@ class InstanceConfig(Strict):
     kv_events: KvEventsConfig | None = None
     bootstrap_port: int | None = Field(None, description="SGLang prefill bootstrap port")
     block_size: int = Field(16, ge=1)
-    launch: SimLaunch | None = Field(None, description="for `pdgate up`: start this simulated instance")
+    launch: VllmLaunch | SimLaunch | None = Field(None, description="for `pdgate up`: start this instance (sim or vllm)")
 
     @field_validator("url")
     @classmethod
@@ -64,6 +76,15 @@ class InstanceConfig(Strict):
         if value not in ADAPTERS:
             raise ValueError(f"unknown adapter kind {value!r}; known: {', '.join(sorted(ADAPTERS))}")
         return value
+
+    @model_validator(mode="after")
+    def _launchable(self) -> InstanceConfig:
+        if isinstance(self.launch, VllmLaunch) and self.kind != "vllm":
+            raise ValueError(f"launch.model_path: a vLLM launch section needs kind 'vllm', not {self.kind!r}")
+        if isinstance(self.launch, SimLaunch) and not self.kind.startswith("sim"):
+            raise ValueError(f"launch: kind {self.kind!r} cannot be launched as a simulated engine "
+                             "(a vLLM launch section needs model_path)")
+        return self
 
     def spec(self) -> InstanceSpec:
         key = self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)

