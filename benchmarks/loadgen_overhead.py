@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadgen.client import Target  # noqa: E402
-from loadgen.runner import LoadConfig, run_load  # noqa: E402
-from loadgen.types import BenchRequest  # noqa: E402
+from loadgen.client import Target
+from loadgen.runner import LoadConfig, run_load
+from loadgen.types import BenchRequest
 
 CHUNKS = 16
 

@@ -44,7 +44,7 @@ class Target:
 class _StreamParser:
     """Consumes the SSE body as it arrives; records the time of each chunk that carried output."""
 
-    __slots__ = ("_buffer", "_start", "chunk_times", "events", "usage", "error")
+    __slots__ = ("_buffer", "_start", "chunk_times", "error", "events", "usage")
 
     def __init__(self, start: float) -> None:
         self._buffer = b""
