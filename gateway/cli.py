@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from engines.cli import add_engine_commands
 from gateway.commands import add_gateway_commands
+from loadgen.cli import add_bench_commands
 
 DESCRIPTION = """\
 pdgate: an SLO-aware gateway and global scheduler for prefill-decode disaggregated LLM serving.
@@ -23,6 +24,7 @@ examples:
   pdgate engine sim                                   # one simulated vLLM-style engine on :8100
   pdgate engine sim --role prefill --port 8101 --api vllm --profile h100-llama-3-8b
   pdgate engine sim --help                            # every engine flag, with defaults
+  pdgate bench run --target http://127.0.0.1:8000 --model llama-3-8b --rate 4 --slo ttft=0.5,tpot=0.05
 """
 
 
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_gateway_commands(commands)
     add_engine_commands(commands)
+    add_bench_commands(commands)
     return parser
 
 

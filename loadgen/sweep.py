@@ -78,11 +78,11 @@ def requests_for(rate: float, config: SweepConfig) -> int:
     return max(config.min_requests, math.ceil(rate * config.point_duration_s))
 
 
-async def sweep(targets: Sequence[str], workload: Callable[[int], Sequence[BenchRequest]], probe: Probe,
+async def sweep(targets: Sequence[str], workload: Callable[[int, float], Sequence[BenchRequest]], probe: Probe,
                 attainment: Attainment, config: SweepConfig,
                 on_point: Callable[[str, float, float], None] | None = None) -> dict[str, SweepResult]:
-    """Search every target's goodput rate (see the module doc). ``workload(n)`` gives the first
-    ``n`` requests of one fixed workload; the same ``n`` gives the same requests to every target."""
+    """Search every target's goodput rate (see the module doc). ``workload(n, rate)`` gives the
+    ``n`` requests of the probe at ``rate``; it must give every target the same requests."""
     results = {name: SweepResult(name) for name in targets}
     while True:
         pending = [(name, rate) for name, result in results.items()
@@ -93,7 +93,7 @@ async def sweep(targets: Sequence[str], workload: Callable[[int], Sequence[Bench
         if not pending:
             return results
         for name, rate in pending:
-            requests = workload(requests_for(rate, config))
+            requests = workload(requests_for(rate, config), rate)
             outcome = await probe(name, rate, requests)
             value = attainment(outcome, rate)
             results[name].record(rate, value, config)

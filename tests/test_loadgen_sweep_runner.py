@@ -26,7 +26,7 @@ async def test_sweep_brackets_the_capacity_of_each_target() -> None:
 
     order: list[str] = []
     config = SweepConfig(start_rate=4, tolerance=0.05, max_probes=12, point_duration_s=1)
-    found = await sweep(["fast", "slow"], lambda n: [BenchRequest(i, "completions", 4, prompt="x") for i in range(n)],
+    found = await sweep(["fast", "slow"], lambda n, rate: [BenchRequest(i, "completions", 4, prompt="x") for i in range(n)],
                         probe, attainment, config, on_point=lambda name, rate, value: order.append(name))
     for name, cap in capacity.items():
         assert found[name].best_rate is not None and cap * 0.95 <= found[name].best_rate <= cap
