@@ -75,6 +75,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     w.add_argument("--trace-scale", type=float, default=1.0, help="Mooncake: scale every block (keeps the sharing)")
     w.add_argument("--truncate-input", type=int, help="cap prompts at this many tokens")
     w.add_argument("--offset", type=int, default=0, help="skip the trace's first N records")
+    w.add_argument("--max-input", type=int, help="trace: skip records with longer prompts")
+    w.add_argument("--max-output", type=int, help="trace: skip records with longer outputs")
     w.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
     w.add_argument("--seed", type=int, default=0)
     a = p.add_argument_group("load")
@@ -132,7 +134,8 @@ def build_workload(args: argparse.Namespace, n: int | None = None) -> list[Any]:
                                     ignore_eos=ignore_eos)[:n]
     if not args.trace:
         raise ValueError("--workload trace needs --trace FILE")
-    options: dict[str, Any] = {"limit": n, "offset": args.offset, "api": args.api, "ignore_eos": ignore_eos}
+    options: dict[str, Any] = {"limit": n, "offset": args.offset, "api": args.api, "ignore_eos": ignore_eos,
+                               "max_input_tokens": args.max_input, "max_output_tokens": args.max_output}
     fmt = traces.detect_format(args.trace) if args.trace_format == "auto" else args.trace_format
     if fmt == "mooncake":
         options.update(scale=args.trace_scale, truncate_input_tokens=args.truncate_input)

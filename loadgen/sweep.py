@@ -11,8 +11,8 @@ measured requests meet their SLOs:
 3. The answer is the highest good rate probed (``None`` if none was good).
 
 Several targets are searched in rounds: each round runs the next probe of every unfinished
-target one after the other, so the targets see the same workload at interleaved times and slow
-drift of the host affects them alike.
+target one after the other (the order alternates between rounds), so the targets see the same
+workload at interleaved times and slow drift of the host affects them alike.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ async def sweep(targets: Sequence[str], workload: Callable[[int, float], Sequenc
     """Search every target's goodput rate (see the module doc). ``workload(n, rate)`` gives the
     ``n`` requests of the probe at ``rate``; it must give every target the same requests."""
     results = {name: SweepResult(name) for name in targets}
+    rounds = 0
     while True:
         pending = [(name, rate) for name, result in results.items()
                    if not result.finished and (rate := result.next_rate(config)) is not None]
@@ -92,7 +93,9 @@ async def sweep(targets: Sequence[str], workload: Callable[[int, float], Sequenc
                 result.finished = True
         if not pending:
             return results
-        for name, rate in pending:
+        rounds += 1
+        # alternate who goes first: on a shared fleet the second run of a round finds warmer caches
+        for name, rate in pending if rounds % 2 else pending[::-1]:
             requests = workload(requests_for(rate, config), rate)
             outcome = await probe(name, rate, requests)
             value = attainment(outcome, rate)
