@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -36,7 +35,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -161,33 +159,15 @@ installed in --python (default: this interpreter) on a GPU host; --print shows t
 
 def add_sglang_command(kinds: argparse._SubParsersAction) -> None:
     """Register ``sglang`` under ``pdgate engine``: one flag per config field, plus ``--print``."""
-    from engines.cli import add_model_flags
+    from engines.cli import add_launch_command
 
-    parser = kinds.add_parser("sglang", help="a real SGLang engine (prefill, decode or colocated)",
-                              description=SGLANG_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(parser, SglangLaunchConfig)
-    parser.add_argument("--print", action="store_true", help="print the command, do not start")
-    parser.set_defaults(run=run_sglang)
+    add_launch_command(kinds, "sglang", help_text="a real SGLang engine (prefill, decode or colocated)",
+                       description=SGLANG_DESCRIPTION, config=SglangLaunchConfig, run=run_sglang)
 
 
 def run_sglang(args: argparse.Namespace) -> int:
     """Build the command; print it (``--print``), or replace this process with SGLang."""
-    from engines.cli import model_from_args
+    from engines.cli import run_launcher
 
-    try:
-        config = model_from_args(SglangLaunchConfig, args, None)
-        argv = sglang_command(config)
-    except (ValidationError, ValueError) as exc:
-        print(f"pdgate engine sglang: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    if args.print:
-        print(shlex.join(argv))
-        return 0
-    problem = sglang_missing(config.python)
-    if problem is not None:
-        print(f"pdgate engine sglang: {problem}", file=sys.stderr)
-        return 2
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvp(argv[0], argv)
-    return 0  # pragma: no cover - exec does not return
+    return run_launcher(args, "sglang", SglangLaunchConfig, lambda config: (sglang_command(config), {}),
+                        lambda config: sglang_missing(config.python))

