@@ -62,13 +62,20 @@ def sim_command(instance: InstanceConfig) -> list[str]:
         args += ["--profile", launch.profile]
     if launch.time_scale:
         args += ["--time-scale", str(launch.time_scale)]
-    for key, value in launch.args.items():
-        flag = "--" + key.replace("_", "-")
+    return [sys.executable, "-m", "gateway.cli", "engine", "sim", *args, *engine_flags(launch.args)]
+
+
+def engine_flags(settings: dict[str, object]) -> list[str]:
+    """``pdgate engine`` flags for snake_case settings: ``--name value``, ``--name``/``--no-name`` for
+    booleans; ``None`` is left out (the engine's default)."""
+    args: list[str] = []
+    for key, value in settings.items():
+        flag = key.replace("_", "-")
         if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    return [sys.executable, "-m", "gateway.cli", "engine", "sim", *args]
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            args += [f"--{flag}", str(value)]
+    return args
 
 
 def vllm_command(instance: InstanceConfig) -> list[str]:
@@ -86,11 +93,7 @@ def vllm_command(instance: InstanceConfig) -> list[str]:
         settings.update(kv_events_endpoint=instance.kv_events.endpoint, kv_events_topic=instance.kv_events.topic,
                         kv_events_replay_endpoint=instance.kv_events.replay_endpoint)
     settings.update(launch.args)
-    args: list[str] = []
-    for key, value in settings.items():
-        if value is not None:
-            args += ["--" + key.replace("_", "-"), str(value)]
-    return [sys.executable, "-m", "gateway.cli", "engine", "vllm", *args]
+    return [sys.executable, "-m", "gateway.cli", "engine", "vllm", *engine_flags(settings)]
 
 
 def launch_command(instance: InstanceConfig) -> list[str]:
