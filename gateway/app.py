@@ -16,13 +16,15 @@ import aiohttp
 
 from adapters import UpstreamPool
 from engines.sim.tokenizer import Tokenizer, load_tokenizer
+from gateway.admission import AdmissionController
 from gateway.cluster import Cluster
 from gateway.config import DEFAULT_SCHEDULING, GatewayConfig
+from gateway.costs import CostModelService
 from gateway.http1 import HttpRequest, HttpServer, Responder
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.requests import GatewayError
-from scheduler.framework import Profile
+from scheduler.framework import Admitter, Profile
 from scheduler.registry import PluginRegistry
 
 log = logging.getLogger("pdgate.gateway")
@@ -41,10 +43,13 @@ class Gateway:
     profiles: dict[str, Profile]
     tokenizers: dict[str, Tokenizer]
     metrics: GatewayMetrics
+    admitter: Admitter | None = None
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
     cluster: Cluster | None = None
     proxy: Proxy | None = None
+    admission: AdmissionController | None = None
+    costs: CostModelService | None = None
     started_at: float = 0.0
 
 
@@ -57,7 +62,8 @@ def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None)
     if missing:
         raise ValueError(f"scheduling.profiles: missing profile(s) {missing} (needed: {list(REQUIRED_PROFILES)})")
     tokenizers = {m.name: load_tokenizer(m.tokenizer) for m in config.models}
-    return Gateway(config, profiles, tokenizers, GatewayMetrics())
+    admitter = registry.create_admitter(config.admission.admitter, config.admission.parameters)
+    return Gateway(config, profiles, tokenizers, GatewayMetrics(), admitter)
 
 
 class GatewayApp:
@@ -75,6 +81,7 @@ class GatewayApp:
             "/health": {"GET": self.health},
             "/ready": {"GET": self.ready},
             "/metrics": {"GET": self.metrics},
+            "/cost-model": {"GET": self.cost_model},
         }
 
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
@@ -123,7 +130,21 @@ class GatewayApp:
         responder.send_json(code, {"ready": code == 200, "models": status}, headers=headers)
 
     async def metrics(self, request: HttpRequest, responder: Responder) -> None:
-        responder.send(200, self.gw.metrics.render(self.cluster), content_type="text/plain; version=0.0.4; charset=utf-8")
+        responder.send(200, self.gw.metrics.render(self.cluster, self.gw.admission, self.gw.costs), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+    async def cost_model(self, request: HttpRequest, responder: Responder) -> None:
+        """The cost model in force: version, refits, records held, latency coefficients per group."""
+        costs = self.gw.costs
+        current = costs.current if costs is not None else None
+        if costs is None or current is None:
+            raise GatewayError(503, "the cost model is not loaded yet", headers={"Retry-After": "1"})
+        output = current.output
+        responder.send_json(200, {
+            "version": current.version, "refits": costs.refits, "refit_failures": costs.refit_failures,
+            "records": len(costs.records), "latency": current.latency.describe(),
+            "output_length": {"n_train": getattr(output, "n_train", 0), "q_high": getattr(output, "q_high", None)},
+        })
 
 
 class GatewayServer:
@@ -144,9 +165,16 @@ class GatewayServer:
         gw.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)  # scrapes and health checks
         gw.pool = UpstreamPool()
         gw.cluster = Cluster(gw.config, gw.session, gw.pool)
-        gw.proxy = Proxy(gw.config, gw.cluster, gw.profiles, gw.tokenizers, gw.metrics)
+        gw.costs = CostModelService(gw.config.cost_model, {i.cost_key(): i.prior_spec() for i in gw.config.instances})
+        costs = gw.costs
+        gw.admission = AdmissionController(gw.config.admission, gw.admitter, costs=lambda: costs.current,
+                                           on_outcome=gw.metrics.observe_admission)
+        gw.cluster.on_release = gw.admission.wake
+        gw.proxy = Proxy(gw.config, gw.cluster, gw.profiles, gw.tokenizers, gw.metrics, admission=gw.admission, costs=gw.costs)
         gw.started_at = time.time()
         try:
+            await gw.costs.start()
+            gw.admission.start()
             await gw.cluster.start()
             self._http = HttpServer(GatewayApp(gw, gw.cluster, gw.proxy), max_body_bytes=gw.config.max_body_bytes)
             await self._http.start(gw.config.host, gw.config.port)
@@ -160,6 +188,10 @@ class GatewayServer:
         if self._http is not None:
             await self._http.close(SHUTDOWN_GRACE_S)
             self._http = None
+        if gw.admission is not None:
+            await gw.admission.close()
+        if gw.costs is not None:
+            await gw.costs.close()
         if gw.cluster is not None:
             await gw.cluster.close()
         if gw.pool is not None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from engines.cli import add_engine_commands
 from gateway.commands import add_gateway_commands
 from loadgen.cli import add_bench_commands
+from scheduler.costmodel.cli import add_cost_model_commands
 
 DESCRIPTION = """\
 pdgate: an SLO-aware gateway and global scheduler for prefill-decode disaggregated LLM serving.
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gateway_commands(commands)
     add_engine_commands(commands)
     add_bench_commands(commands)
+    add_cost_model_commands(commands)
     return parser
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -28,6 +30,7 @@ from adapters.kv_events import KvEventSource, KvEventSubscriber
 from adapters.load import EngineLoad
 from gateway.config import GatewayConfig
 from scheduler.block_hash import block_hashes, to_event_hash
+from scheduler.costmodel.model import CostModel
 from scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
 from scheduler.snapshot import ClusterSnapshot, InstanceView
 
@@ -86,6 +89,36 @@ class InstanceState:
     inflight_decode_tokens: int = 0
     draining: bool = False
     last_error: str | None = None
+    cost_group: str = ""
+    prefill_work: dict[int, tuple[float, float]] = field(default_factory=dict)  # lease -> (sent at, predicted s)
+    decode_inflight: int = 0
+    decode_context_tokens: int = 0
+    tpot_slos: Counter[float] = field(default_factory=Counter)
+
+    prefill_finish: float = 0.0  # when the prefill work sent so far would be done at the predicted rate
+
+    def add_prefill(self, key: int, now: float, predicted: float) -> None:
+        self.prefill_work[key] = (now, predicted)
+        self.prefill_finish = max(self.prefill_finish, now) + predicted
+
+    def remove_prefill(self, key: int, now: float) -> None:
+        if self.prefill_work.pop(key, None) is not None and not self.prefill_work:
+            self.prefill_finish = min(self.prefill_finish, now)  # idle: faster than predicted
+
+    def prefill_wait(self, now: float) -> float:
+        """Predicted wait of a new prefill behind the prefill work already sent here.
+
+        Engines batch prefills (chunked prefill), so the order in which the queued ones finish is
+        not first-come first-served, but the total work is conserved: the wait is the predicted
+        work not done yet. Two estimates, the larger wins: the virtual finish time of all work
+        sent (work-conserving queue at the predicted rate), and the in-flight work less at most
+        the oldest leg's share (when the engine runs behind the predictions).
+        """
+        if not self.prefill_work:
+            return 0.0
+        oldest_sent, oldest_work = min(self.prefill_work.values())
+        in_flight = sum(p for _, p in self.prefill_work.values())
+        return max(self.prefill_finish - now, in_flight - min(oldest_work, now - oldest_sent), 0.0)
 
     def view(self, now: float, stale_after: float) -> InstanceView:
         load = self.load if self.load is not None and now - self.load.scraped_at <= stale_after else None
@@ -106,6 +139,12 @@ class InstanceState:
             inflight_decode_tokens=self.inflight_decode_tokens,
             block_size=self.spec.block_size,
             capabilities=self.capability_names,
+            cost_group=self.cost_group,
+            prefill_wait_s=self.prefill_wait(now),
+            prefill_inflight=len(self.prefill_work),
+            decode_inflight=self.decode_inflight,
+            decode_context_tokens=self.decode_context_tokens,
+            tightest_tpot_s=min(self.tpot_slos) if self.tpot_slos else None,
         )
 
     @functools.cached_property
@@ -121,14 +160,36 @@ class Lease:
     prefill_tokens: int
     decode_tokens: int
     released: bool = False
+    key: int = 0
+    context_tokens: int = 0  # decode legs: the context this request adds to the batch
+    tpot_slo: float | None = None
+    decodes: bool = False
+    on_release: Callable[[], None] | None = None
 
     def release(self) -> None:
         if self.released:
             return
         self.released = True
-        self.state.inflight_requests -= 1
-        self.state.inflight_prefill_tokens -= self.prefill_tokens
-        self.state.inflight_decode_tokens -= self.decode_tokens
+        state = self.state
+        state.inflight_requests -= 1
+        state.inflight_prefill_tokens -= self.prefill_tokens
+        state.inflight_decode_tokens -= self.decode_tokens
+        state.remove_prefill(self.key, time.monotonic())
+        if self.decodes:
+            state.decode_inflight -= 1
+            state.decode_context_tokens -= self.context_tokens
+            if self.tpot_slo is not None:
+                state.tpot_slos[self.tpot_slo] -= 1
+                if state.tpot_slos[self.tpot_slo] <= 0:
+                    del state.tpot_slos[self.tpot_slo]
+        if self.on_release is not None:
+            self.on_release()
+
+    def prefill_done(self) -> None:
+        """The prefill part is over (the decode part, if any, goes on): stop counting it as queued work."""
+        self.state.remove_prefill(self.key, time.monotonic())
+        if self.on_release is not None:
+            self.on_release()
 
 
 @dataclass
@@ -150,10 +211,12 @@ class Cluster:
         self.config = config
         self.clock = clock
         self.instances: dict[str, InstanceState] = {}
+        self.on_release: Callable[[], None] | None = None  # called whenever capacity frees up (admission wakes)
+        self._lease_ids = itertools.count(1)
         for inst in config.instances:
             spec = inst.spec()
             breaker = CircuitBreaker(config.health.failure_threshold, config.health.cooldown_s)
-            self.instances[spec.id] = InstanceState(spec, make_adapter(spec, session, pool), breaker)
+            self.instances[spec.id] = InstanceState(spec, make_adapter(spec, session, pool), breaker, cost_group=inst.cost_key())
         self.exact_index = ExactPrefixIndex()
         self.approx_index = ApproximatePrefixIndex(max_blocks=config.approx_prefix_max_blocks)
         sources = [
@@ -212,7 +275,7 @@ class Cluster:
     def has_pd(self, model: str) -> bool:
         return any(s.spec.role in ("prefill", "decode") for s in self.for_model(model))
 
-    def snapshot(self, model: str, hashes: PromptHashes | None = None) -> ClusterSnapshot:
+    def snapshot(self, model: str, hashes: PromptHashes | None = None, costs: CostModel | None = None) -> ClusterSnapshot:
         now = self.clock()
         stale = self.config.stale_after_s
         states = self.for_model(model)
@@ -227,7 +290,7 @@ class Cluster:
                 for instance_id, blocks in index.match_all(chain, ids).items():
                     if blocks:
                         hits[instance_id] = blocks * block_size
-        return ClusterSnapshot(tuple(s.view(now, stale) for s in states), now, hits)
+        return ClusterSnapshot(tuple(s.view(now, stale) for s in states), now, hits, costs)
 
     def ready(self, model: str) -> bool:
         """Whether ``model`` has a healthy serving path (colocated, or prefill + decode)."""
@@ -242,13 +305,32 @@ class Cluster:
         return state.adapter.capabilities.kv_events and state.spec.kv_events_endpoint is not None
 
     # ------------------------------------------------------------ accounting
-    def lease(self, instance_id: str, *, prefill_tokens: int = 0, decode_tokens: int = 0) -> Lease:
+    def lease(self, instance_id: str, *, prefill_tokens: int = 0, decode_tokens: int = 0,
+              predicted_prefill_s: float | None = None, context_tokens: int | None = None,
+              tpot_slo: float | None = None) -> Lease:
+        """Count a leg as in flight on ``instance_id`` until the lease is released.
+
+        ``predicted_prefill_s``: the leg prefills (it joins the instance's predicted prefill queue);
+        ``context_tokens``: the leg decodes (it joins the decode batch, with its TPOT SLO).
+        """
         state = self.instances[instance_id]
+        now = self.clock()
         state.inflight_requests += 1
         state.inflight_prefill_tokens += prefill_tokens
         state.inflight_decode_tokens += decode_tokens
-        state.breaker.on_send(self.clock())
-        return Lease(state, prefill_tokens, decode_tokens)
+        state.breaker.on_send(now)
+        lease = Lease(state, prefill_tokens, decode_tokens, key=next(self._lease_ids), on_release=self.on_release)
+        if predicted_prefill_s is not None:
+            state.add_prefill(lease.key, now, predicted_prefill_s)
+        if context_tokens is not None:
+            lease.decodes = True
+            lease.context_tokens = context_tokens
+            lease.tpot_slo = tpot_slo
+            state.decode_inflight += 1
+            state.decode_context_tokens += context_tokens
+            if tpot_slo is not None:
+                state.tpot_slos[tpot_slo] += 1
+        return lease
 
     def record_sent_prompt(self, instance_id: str, hashes: PromptHashes) -> None:
         """Approximate index: remember the prompt blocks an instance without KV events now holds."""

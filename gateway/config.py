@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from adapters import ADAPTERS, InstanceSpec
+from scheduler.costmodel.latency import PriorSpec
 from scheduler.registry import SchedulingConfig
 
 
@@ -61,6 +62,10 @@ class InstanceConfig(Strict):
     kv_events: KvEventsConfig | None = None
     bootstrap_port: int | None = Field(None, description="SGLang prefill bootstrap port")
     block_size: int = Field(16, ge=1)
+    cost_group: str | None = Field(None, description="instances with equal hardware, model and engine share latency models "
+                                                       "(default: kind, model, role and sim profile)")
+    cost_profile: str | None = Field(None, description="simulator profile whose step times are the latency prior "
+                                                         "(default: the sim launch profile, else h100-llama-3-8b)")
     launch: VllmLaunch | SimLaunch | None = Field(None, description="for `pdgate up`: start this instance (sim or vllm)")
 
     @field_validator("url")
@@ -85,6 +90,19 @@ class InstanceConfig(Strict):
             raise ValueError(f"launch: kind {self.kind!r} cannot be launched as a simulated engine "
                              "(a vLLM launch section needs model_path)")
         return self
+
+    def cost_key(self) -> str:
+        """The latency-model group of this instance (see ``cost_group``)."""
+        if self.cost_group:
+            return self.cost_group
+        profile = self.cost_profile or (self.launch.profile if isinstance(self.launch, SimLaunch) else None) or "default"
+        scale = self.launch.time_scale if isinstance(self.launch, SimLaunch) and self.launch.time_scale else None
+        return f"{self.kind}/{self.model}/{self.role}/{profile}" + (f"/x{scale:g}" if scale else "")
+
+    def prior_spec(self) -> PriorSpec:
+        sim = self.launch if isinstance(self.launch, SimLaunch) else None
+        return PriorSpec(profile=self.cost_profile or (sim.profile if sim else None),
+                         time_scale=(sim.time_scale if sim and sim.time_scale else 1.0))
 
     def spec(self) -> InstanceSpec:
         key = self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)
@@ -114,6 +132,47 @@ class HealthConfig(Strict):
     cooldown_s: float = Field(5.0, gt=0, description="how long an open circuit keeps an instance out")
 
 
+class SloTargetConfig(Strict):
+    ttft_ms: float | None = Field(None, gt=0, description="time to first token limit (none: no TTFT SLO)")
+    tpot_ms: float | None = Field(None, gt=0, description="time per output token limit (none: no TPOT SLO)")
+    priority: int = Field(0, description="higher is served first when the gateway queues")
+
+
+class SloClassConfig(SloTargetConfig):
+    """An SLO class, chosen by the client's API key, the route, or the app tag header (first match wins)."""
+
+    name: str = Field(min_length=1)
+    api_keys: list[str] = Field(default_factory=list)
+    routes: list[str] = Field(default_factory=list, description="e.g. /v1/chat/completions")
+    apps: list[str] = Field(default_factory=list, description="values of the x-pdgate-app header")
+
+
+class SloConfig(Strict):
+    default: SloTargetConfig = Field(default_factory=lambda: SloTargetConfig(ttft_ms=2000.0, tpot_ms=100.0))
+    classes: list[SloClassConfig] = Field(default_factory=list)
+    honor_headers: bool = Field(True, description="x-slo-ttft-ms, x-slo-tpot-ms and x-priority override the class")
+
+
+class AdmissionConfig(Strict):
+    enabled: bool = Field(True, description="off: every request is placed at once, whatever its SLO")
+    on_infeasible: Literal["reject", "best-effort", "admit"] = Field(
+        "reject", description="a request that cannot meet its SLO: 429 at once, serve it as best effort, or admit it anyway")
+    admitter: str = Field("slo-admitter", description="admitter plugin type")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the admitter's parameters")
+    max_queue: int = Field(1024, ge=0, description="requests the gateway may hold per model")
+    recheck_ms: float = Field(10.0, gt=0, description="how often a non-empty queue is re-assessed")
+
+
+class CostModelConfig(Strict):
+    dir: str | None = Field(None, description="versioned models and the request log (none: in memory, cold start)")
+    log_requests: bool = Field(True, description="append every completed request (features, timings) to DIR/requests.jsonl")
+    log_prompt_text: bool = Field(False, description="also log the prompt text (off: only hashed n-grams)")
+    refit_interval_s: float = Field(30.0, gt=0, description="refit period, in a separate process")
+    min_new_samples: int = Field(20, ge=1, description="completed requests needed before a refit")
+    max_records: int = Field(50_000, ge=100, description="most recent requests a refit uses")
+    q_high: float = Field(0.9, gt=0.5, lt=1.0, description="the output-length quantile used for SLO risk")
+
+
 class GatewayConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -128,6 +187,9 @@ class GatewayConfig(Strict):
     approx_prefix_max_blocks: int = Field(1_000_000, ge=1, description="memory budget of the approximate prefix index")
     retries: int = Field(1, ge=0, le=3, description="retries on another instance before the first token")
     upstream_timeout_s: float = Field(600.0, gt=0)
+    slo: SloConfig = Field(default_factory=SloConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    cost_model: CostModelConfig = Field(default_factory=CostModelConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewayConfig:
@@ -178,17 +240,23 @@ DEFAULT_SCHEDULING: dict[str, Any] = {
         {"name": "prefill-role", "type": "role-filter", "parameters": {"role": "prefill"}},
         {"name": "decode-role", "type": "role-filter", "parameters": {"role": "decode"}},
         {"name": "colocated-role", "type": "role-filter", "parameters": {"role": "both"}},
+        {"name": "ttft", "type": "slo-ttft"},
+        {"name": "tpot-fit", "type": "slo-tpot-filter"},
+        {"name": "tpot", "type": "slo-tpot"},
         {"name": "prefix", "type": "prefix-affinity"},
-        {"name": "load", "type": "least-loaded"},
         {"name": "kv", "type": "kv-usage"},
         {"name": "pick", "type": "max-score"},
     ],
     "profiles": {
-        "prefill": [{"pluginRef": "healthy"}, {"pluginRef": "prefill-role"}, {"pluginRef": "prefix", "weight": 2.0},
-                    {"pluginRef": "load", "weight": 1.0}, {"pluginRef": "pick"}],
-        "decode": [{"pluginRef": "healthy"}, {"pluginRef": "decode-role"}, {"pluginRef": "load", "weight": 1.0},
-                   {"pluginRef": "kv", "weight": 1.0}, {"pluginRef": "pick"}],
-        "colocated": [{"pluginRef": "healthy"}, {"pluginRef": "colocated-role"}, {"pluginRef": "prefix", "weight": 2.0},
-                      {"pluginRef": "load", "weight": 1.0}, {"pluginRef": "pick"}],
+        # prefill: least predicted TTFT (queue wait + uncached prefill); the prefix term keeps a
+        # shared prefix on the instance that holds it when the predicted TTFTs are close
+        "prefill": [{"pluginRef": "healthy"}, {"pluginRef": "prefill-role"}, {"pluginRef": "ttft", "weight": 4.0},
+                    {"pluginRef": "prefix", "weight": 1.0}, {"pluginRef": "pick"}],
+        # decode: among instances that keep the TPOT SLOs of their batch, least predicted TPOT and most prefix
+        "decode": [{"pluginRef": "healthy"}, {"pluginRef": "decode-role"}, {"pluginRef": "tpot-fit"},
+                   {"pluginRef": "tpot", "weight": 2.0}, {"pluginRef": "prefix", "weight": 1.0},
+                   {"pluginRef": "kv", "weight": 0.5}, {"pluginRef": "pick"}],
+        "colocated": [{"pluginRef": "healthy"}, {"pluginRef": "colocated-role"}, {"pluginRef": "ttft", "weight": 3.0},
+                      {"pluginRef": "tpot", "weight": 1.0}, {"pluginRef": "prefix", "weight": 1.0}, {"pluginRef": "pick"}],
     },
 }

@@ -16,17 +16,25 @@ import asyncio
 import itertools
 import json
 import logging
+import re
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapters import HandoffError, UpstreamError, UpstreamResponse
 from engines.sim.tokenizer import Tokenizer
+from gateway.admission import AdmissionController
 from gateway.cluster import Cluster, InstanceState, Lease, PromptHashes
 from gateway.config import GatewayConfig, ModelConfig
+from gateway.costs import CostModelService
 from gateway.http1 import HttpRequest, Responder
 from gateway.metrics import GatewayMetrics
 from gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
+from gateway.slo import APP_HEADER, SloResolver
+from scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
+from scheduler.estimates import decode_context_of, tpot_estimate
 from scheduler.framework import Decision, Profile, run_profile
 from scheduler.snapshot import ClusterSnapshot, RequestInfo
 
@@ -34,6 +42,7 @@ log = logging.getLogger("pdgate.proxy")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 RETRY_AFTER_S = "1"
+_USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
 class UpstreamFailed(Exception):
@@ -43,6 +52,31 @@ class UpstreamFailed(Exception):
         super().__init__(f"{instance_id}: {reason}")
         self.instance_id = instance_id
         self.reason = reason
+
+
+@dataclass
+class Observation:
+    """What the gateway predicted for a request and what then happened (seconds, monotonic clock)."""
+
+    queued_s: float = 0.0
+    prefill_id: str | None = None
+    prefill_group: str | None = None
+    prefill_cached: int = 0
+    prefill_idle: bool = False
+    decode_id: str | None = None
+    decode_group: str | None = None
+    split: bool = False
+    batch_at_send: int = 0
+    context_at_send: int = 0
+    predicted: dict[str, float] = field(default_factory=dict)
+    prefill_s: float | None = None
+    decode_sent: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    events: int = 0
+    usage_tokens: int | None = None
+    batch_at_end: int = 0
+    context_at_end: int = 0
 
 
 @dataclass
@@ -56,6 +90,9 @@ class Routed:
     prompt_ids: list[int]
     hashes: PromptHashes
     stream: bool
+    features: RequestFeatures | None = None
+    prompt_text: str | None = None
+    obs: Observation = field(default_factory=Observation)
 
 
 @dataclass
@@ -69,25 +106,35 @@ class Proxy:
     """The request path; one per gateway."""
 
     def __init__(self, config: GatewayConfig, cluster: Cluster, profiles: dict[str, Profile],
-                 tokenizers: dict[str, Tokenizer], metrics: GatewayMetrics) -> None:
+                 tokenizers: dict[str, Tokenizer], metrics: GatewayMetrics, *,
+                 admission: AdmissionController | None = None, costs: CostModelService | None = None) -> None:
         self.config = config
         self.cluster = cluster
         self.profiles = profiles
         self.tokenizers = tokenizers
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.metrics = metrics
+        self.admission = admission
+        self.costs = costs
+        self.slo = SloResolver(config.slo)
         prefix = uuid.uuid4().hex[:12]
         self._ids = (f"pdgate-{prefix}-{n}" for n in itertools.count())  # unique per gateway process
 
     # --------------------------------------------------------------- entry
     async def handle(self, request: HttpRequest, responder: Responder, kind: str) -> None:
-        routed = self._validate(request.body, kind, request.headers.get("x-request-id"))
+        routed = self._validate(request.body, kind, request.headers.get("x-request-id"), headers=request.headers,
+                                arrival=self.cluster.clock())
+        if self.admission is not None:
+            info, outcome = await self.admission.admit(routed.info, self._snapshot_for(routed))
+            routed.info = info
+            routed.obs.queued_s = outcome.queued_s
         excluded: set[str] = set()
         last_error = "no instance could serve the request"
         for _ in range(1 + self.config.retries):
             placement = self._place(routed, excluded)
             try:
                 await self._execute(responder, routed, placement)
+                self._completed(routed)
                 return
             except UpstreamFailed as failure:
                 excluded.add(failure.instance_id)
@@ -96,16 +143,24 @@ class Proxy:
                 last_error = str(failure)
         raise GatewayError(502, f"upstream failed: {last_error}", headers={"Retry-After": RETRY_AFTER_S})
 
+    def _snapshot_for(self, routed: Routed):
+        costs = self.costs
+        return lambda info: self.cluster.snapshot(info.model, routed.hashes, costs.current if costs is not None else None)
+
     # ---------------------------------------------------------- validation
-    def _validate(self, raw: bytes, kind: str, header_id: str | None) -> Routed:
+    def _validate(self, raw: bytes, kind: str, header_id: str | None, *, headers: Mapping[str, str] | None = None,
+                  arrival: float = 0.0) -> Routed:
+        headers = headers or {}
         body, parsed = parse_body(raw, CompletionBody if kind == "completion" else ChatBody)
         model = self.models.get(parsed.model)
         if model is None:
             raise GatewayError(404, f"The model `{parsed.model}` does not exist.", param="model", code="model_not_found")
         tokenizer = self.tokenizers[model.name]
+        text = ""
         if kind == "completion":
             prompt = parsed.prompt
             if isinstance(prompt, str):
+                text = prompt
                 prompt_ids = tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
             else:
                 prompt_ids = list(prompt)
@@ -116,6 +171,7 @@ class Proxy:
                 text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=parsed.add_generation_prompt,
                                                      tools=parsed.tools, **(parsed.chat_template_kwargs or {}))
                 prompt_ids = tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens)
+                text = chat_text(parsed.messages)
             except (ValueError, KeyError, TypeError) as exc:
                 raise GatewayError(400, f"invalid messages: {exc}", param="messages") from None
             limit = parsed.max_completion_tokens if parsed.max_completion_tokens is not None else parsed.max_tokens
@@ -132,20 +188,28 @@ class Proxy:
         if header_id is not None and not _valid_request_id(header_id):
             raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
         request_id = header_id or next(self._ids)
+        path = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
+        slo = self.slo.resolve(headers, path)
         states = self.cluster.for_model(model.name)
         hashes = PromptHashes.of(prompt_ids, (s.spec.block_size for s in states))
         first_chain = next(iter(hashes.by_block_size.values()), [])
+        tag = headers.get(APP_HEADER)
+        features = output = None
+        if self.costs is not None and self.costs.current is not None:
+            features = RequestFeatures(len(prompt_ids), max_tokens, kind, model.name, tag, hash_text(text) if text else {})
+            output = self.costs.current.output.predict(features)
         info = RequestInfo(
             request_id=request_id, model=model.name, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
-            block_hashes=tuple(first_chain), priority=parsed.priority,
+            block_hashes=tuple(first_chain), priority=slo.priority, tags={"app": tag} if tag else {}, slo=slo,
+            output=output, arrival=arrival,
         )
-        path = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
-        return Routed(kind, path, body, info, prompt_ids, hashes, parsed.stream)
+        keep_text = text if self.config.cost_model.log_prompt_text else None
+        return Routed(kind, path, body, info, prompt_ids, hashes, parsed.stream, features, keep_text)
 
     # ----------------------------------------------------------- placement
     def _place(self, routed: Routed, excluded: set[str]) -> Placement:
         model = routed.info.model
-        snapshot = self.cluster.snapshot(model, routed.hashes)
+        snapshot = self.cluster.snapshot(model, routed.hashes, self.costs.current if self.costs is not None else None)
         candidates = [i for i in snapshot.instances if i.id not in excluded]
         if self.cluster.has_pd(model):
             prefill = self._decide("prefill", routed, snapshot, candidates)
@@ -157,7 +221,33 @@ class Proxy:
         for decision in placement.decisions:
             for plugin in self.profiles[decision.profile].plugins:
                 plugin.on_sent(routed.info, decision.instance, decision.profile)
+        self._predict(routed, placement, snapshot)
         return placement
+
+    def _predict(self, routed: Routed, placement: Placement, snapshot: ClusterSnapshot) -> None:
+        """Record where the request goes and what the cost model expects there (reset per attempt)."""
+        info = routed.info
+        obs = routed.obs = Observation(queued_s=routed.obs.queued_s)
+        first = placement.prefill or placement.decode
+        first_view = snapshot.by_id(first.spec.id)
+        decode_view = snapshot.by_id(placement.decode.spec.id)
+        obs.prefill_id, obs.prefill_group = first.spec.id, first.cost_group
+        obs.decode_id, obs.decode_group = placement.decode.spec.id, placement.decode.cost_group
+        obs.split = placement.prefill is not None and placement.prefill is not placement.decode
+        obs.prefill_cached = min(snapshot.prefix_hit_tokens.get(first.spec.id, 0), max(0, info.prompt_tokens - 1))
+        obs.prefill_idle = first_view is not None and first_view.prefill_inflight == 0
+        costs = snapshot.costs
+        if costs is None or first_view is None or decode_view is None:
+            return
+        predicted = obs.predicted
+        predicted["prefill_s"] = costs.prefill_s(first_view, info.prompt_tokens - obs.prefill_cached, obs.prefill_cached)
+        predicted["wait_s"] = first_view.prefill_wait_s
+        predicted["handoff_s"] = costs.handoff_s(decode_view, info.prompt_tokens) if obs.split else 0.0
+        predicted["ttft_s"] = obs.queued_s + predicted["wait_s"] + predicted["prefill_s"] + predicted["handoff_s"]
+        predicted["tpot_s"] = tpot_estimate(info, decode_view, costs)
+        if info.output is not None:
+            predicted["output_median"] = info.output.median
+            predicted["output_high"] = info.output.high
 
     def _decide(self, profile_name: str, routed: Routed, snapshot: ClusterSnapshot, candidates: list) -> Decision:
         decision = run_profile(self.profiles[profile_name], routed.info, snapshot, candidates)
@@ -188,16 +278,25 @@ class Proxy:
                     except HandoffError as exc:
                         raise GatewayError(500, str(exc)) from None
                     body = {**body, **fields}
-                    leases.append(self.cluster.lease(prefill.spec.id, prefill_tokens=info.prompt_tokens))
+                    leases.append(self.cluster.lease(prefill.spec.id, prefill_tokens=info.prompt_tokens,
+                                                     predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0)))
                     prefill_task = asyncio.create_task(self._concurrent_prefill(routed, prefill, body, leases[-1]))
                 else:
                     raise GatewayError(500, f"instance {decode.spec.id} ({decode.spec.kind}) cannot take a PD hand-off")
             split = prefill is not None and prefill is not decode
-            leases.append(self.cluster.lease(decode.spec.id, prefill_tokens=0 if split else info.prompt_tokens,
-                                             decode_tokens=info.max_tokens))
+            context = decode_context_of(info)
+            decode_lease = self.cluster.lease(
+                decode.spec.id, prefill_tokens=0 if split else info.prompt_tokens, decode_tokens=info.max_tokens,
+                predicted_prefill_s=None if split else routed.obs.predicted.get("prefill_s", 0.0),
+                context_tokens=context, tpot_slo=info.slo.tpot_s)
+            leases.append(decode_lease)
+            obs = routed.obs
+            obs.batch_at_send, obs.context_at_send = decode.decode_inflight, decode.decode_context_tokens
+            obs.decode_sent = self.cluster.clock()
             upstream = await self._racing_prefill(self._open(decode, routed.path, body, info.request_id), prefill_task)
             self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
-            await self._relay(responder, routed, decode, upstream, prefill_task)
+            await self._relay(responder, routed, decode, upstream, prefill_task, decode_lease)
+            obs.batch_at_end, obs.context_at_end = decode.decode_inflight, decode.decode_context_tokens
             if prefill_task is not None and (failure := await prefill_task) is not None:
                 self.cluster.record_failure(failure.instance_id, failure.reason)
             self.cluster.record_success(decode.spec.id)
@@ -238,10 +337,13 @@ class Proxy:
 
     async def _sequential_prefill(self, routed: Routed, prefill: InstanceState, decode: InstanceState,
                                   leases: list[Lease]) -> dict[str, Any]:
-        lease = self.cluster.lease(prefill.spec.id, prefill_tokens=routed.info.prompt_tokens)
+        lease = self.cluster.lease(prefill.spec.id, prefill_tokens=routed.info.prompt_tokens,
+                                   predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0))
         try:
+            sent = self.cluster.clock()
             resp = await self._open(prefill, routed.path, prefill.adapter.prefill_body(routed.body), routed.info.request_id)
             reply = await self._read_all(prefill, resp)
+            routed.obs.prefill_s = self.cluster.clock() - sent
             if resp.status >= 400:
                 raise _client_error(resp.status, reply)
             self.cluster.record_sent_prompt(prefill.spec.id, routed.hashes)
@@ -294,7 +396,8 @@ class Proxy:
                 await asyncio.gather(work, return_exceptions=True)
 
     async def _relay(self, responder: Responder, routed: Routed, decode: InstanceState,
-                     upstream: UpstreamResponse, prefill_task: asyncio.Task | None = None) -> None:
+                     upstream: UpstreamResponse, prefill_task: asyncio.Task | None = None,
+                     lease: Lease | None = None) -> None:
         """Answer the client from the decode leg: whole, or relayed chunk by chunk as it arrives.
 
         Nothing is sent to the client before the first piece of the answer is in, so a leg that
@@ -303,8 +406,13 @@ class Proxy:
         headers = {"X-Request-Id": routed.info.request_id}
         if upstream.status >= 400:
             raise _client_error(upstream.status, await self._read_all(decode, upstream))
+        obs = routed.obs
+        clock = self.cluster.clock
         if not routed.stream:
             data = await self._racing_prefill(self._read_all(decode, upstream), prefill_task)
+            obs.last_token = clock()
+            if (match := _USAGE_TOKENS.search(data)) is not None:
+                obs.usage_tokens = int(match.group(1))
             responder.send(upstream.status, data, content_type=upstream.headers.get("content-type", "application/json"),
                            headers=headers)
             self.metrics.count(routed, upstream.status)
@@ -313,11 +421,24 @@ class Proxy:
             first = await self._racing_prefill(upstream.first_chunk(), prefill_task)
         except UpstreamError as exc:
             raise UpstreamFailed(decode.spec.id, f"stream broke before the first byte: {exc}") from None
+        obs.first_token = obs.last_token = clock()
+        obs.events = first.count(b"data: ")
+        if lease is not None and not obs.split:
+            lease.prefill_done()  # colocated: the prompt is computed, the rest is decoding
         responder.start(upstream.status, content_type="text/event-stream",
                         headers={**headers, "Cache-Control": "no-cache"}, first=first)
         responder.on_flow(upstream.pause_reading, upstream.resume_reading)
+        write = responder.write
+        tail = [first]
+
+        def sink(data: bytes) -> None:
+            obs.events += data.count(b"data: ")
+            obs.last_token = clock()
+            tail[0] = data
+            write(data)
+
         try:
-            await upstream.relay(responder.write)
+            await upstream.relay(sink)
         except UpstreamError as exc:
             log.warning("stream from %s broke mid-way: %s", decode.spec.id, exc)
             error = {"error": {"message": f"upstream {decode.spec.id} failed mid-stream", "type": "upstream_error",
@@ -326,7 +447,49 @@ class Proxy:
             self.metrics.count(routed, 502)
             return
         responder.end()
+        if (match := _USAGE_TOKENS.search(tail[0])) is not None:
+            obs.usage_tokens = int(match.group(1))
         self.metrics.count(routed, upstream.status)
+
+    # ------------------------------------------------------------- learning
+    def _completed(self, routed: Routed) -> None:
+        """Record predicted vs actual (metrics) and hand the request's record to the cost model."""
+        obs = routed.obs
+        info = routed.info
+        tokens = obs.usage_tokens
+        if tokens is None and routed.stream:
+            # one SSE event per token, less [DONE], a chat stream's role-only first event
+            tokens = max(0, obs.events - 1 - (1 if routed.kind == "chat" else 0))
+        timing: dict[str, float | None] = {"queued_s": obs.queued_s, "prefill_s": obs.prefill_s}
+        if obs.first_token is not None:
+            timing["ttft_s"] = obs.first_token - info.arrival
+            if obs.decode_sent is not None and obs.split:
+                timing["handoff_s"] = obs.first_token - obs.decode_sent
+            if tokens and tokens >= 2 and obs.last_token is not None and obs.last_token > obs.first_token:
+                timing["tpot_s"] = (obs.last_token - obs.first_token) / (tokens - 1)
+        if obs.last_token is not None:
+            timing["e2e_s"] = obs.last_token - info.arrival
+        self.metrics.observe_request(info, obs, timing, tokens)
+        if self.costs is None or routed.features is None:
+            return
+        record: dict[str, Any] = {"v": 1, "kind": "pdgate-request", "ts": time.time(), "request_id": info.request_id,
+                                  **routed.features.to_record()}
+        if routed.prompt_text is not None:
+            record["prompt_text"] = routed.prompt_text
+        record.update({
+            "output_tokens": tokens,
+            "slo": {"class": info.slo.slo_class, "ttft_s": info.slo.ttft_s, "tpot_s": info.slo.tpot_s, "priority": info.slo.priority},
+            "timing": timing,
+            "placement": {
+                "prefill": obs.prefill_id, "prefill_group": obs.prefill_group, "prefill_cached_tokens": obs.prefill_cached,
+                "prefill_idle": obs.prefill_idle, "decode": obs.decode_id, "decode_group": obs.decode_group, "split": obs.split,
+                "decode_batch": (obs.batch_at_send + obs.batch_at_end) / 2,
+                "decode_context_tokens": (obs.context_at_send + obs.context_at_end) / 2,
+            },
+            "predicted": obs.predicted,
+            "cost_model": self.costs.current.version if self.costs.current is not None else None,
+        })
+        self.costs.observe(record)
 
 
 def _client_error(status: int, body: bytes) -> GatewayError:

@@ -123,7 +123,7 @@ class BlockHasher:
     ``block_hashes(tokens, bs)`` for any split of ``tokens`` into calls.
     """
 
-    __slots__ = ("_block_size", "_seed", "_root", "_hashes", "_pending")
+    __slots__ = ("_block_size", "_hashes", "_pending", "_root", "_seed")
 
     def __init__(
         self, block_size: int, *, seed: str | None = None, parent: bytes | None = None

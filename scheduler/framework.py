@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -65,6 +65,33 @@ class Scorer(Plugin, LifecycleHooks):
 class Picker(Plugin, LifecycleHooks):
     def pick(self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]) -> InstanceView | None:
         """Choose from ``ranked`` (instances with their total weighted score, best first)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """An admitter's answer for one request at one moment.
+
+    ``dispatch``: place it now; ``wait``: hold it in the gateway's queue and ask again later;
+    ``reject``: it cannot meet its SLO (the gateway answers 429, or degrades it, per config).
+    """
+
+    action: Literal["dispatch", "wait", "reject"]
+    reason: str = ""
+    predicted_ttft_s: float | None = None
+    best_case_ttft_s: float | None = None
+    predicted_tpot_s: float | None = None
+    prefill_work_s: float = 0.0  # predicted prefill seconds of the request (for the queue's work-ahead)
+
+
+class Admitter(Plugin):
+    """Decides whether a request goes now, waits at the gateway, or is turned away.
+
+    ``work_ahead_s`` is the predicted prefill work of the requests queued ahead of this one.
+    Called on arrival and again (for the head of the queue) whenever the cluster changes.
+    """
+
+    def assess(self, request: RequestInfo, snapshot: ClusterSnapshot, now: float, work_ahead_s: float) -> Verdict:
         raise NotImplementedError
 
 
@@ -142,7 +169,7 @@ def describe(plugin_cls: type[Plugin]) -> dict[str, Any]:
     """What a plugin is and takes, for ``--help`` style listings and docs."""
     return {
         "type": plugin_cls.type_name,
-        "kind": next((k.__name__ for k in (Filter, Scorer, Picker) if issubclass(plugin_cls, k)), "Plugin"),
+        "kind": next((k.__name__ for k in (Filter, Scorer, Picker, Admitter) if issubclass(plugin_cls, k)), "Plugin"),
         "doc": (plugin_cls.__doc__ or "").strip().splitlines()[0] if plugin_cls.__doc__ else "",
         "parameters": plugin_cls.Params.model_json_schema().get("properties", {}),
     }

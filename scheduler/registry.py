@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from scheduler.framework import Filter, Picker, Plugin, Profile, Scorer
+from scheduler.framework import Admitter, Filter, Picker, Plugin, Profile, Scorer
 from scheduler.plugins import IN_TREE_PLUGINS
 
 ENTRY_POINT_GROUP = "pdgate.plugins"
@@ -73,8 +73,8 @@ class PluginRegistry:
     def register(self, cls: type[Plugin]) -> None:
         if not cls.type_name:
             raise PluginConfigError(f"{cls.__qualname__} has no type_name")
-        if not issubclass(cls, (Filter, Scorer, Picker)):
-            raise PluginConfigError(f"{cls.type_name}: a plugin must subclass Filter, Scorer or Picker")
+        if not issubclass(cls, (Filter, Scorer, Picker, Admitter)):
+            raise PluginConfigError(f"{cls.type_name}: a plugin must subclass Filter, Scorer, Picker or Admitter")
         existing = self._classes.get(cls.type_name)
         if existing is not None and existing is not cls:
             raise PluginConfigError(f"plugin type {cls.type_name!r} is registered twice ({existing.__module__}, {cls.__module__})")
@@ -107,6 +107,14 @@ class PluginRegistry:
             raise PluginConfigError(f"plugin {spec.name!r} ({spec.type}): parameter {where!r}: {first['msg']}") from None
         return cls(spec.name, params)
 
+    def create_admitter(self, type_name: str, parameters: Mapping[str, Any]) -> Admitter:
+        """The admission plugin (``admission.admitter`` / ``admission.parameters`` in the config)."""
+        cls = self.get(type_name)
+        if not issubclass(cls, Admitter):
+            raise PluginConfigError(f"admission.admitter: {type_name!r} is not an admitter plugin")
+        plugin = self.create(PluginSpec(name="admission", type=type_name, parameters=dict(parameters)))
+        return plugin  # type: ignore[return-value]
+
     def build(self, config: SchedulingConfig | Mapping[str, Any]) -> dict[str, Profile]:
         """Instantiate the plugins and assemble the profiles; raises PluginConfigError."""
         if not isinstance(config, SchedulingConfig):
@@ -127,6 +135,8 @@ def _assemble(name: str, entries: list[ProfileEntry], plugins: Mapping[str, Plug
         plugin = plugins.get(entry.plugin_ref)
         if plugin is None:
             raise PluginConfigError(f"profile {name!r}: pluginRef {entry.plugin_ref!r} is not declared under plugins")
+        if isinstance(plugin, Admitter):
+            raise PluginConfigError(f"profile {name!r}: {entry.plugin_ref!r} is an admitter; admitters go under admission.admitter")
         if isinstance(plugin, Scorer):
             if entry.weight is None:
                 raise PluginConfigError(f"profile {name!r}: scorer {entry.plugin_ref!r} needs a weight")

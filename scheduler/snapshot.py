@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from scheduler.costmodel.model import CostModel
+    from scheduler.costmodel.output_length import LengthPrediction
 
 Role = Literal["prefill", "decode", "both"]
 
@@ -34,6 +38,12 @@ class InstanceView:
     inflight_decode_tokens: int = 0
     block_size: int = 16
     capabilities: frozenset[str] = frozenset()
+    cost_group: str = ""
+    prefill_wait_s: float = 0.0  # predicted wait of a new prefill behind what the gateway already sent
+    prefill_inflight: int = 0  # prefill legs in flight on the instance
+    decode_inflight: int = 0  # decode legs in flight on the instance
+    decode_context_tokens: int = 0  # context tokens those decode legs attend (prompt + half the predicted output)
+    tightest_tpot_s: float | None = None  # the strictest TPOT SLO among those decode legs
 
     def serves(self, phase: Literal["prefill", "decode"]) -> bool:
         return self.role == phase or self.role == "both"
@@ -43,6 +53,20 @@ class InstanceView:
         """Requests on the instance: the larger of what it reports and what we sent it."""
         reported = (self.running or 0) + (self.waiting or 0)
         return max(reported, self.inflight_requests)
+
+
+@dataclass(frozen=True)
+class SloTarget:
+    """A request's latency objectives (seconds; ``None``: no limit) and its priority (higher first)."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    priority: int = 0
+    slo_class: str = "default"
+
+    @property
+    def best_effort(self) -> bool:
+        return self.ttft_s is None and self.tpot_s is None
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,9 @@ class RequestInfo:
     block_hashes: tuple[int, ...] = ()
     priority: int = 0
     tags: Mapping[str, str] = field(default_factory=dict)
+    slo: SloTarget = field(default_factory=SloTarget)
+    output: LengthPrediction | None = None  # predicted output length (cost model)
+    arrival: float = 0.0  # gateway monotonic clock at arrival (deadlines count from here)
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,7 @@ class ClusterSnapshot:
     instances: tuple[InstanceView, ...]
     taken_at: float = 0.0
     prefix_hit_tokens: Mapping[str, int] = field(default_factory=dict)
+    costs: CostModel | None = None  # the cost model in force (None: predictions are not available)
 
     def by_id(self, instance_id: str) -> InstanceView | None:
         return next((i for i in self.instances if i.id == instance_id), None)

@@ -12,6 +12,13 @@ from scheduler.plugins.scorers import (
     LeastLoadedScorer,
     PrefixAffinityScorer,
 )
+from scheduler.plugins.slo import (
+    AlwaysAdmit,
+    SloAdmitter,
+    SloTpotFilter,
+    SloTpotScorer,
+    SloTtftScorer,
+)
 
 IN_TREE_PLUGINS = (
     HealthFilter,
@@ -23,4 +30,9 @@ IN_TREE_PLUGINS = (
     RandomPicker,
     RoundRobinPicker,
     PowerOfTwoPicker,
+    SloTtftScorer,
+    SloTpotScorer,
+    SloTpotFilter,
+    SloAdmitter,
+    AlwaysAdmit,
 )

@@ -1,0 +1,225 @@
+"""The gateway's admission queue: holds requests that cannot go yet, earliest deadline first.
+
+Each model has its own queue, ordered by (priority desc, SLO before best effort, TTFT deadline,
+arrival). The admitter plugin (:class:`scheduler.framework.Admitter`) judges a request on
+arrival and, while it waits, whenever capacity frees up (a lease is released) or every
+``recheck_ms``: *dispatch* (the request's own task goes on to placement), *wait*, or *reject*.
+A rejected request gets 429 with ``Retry-After`` and ``x-pdgate-reject-reason``, or, per
+``admission.on_infeasible``, is served as best effort or admitted anyway. A full queue turns
+away its lowest-ranked request. A client that disconnects while queued leaves the queue.
+
+One background task (the dispatcher) is owned by :class:`AdmissionController`;
+:meth:`AdmissionController.close` cancels and awaits it and fails what is still queued with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from gateway.config import AdmissionConfig
+from gateway.requests import GatewayError
+from scheduler.costmodel.model import CostModel
+from scheduler.framework import Admitter, Verdict
+from scheduler.snapshot import ClusterSnapshot, RequestInfo, SloTarget
+
+log = logging.getLogger("pdgate.admission")
+
+BEST_EFFORT_PRIORITY = -(10**9)
+
+
+@dataclass
+class Waiter:
+    """One queued request."""
+
+    info: RequestInfo
+    snapshot_of: Callable[[RequestInfo], ClusterSnapshot]
+    seq: int
+    future: asyncio.Future[RequestInfo] = field(repr=False)
+    work_s: float = 0.0
+    enqueued_at: float = 0.0
+
+    @property
+    def key(self) -> tuple[float, float, float, int]:
+        slo = self.info.slo
+        deadline = self.info.arrival + slo.ttft_s if slo.ttft_s is not None else math.inf
+        return (-slo.priority, 0.0 if slo.ttft_s is not None else 1.0, deadline, self.seq)
+
+
+@dataclass
+class Outcome:
+    """How admission went for one request (metrics, logs, response headers)."""
+
+    action: str  # "dispatch" | "reject" | "degraded" | "forced"
+    reason: str
+    queued_s: float = 0.0
+    verdict: Verdict | None = None
+
+
+class AdmissionController:
+    """Admission for all models of one gateway."""
+
+    def __init__(self, config: AdmissionConfig, admitter: Admitter, *,
+                 costs: Callable[[], CostModel | None], clock: Callable[[], float] = time.monotonic,
+                 on_outcome: Callable[[RequestInfo, Outcome], None] | None = None) -> None:
+        self.config = config
+        self.admitter = admitter
+        self.costs = costs
+        self.clock = clock
+        self.on_outcome = on_outcome
+        self.queues: dict[str, list[Waiter]] = {}
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._dispatch_loop(), name="admission-dispatcher")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for queue in self.queues.values():
+            for waiter in queue:
+                if not waiter.future.done():
+                    waiter.future.set_exception(GatewayError(503, "the gateway is shutting down", headers={"Retry-After": "1"}))
+            queue.clear()
+
+    def wake(self) -> None:
+        """Capacity may have freed up: re-assess the queue heads."""
+        if any(self.queues.values()):
+            self._wake.set()
+
+    def queue_length(self, model: str) -> int:
+        return len(self.queues.get(model, ()))
+
+    # ---------------------------------------------------------------- admit
+    async def admit(self, info: RequestInfo, snapshot_of: Callable[[RequestInfo], ClusterSnapshot]) -> tuple[RequestInfo, Outcome]:
+        """Return when ``info`` may be placed (possibly degraded to best effort), or raise 429."""
+        if not self.config.enabled:
+            return info, Outcome("dispatch", "admission-off")
+        queue = self.queues.setdefault(info.model, [])
+        original = info
+        now = self.clock()
+        verdict = self.admitter.assess(info, snapshot_of(info), now, self._work_ahead(queue, None, info))
+        if verdict.action == "dispatch" and not self._ranked_ahead(queue, info):
+            return info, self._report(info, Outcome("dispatch", verdict.reason, 0.0, verdict))
+        if verdict.action == "reject":
+            info, outcome = self._infeasible(info, verdict, now)
+            if outcome.action == "forced":
+                return info, self._report(info, outcome)
+        if self.config.max_queue == 0:
+            raise self._reject(info, Outcome("reject", "queue-full", 0.0, verdict))
+        waiter = Waiter(info, snapshot_of, next(self._seq), asyncio.get_running_loop().create_future(), verdict.prefill_work_s, now)
+        self._insert(queue, waiter)
+        self._wake.set()
+        try:
+            admitted = await waiter.future
+        finally:
+            if waiter in queue:  # cancelled (client gone) or failed while queued
+                queue.remove(waiter)
+        return admitted, self._report(admitted, Outcome("dispatch" if admitted.slo == original.slo else "degraded",
+                                                        "queued", self.clock() - now, None))
+
+    def _insert(self, queue: list[Waiter], waiter: Waiter) -> None:
+        keys = [w.key for w in queue]
+        queue.insert(bisect.bisect(keys, waiter.key), waiter)
+        while len(queue) > self.config.max_queue:
+            worst = queue.pop()  # the lowest-ranked one goes (possibly the newcomer)
+            if not worst.future.done():
+                worst.future.set_exception(self._reject(worst.info, Outcome("reject", "queue-full", self.clock() - worst.enqueued_at)))
+
+    @staticmethod
+    def _ranked_ahead(queue: list[Waiter], info: RequestInfo) -> bool:
+        if not queue:
+            return False
+        probe = Waiter(info, lambda i: None, -1, None)  # type: ignore[arg-type]
+        return queue[0].key < probe.key
+
+    @staticmethod
+    def _work_ahead(queue: list[Waiter], until: Waiter | None, info: RequestInfo | None = None) -> float:
+        if until is None and info is not None:
+            probe = Waiter(info, lambda i: None, 1 << 62, None)  # type: ignore[arg-type]
+            return sum(w.work_s for w in queue if w.key < probe.key)
+        total = 0.0
+        for w in queue:
+            if w is until:
+                break
+            total += w.work_s
+        return total
+
+    def _infeasible(self, info: RequestInfo, verdict: Verdict, now: float) -> tuple[RequestInfo, Outcome]:
+        mode = self.config.on_infeasible
+        if mode == "admit":
+            return info, Outcome("forced", verdict.reason, 0.0, verdict)
+        if mode == "best-effort" and not info.slo.best_effort:
+            degraded = replace(info, slo=SloTarget(None, None, BEST_EFFORT_PRIORITY, info.slo.slo_class))
+            return degraded, Outcome("degraded", verdict.reason, 0.0, verdict)
+        raise self._reject(info, Outcome("reject", verdict.reason, 0.0, verdict))
+
+    def _reject(self, info: RequestInfo, outcome: Outcome) -> GatewayError:
+        self._report(info, outcome)
+        verdict = outcome.verdict
+        retry = 1
+        if verdict is not None and verdict.predicted_ttft_s is not None and math.isfinite(verdict.predicted_ttft_s):
+            retry = max(1, math.ceil(verdict.predicted_ttft_s))
+        detail = ""
+        if verdict is not None and verdict.predicted_ttft_s is not None and info.slo.ttft_s is not None:
+            detail = f" (predicted TTFT {verdict.predicted_ttft_s * 1000:.0f} ms, SLO {info.slo.ttft_s * 1000:.0f} ms)"
+        return GatewayError(429, f"request cannot meet its latency SLO now: {outcome.reason}{detail}", code=outcome.reason,
+                            headers={"Retry-After": str(retry), "x-pdgate-reject-reason": outcome.reason})
+
+    def _report(self, info: RequestInfo, outcome: Outcome) -> Outcome:
+        if self.on_outcome is not None:
+            self.on_outcome(info, outcome)
+        return outcome
+
+    # ----------------------------------------------------------- dispatcher
+    async def _dispatch_loop(self) -> None:
+        recheck = self.config.recheck_ms / 1000.0
+        while True:
+            if not any(self.queues.values()):
+                await self._wake.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), recheck)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            for queue in list(self.queues.values()):
+                await self._drain(queue)
+
+    async def _drain(self, queue: list[Waiter]) -> None:
+        """Dispatch from the head while the admitter allows; drop what can no longer make it."""
+        while queue:
+            head = queue[0]
+            if head.future.done():
+                queue.pop(0)
+                continue
+            now = self.clock()
+            verdict = self.admitter.assess(head.info, head.snapshot_of(head.info), now, 0.0)
+            if verdict.action == "wait":
+                break
+            queue.pop(0)
+            if verdict.action == "reject":
+                try:
+                    info, outcome = self._infeasible(head.info, verdict, now)
+                except GatewayError as err:
+                    head.future.set_exception(err)
+                    continue
+                if outcome.action == "degraded":  # back in line as best effort
+                    head.info = info
+                    self._insert(queue, head)
+                    continue
+            head.future.set_result(head.info)
+            await asyncio.sleep(0)  # let its task place it (and take its leases) before the next assessment

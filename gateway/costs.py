@@ -1,0 +1,159 @@
+"""The gateway's cost model service: the model in force, the request log, and periodic refits.
+
+* **Start**: load the current version from ``cost_model.dir`` if there is one, else a cold
+  start (latency priors from the instances' engine profiles, a length prior); groups of the
+  fleet that the loaded model does not know get their prior.
+* **Observe**: every completed request's record (features, actuals, predictions; no prompt
+  text unless configured) is kept in memory (the newest ``max_records``) and appended to
+  ``DIR/requests.jsonl`` by the background task, off the event loop.
+* **Refit**: every ``refit_interval_s``, once ``min_new_samples`` new records arrived, a worker
+  process fits new models (:func:`scheduler.costmodel.online.refit`) and saves a version; the
+  gateway then swaps the model in one assignment (decisions in progress keep the old one).
+
+One background task, owned here; :meth:`CostModelService.close` cancels and awaits it, writes
+what is buffered and shuts the worker process down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import multiprocessing
+import time
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from gateway.config import CostModelConfig
+from scheduler.costmodel.latency import LatencyModel, PriorSpec
+from scheduler.costmodel.model import CostModel
+
+log = logging.getLogger("pdgate.costs")
+
+LOG_NAME = "requests.jsonl"
+FLUSH_INTERVAL_S = 1.0
+
+
+class CostModelService:
+    def __init__(self, config: CostModelConfig, prior_specs: Mapping[str, PriorSpec]) -> None:
+        self.config = config
+        self.prior_specs = dict(prior_specs)
+        self.current: CostModel | None = None
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=config.max_records)
+        self._unwritten: list[dict[str, Any]] = []
+        self._new_since_fit = 0
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ProcessPoolExecutor | None = None
+        self.refits = 0
+        self.refit_failures = 0
+        self.dir = Path(config.dir) if config.dir else None
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.current = await asyncio.to_thread(self._initial_model)
+        if self.dir is not None and self.config.log_requests:
+            self.records.extend(await asyncio.to_thread(self._read_log_tail))
+        self._task = asyncio.create_task(self._loop(), name="cost-model")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await asyncio.to_thread(self._flush)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _initial_model(self) -> CostModel:
+        from scheduler.costmodel.output_length import OutputLengthModel
+
+        loaded = None
+        if self.dir is not None and self.dir.exists():
+            from scheduler.costmodel.store import ModelStore
+
+            try:
+                loaded = ModelStore(self.dir).load_current()
+            except ValueError as exc:
+                log.error("cost model in %s not loaded (%s); starting from the priors", self.dir, exc)
+        if loaded is not None:
+            components, meta = loaded
+            latency = components.get("latency")
+            latency = latency.with_prior_specs(self.prior_specs) if isinstance(latency, LatencyModel) \
+                else LatencyModel.from_priors(self.prior_specs)
+            output = components.get("output_length") or OutputLengthModel.prior()
+            version = str(meta.get("version") or meta.get("name") or "loaded")
+            log.info("cost model %s loaded from %s", version, self.dir)
+            return CostModel(latency, output, version)
+        return CostModel(LatencyModel.from_priors(self.prior_specs), OutputLengthModel.prior(), "prior")
+
+    # -------------------------------------------------------------- observe
+    def observe(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._new_since_fit += 1
+        if self.dir is not None and self.config.log_requests:
+            self._unwritten.append(record)
+
+    # ---------------------------------------------------------- background
+    async def _loop(self) -> None:
+        next_fit = time.monotonic() + self.config.refit_interval_s
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            if self._unwritten:
+                await asyncio.to_thread(self._flush)
+            if time.monotonic() >= next_fit:
+                next_fit = time.monotonic() + self.config.refit_interval_s
+                if self._new_since_fit >= self.config.min_new_samples:
+                    await self.refit_now()
+
+    async def refit_now(self) -> str | None:
+        """Refit on the records in memory in the worker process and swap the model in."""
+        current = self.current
+        if current is None or not self.records:
+            return None
+        self._new_since_fit = 0
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        from scheduler.costmodel.online import refit
+
+        loop = asyncio.get_running_loop()
+        try:
+            components, version, meta = await loop.run_in_executor(
+                self._executor, refit, list(self.records), current.latency, current.output, self.config.q_high,
+                str(self.dir) if self.dir is not None else None)
+        except Exception as exc:  # noqa: BLE001 (a failed refit, whatever the cause, keeps the model in force)
+            self.refit_failures += 1
+            log.error("cost model refit failed: %r", exc)
+            return None
+        latency = components["latency"].with_prior_specs(self.prior_specs)
+        self.refits += 1
+        name = Path(version).name if version else f"memory-{self.refits}"
+        self.current = CostModel(latency, components["output_length"], name)
+        log.info("cost model %s in force (%s records, fit %.2fs)", name, meta.get("n_records"), meta.get("fit_seconds", 0))
+        return name
+
+    def _flush(self) -> None:
+        if not self._unwritten or self.dir is None:
+            return
+        batch, self._unwritten = self._unwritten, []
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with (self.dir / LOG_NAME).open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in batch))
+
+    def _read_log_tail(self) -> list[dict[str, Any]]:
+        path = self.dir / LOG_NAME if self.dir is not None else None
+        if path is None or not path.exists():
+            return []
+        rows: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.config.max_records)
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line after a crash
+                if isinstance(row, dict):
+                    rows.append(row)
+        return list(rows)

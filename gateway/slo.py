@@ -1,0 +1,82 @@
+"""Which SLO a request has: its class (by API key, route or app tag), then the request's headers.
+
+Headers (when ``slo.honor_headers``): ``x-slo-ttft-ms``, ``x-slo-tpot-ms`` (a positive number,
+or ``none`` to lift the limit) and ``x-priority`` (an integer, higher is served first). A bad
+value is the client's fault: 400 in OpenAI's error shape. The class is chosen by the first
+configured class whose ``api_keys``, ``routes`` or ``apps`` (header ``x-pdgate-app``) match.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from gateway.config import SloClassConfig, SloConfig, SloTargetConfig
+from gateway.requests import GatewayError
+from scheduler.snapshot import SloTarget
+
+APP_HEADER = "x-pdgate-app"
+MAX_PRIORITY = 1_000_000
+
+
+class SloResolver:
+    def __init__(self, config: SloConfig) -> None:
+        self.config = config
+        self._default = _target(config.default, "default")
+        self._classes = [(c, _target(c, c.name)) for c in config.classes]
+
+    def resolve(self, headers: Mapping[str, str], route: str) -> SloTarget:
+        target = self._class_target(headers, route)
+        if not self.config.honor_headers:
+            return target
+        ttft, tpot, priority = target.ttft_s, target.tpot_s, target.priority
+        if (raw := headers.get("x-slo-ttft-ms")) is not None:
+            ttft = _limit(raw, "x-slo-ttft-ms")
+        if (raw := headers.get("x-slo-tpot-ms")) is not None:
+            tpot = _limit(raw, "x-slo-tpot-ms")
+        if (raw := headers.get("x-priority")) is not None:
+            try:
+                priority = int(raw.strip())
+            except ValueError:
+                raise GatewayError(400, f"x-priority must be an integer, got {raw[:40]!r}") from None
+            if abs(priority) > MAX_PRIORITY:
+                raise GatewayError(400, f"x-priority must be within ±{MAX_PRIORITY}")
+        if (ttft, tpot, priority) == (target.ttft_s, target.tpot_s, target.priority):
+            return target
+        return SloTarget(ttft, tpot, priority, target.slo_class)
+
+    def _class_target(self, headers: Mapping[str, str], route: str) -> SloTarget:
+        if not self._classes:
+            return self._default
+        key = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        app = headers.get(APP_HEADER)
+        for cls, target in self._classes:
+            if _matches(cls, key, route, app):
+                return target
+        return self._default
+
+
+def _matches(cls: SloClassConfig, key: str, route: str, app: str | None) -> bool:
+    return (key and key in cls.api_keys) or route in cls.routes or (app is not None and app in cls.apps)  # type: ignore[return-value]
+
+
+def _target(config: SloTargetConfig, name: str) -> SloTarget:
+    return SloTarget(
+        ttft_s=config.ttft_ms / 1000.0 if config.ttft_ms is not None else None,
+        tpot_s=config.tpot_ms / 1000.0 if config.tpot_ms is not None else None,
+        priority=config.priority,
+        slo_class=name,
+    )
+
+
+def _limit(raw: str, header: str) -> float | None:
+    text = raw.strip().lower()
+    if text in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise GatewayError(400, f"{header} must be a positive number of milliseconds or 'none', got {raw[:40]!r}") from None
+    if not math.isfinite(value) or value <= 0 or value > 86_400_000:
+        raise GatewayError(400, f"{header} must be a positive number of milliseconds (at most a day), got {raw[:40]!r}")
+    return value / 1000.0

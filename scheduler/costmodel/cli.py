@@ -1,0 +1,292 @@
+"""``pdgate cost-model train | evaluate``: fit the learned cost model and score it on held-out data.
+
+* ``train``: reads every ``--data`` file (gateway request logs, generic JSONL, alpaca JSON; see
+  :mod:`scheduler.costmodel.datasets`), holds out ``--holdout`` of the distinct prompts (every
+  answer to a prompt on one side), fits the output-length model and two baselines (global mean;
+  prompt length only) on the rest and scores all three on the held-out prompts. The saved model
+  is the one trained on the training split only (the figures describe exactly what is saved).
+  When the rows carry gateway timing, the latency component is fitted on the training split too.
+  A new version is written to ``--out`` (a :class:`~scheduler.costmodel.store.ModelStore`) and
+  becomes current. Prints a JSON summary on stdout; progress goes to stderr.
+* ``evaluate``: scores the current version of ``--model`` (and the baselines saved with it) on
+  every row of the ``--data`` files; prints JSON. Evaluate on data the model was not trained on.
+
+Exit status 2, with a one-line message, for a missing or unreadable file, an unknown format, a
+malformed row, no usable rows, or a model directory without a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DESCRIPTION = __doc__
+
+EPILOG = """\
+examples:
+  pdgate cost-model train --data logs/requests-*.jsonl --out models/cost
+  pdgate cost-model train --data alpaca_eval/results/*/model_outputs.json --out models/alpaca --holdout 0.2
+  pdgate cost-model evaluate --model models/cost --data logs/requests-today.jsonl
+"""
+
+
+class _UsageError(Exception):
+    """A problem with the inputs, reported as one line and exit status 2."""
+
+
+def add_cost_model_commands(commands: argparse._SubParsersAction) -> None:
+    """Register ``cost-model train`` and ``cost-model evaluate`` on ``pdgate``'s subcommands."""
+    parser = commands.add_parser("cost-model", help="train and evaluate the learned cost model",
+                                 description=DESCRIPTION, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cost_model_command", metavar="COMMAND", required=True)
+    train = sub.add_parser("train", help="fit on data files, score on a held-out split, save a new version")
+    train.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                       help="gateway request logs (JSONL), generic JSONL or alpaca JSON files")
+    train.add_argument("--out", required=True, metavar="DIR", help="model store directory (created if missing)")
+    _tokenizer_flags(train)
+    train.add_argument("--holdout", type=float, default=0.2, help="fraction of distinct prompts held out (0-0.9)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the held-out split and subsampling")
+    train.add_argument("--q-high", type=float, default=0.9, help="the high quantile predicted besides the median")
+    train.add_argument("--max-train-rows", type=int, metavar="N",
+                       help="fit on a seeded random sample of at most N training rows")
+    train.add_argument("--keep", type=int, default=5, help="model versions kept in --out")
+    train.set_defaults(run=run_train)
+    evaluate = sub.add_parser("evaluate", help="score the current model version on data files")
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="model store directory")
+    evaluate.add_argument("--data", nargs="+", required=True, metavar="FILE")
+    _tokenizer_flags(evaluate)
+    evaluate.set_defaults(run=run_evaluate)
+
+
+def _tokenizer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", default="builtin",
+                        help="'builtin' (the sim's) or a local Hugging Face tokenizer directory (counts text tokens)")
+    parser.add_argument("--endpoint", choices=["chat", "completion"], default="chat",
+                        help="how alpaca-style rows are sent (default chat: one user message)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        summary = _train(args)
+    except _UsageError as exc:
+        print(f"pdgate cost-model train: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(_rounded(summary), indent=2, default=_json_default))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    try:
+        report = _evaluate(args)
+    except _UsageError as exc:
+        print(f"pdgate cost-model evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(_rounded(report), indent=2, default=_json_default))
+    return 0
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from scheduler.costmodel.datasets import split_holdout
+    from scheduler.costmodel.output_length import (
+        GlobalMeanBaseline,
+        OutputLengthModel,
+        PromptLengthBaseline,
+    )
+    from scheduler.costmodel.store import ModelStore
+
+    if not 0 <= args.holdout <= 0.9:
+        raise _UsageError("--holdout must be between 0 and 0.9")
+    if not 0.5 < args.q_high < 1:
+        raise _UsageError("--q-high must be between 0.5 and 1")
+    if args.keep < 1 or (args.max_train_rows is not None and args.max_train_rows < 1):
+        raise _UsageError("--keep and --max-train-rows must be positive")
+    started = time.monotonic()
+    rows = _read(args)
+    train, test = split_holdout(rows, args.holdout, args.seed)
+    n_train_available = len(train)
+    if args.max_train_rows is not None and len(train) > args.max_train_rows:
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(train), args.max_train_rows, replace=False))
+        train = [train[i] for i in keep]
+    if not train:
+        raise _UsageError("no training rows left after the held-out split")
+    _progress(f"{len(rows)} rows from {len(args.data)} file(s): training on {len(train)}, holding out {len(test)} "
+              f"({args.holdout:g} of the prompts)")
+    features, outputs = [r.features for r in train], [r.output_tokens for r in train]
+    read_s = time.monotonic() - started
+    model = OutputLengthModel(args.q_high, seed=args.seed).fit(features, outputs)
+    baselines = {"global_mean": GlobalMeanBaseline(args.q_high).fit(features, outputs),
+                 "prompt_length": PromptLengthBaseline(args.q_high).fit(features, outputs)}
+    fit_s = time.monotonic() - started - read_s
+    components: dict[str, Any] = {"output_length": model,
+                                  "baseline_global_mean": baselines["global_mean"],
+                                  "baseline_prompt_length": baselines["prompt_length"]}
+    output_metrics = _length_metrics(model, baselines, test) if test else None
+    latency_metrics = None
+    latency = _fit_latency(_timing_records(train))
+    if latency is not None:
+        components["latency"] = latency
+        latency_metrics = _latency_metrics(latency, _timing_records(test))
+    meta = {
+        "source_files": [str(Path(p).resolve()) for p in args.data],
+        "tokenizer": args.tokenizer,
+        "n_rows": len(rows), "n_train": len(train), "n_train_available": n_train_available, "n_test": len(test),
+        "holdout": args.holdout, "seed": args.seed, "q_high": args.q_high,
+        "trained_on": "train split only (the held-out prompts are not in the saved model)",
+        "output_length_model": model.describe(),
+        "metrics": {"output_length": output_metrics, "latency": latency_metrics},
+        "components": sorted(components),
+    }
+    try:
+        directory = ModelStore(args.out, keep=args.keep).save(components, _json_safe(meta))
+    except OSError as exc:
+        raise _UsageError(f"cannot write the model to {args.out}: {exc}") from None
+    return {
+        "version_dir": directory, "model_version": Path(directory).name,
+        "n_train": len(train), "n_test": len(test), "n_files": len(args.data),
+        "output_length": output_metrics, "latency": latency_metrics, "components": sorted(components),
+        "output_length_model": model.describe(),
+        "seconds": {"read": read_s, "fit": fit_s, "total": time.monotonic() - started},
+    }
+
+
+def _fit_latency(records: list[dict[str, Any]]) -> Any:
+    """The latency component fitted on gateway timing records, or ``None`` (no records, or no
+    latency model in this install)."""
+    if not records:
+        return None
+    try:
+        from scheduler.costmodel.latency import LatencyModel
+    except ImportError:
+        _progress("timing records found but scheduler.costmodel.latency is not available: no latency model")
+        return None
+    return LatencyModel.fit_records(records)
+
+
+def _latency_metrics(latency: Any, records: list[dict[str, Any]]) -> Any:
+    evaluate = getattr(latency, "evaluate", None)
+    if not callable(evaluate) or not records:
+        return None
+    return evaluate(records)
+
+
+def _timing_records(rows: Sequence[Any]) -> list[dict[str, Any]]:
+    return [r.record for r in rows if isinstance(r.record.get("timing"), dict)]
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from scheduler.costmodel.store import ModelStore
+
+    directory = Path(args.model)
+    if not directory.is_dir():
+        raise _UsageError(f"no model directory at {directory}")
+    try:
+        loaded = ModelStore(directory).load_current()
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    if loaded is None:
+        raise _UsageError(f"{directory} holds no model version (run `pdgate cost-model train --out {directory}`)")
+    components, meta = loaded
+    model = components.get("output_length")
+    if model is None or not hasattr(model, "predict_many"):
+        raise _UsageError(f"{directory}/{meta.get('version')}: no output_length component")
+    rows = _read(args)
+    baselines = {name: components[f"baseline_{name}"] for name in ("global_mean", "prompt_length")
+                 if f"baseline_{name}" in components}
+    latency = components.get("latency")
+    return {
+        "model_version": meta.get("version"),
+        "model_dir": str(directory),
+        "n": len(rows),
+        "output_length": _length_metrics(model, baselines, rows),
+        "latency": _latency_metrics(latency, _timing_records(rows)) if latency is not None else None,
+    }
+
+
+# --- shared -----------------------------------------------------------------------------------
+
+
+def _read(args: argparse.Namespace) -> list[Any]:
+    from engines.sim.tokenizer import load_tokenizer
+    from scheduler.costmodel.datasets import read_dataset
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise _UsageError(f"--tokenizer {args.tokenizer}: {exc}") from None
+    rows = []
+    for path in args.data:
+        if not Path(path).is_file():
+            raise _UsageError(f"no such file: {path}")
+        try:
+            rows += read_dataset(path, tokenizer, endpoint_default=args.endpoint)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from None
+        except OSError as exc:
+            raise _UsageError(f"cannot read {path}: {exc}") from None
+    if not rows:
+        raise _UsageError(f"no usable rows in {', '.join(args.data)}")
+    return rows
+
+
+def _length_metrics(model: Any, baselines: dict[str, Any], rows: Sequence[Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from scheduler.costmodel.output_length import evaluate_lengths
+
+    features = [r.features for r in rows]
+    actual = np.array([r.output_tokens for r in rows], dtype=float)
+    q_high = float(getattr(model, "q_high", 0.9))
+
+    def score(predictor: Any) -> dict[str, Any]:
+        median, high = predictor.predict_many(features)
+        return evaluate_lengths(median, high, actual, q_high)
+
+    return {"model": score(model), "baselines": {name: score(b) for name, b in baselines.items()}}
+
+
+def _progress(message: str) -> None:
+    print(f"pdgate cost-model: {message}", file=sys.stderr, flush=True)
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 4 decimals for printing."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays (e.g. in a latency component's metrics) as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats to ``None`` (strict JSON), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,189 @@
+"""Request features for the cost model: sizes, names and a stable hash of the prompt's words.
+
+The prompt text itself is never kept: :func:`hash_text` turns it into a sparse vector of hashed
+word unigrams and bigrams (``{index: weight}``), which is what the gateway logs and what the
+output-length model reads. The hash is part of the on-disk contract (gateway logs and trained
+models both hold indices), so it must never change silently:
+
+* text: only the first and last :data:`EDGE_CHARS` characters of a long text are read
+  (instructions sit at the ends), lower-cased, UTF-8 encoded;
+* words: maximal runs of ASCII letters, digits and ``_`` and of non-ASCII bytes (every other
+  ASCII byte separates words; close to regex ``\\w+`` without its per-word cost);
+* unigram index: ``zlib.crc32(word) % n_features``;
+* bigram index: a splitmix64-style mix of the two words' CRC32s in unsigned 64-bit arithmetic
+  (:func:`_bigram_hashes`), ``% n_features``;
+* weight: ``1 + ln(count)`` per index, then the vector is scaled to unit L2 norm.
+
+CRC32 and wrap-around 64-bit integer arithmetic are the same on every platform, process and
+Python version (unlike ``hash()``), so indices are stable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from zlib import crc32
+
+import numpy as np
+
+from engines.sim.tokenizer import message_text
+
+N_FEATURES = 1 << 14
+"""Default hash space size."""
+
+EDGE_CHARS = 2000
+"""A text longer than ``2 * EDGE_CHARS`` is hashed as its first and last ``EDGE_CHARS`` characters."""
+
+Endpoint = Literal["completion", "chat"]
+ENDPOINTS: tuple[str, ...] = ("completion", "chat")
+
+# Byte translation table: ASCII letters/digits/underscore and non-ASCII bytes are kept, every
+# other byte becomes a space. bytes are immutable, so this is a constant.
+_WORD_BYTES = bytes(c if (c >= 128 or chr(c).isalnum() or c == 0x5F) else 0x20 for c in range(256))
+_MIX1 = np.uint64(0x9E3779B97F4A7C15)
+_MIX2 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX3 = np.uint64(0x94D049BB133111EB)
+_SHIFT_A = np.uint64(30)
+_SHIFT_B = np.uint64(27)
+_SHIFT_C = np.uint64(31)
+
+
+def _sublinear_table(size: int) -> np.ndarray:
+    table = np.zeros(size)
+    table[1:] = 1.0 + np.log(np.arange(1, size))
+    table.flags.writeable = False
+    return table
+
+
+# 1 + ln(count) for every count a capped text can produce (fewer than 4 * 2 * EDGE_CHARS n-grams).
+_SUBLINEAR = _sublinear_table(8 * EDGE_CHARS)
+
+
+def _bigram_hashes(unigrams: np.ndarray) -> np.ndarray:
+    """64-bit hashes of consecutive word pairs from the words' CRC32s (``uint64`` array)."""
+    h = unigrams[:-1] * _MIX1 + unigrams[1:]
+    h ^= h >> _SHIFT_A
+    h *= _MIX2
+    h ^= h >> _SHIFT_B
+    h *= _MIX3
+    h ^= h >> _SHIFT_C
+    return h
+
+
+def text_words(text: str) -> list[bytes]:
+    """The words :func:`hash_text` hashes (after the edge cap), as UTF-8 bytes."""
+    if len(text) > 2 * EDGE_CHARS:
+        text = text[:EDGE_CHARS] + " " + text[-EDGE_CHARS:]
+    return text.lower().encode("utf-8", "surrogatepass").translate(_WORD_BYTES).split()
+
+
+def hash_text(text: str, n_features: int = N_FEATURES) -> dict[int, float]:
+    """Sparse unit-norm vector ``{index: weight}`` of the hashed word unigrams and bigrams of ``text``.
+
+    Empty (``{}``) when the text has no words. Deterministic across processes, platforms and
+    Python versions (see the module docstring for the exact scheme). Costs tens of microseconds
+    for a few hundred words; texts longer than ``2 * EDGE_CHARS`` characters cost no more.
+    """
+    if n_features < 1:
+        raise ValueError("n_features must be positive")
+    words = text_words(text)
+    if not words:
+        return {}
+    unigrams = np.fromiter(map(crc32, words), np.uint64, len(words))
+    index = np.concatenate((unigrams, _bigram_hashes(unigrams))) % np.uint64(n_features)
+    keys, counts = np.unique(index, return_counts=True)
+    if len(keys) == len(index):  # every n-gram once: all weights equal
+        return dict.fromkeys(keys.tolist(), 1.0 / math.sqrt(len(keys)))
+    weights = _SUBLINEAR[counts]
+    weights *= 1.0 / math.sqrt(float(weights @ weights))
+    return dict(zip(keys.tolist(), weights.tolist()))
+
+
+def chat_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text to hash for a chat request.
+
+    The last user message comes first, then the system (and developer) messages in order; the
+    other turns are left out (the length of the answer depends on what was asked last and on
+    standing instructions, and :func:`hash_text` reads the ends of long texts). A conversation
+    without a user message hashes every message's text in order. Content is a string or a list
+    of parts, of which only the text parts are read.
+    """
+    texts: list[tuple[str, str]] = [(str(m.get("role", "")), _content_text(m.get("content"))) for m in messages]
+    last_user = next((i for i in range(len(texts) - 1, -1, -1) if texts[i][0] == "user"), None)
+    if last_user is None:
+        return "\n".join(t for _, t in texts if t)
+    parts = [texts[last_user][1]]
+    parts += [t for role, t in texts if role in ("system", "developer") and t]
+    return "\n".join(parts)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):  # text parts only; images and audio carry no words
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return message_text(content)
+
+
+@dataclass(frozen=True)
+class RequestFeatures:
+    """What the cost model knows about a request before it runs.
+
+    ``text_hash`` is :func:`hash_text` of the prompt (:func:`chat_text` for chat requests); it is
+    empty when there is no text (e.g. a prompt given as token ids).
+    """
+
+    prompt_tokens: int
+    max_tokens: int | None
+    endpoint: str
+    model: str
+    tag: str | None = None
+    text_hash: Mapping[int, float] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able dict (``text_hash`` as ``[[index, weight], ...]``); inverse of :meth:`from_record`."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "max_tokens": self.max_tokens,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "tag": self.tag,
+            "text_hash": [[int(i), float(v)] for i, v in self.text_hash.items()],
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RequestFeatures:
+        """Features from :meth:`to_record`'s dict (or a gateway log row); ``ValueError`` when malformed."""
+        prompt_tokens = record.get("prompt_tokens")
+        if not _is_int(prompt_tokens) or prompt_tokens < 0:
+            raise ValueError("prompt_tokens must be a non-negative integer")
+        max_tokens = record.get("max_tokens")
+        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+            raise ValueError("max_tokens must be a positive integer or null")
+        endpoint = record.get("endpoint")
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
+        model = record.get("model")
+        if not isinstance(model, str):
+            raise ValueError("model must be a string")
+        tag = record.get("tag")
+        if tag is not None and not isinstance(tag, str):
+            raise ValueError("tag must be a string or null")
+        return cls(prompt_tokens, max_tokens, endpoint, model, tag, parse_text_hash(record.get("text_hash") or []))
+
+
+def parse_text_hash(pairs: Any) -> dict[int, float]:
+    """``{index: weight}`` from ``[[index, weight], ...]``; ``ValueError`` when malformed."""
+    if not isinstance(pairs, list):
+        raise ValueError("text_hash must be a list of [index, weight] pairs")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if (not isinstance(pair, list | tuple) or len(pair) != 2 or not _is_int(pair[0]) or pair[0] < 0
+                or not isinstance(pair[1], int | float) or isinstance(pair[1], bool)):
+            raise ValueError("text_hash must be a list of [index, weight] pairs")
+        out[pair[0]] = float(pair[1])
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,44 @@
+"""The cost model in force: latency models plus the output-length model, behind one read-only facade.
+
+A :class:`CostModel` is immutable once built; the gateway swaps in a new one after each refit,
+so a decision in progress always sees one consistent version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from scheduler.costmodel.latency import LatencyModel
+from scheduler.snapshot import InstanceView
+
+if TYPE_CHECKING:
+    from scheduler.costmodel.output_length import LengthPrediction, OutputLengthModel
+
+DEFAULT_OUTPUT_TOKENS = 128  # when nothing predicts the output length
+
+
+@dataclass(frozen=True)
+class CostModel:
+    latency: LatencyModel
+    output: OutputLengthModel
+    version: str = "prior"
+
+    def prefill_s(self, instance: InstanceView, uncached: float, cached: float = 0.0) -> float:
+        """Predicted seconds to prefill on ``instance`` when it is idle."""
+        return self.latency.costs(instance.cost_group).prefill_s(uncached, cached)
+
+    def decode_step_s(self, instance: InstanceView, batch: float, context_tokens: float) -> float:
+        """Predicted seconds per decode step (the TPOT) of a batch on ``instance``."""
+        return self.latency.costs(instance.cost_group).decode_step_s(batch, context_tokens)
+
+    def handoff_s(self, instance: InstanceView, prompt_tokens: float) -> float:
+        """Predicted seconds from sending a decode leg to ``instance`` to its first token."""
+        return self.latency.costs(instance.cost_group).handoff_s(prompt_tokens)
+
+
+def expected_output_tokens(prediction: LengthPrediction | None, max_tokens: int) -> float:
+    """The median predicted output, or a default capped by ``max_tokens``."""
+    if prediction is not None:
+        return prediction.median
+    return float(min(max_tokens, DEFAULT_OUTPUT_TOKENS)) if max_tokens > 0 else float(DEFAULT_OUTPUT_TOKENS)

@@ -1,0 +1,147 @@
+"""SLO-aware plugins: they place and admit by the cost model's predicted TTFT and TPOT.
+
+All of them read the cost model from the snapshot (``snapshot.costs``) and compute through
+:mod:`scheduler.estimates`; without a cost model they are neutral (score 1, keep all, dispatch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydantic import Field
+
+from scheduler.estimates import tpot_estimate, tpot_limit, ttft_estimates
+from scheduler.framework import Admitter, Filter, PluginParams, Scorer, Verdict
+from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+
+
+class SloTtftScorer(Scorer):
+    """Lower predicted TTFT is better (Mooncake's prefill choice).
+
+    ``ttft_i = wait_i + prefill(prompt - hit_i, hit_i) + hand-off``, where ``wait_i`` is the
+    predicted time to drain what the gateway already sent to ``i`` and ``hit_i`` its cached
+    prefix; ``score_i = min_j ttft_j / ttft_i`` (1 for the best instance).
+    """
+
+    type_name = "slo-ttft"
+
+    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+        costs = snapshot.costs
+        if costs is None:
+            return {i.id: 1.0 for i in candidates}
+        estimates = {e.instance_id: e.total_s for e in ttft_estimates(request, snapshot, candidates, costs, handoff_s=0.0)}
+        best = min(estimates.values(), default=0.0)
+        return {k: (best / v if v > 0 else 1.0) for k, v in estimates.items()}
+
+
+class SloTpotScorer(Scorer):
+    """Lower predicted TPOT after joining is better: ``score_j = min_k tpot_k / tpot_j``,
+    with ``tpot_j = step(batch_j + 1, context_j + prompt + expected_output / 2)``."""
+
+    type_name = "slo-tpot"
+
+    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+        costs = snapshot.costs
+        if costs is None:
+            return {i.id: 1.0 for i in candidates}
+        tpots = {i.id: tpot_estimate(request, i, costs) for i in candidates}
+        best = min(tpots.values(), default=0.0)
+        return {k: (best / v if v > 0 else 1.0) for k, v in tpots.items()}
+
+
+class SloTpotFilter(Filter):
+    """Keeps decode instances whose batch, with this request added, stays within the strictest
+    TPOT SLO of the request and of the requests already on it.
+
+    Soft: when no instance qualifies it keeps the ones with the lowest predicted TPOT
+    (admission already decided the request goes; this only chooses the least harmful place).
+    """
+
+    type_name = "slo-tpot-filter"
+
+    def filter(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> list[InstanceView]:
+        costs = snapshot.costs
+        if costs is None or not candidates:
+            return candidates
+        tpots = {i.id: tpot_estimate(request, i, costs) for i in candidates}
+        fits = [i for i in candidates if (limit := tpot_limit(request, i)) is None or tpots[i.id] <= limit]
+        if fits:
+            return fits
+        best = min(tpots.values())
+        return [i for i in candidates if tpots[i.id] <= best * 1.000001]
+
+
+class SloAdmitterParams(PluginParams):
+    engine_queue_fraction: float = Field(0.5, gt=0, le=1,
+                                         description="dispatch while the best prefill instance's predicted wait is at most "
+                                                     "this fraction of the request's TTFT SLO (the rest waits at the gateway, in EDF order)")
+    best_effort_wait_s: float = Field(0.5, gt=0, description="the same bound for requests without a TTFT SLO")
+    slack: float = Field(0.9, gt=0, description="aim at slack x the SLO: below 1 leaves room for prediction error")
+    max_queue_wait_s: float = Field(60.0, gt=0, description="nobody waits at the gateway longer than this")
+
+
+class SloAdmitter(Admitter):
+    """Admits a request when its predicted TTFT and TPOT meet its SLO, queues it while it still can,
+    rejects it when it cannot.
+
+    * **reject** (``ttft-infeasible``) when even starting after the work queued ahead of it
+      (``max(min wait, work ahead / prefill instances)``) plus its own unloaded prefill and
+      hand-off exceeds the time left to its TTFT deadline; ``tpot-infeasible`` when an empty
+      decode batch is already slower than its TPOT SLO; ``queue-timeout`` after ``max_queue_wait_s``;
+    * **dispatch** when the best prefill instance's wait is short (``engine_queue_fraction`` of
+      its TTFT SLO), the predicted TTFT meets the deadline and some decode instance keeps the
+      TPOT SLOs of its batch;
+    * **wait** otherwise (the gateway holds it, earliest deadline first within priority).
+    """
+
+    type_name = "slo-admitter"
+    Params = SloAdmitterParams
+
+    def assess(self, request: RequestInfo, snapshot: ClusterSnapshot, now: float, work_ahead_s: float) -> Verdict:
+        p: SloAdmitterParams = self.params  # type: ignore[assignment]
+        costs = snapshot.costs
+        live = [i for i in snapshot.instances if i.healthy and not i.draining]
+        prefills = [i for i in live if i.serves("prefill")]
+        decoders = [i for i in live if i.serves("decode")]
+        if costs is None or not prefills or not decoders:
+            return Verdict("dispatch", "no-prediction")
+        estimates = ttft_estimates(request, snapshot, prefills, costs)
+        best_now = min(e.total_s for e in estimates)
+        best_case = min(e.unloaded_s for e in estimates)
+        min_wait = min(e.wait_s for e in estimates)
+        work = min(e.prefill_s for e in estimates)
+        tpots = {d.id: tpot_estimate(request, d, costs) for d in decoders}
+        tpot_now = min(tpots.values())
+        decode_ok = any((limit := tpot_limit(request, d)) is None or tpots[d.id] <= limit for d in decoders)
+        slo = request.slo
+        elapsed = now - request.arrival
+
+        def verdict(action: str, reason: str) -> Verdict:
+            return Verdict(action, reason, best_now, best_case, tpot_now, work)  # type: ignore[arg-type]
+
+        if elapsed > p.max_queue_wait_s:
+            return verdict("reject", "queue-timeout")
+        if slo.tpot_s is not None:
+            floor = min(costs.decode_step_s(d, 1, request.prompt_tokens) for d in decoders)
+            if floor > slo.tpot_s * p.slack:
+                return verdict("reject", "tpot-infeasible")
+        if slo.ttft_s is not None:
+            remaining = slo.ttft_s * p.slack - elapsed
+            start = max(min_wait, work_ahead_s / len(prefills))
+            if start + best_case > remaining:
+                return verdict("reject", "ttft-infeasible" if decode_ok else "decode-saturated")
+            window = p.engine_queue_fraction * slo.ttft_s
+            if min_wait <= window and best_now <= remaining and decode_ok:
+                return verdict("dispatch", "slo-met")
+        elif min_wait <= p.best_effort_wait_s and (decode_ok or slo.tpot_s is None):
+            return verdict("dispatch", "capacity")
+        return verdict("wait", "decode-saturated" if not decode_ok else "engine-queue")
+
+
+class AlwaysAdmit(Admitter):
+    """Dispatches every request at once (no gateway queue, no shedding)."""
+
+    type_name = "always-admit"
+
+    def assess(self, request: RequestInfo, snapshot: ClusterSnapshot, now: float, work_ahead_s: float) -> Verdict:
+        return Verdict("dispatch", "always")

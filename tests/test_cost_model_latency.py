@@ -1,0 +1,74 @@
+"""Latency models: the physical prior, and refits from the gateway's request records."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engines.sim.perf_model import StepBatch, load_profile
+from scheduler.costmodel.latency import LatencyModel, PriorSpec, prior_costs
+
+GROUP = "vllm/m/prefill/default"
+
+
+@pytest.fixture(scope="module")
+def prior() -> LatencyModel:
+    return LatencyModel.from_priors({GROUP: PriorSpec(), "scaled": PriorSpec(time_scale=10.0)})
+
+
+def test_prior_follows_the_engine_profile_and_its_time_scale(prior):
+    profile = load_profile("h100-llama-3-8b")
+    costs = prior.costs(GROUP)
+    for tokens in (512, 2048, 6000):
+        truth = profile.step_time(StepBatch(prefill_tokens=tokens, prefill_attn_pairs=tokens * tokens))
+        assert costs.prefill_s(tokens) == pytest.approx(truth, rel=0.2)
+    for batch in (1, 32, 128):
+        truth = profile.step_time(StepBatch(decode_seqs=batch, decode_kv_tokens=batch * 1024))
+        assert costs.decode_step_s(batch, batch * 1024) == pytest.approx(truth, rel=0.1)
+    assert prior.costs("scaled").prefill_s(2048) == pytest.approx(costs.prefill_s(2048) / 10, rel=1e-6)
+
+
+def _records(n: int, slow: float, seed: int = 0) -> list[dict]:
+    """Requests as the gateway logs them, on hardware ``slow`` times slower than the prior's."""
+    rng = random.Random(seed)
+    truth = prior_costs(PriorSpec())
+    rows = []
+    for _ in range(n):
+        prompt = rng.randint(100, 6000)
+        cached = rng.choice([0, 0, prompt // 2])
+        batch, context = rng.randint(1, 64), rng.randint(1, 64) * rng.randint(200, 3000)
+        noise = lambda: rng.uniform(0.9, 1.1)
+        rows.append({
+            "prompt_tokens": prompt, "output_tokens": 50,
+            "timing": {"prefill_s": slow * truth.prefill_s(prompt - cached, cached) * noise(),
+                       "handoff_s": slow * truth.handoff_s(prompt) * noise(),
+                       "tpot_s": slow * truth.decode_step_s(batch, context) * noise()},
+            "placement": {"prefill_group": GROUP, "prefill_idle": True, "prefill_cached_tokens": cached,
+                          "decode_group": "decode-group", "split": True, "decode_batch": batch, "decode_context_tokens": context},
+        })
+    return rows
+
+
+def test_refit_learns_hardware_twice_as_slow_as_the_prior(prior):
+    train, test = _records(200, slow=2.0, seed=1), _records(100, slow=2.0, seed=2)
+    before = prior.evaluate(test)
+    fitted = prior.refit(train)
+    after = fitted.evaluate(test)
+    assert before[GROUP]["prefill"]["mape"] > 0.4  # the prior is off by ~2x
+    assert after[GROUP]["prefill"]["mape"] < 0.1
+    assert after["decode-group"]["decode_step"]["mape"] < 0.1
+    assert after["decode-group"]["handoff"]["mape"] < 0.1
+    assert after[GROUP]["prefill"]["fitted_on"] == "observations (200)"
+    assert fitted.costs("scaled") is prior.costs("scaled")  # groups without data keep their prior
+
+
+def test_few_observations_keep_the_prior_and_busy_prefills_are_not_used(prior):
+    rows = _records(5, slow=3.0)
+    assert prior.refit(rows).costs(GROUP).prefill.coef == prior.costs(GROUP).prefill.coef
+    busy = [{**r, "placement": {**r["placement"], "prefill_idle": False}} for r in _records(50, slow=3.0)]
+    assert prior.refit(busy).costs(GROUP).prefill.n_obs == 0  # queueing would be mistaken for prefill time
+
+
+def test_fit_records_without_timings_is_none():
+    assert LatencyModel.fit_records([{"prompt_tokens": 10, "output_tokens": 3}]) is None
