@@ -48,7 +48,7 @@ def synthetic_rows(n: int, seed: int) -> list[tuple[RequestFeatures, int]]:
         prompt_tokens = 2 * (len(words) + 5)
         output = base * (prompt_tokens / 40) ** 0.4 * rng.lognormal(0, 0.35)
         max_tokens = int(rng.choice([256, 1024])) if rng.random() < 0.3 else None
-        output = max(1, int(round(output)))
+        output = max(1, round(output))
         if max_tokens is not None:
             output = min(output, max_tokens)
         rows.append((RequestFeatures(prompt_tokens, max_tokens, "chat", "sim-model", None, hash_text(text)), output))
@@ -157,7 +157,8 @@ def test_predictions_are_ordered_and_capped(synthetic, fitted):
     capped = fitted.predict(essay)
     assert capped == LengthPrediction(16.0, 16.0)
     uncapped = fitted.predict(RequestFeatures(40, None, "chat", "sim-model", None, essay.text_hash))
-    short = fitted.predict(RequestFeatures(40, None, "chat", "sim-model", None, hash_text("answer yes or no: is it real?")))
+    yes_no = hash_text("answer yes or no: is it real?")
+    short = fitted.predict(RequestFeatures(40, None, "chat", "sim-model", None, yes_no))
     assert uncapped.median > 150 and short.median < 20 and uncapped.high > uncapped.median
 
 
@@ -202,7 +203,8 @@ def test_model_uses_model_name_and_prompt_length_without_text():
 
 
 def test_evaluate_lengths_known_values():
-    out = evaluate_lengths(np.array([10.0, 20, 30, 40]), np.array([20.0, 20, 60, 50]), np.array([10.0, 50, 31, 45]), 0.9)
+    median, high, actual = np.array([10.0, 20, 30, 40]), np.array([20.0, 20, 60, 50]), np.array([10.0, 50, 31, 45])
+    out = evaluate_lengths(median, high, actual, 0.9)
     assert out["n"] == 4 and out["mae"] == pytest.approx((0 + 30 + 1 + 5) / 4)
     assert out["within_2x"] == 0.75 and out["coverage_high"] == 0.75
     assert out["spearman"] == pytest.approx(0.4) and out["kendall"] == pytest.approx(1 / 3)
@@ -247,8 +249,10 @@ def test_read_generic_alpaca_and_gateway_rows(tmp_path):
     assert rows[2].features.prompt_tokens == 4 and rows[2].features.text_hash == {}
 
     alpaca = tmp_path / "model_outputs.json"
-    alpaca.write_text(json.dumps([{"instruction": "Name a color.", "input": "", "output": "Blue.", "generator": "g1"},
-                                  {"instruction": "Translate", "input": "bonjour", "output": "hello", "generator": "g1"}]))
+    alpaca.write_text(json.dumps([
+        {"instruction": "Name a color.", "input": "", "output": "Blue.", "generator": "g1"},
+        {"instruction": "Translate", "input": "bonjour", "output": "hello", "generator": "g1"},
+    ]))
     arows = read_dataset(alpaca, tok)
     assert [r.features.model for r in arows] == ["g1", "g1"] and arows[0].features.endpoint == "chat"
     assert arows[1].features.text_hash == hash_text("Translate\n\nbonjour")
@@ -281,8 +285,8 @@ def test_split_holdout_keeps_each_prompt_on_one_side():
     for generator in ("g1", "g2", "g3"):
         for p in range(40):
             record = {"instruction": f"prompt number {p}", "output": "x", "generator": generator}
-            rows.append(LabeledRequest(RequestFeatures(5, None, "chat", generator, None, hash_text(record["instruction"])),
-                                       p + 1, record))
+            features = RequestFeatures(5, None, "chat", generator, None, hash_text(record["instruction"]))
+            rows.append(LabeledRequest(features, p + 1, record))
     train, test = split_holdout(rows, 0.25, seed=3)
     train_prompts = {r.record["instruction"] for r in train}
     test_prompts = {r.record["instruction"] for r in test}

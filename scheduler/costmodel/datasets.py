@@ -42,6 +42,7 @@ from scheduler.costmodel.features import (
 )
 
 GATEWAY_LOG_KIND = "pdgate-request"
+_PROMPT_CACHE_SIZE = 100_000
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,8 @@ class _RowReader:
         if cached is None:
             tokens = len(self.tokenizer.encode(rendered if rendered is not None else text, add_special_tokens=False))
             cached = (tokens, hash_text(text))
+            if len(self._prompts) >= _PROMPT_CACHE_SIZE:  # bounded: logs of unique prompts gain nothing from it
+                self._prompts.clear()
             self._prompts[key] = cached
         return cached
 

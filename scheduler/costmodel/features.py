@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 from zlib import crc32
 
 import numpy as np
@@ -36,7 +36,6 @@ N_FEATURES = 1 << 14
 EDGE_CHARS = 2000
 """A text longer than ``2 * EDGE_CHARS`` is hashed as its first and last ``EDGE_CHARS`` characters."""
 
-Endpoint = Literal["completion", "chat"]
 ENDPOINTS: tuple[str, ...] = ("completion", "chat")
 
 # Byte translation table: ASCII letters/digits/underscore and non-ASCII bytes are kept, every
