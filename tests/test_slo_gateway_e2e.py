@@ -145,6 +145,9 @@ def test_requests_are_logged_refit_online_and_the_model_is_loaded_at_restart(fle
                                                extra_body={"ignore_eos": True})
             assert sum(len(c.choices) for c in stream) > 0
         deadline = time.monotonic() + 30
+        # a request is recorded just after its last byte went out: wait for the 24th, then for a refit
+        while metric(gw.url, "pdgate_prediction_ratio_count", quantity="ttft_s") < 24 and time.monotonic() < deadline:
+            time.sleep(0.05)
         while not ModelStore(model_dir).versions() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ModelStore(model_dir).versions(), gw.log
