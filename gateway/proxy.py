@@ -77,6 +77,7 @@ class Observation:
     usage_tokens: int | None = None
     batch_at_end: int = 0
     context_at_end: int = 0
+    saw_done: bool = False  # the stream's [DONE] went out (a client may hang up right after it)
 
 
 @dataclass
@@ -136,6 +137,10 @@ class Proxy:
                 await self._execute(responder, routed, placement)
                 self._completed(routed)
                 return
+            except asyncio.CancelledError:
+                if routed.obs.saw_done:  # the client read the whole answer and hung up first
+                    self._completed(routed)
+                raise
             except UpstreamFailed as failure:
                 excluded.add(failure.instance_id)
                 self.cluster.record_failure(failure.instance_id, failure.reason)
@@ -435,6 +440,11 @@ class Proxy:
             obs.events += data.count(b"data: ")
             obs.last_token = clock()
             tail[0] = data
+            if b"data: [DONE]" in data:
+                obs.saw_done = True
+                obs.batch_at_end, obs.context_at_end = decode.decode_inflight, decode.decode_context_tokens
+                if (match := _USAGE_TOKENS.search(data)) is not None:
+                    obs.usage_tokens = int(match.group(1))
             write(data)
 
         try:
