@@ -354,6 +354,7 @@ def policy_config(name: str, base: Mapping[str, Any], slo: Slo, time_scale: floa
 # --------------------------------------------------------------------------------------------
 _LIVE: dict[int, subprocess.Popen] = {}  # pid -> process (each the leader of its own group)
 STOP_GRACE_S = 5.0
+OTHER_LOAD_WARN = 0.5  # cores other processes on the host took during a probe: its figures may be distorted
 
 
 def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -412,6 +413,16 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def host_cpu() -> tuple[float, float] | None:
+    """(busy, total) jiffies of the whole host from /proc/stat (Linux), else None."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return float(sum(values) - idle), float(sum(values))
 
 
 async def _wait_http(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -605,11 +616,11 @@ async def _run_probe(policy: str, rate: float, requests: Sequence[BenchRequest],
         load = LoadConfig(arrivals="trace", speedup=time_scale, timeout_s=600.0,
                           # stop waiting for stragglers: unfinished requests are misses anyway
                           duration_s=span_sim / time_scale + 1.0, drain_s=max(60.0, 3 * span_sim / time_scale))
-        cpu_client0 = time.process_time()
+        cpu_client0, host0 = time.process_time(), host_cpu()
         wall0 = time.monotonic()
         results, _ = await run_load(target, requests, load)
         load_wall = time.monotonic() - wall0
-        cpu_client = time.process_time() - cpu_client0
+        cpu_client, host1 = time.process_time() - cpu_client0, host_cpu()
         states = await fleet.sim_states()
         cpu = fleet.cpu_used()
     lateness = [1e3 * (r.sent_s - r.scheduled_s) for r in results]
@@ -620,8 +631,13 @@ async def _run_probe(policy: str, rate: float, requests: Sequence[BenchRequest],
     cpu_info = {k: None if v is None else round(v, 2) for k, v in cpu.items()}
     cpu_info["client"] = round(cpu_client, 2)
     cpu_info["load_wall_s"] = round(load_wall, 2)
-    cpu_info["cores_busy"] = (round((sum(v for v in cpu.values() if v is not None) + cpu_client) / load_wall, 2)
-                              if load_wall > 0 else None)
+    ours = sum(v for v in cpu.values() if v is not None) + cpu_client
+    cpu_info["cores_busy"] = round(ours / load_wall, 2) if load_wall > 0 else None
+    if host0 is not None and host1 is not None and host1[1] > host0[1]:
+        # the whole host's busy cores over the load, and what other processes took of it
+        host_cores = (host1[0] - host0[0]) / (host1[1] - host0[1]) * (os.cpu_count() or 1)
+        cpu_info["host_cores_busy"] = round(host_cores, 2)
+        cpu_info["other_cores_busy"] = round(max(0.0, host_cores - ours / load_wall), 2) if load_wall > 0 else None
     errors = sorted({(r.error or f"HTTP {r.status}")[:160] for r in results if not r.ok})
     rejected = sum(1 for r in results if r.status == 429)
     return Probe(policy, rate, len(requests), stats, time.monotonic() - started, lag, cpu_info, rejected, errors)
@@ -640,6 +656,13 @@ class TraceResult:
     probes: dict[str, dict[float, Probe]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
+
+
+def distorted(p: Probe) -> bool:
+    """Engines lost over 1 % of the probe's time, the load generator sent late, or other
+    processes took a good share of the host's CPU."""
+    return ((p.lag["lag_pct_of_span"] or 0) > 1 or (p.lag["client_late_p99_ms_wall"] or 0) > 10
+            or (p.cpu.get("other_cores_busy") or 0) > OTHER_LOAD_WARN)
 
 
 def fmt_rate(rate: float | None) -> str:
@@ -692,14 +715,13 @@ async def run_trace(spec: TraceSpec, policies: Sequence[str], args: argparse.Nam
                             workdir / f"{spec.name}-{name}-{next(counter)}")
         probes[name][rate] = p
         s, lag = p.stats, p.lag
-        flag = ""
-        if (lag["lag_pct_of_span"] or 0) > 1 or (lag["client_late_p99_ms_wall"] or 0) > 10:
-            flag = "  [distorted?]"
+        flag = "  [distorted?]" if distorted(p) else ""
         rejected = f" (429: {p.rejected})" if p.rejected else ""
         log(f"  {name:<16} {fmt_rate(rate):>6} req/s  n={p.requests:<4} attained {100 * p.attainment:5.1f} %  "
             f"TTFT p50/p99 {_ms(s.ttft.p50)}/{_ms(s.ttft.p99)} ms  TPOT p50/p99 {_ms(s.tpot.p50)}/{_ms(s.tpot.p99)} ms  "
             f"failed {s.failed}{rejected}  lag {lag['lag_total_s']:.3f} s (max {lag['lag_max_ms']:.0f} ms)  "
-            f"late p99 {lag['client_late_p99_ms_wall']} ms  cores {p.cpu['cores_busy']}  "
+            f"late p99 {lag['client_late_p99_ms_wall']} ms  cores {p.cpu['cores_busy']}"
+            f" (+{p.cpu.get('other_cores_busy', '?')} others)  "
             f"hit {lag['prefill_prefix_hit']}  {p.wall_s:.0f} s{flag}")
         for err in p.errors[:2]:
             log(f"      error: {err}")
@@ -737,7 +759,9 @@ def markdown(result: TraceResult) -> str:
               "| TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |")
     lines = [title, "", header, "|---|---:|---:|---|---:|---:|"]
     for name, sw in result.sweeps.items():
-        points = " ".join(f"{fmt_rate(r)}:{100 * a:.3g}" for r, a in sorted(sw.points))
+        by_rate = result.probes[name]
+        points = " ".join(f"{fmt_rate(r)}:{100 * a:.3g}" + ("*" if r in by_rate and distorted(by_rate[r]) else "")
+                          for r, a in sorted(sw.points))
         good = sw.best_rate
         ratio = f"{good / best:.2f}x" if good and best else "-"
         p = result.probes[name].get(good) if good is not None else None
@@ -756,9 +780,13 @@ def markdown(result: TraceResult) -> str:
         lag_max = max(p.lag["lag_max_ms"] for p in all_probes)
         late = max((p.lag["client_late_p99_ms_wall"] or 0.0) for p in all_probes)
         cores = max((p.cpu["cores_busy"] or 0.0) for p in all_probes)
+        others = max((p.cpu.get("other_cores_busy") or 0.0) for p in all_probes)
+        flagged = sum(1 for p in all_probes if distorted(p))
         lines += ["", (f"{len(all_probes)} probes in {result.wall_s / 60:.1f} min; worst probe: engine lag "
                        f"{lag_pct:.2f} % of the probe (max {lag_max:.0f} ms simulated), load-generator lateness "
-                       f"p99 {late:.1f} ms wall, {cores:.2f} cores busy (engines + gateway + client).")]
+                       f"p99 {late:.1f} ms wall, {cores:.2f} cores busy (engines + gateway + client), "
+                       f"{others:.2f} cores taken by other processes on the host; {flagged} probe(s) flagged "
+                       "(*) as possibly distorted.")]
     return "\n".join(lines)
 
 
