@@ -22,11 +22,21 @@ that the window's mean rate is the probed rate (burstiness kept), prompt and out
 from the trace (``ignore_eos``). See each entry for the window, the shaping and the SLOs; the
 script prints the modelled unloaded TTFT and decode step next to the SLOs.
 
-**Time**: the simulated engines run ``time_scale`` times faster than real time (per trace;
-``--time-scale`` overrides). The load generator sends at ``rate * time_scale`` wall requests/s,
-the gateway's SLO config and its scrape period are scaled alike, and every rate and latency is
-reported in simulated (real-GPU) units. Each probe records the engines' lag (``/sim/state``),
-the load generator's lateness and the CPU the fleet used, so a distorted probe shows.
+**Time**: the simulated engines can run ``time_scale`` times faster than real time (per trace;
+``--time-scale`` overrides). The load generator then sends at ``rate * time_scale`` wall
+requests/s, the gateway's SLO config and its scrape period are scaled alike, and every rate and
+latency is reported in simulated (real-GPU) units. All traces default to time scale 1: the
+gateway's own CPU per request (~7 ms for a 2k-token prompt on a 2-core VM: tokenizing, hashing,
+two legs) is part of the TTFT a client sees and is only represented 1:1 at scale 1; the
+decode-heavy trace already needs about a core for engines + gateway + client at its goodput,
+so scale 2 would overload a 2-core host; scale 0.5 doubles the wall time, counts the gateway's
+overhead at half (TTFT 10-20 % lower at the same load) and did not remove the engines' short
+stalls, which came from other processes on the host. Each probe records the engines' lag (``/sim/state``), the load generator's lateness,
+the CPU of the fleet, the gateway and the client, and what other processes took of the host;
+a probe that may be distorted is flagged (``*`` in the table).
+
+**Cost**: the default run (3 traces x 4 policies, up to 6 probes each) takes ~20 minutes on
+the project's 2-core box; ``--quick`` (40 requests, 2 probes, two baselines) ~1.5 minutes.
 """
 
 from __future__ import annotations
@@ -69,7 +79,7 @@ from loadgen.prompts import PromptBuilder
 from loadgen.runner import LoadConfig, run_load
 from loadgen.slo import RunStats, Slo, SloSpec, summarize
 from loadgen.sweep import SweepConfig, SweepResult, sweep
-from loadgen.traces import block_sharing, read_azure, read_mooncake
+from loadgen.traces import block_sharing, parse_mooncake, read_azure, read_mooncake
 from loadgen.types import BenchRequest, RequestResult
 
 DATA = Path(os.environ.get("PDGATE_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -107,9 +117,9 @@ def _scheduling(plugins: list[dict[str, Any]], prefill: list[dict[str, Any]], de
 
 
 POLICIES: dict[str, dict[str, Any]] = {
-    # One round-robin picker per profile: a picker shared by two profiles advances once per
-    # profile decision (on_sent), i.e. twice per PD request, and with two instances per role
-    # would then always pick the same one.
+    # One round-robin picker per profile: a picker shared by the prefill and decode profiles
+    # makes both picks of a request from the same position and then advances twice (on_sent of
+    # each decision), so with two instances per role it always picks the first of each.
     "round-robin": {"baseline": True, "admission_off": True, "config": {"scheduling": _scheduling(
         [{"name": "rr-prefill", "type": "round-robin"}, {"name": "rr-decode", "type": "round-robin"},
          {"name": "rr-colocated", "type": "round-robin"}],
@@ -204,7 +214,6 @@ class TraceWorkload:
         self.builder = PromptBuilder(load_tokenizer("builtin"), seed=seed)
         path = DATA / spec.path
         if spec.fmt == "mooncake":
-            from loadgen.traces import parse_mooncake
             records = parse_mooncake(path)
             if spec.anchor_end:
                 records = records[-spec.max_requests:]
@@ -808,7 +817,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", default=",".join(TRACES), help=f"comma-separated, of {', '.join(TRACES)}")
     ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help=f"comma-separated, of {', '.join(POLICIES)}")
-    ap.add_argument("--requests-per-probe", type=int, help="requests per probe (default: per trace, 120-150)")
+    ap.add_argument("--requests-per-probe", type=int, help="requests per probe (default: per trace, 150-200)")
     ap.add_argument("--min-probe-seconds", type=float,
                     help="at least this many simulated seconds of arrivals per probe (default: per trace)")
     ap.add_argument("--time-scale", type=float, help="simulated seconds per wall second (default: per trace)")
