@@ -400,35 +400,45 @@ def _generic(raw: dict[str, Any], builder: PromptBuilder, sel: Selection, defaul
 
 def _json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``("PATH:LINE", object)`` for every non-blank line of a JSONL file."""
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TraceFormatError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-            if not isinstance(value, dict):
-                raise TraceFormatError(f"{path}:{number}: expected a JSON object")
-            yield f"{path}:{number}", value
+    with path.open(encoding="utf-8", errors="strict") as handle:
+        try:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TraceFormatError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+                if not isinstance(value, dict):
+                    raise TraceFormatError(f"{path}:{number}: expected a JSON object")
+                yield f"{path}:{number}", value
+        except UnicodeDecodeError as exc:
+            raise TraceFormatError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def json_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, object)`` for each object of a JSON array file (``PATH record N``) or of a JSONL
+    file (``PATH:LINE``); a malformed file raises :class:`TraceFormatError` naming where."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from _json_lines(path)
+        return
+    try:
+        values = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        line = getattr(exc, "lineno", None)
+        raise TraceFormatError(f"{path}{f':{line}' if line else ''}: invalid JSON: {exc}") from None
+    if not isinstance(values, list):
+        raise TraceFormatError(f"{path}: expected a JSON array of objects")
+    for number, value in enumerate(values):
+        if not isinstance(value, dict):
+            raise TraceFormatError(f"{path} record {number}: expected a JSON object")
+        yield f"{path} record {number}", value
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """The objects of a JSON array file (``PATH record N``) or a JSONL file (``PATH:LINE``)."""
-    with path.open() as handle:
-        head = handle.read(4096).lstrip()
-    if head.startswith("["):
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise TraceFormatError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        out = []
-        for number, value in enumerate(values):
-            if not isinstance(value, dict):
-                raise TraceFormatError(f"{path} record {number}: expected a JSON object")
-            out.append((f"{path} record {number}", value))
-        return out
-    return list(_json_lines(path))
+    return list(json_objects(path))
 
 
 def _detect_records(path: Path, records: list[tuple[str, dict[str, Any]]]) -> TraceFormat:

@@ -269,7 +269,7 @@ def test_read_generic_alpaca_and_gateway_rows(tmp_path):
     ('{"prompt": "x", "output_tokens": 3}\n{"foo": 1}\n', r"bad\.jsonl:2: unknown row format"),
     ('{"prompt": "x", "output_tokens": "many"}\n', r"bad\.jsonl:1: output_tokens"),
     ('{"prompt": "x"\n', r"bad\.jsonl:1: invalid JSON"),
-    ('[{"instruction": "x", "output": "y"}, 3]', r"bad\.jsonl item 1: expected a JSON object"),
+    ('[{"instruction": "x", "output": "y"}, 3]', r"bad\.jsonl record 1: expected a JSON object"),
     (json.dumps(gateway_row(0, prompt_tokens=-1)) + "\n", r"bad\.jsonl:1: prompt_tokens"),
     (json.dumps(gateway_row(0, v=2)) + "\n", r"bad\.jsonl:1: unsupported pdgate-request log version"),
 ])

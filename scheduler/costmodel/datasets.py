@@ -18,14 +18,14 @@ Every row of a file is classified on its own (so files may mix kinds):
 Text is tokenised with the given tokenizer (chat prompts through its chat template, as the
 engine counts them) and hashed with :func:`~scheduler.costmodel.features.hash_text`. Rows with
 an empty output (0 tokens) are skipped like failed gateway requests. Anything else malformed is
-a ``ValueError`` naming the file and line (JSONL) or item (JSON array).
+a ``ValueError`` naming the file and line (JSONL) or record (JSON array).
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from engines.sim.tokenizer import Tokenizer
+from loadgen.traces import json_objects
 from scheduler.costmodel.features import (
     ENDPOINTS,
     RequestFeatures,
@@ -62,14 +63,14 @@ def read_dataset(path: str | Path, tokenizer: Tokenizer, *, endpoint_default: st
     """Every usable row of ``path`` (format detected per row, see the module docstring).
 
     ``FileNotFoundError`` when the file is missing; ``ValueError`` naming the file and line or
-    item for invalid JSON, an unknown row format or a malformed row.
+    record for invalid JSON, an unknown row format or a malformed row.
     """
     if endpoint_default not in ENDPOINTS:
         raise ValueError(f"endpoint_default must be one of {', '.join(ENDPOINTS)}")
     path = Path(path)
     reader = _RowReader(tokenizer, endpoint_default)
     out: list[LabeledRequest] = []
-    for where, raw in _objects(path):
+    for where, raw in json_objects(path):
         try:
             row = reader.read(raw)
         except _RowError as exc:
@@ -86,39 +87,6 @@ def read_datasets(paths: Sequence[str | Path], tokenizer: Tokenizer, *,
     for path in paths:
         rows += read_dataset(path, tokenizer, endpoint_default=endpoint_default)
     return rows
-
-
-def _objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, object)`` for each item of a JSON array file or each line of a JSONL file."""
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip()
-    if head.startswith(b"["):
-        try:
-            values = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            line = getattr(exc, "lineno", None)
-            raise ValueError(f"{path}{f':{line}' if line else ''}: invalid JSON: {exc}") from None
-        if not isinstance(values, list):
-            raise ValueError(f"{path}: expected a JSON array of objects")
-        for number, value in enumerate(values):
-            if not isinstance(value, dict):
-                raise ValueError(f"{path} item {number}: expected a JSON object")
-            yield f"{path} item {number}", value
-        return
-    with path.open(encoding="utf-8", errors="strict") as handle:
-        try:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-                if not isinstance(value, dict):
-                    raise ValueError(f"{path}:{number}: expected a JSON object")
-                yield f"{path}:{number}", value
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
 class _RowReader:
