@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 
 from gateway.config import AdmissionConfig
 from gateway.requests import GatewayError
-from scheduler.costmodel.model import CostModel
 from scheduler.framework import Admitter, Verdict
 from scheduler.snapshot import ClusterSnapshot, RequestInfo, SloTarget
 
@@ -47,9 +46,14 @@ class Waiter:
 
     @property
     def key(self) -> tuple[float, float, float, int]:
-        slo = self.info.slo
-        deadline = self.info.arrival + slo.ttft_s if slo.ttft_s is not None else math.inf
-        return (-slo.priority, 0.0 if slo.ttft_s is not None else 1.0, deadline, self.seq)
+        return rank_key(self.info, self.seq)
+
+
+def rank_key(info: RequestInfo, seq: int) -> tuple[float, float, float, int]:
+    """Queue order: priority (higher first), SLO before best effort, TTFT deadline, then ``seq``."""
+    slo = info.slo
+    deadline = info.arrival + slo.ttft_s if slo.ttft_s is not None else math.inf
+    return (-slo.priority, 0.0 if slo.ttft_s is not None else 1.0, deadline, seq)
 
 
 @dataclass
@@ -60,17 +64,17 @@ class Outcome:
     reason: str
     queued_s: float = 0.0
     verdict: Verdict | None = None
+    snapshot: ClusterSnapshot | None = None  # what an immediate dispatch was judged on (still current)
 
 
 class AdmissionController:
     """Admission for all models of one gateway."""
 
     def __init__(self, config: AdmissionConfig, admitter: Admitter, *,
-                 costs: Callable[[], CostModel | None], clock: Callable[[], float] = time.monotonic,
+                 clock: Callable[[], float] = time.monotonic,
                  on_outcome: Callable[[RequestInfo, Outcome], None] | None = None) -> None:
         self.config = config
         self.admitter = admitter
-        self.costs = costs
         self.clock = clock
         self.on_outcome = on_outcome
         self.queues: dict[str, list[Waiter]] = {}
@@ -111,9 +115,10 @@ class AdmissionController:
         queue = self.queues.setdefault(info.model, [])
         original = info
         now = self.clock()
-        verdict = self.admitter.assess(info, snapshot_of(info), now, self._work_ahead(queue, None, info))
+        snapshot = snapshot_of(info)
+        verdict = self.admitter.assess(info, snapshot, now, self._work_ahead(queue, info))
         if verdict.action == "dispatch" and not self._ranked_ahead(queue, info):
-            return info, self._report(info, Outcome("dispatch", verdict.reason, 0.0, verdict))
+            return info, self._report(info, Outcome("dispatch", verdict.reason, 0.0, verdict, snapshot))
         if verdict.action == "reject":
             info, outcome = self._infeasible(info, verdict, now)
             if outcome.action == "forced":
@@ -141,22 +146,14 @@ class AdmissionController:
 
     @staticmethod
     def _ranked_ahead(queue: list[Waiter], info: RequestInfo) -> bool:
-        if not queue:
-            return False
-        probe = Waiter(info, lambda i: None, -1, None)  # type: ignore[arg-type]
-        return queue[0].key < probe.key
+        """Whether a queued request goes before a newcomer (which wins ties)."""
+        return bool(queue) and queue[0].key < rank_key(info, -1)
 
     @staticmethod
-    def _work_ahead(queue: list[Waiter], until: Waiter | None, info: RequestInfo | None = None) -> float:
-        if until is None and info is not None:
-            probe = Waiter(info, lambda i: None, 1 << 62, None)  # type: ignore[arg-type]
-            return sum(w.work_s for w in queue if w.key < probe.key)
-        total = 0.0
-        for w in queue:
-            if w is until:
-                break
-            total += w.work_s
-        return total
+    def _work_ahead(queue: list[Waiter], info: RequestInfo) -> float:
+        """Predicted prefill work of the queued requests that rank before ``info`` (which loses ties)."""
+        key = rank_key(info, 1 << 62)
+        return sum(w.work_s for w in queue if w.key < key)
 
     def _infeasible(self, info: RequestInfo, verdict: Verdict, now: float) -> tuple[RequestInfo, Outcome]:
         mode = self.config.on_infeasible

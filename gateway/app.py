@@ -166,9 +166,7 @@ class GatewayServer:
         gw.pool = UpstreamPool()
         gw.cluster = Cluster(gw.config, gw.session, gw.pool)
         gw.costs = CostModelService(gw.config.cost_model, {i.cost_key(): i.prior_spec() for i in gw.config.instances})
-        costs = gw.costs
-        gw.admission = AdmissionController(gw.config.admission, gw.admitter, costs=lambda: costs.current,
-                                           on_outcome=gw.metrics.observe_admission)
+        gw.admission = AdmissionController(gw.config.admission, gw.admitter, on_outcome=gw.metrics.observe_admission)
         gw.cluster.on_release = gw.admission.wake
         gw.proxy = Proxy(gw.config, gw.cluster, gw.profiles, gw.tokenizers, gw.metrics, admission=gw.admission, costs=gw.costs)
         gw.started_at = time.time()

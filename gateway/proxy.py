@@ -74,7 +74,7 @@ class Observation:
     first_token: float | None = None
     last_token: float | None = None
     events: int = 0
-    usage_tokens: int | None = None
+    last_chunk: bytes = b""  # the answer's last piece: where the usage (output tokens) is, if any
     batch_at_end: int = 0
     context_at_end: int = 0
     saw_done: bool = False  # the stream's [DONE] went out (a client may hang up right after it)
@@ -125,14 +125,17 @@ class Proxy:
     async def handle(self, request: HttpRequest, responder: Responder, kind: str) -> None:
         routed = self._validate(request.body, kind, request.headers.get("x-request-id"), headers=request.headers,
                                 arrival=self.cluster.clock())
+        snapshot = None  # admitted at once: the snapshot admission judged on is still current
         if self.admission is not None:
             info, outcome = await self.admission.admit(routed.info, self._snapshot_for(routed))
             routed.info = info
             routed.obs.queued_s = outcome.queued_s
+            snapshot = outcome.snapshot
         excluded: set[str] = set()
         last_error = "no instance could serve the request"
         for _ in range(1 + self.config.retries):
-            placement = self._place(routed, excluded)
+            placement = self._place(routed, excluded, snapshot)
+            snapshot = None
             try:
                 await self._execute(responder, routed, placement)
                 self._completed(routed)
@@ -212,9 +215,10 @@ class Proxy:
         return Routed(kind, path, body, info, prompt_ids, hashes, parsed.stream, features, keep_text)
 
     # ----------------------------------------------------------- placement
-    def _place(self, routed: Routed, excluded: set[str]) -> Placement:
+    def _place(self, routed: Routed, excluded: set[str], snapshot: ClusterSnapshot | None = None) -> Placement:
         model = routed.info.model
-        snapshot = self.cluster.snapshot(model, routed.hashes, self.costs.current if self.costs is not None else None)
+        if snapshot is None:
+            snapshot = self._snapshot_for(routed)(routed.info)
         candidates = [i for i in snapshot.instances if i.id not in excluded]
         if self.cluster.has_pd(model):
             prefill = self._decide("prefill", routed, snapshot, candidates)
@@ -416,8 +420,7 @@ class Proxy:
         if not routed.stream:
             data = await self._racing_prefill(self._read_all(decode, upstream), prefill_task)
             obs.last_token = clock()
-            if (match := _USAGE_TOKENS.search(data)) is not None:
-                obs.usage_tokens = int(match.group(1))
+            obs.last_chunk = data
             responder.send(upstream.status, data, content_type=upstream.headers.get("content-type", "application/json"),
                            headers=headers)
             self.metrics.count(routed, upstream.status)
@@ -428,23 +431,21 @@ class Proxy:
             raise UpstreamFailed(decode.spec.id, f"stream broke before the first byte: {exc}") from None
         obs.first_token = obs.last_token = clock()
         obs.events = first.count(b"data: ")
+        obs.last_chunk = first
         if lease is not None and not obs.split:
             lease.prefill_done()  # colocated: the prompt is computed, the rest is decoding
         responder.start(upstream.status, content_type="text/event-stream",
                         headers={**headers, "Cache-Control": "no-cache"}, first=first)
         responder.on_flow(upstream.pause_reading, upstream.resume_reading)
         write = responder.write
-        tail = [first]
 
         def sink(data: bytes) -> None:
             obs.events += data.count(b"data: ")
             obs.last_token = clock()
-            tail[0] = data
+            obs.last_chunk = data
             if b"data: [DONE]" in data:
                 obs.saw_done = True
                 obs.batch_at_end, obs.context_at_end = decode.decode_inflight, decode.decode_context_tokens
-                if (match := _USAGE_TOKENS.search(data)) is not None:
-                    obs.usage_tokens = int(match.group(1))
             write(data)
 
         try:
@@ -457,8 +458,6 @@ class Proxy:
             self.metrics.count(routed, 502)
             return
         responder.end()
-        if (match := _USAGE_TOKENS.search(tail[0])) is not None:
-            obs.usage_tokens = int(match.group(1))
         self.metrics.count(routed, upstream.status)
 
     # ------------------------------------------------------------- learning
@@ -466,7 +465,8 @@ class Proxy:
         """Record predicted vs actual (metrics) and hand the request's record to the cost model."""
         obs = routed.obs
         info = routed.info
-        tokens = obs.usage_tokens
+        usage = _USAGE_TOKENS.search(obs.last_chunk)
+        tokens = int(usage.group(1)) if usage is not None else None
         if tokens is None and routed.stream:
             # one SSE event per token, less [DONE], a chat stream's role-only first event
             tokens = max(0, obs.events - 1 - (1 if routed.kind == "chat" else 0))

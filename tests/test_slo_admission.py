@@ -130,7 +130,7 @@ class GateAdmitter(Admitter):
 
 
 async def _controller(gate: Admitter, **config) -> AdmissionController:
-    ctl = AdmissionController(AdmissionConfig(recheck_ms=5, **config), gate, costs=lambda: None)
+    ctl = AdmissionController(AdmissionConfig(recheck_ms=5, **config), gate)
     ctl.start()
     return ctl
 
