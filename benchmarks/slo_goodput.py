@@ -73,7 +73,7 @@ from engines.runtime import run_async
 from engines.sim.perf_model import StepBatch, load_profile
 from engines.sim.tokenizer import load_tokenizer
 from gateway.config import GatewayConfig
-from gateway.launcher import launch_command
+from gateway.launcher import launch_command, wait_http_ok
 from loadgen.client import Target
 from loadgen.prompts import PromptBuilder
 from loadgen.runner import LoadConfig, run_load
@@ -434,23 +434,6 @@ def host_cpu() -> tuple[float, float] | None:
     return float(sum(values) - idle), float(sum(values))
 
 
-async def _wait_http(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with code {proc.returncode}; log {log}:\n"
-                               f"{log.read_text(errors='replace')[-2000:]}")
-        try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                if resp.status == 200:
-                    return
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not ready within {timeout:.0f} s (log {log})")
-        await asyncio.sleep(0.05)
-
-
 class Fleet:
     """Four sim engines and a gateway for one probe: ``async with Fleet(config) as fleet``."""
 
@@ -486,8 +469,8 @@ class Fleet:
         self.gateway = _spawn([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path)], gw_log)
         async with aiohttp.ClientSession() as session:
             for name, url, proc in self.engines:
-                await _wait_http(session, url + "/health", proc, self.workdir / f"{name}.log", 60)
-            await _wait_http(session, self.url + "/ready", self.gateway, gw_log, 60)
+                await wait_http_ok(session, url + "/health", proc, self.workdir / f"{name}.log", f"engine {name}", 60, 0.05)
+            await wait_http_ok(session, self.url + "/ready", self.gateway, gw_log, "gateway", 60, 0.05)
         self.mark_cpu()
 
     def mark_cpu(self) -> None:

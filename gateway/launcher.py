@@ -119,22 +119,26 @@ async def wait_healthy(children: list[Child], timeout: float | None = None) -> N
     async with aiohttp.ClientSession() as session:
         for child in children:
             limit = timeout or HEALTHY_TIMEOUT_S["vllm" if isinstance(child.instance.launch, VllmLaunch) else "sim"]
-            deadline = time.monotonic() + limit
-            url = child.instance.url + "/health"
-            while True:
-                if child.proc.poll() is not None:
-                    err = child.log.read_text(errors="replace") if child.log.exists() else ""
-                    raise RuntimeError(f"engine {child.name} exited with code {child.proc.returncode} "
-                                       f"(log {child.log}):\n{err[-2000:]}")
-                try:
-                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                        if resp.status == 200:
-                            break
-                except (aiohttp.ClientError, TimeoutError, OSError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"engine {child.name} did not become healthy within {limit:.0f}s (log {child.log})")
-                await asyncio.sleep(0.1)
+            await wait_http_ok(session, child.instance.url + "/health", child.proc, child.log, f"engine {child.name}", limit)
+
+
+async def wait_http_ok(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen, log: Path, name: str,
+                       timeout: float, poll_s: float = 0.1) -> None:
+    """Poll ``url`` until it answers 200; raise (with the log's tail) if ``proc`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            err = log.read_text(errors="replace") if log.exists() else ""
+            raise RuntimeError(f"{name} exited with code {proc.returncode} (log {log}):\n{err[-2000:]}")
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                if resp.status == 200:
+                    return
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not become healthy within {timeout:.0f}s (log {log})")
+        await asyncio.sleep(poll_s)
 
 
 def stop_children(children: list[Child]) -> None:
