@@ -165,6 +165,7 @@ class Lease:
     tpot_slo: float | None = None
     decodes: bool = False
     on_release: Callable[[], None] | None = None
+    clock: Callable[[], float] = time.monotonic  # the cluster's clock (the prefill queue's times are on it)
 
     def release(self) -> None:
         if self.released:
@@ -174,7 +175,7 @@ class Lease:
         state.inflight_requests -= 1
         state.inflight_prefill_tokens -= self.prefill_tokens
         state.inflight_decode_tokens -= self.decode_tokens
-        state.remove_prefill(self.key, time.monotonic())
+        state.remove_prefill(self.key, self.clock())
         if self.decodes:
             state.decode_inflight -= 1
             state.decode_context_tokens -= self.context_tokens
@@ -187,7 +188,7 @@ class Lease:
 
     def prefill_done(self) -> None:
         """The prefill part is over (the decode part, if any, goes on): stop counting it as queued work."""
-        self.state.remove_prefill(self.key, time.monotonic())
+        self.state.remove_prefill(self.key, self.clock())
         if self.on_release is not None:
             self.on_release()
 
@@ -319,7 +320,8 @@ class Cluster:
         state.inflight_prefill_tokens += prefill_tokens
         state.inflight_decode_tokens += decode_tokens
         state.breaker.on_send(now)
-        lease = Lease(state, prefill_tokens, decode_tokens, key=next(self._lease_ids), on_release=self.on_release)
+        lease = Lease(state, prefill_tokens, decode_tokens, key=next(self._lease_ids), on_release=self.on_release,
+                      clock=self.clock)
         if predicted_prefill_s is not None:
             state.add_prefill(lease.key, now, predicted_prefill_s)
         if context_tokens is not None:
