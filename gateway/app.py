@@ -11,8 +11,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 from adapters import UpstreamPool
 from engines.sim.tokenizer import Tokenizer, load_tokenizer
@@ -24,6 +28,7 @@ from gateway.http1 import HttpRequest, HttpServer, Responder
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.requests import GatewayError
+from gateway.tracing import Tracing, resolve_settings
 from scheduler.framework import Admitter, Profile
 from scheduler.registry import PluginRegistry
 
@@ -50,6 +55,7 @@ class Gateway:
     proxy: Proxy | None = None
     admission: AdmissionController | None = None
     costs: CostModelService | None = None
+    tracing: Tracing | None = None
     started_at: float = 0.0
 
 
@@ -63,6 +69,7 @@ def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None)
         raise ValueError(f"scheduling.profiles: missing profile(s) {missing} (needed: {list(REQUIRED_PROFILES)})")
     tokenizers = {m.name: load_tokenizer(m.tokenizer) for m in config.models}
     admitter = registry.create_admitter(config.admission.admitter, config.admission.parameters)
+    resolve_settings(config.tracing)  # a tracing setup that cannot work fails here (TracingSetupError)
     return Gateway(config, profiles, tokenizers, GatewayMetrics(), admitter)
 
 
@@ -148,10 +155,15 @@ class GatewayApp:
 
 
 class GatewayServer:
-    """Runs one gateway on this loop: its cluster monitor, upstream pool and HTTP server."""
+    """Runs one gateway on this loop: its cluster monitor, upstream pool, tracer and HTTP server.
 
-    def __init__(self, gateway: Gateway) -> None:
+    ``span_exporter`` replaces the configured trace exporter (and turns tracing on): tests read
+    the spans from an in-memory one.
+    """
+
+    def __init__(self, gateway: Gateway, *, span_exporter: SpanExporter | None = None) -> None:
         self.gateway = gateway
+        self.span_exporter = span_exporter
         self._http: HttpServer | None = None
         self.port = 0
 
@@ -168,7 +180,9 @@ class GatewayServer:
         gw.costs = CostModelService(gw.config.cost_model, {i.cost_key(): i.prior_spec() for i in gw.config.instances})
         gw.admission = AdmissionController(gw.config.admission, gw.admitter, on_outcome=gw.metrics.observe_admission)
         gw.cluster.on_release = gw.admission.wake
-        gw.proxy = Proxy(gw.config, gw.cluster, gw.profiles, gw.tokenizers, gw.metrics, admission=gw.admission, costs=gw.costs)
+        gw.tracing = Tracing.from_config(gw.config.tracing, exporter=self.span_exporter)
+        gw.proxy = Proxy(gw.config, gw.cluster, gw.profiles, gw.tokenizers, gw.metrics, admission=gw.admission, costs=gw.costs,
+                         tracing=gw.tracing)
         gw.started_at = time.time()
         try:
             await gw.costs.start()
@@ -196,3 +210,6 @@ class GatewayServer:
             await gw.pool.close()
         if gw.session is not None:
             await gw.session.close()
+        if gw.tracing is not None:
+            await gw.tracing.close()  # after the HTTP server: the last requests' spans are exported
+            gw.tracing = None

@@ -40,15 +40,24 @@ def add_gateway_commands(commands: argparse._SubParsersAction) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="override the config's listen address")
     parser.add_argument("--port", type=int, help="override the config's port (0 picks a free one)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level")
+    parser.add_argument("--log-format", choices=["text", "json"], help="override logging.format (json: one object per line)")
+    parser.add_argument("--access-log", action="store_true", default=None, help="log one line per finished request")
 
 
 def _load(args: argparse.Namespace, path: str) -> Any:
     from gateway.app import build_gateway
+    from gateway.logs import configure_logging
 
     config = GatewayConfig.load(path)
     overrides = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k) is not None}
     if overrides:
         config = config.model_copy(update=overrides)
+    logs = {k: getattr(args, a) for k, a in (("level", "log_level"), ("format", "log_format"), ("access_log", "access_log"))
+            if getattr(args, a) is not None}
+    if logs:
+        config = config.model_copy(update={"logging": config.logging.model_copy(update=logs)})
+    configure_logging(config.logging)
     return config, build_gateway(config)
 
 

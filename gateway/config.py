@@ -173,6 +173,37 @@ class CostModelConfig(Strict):
     q_high: float = Field(0.9, gt=0.5, lt=1.0, description="the output-length quantile used for SLO risk")
 
 
+class TracingConfig(Strict):
+    """OpenTelemetry tracing (docs/observability.md). Unset fields fall back to the standard
+    ``OTEL_*`` environment variables; values set here win over them."""
+
+    enabled: bool | None = Field(None, description="none: on when OTEL_TRACES_EXPORTER (not 'none') or "
+                                                     "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set; OTEL_SDK_DISABLED=true turns it off")
+    exporter: Literal["otlp", "console"] | None = Field(None, description="none: OTEL_TRACES_EXPORTER, else otlp (HTTP/protobuf)")
+    endpoint: str | None = Field(None, description="OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (/v1/traces is added to a URL "
+                                                     "without a path); none: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else localhost:4318")
+    headers: dict[str, str] = Field(default_factory=dict, description="sent with every export (also OTEL_EXPORTER_OTLP_HEADERS)")
+    service_name: str | None = Field(None, description="none: OTEL_SERVICE_NAME, else 'pdgate'")
+    sample_ratio: float | None = Field(None, ge=0.0, le=1.0, description="share of new traces recorded (a client's sampled "
+                                                                          "traceparent is followed); none: OTEL_TRACES_SAMPLER, else all")
+    propagate_to_engines: bool = Field(True, description="send W3C traceparent/tracestate to the engines with every call")
+    record_prompt_text: bool = Field(False, description="put the prompt's text on the request span (off: never any text)")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+
+class LoggingConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = Field("text", description="json: one object per line, with request_id and trace_id")
+    access_log: bool = Field(False, description="one line per finished request: id, trace id, route, model, status, "
+                                                "instances, timings, tokens (never prompt or completion text)")
+
+
 class GatewayConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -190,6 +221,8 @@ class GatewayConfig(Strict):
     slo: SloConfig = Field(default_factory=SloConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     cost_model: CostModelConfig = Field(default_factory=CostModelConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewayConfig:

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Info,
     generate_latest,
 )
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway import package_version
+
 if TYPE_CHECKING:
     from gateway.admission import AdmissionController, Outcome
     from gateway.cluster import Cluster
     from gateway.costs import CostModelService
-    from gateway.proxy import Observation, Routed
+    from gateway.proxy import Observation
     from scheduler.snapshot import RequestInfo
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+CIRCUIT_STATES = ("closed", "open", "half-open")
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 
@@ -62,44 +66,76 @@ class LightHistogram(Collector):
 
 
 class GatewayMetrics:
+    """Every metric of one gateway; names and labels are documented in docs/observability.md."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("pdgate_requests", "Requests answered, by route, model and HTTP status.",
+        Info("pdgate_build", "The gateway's version.", registry=r).info({"version": package_version() or "unknown"})
+        # ---- requests
+        self.requests = Counter("pdgate_requests", "Requests answered, by route, model and HTTP status "
+                                "(499: the client went away first; model empty when the request named none we serve).",
                                 ["route", "model", "status"], registry=r)
         self.retries = Counter("pdgate_retries", "Requests retried on another instance before their first byte.",
                                ["model"], registry=r)
-        self.plugin_seconds = LightHistogram("pdgate_plugin_duration_seconds", "Latency of one scheduling plugin call.",
-                                             ("profile", "plugin"), (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2))
-        r.register(self.plugin_seconds)
-        self.inflight = Gauge("pdgate_instance_inflight_requests", "Requests the gateway has in flight on an instance.",
-                              ["instance"], registry=r)
-        self.inflight_tokens = Gauge("pdgate_instance_inflight_tokens", "Tokens in flight on an instance, by phase.",
-                                     ["instance", "phase"], registry=r)
-        self.healthy = Gauge("pdgate_instance_healthy", "1 when the instance's circuit is closed.", ["instance"], registry=r)
+        self.prompt_tokens = Counter("pdgate_prompt_tokens", "Prompt tokens of the requests served.", ["model"], registry=r)
+        self.generation_tokens = Counter("pdgate_generation_tokens", "Output tokens of the requests served.", ["model"], registry=r)
+        self.ttft = LightHistogram("pdgate_time_to_first_token_seconds",
+                                   "Time to first token seen by the gateway (arrival to first chunk; streamed requests).",
+                                   ("model", "slo_class"), LATENCY_BUCKETS)
+        self.tpot = LightHistogram("pdgate_request_time_per_output_token_seconds",
+                                   "Mean time per output token after the first, per streamed request.",
+                                   ("model", "slo_class"), TPOT_BUCKETS)
+        self.e2e = LightHistogram("pdgate_e2e_request_latency_seconds", "Arrival to last byte of the answer, per request.",
+                                  ("model", "slo_class"), LATENCY_BUCKETS)
+        self.slo = Counter("pdgate_slo_requests", "Streamed requests by SLO class and whether they met their TTFT and TPOT SLOs.",
+                           ["model", "slo_class", "met"], registry=r)
+        # ---- admission
         self.admission = Counter("pdgate_admission_decisions", "Admission outcomes (dispatch, reject, degraded, forced) and why.",
                                  ["model", "outcome", "reason"], registry=r)
         self.queue_length = Gauge("pdgate_admission_queue_length", "Requests waiting in the gateway's admission queue.",
                                   ["model"], registry=r)
-        self.queue_wait = LightHistogram("pdgate_admission_queue_wait_seconds", "Time a request waited at the gateway before placement.",
+        self.queue_wait = LightHistogram("pdgate_request_queue_time_seconds",
+                                         "Time a request waited in the gateway's admission queue before placement.",
                                          ("model",), LATENCY_BUCKETS)
-        r.register(self.queue_wait)
-        self.ttft = LightHistogram("pdgate_ttft_seconds", "Time to first token seen by the gateway (arrival to first chunk).",
-                                   ("model", "slo_class"), LATENCY_BUCKETS)
-        self.tpot = LightHistogram("pdgate_tpot_seconds", "Time per output token after the first, per request.",
-                                   ("model", "slo_class"), TPOT_BUCKETS)
-        for histogram in (self.ttft, self.tpot):
-            r.register(histogram)
-        self.slo = Counter("pdgate_slo_requests", "Streamed requests by SLO class and whether they met their TTFT and TPOT SLOs.",
-                           ["model", "slo_class", "met"], registry=r)
+        # ---- scheduling
+        self.plugin_seconds = LightHistogram("pdgate_plugin_duration_seconds", "Latency of one scheduling plugin call.",
+                                             ("profile", "plugin"), (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2))
+        self.prefix_queries = Counter("pdgate_prefix_cache_queried_tokens", "Prompt tokens placed on an instance "
+                                      "(the first leg's), by instance.", ["instance"], registry=r)
+        self.prefix_hits = Counter("pdgate_prefix_cache_hit_tokens", "Of those, tokens the prefix index expected the instance "
+                                   "to hold in its KV cache.", ["instance"], registry=r)
         self.prediction_ratio = LightHistogram(
             "pdgate_prediction_ratio", "Actual / predicted, per quantity (prefill_s, handoff_s, ttft_s, tpot_s, output_tokens) and instance.",
             ("quantity", "instance"), RATIO_BUCKETS)
-        r.register(self.prediction_ratio)
         self.prediction_abs_error = Counter("pdgate_prediction_abs_error", "Sum of |actual - predicted| per quantity and instance "
                                             "(divide by the ratio histogram's count for the mean absolute error).",
                                             ["quantity", "instance"], registry=r)
         self.cost_model_refits = Gauge("pdgate_cost_model_refits", "Cost-model refits done (and failed) since start.",
                                        ["result"], registry=r)
+        for histogram in (self.ttft, self.tpot, self.e2e, self.queue_wait, self.plugin_seconds, self.prediction_ratio):
+            r.register(histogram)
+        # ---- instances
+        self.instance_info = Gauge("pdgate_instance_info", "1 per configured instance, with its role, engine kind, model and URL.",
+                                   ["instance", "role", "kind", "model", "url"], registry=r)
+        self.inflight = Gauge("pdgate_instance_inflight_requests", "Requests (legs) the gateway has in flight on an instance.",
+                              ["instance"], registry=r)
+        self.inflight_tokens = Gauge("pdgate_instance_inflight_tokens", "Tokens in flight on an instance, by phase.",
+                                     ["instance", "phase"], registry=r)
+        self.engine_running = Gauge("pdgate_instance_running_requests", "Running requests the engine last reported "
+                                    "(absent when its last scrape is stale).", ["instance"], registry=r)
+        self.engine_waiting = Gauge("pdgate_instance_waiting_requests", "Waiting requests the engine last reported.",
+                                    ["instance"], registry=r)
+        self.engine_kv = Gauge("pdgate_instance_kv_cache_usage_ratio", "KV-cache usage the engine last reported (0-1).",
+                               ["instance"], registry=r)
+        self.scrape_age = Gauge("pdgate_instance_scrape_age_seconds", "Age of the instance's last successful metrics scrape.",
+                                ["instance"], registry=r)
+        self.healthy = Gauge("pdgate_instance_healthy", "1 when the instance takes requests (circuit closed, or open "
+                             "with its cooldown over).", ["instance"], registry=r)
+        self.circuit = Gauge("pdgate_instance_circuit_state", "1 for the state the instance's circuit breaker is in "
+                             "(closed, open, half-open).", ["instance", "state"], registry=r)
+        self.draining = Gauge("pdgate_instance_draining", "1 while the instance is being drained.", ["instance"], registry=r)
+        self.upstream_failures = Counter("pdgate_upstream_failures", "Engine calls that failed (connection, 5xx, broken reply).",
+                                         ["instance"], registry=r)
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *values: str):
@@ -110,26 +146,37 @@ class GatewayMetrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
-    def count(self, routed: Routed, status: int) -> None:
-        self._child(self.requests, routed.path, routed.info.model, str(status)).inc()
+    def count(self, route: str, model: str, status: int) -> None:
+        self._child(self.requests, route, model, str(status)).inc()
 
     def observe_plugin(self, profile: str, plugin: str, seconds: float) -> None:
         self.plugin_seconds.observe((profile, plugin), seconds)
+
+    def observe_prefix(self, instance: str, prompt_tokens: int, hit_tokens: int) -> None:
+        self._child(self.prefix_queries, instance).inc(prompt_tokens)
+        if hit_tokens:
+            self._child(self.prefix_hits, instance).inc(hit_tokens)
+
+    def observe_failure(self, instance: str) -> None:
+        self._child(self.upstream_failures, instance).inc()
 
     def observe_admission(self, info: RequestInfo, outcome: Outcome) -> None:
         self._child(self.admission, info.model, outcome.action, outcome.reason).inc()
         if outcome.queued_s > 0:
             self.queue_wait.observe((info.model,), outcome.queued_s)
 
-    def observe_request(self, info: RequestInfo, obs: Observation, timing: dict[str, float | None], tokens: int | None) -> None:
-        """A completed request: its latencies, SLO attainment and each prediction against the actual."""
+    def observe_request(self, info: RequestInfo, obs: Observation, timing: Mapping[str, float | None], tokens: int | None) -> None:
+        """A completed request: its latencies, tokens, SLO attainment and each prediction against the actual."""
         labels = (info.model, info.slo.slo_class)
-        ttft, tpot = timing.get("ttft_s"), timing.get("tpot_s")
+        ttft, tpot, e2e = timing.get("ttft_s"), timing.get("tpot_s"), timing.get("e2e_s")
+        self._child(self.prompt_tokens, info.model).inc(info.prompt_tokens)
+        if tokens:
+            self._child(self.generation_tokens, info.model).inc(tokens)
+        if e2e is not None:
+            self.e2e.observe(labels, e2e)
         if ttft is not None:
             self.ttft.observe(labels, ttft)
-            met = (info.slo.ttft_s is None or ttft <= info.slo.ttft_s) and (
-                info.slo.tpot_s is None or tpot is None or tpot <= info.slo.tpot_s)
-            self._child(self.slo, info.model, info.slo.slo_class, "true" if met else "false").inc()
+            self._child(self.slo, info.model, info.slo.slo_class, "true" if info.slo.met(ttft, tpot) else "false").inc()
         if tpot is not None:
             self.tpot.observe(labels, tpot)
         predicted = obs.predicted
@@ -146,6 +193,7 @@ class GatewayMetrics:
 
     def render(self, cluster: Cluster, admission: AdmissionController | None = None,
                costs: CostModelService | None = None) -> bytes:
+        """The exposition, with the gauges that mirror live state set from it first."""
         if admission is not None:
             for model in admission.queues:
                 self.queue_length.labels(model=model).set(admission.queue_length(model))
@@ -153,9 +201,28 @@ class GatewayMetrics:
             self.cost_model_refits.labels(result="ok").set(costs.refits)
             self.cost_model_refits.labels(result="failed").set(costs.refit_failures)
         now = cluster.clock()
+        stale = cluster.config.stale_after_s
         for instance_id, state in cluster.instances.items():
+            spec = state.spec
+            self.instance_info.labels(instance_id, spec.role, spec.kind, spec.model, spec.url).set(1)
             self.inflight.labels(instance=instance_id).set(state.inflight_requests)
             self.inflight_tokens.labels(instance=instance_id, phase="prefill").set(state.inflight_prefill_tokens)
             self.inflight_tokens.labels(instance=instance_id, phase="decode").set(state.inflight_decode_tokens)
             self.healthy.labels(instance=instance_id).set(1 if state.breaker.allows(now) else 0)
+            for circuit_state in CIRCUIT_STATES:
+                self.circuit.labels(instance_id, circuit_state).set(1 if state.breaker.state == circuit_state else 0)
+            self.draining.labels(instance=instance_id).set(1 if state.draining else 0)
+            load = state.load
+            if load is not None and now - load.scraped_at <= stale:
+                self.engine_running.labels(instance=instance_id).set(load.running)
+                self.engine_waiting.labels(instance=instance_id).set(load.waiting)
+                self.engine_kv.labels(instance=instance_id).set(load.kv_usage)
+            else:
+                for gauge in (self.engine_running, self.engine_waiting, self.engine_kv):
+                    try:
+                        gauge.remove(instance_id)
+                    except KeyError:
+                        pass
+            if load is not None:
+                self.scrape_age.labels(instance=instance_id).set(now - load.scraped_at)
         return generate_latest(self.registry)

@@ -8,6 +8,9 @@ decode), or one colocated leg. A leg that fails before the first byte reaches th
 retried once on other instances; the client's disconnect closes every upstream connection,
 which aborts the request on the engines. In-flight accounting is released at the end of the
 stream, not at response headers.
+
+Every request gets a :class:`gateway.tracing.RequestTrace` (the empty one when tracing is off):
+its spans are opened and closed here, and each engine call carries its leg's ``traceparent``.
 """
 
 from __future__ import annotations
@@ -30,18 +33,23 @@ from gateway.cluster import Cluster, InstanceState, Lease, PromptHashes
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.costs import CostModelService
 from gateway.http1 import HttpRequest, Responder
+from gateway.logs import ACCESS_LOGGER, request_fields
 from gateway.metrics import GatewayMetrics
 from gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
 from gateway.slo import APP_HEADER, SloResolver
+from gateway.tracing import NO_TRACE, LegTrace, RequestTrace, Tracing
 from scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
 from scheduler.estimates import decode_context_of, tpot_estimate
 from scheduler.framework import Decision, Profile, run_profile
 from scheduler.snapshot import ClusterSnapshot, RequestInfo
 
 log = logging.getLogger("pdgate.proxy")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 RETRY_AFTER_S = "1"
+CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's convention)
+ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 _USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
@@ -78,6 +86,9 @@ class Observation:
     batch_at_end: int = 0
     context_at_end: int = 0
     saw_done: bool = False  # the stream's [DONE] went out (a client may hang up right after it)
+    status: int = 0  # the HTTP status the client got
+    error: str | None = None  # why the answer failed after it started (mid-stream)
+    attempts: int = 1
 
 
 @dataclass
@@ -92,8 +103,9 @@ class Routed:
     hashes: PromptHashes
     stream: bool
     features: RequestFeatures | None = None
-    prompt_text: str | None = None
+    prompt_text: str | None = None  # for the request log and span only when configured (never otherwise)
     obs: Observation = field(default_factory=Observation)
+    trace: RequestTrace = NO_TRACE
 
 
 @dataclass
@@ -108,7 +120,8 @@ class Proxy:
 
     def __init__(self, config: GatewayConfig, cluster: Cluster, profiles: dict[str, Profile],
                  tokenizers: dict[str, Tokenizer], metrics: GatewayMetrics, *,
-                 admission: AdmissionController | None = None, costs: CostModelService | None = None) -> None:
+                 admission: AdmissionController | None = None, costs: CostModelService | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.config = config
         self.cluster = cluster
         self.profiles = profiles
@@ -117,24 +130,53 @@ class Proxy:
         self.metrics = metrics
         self.admission = admission
         self.costs = costs
+        self.tracing = tracing
         self.slo = SloResolver(config.slo)
         prefix = uuid.uuid4().hex[:12]
         self._ids = (f"pdgate-{prefix}-{n}" for n in itertools.count())  # unique per gateway process
 
     # --------------------------------------------------------------- entry
     async def handle(self, request: HttpRequest, responder: Responder, kind: str) -> None:
-        routed = self._validate(request.body, kind, request.headers.get("x-request-id"), headers=request.headers,
-                                arrival=self.cluster.clock())
+        route = ROUTES[kind]
+        trace = self.tracing.start_request(route, request.headers) if self.tracing is not None else NO_TRACE
+        routed: Routed | None = None
+        try:
+            routed = self._validate(request.body, kind, request.headers.get("x-request-id"), headers=request.headers,
+                                    arrival=self.cluster.clock())
+            routed.trace = trace
+            trace.validated(_request_attributes(routed), routed.prompt_text)
+            await self._serve(routed, responder)
+        except GatewayError as err:
+            self._failed(routed, trace, route, err.status, err.code or err.err_type)
+            raise
+        except asyncio.CancelledError:
+            if routed is None or not routed.obs.saw_done:
+                self._failed(routed, trace, route, CLIENT_CLOSED, "client_disconnected")
+            raise
+        except Exception as exc:
+            self._failed(routed, trace, route, 500, type(exc).__name__)
+            raise
+
+    async def _serve(self, routed: Routed, responder: Responder) -> None:
+        """Admit, place and execute ``routed``, retrying a leg that failed before the first byte."""
+        trace = routed.trace
         snapshot = None  # admitted at once: the snapshot admission judged on is still current
         if self.admission is not None:
-            info, outcome = await self.admission.admit(routed.info, self._snapshot_for(routed))
+            trace.admission_started()
+            try:
+                info, outcome = await self.admission.admit(routed.info, self._snapshot_for(routed))
+            except GatewayError as err:
+                trace.admission_rejected(err.status, err.headers.get("x-pdgate-reject-reason") or err.code or err.message)
+                raise
+            trace.admitted(outcome)
             routed.info = info
             routed.obs.queued_s = outcome.queued_s
             snapshot = outcome.snapshot
         excluded: set[str] = set()
         last_error = "no instance could serve the request"
-        for _ in range(1 + self.config.retries):
-            placement = self._place(routed, excluded, snapshot)
+        attempts = 1 + self.config.retries
+        for attempt in range(1, attempts + 1):
+            placement = self._place(routed, excluded, snapshot, attempt)
             snapshot = None
             try:
                 await self._execute(responder, routed, placement)
@@ -146,10 +188,16 @@ class Proxy:
                 raise
             except UpstreamFailed as failure:
                 excluded.add(failure.instance_id)
-                self.cluster.record_failure(failure.instance_id, failure.reason)
+                self._record_failure(failure)
                 self.metrics.retries.labels(model=routed.info.model).inc()
+                if attempt < attempts:
+                    trace.retry(attempt + 1, failure.instance_id, failure.reason)
                 last_error = str(failure)
         raise GatewayError(502, f"upstream failed: {last_error}", headers={"Retry-After": RETRY_AFTER_S})
+
+    def _record_failure(self, failure: UpstreamFailed) -> None:
+        self.cluster.record_failure(failure.instance_id, failure.reason)
+        self.metrics.observe_failure(failure.instance_id)
 
     def _snapshot_for(self, routed: Routed):
         costs = self.costs
@@ -211,11 +259,14 @@ class Proxy:
             block_hashes=tuple(first_chain), priority=slo.priority, tags={"app": tag} if tag else {}, slo=slo,
             output=output, arrival=arrival,
         )
-        keep_text = text if self.config.cost_model.log_prompt_text else None
+        keep = self.config.cost_model.log_prompt_text or (self.tracing is not None and self.tracing.settings.record_prompt_text)
+        keep_text = text if keep else None
         return Routed(kind, path, body, info, prompt_ids, hashes, parsed.stream, features, keep_text)
 
     # ----------------------------------------------------------- placement
-    def _place(self, routed: Routed, excluded: set[str], snapshot: ClusterSnapshot | None = None) -> Placement:
+    def _place(self, routed: Routed, excluded: set[str], snapshot: ClusterSnapshot | None = None,
+               attempt: int = 1) -> Placement:
+        started = time.perf_counter()
         model = routed.info.model
         if snapshot is None:
             snapshot = self._snapshot_for(routed)(routed.info)
@@ -231,6 +282,11 @@ class Proxy:
             for plugin in self.profiles[decision.profile].plugins:
                 plugin.on_sent(routed.info, decision.instance, decision.profile)
         self._predict(routed, placement, snapshot)
+        routed.obs.attempts = attempt
+        routed.trace.scheduled(attempt, started, time.perf_counter(), placement.decisions, {
+            "pdgate.excluded": sorted(excluded), "pdgate.prefill.instance": routed.obs.prefill_id if routed.obs.split else None,
+            "pdgate.decode.instance": routed.obs.decode_id, "pdgate.prefix_hit_tokens": routed.obs.prefill_cached,
+            "pdgate.ttft_predicted_s": routed.obs.predicted.get("ttft_s")})
         return placement
 
     def _predict(self, routed: Routed, placement: Placement, snapshot: ClusterSnapshot) -> None:
@@ -245,6 +301,7 @@ class Proxy:
         obs.split = placement.prefill is not None and placement.prefill is not placement.decode
         obs.prefill_cached = min(snapshot.prefix_hit_tokens.get(first.spec.id, 0), max(0, info.prompt_tokens - 1))
         obs.prefill_idle = first_view is not None and first_view.prefill_inflight == 0
+        self.metrics.observe_prefix(first.spec.id, info.prompt_tokens, obs.prefill_cached)
         costs = snapshot.costs
         if costs is None or first_view is None or decode_view is None:
             return
@@ -276,6 +333,8 @@ class Proxy:
         prefill_task: asyncio.Task[UpstreamFailed | None] | None = None
         leases: list[Lease] = []
         upstream: UpstreamResponse | None = None
+        protocol = None
+        leg: LegTrace | None = None
         try:
             if prefill is not None and prefill is not decode:
                 protocol = decode.adapter.capabilities.pd_protocol
@@ -302,13 +361,19 @@ class Proxy:
             obs = routed.obs
             obs.batch_at_send, obs.context_at_send = decode.decode_inflight, decode.decode_context_tokens
             obs.decode_sent = self.cluster.clock()
-            upstream = await self._racing_prefill(self._open(decode, routed.path, body, info.request_id), prefill_task)
+            leg = self._decode_leg(routed, placement, protocol)
+            upstream = await self._racing_prefill(self._open(decode, routed.path, body, info.request_id, leg), prefill_task)
             self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
-            await self._relay(responder, routed, decode, upstream, prefill_task, decode_lease)
+            await self._relay(responder, routed, decode, upstream, prefill_task, decode_lease, leg)
             obs.batch_at_end, obs.context_at_end = decode.decode_inflight, decode.decode_context_tokens
             if prefill_task is not None and (failure := await prefill_task) is not None:
-                self.cluster.record_failure(failure.instance_id, failure.reason)
+                self._record_failure(failure)
             self.cluster.record_success(decode.spec.id)
+            leg.end(status=upstream.status, error=obs.error)
+        except BaseException as exc:
+            if leg is not None:
+                leg.end(status=upstream.status if upstream is not None else None, error=_failure_reason(exc))
+            raise
         finally:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
@@ -318,10 +383,33 @@ class Proxy:
             for lease in leases:
                 lease.release()
 
-    async def _open(self, state: InstanceState, path: str, body: dict[str, Any], request_id: str) -> UpstreamResponse:
-        """Send one leg; a connection error or 5xx before any byte is an UpstreamFailed."""
+    def _decode_leg(self, routed: Routed, placement: Placement, protocol: str | None) -> LegTrace:
+        """The span of the leg that answers (with a KV-transfer child after a PD hand-off, when streamed)."""
+        obs, info = routed.obs, routed.info
+        predicted = obs.predicted
+        attributes = {"pdgate.decode.batch_at_send": obs.batch_at_send, "pdgate.tpot_predicted_s": predicted.get("tpot_s"),
+                      "gen_ai.request.max_tokens": info.max_tokens}
+        if not obs.split:
+            attributes.update({"gen_ai.usage.input_tokens": info.prompt_tokens, "pdgate.prefix_hit_tokens": obs.prefill_cached,
+                               "pdgate.prefill_predicted_s": predicted.get("prefill_s")})
+            return routed.trace.leg("generate", placement.decode, attributes)
+        kv = None
+        if routed.stream:
+            kv = {"pdgate.kv.protocol": protocol, "pdgate.kv.from": obs.prefill_id, "pdgate.kv.to": obs.decode_id,
+                  "pdgate.kv.tokens": info.prompt_tokens, "pdgate.handoff_predicted_s": predicted.get("handoff_s")}
+        return routed.trace.leg("decode", placement.decode, attributes, kv_transfer=kv)
+
+    def _prefill_leg(self, routed: Routed, prefill: InstanceState) -> LegTrace:
+        obs, predicted = routed.obs, routed.obs.predicted
+        return routed.trace.leg("prefill", prefill, {
+            "gen_ai.usage.input_tokens": routed.info.prompt_tokens, "pdgate.prefix_hit_tokens": obs.prefill_cached,
+            "pdgate.prefill_predicted_s": predicted.get("prefill_s"), "pdgate.prefill_wait_predicted_s": predicted.get("wait_s")})
+
+    async def _open(self, state: InstanceState, path: str, body: dict[str, Any], request_id: str,
+                    leg: LegTrace) -> UpstreamResponse:
+        """Send one leg (with its trace context); a connection error or 5xx before any byte is an UpstreamFailed."""
         try:
-            resp = await state.adapter.send(path, body, request_id, timeout_s=self.config.upstream_timeout_s)
+            resp = await state.adapter.send(path, body, request_id, timeout_s=self.config.upstream_timeout_s, headers=leg.headers)
         except UpstreamError as exc:
             raise UpstreamFailed(state.spec.id, f"connection failed: {exc}") from None
         if resp.status >= 500:
@@ -348,9 +436,12 @@ class Proxy:
                                   leases: list[Lease]) -> dict[str, Any]:
         lease = self.cluster.lease(prefill.spec.id, prefill_tokens=routed.info.prompt_tokens,
                                    predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0))
+        leg = self._prefill_leg(routed, prefill)
+        status = None
         try:
             sent = self.cluster.clock()
-            resp = await self._open(prefill, routed.path, prefill.adapter.prefill_body(routed.body), routed.info.request_id)
+            resp = await self._open(prefill, routed.path, prefill.adapter.prefill_body(routed.body), routed.info.request_id, leg)
+            status = resp.status
             reply = await self._read_all(prefill, resp)
             routed.obs.prefill_s = self.cluster.clock() - sent
             if resp.status >= 400:
@@ -361,7 +452,11 @@ class Proxy:
                 handoff = prefill.adapter.handoff_from_prefill(json.loads(reply))
             except (HandoffError, json.JSONDecodeError) as exc:
                 raise UpstreamFailed(prefill.spec.id, str(exc)) from None
+            leg.end(status=status, **{"pdgate.prefill_s": routed.obs.prefill_s})
             return decode.adapter.decode_body(routed.body, handoff)
+        except BaseException as exc:
+            leg.end(status=status, error=_failure_reason(exc))
+            raise
         finally:
             lease.release()
 
@@ -371,17 +466,27 @@ class Proxy:
 
         Returns the failure (instead of raising) so the decode leg can be abandoned for it.
         """
+        leg = self._prefill_leg(routed, prefill)
+        status = error = None
         try:
-            resp = await self._open(prefill, routed.path, {**body, "stream": False}, routed.info.request_id)
+            resp = await self._open(prefill, routed.path, {**body, "stream": False}, routed.info.request_id, leg)
+            status = resp.status
             await self._read_all(prefill, resp)
             if resp.status >= 400:
-                return UpstreamFailed(prefill.spec.id, f"prefill leg answered HTTP {resp.status}")
+                failure = UpstreamFailed(prefill.spec.id, f"prefill leg answered HTTP {resp.status}")
+                error = failure.reason
+                return failure
             self.cluster.record_sent_prompt(prefill.spec.id, routed.hashes)
             self.cluster.record_success(prefill.spec.id)
             return None
         except UpstreamFailed as failure:
+            error = failure.reason
             return failure
+        except BaseException as exc:
+            error = _failure_reason(exc)
+            raise
         finally:
+            leg.end(status=status, error=error)
             lease.release()
 
     @staticmethod
@@ -406,7 +511,7 @@ class Proxy:
 
     async def _relay(self, responder: Responder, routed: Routed, decode: InstanceState,
                      upstream: UpstreamResponse, prefill_task: asyncio.Task | None = None,
-                     lease: Lease | None = None) -> None:
+                     lease: Lease | None = None, leg: LegTrace | None = None) -> None:
         """Answer the client from the decode leg: whole, or relayed chunk by chunk as it arrives.
 
         Nothing is sent to the client before the first piece of the answer is in, so a leg that
@@ -423,13 +528,15 @@ class Proxy:
             obs.last_chunk = data
             responder.send(upstream.status, data, content_type=upstream.headers.get("content-type", "application/json"),
                            headers=headers)
-            self.metrics.count(routed, upstream.status)
+            self._answered(routed, upstream.status)
             return
         try:
             first = await self._racing_prefill(upstream.first_chunk(), prefill_task)
         except UpstreamError as exc:
             raise UpstreamFailed(decode.spec.id, f"stream broke before the first byte: {exc}") from None
         obs.first_token = obs.last_token = clock()
+        if leg is not None:
+            leg.first_token()
         obs.events = first.count(b"data: ")
         obs.last_chunk = first
         if lease is not None and not obs.split:
@@ -451,14 +558,20 @@ class Proxy:
         try:
             await upstream.relay(sink)
         except UpstreamError as exc:
-            log.warning("stream from %s broke mid-way: %s", decode.spec.id, exc)
+            log.warning("stream from %s broke mid-way: %s", decode.spec.id, exc,
+                        extra=request_fields(routed.info.request_id, routed.trace.trace_id))
             error = {"error": {"message": f"upstream {decode.spec.id} failed mid-stream", "type": "upstream_error",
                                "param": None, "code": None}}
             responder.end(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
-            self.metrics.count(routed, 502)
+            obs.error = "upstream_failed_mid_stream"
+            self._answered(routed, 502)
             return
         responder.end()
-        self.metrics.count(routed, upstream.status)
+        self._answered(routed, upstream.status)
+
+    def _answered(self, routed: Routed, status: int) -> None:
+        routed.obs.status = status
+        self.metrics.count(routed.path, routed.info.model, status)
 
     # ------------------------------------------------------------- learning
     def _completed(self, routed: Routed) -> None:
@@ -480,11 +593,12 @@ class Proxy:
         if obs.last_token is not None:
             timing["e2e_s"] = obs.last_token - info.arrival
         self.metrics.observe_request(info, obs, timing, tokens)
+        self._traced_end(routed, timing, tokens)
         if self.costs is None or routed.features is None:
             return
         record: dict[str, Any] = {"v": 1, "kind": "pdgate-request", "ts": time.time(), "request_id": info.request_id,
                                   **routed.features.to_record()}
-        if routed.prompt_text is not None:
+        if routed.prompt_text is not None and self.config.cost_model.log_prompt_text:
             record["prompt_text"] = routed.prompt_text
         record.update({
             "output_tokens": tokens,
@@ -500,6 +614,65 @@ class Proxy:
             "cost_model": self.costs.current.version if self.costs.current is not None else None,
         })
         self.costs.observe(record)
+
+    def _traced_end(self, routed: Routed, timing: Mapping[str, float | None], tokens: int | None) -> None:
+        """End the request's span with what happened, and write its access-log line."""
+        obs, info, predicted = routed.obs, routed.info, routed.obs.predicted
+        ttft, tpot = timing.get("ttft_s"), timing.get("tpot_s")
+        met = info.slo.met(ttft, tpot) if ttft is not None else None
+        if routed.trace is not NO_TRACE:
+            routed.trace.finish(obs.status, {
+                "gen_ai.usage.output_tokens": tokens, "pdgate.attempts": obs.attempts, "pdgate.queued_s": obs.queued_s,
+                "pdgate.ttft_s": ttft, "pdgate.tpot_s": tpot, "pdgate.e2e_s": timing.get("e2e_s"),
+                "pdgate.prefill_s": obs.prefill_s, "pdgate.handoff_s": timing.get("handoff_s"),
+                "pdgate.ttft_predicted_s": predicted.get("ttft_s"), "pdgate.tpot_predicted_s": predicted.get("tpot_s"),
+                "pdgate.output_tokens_predicted": predicted.get("output_median"),
+                "pdgate.output_tokens_predicted_high": predicted.get("output_high"),
+                "pdgate.prefill.instance": obs.prefill_id if obs.split else None, "pdgate.decode.instance": obs.decode_id,
+                "pdgate.prefix_hit_tokens": obs.prefill_cached, "pdgate.slo.met": met,
+            }, error=obs.error)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s %d", "POST", routed.path, obs.status, extra={
+                **request_fields(info.request_id, routed.trace.trace_id),
+                "access": {"route": routed.path, "model": info.model, "status": obs.status, "stream": routed.stream,
+                           "prefill": obs.prefill_id if obs.split else None, "decode": obs.decode_id,
+                           "attempts": obs.attempts, "prompt_tokens": info.prompt_tokens, "output_tokens": tokens,
+                           "cached_tokens": obs.prefill_cached, "slo_class": info.slo.slo_class, "slo_met": met,
+                           **{k: round(v, 6) for k, v in timing.items() if v is not None}}})
+
+    def _failed(self, routed: Routed | None, trace: RequestTrace, route: str, status: int, reason: str | None) -> None:
+        """A request that got no answer (an error response, or its client went away first)."""
+        model = routed.info.model if routed is not None else ""
+        self.metrics.count(route, model, status)
+        trace.finish(status, {}, error=reason or str(status))
+        if access_log.isEnabledFor(logging.INFO):
+            request_id = routed.info.request_id if routed is not None else None
+            access_log.info("%s %s %d", "POST", route, status, extra={
+                **request_fields(request_id, trace.trace_id),
+                "access": {"route": route, "model": model or None, "status": status, "error": reason}})
+
+
+def _request_attributes(routed: Routed) -> dict[str, Any]:
+    """The request span's attributes known once the request is parsed (no text)."""
+    info, slo = routed.info, routed.info.slo
+    return {
+        "gen_ai.operation.name": "text_completion" if routed.kind == "completion" else "chat",
+        "gen_ai.request.model": info.model, "gen_ai.request.max_tokens": info.max_tokens,
+        "gen_ai.usage.input_tokens": info.prompt_tokens, "pdgate.request_id": info.request_id, "pdgate.stream": routed.stream,
+        "pdgate.slo.class": slo.slo_class, "pdgate.slo.ttft_s": slo.ttft_s, "pdgate.slo.tpot_s": slo.tpot_s,
+        "pdgate.priority": slo.priority, "pdgate.app": info.tags.get("app"),
+        "pdgate.output_tokens_predicted": info.output.median if info.output is not None else None,
+    }
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, UpstreamFailed):
+        return exc.reason
+    if isinstance(exc, GatewayError):
+        return exc.code or exc.message
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return type(exc).__name__
 
 
 def _client_error(status: int, body: bytes) -> GatewayError:

@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
+from gateway import package_version
 from loadgen.slo import GroupStats, RunStats, max_rate_meeting
 from loadgen.types import RequestResult
 
@@ -50,10 +50,7 @@ FIG_DPI = 100
 
 def environment() -> dict[str, Any]:
     """Where and when a run was taken: Python, platform, host, pdgate version, time."""
-    try:
-        version: str | None = metadata.version("pdgate")
-    except metadata.PackageNotFoundError:
-        version = None
+    version = package_version()
     return {
         "python": sys.version.split()[0],
         "python_implementation": platform.python_implementation(),

@@ -9,7 +9,8 @@ Modelled on the llm-d / Gateway API Inference Extension endpoint picker:
   :class:`~scheduler.snapshot.RequestInfo`. State a plugin keeps (round-robin counters,
   affinity tables) changes only in the lifecycle hooks called after the decision
   (:class:`LifecycleHooks`), never inside ``filter``/``score``/``pick``.
-* Every plugin call is timed; the timings come back with the decision (metrics, tracing).
+* Every plugin call is timed; the calls come back with the decision (:attr:`Decision.calls`),
+  from which the gateway builds its metrics and, when tracing, one span per plugin call.
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class Profile:
         return (*self.filters, *(s for s, _ in self.scorers), self.picker)
 
 
+PluginCall = tuple[Plugin, float, float, int]
+"""One plugin call: the plugin, its start and end (``time.perf_counter``), and the candidates
+left after it (a filter's survivors; for scorers and pickers, the candidates it was given)."""
+
+
 @dataclass
 class Decision:
     """The outcome of running one profile, with what the plugins saw and how long they took."""
@@ -123,53 +129,61 @@ class Decision:
     instance: InstanceView | None
     candidates: int
     scores: dict[str, float] = field(default_factory=dict)
-    plugin_seconds: dict[str, float] = field(default_factory=dict)
+    calls: list[PluginCall] = field(default_factory=list)
     rejected_by: str | None = None  # the filter that left no candidate
 
     @property
     def instance_id(self) -> str | None:
         return self.instance.id if self.instance else None
 
+    @property
+    def plugin_seconds(self) -> dict[str, float]:
+        """Seconds per plugin (by plugin name)."""
+        return {plugin.name: end - start for plugin, start, end, _ in self.calls}
+
 
 def run_profile(profile: Profile, request: RequestInfo, snapshot: ClusterSnapshot,
                 candidates: Sequence[InstanceView] | None = None) -> Decision:
-    """Filter, score and pick one instance for ``request``; times every plugin call."""
+    """Filter, score and pick one instance for ``request``; records every plugin call."""
     clock = time.perf_counter
-    timings: dict[str, float] = {}
     current = list(snapshot.instances if candidates is None else candidates)
     decision = Decision(profile.name, None, len(current))
+    calls = decision.calls
     for flt in profile.filters:
         t0 = clock()
         current = list(flt.filter(request, snapshot, current))
-        timings[flt.name] = clock() - t0
+        calls.append((flt, t0, clock(), len(current)))
         if not current:
             decision.rejected_by = flt.name
-            decision.plugin_seconds = timings
             return decision
     totals = {inst.id: 0.0 for inst in current}
     for scorer, weight in profile.scorers:
         t0 = clock()
         scores = scorer.score(request, snapshot, current)
-        timings[scorer.name] = clock() - t0
+        calls.append((scorer, t0, clock(), len(current)))
         for inst_id in totals:
             raw = scores.get(inst_id, 0.0)
             totals[inst_id] += weight * (0.0 if raw != raw else min(1.0, max(0.0, raw)))  # NaN -> 0
     ranked = sorted(((inst, totals[inst.id]) for inst in current), key=lambda item: -item[1])
     t0 = clock()
     chosen = profile.picker.pick(request, snapshot, ranked)
-    timings[profile.picker.name] = clock() - t0
+    calls.append((profile.picker, t0, clock(), len(current)))
     decision.instance = chosen
     decision.scores = totals
-    decision.plugin_seconds = timings
     decision.candidates = len(current)
     return decision
+
+
+def plugin_kind(plugin_cls: type[Plugin]) -> str:
+    """``Filter``, ``Scorer``, ``Picker``, ``Admitter`` (or ``Plugin``)."""
+    return next((k.__name__ for k in (Filter, Scorer, Picker, Admitter) if issubclass(plugin_cls, k)), "Plugin")
 
 
 def describe(plugin_cls: type[Plugin]) -> dict[str, Any]:
     """What a plugin is and takes, for ``--help`` style listings and docs."""
     return {
         "type": plugin_cls.type_name,
-        "kind": next((k.__name__ for k in (Filter, Scorer, Picker, Admitter) if issubclass(plugin_cls, k)), "Plugin"),
+        "kind": plugin_kind(plugin_cls),
         "doc": (plugin_cls.__doc__ or "").strip().splitlines()[0] if plugin_cls.__doc__ else "",
         "parameters": plugin_cls.Params.model_json_schema().get("properties", {}),
     }

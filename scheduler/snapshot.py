@@ -68,6 +68,10 @@ class SloTarget:
     def best_effort(self) -> bool:
         return self.ttft_s is None and self.tpot_s is None
 
+    def met(self, ttft_s: float, tpot_s: float | None) -> bool:
+        """Whether a request with these latencies met both objectives (no TPOT: one token)."""
+        return (self.ttft_s is None or ttft_s <= self.ttft_s) and (self.tpot_s is None or tpot_s is None or tpot_s <= self.tpot_s)
+
 
 @dataclass(frozen=True)
 class RequestInfo:

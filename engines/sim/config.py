@@ -50,6 +50,9 @@ class SimEngineConfig(BaseModel):
     kv_events_endpoint: str | None = Field(None, description="ZMQ endpoint for vLLM-format KV events, e.g. tcp://127.0.0.1:5557")
     kv_events_replay_endpoint: str | None = Field(None, description="ZMQ ROUTER endpoint serving replays of recent KV events")
     kv_events_topic: str = Field("kv", description="topic frame of KV event messages")
+    otlp_traces_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector URL for one 'llm_request' span per request, as vLLM's flag (/v1/traces appended when it has no path)"
+    )
     enable_prompt_tokens_details: bool = Field(True, description="report usage.prompt_tokens_details.cached_tokens")
     api_key: str | None = Field(None, description="require this bearer token on /v1 routes")
     seed: int = Field(0, description="seed for sampled (temperature > 0) requests that give none")
@@ -74,6 +77,6 @@ class SimEngineConfig(BaseModel):
     def from_yaml(cls, path: str | Path, **overrides: object) -> SimEngineConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of engine settings")
+            raise ValueError(f"{path}: expected a mapping of engine settings")  # noqa: TRY004 - reported as bad configuration
         data.update(overrides)
         return cls.model_validate(data)

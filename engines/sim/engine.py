@@ -17,7 +17,6 @@ from engines.sim.core import EngineCore, RequestOutput, ScheduledStep
 from engines.sim.kv_events import KvEvent
 from engines.sim.request import RequestStatus, SimRequest
 
-
 SLEEP_SPLIT_S = 0.001
 
 
@@ -267,7 +266,7 @@ class AsyncSimEngine:
                 ok = True
         except KvPullError as exc:
             error = str(exc)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             error = f"KV transfer failed: {exc!r}"
         finally:
             self._pulls.pop(req.request_id, None)

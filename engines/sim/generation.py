@@ -48,7 +48,7 @@ def _unit(x: int) -> float:
 class ContextHash:
     """Rolling hash of a token sequence: ``h = sum((t_i + 1) * M**(n-1-i)) mod 2**64``."""
 
-    __slots__ = ("value", "length")
+    __slots__ = ("length", "value")
 
     def __init__(self, value: int = 0, length: int = 0) -> None:
         self.value = value

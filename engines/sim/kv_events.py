@@ -239,8 +239,7 @@ def _should_bind(endpoint: str) -> bool:
     return (
         "*" in endpoint
         or "::" in endpoint
-        or endpoint.startswith("ipc://")
-        or endpoint.startswith("inproc://")
+        or endpoint.startswith(("ipc://", "inproc://"))
     )
 
 

@@ -113,7 +113,7 @@ class VllmMetrics(SimMetrics):
         self._cached = Counter("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).", labels, registry=r).labels(*values)
         success = Counter("vllm:request_success", "Count of successfully processed requests.", [*labels, "finished_reason"], registry=r)
         self._success = {reason: success.labels(*values, reason) for reason in FINISH_REASONS}
-        hist = lambda name, doc, buckets: Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)  # noqa: E731
+        hist = lambda name, doc, buckets: Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)
         self._ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", VLLM_TTFT_BUCKETS)
         self._itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", VLLM_ITL_BUCKETS)
         self._e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", VLLM_LATENCY_BUCKETS)
@@ -176,9 +176,9 @@ class SglangMetrics(SimMetrics):
         super().__init__(core)
         r, labels = self.registry, ["model_name", "engine_type"]
         values = (model_name, engine_type)
-        gauge = lambda name, doc: Gauge(name, doc, labels, registry=r).labels(*values)  # noqa: E731
-        counter = lambda name, doc: Counter(name, doc, labels, registry=r).labels(*values)  # noqa: E731
-        hist = lambda name, doc, buckets: Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)  # noqa: E731
+        gauge = lambda name, doc: Gauge(name, doc, labels, registry=r).labels(*values)
+        counter = lambda name, doc: Counter(name, doc, labels, registry=r).labels(*values)
+        hist = lambda name, doc, buckets: Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)
         self._running = gauge("sglang:num_running_reqs", "The number of running requests.")
         self._queue = gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.")
         self._used_tokens = gauge("sglang:num_used_tokens", "The number of used tokens.")

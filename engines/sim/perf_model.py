@@ -37,20 +37,20 @@ from pathlib import Path
 from types import MappingProxyType
 
 __all__ = [
-    "ModelSpec",
-    "GpuSpec",
-    "StepBatch",
-    "AttentionCoeffs",
-    "RooflineFactors",
-    "ROOFLINE",
-    "EngineProfile",
-    "MODELS",
     "GPUS",
+    "MODELS",
+    "ROOFLINE",
+    "AttentionCoeffs",
+    "EngineProfile",
+    "GpuSpec",
+    "ModelSpec",
+    "RooflineFactors",
+    "StepBatch",
     "available_profiles",
-    "profile_name",
     "load_profile",
-    "roofline_profile",
+    "profile_name",
     "resolve_profile",
+    "roofline_profile",
 ]
 
 PROFILE_DIR = Path(__file__).with_name("profiles")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -169,9 +170,20 @@ async def handle_chat(state: SimState, request: web.Request) -> web.StreamRespon
 
 
 async def _generate(state: SimState, request: web.Request, kind: str) -> web.StreamResponse:
+    received_ns = time.time_ns()
+    headers = request.headers
+    header_id = headers.get("X-Request-Id")
+    traceparent, tracestate = headers.get("traceparent"), headers.get("tracestate")
+    record = {"request_id": header_id, "path": request.path, "traceparent": traceparent,
+              "tracestate": tracestate, "received_at": received_ns / 1e9}
+    state.traces.append(record)
     check_auth(state, request)
-    gen = _prepare(state, kind, await read_json(request), request.headers.get("X-Request-Id"))
+    gen = _prepare(state, kind, await read_json(request), header_id)
+    record["request_id"] = gen.request_id
     stream = state.engine.submit(gen.sim_request)
+    if state.tracer is not None:
+        state.tracer.begin(gen.sim_request, request_id=gen.request_id, traceparent=traceparent,
+                           tracestate=tracestate, start_ns=received_ns, top_p=gen.body.top_p)
     finished = False
     try:
         if gen.body.stream:

@@ -81,6 +81,11 @@ async def handle_reset_prefix_cache(state: SimState, request: web.Request) -> we
     return web.Response(status=200)
 
 
+async def handle_traces(state: SimState, request: web.Request) -> web.Response:
+    """``{"requests": [...]}``: trace headers of the latest generation requests, oldest first."""
+    return web.json_response({"requests": list(state.traces)})
+
+
 async def handle_state(state: SimState, request: web.Request) -> web.Response:
     core, kv = state.core, state.core.kv
     return web.json_response({

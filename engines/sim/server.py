@@ -4,7 +4,8 @@ Routes (both flavours): ``/v1/completions``, ``/v1/chat/completions`` (SSE and J
 ``/v1/models``, ``/health``, ``/tokenize``, ``/detokenize``, ``/metrics``, ``/version``;
 vLLM: ``/reset_prefix_cache``; SGLang: ``/health_generate``, ``/get_model_info``,
 ``/get_server_info``, ``/flush_cache``. Simulator-only routes live under ``/sim/``:
-``/sim/state`` (a JSON snapshot for tests and operators) and ``/sim/kv/read`` (the side channel
+``/sim/state`` (a JSON snapshot for tests and operators), ``/sim/traces`` (the W3C trace headers
+of the latest generation requests) and ``/sim/kv/read`` (the side channel
 a decode peer pulls a held prefill's KV through). An SGLang-flavour prefill engine also serves a
 bootstrap server on its bootstrap port (``/route``, ``/health``, ``/sim/bootstrap/{room}``).
 See :mod:`engines.sim.handoff` for the PD protocols.
@@ -12,6 +13,7 @@ See :mod:`engines.sim.handoff` for the PD protocols.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -36,6 +38,7 @@ from engines.sim.routes_info import (
     handle_reset_prefix_cache,
     handle_state,
     handle_tokenize,
+    handle_traces,
     handle_version,
 )
 from engines.sim.state import SIM_STATE, SimState, build_state, route
@@ -58,6 +61,7 @@ def create_app(state: SimState) -> web.Application:
         web.post("/detokenize", route(handle_detokenize)),
         web.get("/metrics", route(handle_metrics)),
         web.get("/sim/state", route(handle_state)),
+        web.get("/sim/traces", route(handle_traces)),
         web.post("/sim/kv/read", route(handle_kv_read)),
     ]
     if api == "vllm":
@@ -96,6 +100,11 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         await state.publisher.start()
         state.engine.set_event_publisher(state.publisher.publish)
+    if state.config.otlp_traces_endpoint:  # import the OpenTelemetry SDK only when asked for
+        from engines.sim.tracing import RequestTracer
+
+        state.tracer = RequestTracer(state.config.otlp_traces_endpoint, state.clock.now)
+        state.core.on_finish(state.tracer.finish)
     await state.engine.start()
     try:
         yield
@@ -103,6 +112,8 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await state.engine.close()
         if state.publisher is not None:
             await state.publisher.close()
+        if state.tracer is not None:
+            await asyncio.to_thread(state.tracer.shutdown)  # flushes the spans still queued
         await state.session.close()
 
 

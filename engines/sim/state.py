@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -23,7 +24,11 @@ from engines.sim.perf_model import EngineProfile, resolve_profile
 from engines.sim.protocol import ApiError, error_body
 from engines.sim.tokenizer import Tokenizer, load_tokenizer
 
+if TYPE_CHECKING:
+    from engines.sim.tracing import RequestTracer
+
 SIM_STATE: web.AppKey[SimState] = web.AppKey("sim_state")
+TRACE_LOG_SIZE = 1024  # generation requests whose trace headers /sim/traces keeps
 
 
 @dataclass
@@ -53,6 +58,9 @@ class SimState:
     session: aiohttp.ClientSession | None = None
     handoffs: dict[str, Handoff] = field(default_factory=dict)
     bound_port: int = 0
+    tracer: RequestTracer | None = None  # set while the engine runs with --otlp-traces-endpoint
+    traces: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=TRACE_LOG_SIZE))
+    """Trace headers of the latest generation requests, oldest first (``GET /sim/traces``)."""
 
     def handoff(self, key: str) -> Handoff:
         entry = self.handoffs.get(key)
@@ -123,7 +131,6 @@ def build_state(config: SimEngineConfig) -> SimState:
     )
     core.on_finish(lambda req: on_request_finished(state, req))
     return state
-
 
 
 def route(fn: Callable[[SimState, web.Request], Any]) -> Callable[[web.Request], Any]:
