@@ -6,6 +6,7 @@ import asyncio
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -42,3 +43,12 @@ async def serve_until_signalled(server: S, ready: Callable[[S], None] | None = N
         await stop.wait()
     finally:
         await server.stop()
+
+
+def otlp_traces_url(endpoint: str) -> str:
+    """The OTLP/HTTP traces URL for ``endpoint``: ``/v1/traces`` is added when it has no path
+    (an OTLP base URL such as ``http://collector:4318``); a URL with a path is used as it is."""
+    parts = urlsplit(endpoint)
+    if parts.path in ("", "/"):
+        return urlunsplit(parts._replace(path="/v1/traces"))
+    return endpoint

@@ -30,8 +30,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
+from engines.runtime import otlp_traces_url
 from gateway.config import TracingConfig
 
 if TYPE_CHECKING:
@@ -91,17 +91,12 @@ def resolve_settings(config: TracingConfig, env: Mapping[str, str] = os.environ)
     protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
     if exporter == "otlp" and protocol != "http/protobuf":
         raise TracingSetupError(f"tracing: OTLP protocol {protocol!r} is not supported; pdgate exports http/protobuf")
-    endpoint = traces_url(config.endpoint) if config.endpoint else None
+    endpoint = otlp_traces_url(config.endpoint) if config.endpoint else None
     if endpoint is None and not env_endpoint:
-        endpoint = traces_url(DEFAULT_OTLP_ENDPOINT)
+        endpoint = otlp_traces_url(DEFAULT_OTLP_ENDPOINT)
     service = config.service_name or env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
     return TracingSettings(exporter, endpoint, dict(config.headers), service, config.sample_ratio,
                            config.propagate_to_engines, config.record_prompt_text)
-
-
-def traces_url(endpoint: str) -> str:
-    """An OTLP/HTTP base URL gets ``/v1/traces``; a URL with a path is used as it is."""
-    return endpoint.rstrip("/") + "/v1/traces" if urlsplit(endpoint).path in ("", "/") else endpoint
 
 
 class Tracing:

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -32,13 +31,13 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from engines.runtime import otlp_traces_url
 from engines.sim.request import RequestStatus, SimRequest
 
 logger = logging.getLogger(__name__)
 
 SPAN_NAME = "llm_request"
 DEFAULT_SERVICE_NAME = "pdgate-sim"
-TRACES_PATH = "/v1/traces"
 
 
 class SpanAttributes:
@@ -59,14 +58,6 @@ class SpanAttributes:
     GEN_AI_LATENCY_TIME_IN_MODEL_INFERENCE = "gen_ai.latency.time_in_model_inference"
 
 
-def traces_url(endpoint: str) -> str:
-    """The OTLP/HTTP URL for ``endpoint``: ``/v1/traces`` is appended when it has no path."""
-    parts = urlsplit(endpoint)
-    if parts.path in ("", "/"):
-        return urlunsplit(parts._replace(path=TRACES_PATH))
-    return endpoint
-
-
 @dataclass
 class _OpenSpan:
     """What is known about a request when it arrives; the span is emitted when it finishes."""
@@ -85,7 +76,7 @@ class RequestTracer:
     """
 
     def __init__(self, endpoint: str, sim_now: Callable[[], float]) -> None:
-        self.url = traces_url(endpoint)
+        self.url = otlp_traces_url(endpoint)
         service = os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
         self._provider = TracerProvider(resource=Resource.create({"service.name": service}))
         self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=self.url)))

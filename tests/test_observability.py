@@ -1,0 +1,356 @@
+"""Tracing, metrics and logs as an operator sees them: real engine processes, the real openai client.
+
+The span-tree tests run the gateway in the test's process (its spans go to an in-memory exporter);
+the collector test runs it as its own process exporting OTLP/HTTP to a receiver in the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
+from support.fleet import (
+    MODEL,
+    engine_flags,
+    get_json,
+    instance_entry,
+    start_gateway,
+    write_config,
+)
+from support.otlp import OtlpReceiver
+from support.procs import PdgateProcess, start_pdgate, start_sim
+
+from gateway.app import GatewayServer, build_gateway
+from gateway.config import GatewayConfig, TracingConfig
+from gateway.metrics import GatewayMetrics
+from gateway.tracing import TracingSetupError, resolve_settings
+
+PROMPT = "Observability of a disaggregated fleet starts with one trace per request. " * 4
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+
+
+@pytest.fixture(scope="module")
+def pd_engines() -> Iterator[tuple[PdgateProcess, PdgateProcess]]:
+    """One prefill and one decode sim engine (vLLM flavour: sequential KV hand-off)."""
+    prefill = start_sim(*engine_flags("prefill"))
+    try:
+        decode = start_sim(*engine_flags("decode"))
+    except BaseException:
+        prefill.stop()
+        raise
+    yield prefill, decode
+    decode.stop()
+    prefill.stop()
+
+
+def _config(tmp_path: Path, engines: tuple[PdgateProcess, PdgateProcess], **gateway: Any) -> Path:
+    prefill, decode = engines
+    entries = [instance_entry(prefill, "prefill", "sim"), instance_entry(decode, "decode", "sim")]
+    return write_config(tmp_path / "gateway.yaml", entries, **gateway)
+
+
+@pytest.fixture
+async def traced(tmp_path: Path, pd_engines) -> AsyncIterator[tuple[GatewayServer, InMemorySpanExporter]]:
+    """A gateway in this process whose spans land in an in-memory exporter."""
+    exporter = InMemorySpanExporter()
+    config = GatewayConfig.load(_config(tmp_path, pd_engines))
+    server = GatewayServer(build_gateway(config), span_exporter=exporter)
+    await server.start()
+    try:
+        yield server, exporter
+    finally:
+        await server.stop()
+
+
+def _client(url: str, **headers: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, default_headers=headers or None)
+
+
+def _hex(value: int, width: int) -> str:
+    return format(value, f"0{width}x")
+
+
+def _by_name(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+def _one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    found = _by_name(spans, name)
+    assert len(found) == 1, f"expected one {name!r}, got {[s.name for s in spans]}"
+    return found[0]
+
+
+def _parent(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+async def test_a_pd_request_is_one_trace_with_a_span_per_stage(traced, pd_engines) -> None:
+    server, exporter = traced
+    prefill_engine, decode_engine = pd_engines
+    client = _client(server.url, traceparent=CLIENT_TRACEPARENT)
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=12, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    usage = None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+    await client.close()
+    assert usage is not None and usage.completion_tokens == 12
+
+    spans = exporter.get_finished_spans()
+    root = _one(spans, "pdgate.request")
+    # the client's trace goes on: same trace id, the client's span is the parent
+    assert _hex(root.context.trace_id, 32) == CLIENT_TRACE
+    assert _hex(root.parent.span_id, 16) == CLIENT_SPAN
+    assert root.kind == SpanKind.SERVER
+    assert {_hex(s.context.trace_id, 32) for s in spans} == {CLIENT_TRACE}
+
+    stages = {name: _one(spans, name) for name in ("pdgate.admission", "pdgate.schedule", "pdgate.prefill", "pdgate.decode")}
+    for span in stages.values():
+        assert _parent(span) == root.context.span_id, span.name
+    kv = _one(spans, "pdgate.kv_transfer")
+    assert _parent(kv) == stages["pdgate.decode"].context.span_id
+    assert stages["pdgate.prefill"].kind == stages["pdgate.decode"].kind == SpanKind.CLIENT
+
+    # scheduling: one span per profile, one per plugin call of that profile, named by plugin
+    profiles = server.gateway.profiles
+    for profile in ("prefill", "decode"):
+        run = _one(spans, f"pdgate.schedule.{profile}")
+        assert _parent(run) == stages["pdgate.schedule"].context.span_id
+        calls = [s for s in spans if _parent(s) == run.context.span_id]
+        assert [s.name for s in sorted(calls, key=lambda s: s.start_time)] == [
+            f"pdgate.plugin.{p.name}" for p in profiles[profile].plugins]
+        assert all(s.attributes["pdgate.plugin.kind"] in ("Filter", "Scorer", "Picker") for s in calls)
+        assert all(run.start_time <= s.start_time <= s.end_time <= run.end_time for s in calls)
+    prefill_id = f"prefill-{prefill_engine.url.rsplit(':', 1)[1]}"
+    decode_id = f"decode-{decode_engine.url.rsplit(':', 1)[1]}"
+    assert _one(spans, "pdgate.schedule.prefill").attributes["pdgate.instance"] == prefill_id
+    assert _one(spans, "pdgate.schedule.decode").attributes["pdgate.instance"] == decode_id
+
+    # the stages follow each other in time
+    assert stages["pdgate.admission"].end_time <= stages["pdgate.schedule"].end_time <= stages["pdgate.prefill"].start_time
+    assert stages["pdgate.prefill"].end_time <= stages["pdgate.decode"].start_time <= kv.end_time <= stages["pdgate.decode"].end_time
+
+    # attributes that answer an operator's questions
+    attrs = root.attributes
+    assert attrs["gen_ai.request.model"] == MODEL
+    assert attrs["gen_ai.usage.input_tokens"] == usage.prompt_tokens
+    assert attrs["gen_ai.usage.output_tokens"] == 12
+    assert attrs["pdgate.prefill.instance"] == prefill_id and attrs["pdgate.decode.instance"] == decode_id
+    assert attrs["pdgate.ttft_s"] > 0 and attrs["pdgate.tpot_s"] > 0 and attrs["pdgate.e2e_s"] >= attrs["pdgate.ttft_s"]
+    assert attrs["pdgate.ttft_predicted_s"] > 0 and attrs["pdgate.tpot_predicted_s"] > 0
+    assert attrs["pdgate.output_tokens_predicted"] >= 1
+    assert attrs["pdgate.slo.met"] is True  # the default SLOs (2 s / 100 ms) on an idle fast sim
+    assert attrs["http.response.status_code"] == 200
+    assert stages["pdgate.admission"].attributes["pdgate.admission.outcome"] == "dispatch"
+    assert stages["pdgate.prefill"].attributes["pdgate.instance"] == prefill_id
+    assert stages["pdgate.prefill"].attributes["pdgate.prefill_s"] > 0
+    assert kv.attributes["pdgate.kv.protocol"] == "sequential" and kv.attributes["pdgate.kv.to"] == decode_id
+    assert all(s.status.status_code != StatusCode.ERROR for s in spans)
+    # no text unless asked for
+    texts = [v for s in spans for v in s.attributes.values() if isinstance(v, str)]
+    assert not any("Observability" in v for v in texts)
+
+    # each engine got the traceparent of its own leg
+    for engine, leg in ((prefill_engine, stages["pdgate.prefill"]), (decode_engine, stages["pdgate.decode"])):
+        seen = get_json(f"{engine.url}/sim/traces")["requests"]
+        mine = [r for r in seen if r["request_id"] == attrs["pdgate.request_id"]]
+        assert [r["traceparent"] for r in mine] == [f"00-{CLIENT_TRACE}-{_hex(leg.context.span_id, 16)}-01"]
+
+
+async def test_a_rejected_request_carries_its_reason(traced) -> None:
+    server, exporter = traced
+    client = _client(server.url)
+    with pytest.raises(openai.RateLimitError):
+        await client.completions.create(model=MODEL, prompt=PROMPT * 8, max_tokens=4,
+                                        extra_headers={"x-slo-ttft-ms": "0.01"})
+    with pytest.raises(openai.BadRequestError):
+        await client.completions.create(model=MODEL, prompt="", max_tokens=4)
+    await client.close()
+    spans = exporter.get_finished_spans()
+    roots = _by_name(spans, "pdgate.request")
+    assert len(roots) == 2
+    rejected = next(r for r in roots if r.attributes["http.response.status_code"] == 429)
+    assert rejected.attributes["pdgate.reject_reason"] == rejected.attributes["error.type"]
+    admission = next(s for s in _by_name(spans, "pdgate.admission") if _parent(s) == rejected.context.span_id)
+    assert admission.attributes["pdgate.admission.outcome"] == "reject"
+    assert admission.status.status_code == StatusCode.ERROR
+    assert {s.name for s in spans if s.context.trace_id == rejected.context.trace_id} == {"pdgate.request", "pdgate.admission"}
+    invalid = next(r for r in roots if r.attributes["http.response.status_code"] == 400)
+    assert invalid.status.status_code != StatusCode.ERROR  # the client's fault is not the server's error
+    assert "error.type" in invalid.attributes
+
+
+async def test_sampling_ratio_zero_records_nothing_but_still_propagates(tmp_path, pd_engines) -> None:
+    exporter = InMemorySpanExporter()
+    config = GatewayConfig.load(_config(tmp_path, pd_engines, tracing={"sample_ratio": 0.0}))
+    server = GatewayServer(build_gateway(config), span_exporter=exporter)
+    await server.start()
+    try:
+        client = _client(server.url)
+        reply = await client.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=3)
+        await client.close()
+    finally:
+        await server.stop()
+    assert exporter.get_finished_spans() == ()
+    request_id = reply.headers["x-request-id"]
+    seen = [r for r in get_json(f"{pd_engines[1].url}/sim/traces")["requests"] if r["request_id"] == request_id]
+    assert len(seen) == 1
+    assert int(seen[0]["traceparent"].rsplit("-", 1)[1], 16) & 1 == 0  # not sampled, and says so downstream
+
+
+def test_tracing_settings_follow_the_otel_environment() -> None:
+    off = TracingConfig()
+    assert resolve_settings(off, {}) is None  # nothing asked for: off, and no SDK work at all
+    on = resolve_settings(off, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SERVICE_NAME": "edge"})
+    assert on is not None and on.exporter == "otlp" and on.service_name == "edge"
+    assert on.endpoint is None  # the exporter reads OTEL_EXPORTER_OTLP_* itself (headers, TLS, timeout too)
+    assert resolve_settings(off, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}) is None
+    assert resolve_settings(off, {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) is None
+    console = resolve_settings(off, {"OTEL_TRACES_EXPORTER": "console"})
+    assert console is not None and console.exporter == "console"
+    file_wins = resolve_settings(TracingConfig(endpoint="http://10.0.0.1:4318", service_name="gw", sample_ratio=0.25),
+                                 {"OTEL_SERVICE_NAME": "edge", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert file_wins is not None
+    assert (file_wins.endpoint, file_wins.service_name, file_wins.sample_ratio) == ("http://10.0.0.1:4318/v1/traces", "gw", 0.25)
+    assert resolve_settings(TracingConfig(enabled=False), {"OTEL_TRACES_EXPORTER": "otlp"}) is None
+    with pytest.raises(TracingSetupError, match="zipkin"):
+        resolve_settings(off, {"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(TracingSetupError, match="grpc"):
+        resolve_settings(off, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+
+
+async def test_gateway_and_engine_spans_reach_an_otlp_collector_as_one_trace(tmp_path) -> None:
+    """What an operator does: point the gateway (and the engines) at a collector with OTEL_* variables."""
+    async with OtlpReceiver() as rx:
+        env = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
+        engines = []
+        try:
+            for role in ("prefill", "decode"):
+                engines.append(start_sim(*engine_flags(role, extra=("--otlp-traces-endpoint", rx.endpoint)), env=env))
+            entries = [instance_entry(engines[0], "prefill", "sim"), instance_entry(engines[1], "decode", "sim")]
+            gateway = start_gateway(write_config(tmp_path / "gw.yaml", entries),
+                                    env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "OTEL_SERVICE_NAME": "pdgate-edge"})
+            engines.append(gateway)
+            client = _client(gateway.url)
+            reply = await client.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=5,
+                                                                      stream=False)
+            await client.close()
+            request_id = reply.headers["x-request-id"]
+
+            def complete(spans) -> bool:
+                names = {s.name for s in spans}
+                return {"pdgate.request", "pdgate.prefill", "pdgate.decode"} <= names and \
+                    sum(s.name == "llm_request" for s in spans) >= 2
+            spans = await rx.wait_for(complete, timeout=15)
+        finally:
+            for proc in engines:
+                proc.stop()
+    root = next(s for s in spans if s.name == "pdgate.request" and s.attributes.get("pdgate.request_id") == request_id)
+    assert root.service_name == "pdgate-edge" and root.parent_span_id is None
+    trace = [s for s in spans if s.trace_id == root.trace_id]
+    legs = {s.name: s for s in trace if s.name in ("pdgate.prefill", "pdgate.decode")}
+    engine_spans = [s for s in trace if s.name == "llm_request"]
+    assert {s.service_name for s in engine_spans} == {"pdgate-sim"}
+    # each engine's span hangs under the gateway's leg that called it
+    assert sorted(s.parent_span_id for s in engine_spans) == sorted(leg.span_id for leg in legs.values())
+    decode_span = next(s for s in engine_spans if s.parent_span_id == legs["pdgate.decode"].span_id)
+    assert decode_span.attributes["gen_ai.usage.completion_tokens"] == 5
+    assert {"pdgate.admission", "pdgate.schedule", "pdgate.schedule.prefill", "pdgate.schedule.decode"} <= {s.name for s in trace}
+
+
+async def _samples(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The gateway's /metrics, parsed (fetched without blocking: the gateway runs on this loop)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def _total(samples, name: str, **labels: str) -> float:
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items()))
+
+
+async def test_metrics_move_as_requests_are_served(traced, pd_engines) -> None:
+    server, _ = traced
+    before = await _samples(server.url)
+    client = _client(server.url)
+    prompt_tokens = output_tokens = 0
+    for n in range(3):
+        reply = await client.completions.create(model=MODEL, prompt=f"{n} {PROMPT}", max_tokens=6)
+        prompt_tokens += reply.usage.prompt_tokens
+        output_tokens += reply.usage.completion_tokens
+    with pytest.raises(openai.NotFoundError):
+        await client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    await client.close()
+    await asyncio.sleep(0.3)  # one scrape of the engines' load
+    after = await _samples(server.url)
+
+    def delta(name: str, **labels: str) -> float:
+        return _total(after, name, **labels) - _total(before, name, **labels)
+
+    route = "/v1/completions"
+    assert delta("pdgate_requests_total", route=route, model=MODEL, status="200") == 3
+    assert delta("pdgate_requests_total", route=route, model="", status="404") == 1
+    assert delta("pdgate_e2e_request_latency_seconds_count", model=MODEL) == 3
+    assert delta("pdgate_prompt_tokens_total", model=MODEL) == prompt_tokens
+    assert delta("pdgate_generation_tokens_total", model=MODEL) == output_tokens
+    prefill_id = f"prefill-{pd_engines[0].url.rsplit(':', 1)[1]}"
+    assert delta("pdgate_prefix_cache_queried_tokens_total", instance=prefill_id) == prompt_tokens
+    assert delta("pdgate_plugin_duration_seconds_count", profile="prefill") >= 3 * 5
+    assert delta("pdgate_admission_decisions_total", model=MODEL, outcome="dispatch") == 3
+    for instance in (prefill_id, f"decode-{pd_engines[1].url.rsplit(':', 1)[1]}"):
+        assert _total(after, "pdgate_instance_circuit_state", instance=instance, state="closed") == 1
+        assert _total(after, "pdgate_instance_healthy", instance=instance) == 1
+        assert _total(after, "pdgate_instance_info", instance=instance) == 1
+        assert any(lab["instance"] == instance for lab, _ in after["pdgate_instance_running_requests"])
+        assert _total(after, "pdgate_instance_inflight_requests", instance=instance) == 0
+    assert _total(after, "pdgate_build_info") == 1
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/observability.md has a row per metric family the gateway exports."""
+    families = {m.name for m in GatewayMetrics().registry.collect()}
+    doc = (Path(__file__).parents[1] / "docs" / "observability.md").read_text()
+    missing = sorted(f for f in families if f"`{f}" not in doc)
+    assert not missing, f"undocumented metrics: {missing}"
+
+
+def test_json_logs_carry_request_and_trace_ids_and_no_text(tmp_path, pd_engines) -> None:
+    config = _config(tmp_path, pd_engines, tracing={"exporter": "console"})  # spans printed too: they must hold no text
+    proc = start_pdgate("serve", "--config", str(config), "--log-format", "json", "--access-log")
+    try:
+        client = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+        client.close()
+    finally:
+        proc.stop()
+    request_id = reply.headers["x-request-id"]
+    records = [json.loads(line) for line in proc.output if line.startswith('{"ts"')]
+    access = [r for r in records if r["logger"] == "pdgate.access"]
+    assert len(access) == 2, proc.log
+    served = next(r for r in access if r.get("request_id") == request_id)
+    assert served["status"] == 200 and served["model"] == MODEL and served["output_tokens"] == 4
+    assert served["route"] == "/v1/completions" and served["e2e_s"] > 0
+    assert len(served["trace_id"]) == 32 and served["trace_id"] in proc.log.replace(served["trace_id"], "", 1)  # its spans
+    refused = next(r for r in access if r is not served)
+    assert refused["status"] == 400 and refused["level"] == "info"
+    assert "Observability" not in proc.log  # neither logs nor spans carry the prompt
