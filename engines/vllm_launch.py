@@ -31,6 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engines.runtime import otlp_traces_url
 from engines.vllm_cpu.install import venv_python, vllm_home
 
 SITE_DIR = Path(__file__).resolve().parent / "vllm_cpu" / "site"
@@ -62,6 +63,8 @@ class VllmLaunchConfig(BaseModel):
     seed: int = Field(0, description="sampling seed")
     cpu_cores: str | None = Field(None, description="taskset core list for this engine, e.g. '1' or '0-3' (CPU)")
     max_num_seqs: int | None = Field(None, ge=1, description="maximum running requests")
+    otlp_traces_endpoint: str | None = Field(None, description="export vLLM's request spans (OTLP/HTTP protobuf, as the gateway's) "
+                                                                 "to this collector, e.g. http://127.0.0.1:4318")
     extra_args: str = Field("", description="more vLLM flags, shell-quoted, appended as is")
 
     @model_validator(mode="after")
@@ -116,6 +119,10 @@ def vllm_command(config: VllmLaunchConfig) -> tuple[list[str], dict[str, str]]:
         if config.kv_events_replay_endpoint:
             events["replay_endpoint"] = config.kv_events_replay_endpoint
         args += ["--kv-events-config", json.dumps(events)]
+    if config.otlp_traces_endpoint:
+        # vLLM defaults to gRPC; HTTP/protobuf is what the gateway speaks, so one collector port serves both
+        args += ["--otlp-traces-endpoint", otlp_traces_url(config.otlp_traces_endpoint)]
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
     args += shlex.split(config.extra_args)
     if cpu and config.cpu_cores:
         taskset = shutil.which("taskset")

@@ -26,7 +26,9 @@ from typing import Any
 import openai
 import pytest
 import pytest_asyncio
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
+from support.otlp import OtlpReceiver
 from support.procs import free_port
 
 from engines.vllm_cpu.install import is_installed, tiny_model_dir, vllm_home
@@ -100,7 +102,8 @@ class Fleet:
         return [self.prefill, self.decode, self.colocated]
 
 
-def start_engine(name: str, role: str, core: str, tmp: Path, *, kv_ports: tuple[int, int] | None = None) -> Engine:
+def start_engine(name: str, role: str, core: str, tmp: Path, *, kv_ports: tuple[int, int] | None = None,
+                 otlp: str | None = None) -> Engine:
     port = free_port()
     args = [sys.executable, "-m", "gateway.cli", "engine", "vllm", "--role", role, "--model", str(tiny_model_dir(HOME)),
             "--served-model-name", MODEL, "--port", str(port), "--cpu-cores", core, "--max-model-len", "1024",
@@ -110,9 +113,13 @@ def start_engine(name: str, role: str, core: str, tmp: Path, *, kv_ports: tuple[
     if kv_ports is not None:
         args += ["--kv-events-endpoint", f"tcp://127.0.0.1:{kv_ports[0]}",
                  "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{kv_ports[1]}"]
+    env = dict(os.environ)
+    if otlp is not None:
+        args += ["--otlp-traces-endpoint", otlp]
+        env["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # export spans within 0.2 s (default 5 s)
     log = tmp / f"{name}.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     return Engine(name, port, proc, log)
 
 
@@ -133,13 +140,20 @@ def wait_healthy(engines: list[Engine]) -> None:
         time.sleep(0.5)
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def collector() -> OtlpReceiver:
+    """An OTLP/HTTP receiver the PD engines export their request spans to."""
+    async with OtlpReceiver() as receiver:
+        yield receiver
+
+
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -> Fleet:
     _require_vllm()
     tmp = tmp_path_factory.mktemp("vllm")
     kv_ports = {"prefill": (free_port(), free_port()), "decode": (free_port(), free_port())}
-    fleet = Fleet(start_engine("prefill", "prefill", "0", tmp, kv_ports=kv_ports["prefill"]),
-                  start_engine("decode", "decode", "1", tmp, kv_ports=kv_ports["decode"]),
+    fleet = Fleet(start_engine("prefill", "prefill", "0", tmp, kv_ports=kv_ports["prefill"], otlp=collector.endpoint),
+                  start_engine("decode", "decode", "1", tmp, kv_ports=kv_ports["decode"], otlp=collector.endpoint),
                   start_engine("colocated", "both", "0", tmp), kv_ports)
     try:
         wait_healthy(fleet.engines)
@@ -300,6 +314,32 @@ async def test_client_disconnect_aborts_the_request_on_vllm(fleet: Fleet) -> Non
     assert fleet.decode.metric("vllm:kv_cache_usage_perc") == 0.0
     states = fleet.gateway.gateway.cluster.instances  # type: ignore[union-attr]
     assert all(s.inflight_requests == 0 for s in states.values())
+
+
+async def test_vllm_continues_the_gateway_trace(engines: Fleet, collector: OtlpReceiver) -> None:
+    """Each vLLM engine gets its leg's traceparent: its llm_request span is that leg's child."""
+    exporter = InMemorySpanExporter()
+    instances = [{"id": role, "url": engine.url, "kind": "vllm", "role": role, "model": MODEL, "block_size": BLOCK}
+                 for role, engine in (("prefill", engines.prefill), ("decode", engines.decode))]
+    server = GatewayServer(build_gateway(gateway_config(instances)), span_exporter=exporter)
+    await server.start()
+    try:
+        reply = await complete(server.url, prompt_text(8, 30), 6)
+    finally:
+        await server.stop()
+    assert reply.usage.completion_tokens == 6
+    spans = exporter.get_finished_spans()
+    legs = {s.name: s for s in spans if s.name in ("pdgate.prefill", "pdgate.decode")}
+    assert set(legs) == {"pdgate.prefill", "pdgate.decode"}
+    trace_id = format(legs["pdgate.decode"].context.trace_id, "032x")
+    received = await collector.wait_for(
+        lambda got: sum(s.name == "llm_request" and s.trace_id == trace_id for s in got) >= 2, timeout=30)
+    by_parent = {s.parent_span_id: s for s in received if s.name == "llm_request" and s.trace_id == trace_id}
+    prefill_span = by_parent[format(legs["pdgate.prefill"].context.span_id, "016x")]
+    decode_span = by_parent[format(legs["pdgate.decode"].context.span_id, "016x")]
+    assert prefill_span.attributes["gen_ai.usage.prompt_tokens"] == reply.usage.prompt_tokens
+    assert prefill_span.attributes["gen_ai.usage.completion_tokens"] == 1  # the prefill leg's one token
+    assert decode_span.attributes["gen_ai.usage.completion_tokens"] == 6
 
 
 async def test_killed_engine_is_marked_unhealthy_and_avoided(engines: Fleet) -> None:
