@@ -17,6 +17,12 @@ One simulated engine (``pdgate engine sim --role both``) is the backend of each 
   default scrape and health periods: /metrics every 1 s, /health every 2 s);
 * ``raw`` (only with ``--paths ...,raw``): :func:`serve_raw_relay`, a byte-level relay on raw
   uvloop Protocols, not a usable proxy: the floor of what a Python proxy can cost.
+* ``traced`` (only with ``--paths ...,traced``): the same gateway with OpenTelemetry tracing on,
+  every request sampled, its spans exported over OTLP/HTTP to :func:`serve_otlp_sink` (a process
+  that accepts and discards them). The gateway's CPU includes its exporter thread.
+* ``baseline`` (only with ``--baseline-tree DIR``): the gateway of another checkout (e.g. a
+  ``git worktree`` of an older commit) over the same engine: a same-run comparison across
+  versions, e.g. the cost of tracing code with tracing off.
 
 Measured from this aiohttp (uvloop) client process:
 
@@ -241,7 +247,38 @@ def serve_raw_relay(upstream: str) -> None:
     uvloop.run(main())
 
 
-HELPERS = {"minimal": ("--serve-minimal-proxy", serve_minimal_proxy), "raw": ("--serve-raw-relay", serve_raw_relay)}
+def serve_otlp_sink(_: str) -> None:
+    """An OTLP/HTTP trace receiver that accepts every export and keeps nothing (the ``traced`` path's collector)."""
+    import uvloop
+    from aiohttp import web
+
+    async def main() -> None:
+        received = {"exports": 0, "bytes": 0}
+
+        async def export(request: web.Request) -> web.Response:
+            received["exports"] += 1
+            received["bytes"] += len(await request.read())
+            return web.Response(body=b"", content_type="application/x-protobuf")
+
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/traces", export)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        print(f"otlp sink ready: http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print(f"otlp sink: {received['exports']} exports, {received['bytes']} bytes", flush=True)
+        await runner.cleanup()
+
+    uvloop.run(main())
+
+
+HELPERS = {"minimal": ("--serve-minimal-proxy", serve_minimal_proxy), "raw": ("--serve-raw-relay", serve_raw_relay),
+           "otlp-sink": ("--serve-otlp-sink", serve_otlp_sink)}
 
 
 def start_helper(name: str, upstream: str, timeout: float = 30.0) -> PdgateProcess:
@@ -629,6 +666,15 @@ def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, 
         print(f"  scaled to this run by (minimal proxy here / 36-line proxy there): Rust ~{RUST_NONSTREAM_US[0] * fn:.0f}-"
               f"{RUST_NONSTREAM_US[1] * fn:.0f} µs/req (x{fn:.2f}), ~{RUST_STREAM_US[0] * fb:.0f}-{RUST_STREAM_US[1] * fb:.0f} "
               f"µs/burst stream (x{fb:.2f})")
+    for other, question in (("traced", "tracing every request (OTLP export included)"),
+                            ("baseline", f"the baseline tree {args.baseline_tree}")):
+        if other in names and "gateway" in names:
+            cells = []
+            for k, (label, _) in KINDS.items():
+                a, b = proxy_us("gateway", k), proxy_us(other, k)
+                if a and b:
+                    cells.append(f"{label}: {b:.0f} vs {a:.0f} µs ({b / a:.3f}x, {b - a:+.0f} µs)")
+            print(f"\n{other} vs gateway, {question}: " + "; ".join(cells))
     gn, gb, gp = proxy_us("gateway", "nonstream"), proxy_us("gateway", "stream"), proxy_us("gateway", "paced")
     if gn is not None:
         print(f"\ntargets (absolute, vs REAL_ENGINES.md figures): non-stream < {TARGET_NONSTREAM_US:.0f} µs (~1.4x Rust): "
@@ -644,7 +690,7 @@ def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, 
 class Fleet:
     """One sim engine and the proxies in front of it; stops what it started."""
 
-    def __init__(self, time_scale: float, wanted: list[str], tmp: Path) -> None:
+    def __init__(self, time_scale: float, wanted: list[str], tmp: Path, baseline_tree: str | None = None) -> None:
         self.children: list[PdgateProcess] = []
         self.paths: list[ProxyPath] = []
         self.time_scale = time_scale
@@ -655,13 +701,22 @@ class Fleet:
                 if name in wanted:
                     helper = self._keep(start_helper(name, self.engine.url))
                     paths.append(ProxyPath(name, helper.url, helper.proc.pid))
+            # production defaults for the background work (scrape every 1 s, /health every 2 s)
+            config = write_config(tmp / f"gateway-{time_scale:g}.yaml", [instance_entry(self.engine, "both", "sim")],
+                                  scrape_interval_s=1.0,
+                                  health={"interval_s": 2.0, "timeout_s": 2.0, "failure_threshold": 3, "cooldown_s": 5.0})
+            no_tracing = {"OTEL_SDK_DISABLED": "true"}  # whatever this shell's OTEL_* say
             if "gateway" in wanted:
-                # production defaults for the background work (scrape every 1 s, /health every 2 s)
-                config = write_config(tmp / f"gateway-{time_scale:g}.yaml", [instance_entry(self.engine, "both", "sim")],
-                                      scrape_interval_s=1.0,
-                                      health={"interval_s": 2.0, "timeout_s": 2.0, "failure_threshold": 3, "cooldown_s": 5.0})
-                gateway = self._keep(start_gateway(config))
+                gateway = self._keep(start_gateway(config, env=no_tracing))
                 paths.append(ProxyPath("gateway", gateway.url, gateway.proc.pid))
+            if "baseline" in wanted and baseline_tree:
+                baseline = self._keep(start_gateway(config, env=no_tracing, cwd=baseline_tree))
+                paths.append(ProxyPath("baseline", baseline.url, baseline.proc.pid))
+            if "traced" in wanted:
+                sink = self._keep(start_helper("otlp-sink", ""))
+                traced = self._keep(start_gateway(config, env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+                                                               "OTEL_TRACES_SAMPLER": "always_on"}))
+                paths.append(ProxyPath("traced", traced.url, traced.proc.pid))
             self.paths = sorted((p for p in paths if p.name in wanted), key=lambda p: wanted.index(p.name))
         except BaseException:
             self.stop()
@@ -733,14 +788,14 @@ async def run(args: argparse.Namespace, wanted: list[str], tmp: Path) -> None:
     lat_foreign: list[float] = []
     if args.wait_quiet > 0:
         wait_quiet(args.wait_quiet)
-    fleet = Fleet(args.time_scale, wanted, tmp)
+    fleet = Fleet(args.time_scale, wanted, tmp, args.baseline_tree)
     try:
         await run_fleet(args, fleet, [("nonstream", args.requests), ("stream", args.streams)], True,
                         cpu, idle["burst"], lat, lat_foreign)
     finally:
         fleet.stop()
     if args.paced_time_scale > 0 and args.paced_streams > 0 and not args.skip_cpu:
-        fleet = Fleet(args.paced_time_scale, wanted, tmp)
+        fleet = Fleet(args.paced_time_scale, wanted, tmp, args.baseline_tree)
         try:
             await run_fleet(args, fleet, [("paced", args.paced_streams)], False, cpu, idle["paced"], lat, lat_foreign)
         finally:
@@ -764,7 +819,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--paced-time-scale", type=float, default=5.0,
                     help="time scale of the paced engine (0: skip the paced streams)")
     ap.add_argument("--paths", default="direct,minimal,gateway",
-                    help="comma-separated, from direct,minimal,gateway,raw (raw: the byte-level relay, the floor of a Python proxy)")
+                    help="comma-separated, from direct,minimal,gateway,raw,traced,baseline (raw: the byte-level relay, the floor "
+                         "of a Python proxy; traced: the gateway tracing every request to an OTLP sink; baseline: see --baseline-tree)")
+    ap.add_argument("--baseline-tree", metavar="DIR", help="a checkout (e.g. `git worktree add DIR COMMIT`) whose gateway "
+                    "is measured as path 'baseline'")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
@@ -778,8 +836,10 @@ def parse_args() -> argparse.Namespace:
                     help="start the burst engine and the proxies, print PIDs and URLs, wait for Ctrl-C")
     args = ap.parse_args()
     args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
-    if unknown := set(args.paths) - {"direct", "minimal", "gateway", "raw"}:
+    if unknown := set(args.paths) - {"direct", "minimal", "gateway", "raw", "traced", "baseline"}:
         ap.error(f"--paths: unknown {sorted(unknown)}")
+    if ("baseline" in args.paths) != bool(args.baseline_tree):
+        ap.error("path 'baseline' and --baseline-tree go together")
     if args.repeat < 1 or args.rounds < 1:
         ap.error("--repeat and --rounds must be >= 1")
     return args

@@ -44,8 +44,8 @@ def write_config(path: Path, instances: list[dict[str, Any]], **gateway: Any) ->
     return path
 
 
-def start_gateway(config: Path, *, env: dict[str, str] | None = None) -> PdgateProcess:
-    return start_pdgate("serve", "--config", str(config), env=env)
+def start_gateway(config: Path, *, env: dict[str, str] | None = None, cwd: str | None = None) -> PdgateProcess:
+    return start_pdgate("serve", "--config", str(config), env=env, cwd=cwd)
 
 
 def get_json(url: str) -> Any:
