@@ -37,7 +37,7 @@ from gateway.logs import ACCESS_LOGGER, request_fields
 from gateway.metrics import GatewayMetrics
 from gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
 from gateway.slo import APP_HEADER, SloResolver
-from gateway.tracing import NO_TRACE, LegTrace, RequestTrace, Tracing
+from gateway.tracing import NO_LEG, NO_TRACE, LegTrace, RequestTrace, Tracing
 from scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
 from scheduler.estimates import decode_context_of, tpot_estimate
 from scheduler.framework import Decision, Profile, run_profile
@@ -144,7 +144,8 @@ class Proxy:
             routed = self._validate(request.body, kind, request.headers.get("x-request-id"), headers=request.headers,
                                     arrival=self.cluster.clock())
             routed.trace = trace
-            trace.validated(_request_attributes(routed), routed.prompt_text)
+            if trace.enabled:
+                trace.validated(_request_attributes(routed), routed.prompt_text)
             await self._serve(routed, responder)
         except GatewayError as err:
             self._failed(routed, trace, route, err.status, err.code or err.err_type)
@@ -283,10 +284,11 @@ class Proxy:
                 plugin.on_sent(routed.info, decision.instance, decision.profile)
         self._predict(routed, placement, snapshot)
         routed.obs.attempts = attempt
-        routed.trace.scheduled(attempt, started, time.perf_counter(), placement.decisions, {
-            "pdgate.excluded": sorted(excluded), "pdgate.prefill.instance": routed.obs.prefill_id if routed.obs.split else None,
-            "pdgate.decode.instance": routed.obs.decode_id, "pdgate.prefix_hit_tokens": routed.obs.prefill_cached,
-            "pdgate.ttft_predicted_s": routed.obs.predicted.get("ttft_s")})
+        if routed.trace.enabled:
+            routed.trace.scheduled(attempt, started, time.perf_counter(), placement.decisions, {
+                "pdgate.excluded": sorted(excluded), "pdgate.prefill.instance": routed.obs.prefill_id if routed.obs.split else None,
+                "pdgate.decode.instance": routed.obs.decode_id, "pdgate.prefix_hit_tokens": routed.obs.prefill_cached,
+                "pdgate.ttft_predicted_s": routed.obs.predicted.get("ttft_s")})
         return placement
 
     def _predict(self, routed: Routed, placement: Placement, snapshot: ClusterSnapshot) -> None:
@@ -385,6 +387,8 @@ class Proxy:
 
     def _decode_leg(self, routed: Routed, placement: Placement, protocol: str | None) -> LegTrace:
         """The span of the leg that answers (with a KV-transfer child after a PD hand-off, when streamed)."""
+        if not routed.trace.enabled:
+            return NO_LEG
         obs, info = routed.obs, routed.info
         predicted = obs.predicted
         attributes = {"pdgate.decode.batch_at_send": obs.batch_at_send, "pdgate.tpot_predicted_s": predicted.get("tpot_s"),
@@ -400,6 +404,8 @@ class Proxy:
         return routed.trace.leg("decode", placement.decode, attributes, kv_transfer=kv)
 
     def _prefill_leg(self, routed: Routed, prefill: InstanceState) -> LegTrace:
+        if not routed.trace.enabled:
+            return NO_LEG
         obs, predicted = routed.obs, routed.obs.predicted
         return routed.trace.leg("prefill", prefill, {
             "gen_ai.usage.input_tokens": routed.info.prompt_tokens, "pdgate.prefix_hit_tokens": obs.prefill_cached,
@@ -620,7 +626,7 @@ class Proxy:
         obs, info, predicted = routed.obs, routed.info, routed.obs.predicted
         ttft, tpot = timing.get("ttft_s"), timing.get("tpot_s")
         met = info.slo.met(ttft, tpot) if ttft is not None else None
-        if routed.trace is not NO_TRACE:
+        if routed.trace.enabled:
             routed.trace.finish(obs.status, {
                 "gen_ai.usage.output_tokens": tokens, "pdgate.attempts": obs.attempts, "pdgate.queued_s": obs.queued_s,
                 "pdgate.ttft_s": ttft, "pdgate.tpot_s": tpot, "pdgate.e2e_s": timing.get("e2e_s"),

@@ -211,6 +211,25 @@ async def test_sampling_ratio_zero_records_nothing_but_still_propagates(tmp_path
     assert int(seen[0]["traceparent"].rsplit("-", 1)[1], 16) & 1 == 0  # not sampled, and says so downstream
 
 
+async def test_plugin_calls_as_events_when_plugin_spans_are_off(tmp_path, pd_engines) -> None:
+    exporter = InMemorySpanExporter()
+    config = GatewayConfig.load(_config(tmp_path, pd_engines, tracing={"plugin_spans": False}))
+    server = GatewayServer(build_gateway(config), span_exporter=exporter)
+    await server.start()
+    try:
+        client = _client(server.url)
+        await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        await client.close()
+    finally:
+        await server.stop()
+    spans = exporter.get_finished_spans()
+    assert not [s for s in spans if s.name.startswith("pdgate.plugin.")]
+    run = _one(spans, "pdgate.schedule.decode")
+    plugins = server.gateway.profiles["decode"].plugins
+    assert [e.name for e in run.events] == [f"pdgate.plugin.{p.name}" for p in plugins]
+    assert all(e.attributes["pdgate.duration_s"] >= 0 for e in run.events)
+
+
 def test_tracing_settings_follow_the_otel_environment() -> None:
     off = TracingConfig()
     assert resolve_settings(off, {}) is None  # nothing asked for: off, and no SDK work at all
