@@ -13,7 +13,7 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway import package_version
@@ -65,6 +65,29 @@ class LightHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
+class LightCounter(Collector):
+    """A counter for the request path, like :class:`LightHistogram`: ``inc`` is one dict update
+    (``prometheus_client.Counter`` takes a lock per increment); exported as ``<name>_total``."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        self._values[labels] = self._values.get(labels, 0.0) + amount
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in self._values.items():
+            family.add_metric(list(labels), value)
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
 class GatewayMetrics:
     """Every metric of one gateway; names and labels are documented in docs/observability.md."""
 
@@ -77,8 +100,8 @@ class GatewayMetrics:
                                 ["route", "model", "status"], registry=r)
         self.retries = Counter("pdgate_retries", "Requests retried on another instance before their first byte.",
                                ["model"], registry=r)
-        self.prompt_tokens = Counter("pdgate_prompt_tokens", "Prompt tokens of the requests served.", ["model"], registry=r)
-        self.generation_tokens = Counter("pdgate_generation_tokens", "Output tokens of the requests served.", ["model"], registry=r)
+        self.prompt_tokens = LightCounter("pdgate_prompt_tokens", "Prompt tokens of the requests served.", ("model",))
+        self.generation_tokens = LightCounter("pdgate_generation_tokens", "Output tokens of the requests served.", ("model",))
         self.ttft = LightHistogram("pdgate_time_to_first_token_seconds",
                                    "Time to first token seen by the gateway (arrival to first chunk; streamed requests).",
                                    ("model", "slo_class"), LATENCY_BUCKETS)
@@ -100,10 +123,10 @@ class GatewayMetrics:
         # ---- scheduling
         self.plugin_seconds = LightHistogram("pdgate_plugin_duration_seconds", "Latency of one scheduling plugin call.",
                                              ("profile", "plugin"), (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2))
-        self.prefix_queries = Counter("pdgate_prefix_cache_queried_tokens", "Prompt tokens placed on an instance "
-                                      "(the first leg's), by instance.", ["instance"], registry=r)
-        self.prefix_hits = Counter("pdgate_prefix_cache_hit_tokens", "Of those, tokens the prefix index expected the instance "
-                                   "to hold in its KV cache.", ["instance"], registry=r)
+        self.prefix_queries = LightCounter("pdgate_prefix_cache_queried_tokens", "Prompt tokens placed on an instance "
+                                           "(the first leg's), by instance.", ("instance",))
+        self.prefix_hits = LightCounter("pdgate_prefix_cache_hit_tokens", "Of those, tokens the prefix index expected the "
+                                        "instance to hold in its KV cache.", ("instance",))
         self.prediction_ratio = LightHistogram(
             "pdgate_prediction_ratio", "Actual / predicted, per quantity (prefill_s, handoff_s, ttft_s, tpot_s, output_tokens) and instance.",
             ("quantity", "instance"), RATIO_BUCKETS)
@@ -112,8 +135,9 @@ class GatewayMetrics:
                                             ["quantity", "instance"], registry=r)
         self.cost_model_refits = Gauge("pdgate_cost_model_refits", "Cost-model refits done (and failed) since start.",
                                        ["result"], registry=r)
-        for histogram in (self.ttft, self.tpot, self.e2e, self.queue_wait, self.plugin_seconds, self.prediction_ratio):
-            r.register(histogram)
+        for light in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits,
+                      self.ttft, self.tpot, self.e2e, self.queue_wait, self.plugin_seconds, self.prediction_ratio):
+            r.register(light)
         # ---- instances
         self.instance_info = Gauge("pdgate_instance_info", "1 per configured instance, with its role, engine kind, model and URL.",
                                    ["instance", "role", "kind", "model", "url"], registry=r)
@@ -153,9 +177,10 @@ class GatewayMetrics:
         self.plugin_seconds.observe((profile, plugin), seconds)
 
     def observe_prefix(self, instance: str, prompt_tokens: int, hit_tokens: int) -> None:
-        self._child(self.prefix_queries, instance).inc(prompt_tokens)
+        key = (instance,)
+        self.prefix_queries.inc(key, prompt_tokens)
         if hit_tokens:
-            self._child(self.prefix_hits, instance).inc(hit_tokens)
+            self.prefix_hits.inc(key, hit_tokens)
 
     def observe_failure(self, instance: str) -> None:
         self._child(self.upstream_failures, instance).inc()
@@ -169,9 +194,9 @@ class GatewayMetrics:
         """A completed request: its latencies, tokens, SLO attainment and each prediction against the actual."""
         labels = (info.model, info.slo.slo_class)
         ttft, tpot, e2e = timing.get("ttft_s"), timing.get("tpot_s"), timing.get("e2e_s")
-        self._child(self.prompt_tokens, info.model).inc(info.prompt_tokens)
+        self.prompt_tokens.inc((info.model,), info.prompt_tokens)
         if tokens:
-            self._child(self.generation_tokens, info.model).inc(tokens)
+            self.generation_tokens.inc((info.model,), tokens)
         if e2e is not None:
             self.e2e.observe(labels, e2e)
         if ttft is not None:

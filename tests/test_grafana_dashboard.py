@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from gateway.metrics import GatewayMetrics, LightHistogram
+from gateway.metrics import GatewayMetrics, LightCounter, LightHistogram
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "configs" / "grafana" / "pdgate-dashboard.json"
 
@@ -38,7 +38,7 @@ def exported_samples() -> dict[str, set[str]]:
     for obj in vars(metrics).values():
         if isinstance(obj, MetricWrapperBase):
             declared[obj._name] = set(obj._labelnames)
-        elif isinstance(obj, LightHistogram):
+        elif isinstance(obj, LightHistogram | LightCounter):
             declared[obj.name] = set(obj.labelnames)
     samples: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
