@@ -230,6 +230,46 @@ async def test_plugin_calls_as_events_when_plugin_spans_are_off(tmp_path, pd_eng
     assert all(e.attributes["pdgate.duration_s"] >= 0 for e in run.events)
 
 
+async def test_a_retry_shows_the_failed_leg_and_counts(tmp_path, sim_factory) -> None:
+    """An engine dies: the leg that hit it ends in ERROR, the request retries elsewhere and says so."""
+    engines = [sim_factory(*engine_flags("both")) for _ in range(2)]
+    entries = [instance_entry(e, "both", "sim") for e in engines]
+    # no active health checks: the failure is found on the request path
+    config = GatewayConfig.load(write_config(tmp_path / "two.yaml", entries, health={"interval_s": 60, "failure_threshold": 1}))
+    exporter = InMemorySpanExporter()
+    server = GatewayServer(build_gateway(config), span_exporter=exporter)
+    await server.start()
+    try:
+        engines[0].kill()
+        dead = entries[0]["id"]
+        client = _client(server.url)
+        for n in range(8):
+            reply = await client.completions.create(model=MODEL, prompt=f"{n} {PROMPT}", max_tokens=2)
+            assert reply.usage.completion_tokens == 2
+            if any(e.name == "pdgate.retry" for s in exporter.get_finished_spans() for e in s.events):
+                break
+        await client.close()
+        metrics = await _samples(server.url)
+    finally:
+        await server.stop()
+    spans = exporter.get_finished_spans()
+    root = next(s for s in spans if s.name == "pdgate.request" and any(e.name == "pdgate.retry" for e in s.events))
+    event = next(e for e in root.events if e.name == "pdgate.retry")
+    assert event.attributes["pdgate.instance"] == dead and event.attributes["pdgate.attempt"] == 2
+    mine = [s for s in spans if s.context.trace_id == root.context.trace_id]
+    legs = sorted((s for s in mine if s.name == "pdgate.generate"), key=lambda s: s.start_time)
+    assert [leg.attributes["pdgate.instance"] for leg in legs] == [dead, entries[1]["id"]]
+    assert legs[0].status.status_code == StatusCode.ERROR and "connection" in legs[0].status.description
+    assert legs[1].status.status_code != StatusCode.ERROR
+    schedules = sorted((s for s in mine if s.name == "pdgate.schedule"), key=lambda s: s.start_time)
+    assert [s.attributes["pdgate.attempt"] for s in schedules] == [1, 2]
+    assert list(schedules[1].attributes["pdgate.excluded"]) == [dead]
+    assert root.attributes["pdgate.attempts"] == 2 and root.attributes["http.response.status_code"] == 200
+    assert _total(metrics, "pdgate_retries_total", model=MODEL) == 1
+    assert _total(metrics, "pdgate_upstream_failures_total", instance=dead) == 1
+    assert _total(metrics, "pdgate_instance_circuit_state", instance=dead, state="open") == 1
+
+
 def test_tracing_settings_follow_the_otel_environment() -> None:
     off = TracingConfig()
     assert resolve_settings(off, {}) is None  # nothing asked for: off, and no SDK work at all
