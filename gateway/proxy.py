@@ -50,6 +50,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's convention)
 ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
+_USAGE_KEY = b'"completion_tokens"'
 _USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
@@ -82,7 +83,7 @@ class Observation:
     first_token: float | None = None
     last_token: float | None = None
     events: int = 0
-    last_chunk: bytes = b""  # the answer's last piece: where the usage (output tokens) is, if any
+    usage_chunk: bytes = b""  # the piece of the answer that carried the usage (output tokens), if any
     batch_at_end: int = 0
     context_at_end: int = 0
     saw_done: bool = False  # the stream's [DONE] went out (a client may hang up right after it)
@@ -531,7 +532,7 @@ class Proxy:
         if not routed.stream:
             data = await self._racing_prefill(self._read_all(decode, upstream), prefill_task)
             obs.last_token = clock()
-            obs.last_chunk = data
+            obs.usage_chunk = data
             responder.send(upstream.status, data, content_type=upstream.headers.get("content-type", "application/json"),
                            headers=headers)
             self._answered(routed, upstream.status)
@@ -544,7 +545,8 @@ class Proxy:
         if leg is not None:
             leg.first_token()
         obs.events = first.count(b"data: ")
-        obs.last_chunk = first
+        if _USAGE_KEY in first:
+            obs.usage_chunk = first
         if lease is not None and not obs.split:
             lease.prefill_done()  # colocated: the prompt is computed, the rest is decoding
         responder.start(upstream.status, content_type="text/event-stream",
@@ -555,7 +557,8 @@ class Proxy:
         def sink(data: bytes) -> None:
             obs.events += data.count(b"data: ")
             obs.last_token = clock()
-            obs.last_chunk = data
+            if _USAGE_KEY in data:  # the usage chunk and [DONE] may arrive in separate reads
+                obs.usage_chunk = data
             if b"data: [DONE]" in data:
                 obs.saw_done = True
                 obs.batch_at_end, obs.context_at_end = decode.decode_inflight, decode.decode_context_tokens
@@ -584,8 +587,8 @@ class Proxy:
         """Record predicted vs actual (metrics) and hand the request's record to the cost model."""
         obs = routed.obs
         info = routed.info
-        usage = _USAGE_TOKENS.search(obs.last_chunk)
-        tokens = int(usage.group(1)) if usage is not None else None
+        counts = _USAGE_TOKENS.findall(obs.usage_chunk)  # the last one: continuous usage stats grow per event
+        tokens = int(counts[-1]) if counts else None
         if tokens is None and routed.stream:
             # one SSE event per token, less [DONE], a chat stream's role-only first event
             tokens = max(0, obs.events - 1 - (1 if routed.kind == "chat" else 0))
