@@ -80,6 +80,7 @@ from typing import Self
 
 import aiohttp
 import numpy as np
+from aiohttp import web
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for extra in (REPO_ROOT, REPO_ROOT / "tests"):
@@ -117,10 +118,24 @@ STARTED: list[PdgateProcess] = []  # every child process, stopped again in main(
 
 
 # ------------------------------------------------------------------ the minimal reverse proxy
+async def serve_app_until_signalled(app: web.Application, label: str) -> None:
+    """Serve ``app`` on a free loopback port, print ``LABEL ready: URL``, run until SIGINT/SIGTERM."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    print(f"{label} ready: http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def serve_minimal_proxy(upstream: str) -> None:
     """A minimal aiohttp+uvloop reverse proxy: POST body in, response bytes out, streamed as they come."""
     import uvloop
-    from aiohttp import web
 
     async def main() -> None:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
@@ -141,17 +156,10 @@ def serve_minimal_proxy(upstream: str) -> None:
 
         app = web.Application()
         app.router.add_post("/{tail:.*}", forward)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        print(f"minimal proxy ready: http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await runner.cleanup()
-        await session.close()
+        try:
+            await serve_app_until_signalled(app, "minimal proxy")
+        finally:
+            await session.close()
 
     uvloop.run(main())
 
@@ -250,7 +258,6 @@ def serve_raw_relay(upstream: str) -> None:
 def serve_otlp_sink(_: str) -> None:
     """An OTLP/HTTP trace receiver that accepts every export and keeps nothing (the ``traced`` path's collector)."""
     import uvloop
-    from aiohttp import web
 
     async def main() -> None:
         received = {"exports": 0, "bytes": 0}
@@ -262,17 +269,8 @@ def serve_otlp_sink(_: str) -> None:
 
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/traces", export)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        print(f"otlp sink ready: http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await serve_app_until_signalled(app, "otlp sink")
         print(f"otlp sink: {received['exports']} exports, {received['bytes']} bytes", flush=True)
-        await runner.cleanup()
 
     uvloop.run(main())
 
