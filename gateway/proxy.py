@@ -246,7 +246,7 @@ class Proxy:
         if header_id is not None and not _valid_request_id(header_id):
             raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
         request_id = header_id or next(self._ids)
-        path = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
+        path = ROUTES[kind]
         slo = self.slo.resolve(headers, path)
         states = self.cluster.for_model(model.name)
         hashes = PromptHashes.of(prompt_ids, (s.spec.block_size for s in states))
