@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import aiohttp
 
-from adapters.base import Capabilities, EngineAdapter, HandoffError, InstanceSpec
+from adapters.base import (
+    Capabilities,
+    EngineAdapter,
+    HandoffError,
+    InstanceSpec,
+    LiveMigration,
+    MigrationError,
+)
 from adapters.sglang import SglangAdapter
 from adapters.sim import SimSglangAdapter, SimVllmAdapter
 from adapters.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from adapters.vllm import VllmAdapter
 
-__all__ = ["ADAPTERS", "Capabilities", "EngineAdapter", "HandoffError", "InstanceSpec", "UpstreamError",
+__all__ = ["ADAPTERS", "Capabilities", "EngineAdapter", "HandoffError", "InstanceSpec", "LiveMigration", "MigrationError", "UpstreamError",
            "UpstreamPool", "UpstreamResponse", "make_adapter"]
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {

@@ -66,6 +66,25 @@ class HandoffError(Exception):
     """The prefill leg did not produce what the decode leg needs."""
 
 
+class MigrationError(Exception):
+    """A live migration did not happen; the request goes on where it was."""
+
+
+@dataclass(frozen=True)
+class LiveMigration:
+    """A request an engine stopped after copying its KV to another instance (Llumnix-style).
+
+    ``output_token_ids``: every token the source produced (and wrote to the request's stream)
+    before it stopped; ``handoff``: the fields the target's continuation body carries to pick the
+    copied KV up; ``downtime_s``: the engine's stop-and-copy time (engine seconds).
+    """
+
+    output_token_ids: list[int]
+    handoff: dict[str, Any]
+    downtime_s: float
+    stages: int
+
+
 class EngineAdapter(ABC):
     """Base adapter for OpenAI-compatible engines over HTTP."""
 
@@ -115,6 +134,13 @@ class EngineAdapter(ABC):
 
     def concurrent_fields(self, prefill: EngineAdapter) -> dict[str, Any]:
         raise HandoffError(f"{self.spec.kind} has no concurrent PD hand-off")
+
+    # ------------------------------------------------------------- migration
+    async def live_migrate(self, request_id: str, target: EngineAdapter, *, timeout_s: float) -> LiveMigration:
+        """Move the running request ``request_id`` to ``target`` while it decodes (only engines
+        whose capabilities say ``live_migration``). Raises :class:`MigrationError` when the
+        request stays on this instance."""
+        raise MigrationError(f"{self.spec.kind} has no live migration")
 
     # ------------------------------------------------------------ monitoring
     async def scrape_load(self, now: float, timeout: float = 2.0) -> EngineLoad:

@@ -1,19 +1,49 @@
-"""The embedded simulated engine: vLLM's or SGLang's protocol, plus simulator capabilities."""
+"""The embedded simulated engine: vLLM's or SGLang's protocol, plus simulator capabilities.
+
+Live migration (``POST /sim/migrate`` on the source, see docs/sim-engine.md): the source copies
+the request's KV to the target in stages while it keeps decoding, stops it for a last short
+copy, ends its stream, and returns the ``kv_transfer_params`` that the target's continuation
+carries to take the KV.
+"""
 
 from __future__ import annotations
 
-from adapters.base import Capabilities
+import aiohttp
+
+from adapters.base import Capabilities, EngineAdapter, LiveMigration, MigrationError
 from adapters.sglang import SglangAdapter
 from adapters.vllm import VllmAdapter
 
 
-class SimVllmAdapter(VllmAdapter):
+class SimLiveMigration(EngineAdapter):
+    """The simulator's live migration API (a real engine with the same API could reuse it)."""
+
+    async def live_migrate(self, request_id: str, target: EngineAdapter, *, timeout_s: float) -> LiveMigration:
+        host, port, _ = target.origin
+        body = {"request_id": request_id, "target": {"host": host, "port": port}}
+        try:
+            async with self.session.post(self.spec.url + "/sim/migrate", json=body, headers=self.headers(request_id),
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                data = await resp.json(content_type=None)
+                if resp.status != 200:
+                    message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+                    raise MigrationError(f"HTTP {resp.status}: {message or data}")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise MigrationError(f"live migration call failed: {exc!r}") from None
+        try:
+            return LiveMigration(list(data["output_token_ids"]), {"kv_transfer_params": data["kv_transfer_params"]},
+                                 float(data.get("downtime_s", 0.0)), len(data.get("stages") or ()))
+        except (KeyError, TypeError) as exc:
+            raise MigrationError(f"malformed /sim/migrate answer: {exc!r}") from None
+
+
+class SimVllmAdapter(SimLiveMigration, VllmAdapter):
     """The embedded simulated engine speaking vLLM's API."""
 
     capabilities = Capabilities(pd_protocol="sequential", metrics_flavour="vllm", kv_events=True, live_migration=True)
 
 
-class SimSglangAdapter(SglangAdapter):
+class SimSglangAdapter(SimLiveMigration, SglangAdapter):
     """The embedded simulated engine speaking SGLang's API."""
 
     capabilities = Capabilities(pd_protocol="concurrent", metrics_flavour="sglang", live_migration=True)

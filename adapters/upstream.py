@@ -172,6 +172,12 @@ class UpstreamResponse:
         if self._conn is not None and self._conn.transport is not None and not self._conn.transport.is_closing():
             self._conn.transport.resume_reading()
 
+    def abort(self, reason: str) -> None:
+        """Fail whoever waits on this response with ``reason`` and close its connection (which
+        aborts the request on the engine)."""
+        self._on_error(UpstreamError(reason))
+        self.close()
+
     def close(self) -> None:
         """Release the connection: back to the pool if the response was read to its end and the
         engine keeps it alive; closed otherwise (which aborts an unfinished request)."""

@@ -20,16 +20,18 @@ if TYPE_CHECKING:
 
 from adapters import UpstreamPool
 from engines.sim.tokenizer import Tokenizer, load_tokenizer
+from gateway.admin import AdminApi
 from gateway.admission import AdmissionController
 from gateway.cluster import Cluster
 from gateway.config import DEFAULT_SCHEDULING, GatewayConfig
 from gateway.costs import CostModelService
 from gateway.http1 import HttpRequest, HttpServer, Responder
 from gateway.metrics import GatewayMetrics
+from gateway.migration import MigrationController
 from gateway.proxy import Proxy
 from gateway.requests import GatewayError
 from gateway.tracing import Tracing, resolve_settings
-from scheduler.framework import Admitter, Profile
+from scheduler.framework import Admitter, MigrationPolicy, Profile
 from scheduler.registry import PluginRegistry
 
 log = logging.getLogger("pdgate.gateway")
@@ -49,6 +51,8 @@ class Gateway:
     tokenizers: dict[str, Tokenizer]
     metrics: GatewayMetrics
     admitter: Admitter | None = None
+    migration_policy: MigrationPolicy | None = None
+    migrations: MigrationController | None = None
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
     cluster: Cluster | None = None
@@ -70,16 +74,18 @@ def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None)
     tokenizers = {m.name: load_tokenizer(m.tokenizer) for m in config.models}
     admitter = registry.create_admitter(config.admission.admitter, config.admission.parameters)
     resolve_settings(config.tracing)  # a tracing setup that cannot work fails here (TracingSetupError)
-    return Gateway(config, profiles, tokenizers, GatewayMetrics(), admitter)
+    policy = registry.create_migration_policy(config.migration.policy, config.migration.parameters)
+    return Gateway(config, profiles, tokenizers, GatewayMetrics(), admitter, policy)
 
 
 class GatewayApp:
     """Routes a parsed request to its handler, after the API-key check on ``/v1/``."""
 
-    def __init__(self, gateway: Gateway, cluster: Cluster, proxy: Proxy) -> None:
+    def __init__(self, gateway: Gateway, cluster: Cluster, proxy: Proxy, admin: AdminApi | None = None) -> None:
         self.gw = gateway
         self.cluster = cluster
         self.proxy = proxy
+        self.admin = admin
         self._keys = [k.encode() for k in gateway.config.client_api_keys()]
         self.routes: dict[str, dict[str, Route]] = {
             "/v1/completions": {"POST": self.completions},
@@ -94,6 +100,9 @@ class GatewayApp:
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
         try:
             methods = self.routes.get(request.path)
+            if methods is None and self.admin is not None and request.path.startswith("/admin/"):
+                await self.admin(request, responder)
+                return
             if methods is None:
                 raise GatewayError(404, f"no route {request.method} {request.path}")
             handler = methods.get(request.method)
@@ -181,14 +190,18 @@ class GatewayServer:
         gw.admission = AdmissionController(gw.config.admission, gw.admitter, on_outcome=gw.metrics.observe_admission)
         gw.cluster.on_release = gw.admission.wake
         gw.tracing = Tracing.from_config(gw.config.tracing, exporter=self.span_exporter)
+        assert gw.migration_policy is not None
+        gw.migrations = MigrationController(gw.config.migration, gw.cluster, gw.migration_policy, gw.metrics)
         gw.proxy = Proxy(gw.config, gw.cluster, gw.profiles, gw.tokenizers, gw.metrics, admission=gw.admission, costs=gw.costs,
-                         tracing=gw.tracing)
+                         tracing=gw.tracing, migrations=gw.migrations)
         gw.started_at = time.time()
         try:
             await gw.costs.start()
             gw.admission.start()
             await gw.cluster.start()
-            self._http = HttpServer(GatewayApp(gw, gw.cluster, gw.proxy), max_body_bytes=gw.config.max_body_bytes)
+            gw.migrations.start()
+            admin = AdminApi(gw.config, gw.cluster, gw.migrations)
+            self._http = HttpServer(GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes)
             await self._http.start(gw.config.host, gw.config.port)
         except BaseException:
             await self.stop()
@@ -200,6 +213,8 @@ class GatewayServer:
         if self._http is not None:
             await self._http.close(SHUTDOWN_GRACE_S)
             self._http = None
+        if gw.migrations is not None:
+            await gw.migrations.close()
         if gw.admission is not None:
             await gw.admission.close()
         if gw.costs is not None:

@@ -88,6 +88,7 @@ class InstanceState:
     inflight_prefill_tokens: int = 0
     inflight_decode_tokens: int = 0
     draining: bool = False
+    live_streams: int = 0  # streamed answers relayed from here that the gateway can move
     last_error: str | None = None
     cost_group: str = ""
     prefill_work: dict[int, tuple[float, float]] = field(default_factory=dict)  # lease -> (sent at, predicted s)

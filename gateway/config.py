@@ -199,6 +199,30 @@ class TracingConfig(Strict):
         return value
 
 
+class MigrationConfig(Strict):
+    """Moving running requests between instances (Llumnix-style), draining, and mid-stream failover."""
+
+    enabled: bool = Field(True, description="run the migration controller (policy rounds and drains); off: requests never move "
+                                            "except by failover")
+    policy: str = Field("load-balance", description="migration policy plugin type")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the policy's parameters")
+    interval_s: float = Field(0.5, gt=0, description="how often the policy looks at the decode instances")
+    mechanism: Literal["auto", "live", "pd", "recompute"] = Field(
+        "auto", description="auto: live where both engines can, else through the PD hand-off (a model with prefill instances), "
+                            "else recompute on the target")
+    max_concurrent: int = Field(4, ge=1, description="moves in flight at once")
+    timeout_s: float = Field(30.0, gt=0, description="a move not done by then is abandoned (the request stays where it was)")
+    failover: bool = Field(True, description="continue a stream on another instance when its engine fails mid-way")
+    max_failovers: int = Field(2, ge=0, description="failovers per request")
+    stall_timeout_s: float = Field(30.0, ge=0, description="a stream with no data for this long counts as failed (0: never)")
+
+
+class AdminConfig(Strict):
+    api_key: str | None = Field(None, description="required as a bearer token on /admin (also PDGATE_ADMIN_KEY); without one, "
+                                                  "/admin answers loopback clients only")
+    drain_wait_s: float = Field(60.0, gt=0, description="the longest a drain call with ?wait=true waits for the instance to empty")
+
+
 class LoggingConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = Field("text", description="json: one object per line, with request_id and trace_id")
@@ -225,6 +249,8 @@ class GatewayConfig(Strict):
     cost_model: CostModelConfig = Field(default_factory=CostModelConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewayConfig:
@@ -241,6 +267,9 @@ class GatewayConfig(Strict):
             if "both" not in roles and not {"prefill", "decode"} <= roles:
                 raise ValueError(f"model {name!r} needs a 'both' instance or at least one prefill and one decode instance")
         return self
+
+    def admin_api_key(self) -> str | None:
+        return self.admin.api_key or os.environ.get("PDGATE_ADMIN_KEY") or None
 
     def client_api_keys(self) -> list[str]:
         env = [k.strip() for k in os.environ.get("PDGATE_API_KEYS", "").split(",") if k.strip()]

@@ -77,6 +77,12 @@ class Responder:
         self.status = 0
 
     @property
+    def peer_host(self) -> str | None:
+        """The client's address (None when unknown)."""
+        peer = self._transport.get_extra_info("peername") if self._transport is not None else None
+        return peer[0] if isinstance(peer, tuple) and peer else None
+
+    @property
     def client_gone(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 

@@ -10,6 +10,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     Info,
     generate_latest,
 )
@@ -160,6 +161,15 @@ class GatewayMetrics:
         self.draining = Gauge("pdgate_instance_draining", "1 while the instance is being drained.", ["instance"], registry=r)
         self.upstream_failures = Counter("pdgate_upstream_failures", "Engine calls that failed (connection, 5xx, broken reply).",
                                          ["instance"], registry=r)
+        # ---- migration
+        self.migrations = Counter("pdgate_migrations", "Running requests moved to another instance (or attempts that "
+                                  "failed, leaving the request where it was), by reason, mechanism and outcome.",
+                                  ["model", "reason", "mechanism", "outcome"], registry=r)
+        self.migration_gap = Histogram("pdgate_migration_downtime_seconds", "Client-visible gap of a moved stream: its "
+                                       "last token before the move to its first after it.", ["reason", "mechanism"],
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=r)
+        self.migrating = Gauge("pdgate_instance_streams", "Streamed answers the gateway is relaying from an instance "
+                               "(the ones it can move).", ["instance"], registry=r)
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *values: str):
@@ -181,6 +191,12 @@ class GatewayMetrics:
         self.prefix_queries.inc(key, prompt_tokens)
         if hit_tokens:
             self.prefix_hits.inc(key, hit_tokens)
+
+    def observe_migration(self, model: str, reason: str, mechanism: str, outcome: str) -> None:
+        self._child(self.migrations, model, reason, mechanism, outcome).inc()
+
+    def observe_migration_gap(self, reason: str, mechanism: str, seconds: float) -> None:
+        self._child(self.migration_gap, reason, mechanism).observe(seconds)
 
     def observe_failure(self, instance: str) -> None:
         self._child(self.upstream_failures, instance).inc()
@@ -237,6 +253,7 @@ class GatewayMetrics:
             for circuit_state in CIRCUIT_STATES:
                 self.circuit.labels(instance_id, circuit_state).set(1 if state.breaker.state == circuit_state else 0)
             self.draining.labels(instance=instance_id).set(1 if state.draining else 0)
+            self.migrating.labels(instance=instance_id).set(state.live_streams)
             load = state.load
             if load is not None and now - load.scraped_at <= stale:
                 self.engine_running.labels(instance=instance_id).set(load.running)

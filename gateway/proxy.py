@@ -16,6 +16,7 @@ its spans are opened and closed here, and each engine call carries its leg's ``t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -26,17 +27,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters import HandoffError, UpstreamError, UpstreamResponse
+from adapters import HandoffError, MigrationError, UpstreamError, UpstreamResponse
 from engines.sim.tokenizer import Tokenizer
 from gateway.admission import AdmissionController
 from gateway.cluster import Cluster, InstanceState, Lease, PromptHashes
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.costs import CostModelService
 from gateway.http1 import HttpRequest, Responder
+from gateway.livestream import Handover, LiveStream, MidStreamFailure
 from gateway.logs import ACCESS_LOGGER, request_fields
 from gateway.metrics import GatewayMetrics
+from gateway.migration import MigrationController
 from gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
 from gateway.slo import APP_HEADER, SloResolver
+from gateway.splice import (
+    StreamTrail,
+    continuation_body,
+    pinned_reason,
+    wants_token_ids,
+)
 from gateway.tracing import NO_LEG, NO_TRACE, LegTrace, RequestTrace, Tracing
 from scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
 from scheduler.estimates import decode_context_of, tpot_estimate
@@ -87,6 +96,8 @@ class Observation:
     batch_at_end: int = 0
     context_at_end: int = 0
     saw_done: bool = False  # the stream's [DONE] went out (a client may hang up right after it)
+    moves: int = 0  # times the stream moved to another instance (migration, failover)
+    output_tokens: int | None = None  # counted from the token ids the client got (streams that can move)
     status: int = 0  # the HTTP status the client got
     error: str | None = None  # why the answer failed after it started (mid-stream)
     attempts: int = 1
@@ -107,6 +118,29 @@ class Routed:
     prompt_text: str | None = None  # for the request log and span only when configured (never otherwise)
     obs: Observation = field(default_factory=Observation)
     trace: RequestTrace = NO_TRACE
+    movable: bool = False  # a stream that can continue on another instance (migration, failover)
+    want_ids: bool = False  # the client asked for token ids itself
+
+
+@dataclass(eq=False)
+class Opened:
+    """The legs of one answer in flight; :meth:`close` aborts what is unfinished and releases the leases."""
+
+    decode: InstanceState
+    upstream: UpstreamResponse | None = None
+    prefill_task: asyncio.Task[UpstreamFailed | None] | None = None
+    leases: list[Lease] = field(default_factory=list)
+    decode_lease: Lease | None = None
+    leg: LegTrace = NO_LEG
+
+    async def close(self) -> None:
+        if self.prefill_task is not None and not self.prefill_task.done():
+            self.prefill_task.cancel()
+            await asyncio.gather(self.prefill_task, return_exceptions=True)
+        if self.upstream is not None:
+            self.upstream.close()  # unless read to its end, this aborts the request on the engine
+        for lease in self.leases:
+            lease.release()
 
 
 @dataclass
@@ -122,7 +156,7 @@ class Proxy:
     def __init__(self, config: GatewayConfig, cluster: Cluster, profiles: dict[str, Profile],
                  tokenizers: dict[str, Tokenizer], metrics: GatewayMetrics, *,
                  admission: AdmissionController | None = None, costs: CostModelService | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, migrations: MigrationController | None = None) -> None:
         self.config = config
         self.cluster = cluster
         self.profiles = profiles
@@ -133,6 +167,9 @@ class Proxy:
         self.costs = costs
         self.tracing = tracing
         self.slo = SloResolver(config.slo)
+        self.migrations = migrations
+        if migrations is not None:
+            migrations.mover = self.move
         prefix = uuid.uuid4().hex[:12]
         self._ids = (f"pdgate-{prefix}-{n}" for n in itertools.count())  # unique per gateway process
 
@@ -261,9 +298,16 @@ class Proxy:
             block_hashes=tuple(first_chain), priority=slo.priority, tags={"app": tag} if tag else {}, slo=slo,
             output=output, arrival=arrival,
         )
+        movable = False
+        want_ids = wants_token_ids(body)
+        migration = self.config.migration
+        if parsed.stream and (migration.failover or migration.enabled) and pinned_reason(body, parsed.stream) is None:
+            movable = True
+            body["return_token_ids"] = True  # the ids the client got are where a continuation starts
         keep = self.config.cost_model.log_prompt_text or (self.tracing is not None and self.tracing.settings.record_prompt_text)
         keep_text = text if keep else None
-        return Routed(kind, path, body, info, prompt_ids, hashes, parsed.stream, features, keep_text)
+        return Routed(kind, path, body, info, prompt_ids, hashes, parsed.stream, features, keep_text,
+                      movable=movable, want_ids=want_ids)
 
     # ----------------------------------------------------------- placement
     def _place(self, routed: Routed, excluded: set[str], snapshot: ClusterSnapshot | None = None,
@@ -330,61 +374,235 @@ class Proxy:
 
     # ----------------------------------------------------------- execution
     async def _execute(self, responder: Responder, routed: Routed, placement: Placement) -> None:
+        opened = Opened(placement.decode)
+        try:
+            await self._open_answer(routed, placement, opened)
+            assert opened.upstream is not None
+            await self._relay(responder, routed, placement.decode, opened.upstream, opened.prefill_task,
+                              opened.decode_lease, opened.leg)
+            obs = routed.obs
+            obs.batch_at_end, obs.context_at_end = placement.decode.decode_inflight, placement.decode.decode_context_tokens
+            if opened.prefill_task is not None and (failure := await opened.prefill_task) is not None:
+                self._record_failure(failure)
+            self.cluster.record_success(obs.decode_id or placement.decode.spec.id)
+            opened.leg.end(status=opened.upstream.status, error=obs.error)
+        except BaseException as exc:
+            opened.leg.end(status=opened.upstream.status if opened.upstream is not None else None, error=_failure_reason(exc))
+            raise
+        finally:
+            await opened.close()
+
+    async def _open_answer(self, routed: Routed, placement: Placement, opened: Opened) -> None:
+        """Run (sequential) or start (concurrent) the prefill leg, then send the answering leg.
+
+        ``opened`` collects what is in flight as it goes, so that the caller can release it
+        whatever happens.
+        """
         decode, prefill = placement.decode, placement.prefill
         info = routed.info
         body = routed.body
-        prefill_task: asyncio.Task[UpstreamFailed | None] | None = None
-        leases: list[Lease] = []
-        upstream: UpstreamResponse | None = None
         protocol = None
-        leg: LegTrace | None = None
+        if prefill is not None and prefill is not decode:
+            protocol = decode.adapter.capabilities.pd_protocol
+            if protocol == "sequential":
+                body = await self._sequential_prefill(routed, prefill, decode, opened.leases, body)
+            elif protocol == "concurrent":
+                try:
+                    fields = decode.adapter.concurrent_fields(prefill.adapter)
+                except HandoffError as exc:
+                    raise GatewayError(500, str(exc)) from None
+                body = {**body, **fields}
+                opened.leases.append(self.cluster.lease(prefill.spec.id, prefill_tokens=info.prompt_tokens,
+                                                        predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0)))
+                opened.prefill_task = asyncio.create_task(self._concurrent_prefill(routed, prefill, body, opened.leases[-1]))
+            else:
+                raise GatewayError(500, f"instance {decode.spec.id} ({decode.spec.kind}) cannot take a PD hand-off")
+        split = prefill is not None and prefill is not decode
+        opened.decode_lease = self.cluster.lease(
+            decode.spec.id, prefill_tokens=0 if split else info.prompt_tokens, decode_tokens=info.max_tokens,
+            predicted_prefill_s=None if split else routed.obs.predicted.get("prefill_s", 0.0),
+            context_tokens=decode_context_of(info), tpot_slo=info.slo.tpot_s)
+        opened.leases.append(opened.decode_lease)
+        obs = routed.obs
+        obs.batch_at_send, obs.context_at_send = decode.decode_inflight, decode.decode_context_tokens
+        obs.decode_sent = self.cluster.clock()
+        opened.leg = self._decode_leg(routed, placement, protocol)
+        opened.upstream = await self._racing_prefill(self._open(decode, routed.path, body, info.request_id, opened.leg),
+                                                     opened.prefill_task)
+        self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
+
+    # ------------------------------------------------------------ migration
+    def _mechanism(self, source: InstanceState, target: InstanceState) -> str:
+        """How a running request moves from ``source`` to ``target`` (``migration.mechanism``, or auto)."""
+        forced = self.config.migration.mechanism
+        live = (source.adapter.capabilities.live_migration and target.adapter.capabilities.live_migration
+                and source.spec.kind == target.spec.kind)
+        pd = self.cluster.has_pd(source.spec.model) and target.adapter.capabilities.pd_protocol != "none"
+        if forced == "live" and live or forced == "pd" and pd or forced == "recompute":
+            return forced
+        return "live" if live else "pd" if pd else "recompute"
+
+    async def move(self, live: LiveStream, target: InstanceState, reason: str) -> bool:
+        """Move a running stream to ``target`` (the migration controller's mover); False: it stayed.
+
+        Live (engines that can): the source copies the KV while decoding, stops, and ends its
+        stream; the continuation picks the KV up on the target. Otherwise make-before-break:
+        freeze the client's side, open the continuation on the target (through a prefill
+        instance for a PD model, else recomputed there), and cut the source only once the
+        target's first token is in.
+        """
+        source = live.state
+        mechanism = self._mechanism(source, target)
+        model = live.model
+        span = live.routed.trace.migration({"pdgate.migration.reason": reason, "pdgate.migration.mechanism": mechanism,
+                                            "pdgate.migration.from": source.spec.id, "pdgate.migration.to": target.spec.id,
+                                            "pdgate.migration.tokens": live.generated})
+        pending: asyncio.Future[Handover | None] = asyncio.get_running_loop().create_future()
+        live.pending = pending
+        handover: Handover | None = None
+        error = None
         try:
-            if prefill is not None and prefill is not decode:
-                protocol = decode.adapter.capabilities.pd_protocol
-                if protocol == "sequential":
-                    body = await self._sequential_prefill(routed, prefill, decode, leases)
-                elif protocol == "concurrent":
-                    try:
-                        fields = decode.adapter.concurrent_fields(prefill.adapter)
-                    except HandoffError as exc:
-                        raise GatewayError(500, str(exc)) from None
-                    body = {**body, **fields}
-                    leases.append(self.cluster.lease(prefill.spec.id, prefill_tokens=info.prompt_tokens,
-                                                     predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0)))
-                    prefill_task = asyncio.create_task(self._concurrent_prefill(routed, prefill, body, leases[-1]))
+            async with asyncio.timeout(self.config.migration.timeout_s):
+                if mechanism == "live":
+                    handover = await self._live_handover(live, source, target)
                 else:
-                    raise GatewayError(500, f"instance {decode.spec.id} ({decode.spec.kind}) cannot take a PD hand-off")
-            split = prefill is not None and prefill is not decode
-            context = decode_context_of(info)
-            decode_lease = self.cluster.lease(
-                decode.spec.id, prefill_tokens=0 if split else info.prompt_tokens, decode_tokens=info.max_tokens,
-                predicted_prefill_s=None if split else routed.obs.predicted.get("prefill_s", 0.0),
-                context_tokens=context, tpot_slo=info.slo.tpot_s)
-            leases.append(decode_lease)
-            obs = routed.obs
-            obs.batch_at_send, obs.context_at_send = decode.decode_inflight, decode.decode_context_tokens
-            obs.decode_sent = self.cluster.clock()
-            leg = self._decode_leg(routed, placement, protocol)
-            upstream = await self._racing_prefill(self._open(decode, routed.path, body, info.request_id, leg), prefill_task)
-            self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
-            await self._relay(responder, routed, decode, upstream, prefill_task, decode_lease, leg)
-            obs.batch_at_end, obs.context_at_end = decode.decode_inflight, decode.decode_context_tokens
-            if prefill_task is not None and (failure := await prefill_task) is not None:
-                self._record_failure(failure)
-            self.cluster.record_success(decode.spec.id)
-            leg.end(status=upstream.status, error=obs.error)
-        except BaseException as exc:
-            if leg is not None:
-                leg.end(status=upstream.status if upstream is not None else None, error=_failure_reason(exc))
+                    live.freeze()
+                    handover = await self._continuation(live, target=target, exclude={source.spec.id}, mechanism=mechanism)
+        except (UpstreamFailed, MigrationError, GatewayError, TimeoutError) as exc:
+            error = _failure_reason(exc) if not isinstance(exc, (MigrationError, TimeoutError)) else (str(exc) or "timed out")
+        except asyncio.CancelledError:
+            error = "cancelled"
             raise
         finally:
-            if prefill_task is not None and not prefill_task.done():
-                prefill_task.cancel()
-                await asyncio.gather(prefill_task, return_exceptions=True)
-            if upstream is not None:
-                upstream.close()  # unless read to its end, this aborts the request on the engine
-            for lease in leases:
-                lease.release()
+            if handover is None:
+                if not pending.done():
+                    pending.set_result(None)
+                if live.pending is pending and not live.source_ended.is_set():
+                    live.pending = None
+                    live.thaw()  # the source carries on; what it sent meanwhile goes out now
+                self.metrics.observe_migration(model, reason, mechanism, "failed")
+                span.end(error=error or "failed")
+                log.info("migration of %s from %s to %s (%s, %s) failed: %s", live.request_id, source.spec.id,
+                         target.spec.id, reason, mechanism, error)
+        if handover is None:
+            return False
+        handover.reason = reason
+        handover.leg = span
+        if pending.done():  # the answer ended first (the stream cancelled this move)
+            handover.discard("the answer ended first")
+            return False
+        pending.set_result(handover)
+        if mechanism != "live":
+            live.abort_source(f"migrated to {target.spec.id}")
+        self.metrics.observe_migration(model, reason, mechanism, "migrated")
+        log.info("migrated %s from %s to %s (%s, %s) after %d tokens", live.request_id, source.spec.id, target.spec.id,
+                 reason, mechanism, handover.tokens)
+        return True
+
+    async def _live_handover(self, live: LiveStream, source: InstanceState, target: InstanceState) -> Handover:
+        """Live migration: the source moves the KV and ends its stream; then the target continues."""
+        moved = await source.adapter.live_migrate(live.upstream_id, target.adapter, timeout_s=self.config.migration.timeout_s)
+        live.source_released = True
+        await live.source_ended.wait()  # every token the source produced has reached the client
+        handoff = moved.handoff
+        if live.trail.token_ids != moved.output_token_ids:
+            log.warning("live migration of %s: the engine reports %d tokens, the client got %d; recomputing",
+                        live.request_id, len(moved.output_token_ids), live.generated)
+            handoff = None
+        return await self._continuation(live, target=target, exclude={source.spec.id}, mechanism="live",
+                                        handoff=handoff)
+
+    async def _failover(self, live: LiveStream, reason: str) -> Handover | None:
+        """The stream's engine failed mid-answer: continue from the client's last token elsewhere."""
+        failed = live.state.spec.id
+        if not live.source_released:  # (a live migration's source ended the stream on purpose)
+            self._record_failure(UpstreamFailed(failed, reason))
+            live.failed_instances.add(failed)
+        live.source_released = False
+        migration = self.config.migration
+        model = live.model
+        if not migration.failover or live.failovers >= migration.max_failovers or not live.trail.tracked:
+            self.metrics.observe_migration(model, "failover", "none", "failed")
+            return None
+        live.failovers += 1
+        span = live.routed.trace.migration({"pdgate.migration.reason": "failover", "pdgate.migration.from": failed,
+                                            "pdgate.migration.error": reason, "pdgate.migration.tokens": live.generated})
+        try:
+            async with asyncio.timeout(migration.timeout_s):
+                handover = await self._continuation(live, target=None, exclude=set(live.failed_instances), mechanism="failover")
+        except (UpstreamFailed, GatewayError, TimeoutError) as exc:
+            self.metrics.observe_migration(model, "failover", "recompute", "failed")
+            span.end(error=_failure_reason(exc) if not isinstance(exc, TimeoutError) else "timed out")
+            if isinstance(exc, UpstreamFailed):
+                self._record_failure(exc)
+            return None
+        handover.reason = "failover"
+        handover.leg = span
+        self.metrics.observe_migration(model, "failover", handover.mechanism, "migrated")
+        log.warning("failed %s over from %s to %s after %d tokens (%s)", live.request_id, failed, handover.state.spec.id,
+                    handover.tokens, reason, extra=request_fields(live.request_id, live.routed.trace.trace_id))
+        return handover
+
+    async def _continuation(self, live: LiveStream, *, target: InstanceState | None, exclude: set[str], mechanism: str,
+                            handoff: dict[str, Any] | None = None) -> Handover:
+        """Open the rest of ``live``'s answer (from the tokens its client has) and read its first piece.
+
+        ``target`` None: the scheduling profiles place it (failover); ``handoff``: fields that
+        make the target take KV a live migration copied.
+        """
+        routed = live.routed
+        info = routed.info
+        generated = list(live.trail.token_ids)
+        k = len(generated)
+        body = continuation_body(routed.body, routed.prompt_ids, generated, info.max_tokens)
+        if handoff:
+            body.update(handoff)
+        context = [*routed.prompt_ids, *generated]
+        request_id = f"{info.request_id}-m{live.moves + 1}"
+        cont_info = dataclasses.replace(info, request_id=request_id, prompt_tokens=len(context), max_tokens=info.max_tokens - k,
+                                        output=None, block_hashes=())
+        hashes = PromptHashes.of(context, (s.spec.block_size for s in self.cluster.for_model(info.model)))
+        cont = Routed("completion", ROUTES["completion"], body, cont_info, context, hashes, True, trace=routed.trace)
+        cont_info = dataclasses.replace(cont_info, block_hashes=tuple(next(iter(hashes.by_block_size.values()), [])))
+        cont.info = cont_info
+        snapshot = self._snapshot_for(cont)(cont_info)
+        if target is None:
+            placement = self._place(cont, exclude, snapshot, attempt=routed.obs.attempts)
+            mechanism = "pd" if placement.prefill is not None and placement.prefill is not placement.decode else "recompute"
+        else:
+            prefill = None
+            if mechanism == "pd":
+                prefill = self._prefill_for(cont, snapshot, exclude, routed.obs.prefill_id if routed.obs.split else None)
+            placement = Placement(target, prefill, [])
+            self._predict(cont, placement, snapshot)
+        opened = Opened(placement.decode)
+        try:
+            await self._open_answer(cont, placement, opened)
+            assert opened.upstream is not None
+            if opened.upstream.status >= 400:
+                detail = (await self._read_all(placement.decode, opened.upstream))[:300].decode(errors="replace")
+                raise UpstreamFailed(placement.decode.spec.id, f"continuation refused: HTTP {opened.upstream.status}: {detail}")
+            try:
+                first = await self._racing_prefill(opened.upstream.first_chunk(), opened.prefill_task)
+            except UpstreamError as exc:
+                raise UpstreamFailed(placement.decode.spec.id, f"continuation broke before its first byte: {exc}") from None
+        except BaseException as exc:
+            opened.leg.end(error=_failure_reason(exc))
+            await opened.close()
+            raise
+        opened.leg.first_token()
+        tasks = [opened.prefill_task] if opened.prefill_task is not None else []
+        return Handover(placement.decode, opened.upstream, first, k, mechanism, opened.leases, tasks, request_id=request_id,
+                        decode_leg=opened.leg)
+
+    def _prefill_for(self, cont: Routed, snapshot: ClusterSnapshot, exclude: set[str], preferred: str | None) -> InstanceState:
+        """The prefill instance of a PD-path move: the request's own prefill instance when it can
+        (its prefix cache holds the prompt), else the prefill profile's choice."""
+        view = snapshot.by_id(preferred) if preferred is not None else None
+        if view is not None and view.healthy and not view.draining and view.serves("prefill") and view.id not in exclude:
+            return self.cluster.instances[view.id]
+        decision = self._decide("prefill", cont, snapshot, [i for i in snapshot.instances if i.id not in exclude])
+        return self.cluster.instances[decision.instance_id]
 
     def _decode_leg(self, routed: Routed, placement: Placement, protocol: str | None) -> LegTrace:
         """The span of the leg that answers (with a KV-transfer child after a PD hand-off, when streamed)."""
@@ -440,14 +658,14 @@ class Proxy:
             resp.close()
 
     async def _sequential_prefill(self, routed: Routed, prefill: InstanceState, decode: InstanceState,
-                                  leases: list[Lease]) -> dict[str, Any]:
+                                  leases: list[Lease], body: dict[str, Any]) -> dict[str, Any]:
         lease = self.cluster.lease(prefill.spec.id, prefill_tokens=routed.info.prompt_tokens,
                                    predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0))
         leg = self._prefill_leg(routed, prefill)
         status = None
         try:
             sent = self.cluster.clock()
-            resp = await self._open(prefill, routed.path, prefill.adapter.prefill_body(routed.body), routed.info.request_id, leg)
+            resp = await self._open(prefill, routed.path, prefill.adapter.prefill_body(body), routed.info.request_id, leg)
             status = resp.status
             reply = await self._read_all(prefill, resp)
             routed.obs.prefill_s = self.cluster.clock() - sent
@@ -460,7 +678,7 @@ class Proxy:
             except (HandoffError, json.JSONDecodeError) as exc:
                 raise UpstreamFailed(prefill.spec.id, str(exc)) from None
             leg.end(status=status, **{"pdgate.prefill_s": routed.obs.prefill_s})
-            return decode.adapter.decode_body(routed.body, handoff)
+            return decode.adapter.decode_body(body, handoff)
         except BaseException as exc:
             leg.end(status=status, error=_failure_reason(exc))
             raise
@@ -544,6 +762,9 @@ class Proxy:
         obs.first_token = obs.last_token = clock()
         if leg is not None:
             leg.first_token()
+        trail = StreamTrail(strip_ids=not routed.want_ids) if routed.movable else None
+        if trail is not None:
+            first = trail.feed(first)
         obs.events = first.count(b"data: ")
         if _USAGE_KEY in first:
             obs.usage_chunk = first
@@ -552,6 +773,9 @@ class Proxy:
         responder.start(upstream.status, content_type="text/event-stream",
                         headers={**headers, "Cache-Control": "no-cache"}, first=first)
         responder.on_flow(upstream.pause_reading, upstream.resume_reading)
+        if trail is not None:
+            await self._relay_movable(responder, routed, decode, upstream, trail, lease, leg)
+            return
         write = responder.write
 
         def sink(data: bytes) -> None:
@@ -567,16 +791,56 @@ class Proxy:
         try:
             await upstream.relay(sink)
         except UpstreamError as exc:
-            log.warning("stream from %s broke mid-way: %s", decode.spec.id, exc,
-                        extra=request_fields(routed.info.request_id, routed.trace.trace_id))
-            error = {"error": {"message": f"upstream {decode.spec.id} failed mid-stream", "type": "upstream_error",
-                               "param": None, "code": None}}
-            responder.end(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
-            obs.error = "upstream_failed_mid_stream"
-            self._answered(routed, 502)
+            self._broke_mid_stream(responder, routed, decode.spec.id, str(exc))
             return
         responder.end()
         self._answered(routed, upstream.status)
+
+    async def _relay_movable(self, responder: Responder, routed: Routed, decode: InstanceState, upstream: UpstreamResponse,
+                             trail: StreamTrail, lease: Lease | None, leg: LegTrace | None) -> None:
+        """Relay a stream that can move: through a LiveStream, which fails it over or migrates it."""
+        obs = routed.obs
+        clock = self.cluster.clock
+        live: LiveStream | None = None
+
+        def observe(data: bytes) -> None:
+            obs.events += data.count(b"data: ")
+            obs.last_token = clock()
+            if _USAGE_KEY in data:
+                obs.usage_chunk = data
+            if b"data: [DONE]" in data:
+                obs.saw_done = True
+                state = live.state if live is not None else decode
+                obs.batch_at_end, obs.context_at_end = state.decode_inflight, state.decode_context_tokens
+
+        live = LiveStream(routed, trail=trail, state=decode, upstream=upstream, leases=[lease] if lease is not None else [],
+                          responder=responder, observe=observe, clock=clock)
+        live.first_leg = leg
+        if self.migrations is not None:
+            self.migrations.register(live)
+        try:
+            await live.run(self._failover)
+        except MidStreamFailure as failure:
+            self._broke_mid_stream(responder, routed, failure.instance_id, failure.reason)
+            return
+        finally:
+            if self.migrations is not None:
+                self.migrations.unregister(live)
+            obs.moves = live.moves
+            obs.output_tokens = len(trail.token_ids) if trail.tracked else None
+            await live.close()
+        responder.end()
+        self._answered(routed, upstream.status)
+
+    def _broke_mid_stream(self, responder: Responder, routed: Routed, instance_id: str, reason: str) -> None:
+        """The answer broke after it started and cannot go on: an error event ends the stream."""
+        log.warning("stream from %s broke mid-way: %s", instance_id, reason,
+                    extra=request_fields(routed.info.request_id, routed.trace.trace_id))
+        error = {"error": {"message": f"upstream {instance_id} failed mid-stream", "type": "upstream_error",
+                           "param": None, "code": None}}
+        responder.end(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
+        routed.obs.error = "upstream_failed_mid_stream"
+        self._answered(routed, 502)
 
     def _answered(self, routed: Routed, status: int) -> None:
         routed.obs.status = status
@@ -588,7 +852,7 @@ class Proxy:
         obs = routed.obs
         info = routed.info
         counts = _USAGE_TOKENS.findall(obs.usage_chunk)  # the last one: continuous usage stats grow per event
-        tokens = int(counts[-1]) if counts else None
+        tokens = int(counts[-1]) if counts else obs.output_tokens
         if tokens is None and routed.stream:
             # one SSE event per token, less [DONE], a chat stream's role-only first event
             tokens = max(0, obs.events - 1 - (1 if routed.kind == "chat" else 0))

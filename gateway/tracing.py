@@ -217,6 +217,11 @@ class RequestTrace:
 
     def retry(self, attempt: int, instance_id: str, reason: str) -> None: ...
 
+    def migration(self, attributes: Mapping[str, Any]) -> LegTrace:
+        """Open the span of one move of the running request (migration or failover); end it
+        with the outcome."""
+        return NO_LEG
+
     def finish(self, status: int, attributes: Mapping[str, Any], error: str | None = None) -> None:
         """The request is over (answered, failed or abandoned by its client)."""
 
@@ -348,6 +353,9 @@ class SpanTrace(RequestTrace):
         if kv_transfer is not None:
             kv = self._child("pdgate.kv_transfer", context=_context_of(span), attributes=kv_transfer)
         return SpanLeg(self, span, kv)
+
+    def migration(self, attributes: Mapping[str, Any]) -> LegTrace:
+        return SpanLeg(self, self._child("pdgate.migration", attributes=attributes), None)
 
     def retry(self, attempt: int, instance_id: str, reason: str) -> None:
         self.root.add_event("pdgate.retry", {"pdgate.attempt": attempt, "pdgate.instance": instance_id, "pdgate.reason": reason})

@@ -11,18 +11,26 @@ Modelled on the llm-d / Gateway API Inference Extension endpoint picker:
   (:class:`LifecycleHooks`), never inside ``filter``/``score``/``pick``.
 * Every plugin call is timed; the calls come back with the decision (:attr:`Decision.calls`),
   from which the gateway builds its metrics and, when tracing, one span per plugin call.
+
+Two plugin kinds sit beside the profiles: an :class:`Admitter` (whether a request goes now) and
+a :class:`MigrationPolicy` (which running requests move where, Llumnix-style).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from scheduler.snapshot import (
+    ClusterSnapshot,
+    InstanceView,
+    RequestInfo,
+    RunningRequest,
+)
 
 
 class PluginParams(BaseModel):
@@ -94,6 +102,52 @@ class Admitter(Plugin):
 
     def assess(self, request: RequestInfo, snapshot: ClusterSnapshot, now: float, work_ahead_s: float) -> Verdict:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    """One move: take ``request_id`` off instance ``source`` and continue it on ``target``."""
+
+    request_id: str
+    source: str  # instance id
+    target: str  # instance id
+    reason: str  # "balance" | "defrag" | "drain" (policies may add others)
+
+
+class MigrationPolicy(Plugin):
+    """Decides which running requests move where (Llumnix-style).
+
+    A migration controller in the gateway calls :meth:`plan` periodically with a snapshot and
+    the requests decoding now, executes the moves it returns, and reports each outcome through
+    :meth:`on_migrated`. For a request that must leave its instance (drain, failover) it asks
+    :meth:`target_for`. Both are pure over their inputs; state a policy keeps (cooldowns)
+    changes only in :meth:`on_migrated`.
+
+    Target candidates (:func:`migration_candidates`): instances of the request's model that are
+    healthy, not draining and serve decode, other than the request's own and those excluded.
+    """
+
+    def plan(self, snapshot: ClusterSnapshot, running: Sequence[RunningRequest], now: float) -> list[MigrationPlan]:
+        """The moves to make now (at most one per request), best first."""
+        raise NotImplementedError
+
+    def target_for(self, request: RunningRequest, snapshot: ClusterSnapshot, running: Sequence[RunningRequest],
+                   exclude: Collection[str] = ()) -> str | None:
+        """Where a request that must leave its instance (drain, failover) should go; None: nowhere."""
+        raise NotImplementedError
+
+    def on_migrated(self, plan: MigrationPlan, ok: bool, now: float) -> None:
+        """Called by the controller after each move it attempted (``ok``: the request now runs on
+        ``plan.target``). Default: do nothing."""
+
+
+def migration_candidates(request: RunningRequest, snapshot: ClusterSnapshot,
+                         exclude: Collection[str] = ()) -> list[InstanceView]:
+    """Instances ``request`` may move to: its model, healthy, not draining, serving decode,
+    not its own instance, not in ``exclude``."""
+    return [i for i in snapshot.instances
+            if i.model == request.model and i.healthy and not i.draining and i.serves("decode")
+            and i.id != request.instance_id and i.id not in exclude]
 
 
 @dataclass(frozen=True)
@@ -174,9 +228,13 @@ def run_profile(profile: Profile, request: RequestInfo, snapshot: ClusterSnapsho
     return decision
 
 
+PLUGIN_KINDS: tuple[type[Plugin], ...] = (Filter, Scorer, Picker, Admitter, MigrationPolicy)
+"""The plugin kinds; every registered plugin subclasses one of them."""
+
+
 def plugin_kind(plugin_cls: type[Plugin]) -> str:
-    """``Filter``, ``Scorer``, ``Picker``, ``Admitter`` (or ``Plugin``)."""
-    return next((k.__name__ for k in (Filter, Scorer, Picker, Admitter) if issubclass(plugin_cls, k)), "Plugin")
+    """``Filter``, ``Scorer``, ``Picker``, ``Admitter``, ``MigrationPolicy`` (or ``Plugin``)."""
+    return next((k.__name__ for k in PLUGIN_KINDS if issubclass(plugin_cls, k)), "Plugin")
 
 
 def describe(plugin_cls: type[Plugin]) -> dict[str, Any]:

@@ -18,7 +18,9 @@ subclass). Configuration, in the style of llm-d's endpoint picker::
 
 Unknown plugin types, references to undeclared plugins, scorers without a weight, weights on
 non-scorers and profiles without exactly one picker are rejected at load with a message that
-names the offending entry.
+names the offending entry. Admitters and migration policies are configured on their own
+(:meth:`PluginRegistry.create_admitter`, :meth:`PluginRegistry.create_migration_policy`), never
+in a profile.
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from scheduler.framework import Admitter, Filter, Picker, Plugin, Profile, Scorer
+from scheduler.framework import (
+    PLUGIN_KINDS,
+    Admitter,
+    Filter,
+    MigrationPolicy,
+    Picker,
+    Plugin,
+    Profile,
+    Scorer,
+)
 from scheduler.plugins import IN_TREE_PLUGINS
 
 ENTRY_POINT_GROUP = "pdgate.plugins"
@@ -73,8 +84,8 @@ class PluginRegistry:
     def register(self, cls: type[Plugin]) -> None:
         if not cls.type_name:
             raise PluginConfigError(f"{cls.__qualname__} has no type_name")
-        if not issubclass(cls, (Filter, Scorer, Picker, Admitter)):
-            raise PluginConfigError(f"{cls.type_name}: a plugin must subclass Filter, Scorer, Picker or Admitter")
+        if not (isinstance(cls, type) and issubclass(cls, PLUGIN_KINDS)):
+            raise PluginConfigError(f"{cls.type_name}: a plugin must subclass Filter, Scorer, Picker, Admitter or MigrationPolicy")
         existing = self._classes.get(cls.type_name)
         if existing is not None and existing is not cls:
             raise PluginConfigError(f"plugin type {cls.type_name!r} is registered twice ({existing.__module__}, {cls.__module__})")
@@ -115,6 +126,14 @@ class PluginRegistry:
         plugin = self.create(PluginSpec(name="admission", type=type_name, parameters=dict(parameters)))
         return plugin  # type: ignore[return-value]
 
+    def create_migration_policy(self, type_name: str, parameters: Mapping[str, Any]) -> MigrationPolicy:
+        """The migration policy (``migration.policy`` / ``migration.parameters`` in the config)."""
+        cls = self.get(type_name)
+        if not issubclass(cls, MigrationPolicy):
+            raise PluginConfigError(f"migration.policy: {type_name!r} is not a migration policy plugin")
+        plugin = self.create(PluginSpec(name="migration", type=type_name, parameters=dict(parameters)))
+        return plugin  # type: ignore[return-value]
+
     def build(self, config: SchedulingConfig | Mapping[str, Any]) -> dict[str, Profile]:
         """Instantiate the plugins and assemble the profiles; raises PluginConfigError."""
         if not isinstance(config, SchedulingConfig):
@@ -137,6 +156,9 @@ def _assemble(name: str, entries: list[ProfileEntry], plugins: Mapping[str, Plug
             raise PluginConfigError(f"profile {name!r}: pluginRef {entry.plugin_ref!r} is not declared under plugins")
         if isinstance(plugin, Admitter):
             raise PluginConfigError(f"profile {name!r}: {entry.plugin_ref!r} is an admitter; admitters go under admission.admitter")
+        if isinstance(plugin, MigrationPolicy):
+            raise PluginConfigError(f"profile {name!r}: {entry.plugin_ref!r} is a migration policy; "
+                                    "migration policies go under migration.policy, not in a profile")
         if isinstance(plugin, Scorer):
             if entry.weight is None:
                 raise PluginConfigError(f"profile {name!r}: scorer {entry.plugin_ref!r} needs a weight")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -87,6 +88,52 @@ class RequestInfo:
     slo: SloTarget = field(default_factory=SloTarget)
     output: LengthPrediction | None = None  # predicted output length (cost model)
     arrival: float = 0.0  # gateway monotonic clock at arrival (deadlines count from here)
+
+
+OVERRUN_FACTOR = 0.5
+"""A request past its predicted length is assumed to run on for this fraction of what it has generated."""
+
+
+@dataclass(frozen=True)
+class RunningRequest:
+    """A request decoding on an instance, as a migration policy sees it."""
+
+    request_id: str
+    instance_id: str
+    model: str
+    prompt_tokens: int
+    generated_tokens: int  # tokens the client has received so far
+    max_tokens: int
+    predicted_output_tokens: float | None = None  # cost model's median prediction of the total output length
+    priority: int = 0
+    tpot_slo_s: float | None = None
+    decoding_s: float = 0.0  # seconds since its first token
+    migrations: int = 0  # times it was moved already
+    migratable: bool = True  # False: the gateway cannot move it (policies must skip it)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Prompt + generated tokens: the KV a move copies (live) or recomputes (recompute)."""
+        return self.prompt_tokens + self.generated_tokens
+
+    @property
+    def remaining_tokens(self) -> float:
+        """Predicted output tokens still to come, never more than ``cap = max_tokens - generated``.
+
+        * no prediction: ``cap`` (all it may still produce);
+        * before its prediction ``p`` (``generated < p``): ``min(p - generated, cap)``;
+        * past it (``generated >= p``): the median was wrong, the request is in the long tail of
+          the length distribution, where the expected remaining length grows with the length
+          reached (a Pareto-like tail): ``min(OVERRUN_FACTOR * generated, cap)``, i.e. it runs on
+          for half as many tokens as it has generated so far.
+        """
+        cap = float(max(0, self.max_tokens - self.generated_tokens))
+        predicted = self.predicted_output_tokens
+        if predicted is None or math.isnan(predicted):
+            return cap
+        if self.generated_tokens < predicted:
+            return min(predicted - self.generated_tokens, cap)
+        return min(OVERRUN_FACTOR * self.generated_tokens, cap)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""In-tree scheduling plugins. Each class documents its formula in its docstring."""
+"""In-tree scheduling plugins (and migration policies). Each class documents its formula in its docstring."""
 
 from scheduler.plugins.filters import HealthFilter, RoleFilter
+from scheduler.plugins.migration import LoadBalance, NoMigration
 from scheduler.plugins.pickers import (
     MaxScorePicker,
     PowerOfTwoPicker,
@@ -35,4 +36,6 @@ IN_TREE_PLUGINS = (
     SloTpotFilter,
     SloAdmitter,
     AlwaysAdmit,
+    LoadBalance,
+    NoMigration,
 )

@@ -1,0 +1,156 @@
+"""The operator's API under ``/admin``: instances, drain and undrain, moving one request.
+
+* ``GET /admin/instances``: every instance (id, url, role, model, kind, health, circuit, load,
+  draining, running requests and the streams the gateway can move).
+* ``GET /admin/instances/{id}``: one of them.
+* ``POST /admin/instances/{id}/drain``: keep new requests off the instance and move every
+  running stream away (others finish where they are). ``?wait=true`` answers once it is empty
+  (200) or after ``admin.drain_wait_s`` (202, with what is left); otherwise 202 at once.
+* ``POST /admin/instances/{id}/undrain``: take new requests again.
+* ``POST /admin/requests/{request_id}/migrate`` (JSON body ``{"target": id}``, optional): move
+  one running stream now; answers whether it moved.
+
+Authenticated by ``admin.api_key`` (or ``PDGATE_ADMIN_KEY``) as a bearer token when one is set;
+without one, only loopback clients are served (403 for others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
+
+from gateway.http1 import HttpRequest, Responder
+from gateway.requests import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.cluster import Cluster, InstanceState
+    from gateway.config import GatewayConfig
+    from gateway.migration import MigrationController
+
+
+class AdminApi:
+    """Handles every path under ``/admin/``."""
+
+    def __init__(self, config: GatewayConfig, cluster: Cluster, migrations: MigrationController) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.migrations = migrations
+        key = config.admin_api_key()
+        self._key = key.encode() if key else None
+
+    async def __call__(self, request: HttpRequest, responder: Responder) -> None:
+        self._authorize(request, responder)
+        parts = [unquote(p) for p in request.path.split("/")[2:]]  # after "", "admin"
+        method = request.method
+        if parts == ["instances"]:
+            self._allow(method, "GET")
+            responder.send_json(200, {"object": "list", "data": [self._describe(s) for s in self.cluster.instances.values()]})
+        elif len(parts) == 2 and parts[0] == "instances":
+            self._allow(method, "GET")
+            responder.send_json(200, self._describe(self._instance(parts[1])))
+        elif len(parts) == 3 and parts[0] == "instances" and parts[2] in ("drain", "undrain"):
+            self._allow(method, "POST")
+            state = self._instance(parts[1])
+            if parts[2] == "undrain":
+                self.migrations.undrain(state.spec.id)
+                responder.send_json(200, self._describe(state))
+                return
+            await self._drain(state, request, responder)
+        elif len(parts) == 3 and parts[0] == "requests" and parts[2] == "migrate":
+            self._allow(method, "POST")
+            await self._migrate(parts[1], request, responder)
+        else:
+            raise GatewayError(404, f"no route {method} {request.path}")
+
+    # ------------------------------------------------------------------ checks
+    def _authorize(self, request: HttpRequest, responder: Responder) -> None:
+        if self._key is not None:
+            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+            if not hmac.compare_digest(supplied, self._key):
+                raise GatewayError(401, "invalid or missing admin key", code="invalid_api_key")
+            return
+        host = responder.peer_host
+        try:
+            loopback = host is not None and ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise GatewayError(403, "the admin API answers loopback clients only unless admin.api_key is set",
+                               err_type="permission_error")
+
+    @staticmethod
+    def _allow(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise GatewayError(405, f"method {method} not allowed here", headers={"Allow": allowed})
+
+    def _instance(self, instance_id: str) -> InstanceState:
+        state = self.cluster.instances.get(instance_id)
+        if state is None:
+            raise GatewayError(404, f"no instance {instance_id!r}; known: {', '.join(sorted(self.cluster.instances))}",
+                               param="instance", code="instance_not_found")
+        return state
+
+    # ------------------------------------------------------------------ views
+    def _describe(self, state: InstanceState) -> dict[str, Any]:
+        spec = state.spec
+        now = self.cluster.clock()
+        load = state.load
+        fresh = load is not None and now - load.scraped_at <= self.cluster.config.stale_after_s
+        streams = self.migrations.on(spec.id)
+        return {
+            "id": spec.id, "url": spec.url, "role": spec.role, "model": spec.model, "kind": spec.kind,
+            "healthy": state.breaker.allows(now), "circuit": state.breaker.state, "last_error": state.last_error,
+            "draining": state.draining,
+            "load": {"running": load.running if fresh else None, "waiting": load.waiting if fresh else None,
+                     "kv_usage": load.kv_usage if fresh else None, "inflight_requests": state.inflight_requests,
+                     "decode_inflight": state.decode_inflight, "prefill_inflight": len(state.prefill_work)},
+            "running_requests": state.inflight_requests,
+            "streams": [{"request_id": s.request_id, "generated_tokens": s.generated, "max_tokens": s.max_tokens,
+                         "moves": s.moves, "moving": s.moving, "movable": s.trail.tracked} for s in streams],
+            "capabilities": sorted(state.capability_names),
+        }
+
+    # ----------------------------------------------------------------- actions
+    async def _drain(self, state: InstanceState, request: HttpRequest, responder: Responder) -> None:
+        query = parse_qs(request.query)
+        wait = query.get("wait", ["false"])[-1].lower() in ("1", "true", "yes")
+        try:
+            timeout = float(query.get("timeout_s", [self.config.admin.drain_wait_s])[-1])
+        except ValueError:
+            raise GatewayError(400, "timeout_s must be a number", param="timeout_s") from None
+        self.migrations.drain(state.spec.id)
+        drained = await self.migrations.wait_drained(state.spec.id, timeout) if wait else False
+        body = self._describe(state)
+        body["drained"] = drained
+        responder.send_json(200 if drained else 202, body)
+
+    async def _migrate(self, request_id: str, request: HttpRequest, responder: Responder) -> None:
+        target: str | None = None
+        if request.body.strip():
+            try:
+                data = json.loads(request.body)
+            except ValueError:
+                raise GatewayError(400, "the body must be JSON") from None
+            if not isinstance(data, dict) or not isinstance(data.get("target", ""), (str, type(None))):
+                raise GatewayError(400, "expected {\"target\": \"<instance id>\"}", param="target")
+            target = data.get("target")
+        live = self.migrations.find(request_id)
+        if live is None:
+            raise GatewayError(404, f"no running stream {request_id!r} (finished, not streamed, or not movable)",
+                               param="request_id", code="request_not_found")
+        if target is not None:
+            self._instance(target)
+            if target == live.instance_id:
+                raise GatewayError(400, f"request {request_id!r} already runs on {target!r}", param="target")
+        source = live.instance_id
+        task = self.migrations.move(live, target, "admin")
+        if task is None:
+            raise GatewayError(409, f"request {request_id!r} cannot move now (already moving, finishing, no target, "
+                                    "or too many moves in flight)", headers={"Retry-After": "1"})
+        moved = await asyncio.shield(task)  # an admin client that hangs up does not cancel the move
+        responder.send_json(200, {"request_id": request_id, "migrated": moved, "from": source,
+                                  "to": live.move_target if moved else None, "generated_tokens": live.generated})

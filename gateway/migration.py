@@ -1,0 +1,201 @@
+"""The migration controller: which running streams move where, drains, and the stall watchdog.
+
+It keeps the registry of :class:`~gateway.livestream.LiveStream` s (every streamed answer the
+gateway could move) and, every ``migration.interval_s``:
+
+* drains: each stream on a draining instance is moved to where the policy's ``target_for``
+  says (retried next round if a move fails);
+* balance: the :class:`~scheduler.framework.MigrationPolicy` plugin gets a snapshot of each
+  model's instances and its running requests, and the moves it plans are started;
+* stalls: a stream that brought nothing for ``stall_timeout_s`` is cut, which fails it over.
+
+A move is carried out by the proxy (``mover``), in a task this controller owns: at most
+``max_concurrent`` at once, each abandoned after ``timeout_s``; :meth:`close` cancels and
+awaits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from gateway.livestream import LiveStream
+from scheduler.framework import MigrationPlan, MigrationPolicy
+from scheduler.snapshot import RunningRequest
+
+if TYPE_CHECKING:
+    from gateway.cluster import Cluster, InstanceState
+    from gateway.config import MigrationConfig
+    from gateway.livestream import Handover
+    from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger("pdgate.migration")
+
+Mover = Callable[[LiveStream, "InstanceState", str], Awaitable[bool]]
+
+
+class MigrationController:
+    """One per gateway; see the module doc."""
+
+    def __init__(self, config: MigrationConfig, cluster: Cluster, policy: MigrationPolicy, metrics: GatewayMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.cluster = cluster
+        self.policy = policy
+        self.mover: Mover | None = None  # set by the proxy
+        self.streams: dict[int, LiveStream] = {}
+        self._moves: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self.moved = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._run(), name="migration-controller")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._loop, *self._moves) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop = None
+        self._moves.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            try:
+                self.round()
+            except Exception:  # a policy bug must not stop drains and the stall watchdog for good
+                log.exception("migration round failed")
+
+    # ------------------------------------------------------------- registry
+    def register(self, live: LiveStream) -> None:
+        self.streams[id(live)] = live
+        live.state.live_streams += 1
+        live.on_switch = self._switched
+
+    def unregister(self, live: LiveStream) -> None:
+        if self.streams.pop(id(live), None) is not None:
+            live.state.live_streams -= 1
+
+    def _switched(self, live: LiveStream, old: InstanceState, handover: Handover, gap_s: float) -> None:
+        """A stream changed instance: its count follows it; the client-visible gap is measured."""
+        if id(live) in self.streams:
+            old.live_streams -= 1
+            live.state.live_streams += 1
+        self.metrics.observe_migration_gap(handover.reason, handover.mechanism, gap_s)
+
+    def on(self, instance_id: str) -> list[LiveStream]:
+        return [s for s in self.streams.values() if s.instance_id == instance_id]
+
+    def find(self, request_id: str) -> LiveStream | None:
+        return next((s for s in self.streams.values() if s.request_id == request_id), None)
+
+    def running(self, model: str) -> list[RunningRequest]:
+        now = self.cluster.clock()
+        return [
+            RunningRequest(
+                request_id=s.request_id, instance_id=s.instance_id, model=s.model, prompt_tokens=s.prompt_tokens,
+                generated_tokens=s.generated, max_tokens=s.max_tokens, predicted_output_tokens=s.predicted_output,
+                priority=s.priority, tpot_slo_s=s.tpot_slo_s, decoding_s=now - s.started_at, migrations=s.moves,
+                migratable=s.trail.tracked and not s.moving and not s.trail.finished,
+            )
+            for s in self.streams.values() if s.model == model
+        ]
+
+    # ---------------------------------------------------------------- moves
+    @property
+    def moves_in_flight(self) -> int:
+        return len(self._moves)
+
+    def move(self, live: LiveStream, target_id: str | None, reason: str) -> asyncio.Task[bool] | None:
+        """Start moving ``live`` (to ``target_id``, or where the policy says); None when it cannot start now."""
+        if self.mover is None or live.moving or live.trail.done or not live.trail.tracked:
+            return None
+        if len(self._moves) >= self.config.max_concurrent:
+            return None
+        if target_id is None:
+            target_id = self.policy.target_for(self._running_request(live), self.cluster.snapshot(live.model),
+                                               self.running(live.model), exclude=(live.instance_id,))
+            if target_id is None:
+                return None
+        target = self.cluster.instances.get(target_id)
+        if target is None or target_id == live.instance_id:
+            return None
+        live.move_target = target_id
+        task = asyncio.create_task(self._move(live, target, reason), name=f"migrate-{live.request_id}")
+        live.move_task = task
+        self._moves.add(task)
+        task.add_done_callback(self._moves.discard)
+        return task
+
+    async def _move(self, live: LiveStream, target: InstanceState, reason: str) -> bool:
+        assert self.mover is not None
+        source = live.instance_id
+        ok = await self.mover(live, target, reason)
+        if ok:
+            self.moved += 1
+        else:
+            self.failed += 1
+        self.policy.on_migrated(MigrationPlan(live.request_id, source, target.spec.id, reason), ok, self.cluster.clock())
+        return ok
+
+    def _running_request(self, live: LiveStream) -> RunningRequest:
+        return next(r for r in self.running(live.model) if r.request_id == live.request_id and r.instance_id == live.instance_id)
+
+    # ---------------------------------------------------------------- rounds
+    def round(self) -> None:
+        """One pass: stalls, drains, then the policy's plan (what :meth:`_run` does every interval)."""
+        self._watch_stalls()
+        if not self.config.enabled:
+            return
+        for state in self.cluster.instances.values():
+            if state.draining:
+                for live in self.on(state.spec.id):
+                    self.move(live, None, "drain")
+        models = {s.model for s in self.streams.values()}
+        now = self.cluster.clock()
+        for model in models:
+            if len(self._moves) >= self.config.max_concurrent:
+                return
+            plans = self.policy.plan(self.cluster.snapshot(model), self.running(model), now)
+            for plan in plans:
+                live = self.find(plan.request_id)
+                if live is not None and live.instance_id == plan.source:
+                    self.move(live, plan.target, plan.reason)
+
+    def _watch_stalls(self) -> None:
+        limit = self.config.stall_timeout_s
+        if limit <= 0:
+            return
+        now = self.cluster.clock()
+        for live in list(self.streams.values()):
+            if not live.moving and not live.frozen and now - live.last_read > limit and live.stall_reason is None:
+                live.stall_reason = f"stalled: no data for {now - live.last_read:.1f} s"
+                log.warning("stream %s on %s %s; failing it over", live.request_id, live.instance_id, live.stall_reason)
+                live.abort_source(live.stall_reason)
+
+    # ---------------------------------------------------------------- drains
+    def drain(self, instance_id: str) -> None:
+        """Keep new requests off ``instance_id`` and move its streams away (from the next round on)."""
+        self.cluster.instances[instance_id].draining = True
+        if self.config.enabled:
+            for live in self.on(instance_id):
+                self.move(live, None, "drain")
+
+    def undrain(self, instance_id: str) -> None:
+        self.cluster.instances[instance_id].draining = False
+
+    async def wait_drained(self, instance_id: str, timeout_s: float) -> bool:
+        """Wait until nothing runs on ``instance_id`` (streams and other requests); False on timeout."""
+        state = self.cluster.instances[instance_id]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while state.inflight_requests > 0 or self.on(instance_id):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True

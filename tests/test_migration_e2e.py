@@ -1,0 +1,288 @@
+"""Runtime migration, drain and mid-stream failover on simulated fleets, through the real openai client.
+
+The simulated engine's tokens are a pure function of the context (greedy here), so a request
+that moved k tokens in must produce exactly the tokens of an uninterrupted run: the tests
+compare text, token counts and usage with a reference request served without any move.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import openai
+import pytest
+from support.fleet import (
+    MODEL,
+    engine_flags,
+    get_json,
+    instance_entry,
+    metric,
+    start_gateway,
+    write_config,
+)
+
+TOKENS = 160
+PROMPT = "Tell me a long story about a migrating bird and the engines that served it"
+
+
+def admin(url: str, path: str, body: dict | None = None, method: str = "POST", headers: dict | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(f"{url}{path}", data=data if method == "POST" else None, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def fleet(sim_factory, tmp_path, roles=("both", "both"), api="vllm", kind="sim", time_scale=1.0, **gateway):
+    engines = [sim_factory(*engine_flags(role, api), time_scale=time_scale) for role in roles]
+    entries = [instance_entry(e, role, kind) for e, role in zip(engines, roles)]
+    migration = {"policy": "no-migration", "interval_s": 0.1, **gateway.pop("migration", {})}
+    config = write_config(tmp_path / "fleet.yaml", entries, migration=migration, **gateway)
+    return engines, entries, start_gateway(config)
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+class Stream:
+    """A streamed completion read chunk by chunk, with a hook after the k-th token."""
+
+    def __init__(self, url: str, request_id: str, *, chat: bool = False, tokens: int = TOKENS, prompt: str = PROMPT,
+                 usage: bool = True) -> None:
+        self.url, self.request_id, self.chat = url, request_id, chat
+        self.tokens, self.prompt, self.usage_wanted = tokens, prompt, usage
+        self.text = ""
+        self.events = 0
+        self.usage = None
+        self.ids: set[str] = set()
+        self.finish: list[str] = []
+
+    def run(self, at: int | None = None, action=None) -> Stream:
+        api = client(self.url)
+        common = {"model": MODEL, "max_tokens": self.tokens, "temperature": 0, "stream": True,
+                  "extra_body": {"ignore_eos": True}, "extra_headers": {"X-Request-Id": self.request_id}}
+        if self.usage_wanted:
+            common["stream_options"] = {"include_usage": True}
+        if self.chat:
+            stream = api.chat.completions.create(messages=[{"role": "user", "content": self.prompt}], **common)
+        else:
+            stream = api.completions.create(prompt=self.prompt, **common)
+        for chunk in stream:
+            self.ids.add(chunk.id)
+            if chunk.usage is not None:
+                self.usage = chunk.usage
+            for choice in chunk.choices:
+                piece = choice.delta.content if self.chat else choice.text
+                if piece:
+                    self.text += piece
+                    self.events += 1
+                if choice.finish_reason:
+                    self.finish.append(choice.finish_reason)
+            if at is not None and self.events == at and action is not None:
+                action()
+                action = None
+        return self
+
+
+def serving(url: str, request_id: str) -> str:
+    for inst in get_json(f"{url}/admin/instances")["data"]:
+        if any(s["request_id"] == request_id for s in inst["streams"]):
+            return inst["id"]
+    raise AssertionError(f"{request_id} is not running anywhere")
+
+
+def assert_same(moved: Stream, reference: Stream) -> None:
+    assert moved.text == reference.text
+    assert moved.events == reference.events == moved.tokens
+    assert moved.finish == reference.finish == ["length"]
+    assert len(moved.ids) == 1  # one stream from the client's view
+    assert moved.usage is not None and reference.usage is not None
+    assert moved.usage.completion_tokens == reference.usage.completion_tokens == moved.tokens
+    assert moved.usage.prompt_tokens == reference.usage.prompt_tokens
+    assert moved.usage.total_tokens == reference.usage.total_tokens
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_a_stream_migrated_k_tokens_in_is_identical(sim_factory, tmp_path, chat):
+    _, _, gateway = fleet(sim_factory, tmp_path, migration={"mechanism": "recompute"})
+    try:
+        reference = Stream(gateway.url, "ref", chat=chat).run()
+        outcome: dict[str, Any] = {}
+
+        def migrate() -> None:
+            outcome["source"] = serving(gateway.url, "moved")
+            outcome["answer"] = admin(gateway.url, "/admin/requests/moved/migrate")
+
+        moved = Stream(gateway.url, "moved", chat=chat).run(at=20, action=migrate)
+        status, answer = outcome["answer"]
+        assert status == 200 and answer["migrated"] is True, answer
+        assert answer["from"] == outcome["source"] and answer["to"] != outcome["source"]
+        assert_same(moved, reference)
+        assert metric(gateway.url, "pdgate_migrations_total", reason="admin", mechanism="recompute", outcome="migrated") == 1
+        assert metric(gateway.url, "pdgate_migration_downtime_seconds_count", reason="admin") == 1
+        assert metric(gateway.url, "pdgate_generation_tokens_total") == 2 * TOKENS
+    finally:
+        gateway.stop()
+
+
+def test_sigkill_mid_stream_fails_over_with_identical_tokens(sim_factory, tmp_path):
+    engines, entries, gateway = fleet(sim_factory, tmp_path)
+    try:
+        reference = Stream(gateway.url, "ref").run()
+        by_id = {entry["id"]: engine for entry, engine in zip(entries, engines)}
+
+        def kill() -> None:
+            by_id[serving(gateway.url, "victim")].proc.send_signal(signal.SIGKILL)
+
+        survived = Stream(gateway.url, "victim").run(at=25, action=kill)
+        assert_same(survived, reference)
+        assert metric(gateway.url, "pdgate_migrations_total", reason="failover", outcome="migrated") == 1
+        assert metric(gateway.url, "pdgate_requests_total", status="200") == 2
+    finally:
+        gateway.stop()
+
+
+def test_a_stalled_engine_is_failed_over(sim_factory, tmp_path):
+    engines, entries, gateway = fleet(sim_factory, tmp_path, migration={"stall_timeout_s": 1.0})
+    stopped = []
+    try:
+        reference = Stream(gateway.url, "ref").run()
+        by_id = {entry["id"]: engine for entry, engine in zip(entries, engines)}
+
+        def freeze() -> None:
+            proc = by_id[serving(gateway.url, "stalled")].proc
+            proc.send_signal(signal.SIGSTOP)
+            stopped.append(proc)
+
+        started = time.monotonic()
+        survived = Stream(gateway.url, "stalled").run(at=15, action=freeze)
+        assert_same(survived, reference)
+        assert time.monotonic() - started >= 1.0
+        assert metric(gateway.url, "pdgate_migrations_total", reason="failover", outcome="migrated") == 1
+    finally:
+        for proc in stopped:
+            proc.send_signal(signal.SIGCONT)
+        gateway.stop()
+
+
+def test_a_failed_migration_leaves_the_request_on_its_source(sim_factory, tmp_path):
+    engines, entries, gateway = fleet(sim_factory, tmp_path, roles=("both", "both", "both"),
+                                      migration={"mechanism": "recompute"})
+    try:
+        reference = Stream(gateway.url, "ref").run()
+        outcome: dict[str, Any] = {}
+
+        def migrate_to_a_dead_one() -> None:
+            source = serving(gateway.url, "stays")
+            dead = next(e for e in entries if e["id"] != source)
+            next(p for p, e in zip(engines, entries) if e is dead).proc.send_signal(signal.SIGKILL)
+            outcome["source"] = source
+            outcome["answer"] = admin(gateway.url, "/admin/requests/stays/migrate", {"target": dead["id"]})
+
+        stayed = Stream(gateway.url, "stays").run(at=20, action=migrate_to_a_dead_one)
+        status, answer = outcome["answer"]
+        assert status == 200 and answer["migrated"] is False, answer
+        assert_same(stayed, reference)
+        assert metric(gateway.url, "pdgate_migrations_total", reason="admin", outcome="failed") == 1
+        assert metric(gateway.url, "pdgate_migrations_total", outcome="migrated") == 0
+    finally:
+        gateway.stop()
+
+
+def test_drain_moves_every_stream_away_and_keeps_new_requests_off(sim_factory, tmp_path):
+    _, _, gateway = fleet(sim_factory, tmp_path, migration={"mechanism": "recompute"})
+    try:
+        reference = Stream(gateway.url, "ref").run()
+        streams = [Stream(gateway.url, f"drain-{i}") for i in range(6)]
+        errors: list[BaseException] = []
+
+        def run(stream: Stream) -> None:
+            try:
+                stream.run()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in streams]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        busiest = None
+        while time.monotonic() < deadline:
+            instances = get_json(f"{gateway.url}/admin/instances")["data"]
+            busiest = max(instances, key=lambda i: len(i["streams"]))
+            if sum(len(i["streams"]) for i in instances) == len(streams) and all(
+                    s["generated_tokens"] >= 5 for i in instances for s in i["streams"]):
+                break
+            time.sleep(0.02)
+        assert busiest is not None and busiest["streams"], "no stream to drain"
+        status, drained = admin(gateway.url, f"/admin/instances/{busiest['id']}/drain?wait=true&timeout_s=20")
+        assert status == 200 and drained["drained"] is True and drained["draining"] is True, drained
+        assert drained["streams"] == [] and drained["running_requests"] == 0
+        for thread in threads:
+            thread.join(30)
+        assert not errors
+        for stream in streams:
+            assert_same(stream, reference)
+        assert metric(gateway.url, "pdgate_migrations_total", reason="drain", outcome="migrated") >= 1
+        assert metric(gateway.url, "pdgate_instance_draining", instance=busiest["id"]) == 1
+        # new requests stay off the drained instance until it is undrained
+        after = Stream(gateway.url, "after", tokens=40)
+        after.run(at=5, action=lambda: after.__dict__.setdefault("on", serving(gateway.url, "after")))
+        assert after.__dict__["on"] != busiest["id"]
+        status, undrained = admin(gateway.url, f"/admin/instances/{busiest['id']}/undrain")
+        assert status == 200 and undrained["draining"] is False
+    finally:
+        gateway.stop()
+
+
+def test_admin_api_errors_and_key(sim_factory, tmp_path):
+    _, entries, gateway = fleet(sim_factory, tmp_path, roles=("both",), time_scale=20.0,
+                                admin={"api_key": "operator-secret"})
+    try:
+        key = {"Authorization": "Bearer operator-secret"}
+        status, body = admin(gateway.url, "/admin/instances", method="GET")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        status, body = admin(gateway.url, "/admin/instances", method="GET", headers=key)
+        assert status == 200 and [i["id"] for i in body["data"]] == [entries[0]["id"]]
+        listed = body["data"][0]
+        assert {"url", "role", "healthy", "load", "draining", "streams", "running_requests"} <= set(listed)
+        status, body = admin(gateway.url, "/admin/instances/nope/drain", headers=key)
+        assert status == 404 and body["error"]["code"] == "instance_not_found"
+        status, body = admin(gateway.url, "/admin/requests/nope/migrate", headers=key)
+        assert status == 404 and body["error"]["code"] == "request_not_found"
+        status, body = admin(gateway.url, f"/admin/instances/{entries[0]['id']}/drain", method="GET", headers=key)
+        assert status == 405
+        status, body = admin(gateway.url, "/admin/requests/x/migrate", body=None, headers=key)
+        assert status == 404
+    finally:
+        gateway.stop()
+
+
+def test_with_failover_off_a_killed_engine_ends_the_stream_with_an_error(sim_factory, tmp_path):
+    engines, _, gateway = fleet(sim_factory, tmp_path, roles=("both",),
+                                      migration={"failover": False, "enabled": False})
+    try:
+        api = client(gateway.url)
+        stream = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True,
+                                        extra_body={"ignore_eos": True})
+        seen = 0
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                seen += 1
+                if seen == 10:
+                    os.kill(engines[0].proc.pid, signal.SIGKILL)
+        assert seen >= 10
+        assert metric(gateway.url, "pdgate_requests_total", status="502") == 1
+    finally:
+        gateway.stop()
