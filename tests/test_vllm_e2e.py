@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,97 @@ async def test_vllm_continues_the_gateway_trace(engines: Fleet, collector: OtlpR
     assert prefill_span.attributes["gen_ai.usage.prompt_tokens"] == reply.usage.prompt_tokens
     assert prefill_span.attributes["gen_ai.usage.completion_tokens"] == 1  # the prefill leg's one token
     assert decode_span.attributes["gen_ai.usage.completion_tokens"] == 6
+
+
+async def _admin(url: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+    def call() -> tuple[int, Any]:
+        req = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as err:
+            return err.code, json.load(err)
+    return await asyncio.to_thread(call)
+
+
+async def _stream_with(url: str, prompt: str, max_tokens: int, request_id: str, at: int, action: Any) -> tuple[list[int], Any, set[str]]:
+    """A greedy streamed completion whose token ids are collected; ``action`` runs after ``at`` tokens."""
+    stream = await client(url).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "return_token_ids": True},
+        extra_headers={"X-Request-Id": request_id})
+    ids: list[int] = []
+    usage, chunk_ids = None, set()
+    async for chunk in stream:
+        chunk_ids.add(chunk.id)
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            ids += list(getattr(choice, "token_ids", None) or [])
+        if action is not None and len(ids) >= at:
+            await action()
+            action = None
+    return ids, usage, chunk_ids
+
+
+async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
+    """Run second to last (it kills the decode engine). A stream decoding on one engine moves to
+    the NIXL decode engine through vLLM's own PD path (prompt + generated tokens prefilled with
+    do_remote_decode, continued with the returned kv_transfer_params); then the decode engine is
+    SIGKILLed under another stream, which fails over. Both equal an uninterrupted greedy run."""
+    instances = [{"id": "prefill", "url": engines.prefill.url, "kind": "vllm", "role": "prefill", "model": MODEL, "block_size": BLOCK},
+                 {"id": "decode", "url": engines.decode.url, "kind": "vllm", "role": "decode", "model": MODEL, "block_size": BLOCK},
+                 # no KV connector: as a decode instance it computes the prompt itself
+                 {"id": "colocated", "url": engines.colocated.url, "kind": "vllm", "role": "decode", "model": MODEL,
+                  "block_size": BLOCK}]
+    server = GatewayServer(build_gateway(gateway_config(instances, migration={"policy": "no-migration"})))
+    await server.start()
+    tokens = 400
+    try:
+        url = server.url
+        prompt = prompt_text(21, 50)
+        reference = await complete(engines.colocated.url, prompt, tokens)
+        expected = list(reference.choices[0].token_ids)
+
+        # 1. migration: the stream starts on "colocated" (decode drained), then moves to "decode"
+        assert (await _admin(url, "/admin/instances/decode/drain"))[0] in (200, 202)
+        external0 = engines.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+        moved: dict[str, Any] = {}
+
+        async def migrate() -> None:
+            await _admin(url, "/admin/instances/decode/undrain")
+            moved["answer"] = await _admin(url, "/admin/requests/vllm-moved/migrate", {"target": "decode"})
+
+        ids, usage, chunk_ids = await _stream_with(url, prompt, tokens, "vllm-moved", 12, migrate)
+        status, answer = moved["answer"]
+        assert status == 200 and answer["migrated"] is True and answer["from"] == "colocated", answer
+        assert ids == expected  # no token lost or repeated, the same continuation
+        assert usage.completion_tokens == tokens and usage.prompt_tokens == reference.usage.prompt_tokens
+        assert len(chunk_ids) == 1
+        moved_at = answer["generated_tokens"]
+        external = engines.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - external0
+        assert external >= reference.usage.prompt_tokens + moved_at - 1  # prompt + generated came over NIXL
+
+        # 2. failover: a stream on "decode" whose engine is SIGKILLed continues on "colocated"
+        assert (await _admin(url, "/admin/instances/colocated/drain"))[0] in (200, 202)
+
+        async def kill() -> None:
+            await _admin(url, "/admin/instances/colocated/undrain")
+            os.killpg(engines.decode.proc.pid, signal.SIGKILL)
+
+        ids, usage, chunk_ids = await _stream_with(url, prompt, tokens, "vllm-killed", 12, kill)
+        assert ids == expected and usage.completion_tokens == tokens and len(chunk_ids) == 1
+        text = (await asyncio.to_thread(lambda: urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()))
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        def count(**labels: str) -> float:
+            return sum(v for (n, lab), v in samples.items() if n == "pdgate_migrations_total"
+                       and all(p in lab for p in labels.items()))
+        assert count(reason="admin", mechanism="pd", outcome="migrated") == 1
+        assert count(reason="failover", outcome="migrated") == 1
+    finally:
+        await server.stop()
+        engines.decode.stop()
 
 
 async def test_killed_engine_is_marked_unhealthy_and_avoided(engines: Fleet) -> None:
