@@ -217,7 +217,8 @@ class LiveStream:
         first = self.splice.feed(handover.first)
         if first:
             self._send(first)
-        handover.leg.end(**{"pdgate.migration.gap_s": self.clock() - gap_from})
+        handover.leg.end(**{"pdgate.migration.gap_s": self.clock() - gap_from, "pdgate.migration.to": handover.state.spec.id,
+                            "pdgate.migration.mechanism": handover.mechanism})
         if self.on_switch is not None:
             self.on_switch(self, old, handover, self.clock() - gap_from)
 
