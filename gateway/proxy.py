@@ -694,7 +694,9 @@ class Proxy:
         leg = self._prefill_leg(routed, prefill)
         status = error = None
         try:
-            resp = await self._open(prefill, routed.path, {**body, "stream": False}, routed.info.request_id, leg)
+            prefill_body = {k: v for k, v in body.items() if k != "stream_options"}  # only valid with stream: true
+            prefill_body["stream"] = False
+            resp = await self._open(prefill, routed.path, prefill_body, routed.info.request_id, leg)
             status = resp.status
             await self._read_all(prefill, resp)
             if resp.status >= 400:

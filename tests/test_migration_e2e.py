@@ -21,6 +21,7 @@ import pytest
 from support.fleet import (
     MODEL,
     engine_flags,
+    free_port,
     get_json,
     instance_entry,
     metric,
@@ -132,6 +133,49 @@ def test_a_stream_migrated_k_tokens_in_is_identical(sim_factory, tmp_path, chat)
         assert metric(gateway.url, "pdgate_migrations_total", reason="admin", mechanism="recompute", outcome="migrated") == 1
         assert metric(gateway.url, "pdgate_migration_downtime_seconds_count", reason="admin") == 1
         assert metric(gateway.url, "pdgate_generation_tokens_total") == 2 * TOKENS
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("mechanism, roles, api", [
+    ("live", ("both", "both"), "vllm"),
+    ("live", ("prefill", "decode", "decode"), "sglang"),
+    ("pd", ("prefill", "decode", "decode"), "vllm"),
+], ids=["live-colocated", "live-sglang-pd", "pd-path"])
+def test_live_and_pd_path_migration_are_identical(sim_factory, tmp_path, mechanism, roles, api):
+    boot = {}
+    engines = []
+    for role in roles:
+        port = free_port() if api == "sglang" and role == "prefill" else None
+        engines.append(sim_factory(*engine_flags(role, api, boot_port=port), time_scale=1.0))
+        boot[len(engines) - 1] = port
+    kind = "sim-sglang" if api == "sglang" else "sim"
+    entries = [instance_entry(e, role, kind, boot_port=boot[i]) for i, (e, role) in enumerate(zip(engines, roles))]
+    config = write_config(tmp_path / "fleet.yaml", entries,
+                          migration={"policy": "no-migration", "interval_s": 0.1, "mechanism": mechanism})
+    gateway = start_gateway(config)
+    try:
+        reference = Stream(gateway.url, "ref").run()
+        outcome: dict[str, Any] = {}
+
+        def migrate() -> None:
+            outcome["answer"] = admin(gateway.url, "/admin/requests/moved/migrate")
+
+        moved = Stream(gateway.url, "moved").run(at=20, action=migrate)
+        status, answer = outcome["answer"]
+        assert status == 200 and answer["migrated"] is True, answer
+        assert_same(moved, reference)
+        assert metric(gateway.url, "pdgate_migrations_total", mechanism=mechanism, outcome="migrated") == 1
+        if mechanism == "live":
+            source = next(e for e, entry in zip(engines, entries) if entry["id"] == answer["from"])
+            target = next(e for e, entry in zip(engines, entries) if entry["id"] == answer["to"])
+            out = get_json(f"{source.url}/sim/migrations")["migrations"]
+            into = get_json(f"{target.url}/sim/migrations")["migrations"]
+            assert [r["outcome"] for r in out if r["direction"] == "out"] == ["migrated"]
+            assert [r["outcome"] for r in into if r["direction"] == "in"] == ["migrated"]
+            record = out[-1]
+            assert record["stages"] and 0 < record["downtime_s"]
+            assert record["num_output_tokens"] >= 20
     finally:
         gateway.stop()
 

@@ -154,7 +154,8 @@ class EngineCore:
         if not req.prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         req.context_hash = ContextHash.of(req.prompt_token_ids)
-        req.length_key = self.generator.length_key(req.prompt_token_ids)
+        origin = req.prompt_token_ids if req.length_key_tokens is None else req.prompt_token_ids[: req.length_key_tokens]
+        req.length_key = self.generator.length_key(origin)  # a migrated-in request keeps its origin's
         req.block_hashes = self._hash_blocks(req.prompt_token_ids)
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
@@ -250,6 +251,8 @@ class EngineCore:
                 continue
             hits = []
             if not req.blocks:
+                if req.reserved_blocks:  # a migration target's reservation: give it back right before allocating
+                    self.kv.free(req.reserved_blocks)
                 hits = self.kv.find_prefix(req.block_hashes, req.num_tokens - 1)
                 self.kv.record_query(req.num_tokens, len(hits) * self.kv.block_size)
                 if req.remote_prefill is not None and not (req.remote_kv_failed or req.remote_kv_ready):
@@ -388,8 +391,10 @@ class EngineCore:
             return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-        else:
+        elif req.status is not RequestStatus.MIGRATING:
             self.waiting.remove(req)
+        if req.reserved_blocks:
+            self.kv.free(req.reserved_blocks)
         req.status = status
         self.requests.pop(req.request_id, None)
         if hold and req.kv_hold_key is not None:
@@ -398,6 +403,44 @@ class EngineCore:
             self.kv.free(req.blocks)
         for callback in self._on_finish:
             callback(req)
+
+    # ------------------------------------------------------- live migration
+    def is_decoding(self, req: SimRequest) -> bool:
+        """Running with its whole context computed but the last sampled token (a decode step next)."""
+        return (
+            req.status is RequestStatus.RUNNING
+            and req.num_output_tokens > 0
+            and req.num_computed_tokens == req.num_tokens - 1
+        )
+
+    def pause(self, request_id: str) -> SimRequest | None:
+        """Take a decoding request out of scheduling (a live migration's stop-and-copy).
+
+        A step already in flight skips it (see :meth:`update`), so it produces no further token;
+        its blocks stay allocated and its KV covers every token but the last sampled one.
+        """
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.RUNNING:
+            return None
+        self.running.remove(req)
+        req.status = RequestStatus.MIGRATING
+        return req
+
+    def resume(self, request_id: str) -> None:
+        """Undo :meth:`pause` (a migration interrupted before it finished)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.status is RequestStatus.MIGRATING:
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+
+    def finish_migrated(self, request_id: str, hold_key: str, now: float) -> SimRequest | None:
+        """End a paused request as migrated; its blocks are held under ``hold_key`` for the target."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.MIGRATING:
+            return None
+        req.kv_hold_key = hold_key
+        self._finish(req, RequestStatus.FINISHED_MIGRATED, now, hold=True)
+        return req
 
     def on_finish(self, callback: Callable[[SimRequest], None]) -> None:
         """Register a callback run when any request finishes (metrics, streams)."""

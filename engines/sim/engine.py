@@ -162,6 +162,30 @@ class AsyncSimEngine:
         self.flush_events(now)
         self._wake.set()
 
+    def pause(self, request_id: str) -> SimRequest | None:
+        """Stop scheduling a decoding request (live migration); see :meth:`EngineCore.pause`."""
+        req = self.core.pause(request_id)
+        self._wake.set()
+        return req
+
+    def finish_migrated(self, request_id: str, hold_key: str) -> SimRequest | None:
+        """End a paused request as migrated: its stream gets a ``"migrated"`` end, its KV is held."""
+        now = self.clock.now()
+        req = self.core.finish_migrated(request_id, hold_key, now)
+        if req is not None:
+            stream = self._streams.pop(request_id, None)
+            if self._observer is not None:
+                self._observer.on_finished(req, now)
+            if stream is not None:
+                stream.queue.put_nowait(RequestOutput(req, [], RequestStatus.FINISHED_MIGRATED.value))
+        self.flush_events(now)
+        self._wake.set()  # the idle wait re-reads the next hold expiry
+        return req
+
+    def wake(self) -> None:
+        """Make the step loop look at the queues again (blocks were freed outside a step)."""
+        self._wake.set()
+
     def set_event_publisher(self, publish: Callable[[float, list[KvEvent]], None]) -> None:
         self._publish = publish
 

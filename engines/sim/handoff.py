@@ -23,7 +23,7 @@ from engines.sim.protocol import (
     CompletionRequest,
     read_json,
 )
-from engines.sim.request import RemotePrefill, SimRequest
+from engines.sim.request import RemotePrefill, RequestStatus, SimRequest
 
 if TYPE_CHECKING:
     from engines.sim.state import SimState
@@ -46,20 +46,10 @@ async def pull_kv(state: SimState, req: SimRequest) -> None:
         raise KvPullError("the engine has no HTTP client session")
     params = remote.params
     wait_s = state.clock.to_wall(state.config.kv_hold_timeout_s)
-    try:
-        if remote.protocol == "nixl":
-            url = f"http://{params['remote_host']}:{params['remote_port']}/sim/kv/read"
-            body = {k: params[k] for k in ("remote_engine_id", "remote_request_id", "remote_block_ids")}
-            request = session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30))
-        else:
-            url = f"http://{params['bootstrap_host']}:{params['bootstrap_port']}/sim/bootstrap/{params['bootstrap_room']}"
-            request = session.get(url, params={"timeout_s": str(wait_s)}, timeout=aiohttp.ClientTimeout(total=wait_s + 30))
-        async with request as resp:
-            if resp.status != 200:
-                raise KvPullError(f"KV pull from {url} failed with HTTP {resp.status}: {(await resp.text())[:200]}")
-            data = await resp.json()
-    except aiohttp.ClientError as exc:
-        raise KvPullError(f"KV pull from the prefill peer failed: {exc!r}") from exc
+    if remote.protocol == "nixl":
+        data = await read_held_kv(session, params)
+    else:
+        data = await _wait_bootstrap_room(session, params, wait_s)
     tokens = data.get("token_ids") or []
     if tokens[: req.num_prompt_tokens] != req.prompt_token_ids[: len(tokens)] or len(tokens) < req.num_prompt_tokens - 1:
         raise KvPullError("the prefill peer holds KV of a different prompt")
@@ -68,16 +58,43 @@ async def pull_kv(state: SimState, req: SimRequest) -> None:
     await state.clock.sleep_until(state.clock.now() + seconds)
 
 
+async def read_held_kv(session: aiohttp.ClientSession, params: dict[str, Any]) -> dict[str, Any]:
+    """NIXL-style read of the KV a peer holds (``POST /sim/kv/read`` on ``remote_host:remote_port``)."""
+    url = f"http://{params['remote_host']}:{params['remote_port']}/sim/kv/read"
+    body = {k: params[k] for k in ("remote_engine_id", "remote_request_id", "remote_block_ids")}
+    return await _fetch(session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)), url)
+
+
+async def _wait_bootstrap_room(session: aiohttp.ClientSession, params: dict[str, Any], wait_s: float) -> dict[str, Any]:
+    url = f"http://{params['bootstrap_host']}:{params['bootstrap_port']}/sim/bootstrap/{params['bootstrap_room']}"
+    request = session.get(url, params={"timeout_s": str(wait_s)}, timeout=aiohttp.ClientTimeout(total=wait_s + 30))
+    return await _fetch(request, url)
+
+
+async def _fetch(request: Any, url: str) -> dict[str, Any]:
+    try:
+        async with request as resp:
+            if resp.status != 200:
+                raise KvPullError(f"KV pull from {url} failed with HTTP {resp.status}: {(await resp.text())[:200]}")
+            return await resp.json()
+    except aiohttp.ClientError as exc:
+        raise KvPullError(f"KV pull from the prefill peer failed: {exc!r}") from exc
+
+
+_NIXL_REQUIRED = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port")
+
+
 def remote_prefill_from(req: CompletionRequest | ChatCompletionRequest, api: str) -> RemotePrefill | None:
+    params = req.kv_transfer_params or {}
+    if params.get("migration") and params.get("do_remote_prefill") and all(params.get(k) not in (None, []) for k in _NIXL_REQUIRED):
+        return RemotePrefill("nixl", dict(params))  # a live migration's continuation, in either API flavour
     if api == "sglang":
         if req.bootstrap_room is None:
             return None
         return RemotePrefill("bootstrap", {
             "bootstrap_host": req.bootstrap_host, "bootstrap_port": req.bootstrap_port, "bootstrap_room": req.bootstrap_room,
         })
-    params = req.kv_transfer_params or {}
-    required = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port")
-    if params.get("do_remote_prefill") and all(params.get(k) not in (None, []) for k in required):
+    if params.get("do_remote_prefill") and all(params.get(k) not in (None, []) for k in _NIXL_REQUIRED):
         return RemotePrefill("nixl", dict(params))
     return None  # like vLLM: invalid or absent params mean a local prefill
 
@@ -131,6 +148,12 @@ async def handle_kv_read(state: SimState, request: web.Request) -> web.Response:
     state.handoffs.pop(key, None)
     if held is None:
         raise ApiError(404, f"no KV is held for request {key!r} (never prefilled here, already pulled, or expired)")
+    state.engine.wake()  # the released blocks may admit a waiting request
+    if held.status is RequestStatus.FINISHED_MIGRATED:
+        # a migrated request: the KV of its whole context but the last sampled token
+        computed = held.all_token_ids[: held.num_computed_tokens]
+        return web.json_response({"token_ids": computed, "num_tokens": len(computed),
+                                  "migration": state.migration.outgoing.pop(key, None)})
     return web.json_response({"token_ids": held.prompt_token_ids, "num_tokens": held.num_prompt_tokens})
 
 

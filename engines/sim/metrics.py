@@ -155,9 +155,11 @@ class VllmMetrics(SimMetrics):
         self._itl.observe(seconds)
 
     def on_request_done(self, request: SimRequest, now: float) -> None:
+        self._generation_tokens.inc(request.num_output_tokens)
+        if request.status is RequestStatus.FINISHED_MIGRATED:
+            return  # it goes on elsewhere: neither a finished request nor its latency
         reason = request.status.value if request.status.finished else RequestStatus.FINISHED_ABORTED.value
         self._success[reason].inc()
-        self._generation_tokens.inc(request.num_output_tokens)
         self._e2e.observe(now - request.arrival_time)
         if request.first_scheduled_time is not None:
             self._queue.observe(request.first_scheduled_time - request.arrival_time)
@@ -225,8 +227,10 @@ class SglangMetrics(SimMetrics):
         self._itl.observe(seconds)
 
     def on_request_done(self, request: SimRequest, now: float) -> None:
+        self._generation_tokens.inc(request.num_output_tokens)
+        if request.status is RequestStatus.FINISHED_MIGRATED:
+            return  # it goes on elsewhere: neither a finished request nor its latency
         self._requests.inc()
         if request.status is RequestStatus.FINISHED_ABORTED:
             self._aborted.inc()
-        self._generation_tokens.inc(request.num_output_tokens)
         self._e2e.observe(now - request.arrival_time)

@@ -31,13 +31,16 @@ _ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    409: "ConflictError",
     413: "RequestEntityTooLarge",
     422: "UnprocessableEntityError",
     500: "InternalServerError",
     501: "NotImplementedError",
+    502: "BadGatewayError",
     503: "ServiceUnavailableError",
 }
-_SGLANG_PHRASES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 500: "Internal Server Error"}
+_SGLANG_PHRASES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict", 500: "Internal Server Error",
+                   502: "Bad Gateway"}
 
 
 def error_body(error: ApiError, flavour: str) -> dict[str, Any]:

@@ -14,10 +14,12 @@ class RequestStatus(enum.Enum):
     WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    MIGRATING = "migrating"  # taken out of scheduling for the stop-and-copy of a live migration
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
+    FINISHED_MIGRATED = "migrated"  # moved to another engine: its KV is held for the target to pull
 
     @property
     def finished(self) -> bool:
@@ -29,6 +31,7 @@ _FINISHED = {
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
     RequestStatus.FINISHED_ERROR,
+    RequestStatus.FINISHED_MIGRATED,
 }
 
 
@@ -87,6 +90,8 @@ class SimRequest:
     length_key: int = 0
     context_hash: ContextHash = field(default_factory=ContextHash)
     error: str | None = None
+    reserved_blocks: list[Any] = field(default_factory=list)  # a migration target's reservation, freed when first scheduled
+    length_key_tokens: int | None = None  # leading prompt tokens that were the original prompt (a migrated-in request)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -14,6 +14,7 @@ from aiohttp import web
 from engines.sim.core import RequestOutput
 from engines.sim.engine import RequestStream
 from engines.sim.handoff import await_handoff, kv_transfer_params, remote_prefill_from
+from engines.sim.migration import LiveRequest, claim_reservation
 from engines.sim.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -78,6 +79,7 @@ class Generation:
     prompt_ids: list[int]
     sim_request: SimRequest
     prefill_leg: bool
+    live: LiveRequest | None = None  # set while the handler runs (the live-migration index)
 
 
 def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Generation:
@@ -143,7 +145,10 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
     if config.api == "vllm" and (req.kv_transfer_params or {}).get("do_remote_decode"):
         prefill_leg, hold_key = True, internal_id
     remote = remote_prefill_from(req, config.api)
-    if config.api == "sglang" and config.role in ("prefill", "decode") and req.bootstrap_room is None:
+    migration = remote is not None and bool(remote.params.get("migration"))
+    if migration and config.api == "sglang" and config.role == "prefill":
+        raise ApiError(400, "a prefill server cannot continue a migrated request", param="kv_transfer_params")
+    if config.api == "sglang" and config.role in ("prefill", "decode") and req.bootstrap_room is None and not migration:
         raise ApiError(400, f"bootstrap_room is required by a {config.role} server in disaggregation mode", param="bootstrap_room")
     if config.api == "sglang" and config.role == "prefill":
         # SGLang's prefill server only prefills: one token, then the KV goes to the room's decoder
@@ -158,6 +163,14 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
         kv_hold_key=hold_key,
         remote_prefill=remote,
     )
+    if migration:
+        assert remote is not None
+        origin = remote.params.get("origin_prompt_tokens")
+        if isinstance(origin, int) and not isinstance(origin, bool) and 0 < origin <= n_prompt:
+            sim_request.length_key_tokens = origin
+        reservation = claim_reservation(state, remote.params.get("reservation_id"))
+        if reservation is not None:  # freed right before the request's own blocks are allocated
+            sim_request.reserved_blocks = reservation.blocks
     return Generation(kind, req, base, prompt_ids, sim_request, prefill_leg)
 
 
@@ -181,6 +194,7 @@ async def _generate(state: SimState, request: web.Request, kind: str) -> web.Str
     gen = _prepare(state, kind, await read_json(request), header_id)
     record["request_id"] = gen.request_id
     stream = state.engine.submit(gen.sim_request)
+    gen.live = state.migration.track(gen.request_id, gen.sim_request, gen.prefill_leg)
     if state.tracer is not None:
         state.tracer.begin(gen.sim_request, request_id=gen.request_id, traceparent=traceparent,
                            tracestate=tracestate, start_ns=received_ns, top_p=gen.body.top_p)
@@ -195,6 +209,7 @@ async def _generate(state: SimState, request: web.Request, kind: str) -> web.Str
     finally:
         if not finished and not gen.sim_request.status.finished:
             state.engine.abort(gen.sim_request.request_id)  # client went away: free its KV
+        state.migration.untrack(gen.live)
 
 
 def _text_of(state: SimState, gen: Generation) -> OutputText:
@@ -244,13 +259,16 @@ async def _full_response(state: SimState, gen: Generation, stream: RequestStream
         token_ids.extend(new_ids)
         last = output
     assert last is not None
+    if gen.live is not None:
+        gen.live.end_reason = last.finish_reason
     if last.finish_reason == "error":
         raise ApiError(500, gen.sim_request.error or "the request failed inside the engine", err_type="InternalServerError")
     await await_handoff(state, gen.sim_request, gen.prefill_leg)
     reason, stop_reason = _finish_fields(last, text)
     body = gen.body
-    text.flush()
-    final_text = text.text
+    if reason != "migrated":  # a migrated request goes on elsewhere: text held back for stop strings stays out
+        text.flush()
+    final_text = text.text[: text.sent]
     created, model = now_s(), state.served_model_name
     if gen.kind == "completion":
         choice: dict[str, Any] = {"index": 0, "text": final_text, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
@@ -294,7 +312,14 @@ async def _stream_response(state: SimState, request: web.Request, gen: Generatio
         if body.return_token_ids:
             head["prompt_token_ids"] = gen.prompt_ids
         await send(head)
+    live = gen.live
     async for new_ids, delta, output in _outputs(state, gen, stream, text):
+        if live is not None and output.finished:
+            live.end_reason = output.finish_reason
+        if output.finish_reason == "migrated":
+            # moved to another engine: every token so far was sent; no finish chunk, usage or [DONE]
+            await response.write_eof()
+            return response
         if output.finish_reason == "error":
             err = ApiError(500, gen.sim_request.error or "the request failed inside the engine", err_type="InternalServerError")
             await send(error_body(err, state.config.api))

@@ -102,6 +102,8 @@ async def handle_state(state: SimState, request: web.Request) -> web.Response:
         "running": [r.request_id for r in core.running],
         "held_kv": sorted(core.held),
         "kv_pulls_in_flight": state.engine.num_active_pulls,
+        "migrations_in_flight": len(state.migration.tasks),
+        "migration_reservations": len(state.migration.reservations),
         "num_blocks": kv.num_blocks,
         "num_free_blocks": kv.num_free_blocks,
         "num_cached_blocks": kv.num_cached_blocks,

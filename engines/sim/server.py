@@ -5,8 +5,9 @@ Routes (both flavours): ``/v1/completions``, ``/v1/chat/completions`` (SSE and J
 vLLM: ``/reset_prefix_cache``; SGLang: ``/health_generate``, ``/get_model_info``,
 ``/get_server_info``, ``/flush_cache``. Simulator-only routes live under ``/sim/``:
 ``/sim/state`` (a JSON snapshot for tests and operators), ``/sim/traces`` (the W3C trace headers
-of the latest generation requests) and ``/sim/kv/read`` (the side channel
-a decode peer pulls a held prefill's KV through). An SGLang-flavour prefill engine also serves a
+of the latest generation requests), ``/sim/kv/read`` (the side channel
+a decode peer pulls a held prefill's KV through) and the live-migration routes ``/sim/migrate``,
+``/sim/migrate/reserve``, ``/sim/migrate/release``, ``/sim/migrations`` (see :mod:`engines.sim.migration`). An SGLang-flavour prefill engine also serves a
 bootstrap server on its bootstrap port (``/route``, ``/health``, ``/sim/bootstrap/{room}``).
 See :mod:`engines.sim.handoff` for the PD protocols.
 """
@@ -27,6 +28,12 @@ from engines.sim.handoff import (
     handle_kv_read,
 )
 from engines.sim.kv_events import KvEventPublisher
+from engines.sim.migration import (
+    handle_migrate,
+    handle_migrations,
+    handle_release,
+    handle_reserve,
+)
 from engines.sim.routes_generate import handle_chat, handle_completions
 from engines.sim.routes_info import (
     handle_detokenize,
@@ -63,6 +70,10 @@ def create_app(state: SimState) -> web.Application:
         web.get("/sim/state", route(handle_state)),
         web.get("/sim/traces", route(handle_traces)),
         web.post("/sim/kv/read", route(handle_kv_read)),
+        web.post("/sim/migrate", route(handle_migrate)),
+        web.post("/sim/migrate/reserve", route(handle_reserve)),
+        web.post("/sim/migrate/release", route(handle_release)),
+        web.get("/sim/migrations", route(handle_migrations)),
     ]
     if api == "vllm":
         routes.append(web.post("/reset_prefix_cache", route(handle_reset_prefix_cache)))
@@ -109,6 +120,7 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        state.migration.close()
         await state.engine.close()
         if state.publisher is not None:
             await state.publisher.close()

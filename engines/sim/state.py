@@ -20,6 +20,7 @@ from engines.sim.handoff import on_request_finished, pull_kv
 from engines.sim.kv_cache import KVCacheManager
 from engines.sim.kv_events import KvEventPublisher
 from engines.sim.metrics import SglangMetrics, SimMetrics, VllmMetrics
+from engines.sim.migration import MigrationState, is_migration, pull_migrated_kv
 from engines.sim.perf_model import EngineProfile, resolve_profile
 from engines.sim.protocol import ApiError, error_body
 from engines.sim.tokenizer import Tokenizer, load_tokenizer
@@ -50,6 +51,7 @@ class SimState:
     core: EngineCore
     engine: AsyncSimEngine
     metrics: SimMetrics
+    migration: MigrationState
     clock: RealtimeClock
     engine_id: str
     served_model_name: str
@@ -117,6 +119,7 @@ def build_state(config: SimEngineConfig) -> SimState:
         core=core,
         engine=None,  # type: ignore[arg-type]  # set just below, it needs the state's puller
         metrics=metrics,
+        migration=MigrationState(metrics.registry),
         clock=clock,
         engine_id=config.resolved_engine_id(),
         served_model_name=served,
@@ -125,7 +128,7 @@ def build_state(config: SimEngineConfig) -> SimState:
     state.engine = AsyncSimEngine(
         core,
         clock,
-        kv_puller=lambda req: pull_kv(state, req),
+        kv_puller=lambda req: pull_migrated_kv(state, req) if is_migration(req) else pull_kv(state, req),
         kv_load_failure_policy=config.kv_load_failure_policy,
         observer=metrics,
     )
