@@ -174,6 +174,9 @@ class LiveStream:
                 self.held.clear()  # a frozen source broke: the held events are not the client's
                 if self._finish_without_engine():
                     return
+                ending = self.decode_leg if self.decode_leg is not None else self.first_leg
+                if ending is not None:
+                    ending.end(error=reason)
                 handover = await failover(self, reason)
                 if handover is None:
                     raise MidStreamFailure(self.instance_id, reason)

@@ -270,6 +270,46 @@ async def test_a_retry_shows_the_failed_leg_and_counts(tmp_path, sim_factory) ->
     assert _total(metrics, "pdgate_instance_circuit_state", instance=dead, state="open") == 1
 
 
+async def test_a_failover_is_a_migration_span_between_two_legs(tmp_path, sim_factory) -> None:
+    """The engine of a stream dies mid-answer: its leg ends in ERROR, a pdgate.migration span
+    says where the stream went, and the continuation's leg follows."""
+    engines = [sim_factory(*engine_flags("both"), time_scale=1.0) for _ in range(2)]
+    entries = [instance_entry(e, "both", "sim") for e in engines]
+    config = GatewayConfig.load(write_config(tmp_path / "two.yaml", entries, migration={"policy": "no-migration"}))
+    exporter = InMemorySpanExporter()
+    server = GatewayServer(build_gateway(config), span_exporter=exporter)
+    await server.start()
+    try:
+        client = _client(server.url)
+        stream = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=80, temperature=0, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        pieces = 0
+        async for chunk in stream:
+            pieces += sum(1 for c in chunk.choices if c.text)
+            if pieces == 10:
+                live = next(iter(server.gateway.migrations.streams.values()))
+                victim = next(e for e, entry in zip(engines, entries) if entry["id"] == live.instance_id)
+                victim.kill()
+        await client.close()
+    finally:
+        await server.stop()
+    assert pieces == 80
+    spans = exporter.get_finished_spans()
+    migration = next(s for s in spans if s.name == "pdgate.migration")
+    dead = migration.attributes["pdgate.migration.from"]
+    assert migration.attributes["pdgate.migration.reason"] == "failover"
+    assert migration.attributes["pdgate.migration.to"] != dead
+    assert migration.attributes["pdgate.migration.mechanism"] == "recompute"
+    assert migration.attributes["pdgate.migration.tokens"] >= 10 and migration.attributes["pdgate.migration.gap_s"] > 0
+    mine = [s for s in spans if s.context.trace_id == migration.context.trace_id]
+    legs = sorted((s for s in mine if s.name == "pdgate.generate"), key=lambda s: s.start_time)
+    assert [leg.attributes["pdgate.instance"] for leg in legs] == [dead, migration.attributes["pdgate.migration.to"]]
+    assert legs[0].status.status_code == StatusCode.ERROR
+    assert legs[1].status.status_code != StatusCode.ERROR
+    root = next(s for s in mine if s.name == "pdgate.request")
+    assert root.attributes["http.response.status_code"] == 200 and root.attributes["gen_ai.usage.output_tokens"] == 80
+
+
 def test_tracing_settings_follow_the_otel_environment() -> None:
     off = TracingConfig()
     assert resolve_settings(off, {}) is None  # nothing asked for: off, and no SDK work at all
