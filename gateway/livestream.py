@@ -170,8 +170,7 @@ class LiveStream:
             if handover is None:
                 reason = self.stall_reason or error or "the stream ended before the answer did"
                 self.stall_reason = None
-                self.frozen = False
-                self.held.clear()  # a frozen source broke: the held events are not the client's
+                self.thaw()  # what a frozen source sent before it broke is the client's: send it, continue after it
                 if self._finish_without_engine():
                     return
                 ending = self.decode_leg if self.decode_leg is not None else self.first_leg
