@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from engines.sim import perf_model as pm  # noqa: E402
+from engines.sim import perf_model as pm
 
 DEFAULT_VIDUR = REPO_ROOT.parent / "shared" / "data" / "vidur"
 DEFAULT_OUT = REPO_ROOT / "engines" / "sim" / "profiles"

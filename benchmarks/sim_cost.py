@@ -50,14 +50,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from engines.sim.config import SimEngineConfig  # noqa: E402
-from engines.sim.core import EngineCore  # noqa: E402
-from engines.sim.request import SamplingParams, SimRequest  # noqa: E402
+from engines.sim.config import SimEngineConfig
+from engines.sim.core import EngineCore
+from engines.sim.request import SamplingParams, SimRequest
 
 try:  # the state builder moved from server.py to state.py; accept either layout
-    from engines.sim.state import build_state  # noqa: E402
+    from engines.sim.state import build_state
 except ImportError:  # pragma: no cover
-    from engines.sim.server import build_state  # noqa: E402
+    from engines.sim.server import build_state
 
 LAG_SHARE_LIMIT = 0.01  # lag below 1% of simulated time ...
 LAG_MAX_LIMIT = 0.005  # ... and never more than 5 ms lost at once: "negligible"

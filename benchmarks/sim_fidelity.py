@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import compile_sim_profiles as csp  # noqa: E402
-from compile_sim_profiles import GROUPS, OpTable  # noqa: E402
+import compile_sim_profiles as csp
+from compile_sim_profiles import GROUPS, OpTable
 
-from engines.sim import perf_model as pm  # noqa: E402
+from engines.sim import perf_model as pm
 
 # Held-out check of the cross-GPU derivation: (target model, reference model) pairs measured on both GPUs.
 DERIVATION_CHECKS = (

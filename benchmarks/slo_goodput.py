@@ -491,13 +491,13 @@ class Fleet:
         return {"engines": None if None in engines else sum(e for e in engines if e is not None),
                 "gateway": used(self.gateway) if self.gateway else None}
 
-    async def warm_up(self, n: int = 4) -> None:
+    async def warm_up(self, n: int = 4, model: str = MODEL) -> None:
         """A few tiny requests through the gateway, one after the other, so that the first
         requests of the probe do not pay one-time costs (connections, lazy imports). With a
         round-robin picker they reach every engine; their prompts share nothing with a trace."""
         async with aiohttp.ClientSession() as session:
             for i in range(n):
-                body = {"model": MODEL, "prompt": f"warm up {i} " * 8, "max_tokens": 2, "ignore_eos": True}
+                body = {"model": model, "prompt": f"warm up {i} " * 8, "max_tokens": 2, "ignore_eos": True}
                 async with session.post(self.url + "/v1/completions", json=body,
                                         timeout=aiohttp.ClientTimeout(total=30)) as resp:
                     if resp.status != 200:

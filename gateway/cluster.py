@@ -189,6 +189,9 @@ class Lease:
 
     def prefill_done(self) -> None:
         """The prefill part is over (the decode part, if any, goes on): stop counting it as queued work."""
+        if not self.released and self.prefill_tokens:
+            self.state.inflight_prefill_tokens -= self.prefill_tokens
+            self.prefill_tokens = 0
         self.state.remove_prefill(self.key, self.clock())
         if self.on_release is not None:
             self.on_release()

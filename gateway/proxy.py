@@ -505,7 +505,8 @@ class Proxy:
         live.source_released = True
         await live.source_ended.wait()  # every token the source produced has reached the client
         handoff = moved.handoff
-        if live.trail.token_ids != moved.output_token_ids:
+        produced = live.trail.token_ids[live.splice.offset:] if live.splice is not None else live.trail.token_ids
+        if produced != moved.output_token_ids:  # (after an earlier move the engine made only the tokens since)
             log.warning("live migration of %s: the engine reports %d tokens, the client got %d; recomputing",
                         live.request_id, len(moved.output_token_ids), live.generated)
             handoff = None
@@ -591,6 +592,8 @@ class Proxy:
             await opened.close()
             raise
         opened.leg.first_token()
+        if opened.decode_lease is not None and not cont.obs.split:
+            opened.decode_lease.prefill_done()  # recomputed on the target: its prompt is done, decoding goes on
         tasks = [opened.prefill_task] if opened.prefill_task is not None else []
         return Handover(placement.decode, opened.upstream, first, k, mechanism, opened.leases, tasks, request_id=request_id,
                         decode_leg=opened.leg)

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support.procs import PdgateProcess, start_sim  # noqa: E402
+from support.procs import PdgateProcess, start_sim
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from scheduler.costmodel.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "river mountain paper window garden coffee planet music engine yellow silver market bridge forest".split()
+WORDS = ["river", "mountain", "paper", "window", "garden", "coffee", "planet", "music", "engine", "yellow", "silver", "market", "bridge", "forest"]
 
 
 def pdgate(*args: str) -> subprocess.CompletedProcess:

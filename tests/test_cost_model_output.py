@@ -28,8 +28,7 @@ from scheduler.costmodel.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = Path("/work/shared/data/alpaca_eval/results")
-FILLER = ("river mountain paper window garden coffee planet music engine yellow silver market bridge "
-          "forest doctor camera letter island winter button pencil rocket castle").split()
+FILLER = ["river", "mountain", "paper", "window", "garden", "coffee", "planet", "music", "engine", "yellow", "silver", "market", "bridge", "forest", "doctor", "camera", "letter", "island", "winter", "button", "pencil", "rocket", "castle"]
 
 
 def synthetic_rows(n: int, seed: int) -> list[tuple[RequestFeatures, int]]:

@@ -180,6 +180,29 @@ def test_live_and_pd_path_migration_are_identical(sim_factory, tmp_path, mechani
         gateway.stop()
 
 
+def test_a_stream_moved_live_twice_is_identical_and_leaves_no_kv_behind(sim_factory, tmp_path):
+    engines, _, gateway = fleet(sim_factory, tmp_path, migration={"mechanism": "live"})
+    try:
+        reference = Stream(gateway.url, "ref").run()
+        answers = []
+
+        def two_moves() -> None:  # there and back: the second move is of a continuation
+            answers.append(admin(gateway.url, "/admin/requests/twice/migrate"))
+            time.sleep(0.3)
+            answers.append(admin(gateway.url, "/admin/requests/twice/migrate"))
+
+        stream = Stream(gateway.url, "twice").run(at=20, action=two_moves)
+        assert_same(stream, reference)
+        assert [(status, a["migrated"]) for status, a in answers] == [(200, True), (200, True)], answers
+        assert answers[0][1]["to"] == answers[1][1]["from"]
+        assert metric(gateway.url, "pdgate_migrations_total", mechanism="live", outcome="migrated") == 2
+        for engine in engines:
+            state = get_json(f"{engine.url}/sim/state")
+            assert not state["held_kv"] and not state["migration_reservations"], state
+    finally:
+        gateway.stop()
+
+
 def test_sigkill_mid_stream_fails_over_with_identical_tokens(sim_factory, tmp_path):
     engines, entries, gateway = fleet(sim_factory, tmp_path)
     try:

@@ -68,7 +68,7 @@ def test_vllm_flavour_nixl_flow_gives_identical_greedy_output(sim_factory):
 
     n1, n2 = asyncio.run(main())
     local_hit = (n1 - 1) // 16 * 16
-    by_source = lambda src: metric(decode.url, "vllm:prompt_tokens_by_source_total", source=src)  # noqa: E731
+    by_source = lambda src: metric(decode.url, "vllm:prompt_tokens_by_source_total", source=src)
     assert by_source("external_kv_transfer") == (n1 - 1) + (n2 - 1) + (n1 - 1 - local_hit)
     assert by_source("local_cache_hit") == local_hit
     assert by_source("local_compute") == 3  # only the last prompt token of each request was recomputed
