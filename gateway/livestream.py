@@ -136,14 +136,16 @@ class LiveStream:
     # ------------------------------------------------------------ relaying
     def sink(self, data: bytes) -> None:
         """Called from the engine connection's ``data_received`` with each read."""
-        self.last_read = self.clock()
+        now = self.last_read = self.clock()
         out = self.splice.feed(data) if self.splice is not None else self.trail.feed(data)
         if not out:
             return
         if self.frozen:
             self.held.append(out)
         else:
-            self._send(out)
+            self.last_write = now
+            self.observe(out)
+            self.responder.write(out)
 
     def _send(self, out: bytes) -> None:
         self.last_write = self.clock()

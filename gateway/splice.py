@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _TOKEN_IDS = re.compile(rb'"token_ids"\s*:\s*\[([0-9,\s]*)\]')
-_ANY_IDS = re.compile(rb'"(prompt_token_ids|token_ids)"\s*:\s*\[[0-9,\s]*\]')
+_IDS_VALUE = re.compile(rb'"token_ids"\s*:\s*\[[0-9,\s]*\]')  # (not "prompt_token_ids": a quote must precede)
+_PROMPT_IDS_VALUE = re.compile(rb'"prompt_token_ids"\s*:\s*\[[0-9,\s]*\]')
 _TEXT = re.compile(rb'"(?:text|content)"\s*:\s*"[^"]')  # a non-empty piece of output text
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 _DONE = b"data: [DONE]"
@@ -89,16 +90,27 @@ class StreamTrail:
     should have: such an answer cannot be continued exactly.
     """
 
-    __slots__ = ("done", "finished", "identity", "partial", "strip", "token_ids", "tracked")
+    __slots__ = ("_ids", "_raw", "done", "finished", "identity", "partial", "strip", "tracked")
 
     def __init__(self, *, strip_ids: bool) -> None:
-        self.token_ids: list[int] = []
+        self._ids: list[int] = []
+        self._raw: list[bytes] = []  # ids as they came ("1,2,3"), parsed when first needed
         self.partial = b""
         self.finished = False  # a finish_reason went out
         self.done = False  # [DONE] went out
         self.identity: dict[str, Any] | None = None  # id, created, model, object of the first event
         self.strip = strip_ids
         self.tracked = True
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The token ids the client has, in order (a list the caller may extend or truncate)."""
+        if self._raw:
+            for ids in self._raw:
+                if ids.strip():
+                    self._ids.extend(int(x) for x in ids.split(b","))
+            self._raw.clear()
+        return self._ids
 
     def feed(self, data: bytes) -> bytes:
         if self.partial:
@@ -111,17 +123,19 @@ class StreamTrail:
         if self.identity is None:
             self.identity = _identity(out)
         found = _TOKEN_IDS.findall(out)
-        for ids in found:
-            if ids.strip():
-                self.token_ids.extend(int(x) for x in ids.split(b","))
+        if found:
+            self._raw.extend(found)
         if not found and self.tracked and _TEXT.search(out) is not None:
             self.tracked = False  # output without token ids: this engine does not report them
-        if _FINISHED.search(out) is not None:
+        if b'"finish_reason"' in out and _FINISHED.search(out) is not None:
             self.finished = True
         if _DONE in out:
             self.done = True
         if self.strip:
-            out = _ANY_IDS.sub(rb'"\1":null', out)
+            if found:
+                out = _IDS_VALUE.sub(b'"token_ids":null', out)
+            if b'"prompt_token_ids":[' in out or b'"prompt_token_ids": [' in out:
+                out = _PROMPT_IDS_VALUE.sub(b'"prompt_token_ids":null', out)
         return out
 
 
