@@ -81,6 +81,17 @@ def continuation_body(body: Mapping[str, Any], prompt_ids: list[int], generated:
     return out
 
 
+def complete_events(partial: bytes, data: bytes) -> tuple[bytes, bytes]:
+    """Split what came so far (``partial`` + ``data``) into its complete SSE events and the
+    incomplete rest."""
+    if partial:
+        data = partial + data
+    cut = data.rfind(_EVENT_END)
+    if cut < 0:
+        return b"", data
+    return data[: cut + 2], data[cut + 2 :]
+
+
 class StreamTrail:
     """The client's side of one streamed answer: complete events only, and the token ids sent.
 
@@ -113,13 +124,9 @@ class StreamTrail:
         return self._ids
 
     def feed(self, data: bytes) -> bytes:
-        if self.partial:
-            data = self.partial + data
-        cut = data.rfind(_EVENT_END)
-        if cut < 0:
-            self.partial = data
+        out, self.partial = complete_events(self.partial, data)
+        if not out:
             return b""
-        out, self.partial = data[: cut + 2], data[cut + 2 :]
         if self.identity is None:
             self.identity = _identity(out)
         found = _TOKEN_IDS.findall(out)
@@ -169,13 +176,9 @@ class Splice:
     partial: bytes = b""
 
     def feed(self, data: bytes) -> bytes:
-        if self.partial:
-            data = self.partial + data
-        cut = data.rfind(_EVENT_END)
-        if cut < 0:
-            self.partial = data
+        block, self.partial = complete_events(self.partial, data)
+        if not block:
             return b""
-        block, self.partial = data[: cut + 2], data[cut + 2 :]
         out = []
         for event in block.split(_EVENT_END):
             event = event.strip()
