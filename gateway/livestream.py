@@ -118,7 +118,6 @@ class LiveStream:
         self.first_leg: LegTrace | None = None  # the span of the first engine call (the proxy ends it unless it moved)
         self.tasks: list[asyncio.Task[Any]] = []
         self.on_switch: Callable[[LiveStream, InstanceState, Handover, float], None] | None = None
-        self._own_upstream = False  # the first upstream belongs to the proxy, continuations to us
 
     # ------------------------------------------------------------------ state
     @property
@@ -143,12 +142,10 @@ class LiveStream:
         if self.frozen:
             self.held.append(out)
         else:
-            self.last_write = now
-            self.observe(out)
-            self.responder.write(out)
+            self._send(out, now)
 
-    def _send(self, out: bytes) -> None:
-        self.last_write = self.clock()
+    def _send(self, out: bytes, now: float | None = None) -> None:
+        self.last_write = self.clock() if now is None else now
         self.observe(out)
         self.responder.write(out)
 
@@ -213,7 +210,6 @@ class LiveStream:
             ending.end(**{"pdgate.moved": True})
         self.decode_leg = handover.decode_leg
         self.tasks.extend(handover.tasks)
-        self._own_upstream = True
         self.moves += 1
         self.source_ended = asyncio.Event()
         self.last_read = self.clock()
@@ -258,7 +254,7 @@ class LiveStream:
         await self.cancel_move()
         if self.decode_leg is not None:
             self.decode_leg.end(status=self.upstream.status, **{"pdgate.moves": self.moves})
-        if self._own_upstream:
+        if self.moves:  # the first upstream belongs to the proxy, continuations to us
             self.upstream.close()
         for lease in self.leases:
             lease.release()

@@ -96,15 +96,17 @@ class MigrationController:
 
     def running(self, model: str) -> list[RunningRequest]:
         now = self.cluster.clock()
-        return [
-            RunningRequest(
-                request_id=s.request_id, instance_id=s.instance_id, model=s.model, prompt_tokens=s.prompt_tokens,
-                generated_tokens=s.generated, max_tokens=s.max_tokens, predicted_output_tokens=s.predicted_output,
-                priority=s.priority, tpot_slo_s=s.tpot_slo_s, decoding_s=now - s.started_at, migrations=s.moves,
-                migratable=s.trail.tracked and not s.moving and not s.trail.finished,
-            )
-            for s in self.streams.values() if s.model == model
-        ]
+        return [self._as_running(s, now) for s in self.streams.values() if s.model == model]
+
+    @staticmethod
+    def _as_running(s: LiveStream, now: float) -> RunningRequest:
+        """A stream as a migration policy sees it."""
+        return RunningRequest(
+            request_id=s.request_id, instance_id=s.instance_id, model=s.model, prompt_tokens=s.prompt_tokens,
+            generated_tokens=s.generated, max_tokens=s.max_tokens, predicted_output_tokens=s.predicted_output,
+            priority=s.priority, tpot_slo_s=s.tpot_slo_s, decoding_s=now - s.started_at, migrations=s.moves,
+            migratable=s.trail.tracked and not s.moving and not s.trail.finished,
+        )
 
     # ---------------------------------------------------------------- moves
     @property
@@ -118,7 +120,7 @@ class MigrationController:
         if len(self._moves) >= self.config.max_concurrent:
             return None
         if target_id is None:
-            target_id = self.policy.target_for(self._running_request(live), self.cluster.snapshot(live.model),
+            target_id = self.policy.target_for(self._as_running(live, self.cluster.clock()), self.cluster.snapshot(live.model),
                                                self.running(live.model), exclude=(live.instance_id,))
             if target_id is None:
                 return None
@@ -142,9 +144,6 @@ class MigrationController:
             self.failed += 1
         self.policy.on_migrated(MigrationPlan(live.request_id, source, target.spec.id, reason), ok, self.cluster.clock())
         return ok
-
-    def _running_request(self, live: LiveStream) -> RunningRequest:
-        return next(r for r in self.running(live.model) if r.request_id == live.request_id and r.instance_id == live.instance_id)
 
     # ---------------------------------------------------------------- rounds
     def round(self) -> None:

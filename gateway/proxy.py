@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -469,7 +469,7 @@ class Proxy:
                     live.freeze()
                     handover = await self._continuation(live, target=target, exclude={source.spec.id}, mechanism=mechanism)
         except (UpstreamFailed, MigrationError, GatewayError, TimeoutError) as exc:
-            error = _failure_reason(exc) if not isinstance(exc, (MigrationError, TimeoutError)) else (str(exc) or "timed out")
+            error = _failure_reason(exc)
         except asyncio.CancelledError:
             error = "cancelled"
             raise
@@ -533,7 +533,7 @@ class Proxy:
                 handover = await self._continuation(live, target=None, exclude=set(live.failed_instances), mechanism="failover")
         except (UpstreamFailed, GatewayError, TimeoutError) as exc:
             self.metrics.observe_migration(model, "failover", "recompute", "failed")
-            span.end(error=_failure_reason(exc) if not isinstance(exc, TimeoutError) else "timed out")
+            span.end(error=_failure_reason(exc))
             if isinstance(exc, UpstreamFailed):
                 self._record_failure(exc)
             return None
@@ -560,12 +560,10 @@ class Proxy:
             body.update(handoff)
         context = [*routed.prompt_ids, *generated]
         request_id = f"{info.request_id}-m{live.moves + 1}"
-        cont_info = dataclasses.replace(info, request_id=request_id, prompt_tokens=len(context), max_tokens=info.max_tokens - k,
-                                        output=None, block_hashes=())
         hashes = PromptHashes.of(context, (s.spec.block_size for s in self.cluster.for_model(info.model)))
+        cont_info = dataclasses.replace(info, request_id=request_id, prompt_tokens=len(context), max_tokens=info.max_tokens - k,
+                                        output=None, block_hashes=tuple(next(iter(hashes.by_block_size.values()), [])))
         cont = Routed("completion", ROUTES["completion"], body, cont_info, context, hashes, True, trace=routed.trace)
-        cont_info = dataclasses.replace(cont_info, block_hashes=tuple(next(iter(hashes.by_block_size.values()), [])))
-        cont.info = cont_info
         snapshot = self._snapshot_for(cont)(cont_info)
         if target is None:
             placement = self._place(cont, exclude, snapshot, attempt=routed.obs.attempts)
@@ -782,15 +780,10 @@ class Proxy:
             await self._relay_movable(responder, routed, decode, upstream, trail, lease, leg)
             return
         write = responder.write
+        observe = _observer(obs, clock, lambda: decode)
 
         def sink(data: bytes) -> None:
-            obs.events += data.count(b"data: ")
-            obs.last_token = clock()
-            if _USAGE_KEY in data:  # the usage chunk and [DONE] may arrive in separate reads
-                obs.usage_chunk = data
-            if b"data: [DONE]" in data:
-                obs.saw_done = True
-                obs.batch_at_end, obs.context_at_end = decode.decode_inflight, decode.decode_context_tokens
+            observe(data)
             write(data)
 
         try:
@@ -807,17 +800,7 @@ class Proxy:
         obs = routed.obs
         clock = self.cluster.clock
         live: LiveStream | None = None
-
-        def observe(data: bytes) -> None:
-            obs.events += data.count(b"data: ")
-            obs.last_token = clock()
-            if _USAGE_KEY in data:
-                obs.usage_chunk = data
-            if b"data: [DONE]" in data:
-                obs.saw_done = True
-                state = live.state if live is not None else decode
-                obs.batch_at_end, obs.context_at_end = state.decode_inflight, state.decode_context_tokens
-
+        observe = _observer(obs, clock, lambda: live.state if live is not None else decode)
         live = LiveStream(routed, trail=trail, state=decode, upstream=upstream, leases=[lease] if lease is not None else [],
                           responder=responder, observe=observe, clock=clock)
         live.first_leg = leg
@@ -943,6 +926,23 @@ def _request_attributes(routed: Routed) -> dict[str, Any]:
     }
 
 
+def _observer(obs: Observation, clock: Callable[[], float], instance: Callable[[], InstanceState]) -> Callable[[bytes], None]:
+    """What the proxy notes of each piece of a stream that reaches the client (``instance``: the
+    one answering now)."""
+
+    def observe(data: bytes) -> None:
+        obs.events += data.count(b"data: ")
+        obs.last_token = clock()
+        if _USAGE_KEY in data:  # the usage chunk and [DONE] may arrive in separate reads
+            obs.usage_chunk = data
+        if b"data: [DONE]" in data:
+            obs.saw_done = True
+            state = instance()
+            obs.batch_at_end, obs.context_at_end = state.decode_inflight, state.decode_context_tokens
+
+    return observe
+
+
 def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, UpstreamFailed):
         return exc.reason
@@ -950,6 +950,10 @@ def _failure_reason(exc: BaseException) -> str:
         return exc.code or exc.message
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, MigrationError):
+        return str(exc)
     return type(exc).__name__
 
 
