@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from adapters.base import (
+from pdgate.adapters.base import (
     Capabilities,
     EngineAdapter,
     HandoffError,
@@ -12,10 +12,10 @@ from adapters.base import (
     LiveMigration,
     MigrationError,
 )
-from adapters.sglang import SglangAdapter
-from adapters.sim import SimSglangAdapter, SimVllmAdapter
-from adapters.upstream import UpstreamError, UpstreamPool, UpstreamResponse
-from adapters.vllm import VllmAdapter
+from pdgate.adapters.sglang import SglangAdapter
+from pdgate.adapters.sim import SimSglangAdapter, SimVllmAdapter
+from pdgate.common.http_client import UpstreamError, UpstreamPool, UpstreamResponse
+from pdgate.adapters.vllm import VllmAdapter
 
 __all__ = ["ADAPTERS", "Capabilities", "EngineAdapter", "HandoffError", "InstanceSpec", "LiveMigration", "MigrationError", "UpstreamError",
            "UpstreamPool", "UpstreamResponse", "make_adapter"]

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from adapters.load import EngineLoad, parse_load
-from adapters.upstream import UpstreamPool, UpstreamResponse
+from pdgate.adapters.load import EngineLoad, parse_load
+from pdgate.common.http_client import UpstreamPool, UpstreamResponse
 
 PdProtocol = Literal["sequential", "concurrent", "none"]
 
@@ -113,7 +113,7 @@ class EngineAdapter(ABC):
                    headers: dict[str, str] | None = None) -> UpstreamResponse:
         """POST ``body`` as JSON to ``path``; the caller reads (or relays) and closes the response.
 
-        Raises :class:`adapters.upstream.UpstreamError` when the engine cannot be reached or
+        Raises :class:`pdgate.common.http_client.UpstreamError` when the engine cannot be reached or
         fails to answer.
         """
         all_headers = self.headers(request_id, headers)

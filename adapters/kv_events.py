@@ -10,7 +10,7 @@ Wire format (vLLM ``ZmqEventPublisher``; the simulated engine speaks the same, s
   ``["BlockStored", hashes, parent, token_ids, block_size, lora_id, medium?, ...]``,
   ``["BlockRemoved", hashes, medium?]``, ``["AllBlocksCleared"]``. Hashes are uint64, or
   raw digests (msgpack bin) when vLLM runs with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``;
-  digests are folded to 64 bits with :func:`scheduler.block_hash.to_event_hash`.
+  digests are folded to 64 bits with :func:`pdgate.common.block_hash.to_event_hash`.
 * Replay: a DEALER sends ``[b"", start_seq]`` to the engine's ROUTER and receives
   ``[b"", seq, payload]`` for every buffered ``seq >= start``, then ``[b"", 0xff*8, b""]``.
 
@@ -48,8 +48,8 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from scheduler.block_hash import to_event_hash
-from scheduler.prefix_index import (
+from pdgate.common.block_hash import to_event_hash
+from pdgate.scheduler.prefix_index import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from adapters.base import Capabilities, EngineAdapter, HandoffError
+from pdgate.adapters.base import Capabilities, EngineAdapter, HandoffError
 
 
 class SglangAdapter(EngineAdapter):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import aiohttp
 
-from adapters.base import Capabilities, EngineAdapter, LiveMigration, MigrationError
-from adapters.sglang import SglangAdapter
-from adapters.vllm import VllmAdapter
+from pdgate.adapters.base import Capabilities, EngineAdapter, LiveMigration, MigrationError
+from pdgate.adapters.sglang import SglangAdapter
+from pdgate.adapters.vllm import VllmAdapter
 
 
 class SimLiveMigration(EngineAdapter):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.base import Capabilities, EngineAdapter, HandoffError
+from pdgate.adapters.base import Capabilities, EngineAdapter, HandoffError
 
 
 class VllmAdapter(EngineAdapter):

@@ -5,7 +5,7 @@
 
 Reads ``DIR/data/profiling/{compute,a100,network}`` (default ``../shared/data/vidur``
 next to the repository) and writes one small JSON per profile into
-``engines/sim/profiles`` (deterministic: same data in, same bytes out).  The
+``pdgate/common/profiles`` (deterministic: same data in, same bytes out).  The
 format and the model are described in ``docs/sim-performance-model.md``; the
 helpers here are also used by ``benchmarks/sim_fidelity.py``.
 """
@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from engines.sim import perf_model as pm
+from pdgate.engines.sim import perf_model as pm
 
 DEFAULT_VIDUR = REPO_ROOT.parent / "shared" / "data" / "vidur"
 DEFAULT_OUT = REPO_ROOT / "engines" / "sim" / "profiles"

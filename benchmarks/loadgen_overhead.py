@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadgen.client import Target
-from loadgen.runner import LoadConfig, run_load
-from loadgen.types import BenchRequest
+from pdgate.loadgen.client import Target
+from pdgate.loadgen.runner import LoadConfig, run_load
+from pdgate.loadgen.types import BenchRequest
 
 CHUNKS = 16
 

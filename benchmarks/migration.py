@@ -83,16 +83,16 @@ for _extra in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 
 import slo_goodput as sg  # its fleet and process handling
 
-from engines.runtime import run_async
-from engines.sim.perf_model import StepBatch, load_profile
-from engines.sim.tokenizer import load_tokenizer
-from gateway.config import GatewayConfig
-from loadgen.client import Target
-from loadgen.prompts import PromptBuilder
-from loadgen.runner import LoadConfig, run_load
-from loadgen.slo import RunStats, Slo, SloSpec, summarize
-from loadgen.types import BenchRequest, RequestResult
-from scheduler.plugins.migration import LoadBalanceParams
+from pdgate.common.runtime import run_async
+from pdgate.common.perf_model import StepBatch, load_profile
+from pdgate.common.tokenizer import load_tokenizer
+from pdgate.gateway.config import GatewayConfig
+from pdgate.loadgen.client import Target
+from pdgate.loadgen.prompts import PromptBuilder
+from pdgate.loadgen.runner import LoadConfig, run_load
+from pdgate.loadgen.slo import RunStats, Slo, SloSpec, summarize
+from pdgate.loadgen.types import BenchRequest, RequestResult
+from pdgate.scheduler.plugins.migration import LoadBalanceParams
 
 MODEL = "llama-2-7b"
 PROFILE = "h100-llama-2-7b"

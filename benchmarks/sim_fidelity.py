@@ -3,7 +3,7 @@
 
     python benchmarks/sim_fidelity.py [--vidur DIR] [--fit-roofline]
 
-Compares what the *shipped* profiles (engines/sim/profiles/*.json) and the
+Compares what the *shipped* profiles (pdgate/common/profiles/*.json) and the
 roofline fallback predict with the measured operator times they were compiled
 from, and prints markdown tables of mean absolute percentage error (MAPE) and
 maximum absolute percentage error.  "held-out" columns use only measurements
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compile_sim_profiles as csp
 from compile_sim_profiles import GROUPS, OpTable
 
-from engines.sim import perf_model as pm
+from pdgate.engines.sim import perf_model as pm
 
 # Held-out check of the cross-GPU derivation: (target model, reference model) pairs measured on both GPUs.
 DERIVATION_CHECKS = (

@@ -69,18 +69,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from engines.runtime import run_async
-from engines.sim.perf_model import StepBatch, load_profile
-from engines.sim.tokenizer import load_tokenizer
-from gateway.config import GatewayConfig
-from gateway.launcher import launch_command, wait_http_ok
-from loadgen.client import Target
-from loadgen.prompts import PromptBuilder
-from loadgen.runner import LoadConfig, run_load
-from loadgen.slo import RunStats, Slo, SloSpec, summarize
-from loadgen.sweep import SweepConfig, SweepResult, sweep
-from loadgen.traces import block_sharing, parse_mooncake, read_azure, read_mooncake
-from loadgen.types import BenchRequest, RequestResult
+from pdgate.common.runtime import run_async
+from pdgate.common.perf_model import StepBatch, load_profile
+from pdgate.common.tokenizer import load_tokenizer
+from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.launcher import launch_command, wait_http_ok
+from pdgate.loadgen.client import Target
+from pdgate.loadgen.prompts import PromptBuilder
+from pdgate.loadgen.runner import LoadConfig, run_load
+from pdgate.loadgen.slo import RunStats, Slo, SloSpec, summarize
+from pdgate.loadgen.sweep import SweepConfig, SweepResult, sweep
+from pdgate.loadgen.traces import block_sharing, parse_mooncake, read_azure, read_mooncake
+from pdgate.loadgen.types import BenchRequest, RequestResult
 
 DATA = Path(os.environ.get("PDGATE_DATA", REPO_ROOT.parent / "shared" / "data"))
 MODEL = "llama-3-8b"
@@ -466,7 +466,7 @@ class Fleet:
             proc = _spawn(launch_command(inst), self.workdir / f"{spec.id}.log")
             self.engines.append((spec.id, inst.url, proc))
         gw_log = self.workdir / "gateway.log"
-        self.gateway = _spawn([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path)], gw_log)
+        self.gateway = _spawn([sys.executable, "-m", "pdgate.cli", "serve", "--config", str(config_path)], gw_log)
         async with aiohttp.ClientSession() as session:
             for name, url, proc in self.engines:
                 await wait_http_ok(session, url + "/health", proc, self.workdir / f"{name}.log", f"engine {name}", 60, 0.05)

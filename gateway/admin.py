@@ -23,13 +23,13 @@ import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
-from gateway.http1 import HttpRequest, Responder
-from gateway.requests import GatewayError
+from pdgate.common.http_server import HttpRequest, Responder
+from pdgate.gateway.requests import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.cluster import Cluster, InstanceState
-    from gateway.config import GatewayConfig
-    from gateway.migration import MigrationController
+    from pdgate.gateway.cluster import Cluster, InstanceState
+    from pdgate.gateway.config import GatewayConfig
+    from pdgate.gateway.migration import MigrationController
 
 
 class AdminApi:

@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from gateway.config import AdmissionConfig
-from gateway.requests import GatewayError
-from scheduler.framework import Admitter, Verdict
-from scheduler.snapshot import ClusterSnapshot, RequestInfo, SloTarget
+from pdgate.gateway.config import AdmissionConfig
+from pdgate.gateway.requests import GatewayError
+from pdgate.scheduler.framework import Admitter, Verdict
+from pdgate.scheduler.snapshot import ClusterSnapshot, RequestInfo, SloTarget
 
 log = logging.getLogger("pdgate.admission")
 

@@ -1,6 +1,6 @@
 """The gateway's HTTP application: routes, auth, error shape and lifecycle.
 
-Served by :mod:`gateway.http1` (no web framework on the request path). Every error a client
+Served by :mod:`pdgate.common.http_server` (no web framework on the request path). Every error a client
 gets is OpenAI's error JSON; an unknown path is a 404, a known path with the wrong method a 405.
 """
 
@@ -18,21 +18,21 @@ import aiohttp
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-from adapters import UpstreamPool
-from engines.sim.tokenizer import Tokenizer, load_tokenizer
-from gateway.admin import AdminApi
-from gateway.admission import AdmissionController
-from gateway.cluster import Cluster
-from gateway.config import DEFAULT_SCHEDULING, GatewayConfig
-from gateway.costs import CostModelService
-from gateway.http1 import HttpRequest, HttpServer, Responder
-from gateway.metrics import GatewayMetrics
-from gateway.migration import MigrationController
-from gateway.proxy import Proxy
-from gateway.requests import GatewayError
-from gateway.tracing import Tracing, resolve_settings
-from scheduler.framework import Admitter, MigrationPolicy, Profile
-from scheduler.registry import PluginRegistry
+from pdgate.adapters import UpstreamPool
+from pdgate.common.tokenizer import Tokenizer, load_tokenizer
+from pdgate.gateway.admin import AdminApi
+from pdgate.gateway.admission import AdmissionController
+from pdgate.gateway.cluster import Cluster
+from pdgate.gateway.config import DEFAULT_SCHEDULING, GatewayConfig
+from pdgate.gateway.costs import CostModelService
+from pdgate.common.http_server import HttpRequest, HttpServer, Responder
+from pdgate.gateway.metrics import GatewayMetrics
+from pdgate.gateway.migration import MigrationController
+from pdgate.gateway.proxy import Proxy
+from pdgate.gateway.requests import GatewayError
+from pdgate.gateway.tracing import Tracing, resolve_settings
+from pdgate.scheduler.framework import Admitter, MigrationPolicy, Profile
+from pdgate.scheduler.registry import PluginRegistry
 
 log = logging.getLogger("pdgate.gateway")
 

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from adapters import EngineAdapter, InstanceSpec, UpstreamPool, make_adapter
-from adapters.kv_events import KvEventSource, KvEventSubscriber
-from adapters.load import EngineLoad
-from gateway.config import GatewayConfig
-from scheduler.block_hash import block_hashes, to_event_hash
-from scheduler.costmodel.model import CostModel
-from scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
-from scheduler.snapshot import ClusterSnapshot, InstanceView
+from pdgate.adapters import EngineAdapter, InstanceSpec, UpstreamPool, make_adapter
+from pdgate.adapters.kv_events import KvEventSource, KvEventSubscriber
+from pdgate.adapters.load import EngineLoad
+from pdgate.gateway.config import GatewayConfig
+from pdgate.common.block_hash import block_hashes, to_event_hash
+from pdgate.scheduler.costmodel.model import CostModel
+from pdgate.scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView
 
 log = logging.getLogger("pdgate.cluster")
 

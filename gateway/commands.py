@@ -7,9 +7,9 @@ import gc
 import sys
 from typing import Any
 
-from engines.runtime import run_async
-from gateway.config import ConfigError, GatewayConfig
-from scheduler.registry import PluginConfigError
+from pdgate.common.runtime import run_async
+from pdgate.gateway.config import ConfigError, GatewayConfig
+from pdgate.scheduler.registry import PluginConfigError
 
 SERVE_HELP = """\
 Run the gateway over the fleet described in a YAML config (instances: url, kind, role, model,
@@ -47,8 +47,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, path: str) -> Any:
-    from gateway.app import build_gateway
-    from gateway.logs import configure_logging
+    from pdgate.gateway.app import build_gateway
+    from pdgate.gateway.logs import configure_logging
 
     config = GatewayConfig.load(path)
     overrides = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k) is not None}
@@ -63,9 +63,9 @@ def _load(args: argparse.Namespace, path: str) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from engines.runtime import serve_until_signalled
-    from gateway.app import GatewayServer
-    from gateway.launcher import describe
+    from pdgate.common.runtime import serve_until_signalled
+    from pdgate.gateway.app import GatewayServer
+    from pdgate.gateway.launcher import describe
 
     try:
         config, gateway = _load(args, args.config)
@@ -91,9 +91,9 @@ def _started(banner: str) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from engines.runtime import serve_until_signalled
-    from gateway.app import GatewayServer
-    from gateway.launcher import (
+    from pdgate.common.runtime import serve_until_signalled
+    from pdgate.gateway.app import GatewayServer
+    from pdgate.gateway.launcher import (
         default_config_path,
         describe,
         start_children,

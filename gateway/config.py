@@ -16,9 +16,9 @@ from pydantic import (
     model_validator,
 )
 
-from adapters import ADAPTERS, InstanceSpec
-from scheduler.costmodel.latency import PriorSpec
-from scheduler.registry import SchedulingConfig
+from pdgate.adapters import ADAPTERS, InstanceSpec
+from pdgate.scheduler.costmodel.latency import PriorSpec
+from pdgate.scheduler.registry import SchedulingConfig
 
 
 class Strict(BaseModel):

@@ -27,9 +27,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from gateway.config import CostModelConfig
-from scheduler.costmodel.latency import LatencyModel, PriorSpec
-from scheduler.costmodel.model import CostModel
+from pdgate.gateway.config import CostModelConfig
+from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec
+from pdgate.scheduler.costmodel.model import CostModel
 
 log = logging.getLogger("pdgate.costs")
 
@@ -69,11 +69,11 @@ class CostModelService:
             self._executor = None
 
     def _initial_model(self) -> CostModel:
-        from scheduler.costmodel.output_length import OutputLengthModel
+        from pdgate.scheduler.costmodel.output_length import OutputLengthModel
 
         loaded = None
         if self.dir is not None and self.dir.exists():
-            from scheduler.costmodel.store import ModelStore
+            from pdgate.scheduler.costmodel.store import ModelStore
 
             try:
                 loaded = ModelStore(self.dir).load_current()
@@ -117,7 +117,7 @@ class CostModelService:
         self._new_since_fit = 0
         if self._executor is None:
             self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        from scheduler.costmodel.online import refit
+        from pdgate.scheduler.costmodel.online import refit
 
         loop = asyncio.get_running_loop()
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from importlib import resources
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.config import GatewayConfig, InstanceConfig, SimLaunch, VllmLaunch
+from pdgate.gateway.config import GatewayConfig, InstanceConfig, SimLaunch, VllmLaunch
 
 SIM_FLAVOURS = {"sim": "vllm", "sim-vllm": "vllm", "sim-sglang": "sglang"}
 STOP_GRACE_S = 10.0
@@ -62,7 +63,7 @@ def sim_command(instance: InstanceConfig) -> list[str]:
         args += ["--profile", launch.profile]
     if launch.time_scale:
         args += ["--time-scale", str(launch.time_scale)]
-    return [sys.executable, "-m", "gateway.cli", "engine", "sim", *args, *engine_flags(launch.args)]
+    return [sys.executable, "-m", "pdgate.cli", "engine", "sim", *args, *engine_flags(launch.args)]
 
 
 def engine_flags(settings: dict[str, object]) -> list[str]:
@@ -93,7 +94,7 @@ def vllm_command(instance: InstanceConfig) -> list[str]:
         settings.update(kv_events_endpoint=instance.kv_events.endpoint, kv_events_topic=instance.kv_events.topic,
                         kv_events_replay_endpoint=instance.kv_events.replay_endpoint)
     settings.update(launch.args)
-    return [sys.executable, "-m", "gateway.cli", "engine", "vllm", *engine_flags(settings)]
+    return [sys.executable, "-m", "pdgate.cli", "engine", "vllm", *engine_flags(settings)]
 
 
 def launch_command(instance: InstanceConfig) -> list[str]:
@@ -163,11 +164,16 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def default_config_path() -> Path:
-    """``configs/default.yaml`` in the working directory, else the one in this source tree."""
+    """``configs/default.yaml`` in the working directory (an edited copy wins), else the packaged one."""
     local = Path("configs/default.yaml")
     if local.exists():
         return local
-    return Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    return packaged_config("default.yaml")
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped with pdgate (package data of ``pdgate.configs``), by file name."""
+    return Path(str(resources.files("pdgate.configs").joinpath(name)))
 
 
 def describe(config: GatewayConfig, children: list[Child], gateway_url: str) -> str:

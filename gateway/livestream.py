@@ -19,13 +19,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from adapters import UpstreamError, UpstreamResponse
-from gateway.splice import Splice, StreamTrail
-from gateway.tracing import NO_LEG, LegTrace
+from pdgate.adapters import UpstreamError, UpstreamResponse
+from pdgate.gateway.splice import Splice, StreamTrail
+from pdgate.gateway.tracing import NO_LEG, LegTrace
 
 if TYPE_CHECKING:
-    from gateway.cluster import InstanceState, Lease
-    from gateway.http1 import Responder
+    from pdgate.gateway.cluster import InstanceState, Lease
+    from pdgate.common.http_server import Responder
 
 log = logging.getLogger("pdgate.migration")
 

@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from gateway.config import LoggingConfig
+from pdgate.gateway.config import LoggingConfig
 
 ACCESS_LOGGER = "pdgate.access"
 REQUEST_FIELDS = ("request_id", "trace_id")

@@ -17,14 +17,14 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway import package_version
+from pdgate.common.version import package_version
 
 if TYPE_CHECKING:
-    from gateway.admission import AdmissionController, Outcome
-    from gateway.cluster import Cluster
-    from gateway.costs import CostModelService
-    from gateway.proxy import Observation
-    from scheduler.snapshot import RequestInfo
+    from pdgate.gateway.admission import AdmissionController, Outcome
+    from pdgate.gateway.cluster import Cluster
+    from pdgate.gateway.costs import CostModelService
+    from pdgate.gateway.proxy import Observation
+    from pdgate.scheduler.snapshot import RequestInfo
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)

@@ -21,15 +21,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.livestream import LiveStream
-from scheduler.framework import MigrationPlan, MigrationPolicy
-from scheduler.snapshot import RunningRequest
+from pdgate.gateway.livestream import LiveStream
+from pdgate.scheduler.framework import MigrationPlan, MigrationPolicy
+from pdgate.scheduler.snapshot import RunningRequest
 
 if TYPE_CHECKING:
-    from gateway.cluster import Cluster, InstanceState
-    from gateway.config import MigrationConfig
-    from gateway.livestream import Handover
-    from gateway.metrics import GatewayMetrics
+    from pdgate.gateway.cluster import Cluster, InstanceState
+    from pdgate.gateway.config import MigrationConfig
+    from pdgate.gateway.livestream import Handover
+    from pdgate.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("pdgate.migration")
 

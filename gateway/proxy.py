@@ -27,30 +27,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters import HandoffError, MigrationError, UpstreamError, UpstreamResponse
-from engines.sim.tokenizer import Tokenizer
-from gateway.admission import AdmissionController
-from gateway.cluster import Cluster, InstanceState, Lease, PromptHashes
-from gateway.config import GatewayConfig, ModelConfig
-from gateway.costs import CostModelService
-from gateway.http1 import HttpRequest, Responder
-from gateway.livestream import Handover, LiveStream, MidStreamFailure
-from gateway.logs import ACCESS_LOGGER, request_fields
-from gateway.metrics import GatewayMetrics
-from gateway.migration import MigrationController
-from gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
-from gateway.slo import APP_HEADER, SloResolver
-from gateway.splice import (
+from pdgate.adapters import HandoffError, MigrationError, UpstreamError, UpstreamResponse
+from pdgate.common.tokenizer import Tokenizer
+from pdgate.gateway.admission import AdmissionController
+from pdgate.gateway.cluster import Cluster, InstanceState, Lease, PromptHashes
+from pdgate.gateway.config import GatewayConfig, ModelConfig
+from pdgate.gateway.costs import CostModelService
+from pdgate.common.http_server import HttpRequest, Responder
+from pdgate.gateway.livestream import Handover, LiveStream, MidStreamFailure
+from pdgate.gateway.logs import ACCESS_LOGGER, request_fields
+from pdgate.gateway.metrics import GatewayMetrics
+from pdgate.gateway.migration import MigrationController
+from pdgate.gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
+from pdgate.gateway.slo import APP_HEADER, SloResolver
+from pdgate.gateway.splice import (
     StreamTrail,
     continuation_body,
     pinned_reason,
     wants_token_ids,
 )
-from gateway.tracing import NO_LEG, NO_TRACE, LegTrace, RequestTrace, Tracing
-from scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
-from scheduler.estimates import decode_context_of, tpot_estimate
-from scheduler.framework import Decision, Profile, run_profile
-from scheduler.snapshot import ClusterSnapshot, RequestInfo
+from pdgate.gateway.tracing import NO_LEG, NO_TRACE, LegTrace, RequestTrace, Tracing
+from pdgate.scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
+from pdgate.scheduler.estimates import decode_context_of, tpot_estimate
+from pdgate.scheduler.framework import Decision, Profile, run_profile
+from pdgate.scheduler.snapshot import ClusterSnapshot, RequestInfo
 
 log = logging.getLogger("pdgate.proxy")
 access_log = logging.getLogger(ACCESS_LOGGER)

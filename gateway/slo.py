@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from gateway.config import SloClassConfig, SloConfig, SloTargetConfig
-from gateway.requests import GatewayError
-from scheduler.snapshot import SloTarget
+from pdgate.gateway.config import SloClassConfig, SloConfig, SloTargetConfig
+from pdgate.gateway.requests import GatewayError
+from pdgate.scheduler.snapshot import SloTarget
 
 APP_HEADER = "x-pdgate-app"
 MAX_PRIORITY = 1_000_000

@@ -31,17 +31,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engines.runtime import otlp_traces_url
-from gateway.config import TracingConfig
+from pdgate.common.runtime import otlp_traces_url
+from pdgate.gateway.config import TracingConfig
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span
 
-    from gateway.admission import Outcome
-    from gateway.cluster import InstanceState
-    from scheduler.framework import Decision
+    from pdgate.gateway.admission import Outcome
+    from pdgate.gateway.cluster import InstanceState
+    from pdgate.scheduler.framework import Decision
 
 TRACE_HEADERS = ("traceparent", "tracestate")
 DEFAULT_SERVICE_NAME = "pdgate"
@@ -135,7 +135,7 @@ class Tracing:
         )
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-        from gateway import package_version
+        from pdgate.common.version import package_version
 
         sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio)) if settings.sample_ratio is not None else None
         resource = Resource.create({"service.name": settings.service_name, "service.version": package_version() or "unknown"})
@@ -316,7 +316,7 @@ class SpanTrace(RequestTrace):
         def ns(t: float) -> int:
             return int(t * 1e9) + offset
 
-        from scheduler.framework import plugin_kind
+        from pdgate.scheduler.framework import plugin_kind
 
         schedule = self._child("pdgate.schedule", start_ns=ns(started), attributes={"pdgate.attempt": attempt, **attributes})
         inner = _context_of(schedule)

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from loadgen.types import BenchRequest
+from pdgate.loadgen.types import BenchRequest
 
 ArrivalKind = Literal["poisson", "gamma", "constant", "trace"]
 

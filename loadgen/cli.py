@@ -95,7 +95,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _targets(args: argparse.Namespace) -> list[Any]:
-    from loadgen.client import Target
+    from pdgate.loadgen.client import Target
 
     targets = []
     for i, spec in enumerate(args.target):
@@ -106,7 +106,7 @@ def _targets(args: argparse.Namespace) -> list[Any]:
 
 
 def _slo(args: argparse.Namespace) -> Any:
-    from loadgen.slo import SloSpec
+    from pdgate.loadgen.slo import SloSpec
 
     if len(args.slo) == 1 and Path(args.slo[0]).is_file():
         return SloSpec.load(args.slo[0])
@@ -115,9 +115,9 @@ def _slo(args: argparse.Namespace) -> Any:
 
 def build_workload(args: argparse.Namespace, n: int | None = None) -> list[Any]:
     """The workload's first ``n`` requests (all of ``--num-requests`` by default); seeded."""
-    from engines.sim.tokenizer import load_tokenizer
-    from loadgen import traces, workloads
-    from loadgen.prompts import PromptBuilder
+    from pdgate.common.tokenizer import load_tokenizer
+    from pdgate.loadgen import traces, workloads
+    from pdgate.loadgen.prompts import PromptBuilder
 
     n = n or args.num_requests
     builder = PromptBuilder(load_tokenizer(args.tokenizer), seed=args.seed)
@@ -145,7 +145,7 @@ def build_workload(args: argparse.Namespace, n: int | None = None) -> list[Any]:
 
 
 def _load_config(args: argparse.Namespace, rate: float | None) -> Any:
-    from loadgen.runner import LoadConfig
+    from pdgate.loadgen.runner import LoadConfig
 
     if args.arrivals != "trace" and not rate:
         raise ValueError(f"--arrivals {args.arrivals} needs --rate")
@@ -160,7 +160,7 @@ def _meta(args: argparse.Namespace, target: Any, extra: dict[str, Any] | None = 
 
 
 async def _run_one(target: Any, requests: Sequence[Any], load: Any, progress: Progress | None) -> tuple[list[Any], Any]:
-    from loadgen.runner import run_load
+    from pdgate.loadgen.runner import run_load
 
     task = progress.add_task(target.name, total=len(requests)) if progress else None
     results, overhead = await run_load(target, requests, load,
@@ -169,9 +169,9 @@ async def _run_one(target: Any, requests: Sequence[Any], load: Any, progress: Pr
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from engines.runtime import run_async
-    from loadgen.report import plot_cdfs, plot_timeseries, print_summary, write_run
-    from loadgen.slo import summarize
+    from pdgate.common.runtime import run_async
+    from pdgate.loadgen.report import plot_cdfs, plot_timeseries, print_summary, write_run
+    from pdgate.loadgen.slo import summarize
 
     console = Console()
     try:
@@ -205,11 +205,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from engines.runtime import run_async
-    from loadgen.report import plot_attainment_vs_rate, print_summary, write_run
-    from loadgen.runner import run_load
-    from loadgen.slo import summarize
-    from loadgen.sweep import SweepConfig, sweep
+    from pdgate.common.runtime import run_async
+    from pdgate.loadgen.report import plot_attainment_vs_rate, print_summary, write_run
+    from pdgate.loadgen.runner import run_load
+    from pdgate.loadgen.slo import summarize
+    from pdgate.loadgen.sweep import SweepConfig, sweep
 
     console = Console()
     try:
@@ -274,7 +274,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from loadgen.report import render_report
+    from pdgate.loadgen.report import render_report
 
     console = Console()
     try:

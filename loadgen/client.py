@@ -1,6 +1,6 @@
 """Sending one streamed OpenAI request and timing it from the client's side.
 
-Built on pdgate's lean HTTP/1.1 client (:mod:`adapters.upstream`) so that a single core keeps up
+Built on pdgate's lean HTTP/1.1 client (:mod:`pdgate.common.http_client`) so that a single core keeps up
 with hundreds of streams per second: response bytes are handled in the socket's callback, stamped
 with the monotonic clock there, and parsed as server-sent events without a task switch per chunk.
 
@@ -17,8 +17,8 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from adapters.upstream import UpstreamError, UpstreamPool
-from loadgen.types import BenchRequest, RequestResult
+from pdgate.common.http_client import UpstreamError, UpstreamPool
+from pdgate.loadgen.types import BenchRequest, RequestResult
 
 
 class Target:

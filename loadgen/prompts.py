@@ -34,7 +34,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from engines.sim.tokenizer import BuiltinTokenizer, Tokenizer, message_text
+from pdgate.common.tokenizer import BuiltinTokenizer, Tokenizer, message_text
 
 BlockId = int | str
 

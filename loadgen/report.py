@@ -34,9 +34,9 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from gateway import package_version
-from loadgen.slo import GroupStats, RunStats, max_rate_meeting
-from loadgen.types import RequestResult
+from pdgate.common.version import package_version
+from pdgate.loadgen.slo import GroupStats, RunStats, max_rate_meeting
+from pdgate.loadgen.types import RequestResult
 
 SCHEMA_VERSION = 1
 CSV_COLUMNS: tuple[str, ...] = ("index", "target", "slo_class", "scheduled_s", "sent_s", "ttft_s", "tpot_s",

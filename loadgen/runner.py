@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from adapters.upstream import UpstreamPool
-from loadgen.arrivals import ArrivalKind, arrival_times
-from loadgen.client import Target, send
-from loadgen.types import BenchRequest, RequestResult
+from pdgate.common.http_client import UpstreamPool
+from pdgate.loadgen.arrivals import ArrivalKind, arrival_times
+from pdgate.loadgen.client import Target, send
+from pdgate.loadgen.types import BenchRequest, RequestResult
 
 
 @dataclass

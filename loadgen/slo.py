@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from loadgen.types import RequestResult
+from pdgate.loadgen.types import RequestResult
 
 DEFAULT_CLASS = "default"
 PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0),

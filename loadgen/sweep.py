@@ -21,7 +21,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from loadgen.types import BenchRequest, RequestResult
+from pdgate.loadgen.types import BenchRequest, RequestResult
 
 # (target name, rate, duration) -> the run's results
 Probe = Callable[[str, float, Sequence[BenchRequest]], Awaitable[list[RequestResult]]]

@@ -36,9 +36,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from engines.sim.tokenizer import Tokenizer
-from loadgen.prompts import PromptBuilder
-from loadgen.types import Api, BenchRequest
+from pdgate.common.tokenizer import Tokenizer
+from pdgate.loadgen.prompts import PromptBuilder
+from pdgate.loadgen.types import Api, BenchRequest
 
 TraceFormat = Literal["mooncake", "azure", "alpaca", "sharegpt", "jsonl"]
 

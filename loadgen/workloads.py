@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadgen.prompts import PromptBuilder
-from loadgen.types import Api, BenchRequest
+from pdgate.loadgen.prompts import PromptBuilder
+from pdgate.loadgen.types import Api, BenchRequest
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from scheduler.costmodel.model import CostModel, expected_output_tokens
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from pdgate.scheduler.costmodel.model import CostModel, expected_output_tokens
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from scheduler.snapshot import (
+from pdgate.scheduler.snapshot import (
     ClusterSnapshot,
     InstanceView,
     RequestInfo,

@@ -1,7 +1,7 @@
 """Which KV-cache blocks each engine instance holds, and how much of a prompt that covers.
 
 Blocks are named by vLLM's chained block hashes as published in KV events: the low 64 bits
-of the SHA-256 chain (:func:`scheduler.block_hash.to_event_hash`). Because every hash
+of the SHA-256 chain (:func:`pdgate.common.block_hash.to_event_hash`). Because every hash
 commits to the whole prefix before it, "instance *i* holds the first *k* blocks of a
 request" is a set-membership test on the request's first *k* hashes. That test is the
 whole contract of :class:`PrefixIndex`:

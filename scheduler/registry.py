@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from scheduler.framework import (
+from pdgate.scheduler.framework import (
     PLUGIN_KINDS,
     Admitter,
     Filter,
@@ -41,7 +41,7 @@ from scheduler.framework import (
     Profile,
     Scorer,
 )
-from scheduler.plugins import IN_TREE_PLUGINS
+from pdgate.scheduler.plugins import IN_TREE_PLUGINS
 
 ENTRY_POINT_GROUP = "pdgate.plugins"
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from scheduler.costmodel.model import CostModel
-    from scheduler.costmodel.output_length import LengthPrediction
+    from pdgate.scheduler.costmodel.model import CostModel
+    from pdgate.scheduler.costmodel.output_length import LengthPrediction
 
 Role = Literal["prefill", "decode", "both"]
 

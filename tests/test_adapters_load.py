@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapters.load import parse_load
+from pdgate.adapters.load import parse_load
 
 VLLM = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from support.fleet import metric
 
-BENCH = [sys.executable, "-m", "gateway.cli", "bench"]
+BENCH = [sys.executable, "-m", "pdgate.cli", "bench"]
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:

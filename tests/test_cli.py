@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run([sys.executable, "-m", "pdgate.cli", *args], capture_output=True, text=True, timeout=30)
 
 
 def test_help_lists_commands_and_examples():

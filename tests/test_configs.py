@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import DEFAULT_SCHEDULING, GatewayConfig
-from scheduler.registry import PluginRegistry
+from pdgate.gateway.config import DEFAULT_SCHEDULING, GatewayConfig
+from pdgate.scheduler.registry import PluginRegistry
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scheduler.costmodel.store import ModelStore
+from pdgate.scheduler.costmodel.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["river", "mountain", "paper", "window", "garden", "coffee", "planet", "music", "engine", "yellow", "silver", "market", "bridge", "forest"]
 
 
 def pdgate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "cost-model", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pdgate.cli", "cost-model", *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO, check=False)
 
 
@@ -107,7 +107,7 @@ def test_train_on_gateway_log_fits_latency_when_available(tmp_path):
     assert summary["n_train"] + summary["n_test"] == 72  # the 8 failed requests are skipped
     components, _ = ModelStore(out).load_current()
     try:  # the latency component is another module's; expect it exactly when that module fits these rows
-        from scheduler.costmodel.latency import LatencyModel
+        from pdgate.scheduler.costmodel.latency import LatencyModel
     except ImportError:
         expect_latency = False
     else:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from engines.sim.perf_model import StepBatch, load_profile
-from scheduler.costmodel.latency import LatencyModel, PriorSpec, prior_costs
+from pdgate.common.perf_model import StepBatch, load_profile
+from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec, prior_costs
 
 GROUP = "vllm/m/prefill/default"
 

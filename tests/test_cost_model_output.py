@@ -14,17 +14,17 @@ import joblib
 import numpy as np
 import pytest
 
-from engines.sim.tokenizer import load_tokenizer
-from scheduler.costmodel.datasets import LabeledRequest, read_dataset, split_holdout
-from scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
-from scheduler.costmodel.output_length import (
+from pdgate.common.tokenizer import load_tokenizer
+from pdgate.scheduler.costmodel.datasets import LabeledRequest, read_dataset, split_holdout
+from pdgate.scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
+from pdgate.scheduler.costmodel.output_length import (
     GlobalMeanBaseline,
     LengthPrediction,
     OutputLengthModel,
     PromptLengthBaseline,
     evaluate_lengths,
 )
-from scheduler.costmodel.store import ModelStore
+from pdgate.scheduler.costmodel.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = Path("/work/shared/data/alpaca_eval/results")

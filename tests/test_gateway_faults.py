@@ -110,7 +110,7 @@ def start_pdgate_expect_exit(*args: str):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run([sys.executable, "-m", "pdgate.cli", *args], capture_output=True, text=True, timeout=30)
 
 
 def test_pdgate_up_starts_the_fleet_and_stops_every_child(tmp_path):
@@ -183,7 +183,7 @@ def test_approximate_prefix_index_routes_shared_prefixes_to_the_instance_holding
 
 
 def test_circuit_breaker_opens_after_failures_and_half_opens_after_cooldown():
-    from gateway.cluster import CircuitBreaker
+    from pdgate.gateway.cluster import CircuitBreaker
 
     breaker = CircuitBreaker(failure_threshold=2, cooldown_s=5)
     breaker.record_failure(0.0)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from gateway.metrics import GatewayMetrics, LightCounter, LightHistogram
+from pdgate.gateway.metrics import GatewayMetrics, LightCounter, LightHistogram
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "configs" / "grafana" / "pdgate-dashboard.json"
 

@@ -1,4 +1,4 @@
-"""The gateway's own HTTP/1.1 server (gateway/http1.py), over real loopback sockets.
+"""The gateway's own HTTP/1.1 server (pdgate/common/http_server.py), over real loopback sockets.
 
 Each test starts an :class:`HttpServer` with a small handler on port 0 and talks to it with
 aiohttp's client or with raw asyncio streams (for pipelined, partial or malformed requests).
@@ -14,7 +14,7 @@ import time
 import aiohttp
 import pytest
 
-from gateway.http1 import HttpRequest, HttpServer, Responder
+from pdgate.common.http_server import HttpRequest, HttpServer, Responder
 
 Response = tuple[int, dict[str, str], bytes]
 

@@ -18,7 +18,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from engines.sim.kv_events import (
+from pdgate.engines.sim.kv_events import (
     DEFAULT_SCHEMA,
     VLLM_EXTENDED_SCHEMA,
     VLLM_UPSTREAM_SCHEMA,
@@ -30,7 +30,7 @@ from engines.sim.kv_events import (
     WireSchema,
     encode_batch,
 )
-from scheduler.block_hash import (
+from pdgate.common.block_hash import (
     NONE_HASH_SEED,
     BlockHasher,
     block_hashes,

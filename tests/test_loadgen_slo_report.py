@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from loadgen.report import (
+from pdgate.loadgen.report import (
     CSV_COLUMNS,
     load_run,
     plot_attainment_vs_rate,
@@ -24,7 +24,7 @@ from loadgen.report import (
     summary_table,
     write_run,
 )
-from loadgen.slo import (
+from pdgate.loadgen.slo import (
     Dist,
     RunStats,
     Slo,
@@ -34,7 +34,7 @@ from loadgen.slo import (
     parse_seconds,
     summarize,
 )
-from loadgen.types import RequestResult
+from pdgate.loadgen.types import RequestResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,11 +6,11 @@ import statistics
 
 import pytest
 
-from loadgen.arrivals import arrival_times
-from loadgen.client import Target
-from loadgen.runner import LoadConfig, run_load
-from loadgen.sweep import SweepConfig, sweep
-from loadgen.types import BenchRequest, RequestResult
+from pdgate.loadgen.arrivals import arrival_times
+from pdgate.loadgen.client import Target
+from pdgate.loadgen.runner import LoadConfig, run_load
+from pdgate.loadgen.sweep import SweepConfig, sweep
+from pdgate.loadgen.types import BenchRequest, RequestResult
 
 
 async def test_sweep_brackets_the_capacity_of_each_target() -> None:

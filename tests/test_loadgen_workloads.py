@@ -10,11 +10,11 @@ import statistics
 
 import pytest
 
-from engines.sim.tokenizer import BuiltinTokenizer, HFTokenizer, Tokenizer
-from loadgen import traces
-from loadgen.prompts import PromptBuilder, _raw_pieces
-from loadgen.traces import MooncakeRecord
-from loadgen.workloads import LengthDist, multi_turn, shared_prefix, synthetic
+from pdgate.common.tokenizer import BuiltinTokenizer, HFTokenizer, Tokenizer
+from pdgate.loadgen import traces
+from pdgate.loadgen.prompts import PromptBuilder, _raw_pieces
+from pdgate.loadgen.traces import MooncakeRecord
+from pdgate.loadgen.workloads import LengthDist, multi_turn, shared_prefix, synthetic
 
 CORPUS = ("the history of the city begins in antiquity with small settlements along the river where "
          "farmers traded grain and fish while merchants built roads bridges markets temples and walls "

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from support.scripts import BENCHMARKS, assert_run_left_no_process, load_benchmark
 
-from gateway.config import GatewayConfig
-from scheduler.registry import PluginRegistry
+from pdgate.gateway.config import GatewayConfig
+from pdgate.scheduler.registry import PluginRegistry
 
 bench = load_benchmark("migration")
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.framework import (
+from pdgate.scheduler.framework import (
     MigrationPlan,
     MigrationPolicy,
     PluginParams,
     describe,
     plugin_kind,
 )
-from scheduler.plugins.migration import LoadBalance, NoMigration
-from scheduler.registry import PluginConfigError, PluginRegistry
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RunningRequest
+from pdgate.scheduler.plugins.migration import LoadBalance, NoMigration
+from pdgate.scheduler.registry import PluginConfigError, PluginRegistry
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RunningRequest
 
 REGISTRY = PluginRegistry(load_entry_points=False)
 

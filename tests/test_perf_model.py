@@ -1,4 +1,4 @@
-"""Behaviour of the simulated engine's performance model (engines/sim/perf_model.py)."""
+"""Behaviour of the simulated engine's performance model (pdgate/common/perf_model.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engines.sim.perf_model import (
+from pdgate.common.perf_model import (
     GPUS,
     MODELS,
     PROFILE_DIR,

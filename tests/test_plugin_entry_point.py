@@ -32,7 +32,7 @@ def installed_example(tmp_path_factory) -> Path:
 
 def test_registry_loads_the_entry_point(installed_example, monkeypatch):
     monkeypatch.syspath_prepend(str(installed_example))
-    from scheduler.registry import PluginRegistry
+    from pdgate.scheduler.registry import PluginRegistry
 
     registry = PluginRegistry()
     assert "example-pinned" in registry.types

@@ -20,15 +20,15 @@ import zmq
 import zmq.asyncio
 from support.procs import PdgateProcess, free_port, start_sim
 
-from adapters.kv_events import (
+from pdgate.adapters.kv_events import (
     KvEventSource,
     KvEventSubscriber,
     decode_batch,
     subscriber_address,
 )
-from engines.sim import kv_events as wire
-from scheduler.block_hash import block_hashes, to_event_hash
-from scheduler.prefix_index import (
+from pdgate.engines.sim import kv_events as wire
+from pdgate.common.block_hash import block_hashes, to_event_hash
+from pdgate.scheduler.prefix_index import (
     AllBlocksCleared,
     ApproximatePrefixIndex,
     BlockRemoved,

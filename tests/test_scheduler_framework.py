@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.framework import Scorer, run_profile
-from scheduler.registry import PluginConfigError, PluginRegistry
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from pdgate.scheduler.framework import Scorer, run_profile
+from pdgate.scheduler.registry import PluginConfigError, PluginRegistry
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
 REQ = RequestInfo("r1", "m", prompt_tokens=100, max_tokens=10)
 

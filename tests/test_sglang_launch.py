@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from engines.sglang_launch import (
+from pdgate.engines.launch.sglang import (
     SglangLaunchConfig,
     add_sglang_command,
     run_sglang,
@@ -30,7 +30,7 @@ SGLANG_KV_EVENTS_KEYS = {"publisher", "endpoint", "bind", "replay_endpoint", "bu
 # A tiny `pdgate engine` parser with only the sglang subcommand, as engines/cli.py will wire it.
 CLI = """\
 import argparse, sys
-from engines.sglang_launch import add_sglang_command
+from pdgate.engines.launch.sglang import add_sglang_command
 parser = argparse.ArgumentParser(prog="pdgate engine")
 add_sglang_command(parser.add_subparsers(dest="engine_kind", required=True))
 args = parser.parse_args(sys.argv[1:])
@@ -210,7 +210,7 @@ def test_with_sglang_it_execs_the_command(tmp_path):
 
 
 def test_pdgate_engine_sglang_prints_the_command():
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "engine", "sglang", "--role", "prefill",
+    out = subprocess.run([sys.executable, "-m", "pdgate.cli", "engine", "sglang", "--role", "prefill",
                           "--model-path", "/m", "--print"], check=False, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert shlex.split(out.stdout) == sglang_command(SglangLaunchConfig(role="prefill", model_path="/m"))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from engines.sim.core import CoreConfig, EngineCore
-from engines.sim.generation import ContextHash, LengthModel, TokenGenerator
-from engines.sim.kv_cache import KVCacheManager
-from engines.sim.kv_events import BlockRemoved, BlockStored
-from engines.sim.perf_model import load_profile
-from engines.sim.request import RemotePrefill, SamplingParams, SimRequest
-from engines.sim.tokenizer import BuiltinTokenizer
-from scheduler.block_hash import block_hashes, to_event_hash
+from pdgate.engines.sim.core import CoreConfig, EngineCore
+from pdgate.engines.sim.generation import ContextHash, LengthModel, TokenGenerator
+from pdgate.engines.sim.kv_cache import KVCacheManager
+from pdgate.engines.sim.kv_events import BlockRemoved, BlockStored
+from pdgate.common.perf_model import load_profile
+from pdgate.engines.sim.request import RemotePrefill, SamplingParams, SimRequest
+from pdgate.common.tokenizer import BuiltinTokenizer
+from pdgate.common.block_hash import block_hashes, to_event_hash
 
 TOKENIZER = BuiltinTokenizer()
 PROFILE = load_profile("h100-llama-3-8b")

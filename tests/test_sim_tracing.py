@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 from support.otlp import OtlpReceiver, ReceivedSpan
 
-from engines.runtime import otlp_traces_url as traces_url
+from pdgate.common.runtime import otlp_traces_url as traces_url
 
 MODEL = "sim-model"
 SPAN_KIND_SERVER = 2

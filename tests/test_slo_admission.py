@@ -6,20 +6,20 @@ import asyncio
 
 import pytest
 
-from gateway.admission import AdmissionController
-from gateway.config import AdmissionConfig, SloConfig
-from gateway.requests import GatewayError
-from gateway.slo import SloResolver
-from scheduler.costmodel.latency import LatencyModel, PriorSpec
-from scheduler.costmodel.model import CostModel
-from scheduler.framework import Admitter, Verdict
-from scheduler.plugins.slo import (
+from pdgate.gateway.admission import AdmissionController
+from pdgate.gateway.config import AdmissionConfig, SloConfig
+from pdgate.gateway.requests import GatewayError
+from pdgate.gateway.slo import SloResolver
+from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec
+from pdgate.scheduler.costmodel.model import CostModel
+from pdgate.scheduler.framework import Admitter, Verdict
+from pdgate.scheduler.plugins.slo import (
     SloAdmitter,
     SloAdmitterParams,
     SloTpotFilter,
     SloTtftScorer,
 )
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo, SloTarget
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo, SloTarget
 
 GROUP = "sim/m/default"
 

@@ -132,7 +132,7 @@ def test_overload_sheds_what_cannot_make_it_and_the_admitted_meet_their_slo(flee
 
 
 def test_requests_are_logged_refit_online_and_the_model_is_loaded_at_restart(fleet, tmp_path):
-    from scheduler.costmodel.store import ModelStore
+    from pdgate.scheduler.costmodel.store import ModelStore
 
     model_dir = tmp_path / "cost-model"
     config = {"cost_model": {"dir": str(model_dir), "refit_interval_s": 1.0, "min_new_samples": 5}}

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from support.scripts import BENCHMARKS, assert_run_left_no_process, load_benchmark
 
-from gateway.config import GatewayConfig
-from loadgen.slo import Slo
-from loadgen.types import RequestResult
-from scheduler.registry import PluginRegistry
+from pdgate.gateway.config import GatewayConfig
+from pdgate.loadgen.slo import Slo
+from pdgate.loadgen.types import RequestResult
+from pdgate.scheduler.registry import PluginRegistry
 
 bench = load_benchmark("slo_goodput")
 

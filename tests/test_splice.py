@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.splice import Splice, StreamTrail, continuation_body, pinned_reason
+from pdgate.gateway.splice import Splice, StreamTrail, continuation_body, pinned_reason
 
 
 def event(payload: dict) -> bytes:

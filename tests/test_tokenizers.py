@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 import yaml
 
-from engines.sim.tokenizer import BuiltinTokenizer, HFTokenizer
+from pdgate.common.tokenizer import BuiltinTokenizer, HFTokenizer
 
 SAMPLES = [
     "Hello, world! The quick brown fox jumps over 12 lazy dogs.",

@@ -1,4 +1,4 @@
-"""The pooled keep-alive HTTP/1.1 client (adapters/upstream.py) against real loopback servers.
+"""The pooled keep-alive HTTP/1.1 client (pdgate/common/http_client.py) against real loopback servers.
 
 Well-behaved engines are played by aiohttp.web; misbehaving ones (closing kept-alive connections,
 malformed responses, stalls) by raw asyncio servers whose every connection is recorded.
@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from adapters.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from pdgate.common.http_client import UpstreamError, UpstreamPool, UpstreamResponse
 
 TIMEOUT = 5.0  # a request's deadline where the test is not about deadlines
 

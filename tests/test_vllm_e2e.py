@@ -32,9 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.otlp import OtlpReceiver
 from support.procs import free_port
 
-from engines.vllm_cpu.install import is_installed, tiny_model_dir, vllm_home
-from gateway.app import GatewayServer, build_gateway
-from gateway.config import GatewayConfig
+from pdgate.engines.launch.vllm_cpu.install import is_installed, tiny_model_dir, vllm_home
+from pdgate.gateway.app import GatewayServer, build_gateway
+from pdgate.gateway.config import GatewayConfig
 
 MODEL = "tiny"
 BLOCK = 128  # vLLM's CPU block size
@@ -106,7 +106,7 @@ class Fleet:
 def start_engine(name: str, role: str, core: str, tmp: Path, *, kv_ports: tuple[int, int] | None = None,
                  otlp: str | None = None) -> Engine:
     port = free_port()
-    args = [sys.executable, "-m", "gateway.cli", "engine", "vllm", "--role", role, "--model", str(tiny_model_dir(HOME)),
+    args = [sys.executable, "-m", "pdgate.cli", "engine", "vllm", "--role", role, "--model", str(tiny_model_dir(HOME)),
             "--served-model-name", MODEL, "--port", str(port), "--cpu-cores", core, "--max-model-len", "1024",
             "--python", str(HOME / "venv" / "bin" / "python")]
     if role != "both":

@@ -10,9 +10,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from engines.vllm_launch import SITE_DIR, VllmLaunchConfig, vllm_command
-from gateway.config import GatewayConfig
-from gateway.launcher import launch_command
+from pdgate.engines.launch.vllm import SITE_DIR, VllmLaunchConfig, vllm_command
+from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.launcher import launch_command
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -57,11 +57,11 @@ def test_invalid_settings_are_explained() -> None:
 
 
 def test_cli_prints_the_command_and_rejects_bad_flags() -> None:
-    ok = subprocess.run([sys.executable, "-m", "gateway.cli", "engine", "vllm", "--role", "prefill", "--model", "/m",
+    ok = subprocess.run([sys.executable, "-m", "pdgate.cli", "engine", "vllm", "--role", "prefill", "--model", "/m",
                          "--side-channel-port", "5600", "--cpu-cores", "1", "--print"], capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
     assert "VLLM_NIXL_SIDE_CHANNEL_PORT=5600" in ok.stdout and "taskset -c 1" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "gateway.cli", "engine", "vllm", "--role", "decode", "--model", "/m"],
+    bad = subprocess.run([sys.executable, "-m", "pdgate.cli", "engine", "vllm", "--role", "decode", "--model", "/m"],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "side-channel-port" in bad.stderr
 
@@ -69,7 +69,7 @@ def test_cli_prints_the_command_and_rejects_bad_flags() -> None:
 def test_pdgate_up_launches_the_cpu_fleet_config_with_its_settings() -> None:
     config = GatewayConfig.load("configs/vllm-cpu-1p1d.yaml")
     argv = launch_command(config.instances[1])
-    assert argv[1:5] == ["-m", "gateway.cli", "engine", "vllm"]
+    assert argv[1:5] == ["-m", "pdgate.cli", "engine", "vllm"]
     assert flag(argv, "--role") == "decode" and flag(argv, "--port") == "8202" and flag(argv, "--block-size") == "128"
     assert flag(argv, "--side-channel-port") == "5672" and flag(argv, "--cpu-cores") == "1"
     assert flag(argv, "--kv-events-endpoint") == "tcp://127.0.0.1:5652"

@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engines.sim.generation import ContextHash, TokenGenerator
-from engines.sim.kv_cache import KVCacheManager
-from engines.sim.perf_model import EngineProfile, StepBatch
-from engines.sim.request import RequestStatus, SimRequest
-from scheduler.block_hash import hash_block, none_hash
+from pdgate.engines.sim.generation import ContextHash, TokenGenerator
+from pdgate.engines.sim.kv_cache import KVCacheManager
+from pdgate.common.perf_model import EngineProfile, StepBatch
+from pdgate.engines.sim.request import RequestStatus, SimRequest
+from pdgate.common.block_hash import hash_block, none_hash
 
 SchedulingPolicy = Literal["fcfs", "priority"]
 

@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engines.sim.core import EngineCore, RequestOutput, ScheduledStep
-from engines.sim.kv_events import KvEvent
-from engines.sim.request import RequestStatus, SimRequest
+from pdgate.engines.sim.core import EngineCore, RequestOutput, ScheduledStep
+from pdgate.engines.sim.kv_events import KvEvent
+from pdgate.engines.sim.request import RequestStatus, SimRequest
 
 SLEEP_SPLIT_S = 0.001
 

@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from engines.sim.engine import KvPullError
-from engines.sim.protocol import (
+from pdgate.engines.sim.engine import KvPullError
+from pdgate.engines.sim.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     read_json,
 )
-from engines.sim.request import RemotePrefill, RequestStatus, SimRequest
+from pdgate.engines.sim.request import RemotePrefill, RequestStatus, SimRequest
 
 if TYPE_CHECKING:
-    from engines.sim.state import SimState
+    from pdgate.engines.sim.state import SimState
 
 
 def on_request_finished(state: SimState, req: SimRequest) -> None:

@@ -33,7 +33,7 @@ msgspec encoding details reproduced here (checked against msgspec 0.22):
   number written: ``fields + 1 (tag) < 16`` -> fixmap, else map16. Hence the
   vLLM tree matters for byte identity (the 11-field upstream ``BlockStored``
   uses fixmap, the 17-field newer one map16); see :class:`WireSchema`.
-* Hashes are uint64 (``scheduler.block_hash.to_event_hash``), or raw digest
+* Hashes are uint64 (``pdgate.common.block_hash.to_event_hash``), or raw digest
   ``bytes`` (msgpack bin) when vLLM runs with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``.
 
 ZmqEventPublisher protocol:

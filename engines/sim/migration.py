@@ -37,13 +37,13 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from engines.sim.engine import KvPullError
-from engines.sim.handoff import read_held_kv
-from engines.sim.protocol import ApiError, new_id, read_json
-from engines.sim.request import RequestStatus, SimRequest
+from pdgate.engines.sim.engine import KvPullError
+from pdgate.engines.sim.handoff import read_held_kv
+from pdgate.engines.sim.protocol import ApiError, new_id, read_json
+from pdgate.engines.sim.request import RequestStatus, SimRequest
 
 if TYPE_CHECKING:
-    from engines.sim.state import SimState
+    from pdgate.engines.sim.state import SimState
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _not_migratable(state: SimState, live: LiveRequest) -> str | None:
 
 async def handle_migrate(state: SimState, request: web.Request) -> web.Response:
     """``POST /sim/migrate`` on the source engine."""
-    from engines.sim.state import check_auth  # engines.sim.state imports this module
+    from pdgate.engines.sim.state import check_auth  # engines.sim.state imports this module
 
     check_auth(state, request)
     args = _parse_migrate(await read_json(request))

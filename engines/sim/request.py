@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.sim.generation import ContextHash
+from pdgate.engines.sim.generation import ContextHash
 
 
 class RequestStatus(enum.Enum):

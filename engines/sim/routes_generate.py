@@ -11,11 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
-from engines.sim.core import RequestOutput
-from engines.sim.engine import RequestStream
-from engines.sim.handoff import await_handoff, kv_transfer_params, remote_prefill_from
-from engines.sim.migration import LiveRequest, claim_reservation
-from engines.sim.protocol import (
+from pdgate.engines.sim.core import RequestOutput
+from pdgate.engines.sim.engine import RequestStream
+from pdgate.engines.sim.handoff import await_handoff, kv_transfer_params, remote_prefill_from
+from pdgate.engines.sim.migration import LiveRequest, claim_reservation
+from pdgate.engines.sim.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,9 +26,9 @@ from engines.sim.protocol import (
     read_json,
     usage_dict,
 )
-from engines.sim.request import RequestStatus, SamplingParams, SimRequest
-from engines.sim.state import SimState, check_auth
-from engines.sim.tokenizer import Tokenizer
+from pdgate.engines.sim.request import RequestStatus, SamplingParams, SimRequest
+from pdgate.engines.sim.state import SimState, check_auth
+from pdgate.common.tokenizer import Tokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
-from engines.sim.protocol import ApiError, new_id, now_s, read_json
-from engines.sim.state import SimState
+from pdgate.engines.sim.protocol import ApiError, new_id, now_s, read_json
+from pdgate.engines.sim.state import SimState
 
 VERSION = "0.1.0-sim"
 

@@ -20,22 +20,22 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from engines.sim.config import SimEngineConfig
-from engines.sim.handoff import (
+from pdgate.engines.sim.config import SimEngineConfig
+from pdgate.engines.sim.handoff import (
     handle_bootstrap_health,
     handle_bootstrap_room,
     handle_bootstrap_route,
     handle_kv_read,
 )
-from engines.sim.kv_events import KvEventPublisher
-from engines.sim.migration import (
+from pdgate.engines.sim.kv_events import KvEventPublisher
+from pdgate.engines.sim.migration import (
     handle_migrate,
     handle_migrations,
     handle_release,
     handle_reserve,
 )
-from engines.sim.routes_generate import handle_chat, handle_completions
-from engines.sim.routes_info import (
+from pdgate.engines.sim.routes_generate import handle_chat, handle_completions
+from pdgate.engines.sim.routes_info import (
     handle_detokenize,
     handle_get_model_info,
     handle_get_server_info,
@@ -48,7 +48,7 @@ from engines.sim.routes_info import (
     handle_traces,
     handle_version,
 )
-from engines.sim.state import SIM_STATE, SimState, build_state, route
+from pdgate.engines.sim.state import SIM_STATE, SimState, build_state, route
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -112,7 +112,7 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await state.publisher.start()
         state.engine.set_event_publisher(state.publisher.publish)
     if state.config.otlp_traces_endpoint:  # import the OpenTelemetry SDK only when asked for
-        from engines.sim.tracing import RequestTracer
+        from pdgate.engines.sim.tracing import RequestTracer
 
         state.tracer = RequestTracer(state.config.otlp_traces_endpoint, state.clock.now)
         state.core.on_finish(state.tracer.finish)

@@ -12,21 +12,21 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from engines.sim.config import SimEngineConfig
-from engines.sim.core import CoreConfig, EngineCore
-from engines.sim.engine import AsyncSimEngine, RealtimeClock
-from engines.sim.generation import LengthModel, TokenGenerator
-from engines.sim.handoff import on_request_finished, pull_kv
-from engines.sim.kv_cache import KVCacheManager
-from engines.sim.kv_events import KvEventPublisher
-from engines.sim.metrics import SglangMetrics, SimMetrics, VllmMetrics
-from engines.sim.migration import MigrationState, is_migration, pull_migrated_kv
-from engines.sim.perf_model import EngineProfile, resolve_profile
-from engines.sim.protocol import ApiError, error_body
-from engines.sim.tokenizer import Tokenizer, load_tokenizer
+from pdgate.engines.sim.config import SimEngineConfig
+from pdgate.engines.sim.core import CoreConfig, EngineCore
+from pdgate.engines.sim.engine import AsyncSimEngine, RealtimeClock
+from pdgate.engines.sim.generation import LengthModel, TokenGenerator
+from pdgate.engines.sim.handoff import on_request_finished, pull_kv
+from pdgate.engines.sim.kv_cache import KVCacheManager
+from pdgate.engines.sim.kv_events import KvEventPublisher
+from pdgate.engines.sim.metrics import SglangMetrics, SimMetrics, VllmMetrics
+from pdgate.engines.sim.migration import MigrationState, is_migration, pull_migrated_kv
+from pdgate.common.perf_model import EngineProfile, resolve_profile
+from pdgate.engines.sim.protocol import ApiError, error_body
+from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
-    from engines.sim.tracing import RequestTracer
+    from pdgate.engines.sim.tracing import RequestTracer
 
 SIM_STATE: web.AppKey[SimState] = web.AppKey("sim_state")
 TRACE_LOG_SIZE = 1024  # generation requests whose trace headers /sim/traces keeps

@@ -31,8 +31,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from engines.runtime import otlp_traces_url
-from engines.sim.request import RequestStatus, SimRequest
+from pdgate.common.runtime import otlp_traces_url
+from pdgate.engines.sim.request import RequestStatus, SimRequest
 
 logger = logging.getLogger(__name__)
 

@@ -98,13 +98,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    from scheduler.costmodel.datasets import split_holdout
-    from scheduler.costmodel.output_length import (
+    from pdgate.scheduler.costmodel.datasets import split_holdout
+    from pdgate.scheduler.costmodel.output_length import (
         GlobalMeanBaseline,
         OutputLengthModel,
         PromptLengthBaseline,
     )
-    from scheduler.costmodel.store import ModelStore
+    from pdgate.scheduler.costmodel.store import ModelStore
 
     if not 0 <= args.holdout <= 0.9:
         raise _UsageError("--holdout must be between 0 and 0.9")
@@ -167,7 +167,7 @@ def _fit_latency(records: list[dict[str, Any]]) -> Any:
     if not records:
         return None
     try:
-        from scheduler.costmodel.latency import LatencyModel
+        from pdgate.scheduler.costmodel.latency import LatencyModel
     except ImportError:
         _progress("timing records found but scheduler.costmodel.latency is not available: no latency model")
         return None
@@ -189,7 +189,7 @@ def _timing_records(rows: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from scheduler.costmodel.store import ModelStore
+    from pdgate.scheduler.costmodel.store import ModelStore
 
     directory = Path(args.model)
     if not directory.is_dir():
@@ -221,8 +221,8 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read(args: argparse.Namespace) -> list[Any]:
-    from engines.sim.tokenizer import load_tokenizer
-    from scheduler.costmodel.datasets import read_dataset
+    from pdgate.common.tokenizer import load_tokenizer
+    from pdgate.scheduler.costmodel.datasets import read_dataset
 
     try:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -246,7 +246,7 @@ def _read(args: argparse.Namespace) -> list[Any]:
 def _length_metrics(model: Any, baselines: dict[str, Any], rows: Sequence[Any]) -> dict[str, Any]:
     import numpy as np
 
-    from scheduler.costmodel.output_length import evaluate_lengths
+    from pdgate.scheduler.costmodel.output_length import evaluate_lengths
 
     features = [r.features for r in rows]
     actual = np.array([r.output_tokens for r in rows], dtype=float)

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from engines.sim.tokenizer import Tokenizer
-from loadgen.traces import json_objects
-from scheduler.costmodel.features import (
+from pdgate.common.tokenizer import Tokenizer
+from pdgate.loadgen.traces import json_objects
+from pdgate.scheduler.costmodel.features import (
     ENDPOINTS,
     RequestFeatures,
     chat_text,

@@ -28,7 +28,7 @@ from zlib import crc32
 
 import numpy as np
 
-from engines.sim.tokenizer import message_text
+from pdgate.common.tokenizer import message_text
 
 N_FEATURES = 1 << 14
 """Default hash space size."""

@@ -112,7 +112,7 @@ def _fit_nonneg(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None)
 
 def prior_costs(spec: PriorSpec) -> GroupCosts:
     """Coefficients fitted to the engine profile's step-time function over a grid of batches."""
-    from engines.sim.perf_model import StepBatch, load_profile
+    from pdgate.common.perf_model import StepBatch, load_profile
 
     profile = load_profile(spec.profile or DEFAULT_PRIOR_PROFILE)
     scale = 1.0 / spec.time_scale

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from scheduler.costmodel.latency import LatencyModel
-from scheduler.snapshot import InstanceView
+from pdgate.scheduler.costmodel.latency import LatencyModel
+from pdgate.scheduler.snapshot import InstanceView
 
 if TYPE_CHECKING:
-    from scheduler.costmodel.output_length import LengthPrediction, OutputLengthModel
+    from pdgate.scheduler.costmodel.output_length import LengthPrediction, OutputLengthModel
 
 DEFAULT_OUTPUT_TOKENS = 128  # when nothing predicts the output length
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from scheduler.costmodel.latency import LatencyModel
+from pdgate.scheduler.costmodel.latency import LatencyModel
 
 MIN_LENGTH_ROWS = 20  # fewer labelled requests than this: keep the previous output-length model
 
@@ -16,8 +16,8 @@ def refit(records: Sequence[Mapping[str, Any]], latency: LatencyModel, previous_
     """Fit new latency and output-length models on ``records``; save them as a new version when
     ``store_dir`` is set. Returns ``(components, version, meta)``. Pure function of its inputs, so
     it can run in another process."""
-    from scheduler.costmodel.features import RequestFeatures
-    from scheduler.costmodel.output_length import OutputLengthModel
+    from pdgate.scheduler.costmodel.features import RequestFeatures
+    from pdgate.scheduler.costmodel.output_length import OutputLengthModel
 
     started = time.time()
     new_latency = latency.refit(records)
@@ -31,7 +31,7 @@ def refit(records: Sequence[Mapping[str, Any]], latency: LatencyModel, previous_
             "fit_seconds": round(time.time() - started, 3), "latency": new_latency.describe()}
     version = None
     if store_dir is not None:
-        from scheduler.costmodel.store import ModelStore
+        from pdgate.scheduler.costmodel.store import ModelStore
 
         version = ModelStore(store_dir).save(components, meta)
     return components, version, meta

@@ -40,7 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import stats
 
-from scheduler.costmodel.features import N_FEATURES, RequestFeatures
+from pdgate.scheduler.costmodel.features import N_FEATURES, RequestFeatures
 
 DEFAULT_Q_HIGH = 0.9
 RIDGE_ALPHAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)

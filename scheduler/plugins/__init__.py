@@ -1,19 +1,19 @@
 """In-tree scheduling plugins (and migration policies). Each class documents its formula in its docstring."""
 
-from scheduler.plugins.filters import HealthFilter, RoleFilter
-from scheduler.plugins.migration import LoadBalance, NoMigration
-from scheduler.plugins.pickers import (
+from pdgate.scheduler.plugins.filters import HealthFilter, RoleFilter
+from pdgate.scheduler.plugins.migration import LoadBalance, NoMigration
+from pdgate.scheduler.plugins.pickers import (
     MaxScorePicker,
     PowerOfTwoPicker,
     RandomPicker,
     RoundRobinPicker,
 )
-from scheduler.plugins.scorers import (
+from pdgate.scheduler.plugins.scorers import (
     KvUsageScorer,
     LeastLoadedScorer,
     PrefixAffinityScorer,
 )
-from scheduler.plugins.slo import (
+from pdgate.scheduler.plugins.slo import (
     AlwaysAdmit,
     SloAdmitter,
     SloTpotFilter,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from scheduler.framework import Filter, PluginParams
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from pdgate.scheduler.framework import Filter, PluginParams
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
 
 class HealthFilter(Filter):

@@ -14,13 +14,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from scheduler.framework import (
+from pdgate.scheduler.framework import (
     MigrationPlan,
     MigrationPolicy,
     PluginParams,
     migration_candidates,
 )
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RunningRequest
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RunningRequest
 
 MIN_KV_USAGE_FOR_CAPACITY = 0.05
 """Below this KV usage the capacity an instance's usage implies is too noisy to use."""

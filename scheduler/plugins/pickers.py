@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from scheduler.framework import Picker, PluginParams
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from pdgate.scheduler.framework import Picker, PluginParams
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
 
 class SeededParams(PluginParams):

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 
 from pydantic import Field
 
-from scheduler.estimates import tpot_estimate, tpot_limit, ttft_estimates
-from scheduler.framework import Admitter, Filter, PluginParams, Scorer, Verdict
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from pdgate.scheduler.estimates import tpot_estimate, tpot_limit, ttft_estimates
+from pdgate.scheduler.framework import Admitter, Filter, PluginParams, Scorer, Verdict
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
 
 class SloTtftScorer(Scorer):

@@ -52,7 +52,7 @@ class PdgateProcess:
 def start_pdgate(*args: str, timeout: float = 30.0, env: dict[str, str] | None = None,
                  cwd: str | None = None) -> PdgateProcess:
     """Run ``pdgate ARGS`` and wait for its ``ready: URL`` line (``cwd``: run another checkout's code)."""
-    cmd = [sys.executable, "-m", "gateway.cli", *args]
+    cmd = [sys.executable, "-m", "pdgate.cli", *args]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, cwd=cwd
     )

@@ -33,7 +33,7 @@ def assert_run_left_no_process(stdout: str) -> int:
         configs = [yaml.safe_load(p.read_text()) for p in logs.rglob("gateway.yaml")]
         marks = [str(logs)] + [f"--port {inst['url'].rsplit(':', 1)[1]} " for c in configs for inst in c["instances"]]
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-        leftovers = [line for line in ps.splitlines() if "gateway.cli" in line and any(m in line + " " for m in marks)]
+        leftovers = [line for line in ps.splitlines() if "pdgate.cli" in line and any(m in line + " " for m in marks)]
         assert not leftovers, leftovers
     finally:
         shutil.rmtree(logs, ignore_errors=True)

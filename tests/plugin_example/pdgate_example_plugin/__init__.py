@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from scheduler.framework import PluginParams, Scorer
-from scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from pdgate.scheduler.framework import PluginParams, Scorer
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
 
 class PinnedParams(PluginParams):

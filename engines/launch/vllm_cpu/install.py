@@ -10,7 +10,7 @@ What it does, idempotently (a step whose result is present is skipped):
    torchvision break ``import transformers``. Then NIXL (UCX backend; runs without a GPU) for
    prefill-decode disaggregation, without its CUDA dependencies.
 3. ``HOME/tiny-model``: a deterministic random-weight Llama (2 layers, hidden 128) with a
-   locally trained tokenizer and a chat template, built offline by :mod:`engines.vllm_cpu.tiny_model`.
+   locally trained tokenizer and a chat template, built offline by :mod:`pdgate.engines.launch.vllm_cpu.tiny_model`.
 
 ``HOME`` is ``--home``, else ``$PDGATE_VLLM_HOME``, else ``.vllm`` in the working directory.
 """
@@ -100,9 +100,8 @@ def setup(home: Path, *, find_links: str | None = DEFAULT_FIND_LINKS, force: boo
               env=env)
     model = tiny_model_dir(home)
     if not (model / "model.safetensors").exists():
-        source_root = Path(__file__).resolve().parents[2]
-        _step(f"building the tiny model in {model}", [str(python), "-m", "engines.vllm_cpu.tiny_model", str(model)],
-              env={**os.environ, "PYTHONPATH": str(source_root)})
+        script = Path(__file__).with_name("tiny_model.py")  # standalone: runs in vLLM's environment
+        _step(f"building the tiny model in {model}", [str(python), str(script), str(model)])
 
 
 def _uv(home: Path) -> str:

@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from engines.cli import add_engine_commands
-from gateway.commands import add_gateway_commands
-from loadgen.cli import add_bench_commands
-from scheduler.costmodel.cli import add_cost_model_commands
+from pdgate.engines.cli import add_engine_commands
+from pdgate.gateway.commands import add_gateway_commands
+from pdgate.loadgen.cli import add_bench_commands
+from pdgate.scheduler.costmodel.cli import add_cost_model_commands
 
 DESCRIPTION = """\
 pdgate: an SLO-aware gateway and global scheduler for prefill-decode disaggregated LLM serving.

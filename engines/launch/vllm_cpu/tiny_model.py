@@ -1,7 +1,7 @@
 """Build a tiny, deterministic, random-weight Llama model directory for vLLM (no hub access).
 
 Run with the vLLM environment's Python (it needs torch, safetensors and tokenizers):
-``python -m engines.vllm_cpu.tiny_model OUT_DIR`` (``pdgate engine vllm-setup`` does it).
+``python tiny_model.py OUT_DIR`` (``pdgate engine vllm-setup`` does it).
 
 Produces in OUT_DIR:
   config.json              LlamaForCausalLM config (bfloat16, max_position_embeddings 2048)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engines.sim.chat_template import ChatTemplate, find_chat_template
+from pdgate.common.chat_template import ChatTemplate, find_chat_template
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"

@@ -1,0 +1,1 @@
+"""Fleet and gateway configs shipped with pdgate (package data: ``pdgate up`` runs ``default.yaml``)."""
