@@ -14,11 +14,22 @@ from pdgate.adapters.base import (
 )
 from pdgate.adapters.sglang import SglangAdapter
 from pdgate.adapters.sim import SimSglangAdapter, SimVllmAdapter
-from pdgate.common.http_client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdgate.adapters.vllm import VllmAdapter
+from pdgate.common.http_client import UpstreamError, UpstreamPool, UpstreamResponse
 
-__all__ = ["ADAPTERS", "Capabilities", "EngineAdapter", "HandoffError", "InstanceSpec", "LiveMigration", "MigrationError", "UpstreamError",
-           "UpstreamPool", "UpstreamResponse", "make_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "Capabilities",
+    "EngineAdapter",
+    "HandoffError",
+    "InstanceSpec",
+    "LiveMigration",
+    "MigrationError",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "make_adapter",
+]
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {
     "vllm": VllmAdapter,

@@ -109,8 +109,15 @@ class EngineAdapter(ABC):
             headers.update(extra)
         return headers
 
-    async def send(self, path: str, body: dict[str, Any], request_id: str, *, timeout_s: float,
-                   headers: dict[str, str] | None = None) -> UpstreamResponse:
+    async def send(
+        self,
+        path: str,
+        body: dict[str, Any],
+        request_id: str,
+        *,
+        timeout_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> UpstreamResponse:
         """POST ``body`` as JSON to ``path``; the caller reads (or relays) and closes the response.
 
         Raises :class:`pdgate.common.http_client.UpstreamError` when the engine cannot be reached or
@@ -118,9 +125,14 @@ class EngineAdapter(ABC):
         """
         all_headers = self.headers(request_id, headers)
         all_headers["Content-Type"] = "application/json"
-        return await self.pool.request(self.origin, "POST", self.base_path + path,
-                                       json.dumps(body, separators=(",", ":")).encode(),
-                                       headers=all_headers, timeout_s=timeout_s)
+        return await self.pool.request(
+            self.origin,
+            "POST",
+            self.base_path + path,
+            json.dumps(body, separators=(",", ":")).encode(),
+            headers=all_headers,
+            timeout_s=timeout_s,
+        )
 
     # ---------------------------------------------------------------- PD legs
     def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -144,14 +156,17 @@ class EngineAdapter(ABC):
 
     # ------------------------------------------------------------ monitoring
     async def scrape_load(self, now: float, timeout: float = 2.0) -> EngineLoad:
-        async with self.session.get(self.spec.url + "/metrics", headers=self.headers("scrape"),
-                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with self.session.get(
+            self.spec.url + "/metrics", headers=self.headers("scrape"), timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
             resp.raise_for_status()
             return parse_load(await resp.text(), self.capabilities.metrics_flavour, now)
 
     async def check_health(self, timeout: float = 2.0) -> bool:
         try:
-            async with self.session.get(self.spec.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self.session.get(
+                self.spec.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False

@@ -169,16 +169,18 @@ def _decode_event(raw: Any) -> KvCacheEvent | None:
         kind = raw.get("type")
         if kind == "BlockStored":
             parent = raw.get("parent_block_hash")
-            return BlockStored(_hashes(raw.get("block_hashes")),
-                               None if parent is None else _hash(parent), _medium(raw.get("medium")))
+            return BlockStored(
+                _hashes(raw.get("block_hashes")), None if parent is None else _hash(parent), _medium(raw.get("medium"))
+            )
         if kind == "BlockRemoved":
             return BlockRemoved(_hashes(raw.get("block_hashes")), _medium(raw.get("medium")))
     elif isinstance(raw, list) and raw:
         kind = raw[0]
         if kind == "BlockStored" and len(raw) >= 5:
             parent = raw[2]
-            return BlockStored(_hashes(raw[1]), None if parent is None else _hash(parent),
-                               _medium(raw[6]) if len(raw) > 6 else None)
+            return BlockStored(
+                _hashes(raw[1]), None if parent is None else _hash(parent), _medium(raw[6]) if len(raw) > 6 else None
+            )
         if kind == "BlockRemoved" and len(raw) >= 2:
             return BlockRemoved(_hashes(raw[1]), _medium(raw[2]) if len(raw) > 2 else None)
         if kind in ("BlockStored", "BlockRemoved"):
@@ -220,8 +222,9 @@ def decode_batch(payload: bytes) -> tuple[list[KvCacheEvent], int]:
 class _InstanceStream:
     """One instance's SUB socket (and replay DEALER), sequence tracking and counters."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, source: KvEventSource, sink: KvEventSink,
-                 replay_timeout_s: float) -> None:
+    def __init__(
+        self, ctx: zmq.asyncio.Context, source: KvEventSource, sink: KvEventSink, replay_timeout_s: float
+    ) -> None:
         self.source = source
         self.counters = KvEventCounters()
         self._ctx = ctx
@@ -374,8 +377,9 @@ class KvEventSubscriber:
     async context manager. All methods must be called from the event loop's thread.
     """
 
-    def __init__(self, sink: KvEventSink, sources: Iterable[KvEventSource] = (), *,
-                 replay_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self, sink: KvEventSink, sources: Iterable[KvEventSource] = (), *, replay_timeout_s: float = 1.0
+    ) -> None:
         self._sink = sink
         self._replay_timeout_s = replay_timeout_s
         self._pending: list[KvEventSource] = []
@@ -409,8 +413,7 @@ class KvEventSubscriber:
         stream = _InstanceStream(self._ctx, source, self._sink, self._replay_timeout_s)
         stream.open()
         self._streams[source.instance_id] = stream
-        self._tasks[source.instance_id] = asyncio.create_task(
-            stream.run(), name=f"kv-events-{source.instance_id}")
+        self._tasks[source.instance_id] = asyncio.create_task(stream.run(), name=f"kv-events-{source.instance_id}")
 
     async def remove(self, instance_id: str, *, forget: bool = True) -> None:
         """Stop following an instance and (by default) forget what the sink knows of it."""

@@ -22,8 +22,12 @@ class SimLiveMigration(EngineAdapter):
         host, port, _ = target.origin
         body = {"request_id": request_id, "target": {"host": host, "port": port}}
         try:
-            async with self.session.post(self.spec.url + "/sim/migrate", json=body, headers=self.headers(request_id),
-                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            async with self.session.post(
+                self.spec.url + "/sim/migrate",
+                json=body,
+                headers=self.headers(request_id),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as resp:
                 data = await resp.json(content_type=None)
                 if resp.status != 200:
                     message = data.get("error", {}).get("message") if isinstance(data, dict) else None
@@ -31,8 +35,12 @@ class SimLiveMigration(EngineAdapter):
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise MigrationError(f"live migration call failed: {exc!r}") from None
         try:
-            return LiveMigration(list(data["output_token_ids"]), {"kv_transfer_params": data["kv_transfer_params"]},
-                                 float(data.get("downtime_s", 0.0)), len(data.get("stages") or ()))
+            return LiveMigration(
+                list(data["output_token_ids"]),
+                {"kv_transfer_params": data["kv_transfer_params"]},
+                float(data.get("downtime_s", 0.0)),
+                len(data.get("stages") or ()),
+            )
         except (KeyError, TypeError) as exc:
             raise MigrationError(f"malformed /sim/migrate answer: {exc!r}") from None
 

@@ -18,8 +18,14 @@ class VllmAdapter(EngineAdapter):
             stream=False,
             max_tokens=1,
             min_tokens=1,  # never EOS on the single prefill token: vLLM only hands off on length
-            kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                                "remote_block_ids": None, "remote_host": None, "remote_port": None},
+            kv_transfer_params={
+                "do_remote_decode": True,
+                "do_remote_prefill": False,
+                "remote_engine_id": None,
+                "remote_block_ids": None,
+                "remote_host": None,
+                "remote_port": None,
+            },
         )
         return prefill
 

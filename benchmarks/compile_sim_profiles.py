@@ -26,10 +26,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from pdgate.engines.sim import perf_model as pm
+from pdgate.common import perf_model as pm
 
 DEFAULT_VIDUR = REPO_ROOT.parent / "shared" / "data" / "vidur"
-DEFAULT_OUT = REPO_ROOT / "engines" / "sim" / "profiles"
+DEFAULT_OUT = REPO_ROOT / "pdgate" / "common" / "profiles"
 
 MODEL_DIRS = {
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
@@ -114,13 +114,17 @@ def load_op_tables(vidur: Path) -> dict[tuple[str, str, int], OpTable]:
             for tp, by_tokens in by_tp.items():
                 tokens = np.array(sorted(by_tokens), dtype=float)
                 ops = {
-                    op: np.array([np.mean([_num(r, f"time_stats.{op}.median") for r in by_tokens[int(t)]])
-                                  for t in tokens])
-                    for names in GROUP_OPS.values() for op in names
+                    op: np.array(
+                        [np.mean([_num(r, f"time_stats.{op}.median") for r in by_tokens[int(t)]]) for t in tokens]
+                    )
+                    for names in GROUP_OPS.values()
+                    for op in names
                 }
                 first = by_tokens[int(tokens[0])][0]
-                shape = {k: first[k] for k in ("n_head", "n_kv_head", "n_embd", "n_expanded_embd",
-                                               "vocab_size", "use_gated_mlp")}
+                shape = {
+                    k: first[k]
+                    for k in ("n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size", "use_gated_mlp")
+                }
                 tables[(gpu, model, tp)] = OpTable(tokens, ops, shape)
     return tables
 
@@ -173,8 +177,9 @@ def derived_series(source: OpTable, ref_source: OpTable, ref_target: OpTable) ->
     out = {}
     for g in GROUPS:
         t = np.minimum(source.tokens, ref_source.tokens[-1])
-        ratio = (np.interp(t, ref_target.tokens, isotonic(ref_target.group(g)))
-                 / np.interp(t, ref_source.tokens, isotonic(ref_source.group(g))))
+        ratio = np.interp(t, ref_target.tokens, isotonic(ref_target.group(g))) / np.interp(
+            t, ref_source.tokens, isotonic(ref_source.group(g))
+        )
         out[g] = isotonic(isotonic(source.group(g)) * ratio)
     return out
 
@@ -201,8 +206,9 @@ def load_allreduce(vidur: Path) -> dict[tuple[str, int], tuple[np.ndarray, np.nd
 def allreduce_section(sizes: np.ndarray, times: np.ndarray, source: str) -> dict:
     smooth = isotonic(times)
     logs = np.log2(sizes)
-    picks = sorted({int(np.argmin(np.abs(logs - k))) for k in range(int(logs[0]), int(logs[-1]) + 1)}
-                   | {0, len(sizes) - 1})
+    picks = sorted(
+        {int(np.argmin(np.abs(logs - k))) for k in range(int(logs[0]), int(logs[-1]) + 1)} | {0, len(sizes) - 1}
+    )
     j = int(np.argmin(np.abs(sizes - sizes[-1] / 2)))
     return {
         "bytes": [int(sizes[i]) for i in picks],
@@ -257,8 +263,10 @@ def fit_attention(vidur: Path) -> AttentionFit:
     decode: dict[tuple[int, int], list[float]] = {}
     prefill: dict[tuple[int, int], list[float]] = {}
     for row in read_csv(vidur / ATTENTION_CSV):
-        t = sum(_num(row, f"time_stats.{op}.median")
-                for op in ("attn_input_reshape", "attn_decode", "attn_prefill", "attn_output_reshape"))
+        t = sum(
+            _num(row, f"time_stats.{op}.median")
+            for op in ("attn_input_reshape", "attn_decode", "attn_prefill", "attn_output_reshape")
+        )
         if row["is_prefill"] == "True":
             prefill.setdefault((int(row["prefill_chunk_size"]), int(row["kv_cache_size"])), []).append(t)
         else:
@@ -274,7 +282,10 @@ def fit_attention(vidur: Path) -> AttentionFit:
     return AttentionFit(
         decode_coef=fit_relative(AttentionFit.decode_features(dx)[dtrain], dy[dtrain]),
         prefill_coef=fit_relative(AttentionFit.prefill_features(px)[ptrain], py[ptrain]),
-        decode_x=dx, decode_y=dy, prefill_x=px, prefill_y=py,
+        decode_x=dx,
+        decode_y=dy,
+        prefill_x=px,
+        prefill_y=py,
     )
 
 
@@ -354,8 +365,10 @@ def build_profiles(vidur: Path) -> dict[str, dict]:
             table = tables[(REFERENCE_GPU, model, tp)]
             series = derived_series(table, tables[(REFERENCE_GPU, ref, tp)], tables[(gpu, ref, tp)])
             files = [compute_csv(REFERENCE_GPU, model), compute_csv(REFERENCE_GPU, ref), compute_csv(gpu, ref)]
-            derivation = (f"{REFERENCE_GPU} {MODEL_DIRS[model]} per-group times x measured {gpu}/{REFERENCE_GPU} "
-                          f"time ratio of {MODEL_DIRS[ref]} at equal num_tokens (tp={tp})")
+            derivation = (
+                f"{REFERENCE_GPU} {MODEL_DIRS[model]} per-group times x measured {gpu}/{REFERENCE_GPU} "
+                f"time ratio of {MODEL_DIRS[ref]} at equal num_tokens (tp={tp})"
+            )
         files.append(ATTENTION_CSV)
         doc = {
             "name": name,

@@ -183,7 +183,7 @@ def serve_raw_relay(upstream: str) -> None:
         if i < 0:
             return 0
         j = head.find(b"\r\n", i)
-        return int(head[i + 15:j if j > 0 else None])
+        return int(head[i + 15 : j if j > 0 else None])
 
     class Upstream(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -201,7 +201,7 @@ def serve_raw_relay(upstream: str) -> None:
                 end = self.head.find(b"\r\n\r\n")
                 if end < 0:
                     return
-                head, data = self.head[:end].lower(), self.head[end + 4:]
+                head, data = self.head[:end].lower(), self.head[end + 4 :]
                 self.chunked = b"transfer-encoding: chunked" in head
                 self.left = None if self.chunked else content_length(head)
             if self.chunked:
@@ -275,8 +275,11 @@ def serve_otlp_sink(_: str) -> None:
     uvloop.run(main())
 
 
-HELPERS = {"minimal": ("--serve-minimal-proxy", serve_minimal_proxy), "raw": ("--serve-raw-relay", serve_raw_relay),
-           "otlp-sink": ("--serve-otlp-sink", serve_otlp_sink)}
+HELPERS = {
+    "minimal": ("--serve-minimal-proxy", serve_minimal_proxy),
+    "raw": ("--serve-raw-relay", serve_raw_relay),
+    "otlp-sink": ("--serve-otlp-sink", serve_otlp_sink),
+}
 
 
 def start_helper(name: str, upstream: str, timeout: float = 30.0) -> PdgateProcess:
@@ -391,7 +394,9 @@ KINDS = {  # kind -> (label, streamed)
 
 def body(stream: bool) -> bytes:
     if stream:
-        return json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True, "stream": True}).encode()
+        return json.dumps(
+            {"model": MODEL, "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True, "stream": True}
+        ).encode()
     return json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 1}).encode()
 
 
@@ -421,8 +426,9 @@ async def closed_loop(url: str, stream: bool, n: int, concurrency: int) -> tuple
         return time.perf_counter() - t0, reads, events
 
 
-async def measure_cpu(path: ProxyPath, engine_pid: int, all_pids: list[int], kind: str, n: int,
-                      args: argparse.Namespace) -> CpuRun:
+async def measure_cpu(
+    path: ProxyPath, engine_pid: int, all_pids: list[int], kind: str, n: int, args: argparse.Namespace
+) -> CpuRun:
     stream = KINDS[kind][1]
     await closed_loop(path.url, stream, args.warmup, args.concurrency)
     with CpuWindow(all_pids) as w:
@@ -430,8 +436,17 @@ async def measure_cpu(path: ProxyPath, engine_pid: int, all_pids: list[int], kin
     proxy_us = None
     if path.proxy_pid is not None:
         proxy_us = 1e6 * max(0.0, w.used[path.proxy_pid] - path.idle_cpu_s_per_s * w.wall) / n
-    return CpuRun(n, w.wall, proxy_us, 1e6 * w.used[engine_pid] / n, 1e6 * w.used[os.getpid()] / n,
-                  events / n, reads / n, w.foreign_cores, w.steal_cores)
+    return CpuRun(
+        n,
+        w.wall,
+        proxy_us,
+        1e6 * w.used[engine_pid] / n,
+        1e6 * w.used[os.getpid()] / n,
+        events / n,
+        reads / n,
+        w.foreign_cores,
+        w.steal_cores,
+    )
 
 
 async def poisson_streams(url: str, rate: float, duration: float, rng: random.Random) -> list[StreamSample]:
@@ -495,7 +510,7 @@ async def profile_gateway(args: argparse.Namespace, paths: list[ProxyPath], kind
     if gateway is None:
         return
     out = Path(args.py_spy)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before profiling)
     py_spy = str(Path(sys.executable).with_name("py-spy"))
     for kind, n in kinds:
         stream = KINDS[kind][1]
@@ -503,8 +518,20 @@ async def profile_gateway(args: argparse.Namespace, paths: list[ProxyPath], kind
         for fmt_, suffix in (("raw", "txt"), ("speedscope", "json")):
             target = out / f"gateway-{kind}.{suffix}"
             spy = await asyncio.create_subprocess_exec(
-                py_spy, "record", "--pid", str(gateway.proxy_pid), "--rate", str(args.py_spy_rate), "--format", fmt_,
-                "--output", str(target), "--nonblocking", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                py_spy,
+                "record",
+                "--pid",
+                str(gateway.proxy_pid),
+                "--rate",
+                str(args.py_spy_rate),
+                "--format",
+                fmt_,
+                "--output",
+                str(target),
+                "--nonblocking",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             try:
                 await asyncio.sleep(1.0)  # py-spy attaches
                 await closed_loop(gateway.url, stream, n * args.py_spy_scale, args.concurrency)
@@ -579,8 +606,14 @@ def median_run(runs: list[CpuRun]) -> CpuRun | None:
     return sorted(runs, key=key)[len(runs) // 2]
 
 
-def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, list[CpuRun]]],
-           idle: dict[str, dict[str, float]], lat: dict[str, list[StreamSample]], lat_foreign: list[float]) -> None:
+def report(
+    args: argparse.Namespace,
+    names: list[str],
+    cpu: dict[str, dict[str, list[CpuRun]]],
+    idle: dict[str, dict[str, float]],
+    lat: dict[str, list[StreamSample]],
+    lat_foreign: list[float],
+) -> None:
     med = {p: {k: median_run(cpu.get(p, {}).get(k, [])) for k in KINDS} for p in names}
 
     def proxy_us(p: str, k: str) -> float | None:
@@ -588,10 +621,21 @@ def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, 
         return r.proxy_us if r else None
 
     print()
-    print(f"== gateway overhead: 1 sim engine, {os.cpu_count()} cores, concurrency {args.concurrency} (CPU), "
-          f"Poisson {args.rate:g} streams/s (latency) ==")
-    header = ["path", "CPU µs/req", "µs/stream64 burst", "µs/stream64 paced", "x minimal (req/burst/paced)",
-              "e2e p50/p99 ms", "added p50/p99 ms", "TTFT p50/p99 ms", "gap max/p99.9 ms"]
+    print(
+        f"== gateway overhead: 1 sim engine, {os.cpu_count()} cores, concurrency {args.concurrency} (CPU), "
+        f"Poisson {args.rate:g} streams/s (latency) =="
+    )
+    header = [
+        "path",
+        "CPU µs/req",
+        "µs/stream64 burst",
+        "µs/stream64 paced",
+        "x minimal (req/burst/paced)",
+        "e2e p50/p99 ms",
+        "added p50/p99 ms",
+        "TTFT p50/p99 ms",
+        "gap max/p99.9 ms",
+    ]
     rows = []
     direct_ok = [x for x in lat.get("direct", []) if x.ok]
     for p in names:
@@ -611,15 +655,41 @@ def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, 
             if direct_ok and p != "direct":
                 dl = [x.latency_s * 1e3 for x in direct_ok]
                 added = f"{pct(lats, 50) - pct(dl, 50):+.2f} / {pct(lats, 99) - pct(dl, 99):+.2f}"
-        rows.append([p, fmt(proxy_us(p, "nonstream")), fmt(proxy_us(p, "stream")), fmt(proxy_us(p, "paced")),
-                     " / ".join(ratios) if p != "direct" else "-", e2e, added, ttft, gaps])
+        rows.append(
+            [
+                p,
+                fmt(proxy_us(p, "nonstream")),
+                fmt(proxy_us(p, "stream")),
+                fmt(proxy_us(p, "paced")),
+                " / ".join(ratios) if p != "direct" else "-",
+                e2e,
+                added,
+                ttft,
+                gaps,
+            ]
+        )
     print_table(header, rows)
 
     if any(cpu.values()):
-        print(f"\nCPU runs (median of {args.repeat}; µs per request; the engine and this client share the "
-              f"{os.cpu_count()} cores with the proxy; 'other procs' = CPU of processes not started here):")
-        header = ["path", "kind", "n", "req/s", "proxy", "engine", "client", "SSE events", "client reads",
-                  "proxy idle µs/s", "other procs (cores)", "steal", "every run (proxy)"]
+        print(
+            f"\nCPU runs (median of {args.repeat}; µs per request; the engine and this client share the "
+            f"{os.cpu_count()} cores with the proxy; 'other procs' = CPU of processes not started here):"
+        )
+        header = [
+            "path",
+            "kind",
+            "n",
+            "req/s",
+            "proxy",
+            "engine",
+            "client",
+            "SSE events",
+            "client reads",
+            "proxy idle µs/s",
+            "other procs (cores)",
+            "steal",
+            "every run (proxy)",
+        ]
         rows = []
         for p in names:
             for k, (label, _) in KINDS.items():
@@ -627,11 +697,23 @@ def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, 
                 if r is None:
                     continue
                 backend = "paced" if k == "paced" else "burst"
-                rows.append([p, label, str(r.requests), fmt(r.requests / r.wall_s), fmt(r.proxy_us), fmt(r.engine_us),
-                             fmt(r.client_us), fmt(r.events_per_req, 1), fmt(r.reads_per_req, 1),
-                             fmt(1e6 * idle[backend][p]) if p in idle[backend] else "-",
-                             ", ".join(f"{x.foreign_cores:.2f}" for x in runs), f"{max(x.steal_cores for x in runs):.2f}",
-                             ", ".join(fmt(x.proxy_us) for x in runs) if r.proxy_us is not None else "-"])
+                rows.append(
+                    [
+                        p,
+                        label,
+                        str(r.requests),
+                        fmt(r.requests / r.wall_s),
+                        fmt(r.proxy_us),
+                        fmt(r.engine_us),
+                        fmt(r.client_us),
+                        fmt(r.events_per_req, 1),
+                        fmt(r.reads_per_req, 1),
+                        fmt(1e6 * idle[backend][p]) if p in idle[backend] else "-",
+                        ", ".join(f"{x.foreign_cores:.2f}" for x in runs),
+                        f"{max(x.steal_cores for x in runs):.2f}",
+                        ", ".join(fmt(x.proxy_us) for x in runs) if r.proxy_us is not None else "-",
+                    ]
+                )
         print_table(header, rows)
         for p in names:
             n, s = proxy_us(p, "nonstream"), proxy_us(p, "paced")
@@ -639,12 +721,16 @@ def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, 
                 print(f"  {p}: relaying one SSE chunk (paced stream - non-stream) / 64 = {(s - n) / 64:.1f} µs")
         worst = max((x.foreign_cores for t in cpu.values() for runs in t.values() for x in runs), default=0.0)
         if worst > 0.1:
-            print(f"  WARNING: other processes used up to {worst:.2f} cores during a CPU run: the host was not "
-                  "quiet; the figures are inflated (rerun on a quiet host)")
+            print(
+                f"  WARNING: other processes used up to {worst:.2f} cores during a CPU run: the host was not "
+                "quiet; the figures are inflated (rerun on a quiet host)"
+            )
 
     if lat:
-        print(f"\nlatency phase: Poisson {args.rate:g} streams/s of 64 chunks, {args.duration:g} s per path in "
-              f"{args.rounds} interleaved rounds; other processes used {np.mean(lat_foreign):.2f} cores on average")
+        print(
+            f"\nlatency phase: Poisson {args.rate:g} streams/s of 64 chunks, {args.duration:g} s per path in "
+            f"{args.rounds} interleaved rounds; other processes used {np.mean(lat_foreign):.2f} cores on average"
+        )
         for p in names:
             ok = [x for x in lat.get(p, []) if x.ok]
             if not lat.get(p):
@@ -653,19 +739,28 @@ def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, 
             stalls = sum(1 for g in all_gaps if g >= STALL_MS)
             reads = np.mean([len(x.gaps_s) + 1 for x in ok]) if ok else float("nan")
             verdict = "no ~40 ms Nagle/delayed-ACK stalls: TCP_NODELAY effective" if not stalls else "STALLS"
-            print(f"  {p:8s} {len(ok)}/{len(lat[p])} ok, {fmt(reads, 1)} reads/stream, gap p99 {fmt(pct(all_gaps, 99), 2)} ms, "
-                  f"gaps >= {STALL_MS:g} ms: {stalls} ({verdict})")
+            print(
+                f"  {p:8s} {len(ok)}/{len(lat[p])} ok, {fmt(reads, 1)} reads/stream, gap p99 {fmt(pct(all_gaps, 99), 2)} ms, "
+                f"gaps >= {STALL_MS:g} ms: {stalls} ({verdict})"
+            )
 
     print("\nreference, /work/shared/REAL_ENGINES.md (same kind of 2-core machine), CPU µs:")
     print_table(["router", "per request", "per 64-chunk stream", "note"], [list(r) for r in REFERENCE])
-    mn, mb = proxy_us("minimal", "nonstream") if "minimal" in names else None, proxy_us("minimal", "stream") if "minimal" in names else None
+    mn, mb = (
+        proxy_us("minimal", "nonstream") if "minimal" in names else None,
+        proxy_us("minimal", "stream") if "minimal" in names else None,
+    )
     if mn and mb:
         fn, fb = mn / REF_MINIMAL_US[0], mb / REF_MINIMAL_US[1]
-        print(f"  scaled to this run by (minimal proxy here / 36-line proxy there): Rust ~{RUST_NONSTREAM_US[0] * fn:.0f}-"
-              f"{RUST_NONSTREAM_US[1] * fn:.0f} µs/req (x{fn:.2f}), ~{RUST_STREAM_US[0] * fb:.0f}-{RUST_STREAM_US[1] * fb:.0f} "
-              f"µs/burst stream (x{fb:.2f})")
-    for other, question in (("traced", "tracing every request (OTLP export included)"),
-                            ("baseline", f"the baseline tree {args.baseline_tree}")):
+        print(
+            f"  scaled to this run by (minimal proxy here / 36-line proxy there): Rust ~{RUST_NONSTREAM_US[0] * fn:.0f}-"
+            f"{RUST_NONSTREAM_US[1] * fn:.0f} µs/req (x{fn:.2f}), ~{RUST_STREAM_US[0] * fb:.0f}-{RUST_STREAM_US[1] * fb:.0f} "
+            f"µs/burst stream (x{fb:.2f})"
+        )
+    for other, question in (
+        ("traced", "tracing every request (OTLP export included)"),
+        ("baseline", f"the baseline tree {args.baseline_tree}"),
+    ):
         if other in names and "gateway" in names:
             cells = []
             for k, (label, _) in KINDS.items():
@@ -675,13 +770,17 @@ def report(args: argparse.Namespace, names: list[str], cpu: dict[str, dict[str, 
             print(f"\n{other} vs gateway, {question}: " + "; ".join(cells))
     gn, gb, gp = proxy_us("gateway", "nonstream"), proxy_us("gateway", "stream"), proxy_us("gateway", "paced")
     if gn is not None:
-        print(f"\ntargets (absolute, vs REAL_ENGINES.md figures): non-stream < {TARGET_NONSTREAM_US:.0f} µs (~1.4x Rust): "
-              f"{gn:.0f} µs -> {'MET' if gn < TARGET_NONSTREAM_US else 'MISSED'} ({gn / np.mean(RUST_NONSTREAM_US):.1f}x "
-              "the Rust routers)")
+        print(
+            f"\ntargets (absolute, vs REAL_ENGINES.md figures): non-stream < {TARGET_NONSTREAM_US:.0f} µs (~1.4x Rust): "
+            f"{gn:.0f} µs -> {'MET' if gn < TARGET_NONSTREAM_US else 'MISSED'} ({gn / np.mean(RUST_NONSTREAM_US):.1f}x "
+            "the Rust routers)"
+        )
         for label, v in (("burst", gb), ("paced", gp)):
             if v is not None:
-                print(f"  64-chunk stream ({label}) < {TARGET_STREAM_US:.0f} µs (beat Rust): {v:.0f} µs -> "
-                      f"{'MET' if v < TARGET_STREAM_US else 'MISSED'}")
+                print(
+                    f"  64-chunk stream ({label}) < {TARGET_STREAM_US:.0f} µs (beat Rust): {v:.0f} µs -> "
+                    f"{'MET' if v < TARGET_STREAM_US else 'MISSED'}"
+                )
 
 
 # ------------------------------------------------------------------------------------ main
@@ -700,9 +799,12 @@ class Fleet:
                     helper = self._keep(start_helper(name, self.engine.url))
                     paths.append(ProxyPath(name, helper.url, helper.proc.pid))
             # production defaults for the background work (scrape every 1 s, /health every 2 s)
-            config = write_config(tmp / f"gateway-{time_scale:g}.yaml", [instance_entry(self.engine, "both", "sim")],
-                                  scrape_interval_s=1.0,
-                                  health={"interval_s": 2.0, "timeout_s": 2.0, "failure_threshold": 3, "cooldown_s": 5.0})
+            config = write_config(
+                tmp / f"gateway-{time_scale:g}.yaml",
+                [instance_entry(self.engine, "both", "sim")],
+                scrape_interval_s=1.0,
+                health={"interval_s": 2.0, "timeout_s": 2.0, "failure_threshold": 3, "cooldown_s": 5.0},
+            )
             no_tracing = {"OTEL_SDK_DISABLED": "true"}  # whatever this shell's OTEL_* say
             if "gateway" in wanted:
                 gateway = self._keep(start_gateway(config, env=no_tracing))
@@ -712,15 +814,21 @@ class Fleet:
                 paths.append(ProxyPath("baseline", baseline.url, baseline.proc.pid))
             if "traced" in wanted:
                 sink = self._keep(start_helper("otlp-sink", ""))
-                traced = self._keep(start_gateway(config, env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
-                                                               "OTEL_TRACES_SAMPLER": "always_on"}))
+                traced = self._keep(
+                    start_gateway(
+                        config, env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "OTEL_TRACES_SAMPLER": "always_on"}
+                    )
+                )
                 paths.append(ProxyPath("traced", traced.url, traced.proc.pid))
             self.paths = sorted((p for p in paths if p.name in wanted), key=lambda p: wanted.index(p.name))
         except BaseException:
             self.stop()
             raise
-        print(f"engine (time scale {time_scale:g}) pid {self.engine.proc.pid} {self.engine.url}; "
-              + "; ".join(f"{p.name} pid {p.proxy_pid} {p.url}" for p in self.paths if p.proxy_pid), flush=True)
+        print(
+            f"engine (time scale {time_scale:g}) pid {self.engine.proc.pid} {self.engine.url}; "
+            + "; ".join(f"{p.name} pid {p.proxy_pid} {p.url}" for p in self.paths if p.proxy_pid),
+            flush=True,
+        )
 
     def _keep(self, child: PdgateProcess) -> PdgateProcess:
         self.children.append(child)
@@ -736,9 +844,16 @@ class Fleet:
             self.children.pop().stop()
 
 
-async def run_fleet(args: argparse.Namespace, fleet: Fleet, kinds: list[tuple[str, int]], latency: bool,
-                    cpu: dict[str, dict[str, list[CpuRun]]], idle: dict[str, float],
-                    lat: dict[str, list[StreamSample]], lat_foreign: list[float]) -> None:
+async def run_fleet(
+    args: argparse.Namespace,
+    fleet: Fleet,
+    kinds: list[tuple[str, int]],
+    latency: bool,
+    cpu: dict[str, dict[str, list[CpuRun]]],
+    idle: dict[str, float],
+    lat: dict[str, list[StreamSample]],
+    lat_foreign: list[float],
+) -> None:
     paths, engine_pid = fleet.paths, fleet.engine.proc.pid
     kinds = [(k, n) for k, n in kinds if n > 0]
     if kinds and not args.skip_cpu:
@@ -749,9 +864,12 @@ async def run_fleet(args: argparse.Namespace, fleet: Fleet, kinds: list[tuple[st
                 for kind, n in kinds:
                     r = await measure_cpu(p, engine_pid, fleet.pids, kind, n, args)
                     cpu.setdefault(p.name, {}).setdefault(kind, []).append(r)
-                    print(f"[cpu {rep + 1}/{args.repeat}] {p.name:8s} {KINDS[kind][0]:15s} n={n:<5d} {n / r.wall_s:5.0f} req/s  "
-                          f"proxy {fmt(r.proxy_us):>5s} µs  engine {r.engine_us:5.0f} µs  client {r.client_us:5.0f} µs  "
-                          f"reads {r.reads_per_req:4.1f}  other procs {r.foreign_cores:.2f} cores", flush=True)
+                    print(
+                        f"[cpu {rep + 1}/{args.repeat}] {p.name:8s} {KINDS[kind][0]:15s} n={n:<5d} {n / r.wall_s:5.0f} req/s  "
+                        f"proxy {fmt(r.proxy_us):>5s} µs  engine {r.engine_us:5.0f} µs  client {r.client_us:5.0f} µs  "
+                        f"reads {r.reads_per_req:4.1f}  other procs {r.foreign_cores:.2f} cores",
+                        flush=True,
+                    )
     if args.py_spy and kinds:
         await profile_gateway(args, paths, kinds)
     if latency and not args.skip_latency:
@@ -775,7 +893,10 @@ def wait_quiet(limit_s: float, threshold: float = 0.1, window_s: float = 2.0) ->
             print(f"host quiet: other processes use {w.foreign_cores:.2f} cores", flush=True)
             return
         if time.monotonic() >= deadline:
-            print(f"host still busy after {limit_s:g} s (other processes: {w.foreign_cores:.2f} cores); going on", flush=True)
+            print(
+                f"host still busy after {limit_s:g} s (other processes: {w.foreign_cores:.2f} cores); going on",
+                flush=True,
+            )
             return
 
 
@@ -788,8 +909,16 @@ async def run(args: argparse.Namespace, wanted: list[str], tmp: Path) -> None:
         wait_quiet(args.wait_quiet)
     fleet = Fleet(args.time_scale, wanted, tmp, args.baseline_tree)
     try:
-        await run_fleet(args, fleet, [("nonstream", args.requests), ("stream", args.streams)], True,
-                        cpu, idle["burst"], lat, lat_foreign)
+        await run_fleet(
+            args,
+            fleet,
+            [("nonstream", args.requests), ("stream", args.streams)],
+            True,
+            cpu,
+            idle["burst"],
+            lat,
+            lat_foreign,
+        )
     finally:
         fleet.stop()
     if args.paced_time_scale > 0 and args.paced_streams > 0 and not args.skip_cpu:
@@ -808,30 +937,53 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--paced-streams", type=int, default=300, help="64-chunk streams per CPU run (paced engine)")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight in the CPU runs")
     ap.add_argument("--warmup", type=int, default=100, help="requests sent before each CPU run")
-    ap.add_argument("--repeat", type=int, default=3, help="CPU runs per path and kind (interleaved); the median is reported")
-    ap.add_argument("--idle-s", type=float, default=2.0, help="seconds of idle proxy CPU measured (and subtracted) first")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="CPU runs per path and kind (interleaved); the median is reported"
+    )
+    ap.add_argument(
+        "--idle-s", type=float, default=2.0, help="seconds of idle proxy CPU measured (and subtracted) first"
+    )
     ap.add_argument("--rate", type=float, default=50.0, help="offered streams per second in the latency phase")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of the latency phase per path")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the latency phase is split into")
     ap.add_argument("--time-scale", type=float, default=1000.0, help="time scale of the burst engine")
-    ap.add_argument("--paced-time-scale", type=float, default=5.0,
-                    help="time scale of the paced engine (0: skip the paced streams)")
-    ap.add_argument("--paths", default="direct,minimal,gateway",
-                    help="comma-separated, from direct,minimal,gateway,raw,traced,baseline (raw: the byte-level relay, the floor "
-                         "of a Python proxy; traced: the gateway tracing every request to an OTLP sink; baseline: see --baseline-tree)")
-    ap.add_argument("--baseline-tree", metavar="DIR", help="a checkout (e.g. `git worktree add DIR COMMIT`) whose gateway "
-                    "is measured as path 'baseline'")
+    ap.add_argument(
+        "--paced-time-scale", type=float, default=5.0, help="time scale of the paced engine (0: skip the paced streams)"
+    )
+    ap.add_argument(
+        "--paths",
+        default="direct,minimal,gateway",
+        help="comma-separated, from direct,minimal,gateway,raw,traced,baseline (raw: the byte-level relay, the floor "
+        "of a Python proxy; traced: the gateway tracing every request to an OTLP sink; baseline: see --baseline-tree)",
+    )
+    ap.add_argument(
+        "--baseline-tree",
+        metavar="DIR",
+        help="a checkout (e.g. `git worktree add DIR COMMIT`) whose gateway is measured as path 'baseline'",
+    )
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help="first wait up to S seconds for other processes on the host to use < 0.1 cores")
-    ap.add_argument("--py-spy", metavar="DIR", help="also profile the gateway (extra, uncounted runs) with py-spy "
-                    "attached to its PID; collapsed stacks and speedscope files go to DIR")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="first wait up to S seconds for other processes on the host to use < 0.1 cores",
+    )
+    ap.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="also profile the gateway (extra, uncounted runs) with py-spy "
+        "attached to its PID; collapsed stacks and speedscope files go to DIR",
+    )
     ap.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--py-spy-scale", type=int, default=3, help="profiled runs send this many times the requests")
-    ap.add_argument("--hold", action="store_true",
-                    help="start the burst engine and the proxies, print PIDs and URLs, wait for Ctrl-C")
+    ap.add_argument(
+        "--hold",
+        action="store_true",
+        help="start the burst engine and the proxies, print PIDs and URLs, wait for Ctrl-C",
+    )
     args = ap.parse_args()
     args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     if unknown := set(args.paths) - {"direct", "minimal", "gateway", "raw", "traced", "baseline"}:

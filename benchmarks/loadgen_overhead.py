@@ -35,15 +35,23 @@ CHUNKS = 16
 
 def stub_response() -> list[bytes]:
     """The response as the pieces the stub writes one by one: head + first event, then each event."""
-    events = [b"data: " + json.dumps({"choices": [{"index": 0, "text": " tok"}]}).encode() + b"\n\n"
-              for _ in range(CHUNKS)]
-    events.append(b"data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": CHUNKS,
-                                                                   "total_tokens": 8 + CHUNKS}}).encode() + b"\n\n")
+    events = [
+        b"data: " + json.dumps({"choices": [{"index": 0, "text": " tok"}]}).encode() + b"\n\n" for _ in range(CHUNKS)
+    ]
+    events.append(
+        b"data: "
+        + json.dumps(
+            {"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": CHUNKS, "total_tokens": 8 + CHUNKS}}
+        ).encode()
+        + b"\n\n"
+    )
     events.append(b"data: [DONE]\n\n")
     pieces = [b"%x\r\n%b\r\n" % (len(e), e) for e in events]
     pieces[-1] += b"0\r\n\r\n"
-    pieces[0] = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-                 b"Connection: keep-alive\r\n\r\n" + pieces[0])
+    pieces[0] = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: keep-alive\r\n\r\n" + pieces[0]
+    )
     return pieces
 
 
@@ -69,10 +77,12 @@ def serve_stub(port: int, gap_s: float, ready: multiprocessing.synchronize.Event
                     return
                 head = self.buffer[:end].lower()
                 i = head.find(b"content-length:")
-                length = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+                length = (
+                    int(head[i + 15 : head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+                )
                 if len(self.buffer) < end + 4 + length:
                     return
-                self.buffer = self.buffer[end + 4 + length:]
+                self.buffer = self.buffer[end + 4 + length :]
                 self.send(0)
 
         def send(self, i: int) -> None:
@@ -100,9 +110,16 @@ async def measure(url: str, rate: float, duration: float) -> dict[str, float]:
     ok = [r for r in results if r.ok]
     late = np.array([r.sent_s - r.scheduled_s for r in results]) * 1e3
     span = max(r.end_s for r in results) - min(r.sent_s for r in results)
-    return {"offered": rate, "achieved": len(ok) / span, "ok": len(ok), "n": n,
-            "cpu_us": overhead.cpu_per_request_us, "cpu_share": overhead.cpu_share,
-            "late_p50_ms": float(np.percentile(late, 50)), "late_p99_ms": float(np.percentile(late, 99))}
+    return {
+        "offered": rate,
+        "achieved": len(ok) / span,
+        "ok": len(ok),
+        "n": n,
+        "cpu_us": overhead.cpu_per_request_us,
+        "cpu_share": overhead.cpu_share,
+        "late_p50_ms": float(np.percentile(late, 50)),
+        "late_p99_ms": float(np.percentile(late, 99)),
+    }
 
 
 def main() -> None:
@@ -125,14 +142,20 @@ def main() -> None:
         if not ready.wait(10):
             raise SystemExit("stub server did not start")
         os.sched_setaffinity(0, {0})
-        print(f"load generator on core 0, stub server on core 1; {CHUNKS}-chunk streams, an event every "
-              f"{args.gap_ms:g} ms, Poisson arrivals, {args.duration:g} s per rate")
-        print(f"{'offered/s':>9} {'achieved/s':>10} {'ok':>6} {'CPU µs/req':>10} {'core share':>10} "
-              f"{'late p50 ms':>11} {'late p99 ms':>11}")
+        print(
+            f"load generator on core 0, stub server on core 1; {CHUNKS}-chunk streams, an event every "
+            f"{args.gap_ms:g} ms, Poisson arrivals, {args.duration:g} s per rate"
+        )
+        print(
+            f"{'offered/s':>9} {'achieved/s':>10} {'ok':>6} {'CPU µs/req':>10} {'core share':>10} "
+            f"{'late p50 ms':>11} {'late p99 ms':>11}"
+        )
         for rate in (float(r) for r in args.rates.split(",")):
             row = uvloop.run(measure(f"http://127.0.0.1:{port}", rate, args.duration))
-            print(f"{row['offered']:>9.0f} {row['achieved']:>10.1f} {row['ok']:>6d} {row['cpu_us']:>10.0f} "
-                  f"{row['cpu_share']:>10.2f} {row['late_p50_ms']:>11.2f} {row['late_p99_ms']:>11.2f}")
+            print(
+                f"{row['offered']:>9.0f} {row['achieved']:>10.1f} {row['ok']:>6d} {row['cpu_us']:>10.0f} "
+                f"{row['cpu_share']:>10.2f} {row['late_p50_ms']:>11.2f} {row['late_p99_ms']:>11.2f}"
+            )
     finally:
         stub.terminate()
         stub.join(5)

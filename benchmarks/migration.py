@@ -83,8 +83,8 @@ for _extra in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 
 import slo_goodput as sg  # its fleet and process handling
 
-from pdgate.common.runtime import run_async
 from pdgate.common.perf_model import StepBatch, load_profile
+from pdgate.common.runtime import run_async
 from pdgate.common.tokenizer import load_tokenizer
 from pdgate.gateway.config import GatewayConfig
 from pdgate.loadgen.client import Target
@@ -127,8 +127,16 @@ class Workload:
     tpot_slo_s: float = 0.020
 
 
-SMOKE = Workload(duration_s=4.0, short_rate=2.0, short_output=(8, 24), burst_every_s=2.0, burst_size=3,
-                 first_burst_s=0.5, long_prompt=(64, 256), long_output=(96, 160))
+SMOKE = Workload(
+    duration_s=4.0,
+    short_rate=2.0,
+    short_output=(8, 24),
+    burst_every_s=2.0,
+    burst_size=3,
+    first_burst_s=0.5,
+    long_prompt=(64, 256),
+    long_output=(96, 160),
+)
 
 
 def build_requests(w: Workload, seed: int) -> list[BenchRequest]:
@@ -143,15 +151,25 @@ def build_requests(w: Workload, seed: int) -> list[BenchRequest]:
     b = w.first_burst_s
     while b < w.duration_s:
         for _ in range(w.burst_size):
-            specs.append((b + rng.uniform(0.0, w.burst_spread_s), LONG, rng.randint(*w.long_prompt),
-                          rng.randint(*w.long_output)))
+            specs.append(
+                (b + rng.uniform(0.0, w.burst_spread_s), LONG, rng.randint(*w.long_prompt), rng.randint(*w.long_output))
+            )
         b += w.burst_every_s
     specs.sort(key=lambda s: s[0])
     out = []
     for i, (at, cls, prompt, output) in enumerate(specs):
-        out.append(BenchRequest(index=i, api="completions", max_tokens=output, prompt=builder.text(prompt),
-                                prompt_tokens=prompt, arrival_s=round(at, 6), slo_class=cls,
-                                extra={"ignore_eos": True, "temperature": 0}))
+        out.append(
+            BenchRequest(
+                index=i,
+                api="completions",
+                max_tokens=output,
+                prompt=builder.text(prompt),
+                prompt_tokens=prompt,
+                arrival_s=round(at, 6),
+                slo_class=cls,
+                extra={"ignore_eos": True, "temperature": 0},
+            )
+        )
     return out
 
 
@@ -163,21 +181,29 @@ def scheduling(placement: str, seed: int) -> dict[str, Any] | None:
     if placement == "default":
         return None
     decode_plugins = {
-        "kv-usage": ([{"name": "kv", "type": "kv-usage"}, {"name": "pick", "type": "max-score", "parameters": {"seed": seed}}],
-                     [{"pluginRef": "kv", "weight": 1.0}, {"pluginRef": "pick"}]),
+        "kv-usage": (
+            [{"name": "kv", "type": "kv-usage"}, {"name": "pick", "type": "max-score", "parameters": {"seed": seed}}],
+            [{"pluginRef": "kv", "weight": 1.0}, {"pluginRef": "pick"}],
+        ),
         "random": ([{"name": "pick", "type": "random", "parameters": {"seed": seed}}], [{"pluginRef": "pick"}]),
         "round-robin": ([{"name": "pick", "type": "round-robin"}], [{"pluginRef": "pick"}]),
     }[placement]
     plugins, decode = decode_plugins
     return {
-        "plugins": [{"name": "healthy", "type": "health-filter"},
-                    {"name": "prefill-role", "type": "role-filter", "parameters": {"role": "prefill"}},
-                    {"name": "decode-role", "type": "role-filter", "parameters": {"role": "decode"}},
-                    {"name": "colocated-role", "type": "role-filter", "parameters": {"role": "both"}},
-                    {"name": "first", "type": "round-robin"}, {"name": "first-colocated", "type": "round-robin"}, *plugins],
-        "profiles": {"prefill": [{"pluginRef": "healthy"}, {"pluginRef": "prefill-role"}, {"pluginRef": "first"}],
-                     "decode": [{"pluginRef": "healthy"}, {"pluginRef": "decode-role"}, *decode],
-                     "colocated": [{"pluginRef": "healthy"}, {"pluginRef": "colocated-role"}, {"pluginRef": "first-colocated"}]},
+        "plugins": [
+            {"name": "healthy", "type": "health-filter"},
+            {"name": "prefill-role", "type": "role-filter", "parameters": {"role": "prefill"}},
+            {"name": "decode-role", "type": "role-filter", "parameters": {"role": "decode"}},
+            {"name": "colocated-role", "type": "role-filter", "parameters": {"role": "both"}},
+            {"name": "first", "type": "round-robin"},
+            {"name": "first-colocated", "type": "round-robin"},
+            *plugins,
+        ],
+        "profiles": {
+            "prefill": [{"pluginRef": "healthy"}, {"pluginRef": "prefill-role"}, {"pluginRef": "first"}],
+            "decode": [{"pluginRef": "healthy"}, {"pluginRef": "decode-role"}, *decode],
+            "colocated": [{"pluginRef": "healthy"}, {"pluginRef": "colocated-role"}, {"pluginRef": "first-colocated"}],
+        },
     }
 
 
@@ -187,7 +213,9 @@ def policy_params(args: argparse.Namespace) -> dict[str, Any]:
     return LoadBalanceParams(**params).model_dump()
 
 
-def gateway_config(ports: Sequence[int], gateway_port: int, args: argparse.Namespace, migration: bool) -> dict[str, Any]:
+def gateway_config(
+    ports: Sequence[int], gateway_port: int, args: argparse.Namespace, migration: bool
+) -> dict[str, Any]:
     ts = args.time_scale
     roles = ["prefill"] + ["decode"] * DECODERS
     instances = []
@@ -195,25 +223,39 @@ def gateway_config(ports: Sequence[int], gateway_port: int, args: argparse.Names
         engine_args: dict[str, Any] = {"max_model_len": MAX_MODEL_LEN, "seed": args.seed}
         if role == "decode":
             engine_args.update(num_gpu_blocks=args.num_gpu_blocks, max_num_seqs=args.max_num_seqs)
-        instances.append({"id": "prefill-0" if role == "prefill" else f"decode-{n - 1}", "url": f"http://127.0.0.1:{port}",
-                          "kind": "sim", "role": role, "model": MODEL,
-                          "launch": {"profile": PROFILE, "time_scale": ts, "args": engine_args}})
+        instances.append(
+            {
+                "id": "prefill-0" if role == "prefill" else f"decode-{n - 1}",
+                "url": f"http://127.0.0.1:{port}",
+                "kind": "sim",
+                "role": role,
+                "model": MODEL,
+                "launch": {"profile": PROFILE, "time_scale": ts, "args": engine_args},
+            }
+        )
     params = policy_params(args)
     for name in POLICY_TIME_PARAMS:
         params[name] = params[name] / ts
     config: dict[str, Any] = {
-        "host": "127.0.0.1", "port": gateway_port,
+        "host": "127.0.0.1",
+        "port": gateway_port,
         "models": [{"name": MODEL, "tokenizer": "builtin", "max_model_len": MAX_MODEL_LEN}],
         "instances": instances,
-        "scrape_interval_s": 1.0 / ts, "stale_after_s": 5.0 / ts,
+        "scrape_interval_s": 1.0 / ts,
+        "stale_after_s": 5.0 / ts,
         "admission": {"enabled": False},
         "logging": {"format": "json", "access_log": True},
         # stall_timeout_s 60 s (not 30): a stream stalled by a long preemption in the "off" run must
         # not be failed over by the watchdog, which would move it after all
         "migration": {
-            "enabled": migration, "policy": "load-balance" if migration else "no-migration",
-            "parameters": params if migration else {}, "interval_s": args.interval / ts, "mechanism": args.mechanism,
-            "max_concurrent": args.max_concurrent, "timeout_s": 30.0 / ts, "stall_timeout_s": 60.0 / ts,
+            "enabled": migration,
+            "policy": "load-balance" if migration else "no-migration",
+            "parameters": params if migration else {},
+            "interval_s": args.interval / ts,
+            "mechanism": args.mechanism,
+            "max_concurrent": args.max_concurrent,
+            "timeout_s": 30.0 / ts,
+            "stall_timeout_s": 60.0 / ts,
         },
     }
     sched = scheduling(args.placement, args.seed)
@@ -255,8 +297,10 @@ class TaggedTarget(Target):
 
 class Fleet(sg.Fleet):
     async def metrics(self) -> str:
-        async with aiohttp.ClientSession() as session, session.get(
-                self.url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp,
+        ):
             return await resp.text()
 
 
@@ -329,8 +373,12 @@ def gateway_migration_metrics(text: str) -> dict[str, Any]:
                 gap_sum += s.value
             elif s.name == "pdgate_migration_downtime_seconds_count":
                 gap_count += s.value
-    return {"counts": counts, "downtime_buckets": dict(sorted(buckets.items())), "downtime_sum_s": gap_sum,
-            "downtime_count": int(gap_count)}
+    return {
+        "counts": counts,
+        "downtime_buckets": dict(sorted(buckets.items())),
+        "downtime_sum_s": gap_sum,
+        "downtime_count": int(gap_count),
+    }
 
 
 def bucket_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
@@ -377,8 +425,8 @@ class RunResult:
 
     def index_of(self, request_id: str) -> int | None:
         prefix = f"{self.tag}-"
-        if request_id.startswith(prefix) and request_id[len(prefix):].isdigit():
-            return int(request_id[len(prefix):])
+        if request_id.startswith(prefix) and request_id[len(prefix) :].isdigit():
+            return int(request_id[len(prefix) :])
         return None
 
     def switch_gaps(self) -> list[float]:
@@ -416,11 +464,22 @@ class RunResult:
         for r in self.results:
             gaps = r.inter_chunk_s
             worst = int(np.argmax(gaps)) if gaps else None
-            out.append({"index": r.index, "class": r.slo_class, "ok": r.ok, "error": r.error, "sent_s": round(r.sent_s, 4),
-                        "ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "output_tokens": r.output_tokens,
-                        "max_gap_s": gaps[worst] if worst is not None else None,
-                        "max_gap_at_s": r.chunk_times[worst] if worst is not None else None,  # when it began (run clock)
-                        "decode": self.placed.get(f"{self.tag}-{r.index}"), "moves": moved.get(r.index, 0)})
+            out.append(
+                {
+                    "index": r.index,
+                    "class": r.slo_class,
+                    "ok": r.ok,
+                    "error": r.error,
+                    "sent_s": round(r.sent_s, 4),
+                    "ttft_s": r.ttft_s,
+                    "tpot_s": r.tpot_s,
+                    "output_tokens": r.output_tokens,
+                    "max_gap_s": gaps[worst] if worst is not None else None,
+                    "max_gap_at_s": r.chunk_times[worst] if worst is not None else None,  # when it began (run clock)
+                    "decode": self.placed.get(f"{self.tag}-{r.index}"),
+                    "moves": moved.get(r.index, 0),
+                }
+            )
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -437,41 +496,71 @@ class RunResult:
         def dist(values: Sequence[float]) -> dict[str, float | None]:
             if not values:
                 return {"count": 0, "p50": None, "p99": None, "max": None}
-            return {"count": len(values), "p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)),
-                    "max": float(max(values))}
+            return {
+                "count": len(values),
+                "p50": float(np.percentile(values, 50)),
+                "p99": float(np.percentile(values, 99)),
+                "max": float(max(values)),
+            }
 
-        per_decoder = Counter(self.placed.get(f"{self.tag}-{r.index}", "?") for r in self.results if r.slo_class == LONG)
+        per_decoder = Counter(
+            self.placed.get(f"{self.tag}-{r.index}", "?") for r in self.results if r.slo_class == LONG
+        )
         s = self.stats
         return {
-            "name": self.name, "migration": self.migration, "requests": s.total, "completed": s.ok, "failed": s.failed,
+            "name": self.name,
+            "migration": self.migration,
+            "requests": s.total,
+            "completed": s.ok,
+            "failed": s.failed,
             "attainment": s.attainment,
             "ttft_s": {"p50": s.ttft.p50, "p90": s.ttft.p90, "p99": s.ttft.p99, "max": s.ttft.max},
             "tpot_s": {"p50": s.tpot.p50, "p90": s.tpot.p90, "p99": s.tpot.p99, "max": s.tpot.max},
             "itl_s": {"p50": s.itl.p50, "p99": s.itl.p99, "p999": s.itl.p999, "max": s.itl.max},
-            "classes": {name: {"requests": g.total, "failed": g.failed, "attainment": g.attainment,
-                               "ttft_s": {"p50": g.ttft.p50, "p99": g.ttft.p99}, "tpot_s": {"p50": g.tpot.p50, "p99": g.tpot.p99}}
-                        for name, g in s.classes.items()},
-            "migrations": len(moved), "migrations_failed": len(failed_moves),
+            "classes": {
+                name: {
+                    "requests": g.total,
+                    "failed": g.failed,
+                    "attainment": g.attainment,
+                    "ttft_s": {"p50": g.ttft.p50, "p99": g.ttft.p99},
+                    "tpot_s": {"p50": g.tpot.p50, "p99": g.tpot.p99},
+                }
+                for name, g in s.classes.items()
+            },
+            "migrations": len(moved),
+            "migrations_failed": len(failed_moves),
             "failovers": sum(1 for m in self.moves if m.reason == "failover"),
             "migrations_per_min": len(moved) / minutes if minutes > 0 else None,
             "moves_by": dict(Counter(f"{m.reason}/{m.mechanism}" for m in moved)),
             "failed_moves_by": dict(Counter(f"{m.reason}/{m.mechanism}: {(m.error or '')[:80]}" for m in failed_moves)),
             "metric_counts": self.gateway.get("counts", {}),
-            "downtime_metric": {"count": self.gateway.get("downtime_count", 0),
-                                "mean": (self.gateway["downtime_sum_s"] * ts / self.gateway["downtime_count"]
-                                         if self.gateway.get("downtime_count") else None),
-                                "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)},
+            "downtime_metric": {
+                "count": self.gateway.get("downtime_count", 0),
+                "mean": (
+                    self.gateway["downtime_sum_s"] * ts / self.gateway["downtime_count"]
+                    if self.gateway.get("downtime_count")
+                    else None
+                ),
+                "p50": q(0.5),
+                "p90": q(0.9),
+                "p99": q(0.99),
+            },
             "switch_gap_s": dist(self.switch_gaps()),
             "max_gap_migrated_s": dist(self.max_gaps(True)),
             "max_gap_other_long_s": dist(self.max_gaps(False, LONG)),
             "long_requests_per_decoder": dict(sorted(per_decoder.items())),
-            "preemptions": self.lag.get("preemptions"), "lag": self.lag, "cpu": self.cpu,
-            "span_s": self.span_s, "wall_s": self.wall_s, "problems": self.problems[:10],
+            "preemptions": self.lag.get("preemptions"),
+            "lag": self.lag,
+            "cpu": self.cpu,
+            "span_s": self.span_s,
+            "wall_s": self.wall_s,
+            "problems": self.problems[:10],
         }
 
 
-async def run_one(name: str, migration: bool, requests: Sequence[BenchRequest], slo: SloSpec,
-                  args: argparse.Namespace, workdir: Path) -> RunResult:
+async def run_one(
+    name: str, migration: bool, requests: Sequence[BenchRequest], slo: SloSpec, args: argparse.Namespace, workdir: Path
+) -> RunResult:
     ports = sg.free_ports(DECODERS + 2)
     config = gateway_config(ports[:-1], ports[-1], args, migration)
     ts = args.time_scale
@@ -482,8 +571,9 @@ async def run_one(name: str, migration: bool, requests: Sequence[BenchRequest], 
         fleet.mark_cpu()
         target = TaggedTarget(name, fleet.url, MODEL, tag)
         span_sim = requests[-1].arrival_s or 0.0
-        load = LoadConfig(arrivals="trace", speedup=ts, timeout_s=600.0, duration_s=span_sim / ts + 1.0,
-                          drain_s=args.drain / ts)
+        load = LoadConfig(
+            arrivals="trace", speedup=ts, timeout_s=600.0, duration_s=span_sim / ts + 1.0, drain_s=args.drain / ts
+        )
         cpu_client0, host0 = time.process_time(), sg.host_cpu()
         wall0, epoch0 = time.monotonic(), time.time()
         results, _ = await run_load(target, requests, load)
@@ -499,15 +589,37 @@ async def run_one(name: str, migration: bool, requests: Sequence[BenchRequest], 
     lag = sg.lag_summary(states, max(span_sim, load_wall * ts))
     ours = sum(v for v in cpu.values() if v is not None) + cpu_client
     cpu_info: dict[str, Any] = {k: None if v is None else round(v, 2) for k, v in cpu.items()}
-    cpu_info.update(client=round(cpu_client, 2), load_wall_s=round(load_wall, 2), time_scale=ts,
-                    cores_busy=round(ours / load_wall, 2) if load_wall > 0 else None)
+    cpu_info.update(
+        client=round(cpu_client, 2),
+        load_wall_s=round(load_wall, 2),
+        time_scale=ts,
+        cores_busy=round(ours / load_wall, 2) if load_wall > 0 else None,
+    )
     if host0 is not None and host1 is not None and host1[1] > host0[1]:
         host_cores = (host1[0] - host0[0]) / (host1[1] - host0[1]) * (os.cpu_count() or 1)
         cpu_info["other_cores_busy"] = round(max(0.0, host_cores - ours / load_wall), 2) if load_wall > 0 else None
-    engines = {k: {f: v.get(f) for f in ("num_preemptions", "steps", "lag_total_seconds", "lag_max_seconds", "num_blocks")}
-               for k, v in states.items() if "error" not in v}
-    run = RunResult(name, migration, sim_results, stats, moves, placed, gateway_migration_metrics(metrics_text), engines,
-                    lag, cpu_info, time.monotonic() - started, end, problems, tag, epoch0)
+    engines = {
+        k: {f: v.get(f) for f in ("num_preemptions", "steps", "lag_total_seconds", "lag_max_seconds", "num_blocks")}
+        for k, v in states.items()
+        if "error" not in v
+    }
+    run = RunResult(
+        name,
+        migration,
+        sim_results,
+        stats,
+        moves,
+        placed,
+        gateway_migration_metrics(metrics_text),
+        engines,
+        lag,
+        cpu_info,
+        time.monotonic() - started,
+        end,
+        problems,
+        tag,
+        epoch0,
+    )
     return run
 
 
@@ -535,50 +647,106 @@ def table(runs: Sequence[RunResult]) -> str:
         r = _ratio(values[1], values[0]) if ratio and len(values) == 2 else None
         row(label, [fmt(v) for v in values], r)
 
-    row("requests (short + long)", [f"{s['requests']} ({s['classes'].get(SHORT, {}).get('requests', 0)} + "
-                                    f"{s['classes'].get(LONG, {}).get('requests', 0)})" for s in sums])
+    row(
+        "requests (short + long)",
+        [
+            f"{s['requests']} ({s['classes'].get(SHORT, {}).get('requests', 0)} + "
+            f"{s['classes'].get(LONG, {}).get('requests', 0)})"
+            for s in sums
+        ],
+    )
     row("completed / failed", [f"{s['completed']} / {s['failed']}" for s in sums])
     metric_row("TTFT p50 (ms)", lambda s: s["ttft_s"]["p50"])
     metric_row("**TTFT p99 (ms)**", lambda s: s["ttft_s"]["p99"])
     metric_row("TPOT p50 (ms)", lambda s: s["tpot_s"]["p50"])
     metric_row("**TPOT p99 (ms)**", lambda s: s["tpot_s"]["p99"])
-    row("inter-token gap p99 / p99.9 / max (ms)",
-        [f"{_ms(s['itl_s']['p99'])} / {_ms(s['itl_s']['p999'])} / {_ms(s['itl_s']['max'])}" for s in sums])
+    row(
+        "inter-token gap p99 / p99.9 / max (ms)",
+        [f"{_ms(s['itl_s']['p99'])} / {_ms(s['itl_s']['p999'])} / {_ms(s['itl_s']['max'])}" for s in sums],
+    )
     for cls in (SHORT, LONG):
         for metric in ("ttft_s", "tpot_s"):
             got = [s["classes"].get(cls, {}).get(metric) for s in sums]
             ratio = _ratio(got[1]["p99"], got[0]["p99"]) if len(sums) == 2 and got[0] and got[1] else None
-            row(f"{cls}: {metric[:4].upper()} p50 / p99 (ms)",
-                [f"{_ms(g['p50'])} / {_ms(g['p99'])}" if g else "-" for g in got], ratio)
-    row("SLO attainment (TTFT and TPOT)", [f"{100 * s['attainment']:.1f} %" if s["attainment"] is not None else "-" for s in sums])
-    row("long requests placed per decoder", [" ".join(f"{k.split('-')[-1]}:{v}" for k, v in s["long_requests_per_decoder"].items())
-                                             for s in sums])
+            row(
+                f"{cls}: {metric[:4].upper()} p50 / p99 (ms)",
+                [f"{_ms(g['p50'])} / {_ms(g['p99'])}" if g else "-" for g in got],
+                ratio,
+            )
+    row(
+        "SLO attainment (TTFT and TPOT)",
+        [f"{100 * s['attainment']:.1f} %" if s["attainment"] is not None else "-" for s in sums],
+    )
+    row(
+        "long requests placed per decoder",
+        [" ".join(f"{k.split('-')[-1]}:{v}" for k, v in s["long_requests_per_decoder"].items()) for s in sums],
+    )
     row("preemptions (decode engines)", [str(s["preemptions"]) for s in sums])
-    row("migrations (per min)", [f"{s['migrations']} ({s['migrations_per_min']:.1f})" if s["migrations_per_min"] is not None
-                                 else str(s["migrations"]) for s in sums])
+    row(
+        "migrations (per min)",
+        [
+            f"{s['migrations']} ({s['migrations_per_min']:.1f})"
+            if s["migrations_per_min"] is not None
+            else str(s["migrations"])
+            for s in sums
+        ],
+    )
     row("moves by reason/mechanism", [", ".join(f"{k} {v}" for k, v in s["moves_by"].items()) or "-" for s in sums])
     row("failed moves / failovers", [f"{s['migrations_failed']} / {s['failovers']}" for s in sums])
-    row("downtime, gateway histogram: n, mean, p50 / p99 from buckets (ms)",
-        [f"{s['downtime_metric']['count']}, {_ms(s['downtime_metric']['mean'])}, {_ms(s['downtime_metric']['p50'])} / "
-         f"{_ms(s['downtime_metric']['p99'])}" if s["downtime_metric"]["count"] else "-" for s in sums])
-    row("downtime, client: n, gap at each move p50 / p99 / max (ms)",
-        [f"{s['switch_gap_s']['count']}, {_ms(s['switch_gap_s']['p50'])} / {_ms(s['switch_gap_s']['p99'])} / "
-         f"{_ms(s['switch_gap_s']['max'])}" if s["switch_gap_s"]["count"] else "-" for s in sums])
-    row("migrated streams: max inter-token gap p50 / p99 / max (ms)",
-        [f"{_ms(s['max_gap_migrated_s']['p50'])} / {_ms(s['max_gap_migrated_s']['p99'])} / {_ms(s['max_gap_migrated_s']['max'])}"
-         if s["max_gap_migrated_s"]["count"] else "-" for s in sums])
-    row("other long streams: max inter-token gap p50 / p99 / max (ms)",
-        [f"{_ms(s['max_gap_other_long_s']['p50'])} / {_ms(s['max_gap_other_long_s']['p99'])} / {_ms(s['max_gap_other_long_s']['max'])}"
-         if s["max_gap_other_long_s"]["count"] else "-" for s in sums])
-    row("engine lag (max % of run) / cores busy (+ others)",
-        [f"{s['lag']['lag_pct_of_span']} % / {s['cpu'].get('cores_busy')} (+{s['cpu'].get('other_cores_busy', '?')})" for s in sums])
+    row(
+        "downtime, gateway histogram: n, mean, p50 / p99 from buckets (ms)",
+        [
+            f"{s['downtime_metric']['count']}, {_ms(s['downtime_metric']['mean'])}, {_ms(s['downtime_metric']['p50'])} / "
+            f"{_ms(s['downtime_metric']['p99'])}"
+            if s["downtime_metric"]["count"]
+            else "-"
+            for s in sums
+        ],
+    )
+    row(
+        "downtime, client: n, gap at each move p50 / p99 / max (ms)",
+        [
+            f"{s['switch_gap_s']['count']}, {_ms(s['switch_gap_s']['p50'])} / {_ms(s['switch_gap_s']['p99'])} / "
+            f"{_ms(s['switch_gap_s']['max'])}"
+            if s["switch_gap_s"]["count"]
+            else "-"
+            for s in sums
+        ],
+    )
+    row(
+        "migrated streams: max inter-token gap p50 / p99 / max (ms)",
+        [
+            f"{_ms(s['max_gap_migrated_s']['p50'])} / {_ms(s['max_gap_migrated_s']['p99'])} / {_ms(s['max_gap_migrated_s']['max'])}"
+            if s["max_gap_migrated_s"]["count"]
+            else "-"
+            for s in sums
+        ],
+    )
+    row(
+        "other long streams: max inter-token gap p50 / p99 / max (ms)",
+        [
+            f"{_ms(s['max_gap_other_long_s']['p50'])} / {_ms(s['max_gap_other_long_s']['p99'])} / {_ms(s['max_gap_other_long_s']['max'])}"
+            if s["max_gap_other_long_s"]["count"]
+            else "-"
+            for s in sums
+        ],
+    )
+    row(
+        "engine lag (max % of run) / cores busy (+ others)",
+        [
+            f"{s['lag']['lag_pct_of_span']} % / {s['cpu'].get('cores_busy')} (+{s['cpu'].get('other_cores_busy', '?')})"
+            for s in sums
+        ],
+    )
     row("wall time (s)", [f"{s['wall_s']:.0f}" for s in sums])
     if len(runs) == 2:
         a, b = ({i: v for k, v in run.placed.items() if (i := run.index_of(k)) is not None} for run in runs)
         differ = sum(1 for i in set(a) | set(b) if a.get(i) != b.get(i))
         lines.append("")
-        lines.append(f"initial decode placement of the two runs: {'identical' if not differ else f'{differ} requests differ'} "
-                     f"({len(a)} and {len(b)} requests logged)")
+        lines.append(
+            f"initial decode placement of the two runs: {'identical' if not differ else f'{differ} requests differ'} "
+            f"({len(a)} and {len(b)} requests logged)"
+        )
     return "\n".join(lines)
 
 
@@ -597,7 +765,9 @@ def _param(text: str) -> tuple[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     d = Workload()
     ap.add_argument("--duration", type=float, help=f"simulated seconds of arrivals (default {d.duration_s:g})")
     ap.add_argument("--seed", type=int, default=0, help="workload, prompts and pickers")
@@ -605,19 +775,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--time-scale", type=float, help="simulated seconds per wall second (default 1; --smoke: 2)")
     ap.add_argument("--placement", choices=PLACEMENTS, default="random", help="the decode profile (see above)")
     ap.add_argument("--runs", default="off,on", help="comma-separated, of off, on (in this order)")
-    ap.add_argument("--param", dest="params", type=_param, action="append", default=[], metavar="NAME=VALUE",
-                    help="a load-balance parameter of the 'on' run (repeatable; time values in simulated s)")
+    ap.add_argument(
+        "--param",
+        dest="params",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a load-balance parameter of the 'on' run (repeatable; time values in simulated s)",
+    )
     ap.add_argument("--interval", type=float, default=0.5, help="migration.interval_s, simulated s")
     ap.add_argument("--max-concurrent", type=int, default=4, help="migration.max_concurrent")
     ap.add_argument("--num-gpu-blocks", type=int, default=512, help="KV blocks (16 tokens) per decode engine")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="running sequences per decode engine")
     ap.add_argument("--short-rate", type=float, help=f"background requests/s (default {d.short_rate:g})")
-    ap.add_argument("--burst-every", type=float, help=f"seconds between bursts of long requests (default {d.burst_every_s:g})")
+    ap.add_argument(
+        "--burst-every", type=float, help=f"seconds between bursts of long requests (default {d.burst_every_s:g})"
+    )
     ap.add_argument("--burst-size", type=int, help=f"long requests per burst (default {d.burst_size})")
     ap.add_argument("--ttft-slo", type=float, help=f"TTFT SLO, simulated s (default {d.ttft_slo_s:g})")
     ap.add_argument("--tpot-slo", type=float, help=f"TPOT SLO, simulated s (default {d.tpot_slo_s:g})")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help="before each run, wait up to S wall seconds for other processes to use < 0.2 cores")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each run, wait up to S wall seconds for other processes to use < 0.2 cores",
+    )
     ap.add_argument("--drain", type=float, default=120.0, help="simulated seconds the last requests get to finish")
     ap.add_argument("--out", help="write the runs (summaries, every move, the table) as JSON to this file")
     ap.add_argument("--keep-logs", action="store_true", help="keep the engines' and gateway's logs (path printed)")
@@ -625,8 +809,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.params = dict(args.params)
     base = SMOKE if args.smoke else d
-    overrides = {"duration_s": args.duration, "short_rate": args.short_rate, "burst_every_s": args.burst_every,
-                 "burst_size": args.burst_size, "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo}
+    overrides = {
+        "duration_s": args.duration,
+        "short_rate": args.short_rate,
+        "burst_every_s": args.burst_every,
+        "burst_size": args.burst_size,
+        "ttft_slo_s": args.ttft_slo,
+        "tpot_slo_s": args.tpot_slo,
+    }
     args.workload = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     if args.smoke:
         args.drain = min(args.drain, 30.0)
@@ -649,20 +839,28 @@ def describe(args: argparse.Namespace, requests: Sequence[BenchRequest]) -> list
     shorts = [r for r in requests if r.slo_class == SHORT]
     step1 = profile.step_time(StepBatch(decode_seqs=1, decode_kv_tokens=512))
     step_hot = profile.step_time(StepBatch(decode_seqs=24, decode_kv_tokens=24 * 2000))
-    kv_tokens = sum(r.prompt_tokens + r.max_tokens for r in longs[:w.burst_size])
+    kv_tokens = sum(r.prompt_tokens + r.max_tokens for r in longs[: w.burst_size])
     params = policy_params(args)
-    fleet = (f"fleet: 1 prefill + {DECODERS} decode sim engines ({PROFILE}, vLLM flavour, PD hand-off), decode KV "
-             f"{args.num_gpu_blocks} blocks x 16 = {16 * args.num_gpu_blocks} tokens, max_num_seqs {args.max_num_seqs}; "
-             f"decode placement: {args.placement}; time scale {args.time_scale:g} (latencies below in simulated ms)")
-    workload = (f"workload (seed {args.seed}): {len(shorts)} short requests (Poisson {w.short_rate:g}/s, prompt "
-                f"{w.short_prompt[0]}-{w.short_prompt[1]}, output {w.short_output[0]}-{w.short_output[1]}) + {len(longs)} long "
-                f"({w.burst_size} every {w.burst_every_s:g} s from {w.first_burst_s:g} s, prompt {w.long_prompt[0]}-"
-                f"{w.long_prompt[1]}, output {w.long_output[0]}-{w.long_output[1]}) over {w.duration_s:g} s; a burst's final "
-                f"KV ~{kv_tokens} tokens")
-    model = (f"modelled decode step: {1e3 * step1:.1f} ms (1 x 512 tokens), {1e3 * step_hot:.1f} ms (24 x 2000); "
-             f"SLO: TTFT <= {1e3 * w.ttft_slo_s:.0f} ms, TPOT <= {1e3 * w.tpot_slo_s:.0f} ms")
-    policy = (f"'on': migration.policy load-balance, mechanism {args.mechanism}, interval {args.interval:g} s, "
-              f"max_concurrent {args.max_concurrent}; parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    fleet = (
+        f"fleet: 1 prefill + {DECODERS} decode sim engines ({PROFILE}, vLLM flavour, PD hand-off), decode KV "
+        f"{args.num_gpu_blocks} blocks x 16 = {16 * args.num_gpu_blocks} tokens, max_num_seqs {args.max_num_seqs}; "
+        f"decode placement: {args.placement}; time scale {args.time_scale:g} (latencies below in simulated ms)"
+    )
+    workload = (
+        f"workload (seed {args.seed}): {len(shorts)} short requests (Poisson {w.short_rate:g}/s, prompt "
+        f"{w.short_prompt[0]}-{w.short_prompt[1]}, output {w.short_output[0]}-{w.short_output[1]}) + {len(longs)} long "
+        f"({w.burst_size} every {w.burst_every_s:g} s from {w.first_burst_s:g} s, prompt {w.long_prompt[0]}-"
+        f"{w.long_prompt[1]}, output {w.long_output[0]}-{w.long_output[1]}) over {w.duration_s:g} s; a burst's final "
+        f"KV ~{kv_tokens} tokens"
+    )
+    model = (
+        f"modelled decode step: {1e3 * step1:.1f} ms (1 x 512 tokens), {1e3 * step_hot:.1f} ms (24 x 2000); "
+        f"SLO: TTFT <= {1e3 * w.ttft_slo_s:.0f} ms, TPOT <= {1e3 * w.tpot_slo_s:.0f} ms"
+    )
+    policy = (
+        f"'on': migration.policy load-balance, mechanism {args.mechanism}, interval {args.interval:g} s, "
+        f"max_concurrent {args.max_concurrent}; parameters: " + ", ".join(f"{k}={v}" for k, v in params.items())
+    )
     return [fleet, workload, model, policy]
 
 
@@ -703,9 +901,12 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
                 await wait_quiet(args.wait_quiet)
             run = await run_one(name, name == "on", requests, slo, args, workdir / name)
             s = run.summary()
-            print(f"  {name:<3}: {s['completed']}/{s['requests']} completed, {s['failed']} failed; TTFT p99 "
-                  f"{_ms(s['ttft_s']['p99'])} ms, TPOT p99 {_ms(s['tpot_s']['p99'])} ms; {s['migrations']} migrations "
-                  f"({s['migrations_failed']} failed); preemptions {s['preemptions']}; {run.wall_s:.0f} s", flush=True)
+            print(
+                f"  {name:<3}: {s['completed']}/{s['requests']} completed, {s['failed']} failed; TTFT p99 "
+                f"{_ms(s['ttft_s']['p99'])} ms, TPOT p99 {_ms(s['tpot_s']['p99'])} ms; {s['migrations']} migrations "
+                f"({s['migrations_failed']} failed); preemptions {s['preemptions']}; {run.wall_s:.0f} s",
+                flush=True,
+            )
             for problem in run.problems[:3]:
                 print(f"      gateway: {problem}", flush=True)
             runs.append(run)
@@ -720,8 +921,11 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    print(f"migration benchmark: host {platform.machine()} with {os.cpu_count()} CPUs, commit "
-          f"{sg.code_version().get('commit')}", flush=True)
+    print(
+        f"migration benchmark: host {platform.machine()} with {os.cpu_count()} CPUs, commit "
+        f"{sg.code_version().get('commit')}",
+        flush=True,
+    )
     try:
         runs = run_async(main_async(args))
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -739,14 +943,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "benchmark": "migration", "profile": PROFILE, "fleet": f"1P{DECODERS}D sim, vLLM flavour",
-            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-            "args": {k: v for k, v in vars(args).items() if k != "workload"}, "workload": dataclasses.asdict(args.workload),
-            "policy_parameters": policy_params(args), "code": sg.code_version(), "wall_s": total, "table": text,
-            "runs": {r.name: {**r.summary(), "moves": [dataclasses.asdict(m) for m in r.moves], "per_request": r.per_request()}
-                     for r in runs},
-        }, indent=1, default=str))
+        out.write_text(
+            json.dumps(
+                {
+                    "benchmark": "migration",
+                    "profile": PROFILE,
+                    "fleet": f"1P{DECODERS}D sim, vLLM flavour",
+                    "host": {
+                        "machine": platform.machine(),
+                        "cpus": os.cpu_count(),
+                        "python": platform.python_version(),
+                    },
+                    "args": {k: v for k, v in vars(args).items() if k != "workload"},
+                    "workload": dataclasses.asdict(args.workload),
+                    "policy_parameters": policy_params(args),
+                    "code": sg.code_version(),
+                    "wall_s": total,
+                    "table": text,
+                    "runs": {
+                        r.name: {
+                            **r.summary(),
+                            "moves": [dataclasses.asdict(m) for m in r.moves],
+                            "per_request": r.per_request(),
+                        }
+                        for r in runs
+                    },
+                },
+                indent=1,
+                default=str,
+            )
+        )
         print(f"wrote {out}")
     return 1 if failed else 0
 

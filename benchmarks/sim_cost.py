@@ -111,8 +111,13 @@ class CoreCost:
     modelled: float  # modelled seconds of those steps
 
     def cells(self) -> list[str]:
-        return [str(self.steps), f"{1e6 * self.cpu / self.steps:.1f}", f"{1e6 * self.cpu / self.tokens:.3f}",
-                f"{1e3 * self.modelled / self.steps:.2f}", f"{100 * self.cpu / self.modelled:.2f}"]
+        return [
+            str(self.steps),
+            f"{1e6 * self.cpu / self.steps:.1f}",
+            f"{1e6 * self.cpu / self.tokens:.3f}",
+            f"{1e3 * self.modelled / self.steps:.2f}",
+            f"{100 * self.cpu / self.modelled:.2f}",
+        ]
 
 
 def decode_cost(profile: str, batch: int, min_cpu: float) -> CoreCost:
@@ -157,8 +162,10 @@ def core_costs(profile: str, batches: list[int], min_cpu: float, repeat: int) ->
     rows.append(["prefill 8192 tok (per prompt token)", *best_prefill.cells()])
     print(f"### (a) EngineCore alone ({profile}, {PROMPT_LEN}-token prompts), CPU time per step, best of {repeat}\n")
     print_table(["step kind", "steps", "CPU µs/step", "CPU µs/token", "modelled ms/step", "CPU/model %"], rows)
-    print(f"\nadd_request (prompt hashing, not in the steps above): {1e6 * add_cpu:.0f} µs per {PROMPT_LEN}-token "
-          f"prompt ({1e6 * add_cpu / PROMPT_LEN:.3f} µs per prompt token)")
+    print(
+        f"\nadd_request (prompt hashing, not in the steps above): {1e6 * add_cpu:.0f} µs per {PROMPT_LEN}-token "
+        f"prompt ({1e6 * add_cpu / PROMPT_LEN:.3f} µs per prompt token)"
+    )
 
 
 # ------------------------------------------------ (b) whole processes over HTTP
@@ -193,7 +200,9 @@ async def _stream(session: aiohttp.ClientSession, load: EngineLoad, prompt: list
                 load.tokens += 1
 
 
-async def _worker(session: aiohttp.ClientSession, load: EngineLoad, index: int, args: argparse.Namespace, vocab: int) -> None:
+async def _worker(
+    session: aiohttp.ClientSession, load: EngineLoad, index: int, args: argparse.Namespace, vocab: int
+) -> None:
     rng = np.random.default_rng([index, load.pid])
     await asyncio.sleep(index * args.warmup / (2 * args.concurrency))  # no burst of simultaneous prefills
     max_tokens = max(1, (index + 1) * args.output_len // args.concurrency)  # stagger the finishes
@@ -208,12 +217,17 @@ async def _snapshot(session: aiohttp.ClientSession, load: EngineLoad) -> Snapsho
     return Snapshot(time.monotonic(), proc_cpu_seconds(load.pid), load.tokens, state)
 
 
-async def drive(loads: list[EngineLoad], args: argparse.Namespace, vocab: int) -> tuple[list[tuple[Snapshot, Snapshot]], float]:
+async def drive(
+    loads: list[EngineLoad], args: argparse.Namespace, vocab: int
+) -> tuple[list[tuple[Snapshot, Snapshot]], float]:
     """Run the load; returns per-engine (start, end) snapshots of the window and the client's CPU share."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
-        tasks = [asyncio.create_task(_worker(session, load, i, args, vocab))
-                 for load in loads for i in range(args.concurrency)]
+        tasks = [
+            asyncio.create_task(_worker(session, load, i, args, vocab))
+            for load in loads
+            for i in range(args.concurrency)
+        ]
         try:
             await asyncio.sleep(args.warmup)
             first = await asyncio.gather(*(_snapshot(session, load) for load in loads))
@@ -253,11 +267,17 @@ class EngineResult:
         sim = sb["sim_time"] - sa["sim_time"]
         busy = sb["busy_seconds"] - sa["busy_seconds"]
         return cls(
-            util=cpu / wall, cpu_per_step=cpu / steps, cpu_per_token=cpu / max(1, tokens), steps_per_s=steps / wall,
-            tokens_per_s=tokens / wall, model_step=busy / steps,
-            lag_share=(sb["lag_total_seconds"] - sa["lag_total_seconds"]) / sim, lag_max=sb["lag_max_seconds"],
+            util=cpu / wall,
+            cpu_per_step=cpu / steps,
+            cpu_per_token=cpu / max(1, tokens),
+            steps_per_s=steps / wall,
+            tokens_per_s=tokens / wall,
+            model_step=busy / steps,
+            lag_share=(sb["lag_total_seconds"] - sa["lag_total_seconds"]) / sim,
+            lag_max=sb["lag_max_seconds"],
             jitter_max=sb.get("delivery_jitter_max_seconds", float("nan")),
-            late_share=(sb["late_steps"] - sa["late_steps"]) / steps, slowdown=sim / busy - 1 if busy else float("nan"),
+            late_share=(sb["late_steps"] - sa["late_steps"]) / steps,
+            slowdown=sim / busy - 1 if busy else float("nan"),
         )
 
     @property
@@ -269,11 +289,26 @@ def http_costs(args: argparse.Namespace) -> None:
     from tests.support.procs import PdgateProcess, start_sim
 
     vocab = build_state(SimEngineConfig(profile=args.profile)).tokenizer.vocab_size
-    print(f"\n### (b) K engine processes ({args.profile}, time scale 1) on {os.cpu_count()} cores, "
-          f"{args.concurrency} streams each ({args.prompt_len}-token prompts, {args.output_len}-token outputs), "
-          f"{args.duration:g} s window after {args.warmup:g} s warm-up\n")
-    header = ["K", "engine", "CPU %", "CPU µs/step", "CPU µs/token", "steps/s", "tok/s", "model ms/step",
-              "lag %", "lag max ms", "jitter max ms", "late %", "slowdown %"]
+    print(
+        f"\n### (b) K engine processes ({args.profile}, time scale 1) on {os.cpu_count()} cores, "
+        f"{args.concurrency} streams each ({args.prompt_len}-token prompts, {args.output_len}-token outputs), "
+        f"{args.duration:g} s window after {args.warmup:g} s warm-up\n"
+    )
+    header = [
+        "K",
+        "engine",
+        "CPU %",
+        "CPU µs/step",
+        "CPU µs/token",
+        "steps/s",
+        "tok/s",
+        "model ms/step",
+        "lag %",
+        "lag max ms",
+        "jitter max ms",
+        "late %",
+        "slowdown %",
+    ]
     rows: list[list[str]] = []
     verdicts: dict[int, bool] = {}
     per_k: dict[int, list[EngineResult]] = {}
@@ -290,14 +325,29 @@ def http_costs(args: argparse.Namespace) -> None:
                 e.stop()
         results = per_k[k] = [EngineResult.of(a, b) for a, b in windows]
         for i, r in enumerate(results):
-            rows.append([str(k), str(i), f"{100 * r.util:.1f}", f"{1e6 * r.cpu_per_step:.0f}", f"{1e6 * r.cpu_per_token:.1f}",
-                         f"{r.steps_per_s:.0f}", f"{r.tokens_per_s:.0f}", f"{1e3 * r.model_step:.2f}",
-                         f"{100 * r.lag_share:.2f}", f"{1e3 * r.lag_max:.2f}", f"{1e3 * r.jitter_max:.2f}",
-                         f"{100 * r.late_share:.1f}", f"{100 * r.slowdown:.1f}"])
+            rows.append(
+                [
+                    str(k),
+                    str(i),
+                    f"{100 * r.util:.1f}",
+                    f"{1e6 * r.cpu_per_step:.0f}",
+                    f"{1e6 * r.cpu_per_token:.1f}",
+                    f"{r.steps_per_s:.0f}",
+                    f"{r.tokens_per_s:.0f}",
+                    f"{1e3 * r.model_step:.2f}",
+                    f"{100 * r.lag_share:.2f}",
+                    f"{1e3 * r.lag_max:.2f}",
+                    f"{1e3 * r.jitter_max:.2f}",
+                    f"{100 * r.late_share:.1f}",
+                    f"{100 * r.slowdown:.1f}",
+                ]
+            )
         verdicts[k] = all(r.negligible for r in results)
         total = sum(r.util for r in results) + client_share
-        notes.append(f"K={k}: client {100 * client_share:.0f}% of one core; engines + client {100 * total:.0f}% "
-                     f"of {os.cpu_count()} cores x 100%; lag negligible: {'yes' if verdicts[k] else 'no'}")
+        notes.append(
+            f"K={k}: client {100 * client_share:.0f}% of one core; engines + client {100 * total:.0f}% "
+            f"of {os.cpu_count()} cores x 100%; lag negligible: {'yes' if verdicts[k] else 'no'}"
+        )
     print_table(header, rows)
     print()
     for note in notes:
@@ -319,11 +369,15 @@ def print_conclusion(args: argparse.Namespace, per_k: dict[int, list[EngineResul
     cores = os.cpu_count()
     best = _largest_prefix(args.engines, verdicts)
     tok_s = np.mean([r.tokens_per_s for r in per_k[best if best is not None else min(args.engines)]])
-    load = (f"{args.concurrency} concurrent streams of {args.output_len}-token outputs per instance "
-            f"(~{tok_s:.0f} output tok/s each)")
+    load = (
+        f"{args.concurrency} concurrent streams of {args.output_len}-token outputs per instance "
+        f"(~{tok_s:.0f} output tok/s each)"
+    )
     crit = f"lag < {100 * LAG_SHARE_LIMIT:g}% of simulated time and max lag < {1e3 * LAG_MAX_LIMIT:g} ms"
     if best is not None:
-        print(f"\nconclusion: {best} sim instance(s) fit on this {cores}-core host without distorting time ({crit}), at {load}")
+        print(
+            f"\nconclusion: {best} sim instance(s) fit on this {cores}-core host without distorting time ({crit}), at {load}"
+        )
     else:
         print(f"\nconclusion: not even {min(args.engines)} instance(s) keep {crit} at {load}")
 

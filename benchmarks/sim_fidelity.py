@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compile_sim_profiles as csp
 from compile_sim_profiles import GROUPS, OpTable
 
-from pdgate.engines.sim import perf_model as pm
+from pdgate.common import perf_model as pm
 
 # Held-out check of the cross-GPU derivation: (target model, reference model) pairs measured on both GPUs.
 DERIVATION_CHECKS = (
@@ -69,8 +69,9 @@ def interp_tail(xs, ys, x, tail):
 def profile_groups(doc: dict, tokens: np.ndarray) -> dict[str, np.ndarray]:
     """Per-group ms predicted by a profile JSON at ``tokens``."""
     dense = doc["dense"]
-    return {g: interp_tail(dense["num_tokens"], dense[f"{g}_ms"], tokens, dense["tail_ms_per_token"][g])
-            for g in GROUPS}
+    return {
+        g: interp_tail(dense["num_tokens"], dense[f"{g}_ms"], tokens, dense["tail_ms_per_token"][g]) for g in GROUPS
+    }
 
 
 def profile_allreduce(doc: dict, nbytes: np.ndarray) -> np.ndarray:
@@ -112,17 +113,40 @@ def dense_fidelity(docs, tables, network) -> None:
         prof = pm.load_profile(name)
         if doc["tp"] > 1:
             step_meas = step_meas + 2 * model.num_layers * measured_allreduce(
-                network, doc["gpu"], doc["tp"], meas.tokens * model.hidden_size * model.dtype_bytes)
+                network, doc["gpu"], doc["tp"], meas.tokens * model.hidden_size * model.dtype_bytes
+            )
         step = ape(np.array([prof.dense_time(t) * 1e3 for t in meas.tokens]), step_meas)
         # past the largest measured all-reduce (64 MiB) there is nothing measured to compare with
         in_range = meas.tokens * model.hidden_size * model.dtype_bytes <= max_allreduce_bytes(network, doc)
-        rows.append([name, str(len(doc["dense"]["num_tokens"])), f"{held.sum()}",
-                     fmt(step[held & in_range]), fmt(step[in_range]), fmt(layer[held]),
-                     fmt(err["linear"][held]), fmt(err["elementwise"][held]), fmt(err["embedding"][held])])
-    table("Dense (non-attention) time: shipped tables vs measured mlp.csv (+ all_reduce.csv for TP > 1; step "
-          "columns only up to the largest measured all-reduce, 64 MiB), MAPE / max %",
-          ["profile", "points kept", "held-out", "step held-out", "step all", "layer held-out",
-           "linear held-out", "elementwise held-out", "embedding held-out"], rows)
+        rows.append(
+            [
+                name,
+                str(len(doc["dense"]["num_tokens"])),
+                f"{held.sum()}",
+                fmt(step[held & in_range]),
+                fmt(step[in_range]),
+                fmt(layer[held]),
+                fmt(err["linear"][held]),
+                fmt(err["elementwise"][held]),
+                fmt(err["embedding"][held]),
+            ]
+        )
+    table(
+        "Dense (non-attention) time: shipped tables vs measured mlp.csv (+ all_reduce.csv for TP > 1; step "
+        "columns only up to the largest measured all-reduce, 64 MiB), MAPE / max %",
+        [
+            "profile",
+            "points kept",
+            "held-out",
+            "step held-out",
+            "step all",
+            "layer held-out",
+            "linear held-out",
+            "elementwise held-out",
+            "embedding held-out",
+        ],
+        rows,
+    )
 
 
 def allreduce_fidelity(docs, network) -> None:
@@ -136,10 +160,20 @@ def allreduce_fidelity(docs, network) -> None:
         held = ~np.isin(sizes, doc["allreduce"]["bytes"])
         pred = profile_allreduce(doc, sizes)
         roof = np.array([pm.roofline_allreduce_time(pm.GPUS[doc["gpu"]], doc["tp"], s) * 1e3 for s in sizes])
-        rows.append([f"{doc['gpu']} x{doc['tp']}", str(len(doc["allreduce"]["bytes"])), str(held.sum()),
-                     fmt(ape(pred, times)[held]), fmt(ape(roof, times))])
-    table("TP all-reduce (2 KiB - 64 MiB): shipped table vs measured all_reduce.csv, MAPE / max %",
-          ["GPU x workers", "sizes kept", "held-out", "table held-out", "roofline all"], sorted(rows))
+        rows.append(
+            [
+                f"{doc['gpu']} x{doc['tp']}",
+                str(len(doc["allreduce"]["bytes"])),
+                str(held.sum()),
+                fmt(ape(pred, times)[held]),
+                fmt(ape(roof, times)),
+            ]
+        )
+    table(
+        "TP all-reduce (2 KiB - 64 MiB): shipped table vs measured all_reduce.csv, MAPE / max %",
+        ["GPU x workers", "sizes kept", "held-out", "table held-out", "roofline all"],
+        sorted(rows),
+    )
 
 
 def derivation_fidelity(tables) -> None:
@@ -154,32 +188,54 @@ def derivation_fidelity(tables) -> None:
             series = csp.derived_series(src, ref_src, ref_dst)
             layer = np.interp(truth.tokens, src.tokens, series["linear"] + series["elementwise"])
             rows.append([f"h100-{target}" + (f"-tp{tp}" if tp > 1 else ""), ref, fmt(ape(layer, truth.layer()))])
-    table("Cross-GPU derivation check (how h100-llama-3-8b/-70b are built): a100 table of the target x "
-          "h100/a100 ratio of a reference model, vs the measured h100 table of the target; per-layer time, "
-          "MAPE / max %", ["derived profile (target held out)", "reference model", "layer, all points"], rows)
+    table(
+        "Cross-GPU derivation check (how h100-llama-3-8b/-70b are built): a100 table of the target x "
+        "h100/a100 ratio of a reference model, vs the measured h100 table of the target; per-layer time, "
+        "MAPE / max %",
+        ["derived profile (target held out)", "reference model", "layer, all points"],
+        rows,
+    )
 
 
 def attention_fidelity(fit: csp.AttentionFit) -> None:
     rows = []
     for label, feats, coef, x, y in (
         ("decode (batch 1-128, kv 32-4032)", fit.decode_features, fit.decode_coef, fit.decode_x, fit.decode_y),
-        ("prefill (chunk 64-4096, prior 0-4032)", fit.prefill_features, fit.prefill_coef, fit.prefill_x,
-         fit.prefill_y),
+        ("prefill (chunk 64-4096, prior 0-4032)", fit.prefill_features, fit.prefill_coef, fit.prefill_x, fit.prefill_y),
     ):
         held = csp.holdout_mask(len(y))
         err = ape(feats(x) @ coef, y)
-        rows.append([label, f"{(~held).sum()} / {held.sum()}", fmt(err[~held]), fmt(err[held]),
-                     ", ".join(f"{c:.4g}" for c in coef)])
-    table("Attention kernel fit on a100/attention.csv (per layer, 70B-class shape, TP2), MAPE / max %",
-          ["rows", "fit / held-out rows", "fit rows", "held-out rows", "coefficients (ms)"], rows)
+        rows.append(
+            [
+                label,
+                f"{(~held).sum()} / {held.sum()}",
+                fmt(err[~held]),
+                fmt(err[held]),
+                ", ".join(f"{c:.4g}" for c in coef),
+            ]
+        )
+    table(
+        "Attention kernel fit on a100/attention.csv (per layer, 70B-class shape, TP2), MAPE / max %",
+        ["rows", "fit / held-out rows", "fit rows", "held-out rows", "coefficients (ms)"],
+        rows,
+    )
     model, gpu = pm.MODELS["llama-2-70b"], pm.GPUS["a100"]
     roof = pm.roofline_attention(model, gpu, 2)
     L = model.num_layers
-    d = ape(1e3 / L * (roof.decode_base + roof.decode_per_kv_token * fit.decode_x.prod(axis=1)
-                       + roof.decode_per_seq * fit.decode_x[:, 0]), fit.decode_y)
+    d = ape(
+        1e3
+        / L
+        * (
+            roof.decode_base
+            + roof.decode_per_kv_token * fit.decode_x.prod(axis=1)
+            + roof.decode_per_seq * fit.decode_x[:, 0]
+        ),
+        fit.decode_y,
+    )
     c, k = fit.prefill_x[:, 0], fit.prefill_x[:, 1]
-    p = ape(1e3 / L * (roof.prefill_base + roof.prefill_per_pair * c * (k + c) + roof.prefill_per_token * c),
-            fit.prefill_y)
+    p = ape(
+        1e3 / L * (roof.prefill_base + roof.prefill_per_pair * c * (k + c) + roof.prefill_per_token * c), fit.prefill_y
+    )
     print(f"\nRoofline attention vs the same rows: decode {fmt(d)}, prefill {fmt(p)} (MAPE / max %)")
 
 
@@ -209,17 +265,24 @@ def step_fidelity(docs, tables, network, fit: csp.AttentionFit) -> None:
         meas = tables[(doc["gpu"], doc["model"], doc["tp"])]
         dh = csp.holdout_mask(len(fit.decode_y))
         b, kv = fit.decode_x[dh, 0], fit.decode_x[dh, 1]
-        dec_pred = [_gpu_step_ms(prof, pm.StepBatch(decode_seqs=int(s), decode_kv_tokens=int(s * c)))
-                    for s, c in zip(b, kv)]
+        dec_pred = [
+            _gpu_step_ms(prof, pm.StepBatch(decode_seqs=int(s), decode_kv_tokens=int(s * c))) for s, c in zip(b, kv)
+        ]
         dec_err = ape(dec_pred, _measured_step_ms(meas, network, doc, b, fit.decode_y[dh]))
         ph = csp.holdout_mask(len(fit.prefill_y))
         c, k = fit.prefill_x[ph, 0], fit.prefill_x[ph, 1]
-        pre_pred = [_gpu_step_ms(prof, pm.StepBatch(prefill_tokens=int(n), prefill_attn_pairs=int(n * (p + n))))
-                    for n, p in zip(c, k)]
+        pre_pred = [
+            _gpu_step_ms(prof, pm.StepBatch(prefill_tokens=int(n), prefill_attn_pairs=int(n * (p + n))))
+            for n, p in zip(c, k)
+        ]
         pre_err = ape(pre_pred, _measured_step_ms(meas, network, doc, c, fit.prefill_y[ph]))
         rows.append([name, f"{len(dec_err)}", fmt(dec_err), f"{len(pre_err)}", fmt(pre_err)])
-    table("Per-step GPU time (dense + attention + all-reduce) vs measured operator sums, held-out attention "
-          "rows, MAPE / max %", ["profile", "decode steps", "decode", "prefill steps", "prefill"], rows)
+    table(
+        "Per-step GPU time (dense + attention + all-reduce) vs measured operator sums, held-out attention "
+        "rows, MAPE / max %",
+        ["profile", "decode steps", "decode", "prefill steps", "prefill"],
+        rows,
+    )
 
 
 def roofline_fidelity(tables) -> None:
@@ -234,18 +297,30 @@ def roofline_fidelity(tables) -> None:
             errs.append(ape(1e3 * (np.array(lin) + np.array(ele)), meas.layer()))
         e = np.concatenate(errs)
         rows.append([gpu, str(len(errs)), str(len(e)), fmt(e), f"{np.percentile(e, 90):5.1f}"])
-    table("Roofline fallback vs measured per-layer time (all models x TP in the data), MAPE / max %",
-          ["GPU", "model x TP tables", "points", "layer", "p90"], rows)
+    table(
+        "Roofline fallback vs measured per-layer time (all models x TP in the data), MAPE / max %",
+        ["GPU", "model x TP tables", "points", "layer", "p90"],
+        rows,
+    )
 
 
-HEADLINE_PROFILES = ("h100-llama-3-8b", "a100-llama-3-8b", "h100-llama-2-7b", "a100-llama-2-7b",
-                     "h100-llama-2-70b-tp4", "a100-llama-3-70b-tp4", "h100-llama-3-70b-tp4")
+HEADLINE_PROFILES = (
+    "h100-llama-3-8b",
+    "a100-llama-3-8b",
+    "h100-llama-2-7b",
+    "a100-llama-2-7b",
+    "h100-llama-2-70b-tp4",
+    "a100-llama-3-70b-tp4",
+    "h100-llama-3-70b-tp4",
+)
 HEADLINE_BATCHES = (
     ("prefill 2048", pm.StepBatch(prefill_tokens=2048, prefill_attn_pairs=2048 * 2048)),
     ("decode 1 x 1k", pm.StepBatch(decode_seqs=1, decode_kv_tokens=1024)),
     ("decode 64 x 2k", pm.StepBatch(decode_seqs=64, decode_kv_tokens=64 * 2048)),
-    ("512 chunk + 32 decodes", pm.StepBatch(prefill_tokens=512, prefill_attn_pairs=512 * 1536,
-                                            decode_seqs=32, decode_kv_tokens=32 * 1024)),
+    (
+        "512 chunk + 32 decodes",
+        pm.StepBatch(prefill_tokens=512, prefill_attn_pairs=512 * 1536, decode_seqs=32, decode_kv_tokens=32 * 1024),
+    ),
 )
 
 
@@ -255,11 +330,16 @@ def headline(docs) -> None:
     for name in HEADLINE_PROFILES:
         prof = pm.load_profile(name)
         roof = pm.roofline_profile(prof.model, prof.gpu, prof.tp)
-        rows.append([name, "measured" if docs[name]["derivation"] == "measured" else "derived"]
-                    + [f"{1e3 * prof.step_time(b):.1f} ({1e3 * roof.step_time(b):.1f})" for _, b in HEADLINE_BATCHES]
-                    + [f"{prof.kv_cache_tokens(0.9):,}"])
-    table("Step time in ms, calibrated (roofline), including CPU overhead and lm head",
-          ["profile", "table"] + [label for label, _ in HEADLINE_BATCHES] + ["KV tokens @0.9"], rows)
+        rows.append(
+            [name, "measured" if docs[name]["derivation"] == "measured" else "derived"]
+            + [f"{1e3 * prof.step_time(b):.1f} ({1e3 * roof.step_time(b):.1f})" for _, b in HEADLINE_BATCHES]
+            + [f"{prof.kv_cache_tokens(0.9):,}"]
+        )
+    table(
+        "Step time in ms, calibrated (roofline), including CPU overhead and lm head",
+        ["profile", "table"] + [label for label, _ in HEADLINE_BATCHES] + ["KV tokens @0.9"],
+        rows,
+    )
 
 
 def speed() -> None:
@@ -284,9 +364,16 @@ def fit_roofline(tables, network, fit: csp.AttentionFit) -> None:
     for (g, m, tp), meas in sorted(tables.items()):
         spec, gpu, t = pm.MODELS[m], pm.GPUS[g], meas.tokens
         shapes = pm.layer_gemm_shapes(spec, tp)
-        rows.append((gpu, [2 * t * k * n for k, n in shapes], [spec.dtype_bytes * (k * n + t * (k + n)) for k, n in shapes],
-                     pm.layer_elementwise_bytes(spec, tp, t), meas.group("linear") * 1e-3,
-                     meas.group("elementwise") * 1e-3))
+        rows.append(
+            (
+                gpu,
+                [2 * t * k * n for k, n in shapes],
+                [spec.dtype_bytes * (k * n + t * (k + n)) for k, n in shapes],
+                pm.layer_elementwise_bytes(spec, tp, t),
+                meas.group("linear") * 1e-3,
+                meas.group("elementwise") * 1e-3,
+            )
+        )
 
     def elementwise(gpu, nbytes, eff, launch):
         return nbytes / (eff * gpu.mem_bandwidth) + 5 * launch
@@ -295,13 +382,26 @@ def fit_roofline(tables, network, fit: csp.AttentionFit) -> None:
         return np.concatenate([ape(elementwise(gpu, eb, eff, launch), y) for gpu, _, _, eb, _, y in rows]).mean()
 
     def layer_score(ec, em, launch):  # linear factors scored on the layer total, element-wise factors fixed
-        return np.concatenate([ape(sum(np.maximum(f / (ec * gpu.dense_flops), b / (em * gpu.mem_bandwidth))
-                                       for f, b in zip(flops, nbytes)) + 4 * launch + elementwise(gpu, eb, ee, el),
-                                   y1 + y2)
-                               for gpu, flops, nbytes, eb, y1, y2 in rows]).mean()
+        return np.concatenate(
+            [
+                ape(
+                    sum(
+                        np.maximum(f / (ec * gpu.dense_flops), b / (em * gpu.mem_bandwidth))
+                        for f, b in zip(flops, nbytes)
+                    )
+                    + 4 * launch
+                    + elementwise(gpu, eb, ee, el),
+                    y1 + y2,
+                )
+                for gpu, flops, nbytes, eb, y1, y2 in rows
+            ]
+        ).mean()
 
-    ar = [(pm.GPUS[g], n, sizes, times * 1e-3) for (g, n), sizes, times in
-          ((k, *v) for k, v in sorted(network.items())) if n > 1]
+    ar = [
+        (pm.GPUS[g], n, sizes, times * 1e-3)
+        for (g, n), sizes, times in ((k, *v) for k, v in sorted(network.items()))
+        if n > 1
+    ]
 
     def allreduce_score(latency, eff):
         factors = pm.RooflineFactors(allreduce_latency_s=latency, allreduce_eff=eff)
@@ -313,24 +413,39 @@ def fit_roofline(tables, network, fit: csp.AttentionFit) -> None:
     al, ae = _grid_best(allreduce_score, np.arange(5e-6, 80e-6, 2.5e-6), np.arange(0.2, 1.0, 0.025))
     a100 = pm.GPUS[csp.REFERENCE_GPU]
     fitted = {
-        "gemm_compute_eff": ec, "gemm_memory_eff": em, "gemm_launch_s": gl,
-        "elementwise_eff": ee, "elementwise_launch_s": el,
+        "gemm_compute_eff": ec,
+        "gemm_memory_eff": em,
+        "gemm_launch_s": gl,
+        "elementwise_eff": ee,
+        "elementwise_launch_s": el,
         "attn_prefill_eff": 4 * csp.ATTN_HEADS * csp.ATTN_HEAD_DIM / (fit.prefill_coef[1] * 1e-3 * a100.dense_flops),
-        "attn_decode_eff": (2 * csp.ATTN_KV_HEADS * csp.ATTN_HEAD_DIM * csp.ATTN_DTYPE
-                            / (fit.decode_coef[1] * 1e-3 * a100.mem_bandwidth)),
+        "attn_decode_eff": (
+            2
+            * csp.ATTN_KV_HEADS
+            * csp.ATTN_HEAD_DIM
+            * csp.ATTN_DTYPE
+            / (fit.decode_coef[1] * 1e-3 * a100.mem_bandwidth)
+        ),
         "attn_launch_s": 1e-3 * (fit.decode_coef[0] + fit.prefill_coef[0]) / 2,
-        "allreduce_latency_s": al, "allreduce_eff": ae,
+        "allreduce_latency_s": al,
+        "allreduce_eff": ae,
     }
-    table("Roofline factors re-derived from the data vs the module's ROOFLINE",
-          ["factor", "fitted", "module"],
-          [[k, f"{v:.4g}", f"{getattr(pm.ROOFLINE, k):.4g}"] for k, v in fitted.items()])
-    print(f"\nscores: layer MAPE {layer_score(ec, em, gl):.1f}%, element-wise {elementwise_score(ee, el):.1f}%, "
-          f"all-reduce {allreduce_score(al, ae):.1f}%")
+    table(
+        "Roofline factors re-derived from the data vs the module's ROOFLINE",
+        ["factor", "fitted", "module"],
+        [[k, f"{v:.4g}", f"{getattr(pm.ROOFLINE, k):.4g}"] for k, v in fitted.items()],
+    )
+    print(
+        f"\nscores: layer MAPE {layer_score(ec, em, gl):.1f}%, element-wise {elementwise_score(ee, el):.1f}%, "
+        f"all-reduce {allreduce_score(al, ae):.1f}%"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vidur", type=Path, default=csp.DEFAULT_VIDUR, help="vidur data folder (default: %(default)s)")
+    parser.add_argument(
+        "--vidur", type=Path, default=csp.DEFAULT_VIDUR, help="vidur data folder (default: %(default)s)"
+    )
     parser.add_argument("--fit-roofline", action="store_true", help="also grid-search the roofline GEMM factors")
     args = parser.parse_args(argv)
     if not (args.vidur / "data" / "profiling").is_dir():

@@ -179,7 +179,9 @@ def simulate(profile: str, work: Workload) -> Point:
                 point.done_in_window += in_window
                 if req.request_id in measured:
                     assert req.first_token_time is not None
-                    point.lat.add(req.first_token_time - req.arrival_time, now - req.arrival_time, req.num_output_tokens)
+                    point.lat.add(
+                        req.first_token_time - req.arrival_time, now - req.arrival_time, req.num_output_tokens
+                    )
     point.drain_time = max(0.0, now - max(end, arrivals[-1][0] if arrivals else 0.0))
     point.end_time = now
     point.preemptions = core.num_preemptions
@@ -189,8 +191,20 @@ def simulate(profile: str, work: Workload) -> Point:
 
 # ------------------------------------------------------------------ printing
 HEADER = [
-    "offered req/s", "achieved req/s", "output tok/s", "TTFT p50", "TTFT p90", "TTFT p99",
-    "TPOT p50", "TPOT p90", "TPOT p99", "mean running", "KV peak %", "preempt", "queue@end", "drain s",
+    "offered req/s",
+    "achieved req/s",
+    "output tok/s",
+    "TTFT p50",
+    "TTFT p90",
+    "TTFT p99",
+    "TPOT p50",
+    "TPOT p90",
+    "TPOT p99",
+    "mean running",
+    "KV peak %",
+    "preempt",
+    "queue@end",
+    "drain s",
 ]
 
 
@@ -198,11 +212,16 @@ def row(p: Point) -> list[str]:
     lat = p.lat
     mark = "*" if p.saturated else ""
     return [
-        f"{p.rate:g}{mark}", f"{p.req_per_s:.2f}", f"{p.tok_per_s:.0f}",
+        f"{p.rate:g}{mark}",
+        f"{p.req_per_s:.2f}",
+        f"{p.tok_per_s:.0f}",
         *(f"{lat.pct_ms('ttft', q):.1f}" for q in (50, 90, 99)),
         *(f"{lat.pct_ms('tpot', q):.2f}" for q in (50, 90, 99)),
-        f"{p.running_area / p.window:.1f}", f"{100 * p.kv_peak:.1f}", str(p.preemptions),
-        str(p.waiting_at_end), f"{p.drain_time:.1f}",
+        f"{p.running_area / p.window:.1f}",
+        f"{100 * p.kv_peak:.1f}",
+        str(p.preemptions),
+        str(p.waiting_at_end),
+        f"{p.drain_time:.1f}",
     ]
 
 
@@ -216,21 +235,29 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 def print_saturation(points: list[Point]) -> None:
     best = max(points, key=lambda p: p.tok_per_s)
     first_sat = next((p for p in points if p.saturated), None)
-    last_ok = max((p for p in points if not p.saturated and (first_sat is None or p.rate < first_sat.rate)),
-                  key=lambda p: p.rate, default=None)
-    print(f"\npeak throughput: {best.req_per_s:.2f} req/s = {best.tok_per_s:.0f} output tok/s (offered {best.rate:g} req/s)")
+    last_ok = max(
+        (p for p in points if not p.saturated and (first_sat is None or p.rate < first_sat.rate)),
+        key=lambda p: p.rate,
+        default=None,
+    )
+    print(
+        f"\npeak throughput: {best.req_per_s:.2f} req/s = {best.tok_per_s:.0f} output tok/s (offered {best.rate:g} req/s)"
+    )
     if first_sat is None:
         print("saturation: not reached on this ladder")
     else:
         ok = f"{last_ok.rate:g}" if last_ok else "-"
-        print(f"saturation: between {ok} and {first_sat.rate:g} req/s offered "
-              f"(at {first_sat.rate:g} req/s {first_sat.waiting_at_end} requests still wait when arrivals stop, "
-              f"backlog drains {first_sat.drain_time:.0f} s later)")
+        print(
+            f"saturation: between {ok} and {first_sat.rate:g} req/s offered "
+            f"(at {first_sat.rate:g} req/s {first_sat.waiting_at_end} requests still wait when arrivals stop, "
+            f"backlog drains {first_sat.drain_time:.0f} s later)"
+        )
 
 
 # -------------------------------------------------------- real-time HTTP check
-async def _one_request(session: aiohttp.ClientSession, url: str, prompt: list[int], output_len: int,
-                       send_at: float) -> tuple[float, float, int]:
+async def _one_request(
+    session: aiohttp.ClientSession, url: str, prompt: list[int], output_len: int, send_at: float
+) -> tuple[float, float, int]:
     """Stream one completion; returns (ttft, e2e, tokens) in wall seconds."""
     await asyncio.sleep(max(0.0, send_at - time.monotonic()))
     body = {"prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0, "stream": True}
@@ -248,15 +275,16 @@ async def _one_request(session: aiohttp.ClientSession, url: str, prompt: list[in
     return first - t0, last - t0, tokens
 
 
-async def _http_run(url: str, arrivals: list[tuple[float, list[int]]], output_len: int, time_scale: float,
-                    start: float) -> tuple[Latencies, dict[str, Any]]:
+async def _http_run(
+    url: str, arrivals: list[tuple[float, list[int]]], output_len: int, time_scale: float, start: float
+) -> tuple[Latencies, dict[str, Any]]:
     lat = Latencies()
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         t0 = time.monotonic() + 0.2
-        results = await asyncio.gather(*(
-            _one_request(session, url, prompt, output_len, t0 + t / time_scale) for t, prompt in arrivals
-        ))
+        results = await asyncio.gather(
+            *(_one_request(session, url, prompt, output_len, t0 + t / time_scale) for t, prompt in arrivals)
+        )
         async with session.get(f"{url}/sim/state") as resp:
             sim_state = await resp.json()
     for (t, _), (ttft, e2e, tokens) in zip(arrivals, results, strict=True):
@@ -268,50 +296,67 @@ async def _http_run(url: str, arrivals: list[tuple[float, list[int]]], output_le
 def realtime_check(args: argparse.Namespace) -> None:
     from tests.support.procs import start_sim
 
-    work = Workload(args.check_rate, args.check_duration, args.input_len, args.output_len, args.seed, args.shared_prefix)
+    work = Workload(
+        args.check_rate, args.check_duration, args.input_len, args.output_len, args.seed, args.shared_prefix
+    )
     virtual = simulate(args.profile, work)
     vocab = build_state(SimEngineConfig(profile=args.profile)).tokenizer.vocab_size
     arrivals = work.arrivals(vocab)
-    print(f"\n### Real-time check: {work.rate:g} req/s for {work.duration:g} simulated s "
-          f"({len(arrivals)} requests) over HTTP, time scale {args.time_scale:g}\n")
+    print(
+        f"\n### Real-time check: {work.rate:g} req/s for {work.duration:g} simulated s "
+        f"({len(arrivals)} requests) over HTTP, time scale {args.time_scale:g}\n"
+    )
     engine = start_sim("--profile", args.profile, time_scale=args.time_scale)
     try:
         wall0, cpu0 = time.monotonic(), time.process_time()
-        lat, st = asyncio.run(_http_run(engine.url, arrivals, args.output_len, args.time_scale,
-                                        WARMUP_FRACTION * work.duration))
+        lat, st = asyncio.run(
+            _http_run(engine.url, arrivals, args.output_len, args.time_scale, WARMUP_FRACTION * work.duration)
+        )
         wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
     finally:
         engine.stop()
     header = ["driver", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99"]
     rows = [
         ["virtual time (EngineCore)", *(f"{virtual.lat.pct_ms(w, q):.2f}" for w in ("ttft", "tpot") for q in (50, 99))],
-        [f"HTTP, real time x{args.time_scale:g}", *(f"{lat.pct_ms(w, q):.2f}" for w in ("ttft", "tpot") for q in (50, 99))],
+        [
+            f"HTTP, real time x{args.time_scale:g}",
+            *(f"{lat.pct_ms(w, q):.2f}" for w in ("ttft", "tpot") for q in (50, 99)),
+        ],
     ]
     print_table(header, rows)
     steps = max(1, st["steps"])
-    print(f"\nvirtual run: {virtual.steps} steps, {virtual.busy:.1f} s modelled busy, "
-          f"last request done at {virtual.end_time:.1f} s")
-    print(f"real engine (/sim/state): {st['steps']} steps, {st['busy_seconds']:.1f} s modelled busy, sim_time "
-          f"{st['sim_time']:.1f} s at the end; lag total {st['lag_total_seconds']:.2f} s "
-          f"({100 * st['lag_total_seconds'] / st['sim_time']:.1f}% of sim_time), lag max {1e3 * st['lag_max_seconds']:.1f} ms, "
-          f"delivery jitter max {1e3 * st.get('delivery_jitter_max_seconds', float('nan')):.1f} ms, "
-          f"late steps {100 * st['late_steps'] / steps:.1f}%")
-    print(f"client: {wall:.1f} s wall, {cpu:.1f} s CPU ({100 * cpu / wall:.0f}% of one core); latencies in simulated ms")
+    print(
+        f"\nvirtual run: {virtual.steps} steps, {virtual.busy:.1f} s modelled busy, "
+        f"last request done at {virtual.end_time:.1f} s"
+    )
+    print(
+        f"real engine (/sim/state): {st['steps']} steps, {st['busy_seconds']:.1f} s modelled busy, sim_time "
+        f"{st['sim_time']:.1f} s at the end; lag total {st['lag_total_seconds']:.2f} s "
+        f"({100 * st['lag_total_seconds'] / st['sim_time']:.1f}% of sim_time), lag max {1e3 * st['lag_max_seconds']:.1f} ms, "
+        f"delivery jitter max {1e3 * st.get('delivery_jitter_max_seconds', float('nan')):.1f} ms, "
+        f"late steps {100 * st['late_steps'] / steps:.1f}%"
+    )
+    print(
+        f"client: {wall:.1f} s wall, {cpu:.1f} s CPU ({100 * cpu / wall:.0f}% of one core); latencies in simulated ms"
+    )
 
 
 # ---------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="h100-llama-3-8b")
-    ap.add_argument("--rates", default="1,2,4,8,12,16,20,22,24,26,30",
-                    help="comma-separated offered request rates (req/s)")
+    ap.add_argument(
+        "--rates", default="1,2,4,8,12,16,20,22,24,26,30", help="comma-separated offered request rates (req/s)"
+    )
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--duration", type=float, default=120.0, help="simulated seconds of arrivals per rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt shares (prefix-cache hits)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="rates simulated in parallel")
-    ap.add_argument("--realtime-check", action="store_true", help="also replay one rate against a real engine over HTTP")
+    ap.add_argument(
+        "--realtime-check", action="store_true", help="also replay one rate against a real engine over HTTP"
+    )
     ap.add_argument("--check-rate", type=float, default=8.0)
     ap.add_argument("--check-duration", type=float, default=60.0, help="simulated seconds of the real-time check")
     ap.add_argument("--time-scale", type=float, default=10.0, help="time scale of the real-time engine")
@@ -325,8 +370,10 @@ def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM also runs the cleanup below
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    print(f"## {args.profile}: input {args.input_len} tokens (shared prefix {args.shared_prefix}), output "
-          f"{args.output_len} tokens, Poisson arrivals for {args.duration:g} simulated s per rate, seed {args.seed}\n")
+    print(
+        f"## {args.profile}: input {args.input_len} tokens (shared prefix {args.shared_prefix}), output "
+        f"{args.output_len} tokens, Poisson arrivals for {args.duration:g} simulated s per rate, seed {args.seed}\n"
+    )
     print("latencies in simulated ms; `*` = past saturation\n")
     wall0 = time.monotonic()
     works = [Workload(r, args.duration, args.input_len, args.output_len, args.seed, args.shared_prefix) for r in rates]
@@ -335,8 +382,10 @@ def main() -> None:
     cpu = sum(p.cpu_seconds for p in points)
     print_table(HEADER, [row(p) for p in points])
     print_saturation(points)
-    print(f"\n({sum(p.requests for p in points)} requests, {sum(p.steps for p in points)} steps simulated in "
-          f"{time.monotonic() - wall0:.1f} s wall, {cpu:.1f} s CPU, {args.jobs} jobs)")
+    print(
+        f"\n({sum(p.requests for p in points)} requests, {sum(p.steps for p in points)} steps simulated in "
+        f"{time.monotonic() - wall0:.1f} s wall, {cpu:.1f} s CPU, {args.jobs} jobs)"
+    )
     if args.realtime_check:
         realtime_check(args)
 

@@ -69,8 +69,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from pdgate.common.runtime import run_async
 from pdgate.common.perf_model import StepBatch, load_profile
+from pdgate.common.runtime import run_async
 from pdgate.common.tokenizer import load_tokenizer
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.launcher import launch_command, wait_http_ok
@@ -106,40 +106,86 @@ _FILTERS = [
 ]
 
 
-def _scheduling(plugins: list[dict[str, Any]], prefill: list[dict[str, Any]], decode: list[dict[str, Any]],
-                colocated: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _scheduling(
+    plugins: list[dict[str, Any]],
+    prefill: list[dict[str, Any]],
+    decode: list[dict[str, Any]],
+    colocated: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """A scheduling section: the role filters, then each profile's own entries."""
+
     def role(name: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"pluginRef": "healthy"}, {"pluginRef": f"{name}-role"}, *entries]
-    return {"plugins": [*_FILTERS, *plugins],
-            "profiles": {"prefill": role("prefill", prefill), "decode": role("decode", decode),
-                         "colocated": role("colocated", colocated if colocated is not None else prefill)}}
+
+    return {
+        "plugins": [*_FILTERS, *plugins],
+        "profiles": {
+            "prefill": role("prefill", prefill),
+            "decode": role("decode", decode),
+            "colocated": role("colocated", colocated if colocated is not None else prefill),
+        },
+    }
 
 
 POLICIES: dict[str, dict[str, Any]] = {
     # One round-robin picker per profile: a picker shared by the prefill and decode profiles
     # makes both picks of a request from the same position and then advances twice (on_sent of
     # each decision), so with two instances per role it always picks the first of each.
-    "round-robin": {"baseline": True, "admission_off": True, "config": {"scheduling": _scheduling(
-        [{"name": "rr-prefill", "type": "round-robin"}, {"name": "rr-decode", "type": "round-robin"},
-         {"name": "rr-colocated", "type": "round-robin"}],
-        prefill=[{"pluginRef": "rr-prefill"}], decode=[{"pluginRef": "rr-decode"}],
-        colocated=[{"pluginRef": "rr-colocated"}])}},
-    "least-loaded": {"baseline": True, "admission_off": True, "config": {"scheduling": _scheduling(
-        [{"name": "load", "type": "least-loaded"}, {"name": "pick", "type": "max-score"}],
-        prefill=[{"pluginRef": "load", "weight": 1.0}, {"pluginRef": "pick"}],
-        decode=[{"pluginRef": "load", "weight": 1.0}, {"pluginRef": "pick"}])}},
+    "round-robin": {
+        "baseline": True,
+        "admission_off": True,
+        "config": {
+            "scheduling": _scheduling(
+                [
+                    {"name": "rr-prefill", "type": "round-robin"},
+                    {"name": "rr-decode", "type": "round-robin"},
+                    {"name": "rr-colocated", "type": "round-robin"},
+                ],
+                prefill=[{"pluginRef": "rr-prefill"}],
+                decode=[{"pluginRef": "rr-decode"}],
+                colocated=[{"pluginRef": "rr-colocated"}],
+            )
+        },
+    },
+    "least-loaded": {
+        "baseline": True,
+        "admission_off": True,
+        "config": {
+            "scheduling": _scheduling(
+                [{"name": "load", "type": "least-loaded"}, {"name": "pick", "type": "max-score"}],
+                prefill=[{"pluginRef": "load", "weight": 1.0}, {"pluginRef": "pick"}],
+                decode=[{"pluginRef": "load", "weight": 1.0}, {"pluginRef": "pick"}],
+            )
+        },
+    },
     # Prefix affinity decides the prefill engine; least-loaded at weight 0.1 only breaks ties
     # (a prefix-hit difference above 10 % of the prompt always wins). Decode: least-loaded.
-    "prefix-affinity": {"baseline": True, "admission_off": True, "config": {"scheduling": _scheduling(
-        [{"name": "prefix", "type": "prefix-affinity"}, {"name": "load", "type": "least-loaded"},
-         {"name": "pick", "type": "max-score"}],
-        prefill=[{"pluginRef": "prefix", "weight": 1.0}, {"pluginRef": "load", "weight": 0.1}, {"pluginRef": "pick"}],
-        decode=[{"pluginRef": "load", "weight": 1.0}, {"pluginRef": "pick"}])}},
+    "prefix-affinity": {
+        "baseline": True,
+        "admission_off": True,
+        "config": {
+            "scheduling": _scheduling(
+                [
+                    {"name": "prefix", "type": "prefix-affinity"},
+                    {"name": "load", "type": "least-loaded"},
+                    {"name": "pick", "type": "max-score"},
+                ],
+                prefill=[
+                    {"pluginRef": "prefix", "weight": 1.0},
+                    {"pluginRef": "load", "weight": 0.1},
+                    {"pluginRef": "pick"},
+                ],
+                decode=[{"pluginRef": "load", "weight": 1.0}, {"pluginRef": "pick"}],
+            )
+        },
+    },
     # The gateway's own default scheduling (no `scheduling` key) with the trace's SLO and
     # admission control on (its default).
-    "slo-aware": {"baseline": False, "requires": ("slo", "admission"), "config": {
-        "slo": {"default": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS}}}},
+    "slo-aware": {
+        "baseline": False,
+        "requires": ("slo", "admission"),
+        "config": {"slo": {"default": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS}}},
+    },
 }
 DEFAULT_POLICIES = ("round-robin", "least-loaded", "prefix-affinity", "slo-aware")
 
@@ -177,9 +223,18 @@ TRACES: dict[str, TraceSpec] = {
     # SLO: TTFT 400 ms = 4x the modelled unloaded TTFT of the mean prompt (~100 ms), 1.7x that
     # of the p90 prompt; TPOT 20 ms = 2.5x the unloaded decode step (7.9 ms).
     "mooncake": TraceSpec(
-        "mooncake", "mooncake/synthetic_trace.jsonl", "mooncake",
+        "mooncake",
+        "mooncake/synthetic_trace.jsonl",
+        "mooncake",
         "the trace's last N records, blocks scaled 512 -> 64 tokens, prompts cut at 7168 tokens",
-        ttft_s=0.400, tpot_s=0.020, start_rate=16.0, time_scale=1.0, requests=200, anchor_end=True, scale=1 / 8),
+        ttft_s=0.400,
+        tpot_s=0.020,
+        start_rate=16.0,
+        time_scale=1.0,
+        requests=200,
+        anchor_end=True,
+        scale=1 / 8,
+    ),
     # Azure code: prefill-heavy (prompts ~2.2k tokens, outputs ~30). The whole trace's
     # inter-arrival CV is 13, mostly from idle minutes between bursts; scaled to a mean rate, a
     # window holding such a gap would sit idle most of the time and take the rest as one
@@ -188,18 +243,35 @@ TRACES: dict[str, TraceSpec] = {
     # SLO: TTFT 400 ms = 5x the unloaded TTFT of the mean prompt (~80 ms), 1.8x the p90 one
     # (7k-token prompts take ~310 ms end to end unloaded); TPOT 20 ms.
     "azure-code": TraceSpec(
-        "azure-code", "azure-llm-inference/AzureLLMInferenceTrace_code.csv", "azure",
+        "azure-code",
+        "azure-llm-inference/AzureLLMInferenceTrace_code.csv",
+        "azure",
         "records 610.. (inter-arrival CV ~3), prompts cut at 7168 tokens",
-        ttft_s=0.400, tpot_s=0.020, start_rate=8.0, time_scale=1.0, requests=200, offset=610),
+        ttft_s=0.400,
+        tpot_s=0.020,
+        start_rate=8.0,
+        time_scale=1.0,
+        requests=200,
+        offset=610,
+    ),
     # Azure conversation: prompts ~0.9k tokens, outputs ~290 tokens (decode-heavy). A request
     # decodes for several seconds, so a probe has at least 10 simulated seconds of arrivals (more
     # requests at high rates) to reach a steady decode batch.
     # SLO: TTFT 200 ms = 5x the unloaded TTFT of the mean prompt (~40 ms); TPOT 20 ms.
     "azure-conv": TraceSpec(
-        "azure-conv", "azure-llm-inference/AzureLLMInferenceTrace_conv.csv", "azure",
+        "azure-conv",
+        "azure-llm-inference/AzureLLMInferenceTrace_conv.csv",
+        "azure",
         "records 400.. (inter-arrival CV ~1), at least 10 s of arrivals per probe",
-        ttft_s=0.200, tpot_s=0.020, start_rate=16.0, time_scale=1.0, requests=150, min_probe_s=10.0,
-        max_requests=800, offset=400),
+        ttft_s=0.200,
+        tpot_s=0.020,
+        start_rate=16.0,
+        time_scale=1.0,
+        requests=150,
+        min_probe_s=10.0,
+        max_requests=800,
+        offset=400,
+    ),
 }
 
 
@@ -216,14 +288,26 @@ class TraceWorkload:
         if spec.fmt == "mooncake":
             records = parse_mooncake(path)
             if spec.anchor_end:
-                records = records[-spec.max_requests:]
+                records = records[-spec.max_requests :]
             else:
-                records = records[spec.offset:spec.offset + spec.max_requests]
-            self.pool = read_mooncake(records, self.builder, scale=spec.scale, truncate_input_tokens=spec.truncate,
-                                      max_output_tokens=spec.max_output)
+                records = records[spec.offset : spec.offset + spec.max_requests]
+            self.pool = read_mooncake(
+                records,
+                self.builder,
+                scale=spec.scale,
+                truncate_input_tokens=spec.truncate,
+                max_output_tokens=spec.max_output,
+            )
         else:
-            self.pool = read_azure(path, self.builder, seed=seed, truncate_input_tokens=spec.truncate,
-                                   offset=spec.offset, limit=spec.max_requests, max_output_tokens=spec.max_output)
+            self.pool = read_azure(
+                path,
+                self.builder,
+                seed=seed,
+                truncate_input_tokens=spec.truncate,
+                offset=spec.offset,
+                limit=spec.max_requests,
+                max_output_tokens=spec.max_output,
+            )
         if len(self.pool) < 2:
             raise ValueError(f"{spec.name}: the window has {len(self.pool)} requests")
         self._cache: dict[tuple[int, float], list[BenchRequest]] = {}
@@ -241,8 +325,10 @@ class TraceWorkload:
             t0 = reqs[0].arrival_s or 0.0
             span = (reqs[-1].arrival_s or 0.0) - t0
             factor = (len(reqs) - 1) / (rate * span) if span > 0 else 0.0
-            self._cache[key] = [dataclasses.replace(r, index=i, arrival_s=((r.arrival_s or 0.0) - t0) * factor)
-                                for i, r in enumerate(reqs)]
+            self._cache[key] = [
+                dataclasses.replace(r, index=i, arrival_s=((r.arrival_s or 0.0) - t0) * factor)
+                for i, r in enumerate(reqs)
+            ]
         return self._cache[key]
 
     def describe(self, n: int) -> dict[str, Any]:
@@ -253,14 +339,19 @@ class TraceWorkload:
         outputs = np.array([r.max_tokens for r in reqs])
         ttft = np.array([unloaded_ttft(int(p)) for p in inputs])
         info = {
-            "pool": len(self.pool), "requests": len(reqs),
+            "pool": len(self.pool),
+            "requests": len(reqs),
             "native_rate": (len(reqs) - 1) / (times[-1] - times[0]) if times[-1] > times[0] else None,
             "interarrival_cv": float(gaps.std() / gaps.mean()) if gaps.size and gaps.mean() > 0 else None,
-            "input_mean": float(inputs.mean()), "input_p50": float(np.median(inputs)),
-            "input_p90": float(np.percentile(inputs, 90)), "input_max": int(inputs.max()),
-            "output_mean": float(outputs.mean()), "output_p50": float(np.median(outputs)),
+            "input_mean": float(inputs.mean()),
+            "input_p50": float(np.median(inputs)),
+            "input_p90": float(np.percentile(inputs, 90)),
+            "input_max": int(inputs.max()),
+            "output_mean": float(outputs.mean()),
+            "output_p50": float(np.median(outputs)),
             "output_p90": float(np.percentile(outputs, 90)),
-            "unloaded_ttft_p50_s": float(np.median(ttft)), "unloaded_ttft_p90_s": float(np.percentile(ttft, 90)),
+            "unloaded_ttft_p50_s": float(np.median(ttft)),
+            "unloaded_ttft_p90_s": float(np.percentile(ttft, 90)),
             "unloaded_ttft_p99_s": float(np.percentile(ttft, 99)),
             "unloaded_decode_step_s": unloaded_decode_step(int(np.median(inputs))),
         }
@@ -335,22 +426,37 @@ def base_config(ports: Sequence[int], zmq_ports: Sequence[int], gateway_port: in
     roles = ["prefill", "prefill", "decode", "decode"]
     instances = []
     for n, (role, port, zport) in enumerate(zip(roles, ports, zmq_ports, strict=True)):
-        instances.append({"id": f"{role}-{n % 2}", "url": f"http://127.0.0.1:{port}", "kind": "sim", "role": role,
-                          "model": MODEL, "kv_events": {"endpoint": f"tcp://127.0.0.1:{zport}"},
-                          "launch": {"profile": PROFILE, "time_scale": time_scale}})
+        instances.append(
+            {
+                "id": f"{role}-{n % 2}",
+                "url": f"http://127.0.0.1:{port}",
+                "kind": "sim",
+                "role": role,
+                "model": MODEL,
+                "kv_events": {"endpoint": f"tcp://127.0.0.1:{zport}"},
+                "launch": {"profile": PROFILE, "time_scale": time_scale},
+            }
+        )
     return {
-        "host": "127.0.0.1", "port": gateway_port,
+        "host": "127.0.0.1",
+        "port": gateway_port,
         "models": [{"name": MODEL, "tokenizer": "builtin", "max_model_len": MAX_MODEL_LEN}],
         "instances": instances,
         # the engines' load is scraped as often in simulated time as at time scale 1
-        "scrape_interval_s": 1.0 / time_scale, "stale_after_s": 5.0 / time_scale,
+        "scrape_interval_s": 1.0 / time_scale,
+        "stale_after_s": 5.0 / time_scale,
     }
 
 
 def policy_config(name: str, base: Mapping[str, Any], slo: Slo, time_scale: float) -> dict[str, Any]:
     policy = POLICIES[name]
-    extra = _substitute(policy["config"], {SLO_TTFT_MS: round(1e3 * (slo.ttft_s or 0) / time_scale, 3),
-                                           SLO_TPOT_MS: round(1e3 * (slo.tpot_s or 0) / time_scale, 3)})
+    extra = _substitute(
+        policy["config"],
+        {
+            SLO_TTFT_MS: round(1e3 * (slo.ttft_s or 0) / time_scale, 3),
+            SLO_TPOT_MS: round(1e3 * (slo.tpot_s or 0) / time_scale, 3),
+        },
+    )
     if policy.get("admission_off") and "admission" in gateway_sections():
         extra = deep_merge(extra, {"admission": {"enabled": False}})
     config = deep_merge(base, extra)
@@ -469,7 +575,9 @@ class Fleet:
         self.gateway = _spawn([sys.executable, "-m", "pdgate.cli", "serve", "--config", str(config_path)], gw_log)
         async with aiohttp.ClientSession() as session:
             for name, url, proc in self.engines:
-                await wait_http_ok(session, url + "/health", proc, self.workdir / f"{name}.log", f"engine {name}", 60, 0.05)
+                await wait_http_ok(
+                    session, url + "/health", proc, self.workdir / f"{name}.log", f"engine {name}", 60, 0.05
+                )
             await wait_http_ok(session, self.url + "/ready", self.gateway, gw_log, "gateway", 60, 0.05)
         self.mark_cpu()
 
@@ -484,12 +592,16 @@ class Fleet:
 
     def cpu_used(self) -> dict[str, float | None]:
         """CPU seconds since :meth:`mark_cpu`: the engines together, and the gateway."""
+
         def used(proc: subprocess.Popen) -> float | None:
             now = cpu_seconds(proc.pid)
             return None if now is None else now - self._cpu0.get(proc.pid, 0.0)
+
         engines = [used(p) for _, _, p in self.engines]
-        return {"engines": None if None in engines else sum(e for e in engines if e is not None),
-                "gateway": used(self.gateway) if self.gateway else None}
+        return {
+            "engines": None if None in engines else sum(e for e in engines if e is not None),
+            "gateway": used(self.gateway) if self.gateway else None,
+        }
 
     async def warm_up(self, n: int = 4, model: str = MODEL) -> None:
         """A few tiny requests through the gateway, one after the other, so that the first
@@ -498,8 +610,9 @@ class Fleet:
         async with aiohttp.ClientSession() as session:
             for i in range(n):
                 body = {"model": model, "prompt": f"warm up {i} " * 8, "max_tokens": 2, "ignore_eos": True}
-                async with session.post(self.url + "/v1/completions", json=body,
-                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                async with session.post(
+                    self.url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=30)
+                ) as resp:
                     if resp.status != 200:
                         raise RuntimeError(f"warm-up request: HTTP {resp.status}: {(await resp.text())[:300]}")
 
@@ -526,9 +639,13 @@ def to_sim(result: RequestResult, time_scale: float) -> RequestResult:
     """``result`` with every time in simulated seconds."""
     s = time_scale
     return dataclasses.replace(
-        result, scheduled_s=result.scheduled_s * s, sent_s=result.sent_s * s, end_s=result.end_s * s,
+        result,
+        scheduled_s=result.scheduled_s * s,
+        sent_s=result.sent_s * s,
+        end_s=result.end_s * s,
         first_token_s=None if result.first_token_s is None else result.first_token_s * s,
-        chunk_times=[t * s for t in result.chunk_times])
+        chunk_times=[t * s for t in result.chunk_times],
+    )
 
 
 @dataclass
@@ -549,15 +666,24 @@ class Probe:
 
     def summary(self) -> dict[str, Any]:
         s = self.stats
-        ms = (lambda v: None if v is None else round(v * 1e3, 2))
+        ms = lambda v: None if v is None else round(v * 1e3, 2)
         return {
-            "policy": self.policy, "rate": self.rate, "requests": self.requests,
-            "attainment": s.attainment, "met": s.met, "failed": s.failed, "rejected_429": self.rejected,
+            "policy": self.policy,
+            "rate": self.rate,
+            "requests": self.requests,
+            "attainment": s.attainment,
+            "met": s.met,
+            "failed": s.failed,
+            "rejected_429": self.rejected,
             "goodput_rps": s.goodput_rps,
             "ttft_ms": {"p50": ms(s.ttft.p50), "p90": ms(s.ttft.p90), "p99": ms(s.ttft.p99)},
             "tpot_ms": {"p50": ms(s.tpot.p50), "p90": ms(s.tpot.p90), "p99": ms(s.tpot.p99)},
-            "output_tps": s.output_tps, "input_tps": s.input_tps,
-            "wall_s": round(self.wall_s, 2), "lag": self.lag, "cpu": self.cpu, "errors": self.errors[:5],
+            "output_tps": s.output_tps,
+            "input_tps": s.input_tps,
+            "wall_s": round(self.wall_s, 2),
+            "lag": self.lag,
+            "cpu": self.cpu,
+            "errors": self.errors[:5],
         }
 
 
@@ -569,19 +695,32 @@ def lag_summary(states: Mapping[str, Mapping[str, Any]], sim_span: float) -> dic
     return {
         "lag_total_s": round(sum(s.get("lag_total_seconds", 0.0) for s in ok), 4),
         "lag_max_ms": round(1e3 * max((s.get("lag_max_seconds", 0.0) for s in ok), default=0.0), 2),
-        "lag_pct_of_span": round(100 * max((s.get("lag_total_seconds", 0.0) for s in ok), default=0.0)
-                                 / sim_span, 3) if sim_span > 0 else None,
+        "lag_pct_of_span": round(100 * max((s.get("lag_total_seconds", 0.0) for s in ok), default=0.0) / sim_span, 3)
+        if sim_span > 0
+        else None,
         "late_steps_pct": round(100 * sum(s.get("late_steps", 0) for s in ok) / steps, 1) if steps else None,
         "jitter_max_ms": round(1e3 * max((s.get("delivery_jitter_max_seconds", 0.0) for s in ok), default=0.0), 2),
-        "prefill_prefix_hit": round(sum(s.get("prefix_cache_hits", 0) for s in prefill) / queries, 3) if queries else None,
+        "prefill_prefix_hit": round(sum(s.get("prefix_cache_hits", 0) for s in prefill) / queries, 3)
+        if queries
+        else None,
         "preemptions": sum(s.get("num_preemptions", 0) for s in ok),
         "engines_unreachable": len(states) - len(ok),
-        "lag_by_engine_s": {name: round(s.get("lag_total_seconds", 0.0), 4) for name, s in states.items() if "error" not in s},
+        "lag_by_engine_s": {
+            name: round(s.get("lag_total_seconds", 0.0), 4) for name, s in states.items() if "error" not in s
+        },
     }
 
 
-async def run_probe(policy: str, rate: float, requests: Sequence[BenchRequest], spec: TraceSpec, slo: SloSpec,
-                    time_scale: float, workdir: Path, attempts: int = 2) -> Probe:
+async def run_probe(
+    policy: str,
+    rate: float,
+    requests: Sequence[BenchRequest],
+    spec: TraceSpec,
+    slo: SloSpec,
+    time_scale: float,
+    workdir: Path,
+    attempts: int = 2,
+) -> Probe:
     """One probe on a fresh fleet; a fleet that fails to start (a port taken meanwhile) is
     started again once on other ports."""
     for attempt in range(attempts):
@@ -594,8 +733,15 @@ async def run_probe(policy: str, rate: float, requests: Sequence[BenchRequest], 
     raise AssertionError("unreachable")
 
 
-async def _run_probe(policy: str, rate: float, requests: Sequence[BenchRequest], spec: TraceSpec, slo: SloSpec,
-                     time_scale: float, workdir: Path) -> Probe:
+async def _run_probe(
+    policy: str,
+    rate: float,
+    requests: Sequence[BenchRequest],
+    spec: TraceSpec,
+    slo: SloSpec,
+    time_scale: float,
+    workdir: Path,
+) -> Probe:
     ports = free_ports(9)
     base = base_config(ports[:4], ports[4:8], ports[8], time_scale)
     config = policy_config(policy, base, slo.default, time_scale)
@@ -605,9 +751,14 @@ async def _run_probe(policy: str, rate: float, requests: Sequence[BenchRequest],
         fleet.mark_cpu()
         target = Target(policy, fleet.url, MODEL)
         span_sim = requests[-1].arrival_s or 0.0
-        load = LoadConfig(arrivals="trace", speedup=time_scale, timeout_s=600.0,
-                          # stop waiting for stragglers: unfinished requests are misses anyway
-                          duration_s=span_sim / time_scale + 1.0, drain_s=max(60.0, 3 * span_sim / time_scale))
+        load = LoadConfig(
+            arrivals="trace",
+            speedup=time_scale,
+            timeout_s=600.0,
+            # stop waiting for stragglers: unfinished requests are misses anyway
+            duration_s=span_sim / time_scale + 1.0,
+            drain_s=max(60.0, 3 * span_sim / time_scale),
+        )
         cpu_client0, host0 = time.process_time(), host_cpu()
         wall0 = time.monotonic()
         results, _ = await run_load(target, requests, load)
@@ -653,8 +804,11 @@ class TraceResult:
 def distorted(p: Probe) -> bool:
     """Engines lost over 1 % of the probe's time, the load generator sent late, or other
     processes took a good share of the host's CPU."""
-    return ((p.lag["lag_pct_of_span"] or 0) > 1 or (p.lag["client_late_p99_ms_wall"] or 0) > 10
-            or (p.cpu.get("other_cores_busy") or 0) > OTHER_LOAD_WARN)
+    return (
+        (p.lag["lag_pct_of_span"] or 0) > 1
+        or (p.lag["client_late_p99_ms_wall"] or 0) > 10
+        or (p.cpu.get("other_cores_busy") or 0) > OTHER_LOAD_WARN
+    )
 
 
 def fmt_rate(rate: float | None) -> str:
@@ -663,8 +817,9 @@ def fmt_rate(rate: float | None) -> str:
     return f"{rate:.3g}" if rate < 100 else f"{rate:.0f}"
 
 
-async def run_trace(spec: TraceSpec, policies: Sequence[str], args: argparse.Namespace, workdir: Path,
-                    log: Callable[[str], None]) -> TraceResult:
+async def run_trace(
+    spec: TraceSpec, policies: Sequence[str], args: argparse.Namespace, workdir: Path, log: Callable[[str], None]
+) -> TraceResult:
     time_scale = args.time_scale or spec.time_scale
     requests_per_probe = args.requests_per_probe or spec.requests
     min_probe_s = spec.min_probe_s if args.min_probe_seconds is None else args.min_probe_seconds
@@ -673,16 +828,23 @@ async def run_trace(spec: TraceSpec, policies: Sequence[str], args: argparse.Nam
     info = workload.describe(requests_per_probe)
     result = TraceResult(spec, time_scale, slo, info)
     log(f"\n## {spec.name}: {spec.note}")
-    log(f"  window: {info['requests']} requests per probe (pool {info['pool']}), native rate "
+    log(
+        f"  window: {info['requests']} requests per probe (pool {info['pool']}), native rate "
         f"{fmt_rate(info['native_rate'])} req/s, inter-arrival CV {info['interarrival_cv']:.2f}; prompt tokens "
         f"mean {info['input_mean']:.0f} p50 {info['input_p50']:.0f} p90 {info['input_p90']:.0f}; output tokens mean "
         f"{info['output_mean']:.0f} p50 {info['output_p50']:.0f} p90 {info['output_p90']:.0f}"
-        + (f"; prompt blocks repeated within the window {100 * info['block_hit_rate']:.0f} %"
-           if "block_hit_rate" in info else ""))
-    log(f"  SLO: TTFT <= {1e3 * spec.ttft_s:.0f} ms (modelled unloaded TTFT p50 "
+        + (
+            f"; prompt blocks repeated within the window {100 * info['block_hit_rate']:.0f} %"
+            if "block_hit_rate" in info
+            else ""
+        )
+    )
+    log(
+        f"  SLO: TTFT <= {1e3 * spec.ttft_s:.0f} ms (modelled unloaded TTFT p50 "
         f"{1e3 * info['unloaded_ttft_p50_s']:.0f} ms, p90 {1e3 * info['unloaded_ttft_p90_s']:.0f} ms, p99 "
         f"{1e3 * info['unloaded_ttft_p99_s']:.0f} ms), TPOT <= {1e3 * spec.tpot_s:.0f} ms (unloaded decode step "
-        f"{1e3 * info['unloaded_decode_step_s']:.1f} ms); {TARGET_PCT:.0f} % must meet both")
+        f"{1e3 * info['unloaded_decode_step_s']:.1f} ms); {TARGET_PCT:.0f} % must meet both"
+    )
     log(f"  time scale {time_scale:g} (simulated s per wall s); rates and latencies below are simulated")
     runnable = []
     for name in policies:
@@ -692,9 +854,16 @@ async def run_trace(spec: TraceSpec, policies: Sequence[str], args: argparse.Nam
             log(f"  policy {name}: skipped ({why})")
         else:
             runnable.append(name)
-    config = SweepConfig(target_pct=TARGET_PCT, start_rate=args.start_rate or spec.start_rate, min_rate=0.25,
-                         max_rate=1000.0, point_duration_s=min_probe_s, min_requests=requests_per_probe,
-                         tolerance=args.tolerance, max_probes=args.max_probes)
+    config = SweepConfig(
+        target_pct=TARGET_PCT,
+        start_rate=args.start_rate or spec.start_rate,
+        min_rate=0.25,
+        max_rate=1000.0,
+        point_duration_s=min_probe_s,
+        min_requests=requests_per_probe,
+        tolerance=args.tolerance,
+        max_probes=args.max_probes,
+    )
     started = time.monotonic()
     probes: dict[str, dict[float, Probe]] = {name: {} for name in runnable}
     counter = iter(range(1_000_000))
@@ -703,18 +872,21 @@ async def run_trace(spec: TraceSpec, policies: Sequence[str], args: argparse.Nam
         return workload.requests(min(n, spec.max_requests), rate)
 
     async def probe(name: str, rate: float, requests: Sequence[BenchRequest]) -> list[RequestResult]:
-        p = await run_probe(name, rate, requests, spec, slo, time_scale,
-                            workdir / f"{spec.name}-{name}-{next(counter)}")
+        p = await run_probe(
+            name, rate, requests, spec, slo, time_scale, workdir / f"{spec.name}-{name}-{next(counter)}"
+        )
         probes[name][rate] = p
         s, lag = p.stats, p.lag
         flag = "  [distorted?]" if distorted(p) else ""
         rejected = f" (429: {p.rejected})" if p.rejected else ""
-        log(f"  {name:<16} {fmt_rate(rate):>6} req/s  n={p.requests:<4} attained {100 * p.attainment:5.1f} %  "
+        log(
+            f"  {name:<16} {fmt_rate(rate):>6} req/s  n={p.requests:<4} attained {100 * p.attainment:5.1f} %  "
             f"TTFT p50/p99 {_ms(s.ttft.p50)}/{_ms(s.ttft.p99)} ms  TPOT p50/p99 {_ms(s.tpot.p50)}/{_ms(s.tpot.p99)} ms  "
             f"failed {s.failed}{rejected}  lag {lag['lag_total_s']:.3f} s (max {lag['lag_max_ms']:.0f} ms)  "
             f"late p99 {lag['client_late_p99_ms_wall']} ms  cores {p.cpu['cores_busy']}"
             f" (+{p.cpu.get('other_cores_busy', '?')} others)  "
-            f"hit {lag['prefill_prefix_hit']}  {p.wall_s:.0f} s{flag}")
+            f"hit {lag['prefill_prefix_hit']}  {p.wall_s:.0f} s{flag}"
+        )
         for err in p.errors[:2]:
             log(f"      error: {err}")
         return []
@@ -745,15 +917,21 @@ def markdown(result: TraceResult) -> str:
     spec = result.spec
     baselines = [n for n, s in result.sweeps.items() if POLICIES[n].get("baseline")]
     best = max((result.sweeps[n].best_rate or 0.0 for n in baselines), default=0.0)
-    title = (f"### {spec.name}: TTFT <= {1e3 * spec.ttft_s:.0f} ms, TPOT <= {1e3 * spec.tpot_s:.0f} ms, "
-             f"{TARGET_PCT:.0f} % attainment (time scale {result.time_scale:g}; simulated units)")
-    header = ("| policy | goodput (req/s) | vs best baseline | attainment % at probed rates (req/s: %) "
-              "| TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |")
+    title = (
+        f"### {spec.name}: TTFT <= {1e3 * spec.ttft_s:.0f} ms, TPOT <= {1e3 * spec.tpot_s:.0f} ms, "
+        f"{TARGET_PCT:.0f} % attainment (time scale {result.time_scale:g}; simulated units)"
+    )
+    header = (
+        "| policy | goodput (req/s) | vs best baseline | attainment % at probed rates (req/s: %) "
+        "| TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |"
+    )
     lines = [title, "", header, "|---|---:|---:|---|---:|---:|"]
     for name, sw in result.sweeps.items():
         by_rate = result.probes[name]
-        points = " ".join(f"{fmt_rate(r)}:{100 * a:.3g}" + ("*" if r in by_rate and distorted(by_rate[r]) else "")
-                          for r, a in sorted(sw.points))
+        points = " ".join(
+            f"{fmt_rate(r)}:{100 * a:.3g}" + ("*" if r in by_rate and distorted(by_rate[r]) else "")
+            for r, a in sorted(sw.points)
+        )
         good = sw.best_rate
         ratio = f"{good / best:.2f}x" if good and best else "-"
         p = result.probes[name].get(good) if good is not None else None
@@ -774,21 +952,35 @@ def markdown(result: TraceResult) -> str:
         cores = max((p.cpu["cores_busy"] or 0.0) for p in all_probes)
         others = max((p.cpu.get("other_cores_busy") or 0.0) for p in all_probes)
         flagged = sum(1 for p in all_probes if distorted(p))
-        lines += ["", (f"{len(all_probes)} probes in {result.wall_s / 60:.1f} min; worst probe: engine lag "
-                       f"{lag_pct:.2f} % of the probe (max {lag_max:.0f} ms simulated), load-generator lateness "
-                       f"p99 {late:.1f} ms wall, {cores:.2f} cores busy (engines + gateway + client), "
-                       f"{others:.2f} cores taken by other processes on the host; {flagged} probe(s) flagged "
-                       "(*) as possibly distorted.")]
+        lines += [
+            "",
+            (
+                f"{len(all_probes)} probes in {result.wall_s / 60:.1f} min; worst probe: engine lag "
+                f"{lag_pct:.2f} % of the probe (max {lag_max:.0f} ms simulated), load-generator lateness "
+                f"p99 {late:.1f} ms wall, {cores:.2f} cores busy (engines + gateway + client), "
+                f"{others:.2f} cores taken by other processes on the host; {flagged} probe(s) flagged "
+                "(*) as possibly distorted."
+            ),
+        ]
     return "\n".join(lines)
 
 
 def to_json(result: TraceResult) -> dict[str, Any]:
     return {
-        "trace": dataclasses.asdict(result.spec), "time_scale": result.time_scale, "slo": result.slo.to_dict(),
-        "workload": result.workload, "wall_s": result.wall_s, "skipped": result.skipped,
-        "policies": {name: {"goodput_rps": sw.best_rate, "points": sw.points,
-                            "probes": [p.summary() for _, p in sorted(result.probes[name].items())]}
-                     for name, sw in result.sweeps.items()},
+        "trace": dataclasses.asdict(result.spec),
+        "time_scale": result.time_scale,
+        "slo": result.slo.to_dict(),
+        "workload": result.workload,
+        "wall_s": result.wall_s,
+        "skipped": result.skipped,
+        "policies": {
+            name: {
+                "goodput_rps": sw.best_rate,
+                "points": sw.points,
+                "probes": [p.summary() for _, p in sorted(result.probes[name].items())],
+            }
+            for name, sw in result.sweeps.items()
+        },
     }
 
 
@@ -796,13 +988,17 @@ def to_json(result: TraceResult) -> dict[str, Any]:
 # CLI
 # --------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--traces", default=",".join(TRACES), help=f"comma-separated, of {', '.join(TRACES)}")
     ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help=f"comma-separated, of {', '.join(POLICIES)}")
     ap.add_argument("--requests-per-probe", type=int, help="requests per probe (default: per trace, 150-200)")
-    ap.add_argument("--min-probe-seconds", type=float,
-                    help="at least this many simulated seconds of arrivals per probe (default: per trace)")
+    ap.add_argument(
+        "--min-probe-seconds",
+        type=float,
+        help="at least this many simulated seconds of arrivals per probe (default: per trace)",
+    )
     ap.add_argument("--time-scale", type=float, help="simulated seconds per wall second (default: per trace)")
     ap.add_argument("--max-probes", type=int, default=6, help="probes per (trace, policy)")
     ap.add_argument("--tolerance", type=float, default=0.1, help="stop when the bracket is this narrow (relative)")
@@ -810,15 +1006,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="prompt texts (the lengths and times come from the trace)")
     ap.add_argument("--out", help="write every probe and the tables as JSON to this file")
     ap.add_argument("--keep-logs", action="store_true", help="keep the engines' and gateway's logs (printed path)")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: 40 requests per probe, 2 probes, policies round-robin and least-loaded "
-                         "unless --policies is given (< 3 min)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 40 requests per probe, 2 probes, policies round-robin and least-loaded "
+        "unless --policies is given (< 3 min)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.requests_per_probe = args.requests_per_probe or 40
         args.min_probe_seconds = 0.0 if args.min_probe_seconds is None else args.min_probe_seconds
         args.max_probes = min(args.max_probes, 2)
-        if not any(a == "--policies" or a.startswith("--policies=") for a in (argv if argv is not None else sys.argv[1:])):
+        if not any(
+            a == "--policies" or a.startswith("--policies=") for a in (argv if argv is not None else sys.argv[1:])
+        ):
             args.policies = "round-robin,least-loaded"
     args.trace_list = [t.strip() for t in args.traces.split(",") if t.strip()]
     args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -840,7 +1041,9 @@ async def main_async(args: argparse.Namespace) -> list[TraceResult]:
     results = []
     try:
         for name in args.trace_list:
-            results.append(await run_trace(TRACES[name], args.policy_list, args, workdir, lambda s: print(s, flush=True)))
+            results.append(
+                await run_trace(TRACES[name], args.policy_list, args, workdir, lambda s: print(s, flush=True))
+            )
     finally:
         if args.keep_logs:
             print(f"logs: {workdir}")
@@ -852,10 +1055,12 @@ async def main_async(args: argparse.Namespace) -> list[TraceResult]:
 def code_version() -> dict[str, Any]:
     def git(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
+
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": git("rev-parse", "--short", "HEAD"), "modified": None if status is None else bool(status)}
 
@@ -867,9 +1072,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"missing trace files under {DATA} (set PDGATE_DATA): {', '.join(missing)}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    print(f"SLO goodput: {len(args.trace_list)} trace(s) x {len(args.policy_list)} policies; fleet 2 prefill + 2 decode "
-          f"sim engines ({PROFILE}, vLLM flavour) behind `pdgate serve`, fresh per probe; "
-          f"host {platform.machine()} with {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"SLO goodput: {len(args.trace_list)} trace(s) x {len(args.policy_list)} policies; fleet 2 prefill + 2 decode "
+        f"sim engines ({PROFILE}, vLLM flavour) behind `pdgate serve`, fresh per probe; "
+        f"host {platform.machine()} with {os.cpu_count()} CPUs",
+        flush=True,
+    )
     try:
         results = run_async(main_async(args))
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -887,12 +1095,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "benchmark": "slo_goodput", "target_pct": TARGET_PCT, "profile": PROFILE, "fleet": "2P2D sim, vLLM flavour",
-            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-            "args": dict(vars(args)), "code": code_version(), "wall_s": total,
-            "traces": {r.spec.name: {**to_json(r), "markdown": markdown(r)} for r in results},
-        }, indent=1, default=str))
+        out.write_text(
+            json.dumps(
+                {
+                    "benchmark": "slo_goodput",
+                    "target_pct": TARGET_PCT,
+                    "profile": PROFILE,
+                    "fleet": "2P2D sim, vLLM flavour",
+                    "host": {
+                        "machine": platform.machine(),
+                        "cpus": os.cpu_count(),
+                        "python": platform.python_version(),
+                    },
+                    "args": dict(vars(args)),
+                    "code": code_version(),
+                    "wall_s": total,
+                    "traces": {r.spec.name: {**to_json(r), "markdown": markdown(r)} for r in results},
+                },
+                indent=1,
+                default=str,
+            )
+        )
         print(f"wrote {out}")
     return 0
 

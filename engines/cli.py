@@ -11,7 +11,9 @@ from pdgate.engines.sim.cli import add_sim_command
 
 
 def add_engine_commands(commands: argparse._SubParsersAction) -> None:
-    engine = commands.add_parser("engine", help="run an inference engine (simulated or real)", description="Run an inference engine.")
+    engine = commands.add_parser(
+        "engine", help="run an inference engine (simulated or real)", description="Run an inference engine."
+    )
     kinds = engine.add_subparsers(dest="engine_kind", metavar="KIND", required=True)
     add_sim_command(kinds)
     add_vllm_command(kinds)

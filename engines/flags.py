@@ -20,8 +20,15 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
         if base is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=base, choices=choices, default=None, metavar=None if choices else name.upper(), help=help_text)
-
+            parser.add_argument(
+                flag,
+                dest=name,
+                type=base,
+                choices=choices,
+                default=None,
+                metavar=None if choices else name.upper(),
+                help=help_text,
+            )
 
 
 def _flag_type(annotation: Any) -> tuple[list[Any] | None, Any]:
@@ -31,7 +38,6 @@ def _flag_type(annotation: Any) -> tuple[list[Any] | None, Any]:
     if typing.get_origin(annotation) is Literal:
         return list(typing.get_args(annotation)), str
     return None, annotation if annotation in (int, float, bool) else str
-
 
 
 def model_from_args(model: type[BaseModel], args: argparse.Namespace, config_file: str | None) -> Any:

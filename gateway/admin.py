@@ -48,7 +48,9 @@ class AdminApi:
         method = request.method
         if parts == ["instances"]:
             self._allow(method, "GET")
-            responder.send_json(200, {"object": "list", "data": [self._describe(s) for s in self.cluster.instances.values()]})
+            responder.send_json(
+                200, {"object": "list", "data": [self._describe(s) for s in self.cluster.instances.values()]}
+            )
         elif len(parts) == 2 and parts[0] == "instances":
             self._allow(method, "GET")
             responder.send_json(200, self._describe(self._instance(parts[1])))
@@ -79,8 +81,11 @@ class AdminApi:
         except ValueError:
             loopback = False
         if not loopback:
-            raise GatewayError(403, "the admin API answers loopback clients only unless admin.api_key is set",
-                               err_type="permission_error")
+            raise GatewayError(
+                403,
+                "the admin API answers loopback clients only unless admin.api_key is set",
+                err_type="permission_error",
+            )
 
     @staticmethod
     def _allow(method: str, allowed: str) -> None:
@@ -90,8 +95,12 @@ class AdminApi:
     def _instance(self, instance_id: str) -> InstanceState:
         state = self.cluster.instances.get(instance_id)
         if state is None:
-            raise GatewayError(404, f"no instance {instance_id!r}; known: {', '.join(sorted(self.cluster.instances))}",
-                               param="instance", code="instance_not_found")
+            raise GatewayError(
+                404,
+                f"no instance {instance_id!r}; known: {', '.join(sorted(self.cluster.instances))}",
+                param="instance",
+                code="instance_not_found",
+            )
         return state
 
     # ------------------------------------------------------------------ views
@@ -102,15 +111,35 @@ class AdminApi:
         fresh = load is not None and now - load.scraped_at <= self.cluster.config.stale_after_s
         streams = self.migrations.on(spec.id)
         return {
-            "id": spec.id, "url": spec.url, "role": spec.role, "model": spec.model, "kind": spec.kind,
-            "healthy": state.breaker.allows(now), "circuit": state.breaker.state, "last_error": state.last_error,
+            "id": spec.id,
+            "url": spec.url,
+            "role": spec.role,
+            "model": spec.model,
+            "kind": spec.kind,
+            "healthy": state.breaker.allows(now),
+            "circuit": state.breaker.state,
+            "last_error": state.last_error,
             "draining": state.draining,
-            "load": {"running": load.running if fresh else None, "waiting": load.waiting if fresh else None,
-                     "kv_usage": load.kv_usage if fresh else None, "inflight_requests": state.inflight_requests,
-                     "decode_inflight": state.decode_inflight, "prefill_inflight": len(state.prefill_work)},
+            "load": {
+                "running": load.running if fresh else None,
+                "waiting": load.waiting if fresh else None,
+                "kv_usage": load.kv_usage if fresh else None,
+                "inflight_requests": state.inflight_requests,
+                "decode_inflight": state.decode_inflight,
+                "prefill_inflight": len(state.prefill_work),
+            },
             "running_requests": state.inflight_requests,
-            "streams": [{"request_id": s.request_id, "generated_tokens": s.generated, "max_tokens": s.max_tokens,
-                         "moves": s.moves, "moving": s.moving, "movable": s.trail.tracked} for s in streams],
+            "streams": [
+                {
+                    "request_id": s.request_id,
+                    "generated_tokens": s.generated,
+                    "max_tokens": s.max_tokens,
+                    "moves": s.moves,
+                    "moving": s.moving,
+                    "movable": s.trail.tracked,
+                }
+                for s in streams
+            ],
             "capabilities": sorted(state.capability_names),
         }
 
@@ -136,12 +165,16 @@ class AdminApi:
             except ValueError:
                 raise GatewayError(400, "the body must be JSON") from None
             if not isinstance(data, dict) or not isinstance(data.get("target", ""), (str, type(None))):
-                raise GatewayError(400, "expected {\"target\": \"<instance id>\"}", param="target")
+                raise GatewayError(400, 'expected {"target": "<instance id>"}', param="target")
             target = data.get("target")
         live = self.migrations.find(request_id)
         if live is None:
-            raise GatewayError(404, f"no running stream {request_id!r} (finished, not streamed, or not movable)",
-                               param="request_id", code="request_not_found")
+            raise GatewayError(
+                404,
+                f"no running stream {request_id!r} (finished, not streamed, or not movable)",
+                param="request_id",
+                code="request_not_found",
+            )
         if target is not None:
             self._instance(target)
             if target == live.instance_id:
@@ -149,8 +182,20 @@ class AdminApi:
         source = live.instance_id
         task = self.migrations.move(live, target, "admin")
         if task is None:
-            raise GatewayError(409, f"request {request_id!r} cannot move now (already moving, finishing, no target, "
-                                    "or too many moves in flight)", headers={"Retry-After": "1"})
+            raise GatewayError(
+                409,
+                f"request {request_id!r} cannot move now (already moving, finishing, no target, "
+                "or too many moves in flight)",
+                headers={"Retry-After": "1"},
+            )
         moved = await asyncio.shield(task)  # an admin client that hangs up does not cancel the move
-        responder.send_json(200, {"request_id": request_id, "migrated": moved, "from": source,
-                                  "to": live.move_target if moved else None, "generated_tokens": live.generated})
+        responder.send_json(
+            200,
+            {
+                "request_id": request_id,
+                "migrated": moved,
+                "from": source,
+                "to": live.move_target if moved else None,
+                "generated_tokens": live.generated,
+            },
+        )

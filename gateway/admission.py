@@ -70,9 +70,14 @@ class Outcome:
 class AdmissionController:
     """Admission for all models of one gateway."""
 
-    def __init__(self, config: AdmissionConfig, admitter: Admitter, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_outcome: Callable[[RequestInfo, Outcome], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: AdmissionConfig,
+        admitter: Admitter,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_outcome: Callable[[RequestInfo, Outcome], None] | None = None,
+    ) -> None:
         self.config = config
         self.admitter = admitter
         self.clock = clock
@@ -96,7 +101,9 @@ class AdmissionController:
         for queue in self.queues.values():
             for waiter in queue:
                 if not waiter.future.done():
-                    waiter.future.set_exception(GatewayError(503, "the gateway is shutting down", headers={"Retry-After": "1"}))
+                    waiter.future.set_exception(
+                        GatewayError(503, "the gateway is shutting down", headers={"Retry-After": "1"})
+                    )
             queue.clear()
 
     def wake(self) -> None:
@@ -108,7 +115,9 @@ class AdmissionController:
         return len(self.queues.get(model, ()))
 
     # ---------------------------------------------------------------- admit
-    async def admit(self, info: RequestInfo, snapshot_of: Callable[[RequestInfo], ClusterSnapshot]) -> tuple[RequestInfo, Outcome]:
+    async def admit(
+        self, info: RequestInfo, snapshot_of: Callable[[RequestInfo], ClusterSnapshot]
+    ) -> tuple[RequestInfo, Outcome]:
         """Return when ``info`` may be placed (possibly degraded to best effort), or raise 429."""
         if not self.config.enabled:
             return info, Outcome("dispatch", "admission-off")
@@ -125,7 +134,9 @@ class AdmissionController:
                 return info, self._report(info, outcome)
         if self.config.max_queue == 0:
             raise self._reject(info, Outcome("reject", "queue-full", 0.0, verdict))
-        waiter = Waiter(info, snapshot_of, next(self._seq), asyncio.get_running_loop().create_future(), verdict.prefill_work_s, now)
+        waiter = Waiter(
+            info, snapshot_of, next(self._seq), asyncio.get_running_loop().create_future(), verdict.prefill_work_s, now
+        )
         self._insert(queue, waiter)
         self._wake.set()
         try:
@@ -133,8 +144,10 @@ class AdmissionController:
         finally:
             if waiter in queue:  # cancelled (client gone) or failed while queued
                 queue.remove(waiter)
-        return admitted, self._report(admitted, Outcome("dispatch" if admitted.slo == original.slo else "degraded",
-                                                        "queued", self.clock() - now, None))
+        return admitted, self._report(
+            admitted,
+            Outcome("dispatch" if admitted.slo == original.slo else "degraded", "queued", self.clock() - now, None),
+        )
 
     def _insert(self, queue: list[Waiter], waiter: Waiter) -> None:
         keys = [w.key for w in queue]
@@ -142,7 +155,9 @@ class AdmissionController:
         while len(queue) > self.config.max_queue:
             worst = queue.pop()  # the lowest-ranked one goes (possibly the newcomer)
             if not worst.future.done():
-                worst.future.set_exception(self._reject(worst.info, Outcome("reject", "queue-full", self.clock() - worst.enqueued_at)))
+                worst.future.set_exception(
+                    self._reject(worst.info, Outcome("reject", "queue-full", self.clock() - worst.enqueued_at))
+                )
 
     @staticmethod
     def _ranked_ahead(queue: list[Waiter], info: RequestInfo) -> bool:
@@ -173,8 +188,12 @@ class AdmissionController:
         detail = ""
         if verdict is not None and verdict.predicted_ttft_s is not None and info.slo.ttft_s is not None:
             detail = f" (predicted TTFT {verdict.predicted_ttft_s * 1000:.0f} ms, SLO {info.slo.ttft_s * 1000:.0f} ms)"
-        return GatewayError(429, f"request cannot meet its latency SLO now: {outcome.reason}{detail}", code=outcome.reason,
-                            headers={"Retry-After": str(retry), "x-pdgate-reject-reason": outcome.reason})
+        return GatewayError(
+            429,
+            f"request cannot meet its latency SLO now: {outcome.reason}{detail}",
+            code=outcome.reason,
+            headers={"Retry-After": str(retry), "x-pdgate-reject-reason": outcome.reason},
+        )
 
     def _report(self, info: RequestInfo, outcome: Outcome) -> Outcome:
         if self.on_outcome is not None:

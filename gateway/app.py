@@ -19,13 +19,13 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
 from pdgate.adapters import UpstreamPool
+from pdgate.common.http_server import HttpRequest, HttpServer, Responder
 from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 from pdgate.gateway.admin import AdminApi
 from pdgate.gateway.admission import AdmissionController
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import DEFAULT_SCHEDULING, GatewayConfig
 from pdgate.gateway.costs import CostModelService
-from pdgate.common.http_server import HttpRequest, HttpServer, Responder
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.proxy import Proxy
@@ -107,8 +107,9 @@ class GatewayApp:
                 raise GatewayError(404, f"no route {request.method} {request.path}")
             handler = methods.get(request.method)
             if handler is None:
-                raise GatewayError(405, f"method {request.method} not allowed on {request.path}",
-                                   headers={"Allow": ", ".join(methods)})
+                raise GatewayError(
+                    405, f"method {request.method} not allowed on {request.path}", headers={"Allow": ", ".join(methods)}
+                )
             if self._keys and request.path.startswith("/v1/"):
                 self._authenticate(request)
             await handler(request, responder)
@@ -121,7 +122,7 @@ class GatewayApp:
     def _authenticate(self, request: HttpRequest) -> None:
         supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
         # compare against every key so timing does not reveal which prefix matched
-        if not any([hmac.compare_digest(supplied, key) for key in self._keys]):  # noqa: C419 (all, not short-circuit)
+        if not any([hmac.compare_digest(supplied, key) for key in self._keys]):
             raise GatewayError(401, "invalid or missing API key", code="invalid_api_key")
 
     async def completions(self, request: HttpRequest, responder: Responder) -> None:
@@ -132,8 +133,17 @@ class GatewayApp:
 
     async def models(self, request: HttpRequest, responder: Responder) -> None:
         created = int(self.gw.started_at)
-        data = [{"id": m.name, "object": "model", "created": created, "owned_by": "pdgate", "root": m.name,
-                 "max_model_len": m.max_model_len} for m in self.gw.config.models]
+        data = [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "pdgate",
+                "root": m.name,
+                "max_model_len": m.max_model_len,
+            }
+            for m in self.gw.config.models
+        ]
         responder.send_json(200, {"object": "list", "data": data})
 
     async def health(self, request: HttpRequest, responder: Responder) -> None:
@@ -146,8 +156,11 @@ class GatewayApp:
         responder.send_json(code, {"ready": code == 200, "models": status}, headers=headers)
 
     async def metrics(self, request: HttpRequest, responder: Responder) -> None:
-        responder.send(200, self.gw.metrics.render(self.cluster, self.gw.admission, self.gw.costs), content_type="text/plain; version=0.0.4; charset=utf-8")
-
+        responder.send(
+            200,
+            self.gw.metrics.render(self.cluster, self.gw.admission, self.gw.costs),
+            content_type="text/plain; version=0.0.4; charset=utf-8",
+        )
 
     async def cost_model(self, request: HttpRequest, responder: Responder) -> None:
         """The cost model in force: version, refits, records held, latency coefficients per group."""
@@ -156,11 +169,17 @@ class GatewayApp:
         if costs is None or current is None:
             raise GatewayError(503, "the cost model is not loaded yet", headers={"Retry-After": "1"})
         output = current.output
-        responder.send_json(200, {
-            "version": current.version, "refits": costs.refits, "refit_failures": costs.refit_failures,
-            "records": len(costs.records), "latency": current.latency.describe(),
-            "output_length": {"n_train": getattr(output, "n_train", 0), "q_high": getattr(output, "q_high", None)},
-        })
+        responder.send_json(
+            200,
+            {
+                "version": current.version,
+                "refits": costs.refits,
+                "refit_failures": costs.refit_failures,
+                "records": len(costs.records),
+                "latency": current.latency.describe(),
+                "output_length": {"n_train": getattr(output, "n_train", 0), "q_high": getattr(output, "q_high", None)},
+            },
+        )
 
 
 class GatewayServer:
@@ -192,8 +211,17 @@ class GatewayServer:
         gw.tracing = Tracing.from_config(gw.config.tracing, exporter=self.span_exporter)
         assert gw.migration_policy is not None
         gw.migrations = MigrationController(gw.config.migration, gw.cluster, gw.migration_policy, gw.metrics)
-        gw.proxy = Proxy(gw.config, gw.cluster, gw.profiles, gw.tokenizers, gw.metrics, admission=gw.admission, costs=gw.costs,
-                         tracing=gw.tracing, migrations=gw.migrations)
+        gw.proxy = Proxy(
+            gw.config,
+            gw.cluster,
+            gw.profiles,
+            gw.tokenizers,
+            gw.metrics,
+            admission=gw.admission,
+            costs=gw.costs,
+            tracing=gw.tracing,
+            migrations=gw.migrations,
+        )
         gw.started_at = time.time()
         try:
             await gw.costs.start()
@@ -201,7 +229,9 @@ class GatewayServer:
             await gw.cluster.start()
             gw.migrations.start()
             admin = AdminApi(gw.config, gw.cluster, gw.migrations)
-            self._http = HttpServer(GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes)
+            self._http = HttpServer(
+                GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
+            )
             await self._http.start(gw.config.host, gw.config.port)
         except BaseException:
             await self.stop()

@@ -28,8 +28,8 @@ import aiohttp
 from pdgate.adapters import EngineAdapter, InstanceSpec, UpstreamPool, make_adapter
 from pdgate.adapters.kv_events import KvEventSource, KvEventSubscriber
 from pdgate.adapters.load import EngineLoad
-from pdgate.gateway.config import GatewayConfig
 from pdgate.common.block_hash import block_hashes, to_event_hash
+from pdgate.gateway.config import GatewayConfig
 from pdgate.scheduler.costmodel.model import CostModel
 from pdgate.scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView
@@ -211,8 +211,13 @@ class PromptHashes:
 class Cluster:
     """All instances of the fleet, their state, and the prefix indexes."""
 
-    def __init__(self, config: GatewayConfig, session: aiohttp.ClientSession, pool: UpstreamPool,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.clock = clock
         self.instances: dict[str, InstanceState] = {}
@@ -221,12 +226,19 @@ class Cluster:
         for inst in config.instances:
             spec = inst.spec()
             breaker = CircuitBreaker(config.health.failure_threshold, config.health.cooldown_s)
-            self.instances[spec.id] = InstanceState(spec, make_adapter(spec, session, pool), breaker, cost_group=inst.cost_key())
+            self.instances[spec.id] = InstanceState(
+                spec, make_adapter(spec, session, pool), breaker, cost_group=inst.cost_key()
+            )
         self.exact_index = ExactPrefixIndex()
         self.approx_index = ApproximatePrefixIndex(max_blocks=config.approx_prefix_max_blocks)
         sources = [
-            KvEventSource(inst.spec().id, inst.kv_events.endpoint, inst.kv_events.replay_endpoint, inst.kv_events.topic,
-                          host=inst.spec().host)
+            KvEventSource(
+                inst.spec().id,
+                inst.kv_events.endpoint,
+                inst.kv_events.replay_endpoint,
+                inst.kv_events.topic,
+                host=inst.spec().host,
+            )
             for inst in config.instances
             if inst.kv_events is not None
         ]
@@ -280,7 +292,9 @@ class Cluster:
     def has_pd(self, model: str) -> bool:
         return any(s.spec.role in ("prefill", "decode") for s in self.for_model(model))
 
-    def snapshot(self, model: str, hashes: PromptHashes | None = None, costs: CostModel | None = None) -> ClusterSnapshot:
+    def snapshot(
+        self, model: str, hashes: PromptHashes | None = None, costs: CostModel | None = None
+    ) -> ClusterSnapshot:
         now = self.clock()
         stale = self.config.stale_after_s
         states = self.for_model(model)
@@ -310,9 +324,16 @@ class Cluster:
         return state.adapter.capabilities.kv_events and state.spec.kv_events_endpoint is not None
 
     # ------------------------------------------------------------ accounting
-    def lease(self, instance_id: str, *, prefill_tokens: int = 0, decode_tokens: int = 0,
-              predicted_prefill_s: float | None = None, context_tokens: int | None = None,
-              tpot_slo: float | None = None) -> Lease:
+    def lease(
+        self,
+        instance_id: str,
+        *,
+        prefill_tokens: int = 0,
+        decode_tokens: int = 0,
+        predicted_prefill_s: float | None = None,
+        context_tokens: int | None = None,
+        tpot_slo: float | None = None,
+    ) -> Lease:
         """Count a leg as in flight on ``instance_id`` until the lease is released.
 
         ``predicted_prefill_s``: the leg prefills (it joins the instance's predicted prefill queue);
@@ -324,8 +345,14 @@ class Cluster:
         state.inflight_prefill_tokens += prefill_tokens
         state.inflight_decode_tokens += decode_tokens
         state.breaker.on_send(now)
-        lease = Lease(state, prefill_tokens, decode_tokens, key=next(self._lease_ids), on_release=self.on_release,
-                      clock=self.clock)
+        lease = Lease(
+            state,
+            prefill_tokens,
+            decode_tokens,
+            key=next(self._lease_ids),
+            on_release=self.on_release,
+            clock=self.clock,
+        )
         if predicted_prefill_s is not None:
             state.add_prefill(lease.key, now, predicted_prefill_s)
         if context_tokens is not None:

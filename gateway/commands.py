@@ -26,13 +26,21 @@ stops the gateway and every child cleanly.
 
 
 def add_gateway_commands(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser("serve", help="run the gateway over a running fleet", description=SERVE_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway over a running fleet",
+        description=SERVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--config", required=True, metavar="FILE", help="fleet and gateway YAML")
     _common(serve)
     serve.set_defaults(run=run_serve)
-    up = commands.add_parser("up", help="start a simulated fleet and the gateway (embedded default)", description=UP_HELP,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    up = commands.add_parser(
+        "up",
+        help="start a simulated fleet and the gateway (embedded default)",
+        description=UP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     up.add_argument("--config", metavar="FILE", help="fleet and gateway YAML (default: configs/default.yaml)")
     _common(up)
     up.set_defaults(run=run_up)
@@ -42,7 +50,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="override the config's listen address")
     parser.add_argument("--port", type=int, help="override the config's port (0 picks a free one)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level")
-    parser.add_argument("--log-format", choices=["text", "json"], help="override logging.format (json: one object per line)")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="override logging.format (json: one object per line)"
+    )
     parser.add_argument("--access-log", action="store_true", default=None, help="log one line per finished request")
 
 
@@ -54,8 +64,11 @@ def _load(args: argparse.Namespace, path: str) -> Any:
     overrides = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k) is not None}
     if overrides:
         config = config.model_copy(update=overrides)
-    logs = {k: getattr(args, a) for k, a in (("level", "log_level"), ("format", "log_format"), ("access_log", "access_log"))
-            if getattr(args, a) is not None}
+    logs = {
+        k: getattr(args, a)
+        for k, a in (("level", "log_level"), ("format", "log_format"), ("access_log", "access_log"))
+        if getattr(args, a) is not None
+    }
     if logs:
         config = config.model_copy(update={"logging": config.logging.model_copy(update=logs)})
     configure_logging(config.logging)
@@ -109,6 +122,7 @@ def run_up(args: argparse.Namespace) -> int:
         return 2
     children = start_children(config)
     try:
+
         async def main() -> None:
             await wait_healthy(children)
             server = GatewayServer(gateway)

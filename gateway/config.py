@@ -62,11 +62,19 @@ class InstanceConfig(Strict):
     kv_events: KvEventsConfig | None = None
     bootstrap_port: int | None = Field(None, description="SGLang prefill bootstrap port")
     block_size: int = Field(16, ge=1)
-    cost_group: str | None = Field(None, description="instances with equal hardware, model and engine share latency models "
-                                                       "(default: kind, model, role and sim profile)")
-    cost_profile: str | None = Field(None, description="simulator profile whose step times are the latency prior "
-                                                         "(default: the sim launch profile, else h100-llama-3-8b)")
-    launch: VllmLaunch | SimLaunch | None = Field(None, description="for `pdgate up`: start this instance (sim or vllm)")
+    cost_group: str | None = Field(
+        None,
+        description="instances with equal hardware, model and engine share latency models "
+        "(default: kind, model, role and sim profile)",
+    )
+    cost_profile: str | None = Field(
+        None,
+        description="simulator profile whose step times are the latency prior "
+        "(default: the sim launch profile, else h100-llama-3-8b)",
+    )
+    launch: VllmLaunch | SimLaunch | None = Field(
+        None, description="for `pdgate up`: start this instance (sim or vllm)"
+    )
 
     @field_validator("url")
     @classmethod
@@ -87,22 +95,28 @@ class InstanceConfig(Strict):
         if isinstance(self.launch, VllmLaunch) and self.kind != "vllm":
             raise ValueError(f"launch.model_path: a vLLM launch section needs kind 'vllm', not {self.kind!r}")
         if isinstance(self.launch, SimLaunch) and not self.kind.startswith("sim"):
-            raise ValueError(f"launch: kind {self.kind!r} cannot be launched as a simulated engine "
-                             "(a vLLM launch section needs model_path)")
+            raise ValueError(
+                f"launch: kind {self.kind!r} cannot be launched as a simulated engine "
+                "(a vLLM launch section needs model_path)"
+            )
         return self
 
     def cost_key(self) -> str:
         """The latency-model group of this instance (see ``cost_group``)."""
         if self.cost_group:
             return self.cost_group
-        profile = self.cost_profile or (self.launch.profile if isinstance(self.launch, SimLaunch) else None) or "default"
+        profile = (
+            self.cost_profile or (self.launch.profile if isinstance(self.launch, SimLaunch) else None) or "default"
+        )
         scale = self.launch.time_scale if isinstance(self.launch, SimLaunch) and self.launch.time_scale else None
         return f"{self.kind}/{self.model}/{self.role}/{profile}" + (f"/x{scale:g}" if scale else "")
 
     def prior_spec(self) -> PriorSpec:
         sim = self.launch if isinstance(self.launch, SimLaunch) else None
-        return PriorSpec(profile=self.cost_profile or (sim.profile if sim else None),
-                         time_scale=(sim.time_scale if sim and sim.time_scale else 1.0))
+        return PriorSpec(
+            profile=self.cost_profile or (sim.profile if sim else None),
+            time_scale=(sim.time_scale if sim and sim.time_scale else 1.0),
+        )
 
     def spec(self) -> InstanceSpec:
         key = self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)
@@ -121,7 +135,9 @@ class InstanceConfig(Strict):
 
 class ModelConfig(Strict):
     name: str
-    tokenizer: str = Field("builtin", description="'builtin' (the simulator's) or a local Hugging Face tokenizer directory")
+    tokenizer: str = Field(
+        "builtin", description="'builtin' (the simulator's) or a local Hugging Face tokenizer directory"
+    )
     max_model_len: int = Field(8192, ge=2)
 
 
@@ -156,7 +172,9 @@ class SloConfig(Strict):
 class AdmissionConfig(Strict):
     enabled: bool = Field(True, description="off: every request is placed at once, whatever its SLO")
     on_infeasible: Literal["reject", "best-effort", "admit"] = Field(
-        "reject", description="a request that cannot meet its SLO: 429 at once, serve it as best effort, or admit it anyway")
+        "reject",
+        description="a request that cannot meet its SLO: 429 at once, serve it as best effort, or admit it anyway",
+    )
     admitter: str = Field("slo-admitter", description="admitter plugin type")
     parameters: dict[str, Any] = Field(default_factory=dict, description="the admitter's parameters")
     max_queue: int = Field(1024, ge=0, description="requests the gateway may hold per model")
@@ -165,7 +183,9 @@ class AdmissionConfig(Strict):
 
 class CostModelConfig(Strict):
     dir: str | None = Field(None, description="versioned models and the request log (none: in memory, cold start)")
-    log_requests: bool = Field(True, description="append every completed request (features, timings) to DIR/requests.jsonl")
+    log_requests: bool = Field(
+        True, description="append every completed request (features, timings) to DIR/requests.jsonl"
+    )
     log_prompt_text: bool = Field(False, description="also log the prompt text (off: only hashed n-grams)")
     refit_interval_s: float = Field(30.0, gt=0, description="refit period, in a separate process")
     min_new_samples: int = Field(20, ge=1, description="completed requests needed before a refit")
@@ -177,19 +197,41 @@ class TracingConfig(Strict):
     """OpenTelemetry tracing (docs/observability.md). Unset fields fall back to the standard
     ``OTEL_*`` environment variables; values set here win over them."""
 
-    enabled: bool | None = Field(None, description="none: on when OTEL_TRACES_EXPORTER (not 'none') or "
-                                                     "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set; OTEL_SDK_DISABLED=true turns it off")
-    exporter: Literal["otlp", "console"] | None = Field(None, description="none: OTEL_TRACES_EXPORTER, else otlp (HTTP/protobuf)")
-    endpoint: str | None = Field(None, description="OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (/v1/traces is added to a URL "
-                                                     "without a path); none: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else localhost:4318")
-    headers: dict[str, str] = Field(default_factory=dict, description="sent with every export (also OTEL_EXPORTER_OTLP_HEADERS)")
+    enabled: bool | None = Field(
+        None,
+        description="none: on when OTEL_TRACES_EXPORTER (not 'none') or "
+        "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set; OTEL_SDK_DISABLED=true turns it off",
+    )
+    exporter: Literal["otlp", "console"] | None = Field(
+        None, description="none: OTEL_TRACES_EXPORTER, else otlp (HTTP/protobuf)"
+    )
+    endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (/v1/traces is added to a URL "
+        "without a path); none: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else localhost:4318",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="sent with every export (also OTEL_EXPORTER_OTLP_HEADERS)"
+    )
     service_name: str | None = Field(None, description="none: OTEL_SERVICE_NAME, else 'pdgate'")
-    sample_ratio: float | None = Field(None, ge=0.0, le=1.0, description="share of new traces recorded (a client's sampled "
-                                                                          "traceparent is followed); none: OTEL_TRACES_SAMPLER, else all")
-    propagate_to_engines: bool = Field(True, description="send W3C traceparent/tracestate to the engines with every call")
-    record_prompt_text: bool = Field(False, description="put the prompt's text on the request span (off: never any text)")
-    plugin_spans: bool = Field(True, description="a span per scheduling plugin call; off: an event per call on the "
-                                                 "profile's span instead (fewer spans, less CPU per traced request)")
+    sample_ratio: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="share of new traces recorded (a client's sampled "
+        "traceparent is followed); none: OTEL_TRACES_SAMPLER, else all",
+    )
+    propagate_to_engines: bool = Field(
+        True, description="send W3C traceparent/tracestate to the engines with every call"
+    )
+    record_prompt_text: bool = Field(
+        False, description="put the prompt's text on the request span (off: never any text)"
+    )
+    plugin_spans: bool = Field(
+        True,
+        description="a span per scheduling plugin call; off: an event per call on the "
+        "profile's span instead (fewer spans, less CPU per traced request)",
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -202,38 +244,59 @@ class TracingConfig(Strict):
 class MigrationConfig(Strict):
     """Moving running requests between instances (Llumnix-style), draining, and mid-stream failover."""
 
-    enabled: bool = Field(True, description="run the migration controller (policy rounds and drains); off: requests never move "
-                                            "except by failover")
+    enabled: bool = Field(
+        True,
+        description="run the migration controller (policy rounds and drains); off: requests never move "
+        "except by failover",
+    )
     policy: str = Field("load-balance", description="migration policy plugin type")
     parameters: dict[str, Any] = Field(default_factory=dict, description="the policy's parameters")
     interval_s: float = Field(0.5, gt=0, description="how often the policy looks at the decode instances")
     mechanism: Literal["auto", "live", "pd", "recompute"] = Field(
-        "auto", description="auto: live where both engines can, else through the PD hand-off (a model with prefill instances), "
-                            "else recompute on the target")
+        "auto",
+        description="auto: live where both engines can, else through the PD hand-off (a model with prefill instances), "
+        "else recompute on the target",
+    )
     max_concurrent: int = Field(4, ge=1, description="moves in flight at once")
-    timeout_s: float = Field(30.0, gt=0, description="a move not done by then is abandoned (the request stays where it was)")
+    timeout_s: float = Field(
+        30.0, gt=0, description="a move not done by then is abandoned (the request stays where it was)"
+    )
     failover: bool = Field(True, description="continue a stream on another instance when its engine fails mid-way")
     max_failovers: int = Field(2, ge=0, description="failovers per request")
-    stall_timeout_s: float = Field(30.0, ge=0, description="a stream with no data for this long counts as failed (0: never)")
+    stall_timeout_s: float = Field(
+        30.0, ge=0, description="a stream with no data for this long counts as failed (0: never)"
+    )
 
 
 class AdminConfig(Strict):
-    api_key: str | None = Field(None, description="required as a bearer token on /admin (also PDGATE_ADMIN_KEY); without one, "
-                                                  "/admin answers loopback clients only")
-    drain_wait_s: float = Field(60.0, gt=0, description="the longest a drain call with ?wait=true waits for the instance to empty")
+    api_key: str | None = Field(
+        None,
+        description="required as a bearer token on /admin (also PDGATE_ADMIN_KEY); without one, "
+        "/admin answers loopback clients only",
+    )
+    drain_wait_s: float = Field(
+        60.0, gt=0, description="the longest a drain call with ?wait=true waits for the instance to empty"
+    )
 
 
 class LoggingConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = Field("text", description="json: one object per line, with request_id and trace_id")
-    access_log: bool = Field(False, description="one line per finished request: id, trace id, route, model, status, "
-                                                "instances, timings, tokens (never prompt or completion text)")
+    format: Literal["text", "json"] = Field(
+        "text", description="json: one object per line, with request_id and trace_id"
+    )
+    access_log: bool = Field(
+        False,
+        description="one line per finished request: id, trace id, route, model, status, "
+        "instances, timings, tokens (never prompt or completion text)",
+    )
 
 
 class GatewayConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list, description="client keys accepted (also PDGATE_API_KEYS, comma-separated)")
+    api_keys: list[str] = Field(
+        default_factory=list, description="client keys accepted (also PDGATE_API_KEYS, comma-separated)"
+    )
     models: list[ModelConfig]
     instances: list[InstanceConfig] = Field(min_length=1)
     scheduling: SchedulingConfig | None = Field(None, description="plugins and profiles (default: prefix + load aware)")
@@ -265,7 +328,9 @@ class GatewayConfig(Strict):
         for name in names:
             roles = {i.role for i in self.instances if i.model == name}
             if "both" not in roles and not {"prefill", "decode"} <= roles:
-                raise ValueError(f"model {name!r} needs a 'both' instance or at least one prefill and one decode instance")
+                raise ValueError(
+                    f"model {name!r} needs a 'both' instance or at least one prefill and one decode instance"
+                )
         return self
 
     def admin_api_key(self) -> str | None:
@@ -314,13 +379,30 @@ DEFAULT_SCHEDULING: dict[str, Any] = {
     "profiles": {
         # prefill: least predicted TTFT (queue wait + uncached prefill); the prefix term keeps a
         # shared prefix on the instance that holds it when the predicted TTFTs are close
-        "prefill": [{"pluginRef": "healthy"}, {"pluginRef": "prefill-role"}, {"pluginRef": "ttft", "weight": 4.0},
-                    {"pluginRef": "prefix", "weight": 1.0}, {"pluginRef": "pick"}],
+        "prefill": [
+            {"pluginRef": "healthy"},
+            {"pluginRef": "prefill-role"},
+            {"pluginRef": "ttft", "weight": 4.0},
+            {"pluginRef": "prefix", "weight": 1.0},
+            {"pluginRef": "pick"},
+        ],
         # decode: among instances that keep the TPOT SLOs of their batch, least predicted TPOT and most prefix
-        "decode": [{"pluginRef": "healthy"}, {"pluginRef": "decode-role"}, {"pluginRef": "tpot-fit"},
-                   {"pluginRef": "tpot", "weight": 2.0}, {"pluginRef": "prefix", "weight": 1.0},
-                   {"pluginRef": "kv", "weight": 0.5}, {"pluginRef": "pick"}],
-        "colocated": [{"pluginRef": "healthy"}, {"pluginRef": "colocated-role"}, {"pluginRef": "ttft", "weight": 3.0},
-                      {"pluginRef": "tpot", "weight": 1.0}, {"pluginRef": "prefix", "weight": 1.0}, {"pluginRef": "pick"}],
+        "decode": [
+            {"pluginRef": "healthy"},
+            {"pluginRef": "decode-role"},
+            {"pluginRef": "tpot-fit"},
+            {"pluginRef": "tpot", "weight": 2.0},
+            {"pluginRef": "prefix", "weight": 1.0},
+            {"pluginRef": "kv", "weight": 0.5},
+            {"pluginRef": "pick"},
+        ],
+        "colocated": [
+            {"pluginRef": "healthy"},
+            {"pluginRef": "colocated-role"},
+            {"pluginRef": "ttft", "weight": 3.0},
+            {"pluginRef": "tpot", "weight": 1.0},
+            {"pluginRef": "prefix", "weight": 1.0},
+            {"pluginRef": "pick"},
+        ],
     },
 }

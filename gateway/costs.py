@@ -82,8 +82,11 @@ class CostModelService:
         if loaded is not None:
             components, meta = loaded
             latency = components.get("latency")
-            latency = latency.with_prior_specs(self.prior_specs) if isinstance(latency, LatencyModel) \
+            latency = (
+                latency.with_prior_specs(self.prior_specs)
+                if isinstance(latency, LatencyModel)
                 else LatencyModel.from_priors(self.prior_specs)
+            )
             output = components.get("output_length") or OutputLengthModel.prior()
             version = str(meta.get("version") or meta.get("name") or "loaded")
             log.info("cost model %s loaded from %s", version, self.dir)
@@ -122,9 +125,15 @@ class CostModelService:
         loop = asyncio.get_running_loop()
         try:
             components, version, meta = await loop.run_in_executor(
-                self._executor, refit, list(self.records), current.latency, current.output, self.config.q_high,
-                str(self.dir) if self.dir is not None else None)
-        except Exception as exc:  # noqa: BLE001 (a failed refit, whatever the cause, keeps the model in force)
+                self._executor,
+                refit,
+                list(self.records),
+                current.latency,
+                current.output,
+                self.config.q_high,
+                str(self.dir) if self.dir is not None else None,
+            )
+        except Exception as exc:
             self.refit_failures += 1
             log.error("cost model refit failed: %r", exc)
             return None
@@ -132,7 +141,9 @@ class CostModelService:
         self.refits += 1
         name = Path(version).name if version else f"memory-{self.refits}"
         self.current = CostModel(latency, components["output_length"], name)
-        log.info("cost model %s in force (%s records, fit %.2fs)", name, meta.get("n_records"), meta.get("fit_seconds", 0))
+        log.info(
+            "cost model %s in force (%s records, fit %.2fs)", name, meta.get("n_records"), meta.get("fit_seconds", 0)
+        )
         return name
 
     def _flush(self) -> None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from importlib import resources
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import aiohttp
@@ -47,10 +47,24 @@ def sim_command(instance: InstanceConfig) -> list[str]:
     """The ``pdgate engine sim`` command line for one fleet entry."""
     flavour = SIM_FLAVOURS.get(instance.kind)
     if flavour is None:
-        raise ValueError(f"instance {instance.url}: `pdgate up` only launches simulated engines (kind sim, sim-vllm, sim-sglang)")
+        raise ValueError(
+            f"instance {instance.url}: `pdgate up` only launches simulated engines (kind sim, sim-vllm, sim-sglang)"
+        )
     url = aiohttp.client.URL(instance.url)
-    args = ["--host", url.host or "127.0.0.1", "--port", str(url.port), "--role", instance.role, "--api", flavour,
-            "--served-model-name", instance.model, "--block-size", str(instance.block_size)]
+    args = [
+        "--host",
+        url.host or "127.0.0.1",
+        "--port",
+        str(url.port),
+        "--role",
+        instance.role,
+        "--api",
+        flavour,
+        "--served-model-name",
+        instance.model,
+        "--block-size",
+        str(instance.block_size),
+    ]
     if instance.bootstrap_port is not None:
         args += ["--bootstrap-port", str(instance.bootstrap_port)]
     if instance.kv_events is not None:
@@ -85,14 +99,24 @@ def vllm_command(instance: InstanceConfig) -> list[str]:
     assert isinstance(launch, VllmLaunch)
     url = aiohttp.client.URL(instance.url)
     settings: dict[str, object] = {
-        "host": url.host or "127.0.0.1", "port": url.port, "role": instance.role, "model": launch.model_path,
-        "served_model_name": instance.model, "device": launch.device, "block_size": instance.block_size,
-        "side_channel_port": launch.side_channel_port, "cpu_cores": launch.cpu_cores, "python": launch.python,
+        "host": url.host or "127.0.0.1",
+        "port": url.port,
+        "role": instance.role,
+        "model": launch.model_path,
+        "served_model_name": instance.model,
+        "device": launch.device,
+        "block_size": instance.block_size,
+        "side_channel_port": launch.side_channel_port,
+        "cpu_cores": launch.cpu_cores,
+        "python": launch.python,
         "max_model_len": launch.max_model_len,
     }
     if instance.kv_events is not None:
-        settings.update(kv_events_endpoint=instance.kv_events.endpoint, kv_events_topic=instance.kv_events.topic,
-                        kv_events_replay_endpoint=instance.kv_events.replay_endpoint)
+        settings.update(
+            kv_events_endpoint=instance.kv_events.endpoint,
+            kv_events_topic=instance.kv_events.topic,
+            kv_events_replay_endpoint=instance.kv_events.replay_endpoint,
+        )
     settings.update(launch.args)
     return [sys.executable, "-m", "pdgate.cli", "engine", "vllm", *engine_flags(settings)]
 
@@ -110,8 +134,9 @@ def start_children(config: GatewayConfig) -> list[Child]:
             continue
         log = log_dir / f"{instance.spec().id.replace('/', '_').replace(':', '_')}.log"
         with log.open("w") as out:
-            proc = subprocess.Popen(launch_command(instance), stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # our signals reach them only through us
+            proc = subprocess.Popen(
+                launch_command(instance), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )  # our signals reach them only through us
         children.append(Child(instance, proc, log))
     return children
 
@@ -120,16 +145,25 @@ async def wait_healthy(children: list[Child], timeout: float | None = None) -> N
     async with aiohttp.ClientSession() as session:
         for child in children:
             limit = timeout or HEALTHY_TIMEOUT_S["vllm" if isinstance(child.instance.launch, VllmLaunch) else "sim"]
-            await wait_http_ok(session, child.instance.url + "/health", child.proc, child.log, f"engine {child.name}", limit)
+            await wait_http_ok(
+                session, child.instance.url + "/health", child.proc, child.log, f"engine {child.name}", limit
+            )
 
 
-async def wait_http_ok(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen, log: Path, name: str,
-                       timeout: float, poll_s: float = 0.1) -> None:
+async def wait_http_ok(
+    session: aiohttp.ClientSession,
+    url: str,
+    proc: subprocess.Popen,
+    log: Path,
+    name: str,
+    timeout: float,
+    poll_s: float = 0.1,
+) -> None:
     """Poll ``url`` until it answers 200; raise (with the log's tail) if ``proc`` exits or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            err = log.read_text(errors="replace") if log.exists() else ""
+            err = log.read_text(errors="replace") if log.exists() else ""  # noqa: ASYNC240 (once, the child died)
             raise RuntimeError(f"{name} exited with code {proc.returncode} (log {log}):\n{err[-2000:]}")
         try:
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
@@ -188,4 +222,3 @@ def describe(config: GatewayConfig, children: list[Child], gateway_url: str) -> 
         lines.append(f"engine logs: {children[0].log.parent}")
     lines.append("Ctrl-C stops the gateway and every engine it started.")
     return "\n".join(lines)
-

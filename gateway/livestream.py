@@ -24,8 +24,8 @@ from pdgate.gateway.splice import Splice, StreamTrail
 from pdgate.gateway.tracing import NO_LEG, LegTrace
 
 if TYPE_CHECKING:
-    from pdgate.gateway.cluster import InstanceState, Lease
     from pdgate.common.http_server import Responder
+    from pdgate.gateway.cluster import InstanceState, Lease
 
 log = logging.getLogger("pdgate.migration")
 
@@ -76,9 +76,18 @@ class LiveStream:
     ``on_switch`` after each hand-over with the instance left and the client-visible gap in seconds.
     """
 
-    def __init__(self, routed: Any, *, trail: StreamTrail, state: InstanceState, upstream: UpstreamResponse,
-                 leases: list[Lease], responder: Responder, observe: Callable[[bytes], None],
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        routed: Any,
+        *,
+        trail: StreamTrail,
+        state: InstanceState,
+        upstream: UpstreamResponse,
+        leases: list[Lease],
+        responder: Responder,
+        observe: Callable[[bytes], None],
+        clock: Callable[[], float],
+    ) -> None:
         info = routed.info
         self.routed = routed  # gateway.proxy.Routed: what a continuation is built from
         self.request_id: str = info.request_id
@@ -217,8 +226,13 @@ class LiveStream:
         first = self.splice.feed(handover.first)
         if first:
             self._send(first)
-        handover.leg.end(**{"pdgate.migration.gap_s": self.clock() - gap_from, "pdgate.migration.to": handover.state.spec.id,
-                            "pdgate.migration.mechanism": handover.mechanism})
+        handover.leg.end(
+            **{
+                "pdgate.migration.gap_s": self.clock() - gap_from,
+                "pdgate.migration.to": handover.state.spec.id,
+                "pdgate.migration.mechanism": handover.mechanism,
+            }
+        )
         if self.on_switch is not None:
             self.on_switch(self, old, handover, self.clock() - gap_from)
 

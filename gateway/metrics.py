@@ -96,80 +96,188 @@ class GatewayMetrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         Info("pdgate_build", "The gateway's version.", registry=r).info({"version": package_version() or "unknown"})
         # ---- requests
-        self.requests = Counter("pdgate_requests", "Requests answered, by route, model and HTTP status "
-                                "(499: the client went away first; model empty when the request named none we serve).",
-                                ["route", "model", "status"], registry=r)
-        self.retries = Counter("pdgate_retries", "Requests retried on another instance before their first byte.",
-                               ["model"], registry=r)
+        self.requests = Counter(
+            "pdgate_requests",
+            "Requests answered, by route, model and HTTP status "
+            "(499: the client went away first; model empty when the request named none we serve).",
+            ["route", "model", "status"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "pdgate_retries", "Requests retried on another instance before their first byte.", ["model"], registry=r
+        )
         self.prompt_tokens = LightCounter("pdgate_prompt_tokens", "Prompt tokens of the requests served.", ("model",))
-        self.generation_tokens = LightCounter("pdgate_generation_tokens", "Output tokens of the requests served.", ("model",))
-        self.ttft = LightHistogram("pdgate_time_to_first_token_seconds",
-                                   "Time to first token seen by the gateway (arrival to first chunk; streamed requests).",
-                                   ("model", "slo_class"), LATENCY_BUCKETS)
-        self.tpot = LightHistogram("pdgate_request_time_per_output_token_seconds",
-                                   "Mean time per output token after the first, per streamed request.",
-                                   ("model", "slo_class"), TPOT_BUCKETS)
-        self.e2e = LightHistogram("pdgate_e2e_request_latency_seconds", "Arrival to last byte of the answer, per request.",
-                                  ("model", "slo_class"), LATENCY_BUCKETS)
-        self.slo = Counter("pdgate_slo_requests", "Streamed requests by SLO class and whether they met their TTFT and TPOT SLOs.",
-                           ["model", "slo_class", "met"], registry=r)
+        self.generation_tokens = LightCounter(
+            "pdgate_generation_tokens", "Output tokens of the requests served.", ("model",)
+        )
+        self.ttft = LightHistogram(
+            "pdgate_time_to_first_token_seconds",
+            "Time to first token seen by the gateway (arrival to first chunk; streamed requests).",
+            ("model", "slo_class"),
+            LATENCY_BUCKETS,
+        )
+        self.tpot = LightHistogram(
+            "pdgate_request_time_per_output_token_seconds",
+            "Mean time per output token after the first, per streamed request.",
+            ("model", "slo_class"),
+            TPOT_BUCKETS,
+        )
+        self.e2e = LightHistogram(
+            "pdgate_e2e_request_latency_seconds",
+            "Arrival to last byte of the answer, per request.",
+            ("model", "slo_class"),
+            LATENCY_BUCKETS,
+        )
+        self.slo = Counter(
+            "pdgate_slo_requests",
+            "Streamed requests by SLO class and whether they met their TTFT and TPOT SLOs.",
+            ["model", "slo_class", "met"],
+            registry=r,
+        )
         # ---- admission
-        self.admission = Counter("pdgate_admission_decisions", "Admission outcomes (dispatch, reject, degraded, forced) and why.",
-                                 ["model", "outcome", "reason"], registry=r)
-        self.queue_length = Gauge("pdgate_admission_queue_length", "Requests waiting in the gateway's admission queue.",
-                                  ["model"], registry=r)
-        self.queue_wait = LightHistogram("pdgate_request_queue_time_seconds",
-                                         "Time a request waited in the gateway's admission queue before placement.",
-                                         ("model",), LATENCY_BUCKETS)
+        self.admission = Counter(
+            "pdgate_admission_decisions",
+            "Admission outcomes (dispatch, reject, degraded, forced) and why.",
+            ["model", "outcome", "reason"],
+            registry=r,
+        )
+        self.queue_length = Gauge(
+            "pdgate_admission_queue_length", "Requests waiting in the gateway's admission queue.", ["model"], registry=r
+        )
+        self.queue_wait = LightHistogram(
+            "pdgate_request_queue_time_seconds",
+            "Time a request waited in the gateway's admission queue before placement.",
+            ("model",),
+            LATENCY_BUCKETS,
+        )
         # ---- scheduling
-        self.plugin_seconds = LightHistogram("pdgate_plugin_duration_seconds", "Latency of one scheduling plugin call.",
-                                             ("profile", "plugin"), (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2))
-        self.prefix_queries = LightCounter("pdgate_prefix_cache_queried_tokens", "Prompt tokens placed on an instance "
-                                           "(the first leg's), by instance.", ("instance",))
-        self.prefix_hits = LightCounter("pdgate_prefix_cache_hit_tokens", "Of those, tokens the prefix index expected the "
-                                        "instance to hold in its KV cache.", ("instance",))
+        self.plugin_seconds = LightHistogram(
+            "pdgate_plugin_duration_seconds",
+            "Latency of one scheduling plugin call.",
+            ("profile", "plugin"),
+            (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2),
+        )
+        self.prefix_queries = LightCounter(
+            "pdgate_prefix_cache_queried_tokens",
+            "Prompt tokens placed on an instance (the first leg's), by instance.",
+            ("instance",),
+        )
+        self.prefix_hits = LightCounter(
+            "pdgate_prefix_cache_hit_tokens",
+            "Of those, tokens the prefix index expected the instance to hold in its KV cache.",
+            ("instance",),
+        )
         self.prediction_ratio = LightHistogram(
-            "pdgate_prediction_ratio", "Actual / predicted, per quantity (prefill_s, handoff_s, ttft_s, tpot_s, output_tokens) and instance.",
-            ("quantity", "instance"), RATIO_BUCKETS)
-        self.prediction_abs_error = Counter("pdgate_prediction_abs_error", "Sum of |actual - predicted| per quantity and instance "
-                                            "(divide by the ratio histogram's count for the mean absolute error).",
-                                            ["quantity", "instance"], registry=r)
-        self.cost_model_refits = Gauge("pdgate_cost_model_refits", "Cost-model refits done (and failed) since start.",
-                                       ["result"], registry=r)
-        for light in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits,
-                      self.ttft, self.tpot, self.e2e, self.queue_wait, self.plugin_seconds, self.prediction_ratio):
+            "pdgate_prediction_ratio",
+            "Actual / predicted, per quantity (prefill_s, handoff_s, ttft_s, tpot_s, output_tokens) and instance.",
+            ("quantity", "instance"),
+            RATIO_BUCKETS,
+        )
+        self.prediction_abs_error = Counter(
+            "pdgate_prediction_abs_error",
+            "Sum of |actual - predicted| per quantity and instance "
+            "(divide by the ratio histogram's count for the mean absolute error).",
+            ["quantity", "instance"],
+            registry=r,
+        )
+        self.cost_model_refits = Gauge(
+            "pdgate_cost_model_refits", "Cost-model refits done (and failed) since start.", ["result"], registry=r
+        )
+        for light in (
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.prefix_queries,
+            self.prefix_hits,
+            self.ttft,
+            self.tpot,
+            self.e2e,
+            self.queue_wait,
+            self.plugin_seconds,
+            self.prediction_ratio,
+        ):
             r.register(light)
         # ---- instances
-        self.instance_info = Gauge("pdgate_instance_info", "1 per configured instance, with its role, engine kind, model and URL.",
-                                   ["instance", "role", "kind", "model", "url"], registry=r)
-        self.inflight = Gauge("pdgate_instance_inflight_requests", "Requests (legs) the gateway has in flight on an instance.",
-                              ["instance"], registry=r)
-        self.inflight_tokens = Gauge("pdgate_instance_inflight_tokens", "Tokens in flight on an instance, by phase.",
-                                     ["instance", "phase"], registry=r)
-        self.engine_running = Gauge("pdgate_instance_running_requests", "Running requests the engine last reported "
-                                    "(absent when its last scrape is stale).", ["instance"], registry=r)
-        self.engine_waiting = Gauge("pdgate_instance_waiting_requests", "Waiting requests the engine last reported.",
-                                    ["instance"], registry=r)
-        self.engine_kv = Gauge("pdgate_instance_kv_cache_usage_ratio", "KV-cache usage the engine last reported (0-1).",
-                               ["instance"], registry=r)
-        self.scrape_age = Gauge("pdgate_instance_scrape_age_seconds", "Age of the instance's last successful metrics scrape.",
-                                ["instance"], registry=r)
-        self.healthy = Gauge("pdgate_instance_healthy", "1 when the instance takes requests (circuit closed, or open "
-                             "with its cooldown over).", ["instance"], registry=r)
-        self.circuit = Gauge("pdgate_instance_circuit_state", "1 for the state the instance's circuit breaker is in "
-                             "(closed, open, half-open).", ["instance", "state"], registry=r)
-        self.draining = Gauge("pdgate_instance_draining", "1 while the instance is being drained.", ["instance"], registry=r)
-        self.upstream_failures = Counter("pdgate_upstream_failures", "Engine calls that failed (connection, 5xx, broken reply).",
-                                         ["instance"], registry=r)
+        self.instance_info = Gauge(
+            "pdgate_instance_info",
+            "1 per configured instance, with its role, engine kind, model and URL.",
+            ["instance", "role", "kind", "model", "url"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "pdgate_instance_inflight_requests",
+            "Requests (legs) the gateway has in flight on an instance.",
+            ["instance"],
+            registry=r,
+        )
+        self.inflight_tokens = Gauge(
+            "pdgate_instance_inflight_tokens",
+            "Tokens in flight on an instance, by phase.",
+            ["instance", "phase"],
+            registry=r,
+        )
+        self.engine_running = Gauge(
+            "pdgate_instance_running_requests",
+            "Running requests the engine last reported (absent when its last scrape is stale).",
+            ["instance"],
+            registry=r,
+        )
+        self.engine_waiting = Gauge(
+            "pdgate_instance_waiting_requests", "Waiting requests the engine last reported.", ["instance"], registry=r
+        )
+        self.engine_kv = Gauge(
+            "pdgate_instance_kv_cache_usage_ratio",
+            "KV-cache usage the engine last reported (0-1).",
+            ["instance"],
+            registry=r,
+        )
+        self.scrape_age = Gauge(
+            "pdgate_instance_scrape_age_seconds",
+            "Age of the instance's last successful metrics scrape.",
+            ["instance"],
+            registry=r,
+        )
+        self.healthy = Gauge(
+            "pdgate_instance_healthy",
+            "1 when the instance takes requests (circuit closed, or open with its cooldown over).",
+            ["instance"],
+            registry=r,
+        )
+        self.circuit = Gauge(
+            "pdgate_instance_circuit_state",
+            "1 for the state the instance's circuit breaker is in (closed, open, half-open).",
+            ["instance", "state"],
+            registry=r,
+        )
+        self.draining = Gauge(
+            "pdgate_instance_draining", "1 while the instance is being drained.", ["instance"], registry=r
+        )
+        self.upstream_failures = Counter(
+            "pdgate_upstream_failures",
+            "Engine calls that failed (connection, 5xx, broken reply).",
+            ["instance"],
+            registry=r,
+        )
         # ---- migration
-        self.migrations = Counter("pdgate_migrations", "Running requests moved to another instance (or attempts that "
-                                  "failed, leaving the request where it was), by reason, mechanism and outcome.",
-                                  ["model", "reason", "mechanism", "outcome"], registry=r)
-        self.migration_gap = Histogram("pdgate_migration_downtime_seconds", "Client-visible gap of a moved stream: its "
-                                       "last token before the move to its first after it.", ["reason", "mechanism"],
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=r)
-        self.migrating = Gauge("pdgate_instance_streams", "Streamed answers the gateway is relaying from an instance "
-                               "(the ones it can move).", ["instance"], registry=r)
+        self.migrations = Counter(
+            "pdgate_migrations",
+            "Running requests moved to another instance (or attempts that "
+            "failed, leaving the request where it was), by reason, mechanism and outcome.",
+            ["model", "reason", "mechanism", "outcome"],
+            registry=r,
+        )
+        self.migration_gap = Histogram(
+            "pdgate_migration_downtime_seconds",
+            "Client-visible gap of a moved stream: its last token before the move to its first after it.",
+            ["reason", "mechanism"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.migrating = Gauge(
+            "pdgate_instance_streams",
+            "Streamed answers the gateway is relaying from an instance (the ones it can move).",
+            ["instance"],
+            registry=r,
+        )
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *values: str):
@@ -206,7 +314,9 @@ class GatewayMetrics:
         if outcome.queued_s > 0:
             self.queue_wait.observe((info.model,), outcome.queued_s)
 
-    def observe_request(self, info: RequestInfo, obs: Observation, timing: Mapping[str, float | None], tokens: int | None) -> None:
+    def observe_request(
+        self, info: RequestInfo, obs: Observation, timing: Mapping[str, float | None], tokens: int | None
+    ) -> None:
         """A completed request: its latencies, tokens, SLO attainment and each prediction against the actual."""
         labels = (info.model, info.slo.slo_class)
         ttft, tpot, e2e = timing.get("ttft_s"), timing.get("tpot_s"), timing.get("e2e_s")
@@ -221,10 +331,13 @@ class GatewayMetrics:
         if tpot is not None:
             self.tpot.observe(labels, tpot)
         predicted = obs.predicted
-        pairs = (("prefill_s", obs.prefill_id, obs.prefill_s if obs.prefill_idle else None),
-                 ("handoff_s", obs.decode_id, timing.get("handoff_s")),
-                 ("ttft_s", obs.prefill_id, ttft), ("tpot_s", obs.decode_id, tpot),
-                 ("output_tokens", obs.decode_id, tokens))
+        pairs = (
+            ("prefill_s", obs.prefill_id, obs.prefill_s if obs.prefill_idle else None),
+            ("handoff_s", obs.decode_id, timing.get("handoff_s")),
+            ("ttft_s", obs.prefill_id, ttft),
+            ("tpot_s", obs.decode_id, tpot),
+            ("output_tokens", obs.decode_id, tokens),
+        )
         for quantity, instance, actual in pairs:
             guess = predicted.get("output_median" if quantity == "output_tokens" else quantity)
             if actual is None or guess is None or guess <= 0 or instance is None:
@@ -232,8 +345,9 @@ class GatewayMetrics:
             self.prediction_ratio.observe((quantity, instance), actual / guess)
             self._child(self.prediction_abs_error, quantity, instance).inc(abs(actual - guess))
 
-    def render(self, cluster: Cluster, admission: AdmissionController | None = None,
-               costs: CostModelService | None = None) -> bytes:
+    def render(
+        self, cluster: Cluster, admission: AdmissionController | None = None, costs: CostModelService | None = None
+    ) -> bytes:
         """The exposition, with the gauges that mirror live state set from it first."""
         if admission is not None:
             for model in admission.queues:

@@ -39,7 +39,9 @@ Mover = Callable[[LiveStream, "InstanceState", str], Awaitable[bool]]
 class MigrationController:
     """One per gateway; see the module doc."""
 
-    def __init__(self, config: MigrationConfig, cluster: Cluster, policy: MigrationPolicy, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, config: MigrationConfig, cluster: Cluster, policy: MigrationPolicy, metrics: GatewayMetrics
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.cluster = cluster
@@ -102,9 +104,17 @@ class MigrationController:
     def _as_running(s: LiveStream, now: float) -> RunningRequest:
         """A stream as a migration policy sees it."""
         return RunningRequest(
-            request_id=s.request_id, instance_id=s.instance_id, model=s.model, prompt_tokens=s.prompt_tokens,
-            generated_tokens=s.generated, max_tokens=s.max_tokens, predicted_output_tokens=s.predicted_output,
-            priority=s.priority, tpot_slo_s=s.tpot_slo_s, decoding_s=now - s.started_at, migrations=s.moves,
+            request_id=s.request_id,
+            instance_id=s.instance_id,
+            model=s.model,
+            prompt_tokens=s.prompt_tokens,
+            generated_tokens=s.generated,
+            max_tokens=s.max_tokens,
+            predicted_output_tokens=s.predicted_output,
+            priority=s.priority,
+            tpot_slo_s=s.tpot_slo_s,
+            decoding_s=now - s.started_at,
+            migrations=s.moves,
             migratable=s.trail.tracked and not s.moving and not s.trail.finished,
         )
 
@@ -120,8 +130,12 @@ class MigrationController:
         if len(self._moves) >= self.config.max_concurrent:
             return None
         if target_id is None:
-            target_id = self.policy.target_for(self._as_running(live, self.cluster.clock()), self.cluster.snapshot(live.model),
-                                               self.running(live.model), exclude=(live.instance_id,))
+            target_id = self.policy.target_for(
+                self._as_running(live, self.cluster.clock()),
+                self.cluster.snapshot(live.model),
+                self.running(live.model),
+                exclude=(live.instance_id,),
+            )
             if target_id is None:
                 return None
         target = self.cluster.instances.get(target_id)
@@ -142,7 +156,9 @@ class MigrationController:
             self.moved += 1
         else:
             self.failed += 1
-        self.policy.on_migrated(MigrationPlan(live.request_id, source, target.spec.id, reason), ok, self.cluster.clock())
+        self.policy.on_migrated(
+            MigrationPlan(live.request_id, source, target.spec.id, reason), ok, self.cluster.clock()
+        )
         return ok
 
     # ---------------------------------------------------------------- rounds

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdgate.adapters import HandoffError, MigrationError, UpstreamError, UpstreamResponse
+from pdgate.common.http_server import HttpRequest, Responder
 from pdgate.common.tokenizer import Tokenizer
 from pdgate.gateway.admission import AdmissionController
 from pdgate.gateway.cluster import Cluster, InstanceState, Lease, PromptHashes
 from pdgate.gateway.config import GatewayConfig, ModelConfig
 from pdgate.gateway.costs import CostModelService
-from pdgate.common.http_server import HttpRequest, Responder
 from pdgate.gateway.livestream import Handover, LiveStream, MidStreamFailure
 from pdgate.gateway.logs import ACCESS_LOGGER, request_fields
 from pdgate.gateway.metrics import GatewayMetrics
@@ -153,10 +153,19 @@ class Placement:
 class Proxy:
     """The request path; one per gateway."""
 
-    def __init__(self, config: GatewayConfig, cluster: Cluster, profiles: dict[str, Profile],
-                 tokenizers: dict[str, Tokenizer], metrics: GatewayMetrics, *,
-                 admission: AdmissionController | None = None, costs: CostModelService | None = None,
-                 tracing: Tracing | None = None, migrations: MigrationController | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        cluster: Cluster,
+        profiles: dict[str, Profile],
+        tokenizers: dict[str, Tokenizer],
+        metrics: GatewayMetrics,
+        *,
+        admission: AdmissionController | None = None,
+        costs: CostModelService | None = None,
+        tracing: Tracing | None = None,
+        migrations: MigrationController | None = None,
+    ) -> None:
         self.config = config
         self.cluster = cluster
         self.profiles = profiles
@@ -179,8 +188,13 @@ class Proxy:
         trace = self.tracing.start_request(route, request.headers) if self.tracing is not None else NO_TRACE
         routed: Routed | None = None
         try:
-            routed = self._validate(request.body, kind, request.headers.get("x-request-id"), headers=request.headers,
-                                    arrival=self.cluster.clock())
+            routed = self._validate(
+                request.body,
+                kind,
+                request.headers.get("x-request-id"),
+                headers=request.headers,
+                arrival=self.cluster.clock(),
+            )
             routed.trace = trace
             if trace.enabled:
                 trace.validated(_request_attributes(routed), routed.prompt_text)
@@ -205,7 +219,9 @@ class Proxy:
             try:
                 info, outcome = await self.admission.admit(routed.info, self._snapshot_for(routed))
             except GatewayError as err:
-                trace.admission_rejected(err.status, err.headers.get("x-pdgate-reject-reason") or err.code or err.message)
+                trace.admission_rejected(
+                    err.status, err.headers.get("x-pdgate-reject-reason") or err.code or err.message
+                )
                 raise
             trace.admitted(outcome)
             routed.info = info
@@ -240,16 +256,27 @@ class Proxy:
 
     def _snapshot_for(self, routed: Routed):
         costs = self.costs
-        return lambda info: self.cluster.snapshot(info.model, routed.hashes, costs.current if costs is not None else None)
+        return lambda info: self.cluster.snapshot(
+            info.model, routed.hashes, costs.current if costs is not None else None
+        )
 
     # ---------------------------------------------------------- validation
-    def _validate(self, raw: bytes, kind: str, header_id: str | None, *, headers: Mapping[str, str] | None = None,
-                  arrival: float = 0.0) -> Routed:
+    def _validate(
+        self,
+        raw: bytes,
+        kind: str,
+        header_id: str | None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        arrival: float = 0.0,
+    ) -> Routed:
         headers = headers or {}
         body, parsed = parse_body(raw, CompletionBody if kind == "completion" else ChatBody)
         model = self.models.get(parsed.model)
         if model is None:
-            raise GatewayError(404, f"The model `{parsed.model}` does not exist.", param="model", code="model_not_found")
+            raise GatewayError(
+                404, f"The model `{parsed.model}` does not exist.", param="model", code="model_not_found"
+            )
         tokenizer = self.tokenizers[model.name]
         text = ""
         if kind == "completion":
@@ -263,8 +290,12 @@ class Proxy:
             max_tokens = parsed.max_tokens if parsed.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         else:
             try:
-                text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=parsed.add_generation_prompt,
-                                                     tools=parsed.tools, **(parsed.chat_template_kwargs or {}))
+                text = tokenizer.apply_chat_template(
+                    parsed.messages,
+                    add_generation_prompt=parsed.add_generation_prompt,
+                    tools=parsed.tools,
+                    **(parsed.chat_template_kwargs or {}),
+                )
                 prompt_ids = tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens)
                 text = chat_text(parsed.messages)
             except (ValueError, KeyError, TypeError) as exc:
@@ -278,7 +309,8 @@ class Proxy:
                 400,
                 f"This model's maximum context length is {model.max_model_len} tokens. However, you requested "
                 f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} in the completion).",
-                param="max_tokens", code="context_length_exceeded",
+                param="max_tokens",
+                code="context_length_exceeded",
             )
         if header_id is not None and not _valid_request_id(header_id):
             raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
@@ -291,12 +323,21 @@ class Proxy:
         tag = headers.get(APP_HEADER)
         features = output = None
         if self.costs is not None and self.costs.current is not None:
-            features = RequestFeatures(len(prompt_ids), max_tokens, kind, model.name, tag, hash_text(text) if text else {})
+            features = RequestFeatures(
+                len(prompt_ids), max_tokens, kind, model.name, tag, hash_text(text) if text else {}
+            )
             output = self.costs.current.output.predict(features)
         info = RequestInfo(
-            request_id=request_id, model=model.name, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
-            block_hashes=tuple(first_chain), priority=slo.priority, tags={"app": tag} if tag else {}, slo=slo,
-            output=output, arrival=arrival,
+            request_id=request_id,
+            model=model.name,
+            prompt_tokens=len(prompt_ids),
+            max_tokens=max_tokens,
+            block_hashes=tuple(first_chain),
+            priority=slo.priority,
+            tags={"app": tag} if tag else {},
+            slo=slo,
+            output=output,
+            arrival=arrival,
         )
         movable = False
         want_ids = wants_token_ids(body)
@@ -304,14 +345,28 @@ class Proxy:
         if parsed.stream and (migration.failover or migration.enabled) and pinned_reason(body, parsed.stream) is None:
             movable = True
             body["return_token_ids"] = True  # the ids the client got are where a continuation starts
-        keep = self.config.cost_model.log_prompt_text or (self.tracing is not None and self.tracing.settings.record_prompt_text)
+        keep = self.config.cost_model.log_prompt_text or (
+            self.tracing is not None and self.tracing.settings.record_prompt_text
+        )
         keep_text = text if keep else None
-        return Routed(kind, path, body, info, prompt_ids, hashes, parsed.stream, features, keep_text,
-                      movable=movable, want_ids=want_ids)
+        return Routed(
+            kind,
+            path,
+            body,
+            info,
+            prompt_ids,
+            hashes,
+            parsed.stream,
+            features,
+            keep_text,
+            movable=movable,
+            want_ids=want_ids,
+        )
 
     # ----------------------------------------------------------- placement
-    def _place(self, routed: Routed, excluded: set[str], snapshot: ClusterSnapshot | None = None,
-               attempt: int = 1) -> Placement:
+    def _place(
+        self, routed: Routed, excluded: set[str], snapshot: ClusterSnapshot | None = None, attempt: int = 1
+    ) -> Placement:
         started = time.perf_counter()
         model = routed.info.model
         if snapshot is None:
@@ -319,8 +374,14 @@ class Proxy:
         candidates = [i for i in snapshot.instances if i.id not in excluded]
         if self.cluster.has_pd(model):
             prefill = self._decide("prefill", routed, snapshot, candidates)
-            decode = self._decide("decode", routed, snapshot, [c for c in candidates if c.id != prefill.instance_id] or candidates)
-            placement = Placement(self.cluster.instances[decode.instance_id], self.cluster.instances[prefill.instance_id], [prefill, decode])
+            decode = self._decide(
+                "decode", routed, snapshot, [c for c in candidates if c.id != prefill.instance_id] or candidates
+            )
+            placement = Placement(
+                self.cluster.instances[decode.instance_id],
+                self.cluster.instances[prefill.instance_id],
+                [prefill, decode],
+            )
         else:
             only = self._decide("colocated", routed, snapshot, candidates)
             placement = Placement(self.cluster.instances[only.instance_id], None, [only])
@@ -330,10 +391,19 @@ class Proxy:
         self._predict(routed, placement, snapshot)
         routed.obs.attempts = attempt
         if routed.trace.enabled:
-            routed.trace.scheduled(attempt, started, time.perf_counter(), placement.decisions, {
-                "pdgate.excluded": sorted(excluded), "pdgate.prefill.instance": routed.obs.prefill_id if routed.obs.split else None,
-                "pdgate.decode.instance": routed.obs.decode_id, "pdgate.prefix_hit_tokens": routed.obs.prefill_cached,
-                "pdgate.ttft_predicted_s": routed.obs.predicted.get("ttft_s")})
+            routed.trace.scheduled(
+                attempt,
+                started,
+                time.perf_counter(),
+                placement.decisions,
+                {
+                    "pdgate.excluded": sorted(excluded),
+                    "pdgate.prefill.instance": routed.obs.prefill_id if routed.obs.split else None,
+                    "pdgate.decode.instance": routed.obs.decode_id,
+                    "pdgate.prefix_hit_tokens": routed.obs.prefill_cached,
+                    "pdgate.ttft_predicted_s": routed.obs.predicted.get("ttft_s"),
+                },
+            )
         return placement
 
     def _predict(self, routed: Routed, placement: Placement, snapshot: ClusterSnapshot) -> None:
@@ -353,7 +423,9 @@ class Proxy:
         if costs is None or first_view is None or decode_view is None:
             return
         predicted = obs.predicted
-        predicted["prefill_s"] = costs.prefill_s(first_view, info.prompt_tokens - obs.prefill_cached, obs.prefill_cached)
+        predicted["prefill_s"] = costs.prefill_s(
+            first_view, info.prompt_tokens - obs.prefill_cached, obs.prefill_cached
+        )
         predicted["wait_s"] = first_view.prefill_wait_s
         predicted["handoff_s"] = costs.handoff_s(decode_view, info.prompt_tokens) if obs.split else 0.0
         predicted["ttft_s"] = obs.queued_s + predicted["wait_s"] + predicted["prefill_s"] + predicted["handoff_s"]
@@ -367,9 +439,15 @@ class Proxy:
         for plugin, seconds in decision.plugin_seconds.items():
             self.metrics.observe_plugin(profile_name, plugin, seconds)
         if decision.instance is None:
-            reason = f"filter '{decision.rejected_by}' left no instance" if decision.rejected_by else "no candidate instance"
-            raise GatewayError(503, f"no healthy instance can serve model '{routed.info.model}' ({profile_name}: {reason})",
-                               err_type="service_unavailable", headers={"Retry-After": RETRY_AFTER_S})
+            reason = (
+                f"filter '{decision.rejected_by}' left no instance" if decision.rejected_by else "no candidate instance"
+            )
+            raise GatewayError(
+                503,
+                f"no healthy instance can serve model '{routed.info.model}' ({profile_name}: {reason})",
+                err_type="service_unavailable",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
         return decision
 
     # ----------------------------------------------------------- execution
@@ -378,16 +456,28 @@ class Proxy:
         try:
             await self._open_answer(routed, placement, opened)
             assert opened.upstream is not None
-            await self._relay(responder, routed, placement.decode, opened.upstream, opened.prefill_task,
-                              opened.decode_lease, opened.leg)
+            await self._relay(
+                responder,
+                routed,
+                placement.decode,
+                opened.upstream,
+                opened.prefill_task,
+                opened.decode_lease,
+                opened.leg,
+            )
             obs = routed.obs
-            obs.batch_at_end, obs.context_at_end = placement.decode.decode_inflight, placement.decode.decode_context_tokens
+            obs.batch_at_end, obs.context_at_end = (
+                placement.decode.decode_inflight,
+                placement.decode.decode_context_tokens,
+            )
             if opened.prefill_task is not None and (failure := await opened.prefill_task) is not None:
                 self._record_failure(failure)
             self.cluster.record_success(obs.decode_id or placement.decode.spec.id)
             opened.leg.end(status=opened.upstream.status, error=obs.error)
         except BaseException as exc:
-            opened.leg.end(status=opened.upstream.status if opened.upstream is not None else None, error=_failure_reason(exc))
+            opened.leg.end(
+                status=opened.upstream.status if opened.upstream is not None else None, error=_failure_reason(exc)
+            )
             raise
         finally:
             await opened.close()
@@ -412,31 +502,46 @@ class Proxy:
                 except HandoffError as exc:
                     raise GatewayError(500, str(exc)) from None
                 body = {**body, **fields}
-                opened.leases.append(self.cluster.lease(prefill.spec.id, prefill_tokens=info.prompt_tokens,
-                                                        predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0)))
-                opened.prefill_task = asyncio.create_task(self._concurrent_prefill(routed, prefill, body, opened.leases[-1]))
+                opened.leases.append(
+                    self.cluster.lease(
+                        prefill.spec.id,
+                        prefill_tokens=info.prompt_tokens,
+                        predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0),
+                    )
+                )
+                opened.prefill_task = asyncio.create_task(
+                    self._concurrent_prefill(routed, prefill, body, opened.leases[-1])
+                )
             else:
                 raise GatewayError(500, f"instance {decode.spec.id} ({decode.spec.kind}) cannot take a PD hand-off")
         split = prefill is not None and prefill is not decode
         opened.decode_lease = self.cluster.lease(
-            decode.spec.id, prefill_tokens=0 if split else info.prompt_tokens, decode_tokens=info.max_tokens,
+            decode.spec.id,
+            prefill_tokens=0 if split else info.prompt_tokens,
+            decode_tokens=info.max_tokens,
             predicted_prefill_s=None if split else routed.obs.predicted.get("prefill_s", 0.0),
-            context_tokens=decode_context_of(info), tpot_slo=info.slo.tpot_s)
+            context_tokens=decode_context_of(info),
+            tpot_slo=info.slo.tpot_s,
+        )
         opened.leases.append(opened.decode_lease)
         obs = routed.obs
         obs.batch_at_send, obs.context_at_send = decode.decode_inflight, decode.decode_context_tokens
         obs.decode_sent = self.cluster.clock()
         opened.leg = self._decode_leg(routed, placement, protocol)
-        opened.upstream = await self._racing_prefill(self._open(decode, routed.path, body, info.request_id, opened.leg),
-                                                     opened.prefill_task)
+        opened.upstream = await self._racing_prefill(
+            self._open(decode, routed.path, body, info.request_id, opened.leg), opened.prefill_task
+        )
         self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
 
     # ------------------------------------------------------------ migration
     def _mechanism(self, source: InstanceState, target: InstanceState) -> str:
         """How a running request moves from ``source`` to ``target`` (``migration.mechanism``, or auto)."""
         forced = self.config.migration.mechanism
-        live = (source.adapter.capabilities.live_migration and target.adapter.capabilities.live_migration
-                and source.spec.kind == target.spec.kind)
+        live = (
+            source.adapter.capabilities.live_migration
+            and target.adapter.capabilities.live_migration
+            and source.spec.kind == target.spec.kind
+        )
         pd = self.cluster.has_pd(source.spec.model) and target.adapter.capabilities.pd_protocol != "none"
         if forced == "live" and live or forced == "pd" and pd or forced == "recompute":
             return forced
@@ -454,9 +559,15 @@ class Proxy:
         source = live.state
         mechanism = self._mechanism(source, target)
         model = live.model
-        span = live.routed.trace.migration({"pdgate.migration.reason": reason, "pdgate.migration.mechanism": mechanism,
-                                            "pdgate.migration.from": source.spec.id, "pdgate.migration.to": target.spec.id,
-                                            "pdgate.migration.tokens": live.generated})
+        span = live.routed.trace.migration(
+            {
+                "pdgate.migration.reason": reason,
+                "pdgate.migration.mechanism": mechanism,
+                "pdgate.migration.from": source.spec.id,
+                "pdgate.migration.to": target.spec.id,
+                "pdgate.migration.tokens": live.generated,
+            }
+        )
         pending: asyncio.Future[Handover | None] = asyncio.get_running_loop().create_future()
         live.pending = pending
         handover: Handover | None = None
@@ -467,7 +578,9 @@ class Proxy:
                     handover = await self._live_handover(live, source, target)
                 else:
                     live.freeze()
-                    handover = await self._continuation(live, target=target, exclude={source.spec.id}, mechanism=mechanism)
+                    handover = await self._continuation(
+                        live, target=target, exclude={source.spec.id}, mechanism=mechanism
+                    )
         except (UpstreamFailed, MigrationError, GatewayError, TimeoutError) as exc:
             error = _failure_reason(exc)
         except asyncio.CancelledError:
@@ -482,8 +595,15 @@ class Proxy:
                     live.thaw()  # the source carries on; what it sent meanwhile goes out now
                 self.metrics.observe_migration(model, reason, mechanism, "failed")
                 span.end(error=error or "failed")
-                log.info("migration of %s from %s to %s (%s, %s) failed: %s", live.request_id, source.spec.id,
-                         target.spec.id, reason, mechanism, error)
+                log.info(
+                    "migration of %s from %s to %s (%s, %s) failed: %s",
+                    live.request_id,
+                    source.spec.id,
+                    target.spec.id,
+                    reason,
+                    mechanism,
+                    error,
+                )
         if handover is None:
             return False
         handover.reason = reason
@@ -495,23 +615,37 @@ class Proxy:
         if mechanism != "live":
             live.abort_source(f"migrated to {target.spec.id}")
         self.metrics.observe_migration(model, reason, mechanism, "migrated")
-        log.info("migrated %s from %s to %s (%s, %s) after %d tokens", live.request_id, source.spec.id, target.spec.id,
-                 reason, mechanism, handover.tokens)
+        log.info(
+            "migrated %s from %s to %s (%s, %s) after %d tokens",
+            live.request_id,
+            source.spec.id,
+            target.spec.id,
+            reason,
+            mechanism,
+            handover.tokens,
+        )
         return True
 
     async def _live_handover(self, live: LiveStream, source: InstanceState, target: InstanceState) -> Handover:
         """Live migration: the source moves the KV and ends its stream; then the target continues."""
-        moved = await source.adapter.live_migrate(live.upstream_id, target.adapter, timeout_s=self.config.migration.timeout_s)
+        moved = await source.adapter.live_migrate(
+            live.upstream_id, target.adapter, timeout_s=self.config.migration.timeout_s
+        )
         live.source_released = True
         await live.source_ended.wait()  # every token the source produced has reached the client
         handoff = moved.handoff
-        produced = live.trail.token_ids[live.splice.offset:] if live.splice is not None else live.trail.token_ids
+        produced = live.trail.token_ids[live.splice.offset :] if live.splice is not None else live.trail.token_ids
         if produced != moved.output_token_ids:  # (after an earlier move the engine made only the tokens since)
-            log.warning("live migration of %s: the engine reports %d tokens, the client got %d; recomputing",
-                        live.request_id, len(moved.output_token_ids), live.generated)
+            log.warning(
+                "live migration of %s: the engine reports %d tokens, the client got %d; recomputing",
+                live.request_id,
+                len(moved.output_token_ids),
+                live.generated,
+            )
             handoff = None
-        return await self._continuation(live, target=target, exclude={source.spec.id}, mechanism="live",
-                                        handoff=handoff)
+        return await self._continuation(
+            live, target=target, exclude={source.spec.id}, mechanism="live", handoff=handoff
+        )
 
     async def _failover(self, live: LiveStream, reason: str) -> Handover | None:
         """The stream's engine failed mid-answer: continue from the client's last token elsewhere."""
@@ -526,11 +660,19 @@ class Proxy:
             self.metrics.observe_migration(model, "failover", "none", "failed")
             return None
         live.failovers += 1
-        span = live.routed.trace.migration({"pdgate.migration.reason": "failover", "pdgate.migration.from": failed,
-                                            "pdgate.migration.error": reason, "pdgate.migration.tokens": live.generated})
+        span = live.routed.trace.migration(
+            {
+                "pdgate.migration.reason": "failover",
+                "pdgate.migration.from": failed,
+                "pdgate.migration.error": reason,
+                "pdgate.migration.tokens": live.generated,
+            }
+        )
         try:
             async with asyncio.timeout(migration.timeout_s):
-                handover = await self._continuation(live, target=None, exclude=set(live.failed_instances), mechanism="failover")
+                handover = await self._continuation(
+                    live, target=None, exclude=set(live.failed_instances), mechanism="failover"
+                )
         except (UpstreamFailed, GatewayError, TimeoutError) as exc:
             self.metrics.observe_migration(model, "failover", "recompute", "failed")
             span.end(error=_failure_reason(exc))
@@ -540,12 +682,26 @@ class Proxy:
         handover.reason = "failover"
         handover.leg = span
         self.metrics.observe_migration(model, "failover", handover.mechanism, "migrated")
-        log.warning("failed %s over from %s to %s after %d tokens (%s)", live.request_id, failed, handover.state.spec.id,
-                    handover.tokens, reason, extra=request_fields(live.request_id, live.routed.trace.trace_id))
+        log.warning(
+            "failed %s over from %s to %s after %d tokens (%s)",
+            live.request_id,
+            failed,
+            handover.state.spec.id,
+            handover.tokens,
+            reason,
+            extra=request_fields(live.request_id, live.routed.trace.trace_id),
+        )
         return handover
 
-    async def _continuation(self, live: LiveStream, *, target: InstanceState | None, exclude: set[str], mechanism: str,
-                            handoff: dict[str, Any] | None = None) -> Handover:
+    async def _continuation(
+        self,
+        live: LiveStream,
+        *,
+        target: InstanceState | None,
+        exclude: set[str],
+        mechanism: str,
+        handoff: dict[str, Any] | None = None,
+    ) -> Handover:
         """Open the rest of ``live``'s answer (from the tokens its client has) and read its first piece.
 
         ``target`` None: the scheduling profiles place it (failover); ``handoff``: fields that
@@ -561,17 +717,27 @@ class Proxy:
         context = [*routed.prompt_ids, *generated]
         request_id = f"{info.request_id}-m{live.moves + 1}"
         hashes = PromptHashes.of(context, (s.spec.block_size for s in self.cluster.for_model(info.model)))
-        cont_info = dataclasses.replace(info, request_id=request_id, prompt_tokens=len(context), max_tokens=info.max_tokens - k,
-                                        output=None, block_hashes=tuple(next(iter(hashes.by_block_size.values()), [])))
+        cont_info = dataclasses.replace(
+            info,
+            request_id=request_id,
+            prompt_tokens=len(context),
+            max_tokens=info.max_tokens - k,
+            output=None,
+            block_hashes=tuple(next(iter(hashes.by_block_size.values()), [])),
+        )
         cont = Routed("completion", ROUTES["completion"], body, cont_info, context, hashes, True, trace=routed.trace)
         snapshot = self._snapshot_for(cont)(cont_info)
         if target is None:
             placement = self._place(cont, exclude, snapshot, attempt=routed.obs.attempts)
-            mechanism = "pd" if placement.prefill is not None and placement.prefill is not placement.decode else "recompute"
+            mechanism = (
+                "pd" if placement.prefill is not None and placement.prefill is not placement.decode else "recompute"
+            )
         else:
             prefill = None
             if mechanism == "pd":
-                prefill = self._prefill_for(cont, snapshot, exclude, routed.obs.prefill_id if routed.obs.split else None)
+                prefill = self._prefill_for(
+                    cont, snapshot, exclude, routed.obs.prefill_id if routed.obs.split else None
+                )
             placement = Placement(target, prefill, [])
             self._predict(cont, placement, snapshot)
         opened = Opened(placement.decode)
@@ -580,11 +746,15 @@ class Proxy:
             assert opened.upstream is not None
             if opened.upstream.status >= 400:
                 detail = (await self._read_all(placement.decode, opened.upstream))[:300].decode(errors="replace")
-                raise UpstreamFailed(placement.decode.spec.id, f"continuation refused: HTTP {opened.upstream.status}: {detail}")
+                raise UpstreamFailed(
+                    placement.decode.spec.id, f"continuation refused: HTTP {opened.upstream.status}: {detail}"
+                )
             try:
                 first = await self._racing_prefill(opened.upstream.first_chunk(), opened.prefill_task)
             except UpstreamError as exc:
-                raise UpstreamFailed(placement.decode.spec.id, f"continuation broke before its first byte: {exc}") from None
+                raise UpstreamFailed(
+                    placement.decode.spec.id, f"continuation broke before its first byte: {exc}"
+                ) from None
         except BaseException as exc:
             opened.leg.end(error=_failure_reason(exc))
             await opened.close()
@@ -593,14 +763,31 @@ class Proxy:
         if opened.decode_lease is not None and not cont.obs.split:
             opened.decode_lease.prefill_done()  # recomputed on the target: its prompt is done, decoding goes on
         tasks = [opened.prefill_task] if opened.prefill_task is not None else []
-        return Handover(placement.decode, opened.upstream, first, k, mechanism, opened.leases, tasks, request_id=request_id,
-                        decode_leg=opened.leg)
+        return Handover(
+            placement.decode,
+            opened.upstream,
+            first,
+            k,
+            mechanism,
+            opened.leases,
+            tasks,
+            request_id=request_id,
+            decode_leg=opened.leg,
+        )
 
-    def _prefill_for(self, cont: Routed, snapshot: ClusterSnapshot, exclude: set[str], preferred: str | None) -> InstanceState:
+    def _prefill_for(
+        self, cont: Routed, snapshot: ClusterSnapshot, exclude: set[str], preferred: str | None
+    ) -> InstanceState:
         """The prefill instance of a PD-path move: the request's own prefill instance when it can
         (its prefix cache holds the prompt), else the prefill profile's choice."""
         view = snapshot.by_id(preferred) if preferred is not None else None
-        if view is not None and view.healthy and not view.draining and view.serves("prefill") and view.id not in exclude:
+        if (
+            view is not None
+            and view.healthy
+            and not view.draining
+            and view.serves("prefill")
+            and view.id not in exclude
+        ):
             return self.cluster.instances[view.id]
         decision = self._decide("prefill", cont, snapshot, [i for i in snapshot.instances if i.id not in exclude])
         return self.cluster.instances[decision.instance_id]
@@ -611,31 +798,54 @@ class Proxy:
             return NO_LEG
         obs, info = routed.obs, routed.info
         predicted = obs.predicted
-        attributes = {"pdgate.decode.batch_at_send": obs.batch_at_send, "pdgate.tpot_predicted_s": predicted.get("tpot_s"),
-                      "gen_ai.request.max_tokens": info.max_tokens}
+        attributes = {
+            "pdgate.decode.batch_at_send": obs.batch_at_send,
+            "pdgate.tpot_predicted_s": predicted.get("tpot_s"),
+            "gen_ai.request.max_tokens": info.max_tokens,
+        }
         if not obs.split:
-            attributes.update({"gen_ai.usage.input_tokens": info.prompt_tokens, "pdgate.prefix_hit_tokens": obs.prefill_cached,
-                               "pdgate.prefill_predicted_s": predicted.get("prefill_s")})
+            attributes.update(
+                {
+                    "gen_ai.usage.input_tokens": info.prompt_tokens,
+                    "pdgate.prefix_hit_tokens": obs.prefill_cached,
+                    "pdgate.prefill_predicted_s": predicted.get("prefill_s"),
+                }
+            )
             return routed.trace.leg("generate", placement.decode, attributes)
         kv = None
         if routed.stream:
-            kv = {"pdgate.kv.protocol": protocol, "pdgate.kv.from": obs.prefill_id, "pdgate.kv.to": obs.decode_id,
-                  "pdgate.kv.tokens": info.prompt_tokens, "pdgate.handoff_predicted_s": predicted.get("handoff_s")}
+            kv = {
+                "pdgate.kv.protocol": protocol,
+                "pdgate.kv.from": obs.prefill_id,
+                "pdgate.kv.to": obs.decode_id,
+                "pdgate.kv.tokens": info.prompt_tokens,
+                "pdgate.handoff_predicted_s": predicted.get("handoff_s"),
+            }
         return routed.trace.leg("decode", placement.decode, attributes, kv_transfer=kv)
 
     def _prefill_leg(self, routed: Routed, prefill: InstanceState) -> LegTrace:
         if not routed.trace.enabled:
             return NO_LEG
         obs, predicted = routed.obs, routed.obs.predicted
-        return routed.trace.leg("prefill", prefill, {
-            "gen_ai.usage.input_tokens": routed.info.prompt_tokens, "pdgate.prefix_hit_tokens": obs.prefill_cached,
-            "pdgate.prefill_predicted_s": predicted.get("prefill_s"), "pdgate.prefill_wait_predicted_s": predicted.get("wait_s")})
+        return routed.trace.leg(
+            "prefill",
+            prefill,
+            {
+                "gen_ai.usage.input_tokens": routed.info.prompt_tokens,
+                "pdgate.prefix_hit_tokens": obs.prefill_cached,
+                "pdgate.prefill_predicted_s": predicted.get("prefill_s"),
+                "pdgate.prefill_wait_predicted_s": predicted.get("wait_s"),
+            },
+        )
 
-    async def _open(self, state: InstanceState, path: str, body: dict[str, Any], request_id: str,
-                    leg: LegTrace) -> UpstreamResponse:
+    async def _open(
+        self, state: InstanceState, path: str, body: dict[str, Any], request_id: str, leg: LegTrace
+    ) -> UpstreamResponse:
         """Send one leg (with its trace context); a connection error or 5xx before any byte is an UpstreamFailed."""
         try:
-            resp = await state.adapter.send(path, body, request_id, timeout_s=self.config.upstream_timeout_s, headers=leg.headers)
+            resp = await state.adapter.send(
+                path, body, request_id, timeout_s=self.config.upstream_timeout_s, headers=leg.headers
+            )
         except UpstreamError as exc:
             raise UpstreamFailed(state.spec.id, f"connection failed: {exc}") from None
         if resp.status >= 500:
@@ -658,15 +868,21 @@ class Proxy:
         finally:
             resp.close()
 
-    async def _sequential_prefill(self, routed: Routed, prefill: InstanceState, decode: InstanceState,
-                                  leases: list[Lease], body: dict[str, Any]) -> dict[str, Any]:
-        lease = self.cluster.lease(prefill.spec.id, prefill_tokens=routed.info.prompt_tokens,
-                                   predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0))
+    async def _sequential_prefill(
+        self, routed: Routed, prefill: InstanceState, decode: InstanceState, leases: list[Lease], body: dict[str, Any]
+    ) -> dict[str, Any]:
+        lease = self.cluster.lease(
+            prefill.spec.id,
+            prefill_tokens=routed.info.prompt_tokens,
+            predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0),
+        )
         leg = self._prefill_leg(routed, prefill)
         status = None
         try:
             sent = self.cluster.clock()
-            resp = await self._open(prefill, routed.path, prefill.adapter.prefill_body(body), routed.info.request_id, leg)
+            resp = await self._open(
+                prefill, routed.path, prefill.adapter.prefill_body(body), routed.info.request_id, leg
+            )
             status = resp.status
             reply = await self._read_all(prefill, resp)
             routed.obs.prefill_s = self.cluster.clock() - sent
@@ -686,8 +902,9 @@ class Proxy:
         finally:
             lease.release()
 
-    async def _concurrent_prefill(self, routed: Routed, prefill: InstanceState, body: dict[str, Any],
-                                  lease: Lease) -> UpstreamFailed | None:
+    async def _concurrent_prefill(
+        self, routed: Routed, prefill: InstanceState, body: dict[str, Any], lease: Lease
+    ) -> UpstreamFailed | None:
         """SGLang's prefill leg: sent with the decode leg, its answer drained and checked.
 
         Returns the failure (instead of raising) so the decode leg can be abandoned for it.
@@ -737,9 +954,16 @@ class Proxy:
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
 
-    async def _relay(self, responder: Responder, routed: Routed, decode: InstanceState,
-                     upstream: UpstreamResponse, prefill_task: asyncio.Task | None = None,
-                     lease: Lease | None = None, leg: LegTrace | None = None) -> None:
+    async def _relay(
+        self,
+        responder: Responder,
+        routed: Routed,
+        decode: InstanceState,
+        upstream: UpstreamResponse,
+        prefill_task: asyncio.Task | None = None,
+        lease: Lease | None = None,
+        leg: LegTrace | None = None,
+    ) -> None:
         """Answer the client from the decode leg: whole, or relayed chunk by chunk as it arrives.
 
         Nothing is sent to the client before the first piece of the answer is in, so a leg that
@@ -754,8 +978,12 @@ class Proxy:
             data = await self._racing_prefill(self._read_all(decode, upstream), prefill_task)
             obs.last_token = clock()
             obs.usage_chunk = data
-            responder.send(upstream.status, data, content_type=upstream.headers.get("content-type", "application/json"),
-                           headers=headers)
+            responder.send(
+                upstream.status,
+                data,
+                content_type=upstream.headers.get("content-type", "application/json"),
+                headers=headers,
+            )
             self._answered(routed, upstream.status)
             return
         try:
@@ -773,8 +1001,12 @@ class Proxy:
             obs.usage_chunk = first
         if lease is not None and not obs.split:
             lease.prefill_done()  # colocated: the prompt is computed, the rest is decoding
-        responder.start(upstream.status, content_type="text/event-stream",
-                        headers={**headers, "Cache-Control": "no-cache"}, first=first)
+        responder.start(
+            upstream.status,
+            content_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache"},
+            first=first,
+        )
         responder.on_flow(upstream.pause_reading, upstream.resume_reading)
         if trail is not None:
             await self._relay_movable(responder, routed, decode, upstream, trail, lease, leg)
@@ -794,15 +1026,31 @@ class Proxy:
         responder.end()
         self._answered(routed, upstream.status)
 
-    async def _relay_movable(self, responder: Responder, routed: Routed, decode: InstanceState, upstream: UpstreamResponse,
-                             trail: StreamTrail, lease: Lease | None, leg: LegTrace | None) -> None:
+    async def _relay_movable(
+        self,
+        responder: Responder,
+        routed: Routed,
+        decode: InstanceState,
+        upstream: UpstreamResponse,
+        trail: StreamTrail,
+        lease: Lease | None,
+        leg: LegTrace | None,
+    ) -> None:
         """Relay a stream that can move: through a LiveStream, which fails it over or migrates it."""
         obs = routed.obs
         clock = self.cluster.clock
         live: LiveStream | None = None
         observe = _observer(obs, clock, lambda: live.state if live is not None else decode)
-        live = LiveStream(routed, trail=trail, state=decode, upstream=upstream, leases=[lease] if lease is not None else [],
-                          responder=responder, observe=observe, clock=clock)
+        live = LiveStream(
+            routed,
+            trail=trail,
+            state=decode,
+            upstream=upstream,
+            leases=[lease] if lease is not None else [],
+            responder=responder,
+            observe=observe,
+            clock=clock,
+        )
         live.first_leg = leg
         if self.migrations is not None:
             self.migrations.register(live)
@@ -822,10 +1070,20 @@ class Proxy:
 
     def _broke_mid_stream(self, responder: Responder, routed: Routed, instance_id: str, reason: str) -> None:
         """The answer broke after it started and cannot go on: an error event ends the stream."""
-        log.warning("stream from %s broke mid-way: %s", instance_id, reason,
-                    extra=request_fields(routed.info.request_id, routed.trace.trace_id))
-        error = {"error": {"message": f"upstream {instance_id} failed mid-stream", "type": "upstream_error",
-                           "param": None, "code": None}}
+        log.warning(
+            "stream from %s broke mid-way: %s",
+            instance_id,
+            reason,
+            extra=request_fields(routed.info.request_id, routed.trace.trace_id),
+        )
+        error = {
+            "error": {
+                "message": f"upstream {instance_id} failed mid-stream",
+                "type": "upstream_error",
+                "param": None,
+                "code": None,
+            }
+        }
         responder.end(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
         routed.obs.error = "upstream_failed_mid_stream"
         self._answered(routed, 502)
@@ -857,23 +1115,40 @@ class Proxy:
         self._traced_end(routed, timing, tokens)
         if self.costs is None or routed.features is None:
             return
-        record: dict[str, Any] = {"v": 1, "kind": "pdgate-request", "ts": time.time(), "request_id": info.request_id,
-                                  **routed.features.to_record()}
+        record: dict[str, Any] = {
+            "v": 1,
+            "kind": "pdgate-request",
+            "ts": time.time(),
+            "request_id": info.request_id,
+            **routed.features.to_record(),
+        }
         if routed.prompt_text is not None and self.config.cost_model.log_prompt_text:
             record["prompt_text"] = routed.prompt_text
-        record.update({
-            "output_tokens": tokens,
-            "slo": {"class": info.slo.slo_class, "ttft_s": info.slo.ttft_s, "tpot_s": info.slo.tpot_s, "priority": info.slo.priority},
-            "timing": timing,
-            "placement": {
-                "prefill": obs.prefill_id, "prefill_group": obs.prefill_group, "prefill_cached_tokens": obs.prefill_cached,
-                "prefill_idle": obs.prefill_idle, "decode": obs.decode_id, "decode_group": obs.decode_group, "split": obs.split,
-                "decode_batch": (obs.batch_at_send + obs.batch_at_end) / 2,
-                "decode_context_tokens": (obs.context_at_send + obs.context_at_end) / 2,
-            },
-            "predicted": obs.predicted,
-            "cost_model": self.costs.current.version if self.costs.current is not None else None,
-        })
+        record.update(
+            {
+                "output_tokens": tokens,
+                "slo": {
+                    "class": info.slo.slo_class,
+                    "ttft_s": info.slo.ttft_s,
+                    "tpot_s": info.slo.tpot_s,
+                    "priority": info.slo.priority,
+                },
+                "timing": timing,
+                "placement": {
+                    "prefill": obs.prefill_id,
+                    "prefill_group": obs.prefill_group,
+                    "prefill_cached_tokens": obs.prefill_cached,
+                    "prefill_idle": obs.prefill_idle,
+                    "decode": obs.decode_id,
+                    "decode_group": obs.decode_group,
+                    "split": obs.split,
+                    "decode_batch": (obs.batch_at_send + obs.batch_at_end) / 2,
+                    "decode_context_tokens": (obs.context_at_send + obs.context_at_end) / 2,
+                },
+                "predicted": obs.predicted,
+                "cost_model": self.costs.current.version if self.costs.current is not None else None,
+            }
+        )
         self.costs.observe(record)
 
     def _traced_end(self, routed: Routed, timing: Mapping[str, float | None], tokens: int | None) -> None:
@@ -882,24 +1157,53 @@ class Proxy:
         ttft, tpot = timing.get("ttft_s"), timing.get("tpot_s")
         met = info.slo.met(ttft, tpot) if ttft is not None else None
         if routed.trace.enabled:
-            routed.trace.finish(obs.status, {
-                "gen_ai.usage.output_tokens": tokens, "pdgate.attempts": obs.attempts, "pdgate.queued_s": obs.queued_s,
-                "pdgate.ttft_s": ttft, "pdgate.tpot_s": tpot, "pdgate.e2e_s": timing.get("e2e_s"),
-                "pdgate.prefill_s": obs.prefill_s, "pdgate.handoff_s": timing.get("handoff_s"),
-                "pdgate.ttft_predicted_s": predicted.get("ttft_s"), "pdgate.tpot_predicted_s": predicted.get("tpot_s"),
-                "pdgate.output_tokens_predicted": predicted.get("output_median"),
-                "pdgate.output_tokens_predicted_high": predicted.get("output_high"),
-                "pdgate.prefill.instance": obs.prefill_id if obs.split else None, "pdgate.decode.instance": obs.decode_id,
-                "pdgate.prefix_hit_tokens": obs.prefill_cached, "pdgate.slo.met": met,
-            }, error=obs.error)
+            routed.trace.finish(
+                obs.status,
+                {
+                    "gen_ai.usage.output_tokens": tokens,
+                    "pdgate.attempts": obs.attempts,
+                    "pdgate.queued_s": obs.queued_s,
+                    "pdgate.ttft_s": ttft,
+                    "pdgate.tpot_s": tpot,
+                    "pdgate.e2e_s": timing.get("e2e_s"),
+                    "pdgate.prefill_s": obs.prefill_s,
+                    "pdgate.handoff_s": timing.get("handoff_s"),
+                    "pdgate.ttft_predicted_s": predicted.get("ttft_s"),
+                    "pdgate.tpot_predicted_s": predicted.get("tpot_s"),
+                    "pdgate.output_tokens_predicted": predicted.get("output_median"),
+                    "pdgate.output_tokens_predicted_high": predicted.get("output_high"),
+                    "pdgate.prefill.instance": obs.prefill_id if obs.split else None,
+                    "pdgate.decode.instance": obs.decode_id,
+                    "pdgate.prefix_hit_tokens": obs.prefill_cached,
+                    "pdgate.slo.met": met,
+                },
+                error=obs.error,
+            )
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s %s %d", "POST", routed.path, obs.status, extra={
-                **request_fields(info.request_id, routed.trace.trace_id),
-                "access": {"route": routed.path, "model": info.model, "status": obs.status, "stream": routed.stream,
-                           "prefill": obs.prefill_id if obs.split else None, "decode": obs.decode_id,
-                           "attempts": obs.attempts, "prompt_tokens": info.prompt_tokens, "output_tokens": tokens,
-                           "cached_tokens": obs.prefill_cached, "slo_class": info.slo.slo_class, "slo_met": met,
-                           **{k: round(v, 6) for k, v in timing.items() if v is not None}}})
+            access_log.info(
+                "%s %s %d",
+                "POST",
+                routed.path,
+                obs.status,
+                extra={
+                    **request_fields(info.request_id, routed.trace.trace_id),
+                    "access": {
+                        "route": routed.path,
+                        "model": info.model,
+                        "status": obs.status,
+                        "stream": routed.stream,
+                        "prefill": obs.prefill_id if obs.split else None,
+                        "decode": obs.decode_id,
+                        "attempts": obs.attempts,
+                        "prompt_tokens": info.prompt_tokens,
+                        "output_tokens": tokens,
+                        "cached_tokens": obs.prefill_cached,
+                        "slo_class": info.slo.slo_class,
+                        "slo_met": met,
+                        **{k: round(v, 6) for k, v in timing.items() if v is not None},
+                    },
+                },
+            )
 
     def _failed(self, routed: Routed | None, trace: RequestTrace, route: str, status: int, reason: str | None) -> None:
         """A request that got no answer (an error response, or its client went away first)."""
@@ -908,9 +1212,16 @@ class Proxy:
         trace.finish(status, {}, error=reason or str(status))
         if access_log.isEnabledFor(logging.INFO):
             request_id = routed.info.request_id if routed is not None else None
-            access_log.info("%s %s %d", "POST", route, status, extra={
-                **request_fields(request_id, trace.trace_id),
-                "access": {"route": route, "model": model or None, "status": status, "error": reason}})
+            access_log.info(
+                "%s %s %d",
+                "POST",
+                route,
+                status,
+                extra={
+                    **request_fields(request_id, trace.trace_id),
+                    "access": {"route": route, "model": model or None, "status": status, "error": reason},
+                },
+            )
 
 
 def _request_attributes(routed: Routed) -> dict[str, Any]:
@@ -918,15 +1229,23 @@ def _request_attributes(routed: Routed) -> dict[str, Any]:
     info, slo = routed.info, routed.info.slo
     return {
         "gen_ai.operation.name": "text_completion" if routed.kind == "completion" else "chat",
-        "gen_ai.request.model": info.model, "gen_ai.request.max_tokens": info.max_tokens,
-        "gen_ai.usage.input_tokens": info.prompt_tokens, "pdgate.request_id": info.request_id, "pdgate.stream": routed.stream,
-        "pdgate.slo.class": slo.slo_class, "pdgate.slo.ttft_s": slo.ttft_s, "pdgate.slo.tpot_s": slo.tpot_s,
-        "pdgate.priority": slo.priority, "pdgate.app": info.tags.get("app"),
+        "gen_ai.request.model": info.model,
+        "gen_ai.request.max_tokens": info.max_tokens,
+        "gen_ai.usage.input_tokens": info.prompt_tokens,
+        "pdgate.request_id": info.request_id,
+        "pdgate.stream": routed.stream,
+        "pdgate.slo.class": slo.slo_class,
+        "pdgate.slo.ttft_s": slo.ttft_s,
+        "pdgate.slo.tpot_s": slo.tpot_s,
+        "pdgate.priority": slo.priority,
+        "pdgate.app": info.tags.get("app"),
         "pdgate.output_tokens_predicted": info.output.median if info.output is not None else None,
     }
 
 
-def _observer(obs: Observation, clock: Callable[[], float], instance: Callable[[], InstanceState]) -> Callable[[bytes], None]:
+def _observer(
+    obs: Observation, clock: Callable[[], float], instance: Callable[[], InstanceState]
+) -> Callable[[bytes], None]:
     """What the proxy notes of each piece of a stream that reaches the client (``instance``: the
     one answering now)."""
 

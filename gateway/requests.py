@@ -16,8 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class GatewayError(Exception):
     """An error answered to the client as OpenAI error JSON."""
 
-    def __init__(self, status: int, message: str, *, err_type: str | None = None, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        err_type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -89,7 +97,7 @@ class ChatBody(_Body):
     def _roles(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for i, message in enumerate(value):
             if not isinstance(message.get("role"), str):
-                raise ValueError(f"message {i} has no 'role'")  # noqa: TRY004 (pydantic wants ValueError)
+                raise ValueError(f"message {i} has no 'role'")
         return value
 
 

@@ -76,7 +76,9 @@ def _limit(raw: str, header: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise GatewayError(400, f"{header} must be a positive number of milliseconds or 'none', got {raw[:40]!r}") from None
+        raise GatewayError(
+            400, f"{header} must be a positive number of milliseconds or 'none', got {raw[:40]!r}"
+        ) from None
     if not math.isfinite(value) or value <= 0 or value > 86_400_000:
         raise GatewayError(400, f"{header} must be a positive number of milliseconds (at most a day), got {raw[:40]!r}")
     return value / 1000.0

@@ -31,19 +31,46 @@ _EVENT_END = b"\n\n"
 
 # Body fields a continuation keeps: sampling and output controls that mean the same on /v1/completions.
 CONTINUATION_FIELDS = (
-    "model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "skip_special_tokens",
-    "spaces_between_special_tokens", "include_stop_str_in_output", "priority", "logit_bias", "bad_words",
-    "allowed_token_ids", "user", "vllm_xargs",
+    "model",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+    "priority",
+    "logit_bias",
+    "bad_words",
+    "allowed_token_ids",
+    "user",
+    "vllm_xargs",
 )
 # Request features a continuation cannot reproduce: such requests stay where they are.
 _PINNED_FIELDS = {
-    "n": lambda v: v not in (None, 1), "best_of": lambda v: v not in (None, 1), "echo": bool,
-    "logprobs": lambda v: v not in (None, False), "top_logprobs": lambda v: bool(v), "prompt_logprobs": lambda v: v is not None,
-    "tools": bool, "functions": bool, "response_format": lambda v: bool(v) and v.get("type") not in (None, "text"),
-    "guided_json": lambda v: v is not None, "guided_regex": lambda v: v is not None, "guided_choice": lambda v: v is not None,
-    "guided_grammar": lambda v: v is not None, "structured_outputs": lambda v: v is not None,
-    "use_beam_search": bool, "return_tokens_as_token_ids": bool,
+    "n": lambda v: v not in (None, 1),
+    "best_of": lambda v: v not in (None, 1),
+    "echo": bool,
+    "logprobs": lambda v: v not in (None, False),
+    "top_logprobs": lambda v: bool(v),
+    "prompt_logprobs": lambda v: v is not None,
+    "tools": bool,
+    "functions": bool,
+    "response_format": lambda v: bool(v) and v.get("type") not in (None, "text"),
+    "guided_json": lambda v: v is not None,
+    "guided_regex": lambda v: v is not None,
+    "guided_choice": lambda v: v is not None,
+    "guided_grammar": lambda v: v is not None,
+    "structured_outputs": lambda v: v is not None,
+    "use_beam_search": bool,
+    "return_tokens_as_token_ids": bool,
 }
 
 
@@ -62,7 +89,9 @@ def wants_token_ids(body: Mapping[str, Any]) -> bool:
     return bool(body.get("return_token_ids"))
 
 
-def continuation_body(body: Mapping[str, Any], prompt_ids: list[int], generated: list[int], max_tokens: int) -> dict[str, Any]:
+def continuation_body(
+    body: Mapping[str, Any], prompt_ids: list[int], generated: list[int], max_tokens: int
+) -> dict[str, Any]:
     """The ``/v1/completions`` body that continues ``body`` after the ``generated`` tokens."""
     out = {k: body[k] for k in CONTINUATION_FIELDS if k in body}
     options = body.get("stream_options") or {}
@@ -230,8 +259,13 @@ class Splice:
         text = choice.get("text") or ""
         reason = choice.get("finish_reason")
         if self.kind == "chat":
-            out: dict[str, Any] = {"index": choice.get("index", 0), "delta": {"content": text} if text or reason is None else {},
-                                   "logprobs": None, "finish_reason": reason, "stop_reason": choice.get("stop_reason")}
+            out: dict[str, Any] = {
+                "index": choice.get("index", 0),
+                "delta": {"content": text} if text or reason is None else {},
+                "logprobs": None,
+                "finish_reason": reason,
+                "stop_reason": choice.get("stop_reason"),
+            }
             if self.want_ids:
                 out["token_ids"] = ids
             return out
@@ -242,11 +276,17 @@ class Splice:
 
     def _usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         completion = self.offset + int(usage.get("completion_tokens") or 0)
-        out: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens + completion,
-                               "completion_tokens": completion}
+        out: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + completion,
+            "completion_tokens": completion,
+        }
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict) and details.get("cached_tokens") is not None:
-            out["prompt_tokens_details"] = {**details, "cached_tokens": min(int(details["cached_tokens"]), self.prompt_tokens)}
+            out["prompt_tokens_details"] = {
+                **details,
+                "cached_tokens": min(int(details["cached_tokens"]), self.prompt_tokens),
+            }
         elif "prompt_tokens_details" in usage:
             out["prompt_tokens_details"] = details
         return out
@@ -255,16 +295,26 @@ class Splice:
         """The end of an answer whose every token already went out: a finish chunk (unless
         ``reason`` is None: the client had it), the usage chunk when asked for, ``[DONE]``."""
         identity = self.trail.identity or {}
-        base = {"id": identity.get("id"), "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
-                "created": identity.get("created"), "model": identity.get("model")}
+        base = {
+            "id": identity.get("id"),
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": identity.get("created"),
+            "model": identity.get("model"),
+        }
         events: list[dict[str, Any]] = []
         if reason is not None:
-            choice: dict[str, Any] = ({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason, "stop_reason": None}
-                                      if self.kind == "chat" else
-                                      {"index": 0, "text": "", "logprobs": None, "finish_reason": reason, "stop_reason": None})
+            choice: dict[str, Any] = (
+                {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason, "stop_reason": None}
+                if self.kind == "chat"
+                else {"index": 0, "text": "", "logprobs": None, "finish_reason": reason, "stop_reason": None}
+            )
             events.append({**base, "choices": [choice]})
         if include_usage:
             events.append({**base, "choices": [], "usage": self._usage({"completion_tokens": 0})})
         self.trail.finished = True
         self.trail.done = True
-        return b"".join(b"data: " + json.dumps(e, separators=(",", ":")).encode() + _EVENT_END for e in events) + _DONE + _EVENT_END
+        return (
+            b"".join(b"data: " + json.dumps(e, separators=(",", ":")).encode() + _EVENT_END for e in events)
+            + _DONE
+            + _EVENT_END
+        )

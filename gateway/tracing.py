@@ -81,7 +81,9 @@ def resolve_settings(config: TracingConfig, env: Mapping[str, str] = os.environ)
     env_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     enabled = config.enabled
     if enabled is None:
-        enabled = (env_exporter is not None and env_exporter != "none") or bool(env_endpoint) or config.exporter is not None
+        enabled = (
+            (env_exporter is not None and env_exporter != "none") or bool(env_endpoint) or config.exporter is not None
+        )
     if not enabled:
         return None
     exporter = config.exporter or env_exporter or "otlp"
@@ -89,15 +91,25 @@ def resolve_settings(config: TracingConfig, env: Mapping[str, str] = os.environ)
         return None
     if exporter not in ("otlp", "console"):
         raise TracingSetupError(f"tracing: unknown exporter {exporter!r} (OTEL_TRACES_EXPORTER); known: otlp, console")
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    ).strip()
     if exporter == "otlp" and protocol != "http/protobuf":
         raise TracingSetupError(f"tracing: OTLP protocol {protocol!r} is not supported; pdgate exports http/protobuf")
     endpoint = otlp_traces_url(config.endpoint) if config.endpoint else None
     if endpoint is None and not env_endpoint:
         endpoint = otlp_traces_url(DEFAULT_OTLP_ENDPOINT)
     service = config.service_name or env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
-    return TracingSettings(exporter, endpoint, dict(config.headers), service, config.sample_ratio,
-                           config.propagate_to_engines, config.record_prompt_text, config.plugin_spans)
+    return TracingSettings(
+        exporter,
+        endpoint,
+        dict(config.headers),
+        service,
+        config.sample_ratio,
+        config.propagate_to_engines,
+        config.record_prompt_text,
+        config.plugin_spans,
+    )
 
 
 class Tracing:
@@ -114,8 +126,9 @@ class Tracing:
         self.propagator = TraceContextTextMapPropagator()
 
     @classmethod
-    def from_config(cls, config: TracingConfig, env: Mapping[str, str] = os.environ, *,
-                    exporter: SpanExporter | None = None) -> Tracing | None:
+    def from_config(
+        cls, config: TracingConfig, env: Mapping[str, str] = os.environ, *, exporter: SpanExporter | None = None
+    ) -> Tracing | None:
         """The configured tracing, or ``None`` when it is off.
 
         ``exporter`` replaces the configured one and is fed synchronously (tests read the
@@ -125,8 +138,16 @@ class Tracing:
         if settings is None:
             if exporter is None:
                 return None
-            settings = TracingSettings("custom", None, {}, config.service_name or DEFAULT_SERVICE_NAME, config.sample_ratio,
-                                       config.propagate_to_engines, config.record_prompt_text, config.plugin_spans)
+            settings = TracingSettings(
+                "custom",
+                None,
+                {},
+                config.service_name or DEFAULT_SERVICE_NAME,
+                config.sample_ratio,
+                config.propagate_to_engines,
+                config.record_prompt_text,
+                config.plugin_spans,
+            )
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import (
@@ -138,7 +159,9 @@ class Tracing:
         from pdgate.common.version import package_version
 
         sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio)) if settings.sample_ratio is not None else None
-        resource = Resource.create({"service.name": settings.service_name, "service.version": package_version() or "unknown"})
+        resource = Resource.create(
+            {"service.name": settings.service_name, "service.version": package_version() or "unknown"}
+        )
         provider = TracerProvider(sampler=sampler, resource=resource, shutdown_on_exit=False)
         if exporter is not None:
             provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -151,8 +174,12 @@ class Tracing:
         from opentelemetry.trace import SpanKind
 
         parent = self.propagator.extract(headers) if "traceparent" in headers else None
-        span = self.tracer.start_span("pdgate.request", context=parent, kind=SpanKind.SERVER,
-                                      attributes={"http.request.method": "POST", "http.route": route})
+        span = self.tracer.start_span(
+            "pdgate.request",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "http.route": route},
+        )
         return SpanTrace(self, span)
 
     async def close(self) -> None:
@@ -202,12 +229,18 @@ class RequestTrace:
 
     def admission_rejected(self, status: int, reason: str) -> None: ...
 
-    def scheduled(self, attempt: int, started: float, ended: float, decisions: Iterable[Decision],
-                  attributes: Mapping[str, Any]) -> None:
+    def scheduled(
+        self, attempt: int, started: float, ended: float, decisions: Iterable[Decision], attributes: Mapping[str, Any]
+    ) -> None:
         """One placement: ``started``/``ended`` on ``time.perf_counter``, the profiles' decisions."""
 
-    def leg(self, phase: str, instance: InstanceState, attributes: Mapping[str, Any],
-            kv_transfer: Mapping[str, Any] | None = None) -> LegTrace:
+    def leg(
+        self,
+        phase: str,
+        instance: InstanceState,
+        attributes: Mapping[str, Any],
+        kv_transfer: Mapping[str, Any] | None = None,
+    ) -> LegTrace:
         """Open the span of an engine call (``phase``: prefill, decode or generate).
 
         With ``kv_transfer`` the leg also gets a ``pdgate.kv_transfer`` child that lasts until
@@ -278,12 +311,24 @@ class SpanTrace(RequestTrace):
         self._admission_ns = 0
         self._ended = False
 
-    def _child(self, name: str, *, start_ns: int | None = None, attributes: Mapping[str, Any] | None = None,
-               kind: Any = None, context: Any = None) -> Span:
+    def _child(
+        self,
+        name: str,
+        *,
+        start_ns: int | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        kind: Any = None,
+        context: Any = None,
+    ) -> Span:
         from opentelemetry.trace import SpanKind
 
-        return self.tracing.tracer.start_span(name, context=context or self.context, kind=kind or SpanKind.INTERNAL,
-                                              attributes=_clean(attributes) if attributes else None, start_time=start_ns)
+        return self.tracing.tracer.start_span(
+            name,
+            context=context or self.context,
+            kind=kind or SpanKind.INTERNAL,
+            attributes=_clean(attributes) if attributes else None,
+            start_time=start_ns,
+        )
 
     def validated(self, attributes: Mapping[str, Any], prompt_text: str | None) -> None:
         self.root.set_attributes(_clean(attributes))
@@ -295,22 +340,29 @@ class SpanTrace(RequestTrace):
 
     def admitted(self, outcome: Outcome) -> None:
         verdict = outcome.verdict
-        attributes: dict[str, Any] = {"pdgate.admission.outcome": outcome.action, "pdgate.admission.reason": outcome.reason,
-                                      "pdgate.queued_s": outcome.queued_s}
+        attributes: dict[str, Any] = {
+            "pdgate.admission.outcome": outcome.action,
+            "pdgate.admission.reason": outcome.reason,
+            "pdgate.queued_s": outcome.queued_s,
+        }
         if verdict is not None:
             attributes["pdgate.ttft_predicted_s"] = verdict.predicted_ttft_s
             attributes["pdgate.tpot_predicted_s"] = verdict.predicted_tpot_s
         self._child("pdgate.admission", start_ns=self._admission_ns or None, attributes=attributes).end()
 
     def admission_rejected(self, status: int, reason: str) -> None:
-        span = self._child("pdgate.admission", start_ns=self._admission_ns or None,
-                           attributes={"pdgate.admission.outcome": "reject", "pdgate.admission.reason": reason})
+        span = self._child(
+            "pdgate.admission",
+            start_ns=self._admission_ns or None,
+            attributes={"pdgate.admission.outcome": "reject", "pdgate.admission.reason": reason},
+        )
         _fail(span, reason)
         span.end()
         self.root.set_attribute("pdgate.reject_reason", reason)
 
-    def scheduled(self, attempt: int, started: float, ended: float, decisions: Iterable[Decision],
-                  attributes: Mapping[str, Any]) -> None:
+    def scheduled(
+        self, attempt: int, started: float, ended: float, decisions: Iterable[Decision], attributes: Mapping[str, Any]
+    ) -> None:
         offset = time.time_ns() - time.perf_counter_ns()
 
         def ns(t: float) -> int:
@@ -318,37 +370,67 @@ class SpanTrace(RequestTrace):
 
         from pdgate.scheduler.framework import plugin_kind
 
-        schedule = self._child("pdgate.schedule", start_ns=ns(started), attributes={"pdgate.attempt": attempt, **attributes})
+        schedule = self._child(
+            "pdgate.schedule", start_ns=ns(started), attributes={"pdgate.attempt": attempt, **attributes}
+        )
         inner = _context_of(schedule)
         for decision in decisions:
             calls = decision.calls
             first = calls[0][1] if calls else started
             last = calls[-1][2] if calls else ended
-            profile = self._child(f"pdgate.schedule.{decision.profile}", start_ns=ns(first), context=inner, attributes={
-                "pdgate.profile": decision.profile, "pdgate.instance": decision.instance_id,
-                "pdgate.candidates": decision.candidates, "pdgate.rejected_by": decision.rejected_by,
-                "pdgate.score": decision.scores.get(decision.instance_id) if decision.instance_id else None})
+            profile = self._child(
+                f"pdgate.schedule.{decision.profile}",
+                start_ns=ns(first),
+                context=inner,
+                attributes={
+                    "pdgate.profile": decision.profile,
+                    "pdgate.instance": decision.instance_id,
+                    "pdgate.candidates": decision.candidates,
+                    "pdgate.rejected_by": decision.rejected_by,
+                    "pdgate.score": decision.scores.get(decision.instance_id) if decision.instance_id else None,
+                },
+            )
             within = _context_of(profile) if self.tracing.settings.plugin_spans else None
             for plugin, t0, t1, left in calls:
-                attributes = {"pdgate.plugin.name": plugin.name, "pdgate.plugin.type": plugin.type_name,
-                              "pdgate.plugin.kind": plugin_kind(type(plugin)), "pdgate.candidates": left}
+                attributes = {
+                    "pdgate.plugin.name": plugin.name,
+                    "pdgate.plugin.type": plugin.type_name,
+                    "pdgate.plugin.kind": plugin_kind(type(plugin)),
+                    "pdgate.candidates": left,
+                }
                 if within is None:  # the cheaper form: an event per call on the profile's span
-                    profile.add_event(f"pdgate.plugin.{plugin.name}", {**attributes, "pdgate.duration_s": t1 - t0},
-                                      timestamp=ns(t0))
+                    profile.add_event(
+                        f"pdgate.plugin.{plugin.name}", {**attributes, "pdgate.duration_s": t1 - t0}, timestamp=ns(t0)
+                    )
                 else:
-                    self._child(f"pdgate.plugin.{plugin.name}", start_ns=ns(t0), context=within,
-                                attributes=attributes).end(end_time=ns(t1))
+                    self._child(
+                        f"pdgate.plugin.{plugin.name}", start_ns=ns(t0), context=within, attributes=attributes
+                    ).end(end_time=ns(t1))
             profile.end(end_time=ns(last))
         schedule.end(end_time=ns(ended))
 
-    def leg(self, phase: str, instance: InstanceState, attributes: Mapping[str, Any],
-            kv_transfer: Mapping[str, Any] | None = None) -> LegTrace:
+    def leg(
+        self,
+        phase: str,
+        instance: InstanceState,
+        attributes: Mapping[str, Any],
+        kv_transfer: Mapping[str, Any] | None = None,
+    ) -> LegTrace:
         from opentelemetry.trace import SpanKind
 
         spec = instance.spec
-        span = self._child(f"pdgate.{phase}", kind=SpanKind.CLIENT, attributes={
-            "pdgate.instance": spec.id, "pdgate.instance.role": spec.role, "pdgate.engine.kind": spec.kind,
-            "server.address": spec.host, "url.full": spec.url, **attributes})
+        span = self._child(
+            f"pdgate.{phase}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "pdgate.instance": spec.id,
+                "pdgate.instance.role": spec.role,
+                "pdgate.engine.kind": spec.kind,
+                "server.address": spec.host,
+                "url.full": spec.url,
+                **attributes,
+            },
+        )
         kv = None
         if kv_transfer is not None:
             kv = self._child("pdgate.kv_transfer", context=_context_of(span), attributes=kv_transfer)
@@ -358,7 +440,9 @@ class SpanTrace(RequestTrace):
         return SpanLeg(self, self._child("pdgate.migration", attributes=attributes), None)
 
     def retry(self, attempt: int, instance_id: str, reason: str) -> None:
-        self.root.add_event("pdgate.retry", {"pdgate.attempt": attempt, "pdgate.instance": instance_id, "pdgate.reason": reason})
+        self.root.add_event(
+            "pdgate.retry", {"pdgate.attempt": attempt, "pdgate.instance": instance_id, "pdgate.reason": reason}
+        )
 
     def finish(self, status: int, attributes: Mapping[str, Any], error: str | None = None) -> None:
         if self._ended:

@@ -19,8 +19,16 @@ from pdgate.loadgen.types import BenchRequest
 ArrivalKind = Literal["poisson", "gamma", "constant", "trace"]
 
 
-def arrival_times(kind: ArrivalKind, n: int, *, rate: float | None = None, burstiness: float = 1.0,
-                  seed: int = 0, requests: Sequence[BenchRequest] = (), speedup: float = 1.0) -> list[float]:
+def arrival_times(
+    kind: ArrivalKind,
+    n: int,
+    *,
+    rate: float | None = None,
+    burstiness: float = 1.0,
+    seed: int = 0,
+    requests: Sequence[BenchRequest] = (),
+    speedup: float = 1.0,
+) -> list[float]:
     """Send times in seconds from the start, one per request, non-decreasing; the first at 0
     for the synthetic processes (a trace keeps its own offsets)."""
     if kind == "trace":

@@ -30,8 +30,12 @@ BENCH_DESCRIPTION = __doc__
 
 
 def add_bench_commands(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="SLO load generator (run, sweep, report)", description=BENCH_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench = commands.add_parser(
+        "bench",
+        help="SLO load generator (run, sweep, report)",
+        description=BENCH_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="one load test against one or more targets")
     _common(run)
@@ -55,23 +59,36 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("target")
-    t.add_argument("--target", action="append", required=True, metavar="[NAME=]URL",
-                   help="an OpenAI-compatible base URL (pdgate, vLLM, SGLang, a router); repeat to compare")
+    t.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        metavar="[NAME=]URL",
+        help="an OpenAI-compatible base URL (pdgate, vLLM, SGLang, a router); repeat to compare",
+    )
     t.add_argument("--model", required=True, help="the model name to request")
     t.add_argument("--api-key", help="bearer token for the targets")
     t.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     w = p.add_argument_group("workload")
     w.add_argument("--workload", choices=["synthetic", "shared-prefix", "multi-turn", "trace"], default="synthetic")
-    w.add_argument("--tokenizer", default="builtin", help="'builtin' (the sim's) or a local Hugging Face tokenizer directory")
+    w.add_argument(
+        "--tokenizer", default="builtin", help="'builtin' (the sim's) or a local Hugging Face tokenizer directory"
+    )
     w.add_argument("--api", choices=["completions", "chat"], default="completions")
     w.add_argument("--num-requests", type=int, default=200)
-    w.add_argument("--input-len", default="lognormal:512:0.5:4096", help="fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA[:MAX], file:PATH[:COL]")
+    w.add_argument(
+        "--input-len",
+        default="lognormal:512:0.5:4096",
+        help="fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA[:MAX], file:PATH[:COL]",
+    )
     w.add_argument("--output-len", default="lognormal:128:0.5:1024")
     w.add_argument("--tenants", type=int, default=8, help="shared-prefix: tenants (system prompts)")
     w.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: system prompt tokens")
     w.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
     w.add_argument("--trace", help="trace or dataset file (Mooncake JSONL, Azure CSV, alpaca/ShareGPT/JSONL)")
-    w.add_argument("--trace-format", default="auto", choices=["auto", "mooncake", "azure", "alpaca", "sharegpt", "jsonl"])
+    w.add_argument(
+        "--trace-format", default="auto", choices=["auto", "mooncake", "azure", "alpaca", "sharegpt", "jsonl"]
+    )
     w.add_argument("--trace-scale", type=float, default=1.0, help="Mooncake: scale every block (keeps the sharing)")
     w.add_argument("--truncate-input", type=int, help="cap prompts at this many tokens")
     w.add_argument("--offset", type=int, default=0, help="skip the trace's first N records")
@@ -88,8 +105,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     a.add_argument("--warmup", type=float, default=0.0, help="seconds excluded from the statistics at the start")
     a.add_argument("--cooldown", type=float, default=0.0, help="seconds excluded at the end")
     s = p.add_argument_group("SLOs and output")
-    s.add_argument("--slo", action="append", default=[], metavar="SPEC",
-                   help="e.g. ttft=0.5,tpot=0.05[,e2e=10] or class=NAME:ttft=..; a YAML/JSON file also works")
+    s.add_argument(
+        "--slo",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="e.g. ttft=0.5,tpot=0.05[,e2e=10] or class=NAME:ttft=..; a YAML/JSON file also works",
+    )
     s.add_argument("--out", default="results", help="directory for JSON, CSV and plots")
     s.add_argument("--no-plots", action="store_true")
 
@@ -100,8 +122,9 @@ def _targets(args: argparse.Namespace) -> list[Any]:
     targets = []
     for i, spec in enumerate(args.target):
         name, _, url = spec.rpartition("=") if "=" in spec.split("://", 1)[0] else ("", "", spec)
-        targets.append(Target(name or (f"target{i}" if len(args.target) > 1 else "target"), url, args.model,
-                              api_key=args.api_key))
+        targets.append(
+            Target(name or (f"target{i}" if len(args.target) > 1 else "target"), url, args.model, api_key=args.api_key)
+        )
     return targets
 
 
@@ -123,19 +146,37 @@ def build_workload(args: argparse.Namespace, n: int | None = None) -> list[Any]:
     builder = PromptBuilder(load_tokenizer(args.tokenizer), seed=args.seed)
     ignore_eos = not args.no_ignore_eos
     if args.workload == "synthetic":
-        return workloads.synthetic(n, args.input_len, args.output_len, builder, args.seed, args.api, ignore_eos=ignore_eos)
+        return workloads.synthetic(
+            n, args.input_len, args.output_len, builder, args.seed, args.api, ignore_eos=ignore_eos
+        )
     if args.workload == "shared-prefix":
         per_tenant = -(-n // args.tenants)
-        return workloads.shared_prefix(args.tenants, args.prefix_len, per_tenant, args.input_len, args.output_len, builder,
-                                       args.seed, args.api, ignore_eos=ignore_eos)[:n]
+        return workloads.shared_prefix(
+            args.tenants,
+            args.prefix_len,
+            per_tenant,
+            args.input_len,
+            args.output_len,
+            builder,
+            args.seed,
+            args.api,
+            ignore_eos=ignore_eos,
+        )[:n]
     if args.workload == "multi-turn":
         conversations = -(-n // args.turns)
-        return workloads.multi_turn(conversations, args.turns, args.input_len, args.output_len, builder, args.seed,
-                                    ignore_eos=ignore_eos)[:n]
+        return workloads.multi_turn(
+            conversations, args.turns, args.input_len, args.output_len, builder, args.seed, ignore_eos=ignore_eos
+        )[:n]
     if not args.trace:
         raise ValueError("--workload trace needs --trace FILE")
-    options: dict[str, Any] = {"limit": n, "offset": args.offset, "api": args.api, "ignore_eos": ignore_eos,
-                               "max_input_tokens": args.max_input, "max_output_tokens": args.max_output}
+    options: dict[str, Any] = {
+        "limit": n,
+        "offset": args.offset,
+        "api": args.api,
+        "ignore_eos": ignore_eos,
+        "max_input_tokens": args.max_input,
+        "max_output_tokens": args.max_output,
+    }
     fmt = traces.detect_format(args.trace) if args.trace_format == "auto" else args.trace_format
     if fmt == "mooncake":
         options.update(scale=args.trace_scale, truncate_input_tokens=args.truncate_input)
@@ -149,9 +190,16 @@ def _load_config(args: argparse.Namespace, rate: float | None) -> Any:
 
     if args.arrivals != "trace" and not rate:
         raise ValueError(f"--arrivals {args.arrivals} needs --rate")
-    return LoadConfig(arrivals=args.arrivals, rate=rate, burstiness=args.burstiness, speedup=args.speedup,
-                      max_concurrency=args.max_concurrency, duration_s=args.duration, timeout_s=args.timeout,
-                      seed=args.seed)
+    return LoadConfig(
+        arrivals=args.arrivals,
+        rate=rate,
+        burstiness=args.burstiness,
+        speedup=args.speedup,
+        max_concurrency=args.max_concurrency,
+        duration_s=args.duration,
+        timeout_s=args.timeout,
+        seed=args.seed,
+    )
 
 
 def _meta(args: argparse.Namespace, target: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -163,8 +211,9 @@ async def _run_one(target: Any, requests: Sequence[Any], load: Any, progress: Pr
     from pdgate.loadgen.runner import run_load
 
     task = progress.add_task(target.name, total=len(requests)) if progress else None
-    results, overhead = await run_load(target, requests, load,
-                                       on_result=(lambda _r: progress.advance(task)) if progress else None)  # type: ignore[arg-type]
+    results, overhead = await run_load(
+        target, requests, load, on_result=(lambda _r: progress.advance(task)) if progress else None
+    )  # type: ignore[arg-type]
     return results, overhead
 
 
@@ -188,14 +237,26 @@ def run_bench(args: argparse.Namespace) -> int:
             results, overhead = run_async(_run_one(target, requests, load, progress))
         duration = args.duration or max((r.scheduled_s for r in results), default=0.0) + 1e-9
         stats = summarize(results, slo, duration_s=max(duration, 1e-6), warmup_s=args.warmup, cooldown_s=args.cooldown)
-        meta = _meta(args, target, {"started": started, "client_overhead": {
-            "cpu_s": overhead.cpu_s, "wall_s": overhead.wall_s, "cpu_per_request_us": overhead.cpu_per_request_us,
-            "cpu_share": overhead.cpu_share}})
+        meta = _meta(
+            args,
+            target,
+            {
+                "started": started,
+                "client_overhead": {
+                    "cpu_s": overhead.cpu_s,
+                    "wall_s": overhead.wall_s,
+                    "cpu_per_request_us": overhead.cpu_per_request_us,
+                    "cpu_share": overhead.cpu_share,
+                },
+            },
+        )
         paths = write_run(out, meta, results, stats)
         runs.append((target.name, stats))
         all_results[target.name] = [r for r in results if stats.is_measured(r)]
-        console.print(f"{target.name}: {paths['json']}  {paths['csv']}  (client: {overhead.cpu_per_request_us:.0f} µs "
-                      f"CPU per request, {100 * overhead.cpu_share:.0f} % of a core)")
+        console.print(
+            f"{target.name}: {paths['json']}  {paths['csv']}  (client: {overhead.cpu_per_request_us:.0f} µs "
+            f"CPU per request, {100 * overhead.cpu_share:.0f} % of a core)"
+        )
         if not args.no_plots:
             plot_timeseries(results, out / f"timeseries_{target.name}.png")
     print_summary(console, runs)
@@ -214,15 +275,23 @@ def run_sweep(args: argparse.Namespace) -> int:
     console = Console()
     try:
         targets, slo = _targets(args), _slo(args)
-        pool = build_workload(args, max(args.num_requests, int(args.max_rate * args.point_duration) + 1)
-                              if args.workload == "trace" else None)
+        pool = build_workload(
+            args,
+            max(args.num_requests, int(args.max_rate * args.point_duration) + 1) if args.workload == "trace" else None,
+        )
         _load_config(args, 1.0)
     except (ValueError, OSError) as exc:
         console.print(f"[red]pdgate bench sweep: {exc}[/red]")
         return 2
     by_name = {t.name: t for t in targets}
-    config = SweepConfig(target_pct=args.target_pct, start_rate=args.start_rate, max_rate=args.max_rate,
-                         point_duration_s=args.point_duration, tolerance=args.tolerance, max_probes=args.max_probes)
+    config = SweepConfig(
+        target_pct=args.target_pct,
+        start_rate=args.start_rate,
+        max_rate=args.max_rate,
+        point_duration_s=args.point_duration,
+        tolerance=args.tolerance,
+        max_probes=args.max_probes,
+    )
     cache: dict[tuple[int, float], list[Any]] = {}
     last_stats: dict[str, Any] = {}
     last_results: dict[str, list[Any]] = {}
@@ -235,7 +304,9 @@ def run_sweep(args: argparse.Namespace) -> int:
             if args.workload == "trace":
                 cache[key] = pool[:n]
             else:
-                cache[key] = build_workload(argparse.Namespace(**{**vars(args), "seed": args.seed + round(rate * 1000)}), n)
+                cache[key] = build_workload(
+                    argparse.Namespace(**{**vars(args), "seed": args.seed + round(rate * 1000)}), n
+                )
         return cache[key]
 
     async def probe(name: str, rate: float, requests: Sequence[Any]) -> list[Any]:
@@ -244,8 +315,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         load.duration_s = args.point_duration
         results, _ = await run_load(by_name[name], requests, load)
         last_results[name] = results
-        last_stats[name] = summarize(results, slo, duration_s=args.point_duration, warmup_s=args.warmup,
-                                     cooldown_s=args.cooldown)
+        last_stats[name] = summarize(
+            results, slo, duration_s=args.point_duration, warmup_s=args.warmup, cooldown_s=args.cooldown
+        )
         return results
 
     def attainment(results: list[Any], rate: float) -> float:
@@ -256,17 +328,26 @@ def run_sweep(args: argparse.Namespace) -> int:
         mark = "[green]good[/green]" if value * 100 >= args.target_pct else "[red]bad[/red]"
         console.print(f"  {name:<16} {rate:8.2f} req/s  attainment {100 * value:5.1f} %  {mark}")
 
-    console.print(f"sweep: {len(targets)} target(s), {args.point_duration:g} s per probe, goal {args.target_pct:g} % "
-                  f"of requests within {slo.describe()}")
+    console.print(
+        f"sweep: {len(targets)} target(s), {args.point_duration:g} s per probe, goal {args.target_pct:g} % "
+        f"of requests within {slo.describe()}"
+    )
     found = run_async(sweep(list(by_name), workload, probe, attainment, config, on_point))
     out = Path(args.out)
     curves = {name: result.points for name, result in found.items()}
     for name, result in found.items():
-        console.print(f"[bold]{name}[/bold]: goodput rate {result.best_rate if result.best_rate is not None else 'none'}"
-                      f" req/s (lowest failing probe: {result.bad})")
+        console.print(
+            f"[bold]{name}[/bold]: goodput rate {result.best_rate if result.best_rate is not None else 'none'}"
+            f" req/s (lowest failing probe: {result.bad})"
+        )
         if name in last_stats:
-            write_run(out, _meta(args, by_name[name], {"sweep": {name: curves[name]}, "best_rate": result.best_rate}),
-                      last_results[name], last_stats[name], stem=f"sweep_{name}")
+            write_run(
+                out,
+                _meta(args, by_name[name], {"sweep": {name: curves[name]}, "best_rate": result.best_rate}),
+                last_results[name],
+                last_stats[name],
+                stem=f"sweep_{name}",
+            )
     print_summary(console, [(n, s) for n, s in last_stats.items()], target_pct=args.target_pct)
     if not args.no_plots:
         console.print(f"plot: {plot_attainment_vs_rate(curves, args.target_pct, out / 'attainment.png')}")
@@ -288,6 +369,12 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not sys.stdout.isatty())
-
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not sys.stdout.isatty(),
+    )

@@ -77,7 +77,9 @@ class _StreamParser:
             self.error = f"malformed event: {payload[:100]!r}"
             return False
         if "error" in data:
-            self.error = str(data["error"].get("message", data["error"]) if isinstance(data["error"], dict) else data["error"])
+            self.error = str(
+                data["error"].get("message", data["error"]) if isinstance(data["error"], dict) else data["error"]
+            )
         if data.get("usage"):
             self.usage = data["usage"]
         carried = False
@@ -91,18 +93,26 @@ class _StreamParser:
         return carried
 
 
-async def send(pool: UpstreamPool, target: Target, request: BenchRequest, *, scheduled_s: float, start: float,
-               timeout_s: float) -> RequestResult:
+async def send(
+    pool: UpstreamPool, target: Target, request: BenchRequest, *, scheduled_s: float, start: float, timeout_s: float
+) -> RequestResult:
     """Send ``request`` streamed and time it; never raises for the server's or the network's faults."""
     body = json.dumps(request.body(target.model, stream=True)).encode()
     sent = time.monotonic() - start
-    result = RequestResult(index=request.index, target=target.name, slo_class=request.slo_class,
-                           scheduled_s=scheduled_s, sent_s=sent, end_s=sent)
+    result = RequestResult(
+        index=request.index,
+        target=target.name,
+        slo_class=request.slo_class,
+        scheduled_s=scheduled_s,
+        sent_s=sent,
+        end_s=sent,
+    )
     parser = _StreamParser(start)
     response = None
     try:
-        response = await pool.request(target.origin, "POST", target.path(request), body, headers=target.headers,
-                                      timeout_s=timeout_s)
+        response = await pool.request(
+            target.origin, "POST", target.path(request), body, headers=target.headers, timeout_s=timeout_s
+        )
         result.status = response.status
         if response.status != 200:
             detail = (await response.read())[:300].decode(errors="replace")

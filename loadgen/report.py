@@ -39,9 +39,22 @@ from pdgate.loadgen.slo import GroupStats, RunStats, max_rate_meeting
 from pdgate.loadgen.types import RequestResult
 
 SCHEMA_VERSION = 1
-CSV_COLUMNS: tuple[str, ...] = ("index", "target", "slo_class", "scheduled_s", "sent_s", "ttft_s", "tpot_s",
-                                "e2e_s", "output_tokens", "prompt_tokens", "cached_tokens", "status", "error",
-                                "met_slo")
+CSV_COLUMNS: tuple[str, ...] = (
+    "index",
+    "target",
+    "slo_class",
+    "scheduled_s",
+    "sent_s",
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "output_tokens",
+    "prompt_tokens",
+    "cached_tokens",
+    "status",
+    "error",
+    "met_slo",
+)
 FIG_DPI = 100
 
 
@@ -97,8 +110,14 @@ def _cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def write_run(path_dir: str | Path, run_meta: Mapping[str, Any], results: Sequence[RequestResult],
-              stats: RunStats, *, stem: str | None = None) -> dict[str, Path]:
+def write_run(
+    path_dir: str | Path,
+    run_meta: Mapping[str, Any],
+    results: Sequence[RequestResult],
+    stats: RunStats,
+    *,
+    stem: str | None = None,
+) -> dict[str, Path]:
     """Write one run to ``path_dir`` (created if needed): ``<stem>.json`` (run_meta, environment,
     stats, every result) and ``<stem>.csv`` (one row per request, :data:`CSV_COLUMNS`; ``met_slo``
     against the SLOs in ``stats``). ``stem`` defaults to :func:`run_name`. Returns
@@ -124,9 +143,24 @@ def write_run(path_dir: str | Path, run_meta: Mapping[str, Any], results: Sequen
         writer = csv.writer(fh)
         writer.writerow(CSV_COLUMNS)
         for r in results:
-            writer.writerow([r.index, r.target, r.slo_class, r.scheduled_s, r.sent_s, _cell(r.ttft_s),
-                             _cell(r.tpot_s), r.e2e_s, r.output_tokens, _cell(r.prompt_tokens),
-                             _cell(r.cached_tokens), r.status, _cell(r.error), int(spec.meets(r))])
+            writer.writerow(
+                [
+                    r.index,
+                    r.target,
+                    r.slo_class,
+                    r.scheduled_s,
+                    r.sent_s,
+                    _cell(r.ttft_s),
+                    _cell(r.tpot_s),
+                    r.e2e_s,
+                    r.output_tokens,
+                    _cell(r.prompt_tokens),
+                    _cell(r.cached_tokens),
+                    r.status,
+                    _cell(r.error),
+                    int(spec.meets(r)),
+                ]
+            )
     return {"json": json_path, "csv": csv_path}
 
 
@@ -204,15 +238,34 @@ def summary_table(runs: Sequence[tuple[str, RunStats]], *, target_pct: float | N
 def class_table(runs: Sequence[tuple[str, RunStats]]) -> Table:
     """Per SLO class: one row per (run, class) with its SLO, attainment, goodput, p99 latencies."""
     table = Table(title="per SLO class", title_justify="left")
-    for column in ("run", "class", "SLO", "requests", "failed", "attainment", "goodput (req/s)",
-                   "TTFT p99 (ms)", "TPOT p99 (ms)", "E2E p99 (ms)"):
+    for column in (
+        "run",
+        "class",
+        "SLO",
+        "requests",
+        "failed",
+        "attainment",
+        "goodput (req/s)",
+        "TTFT p99 (ms)",
+        "TPOT p99 (ms)",
+        "E2E p99 (ms)",
+    ):
         table.add_column(column, justify="left" if column in ("run", "class", "SLO") else "right", no_wrap=True)
     for name, stats in runs:
         spec = stats.slo
         for cls, group in stats.classes.items():
-            table.add_row(name, cls, spec.for_class(cls).describe(), str(group.total), str(group.failed),
-                          fmt_pct(group.attainment), fmt_rate(group.goodput_rps), fmt_ms(group.ttft.p99),
-                          fmt_ms(group.tpot.p99), fmt_ms(group.e2e.p99))
+            table.add_row(
+                name,
+                cls,
+                spec.for_class(cls).describe(),
+                str(group.total),
+                str(group.failed),
+                fmt_pct(group.attainment),
+                fmt_rate(group.goodput_rps),
+                fmt_ms(group.ttft.p99),
+                fmt_ms(group.tpot.p99),
+                fmt_ms(group.e2e.p99),
+            )
     return table
 
 
@@ -220,8 +273,7 @@ def _has_classes(runs: Sequence[tuple[str, RunStats]]) -> bool:
     return any(set(stats.classes) - {"default"} or len(stats.classes) > 1 for _, stats in runs)
 
 
-def print_summary(console: Console, runs: Sequence[tuple[str, RunStats]], *,
-                  target_pct: float | None = None) -> None:
+def print_summary(console: Console, runs: Sequence[tuple[str, RunStats]], *, target_pct: float | None = None) -> None:
     """Print :func:`summary_table`, and :func:`class_table` when any run has named SLO classes."""
     console.print(summary_table(runs, target_pct=target_pct))
     if _has_classes(runs):
@@ -244,8 +296,9 @@ def _no_data(ax: Any) -> None:
     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
-def plot_attainment_vs_rate(sweeps: Mapping[str, Iterable[tuple[float, float | None]]], target_pct: float,
-                            out_png: str | Path) -> Path:
+def plot_attainment_vs_rate(
+    sweeps: Mapping[str, Iterable[tuple[float, float | None]]], target_pct: float, out_png: str | Path
+) -> Path:
     """SLO attainment (fractions in ``sweeps``, drawn in %) against request rate, one line per
     target, the ``target_pct`` line, and each target's highest rate meeting it
     (:func:`~loadgen.slo.max_rate_meeting`) in the legend."""
@@ -369,8 +422,9 @@ def plot_timeseries(results: Sequence[RequestResult], out_png: str | Path, bin_s
 # --------------------------------------------------------------------------- report
 
 
-def render_report(json_paths: Sequence[str | Path], out_dir: str | Path, console: Console, *,
-                  target_pct: float = 90.0) -> dict[str, Path]:
+def render_report(
+    json_paths: Sequence[str | Path], out_dir: str | Path, console: Console, *, target_pct: float = 90.0
+) -> dict[str, Path]:
     """Re-render saved runs: print the comparison table (and the per-class one), and write into
     ``out_dir`` the overlaid TTFT/TPOT CDFs of the measured requests (``cdf.png``), one
     ``timeseries_<run>.png`` per run, and ``attainment.png`` when any run_meta holds a
@@ -402,4 +456,3 @@ def render_report(json_paths: Sequence[str | Path], out_dir: str | Path, console
     for key, path in written.items():
         console.print(f"[dim]{key}:[/dim] {path}")
     return written
-

@@ -53,13 +53,25 @@ class ClientOverhead:
         return self.cpu_s / self.wall_s if self.wall_s else 0.0
 
 
-async def run_load(target: Target, requests: Sequence[BenchRequest], config: LoadConfig, *,
-                   on_result: Callable[[RequestResult], None] | None = None) -> tuple[list[RequestResult], ClientOverhead]:
+async def run_load(
+    target: Target,
+    requests: Sequence[BenchRequest],
+    config: LoadConfig,
+    *,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> tuple[list[RequestResult], ClientOverhead]:
     """Send ``requests`` to ``target`` as ``config`` says; the results in request order."""
     n = len(requests) if config.max_requests is None else min(len(requests), config.max_requests)
     requests = list(requests[:n])
-    times = arrival_times(config.arrivals, n, rate=config.rate, burstiness=config.burstiness, seed=config.seed,
-                          requests=requests, speedup=config.speedup)
+    times = arrival_times(
+        config.arrivals,
+        n,
+        rate=config.rate,
+        burstiness=config.burstiness,
+        seed=config.seed,
+        requests=requests,
+        speedup=config.speedup,
+    )
     pool = UpstreamPool(idle_timeout_s=4.0)
     slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
     previous_turn: dict[str, asyncio.Task[RequestResult]] = {}
@@ -107,8 +119,17 @@ async def run_load(target: Target, requests: Sequence[BenchRequest], config: Loa
             results.append(outcome)
         else:  # cancelled at the end of the run, or a bug: recorded, never lost
             now = time.monotonic() - start
-            results.append(RequestResult(index=request.index, target=target.name, slo_class=request.slo_class,
-                                         scheduled_s=at, sent_s=at, end_s=now,
-                                         error="not finished within the drain time" if isinstance(
-                                             outcome, asyncio.CancelledError) else repr(outcome)))
+            results.append(
+                RequestResult(
+                    index=request.index,
+                    target=target.name,
+                    slo_class=request.slo_class,
+                    scheduled_s=at,
+                    sent_s=at,
+                    end_s=now,
+                    error="not finished within the drain time"
+                    if isinstance(outcome, asyncio.CancelledError)
+                    else repr(outcome),
+                )
+            )
     return results, overhead

@@ -28,12 +28,23 @@ import yaml
 from pdgate.loadgen.types import RequestResult
 
 DEFAULT_CLASS = "default"
-PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0),
-                                              ("p99", 99.0), ("p999", 99.9))
+PERCENTILES: tuple[tuple[str, float], ...] = (
+    ("p50", 50.0),
+    ("p90", 90.0),
+    ("p95", 95.0),
+    ("p99", 99.0),
+    ("p999", 99.9),
+)
 """The reported percentiles: field name and percent (linear interpolation, numpy's default)."""
 
-_LIMIT_KEYS = {"ttft": "ttft_s", "ttft_s": "ttft_s", "tpot": "tpot_s", "tpot_s": "tpot_s",
-               "e2e": "e2e_s", "e2e_s": "e2e_s"}
+_LIMIT_KEYS = {
+    "ttft": "ttft_s",
+    "ttft_s": "ttft_s",
+    "tpot": "tpot_s",
+    "tpot_s": "tpot_s",
+    "e2e": "e2e_s",
+    "e2e_s": "e2e_s",
+}
 _NO_LIMIT = {"none", "null", "inf", "infinity", "off", ""}
 _DIST_FIELDS = ("ttft", "tpot", "e2e", "itl", "lateness")
 _DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s)?\s*$")
@@ -61,8 +72,11 @@ class Slo:
 
     def describe(self) -> str:
         """E.g. ``ttft<=500ms tpot<=50ms`` (``no limit`` when none is set)."""
-        parts = [f"{name[:-2]}<={_fmt_seconds(getattr(self, name))}"
-                 for name in ("ttft_s", "tpot_s", "e2e_s") if getattr(self, name) is not None]
+        parts = [
+            f"{name[:-2]}<={_fmt_seconds(getattr(self, name))}"
+            for name in ("ttft_s", "tpot_s", "e2e_s")
+            if getattr(self, name) is not None
+        ]
         return " ".join(parts) or "no limit"
 
 
@@ -118,8 +132,9 @@ class SloSpec:
         return meets(result, self.for_class(result.slo_class))
 
     @classmethod
-    def _build(cls, default_raw: Mapping[str, float | None],
-               class_raw: Mapping[str, Mapping[str, float | None]]) -> SloSpec:
+    def _build(
+        cls, default_raw: Mapping[str, float | None], class_raw: Mapping[str, Mapping[str, float | None]]
+    ) -> SloSpec:
         default = Slo(**default_raw)
         classes = {name: Slo(**{**default.to_dict(), **raw}) for name, raw in class_raw.items()}
         return cls(default=default, classes=classes)
@@ -190,8 +205,10 @@ class SloSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Fully resolved limits: ``{"default": {...}, "classes": {name: {...}}}``."""
-        return {"default": self.default.to_dict(),
-                "classes": {name: slo.to_dict() for name, slo in sorted(self.classes.items())}}
+        return {
+            "default": self.default.to_dict(),
+            "classes": {name: slo.to_dict() for name, slo in sorted(self.classes.items())},
+        }
 
     def describe(self) -> str:
         parts = [f"default: {self.default.describe()}"]
@@ -250,8 +267,13 @@ class Dist:
         if data.size == 0:
             return cls()
         pct = np.percentile(data, [p for _, p in PERCENTILES])
-        return cls(count=int(data.size), mean=float(data.mean()), min=float(data.min()),
-                   max=float(data.max()), **{name: float(v) for (name, _), v in zip(PERCENTILES, pct, strict=True)})
+        return cls(
+            count=int(data.size),
+            mean=float(data.mean()),
+            min=float(data.min()),
+            max=float(data.max()),
+            **{name: float(v) for (name, _), v in zip(PERCENTILES, pct, strict=True)},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,8 +316,11 @@ class GroupStats:
         total = len(results)
         good = [r for r in results if r.ok]
         n_met = int(sum(met))
-        cache_pairs = [(r.cached_tokens, r.prompt_tokens) for r in good
-                       if r.cached_tokens is not None and r.prompt_tokens is not None]
+        cache_pairs = [
+            (r.cached_tokens, r.prompt_tokens)
+            for r in good
+            if r.cached_tokens is not None and r.prompt_tokens is not None
+        ]
         cached_prompt = sum(p for _, p in cache_pairs)
         return cls(
             total=total,
@@ -370,8 +395,14 @@ def in_window(result: RequestResult, *, duration_s: float, warmup_s: float = 0.0
     return warmup_s <= result.scheduled_s <= duration_s - cooldown_s
 
 
-def summarize(results: Iterable[RequestResult], slo_spec: SloSpec, *, duration_s: float,
-              warmup_s: float = 0.0, cooldown_s: float = 0.0) -> RunStats:
+def summarize(
+    results: Iterable[RequestResult],
+    slo_spec: SloSpec,
+    *,
+    duration_s: float,
+    warmup_s: float = 0.0,
+    cooldown_s: float = 0.0,
+) -> RunStats:
     """The statistics of a run of ``duration_s`` seconds (see the module's definitions).
 
     Raises ``ValueError`` when the measured window ``duration_s - warmup_s - cooldown_s`` is not
@@ -382,8 +413,9 @@ def summarize(results: Iterable[RequestResult], slo_spec: SloSpec, *, duration_s
         raise ValueError("warm-up and cool-down must not be negative")
     window_s = duration_s - warmup_s - cooldown_s
     if not window_s > 0:
-        raise ValueError(f"empty measured window: duration {duration_s}s - warm-up {warmup_s}s "
-                         f"- cool-down {cooldown_s}s")
+        raise ValueError(
+            f"empty measured window: duration {duration_s}s - warm-up {warmup_s}s - cool-down {cooldown_s}s"
+        )
     measured: list[RequestResult] = []
     excluded_warmup = excluded_cooldown = 0
     for result in results:
@@ -402,8 +434,12 @@ def summarize(results: Iterable[RequestResult], slo_spec: SloSpec, *, duration_s
     overall = GroupStats.of(measured, met, window_s)
     return RunStats(
         **{f.name: getattr(overall, f.name) for f in fields(GroupStats)},
-        duration_s=duration_s, warmup_s=warmup_s, cooldown_s=cooldown_s, window_s=window_s,
-        excluded_warmup=excluded_warmup, excluded_cooldown=excluded_cooldown,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        cooldown_s=cooldown_s,
+        window_s=window_s,
+        excluded_warmup=excluded_warmup,
+        excluded_cooldown=excluded_cooldown,
         slo_spec=slo_spec.to_dict(),
         classes={name: GroupStats.of(rs, ms, window_s) for name, (rs, ms) in sorted(by_class.items())},
     )

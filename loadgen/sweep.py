@@ -78,16 +78,24 @@ def requests_for(rate: float, config: SweepConfig) -> int:
     return max(config.min_requests, math.ceil(rate * config.point_duration_s))
 
 
-async def sweep(targets: Sequence[str], workload: Callable[[int, float], Sequence[BenchRequest]], probe: Probe,
-                attainment: Attainment, config: SweepConfig,
-                on_point: Callable[[str, float, float], None] | None = None) -> dict[str, SweepResult]:
+async def sweep(
+    targets: Sequence[str],
+    workload: Callable[[int, float], Sequence[BenchRequest]],
+    probe: Probe,
+    attainment: Attainment,
+    config: SweepConfig,
+    on_point: Callable[[str, float, float], None] | None = None,
+) -> dict[str, SweepResult]:
     """Search every target's goodput rate (see the module doc). ``workload(n, rate)`` gives the
     ``n`` requests of the probe at ``rate``; it must give every target the same requests."""
     results = {name: SweepResult(name) for name in targets}
     rounds = 0
     while True:
-        pending = [(name, rate) for name, result in results.items()
-                   if not result.finished and (rate := result.next_rate(config)) is not None]
+        pending = [
+            (name, rate)
+            for name, result in results.items()
+            if not result.finished and (rate := result.next_rate(config)) is not None
+        ]
         for name, result in results.items():
             if not result.finished and all(name != p for p, _ in pending):
                 result.finished = True

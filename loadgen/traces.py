@@ -70,10 +70,12 @@ class Selection:
             raise ValueError(f"api must be 'completions' or 'chat', not {self.api!r}")
 
     def keeps(self, input_tokens: int, output_tokens: int) -> bool:
-        return ((self.min_input_tokens is None or input_tokens >= self.min_input_tokens)
-                and (self.max_input_tokens is None or input_tokens <= self.max_input_tokens)
-                and (self.min_output_tokens is None or output_tokens >= self.min_output_tokens)
-                and (self.max_output_tokens is None or output_tokens <= self.max_output_tokens))
+        return (
+            (self.min_input_tokens is None or input_tokens >= self.min_input_tokens)
+            and (self.max_input_tokens is None or input_tokens <= self.max_input_tokens)
+            and (self.min_output_tokens is None or output_tokens >= self.min_output_tokens)
+            and (self.max_output_tokens is None or output_tokens <= self.max_output_tokens)
+        )
 
 
 @dataclass(frozen=True)
@@ -100,16 +102,24 @@ def _finish(drafts: Iterable[_Draft], sel: Selection) -> list[BenchRequest]:
     if timed:
         kept.sort(key=lambda d: d.time_s if d.time_s is not None else start)
     extra = {"ignore_eos": True} if sel.ignore_eos else {}
-    return [BenchRequest(index=i, api="chat" if d.messages is not None else "completions",
-                         max_tokens=max(1, d.max_tokens), prompt=d.text, messages=d.messages,
-                         prompt_tokens=d.prompt_tokens,
-                         arrival_s=None if d.time_s is None else (d.time_s - start) / sel.speedup,
-                         extra=dict(extra))
-            for i, d in enumerate(kept)]
+    return [
+        BenchRequest(
+            index=i,
+            api="chat" if d.messages is not None else "completions",
+            max_tokens=max(1, d.max_tokens),
+            prompt=d.text,
+            messages=d.messages,
+            prompt_tokens=d.prompt_tokens,
+            arrival_s=None if d.time_s is None else (d.time_s - start) / sel.speedup,
+            extra=dict(extra),
+        )
+        for i, d in enumerate(kept)
+    ]
 
 
-def _draft(builder: PromptBuilder, sel: Selection, text: str, tokens: int, max_tokens: int,
-           time_s: float | None = None) -> _Draft:
+def _draft(
+    builder: PromptBuilder, sel: Selection, text: str, tokens: int, max_tokens: int, time_s: float | None = None
+) -> _Draft:
     """A single user prompt (``text`` of ``tokens`` tokens) in the selection's API."""
     if sel.api == "chat":
         messages = ({"role": "user", "content": text},)
@@ -137,8 +147,13 @@ def parse_mooncake(path: str | Path) -> list[MooncakeRecord]:
     for where, raw in _json_lines(Path(path)):
         try:
             hash_ids = tuple(int(h) for h in raw["hash_ids"])
-            record = MooncakeRecord(int(where.split(":")[-1]), float(raw.get("timestamp", 0)),
-                                    int(raw["input_length"]), int(raw["output_length"]), hash_ids)
+            record = MooncakeRecord(
+                int(where.split(":")[-1]),
+                float(raw.get("timestamp", 0)),
+                int(raw["input_length"]),
+                int(raw["output_length"]),
+                hash_ids,
+            )
         except KeyError as exc:
             raise TraceFormatError(f"{where}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
@@ -156,17 +171,29 @@ def mooncake_lengths(record: MooncakeRecord, block_tokens: int = 512) -> list[in
     if n == 0 and record.input_length == 0:
         return []
     if n == 0 or not 0 < last <= block_tokens:
-        raise TraceFormatError(f"line {record.line}: input_length {record.input_length} does not fit "
-                               f"{n} blocks of {block_tokens} tokens")
+        raise TraceFormatError(
+            f"line {record.line}: input_length {record.input_length} does not fit {n} blocks of {block_tokens} tokens"
+        )
     return [block_tokens] * (n - 1) + [last]
 
 
-def read_mooncake(source: str | Path | Sequence[MooncakeRecord], builder: PromptBuilder, *,
-                  block_tokens: int = 512, scale: float = 1.0, truncate_input_tokens: int | None = None,
-                  limit: int | None = None, offset: int = 0, speedup: float = 1.0, api: Api = "completions",
-                  min_input_tokens: int | None = None, max_input_tokens: int | None = None,
-                  min_output_tokens: int | None = None, max_output_tokens: int | None = None,
-                  ignore_eos: bool = True) -> list[BenchRequest]:
+def read_mooncake(
+    source: str | Path | Sequence[MooncakeRecord],
+    builder: PromptBuilder,
+    *,
+    block_tokens: int = 512,
+    scale: float = 1.0,
+    truncate_input_tokens: int | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    speedup: float = 1.0,
+    api: Api = "completions",
+    min_input_tokens: int | None = None,
+    max_input_tokens: int | None = None,
+    min_output_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+    ignore_eos: bool = True,
+) -> list[BenchRequest]:
     """Replay a Mooncake trace (a path or parsed records).
 
     ``block_tokens`` is the trace's block size. ``scale`` shrinks (or grows) prompts while keeping
@@ -178,13 +205,22 @@ def read_mooncake(source: str | Path | Sequence[MooncakeRecord], builder: Prompt
     """
     if block_tokens <= 0 or scale <= 0:
         raise ValueError("block_tokens and scale must be positive")
-    sel = Selection(limit, offset, speedup, api, min_input_tokens, max_input_tokens, min_output_tokens,
-                    max_output_tokens, ignore_eos)
+    sel = Selection(
+        limit,
+        offset,
+        speedup,
+        api,
+        min_input_tokens,
+        max_input_tokens,
+        min_output_tokens,
+        max_output_tokens,
+        ignore_eos,
+    )
     records = parse_mooncake(source) if isinstance(source, (str, Path)) else list(source)
     scaled = max(1, round(block_tokens * scale))
 
     def drafts() -> Iterator[_Draft]:
-        for record in records[sel.offset:]:
+        for record in records[sel.offset :]:
             parts = []
             for hash_id, length in zip(record.hash_ids, mooncake_lengths(record, block_tokens), strict=False):
                 if length == block_tokens:
@@ -194,8 +230,9 @@ def read_mooncake(source: str | Path | Sequence[MooncakeRecord], builder: Prompt
             if truncate_input_tokens is not None:
                 parts = _truncate(parts, truncate_input_tokens)
             text = "".join(builder.block_text(h, scaled, take=n) for h, n in parts)
-            yield _draft(builder, sel, text, sum(n for _, n in parts), record.output_length,
-                         record.timestamp_ms / 1000.0)
+            yield _draft(
+                builder, sel, text, sum(n for _, n in parts), record.output_length, record.timestamp_ms / 1000.0
+            )
 
     return _finish(drafts(), sel)
 
@@ -239,16 +276,36 @@ def parse_timestamp(text: str) -> float:
     return base + int(fraction) / 10 ** len(fraction)
 
 
-def read_azure(path: str | Path, builder: PromptBuilder, *, seed: int = 0, truncate_input_tokens: int | None = None,
-               limit: int | None = None, offset: int = 0, speedup: float = 1.0, api: Api = "completions",
-               min_input_tokens: int | None = None, max_input_tokens: int | None = None,
-               min_output_tokens: int | None = None, max_output_tokens: int | None = None,
-               ignore_eos: bool = True) -> list[BenchRequest]:
+def read_azure(
+    path: str | Path,
+    builder: PromptBuilder,
+    *,
+    seed: int = 0,
+    truncate_input_tokens: int | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    speedup: float = 1.0,
+    api: Api = "completions",
+    min_input_tokens: int | None = None,
+    max_input_tokens: int | None = None,
+    min_output_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+    ignore_eos: bool = True,
+) -> list[BenchRequest]:
     """Replay an Azure LLM inference trace: random prompts (seeded) of ``ContextTokens`` tokens
     (cut to ``truncate_input_tokens``), ``max_tokens = GeneratedTokens``, arrivals from
     ``TIMESTAMP``. Column names are matched case-insensitively."""
-    sel = Selection(limit, offset, speedup, api, min_input_tokens, max_input_tokens, min_output_tokens,
-                    max_output_tokens, ignore_eos)
+    sel = Selection(
+        limit,
+        offset,
+        speedup,
+        api,
+        min_input_tokens,
+        max_input_tokens,
+        min_output_tokens,
+        max_output_tokens,
+        ignore_eos,
+    )
     path = Path(path)
     rng = random.Random(f"azure:{seed}")
 
@@ -259,7 +316,9 @@ def read_azure(path: str | Path, builder: PromptBuilder, *, seed: int = 0, trunc
             try:
                 cols = [header.index(name) for name in ("timestamp", "contexttokens", "generatedtokens")]
             except ValueError:
-                raise TraceFormatError(f"{path}:1: expected the header TIMESTAMP,ContextTokens,GeneratedTokens") from None
+                raise TraceFormatError(
+                    f"{path}:1: expected the header TIMESTAMP,ContextTokens,GeneratedTokens"
+                ) from None
             skipped = 0
             for row in reader:
                 line = reader.line_num
@@ -290,12 +349,22 @@ _HUMAN = {"human", "user"}
 _ASSISTANT = {"gpt", "assistant", "chatgpt", "bard", "model"}
 
 
-def read_dataset(path: str | Path, builder: PromptBuilder, *, fmt: TraceFormat | None = None,
-                 default_output_tokens: int | None = None, shuffle_seed: int | None = None,
-                 limit: int | None = None, offset: int = 0, api: Api = "completions",
-                 min_input_tokens: int | None = None, max_input_tokens: int | None = None,
-                 min_output_tokens: int | None = None, max_output_tokens: int | None = None,
-                 ignore_eos: bool = True) -> list[BenchRequest]:
+def read_dataset(
+    path: str | Path,
+    builder: PromptBuilder,
+    *,
+    fmt: TraceFormat | None = None,
+    default_output_tokens: int | None = None,
+    shuffle_seed: int | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    api: Api = "completions",
+    min_input_tokens: int | None = None,
+    max_input_tokens: int | None = None,
+    min_output_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+    ignore_eos: bool = True,
+) -> list[BenchRequest]:
     """Requests from a prompt dataset (``fmt`` detected when ``None``):
 
     * ``alpaca``: a JSON list (or JSONL) of ``{"instruction", "output"}`` with an optional
@@ -309,8 +378,9 @@ def read_dataset(path: str | Path, builder: PromptBuilder, *, fmt: TraceFormat |
     ``output_tokens``, or ``default_output_tokens`` when a record has neither. ``shuffle_seed``
     shuffles the records (before ``offset``/``limit``). No arrival times.
     """
-    sel = Selection(limit, offset, 1.0, api, min_input_tokens, max_input_tokens, min_output_tokens,
-                    max_output_tokens, ignore_eos)
+    sel = Selection(
+        limit, offset, 1.0, api, min_input_tokens, max_input_tokens, min_output_tokens, max_output_tokens, ignore_eos
+    )
     records = _records(Path(path))
     fmt = fmt or _detect_records(Path(path), records)
     if fmt not in ("alpaca", "sharegpt", "jsonl"):
@@ -320,7 +390,7 @@ def read_dataset(path: str | Path, builder: PromptBuilder, *, fmt: TraceFormat |
     convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "jsonl": _generic}[fmt]
 
     def drafts() -> Iterator[_Draft]:
-        for where, raw in records[sel.offset:]:
+        for where, raw in records[sel.offset :]:
             try:
                 draft = convert(raw, builder, sel, default_output_tokens)
             except (KeyError, TypeError, ValueError) as exc:
@@ -453,8 +523,10 @@ def _detect_records(path: Path, records: list[tuple[str, dict[str, Any]]]) -> Tr
         return "alpaca"
     if "prompt" in keys or "messages" in keys:
         return "jsonl"
-    raise TraceFormatError(f"{records[0][0]}: unknown record format (keys: {', '.join(sorted(keys))}); expected "
-                     "Mooncake hash_ids, ShareGPT conversations, alpaca instruction, or prompt/messages")
+    raise TraceFormatError(
+        f"{records[0][0]}: unknown record format (keys: {', '.join(sorted(keys))}); expected "
+        "Mooncake hash_ids, ShareGPT conversations, alpaca instruction, or prompt/messages"
+    )
 
 
 def detect_format(path: str | Path) -> TraceFormat:
@@ -473,8 +545,9 @@ def detect_format(path: str | Path) -> TraceFormat:
     raise TraceFormatError(f"{path}: unknown format (not JSON/JSONL records nor an Azure CSV)")
 
 
-def read_trace(path: str | Path, builder: PromptBuilder, fmt: TraceFormat | Literal["auto"] = "auto",
-               **options: Any) -> list[BenchRequest]:
+def read_trace(
+    path: str | Path, builder: PromptBuilder, fmt: TraceFormat | Literal["auto"] = "auto", **options: Any
+) -> list[BenchRequest]:
     """Any supported file: the format detected unless given; ``options`` go to the reader."""
     fmt = detect_format(path) if fmt == "auto" else fmt
     reader: Callable[..., list[BenchRequest]]
@@ -536,18 +609,22 @@ def _sharing(chains: Iterable[Sequence[Any]]) -> SharingStats:
 def block_sharing(requests: Sequence[BenchRequest], tokenizer: Tokenizer, block_tokens: int) -> SharingStats:
     """Prefix sharing measured on the prompts' token ids, in full blocks of ``block_tokens``
     (as a paged prefix cache sees them)."""
+
     def chains() -> Iterator[list[tuple[int, ...]]]:
         for request in requests:
             ids = prompt_ids(request, tokenizer)
-            yield [tuple(ids[i:i + block_tokens]) for i in range(0, len(ids) - block_tokens + 1, block_tokens)]
+            yield [tuple(ids[i : i + block_tokens]) for i in range(0, len(ids) - block_tokens + 1, block_tokens)]
+
     return _sharing(chains())
 
 
 def trace_sharing(records: Sequence[MooncakeRecord], block_tokens: int = 512) -> SharingStats:
     """Prefix sharing a Mooncake trace declares through its hash ids (full blocks only): what
     :func:`block_sharing` measures on its replay with ``api="completions"`` and no filters."""
+
     def chains() -> Iterator[Sequence[int]]:
         for record in records:
             full = sum(1 for n in mooncake_lengths(record, block_tokens) if n == block_tokens)
             yield record.hash_ids[:full]
+
     return _sharing(chains())

@@ -63,8 +63,10 @@ class LengthDist:
                 return cls.lognormal(args[0], args[1], _as_int(args[2]) if len(args) == 3 else None)
         except ValueError as exc:
             raise ValueError(f"bad length distribution {spec!r}: {exc}") from None
-        raise ValueError(f"bad length distribution {spec!r}: expected fixed:N, uniform:LO:HI, "
-                         "lognormal:MEAN:SIGMA[:MAX] or file:PATH[:COLUMN]")
+        raise ValueError(
+            f"bad length distribution {spec!r}: expected fixed:N, uniform:LO:HI, "
+            "lognormal:MEAN:SIGMA[:MAX] or file:PATH[:COLUMN]"
+        )
 
     @classmethod
     def fixed(cls, n: int) -> LengthDist:
@@ -143,8 +145,11 @@ def read_lengths(path: str | Path, column: str | None = None) -> list[int]:
     """The lengths in ``path`` (see :meth:`LengthDist.from_file`); errors name the line."""
     path = Path(path)
     with path.open(newline="") as handle:
-        rows = [(n, row) for n, row in enumerate(csv.reader(handle), 1)
-                if row and any(c.strip() for c in row) and not row[0].lstrip().startswith("#")]
+        rows = [
+            (n, row)
+            for n, row in enumerate(csv.reader(handle), 1)
+            if row and any(c.strip() for c in row) and not row[0].lstrip().startswith("#")
+        ]
     if not rows:
         raise ValueError(f"{path}: no lengths")
     header = [c.strip() for c in rows[0][1]]
@@ -196,24 +201,56 @@ def _extra(ignore_eos: bool) -> dict[str, Any]:
     return {"ignore_eos": True} if ignore_eos else {}
 
 
-def _request(index: int, api: Api, builder: PromptBuilder, text: str, tokens: int, max_tokens: int,
-             *, ignore_eos: bool, system: str | None = None, **fields: Any) -> BenchRequest:
+def _request(
+    index: int,
+    api: Api,
+    builder: PromptBuilder,
+    text: str,
+    tokens: int,
+    max_tokens: int,
+    *,
+    ignore_eos: bool,
+    system: str | None = None,
+    **fields: Any,
+) -> BenchRequest:
     """A single-prompt request: ``text`` (of ``tokens`` tokens) after an optional ``system`` text."""
     if api == "chat":
         messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
         messages.append({"role": "user", "content": text})
-        return BenchRequest(index=index, api="chat", max_tokens=max_tokens, messages=tuple(messages),
-                            prompt_tokens=builder.chat_tokens(messages), extra=_extra(ignore_eos), **fields)
+        return BenchRequest(
+            index=index,
+            api="chat",
+            max_tokens=max_tokens,
+            messages=tuple(messages),
+            prompt_tokens=builder.chat_tokens(messages),
+            extra=_extra(ignore_eos),
+            **fields,
+        )
     if api != "completions":
         raise ValueError(f"api must be 'completions' or 'chat', not {api!r}")
     prompt = text if system is None else system + text
-    return BenchRequest(index=index, api="completions", max_tokens=max_tokens, prompt=prompt, prompt_tokens=tokens,
-                        extra=_extra(ignore_eos), **fields)
+    return BenchRequest(
+        index=index,
+        api="completions",
+        max_tokens=max_tokens,
+        prompt=prompt,
+        prompt_tokens=tokens,
+        extra=_extra(ignore_eos),
+        **fields,
+    )
 
 
-def synthetic(n: int, input_dist: LengthSpec, output_dist: LengthSpec,
-              builder: PromptBuilder, seed: int = 0, api: Api = "completions", *, ignore_eos: bool = True,
-              slo_class: str = "default") -> list[BenchRequest]:
+def synthetic(
+    n: int,
+    input_dist: LengthSpec,
+    output_dist: LengthSpec,
+    builder: PromptBuilder,
+    seed: int = 0,
+    api: Api = "completions",
+    *,
+    ignore_eos: bool = True,
+    slo_class: str = "default",
+) -> list[BenchRequest]:
     """``n`` independent requests with random prompts; input (prompt text) and output lengths
     drawn from the distributions."""
     inputs, outputs = _dist(input_dist), _dist(output_dist)
@@ -221,36 +258,66 @@ def synthetic(n: int, input_dist: LengthSpec, output_dist: LengthSpec,
     requests = []
     for i in range(n):
         n_in, n_out = inputs.sample(rng), outputs.sample(rng)
-        requests.append(_request(i, api, builder, builder.text(n_in, rng), n_in, n_out, ignore_eos=ignore_eos,
-                                 slo_class=slo_class))
+        requests.append(
+            _request(i, api, builder, builder.text(n_in, rng), n_in, n_out, ignore_eos=ignore_eos, slo_class=slo_class)
+        )
     return requests
 
 
-def shared_prefix(tenants: int, prefix_tokens: int, questions_per_tenant: int,
-                  question_tokens: LengthSpec, output_tokens: LengthSpec,
-                  builder: PromptBuilder, seed: int = 0, api: Api = "completions", *, ignore_eos: bool = True,
-                  slo_class: str = "default") -> list[BenchRequest]:
+def shared_prefix(
+    tenants: int,
+    prefix_tokens: int,
+    questions_per_tenant: int,
+    question_tokens: LengthSpec,
+    output_tokens: LengthSpec,
+    builder: PromptBuilder,
+    seed: int = 0,
+    api: Api = "completions",
+    *,
+    ignore_eos: bool = True,
+    slo_class: str = "default",
+) -> list[BenchRequest]:
     """``tenants`` system prompts of ``prefix_tokens`` tokens each, each followed by
     ``questions_per_tenant`` different short questions; tenants interleaved in a seeded random
     order. Chat puts the prefix in a system message; completions prepends it to the question, and
     the prompt's tokens are exactly the prefix's followed by the question's."""
     questions, outputs = _dist(question_tokens), _dist(output_tokens)
     rng = random.Random(f"shared_prefix:{seed}")
-    prefixes = [builder.block_text(f"tenant-{seed}-{t}", prefix_tokens) if prefix_tokens else ""
-                for t in range(tenants)]
+    prefixes = [
+        builder.block_text(f"tenant-{seed}-{t}", prefix_tokens) if prefix_tokens else "" for t in range(tenants)
+    ]
     order = [t for t in range(tenants) for _ in range(questions_per_tenant)]
     rng.shuffle(order)
     requests = []
     for i, tenant in enumerate(order):
         n_q, n_out = questions.sample(rng), outputs.sample(rng)
-        requests.append(_request(i, api, builder, builder.text(n_q, rng), prefix_tokens + n_q, n_out,
-                                 ignore_eos=ignore_eos, system=prefixes[tenant] or None, slo_class=slo_class))
+        requests.append(
+            _request(
+                i,
+                api,
+                builder,
+                builder.text(n_q, rng),
+                prefix_tokens + n_q,
+                n_out,
+                ignore_eos=ignore_eos,
+                system=prefixes[tenant] or None,
+                slo_class=slo_class,
+            )
+        )
     return requests
 
 
-def multi_turn(conversations: int, turns: int, question_tokens: LengthSpec,
-               answer_tokens: LengthSpec, builder: PromptBuilder, seed: int = 0, *,
-               ignore_eos: bool = True, slo_class: str = "default") -> list[BenchRequest]:
+def multi_turn(
+    conversations: int,
+    turns: int,
+    question_tokens: LengthSpec,
+    answer_tokens: LengthSpec,
+    builder: PromptBuilder,
+    seed: int = 0,
+    *,
+    ignore_eos: bool = True,
+    slo_class: str = "default",
+) -> list[BenchRequest]:
     """Chat conversations of ``turns`` turns. Turn ``k`` of conversation ``i`` (``session
     "conv-i"``, ``turn=k``) sends the history (the earlier questions, each followed by a synthetic
     assistant answer of that turn's answer length) plus a new question, and asks for an answer of
@@ -273,8 +340,17 @@ def multi_turn(conversations: int, turns: int, question_tokens: LengthSpec,
             for question, answer, _ in plan[:k]:
                 messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             messages.append({"role": "user", "content": plan[k][0]})
-            requests.append(BenchRequest(index=len(requests), api="chat", max_tokens=plan[k][2],
-                                         messages=tuple(messages), prompt_tokens=builder.chat_tokens(messages),
-                                         session=f"conv-{c}", turn=k, slo_class=slo_class,
-                                         extra=_extra(ignore_eos)))
+            requests.append(
+                BenchRequest(
+                    index=len(requests),
+                    api="chat",
+                    max_tokens=plan[k][2],
+                    messages=tuple(messages),
+                    prompt_tokens=builder.chat_tokens(messages),
+                    session=f"conv-{c}",
+                    turn=k,
+                    slo_class=slo_class,
+                    extra=_extra(ignore_eos),
+                )
+            )
     return requests

@@ -49,8 +49,13 @@ def handoff_estimate(request: RequestInfo, snapshot: ClusterSnapshot, costs: Cos
     return min(costs.handoff_s(d, request.prompt_tokens) for d in decoders)
 
 
-def ttft_estimates(request: RequestInfo, snapshot: ClusterSnapshot, candidates: Iterable[InstanceView],
-                   costs: CostModel, handoff_s: float | None = None) -> list[TtftEstimate]:
+def ttft_estimates(
+    request: RequestInfo,
+    snapshot: ClusterSnapshot,
+    candidates: Iterable[InstanceView],
+    costs: CostModel,
+    handoff_s: float | None = None,
+) -> list[TtftEstimate]:
     """One :class:`TtftEstimate` per candidate prefill (or colocated) instance."""
     split_handoff = handoff_estimate(request, snapshot, costs) if handoff_s is None else handoff_s
     hits = snapshot.prefix_hit_tokens
@@ -58,14 +63,17 @@ def ttft_estimates(request: RequestInfo, snapshot: ClusterSnapshot, candidates: 
     for inst in candidates:
         cached = min(hits.get(inst.id, 0), max(0, request.prompt_tokens - 1))
         prefill = costs.prefill_s(inst, request.prompt_tokens - cached, cached)
-        out.append(TtftEstimate(inst.id, inst.prefill_wait_s, prefill, 0.0 if inst.role == "both" else split_handoff, cached))
+        out.append(
+            TtftEstimate(inst.id, inst.prefill_wait_s, prefill, 0.0 if inst.role == "both" else split_handoff, cached)
+        )
     return out
 
 
 def tpot_estimate(request: RequestInfo, instance: InstanceView, costs: CostModel) -> float:
     """Predicted TPOT of ``instance``'s decode batch once ``request`` joins it."""
-    return costs.decode_step_s(instance, instance.decode_inflight + 1,
-                               instance.decode_context_tokens + decode_context_of(request))
+    return costs.decode_step_s(
+        instance, instance.decode_inflight + 1, instance.decode_context_tokens + decode_context_of(request)
+    )
 
 
 def tpot_limit(request: RequestInfo, instance: InstanceView) -> float | None:

@@ -61,18 +61,24 @@ class LifecycleHooks:
 
 
 class Filter(Plugin, LifecycleHooks):
-    def filter(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> list[InstanceView]:
+    def filter(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> list[InstanceView]:
         raise NotImplementedError
 
 
 class Scorer(Plugin, LifecycleHooks):
-    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+    def score(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> Mapping[str, float]:
         """Score per instance id, in [0, 1] (higher is better). Missing ids score 0."""
         raise NotImplementedError
 
 
 class Picker(Plugin, LifecycleHooks):
-    def pick(self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]) -> InstanceView | None:
+    def pick(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]
+    ) -> InstanceView | None:
         """Choose from ``ranked`` (instances with their total weighted score, best first)."""
         raise NotImplementedError
 
@@ -131,8 +137,13 @@ class MigrationPolicy(Plugin):
         """The moves to make now (at most one per request), best first."""
         raise NotImplementedError
 
-    def target_for(self, request: RunningRequest, snapshot: ClusterSnapshot, running: Sequence[RunningRequest],
-                   exclude: Collection[str] = ()) -> str | None:
+    def target_for(
+        self,
+        request: RunningRequest,
+        snapshot: ClusterSnapshot,
+        running: Sequence[RunningRequest],
+        exclude: Collection[str] = (),
+    ) -> str | None:
         """Where a request that must leave its instance (drain, failover) should go; None: nowhere."""
         raise NotImplementedError
 
@@ -141,13 +152,21 @@ class MigrationPolicy(Plugin):
         ``plan.target``). Default: do nothing."""
 
 
-def migration_candidates(request: RunningRequest, snapshot: ClusterSnapshot,
-                         exclude: Collection[str] = ()) -> list[InstanceView]:
+def migration_candidates(
+    request: RunningRequest, snapshot: ClusterSnapshot, exclude: Collection[str] = ()
+) -> list[InstanceView]:
     """Instances ``request`` may move to: its model, healthy, not draining, serving decode,
     not its own instance, not in ``exclude``."""
-    return [i for i in snapshot.instances
-            if i.model == request.model and i.healthy and not i.draining and i.serves("decode")
-            and i.id != request.instance_id and i.id not in exclude]
+    return [
+        i
+        for i in snapshot.instances
+        if i.model == request.model
+        and i.healthy
+        and not i.draining
+        and i.serves("decode")
+        and i.id != request.instance_id
+        and i.id not in exclude
+    ]
 
 
 @dataclass(frozen=True)
@@ -196,8 +215,9 @@ class Decision:
         return {plugin.name: end - start for plugin, start, end, _ in self.calls}
 
 
-def run_profile(profile: Profile, request: RequestInfo, snapshot: ClusterSnapshot,
-                candidates: Sequence[InstanceView] | None = None) -> Decision:
+def run_profile(
+    profile: Profile, request: RequestInfo, snapshot: ClusterSnapshot, candidates: Sequence[InstanceView] | None = None
+) -> Decision:
     """Filter, score and pick one instance for ``request``; records every plugin call."""
     clock = time.perf_counter
     current = list(snapshot.instances if candidates is None else candidates)

@@ -291,8 +291,9 @@ class ExactPrefixIndex(_IndexBase):
       index again knows the instance's full state.
     """
 
-    def __init__(self, *, max_blocks_per_instance: int = DEFAULT_EXACT_CAP,
-                 media: Collection[str] = DEFAULT_MEDIA) -> None:
+    def __init__(
+        self, *, max_blocks_per_instance: int = DEFAULT_EXACT_CAP, media: Collection[str] = DEFAULT_MEDIA
+    ) -> None:
         if max_blocks_per_instance < 1:
             raise ValueError("max_blocks_per_instance must be at least 1")
         self._cap = max_blocks_per_instance
@@ -367,8 +368,7 @@ class ApproximatePrefixIndex(_IndexBase):
     see their evictions) until its LRU catches up; it is a routing hint, not a promise.
     """
 
-    def __init__(self, *, max_blocks: int = DEFAULT_APPROX_BUDGET,
-                 max_blocks_per_instance: int | None = None) -> None:
+    def __init__(self, *, max_blocks: int = DEFAULT_APPROX_BUDGET, max_blocks_per_instance: int | None = None) -> None:
         if max_blocks < 1:
             raise ValueError("max_blocks must be at least 1")
         if max_blocks_per_instance is not None and max_blocks_per_instance < 1:

@@ -85,10 +85,14 @@ class PluginRegistry:
         if not cls.type_name:
             raise PluginConfigError(f"{cls.__qualname__} has no type_name")
         if not (isinstance(cls, type) and issubclass(cls, PLUGIN_KINDS)):
-            raise PluginConfigError(f"{cls.type_name}: a plugin must subclass Filter, Scorer, Picker, Admitter or MigrationPolicy")
+            raise PluginConfigError(
+                f"{cls.type_name}: a plugin must subclass Filter, Scorer, Picker, Admitter or MigrationPolicy"
+            )
         existing = self._classes.get(cls.type_name)
         if existing is not None and existing is not cls:
-            raise PluginConfigError(f"plugin type {cls.type_name!r} is registered twice ({existing.__module__}, {cls.__module__})")
+            raise PluginConfigError(
+                f"plugin type {cls.type_name!r} is registered twice ({existing.__module__}, {cls.__module__})"
+            )
         self._classes[cls.type_name] = cls
 
     def load_entry_points(self) -> None:
@@ -115,7 +119,9 @@ class PluginRegistry:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise PluginConfigError(f"plugin {spec.name!r} ({spec.type}): parameter {where!r}: {first['msg']}") from None
+            raise PluginConfigError(
+                f"plugin {spec.name!r} ({spec.type}): parameter {where!r}: {first['msg']}"
+            ) from None
         return cls(spec.name, params)
 
     def create_admitter(self, type_name: str, parameters: Mapping[str, Any]) -> Admitter:
@@ -155,10 +161,14 @@ def _assemble(name: str, entries: list[ProfileEntry], plugins: Mapping[str, Plug
         if plugin is None:
             raise PluginConfigError(f"profile {name!r}: pluginRef {entry.plugin_ref!r} is not declared under plugins")
         if isinstance(plugin, Admitter):
-            raise PluginConfigError(f"profile {name!r}: {entry.plugin_ref!r} is an admitter; admitters go under admission.admitter")
+            raise PluginConfigError(
+                f"profile {name!r}: {entry.plugin_ref!r} is an admitter; admitters go under admission.admitter"
+            )
         if isinstance(plugin, MigrationPolicy):
-            raise PluginConfigError(f"profile {name!r}: {entry.plugin_ref!r} is a migration policy; "
-                                    "migration policies go under migration.policy, not in a profile")
+            raise PluginConfigError(
+                f"profile {name!r}: {entry.plugin_ref!r} is a migration policy; "
+                "migration policies go under migration.policy, not in a profile"
+            )
         if isinstance(plugin, Scorer):
             if entry.weight is None:
                 raise PluginConfigError(f"profile {name!r}: scorer {entry.plugin_ref!r} needs a weight")

@@ -71,7 +71,9 @@ class SloTarget:
 
     def met(self, ttft_s: float, tpot_s: float | None) -> bool:
         """Whether a request with these latencies met both objectives (no TPOT: one token)."""
-        return (self.ttft_s is None or ttft_s <= self.ttft_s) and (self.tpot_s is None or tpot_s is None or tpot_s <= self.tpot_s)
+        return (self.ttft_s is None or ttft_s <= self.ttft_s) and (
+            self.tpot_s is None or tpot_s is None or tpot_s <= self.tpot_s
+        )
 
 
 @dataclass(frozen=True)

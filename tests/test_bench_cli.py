@@ -20,9 +20,25 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_run_measures_what_the_engine_reports(sim_factory, tmp_path: Path) -> None:
     engine = sim_factory("--served-model-name", "m", "--time-scale", "1")  # engine time = wall time
-    out = bench("run", "--target", f"sim={engine.url}", "--model", "m", "--num-requests", "24", "--rate", "20",
-                "--input-len", "uniform:40:200", "--output-len", "fixed:16", "--slo", "ttft=2,tpot=0.5",
-                "--out", str(tmp_path))
+    out = bench(
+        "run",
+        "--target",
+        f"sim={engine.url}",
+        "--model",
+        "m",
+        "--num-requests",
+        "24",
+        "--rate",
+        "20",
+        "--input-len",
+        "uniform:40:200",
+        "--output-len",
+        "fixed:16",
+        "--slo",
+        "ttft=2,tpot=0.5",
+        "--out",
+        str(tmp_path),
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SLO attainment" in out.stdout and "100.0%" in out.stdout
     run = json.loads((tmp_path / "sim.json").read_text())
@@ -46,9 +62,29 @@ def test_run_measures_what_the_engine_reports(sim_factory, tmp_path: Path) -> No
 
 def test_sweep_finds_a_goodput_rate_and_plots_it(sim_factory, tmp_path: Path) -> None:
     engine = sim_factory("--served-model-name", "m", "--time-scale", "1")
-    out = bench("sweep", "--target", f"sim={engine.url}", "--model", "m", "--input-len", "fixed:64",
-                "--output-len", "fixed:8", "--slo", "ttft=0.5,tpot=0.1", "--start-rate", "4", "--max-rate", "8",
-                "--point-duration", "1.5", "--max-probes", "2", "--out", str(tmp_path))
+    out = bench(
+        "sweep",
+        "--target",
+        f"sim={engine.url}",
+        "--model",
+        "m",
+        "--input-len",
+        "fixed:64",
+        "--output-len",
+        "fixed:8",
+        "--slo",
+        "ttft=0.5,tpot=0.1",
+        "--start-rate",
+        "4",
+        "--max-rate",
+        "8",
+        "--point-duration",
+        "1.5",
+        "--max-probes",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "goodput rate 8.0 req/s" in out.stdout
     saved = json.loads((tmp_path / "sweep_sim.json").read_text())

@@ -13,12 +13,33 @@ import pytest
 from pdgate.scheduler.costmodel.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["river", "mountain", "paper", "window", "garden", "coffee", "planet", "music", "engine", "yellow", "silver", "market", "bridge", "forest"]
+WORDS = [
+    "river",
+    "mountain",
+    "paper",
+    "window",
+    "garden",
+    "coffee",
+    "planet",
+    "music",
+    "engine",
+    "yellow",
+    "silver",
+    "market",
+    "bridge",
+    "forest",
+]
 
 
 def pdgate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pdgate.cli", "cost-model", *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pdgate.cli", "cost-model", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
 
 
 def generic_rows(n: int, seed: int) -> list[dict]:
@@ -28,8 +49,11 @@ def generic_rows(n: int, seed: int) -> list[dict]:
     for i in range(n):
         filler = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 30))))
         kind, base = [("write an essay about", 400), ("answer yes or no: is", 5), ("tell me about", 60)][i % 3]
-        row = {"prompt": f"{kind} {filler}", "output_tokens": max(1, int(base * rng.lognormal(0, 0.3))),
-               "model": "sim-model"}
+        row = {
+            "prompt": f"{kind} {filler}",
+            "output_tokens": max(1, int(base * rng.lognormal(0, 0.3))),
+            "model": "sim-model",
+        }
         if i % 4 == 0:
             row["max_tokens"] = 300
             row["output_tokens"] = min(row["output_tokens"], 300)
@@ -44,18 +68,38 @@ def gateway_rows(n: int, seed: int) -> list[dict]:
     for i in range(n):
         prompt_tokens = int(rng.integers(50, 2000))
         output = int(rng.integers(1, 400)) if i % 10 else 0  # every tenth request failed
-        rows.append({
-            "v": 1, "kind": "pdgate-request", "ts": 1000.0 + i, "request_id": f"req-{i}", "model": "llama",
-            "endpoint": "chat" if i % 2 else "completion", "tag": "app-a" if i % 3 else None,
-            "prompt_tokens": prompt_tokens, "max_tokens": 512, "text_hash": [[i % 50, 0.6], [100 + i % 7, 0.8]],
-            "output_tokens": output or None, "finish_reason": "stop" if output else None,
-            "timing": {"ttft_s": 0.05 + prompt_tokens * 2e-5, "prefill_s": 0.01 + prompt_tokens * 1e-5,
-                       "tpot_s": 0.02 + 1e-4 * (i % 8), "handoff_s": 0.001 + prompt_tokens * 1e-6},
-            "placement": {"prefill_group": "prefill", "decode_group": "decode", "prefill_idle": True,
-                          "prefill_cached_tokens": 0, "split": True, "decode_batch": 1 + i % 8,
-                          "decode_context_tokens": 1000 + 10 * i},
-            "predicted": {"output_median": 100},
-        })
+        rows.append(
+            {
+                "v": 1,
+                "kind": "pdgate-request",
+                "ts": 1000.0 + i,
+                "request_id": f"req-{i}",
+                "model": "llama",
+                "endpoint": "chat" if i % 2 else "completion",
+                "tag": "app-a" if i % 3 else None,
+                "prompt_tokens": prompt_tokens,
+                "max_tokens": 512,
+                "text_hash": [[i % 50, 0.6], [100 + i % 7, 0.8]],
+                "output_tokens": output or None,
+                "finish_reason": "stop" if output else None,
+                "timing": {
+                    "ttft_s": 0.05 + prompt_tokens * 2e-5,
+                    "prefill_s": 0.01 + prompt_tokens * 1e-5,
+                    "tpot_s": 0.02 + 1e-4 * (i % 8),
+                    "handoff_s": 0.001 + prompt_tokens * 1e-6,
+                },
+                "placement": {
+                    "prefill_group": "prefill",
+                    "decode_group": "decode",
+                    "prefill_idle": True,
+                    "prefill_cached_tokens": 0,
+                    "split": True,
+                    "decode_batch": 1 + i % 8,
+                    "decode_context_tokens": 1000 + 10 * i,
+                },
+                "predicted": {"output_median": 100},
+            }
+        )
     return rows
 
 
@@ -123,14 +167,17 @@ def test_train_on_gateway_log_fits_latency_when_available(tmp_path):
         assert report["latency"] is None
 
 
-@pytest.mark.parametrize(("setup", "command", "message"), [
-    ("none", "train", "no such file"),
-    ("unknown", "train", "unknown row format"),
-    ("bad_row", "train", "data.jsonl:2: output_tokens"),
-    ("empty", "train", "no usable rows"),
-    ("none", "evaluate-missing-dir", "no model directory"),
-    ("good", "evaluate-empty-dir", "holds no model version"),
-])
+@pytest.mark.parametrize(
+    ("setup", "command", "message"),
+    [
+        ("none", "train", "no such file"),
+        ("unknown", "train", "unknown row format"),
+        ("bad_row", "train", "data.jsonl:2: output_tokens"),
+        ("empty", "train", "no usable rows"),
+        ("none", "evaluate-missing-dir", "no model directory"),
+        ("good", "evaluate-empty-dir", "holds no model version"),
+    ],
+)
 def test_input_errors_exit_2_with_one_line(tmp_path, setup, command, message):
     data = tmp_path / "data.jsonl"
     if setup == "unknown":

@@ -39,14 +39,26 @@ def _records(n: int, slow: float, seed: int = 0) -> list[dict]:
         cached = rng.choice([0, 0, prompt // 2])
         batch, context = rng.randint(1, 64), rng.randint(1, 64) * rng.randint(200, 3000)
         noise = lambda: rng.uniform(0.9, 1.1)
-        rows.append({
-            "prompt_tokens": prompt, "output_tokens": 50,
-            "timing": {"prefill_s": slow * truth.prefill_s(prompt - cached, cached) * noise(),
-                       "handoff_s": slow * truth.handoff_s(prompt) * noise(),
-                       "tpot_s": slow * truth.decode_step_s(batch, context) * noise()},
-            "placement": {"prefill_group": GROUP, "prefill_idle": True, "prefill_cached_tokens": cached,
-                          "decode_group": "decode-group", "split": True, "decode_batch": batch, "decode_context_tokens": context},
-        })
+        rows.append(
+            {
+                "prompt_tokens": prompt,
+                "output_tokens": 50,
+                "timing": {
+                    "prefill_s": slow * truth.prefill_s(prompt - cached, cached) * noise(),
+                    "handoff_s": slow * truth.handoff_s(prompt) * noise(),
+                    "tpot_s": slow * truth.decode_step_s(batch, context) * noise(),
+                },
+                "placement": {
+                    "prefill_group": GROUP,
+                    "prefill_idle": True,
+                    "prefill_cached_tokens": cached,
+                    "decode_group": "decode-group",
+                    "split": True,
+                    "decode_batch": batch,
+                    "decode_context_tokens": context,
+                },
+            }
+        )
     return rows
 
 

@@ -28,7 +28,31 @@ from pdgate.scheduler.costmodel.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = Path("/work/shared/data/alpaca_eval/results")
-FILLER = ["river", "mountain", "paper", "window", "garden", "coffee", "planet", "music", "engine", "yellow", "silver", "market", "bridge", "forest", "doctor", "camera", "letter", "island", "winter", "button", "pencil", "rocket", "castle"]
+FILLER = [
+    "river",
+    "mountain",
+    "paper",
+    "window",
+    "garden",
+    "coffee",
+    "planet",
+    "music",
+    "engine",
+    "yellow",
+    "silver",
+    "market",
+    "bridge",
+    "forest",
+    "doctor",
+    "camera",
+    "letter",
+    "island",
+    "winter",
+    "button",
+    "pencil",
+    "rocket",
+    "castle",
+]
 
 
 def synthetic_rows(n: int, seed: int) -> list[tuple[RequestFeatures, int]]:
@@ -73,8 +97,11 @@ def fitted(synthetic) -> OutputLengthModel:
 def test_hash_text_is_pinned_and_normalised():
     # the index scheme is an on-disk contract (gateway logs, trained models): these values must not change
     assert hash_text("Hello") == {zlib.crc32(b"hello") % (1 << 14): 1.0}
-    assert hash_text("hello, world!") == {4419: pytest.approx(3 ** -0.5), 9862: pytest.approx(3 ** -0.5),
-                                          10929: pytest.approx(3 ** -0.5)}
+    assert hash_text("hello, world!") == {
+        4419: pytest.approx(3**-0.5),
+        9862: pytest.approx(3**-0.5),
+        10929: pytest.approx(3**-0.5),
+    }
     assert hash_text("") == {} and hash_text("!?.") == {}
     repeated = hash_text("a a a b")
     assert len(repeated) == 4  # a, b, "a a", "a b"
@@ -85,8 +112,10 @@ def test_hash_text_is_pinned_and_normalised():
 
 def test_hash_text_is_stable_across_processes():
     text = "Write an essay about the history of the Roman empire, please."
-    code = ("import json; from scheduler.costmodel.features import hash_text; "
-            f"print(json.dumps(sorted(hash_text({text!r}).items())))")
+    code = (
+        "import json; from scheduler.costmodel.features import hash_text; "
+        f"print(json.dumps(sorted(hash_text({text!r}).items())))"
+    )
     env = os.environ | {"PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, check=True)
     theirs = {int(i): v for i, v in json.loads(out.stdout)}
@@ -106,8 +135,14 @@ def test_chat_text_puts_the_last_user_message_first():
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": "an answer"},
-        {"role": "user", "content": [{"type": "text", "text": "second "}, {"type": "image_url", "image_url": {}},
-                                     {"type": "text", "text": "question"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "second "},
+                {"type": "image_url", "image_url": {}},
+                {"type": "text", "text": "question"},
+            ],
+        },
     ]
     assert chat_text(messages) == "second question\nBe brief."
     assert chat_text([{"role": "assistant", "content": "hi"}]) == "hi"
@@ -132,8 +167,11 @@ def test_request_features_record_round_trip():
 def test_model_beats_both_baselines_on_held_out_data(synthetic, fitted):
     features, outputs, test_features, actual = synthetic
     results = {}
-    for name, predictor in (("model", fitted), ("global_mean", GlobalMeanBaseline().fit(features, outputs)),
-                            ("prompt_length", PromptLengthBaseline().fit(features, outputs))):
+    for name, predictor in (
+        ("model", fitted),
+        ("global_mean", GlobalMeanBaseline().fit(features, outputs)),
+        ("prompt_length", PromptLengthBaseline().fit(features, outputs)),
+    ):
         median, high = predictor.predict_many(test_features)
         results[name] = evaluate_lengths(median, high, actual, 0.9)
     model = results["model"]
@@ -216,10 +254,23 @@ def test_evaluate_lengths_known_values():
 
 
 def gateway_row(i: int, **overrides) -> dict:
-    row = {"v": 1, "kind": "pdgate-request", "ts": 1.0 + i, "request_id": f"r{i}", "model": "m", "endpoint": "chat",
-           "tag": None, "prompt_tokens": 100 + i, "max_tokens": 512, "text_hash": [[5, 0.6], [9, 0.8]],
-           "output_tokens": 40 + i, "finish_reason": "stop", "timing": {"ttft_s": 0.1}, "placement": {},
-           "predicted": {}}
+    row = {
+        "v": 1,
+        "kind": "pdgate-request",
+        "ts": 1.0 + i,
+        "request_id": f"r{i}",
+        "model": "m",
+        "endpoint": "chat",
+        "tag": None,
+        "prompt_tokens": 100 + i,
+        "max_tokens": 512,
+        "text_hash": [[5, 0.6], [9, 0.8]],
+        "output_tokens": 40 + i,
+        "finish_reason": "stop",
+        "timing": {"ttft_s": 0.1},
+        "placement": {},
+        "predicted": {},
+    }
     return row | overrides
 
 
@@ -230,12 +281,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def test_read_generic_alpaca_and_gateway_rows(tmp_path):
     tok = load_tokenizer("builtin")
-    generic = write_jsonl(tmp_path / "g.jsonl", [
-        {"prompt": "Say hello", "output": "Hello there friend", "model": "a", "max_tokens": 64, "tag": "t"},
-        {"messages": [{"role": "user", "content": "hi"}], "output_tokens": 7},
-        {"prompt": [1, 2, 3, 4], "output_tokens": 3},
-        {"prompt": "empty answer", "output": ""},
-    ])
+    generic = write_jsonl(
+        tmp_path / "g.jsonl",
+        [
+            {"prompt": "Say hello", "output": "Hello there friend", "model": "a", "max_tokens": 64, "tag": "t"},
+            {"messages": [{"role": "user", "content": "hi"}], "output_tokens": 7},
+            {"prompt": [1, 2, 3, 4], "output_tokens": 3},
+            {"prompt": "empty answer", "output": ""},
+        ],
+    )
     rows = read_dataset(generic, tok)
     assert len(rows) == 3  # the empty output is skipped
     first = rows[0].features
@@ -248,30 +302,39 @@ def test_read_generic_alpaca_and_gateway_rows(tmp_path):
     assert rows[2].features.prompt_tokens == 4 and rows[2].features.text_hash == {}
 
     alpaca = tmp_path / "model_outputs.json"
-    alpaca.write_text(json.dumps([
-        {"instruction": "Name a color.", "input": "", "output": "Blue.", "generator": "g1"},
-        {"instruction": "Translate", "input": "bonjour", "output": "hello", "generator": "g1"},
-    ]))
+    alpaca.write_text(
+        json.dumps(
+            [
+                {"instruction": "Name a color.", "input": "", "output": "Blue.", "generator": "g1"},
+                {"instruction": "Translate", "input": "bonjour", "output": "hello", "generator": "g1"},
+            ]
+        )
+    )
     arows = read_dataset(alpaca, tok)
     assert [r.features.model for r in arows] == ["g1", "g1"] and arows[0].features.endpoint == "chat"
     assert arows[1].features.text_hash == hash_text("Translate\n\nbonjour")
 
-    log = write_jsonl(tmp_path / "requests.jsonl", [gateway_row(0), gateway_row(1, output_tokens=0),
-                                                    gateway_row(2, output_tokens=None), gateway_row(3)])
+    log = write_jsonl(
+        tmp_path / "requests.jsonl",
+        [gateway_row(0), gateway_row(1, output_tokens=0), gateway_row(2, output_tokens=None), gateway_row(3)],
+    )
     grows = read_dataset(log, tok)
     assert [r.record["request_id"] for r in grows] == ["r0", "r3"]
     assert grows[0].features == RequestFeatures(100, 512, "chat", "m", None, {5: 0.6, 9: 0.8})
     assert grows[0].record["timing"] == {"ttft_s": 0.1}
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ('{"prompt": "x", "output_tokens": 3}\n{"foo": 1}\n', r"bad\.jsonl:2: unknown row format"),
-    ('{"prompt": "x", "output_tokens": "many"}\n', r"bad\.jsonl:1: output_tokens"),
-    ('{"prompt": "x"\n', r"bad\.jsonl:1: invalid JSON"),
-    ('[{"instruction": "x", "output": "y"}, 3]', r"bad\.jsonl record 1: expected a JSON object"),
-    (json.dumps(gateway_row(0, prompt_tokens=-1)) + "\n", r"bad\.jsonl:1: prompt_tokens"),
-    (json.dumps(gateway_row(0, v=2)) + "\n", r"bad\.jsonl:1: unsupported pdgate-request log version"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "x", "output_tokens": 3}\n{"foo": 1}\n', r"bad\.jsonl:2: unknown row format"),
+        ('{"prompt": "x", "output_tokens": "many"}\n', r"bad\.jsonl:1: output_tokens"),
+        ('{"prompt": "x"\n', r"bad\.jsonl:1: invalid JSON"),
+        ('[{"instruction": "x", "output": "y"}, 3]', r"bad\.jsonl record 1: expected a JSON object"),
+        (json.dumps(gateway_row(0, prompt_tokens=-1)) + "\n", r"bad\.jsonl:1: prompt_tokens"),
+        (json.dumps(gateway_row(0, v=2)) + "\n", r"bad\.jsonl:1: unsupported pdgate-request log version"),
+    ],
+)
 def test_bad_rows_name_the_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)

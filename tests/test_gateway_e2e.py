@@ -78,8 +78,14 @@ sglang_fleet = _fleet_fixture("sglang", "sim-sglang")
 
 
 def greedy(client: openai.OpenAI, prompt: str, n: int = 16, **kw):
-    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
-                                     extra_body={"ignore_eos": True, "return_token_ids": True}, **kw)
+    return client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=n,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+        **kw,
+    )
 
 
 def reference_tokens(fleet: Fleet, prompt: str, n: int = 16) -> list[int]:
@@ -100,9 +106,15 @@ def test_pd_through_gateway_equals_single_engine(fleet_name, request):
         assert ids == reference_tokens(fleet, prompt)
     # the prompt reached the decode engines by KV transfer, computed on the prefill engines
     if fleet_name == "vllm_fleet":
-        pulled = sum(metric(d.url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") for d in fleet.decode)
-        decode_local = sum(metric(d.url, "vllm:prompt_tokens_by_source_total", source="local_compute") for d in fleet.decode)
-        prefill_local = sum(metric(p.url, "vllm:prompt_tokens_by_source_total", source="local_compute") for p in fleet.prefill)
+        pulled = sum(
+            metric(d.url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") for d in fleet.decode
+        )
+        decode_local = sum(
+            metric(d.url, "vllm:prompt_tokens_by_source_total", source="local_compute") for d in fleet.decode
+        )
+        prefill_local = sum(
+            metric(p.url, "vllm:prompt_tokens_by_source_total", source="local_compute") for p in fleet.prefill
+        )
         assert pulled > 0 and prefill_local > 0
         assert decode_local == sum(metric(d.url, "vllm:request_success_total") for d in fleet.decode)  # 1 token each
     else:
@@ -115,21 +127,39 @@ def test_openai_client_chat_and_completions_sync_and_async(vllm_fleet):
     client = vllm_fleet.client()
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
-                                          temperature=0, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi!"}],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert chat.usage.completion_tokens == 8 and chat.choices[0].message.content
-    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
-                                                 temperature=0, stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Hi!"}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == chat.usage.prompt_tokens
 
     async def run_async() -> list[str]:
         aclient = openai.AsyncOpenAI(base_url=f"{vllm_fleet.gateway.url}/v1", api_key="unused", max_retries=0)
         try:
-            results = await asyncio.gather(*(aclient.completions.create(model=MODEL, prompt=f"Async {i}", max_tokens=6,
-                                                                        temperature=0, extra_body={"ignore_eos": True})
-                                             for i in range(10)))
+            results = await asyncio.gather(
+                *(
+                    aclient.completions.create(
+                        model=MODEL, prompt=f"Async {i}", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+                    )
+                    for i in range(10)
+                )
+            )
             return [r.choices[0].text for r in results]
         finally:
             await aclient.close()
@@ -140,8 +170,9 @@ def test_openai_client_chat_and_completions_sync_and_async(vllm_fleet):
 
 def test_request_id_is_accepted_and_returned(vllm_fleet):
     client = vllm_fleet.client()
-    raw = client.completions.with_raw_response.create(model=MODEL, prompt="id please", max_tokens=2,
-                                                      extra_headers={"X-Request-Id": "my-id-123"})
+    raw = client.completions.with_raw_response.create(
+        model=MODEL, prompt="id please", max_tokens=2, extra_headers={"X-Request-Id": "my-id-123"}
+    )
     assert raw.headers["x-request-id"] == "my-id-123"
     raw = client.completions.with_raw_response.create(model=MODEL, prompt="id please", max_tokens=2)
     assert raw.headers["x-request-id"].startswith("pdgate-")

@@ -82,8 +82,11 @@ def test_gateway_key_is_checked_and_instance_key_is_used_upstream(sim_factory, t
     try:
         assert completion(gateway.url)[0] == 401
         assert completion(gateway.url, headers=None)[0] == 401
-        status, body, _ = post(f"{gateway.url}/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2},
-                               {"Authorization": "Bearer gw-key"})
+        status, body, _ = post(
+            f"{gateway.url}/v1/completions",
+            {"model": MODEL, "prompt": "hi", "max_tokens": 2},
+            {"Authorization": "Bearer gw-key"},
+        )
         assert status == 200, body
         # the engine rejects the gateway's key: it was not forwarded, the instance's own key was
         assert completion(engine.url, headers=None)[0] == 401
@@ -101,7 +104,8 @@ def test_invalid_config_names_the_field(tmp_path):
     unknown = tmp_path / "plugin.yaml"
     unknown.write_text(
         "models: [{name: m}]\ninstances: [{url: 'http://127.0.0.1:1', model: m}]\n"
-        "scheduling: {plugins: [{name: x, type: nope}], profiles: {colocated: [{pluginRef: x}]}}\n")
+        "scheduling: {plugins: [{name: x, type: nope}], profiles: {colocated: [{pluginRef: x}]}}\n"
+    )
     proc = start_pdgate_expect_exit("serve", "--config", str(unknown))
     assert proc.returncode == 2 and "unknown plugin type 'nope'" in proc.stderr
 
@@ -127,7 +131,8 @@ instances:
   - {{url: "http://127.0.0.1:{ports[0]}", kind: sim, role: prefill, model: {MODEL}, launch: {{time_scale: 20}}}}
   - {{url: "http://127.0.0.1:{ports[1]}", kind: sim, role: decode, model: {MODEL}, launch: {{time_scale: 20}}}}
   - {{url: "http://127.0.0.1:{ports[2]}", kind: sim, role: decode, model: {MODEL}, launch: {{time_scale: 20, args: {{max_num_seqs: 64}}}}}}
-""")
+"""
+    )
     up = start_pdgate("up", "--config", str(config), timeout=60)
     pids = []
     try:
@@ -155,7 +160,9 @@ def test_sglang_dead_prefill_leg_is_abandoned_and_retried(sim_factory, tmp_path)
     entries = [instance_entry(p, "prefill", "sim-sglang", boot_port=b) for p, b in zip(prefills, boots)]
     entries.append(instance_entry(decode, "decode", "sim-sglang"))
     # no active health checks during the test: the failure must be found on the request path
-    gateway = start_gateway(write_config(tmp_path / "sg.yaml", entries, health={"interval_s": 60, "failure_threshold": 1}))
+    gateway = start_gateway(
+        write_config(tmp_path / "sg.yaml", entries, health={"interval_s": 60, "failure_threshold": 1})
+    )
     try:
         prefills[0].kill()
         started = time.monotonic()

@@ -27,8 +27,12 @@ SELECTOR_RE = re.compile(r"\{([^{}]*)\}")
 MATCHER_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"\"\s*(?:,|$)")
 GROUPING_RE = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^()]*)\)")
 LABEL_VALUES_RE = re.compile(r"^\s*label_values\(\s*([A-Za-z_:][A-Za-z0-9_:]*)\s*,\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)\s*$")
-SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("", "_count", "_sum"),
-            "info": ("_info",)}
+SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "summary": ("", "_count", "_sum"),
+    "info": ("_info",),
+}
 
 
 def exported_samples() -> dict[str, set[str]]:
@@ -47,7 +51,8 @@ def exported_samples() -> dict[str, set[str]]:
             labels.update(k for k in sample.labels if k not in ("le", "quantile"))
         assert family.name in declared or family.samples, (
             f"cannot tell the labels of metric family {family.name!r}: not an attribute of GatewayMetrics "
-            "and it exports no samples")
+            "and it exports no samples"
+        )
         for suffix in SUFFIXES.get(family.type, ("",)):
             samples[family.name + suffix] = labels
     return samples
@@ -84,12 +89,15 @@ def expr_problems(expr: str, samples: dict[str, set[str]]) -> list[str]:
                 problems.append(f"cannot parse label matchers {{{body}}}")
                 break
             used.append(match.group(1))
-            rest = rest[match.end():].strip()
+            rest = rest[match.end() :].strip()
     for clause in GROUPING_RE.findall(code):
         used.extend(label.strip() for label in clause.split(",") if label.strip())
     referenced = ", ".join(sorted(set(names)))
-    problems.extend(f"label {label!r} is on none of its metrics ({referenced})"
-                    for label in dict.fromkeys(used) if label != "__name__" and label not in known)
+    problems.extend(
+        f"label {label!r} is on none of its metrics ({referenced})"
+        for label in dict.fromkeys(used)
+        if label != "__name__" and label not in known
+    )
     return problems
 
 
@@ -140,8 +148,10 @@ def test_panels_query_only_exported_metrics_and_labels(dashboard: dict[str, Any]
     for panel in all_panels(dashboard["panels"]):
         for target in panel.get("targets") or []:
             expr = target.get("expr") or ""
-            problems.extend(f"panel {panel.get('title')!r} target {target.get('refId')}: {problem}\n    expr: {expr}"
-                            for problem in expr_problems(expr, samples))
+            problems.extend(
+                f"panel {panel.get('title')!r} target {target.get('refId')}: {problem}\n    expr: {expr}"
+                for problem in expr_problems(expr, samples)
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -163,8 +173,12 @@ def test_template_variables(dashboard: dict[str, Any], samples: dict[str, set[st
 def test_checker_catches_wrong_names(samples: dict[str, set[str]]) -> None:
     """The checks above are only as good as the parser: make sure it flags what it should."""
     assert expr_problems('sum by (status) (rate(pdgate_requests_total{model=~"$model"}[1m]))', samples) == []
-    assert expr_problems('histogram_quantile(0.9, sum by (le) (rate(pdgate_e2e_request_latency_seconds_bucket[1m])))',
-                         samples) == []
+    assert (
+        expr_problems(
+            "histogram_quantile(0.9, sum by (le) (rate(pdgate_e2e_request_latency_seconds_bucket[1m])))", samples
+        )
+        == []
+    )
     assert expr_problems("count by (version) (pdgate_build_info)", samples) == []
     assert expr_problems("rate(pdgate_requests[1m])", samples)  # the family name is not a sample name
     assert expr_problems("rate(pdgate_request_total[1m])", samples)

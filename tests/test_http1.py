@@ -115,9 +115,17 @@ def get(path: str, extra: str = "") -> bytes:
 
 
 async def echo(request: HttpRequest, responder: Responder) -> None:
-    responder.send_json(200, {"method": request.method, "path": request.path, "query": request.query,
-                              "body": request.body.decode(), "x_test": request.headers.get("x-test"),
-                              "keep_alive": request.keep_alive})
+    responder.send_json(
+        200,
+        {
+            "method": request.method,
+            "path": request.path,
+            "query": request.query,
+            "body": request.body.decode(),
+            "x_test": request.headers.get("x-test"),
+            "keep_alive": request.keep_alive,
+        },
+    )
 
 
 def assert_error_json(body: bytes, err_type: str) -> dict:
@@ -134,13 +142,20 @@ async def test_keep_alive_serves_two_requests_on_one_connection(start_server, co
     server = await start_server(echo)
     reader, writer = await connect(server.port)
 
-    writer.write(b"POST /v1/echo?x=1&y=2 HTTP/1.1\r\nHost: test\r\nX-Test: a\r\nX-TEST: b\r\n"
-                 b"Content-Length: 5\r\n\r\nhello")
+    writer.write(
+        b"POST /v1/echo?x=1&y=2 HTTP/1.1\r\nHost: test\r\nX-Test: a\r\nX-TEST: b\r\nContent-Length: 5\r\n\r\nhello"
+    )
     status, headers, body = await read_response(reader)
     assert status == 200 and headers["connection"] == "keep-alive"
     assert headers["content-type"] == "application/json"
-    assert json.loads(body) == {"method": "POST", "path": "/v1/echo", "query": "x=1&y=2", "body": "hello",
-                                "x_test": "b", "keep_alive": True}  # a repeated header keeps its last value
+    assert json.loads(body) == {
+        "method": "POST",
+        "path": "/v1/echo",
+        "query": "x=1&y=2",
+        "body": "hello",
+        "x_test": "b",
+        "keep_alive": True,
+    }  # a repeated header keeps its last value
 
     writer.write(get("/second"))  # the same socket: the connection was kept alive
     status, headers, body = await read_response(reader)
@@ -222,15 +237,19 @@ async def test_chunked_body_growing_past_limit_is_413(start_server, connect):
 
     # under the limit, a chunked body is reassembled and served
     reader, writer = await connect(server.port)
-    writer.write(b"POST /c HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 b"28\r\n" + b"a" * 40 + b"\r\n28\r\n" + b"b" * 40 + b"\r\n0\r\n\r\n")
+    writer.write(
+        b"POST /c HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"28\r\n" + b"a" * 40 + b"\r\n28\r\n" + b"b" * 40 + b"\r\n0\r\n\r\n"
+    )
     assert (await read_response(reader))[0] == 200
     assert calls == [b"a" * 40 + b"b" * 40]
 
     # past it (no Content-Length to judge by), the growing body is refused
     reader, writer = await connect(server.port)
-    writer.write(b"POST /c HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 b"3c\r\n" + b"a" * 60 + b"\r\n3c\r\n" + b"b" * 60 + b"\r\n")
+    writer.write(
+        b"POST /c HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3c\r\n" + b"a" * 60 + b"\r\n3c\r\n" + b"b" * 60 + b"\r\n"
+    )
     status, headers, body = await read_response(reader)
     assert status == 413 and headers["connection"] == "close"
     assert "too large" in assert_error_json(body, "invalid_request_error")["message"]
@@ -238,11 +257,15 @@ async def test_chunked_body_growing_past_limit_is_413(start_server, connect):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("raw", [
-    b"NOT A REQUEST\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: test\r\nNo colon here\r\n\r\n",
-    b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n",
-], ids=["bad-request-line", "bad-header", "bad-content-length"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"NOT A REQUEST\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: test\r\nNo colon here\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n",
+    ],
+    ids=["bad-request-line", "bad-header", "bad-content-length"],
+)
 async def test_malformed_request_is_400_json_and_closed(start_server, connect, raw):
     calls = []
 
@@ -348,10 +371,14 @@ async def test_idle_keepalive_connection_is_closed_after_timeout(start_server, c
     assert 0.1 < time.monotonic() - t0 < 1.5
 
 
-@pytest.mark.parametrize("partial", [
-    b"GET /slow HTTP/1.1\r\nHost: te",
-    b"POST /slow HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nabc",
-], ids=["partial-head", "partial-body"])
+@pytest.mark.parametrize(
+    "partial",
+    [
+        b"GET /slow HTTP/1.1\r\nHost: te",
+        b"POST /slow HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nabc",
+    ],
+    ids=["partial-head", "partial-body"],
+)
 async def test_partial_request_times_out_with_408(start_server, connect, partial):
     calls = []
 

@@ -18,6 +18,14 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from pdgate.common.block_hash import (
+    NONE_HASH_SEED,
+    BlockHasher,
+    block_hashes,
+    hash_block,
+    none_hash,
+    to_event_hash,
+)
 from pdgate.engines.sim.kv_events import (
     DEFAULT_SCHEMA,
     VLLM_EXTENDED_SCHEMA,
@@ -29,14 +37,6 @@ from pdgate.engines.sim.kv_events import (
     KvEventPublisher,
     WireSchema,
     encode_batch,
-)
-from pdgate.common.block_hash import (
-    NONE_HASH_SEED,
-    BlockHasher,
-    block_hashes,
-    hash_block,
-    none_hash,
-    to_event_hash,
 )
 
 RECV_TIMEOUT_S = 2.0
@@ -267,9 +267,7 @@ def _sample_pairs(S: Any, R: Any, C: Any, extended: bool) -> tuple[list[Any], li
     return ours, theirs
 
 
-@pytest.mark.parametrize(
-    ("schema", "extended"), [(VLLM_UPSTREAM_SCHEMA, False), (VLLM_EXTENDED_SCHEMA, True)]
-)
+@pytest.mark.parametrize(("schema", "extended"), [(VLLM_UPSTREAM_SCHEMA, False), (VLLM_EXTENDED_SCHEMA, True)])
 def test_encoding_is_byte_identical_to_vllm_msgspec(schema: WireSchema, extended: bool) -> None:
     msgspec, EventBatch, batch_type, S, R, C = _vllm_structs(extended)
     ours, theirs = _sample_pairs(S, R, C, extended)
@@ -280,9 +278,7 @@ def test_encoding_is_byte_identical_to_vllm_msgspec(schema: WireSchema, extended
         assert encode_batch(ts, ours, rank, schema=schema) == expected
     assert encode_batch(ts, [], 0, schema=schema) == enc.encode(EventBatch(ts, [], 0))
     # A subscriber using vLLM's typed decoder reads our payload.
-    ts2, events, rank = msgspec.msgpack.Decoder(batch_type).decode(
-        encode_batch(ts, ours, 0, schema=schema)
-    )
+    ts2, events, rank = msgspec.msgpack.Decoder(batch_type).decode(encode_batch(ts, ours, 0, schema=schema))
     assert (ts2, rank) == (ts, 0)
     assert [type(e) for e in events] == [type(e) for e in theirs]
     # (msgspec turns the innermost extra_keys tuple, typed Any, into a list.)

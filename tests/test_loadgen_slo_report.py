@@ -39,12 +39,36 @@ from pdgate.loadgen.types import RequestResult
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def mk(index: int, scheduled: float, sent: float, first: float | None, end: float, out: int, *,
-       chunks: list[float] | None = None, status: int = 200, error: str | None = None,
-       cls: str = "default", prompt: int | None = None, cached: int | None = None) -> RequestResult:
-    return RequestResult(index=index, target="t", slo_class=cls, scheduled_s=scheduled, sent_s=sent, end_s=end,
-                         first_token_s=first, chunk_times=list(chunks or []), output_tokens=out,
-                         prompt_tokens=prompt, cached_tokens=cached, status=status, error=error)
+def mk(
+    index: int,
+    scheduled: float,
+    sent: float,
+    first: float | None,
+    end: float,
+    out: int,
+    *,
+    chunks: list[float] | None = None,
+    status: int = 200,
+    error: str | None = None,
+    cls: str = "default",
+    prompt: int | None = None,
+    cached: int | None = None,
+) -> RequestResult:
+    return RequestResult(
+        index=index,
+        target="t",
+        slo_class=cls,
+        scheduled_s=scheduled,
+        sent_s=sent,
+        end_s=end,
+        first_token_s=first,
+        chunk_times=list(chunks or []),
+        output_tokens=out,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        status=status,
+        error=error,
+    )
 
 
 SPEC = SloSpec.parse(["ttft=0.5,tpot=0.125", "class=chat:ttft=1"])
@@ -250,8 +274,21 @@ def test_summary_table_renders_numbers() -> None:
     console = Console(record=True, width=200)
     print_summary(console, [("sim", base), ("vllm", other)], target_pct=90)
     text = console.export_text()
-    for expected in ("sim", "vllm", "60.0%", "100.0%", "0.50", "750.0", "125.0", "1000.0", "250.0",
-                     "30.0%", "per SLO class", "chat", "ttft<=1s tpot<=125ms"):
+    for expected in (
+        "sim",
+        "vllm",
+        "60.0%",
+        "100.0%",
+        "0.50",
+        "750.0",
+        "125.0",
+        "1000.0",
+        "250.0",
+        "30.0%",
+        "per SLO class",
+        "chat",
+        "ttft<=1s tpot<=125ms",
+    ):
         assert expected in text, expected
 
 
@@ -262,8 +299,9 @@ def _assert_png(path: Path) -> None:
 
 def test_plots(tmp_path: Path) -> None:
     results = scenario()
-    _assert_png(plot_attainment_vs_rate({"sim": [(1, 1.0), (2, 0.95), (4, 0.6)], "vllm": [(1, 0.8)]}, 90,
-                                        tmp_path / "att.png"))
+    _assert_png(
+        plot_attainment_vs_rate({"sim": [(1, 1.0), (2, 0.95), (4, 0.6)], "vllm": [(1, 0.8)]}, 90, tmp_path / "att.png")
+    )
     _assert_png(plot_cdfs({"a": results, "b": results[:3]}, tmp_path / "cdf.png"))
     _assert_png(plot_timeseries(results, tmp_path / "ts.png", bin_s=0.5))
     # empty inputs draw "no data" instead of failing

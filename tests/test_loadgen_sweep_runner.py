@@ -18,16 +18,32 @@ async def test_sweep_brackets_the_capacity_of_each_target() -> None:
 
     async def probe(name: str, rate: float, requests) -> list[RequestResult]:
         ok = rate <= capacity[name]
-        return [RequestResult(index=r.index, target=name, slo_class="default", scheduled_s=0, sent_s=0, end_s=1,
-                              status=200 if ok else 503) for r in requests]
+        return [
+            RequestResult(
+                index=r.index,
+                target=name,
+                slo_class="default",
+                scheduled_s=0,
+                sent_s=0,
+                end_s=1,
+                status=200 if ok else 503,
+            )
+            for r in requests
+        ]
 
     def attainment(results: list[RequestResult], rate: float) -> float:
         return sum(r.ok for r in results) / len(results)
 
     order: list[str] = []
     config = SweepConfig(start_rate=4, tolerance=0.05, max_probes=12, point_duration_s=1)
-    found = await sweep(["fast", "slow"], lambda n, rate: [BenchRequest(i, "completions", 4, prompt="x") for i in range(n)],
-                        probe, attainment, config, on_point=lambda name, rate, value: order.append(name))
+    found = await sweep(
+        ["fast", "slow"],
+        lambda n, rate: [BenchRequest(i, "completions", 4, prompt="x") for i in range(n)],
+        probe,
+        attainment,
+        config,
+        on_point=lambda name, rate, value: order.append(name),
+    )
     for name, cap in capacity.items():
         assert found[name].best_rate is not None and cap * 0.95 <= found[name].best_rate <= cap
         assert found[name].bad is not None and found[name].bad > cap
@@ -52,9 +68,19 @@ def test_arrival_processes_have_the_asked_rate_and_are_seeded() -> None:
 
 async def test_runner_measures_streams_and_keeps_session_order(sim_factory) -> None:
     engine = sim_factory("--served-model-name", "m", "--time-scale", "1")
-    requests = [BenchRequest(i, "chat" if i % 2 else "completions", 12, prompt="the history of the city " * 8,
-                             messages=({"role": "user", "content": "hello " * 10},), extra={"ignore_eos": True},
-                             session="s" if i >= 6 else None, turn=i) for i in range(10)]
+    requests = [
+        BenchRequest(
+            i,
+            "chat" if i % 2 else "completions",
+            12,
+            prompt="the history of the city " * 8,
+            messages=({"role": "user", "content": "hello " * 10},),
+            extra={"ignore_eos": True},
+            session="s" if i >= 6 else None,
+            turn=i,
+        )
+        for i in range(10)
+    ]
     results, overhead = await run_load(Target("sim", engine.url, "m"), requests, LoadConfig(rate=200, seed=0))
     assert [r.index for r in results] == list(range(10)) and all(r.ok for r in results), [r.error for r in results]
     for r in results:

@@ -16,12 +16,16 @@ from pdgate.loadgen.prompts import PromptBuilder, _raw_pieces
 from pdgate.loadgen.traces import MooncakeRecord
 from pdgate.loadgen.workloads import LengthDist, multi_turn, shared_prefix, synthetic
 
-CORPUS = ("the history of the city begins in antiquity with small settlements along the river where "
-         "farmers traded grain and fish while merchants built roads bridges markets temples and walls "
-         "around a harbour that grew into a port for ships from distant islands carrying wine oil silver "
-         "copper wool timber spices and stories about kings queens soldiers poets")
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}[assistant]{% endif %}")
+CORPUS = (
+    "the history of the city begins in antiquity with small settlements along the river where "
+    "farmers traded grain and fish while merchants built roads bridges markets temples and walls "
+    "around a harbour that grew into a port for ships from distant islands carrying wine oil silver "
+    "copper wool timber spices and stories about kings queens soldiers poets"
+)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +38,19 @@ def hf_tok(tmp_path_factory) -> HFTokenizer:
     tok = tokenizers.Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=800, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     rng = random.Random(0)
     tok.train_from_iterator([" ".join(rng.choices(CORPUS.split(), k=60)) for _ in range(300)], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     path = tmp_path_factory.mktemp("hf-tok")
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE})
+    )
     return HFTokenizer(path)
 
 
@@ -109,7 +117,12 @@ def test_block_texts_are_deterministic_distinct_and_concatenate_exactly(tok):
 
 def test_length_distributions_parse_and_sample_with_the_right_statistics(tmp_path):
     rng = random.Random(0)
-    assert LengthDist.parse("fixed:128").sample(rng) == 128 == LengthDist.parse("128").sample(rng) == LengthDist.parse(128).sample(rng)
+    assert (
+        LengthDist.parse("fixed:128").sample(rng)
+        == 128
+        == LengthDist.parse("128").sample(rng)
+        == LengthDist.parse(128).sample(rng)
+    )
     uniform = [LengthDist.parse("uniform:64:512").sample(rng) for _ in range(20000)]
     assert min(uniform) == 64 and max(uniform) == 512 and abs(statistics.mean(uniform) - 288) < 5
     lognormal = [LengthDist.parse("lognormal:1024:0.5").sample(rng) for _ in range(40000)]
@@ -209,8 +222,12 @@ MOONCAKE = [  # timestamp ms, input, output, hash ids (blocks of 16; last may be
 
 
 def write_mooncake(path, rows=MOONCAKE):
-    path.write_text("".join(json.dumps({"timestamp": t, "input_length": n, "output_length": o, "hash_ids": h}) + "\n"
-                            for t, n, o, h in rows))
+    path.write_text(
+        "".join(
+            json.dumps({"timestamp": t, "input_length": n, "output_length": o, "hash_ids": h}) + "\n"
+            for t, n, o, h in rows
+        )
+    )
     return path
 
 
@@ -252,7 +269,14 @@ def test_mooncake_timestamps_speedup_offset_limit_and_filters(tmp_path):
     reqs = traces.read_mooncake(path, builder, block_tokens=B)
     assert [r.arrival_s for r in reqs] == [0.0, 0.5, 0.5, 3.0, 8.0, 8.5]
     assert [r.extra for r in reqs] == [{"ignore_eos": True}] * 6
-    assert [r.arrival_s for r in traces.read_mooncake(path, builder, block_tokens=B, speedup=2)] == [0, 0.25, 0.25, 1.5, 4, 4.25]
+    assert [r.arrival_s for r in traces.read_mooncake(path, builder, block_tokens=B, speedup=2)] == [
+        0,
+        0.25,
+        0.25,
+        1.5,
+        4,
+        4.25,
+    ]
     window = traces.read_mooncake(path, builder, block_tokens=B, offset=1, limit=2)
     assert [(r.index, r.arrival_s, r.max_tokens) for r in window] == [(0, 0.0, 3), (1, 0.0, 9)]
     short = traces.read_mooncake(path, builder, block_tokens=B, max_input_tokens=2 * B, min_output_tokens=2)
@@ -301,7 +325,9 @@ def test_azure_trace_timestamps_lengths_and_seeds(tok, tmp_path):
 
 def test_timestamps_parse_robustly():
     base = traces.parse_timestamp("2023-11-16 18:15:46")
-    assert traces.parse_timestamp("2023-11-16 18:15:46.6805900") - base == pytest.approx(0.68059, abs=1e-6)  # float seconds since 1970: ~0.2 us steps
+    assert traces.parse_timestamp("2023-11-16 18:15:46.6805900") - base == pytest.approx(
+        0.68059, abs=1e-6
+    )  # float seconds since 1970: ~0.2 us steps
     assert traces.parse_timestamp("2023-11-16T18:15:46.5Z") - base == pytest.approx(0.5)
     assert traces.parse_timestamp("2023-11-16 19:15:46+01:00") == base
     assert traces.parse_timestamp("12.25") == 12.25
@@ -315,24 +341,50 @@ def test_timestamps_parse_robustly():
 def test_prompt_datasets_are_detected_and_read(tok, tmp_path):
     builder = PromptBuilder(tok, 0)
     alpaca = tmp_path / "model_outputs.json"
-    alpaca.write_text(json.dumps([
-        {"instruction": "Name the river.", "output": "The river is old and wide.", "generator": "x"},
-        {"instruction": "Translate", "input": "the city", "output": "la ville"},
-    ], indent=2))
+    alpaca.write_text(
+        json.dumps(
+            [
+                {"instruction": "Name the river.", "output": "The river is old and wide.", "generator": "x"},
+                {"instruction": "Translate", "input": "the city", "output": "la ville"},
+            ],
+            indent=2,
+        )
+    )
     sharegpt = tmp_path / "sharegpt.json"
-    sharegpt.write_text(json.dumps([
-        {"id": "a", "conversations": [{"from": "system", "value": "be nice"}, {"from": "human", "value": "hello there"},
-                                      {"from": "gpt", "value": "hi, how can I help with the harbour"},
-                                      {"from": "human", "value": "later"}]},
-        {"id": "b", "conversations": [{"from": "human", "value": "no answer"}]},
-        {"id": "c", "conversations": [{"from": "human", "value": "ships?"}, {"from": "gpt", "value": "many"}]},
-    ]))
+    sharegpt.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "a",
+                    "conversations": [
+                        {"from": "system", "value": "be nice"},
+                        {"from": "human", "value": "hello there"},
+                        {"from": "gpt", "value": "hi, how can I help with the harbour"},
+                        {"from": "human", "value": "later"},
+                    ],
+                },
+                {"id": "b", "conversations": [{"from": "human", "value": "no answer"}]},
+                {"id": "c", "conversations": [{"from": "human", "value": "ships?"}, {"from": "gpt", "value": "many"}]},
+            ]
+        )
+    )
     generic = tmp_path / "prompts.jsonl"
-    generic.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "the walls of the port", "output_tokens": 33},
-        {"messages": [{"role": "system", "content": "short"}, {"role": "user", "content": "kings and queens"}],
-         "output": "wine oil silver"},
-    ]) + "\n\n")
+    generic.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "the walls of the port", "output_tokens": 33},
+                {
+                    "messages": [
+                        {"role": "system", "content": "short"},
+                        {"role": "user", "content": "kings and queens"},
+                    ],
+                    "output": "wine oil silver",
+                },
+            ]
+        )
+        + "\n\n"
+    )
     assert [traces.detect_format(p) for p in (alpaca, sharegpt, generic)] == ["alpaca", "sharegpt", "jsonl"]
 
     reqs = traces.read_trace(alpaca, builder)
@@ -350,12 +402,16 @@ def test_prompt_datasets_are_detected_and_read(tok, tmp_path):
     assert reqs[0].max_tokens == 33 and reqs[1].max_tokens == len(ids(tok, "wine oil silver"))
     assert reqs[1].messages[0] == {"role": "system", "content": "short"}
     as_text = traces.read_dataset(generic, builder)
-    assert as_text[1].prompt == tok.apply_chat_template(list(reqs[1].messages)) and as_text[1].prompt_tokens == reqs[1].prompt_tokens
+    assert (
+        as_text[1].prompt == tok.apply_chat_template(list(reqs[1].messages))
+        and as_text[1].prompt_tokens == reqs[1].prompt_tokens
+    )
 
     assert [r.prompt for r in traces.read_dataset(alpaca, builder, offset=1, limit=5)] == ["Translate\n\nthe city"]
     assert len(traces.read_dataset(alpaca, builder, limit=1)) == 1
-    assert [r.prompt for r in traces.read_dataset(alpaca, builder, min_input_tokens=len(ids(tok, "Name the river.")) + 1)] == \
-        ["Translate\n\nthe city"]
+    assert [
+        r.prompt for r in traces.read_dataset(alpaca, builder, min_input_tokens=len(ids(tok, "Name the river.")) + 1)
+    ] == ["Translate\n\nthe city"]
     shuffled = {r.prompt for r in traces.read_dataset(alpaca, builder, shuffle_seed=4)}
     assert shuffled == {"Name the river.", "Translate\n\nthe city"}
 
@@ -372,8 +428,10 @@ def test_malformed_files_name_the_line(tmp_path):
         traces.read_dataset(missing, builder)
     assert traces.read_dataset(missing, builder, default_output_tokens=9)[1].max_tokens == 9
     mooncake = tmp_path / "mc.jsonl"
-    mooncake.write_text('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1]}\n'
-                        '{"timestamp": 1, "input_length": 5, "hash_ids": [2]}\n')
+    mooncake.write_text(
+        '{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1]}\n'
+        '{"timestamp": 1, "input_length": 5, "hash_ids": [2]}\n'
+    )
     with pytest.raises(ValueError, match=r"mc.jsonl:2: missing field 'output_length'"):
         traces.read_trace(mooncake, builder)
     azure = tmp_path / "az.csv"

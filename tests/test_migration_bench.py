@@ -46,7 +46,8 @@ def test_off_and_on_configs_are_valid_gateway_configs() -> None:
         profiles = PluginRegistry(load_entry_points=False).build(parsed.scheduling)
         assert {"prefill", "decode", "colocated"} <= set(profiles)
         policy = PluginRegistry(load_entry_points=False).create_migration_policy(
-            parsed.migration.policy, parsed.migration.parameters)
+            parsed.migration.policy, parsed.migration.parameters
+        )
         assert policy.type_name == parsed.migration.policy
     for placement in bench.PLACEMENTS:
         GatewayConfig.model_validate(bench.gateway_config(ports, 8000, _args("--placement", placement), migration=True))
@@ -61,8 +62,9 @@ def test_bad_policy_parameters_are_refused_before_anything_starts(capsys) -> Non
 def test_workload_is_reproducible_and_shaped() -> None:
     w = bench.Workload(duration_s=20.0)
     a, b = bench.build_requests(w, 3), bench.build_requests(w, 3)
-    assert [(r.arrival_s, r.prompt_tokens, r.max_tokens, r.prompt) for r in a] == \
-           [(r.arrival_s, r.prompt_tokens, r.max_tokens, r.prompt) for r in b]
+    assert [(r.arrival_s, r.prompt_tokens, r.max_tokens, r.prompt) for r in a] == [
+        (r.arrival_s, r.prompt_tokens, r.max_tokens, r.prompt) for r in b
+    ]
     assert [r.index for r in a] == list(range(len(a)))
     assert all(x.arrival_s <= y.arrival_s for x, y in itertools.pairwise(a))
     longs = [r for r in a if r.slo_class == bench.LONG]
@@ -92,18 +94,38 @@ def test_bucket_quantile_is_prometheus_histogram_quantile() -> None:
 def test_gateway_log_parsing(tmp_path: Path) -> None:
     lines = [
         "pdgate gateway ready: http://127.0.0.1:1",
-        {"level": "info", "logger": "pdgate.proxy", "message": "migrated on0-3 from decode-1 to decode-2 (balance, recompute) after 30 tokens"},
-        {"level": "info", "logger": "pdgate.proxy", "message": "migration of on0-4 from decode-0 to decode-2 (defrag, live) failed: HTTP 502: no"},
-        {"level": "warning", "logger": "pdgate.proxy", "message": "failed on0-5 over from decode-2 to decode-0 after 12 tokens (stalled)"},
-        {"level": "info", "logger": "pdgate.access", "message": "POST /v1/completions 200", "request_id": "on0-3", "decode": "decode-1"},
+        {
+            "level": "info",
+            "logger": "pdgate.proxy",
+            "message": "migrated on0-3 from decode-1 to decode-2 (balance, recompute) after 30 tokens",
+        },
+        {
+            "level": "info",
+            "logger": "pdgate.proxy",
+            "message": "migration of on0-4 from decode-0 to decode-2 (defrag, live) failed: HTTP 502: no",
+        },
+        {
+            "level": "warning",
+            "logger": "pdgate.proxy",
+            "message": "failed on0-5 over from decode-2 to decode-0 after 12 tokens (stalled)",
+        },
+        {
+            "level": "info",
+            "logger": "pdgate.access",
+            "message": "POST /v1/completions 200",
+            "request_id": "on0-3",
+            "decode": "decode-1",
+        },
         {"level": "warning", "logger": "pdgate.migration", "message": "stream on0-5 on decode-2 stalled"},
     ]
     log = tmp_path / "gateway.log"
     log.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
     moves, placed, problems = bench.parse_gateway_log(log)
     assert [(m.request_id, m.reason, m.mechanism, m.ok, m.tokens) for m in moves] == [
-        ("on0-3", "balance", "recompute", True, 30), ("on0-4", "defrag", "live", False, None),
-        ("on0-5", "failover", "failover", True, 12)]
+        ("on0-3", "balance", "recompute", True, 30),
+        ("on0-4", "defrag", "live", False, None),
+        ("on0-5", "failover", "failover", True, 12),
+    ]
     assert moves[1].error == "HTTP 502: no"
     assert placed == {"on0-3": "decode-1"}
     assert problems == ["stream on0-5 on decode-2 stalled"]
@@ -111,8 +133,13 @@ def test_gateway_log_parsing(tmp_path: Path) -> None:
 
 def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "migration.json"
-    run = subprocess.run([sys.executable, str(BENCHMARKS / "migration.py"), "--smoke", "--out", str(out), "--keep-logs"],
-                         capture_output=True, text=True, timeout=110, check=False)
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "migration.py"), "--smoke", "--out", str(out), "--keep-logs"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| metric | off | on | on/off |" in run.stdout and "**TPOT p99 (ms)**" in run.stdout
     data = json.loads(out.read_text())
@@ -125,7 +152,9 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     # the smoke workload piles long requests on one decoder: the policy moves some, and the
     # gateway's log, its counter and its downtime histogram agree on how many
     assert on["migrations"] >= 1, on
-    migrated = sum(v for k, v in on["metric_counts"].items() if k.endswith("/migrated") and not k.startswith("failover/"))
+    migrated = sum(
+        v for k, v in on["metric_counts"].items() if k.endswith("/migrated") and not k.startswith("failover/")
+    )
     assert migrated == on["migrations"] == on["downtime_metric"]["count"]
     moved = {m["request_id"] for m in on["moves"] if m["ok"] and m["reason"] != "failover"}
     assert on["max_gap_migrated_s"]["count"] == len(moved)  # every migrated stream found among the client's results

@@ -33,10 +33,16 @@ TOKENS = 160
 PROMPT = "Tell me a long story about a migrating bird and the engines that served it"
 
 
-def admin(url: str, path: str, body: dict | None = None, method: str = "POST", headers: dict | None = None) -> tuple[int, Any]:
+def admin(
+    url: str, path: str, body: dict | None = None, method: str = "POST", headers: dict | None = None
+) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(f"{url}{path}", data=data if method == "POST" else None, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        f"{url}{path}",
+        data=data if method == "POST" else None,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.load(resp)
@@ -59,8 +65,16 @@ def client(url: str) -> openai.OpenAI:
 class Stream:
     """A streamed completion read chunk by chunk, with a hook after the k-th token."""
 
-    def __init__(self, url: str, request_id: str, *, chat: bool = False, tokens: int = TOKENS, prompt: str = PROMPT,
-                 usage: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        request_id: str,
+        *,
+        chat: bool = False,
+        tokens: int = TOKENS,
+        prompt: str = PROMPT,
+        usage: bool = True,
+    ) -> None:
         self.url, self.request_id, self.chat = url, request_id, chat
         self.tokens, self.prompt, self.usage_wanted = tokens, prompt, usage
         self.text = ""
@@ -71,8 +85,14 @@ class Stream:
 
     def run(self, at: int | None = None, action=None) -> Stream:
         api = client(self.url)
-        common = {"model": MODEL, "max_tokens": self.tokens, "temperature": 0, "stream": True,
-                  "extra_body": {"ignore_eos": True}, "extra_headers": {"X-Request-Id": self.request_id}}
+        common = {
+            "model": MODEL,
+            "max_tokens": self.tokens,
+            "temperature": 0,
+            "stream": True,
+            "extra_body": {"ignore_eos": True},
+            "extra_headers": {"X-Request-Id": self.request_id},
+        }
         if self.usage_wanted:
             common["stream_options"] = {"include_usage": True}
         if self.chat:
@@ -130,18 +150,25 @@ def test_a_stream_migrated_k_tokens_in_is_identical(sim_factory, tmp_path, chat)
         assert status == 200 and answer["migrated"] is True, answer
         assert answer["from"] == outcome["source"] and answer["to"] != outcome["source"]
         assert_same(moved, reference)
-        assert metric(gateway.url, "pdgate_migrations_total", reason="admin", mechanism="recompute", outcome="migrated") == 1
+        assert (
+            metric(gateway.url, "pdgate_migrations_total", reason="admin", mechanism="recompute", outcome="migrated")
+            == 1
+        )
         assert metric(gateway.url, "pdgate_migration_downtime_seconds_count", reason="admin") == 1
         assert metric(gateway.url, "pdgate_generation_tokens_total") == 2 * TOKENS
     finally:
         gateway.stop()
 
 
-@pytest.mark.parametrize("mechanism, roles, api", [
-    ("live", ("both", "both"), "vllm"),
-    ("live", ("prefill", "decode", "decode"), "sglang"),
-    ("pd", ("prefill", "decode", "decode"), "vllm"),
-], ids=["live-colocated", "live-sglang-pd", "pd-path"])
+@pytest.mark.parametrize(
+    "mechanism, roles, api",
+    [
+        ("live", ("both", "both"), "vllm"),
+        ("live", ("prefill", "decode", "decode"), "sglang"),
+        ("pd", ("prefill", "decode", "decode"), "vllm"),
+    ],
+    ids=["live-colocated", "live-sglang-pd", "pd-path"],
+)
 def test_live_and_pd_path_migration_are_identical(sim_factory, tmp_path, mechanism, roles, api):
     boot = {}
     engines = []
@@ -151,8 +178,11 @@ def test_live_and_pd_path_migration_are_identical(sim_factory, tmp_path, mechani
         boot[len(engines) - 1] = port
     kind = "sim-sglang" if api == "sglang" else "sim"
     entries = [instance_entry(e, role, kind, boot_port=boot[i]) for i, (e, role) in enumerate(zip(engines, roles))]
-    config = write_config(tmp_path / "fleet.yaml", entries,
-                          migration={"policy": "no-migration", "interval_s": 0.1, "mechanism": mechanism})
+    config = write_config(
+        tmp_path / "fleet.yaml",
+        entries,
+        migration={"policy": "no-migration", "interval_s": 0.1, "mechanism": mechanism},
+    )
     gateway = start_gateway(config)
     try:
         reference = Stream(gateway.url, "ref").run()
@@ -244,8 +274,9 @@ def test_a_stalled_engine_is_failed_over(sim_factory, tmp_path):
 
 
 def test_a_failed_migration_leaves_the_request_on_its_source(sim_factory, tmp_path):
-    engines, entries, gateway = fleet(sim_factory, tmp_path, roles=("both", "both", "both"),
-                                      migration={"mechanism": "recompute"})
+    engines, entries, gateway = fleet(
+        sim_factory, tmp_path, roles=("both", "both", "both"), migration={"mechanism": "recompute"}
+    )
     try:
         reference = Stream(gateway.url, "ref").run()
         outcome: dict[str, Any] = {}
@@ -277,7 +308,7 @@ def test_drain_moves_every_stream_away_and_keeps_new_requests_off(sim_factory, t
         def run(stream: Stream) -> None:
             try:
                 stream.run()
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=run, args=(s,)) for s in streams]
@@ -289,7 +320,8 @@ def test_drain_moves_every_stream_away_and_keeps_new_requests_off(sim_factory, t
             instances = get_json(f"{gateway.url}/admin/instances")["data"]
             busiest = max(instances, key=lambda i: len(i["streams"]))
             if sum(len(i["streams"]) for i in instances) == len(streams) and all(
-                    s["generated_tokens"] >= 5 for i in instances for s in i["streams"]):
+                s["generated_tokens"] >= 5 for i in instances for s in i["streams"]
+            ):
                 break
             time.sleep(0.02)
         assert busiest is not None and busiest["streams"], "no stream to drain"
@@ -314,8 +346,9 @@ def test_drain_moves_every_stream_away_and_keeps_new_requests_off(sim_factory, t
 
 
 def test_admin_api_errors_and_key(sim_factory, tmp_path):
-    _, entries, gateway = fleet(sim_factory, tmp_path, roles=("both",), time_scale=20.0,
-                                admin={"api_key": "operator-secret"})
+    _, entries, gateway = fleet(
+        sim_factory, tmp_path, roles=("both",), time_scale=20.0, admin={"api_key": "operator-secret"}
+    )
     try:
         key = {"Authorization": "Bearer operator-secret"}
         status, body = admin(gateway.url, "/admin/instances", method="GET")
@@ -337,12 +370,12 @@ def test_admin_api_errors_and_key(sim_factory, tmp_path):
 
 
 def test_with_failover_off_a_killed_engine_ends_the_stream_with_an_error(sim_factory, tmp_path):
-    engines, _, gateway = fleet(sim_factory, tmp_path, roles=("both",),
-                                      migration={"failover": False, "enabled": False})
+    engines, _, gateway = fleet(sim_factory, tmp_path, roles=("both",), migration={"failover": False, "enabled": False})
     try:
         api = client(gateway.url)
-        stream = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True,
-                                        extra_body={"ignore_eos": True})
+        stream = api.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         seen = 0
         with pytest.raises(openai.APIError):
             for _ in stream:

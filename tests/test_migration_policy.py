@@ -22,12 +22,30 @@ def inst(id: str, role: str = "decode", model: str = "m", **kw) -> InstanceView:
     return InstanceView(id=id, url=f"http://{id}", role=role, model=model, **kw)  # type: ignore[arg-type]
 
 
-def req(id: str, on: str, kv: int = 1000, remaining: float | None = 500, *, generated: int = 100,
-        decoding_s: float = 1.0, model: str = "m", **kw) -> RunningRequest:
+def req(
+    id: str,
+    on: str,
+    kv: int = 1000,
+    remaining: float | None = 500,
+    *,
+    generated: int = 100,
+    decoding_s: float = 1.0,
+    model: str = "m",
+    **kw,
+) -> RunningRequest:
     """A request holding ``kv`` KV tokens, predicted to produce ``remaining`` more."""
     predicted = None if remaining is None else generated + remaining
-    return RunningRequest(id, on, model, prompt_tokens=kv - generated, generated_tokens=generated, max_tokens=100_000,
-                          predicted_output_tokens=predicted, decoding_s=decoding_s, **kw)
+    return RunningRequest(
+        id,
+        on,
+        model,
+        prompt_tokens=kv - generated,
+        generated_tokens=generated,
+        max_tokens=100_000,
+        predicted_output_tokens=predicted,
+        decoding_s=decoding_s,
+        **kw,
+    )
 
 
 def policy(type_name: str = "load-balance", **params) -> MigrationPolicy:
@@ -42,6 +60,7 @@ BALLAST = req("ballast", "hot", kv=6000, migratable=False)  # load on the hot in
 
 
 # --- RunningRequest ------------------------------------------------------------------------------
+
 
 def test_remaining_tokens_follows_the_prediction_and_the_max_tokens_cap():
     def r(generated: int, max_tokens: int, predicted: float | None) -> RunningRequest:
@@ -58,13 +77,18 @@ def test_remaining_tokens_follows_the_prediction_and_the_max_tokens_cap():
 
 # --- balance -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("select, expected", [("most-remaining", "long"), ("least-kv", "small"), ("remaining-per-kv", "dense")])
+
+@pytest.mark.parametrize(
+    "select, expected", [("most-remaining", "long"), ("least-kv", "small"), ("remaining-per-kv", "dense")]
+)
 def test_balance_moves_the_request_select_prefers_from_the_hot_to_the_cold_instance(select, expected):
-    running = [BALLAST,
-               req("long", "hot", kv=3000, remaining=1800),  # most remaining
-               req("small", "hot", kv=400, remaining=100),  # least KV
-               req("dense", "hot", kv=1000, remaining=1000),  # most remaining per KV token
-               req("other", "warm", kv=2000)]
+    running = [
+        BALLAST,
+        req("long", "hot", kv=3000, remaining=1800),  # most remaining
+        req("small", "hot", kv=400, remaining=100),  # least KV
+        req("dense", "hot", kv=1000, remaining=1000),  # most remaining per KV token
+        req("other", "warm", kv=2000),
+    ]
     snap = ClusterSnapshot((inst("hot"), inst("warm"), inst("cold")))
     plans = policy(select=select, max_moves_per_round=1).plan(snap, running, now=10.0)
     assert moves(plans) == [(expected, "hot", "cold", "balance")]
@@ -90,12 +114,15 @@ def test_a_move_must_leave_the_target_below_the_source():
     assert moves(policy().plan(snap, running, 0.0)) == [("mid", "hot", "cold", "balance")]
 
 
-@pytest.mark.parametrize("kind, overrides", [
-    ("not migratable", {"migratable": False}),
-    ("too young", {"decoding_s": 0.1}),
-    ("moved too often", {"migrations": 2}),
-    ("nearly finished", {"remaining": 10}),
-])
+@pytest.mark.parametrize(
+    "kind, overrides",
+    [
+        ("not migratable", {"migratable": False}),
+        ("too young", {"decoding_s": 0.1}),
+        ("moved too often", {"migrations": 2}),
+        ("nearly finished", {"remaining": 10}),
+    ],
+)
 def test_requests_the_policy_must_not_move(kind, overrides):
     snap = ClusterSnapshot((inst("hot"), inst("cold")))
     fields = {"remaining": 500, **overrides}
@@ -104,8 +131,13 @@ def test_requests_the_policy_must_not_move(kind, overrides):
 
 
 def test_never_moves_to_an_unhealthy_draining_prefill_other_model_or_full_instance():
-    bad = (inst("sick", healthy=False), inst("leaving", draining=True), inst("prefiller", role="prefill"),
-           inst("other", model="m2"), inst("full", kv_usage=0.95))
+    bad = (
+        inst("sick", healthy=False),
+        inst("leaving", draining=True),
+        inst("prefiller", role="prefill"),
+        inst("other", model="m2"),
+        inst("full", kv_usage=0.95),
+    )
     running = [BALLAST, req("x", "hot")]
     assert policy().plan(ClusterSnapshot((inst("hot"), *bad)), running, 0.0) == []
     with_ok = ClusterSnapshot((inst("hot"), *bad, inst("ok", role="both")))
@@ -141,7 +173,10 @@ def test_planning_is_pure_and_failed_moves_are_not_retried_at_once():
 
 def test_each_model_is_balanced_among_its_own_instances():
     snap = ClusterSnapshot((inst("m-hot"), inst("m-cold"), inst("n-hot", model="n"), inst("n-cold", model="n")))
-    running = [*(req(f"m{i}", "m-hot", kv=2000) for i in range(3)), *(req(f"n{i}", "n-hot", kv=2000, model="n") for i in range(3))]
+    running = [
+        *(req(f"m{i}", "m-hot", kv=2000) for i in range(3)),
+        *(req(f"n{i}", "n-hot", kv=2000, model="n") for i in range(3)),
+    ]
     plans = policy().plan(snap, running, 0.0)
     assert {(p.source, p.target) for p in plans} == {("m-hot", "m-cold"), ("n-hot", "n-cold")}
     assert len(policy(max_moves_per_round=1).plan(snap, running, 0.0)) == 1
@@ -162,8 +197,15 @@ NO_BALANCE = {"min_gap_tokens": 10**9}
 
 
 def test_defrag_makes_room_on_an_instance_whose_kv_cache_is_full():
-    snap = ClusterSnapshot((inst("full", waiting=2, kv_usage=0.95), inst("roomy", kv_usage=0.5), inst("busy", kv_usage=0.3),
-                            inst("near-full", kv_usage=0.92), inst("idle-unscraped")))
+    snap = ClusterSnapshot(
+        (
+            inst("full", waiting=2, kv_usage=0.95),
+            inst("roomy", kv_usage=0.5),
+            inst("busy", kv_usage=0.3),
+            inst("near-full", kv_usage=0.92),
+            inst("idle-unscraped"),
+        )
+    )
     running = [req("f1", "full", remaining=300), req("f2", "full", remaining=800), req("b1", "busy", kv=4000)]
     lb = policy(**NO_BALANCE)
     plans = lb.plan(snap, running, 10.0)
@@ -176,7 +218,9 @@ def test_defrag_makes_room_on_an_instance_whose_kv_cache_is_full():
 
 
 def test_defrag_counts_against_the_moves_per_round():
-    snap = ClusterSnapshot((inst("f1", waiting=1, kv_usage=0.97), inst("f2", waiting=3, kv_usage=0.99), inst("roomy", kv_usage=0.1)))
+    snap = ClusterSnapshot(
+        (inst("f1", waiting=1, kv_usage=0.97), inst("f2", waiting=3, kv_usage=0.99), inst("roomy", kv_usage=0.1))
+    )
     running = [req("a", "f1"), req("b", "f2")]
     assert [p.reason for p in policy(max_moves_per_round=1, **NO_BALANCE).plan(snap, running, 0.0)] == ["defrag"]
     assert {p.source for p in policy(**NO_BALANCE).plan(snap, running, 0.0)} == {"f1", "f2"}
@@ -185,18 +229,31 @@ def test_defrag_counts_against_the_moves_per_round():
 
 # --- target_for ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("type_name", ["load-balance", "no-migration"])
 def test_target_for_is_the_least_loaded_candidate_and_honours_exclude(type_name):
-    snap = ClusterSnapshot((inst("leaving", draining=True), inst("a"), inst("b"), inst("c", waiting=3),
-                            inst("d", inflight_prefill_tokens=9000), inst("sick", healthy=False),
-                            inst("p", role="prefill"), inst("other", model="m2")))
+    snap = ClusterSnapshot(
+        (
+            inst("leaving", draining=True),
+            inst("a"),
+            inst("b"),
+            inst("c", waiting=3),
+            inst("d", inflight_prefill_tokens=9000),
+            inst("sick", healthy=False),
+            inst("p", role="prefill"),
+            inst("other", model="m2"),
+        )
+    )
     me = req("me", "leaving", kv=2000)
     running = [me, req("a1", "a", kv=3000), req("b1", "b", kv=1000)]
     pol = policy(type_name)
     assert pol.target_for(me, snap, running) == "b"  # c's queue: 3 x (mean 2000 + 256) tokens; d's prefills
     assert pol.target_for(me, snap, running, exclude={"b"}) == "a"
     assert pol.target_for(me, snap, running, exclude={"a", "b", "c", "d"}) is None
-    assert policy(type_name).target_for(req("x", "a"), ClusterSnapshot((inst("a"), inst("p", role="prefill"))), running) is None
+    assert (
+        policy(type_name).target_for(req("x", "a"), ClusterSnapshot((inst("a"), inst("p", role="prefill"))), running)
+        is None
+    )
 
 
 def test_no_migration_plans_nothing():
@@ -205,6 +262,7 @@ def test_no_migration_plans_nothing():
 
 
 # --- registry ------------------------------------------------------------------------------------
+
 
 def test_registry_kinds_and_configuration_errors():
     assert plugin_kind(LoadBalance) == plugin_kind(NoMigration) == "MigrationPolicy"
@@ -224,8 +282,10 @@ def test_registry_kinds_and_configuration_errors():
 
 
 def test_a_migration_policy_in_a_profile_is_rejected():
-    config = {"plugins": [{"name": "mig", "type": "load-balance"}, {"name": "best", "type": "max-score"}],
-              "profiles": {"decode": [{"pluginRef": "mig"}, {"pluginRef": "best"}]}}
+    config = {
+        "plugins": [{"name": "mig", "type": "load-balance"}, {"name": "best", "type": "max-score"}],
+        "profiles": {"decode": [{"pluginRef": "mig"}, {"pluginRef": "best"}]},
+    }
     with pytest.raises(PluginConfigError, match="'mig' is a migration policy"):
         REGISTRY.build(config)
 

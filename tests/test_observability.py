@@ -101,8 +101,13 @@ async def test_a_pd_request_is_one_trace_with_a_span_per_stage(traced, pd_engine
     prefill_engine, decode_engine = pd_engines
     client = _client(server.url, traceparent=CLIENT_TRACEPARENT)
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=12, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     usage = None
     async for chunk in stream:
         usage = chunk.usage or usage
@@ -117,7 +122,9 @@ async def test_a_pd_request_is_one_trace_with_a_span_per_stage(traced, pd_engine
     assert root.kind == SpanKind.SERVER
     assert {_hex(s.context.trace_id, 32) for s in spans} == {CLIENT_TRACE}
 
-    stages = {name: _one(spans, name) for name in ("pdgate.admission", "pdgate.schedule", "pdgate.prefill", "pdgate.decode")}
+    stages = {
+        name: _one(spans, name) for name in ("pdgate.admission", "pdgate.schedule", "pdgate.prefill", "pdgate.decode")
+    }
     for span in stages.values():
         assert _parent(span) == root.context.span_id, span.name
     kv = _one(spans, "pdgate.kv_transfer")
@@ -131,7 +138,8 @@ async def test_a_pd_request_is_one_trace_with_a_span_per_stage(traced, pd_engine
         assert _parent(run) == stages["pdgate.schedule"].context.span_id
         calls = [s for s in spans if _parent(s) == run.context.span_id]
         assert [s.name for s in sorted(calls, key=lambda s: s.start_time)] == [
-            f"pdgate.plugin.{p.name}" for p in profiles[profile].plugins]
+            f"pdgate.plugin.{p.name}" for p in profiles[profile].plugins
+        ]
         assert all(s.attributes["pdgate.plugin.kind"] in ("Filter", "Scorer", "Picker") for s in calls)
         assert all(run.start_time <= s.start_time <= s.end_time <= run.end_time for s in calls)
     prefill_id = f"prefill-{prefill_engine.url.rsplit(':', 1)[1]}"
@@ -140,8 +148,15 @@ async def test_a_pd_request_is_one_trace_with_a_span_per_stage(traced, pd_engine
     assert _one(spans, "pdgate.schedule.decode").attributes["pdgate.instance"] == decode_id
 
     # the stages follow each other in time
-    assert stages["pdgate.admission"].end_time <= stages["pdgate.schedule"].end_time <= stages["pdgate.prefill"].start_time
-    assert stages["pdgate.prefill"].end_time <= stages["pdgate.decode"].start_time <= kv.end_time <= stages["pdgate.decode"].end_time
+    assert (
+        stages["pdgate.admission"].end_time <= stages["pdgate.schedule"].end_time <= stages["pdgate.prefill"].start_time
+    )
+    assert (
+        stages["pdgate.prefill"].end_time
+        <= stages["pdgate.decode"].start_time
+        <= kv.end_time
+        <= stages["pdgate.decode"].end_time
+    )
 
     # attributes that answer an operator's questions
     attrs = root.attributes
@@ -174,8 +189,9 @@ async def test_a_rejected_request_carries_its_reason(traced) -> None:
     server, exporter = traced
     client = _client(server.url)
     with pytest.raises(openai.RateLimitError):
-        await client.completions.create(model=MODEL, prompt=PROMPT * 8, max_tokens=4,
-                                        extra_headers={"x-slo-ttft-ms": "0.01"})
+        await client.completions.create(
+            model=MODEL, prompt=PROMPT * 8, max_tokens=4, extra_headers={"x-slo-ttft-ms": "0.01"}
+        )
     with pytest.raises(openai.BadRequestError):
         await client.completions.create(model=MODEL, prompt="", max_tokens=4)
     await client.close()
@@ -187,7 +203,10 @@ async def test_a_rejected_request_carries_its_reason(traced) -> None:
     admission = next(s for s in _by_name(spans, "pdgate.admission") if _parent(s) == rejected.context.span_id)
     assert admission.attributes["pdgate.admission.outcome"] == "reject"
     assert admission.status.status_code == StatusCode.ERROR
-    assert {s.name for s in spans if s.context.trace_id == rejected.context.trace_id} == {"pdgate.request", "pdgate.admission"}
+    assert {s.name for s in spans if s.context.trace_id == rejected.context.trace_id} == {
+        "pdgate.request",
+        "pdgate.admission",
+    }
     invalid = next(r for r in roots if r.attributes["http.response.status_code"] == 400)
     assert invalid.status.status_code != StatusCode.ERROR  # the client's fault is not the server's error
     assert "error.type" in invalid.attributes
@@ -235,7 +254,9 @@ async def test_a_retry_shows_the_failed_leg_and_counts(tmp_path, sim_factory) ->
     engines = [sim_factory(*engine_flags("both")) for _ in range(2)]
     entries = [instance_entry(e, "both", "sim") for e in engines]
     # no active health checks: the failure is found on the request path
-    config = GatewayConfig.load(write_config(tmp_path / "two.yaml", entries, health={"interval_s": 60, "failure_threshold": 1}))
+    config = GatewayConfig.load(
+        write_config(tmp_path / "two.yaml", entries, health={"interval_s": 60, "failure_threshold": 1})
+    )
     exporter = InMemorySpanExporter()
     server = GatewayServer(build_gateway(config), span_exporter=exporter)
     await server.start()
@@ -281,8 +302,9 @@ async def test_a_failover_is_a_migration_span_between_two_legs(tmp_path, sim_fac
     await server.start()
     try:
         client = _client(server.url)
-        stream = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=80, temperature=0, stream=True,
-                                                 extra_body={"ignore_eos": True})
+        stream = await client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=80, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         pieces = 0
         async for chunk in stream:
             pieces += sum(1 for c in chunk.choices if c.text)
@@ -317,13 +339,21 @@ def test_tracing_settings_follow_the_otel_environment() -> None:
     assert on is not None and on.exporter == "otlp" and on.service_name == "edge"
     assert on.endpoint is None  # the exporter reads OTEL_EXPORTER_OTLP_* itself (headers, TLS, timeout too)
     assert resolve_settings(off, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}) is None
-    assert resolve_settings(off, {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) is None
+    assert (
+        resolve_settings(off, {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) is None
+    )
     console = resolve_settings(off, {"OTEL_TRACES_EXPORTER": "console"})
     assert console is not None and console.exporter == "console"
-    file_wins = resolve_settings(TracingConfig(endpoint="http://10.0.0.1:4318", service_name="gw", sample_ratio=0.25),
-                                 {"OTEL_SERVICE_NAME": "edge", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    file_wins = resolve_settings(
+        TracingConfig(endpoint="http://10.0.0.1:4318", service_name="gw", sample_ratio=0.25),
+        {"OTEL_SERVICE_NAME": "edge", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"},
+    )
     assert file_wins is not None
-    assert (file_wins.endpoint, file_wins.service_name, file_wins.sample_ratio) == ("http://10.0.0.1:4318/v1/traces", "gw", 0.25)
+    assert (file_wins.endpoint, file_wins.service_name, file_wins.sample_ratio) == (
+        "http://10.0.0.1:4318/v1/traces",
+        "gw",
+        0.25,
+    )
     assert resolve_settings(TracingConfig(enabled=False), {"OTEL_TRACES_EXPORTER": "otlp"}) is None
     with pytest.raises(TracingSetupError, match="zipkin"):
         resolve_settings(off, {"OTEL_TRACES_EXPORTER": "zipkin"})
@@ -340,19 +370,24 @@ async def test_gateway_and_engine_spans_reach_an_otlp_collector_as_one_trace(tmp
             for role in ("prefill", "decode"):
                 engines.append(start_sim(*engine_flags(role, extra=("--otlp-traces-endpoint", rx.endpoint)), env=env))
             entries = [instance_entry(engines[0], "prefill", "sim"), instance_entry(engines[1], "decode", "sim")]
-            gateway = start_gateway(write_config(tmp_path / "gw.yaml", entries),
-                                    env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "OTEL_SERVICE_NAME": "pdgate-edge"})
+            gateway = start_gateway(
+                write_config(tmp_path / "gw.yaml", entries),
+                env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "OTEL_SERVICE_NAME": "pdgate-edge"},
+            )
             engines.append(gateway)
             client = _client(gateway.url)
-            reply = await client.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=5,
-                                                                      stream=False)
+            reply = await client.completions.with_raw_response.create(
+                model=MODEL, prompt=PROMPT, max_tokens=5, stream=False
+            )
             await client.close()
             request_id = reply.headers["x-request-id"]
 
             def complete(spans) -> bool:
                 names = {s.name for s in spans}
-                return {"pdgate.request", "pdgate.prefill", "pdgate.decode"} <= names and \
-                    sum(s.name == "llm_request" for s in spans) >= 2
+                return {"pdgate.request", "pdgate.prefill", "pdgate.decode"} <= names and sum(
+                    s.name == "llm_request" for s in spans
+                ) >= 2
+
             spans = await rx.wait_for(complete, timeout=15)
         finally:
             for proc in engines:
@@ -367,7 +402,9 @@ async def test_gateway_and_engine_spans_reach_an_otlp_collector_as_one_trace(tmp
     assert sorted(s.parent_span_id for s in engine_spans) == sorted(leg.span_id for leg in legs.values())
     decode_span = next(s for s in engine_spans if s.parent_span_id == legs["pdgate.decode"].span_id)
     assert decode_span.attributes["gen_ai.usage.completion_tokens"] == 5
-    assert {"pdgate.admission", "pdgate.schedule", "pdgate.schedule.prefill", "pdgate.schedule.decode"} <= {s.name for s in trace}
+    assert {"pdgate.admission", "pdgate.schedule", "pdgate.schedule.prefill", "pdgate.schedule.decode"} <= {
+        s.name for s in trace
+    }
 
 
 async def _samples(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -449,7 +486,9 @@ def test_json_logs_carry_request_and_trace_ids_and_no_text(tmp_path, pd_engines)
     served = next(r for r in access if r.get("request_id") == request_id)
     assert served["status"] == 200 and served["model"] == MODEL and served["output_tokens"] == 4
     assert served["route"] == "/v1/completions" and served["e2e_s"] > 0
-    assert len(served["trace_id"]) == 32 and served["trace_id"] in proc.log.replace(served["trace_id"], "", 1)  # its spans
+    assert len(served["trace_id"]) == 32 and served["trace_id"] in proc.log.replace(
+        served["trace_id"], "", 1
+    )  # its spans
     refused = next(r for r in access if r is not served)
     assert refused["status"] == 400 and refused["level"] == "info"
     assert "Observability" not in proc.log  # neither logs nor spans carry the prompt

@@ -20,8 +20,14 @@ from pdgate.common.perf_model import (
     roofline_profile,
 )
 
-REQUIRED = ("h100-llama-3-8b", "h100-llama-2-7b", "a100-llama-3-8b", "a100-llama-2-7b",
-            "h100-llama-2-70b-tp4", "a100-llama-3-70b-tp4")
+REQUIRED = (
+    "h100-llama-3-8b",
+    "h100-llama-2-7b",
+    "a100-llama-3-8b",
+    "a100-llama-2-7b",
+    "h100-llama-2-70b-tp4",
+    "a100-llama-3-70b-tp4",
+)
 MS = 1e-3
 
 
@@ -125,8 +131,17 @@ def test_resolve_prefers_calibrated_then_roofline():
 
 
 def test_roofline_fallback_for_an_unknown_shape():
-    shape = ModelSpec("toy-13b", num_layers=40, hidden_size=5120, num_heads=40, num_kv_heads=8, head_dim=128,
-                      intermediate_size=13824, vocab_size=32000, max_model_len=4096)
+    shape = ModelSpec(
+        "toy-13b",
+        num_layers=40,
+        hidden_size=5120,
+        num_heads=40,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=13824,
+        vocab_size=32000,
+        max_model_len=4096,
+    )
     profile = roofline_profile(shape, "h100")
     assert profile.source == "roofline"
     small, big = profile.step_time(prefill(128)), profile.step_time(prefill(4096))
@@ -134,7 +149,8 @@ def test_roofline_fallback_for_an_unknown_shape():
     assert profile.step_time(decode(8, 100)) < profile.step_time(decode(8, 4000))
     # bigger model -> slower; more GPUs -> faster per step
     assert roofline_profile("llama-2-70b", "h100", 8).step_time(prefill(2048)) < roofline_profile(
-        "llama-2-70b", "h100", 4).step_time(prefill(2048))
+        "llama-2-70b", "h100", 4
+    ).step_time(prefill(2048))
     assert profile.step_time(prefill(2048)) > roofline_profile("llama-2-7b", "h100").step_time(prefill(2048))
 
 
@@ -148,8 +164,16 @@ def test_roofline_agrees_roughly_with_calibration():
 
 def test_specs_are_immutable_and_gpus_known():
     assert set(GPUS) >= {"h100", "a100", "a40"}
-    assert set(MODELS) >= {"llama-2-7b", "llama-3-8b", "llama-2-70b", "llama-3-70b", "codellama-34b", "qwen-72b",
-                           "internlm-20b", "phi-2"}
+    assert set(MODELS) >= {
+        "llama-2-7b",
+        "llama-3-8b",
+        "llama-2-70b",
+        "llama-3-70b",
+        "codellama-34b",
+        "qwen-72b",
+        "internlm-20b",
+        "phi-2",
+    }
     with pytest.raises(dataclasses.FrozenInstanceError):
         MODELS["llama-3-8b"].num_layers = 1  # type: ignore[misc]
     with pytest.raises(TypeError):

@@ -25,8 +25,22 @@ def installed_example(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
     source = tmp_path_factory.mktemp("src") / "plugin_example"
     shutil.copytree(EXAMPLE, source)  # building writes build/ and *.egg-info next to the sources
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        timeout=120,
+    )
     return target
 
 
@@ -45,10 +59,15 @@ def test_gateway_config_uses_the_third_party_plugin(installed_example, sim_facto
     entries = [instance_entry(e, "both", "sim") for e in engines]
     pinned = entries[2]["id"]
     scheduling = {
-        "plugins": [{"name": "pin", "type": "example-pinned", "parameters": {"instances": [pinned]}},
-                    {"name": "load", "type": "least-loaded"}, {"name": "pick", "type": "max-score"}],
-        "profiles": {name: [{"pluginRef": "pin", "weight": 10}, {"pluginRef": "load", "weight": 1}, {"pluginRef": "pick"}]
-                     for name in ("prefill", "decode", "colocated")},
+        "plugins": [
+            {"name": "pin", "type": "example-pinned", "parameters": {"instances": [pinned]}},
+            {"name": "load", "type": "least-loaded"},
+            {"name": "pick", "type": "max-score"},
+        ],
+        "profiles": {
+            name: [{"pluginRef": "pin", "weight": 10}, {"pluginRef": "load", "weight": 1}, {"pluginRef": "pick"}]
+            for name in ("prefill", "decode", "colocated")
+        },
     }
     config = write_config(tmp_path / "plugin.yaml", entries, scheduling=scheduling)
     gateway = start_gateway(config, env={"PYTHONPATH": str(installed_example)})

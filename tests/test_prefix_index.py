@@ -26,8 +26,8 @@ from pdgate.adapters.kv_events import (
     decode_batch,
     subscriber_address,
 )
-from pdgate.engines.sim import kv_events as wire
 from pdgate.common.block_hash import block_hashes, to_event_hash
+from pdgate.engines.sim import kv_events as wire
 from pdgate.scheduler.prefix_index import (
     AllBlocksCleared,
     ApproximatePrefixIndex,
@@ -207,17 +207,31 @@ def test_both_indexes_satisfy_the_protocol():
 
 def test_decode_map_legacy_array_and_bytes_hashes():
     digest = bytes(range(32))
-    payload = msgpack.packb([1.5, [
-        {"type": "BlockStored", "block_hashes": [1, digest], "parent_block_hash": None, "token_ids": [],
-         "block_size": 16, "lora_id": None, "medium": "GPU", "lora_name": None},
-        ["BlockStored", [3], 2, [0] * 16, 16, None],  # pre-#42892 array-like event
-        ["BlockStored", [4], 3, [0] * 16, 16, None, "CPU"],
-        ["BlockRemoved", [3]],
-        {"type": "BlockRemoved", "block_hashes": [4], "medium": "CPU"},
-        ["AllBlocksCleared"],
-        {"type": "AllBlocksCleared"},
-        {"type": "SomethingNew", "x": 1},
-    ], 0])
+    payload = msgpack.packb(
+        [
+            1.5,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [1, digest],
+                    "parent_block_hash": None,
+                    "token_ids": [],
+                    "block_size": 16,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "lora_name": None,
+                },
+                ["BlockStored", [3], 2, [0] * 16, 16, None],  # pre-#42892 array-like event
+                ["BlockStored", [4], 3, [0] * 16, 16, None, "CPU"],
+                ["BlockRemoved", [3]],
+                {"type": "BlockRemoved", "block_hashes": [4], "medium": "CPU"},
+                ["AllBlocksCleared"],
+                {"type": "AllBlocksCleared"},
+                {"type": "SomethingNew", "x": 1},
+            ],
+            0,
+        ]
+    )
     events, skipped = decode_batch(payload)
     assert events == [
         BlockStored((1, to_event_hash(digest)), None, "GPU"),
@@ -231,11 +245,18 @@ def test_decode_map_legacy_array_and_bytes_hashes():
     assert skipped == 1
 
 
-@pytest.mark.parametrize("payload", [
-    b"\xc1", msgpack.packb({"ts": 1}), msgpack.packb([1.0, "x", 0]),
-    msgpack.packb([1.0, [{"type": "BlockStored"}], 0]), msgpack.packb([1.0, [["BlockRemoved"]], 0]),
-    msgpack.packb([1.0, [{"block_hashes": [1]}], 0]), msgpack.packb([1.0, [7], 0]),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1",
+        msgpack.packb({"ts": 1}),
+        msgpack.packb([1.0, "x", 0]),
+        msgpack.packb([1.0, [{"type": "BlockStored"}], 0]),
+        msgpack.packb([1.0, [["BlockRemoved"]], 0]),
+        msgpack.packb([1.0, [{"block_hashes": [1]}], 0]),
+        msgpack.packb([1.0, [7], 0]),
+    ],
+)
 def test_decode_rejects_malformed_batches(payload):
     with pytest.raises(ValueError):
         decode_batch(payload)
@@ -254,8 +275,9 @@ def test_subscriber_address_mirrors_vllm_bind_rule():
 
 
 def stored(hashes: Sequence[int]) -> wire.BlockStored:
-    return wire.BlockStored(block_hashes=list(hashes), parent_block_hash=None,
-                            token_ids=[0] * (BLOCK * len(hashes)), block_size=BLOCK)
+    return wire.BlockStored(
+        block_hashes=list(hashes), parent_block_hash=None, token_ids=[0] * (BLOCK * len(hashes)), block_size=BLOCK
+    )
 
 
 class FakeEngine:
@@ -282,8 +304,14 @@ class FakeEngine:
         self.router.bind(address)
         self._replay_task = asyncio.create_task(self._replay_loop())
 
-    async def send(self, seq: int, events: Sequence[wire.KvEvent] | None = None, *, payload: bytes | None = None,
-                   publish: bool = True) -> None:
+    async def send(
+        self,
+        seq: int,
+        events: Sequence[wire.KvEvent] | None = None,
+        *,
+        payload: bytes | None = None,
+        publish: bool = True,
+    ) -> None:
         """Buffer batch ``seq`` for replays; publish it unless ``publish`` is False (a lost message)."""
         if payload is None:
             payload = wire.encode_batch(time.time(), events or [])
@@ -331,11 +359,13 @@ def no_task_left_behind() -> Callable[[], Awaitable[None]]:
         await asyncio.sleep(0)
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         assert not [t for t in others if t.get_name().startswith("kv-events")], others
+
     return check
 
 
-async def run_fake(zctx: zmq.asyncio.Context, *, replay: bool, connect_mode: bool = False) -> tuple[
-        ExactPrefixIndex, KvEventSubscriber, FakeEngine]:
+async def run_fake(
+    zctx: zmq.asyncio.Context, *, replay: bool, connect_mode: bool = False
+) -> tuple[ExactPrefixIndex, KvEventSubscriber, FakeEngine]:
     port = free_port()
     engine = FakeEngine(zctx)
     replay_endpoint = f"tcp://127.0.0.1:{free_port()}" if replay else None
@@ -343,8 +373,7 @@ async def run_fake(zctx: zmq.asyncio.Context, *, replay: bool, connect_mode: boo
         engine.serve_replay(replay_endpoint)
     endpoint = f"tcp://*:{port}" if connect_mode else f"tcp://127.0.0.1:{port}"
     index = ExactPrefixIndex()
-    sub = KvEventSubscriber(index, [KvEventSource("e0", endpoint, replay_endpoint, topic="kv")],
-                            replay_timeout_s=0.5)
+    sub = KvEventSubscriber(index, [KvEventSource("e0", endpoint, replay_endpoint, topic="kv")], replay_timeout_s=0.5)
     if connect_mode:
         engine.pub.bind(f"tcp://127.0.0.1:{port}")  # the engine binds tcp://*:port; we connect
         await sub.start()
@@ -361,8 +390,9 @@ async def test_subscriber_feeds_index_in_both_connection_modes(zctx, no_task_lef
     h = chain(4)
     try:
         await engine.send(0, [stored(h[:3])])
-        legacy = msgpack.packb([time.time(), [["BlockStored", [h[3]], h[2], [0] * 16, 16, None],
-                                              ["BlockRemoved", [h[0]]]], 0])
+        legacy = msgpack.packb(
+            [time.time(), [["BlockStored", [h[3]], h[2], [0] * 16, 16, None], ["BlockRemoved", [h[0]]]], 0]
+        )
         await engine.send(1, payload=legacy)
         await eventually(lambda: sub.counters["e0"].batches == 2)
         assert index.stats().blocks == {"e0": 3} and index.match("e0", h[1:]) == 3
@@ -464,8 +494,11 @@ async def test_undecodable_batch_is_counted_and_the_stream_goes_on(zctx):
 async def test_replay_timeout_marks_stale_and_resets_the_socket(zctx):
     index = ExactPrefixIndex()
     port, silent = free_port(), free_port()  # nobody answers replays on ``silent``
-    sub = KvEventSubscriber(index, [KvEventSource("e0", f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{silent}",
-                                                  topic="kv")], replay_timeout_s=0.2)
+    sub = KvEventSubscriber(
+        index,
+        [KvEventSource("e0", f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{silent}", topic="kv")],
+        replay_timeout_s=0.2,
+    )
     await sub.start()
     engine = FakeEngine(zctx)
     engine.pub.connect(f"tcp://127.0.0.1:{port}")
@@ -486,8 +519,9 @@ async def test_start_failure_and_remove_leave_nothing_behind(zctx, no_task_left_
     blocker = zctx.socket(zmq.PULL)
     blocker.bind(f"tcp://127.0.0.1:{port}")
     try:
-        sub = KvEventSubscriber(index, [KvEventSource("ok", f"tcp://*:{free_port()}"),
-                                        KvEventSource("busy", f"tcp://127.0.0.1:{port}")])
+        sub = KvEventSubscriber(
+            index, [KvEventSource("ok", f"tcp://*:{free_port()}"), KvEventSource("busy", f"tcp://127.0.0.1:{port}")]
+        )
         with pytest.raises(zmq.ZMQError):
             await sub.start()  # the port is taken: the first stream is torn down too
         await no_task_left_behind()
@@ -553,8 +587,16 @@ async def test_exact_index_follows_a_real_sim_engine(monkeypatch):
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
     num_blocks = 48
     pub, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    flags = ("--kv-events-endpoint", pub, "--kv-events-replay-endpoint", replay,
-             "--num-gpu-blocks", str(num_blocks), "--max-model-len", str(num_blocks * BLOCK))
+    flags = (
+        "--kv-events-endpoint",
+        pub,
+        "--kv-events-replay-endpoint",
+        replay,
+        "--num-gpu-blocks",
+        str(num_blocks),
+        "--max-model-len",
+        str(num_blocks * BLOCK),
+    )
     index = ExactPrefixIndex()
     engines: list[PdgateProcess] = []
 
@@ -570,8 +612,9 @@ async def test_exact_index_follows_a_real_sim_engine(monkeypatch):
             await barrier(client, index, "sim", "start")
 
             # every full block of every prompt is indexed with the hashes we compute ourselves
-            texts = [f"Tenant {i} system prompt. " + "Rules and context for the assistant. " * (5 + i)
-                     for i in range(2)]
+            texts = [
+                f"Tenant {i} system prompt. " + "Rules and context for the assistant. " * (5 + i) for i in range(2)
+            ]
             prompts = [(await client.complete(t))[0] for t in texts]
             await barrier(client, index, "sim", "prompts")
             for ids in prompts:

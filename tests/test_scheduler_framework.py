@@ -34,8 +34,15 @@ PLUGINS = [
 
 
 def test_filters_drop_unhealthy_draining_and_wrong_role():
-    snap = ClusterSnapshot((inst("p", "prefill"), inst("d1", "decode"), inst("d2", "decode", healthy=False),
-                            inst("c", "both"), inst("d3", "decode", draining=True)))
+    snap = ClusterSnapshot(
+        (
+            inst("p", "prefill"),
+            inst("d1", "decode"),
+            inst("d2", "decode", healthy=False),
+            inst("c", "both"),
+            inst("d3", "decode", draining=True),
+        )
+    )
     profile = build([{"pluginRef": "healthy"}, {"pluginRef": "decoders"}, {"pluginRef": "rr"}], PLUGINS)
     picks = set()
     for _ in range(4):
@@ -56,7 +63,9 @@ def test_weighted_scores_prefer_prefix_hits_over_a_small_load_difference():
         (inst("a", running=4, waiting=0), inst("b", running=2, waiting=0), inst("c", running=3, waiting=1)),
         prefix_hit_tokens={"a": 96, "c": 32},
     )
-    profile = build([{"pluginRef": "prefix", "weight": 3}, {"pluginRef": "load", "weight": 1}, {"pluginRef": "best"}], PLUGINS)
+    profile = build(
+        [{"pluginRef": "prefix", "weight": 3}, {"pluginRef": "load", "weight": 1}, {"pluginRef": "best"}], PLUGINS
+    )
     decision = run_profile(profile, REQ, snap)
     assert decision.instance_id == "a"
     assert decision.scores["a"] == pytest.approx(3 * 0.96 + 0.0)
@@ -91,7 +100,9 @@ def test_scores_outside_unit_interval_are_clamped():
 
     registry = PluginRegistry(load_entry_points=False)
     registry.register(Wild)
-    profile = build([{"pluginRef": "w", "weight": 2}, {"pluginRef": "best"}], PLUGINS + [{"name": "w", "type": "wild"}], registry)
+    profile = build(
+        [{"pluginRef": "w", "weight": 2}, {"pluginRef": "best"}], PLUGINS + [{"name": "w", "type": "wild"}], registry
+    )
     decision = run_profile(profile, REQ, ClusterSnapshot((inst("a"), inst("b"), inst("c"))))
     assert decision.scores == {"a": 2.0, "b": 0.0, "c": 0.0}
 
@@ -117,8 +128,14 @@ def test_round_robin_advances_only_when_told_a_request_was_sent():
         (PLUGINS, [{"pluginRef": "load"}, {"pluginRef": "best"}], "needs a weight"),
         (PLUGINS, [{"pluginRef": "best", "weight": 1}], "takes no weight"),
         (PLUGINS, [{"pluginRef": "load", "weight": 1}], "exactly one picker"),
-        ([{"name": "r", "type": "role-filter", "parameters": {"role": "router"}}, {"name": "b", "type": "max-score"}],
-         [{"pluginRef": "r"}, {"pluginRef": "b"}], "parameter 'role'"),
+        (
+            [
+                {"name": "r", "type": "role-filter", "parameters": {"role": "router"}},
+                {"name": "b", "type": "max-score"},
+            ],
+            [{"pluginRef": "r"}, {"pluginRef": "b"}],
+            "parameter 'role'",
+        ),
         ([{"name": "a", "type": "max-score"}, {"name": "a", "type": "random"}], [{"pluginRef": "a"}], "declared twice"),
     ],
 )

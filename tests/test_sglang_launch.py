@@ -24,8 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 SGLANG_FLAGS_FILE = REPO / "tests" / "data" / "sglang_server_args.txt"
 # The fields of SGLang's KVEventsConfig (python/sglang/srt/disaggregation/kv_events.py), which
 # parses --kv-events-config with pydantic's model_validate_json.
-SGLANG_KV_EVENTS_KEYS = {"publisher", "endpoint", "bind", "replay_endpoint", "buffer_steps", "hwm",
-                         "max_queue_size", "topic", "format"}
+SGLANG_KV_EVENTS_KEYS = {
+    "publisher",
+    "endpoint",
+    "bind",
+    "replay_endpoint",
+    "buffer_steps",
+    "hwm",
+    "max_queue_size",
+    "topic",
+    "format",
+}
 
 # A tiny `pdgate engine` parser with only the sglang subcommand, as engines/cli.py will wire it.
 CLI = """\
@@ -38,12 +47,26 @@ sys.exit(args.run(args))
 """
 
 EVERYTHING = {
-    "model_path": "/models/llama", "host": "0.0.0.0", "port": 30001, "served_model_name": "llama",
-    "bootstrap_port": 9001, "transfer_backend": "nixl", "ib_device": "mlx5_0,mlx5_1", "tp_size": 2, "dp_size": 2,
-    "mem_fraction_static": 0.8, "context_length": 8192, "page_size": 32,
-    "kv_events_endpoint": "tcp://10.0.0.1:5557", "kv_events_replay_endpoint": "tcp://*:5558",
-    "kv_events_topic": "kv", "enable_metrics": True, "schedule_policy": "fcfs",
-    "enable_priority_scheduling": True, "trust_remote_code": True, "log_level": "info",
+    "model_path": "/models/llama",
+    "host": "0.0.0.0",
+    "port": 30001,
+    "served_model_name": "llama",
+    "bootstrap_port": 9001,
+    "transfer_backend": "nixl",
+    "ib_device": "mlx5_0,mlx5_1",
+    "tp_size": 2,
+    "dp_size": 2,
+    "mem_fraction_static": 0.8,
+    "context_length": 8192,
+    "page_size": 32,
+    "kv_events_endpoint": "tcp://10.0.0.1:5557",
+    "kv_events_replay_endpoint": "tcp://*:5558",
+    "kv_events_topic": "kv",
+    "enable_metrics": True,
+    "schedule_policy": "fcfs",
+    "enable_priority_scheduling": True,
+    "trust_remote_code": True,
+    "log_level": "info",
 }
 
 
@@ -69,16 +92,16 @@ def options(argv: list[str]) -> dict[str, str | None]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CLI, *args], check=False, capture_output=True, text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", CLI, *args], check=False, capture_output=True, text=True, timeout=60, cwd=REPO
+    )
 
 
 def fake_python(tmp_path: Path, has_sglang: bool) -> Path:
     """An interpreter stand-in: ``-c 'import sglang'`` succeeds or not; anything else echoes argv."""
     path = tmp_path / "python"
     path.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = "-c" ]; then exit {0 if has_sglang else 1}; fi\n'
-        'echo "fake sglang started: $*"\n'
+        f'#!/bin/sh\nif [ "$1" = "-c" ]; then exit {0 if has_sglang else 1}; fi\necho "fake sglang started: $*"\n'
     )
     path.chmod(0o755)
     return path
@@ -98,8 +121,9 @@ def test_prefill_command_is_a_pd_prefill_with_a_bootstrap_server():
 
 
 def test_decode_command_has_no_bootstrap_port():
-    config = SglangLaunchConfig(role="decode", model_path="/m", bootstrap_port=9000, transfer_backend="nixl",
-                                ib_device="mlx5_0")
+    config = SglangLaunchConfig(
+        role="decode", model_path="/m", bootstrap_port=9000, transfer_backend="nixl", ib_device="mlx5_0"
+    )
     opts = options(sglang_command(config))
     assert opts["--disaggregation-mode"] == "decode"
     assert opts["--disaggregation-transfer-backend"] == "nixl"
@@ -137,12 +161,23 @@ def test_extra_args_are_appended_and_a_string_is_shell_split():
     assert sglang_command(SglangLaunchConfig(model_path="/m", extra_args=["--x"]))[-1] == "--x"
 
 
-@pytest.mark.parametrize("bad", [
-    {"tp_size": 0}, {"dp_size": 0}, {"port": 70000}, {"bootstrap_port": 0}, {"transfer_backend": "ascend"},
-    {"mem_fraction_static": 1.5}, {"mem_fraction_static": 0}, {"page_size": 0}, {"role": "router"},
-    {"kv_events_endpoint": "127.0.0.1:5557"}, {"role": "prefill", "port": 9000, "bootstrap_port": 9000},
-    {"no_such_setting": 1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"tp_size": 0},
+        {"dp_size": 0},
+        {"port": 70000},
+        {"bootstrap_port": 0},
+        {"transfer_backend": "ascend"},
+        {"mem_fraction_static": 1.5},
+        {"mem_fraction_static": 0},
+        {"page_size": 0},
+        {"role": "router"},
+        {"kv_events_endpoint": "127.0.0.1:5557"},
+        {"role": "prefill", "port": 9000, "bootstrap_port": 9000},
+        {"no_such_setting": 1},
+    ],
+)
 def test_invalid_settings_are_rejected(bad):
     with pytest.raises(ValidationError):
         SglangLaunchConfig(**{"model_path": "/m", **bad})
@@ -162,11 +197,28 @@ def test_every_emitted_flag_is_a_real_sglang_flag(role):
 
 
 def test_cli_print_shows_the_command_and_exits_0():
-    out = run_cli("sglang", "--role", "prefill", "--model-path", "/m", "--tp-size", "2",
-                  "--kv-events-endpoint", "tcp://127.0.0.1:5557", "--extra-args", "--api-key 'a b'", "--print")
+    out = run_cli(
+        "sglang",
+        "--role",
+        "prefill",
+        "--model-path",
+        "/m",
+        "--tp-size",
+        "2",
+        "--kv-events-endpoint",
+        "tcp://127.0.0.1:5557",
+        "--extra-args",
+        "--api-key 'a b'",
+        "--print",
+    )
     assert out.returncode == 0, out.stderr
-    expected = SglangLaunchConfig(role="prefill", model_path="/m", tp_size=2, kv_events_endpoint="tcp://127.0.0.1:5557",
-                                  extra_args=["--api-key", "a b"])
+    expected = SglangLaunchConfig(
+        role="prefill",
+        model_path="/m",
+        tp_size=2,
+        kv_events_endpoint="tcp://127.0.0.1:5557",
+        extra_args=["--api-key", "a b"],
+    )
     assert shlex.split(out.stdout) == sglang_command(expected)
 
 
@@ -210,7 +262,13 @@ def test_with_sglang_it_execs_the_command(tmp_path):
 
 
 def test_pdgate_engine_sglang_prints_the_command():
-    out = subprocess.run([sys.executable, "-m", "pdgate.cli", "engine", "sglang", "--role", "prefill",
-                          "--model-path", "/m", "--print"], check=False, capture_output=True, text=True, timeout=60, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "pdgate.cli", "engine", "sglang", "--role", "prefill", "--model-path", "/m", "--print"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     assert shlex.split(out.stdout) == sglang_command(SglangLaunchConfig(role="prefill", model_path="/m"))

@@ -4,35 +4,58 @@ from __future__ import annotations
 
 import pytest
 
+from pdgate.common.block_hash import block_hashes, to_event_hash
+from pdgate.common.perf_model import load_profile
+from pdgate.common.tokenizer import BuiltinTokenizer
 from pdgate.engines.sim.core import CoreConfig, EngineCore
 from pdgate.engines.sim.generation import ContextHash, LengthModel, TokenGenerator
 from pdgate.engines.sim.kv_cache import KVCacheManager
 from pdgate.engines.sim.kv_events import BlockRemoved, BlockStored
-from pdgate.common.perf_model import load_profile
 from pdgate.engines.sim.request import RemotePrefill, SamplingParams, SimRequest
-from pdgate.common.tokenizer import BuiltinTokenizer
-from pdgate.common.block_hash import block_hashes, to_event_hash
 
 TOKENIZER = BuiltinTokenizer()
 PROFILE = load_profile("h100-llama-3-8b")
 
 
-def make_core(*, num_blocks: int = 1024, block_size: int = 4, budget: int = 64, max_seqs: int = 16,
-              policy: str = "fcfs", events: list | None = None, median: float = 50.0) -> EngineCore:
+def make_core(
+    *,
+    num_blocks: int = 1024,
+    block_size: int = 4,
+    budget: int = 64,
+    max_seqs: int = 16,
+    policy: str = "fcfs",
+    events: list | None = None,
+    median: float = 50.0,
+) -> EngineCore:
     kv = KVCacheManager(num_blocks, block_size, event_sink=events.extend if events is not None else None)
     generator = TokenGenerator(TOKENIZER.generatable_ids(), TOKENIZER.eos_token_id, LengthModel(median=median))
-    config = CoreConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=4096,
-                        scheduling_policy=policy, kv_hold_timeout=10.0)  # type: ignore[arg-type]
+    config = CoreConfig(
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=4096,
+        scheduling_policy=policy,
+        kv_hold_timeout=10.0,
+    )  # type: ignore[arg-type]
     return EngineCore(config, kv, PROFILE, generator)
 
 
-def request(rid: str, prompt: list[int], max_tokens: int = 8, *, t: float = 0.0, priority: int = 0,
-            ignore_eos: bool = True, **kw) -> SimRequest:
+def request(
+    rid: str,
+    prompt: list[int],
+    max_tokens: int = 8,
+    *,
+    t: float = 0.0,
+    priority: int = 0,
+    ignore_eos: bool = True,
+    **kw,
+) -> SimRequest:
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=0.0)
     return SimRequest(rid, list(prompt), sampling, arrival_time=t, priority=priority, **kw)
 
 
-def run_to_completion(core: EngineCore, now: float = 0.0, max_steps: int = 10_000) -> tuple[dict[str, list[int]], float]:
+def run_to_completion(
+    core: EngineCore, now: float = 0.0, max_steps: int = 10_000
+) -> tuple[dict[str, list[int]], float]:
     tokens: dict[str, list[int]] = {}
     for _ in range(max_steps):
         if not core.has_unfinished():
@@ -87,7 +110,7 @@ def test_prefix_cache_hit_skips_computed_blocks_and_counts_tokens():
     run_to_completion(core)
     core.add_request(request("b", prompt + [7, 8, 9], max_tokens=2))
     step = core.schedule(1.0)
-    (req, num_new), = step.entries
+    ((req, num_new),) = step.entries
     assert req.num_cached_tokens == 40 and num_new == 3
     assert core.kv.stats.hits == 40
     # a full-prompt hit still recomputes the last token (vLLM caps hits at num_tokens - 1)
@@ -95,7 +118,7 @@ def test_prefix_cache_hit_skips_computed_blocks_and_counts_tokens():
     core2.add_request(request("a", prompt, max_tokens=1))
     run_to_completion(core2)
     core2.add_request(request("c", prompt, max_tokens=1))
-    (req, num_new), = core2.schedule(1.0).entries
+    ((req, num_new),) = core2.schedule(1.0).entries
     assert req.num_cached_tokens == 36 and num_new == 4
 
 
@@ -184,7 +207,7 @@ def test_decode_leg_waits_for_remote_kv_and_recomputes_only_the_last_token():
     assert step.empty and [r.request_id for r in step.kv_pulls] == ["d"]
     assert core.schedule(0.0).empty  # still waiting for its KV: nothing to run
     core.finish_remote_kv("d", True, 0.5)
-    (req, num_new), = core.schedule(0.5).entries
+    ((req, num_new),) = core.schedule(0.5).entries
     assert num_new == 1 and req.num_external_tokens == 39 and req.num_cached_tokens == 39
     tokens, _ = run_to_completion(core, 0.5)
     plain = make_core(block_size=4)
@@ -199,7 +222,7 @@ def test_failed_pull_with_recompute_policy_prefills_locally():
     core.schedule(0.0)
     core.finish_remote_kv("d", False, 0.1)
     step = core.schedule(0.1)
-    (req, num_new), = step.entries
+    ((req, num_new),) = step.entries
     assert num_new == 40 and req.num_external_tokens == 0
     run_to_completion(core, 0.1)
 

@@ -20,8 +20,9 @@ def vllm_chain(tokens: list[int], block_size: int) -> list[int]:
     parent = hashlib.sha256(pickle.dumps("vllm-none-hash", protocol=pickle.HIGHEST_PROTOCOL)).digest()
     out = []
     for start in range(0, len(tokens) - block_size + 1, block_size):
-        parent = hashlib.sha256(pickle.dumps((parent, tuple(tokens[start : start + block_size]), None),
-                                             protocol=pickle.HIGHEST_PROTOCOL)).digest()
+        parent = hashlib.sha256(
+            pickle.dumps((parent, tuple(tokens[start : start + block_size]), None), protocol=pickle.HIGHEST_PROTOCOL)
+        ).digest()
         out.append(int.from_bytes(parent, "big") & (2**64 - 1))
     return out
 
@@ -50,16 +51,29 @@ def test_kv_events_match_vllm_format_and_prompt_hashes(sim_factory, monkeypatch)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.bind(f"tcp://127.0.0.1:{pub_port}")  # vLLM's PUB connects to a concrete host: the subscriber binds
     try:
-        engine = sim_factory("--kv-events-endpoint", f"tcp://127.0.0.1:{pub_port}",
-                             "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay_port}",
-                             "--num-gpu-blocks", "130", "--max-model-len", "2048")
+        engine = sim_factory(
+            "--kv-events-endpoint",
+            f"tcp://127.0.0.1:{pub_port}",
+            "--kv-events-replay-endpoint",
+            f"tcp://127.0.0.1:{replay_port}",
+            "--num-gpu-blocks",
+            "130",
+            "--max-model-len",
+            "2048",
+        )
         # a bound SUB forwards its subscription to a newly connected PUB only when polled
         assert not sub.poll(300)
         prompts = []
         for i in range(3):
-            result = post(f"{engine.url}/v1/completions", {
-                "prompt": f"Tenant {i} system prompt. " + "Rules and context for the assistant. " * 8,
-                "max_tokens": 1, "temperature": 0, "return_token_ids": True})
+            result = post(
+                f"{engine.url}/v1/completions",
+                {
+                    "prompt": f"Tenant {i} system prompt. " + "Rules and context for the assistant. " * 8,
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "return_token_ids": True,
+                },
+            )
             prompts.append(result["choices"][0]["prompt_token_ids"])
         batches = receive(sub, time.monotonic() + 5)
         assert batches, f"no KV events received; engine said:\n{engine.log}"
@@ -72,8 +86,16 @@ def test_kv_events_match_vllm_format_and_prompt_hashes(sim_factory, monkeypatch)
             assert isinstance(ts, float) and dp_rank == 0
             for event in events:
                 assert event["type"] == "BlockStored"
-                assert list(event)[:8] == ["type", "block_hashes", "parent_block_hash", "token_ids", "block_size",
-                                           "lora_id", "medium", "lora_name"]
+                assert list(event)[:8] == [
+                    "type",
+                    "block_hashes",
+                    "parent_block_hash",
+                    "token_ids",
+                    "block_size",
+                    "lora_id",
+                    "medium",
+                    "lora_name",
+                ]
                 assert event["block_size"] == BLOCK and event["medium"] == "GPU"
                 assert len(event["token_ids"]) == BLOCK * len(event["block_hashes"])
                 stored.extend(event["block_hashes"])
@@ -94,9 +116,17 @@ def test_kv_events_match_vllm_format_and_prompt_hashes(sim_factory, monkeypatch)
         assert replayed == seqs
 
         # eviction: a long unrelated prompt forces cached blocks out -> BlockRemoved
-        post(f"{engine.url}/v1/completions", {"prompt": list(range(1000, 1000 + 2000)), "max_tokens": 1, "temperature": 0})
-        removed = [h for _, _, (_, events, _) in receive(sub, time.monotonic() + 5)
-                   for e in events if e["type"] == "BlockRemoved" for h in e["block_hashes"]]
+        post(
+            f"{engine.url}/v1/completions",
+            {"prompt": list(range(1000, 1000 + 2000)), "max_tokens": 1, "temperature": 0},
+        )
+        removed = [
+            h
+            for _, _, (_, events, _) in receive(sub, time.monotonic() + 5)
+            for e in events
+            if e["type"] == "BlockRemoved"
+            for h in e["block_hashes"]
+        ]
         assert set(removed) & set(expected)
         reset = urllib.request.Request(f"{engine.url}/reset_prefix_cache", data=b"", method="POST")
         assert urllib.request.urlopen(reset).status == 200

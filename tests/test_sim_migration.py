@@ -45,7 +45,9 @@ class StreamReader:
         headers = {"X-Request-Id": request_id} if request_id else None
         self.task = asyncio.create_task(self._read(s, url, {**body, "stream": True}, headers))
 
-    async def _read(self, s: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> None:
+    async def _read(
+        self, s: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str] | None
+    ) -> None:
         async with s.post(url, json=body, headers=headers) as resp:
             self.status = resp.status
             async for line in resp.content:
@@ -90,8 +92,12 @@ def continuation(prompt_ids: list[int], result: dict[str, Any], original: dict[s
     """What the gateway sends the target: prompt + output so far, the remaining budget, the KV params."""
     n = result["num_output_tokens"]
     body = {k: v for k, v in original.items() if k not in ("prompt", "messages", "max_tokens", "min_tokens", "stream")}
-    body.update(prompt=prompt_ids + result["output_token_ids"], max_tokens=original["max_tokens"] - n,
-                min_tokens=max(0, original.get("min_tokens", 0) - n), kv_transfer_params=result["kv_transfer_params"])
+    body.update(
+        prompt=prompt_ids + result["output_token_ids"],
+        max_tokens=original["max_tokens"] - n,
+        min_tokens=max(0, original.get("min_tokens", 0) - n),
+        kv_transfer_params=result["kv_transfer_params"],
+    )
     return body
 
 
@@ -103,8 +109,14 @@ def migrate_body(target_url: str, request_id: str, **extra: Any) -> dict[str, An
 def test_streamed_completion_migrates_mid_stream_and_continues_identically(sim_factory):
     a = sim_factory(**SLOW)
     b = sim_factory(**SLOW)
-    request = {"prompt": PROMPT, "max_tokens": 80, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
-               "stream_options": {"include_usage": True}}
+    request = {
+        "prompt": PROMPT,
+        "max_tokens": 80,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+    }
 
     async def main() -> None:
         async with aiohttp.ClientSession() as s:
@@ -130,7 +142,9 @@ def test_streamed_completion_migrates_mid_stream_and_continues_identically(sim_f
             dst = StreamReader(s, f"{b.url}/v1/completions", continuation(src.prompt_ids, result, request), "mig-1")
             await dst.finish()
             assert dst.done and dst.finish_reasons == ["length"] and len(dst.tokens) == 80 - n
-            status, ref = await post(s, f"{a.url}/v1/completions", {k: v for k, v in request.items() if k != "stream_options"})
+            status, ref = await post(
+                s, f"{a.url}/v1/completions", {k: v for k, v in request.items() if k != "stream_options"}
+            )
             assert status == 200
             assert src.tokens + dst.tokens == ref["choices"][0]["token_ids"]
 
@@ -140,7 +154,9 @@ def test_streamed_completion_migrates_mid_stream_and_continues_identically(sim_f
             assert [(m["direction"], m["outcome"]) for m in inn] == [("in", "migrated")]
             assert out[0]["num_output_tokens"] == inn[0]["num_output_tokens"] == n
             assert out[0]["downtime_s"] == inn[0]["downtime_s"] == result["downtime_s"]
-            assert out[0]["target"] == b.url.removeprefix("http://") and inn[0]["source"] == a.url.removeprefix("http://")
+            assert out[0]["target"] == b.url.removeprefix("http://") and inn[0]["source"] == a.url.removeprefix(
+                "http://"
+            )
             state_a, state_b = await get(s, f"{a.url}/sim/state"), await get(s, f"{b.url}/sim/state")
             assert state_a["held_kv"] == [] and state_a["kv_cache_usage"] == 0.0  # the target pulled the held KV
             assert state_b["migration_reservations"] == 0 and state_b["kv_cache_usage"] == 0.0
@@ -156,8 +172,13 @@ def test_streamed_completion_migrates_mid_stream_and_continues_identically(sim_f
 def test_chat_request_migrates_with_eos_and_min_tokens_intact(sim_factory):
     a = sim_factory("--output-len-median", "60", **SLOW)
     b = sim_factory("--output-len-median", "60", "--role", "decode", **SLOW)
-    chat = {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": PROMPT[:300]}],
-            "max_tokens": 200, "min_tokens": 30, "temperature": 0, "return_token_ids": True}
+    chat = {
+        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": PROMPT[:300]}],
+        "max_tokens": 200,
+        "min_tokens": 30,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
 
     async def main() -> None:
         async with aiohttp.ClientSession() as s:
@@ -224,7 +245,9 @@ def test_failed_reservation_leaves_the_request_untouched(sim_factory):
         async with aiohttp.ClientSession() as s:
             src = StreamReader(s, f"{a.url}/v1/completions", request, "stay-1")
             await src.wait_tokens(8)
-            status, err = await post(s, f"{a.url}/sim/migrate", migrate_body(f"http://127.0.0.1:{free_port()}", "stay-1"))
+            status, err = await post(
+                s, f"{a.url}/sim/migrate", migrate_body(f"http://127.0.0.1:{free_port()}", "stay-1")
+            )
             assert status == 502 and "reserve" in err["error"]["message"]
             status, err = await post(s, f"{a.url}/sim/migrate", migrate_body(prefill.url, "stay-1"))
             assert status == 502 and "503" in err["error"]["message"]
@@ -238,7 +261,11 @@ def test_failed_reservation_leaves_the_request_untouched(sim_factory):
             status, err = await post(s, f"{a.url}/sim/migrate/reserve", {"num_blocks": 10**7})
             assert status == 409
             status, res = await post(s, f"{a.url}/sim/migrate/reserve", {"num_blocks": 3, "request_id": "x"})
-            assert status == 200 and (await get(s, f"{a.url}/sim/state"))["num_free_blocks"] == (await get(s, f"{a.url}/sim/state"))["num_blocks"] - 3
+            assert (
+                status == 200
+                and (await get(s, f"{a.url}/sim/state"))["num_free_blocks"]
+                == (await get(s, f"{a.url}/sim/state"))["num_blocks"] - 3
+            )
             status, rel = await post(s, f"{a.url}/sim/migrate/release", {"reservation_id": res["reservation_id"]})
             assert status == 200 and rel == {"released": True}
             assert (await get(s, f"{a.url}/sim/state"))["kv_cache_usage"] == 0.0
@@ -254,7 +281,9 @@ def test_migrate_refuses_unknown_waiting_prefill_leg_and_bad_requests(sim_factor
     async def main() -> None:
         async with aiohttp.ClientSession(headers=auth) as s:
             target = migrate_body("http://127.0.0.1:9", "x")["target"]
-            leg = StreamReader(s, f"{a.url}/v1/completions", {**long, "kv_transfer_params": {"do_remote_decode": True}}, "leg")
+            leg = StreamReader(
+                s, f"{a.url}/v1/completions", {**long, "kv_transfer_params": {"do_remote_decode": True}}, "leg"
+            )
             await leg.wait_tokens(3)
             waiting = StreamReader(s, f"{a.url}/v1/completions", long, "queued")  # max_num_seqs 1: it waits
             await wait_state(s, a.url, lambda st: st["num_waiting"] == 1)
@@ -263,9 +292,15 @@ def test_migrate_refuses_unknown_waiting_prefill_leg_and_bad_requests(sim_factor
                 assert status == 409 and words in err["error"]["message"], err
             status, err = await post(s, f"{a.url}/sim/migrate", {"request_id": "nobody", "target": target})
             assert status == 404
-            for body in ("not json", [], {"target": target}, {"request_id": "leg"}, {"request_id": "leg", "target": {"host": "h"}},
-                         {"request_id": "leg", "target": target, "max_stages": 0},
-                         {"request_id": "leg", "target": target, "stop_copy_blocks": -1}):
+            for body in (
+                "not json",
+                [],
+                {"target": target},
+                {"request_id": "leg"},
+                {"request_id": "leg", "target": {"host": "h"}},
+                {"request_id": "leg", "target": target, "max_stages": 0},
+                {"request_id": "leg", "target": target, "stop_copy_blocks": -1},
+            ):
                 status, err = await post(s, f"{a.url}/sim/migrate", body)
                 assert status == 400, (body, err)
             async with aiohttp.ClientSession() as anonymous:

@@ -41,8 +41,11 @@ def test_vllm_flavour_nixl_flow_gives_identical_greedy_output(sim_factory):
 
     async def main() -> None:
         async with aiohttp.ClientSession() as s:
-            status, p = await post(s, f"{prefill.url}/v1/completions", {
-                **request, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+            status, p = await post(
+                s,
+                f"{prefill.url}/v1/completions",
+                {**request, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
+            )
             assert status == 200
             params = p["kv_transfer_params"]
             assert params["do_remote_prefill"] is True and params["remote_block_ids"]
@@ -54,15 +57,25 @@ def test_vllm_flavour_nixl_flow_gives_identical_greedy_output(sim_factory):
             assert d["usage"]["prompt_tokens_details"]["cached_tokens"] == d["usage"]["prompt_tokens"] - 1
             # streamed decode leg, a prompt the decode has no prefix of (all but its last token pulled)
             other = {**request, "prompt": "Other: " + PROMPT}
-            _, p2 = await post(s, f"{prefill.url}/v1/completions", {
-                **other, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
-            streamed = await stream_tokens(s, f"{decode.url}/v1/completions", {**other, "kv_transfer_params": p2["kv_transfer_params"]})
+            _, p2 = await post(
+                s,
+                f"{prefill.url}/v1/completions",
+                {**other, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
+            )
+            streamed = await stream_tokens(
+                s, f"{decode.url}/v1/completions", {**other, "kv_transfer_params": p2["kv_transfer_params"]}
+            )
             _, ref2 = await post(s, f"{single.url}/v1/completions", other)
             assert streamed == ref2["choices"][0]["token_ids"]
             # the same prompt again: the decode's own prefix cache covers most of it, only the rest is pulled
-            _, p3 = await post(s, f"{prefill.url}/v1/completions", {
-                **request, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
-            _, d3 = await post(s, f"{decode.url}/v1/completions", {**request, "kv_transfer_params": p3["kv_transfer_params"]})
+            _, p3 = await post(
+                s,
+                f"{prefill.url}/v1/completions",
+                {**request, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
+            )
+            _, d3 = await post(
+                s, f"{decode.url}/v1/completions", {**request, "kv_transfer_params": p3["kv_transfer_params"]}
+            )
             assert d3["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"]
             return d["usage"]["prompt_tokens"], ref2["usage"]["prompt_tokens"]
 
@@ -83,7 +96,11 @@ def test_vllm_flavour_pull_failure_follows_the_policy(sim_factory):
 
     async def main() -> None:
         async with aiohttp.ClientSession() as s:
-            _, p = await post(s, f"{prefill.url}/v1/completions", {**request, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+            _, p = await post(
+                s,
+                f"{prefill.url}/v1/completions",
+                {**request, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
+            )
             params = p["kv_transfer_params"]
             prefill.kill()  # the prefill dies before the decode pulls
             status, body = await post(s, f"{strict.url}/v1/completions", {**request, "kv_transfer_params": params})
@@ -130,15 +147,32 @@ def test_concurrent_pd_requests_all_match_single_engine(sim_factory, api):
     single = sim_factory("--api", api, "--role", "both")
 
     async def one(s: aiohttp.ClientSession, i: int) -> None:
-        request = {"prompt": f"Question {i}: " + PROMPT[: 40 + 7 * i], "max_tokens": 12, "temperature": 0,
-                   "ignore_eos": True, "return_token_ids": True}
+        request = {
+            "prompt": f"Question {i}: " + PROMPT[: 40 + 7 * i],
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
         if api == "vllm":
-            _, p = await post(s, f"{prefill.url}/v1/completions", {**request, "max_tokens": 1, "min_tokens": 1,
-                                                                   "kv_transfer_params": {"do_remote_decode": True}})
-            _, d = await post(s, f"{decode.url}/v1/completions", {**request, "kv_transfer_params": p["kv_transfer_params"]})
+            _, p = await post(
+                s,
+                f"{prefill.url}/v1/completions",
+                {**request, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
+            )
+            _, d = await post(
+                s, f"{decode.url}/v1/completions", {**request, "kv_transfer_params": p["kv_transfer_params"]}
+            )
         else:
-            pd = {**request, "bootstrap_host": "127.0.0.1", "bootstrap_port": boot, "bootstrap_room": random.getrandbits(63)}
-            _, (_, d) = await asyncio.gather(post(s, f"{prefill.url}/v1/completions", pd), post(s, f"{decode.url}/v1/completions", pd))
+            pd = {
+                **request,
+                "bootstrap_host": "127.0.0.1",
+                "bootstrap_port": boot,
+                "bootstrap_room": random.getrandbits(63),
+            }
+            _, (_, d) = await asyncio.gather(
+                post(s, f"{prefill.url}/v1/completions", pd), post(s, f"{decode.url}/v1/completions", pd)
+            )
         _, ref = await post(s, f"{single.url}/v1/completions", request)
         assert d["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"]
 

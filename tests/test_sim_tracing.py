@@ -30,11 +30,20 @@ def sim_flags(*extra: str) -> list[str]:
 
 async def complete(url: str, headers: dict[str, str], *, stream: bool, max_tokens: int = 8) -> dict[str, Any]:
     """One completion; returns its usage (streamed: from the include_usage chunk)."""
-    body: dict[str, Any] = {"model": MODEL, "prompt": "Tell me about tracing.", "max_tokens": max_tokens,
-                            "temperature": 0, "ignore_eos": True, "stream": stream}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": "Tell me about tracing.",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     if stream:
         body["stream_options"] = {"include_usage": True}
-    async with aiohttp.ClientSession() as session, session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/v1/completions", json=body, headers=headers) as resp,
+    ):
         assert resp.status == 200, await resp.text()
         if not stream:
             return (await resp.json())["usage"]
@@ -79,13 +88,20 @@ async def test_llm_request_spans_continue_the_callers_trace(sim_factory):
         try:
             full_parent, full_trace, full_span = traceparent()
             sse_parent, sse_trace, sse_span = traceparent()
-            usage_full = await complete(sim.url, {"traceparent": full_parent, "X-Request-Id": "full"}, stream=False, max_tokens=7)
-            usage_sse = await complete(sim.url, {"traceparent": sse_parent, "X-Request-Id": "sse"}, stream=True, max_tokens=9)
+            usage_full = await complete(
+                sim.url, {"traceparent": full_parent, "X-Request-Id": "full"}, stream=False, max_tokens=7
+            )
+            usage_sse = await complete(
+                sim.url, {"traceparent": sse_parent, "X-Request-Id": "sse"}, stream=True, max_tokens=9
+            )
             await complete(sim.url, {"X-Request-Id": "root"}, stream=False)
             spans = llm_spans(await rx.wait_for(lambda s: len(llm_spans(s)) >= 3))
         finally:
             await asyncio.to_thread(sim.stop)
-    for rid, trace_id, parent_id, usage in (("full", full_trace, full_span, usage_full), ("sse", sse_trace, sse_span, usage_sse)):
+    for rid, trace_id, parent_id, usage in (
+        ("full", full_trace, full_span, usage_full),
+        ("sse", sse_trace, sse_span, usage_sse),
+    ):
         span = spans[rid]
         assert (span.trace_id, span.parent_span_id) == (trace_id, parent_id)
         assert span.kind == SPAN_KIND_SERVER and span.status_code == STATUS_CODE_UNSET
@@ -107,7 +123,9 @@ async def test_llm_request_spans_continue_the_callers_trace(sim_factory):
 async def test_engine_shutdown_flushes_queued_spans(sim_factory):
     async with OtlpReceiver() as rx:
         # the default 5 s batch delay: only the flush at shutdown can deliver the span in time
-        sim = sim_factory(*sim_flags("--otlp-traces-endpoint", rx.traces_url), env={"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip"})
+        sim = sim_factory(
+            *sim_flags("--otlp-traces-endpoint", rx.traces_url), env={"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip"}
+        )
         await complete(sim.url, {"X-Request-Id": "flushed"}, stream=False)
         assert await asyncio.to_thread(sim.stop) == 0
         assert "flushed" in llm_spans(rx.spans), rx.summary()

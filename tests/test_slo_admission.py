@@ -33,8 +33,15 @@ def view(id: str, role: str = "prefill", **kw) -> InstanceView:
     return InstanceView(id=id, url=f"http://{id}", role=role, model="m", cost_group=GROUP, **kw)  # type: ignore[arg-type]
 
 
-def request(prompt: int = 2048, ttft: float | None = 1.0, tpot: float | None = 0.1, *, arrival: float = 0.0,
-            priority: int = 0, rid: str = "r") -> RequestInfo:
+def request(
+    prompt: int = 2048,
+    ttft: float | None = 1.0,
+    tpot: float | None = 0.1,
+    *,
+    arrival: float = 0.0,
+    priority: int = 0,
+    rid: str = "r",
+) -> RequestInfo:
     return RequestInfo(rid, "m", prompt, 128, slo=SloTarget(ttft, tpot, priority), arrival=arrival)
 
 
@@ -64,7 +71,10 @@ def test_backlog_beyond_the_deadline_is_rejected_and_a_moderate_one_waits(costs)
     # and time spent waiting counts against the deadline
     assert admitter().assess(request(ttft=1.0, arrival=0.0), queued, 0.5, 0.0).action == "reject"
     # work queued ahead at the gateway counts too
-    assert admitter().assess(request(ttft=1.0), snapshot(costs, view("p0"), view("d0", "decode")), 0.0, 3.0).action == "reject"
+    assert (
+        admitter().assess(request(ttft=1.0), snapshot(costs, view("p0"), view("d0", "decode")), 0.0, 3.0).action
+        == "reject"
+    )
 
 
 def test_tpot_slo_below_an_empty_batch_is_infeasible_and_a_full_batch_waits(costs):
@@ -99,16 +109,30 @@ def test_tpot_filter_keeps_batches_within_everyone_s_slo(costs):
 
 
 def test_slo_resolution_from_classes_and_headers():
-    resolver = SloResolver(SloConfig.model_validate({
-        "default": {"ttft_ms": 2000, "tpot_ms": 100},
-        "classes": [{"name": "batch", "apps": ["nightly"], "ttft_ms": 60000, "priority": -1},
-                    {"name": "vip", "api_keys": ["k-vip"], "ttft_ms": 300, "tpot_ms": 30, "priority": 5}]}))
+    resolver = SloResolver(
+        SloConfig.model_validate(
+            {
+                "default": {"ttft_ms": 2000, "tpot_ms": 100},
+                "classes": [
+                    {"name": "batch", "apps": ["nightly"], "ttft_ms": 60000, "priority": -1},
+                    {"name": "vip", "api_keys": ["k-vip"], "ttft_ms": 300, "tpot_ms": 30, "priority": 5},
+                ],
+            }
+        )
+    )
     assert resolver.resolve({}, "/v1/completions") == SloTarget(2.0, 0.1, 0, "default")
     assert resolver.resolve({"x-pdgate-app": "nightly"}, "/v1/completions") == SloTarget(60.0, None, -1, "batch")
     assert resolver.resolve({"authorization": "Bearer k-vip"}, "/v1/completions").slo_class == "vip"
-    assert resolver.resolve({"x-slo-ttft-ms": "250", "x-priority": "3"}, "/v1/chat/completions") == SloTarget(0.25, 0.1, 3, "default")
+    assert resolver.resolve({"x-slo-ttft-ms": "250", "x-priority": "3"}, "/v1/chat/completions") == SloTarget(
+        0.25, 0.1, 3, "default"
+    )
     assert resolver.resolve({"x-slo-tpot-ms": "none"}, "/v1/completions").tpot_s is None
-    for header, value in (("x-slo-ttft-ms", "soon"), ("x-slo-ttft-ms", "-5"), ("x-slo-tpot-ms", "nan"), ("x-priority", "high")):
+    for header, value in (
+        ("x-slo-ttft-ms", "soon"),
+        ("x-slo-ttft-ms", "-5"),
+        ("x-slo-tpot-ms", "nan"),
+        ("x-priority", "high"),
+    ):
         with pytest.raises(GatewayError) as err:
             resolver.resolve({header: value}, "/v1/completions")
         assert err.value.status == 400 and header in err.value.message
@@ -145,8 +169,16 @@ async def test_queue_dispatches_by_priority_then_deadline_and_forgets_cancelled_
         order.append(admitted.request_id)
 
     try:
-        tasks = [asyncio.create_task(one(request(ttft=t, priority=p, rid=rid)))
-                 for rid, t, p in (("loose", 9.0, 0), ("tight", 1.0, 0), ("vip", 9.0, 2), ("best-effort", None, 0), ("gone", 0.5, 0))]
+        tasks = [
+            asyncio.create_task(one(request(ttft=t, priority=p, rid=rid)))
+            for rid, t, p in (
+                ("loose", 9.0, 0),
+                ("tight", 1.0, 0),
+                ("vip", 9.0, 2),
+                ("best-effort", None, 0),
+                ("gone", 0.5, 0),
+            )
+        ]
         await asyncio.sleep(0.05)
         assert ctl.queue_length("m") == 5
         tasks[4].cancel()  # the client went away while queued

@@ -76,7 +76,9 @@ def test_infeasible_slo_is_rejected_early_with_429_and_reason(fleet, tmp_path):
         assert int(err.value.response.headers["retry-after"]) >= 1
         assert "predicted TTFT" in err.value.body["message"]
         # the same request with a reachable SLO is served
-        ok = client.completions.create(model=MODEL, prompt=prompt(1), max_tokens=4, extra_headers={"x-slo-ttft-ms": "2000"})
+        ok = client.completions.create(
+            model=MODEL, prompt=prompt(1), max_tokens=4, extra_headers={"x-slo-ttft-ms": "2000"}
+        )
         assert ok.usage.completion_tokens == 4
         status, _, body, _ = asyncio.run(_post(gw.url, {"x-slo-ttft-ms": "fast"}, {"model": MODEL, "prompt": "hi"}))
         assert status == 400 and "x-slo-ttft-ms" in body["error"]["message"]
@@ -141,8 +143,13 @@ def test_requests_are_logged_refit_online_and_the_model_is_loaded_at_restart(fle
         client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
         assert get_json(f"{gw.url}/cost-model")["version"] == "prior"
         for i in range(24):
-            stream = client.completions.create(model=MODEL, prompt=prompt(i, 50 + 25 * i), max_tokens=6 + i, stream=True,
-                                               extra_body={"ignore_eos": True})
+            stream = client.completions.create(
+                model=MODEL,
+                prompt=prompt(i, 50 + 25 * i),
+                max_tokens=6 + i,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             assert sum(len(c.choices) for c in stream) > 0
         deadline = time.monotonic() + 30
         # a request is recorded just after its last byte went out: wait for the 24th, then for a refit

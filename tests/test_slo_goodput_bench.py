@@ -64,8 +64,18 @@ def test_admission_and_slo_sections_follow_the_gateway_config(monkeypatch) -> No
 def test_arrivals_keep_the_trace_pattern_scaled_to_the_rate(tmp_path: Path, monkeypatch) -> None:
     _azure_csv(tmp_path / "code.csv", 30)
     monkeypatch.setattr(bench, "DATA", tmp_path)
-    spec = bench.TraceSpec("t", "code.csv", "azure", "test", ttft_s=0.4, tpot_s=0.02, start_rate=1.0,
-                           time_scale=1.0, offset=3, max_requests=20)
+    spec = bench.TraceSpec(
+        "t",
+        "code.csv",
+        "azure",
+        "test",
+        ttft_s=0.4,
+        tpot_s=0.02,
+        start_rate=1.0,
+        time_scale=1.0,
+        offset=3,
+        max_requests=20,
+    )
     workload = bench.TraceWorkload(spec, seed=0)
     assert len(workload.pool) == 20
     reqs = workload.requests(12, 6.0)
@@ -80,8 +90,18 @@ def test_arrivals_keep_the_trace_pattern_scaled_to_the_rate(tmp_path: Path, monk
 
 
 def test_results_are_converted_to_simulated_seconds() -> None:
-    r = RequestResult(index=0, target="t", slo_class="default", scheduled_s=1.0, sent_s=1.5, end_s=3.0,
-                      first_token_s=2.0, chunk_times=[2.0, 2.5], output_tokens=3, status=200)
+    r = RequestResult(
+        index=0,
+        target="t",
+        slo_class="default",
+        scheduled_s=1.0,
+        sent_s=1.5,
+        end_s=3.0,
+        first_token_s=2.0,
+        chunk_times=[2.0, 2.5],
+        output_tokens=3,
+        status=200,
+    )
     sim = bench.to_sim(r, 4.0)
     assert (sim.sent_s, sim.first_token_s, sim.end_s, sim.chunk_times) == (6.0, 8.0, 12.0, [8.0, 10.0])
     assert sim.tpot_s == pytest.approx(4 * r.tpot_s)
@@ -91,9 +111,31 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     _azure_csv(tmp_path / "data" / bench.TRACES["azure-code"].path, 640)
     out = tmp_path / "goodput.json"
     env = {**os.environ, "PDGATE_DATA": str(tmp_path / "data")}
-    run = subprocess.run([sys.executable, str(BENCHMARKS / "slo_goodput.py"), "--quick", "--traces", "azure-code", "--policies", "round-robin",
-                          "--requests-per-probe", "12", "--max-probes", "1", "--start-rate", "4", "--out", str(out),
-                          "--keep-logs"], capture_output=True, text=True, timeout=110, env=env, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "slo_goodput.py"),
+            "--quick",
+            "--traces",
+            "azure-code",
+            "--policies",
+            "round-robin",
+            "--requests-per-probe",
+            "12",
+            "--max-probes",
+            "1",
+            "--start-rate",
+            "4",
+            "--out",
+            str(out),
+            "--keep-logs",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=env,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| round-robin |" in run.stdout
     data = json.loads(out.read_text())

@@ -12,10 +12,26 @@ def event(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-def completion_chunk(text: str, ids: list[int], *, cid: str = "cmpl-src", finish: str | None = None, usage=None) -> dict:
-    chunk = {"id": cid, "object": "text_completion", "created": 100, "model": "m",
-             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None,
-                          "prompt_token_ids": None, "token_ids": ids}]}
+def completion_chunk(
+    text: str, ids: list[int], *, cid: str = "cmpl-src", finish: str | None = None, usage=None
+) -> dict:
+    chunk = {
+        "id": cid,
+        "object": "text_completion",
+        "created": 100,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish,
+                "stop_reason": None,
+                "prompt_token_ids": None,
+                "token_ids": ids,
+            }
+        ],
+    }
     if usage is not None:
         chunk["usage"] = usage
     return chunk
@@ -35,7 +51,9 @@ def test_the_trail_forwards_only_complete_events_and_counts_their_tokens():
     data = event(completion_chunk("a", [5])) + event(completion_chunk("b", [6, 7]))
     cut = len(data) - 10
     first = trail.feed(data[:cut])
-    assert decode(first) == [completion_chunk("a", [5]) | {"choices": [completion_chunk("a", [5])["choices"][0] | {"token_ids": None}]}]
+    assert decode(first) == [
+        completion_chunk("a", [5]) | {"choices": [completion_chunk("a", [5])["choices"][0] | {"token_ids": None}]}
+    ]
     assert trail.token_ids == [5]
     rest = trail.feed(data[cut:])
     assert decode(rest)[0]["choices"][0]["text"] == "b" and decode(rest)[0]["choices"][0]["token_ids"] is None
@@ -61,27 +79,62 @@ def test_a_continuation_becomes_the_clients_completion_stream_with_whole_usage()
     trail = StreamTrail(strip_ids=True)
     trail.feed(event(completion_chunk("a", [5])) + event(completion_chunk("b", [6])))
     splice = Splice(trail, "completion", prompt_tokens=10, offset=2, want_ids=False)
-    usage = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14, "prompt_tokens_details": {"cached_tokens": 11}}
-    data = (event(completion_chunk("c", [7], cid="cmpl-target")) + event(completion_chunk("d", [8], cid="cmpl-target", finish="length"))
-            + event({"id": "cmpl-target", "object": "text_completion", "created": 200, "model": "m", "choices": [], "usage": usage})
-            + b"data: [DONE]\n\n")
+    usage = {
+        "prompt_tokens": 12,
+        "completion_tokens": 2,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 11},
+    }
+    data = (
+        event(completion_chunk("c", [7], cid="cmpl-target"))
+        + event(completion_chunk("d", [8], cid="cmpl-target", finish="length"))
+        + event(
+            {
+                "id": "cmpl-target",
+                "object": "text_completion",
+                "created": 200,
+                "model": "m",
+                "choices": [],
+                "usage": usage,
+            }
+        )
+        + b"data: [DONE]\n\n"
+    )
     out = decode(splice.feed(data[:7]) + splice.feed(data[7:]))
     assert [c["id"] for c in out[:3]] == ["cmpl-src"] * 3 and all(c["created"] == 100 for c in out[:3])
     assert [c["choices"][0]["text"] for c in out[:2]] == ["c", "d"]
     assert all(c["choices"][0]["token_ids"] is None for c in out[:2])
     assert out[1]["choices"][0]["finish_reason"] == "length"
-    assert out[2]["usage"] == {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14,
-                               "prompt_tokens_details": {"cached_tokens": 10}}
+    assert out[2]["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 4,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 10},
+    }
     assert out[3] == "[DONE]"
     assert trail.token_ids == [5, 6, 7, 8] and trail.finished and trail.done
 
 
 def test_a_continuation_becomes_chat_chunks():
     trail = StreamTrail(strip_ids=False)
-    trail.feed(event({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
-                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+    trail.feed(
+        event(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 7,
+                "model": "m",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+            }
+        )
+    )
     splice = Splice(trail, "chat", prompt_tokens=3, offset=0, want_ids=True)
-    out = decode(splice.feed(event(completion_chunk("hi", [9], cid="cmpl-x")) + event(completion_chunk("", [], cid="cmpl-x", finish="stop"))))
+    out = decode(
+        splice.feed(
+            event(completion_chunk("hi", [9], cid="cmpl-x"))
+            + event(completion_chunk("", [], cid="cmpl-x", finish="stop"))
+        )
+    )
     assert out[0]["object"] == "chat.completion.chunk" and out[0]["id"] == "chatcmpl-1"
     assert out[0]["choices"][0]["delta"] == {"content": "hi"} and out[0]["choices"][0]["token_ids"] == [9]
     assert out[1]["choices"][0]["delta"] == {} and out[1]["choices"][0]["finish_reason"] == "stop"
@@ -98,11 +151,29 @@ def test_closing_events_end_an_answer_that_had_every_token():
 
 
 def test_continuation_body_and_what_cannot_move():
-    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0, "max_tokens": 50, "min_tokens": 5,
-            "stream": True, "stream_options": {"include_usage": True}, "stop": ["\n\n"], "tools": None}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x"}],
+        "temperature": 0,
+        "max_tokens": 50,
+        "min_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "stop": ["\n\n"],
+        "tools": None,
+    }
     cont = continuation_body(body, [1, 2, 3], [7, 8], 50)
-    assert cont == {"model": "m", "temperature": 0, "stop": ["\n\n"], "prompt": [1, 2, 3, 7, 8], "max_tokens": 48,
-                    "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}, "min_tokens": 3}
+    assert cont == {
+        "model": "m",
+        "temperature": 0,
+        "stop": ["\n\n"],
+        "prompt": [1, 2, 3, 7, 8],
+        "max_tokens": 48,
+        "stream": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+        "min_tokens": 3,
+    }
     assert pinned_reason(body, True) is None
     assert pinned_reason(body, False) == "not streamed"
     assert pinned_reason({**body, "n": 2}, True) == "uses n"

@@ -43,8 +43,9 @@ def hf_tokenizer_dir(tmp_path_factory):
     tok = tokenizers.Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     corpus = [s * 20 for s in SAMPLES[:2]] + ["the history of the city begins in antiquity"] * 50
     tok.train_from_iterator(corpus, trainer)
     path = tmp_path_factory.mktemp("hf-tok")
@@ -58,12 +59,16 @@ def test_hf_tokenizer_directory_is_used_by_the_engine(hf_tokenizer_dir, sim_fact
     text = "the history of the city"
     assert local.decode(local.encode(text)) == text and local.eos_token_id == 1
     engine = sim_factory("--tokenizer", str(hf_tokenizer_dir))
-    req = urllib.request.Request(f"{engine.url}/tokenize", data=json.dumps({"prompt": text}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{engine.url}/tokenize",
+        data=json.dumps({"prompt": text}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     assert json.load(urllib.request.urlopen(req))["tokens"] == local.encode(text)
     body = {"prompt": text, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    req = urllib.request.Request(f"{engine.url}/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{engine.url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     out = json.load(urllib.request.urlopen(req))["choices"][0]
     assert len(out["token_ids"]) == 8 and out["text"] == local.decode(out["token_ids"])
 
@@ -86,8 +91,9 @@ def llama_like_dir(hf_tokenizer_dir, tmp_path_factory):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     path = tmp_path_factory.mktemp("llama-like")
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE})
+    )
     return path
 
 
@@ -111,24 +117,35 @@ def test_gateway_tokenizes_like_the_engine_with_special_tokens(llama_like_dir, s
     from support.fleet import MODEL, start_gateway, write_config
 
     engine = sim_factory("--tokenizer", str(llama_like_dir), "--served-model-name", MODEL)
-    config = write_config(tmp_path / "gw.yaml", [{"id": "e0", "url": engine.url, "kind": "sim", "role": "both",
-                                                 "model": MODEL}])
+    config = write_config(
+        tmp_path / "gw.yaml", [{"id": "e0", "url": engine.url, "kind": "sim", "role": "both", "model": MODEL}]
+    )
     raw = yaml.safe_load(config.read_text())
     raw["models"][0]["tokenizer"] = str(llama_like_dir)
     config.write_text(yaml.safe_dump(raw))
     gateway = start_gateway(config)
     try:
-        args = {"model": MODEL, "prompt": "the history of the city", "max_tokens": 6, "temperature": 0,
-                "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+        args = {
+            "model": MODEL,
+            "prompt": "the history of the city",
+            "max_tokens": 6,
+            "temperature": 0,
+            "extra_body": {"ignore_eos": True, "return_token_ids": True},
+        }
         direct = openai.OpenAI(base_url=f"{engine.url}/v1", api_key="x").completions.create(**args)
         via = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x").completions.create(**args)
-        assert via.usage.prompt_tokens == direct.usage.prompt_tokens == len(HFTokenizer(llama_like_dir).encode(
-            "the history of the city", add_special_tokens=True))
+        assert (
+            via.usage.prompt_tokens
+            == direct.usage.prompt_tokens
+            == len(HFTokenizer(llama_like_dir).encode("the history of the city", add_special_tokens=True))
+        )
         assert via.choices[0].text == direct.choices[0].text
         chat = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x").chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "the city"}], max_tokens=4)
+            model=MODEL, messages=[{"role": "user", "content": "the city"}], max_tokens=4
+        )
         local = HFTokenizer(llama_like_dir)
-        assert chat.usage.prompt_tokens == len(local.encode(local.apply_chat_template([{"role": "user", "content": "the city"}])))
+        assert chat.usage.prompt_tokens == len(
+            local.encode(local.apply_chat_template([{"role": "user", "content": "the city"}]))
+        )
     finally:
         gateway.stop()
-

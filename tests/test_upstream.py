@@ -176,9 +176,15 @@ class WebEngine:
         return await handler(request)
 
     async def _echo(self, request: web.Request) -> web.Response:
-        return web.json_response({"method": request.method, "path": request.path_qs,
-                                  "body": (await request.read()).decode(), "x_test": request.headers.get("X-Test"),
-                                  "content_length": request.headers.get("Content-Length")})
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "body": (await request.read()).decode(),
+                "x_test": request.headers.get("X-Test"),
+                "content_length": request.headers.get("Content-Length"),
+            }
+        )
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -205,8 +211,9 @@ async def engine():
     await server.runner.cleanup()
 
 
-async def fetch(pool: UpstreamPool, origin, path: str = "/", method: str = "GET", body: bytes = b"",
-                timeout_s: float = TIMEOUT) -> tuple[UpstreamResponse, bytes]:
+async def fetch(
+    pool: UpstreamPool, origin, path: str = "/", method: str = "GET", body: bytes = b"", timeout_s: float = TIMEOUT
+) -> tuple[UpstreamResponse, bytes]:
     response = await pool.request(origin, method, path, body, headers={}, timeout_s=timeout_s)
     try:
         return response, await response.read()
@@ -226,8 +233,14 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> boo
 # ----------------------------------------------------------------------------- bodies
 async def test_non_streamed_response_is_read_whole(engine, make_pool):
     pool = make_pool()
-    response = await pool.request(engine.origin, "POST", "/echo?a=1", b'{"prompt": "hi"}',
-                                  headers={"X-Test": "yes", "Content-Type": "application/json"}, timeout_s=TIMEOUT)
+    response = await pool.request(
+        engine.origin,
+        "POST",
+        "/echo?a=1",
+        b'{"prompt": "hi"}',
+        headers={"X-Test": "yes", "Content-Type": "application/json"},
+        timeout_s=TIMEOUT,
+    )
     try:
         assert response.status == 200
         assert response.headers["content-type"] == "application/json; charset=utf-8"  # names lower-cased
@@ -236,8 +249,13 @@ async def test_non_streamed_response_is_read_whole(engine, make_pool):
         assert response.complete
     finally:
         response.close()
-    assert data == {"method": "POST", "path": "/echo?a=1", "body": '{"prompt": "hi"}', "x_test": "yes",
-                    "content_length": "16"}
+    assert data == {
+        "method": "POST",
+        "path": "/echo?a=1",
+        "body": '{"prompt": "hi"}',
+        "x_test": "yes",
+        "content_length": "16",
+    }
     assert pool.idle_connections() == 1  # read to its end: parked for reuse
 
 

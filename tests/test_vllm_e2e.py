@@ -43,7 +43,54 @@ HOME = vllm_home()
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 
-WORDS = ["the", "cache", "block", "token", "prefill", "decode", "request", "router", "server", "engine", "model", "prompt", "stream", "latency", "memory", "queue", "worker", "batch", "tensor", "layer", "hidden", "vector", "score", "policy", "route", "load", "balance", "python", "rust", "kernel", "thread", "socket", "metric", "event", "hash", "prefix", "transfer", "remote", "local", "greedy", "alpha", "beta", "gamma", "delta", "river", "mountain"]
+WORDS = [
+    "the",
+    "cache",
+    "block",
+    "token",
+    "prefill",
+    "decode",
+    "request",
+    "router",
+    "server",
+    "engine",
+    "model",
+    "prompt",
+    "stream",
+    "latency",
+    "memory",
+    "queue",
+    "worker",
+    "batch",
+    "tensor",
+    "layer",
+    "hidden",
+    "vector",
+    "score",
+    "policy",
+    "route",
+    "load",
+    "balance",
+    "python",
+    "rust",
+    "kernel",
+    "thread",
+    "socket",
+    "metric",
+    "event",
+    "hash",
+    "prefix",
+    "transfer",
+    "remote",
+    "local",
+    "greedy",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "river",
+    "mountain",
+]
 
 
 def prompt_text(seed: int, words: int) -> str:
@@ -72,8 +119,11 @@ class Engine:
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
-        return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine")))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine")))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def metric(self, name: str, **labels: str) -> float:
         want = tuple(sorted(labels.items()))
@@ -103,17 +153,40 @@ class Fleet:
         return [self.prefill, self.decode, self.colocated]
 
 
-def start_engine(name: str, role: str, core: str, tmp: Path, *, kv_ports: tuple[int, int] | None = None,
-                 otlp: str | None = None) -> Engine:
+def start_engine(
+    name: str, role: str, core: str, tmp: Path, *, kv_ports: tuple[int, int] | None = None, otlp: str | None = None
+) -> Engine:
     port = free_port()
-    args = [sys.executable, "-m", "pdgate.cli", "engine", "vllm", "--role", role, "--model", str(tiny_model_dir(HOME)),
-            "--served-model-name", MODEL, "--port", str(port), "--cpu-cores", core, "--max-model-len", "1024",
-            "--python", str(HOME / "venv" / "bin" / "python")]
+    args = [
+        sys.executable,
+        "-m",
+        "pdgate.cli",
+        "engine",
+        "vllm",
+        "--role",
+        role,
+        "--model",
+        str(tiny_model_dir(HOME)),
+        "--served-model-name",
+        MODEL,
+        "--port",
+        str(port),
+        "--cpu-cores",
+        core,
+        "--max-model-len",
+        "1024",
+        "--python",
+        str(HOME / "venv" / "bin" / "python"),
+    ]
     if role != "both":
         args += ["--side-channel-port", str(free_port())]
     if kv_ports is not None:
-        args += ["--kv-events-endpoint", f"tcp://127.0.0.1:{kv_ports[0]}",
-                 "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{kv_ports[1]}"]
+        args += [
+            "--kv-events-endpoint",
+            f"tcp://127.0.0.1:{kv_ports[0]}",
+            "--kv-events-replay-endpoint",
+            f"tcp://127.0.0.1:{kv_ports[1]}",
+        ]
     env = dict(os.environ)
     if otlp is not None:
         args += ["--otlp-traces-endpoint", otlp]
@@ -130,7 +203,9 @@ def wait_healthy(engines: list[Engine]) -> None:
     while pending:
         for engine in list(pending):
             if engine.proc.poll() is not None:
-                raise RuntimeError(f"vLLM {engine.name} exited ({engine.proc.returncode}):\n{engine.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"vLLM {engine.name} exited ({engine.proc.returncode}):\n{engine.log.read_text()[-3000:]}"
+                )
             try:
                 if urllib.request.urlopen(f"{engine.url}/health", timeout=2).status == 200:
                     pending.remove(engine)
@@ -153,9 +228,12 @@ def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -
     _require_vllm()
     tmp = tmp_path_factory.mktemp("vllm")
     kv_ports = {"prefill": (free_port(), free_port()), "decode": (free_port(), free_port())}
-    fleet = Fleet(start_engine("prefill", "prefill", "0", tmp, kv_ports=kv_ports["prefill"], otlp=collector.endpoint),
-                  start_engine("decode", "decode", "1", tmp, kv_ports=kv_ports["decode"], otlp=collector.endpoint),
-                  start_engine("colocated", "both", "0", tmp), kv_ports)
+    fleet = Fleet(
+        start_engine("prefill", "prefill", "0", tmp, kv_ports=kv_ports["prefill"], otlp=collector.endpoint),
+        start_engine("decode", "decode", "1", tmp, kv_ports=kv_ports["decode"], otlp=collector.endpoint),
+        start_engine("colocated", "both", "0", tmp),
+        kv_ports,
+    )
     try:
         wait_healthy(fleet.engines)
         yield fleet
@@ -165,20 +243,35 @@ def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -
 
 
 def gateway_config(instances: list[dict[str, Any]], **extra: Any) -> GatewayConfig:
-    return GatewayConfig.model_validate({
-        "host": "127.0.0.1", "port": 0, "scrape_interval_s": 0.25,
-        "health": {"interval_s": 0.25, "timeout_s": 2.0, "failure_threshold": 1, "cooldown_s": 60},
-        "models": [{"name": MODEL, "tokenizer": str(tiny_model_dir(HOME)), "max_model_len": 1024}],
-        "instances": instances, **extra})
+    return GatewayConfig.model_validate(
+        {
+            "host": "127.0.0.1",
+            "port": 0,
+            "scrape_interval_s": 0.25,
+            "health": {"interval_s": 0.25, "timeout_s": 2.0, "failure_threshold": 1, "cooldown_s": 60},
+            "models": [{"name": MODEL, "tokenizer": str(tiny_model_dir(HOME)), "max_model_len": 1024}],
+            "instances": instances,
+            **extra,
+        }
+    )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(engines: Fleet) -> Fleet:
     """The PD pair behind an in-process gateway with the engines' real KV events."""
     instances = [
-        {"id": role, "url": engine.url, "kind": "vllm", "role": role, "model": MODEL, "block_size": BLOCK,
-         "kv_events": {"endpoint": f"tcp://127.0.0.1:{engines.kv_ports[role][0]}",
-                       "replay_endpoint": f"tcp://127.0.0.1:{engines.kv_ports[role][1]}"}}
+        {
+            "id": role,
+            "url": engine.url,
+            "kind": "vllm",
+            "role": role,
+            "model": MODEL,
+            "block_size": BLOCK,
+            "kv_events": {
+                "endpoint": f"tcp://127.0.0.1:{engines.kv_ports[role][0]}",
+                "replay_endpoint": f"tcp://127.0.0.1:{engines.kv_ports[role][1]}",
+            },
+        }
         for role, engine in (("prefill", engines.prefill), ("decode", engines.decode))
     ]
     server = GatewayServer(build_gateway(gateway_config(instances)))
@@ -197,8 +290,12 @@ def client(url: str) -> openai.AsyncOpenAI:
 
 async def complete(url: str, prompt: str, max_tokens: int, **extra: Any) -> Any:
     return await client(url).completions.create(
-        model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
-        extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True, **extra},
+    )
 
 
 async def via_gateway(fleet: Fleet, prompt: str, max_tokens: int) -> Any:
@@ -212,12 +309,13 @@ async def via_gateway(fleet: Fleet, prompt: str, max_tokens: int) -> Any:
 def vllm_block_hashes(token_ids: list[int]) -> list[int]:
     """vLLM's published hashes of the full blocks, recomputed from vLLM's definition (sha256 of the
     pickled (parent, block tokens, extra keys) chain from the 'vllm-none-hash' root, low 64 bits)."""
+
     def sha(obj: object) -> bytes:
         return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()
 
     parent, out = sha(os.environ.get("PYTHONHASHSEED", "vllm-none-hash")), []
     for start in range(0, len(token_ids) - BLOCK + 1, BLOCK):
-        parent = sha((parent, tuple(token_ids[start:start + BLOCK]), None))
+        parent = sha((parent, tuple(token_ids[start : start + BLOCK]), None))
         out.append(int.from_bytes(parent, "big") & ((1 << 64) - 1))
     return out
 
@@ -231,8 +329,14 @@ async def test_pd_greedy_output_equals_a_single_engine(fleet: Fleet) -> None:
     assert through.usage.prompt_tokens == direct.usage.prompt_tokens and through.usage.completion_tokens == 32
 
     stream = await client(fleet.gateway.url).completions.create(
-        model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     pieces, usage = [], None
     async for chunk in stream:
         pieces += [c.text for c in chunk.choices]
@@ -241,17 +345,21 @@ async def test_pd_greedy_output_equals_a_single_engine(fleet: Fleet) -> None:
 
     messages = [{"role": "user", "content": prompt_text(2, 30)}]
     chat_direct = await client(fleet.colocated.url).chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+        model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
     chat_stream = await client(fleet.gateway.url).chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     text = "".join([c.delta.content or "" async for chunk in chat_stream for c in chunk.choices])
     assert text == chat_direct.choices[0].message.content
 
 
 async def test_decode_engine_gets_the_prompt_by_kv_transfer(fleet: Fleet) -> None:
     def counts() -> tuple[float, float]:
-        return (fleet.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer"),
-                fleet.decode.metric("vllm:prompt_tokens_by_source_total", source="local_compute"))
+        return (
+            fleet.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer"),
+            fleet.decode.metric("vllm:prompt_tokens_by_source_total", source="local_compute"),
+        )
 
     external0, local0 = counts()
     prefill_local0 = fleet.prefill.metric("vllm:prompt_tokens_by_source_total", source="local_compute")
@@ -259,8 +367,10 @@ async def test_decode_engine_gets_the_prompt_by_kv_transfer(fleet: Fleet) -> Non
     external1, local1 = counts()
     assert external1 - external0 == reply.usage.prompt_tokens  # the whole prompt came over NIXL
     assert local1 == local0  # and none of it was computed on the decode engine
-    assert fleet.prefill.metric("vllm:prompt_tokens_by_source_total", source="local_compute") - prefill_local0 \
+    assert (
+        fleet.prefill.metric("vllm:prompt_tokens_by_source_total", source="local_compute") - prefill_local0
         == reply.usage.prompt_tokens
+    )
 
 
 async def test_exact_prefix_index_holds_the_blocks_vllm_reported(fleet: Fleet) -> None:
@@ -277,15 +387,25 @@ async def test_exact_prefix_index_holds_the_blocks_vllm_reported(fleet: Fleet) -
         await asyncio.sleep(0.1)
     assert newest <= index.blocks("decode")  # the transferred blocks, stored on decode too
     # and the gateway scores the prefix on the instances that hold it
-    snapshot = fleet.gateway.gateway.cluster.snapshot(MODEL, fleet.gateway.gateway.proxy._validate(  # type: ignore[union-attr]
-        json.dumps({"model": MODEL, "prompt": prompt_text(4, 400)}).encode(), "completion", None).hashes)
+    snapshot = fleet.gateway.gateway.cluster.snapshot(
+        MODEL,
+        fleet.gateway.gateway.proxy._validate(  # type: ignore[union-attr]
+            json.dumps({"model": MODEL, "prompt": prompt_text(4, 400)}).encode(), "completion", None
+        ).hashes,
+    )
     assert snapshot.prefix_hit_tokens["prefill"] == len(newest) * BLOCK
 
 
 async def test_load_is_read_from_vllm_metrics(fleet: Fleet) -> None:
     cluster = fleet.gateway.gateway.cluster  # type: ignore[union-attr]
     stream = await client(fleet.gateway.url).completions.create(
-        model=MODEL, prompt=prompt_text(5, 40), max_tokens=900, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        model=MODEL,
+        prompt=prompt_text(5, 40),
+        max_tokens=900,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     seen_running = 0
     async for _chunk in stream:
         await cluster.refresh(check_health=False)
@@ -300,7 +420,13 @@ async def test_load_is_read_from_vllm_metrics(fleet: Fleet) -> None:
 
 async def test_client_disconnect_aborts_the_request_on_vllm(fleet: Fleet) -> None:
     stream = await client(fleet.gateway.url).completions.create(
-        model=MODEL, prompt=prompt_text(6, 40), max_tokens=900, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        model=MODEL,
+        prompt=prompt_text(6, 40),
+        max_tokens=900,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     received = 0
     async for _chunk in stream:
         received += 1
@@ -320,8 +446,10 @@ async def test_client_disconnect_aborts_the_request_on_vllm(fleet: Fleet) -> Non
 async def test_vllm_continues_the_gateway_trace(engines: Fleet, collector: OtlpReceiver) -> None:
     """Each vLLM engine gets its leg's traceparent: its llm_request span is that leg's child."""
     exporter = InMemorySpanExporter()
-    instances = [{"id": role, "url": engine.url, "kind": "vllm", "role": role, "model": MODEL, "block_size": BLOCK}
-                 for role, engine in (("prefill", engines.prefill), ("decode", engines.decode))]
+    instances = [
+        {"id": role, "url": engine.url, "kind": "vllm", "role": role, "model": MODEL, "block_size": BLOCK}
+        for role, engine in (("prefill", engines.prefill), ("decode", engines.decode))
+    ]
     server = GatewayServer(build_gateway(gateway_config(instances)), span_exporter=exporter)
     await server.start()
     try:
@@ -334,7 +462,8 @@ async def test_vllm_continues_the_gateway_trace(engines: Fleet, collector: OtlpR
     assert set(legs) == {"pdgate.prefill", "pdgate.decode"}
     trace_id = format(legs["pdgate.decode"].context.trace_id, "032x")
     received = await collector.wait_for(
-        lambda got: sum(s.name == "llm_request" and s.trace_id == trace_id for s in got) >= 2, timeout=30)
+        lambda got: sum(s.name == "llm_request" and s.trace_id == trace_id for s in got) >= 2, timeout=30
+    )
     by_parent = {s.parent_span_id: s for s in received if s.name == "llm_request" and s.trace_id == trace_id}
     prefill_span = by_parent[format(legs["pdgate.prefill"].context.span_id, "016x")]
     decode_span = by_parent[format(legs["pdgate.decode"].context.span_id, "016x")]
@@ -345,22 +474,35 @@ async def test_vllm_continues_the_gateway_trace(engines: Fleet, collector: OtlpR
 
 async def _admin(url: str, path: str, body: dict | None = None) -> tuple[int, Any]:
     def call() -> tuple[int, Any]:
-        req = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{url}{path}",
+            data=json.dumps(body or {}).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
                 return resp.status, json.load(resp)
         except urllib.error.HTTPError as err:
             return err.code, json.load(err)
+
     return await asyncio.to_thread(call)
 
 
-async def _stream_with(url: str, prompt: str, max_tokens: int, request_id: str, at: int, action: Any) -> tuple[list[int], Any, set[str]]:
+async def _stream_with(
+    url: str, prompt: str, max_tokens: int, request_id: str, at: int, action: Any
+) -> tuple[list[int], Any, set[str]]:
     """A greedy streamed completion whose token ids are collected; ``action`` runs after ``at`` tokens."""
     stream = await client(url).completions.create(
-        model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "return_token_ids": True},
-        extra_headers={"X-Request-Id": request_id})
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+        extra_headers={"X-Request-Id": request_id},
+    )
     ids: list[int] = []
     usage, chunk_ids = None, set()
     async for chunk in stream:
@@ -379,11 +521,33 @@ async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
     the NIXL decode engine through vLLM's own PD path (prompt + generated tokens prefilled with
     do_remote_decode, continued with the returned kv_transfer_params); then the decode engine is
     SIGKILLed under another stream, which fails over. Both equal an uninterrupted greedy run."""
-    instances = [{"id": "prefill", "url": engines.prefill.url, "kind": "vllm", "role": "prefill", "model": MODEL, "block_size": BLOCK},
-                 {"id": "decode", "url": engines.decode.url, "kind": "vllm", "role": "decode", "model": MODEL, "block_size": BLOCK},
-                 # no KV connector: as a decode instance it computes the prompt itself
-                 {"id": "colocated", "url": engines.colocated.url, "kind": "vllm", "role": "decode", "model": MODEL,
-                  "block_size": BLOCK}]
+    instances = [
+        {
+            "id": "prefill",
+            "url": engines.prefill.url,
+            "kind": "vllm",
+            "role": "prefill",
+            "model": MODEL,
+            "block_size": BLOCK,
+        },
+        {
+            "id": "decode",
+            "url": engines.decode.url,
+            "kind": "vllm",
+            "role": "decode",
+            "model": MODEL,
+            "block_size": BLOCK,
+        },
+        # no KV connector: as a decode instance it computes the prompt itself
+        {
+            "id": "colocated",
+            "url": engines.colocated.url,
+            "kind": "vllm",
+            "role": "decode",
+            "model": MODEL,
+            "block_size": BLOCK,
+        },
+    ]
     server = GatewayServer(build_gateway(gateway_config(instances, migration={"policy": "no-migration"})))
     await server.start()
     tokens = 400
@@ -409,7 +573,9 @@ async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
         assert usage.completion_tokens == tokens and usage.prompt_tokens == reference.usage.prompt_tokens
         assert len(chunk_ids) == 1
         moved_at = answer["generated_tokens"]
-        external = engines.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - external0
+        external = (
+            engines.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - external0
+        )
         assert external >= reference.usage.prompt_tokens + moved_at - 1  # prompt + generated came over NIXL
 
         # 2. failover: a stream on "decode" whose engine is SIGKILLed continues on "colocated"
@@ -421,12 +587,20 @@ async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
 
         ids, usage, chunk_ids = await _stream_with(url, prompt, tokens, "vllm-killed", 12, kill)
         assert ids == expected and usage.completion_tokens == tokens and len(chunk_ids) == 1
-        text = (await asyncio.to_thread(lambda: urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()))
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(text) for s in f.samples}
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode())
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
         def count(**labels: str) -> float:
-            return sum(v for (n, lab), v in samples.items() if n == "pdgate_migrations_total"
-                       and all(p in lab for p in labels.items()))
+            return sum(
+                v
+                for (n, lab), v in samples.items()
+                if n == "pdgate_migrations_total" and all(p in lab for p in labels.items())
+            )
+
         assert count(reason="admin", mechanism="pd", outcome="migrated") == 1
         assert count(reason="failover", outcome="migrated") == 1
     finally:
@@ -436,10 +610,24 @@ async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
 
 async def test_killed_engine_is_marked_unhealthy_and_avoided(engines: Fleet) -> None:
     """Run last: it kills the colocated engine. The prefill engine serves plain requests too."""
-    instances = [{"id": "colocated", "url": engines.colocated.url, "kind": "vllm", "role": "both", "model": MODEL,
-                  "block_size": BLOCK},
-                 {"id": "other", "url": engines.prefill.url, "kind": "vllm", "role": "both", "model": MODEL,
-                  "block_size": BLOCK}]
+    instances = [
+        {
+            "id": "colocated",
+            "url": engines.colocated.url,
+            "kind": "vllm",
+            "role": "both",
+            "model": MODEL,
+            "block_size": BLOCK,
+        },
+        {
+            "id": "other",
+            "url": engines.prefill.url,
+            "kind": "vllm",
+            "role": "both",
+            "model": MODEL,
+            "block_size": BLOCK,
+        },
+    ]
     server = GatewayServer(build_gateway(gateway_config(instances)))
     await server.start()
     try:

@@ -20,16 +20,34 @@ def flag(argv: list[str], name: str) -> str:
 
 
 def test_prefill_and_decode_get_nixl_roles_side_channel_and_events() -> None:
-    prefill, env = vllm_command(VllmLaunchConfig(role="prefill", model="/m", served_model_name="tiny", port=8201,
-                                                 side_channel_port=5671, kv_events_endpoint="tcp://127.0.0.1:5651",
-                                                 kv_events_replay_endpoint="tcp://127.0.0.1:5661", python="/py"))
+    prefill, env = vllm_command(
+        VllmLaunchConfig(
+            role="prefill",
+            model="/m",
+            served_model_name="tiny",
+            port=8201,
+            side_channel_port=5671,
+            kv_events_endpoint="tcp://127.0.0.1:5651",
+            kv_events_replay_endpoint="tcp://127.0.0.1:5661",
+            python="/py",
+        )
+    )
     connector = json.loads(flag(prefill, "--kv-transfer-config"))
-    assert connector == {"kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_buffer_device": "cpu",
-                         "kv_load_failure_policy": "recompute", "kv_connector_module_path": "pdgate_nixl"}
+    assert connector == {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_producer",
+        "kv_buffer_device": "cpu",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_module_path": "pdgate_nixl",
+    }
     assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5671" and env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
     assert json.loads(flag(prefill, "--kv-events-config")) == {
-        "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://127.0.0.1:5651", "topic": "kv",
-        "replay_endpoint": "tcp://127.0.0.1:5661"}
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "tcp://127.0.0.1:5651",
+        "topic": "kv",
+        "replay_endpoint": "tcp://127.0.0.1:5661",
+    }
     assert prefill[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
     assert flag(prefill, "--served-model-name") == "tiny" and flag(prefill, "--port") == "8201"
     assert str(SITE_DIR) in env["PYTHONPATH"].split(":") and (SITE_DIR / "pdgate_nixl.py").exists()
@@ -42,8 +60,9 @@ def test_prefill_and_decode_get_nixl_roles_side_channel_and_events() -> None:
 def test_colocated_has_no_connector_and_gpu_has_no_cpu_fixes() -> None:
     both, env = vllm_command(VllmLaunchConfig(role="both", model="/m", python="/py"))
     assert "--kv-transfer-config" not in both and "VLLM_NIXL_SIDE_CHANNEL_PORT" not in env
-    gpu, env = vllm_command(VllmLaunchConfig(role="decode", model="/m", device="gpu", side_channel_port=5600,
-                                             cpu_cores="0", python="/py"))
+    gpu, env = vllm_command(
+        VllmLaunchConfig(role="decode", model="/m", device="gpu", side_channel_port=5600, cpu_cores="0", python="/py")
+    )
     assert json.loads(flag(gpu, "--kv-transfer-config"))["kv_buffer_device"] == "cuda"
     assert "kv_connector_module_path" not in flag(gpu, "--kv-transfer-config")
     assert "--enforce-eager" not in gpu and "PYTHONPATH" not in env and gpu[0] == "/py"  # no taskset on GPU
@@ -57,12 +76,35 @@ def test_invalid_settings_are_explained() -> None:
 
 
 def test_cli_prints_the_command_and_rejects_bad_flags() -> None:
-    ok = subprocess.run([sys.executable, "-m", "pdgate.cli", "engine", "vllm", "--role", "prefill", "--model", "/m",
-                         "--side-channel-port", "5600", "--cpu-cores", "1", "--print"], capture_output=True, text=True, check=False)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdgate.cli",
+            "engine",
+            "vllm",
+            "--role",
+            "prefill",
+            "--model",
+            "/m",
+            "--side-channel-port",
+            "5600",
+            "--cpu-cores",
+            "1",
+            "--print",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "VLLM_NIXL_SIDE_CHANNEL_PORT=5600" in ok.stdout and "taskset -c 1" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "pdgate.cli", "engine", "vllm", "--role", "decode", "--model", "/m"],
-                         capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pdgate.cli", "engine", "vllm", "--role", "decode", "--model", "/m"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2 and "side-channel-port" in bad.stderr
 
 
@@ -74,5 +116,11 @@ def test_pdgate_up_launches_the_cpu_fleet_config_with_its_settings() -> None:
     assert flag(argv, "--side-channel-port") == "5672" and flag(argv, "--cpu-cores") == "1"
     assert flag(argv, "--kv-events-endpoint") == "tcp://127.0.0.1:5652"
     with pytest.raises(ValidationError, match="kind 'vllm'"):
-        GatewayConfig.model_validate({"models": [{"name": "m"}], "instances": [
-            {"url": "http://127.0.0.1:1", "kind": "sim", "model": "m", "launch": {"model_path": "/m"}}]})
+        GatewayConfig.model_validate(
+            {
+                "models": [{"name": "m"}],
+                "instances": [
+                    {"url": "http://127.0.0.1:1", "kind": "sim", "model": "m", "launch": {"model_path": "/m"}}
+                ],
+            }
+        )

@@ -14,20 +14,31 @@ from pydantic import BaseModel, ValidationError
 from pdgate.engines.flags import add_model_flags, model_from_args
 
 
-def add_launch_command(kinds: argparse._SubParsersAction, name: str, *, help_text: str, description: str,
-                       config: type[BaseModel], run: Callable[[argparse.Namespace], int]) -> None:
+def add_launch_command(
+    kinds: argparse._SubParsersAction,
+    name: str,
+    *,
+    help_text: str,
+    description: str,
+    config: type[BaseModel],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
     """A ``pdgate engine NAME`` that launches a real engine: one flag per ``config`` field and ``--print``."""
-    parser = kinds.add_parser(name, help=help_text, description=description,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = kinds.add_parser(
+        name, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_flags(parser, config)
     parser.add_argument("--print", action="store_true", help="print the environment and command, do not start")
     parser.set_defaults(run=run)
 
 
-
-def run_launcher(args: argparse.Namespace, engine: str, config_cls: type[BaseModel],
-                 build: Callable[[Any], tuple[list[str], dict[str, str]]],
-                 problem: Callable[[Any], str | None]) -> int:
+def run_launcher(
+    args: argparse.Namespace,
+    engine: str,
+    config_cls: type[BaseModel],
+    build: Callable[[Any], tuple[list[str], dict[str, str]]],
+    problem: Callable[[Any], str | None],
+) -> int:
     """Validate the flags, build the command; print it (``--print``) or replace this process with it.
 
     Invalid flags, or a ``problem`` that keeps the engine from starting, exit with 2 and say why.

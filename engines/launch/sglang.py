@@ -50,20 +50,28 @@ class SglangLaunchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["prefill", "decode", "both"] = Field("both", description="PD role (both: colocated, not disaggregated)")
+    role: Literal["prefill", "decode", "both"] = Field(
+        "both", description="PD role (both: colocated, not disaggregated)"
+    )
     model_path: str = Field(description="model weights: a local directory or a Hugging Face repo id")
     host: str = Field("127.0.0.1", description="HTTP listen address")
     port: int = Field(30000, ge=1, le=65535, description="HTTP port")
     served_model_name: str | None = Field(None, description="model name clients use (SGLang's default: the model path)")
-    bootstrap_port: int = Field(8998, ge=1, le=65535, description="prefill's KV bootstrap server port (prefill role only)")
+    bootstrap_port: int = Field(
+        8998, ge=1, le=65535, description="prefill's KV bootstrap server port (prefill role only)"
+    )
     transfer_backend: Literal["mooncake", "nixl"] = Field("mooncake", description="KV transfer backend (PD roles)")
     ib_device: str | None = Field(None, description="RDMA devices for KV transfer, e.g. mlx5_0,mlx5_1 (PD roles)")
     tp_size: int = Field(1, ge=1, description="tensor-parallel size")
     dp_size: int = Field(1, ge=1, description="data-parallel size")
-    mem_fraction_static: float | None = Field(None, gt=0, le=1, description="GPU memory fraction for weights and KV cache")
+    mem_fraction_static: float | None = Field(
+        None, gt=0, le=1, description="GPU memory fraction for weights and KV cache"
+    )
     context_length: int | None = Field(None, ge=1, description="maximum context length (default: the model's)")
     page_size: int | None = Field(None, ge=1, description="KV page size in tokens")
-    kv_events_endpoint: str | None = Field(None, description="publish KV events to this ZMQ endpoint (the gateway binds it)")
+    kv_events_endpoint: str | None = Field(
+        None, description="publish KV events to this ZMQ endpoint (the gateway binds it)"
+    )
     kv_events_replay_endpoint: str | None = Field(None, description="ZMQ endpoint the engine serves event replay on")
     kv_events_topic: str = Field("kv", description="KV events topic")
     enable_metrics: bool = Field(True, description="serve Prometheus metrics on /metrics")
@@ -98,7 +106,11 @@ def kv_events_config(config: SglangLaunchConfig) -> dict[str, Any] | None:
     """The JSON object for SGLang's ``--kv-events-config`` (its ``KVEventsConfig`` keys), or None."""
     if not config.kv_events_endpoint:
         return None
-    events: dict[str, Any] = {"publisher": "zmq", "endpoint": config.kv_events_endpoint, "topic": config.kv_events_topic}
+    events: dict[str, Any] = {
+        "publisher": "zmq",
+        "endpoint": config.kv_events_endpoint,
+        "topic": config.kv_events_topic,
+    }
     if config.kv_events_replay_endpoint:
         events["replay_endpoint"] = config.kv_events_replay_endpoint
     return events
@@ -106,9 +118,21 @@ def kv_events_config(config: SglangLaunchConfig) -> dict[str, Any] | None:
 
 def sglang_command(config: SglangLaunchConfig) -> list[str]:
     """The argv that starts ``config``'s SGLang server."""
-    args = [config.python, "-m", "sglang.launch_server", "--model-path", config.model_path,
-            "--host", config.host, "--port", str(config.port),
-            "--tp-size", str(config.tp_size), "--dp-size", str(config.dp_size)]
+    args = [
+        config.python,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        config.model_path,
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+        "--tp-size",
+        str(config.tp_size),
+        "--dp-size",
+        str(config.dp_size),
+    ]
     optional: list[tuple[str, object | None]] = [
         ("--served-model-name", config.served_model_name),
         ("--mem-fraction-static", config.mem_fraction_static),
@@ -120,9 +144,11 @@ def sglang_command(config: SglangLaunchConfig) -> list[str]:
     for flag, value in optional:
         if value is not None:
             args += [flag, str(value)]
-    for flag, enabled in (("--enable-metrics", config.enable_metrics),
-                          ("--enable-priority-scheduling", config.enable_priority_scheduling),
-                          ("--trust-remote-code", config.trust_remote_code)):
+    for flag, enabled in (
+        ("--enable-metrics", config.enable_metrics),
+        ("--enable-priority-scheduling", config.enable_priority_scheduling),
+        ("--trust-remote-code", config.trust_remote_code),
+    ):
         if enabled:
             args.append(flag)
     events = kv_events_config(config)
@@ -144,7 +170,9 @@ def sglang_missing(python: str) -> str | None:
             return f"sglang is not installed in {python}; install it on a GPU host or use --print"
         return None
     try:
-        check = subprocess.run([python, "-c", "import sglang"], check=False, capture_output=True, text=True, timeout=300)
+        check = subprocess.run(
+            [python, "-c", "import sglang"], check=False, capture_output=True, text=True, timeout=300
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         return f"cannot run {python}: {exc}"
     if check.returncode != 0:
@@ -161,11 +189,22 @@ installed in --python (default: this interpreter) on a GPU host; --print shows t
 
 def add_sglang_command(kinds: argparse._SubParsersAction) -> None:
     """Register ``sglang`` under ``pdgate engine``: one flag per config field, plus ``--print``."""
-    add_launch_command(kinds, "sglang", help_text="a real SGLang engine (prefill, decode or colocated)",
-                       description=SGLANG_DESCRIPTION, config=SglangLaunchConfig, run=run_sglang)
+    add_launch_command(
+        kinds,
+        "sglang",
+        help_text="a real SGLang engine (prefill, decode or colocated)",
+        description=SGLANG_DESCRIPTION,
+        config=SglangLaunchConfig,
+        run=run_sglang,
+    )
 
 
 def run_sglang(args: argparse.Namespace) -> int:
     """Build the command; print it (``--print``), or replace this process with SGLang."""
-    return run_launcher(args, "sglang", SglangLaunchConfig, lambda config: (sglang_command(config), {}),
-                        lambda config: sglang_missing(config.python))
+    return run_launcher(
+        args,
+        "sglang",
+        SglangLaunchConfig,
+        lambda config: (sglang_command(config), {}),
+        lambda config: sglang_missing(config.python),
+    )

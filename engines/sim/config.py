@@ -32,26 +32,41 @@ class SimEngineConfig(BaseModel):
     time_scale: float = Field(1.0, gt=0, description="run this many times faster than real time (tests use 10-100)")
     tokenizer: str = Field("builtin", description="'builtin' or a local Hugging Face tokenizer directory")
     block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
-    num_gpu_blocks: int | None = Field(None, ge=1, description="override the KV cache size in blocks (default: from GPU memory)")
+    num_gpu_blocks: int | None = Field(
+        None, ge=1, description="override the KV cache size in blocks (default: from GPU memory)"
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory for weights + KV cache")
     max_num_seqs: int = Field(256, ge=1, description="maximum running sequences per step")
     max_num_batched_tokens: int = Field(8192, ge=1, description="token budget per step (chunked prefill)")
     max_model_len: int | None = Field(None, ge=2, description="context length limit (default: the model's)")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of identical prefixes")
-    scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="waiting-queue order (priority: lower value first)")
-    output_len_median: float = Field(180.0, gt=0, description="median of the per-conversation mean natural output length")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="waiting-queue order (priority: lower value first)"
+    )
+    output_len_median: float = Field(
+        180.0, gt=0, description="median of the per-conversation mean natural output length"
+    )
     output_len_sigma: float = Field(0.9, ge=0, description="log-normal spread of natural output lengths")
     engine_id: str | None = Field(None, description="KV connector engine id (default: random)")
     kv_link_bandwidth_gbps: float = Field(25.0, gt=0, description="KV transfer bandwidth in GB/s (25 = 200 Gb/s RDMA)")
     kv_link_latency_ms: float = Field(1.0, ge=0, description="fixed cost of one KV transfer in ms")
-    kv_load_failure_policy: Literal["fail", "recompute"] = Field("fail", description="decode leg when the KV pull fails")
+    kv_load_failure_policy: Literal["fail", "recompute"] = Field(
+        "fail", description="decode leg when the KV pull fails"
+    )
     kv_hold_timeout_s: float = Field(480.0, gt=0, description="seconds a prefill leg keeps KV for its decode peer")
-    bootstrap_port: int | None = Field(None, ge=0, le=65535, description="SGLang prefill bootstrap port (default 8998 for an sglang prefill)")
-    kv_events_endpoint: str | None = Field(None, description="ZMQ endpoint for vLLM-format KV events, e.g. tcp://127.0.0.1:5557")
-    kv_events_replay_endpoint: str | None = Field(None, description="ZMQ ROUTER endpoint serving replays of recent KV events")
+    bootstrap_port: int | None = Field(
+        None, ge=0, le=65535, description="SGLang prefill bootstrap port (default 8998 for an sglang prefill)"
+    )
+    kv_events_endpoint: str | None = Field(
+        None, description="ZMQ endpoint for vLLM-format KV events, e.g. tcp://127.0.0.1:5557"
+    )
+    kv_events_replay_endpoint: str | None = Field(
+        None, description="ZMQ ROUTER endpoint serving replays of recent KV events"
+    )
     kv_events_topic: str = Field("kv", description="topic frame of KV event messages")
     otlp_traces_endpoint: str | None = Field(
-        None, description="OTLP/HTTP collector URL for one 'llm_request' span per request, as vLLM's flag (/v1/traces appended when it has no path)"
+        None,
+        description="OTLP/HTTP collector URL for one 'llm_request' span per request, as vLLM's flag (/v1/traces appended when it has no path)",
     )
     enable_prompt_tokens_details: bool = Field(True, description="report usage.prompt_tokens_details.cached_tokens")
     api_key: str | None = Field(None, description="require this bearer token on /v1 routes")
@@ -77,6 +92,6 @@ class SimEngineConfig(BaseModel):
     def from_yaml(cls, path: str | Path, **overrides: object) -> SimEngineConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of engine settings")  # noqa: TRY004 - reported as bad configuration
+            raise ValueError(f"{path}: expected a mapping of engine settings")
         data.update(overrides)
         return cls.model_validate(data)

@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pdgate.common.block_hash import hash_block, none_hash
+from pdgate.common.perf_model import EngineProfile, StepBatch
 from pdgate.engines.sim.generation import ContextHash, TokenGenerator
 from pdgate.engines.sim.kv_cache import KVCacheManager
-from pdgate.common.perf_model import EngineProfile, StepBatch
 from pdgate.engines.sim.request import RequestStatus, SimRequest
-from pdgate.common.block_hash import hash_block, none_hash
 
 SchedulingPolicy = Literal["fcfs", "priority"]
 
@@ -154,7 +154,9 @@ class EngineCore:
         if not req.prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         req.context_hash = ContextHash.of(req.prompt_token_ids)
-        origin = req.prompt_token_ids if req.length_key_tokens is None else req.prompt_token_ids[: req.length_key_tokens]
+        origin = (
+            req.prompt_token_ids if req.length_key_tokens is None else req.prompt_token_ids[: req.length_key_tokens]
+        )
         req.length_key = self.generator.length_key(origin)  # a migrated-in request keeps its origin's
         req.block_hashes = self._hash_blocks(req.prompt_token_ids)
         req.status = RequestStatus.WAITING
@@ -170,7 +172,9 @@ class EngineCore:
             hashes.append(parent)
         return hashes
 
-    def abort(self, request_id: str, now: float, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> SimRequest | None:
+    def abort(
+        self, request_id: str, now: float, status: RequestStatus = RequestStatus.FINISHED_ABORTED
+    ) -> SimRequest | None:
         """Finish a request early (client gone, stop string seen); frees its blocks."""
         req = self.requests.get(request_id)
         if req is None:

@@ -51,7 +51,10 @@ async def pull_kv(state: SimState, req: SimRequest) -> None:
     else:
         data = await _wait_bootstrap_room(session, params, wait_s)
     tokens = data.get("token_ids") or []
-    if tokens[: req.num_prompt_tokens] != req.prompt_token_ids[: len(tokens)] or len(tokens) < req.num_prompt_tokens - 1:
+    if (
+        tokens[: req.num_prompt_tokens] != req.prompt_token_ids[: len(tokens)]
+        or len(tokens) < req.num_prompt_tokens - 1
+    ):
         raise KvPullError("the prefill peer holds KV of a different prompt")
     nbytes = req.num_external_tokens * state.profile.kv_bytes_per_token
     seconds = state.config.kv_link_latency_ms / 1000.0 + nbytes / (state.config.kv_link_bandwidth_gbps * 1e9)
@@ -86,14 +89,23 @@ _NIXL_REQUIRED = ("remote_block_ids", "remote_engine_id", "remote_request_id", "
 
 def remote_prefill_from(req: CompletionRequest | ChatCompletionRequest, api: str) -> RemotePrefill | None:
     params = req.kv_transfer_params or {}
-    if params.get("migration") and params.get("do_remote_prefill") and all(params.get(k) not in (None, []) for k in _NIXL_REQUIRED):
+    if (
+        params.get("migration")
+        and params.get("do_remote_prefill")
+        and all(params.get(k) not in (None, []) for k in _NIXL_REQUIRED)
+    ):
         return RemotePrefill("nixl", dict(params))  # a live migration's continuation, in either API flavour
     if api == "sglang":
         if req.bootstrap_room is None:
             return None
-        return RemotePrefill("bootstrap", {
-            "bootstrap_host": req.bootstrap_host, "bootstrap_port": req.bootstrap_port, "bootstrap_room": req.bootstrap_room,
-        })
+        return RemotePrefill(
+            "bootstrap",
+            {
+                "bootstrap_host": req.bootstrap_host,
+                "bootstrap_port": req.bootstrap_port,
+                "bootstrap_room": req.bootstrap_room,
+            },
+        )
     if params.get("do_remote_prefill") and all(params.get(k) not in (None, []) for k in _NIXL_REQUIRED):
         return RemotePrefill("nixl", dict(params))
     return None  # like vLLM: invalid or absent params mean a local prefill
@@ -152,8 +164,9 @@ async def handle_kv_read(state: SimState, request: web.Request) -> web.Response:
     if held.status is RequestStatus.FINISHED_MIGRATED:
         # a migrated request: the KV of its whole context but the last sampled token
         computed = held.all_token_ids[: held.num_computed_tokens]
-        return web.json_response({"token_ids": computed, "num_tokens": len(computed),
-                                  "migration": state.migration.outgoing.pop(key, None)})
+        return web.json_response(
+            {"token_ids": computed, "num_tokens": len(computed), "migration": state.migration.outgoing.pop(key, None)}
+        )
     return web.json_response({"token_ids": held.prompt_token_ids, "num_tokens": held.num_prompt_tokens})
 
 
@@ -180,14 +193,19 @@ async def handle_bootstrap_room(state: SimState, request: web.Request) -> web.Re
 
 
 async def handle_bootstrap_route(state: SimState, request: web.Request) -> web.Response:
-    return web.json_response({
-        "attn_tp_size": state.profile.tp, "attn_cp_size": 1, "dp_size": 1, "pp_size": 1,
-        "page_size": state.config.block_size, "kv_cache_dtype": "auto", "follow_bootstrap_room": True,
-        "prefill_http_port": state.bound_port,
-    })
+    return web.json_response(
+        {
+            "attn_tp_size": state.profile.tp,
+            "attn_cp_size": 1,
+            "dp_size": 1,
+            "pp_size": 1,
+            "page_size": state.config.block_size,
+            "kv_cache_dtype": "auto",
+            "follow_bootstrap_room": True,
+            "prefill_http_port": state.bound_port,
+        }
+    )
 
 
 async def handle_bootstrap_health(state: SimState, request: web.Request) -> web.Response:
     return web.Response(text="OK")
-
-

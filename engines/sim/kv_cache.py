@@ -15,8 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pdgate.engines.sim.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from pdgate.common.block_hash import to_event_hash
+from pdgate.engines.sim.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
 
 @dataclass(eq=False)

@@ -162,8 +162,7 @@ class WireSchema:
 
 VLLM_UPSTREAM_SCHEMA = WireSchema(
     "vllm-project/vllm@0181ea3 (matches the vLLM 0.26 capture)",
-    _REQUIRED[BlockStored]
-    + ("extra_keys", "group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window"),
+    _REQUIRED[BlockStored] + ("extra_keys", "group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window"),
     _REQUIRED[BlockRemoved] + ("group_idx",),
 )
 VLLM_EXTENDED_SCHEMA = WireSchema(
@@ -197,11 +196,7 @@ def _encode_event(event: KvEvent, schema: WireSchema, pack: msgpack.Packer) -> b
     required = _REQUIRED[cls]
     items: list[tuple[str, Any]] = [("type", cls.__name__)]
     items += [(name, getattr(event, name)) for name in required]
-    items += [
-        (name, value)
-        for name in declared[len(required) :]
-        if (value := getattr(event, name)) is not None
-    ]
+    items += [(name, value) for name in declared[len(required) :] if (value := getattr(event, name)) is not None]
     for name in getattr(event, "__dataclass_fields__", {}):
         if name not in declared and getattr(event, name) is not None:
             raise ValueError(f"{cls.__name__}.{name} is not part of schema {schema.name!r}")
@@ -236,11 +231,7 @@ def encode_batch(
 
 def _should_bind(endpoint: str) -> bool:
     """vLLM's heuristic: bind wildcard / IPv6-any / ipc / inproc endpoints, connect otherwise."""
-    return (
-        "*" in endpoint
-        or "::" in endpoint
-        or endpoint.startswith(("ipc://", "inproc://"))
-    )
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 
 class KvEventPublisher:
@@ -389,9 +380,7 @@ class KvEventPublisher:
             pending = [(s, p) for s, p in self._buffer if s >= start]
             try:
                 for seq, payload in pending:
-                    await self._replay.send_multipart(
-                        (client_id, b"", seq.to_bytes(8, "big"), payload)
-                    )
+                    await self._replay.send_multipart((client_id, b"", seq.to_bytes(8, "big"), payload))
                 await self._replay.send_multipart((client_id, b"", END_SEQ, b""))
             except zmq.ZMQError:
                 logger.exception("KV event replay failed")

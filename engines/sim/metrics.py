@@ -21,18 +21,102 @@ from prometheus_client import (
 from pdgate.engines.sim.core import EngineCore, RequestOutput, ScheduledStep
 from pdgate.engines.sim.request import RequestStatus, SimRequest
 
-VLLM_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-VLLM_ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                    20.0, 40.0, 80.0]
-VLLM_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                        120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+VLLM_TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+VLLM_ITL_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+VLLM_LATENCY_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
 VLLM_ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 SGLANG_TTFT_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400]
-SGLANG_ITL_BUCKETS = [0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060,
-                      0.080, 0.100, 0.200, 0.400, 0.600, 0.800, 1.000, 2.000, 4.000, 6.000, 8.000]
-SGLANG_E2E_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600,
-                      1200, 1800, 2400]
+SGLANG_ITL_BUCKETS = [
+    0.002,
+    0.004,
+    0.006,
+    0.008,
+    0.010,
+    0.015,
+    0.020,
+    0.025,
+    0.030,
+    0.035,
+    0.040,
+    0.060,
+    0.080,
+    0.100,
+    0.200,
+    0.400,
+    0.600,
+    0.800,
+    1.000,
+    2.000,
+    4.000,
+    6.000,
+    8.000,
+]
+SGLANG_E2E_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600, 1200, 1800, 2400]
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
@@ -98,33 +182,93 @@ class VllmMetrics(SimMetrics):
         self._seen_queries = self._seen_hits = self._seen_preemptions = 0
         r, labels = self.registry, ["model_name", "engine"]
         values = (model_name, "0")
-        self._running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", labels, registry=r).labels(*values)
-        self._waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels, registry=r).labels(*values)
-        self._usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, registry=r).labels(*values)
-        info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", [*cache_info, "engine"], registry=r)
+        self._running = Gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", labels, registry=r
+        ).labels(*values)
+        self._waiting = Gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels, registry=r
+        ).labels(*values)
+        self._usage = Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, registry=r
+        ).labels(*values)
+        info = Gauge(
+            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", [*cache_info, "engine"], registry=r
+        )
         info.labels(*cache_info.values(), "0").set(1)
-        self._queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", labels, registry=r).labels(*values)
-        self._hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels, registry=r).labels(*values)
-        self._preemptions = Counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels, registry=r).labels(*values)
-        self._prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=r).labels(*values)
-        self._generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=r).labels(*values)
-        by_source = Counter("vllm:prompt_tokens_by_source", "Number of prompt tokens by source.", [*labels, "source"], registry=r)
-        self._by_source = {s: by_source.labels(*values, s) for s in ("local_compute", "local_cache_hit", "external_kv_transfer")}
-        self._cached = Counter("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).", labels, registry=r).labels(*values)
-        success = Counter("vllm:request_success", "Count of successfully processed requests.", [*labels, "finished_reason"], registry=r)
+        self._queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            labels,
+            registry=r,
+        ).labels(*values)
+        self._hits = Counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels, registry=r
+        ).labels(*values)
+        self._preemptions = Counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels, registry=r
+        ).labels(*values)
+        self._prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=r
+        ).labels(*values)
+        self._generation_tokens = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=r
+        ).labels(*values)
+        by_source = Counter(
+            "vllm:prompt_tokens_by_source", "Number of prompt tokens by source.", [*labels, "source"], registry=r
+        )
+        self._by_source = {
+            s: by_source.labels(*values, s) for s in ("local_compute", "local_cache_hit", "external_kv_transfer")
+        }
+        self._cached = Counter(
+            "vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).", labels, registry=r
+        ).labels(*values)
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [*labels, "finished_reason"],
+            registry=r,
+        )
         self._success = {reason: success.labels(*values, reason) for reason in FINISH_REASONS}
         hist = lambda name, doc, buckets: Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)
-        self._ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", VLLM_TTFT_BUCKETS)
-        self._itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", VLLM_ITL_BUCKETS)
-        self._e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", VLLM_LATENCY_BUCKETS)
-        self._queue = hist("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", VLLM_LATENCY_BUCKETS)
-        self._inference = hist("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.", VLLM_LATENCY_BUCKETS)
-        self._prefill = hist("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", VLLM_LATENCY_BUCKETS)
-        self._decode = hist("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", VLLM_LATENCY_BUCKETS)
+        self._ttft = hist(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", VLLM_TTFT_BUCKETS
+        )
+        self._itl = hist(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", VLLM_ITL_BUCKETS
+        )
+        self._e2e = hist(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", VLLM_LATENCY_BUCKETS
+        )
+        self._queue = hist(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            VLLM_LATENCY_BUCKETS,
+        )
+        self._inference = hist(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            VLLM_LATENCY_BUCKETS,
+        )
+        self._prefill = hist(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            VLLM_LATENCY_BUCKETS,
+        )
+        self._decode = hist(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            VLLM_LATENCY_BUCKETS,
+        )
         token_buckets = _one_two_five(core.config.max_model_len)
         self._req_prompt = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
-        self._req_generation = hist("vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets)
-        self._iteration = hist("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", VLLM_ITERATION_TOKEN_BUCKETS)
+        self._req_generation = hist(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets
+        )
+        self._iteration = hist(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            VLLM_ITERATION_TOKEN_BUCKETS,
+        )
 
     def refresh(self) -> None:
         core = self.core
@@ -194,9 +338,17 @@ class SglangMetrics(SimMetrics):
         self._cached_tokens = counter("sglang:cached_tokens", "Number of cached prompt tokens.")
         self._requests = counter("sglang:num_requests", "Number of requests processed.")
         self._aborted = counter("sglang:num_aborted_requests", "Number of requests aborted.")
-        self._ttft = hist("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", SGLANG_TTFT_BUCKETS)
-        self._itl = hist("sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", SGLANG_ITL_BUCKETS)
-        self._e2e = hist("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds", SGLANG_E2E_BUCKETS)
+        self._ttft = hist(
+            "sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", SGLANG_TTFT_BUCKETS
+        )
+        self._itl = hist(
+            "sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", SGLANG_ITL_BUCKETS
+        )
+        self._e2e = hist(
+            "sglang:e2e_request_latency_seconds",
+            "Histogram of End-to-end request latency in seconds",
+            SGLANG_E2E_BUCKETS,
+        )
         self._window: deque[tuple[float, int]] = deque()
 
     def refresh(self) -> None:

@@ -113,10 +113,15 @@ class MigrationState:
         self.outgoing: dict[str, dict[str, Any]] = {}  # hold key -> what the target's "in" record shows
         self.records: deque[dict[str, Any]] = deque(maxlen=MIGRATION_LOG_SIZE)
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._total = Counter("sim_migrations", "Live migrations by direction and outcome.", ["direction", "outcome"],
-                              registry=registry)
-        self._downtime = Histogram("sim_migration_downtime_seconds", "Stop-and-copy downtime of live migrations "
-                                   "(simulated seconds).", buckets=DOWNTIME_BUCKETS, registry=registry)
+        self._total = Counter(
+            "sim_migrations", "Live migrations by direction and outcome.", ["direction", "outcome"], registry=registry
+        )
+        self._downtime = Histogram(
+            "sim_migration_downtime_seconds",
+            "Stop-and-copy downtime of live migrations (simulated seconds).",
+            buckets=DOWNTIME_BUCKETS,
+            registry=registry,
+        )
 
     # ----------------------------------------------------------- live index
     def track(self, request_id: str, sim_request: SimRequest, prefill_leg: bool) -> LiveRequest:
@@ -166,7 +171,7 @@ def _parse_migrate(body: Any) -> MigrateArgs:
         raise ApiError(400, "'request_id' must be a non-empty string", param="request_id")
     target = body.get("target")
     if not isinstance(target, dict):
-        raise ApiError(400, "'target' must be an object {\"host\": str, \"port\": int}", param="target")
+        raise ApiError(400, '\'target\' must be an object {"host": str, "port": int}', param="target")
     host, port = target.get("host"), target.get("port")
     if not isinstance(host, str) or not host:
         raise ApiError(400, "'target.host' must be a non-empty string", param="target.host")
@@ -235,8 +240,15 @@ def _task_done(state: SimState):
 async def _migrate(state: SimState, live: LiveRequest, args: MigrateArgs) -> web.Response:
     req = live.sim_request
     record: dict[str, Any] = {
-        "request_id": live.request_id, "direction": "out", "outcome": "failed", "stages": [], "downtime_s": None,
-        "downtime_wall_s": None, "num_output_tokens": None, "target": args.target, "error": None,
+        "request_id": live.request_id,
+        "direction": "out",
+        "outcome": "failed",
+        "stages": [],
+        "downtime_s": None,
+        "downtime_wall_s": None,
+        "num_output_tokens": None,
+        "target": args.target,
+        "error": None,
         "at": time.time(),
     }
     reservation_id: str | None = None
@@ -268,8 +280,12 @@ async def _reserve(state: SimState, live: LiveRequest, args: MigrateArgs) -> str
         async with state.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=RESERVE_TIMEOUT_S)) as resp:
             text = await resp.text()
             if resp.status != 200:
-                raise _Abort(502, "failed", f"the target {args.target} refused to reserve {num_blocks} KV blocks: "
-                                            f"HTTP {resp.status}: {text[:300]}")
+                raise _Abort(
+                    502,
+                    "failed",
+                    f"the target {args.target} refused to reserve {num_blocks} KV blocks: "
+                    f"HTTP {resp.status}: {text[:300]}",
+                )
             reservation_id = json.loads(text).get("reservation_id")
     except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
         raise _Abort(502, "failed", f"cannot reserve KV blocks on the target {args.target}: {exc!r}") from None
@@ -278,8 +294,9 @@ async def _reserve(state: SimState, live: LiveRequest, args: MigrateArgs) -> str
     return reservation_id
 
 
-async def _copy_and_stop(state: SimState, live: LiveRequest, args: MigrateArgs, reservation_id: str,
-                         record: dict[str, Any]) -> dict[str, Any]:
+async def _copy_and_stop(
+    state: SimState, live: LiveRequest, args: MigrateArgs, reservation_id: str, record: dict[str, Any]
+) -> dict[str, Any]:
     req, core, clock, cfg = live.sim_request, state.core, state.clock, state.config
     block_size = core.kv.block_size
     latency = cfg.kv_link_latency_ms / 1000.0
@@ -320,7 +337,9 @@ async def _copy_and_stop(state: SimState, live: LiveRequest, args: MigrateArgs, 
     downtime_wall = time.monotonic() - wall_start
     record.update(downtime_s=downtime, downtime_wall_s=downtime_wall, final_blocks=final_blocks)
     if req.status is not RequestStatus.MIGRATING:  # a stop string in tokens still queued, or the client left
-        raise _Abort(409, "aborted", f"request {live.request_id!r} finished ({req.status.value}) during the stop-and-copy")
+        raise _Abort(
+            409, "aborted", f"request {live.request_id!r} finished ({req.status.value}) during the stop-and-copy"
+        )
     hold_key = f"{HOLD_KEY_PREFIX}{req.request_id}"
     state.engine.finish_migrated(req.request_id, hold_key)
     block_ids = [b.block_id for b in req.blocks]
@@ -328,8 +347,12 @@ async def _copy_and_stop(state: SimState, live: LiveRequest, args: MigrateArgs, 
     for key in [k for k in outgoing if k not in core.held]:
         del outgoing[key]  # expired holds
     outgoing[hold_key] = {
-        "request_id": live.request_id, "stages": list(stages), "downtime_s": downtime, "downtime_wall_s": downtime_wall,
-        "num_output_tokens": req.num_output_tokens, "source": f"{cfg.host}:{state.bound_port}",
+        "request_id": live.request_id,
+        "stages": list(stages),
+        "downtime_s": downtime,
+        "downtime_wall_s": downtime_wall,
+        "num_output_tokens": req.num_output_tokens,
+        "source": f"{cfg.host}:{state.bound_port}",
         "source_engine_id": state.engine_id,
     }
 
@@ -340,8 +363,11 @@ async def _copy_and_stop(state: SimState, live: LiveRequest, args: MigrateArgs, 
         pass
     if live.done.is_set() and live.end_reason != "migrated":
         _drop_hold(state, hold_key)
-        raise _Abort(409, "aborted", f"request {live.request_id!r}'s response ended with {live.end_reason!r} "
-                                     "instead of the migration")
+        raise _Abort(
+            409,
+            "aborted",
+            f"request {live.request_id!r}'s response ended with {live.end_reason!r} instead of the migration",
+        )
     return {
         "request_id": live.request_id,
         "migrated": True,
@@ -382,8 +408,9 @@ async def _release_remote(state: SimState, args: MigrateArgs, reservation_id: st
         return
     url = f"http://{args.target}/sim/migrate/release"
     try:
-        async with state.session.post(url, json={"reservation_id": reservation_id},
-                                      timeout=aiohttp.ClientTimeout(total=RELEASE_TIMEOUT_S)) as resp:
+        async with state.session.post(
+            url, json={"reservation_id": reservation_id}, timeout=aiohttp.ClientTimeout(total=RELEASE_TIMEOUT_S)
+        ) as resp:
             await resp.read()
     except (aiohttp.ClientError, TimeoutError):
         pass
@@ -441,11 +468,22 @@ def _expire(state: SimState, reservation_id: str) -> None:
     if res is None:
         return
     _free_blocks(state, res.blocks)
-    state.migration.record({
-        "request_id": res.request_id, "direction": "in", "outcome": "reservation_expired", "stages": [],
-        "downtime_s": None, "downtime_wall_s": None, "num_output_tokens": None, "source": None,
-        "source_engine_id": res.source_engine_id, "reservation_id": reservation_id, "error": None, "at": time.time(),
-    })
+    state.migration.record(
+        {
+            "request_id": res.request_id,
+            "direction": "in",
+            "outcome": "reservation_expired",
+            "stages": [],
+            "downtime_s": None,
+            "downtime_wall_s": None,
+            "num_output_tokens": None,
+            "source": None,
+            "source_engine_id": res.source_engine_id,
+            "reservation_id": reservation_id,
+            "error": None,
+            "at": time.time(),
+        }
+    )
 
 
 def is_migration(req: SimRequest) -> bool:
@@ -459,11 +497,18 @@ async def pull_migrated_kv(state: SimState, req: SimRequest) -> None:
     params = req.remote_prefill.params
     live = state.migration.by_internal.get(req.request_id)
     record: dict[str, Any] = {
-        "request_id": live.request_id if live is not None else req.request_id, "direction": "in", "outcome": "failed",
-        "stages": [], "downtime_s": None, "downtime_wall_s": None, "num_output_tokens": None,
+        "request_id": live.request_id if live is not None else req.request_id,
+        "direction": "in",
+        "outcome": "failed",
+        "stages": [],
+        "downtime_s": None,
+        "downtime_wall_s": None,
+        "num_output_tokens": None,
         "source": f"{params.get('remote_host')}:{params.get('remote_port')}",
-        "source_engine_id": params.get("remote_engine_id"), "reservation_id": params.get("reservation_id"),
-        "error": None, "at": time.time(),
+        "source_engine_id": params.get("remote_engine_id"),
+        "reservation_id": params.get("reservation_id"),
+        "error": None,
+        "at": time.time(),
     }
     try:
         if state.session is None:

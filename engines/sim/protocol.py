@@ -39,8 +39,14 @@ _ERROR_TYPES = {
     502: "BadGatewayError",
     503: "ServiceUnavailableError",
 }
-_SGLANG_PHRASES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict", 500: "Internal Server Error",
-                   502: "Bad Gateway"}
+_SGLANG_PHRASES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    409: "Conflict",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+}
 
 
 def error_body(error: ApiError, flavour: str) -> dict[str, Any]:
@@ -99,8 +105,20 @@ class _SamplingRequest(BaseModel):
             raise ApiError(400, "the simulated engine supports only n=1", param="n")
         if self.best_of not in (None, 1):
             raise ApiError(400, "best_of is not supported by the simulated engine", param="best_of")
-        for name in ("logprobs", "top_logprobs", "logit_bias", "suffix", "tools", "tool_choice", "response_format",
-                     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "prompt_logprobs"):
+        for name in (
+            "logprobs",
+            "top_logprobs",
+            "logit_bias",
+            "suffix",
+            "tools",
+            "tool_choice",
+            "response_format",
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "prompt_logprobs",
+        ):
             value = (self.model_extra or {}).get(name, getattr(self, name, None))
             if value not in (None, False, [], {}) and not (name == "tool_choice" and value == "none"):
                 raise ApiError(400, f"'{name}' is not supported by the simulated engine", param=name)
@@ -124,7 +142,9 @@ class CompletionRequest(_SamplingRequest):
     def _single_prompt(cls, value: Any) -> str | list[int]:
         if isinstance(value, list) and value and isinstance(value[0], (str, list)):
             if len(value) != 1:
-                raise ValueError("batched prompts are not supported by the simulated engine; send one prompt per request")
+                raise ValueError(
+                    "batched prompts are not supported by the simulated engine; send one prompt per request"
+                )
             value = value[0]
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be empty")
@@ -166,7 +186,9 @@ def now_s() -> int:
     return int(time.time())
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None, report_cached: bool) -> dict[str, Any]:
+def usage_dict(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None, report_cached: bool
+) -> dict[str, Any]:
     """vLLM key order; ``prompt_tokens_details`` only when cached tokens are reported and non-zero."""
     details = {"cached_tokens": cached_tokens} if report_cached and cached_tokens else None
     return {

@@ -90,7 +90,9 @@ class SimRequest:
     length_key: int = 0
     context_hash: ContextHash = field(default_factory=ContextHash)
     error: str | None = None
-    reserved_blocks: list[Any] = field(default_factory=list)  # a migration target's reservation, freed when first scheduled
+    reserved_blocks: list[Any] = field(
+        default_factory=list
+    )  # a migration target's reservation, freed when first scheduled
     length_key_tokens: int | None = None  # leading prompt tokens that were the original prompt (a migrated-in request)
 
     @property

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pdgate.common.tokenizer import Tokenizer
 from pdgate.engines.sim.core import RequestOutput
 from pdgate.engines.sim.engine import RequestStream
 from pdgate.engines.sim.handoff import await_handoff, kv_transfer_params, remote_prefill_from
@@ -28,7 +29,6 @@ from pdgate.engines.sim.protocol import (
 )
 from pdgate.engines.sim.request import RequestStatus, SamplingParams, SimRequest
 from pdgate.engines.sim.state import SimState, check_auth
-from pdgate.common.tokenizer import Tokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -100,8 +100,12 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
                     raise ApiError(400, f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
         else:
             messages = [m.model_dump() for m in req.messages]
-            text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools,
-                                           **(req.chat_template_kwargs or {}))
+            text = tok.apply_chat_template(
+                messages,
+                add_generation_prompt=req.add_generation_prompt,
+                tools=req.tools,
+                **(req.chat_template_kwargs or {}),
+            )
             prompt_ids = tok.encode(text, add_special_tokens=req.add_special_tokens)
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
@@ -149,7 +153,9 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
     if migration and config.api == "sglang" and config.role == "prefill":
         raise ApiError(400, "a prefill server cannot continue a migrated request", param="kv_transfer_params")
     if config.api == "sglang" and config.role in ("prefill", "decode") and req.bootstrap_room is None and not migration:
-        raise ApiError(400, f"bootstrap_room is required by a {config.role} server in disaggregation mode", param="bootstrap_room")
+        raise ApiError(
+            400, f"bootstrap_room is required by a {config.role} server in disaggregation mode", param="bootstrap_room"
+        )
     if config.api == "sglang" and config.role == "prefill":
         # SGLang's prefill server only prefills: one token, then the KV goes to the room's decoder
         prefill_leg, hold_key, remote = True, f"room:{req.bootstrap_room}", None
@@ -187,8 +193,13 @@ async def _generate(state: SimState, request: web.Request, kind: str) -> web.Str
     headers = request.headers
     header_id = headers.get("X-Request-Id")
     traceparent, tracestate = headers.get("traceparent"), headers.get("tracestate")
-    record = {"request_id": header_id, "path": request.path, "traceparent": traceparent,
-              "tracestate": tracestate, "received_at": received_ns / 1e9}
+    record = {
+        "request_id": header_id,
+        "path": request.path,
+        "traceparent": traceparent,
+        "tracestate": tracestate,
+        "received_at": received_ns / 1e9,
+    }
     state.traces.append(record)
     check_auth(state, request)
     gen = _prepare(state, kind, await read_json(request), header_id)
@@ -196,8 +207,14 @@ async def _generate(state: SimState, request: web.Request, kind: str) -> web.Str
     stream = state.engine.submit(gen.sim_request)
     gen.live = state.migration.track(gen.request_id, gen.sim_request, gen.prefill_leg)
     if state.tracer is not None:
-        state.tracer.begin(gen.sim_request, request_id=gen.request_id, traceparent=traceparent,
-                           tracestate=tracestate, start_ns=received_ns, top_p=gen.body.top_p)
+        state.tracer.begin(
+            gen.sim_request,
+            request_id=gen.request_id,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            start_ns=received_ns,
+            top_p=gen.body.top_p,
+        )
     finished = False
     try:
         if gen.body.stream:
@@ -214,10 +231,14 @@ async def _generate(state: SimState, request: web.Request, kind: str) -> web.Str
 
 def _text_of(state: SimState, gen: Generation) -> OutputText:
     body = gen.body
-    return OutputText(state.tokenizer, body.stop_strings(), body.include_stop_str_in_output, state.tokenizer.eos_token_id)
+    return OutputText(
+        state.tokenizer, body.stop_strings(), body.include_stop_str_in_output, state.tokenizer.eos_token_id
+    )
 
 
-async def _outputs(state: SimState, gen: Generation, stream: RequestStream, text: OutputText) -> AsyncIterator[tuple[list[int], str, RequestOutput]]:
+async def _outputs(
+    state: SimState, gen: Generation, stream: RequestStream, text: OutputText
+) -> AsyncIterator[tuple[list[int], str, RequestOutput]]:
     """Engine outputs with their text delta; ends the request early when a stop string matches."""
     min_tokens = gen.sim_request.sampling.min_tokens
     async for output in stream:
@@ -248,7 +269,12 @@ def _finish_fields(output: RequestOutput, text: OutputText) -> tuple[str | None,
 
 def _usage(state: SimState, gen: Generation) -> dict[str, Any]:
     req = gen.sim_request
-    return usage_dict(len(gen.prompt_ids), req.num_output_tokens, max(0, req.num_cached_tokens), state.config.enable_prompt_tokens_details)
+    return usage_dict(
+        len(gen.prompt_ids),
+        req.num_output_tokens,
+        max(0, req.num_cached_tokens),
+        state.config.enable_prompt_tokens_details,
+    )
 
 
 async def _full_response(state: SimState, gen: Generation, stream: RequestStream) -> web.Response:
@@ -262,7 +288,9 @@ async def _full_response(state: SimState, gen: Generation, stream: RequestStream
     if gen.live is not None:
         gen.live.end_reason = last.finish_reason
     if last.finish_reason == "error":
-        raise ApiError(500, gen.sim_request.error or "the request failed inside the engine", err_type="InternalServerError")
+        raise ApiError(
+            500, gen.sim_request.error or "the request failed inside the engine", err_type="InternalServerError"
+        )
     await await_handoff(state, gen.sim_request, gen.prefill_leg)
     reason, stop_reason = _finish_fields(last, text)
     body = gen.body
@@ -271,16 +299,34 @@ async def _full_response(state: SimState, gen: Generation, stream: RequestStream
     final_text = text.text[: text.sent]
     created, model = now_s(), state.served_model_name
     if gen.kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": final_text, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": final_text,
+            "logprobs": None,
+            "finish_reason": reason,
+            "stop_reason": stop_reason,
+        }
         choice["token_ids"] = token_ids if body.return_token_ids else None
         choice["prompt_logprobs"] = None
         choice["prompt_token_ids"] = gen.prompt_ids if body.return_token_ids else None
-        payload: dict[str, Any] = {"id": gen.request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+        payload: dict[str, Any] = {
+            "id": gen.request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
     else:
         message = {"role": "assistant", "content": final_text, "tool_calls": []}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
         choice["token_ids"] = token_ids if body.return_token_ids else None
-        payload = {"id": gen.request_id, "object": "chat.completion", "created": created, "model": model, "choices": [choice]}
+        payload = {
+            "id": gen.request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
     payload["service_tier"] = None
     payload["system_fingerprint"] = None
     payload["usage"] = _usage(state, gen)
@@ -291,8 +337,12 @@ async def _full_response(state: SimState, gen: Generation, stream: RequestStream
     return web.json_response(payload, headers={"X-Request-Id": gen.request_id})
 
 
-async def _stream_response(state: SimState, request: web.Request, gen: Generation, stream: RequestStream) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": gen.request_id})
+async def _stream_response(
+    state: SimState, request: web.Request, gen: Generation, stream: RequestStream
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": gen.request_id}
+    )
     await response.prepare(request)
     body = gen.body
     created, model = now_s(), state.served_model_name
@@ -307,8 +357,15 @@ async def _stream_response(state: SimState, request: web.Request, gen: Generatio
 
     first = True
     if is_chat:
-        head: dict[str, Any] = {"id": gen.request_id, "object": obj, "created": created, "model": model,
-                                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+        head: dict[str, Any] = {
+            "id": gen.request_id,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+        }
         if body.return_token_ids:
             head["prompt_token_ids"] = gen.prompt_ids
         await send(head)
@@ -321,22 +378,35 @@ async def _stream_response(state: SimState, request: web.Request, gen: Generatio
             await response.write_eof()
             return response
         if output.finish_reason == "error":
-            err = ApiError(500, gen.sim_request.error or "the request failed inside the engine", err_type="InternalServerError")
+            err = ApiError(
+                500, gen.sim_request.error or "the request failed inside the engine", err_type="InternalServerError"
+            )
             await send(error_body(err, state.config.api))
             break
         reason, stop_reason = _finish_fields(output, text)
         if reason is not None:
             delta += text.flush()
         if is_chat:
-            choice: dict[str, Any] = {"index": 0, "delta": {"content": delta} if delta or reason is None else {}, "logprobs": None,
-                                      "finish_reason": reason, "stop_reason": stop_reason}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": {"content": delta} if delta or reason is None else {},
+                "logprobs": None,
+                "finish_reason": reason,
+                "stop_reason": stop_reason,
+            }
             if body.return_token_ids:
                 choice["token_ids"] = new_ids
         else:
             choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
             choice["prompt_token_ids"] = gen.prompt_ids if (body.return_token_ids and first) else None
             choice["token_ids"] = new_ids if body.return_token_ids else None
-        chunk: dict[str, Any] = {"id": gen.request_id, "object": obj, "created": created, "model": model, "choices": [choice]}
+        chunk: dict[str, Any] = {
+            "id": gen.request_id,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
         if continuous:
             chunk["usage"] = _usage(state, gen)
         elif not is_chat:
@@ -346,9 +416,9 @@ async def _stream_response(state: SimState, request: web.Request, gen: Generatio
     await await_handoff(state, gen.sim_request, gen.prefill_leg)
     if include_usage:
         usage = {k: v for k, v in _usage(state, gen).items() if v is not None}
-        await send({"id": gen.request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage})
+        await send(
+            {"id": gen.request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+        )
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
-
-

@@ -24,11 +24,22 @@ async def handle_models(state: SimState, request: web.Request) -> web.Response:
         "max_model_len": state.max_model_len,
     }
     if owned_by == "vllm":
-        card["permission"] = [{
-            "id": new_id("modelperm"), "object": "model_permission", "created": now_s(), "allow_create_engine": False,
-            "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
-            "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False,
-        }]
+        card["permission"] = [
+            {
+                "id": new_id("modelperm"),
+                "object": "model_permission",
+                "created": now_s(),
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ]
     return web.json_response({"object": "list", "data": [card]})
 
 
@@ -50,7 +61,9 @@ async def handle_tokenize(state: SimState, request: web.Request) -> web.Response
         raise ApiError(400, "'add_special_tokens' must be a boolean", param="add_special_tokens")
     if "messages" in body:
         try:
-            text = tok.apply_chat_template(body["messages"], add_generation_prompt=body.get("add_generation_prompt", True) is not False)
+            text = tok.apply_chat_template(
+                body["messages"], add_generation_prompt=body.get("add_generation_prompt", True) is not False
+            )
             tokens = tok.encode(text, add_special_tokens=special)
         except (KeyError, TypeError, ValueError) as exc:
             raise ApiError(400, f"invalid messages: {exc}", param="messages") from None
@@ -59,7 +72,9 @@ async def handle_tokenize(state: SimState, request: web.Request) -> web.Response
     else:
         raise ApiError(400, "give 'prompt' (a string) or 'messages'", param="prompt")
     strs = [tok.decode([t]) for t in tokens] if body.get("return_token_strs") else None
-    return web.json_response({"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens, "token_strs": strs})
+    return web.json_response(
+        {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens, "token_strs": strs}
+    )
 
 
 async def handle_detokenize(state: SimState, request: web.Request) -> web.Response:
@@ -71,7 +86,9 @@ async def handle_detokenize(state: SimState, request: web.Request) -> web.Respon
 
 
 async def handle_metrics(state: SimState, request: web.Request) -> web.Response:
-    return web.Response(body=state.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=state.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
 
 
 async def handle_reset_prefix_cache(state: SimState, request: web.Request) -> web.Response:
@@ -88,59 +105,63 @@ async def handle_traces(state: SimState, request: web.Request) -> web.Response:
 
 async def handle_state(state: SimState, request: web.Request) -> web.Response:
     core, kv = state.core, state.core.kv
-    return web.json_response({
-        "engine_id": state.engine_id,
-        "api": state.config.api,
-        "role": state.config.role,
-        "profile": state.profile.name,
-        "profile_source": state.profile.source,
-        "model": state.served_model_name,
-        "time_scale": state.config.time_scale,
-        "sim_time": state.clock.now(),
-        "num_running": core.num_running,
-        "num_waiting": core.num_waiting,
-        "running": [r.request_id for r in core.running],
-        "held_kv": sorted(core.held),
-        "kv_pulls_in_flight": state.engine.num_active_pulls,
-        "migrations_in_flight": len(state.migration.tasks),
-        "migration_reservations": len(state.migration.reservations),
-        "num_blocks": kv.num_blocks,
-        "num_free_blocks": kv.num_free_blocks,
-        "num_cached_blocks": kv.num_cached_blocks,
-        "block_size": kv.block_size,
-        "kv_cache_usage": kv.usage,
-        "kv_bytes_per_token": state.profile.kv_bytes_per_token,
-        "prefix_cache_queries": kv.stats.queries,
-        "prefix_cache_hits": kv.stats.hits,
-        "num_preemptions": core.num_preemptions,
-        "steps": state.engine.steps,
-        "busy_seconds": state.engine.busy_seconds,
-        "lag_total_seconds": state.engine.lag_total,
-        "lag_max_seconds": state.engine.lag_max,
-        "late_steps": state.engine.late_steps,
-        "delivery_jitter_max_seconds": state.engine.jitter_max,
-    })
+    return web.json_response(
+        {
+            "engine_id": state.engine_id,
+            "api": state.config.api,
+            "role": state.config.role,
+            "profile": state.profile.name,
+            "profile_source": state.profile.source,
+            "model": state.served_model_name,
+            "time_scale": state.config.time_scale,
+            "sim_time": state.clock.now(),
+            "num_running": core.num_running,
+            "num_waiting": core.num_waiting,
+            "running": [r.request_id for r in core.running],
+            "held_kv": sorted(core.held),
+            "kv_pulls_in_flight": state.engine.num_active_pulls,
+            "migrations_in_flight": len(state.migration.tasks),
+            "migration_reservations": len(state.migration.reservations),
+            "num_blocks": kv.num_blocks,
+            "num_free_blocks": kv.num_free_blocks,
+            "num_cached_blocks": kv.num_cached_blocks,
+            "block_size": kv.block_size,
+            "kv_cache_usage": kv.usage,
+            "kv_bytes_per_token": state.profile.kv_bytes_per_token,
+            "prefix_cache_queries": kv.stats.queries,
+            "prefix_cache_hits": kv.stats.hits,
+            "num_preemptions": core.num_preemptions,
+            "steps": state.engine.steps,
+            "busy_seconds": state.engine.busy_seconds,
+            "lag_total_seconds": state.engine.lag_total,
+            "lag_max_seconds": state.engine.lag_max,
+            "late_steps": state.engine.late_steps,
+            "delivery_jitter_max_seconds": state.engine.jitter_max,
+        }
+    )
 
 
 async def handle_get_model_info(state: SimState, request: web.Request) -> web.Response:
-    return web.json_response({
-        "model_path": state.profile.model.name,
-        "tokenizer_path": state.tokenizer.name,
-        "is_generation": True,
-        "preferred_sampling_params": None,
-    })
+    return web.json_response(
+        {
+            "model_path": state.profile.model.name,
+            "tokenizer_path": state.tokenizer.name,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+        }
+    )
 
 
 async def handle_get_server_info(state: SimState, request: web.Request) -> web.Response:
     info = state.config.model_dump()
     info.pop("api_key", None)
-    info.update({
-        "model_path": state.profile.model.name,
-        "disaggregation_mode": {"both": "null"}.get(state.config.role, state.config.role),
-        "disaggregation_bootstrap_port": state.config.resolved_bootstrap_port(),
-        "max_total_num_tokens": state.core.kv.num_blocks * state.core.kv.block_size,
-        "version": VERSION,
-    })
+    info.update(
+        {
+            "model_path": state.profile.model.name,
+            "disaggregation_mode": {"both": "null"}.get(state.config.role, state.config.role),
+            "disaggregation_bootstrap_port": state.config.resolved_bootstrap_port(),
+            "max_total_num_tokens": state.core.kv.num_blocks * state.core.kv.block_size,
+            "version": VERSION,
+        }
+    )
     return web.json_response(info)
-
-

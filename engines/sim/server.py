@@ -92,11 +92,13 @@ def create_app(state: SimState) -> web.Application:
 def create_bootstrap_app(state: SimState) -> web.Application:
     app = web.Application()
     app[SIM_STATE] = state
-    app.add_routes([
-        web.get("/route", route(handle_bootstrap_route)),
-        web.get("/health", route(handle_bootstrap_health)),
-        web.get("/sim/bootstrap/{room}", route(handle_bootstrap_room)),
-    ])
+    app.add_routes(
+        [
+            web.get("/route", route(handle_bootstrap_route)),
+            web.get("/health", route(handle_bootstrap_health)),
+            web.get("/sim/bootstrap/{room}", route(handle_bootstrap_room)),
+        ]
+    )
     return app
 
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from pdgate.common.perf_model import EngineProfile, resolve_profile
+from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 from pdgate.engines.sim.config import SimEngineConfig
 from pdgate.engines.sim.core import CoreConfig, EngineCore
 from pdgate.engines.sim.engine import AsyncSimEngine, RealtimeClock
@@ -21,9 +23,7 @@ from pdgate.engines.sim.kv_cache import KVCacheManager
 from pdgate.engines.sim.kv_events import KvEventPublisher
 from pdgate.engines.sim.metrics import SglangMetrics, SimMetrics, VllmMetrics
 from pdgate.engines.sim.migration import MigrationState, is_migration, pull_migrated_kv
-from pdgate.common.perf_model import EngineProfile, resolve_profile
 from pdgate.engines.sim.protocol import ApiError, error_body
-from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from pdgate.engines.sim.tracing import RequestTracer

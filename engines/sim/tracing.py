@@ -85,8 +85,16 @@ class RequestTracer:
         self._sim_now = sim_now
         self._open: dict[str, _OpenSpan] = {}
 
-    def begin(self, req: SimRequest, *, request_id: str, traceparent: str | None, tracestate: str | None,
-              start_ns: int, top_p: float | None) -> None:
+    def begin(
+        self,
+        req: SimRequest,
+        *,
+        request_id: str,
+        traceparent: str | None,
+        tracestate: str | None,
+        start_ns: int,
+        top_p: float | None,
+    ) -> None:
         """Remember a submitted request: its parent context, arrival time and request parameters."""
         carrier = {}
         if traceparent is not None:
@@ -118,8 +126,13 @@ class RequestTracer:
         attributes.update(_latencies(req, self._sim_now()))
         attributes[SpanAttributes.GEN_AI_USAGE_PROMPT_TOKENS] = req.num_prompt_tokens
         attributes[SpanAttributes.GEN_AI_USAGE_COMPLETION_TOKENS] = req.num_output_tokens
-        span = self._tracer.start_span(SPAN_NAME, context=open_span.context, kind=SpanKind.SERVER,
-                                       attributes=attributes, start_time=open_span.start_ns)
+        span = self._tracer.start_span(
+            SPAN_NAME,
+            context=open_span.context,
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            start_time=open_span.start_ns,
+        )
         if req.status is RequestStatus.FINISHED_ABORTED:
             span.set_status(Status(StatusCode.ERROR, "aborted"))
         elif req.status is RequestStatus.FINISHED_ERROR:

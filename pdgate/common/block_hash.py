@@ -125,9 +125,7 @@ class BlockHasher:
 
     __slots__ = ("_block_size", "_hashes", "_pending", "_root", "_seed")
 
-    def __init__(
-        self, block_size: int, *, seed: str | None = None, parent: bytes | None = None
-    ) -> None:
+    def __init__(self, block_size: int, *, seed: str | None = None, parent: bytes | None = None) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self._block_size = block_size

@@ -58,10 +58,21 @@ class ChatTemplate:
             raise ChatTemplateError(f"invalid chat template: {exc}") from None
         self._special = special_tokens
 
-    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
-               tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
-        context = {**self._special, **kwargs, "messages": list(messages), "tools": tools,
-                   "add_generation_prompt": add_generation_prompt}
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        context = {
+            **self._special,
+            **kwargs,
+            "messages": list(messages),
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+        }
         try:
             return self._template.render(**context)
         except ChatTemplateError:
@@ -74,6 +85,7 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

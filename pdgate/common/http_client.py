@@ -249,7 +249,9 @@ class _Connection(asyncio.Protocol):
         self._header_values.append(value)
 
     def on_headers_complete(self) -> None:
-        headers = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in zip(self._header_names, self._header_values)}
+        headers = {
+            n.decode("latin-1").lower(): v.decode("latin-1") for n, v in zip(self._header_names, self._header_values)
+        }
         self._header_names.clear()
         self._header_values.clear()
         if self.response is not None:
@@ -292,8 +294,9 @@ class UpstreamPool:
     rarely one the engine is about to close.
     """
 
-    def __init__(self, *, idle_timeout_s: float = 4.0, max_idle_per_origin: int = 256,
-                 connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, *, idle_timeout_s: float = 4.0, max_idle_per_origin: int = 256, connect_timeout_s: float = 5.0
+    ) -> None:
         self.idle_timeout_s = idle_timeout_s
         self.max_idle_per_origin = max_idle_per_origin
         self.connect_timeout_s = connect_timeout_s
@@ -302,8 +305,9 @@ class UpstreamPool:
         self._closed = False
         self.connections_opened = 0
 
-    async def request(self, origin: Origin, method: str, path: str, body: bytes, *,
-                      headers: dict[str, str], timeout_s: float) -> UpstreamResponse:
+    async def request(
+        self, origin: Origin, method: str, path: str, body: bytes, *, headers: dict[str, str], timeout_s: float
+    ) -> UpstreamResponse:
         """Send the request; return once the response's head is in (see the module doc)."""
         host, port, _tls = origin
         if self._closed:
@@ -341,8 +345,9 @@ class UpstreamPool:
             raise UpstreamError("the upstream pool is closed")
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: _Connection(self, origin), host, port,
-                                                       ssl=ssl.create_default_context() if tls else None)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, origin), host, port, ssl=ssl.create_default_context() if tls else None
+                )
         except (OSError, TimeoutError) as exc:
             raise UpstreamError(f"cannot connect to {host}:{port}: {exc!r}") from None
         self._all.add(conn)

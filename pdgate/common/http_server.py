@@ -86,8 +86,9 @@ class Responder:
     def client_gone(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
-    def send(self, status: int, body: bytes, *, content_type: str = "application/json",
-             headers: dict[str, str] | None = None) -> None:
+    def send(
+        self, status: int, body: bytes, *, content_type: str = "application/json", headers: dict[str, str] | None = None
+    ) -> None:
         """A whole response."""
         if self.started:
             raise RuntimeError("response already started")
@@ -101,8 +102,9 @@ class Responder:
     def send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
         self.send(status, json.dumps(data).encode(), headers=headers)
 
-    def start(self, status: int, *, content_type: str, headers: dict[str, str] | None = None,
-              first: bytes = b"") -> None:
+    def start(
+        self, status: int, *, content_type: str, headers: dict[str, str] | None = None, first: bytes = b""
+    ) -> None:
         """Start a chunked response, optionally with its first piece in the same write."""
         if self.started:
             raise RuntimeError("response already started")
@@ -234,8 +236,14 @@ class HttpServerProtocol(asyncio.Protocol):
             return
         target = self._url.decode("latin-1")
         path, _, query = target.partition("?")
-        request = HttpRequest(self.parser.get_method().decode("latin-1"), path, query, self._headers,
-                              b"".join(self._body), self.parser.should_keep_alive())
+        request = HttpRequest(
+            self.parser.get_method().decode("latin-1"),
+            path,
+            query,
+            self._headers,
+            b"".join(self._body),
+            self.parser.should_keep_alive(),
+        )
         if self._task is None:
             self._disarm()
             self._run(request)
@@ -287,8 +295,14 @@ class HttpServerProtocol(asyncio.Protocol):
             return
         if self._task is None:
             body = json.dumps(_error_body(status, message, "invalid_request_error")).encode()
-            transport.write(_head(status, None, f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                                                "Connection: close\r\n") + body)
+            transport.write(
+                _head(
+                    status,
+                    None,
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n",
+                )
+                + body
+            )
             transport.close()
         else:  # a pipelined request went wrong while another is served: drop the connection afterwards
             self._pending.clear()
@@ -332,8 +346,14 @@ def _error_body(status: int, message: str, err_type: str) -> dict[str, Any]:
 class HttpServer:
     """Listens on one address and serves every request with ``handler``."""
 
-    def __init__(self, handler: Handler, *, max_body_bytes: int, keepalive_timeout_s: float = 75.0,
-                 request_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body_bytes: int,
+        keepalive_timeout_s: float = 75.0,
+        request_timeout_s: float = 60.0,
+    ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout_s = keepalive_timeout_s
@@ -345,8 +365,9 @@ class HttpServer:
         self.port = 0
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> None:
-        self._server = await self.loop.create_server(lambda: HttpServerProtocol(self), host, port,
-                                                     backlog=backlog, reuse_address=True)
+        self._server = await self.loop.create_server(
+            lambda: HttpServerProtocol(self), host, port, backlog=backlog, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     def active_requests(self) -> int:
@@ -360,7 +381,7 @@ class HttpServer:
         for conn in list(self._connections):
             conn.shutdown()
         deadline = self.loop.time() + grace_s
-        while self.active_requests() and self.loop.time() < deadline:
+        while self.active_requests() and self.loop.time() < deadline:  # noqa: ASYNC110 (shutdown only)
             await asyncio.sleep(0.05)
         tasks = [c._task for c in self._connections if c._task is not None]
         for conn in list(self._connections):

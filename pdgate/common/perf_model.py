@@ -368,8 +368,10 @@ def roofline_layer_times(
     linear = 0.0
     for k, n in layer_gemm_shapes(model, tp):
         linear += max(2 * tokens * k * n / flops_rate, d * (k * n + tokens * (k + n)) / bytes_rate) + f.gemm_launch_s
-    elementwise = (layer_elementwise_bytes(model, tp, tokens) / (f.elementwise_eff * gpu.mem_bandwidth)
-                   + 5 * f.elementwise_launch_s)
+    elementwise = (
+        layer_elementwise_bytes(model, tp, tokens) / (f.elementwise_eff * gpu.mem_bandwidth)
+        + 5 * f.elementwise_launch_s
+    )
     return linear, elementwise
 
 
@@ -449,8 +451,12 @@ def available_profiles() -> list[str]:
 
 
 def _union_table(
-    xs_a: Sequence[float], ys_a: Sequence[float], tail_a: float,
-    xs_b: Sequence[float], ys_b: Sequence[float], tail_b: float,
+    xs_a: Sequence[float],
+    ys_a: Sequence[float],
+    tail_a: float,
+    xs_b: Sequence[float],
+    ys_b: Sequence[float],
+    tail_b: float,
 ) -> tuple[tuple[float, ...], tuple[float, ...], float]:
     """Sum of two piecewise-linear functions, exact on the union of their breakpoints (from x = 1)."""
     xs = sorted({x for x in (*xs_a, *xs_b) if x >= 1.0} | {1.0})
@@ -468,8 +474,10 @@ def _from_json(data: Mapping) -> EngineProfile:
     tokens = [float(t) for t in dense["num_tokens"]]
     per_layer = [a + b for a, b in zip(dense["linear_ms"], dense["elementwise_ms"])]
     seconds = [ms * (layers * p + e) for p, e in zip(per_layer, dense["embedding_ms"])]
-    tail = ms * (layers * (dense["tail_ms_per_token"]["linear"] + dense["tail_ms_per_token"]["elementwise"])
-                 + dense["tail_ms_per_token"]["embedding"])
+    tail = ms * (
+        layers * (dense["tail_ms_per_token"]["linear"] + dense["tail_ms_per_token"]["elementwise"])
+        + dense["tail_ms_per_token"]["embedding"]
+    )
     xs, ys = tuple(tokens), tuple(seconds)
     if tp > 1:
         # two all-reduces per layer of the activations, T * hidden * dtype bytes

@@ -56,8 +56,14 @@ class Tokenizer(ABC):
     def token_text(self, token_id: int) -> str:
         """Text of one generatable token, for incremental (streamed) detokenization."""
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
         """Render chat messages to one prompt string ending where the assistant speaks.
 
         A deliberately simple template (``<role>: content`` lines) shared by the engine and every
@@ -199,12 +205,20 @@ class HFTokenizer(Tokenizer):
         self._generatable = [i for i in range(self.vocab_size) if i not in self._special_ids and self._stable(i)]
         self._texts: dict[int, str] = {}
         source = find_chat_template(file.parent, config)
-        special = {name: _token_content(config.get(name)) for name in
-                   ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")}
+        special = {
+            name: _token_content(config.get(name))
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+        }
         self._chat_template = ChatTemplate(source, special) if source else None
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
         if self._chat_template is None:
             return super().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)

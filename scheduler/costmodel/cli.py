@@ -42,20 +42,30 @@ class _UsageError(Exception):
 
 def add_cost_model_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``cost-model train`` and ``cost-model evaluate`` on ``pdgate``'s subcommands."""
-    parser = commands.add_parser("cost-model", help="train and evaluate the learned cost model",
-                                 description=DESCRIPTION, epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = commands.add_parser(
+        "cost-model",
+        help="train and evaluate the learned cost model",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="cost_model_command", metavar="COMMAND", required=True)
     train = sub.add_parser("train", help="fit on data files, score on a held-out split, save a new version")
-    train.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                       help="gateway request logs (JSONL), generic JSONL or alpaca JSON files")
+    train.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="gateway request logs (JSONL), generic JSONL or alpaca JSON files",
+    )
     train.add_argument("--out", required=True, metavar="DIR", help="model store directory (created if missing)")
     _tokenizer_flags(train)
     train.add_argument("--holdout", type=float, default=0.2, help="fraction of distinct prompts held out (0-0.9)")
     train.add_argument("--seed", type=int, default=0, help="seed of the held-out split and subsampling")
     train.add_argument("--q-high", type=float, default=0.9, help="the high quantile predicted besides the median")
-    train.add_argument("--max-train-rows", type=int, metavar="N",
-                       help="fit on a seeded random sample of at most N training rows")
+    train.add_argument(
+        "--max-train-rows", type=int, metavar="N", help="fit on a seeded random sample of at most N training rows"
+    )
     train.add_argument("--keep", type=int, default=5, help="model versions kept in --out")
     train.set_defaults(run=run_train)
     evaluate = sub.add_parser("evaluate", help="score the current model version on data files")
@@ -66,10 +76,17 @@ def add_cost_model_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _tokenizer_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", default="builtin",
-                        help="'builtin' (the sim's) or a local Hugging Face tokenizer directory (counts text tokens)")
-    parser.add_argument("--endpoint", choices=["chat", "completion"], default="chat",
-                        help="how alpaca-style rows are sent (default chat: one user message)")
+    parser.add_argument(
+        "--tokenizer",
+        default="builtin",
+        help="'builtin' (the sim's) or a local Hugging Face tokenizer directory (counts text tokens)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        choices=["chat", "completion"],
+        default="chat",
+        help="how alpaca-style rows are sent (default chat: one user message)",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -121,17 +138,23 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         train = [train[i] for i in keep]
     if not train:
         raise _UsageError("no training rows left after the held-out split")
-    _progress(f"{len(rows)} rows from {len(args.data)} file(s): training on {len(train)}, holding out {len(test)} "
-              f"({args.holdout:g} of the prompts)")
+    _progress(
+        f"{len(rows)} rows from {len(args.data)} file(s): training on {len(train)}, holding out {len(test)} "
+        f"({args.holdout:g} of the prompts)"
+    )
     features, outputs = [r.features for r in train], [r.output_tokens for r in train]
     read_s = time.monotonic() - started
     model = OutputLengthModel(args.q_high, seed=args.seed).fit(features, outputs)
-    baselines = {"global_mean": GlobalMeanBaseline(args.q_high).fit(features, outputs),
-                 "prompt_length": PromptLengthBaseline(args.q_high).fit(features, outputs)}
+    baselines = {
+        "global_mean": GlobalMeanBaseline(args.q_high).fit(features, outputs),
+        "prompt_length": PromptLengthBaseline(args.q_high).fit(features, outputs),
+    }
     fit_s = time.monotonic() - started - read_s
-    components: dict[str, Any] = {"output_length": model,
-                                  "baseline_global_mean": baselines["global_mean"],
-                                  "baseline_prompt_length": baselines["prompt_length"]}
+    components: dict[str, Any] = {
+        "output_length": model,
+        "baseline_global_mean": baselines["global_mean"],
+        "baseline_prompt_length": baselines["prompt_length"],
+    }
     output_metrics = _length_metrics(model, baselines, test) if test else None
     latency_metrics = None
     latency = _fit_latency(_timing_records(train))
@@ -141,8 +164,13 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     meta = {
         "source_files": [str(Path(p).resolve()) for p in args.data],
         "tokenizer": args.tokenizer,
-        "n_rows": len(rows), "n_train": len(train), "n_train_available": n_train_available, "n_test": len(test),
-        "holdout": args.holdout, "seed": args.seed, "q_high": args.q_high,
+        "n_rows": len(rows),
+        "n_train": len(train),
+        "n_train_available": n_train_available,
+        "n_test": len(test),
+        "holdout": args.holdout,
+        "seed": args.seed,
+        "q_high": args.q_high,
         "trained_on": "train split only (the held-out prompts are not in the saved model)",
         "output_length_model": model.describe(),
         "metrics": {"output_length": output_metrics, "latency": latency_metrics},
@@ -153,9 +181,14 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     except OSError as exc:
         raise _UsageError(f"cannot write the model to {args.out}: {exc}") from None
     return {
-        "version_dir": directory, "model_version": Path(directory).name,
-        "n_train": len(train), "n_test": len(test), "n_files": len(args.data),
-        "output_length": output_metrics, "latency": latency_metrics, "components": sorted(components),
+        "version_dir": directory,
+        "model_version": Path(directory).name,
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_files": len(args.data),
+        "output_length": output_metrics,
+        "latency": latency_metrics,
+        "components": sorted(components),
         "output_length_model": model.describe(),
         "seconds": {"read": read_s, "fit": fit_s, "total": time.monotonic() - started},
     }
@@ -205,8 +238,11 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if model is None or not hasattr(model, "predict_many"):
         raise _UsageError(f"{directory}/{meta.get('version')}: no output_length component")
     rows = _read(args)
-    baselines = {name: components[f"baseline_{name}"] for name in ("global_mean", "prompt_length")
-                 if f"baseline_{name}" in components}
+    baselines = {
+        name: components[f"baseline_{name}"]
+        for name in ("global_mean", "prompt_length")
+        if f"baseline_{name}" in components
+    }
     latency = components.get("latency")
     return {
         "model_version": meta.get("version"),

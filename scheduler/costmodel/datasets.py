@@ -80,8 +80,9 @@ def read_dataset(path: str | Path, tokenizer: Tokenizer, *, endpoint_default: st
     return out
 
 
-def read_datasets(paths: Sequence[str | Path], tokenizer: Tokenizer, *,
-                  endpoint_default: str = "chat") -> list[LabeledRequest]:
+def read_datasets(
+    paths: Sequence[str | Path], tokenizer: Tokenizer, *, endpoint_default: str = "chat"
+) -> list[LabeledRequest]:
     """:func:`read_dataset` of every path, concatenated in order."""
     rows: list[LabeledRequest] = []
     for path in paths:
@@ -109,8 +110,10 @@ class _RowReader:
         if "instruction" in raw:
             return self._alpaca(raw)
         keys = ", ".join(sorted(raw)) or "none"
-        raise _RowError(f"unknown row format (keys: {keys}); expected a pdgate-request log row, "
-                        "prompt/messages with output/output_tokens, or alpaca instruction/output")
+        raise _RowError(
+            f"unknown row format (keys: {keys}); expected a pdgate-request log row, "
+            "prompt/messages with output/output_tokens, or alpaca instruction/output"
+        )
 
     def _gateway(self, raw: dict[str, Any]) -> LabeledRequest | None:
         if raw.get("v") != 1:
@@ -121,9 +124,14 @@ class _RowReader:
         if not _is_int(output):
             raise _RowError("output_tokens must be an integer or null")
         try:
-            features = RequestFeatures(_int_field(raw, "prompt_tokens"), _max_tokens(raw),
-                                       _endpoint(raw.get("endpoint")), _str_field(raw, "model"), _tag(raw),
-                                       parse_text_hash(raw.get("text_hash") or []))
+            features = RequestFeatures(
+                _int_field(raw, "prompt_tokens"),
+                _max_tokens(raw),
+                _endpoint(raw.get("endpoint")),
+                _str_field(raw, "model"),
+                _tag(raw),
+                parse_text_hash(raw.get("text_hash") or []),
+            )
         except ValueError as exc:
             raise _RowError(str(exc)) from None
         return LabeledRequest(features, output, raw)
@@ -275,8 +283,9 @@ def prompt_key(row: LabeledRequest) -> str | None:
     return None
 
 
-def split_holdout(rows: Sequence[LabeledRequest], fraction: float = 0.2,
-                  seed: int = 0) -> tuple[list[LabeledRequest], list[LabeledRequest]]:
+def split_holdout(
+    rows: Sequence[LabeledRequest], fraction: float = 0.2, seed: int = 0
+) -> tuple[list[LabeledRequest], list[LabeledRequest]]:
     """``(train, test)``: about ``fraction`` of the distinct prompts (:func:`prompt_key`), with
     every row of a prompt on the same side.
 

@@ -177,8 +177,14 @@ def parse_text_hash(pairs: Any) -> dict[int, float]:
         raise ValueError("text_hash must be a list of [index, weight] pairs")
     out: dict[int, float] = {}
     for pair in pairs:
-        if (not isinstance(pair, list | tuple) or len(pair) != 2 or not _is_int(pair[0]) or pair[0] < 0
-                or not isinstance(pair[1], int | float) or isinstance(pair[1], bool)):
+        if (
+            not isinstance(pair, list | tuple)
+            or len(pair) != 2
+            or not _is_int(pair[0])
+            or pair[0] < 0
+            or not isinstance(pair[1], int | float)
+            or isinstance(pair[1], bool)
+        ):
             raise ValueError("text_hash must be a list of [index, weight] pairs")
         out[pair[0]] = float(pair[1])
     return out

@@ -176,18 +176,27 @@ def observations_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Observati
             uncached = max(0, int(record.get("prompt_tokens", 0)) - int(placement.get("prefill_cached_tokens") or 0))
             if uncached > 0:
                 groups.setdefault(group, Observations()).prefill.append(
-                    (prefill_features(uncached, int(placement.get("prefill_cached_tokens") or 0)), float(prefill_s)))
+                    (prefill_features(uncached, int(placement.get("prefill_cached_tokens") or 0)), float(prefill_s))
+                )
         decode_group = placement.get("decode_group")
         handoff_s = timing.get("handoff_s")
         if decode_group and _positive(handoff_s) and placement.get("split"):
             groups.setdefault(decode_group, Observations()).handoff.append(
-                (handoff_features(int(record.get("prompt_tokens", 0))), float(handoff_s)))
+                (handoff_features(int(record.get("prompt_tokens", 0))), float(handoff_s))
+            )
         tpot_s = timing.get("tpot_s")
         batch = placement.get("decode_batch")
         context = placement.get("decode_context_tokens")
-        if decode_group and _positive(tpot_s) and batch and context is not None and int(record.get("output_tokens") or 0) >= 4:
+        if (
+            decode_group
+            and _positive(tpot_s)
+            and batch
+            and context is not None
+            and int(record.get("output_tokens") or 0) >= 4
+        ):
             groups.setdefault(decode_group, Observations()).decode_step.append(
-                (decode_features(float(batch), float(context)), float(tpot_s)))
+                (decode_features(float(batch), float(context)), float(tpot_s))
+            )
     return groups
 
 
@@ -195,7 +204,9 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def _refit(prior: LinearCost, rows: Sequence[tuple[tuple[float, ...], float]], grid: Sequence[tuple[float, ...]]) -> LinearCost:
+def _refit(
+    prior: LinearCost, rows: Sequence[tuple[tuple[float, ...], float]], grid: Sequence[tuple[float, ...]]
+) -> LinearCost:
     """Non-negative fit on relative error, the prior counting as ``PRIOR_WEIGHT`` observations."""
     if len(rows) < MIN_OBSERVATIONS:
         return LinearCost(prior.coef, prior.n_obs)
@@ -209,8 +220,11 @@ def _refit(prior: LinearCost, rows: Sequence[tuple[tuple[float, ...], float]], g
     return LinearCost(_fit_nonneg(x, y, weights), len(rows))
 
 
-def _grid(rows: Sequence[tuple[tuple[float, ...], float]], make: Callable[..., tuple[float, ...]],
-          defaults: Sequence[tuple[float, ...]]) -> list[tuple[float, ...]]:
+def _grid(
+    rows: Sequence[tuple[tuple[float, ...], float]],
+    make: Callable[..., tuple[float, ...]],
+    defaults: Sequence[tuple[float, ...]],
+) -> list[tuple[float, ...]]:
     """Prior pseudo-observations placed where the data is (so the prior anchors the same region)."""
     return [r[0] for r in rows[:: max(1, len(rows) // 16)]] if rows else [make(*d) for d in defaults]
 
@@ -252,11 +266,19 @@ class LatencyModel:
         for group, obs in observations_of(records).items():
             prior = self.priors.get(group) or self.costs(group)
             fitted[group] = GroupCosts(
-                prefill=_refit(prior.prefill, obs.prefill,
-                               _grid(obs.prefill, prefill_features, [(u, c) for u in (128, 1024, 4096) for c in (0, 2048)])),
-                decode_step=_refit(prior.decode_step, obs.decode_step,
-                                   _grid(obs.decode_step, decode_features, [(b, b * 1024) for b in (1, 16, 64)])),
-                handoff=_refit(prior.handoff, obs.handoff, _grid(obs.handoff, handoff_features, [(t,) for t in (128, 2048, 8192)])),
+                prefill=_refit(
+                    prior.prefill,
+                    obs.prefill,
+                    _grid(obs.prefill, prefill_features, [(u, c) for u in (128, 1024, 4096) for c in (0, 2048)]),
+                ),
+                decode_step=_refit(
+                    prior.decode_step,
+                    obs.decode_step,
+                    _grid(obs.decode_step, decode_features, [(b, b * 1024) for b in (1, 16, 64)]),
+                ),
+                handoff=_refit(
+                    prior.handoff, obs.handoff, _grid(obs.handoff, handoff_features, [(t,) for t in (128, 2048, 8192)])
+                ),
             )
         return LatencyModel(dict(self.priors), fitted, dict(self.prior_specs))
 
@@ -274,12 +296,19 @@ class LatencyModel:
         for group, obs in observations_of(records).items():
             costs = self.costs(group)
             entry: dict[str, Any] = {}
-            for name, rows, fn in (("prefill", obs.prefill, costs.prefill), ("decode_step", obs.decode_step, costs.decode_step),
-                                   ("handoff", obs.handoff, costs.handoff)):
+            for name, rows, fn in (
+                ("prefill", obs.prefill, costs.prefill),
+                ("decode_step", obs.decode_step, costs.decode_step),
+                ("handoff", obs.handoff, costs.handoff),
+            ):
                 if rows:
                     errors = [abs(fn(*x) - y) / y for x, y in rows]
-                    entry[name] = {"n": len(rows), "mape": round(float(np.mean(errors)), 4),
-                                   "median_ape": round(float(np.median(errors)), 4), "fitted_on": costs_source(self, group, name)}
+                    entry[name] = {
+                        "n": len(rows),
+                        "mape": round(float(np.mean(errors)), 4),
+                        "median_ape": round(float(np.median(errors)), 4),
+                        "fitted_on": costs_source(self, group, name),
+                    }
             report[group] = entry
         return report
 
@@ -288,8 +317,10 @@ class LatencyModel:
         out: dict[str, Any] = {}
         for group in sorted({*self.priors, *self.fitted}):
             costs = self.costs(group)
-            out[group] = {name: {"coef": [round(c, 9) for c in getattr(costs, name).coef], "n_obs": getattr(costs, name).n_obs}
-                          for name in ("prefill", "decode_step", "handoff")}
+            out[group] = {
+                name: {"coef": [round(c, 9) for c in getattr(costs, name).coef], "n_obs": getattr(costs, name).n_obs}
+                for name in ("prefill", "decode_step", "handoff")
+            }
         return out
 
 

@@ -11,8 +11,13 @@ from pdgate.scheduler.costmodel.latency import LatencyModel
 MIN_LENGTH_ROWS = 20  # fewer labelled requests than this: keep the previous output-length model
 
 
-def refit(records: Sequence[Mapping[str, Any]], latency: LatencyModel, previous_output: Any, q_high: float,
-          store_dir: str | None) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+def refit(
+    records: Sequence[Mapping[str, Any]],
+    latency: LatencyModel,
+    previous_output: Any,
+    q_high: float,
+    store_dir: str | None,
+) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
     """Fit new latency and output-length models on ``records``; save them as a new version when
     ``store_dir`` is set. Returns ``(components, version, meta)``. Pure function of its inputs, so
     it can run in another process."""
@@ -21,14 +26,22 @@ def refit(records: Sequence[Mapping[str, Any]], latency: LatencyModel, previous_
 
     started = time.time()
     new_latency = latency.refit(records)
-    rows = [(RequestFeatures.from_record(r), int(r["output_tokens"])) for r in records
-            if isinstance(r.get("output_tokens"), int) and r["output_tokens"] >= 1]
+    rows = [
+        (RequestFeatures.from_record(r), int(r["output_tokens"]))
+        for r in records
+        if isinstance(r.get("output_tokens"), int) and r["output_tokens"] >= 1
+    ]
     output = previous_output
     if len(rows) >= MIN_LENGTH_ROWS:
         output = OutputLengthModel(q_high=q_high).fit([f for f, _ in rows], [n for _, n in rows])
     components = {"latency": new_latency, "output_length": output}
-    meta = {"source": "online", "n_records": len(records), "n_length_rows": len(rows),
-            "fit_seconds": round(time.time() - started, 3), "latency": new_latency.describe()}
+    meta = {
+        "source": "online",
+        "n_records": len(records),
+        "n_length_rows": len(rows),
+        "fit_seconds": round(time.time() - started, 3),
+        "latency": new_latency.describe(),
+    }
     version = None
     if store_dir is not None:
         from pdgate.scheduler.costmodel.store import ModelStore

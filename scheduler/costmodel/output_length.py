@@ -81,8 +81,9 @@ def _cap(median: float, high: float, max_tokens: int | None) -> LengthPrediction
     return LengthPrediction(median, high)
 
 
-def _cap_many(median: np.ndarray, high: np.ndarray,
-              features: Sequence[RequestFeatures]) -> tuple[np.ndarray, np.ndarray]:
+def _cap_many(
+    median: np.ndarray, high: np.ndarray, features: Sequence[RequestFeatures]
+) -> tuple[np.ndarray, np.ndarray]:
     median = np.maximum(np.asarray(median, dtype=float), 1.0)
     high = np.maximum(np.asarray(high, dtype=float), median)
     limit = np.array([np.inf if f.max_tokens is None else float(f.max_tokens) for f in features])
@@ -112,8 +113,9 @@ class _Head:
     model: Mapping[str, float]
     tag: Mapping[str, float]
 
-    def value(self, score: float, lp: float, lm: float, has_max: float, chat: float, model: str,
-              tag: str | None) -> float:
+    def value(
+        self, score: float, lp: float, lm: float, has_max: float, chat: float, model: str, tag: str | None
+    ) -> float:
         w = self.numeric
         z = self.intercept + w[0] * score + w[1] * lp + w[2] * lm + w[3] * has_max + w[4] * chat
         z += self.model.get(model, 0.0)
@@ -136,10 +138,20 @@ class OutputLengthModel:
     the same numbers as arrays, for evaluation.
     """
 
-    def __init__(self, q_high: float = DEFAULT_Q_HIGH, *, n_features: int = N_FEATURES, min_rows: int = 20,
-                 ridge_alphas: Sequence[float] = RIDGE_ALPHAS, folds: int = 5, quantile_alpha: float = 1e-4,
-                 max_quantile_rows: int = 20_000, min_category_rows: int = 10, max_categories: int = 64,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        q_high: float = DEFAULT_Q_HIGH,
+        *,
+        n_features: int = N_FEATURES,
+        min_rows: int = 20,
+        ridge_alphas: Sequence[float] = RIDGE_ALPHAS,
+        folds: int = 5,
+        quantile_alpha: float = 1e-4,
+        max_quantile_rows: int = 20_000,
+        min_category_rows: int = 10,
+        max_categories: int = 64,
+        seed: int = 0,
+    ) -> None:
         if not 0.5 < q_high < 1.0:
             raise ValueError("q_high must be in (0.5, 1)")
         self.q_high = float(q_high)
@@ -164,8 +176,9 @@ class OutputLengthModel:
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
-    def prior(cls, default_median: float = 128, default_high: float = 512,
-              q_high: float = DEFAULT_Q_HIGH) -> OutputLengthModel:
+    def prior(
+        cls, default_median: float = 128, default_high: float = 512, q_high: float = DEFAULT_Q_HIGH
+    ) -> OutputLengthModel:
         """A cold-start model: ``default_median`` / ``default_high`` for every request (capped by max_tokens)."""
         if not 1 <= default_median <= default_high:
             raise ValueError("need 1 <= default_median <= default_high")
@@ -189,12 +202,17 @@ class OutputLengthModel:
         y = np.log1p(y_tokens)
         models = _vocabulary([f.model for f in features], self.min_category_rows, self.max_categories)
         text = _text_matrix(features, self.n_features)
-        scores = self._fit_text(text, y - _group_offsets([f.model for f in features], models, y),
-                                _prompt_groups(features))
-        tags = _vocabulary([f.tag for f in features if f.tag is not None], self.min_category_rows,
-                           self.max_categories)
-        design = np.hstack([_numeric(features, scores), _one_hot([f.model for f in features], models),
-                            _one_hot([f.tag for f in features], tags)])
+        scores = self._fit_text(
+            text, y - _group_offsets([f.model for f in features], models, y), _prompt_groups(features)
+        )
+        tags = _vocabulary([f.tag for f in features if f.tag is not None], self.min_category_rows, self.max_categories)
+        design = np.hstack(
+            [
+                _numeric(features, scores),
+                _one_hot([f.model for f in features], models),
+                _one_hot([f.tag for f in features], tags),
+            ]
+        )
         rows = np.arange(len(y))
         if len(rows) > self.max_quantile_rows:
             rows = np.sort(np.random.default_rng(self.seed).choice(rows, self.max_quantile_rows, replace=False))
@@ -230,8 +248,9 @@ class OutputLengthModel:
         self._text_coef = [float(c) for c in final.coef_]
         return oof
 
-    def _fit_head(self, design: np.ndarray, y: np.ndarray, q: float, models: Sequence[str],
-                  tags: Sequence[str]) -> _Head:
+    def _fit_head(
+        self, design: np.ndarray, y: np.ndarray, q: float, models: Sequence[str], tags: Sequence[str]
+    ) -> _Head:
         from sklearn.linear_model import QuantileRegressor
 
         reg = QuantileRegressor(quantile=q, alpha=self.quantile_alpha, solver="highs-ipm").fit(design, y)
@@ -239,8 +258,8 @@ class OutputLengthModel:
             raise ValueError(f"the q={q} quantile regression did not converge")
         coef = [float(c) for c in reg.coef_]
         numeric = tuple(coef[:_NUMERIC])
-        model_w = {m: w for m, w in zip(models, coef[_NUMERIC:_NUMERIC + len(models)]) if w != 0.0}
-        tag_w = {t: w for t, w in zip(tags, coef[_NUMERIC + len(models):]) if w != 0.0}
+        model_w = {m: w for m, w in zip(models, coef[_NUMERIC : _NUMERIC + len(models)]) if w != 0.0}
+        tag_w = {t: w for t, w in zip(tags, coef[_NUMERIC + len(models) :]) if w != 0.0}
         return _Head(float(reg.intercept_), numeric, model_w, tag_w)
 
     # --- prediction ---------------------------------------------------------------------------
@@ -291,8 +310,12 @@ class OutputLengthModel:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary of what was trained (for model metadata)."""
-        out: dict[str, Any] = {"kind": self.kind, "q_high": self.q_high, "n_train": self.n_train,
-                               "trained_at": self.trained_at}
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "q_high": self.q_high,
+            "n_train": self.n_train,
+            "trained_at": self.trained_at,
+        }
         if self.kind != "linear":
             out["constant"] = {"median": self._constant[0], "high": self._constant[1]}
         else:
@@ -388,8 +411,14 @@ def evaluate_lengths(median: np.ndarray, high: np.ndarray, actual: np.ndarray, q
     n = int(actual.size)
     out: dict[str, Any] = {"n": n, "q_high": float(q_high)}
     if n == 0:
-        return out | {"spearman": None, "kendall": None, "mae": None, "within_2x": None, "coverage_high": None,
-                      "mean_high_ratio": None}
+        return out | {
+            "spearman": None,
+            "kendall": None,
+            "mae": None,
+            "within_2x": None,
+            "coverage_high": None,
+            "mean_high_ratio": None,
+        }
     out["spearman"] = _correlation(stats.spearmanr, median, actual)
     out["kendall"] = _correlation(stats.kendalltau, median, actual)
     out["mae"] = float(np.mean(np.abs(median - actual)))
@@ -424,8 +453,9 @@ def _text_matrix(features: Sequence[RequestFeatures], n_features: int) -> sp.csr
                     indices.append(i)
                     data.append(v * scale)
         indptr[row + 1] = len(indices)
-    return sp.csr_matrix((np.asarray(data, dtype=float), np.asarray(indices, dtype=np.int64), indptr),
-                         shape=(len(features), n_features))
+    return sp.csr_matrix(
+        (np.asarray(data, dtype=float), np.asarray(indices, dtype=np.int64), indptr), shape=(len(features), n_features)
+    )
 
 
 def _text_scale(text_hash: Mapping[int, float]) -> float:

@@ -53,8 +53,11 @@ class ModelStore:
         """Version directory names, oldest first (``[]`` when the store is missing)."""
         if not self.directory.is_dir():
             return []
-        found = [(int(m.group(1)), p.name) for p in self.directory.iterdir()
-                 if p.is_dir() and (m := _VERSION_RE.match(p.name))]
+        found = [
+            (int(m.group(1)), p.name)
+            for p in self.directory.iterdir()
+            if p.is_dir() and (m := _VERSION_RE.match(p.name))
+        ]
         return [name for _, name in sorted(found)]
 
     def current(self) -> str | None:
@@ -145,6 +148,6 @@ class ModelStore:
 
     def _prune(self, current: str) -> None:
         versions = self.versions()
-        for name in versions[:-self.keep]:
+        for name in versions[: -self.keep]:
             if name != current:
                 shutil.rmtree(self.directory / name, ignore_errors=True)

@@ -13,7 +13,9 @@ class HealthFilter(Filter):
 
     type_name = "health-filter"
 
-    def filter(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> list[InstanceView]:
+    def filter(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> list[InstanceView]:
         return [i for i in candidates if i.healthy and not i.draining]
 
 
@@ -31,7 +33,9 @@ class RoleFilter(Filter):
     type_name = "role-filter"
     Params = RoleFilterParams
 
-    def filter(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> list[InstanceView]:
+    def filter(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> list[InstanceView]:
         role = self.params.role  # type: ignore[attr-defined]
         if role == "both":
             return [i for i in candidates if i.role == "both"]

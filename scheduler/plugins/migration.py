@@ -45,9 +45,14 @@ class LoadParams(PluginParams):
     so loads are in tokens of an average instance and a bigger instance takes more.
     """
 
-    request_tokens: int = Field(256, ge=0, description="per-request cost in tokens (the batch-size part of decode cost)")
-    normalize_by_capacity: bool = Field(False, description="scale loads by the KV capacity implied by kv_usage "
-                                                           "(off by default: scraped usage lags the live request list)")
+    request_tokens: int = Field(
+        256, ge=0, description="per-request cost in tokens (the batch-size part of decode cost)"
+    )
+    normalize_by_capacity: bool = Field(
+        False,
+        description="scale loads by the KV capacity implied by kv_usage "
+        "(off by default: scraped usage lags the live request list)",
+    )
 
 
 class NoMigrationParams(LoadParams):
@@ -55,27 +60,46 @@ class NoMigrationParams(LoadParams):
 
 
 class LoadBalanceParams(LoadParams):
-    imbalance_ratio: float = Field(1.5, ge=1.0, description="balance when max - min >= (imbalance_ratio - 1) * mean load")
+    imbalance_ratio: float = Field(
+        1.5, ge=1.0, description="balance when max - min >= (imbalance_ratio - 1) * mean load"
+    )
     min_gap_tokens: int = Field(1024, ge=0, description="... and max - min >= this many tokens")
     select: Literal["most-remaining", "least-kv", "remaining-per-kv"] = Field(
-        "most-remaining", description="which request moves first: most predicted remaining output, "
-                                      "least KV to copy, or most remaining output per KV token")
-    min_remaining_tokens: float = Field(32, ge=0, description="never move a request predicted to finish within this many tokens")
+        "most-remaining",
+        description="which request moves first: most predicted remaining output, "
+        "least KV to copy, or most remaining output per KV token",
+    )
+    min_remaining_tokens: float = Field(
+        32, ge=0, description="never move a request predicted to finish within this many tokens"
+    )
     max_migrations_per_request: int = Field(2, ge=0, description="never move a request that has moved this often")
     min_decoding_s: float = Field(0.2, ge=0, description="never move a request decoding for less than this")
     max_moves_per_round: int = Field(2, ge=0, description="moves per plan() call, balance and defrag together")
     defrag: bool = Field(True, description="plan de-fragmentation moves")
-    defrag_kv_usage: float = Field(0.9, gt=0, le=1, description="an instance at this KV usage or above with requests "
-                                                               "waiting is de-fragmented; instances at or above it are never targets")
-    defrag_cooldown_s: float = Field(1.0, ge=0, description="no de-fragmentation from an instance this long after a move "
-                                                            "out of it (its scraped usage predates the move)")
-    retry_after_s: float = Field(5.0, ge=0, description="a request whose move failed is not planned again for this long")
+    defrag_kv_usage: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="an instance at this KV usage or above with requests "
+        "waiting is de-fragmented; instances at or above it are never targets",
+    )
+    defrag_cooldown_s: float = Field(
+        1.0,
+        ge=0,
+        description="no de-fragmentation from an instance this long after a move "
+        "out of it (its scraped usage predates the move)",
+    )
+    retry_after_s: float = Field(
+        5.0, ge=0, description="a request whose move failed is not planned again for this long"
+    )
 
 
 class _Loads:
     """The loads of a model's decode instances, updated as moves are planned."""
 
-    def __init__(self, instances: Iterable[InstanceView], running: Sequence[RunningRequest], params: LoadParams) -> None:
+    def __init__(
+        self, instances: Iterable[InstanceView], running: Sequence[RunningRequest], params: LoadParams
+    ) -> None:
         self.instances = {i.id: i for i in instances}
         self.request_tokens = params.request_tokens
         kv: dict[str, int] = defaultdict(int)
@@ -91,8 +115,11 @@ class _Loads:
             self.raw[iid] = kv[iid] + self.request_tokens * count[iid] + queued
         self.scale = {iid: 1.0 for iid in self.instances}
         if params.normalize_by_capacity:
-            capacity = {iid: kv[iid] / inst.kv_usage for iid, inst in self.instances.items()
-                        if inst.kv_usage is not None and inst.kv_usage >= MIN_KV_USAGE_FOR_CAPACITY and kv[iid] > 0}
+            capacity = {
+                iid: kv[iid] / inst.kv_usage
+                for iid, inst in self.instances.items()
+                if inst.kv_usage is not None and inst.kv_usage >= MIN_KV_USAGE_FOR_CAPACITY and kv[iid] > 0
+            }
             if capacity:
                 mean_capacity = sum(capacity.values()) / len(capacity)
                 self.scale.update({iid: mean_capacity / c for iid, c in capacity.items()})
@@ -119,8 +146,13 @@ def _decoders(snapshot: ClusterSnapshot, model: str) -> list[InstanceView]:
     return [i for i in snapshot.instances if i.model == model and i.healthy and not i.draining and i.serves("decode")]
 
 
-def _least_loaded_target(request: RunningRequest, snapshot: ClusterSnapshot, running: Sequence[RunningRequest],
-                         exclude: Collection[str], params: LoadParams) -> str | None:
+def _least_loaded_target(
+    request: RunningRequest,
+    snapshot: ClusterSnapshot,
+    running: Sequence[RunningRequest],
+    exclude: Collection[str],
+    params: LoadParams,
+) -> str | None:
     candidates = migration_candidates(request, snapshot, exclude)
     if not candidates:
         return None
@@ -140,8 +172,13 @@ class NoMigration(MigrationPolicy):
     def plan(self, snapshot: ClusterSnapshot, running: Sequence[RunningRequest], now: float) -> list[MigrationPlan]:
         return []
 
-    def target_for(self, request: RunningRequest, snapshot: ClusterSnapshot, running: Sequence[RunningRequest],
-                   exclude: Collection[str] = ()) -> str | None:
+    def target_for(
+        self,
+        request: RunningRequest,
+        snapshot: ClusterSnapshot,
+        running: Sequence[RunningRequest],
+        exclude: Collection[str] = (),
+    ) -> str | None:
         return _least_loaded_target(request, snapshot, running, exclude, self.params)  # type: ignore[arg-type]
 
 
@@ -198,16 +235,25 @@ class LoadBalance(MigrationPolicy):
         self._moved_out = {k: t for k, t in self._moved_out.items() if now - t < p.defrag_cooldown_s}
         self._failed = {k: t for k, t in self._failed.items() if now - t < p.retry_after_s}
 
-    def target_for(self, request: RunningRequest, snapshot: ClusterSnapshot, running: Sequence[RunningRequest],
-                   exclude: Collection[str] = ()) -> str | None:
+    def target_for(
+        self,
+        request: RunningRequest,
+        snapshot: ClusterSnapshot,
+        running: Sequence[RunningRequest],
+        exclude: Collection[str] = (),
+    ) -> str | None:
         return _least_loaded_target(request, snapshot, running, exclude, self.params)  # type: ignore[arg-type]
 
     def _movable(self, request: RunningRequest, now: float) -> bool:
         p: LoadBalanceParams = self.params  # type: ignore[assignment]
         failed = self._failed.get(request.request_id)
-        return (request.migratable and request.remaining_tokens >= p.min_remaining_tokens
-                and request.migrations < p.max_migrations_per_request and request.decoding_s >= p.min_decoding_s
-                and (failed is None or now - failed >= p.retry_after_s))
+        return (
+            request.migratable
+            and request.remaining_tokens >= p.min_remaining_tokens
+            and request.migrations < p.max_migrations_per_request
+            and request.decoding_s >= p.min_decoding_s
+            and (failed is None or now - failed >= p.retry_after_s)
+        )
 
     def plan(self, snapshot: ClusterSnapshot, running: Sequence[RunningRequest], now: float) -> list[MigrationPlan]:
         p: LoadBalanceParams = self.params  # type: ignore[assignment]
@@ -220,8 +266,9 @@ class LoadBalance(MigrationPolicy):
                 self._plan_model(decoders, [r for r in running if r.model == model], now, plans)
         return plans
 
-    def _plan_model(self, decoders: list[InstanceView], running: list[RunningRequest], now: float,
-                    plans: list[MigrationPlan]) -> None:
+    def _plan_model(
+        self, decoders: list[InstanceView], running: list[RunningRequest], now: float, plans: list[MigrationPlan]
+    ) -> None:
         """Append to ``plans`` the moves among one model's decode instances."""
         p: LoadBalanceParams = self.params  # type: ignore[assignment]
         loads = _Loads(decoders, running, p)
@@ -253,7 +300,11 @@ class LoadBalance(MigrationPolicy):
                 last = self._moved_out.get(source.id)
                 if last is not None and now - last < p.defrag_cooldown_s:
                     continue  # its scraped queue and usage predate that move
-                targets = [t for t in decoders if t.id != source.id and t.kv_usage is not None and t.kv_usage < p.defrag_kv_usage]
+                targets = [
+                    t
+                    for t in decoders
+                    if t.id != source.id and t.kv_usage is not None and t.kv_usage < p.defrag_kv_usage
+                ]
                 if targets:
                     add(movable[source.id][0], least_loaded(targets).id, "defrag")
 

@@ -25,7 +25,9 @@ class MaxScorePicker(_Seeded):
 
     type_name = "max-score"
 
-    def pick(self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]) -> InstanceView | None:
+    def pick(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]
+    ) -> InstanceView | None:
         if not ranked:
             return None
         best = ranked[0][1]
@@ -38,7 +40,9 @@ class RandomPicker(_Seeded):
 
     type_name = "random"
 
-    def pick(self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]) -> InstanceView | None:
+    def pick(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]
+    ) -> InstanceView | None:
         return self._rng.choice(ranked)[0] if ranked else None
 
 
@@ -54,7 +58,9 @@ class RoundRobinPicker(Picker):
         super().__init__(name, params)
         self._next = 0
 
-    def pick(self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]) -> InstanceView | None:
+    def pick(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]
+    ) -> InstanceView | None:
         if not ranked:
             return None
         ordered = sorted((inst for inst, _ in ranked), key=lambda i: i.id)
@@ -70,7 +76,9 @@ class PowerOfTwoPicker(_Seeded):
 
     type_name = "power-of-two"
 
-    def pick(self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]) -> InstanceView | None:
+    def pick(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, ranked: list[tuple[InstanceView, float]]
+    ) -> InstanceView | None:
         if len(ranked) <= 1:
             return ranked[0][0] if ranked else None
         (a, sa), (b, sb) = self._rng.sample(ranked, 2)

@@ -18,7 +18,9 @@ class LeastLoadedScorer(Scorer):
 
     type_name = "least-loaded"
 
-    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+    def score(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> Mapping[str, float]:
         loads = {i.id: i.queue_depth for i in candidates}
         return _inverse_minmax(loads)
 
@@ -33,7 +35,9 @@ class KvUsageScorer(Scorer):
     type_name = "kv-usage"
     Params = KvUsageScorerParams
 
-    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+    def score(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> Mapping[str, float]:
         unknown = self.params.unknown_score  # type: ignore[attr-defined]
         return {i.id: unknown if i.kv_usage is None else 1.0 - i.kv_usage for i in candidates}
 
@@ -47,7 +51,9 @@ class PrefixAffinityScorer(Scorer):
 
     type_name = "prefix-affinity"
 
-    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+    def score(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> Mapping[str, float]:
         if request.prompt_tokens <= 0:
             return {i.id: 0.0 for i in candidates}
         hits = snapshot.prefix_hit_tokens

