@@ -31,12 +31,11 @@ from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.proxy import Proxy
 from pdgate.gateway.requests import GatewayError
 from pdgate.gateway.tracing import Tracing, resolve_settings
-from pdgate.scheduler.framework import Admitter, MigrationPolicy, Profile
-from pdgate.scheduler.registry import PluginRegistry
+from pdgate.scheduler.framework import Admitter, MigrationPolicy, Profile, ProfileHandler
+from pdgate.scheduler.registry import PluginRegistry, SchedulingConfig
 
 log = logging.getLogger("pdgate.gateway")
 
-REQUIRED_PROFILES = ("prefill", "decode", "colocated")
 SHUTDOWN_GRACE_S = 5.0
 
 Route = Callable[[HttpRequest, Responder], Awaitable[None]]
@@ -52,6 +51,7 @@ class Gateway:
     metrics: GatewayMetrics
     admitter: Admitter | None = None
     migration_policy: MigrationPolicy | None = None
+    profile_handler: ProfileHandler | None = None
     migrations: MigrationController | None = None
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
@@ -68,14 +68,14 @@ def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None)
     registry = registry or PluginRegistry()
     scheduling = config.scheduling or DEFAULT_SCHEDULING
     profiles = registry.build(scheduling)
-    missing = [p for p in REQUIRED_PROFILES if p not in profiles]
-    if missing:
-        raise ValueError(f"scheduling.profiles: missing profile(s) {missing} (needed: {list(REQUIRED_PROFILES)})")
+    if not isinstance(scheduling, SchedulingConfig):
+        scheduling = SchedulingConfig.model_validate(scheduling)
+    handler = registry.create_profile_handler(scheduling.profile_handler, profiles)
     tokenizers = {m.name: load_tokenizer(m.tokenizer) for m in config.models}
     admitter = registry.create_admitter(config.admission.admitter, config.admission.parameters)
     resolve_settings(config.tracing)  # a tracing setup that cannot work fails here (TracingSetupError)
     policy = registry.create_migration_policy(config.migration.policy, config.migration.parameters)
-    return Gateway(config, profiles, tokenizers, GatewayMetrics(), admitter, policy)
+    return Gateway(config, profiles, tokenizers, GatewayMetrics(), admitter, policy, handler)
 
 
 class GatewayApp:
@@ -209,19 +209,20 @@ class GatewayServer:
         gw.admission = AdmissionController(gw.config.admission, gw.admitter, on_outcome=gw.metrics.observe_admission)
         gw.cluster.on_release = gw.admission.wake
         gw.tracing = Tracing.from_config(gw.config.tracing, exporter=self.span_exporter)
-        assert gw.migration_policy is not None
-        gw.migrations = MigrationController(gw.config.migration, gw.cluster, gw.migration_policy, gw.metrics)
+        assert gw.migration_policy is not None and gw.profile_handler is not None
         gw.proxy = Proxy(
             gw.config,
             gw.cluster,
             gw.profiles,
+            gw.profile_handler,
             gw.tokenizers,
             gw.metrics,
             admission=gw.admission,
             costs=gw.costs,
             tracing=gw.tracing,
-            migrations=gw.migrations,
+            migration_policy=gw.migration_policy,
         )
+        gw.migrations = gw.proxy.migrations
         gw.started_at = time.time()
         try:
             await gw.costs.start()

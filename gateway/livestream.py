@@ -26,6 +26,7 @@ from pdgate.gateway.tracing import NO_LEG, LegTrace
 if TYPE_CHECKING:
     from pdgate.common.http_server import Responder
     from pdgate.gateway.cluster import InstanceState, Lease
+    from pdgate.gateway.intake import Routed
 
 log = logging.getLogger("pdgate.migration")
 
@@ -72,13 +73,14 @@ Failover = Callable[["LiveStream", str], Awaitable["Handover | None"]]
 class LiveStream:
     """One streamed answer in flight, relayed through a :class:`StreamTrail`.
 
-    ``observe`` is called with every piece that reaches the client (the proxy's accounting);
+    ``observe`` is called with every piece that reaches the client (the relay's accounting);
+    ``rewrite`` (optional) changes each piece on its way out (the usage of a PD answer);
     ``on_switch`` after each hand-over with the instance left and the client-visible gap in seconds.
     """
 
     def __init__(
         self,
-        routed: Any,
+        routed: Routed,
         *,
         trail: StreamTrail,
         state: InstanceState,
@@ -87,9 +89,10 @@ class LiveStream:
         responder: Responder,
         observe: Callable[[bytes], None],
         clock: Callable[[], float],
+        rewrite: Callable[[bytes], bytes] | None = None,
     ) -> None:
         info = routed.info
-        self.routed = routed  # gateway.proxy.Routed: what a continuation is built from
+        self.routed = routed  # what a continuation is built from
         self.request_id: str = info.request_id
         self.upstream_id: str = info.request_id  # the id the current engine knows the request by
         self.model: str = info.model
@@ -108,6 +111,7 @@ class LiveStream:
         self.leases = leases
         self.responder = responder
         self.observe = observe
+        self.rewrite = rewrite
         self.clock = clock
         self.splice: Splice | None = None
         self.started_at = clock()
@@ -156,7 +160,7 @@ class LiveStream:
     def _send(self, out: bytes, now: float | None = None) -> None:
         self.last_write = self.clock() if now is None else now
         self.observe(out)
-        self.responder.write(out)
+        self.responder.write(out if self.rewrite is None else self.rewrite(out))
 
     async def run(self, failover: Failover) -> None:
         """Relay until the answer's end, moving it whenever its engine's stream ends early."""

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pdgate.gateway.admission import AdmissionController, Outcome
     from pdgate.gateway.cluster import Cluster
     from pdgate.gateway.costs import CostModelService
-    from pdgate.gateway.proxy import Observation
+    from pdgate.gateway.observation import Observation
     from pdgate.scheduler.snapshot import RequestInfo
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

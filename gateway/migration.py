@@ -9,7 +9,8 @@ gateway could move) and, every ``migration.interval_s``:
   model's instances and its running requests, and the moves it plans are started;
 * stalls: a stream that brought nothing for ``stall_timeout_s`` is cut, which fails it over.
 
-A move is carried out by the proxy (``mover``), in a task this controller owns: at most
+A move is carried out by the :class:`Mover` the controller is given (the gateway's
+:class:`~pdgate.gateway.mover.StreamMover`), in a task this controller owns: at most
 ``max_concurrent`` at once, each abandoned after ``timeout_s``; :meth:`close` cancels and
 awaits them.
 """
@@ -18,8 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pdgate.gateway.livestream import LiveStream
 from pdgate.scheduler.framework import MigrationPlan, MigrationPolicy
@@ -33,20 +33,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pdgate.migration")
 
-Mover = Callable[[LiveStream, "InstanceState", str], Awaitable[bool]]
+
+class Mover(Protocol):
+    """Carries out one move of a running stream; False: the stream stayed where it was."""
+
+    async def move(self, live: LiveStream, target: InstanceState, reason: str) -> bool: ...
 
 
 class MigrationController:
     """One per gateway; see the module doc."""
 
     def __init__(
-        self, config: MigrationConfig, cluster: Cluster, policy: MigrationPolicy, metrics: GatewayMetrics
+        self,
+        config: MigrationConfig,
+        cluster: Cluster,
+        policy: MigrationPolicy,
+        metrics: GatewayMetrics,
+        mover: Mover,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.cluster = cluster
         self.policy = policy
-        self.mover: Mover | None = None  # set by the proxy
+        self.mover = mover
         self.streams: dict[int, LiveStream] = {}
         self._moves: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.Task[None] | None = None
@@ -125,7 +134,7 @@ class MigrationController:
 
     def move(self, live: LiveStream, target_id: str | None, reason: str) -> asyncio.Task[bool] | None:
         """Start moving ``live`` (to ``target_id``, or where the policy says); None when it cannot start now."""
-        if self.mover is None or live.moving or live.trail.done or not live.trail.tracked:
+        if live.moving or live.trail.done or not live.trail.tracked:
             return None
         if len(self._moves) >= self.config.max_concurrent:
             return None
@@ -149,9 +158,8 @@ class MigrationController:
         return task
 
     async def _move(self, live: LiveStream, target: InstanceState, reason: str) -> bool:
-        assert self.mover is not None
         source = live.instance_id
-        ok = await self.mover(live, target, reason)
+        ok = await self.mover.move(live, target, reason)
         if ok:
             self.moved += 1
         else:

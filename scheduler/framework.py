@@ -12,14 +12,16 @@ Modelled on the llm-d / Gateway API Inference Extension endpoint picker:
 * Every plugin call is timed; the calls come back with the decision (:attr:`Decision.calls`),
   from which the gateway builds its metrics and, when tracing, one span per plugin call.
 
-Two plugin kinds sit beside the profiles: an :class:`Admitter` (whether a request goes now) and
-a :class:`MigrationPolicy` (which running requests move where, Llumnix-style).
+Three plugin kinds sit beside the profiles: a :class:`ProfileHandler` (which profiles run for a
+request, in which order: colocated, or prefill then decode; the PD decision, as llm-d's
+profile handler), an :class:`Admitter` (whether a request goes now) and a
+:class:`MigrationPolicy` (which running requests move where, Llumnix-style).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -248,12 +250,52 @@ def run_profile(
     return decision
 
 
-PLUGIN_KINDS: tuple[type[Plugin], ...] = (Filter, Scorer, Picker, Admitter, MigrationPolicy)
+RunProfile = Callable[[str, Sequence[InstanceView]], Decision]
+"""Runs the named profile over the given candidates (the gateway's: it times the plugin calls and
+answers "no instance" for the request, so a handler never sees a decision without an instance)."""
+
+
+@dataclass(frozen=True)
+class PdPlan:
+    """Where a request runs: ``decode`` answers it; ``prefill`` (when set) computes its prompt first
+    on another instance and hands the KV over. How the legs run (one after the other, or both at
+    once) is the engines' protocol, which the gateway's adapters know; the plan only says where."""
+
+    decode: Decision
+    prefill: Decision | None = None
+    reason: str = ""  # why this shape (traced as pdgate.pd_decision)
+
+    @property
+    def split(self) -> bool:
+        return self.prefill is not None and self.prefill.instance_id != self.decode.instance_id
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return [self.prefill, self.decode] if self.prefill is not None else [self.decode]
+
+
+class ProfileHandler(Plugin):
+    """Decides, per request, which scheduling profiles run and in which order (the PD decision).
+
+    ``run`` runs one profile; the handler chooses the profiles and their candidates and returns
+    a :class:`PdPlan`. ``profiles`` names the profiles it may run, so a config missing one fails
+    at load. Pure over its inputs, like every scheduling plugin.
+    """
+
+    profiles: ClassVar[tuple[str, ...]] = ()
+
+    def plan(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: Sequence[InstanceView], run: RunProfile
+    ) -> PdPlan:
+        raise NotImplementedError
+
+
+PLUGIN_KINDS: tuple[type[Plugin], ...] = (Filter, Scorer, Picker, Admitter, MigrationPolicy, ProfileHandler)
 """The plugin kinds; every registered plugin subclasses one of them."""
 
 
 def plugin_kind(plugin_cls: type[Plugin]) -> str:
-    """``Filter``, ``Scorer``, ``Picker``, ``Admitter``, ``MigrationPolicy`` (or ``Plugin``)."""
+    """``Filter``, ``Scorer``, ``Picker``, ``Admitter``, ``MigrationPolicy``, ``ProfileHandler`` (or ``Plugin``)."""
     return next((k.__name__ for k in PLUGIN_KINDS if issubclass(plugin_cls, k)), "Plugin")
 
 

@@ -20,7 +20,8 @@ Unknown plugin types, references to undeclared plugins, scorers without a weight
 non-scorers and profiles without exactly one picker are rejected at load with a message that
 names the offending entry. Admitters and migration policies are configured on their own
 (:meth:`PluginRegistry.create_admitter`, :meth:`PluginRegistry.create_migration_policy`), never
-in a profile.
+in a profile; so is the profile handler that decides which profiles run for a request
+(``scheduling.profileHandler``, :meth:`PluginRegistry.create_profile_handler`; default ``pd-split``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pdgate.scheduler.framework import (
     Picker,
     Plugin,
     Profile,
+    ProfileHandler,
     Scorer,
 )
 from pdgate.scheduler.plugins import IN_TREE_PLUGINS
@@ -59,12 +61,21 @@ class ProfileEntry(BaseModel):
     weight: float | None = Field(None, ge=0)
 
 
+class HandlerSpec(BaseModel):
+    """``scheduling.profileHandler``: the plugin that decides which profiles run for a request."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field("pd-split", min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 class SchedulingConfig(BaseModel):
     """The ``scheduling`` section of a gateway config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     plugins: list[PluginSpec]
     profiles: dict[str, list[ProfileEntry]]
+    profile_handler: HandlerSpec = Field(default_factory=lambda: HandlerSpec(), alias="profileHandler")
 
 
 class PluginConfigError(ValueError):
@@ -86,7 +97,7 @@ class PluginRegistry:
             raise PluginConfigError(f"{cls.__qualname__} has no type_name")
         if not (isinstance(cls, type) and issubclass(cls, PLUGIN_KINDS)):
             raise PluginConfigError(
-                f"{cls.type_name}: a plugin must subclass Filter, Scorer, Picker, Admitter or MigrationPolicy"
+                f"{cls.type_name}: a plugin must subclass Filter, Scorer, Picker, Admitter, MigrationPolicy or ProfileHandler"
             )
         existing = self._classes.get(cls.type_name)
         if existing is not None and existing is not cls:
@@ -140,6 +151,20 @@ class PluginRegistry:
         plugin = self.create(PluginSpec(name="migration", type=type_name, parameters=dict(parameters)))
         return plugin  # type: ignore[return-value]
 
+    def create_profile_handler(self, spec: HandlerSpec, profiles: Mapping[str, Profile]) -> ProfileHandler:
+        """The profile handler (``scheduling.profileHandler``), checked against the profiles it runs."""
+        cls = self.get(spec.type)
+        if not issubclass(cls, ProfileHandler):
+            raise PluginConfigError(f"scheduling.profileHandler: {spec.type!r} is not a profile handler plugin")
+        missing = [p for p in cls.profiles if p not in profiles]
+        if missing:
+            raise PluginConfigError(
+                f"scheduling.profiles: missing profile(s) {missing} (profile handler {spec.type!r} runs "
+                f"{list(cls.profiles)})"
+            )
+        plugin = self.create(PluginSpec(name="profile-handler", type=spec.type, parameters=dict(spec.parameters)))
+        return plugin  # type: ignore[return-value]
+
     def build(self, config: SchedulingConfig | Mapping[str, Any]) -> dict[str, Profile]:
         """Instantiate the plugins and assemble the profiles; raises PluginConfigError."""
         if not isinstance(config, SchedulingConfig):
@@ -163,6 +188,11 @@ def _assemble(name: str, entries: list[ProfileEntry], plugins: Mapping[str, Plug
         if isinstance(plugin, Admitter):
             raise PluginConfigError(
                 f"profile {name!r}: {entry.plugin_ref!r} is an admitter; admitters go under admission.admitter"
+            )
+        if isinstance(plugin, ProfileHandler):
+            raise PluginConfigError(
+                f"profile {name!r}: {entry.plugin_ref!r} is a profile handler; it goes under "
+                "scheduling.profileHandler, not in a profile"
             )
         if isinstance(plugin, MigrationPolicy):
             raise PluginConfigError(

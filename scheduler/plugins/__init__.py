@@ -8,6 +8,7 @@ from pdgate.scheduler.plugins.pickers import (
     RandomPicker,
     RoundRobinPicker,
 )
+from pdgate.scheduler.plugins.profile_handlers import PdSplitHandler
 from pdgate.scheduler.plugins.scorers import (
     KvUsageScorer,
     LeastLoadedScorer,
@@ -38,4 +39,5 @@ IN_TREE_PLUGINS = (
     AlwaysAdmit,
     LoadBalance,
     NoMigration,
+    PdSplitHandler,
 )

@@ -1,0 +1,218 @@
+"""Request intake: an OpenAI completion or chat body, validated and tokenized into a :class:`Routed`.
+
+Everything the rest of the request path needs is decided here, once: the model, the prompt's
+token ids (what the engine will see: chat templates applied, ids hashed into prefix blocks),
+the SLO from headers or class, the cost model's output-length prediction, whether the stream
+can move (migration, failover), and the request id. Bad input is a :class:`GatewayError` with
+OpenAI's error shape (4xx), never a server error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdgate.common.tokenizer import Tokenizer
+from pdgate.gateway.cluster import Cluster, PromptHashes
+from pdgate.gateway.config import GatewayConfig, ModelConfig
+from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.observation import Observation
+from pdgate.gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
+from pdgate.gateway.slo import APP_HEADER, SloResolver
+from pdgate.gateway.splice import pinned_reason, wants_token_ids
+from pdgate.gateway.tracing import NO_TRACE, RequestTrace, Tracing
+from pdgate.scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
+from pdgate.scheduler.snapshot import RequestInfo
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+@dataclass
+class Routed:
+    """A validated request, ready to place."""
+
+    kind: str  # "completion" | "chat"
+    path: str
+    body: dict[str, Any]
+    info: RequestInfo
+    prompt_ids: list[int]
+    hashes: PromptHashes
+    stream: bool
+    features: RequestFeatures | None = None
+    prompt_text: str | None = None  # for the request log and span only when configured (never otherwise)
+    obs: Observation = field(default_factory=Observation)
+    trace: RequestTrace = NO_TRACE
+    movable: bool = False  # a stream that can continue on another instance (migration, failover)
+    want_ids: bool = False  # the client asked for token ids itself
+
+
+class Intake:
+    """Turns raw request bodies into :class:`Routed` requests; one per gateway."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        cluster: Cluster,
+        tokenizers: Mapping[str, Tokenizer],
+        costs: CostModelService | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.tokenizers = tokenizers
+        self.costs = costs
+        self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
+        self.slo = SloResolver(config.slo)
+        self.keep_text = config.cost_model.log_prompt_text or (
+            tracing is not None and tracing.settings.record_prompt_text
+        )
+        self._ids = _request_ids()
+
+    def parse(
+        self,
+        raw: bytes,
+        kind: str,
+        header_id: str | None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        arrival: float = 0.0,
+    ) -> Routed:
+        """Validate and tokenize one request body (``kind``: "completion" or "chat")."""
+        headers = headers or {}
+        body, parsed = parse_body(raw, CompletionBody if kind == "completion" else ChatBody)
+        model = self.models.get(parsed.model)
+        if model is None:
+            raise GatewayError(
+                404, f"The model `{parsed.model}` does not exist.", param="model", code="model_not_found"
+            )
+        tokenizer = self.tokenizers[model.name]
+        if kind == "completion":
+            prompt_ids, text, max_tokens = _completion_prompt(parsed, body, tokenizer)
+        else:
+            prompt_ids, text, max_tokens = _chat_prompt(parsed, tokenizer, model.max_model_len)
+        _check_lengths(prompt_ids, max_tokens, model.max_model_len)
+        if header_id is not None and not valid_request_id(header_id):
+            raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
+        request_id = header_id or next(self._ids)
+        path = ROUTES[kind]
+        slo = self.slo.resolve(headers, path)
+        states = self.cluster.for_model(model.name)
+        hashes = PromptHashes.of(prompt_ids, (s.spec.block_size for s in states))
+        first_chain = next(iter(hashes.by_block_size.values()), [])
+        tag = headers.get(APP_HEADER)
+        features = output = None
+        if self.costs is not None and self.costs.current is not None:
+            features = RequestFeatures(
+                len(prompt_ids), max_tokens, kind, model.name, tag, hash_text(text) if text else {}
+            )
+            output = self.costs.current.output.predict(features)
+        info = RequestInfo(
+            request_id=request_id,
+            model=model.name,
+            prompt_tokens=len(prompt_ids),
+            max_tokens=max_tokens,
+            block_hashes=tuple(first_chain),
+            priority=slo.priority,
+            tags={"app": tag} if tag else {},
+            slo=slo,
+            output=output,
+            arrival=arrival,
+        )
+        migration = self.config.migration
+        movable = (
+            parsed.stream and (migration.failover or migration.enabled) and pinned_reason(body, parsed.stream) is None
+        )
+        want_ids = wants_token_ids(body)
+        if movable:
+            body["return_token_ids"] = True  # the ids the client got are where a continuation starts
+        return Routed(
+            kind,
+            path,
+            body,
+            info,
+            prompt_ids,
+            hashes,
+            parsed.stream,
+            features,
+            text if self.keep_text else None,
+            movable=movable,
+            want_ids=want_ids,
+        )
+
+
+def _completion_prompt(parsed: Any, body: dict[str, Any], tokenizer: Tokenizer) -> tuple[list[int], str, int]:
+    """A completion's prompt ids (the ids we hash are the ids the engine sees), text and max tokens."""
+    prompt = parsed.prompt
+    text = ""
+    if isinstance(prompt, str):
+        text = prompt
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
+    else:
+        prompt_ids = list(prompt)
+    body["prompt"] = prompt_ids
+    max_tokens = parsed.max_tokens if parsed.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    return prompt_ids, text, max_tokens
+
+
+def _chat_prompt(parsed: Any, tokenizer: Tokenizer, max_model_len: int) -> tuple[list[int], str, int]:
+    """A chat's prompt ids through the model's chat template, its text (for features) and max tokens."""
+    try:
+        rendered = tokenizer.apply_chat_template(
+            parsed.messages,
+            add_generation_prompt=parsed.add_generation_prompt,
+            tools=parsed.tools,
+            **(parsed.chat_template_kwargs or {}),
+        )
+        prompt_ids = tokenizer.encode(rendered, add_special_tokens=parsed.add_special_tokens)
+        text = chat_text(parsed.messages)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GatewayError(400, f"invalid messages: {exc}", param="messages") from None
+    limit = parsed.max_completion_tokens if parsed.max_completion_tokens is not None else parsed.max_tokens
+    max_tokens = limit if limit is not None else max_model_len - len(prompt_ids)
+    return prompt_ids, text, max_tokens
+
+
+def _check_lengths(prompt_ids: list[int], max_tokens: int, max_model_len: int) -> None:
+    if not prompt_ids:
+        raise GatewayError(400, "the prompt is empty", param="prompt")
+    if len(prompt_ids) + max_tokens > max_model_len or len(prompt_ids) >= max_model_len:
+        raise GatewayError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} in the completion).",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+
+def _request_ids() -> Iterator[str]:
+    """Request ids unique per gateway process."""
+    prefix = uuid.uuid4().hex[:12]
+    return (f"pdgate-{prefix}-{n}" for n in itertools.count())
+
+
+def valid_request_id(value: str) -> bool:
+    return 0 < len(value) <= 256 and value.isascii() and value.isprintable() and " " not in value
+
+
+def request_attributes(routed: Routed) -> dict[str, Any]:
+    """The request span's attributes known once the request is parsed (no text)."""
+    info, slo = routed.info, routed.info.slo
+    return {
+        "gen_ai.operation.name": "text_completion" if routed.kind == "completion" else "chat",
+        "gen_ai.request.model": info.model,
+        "gen_ai.request.max_tokens": info.max_tokens,
+        "gen_ai.usage.input_tokens": info.prompt_tokens,
+        "pdgate.request_id": info.request_id,
+        "pdgate.stream": routed.stream,
+        "pdgate.slo.class": slo.slo_class,
+        "pdgate.slo.ttft_s": slo.ttft_s,
+        "pdgate.slo.tpot_s": slo.tpot_s,
+        "pdgate.priority": slo.priority,
+        "pdgate.app": info.tags.get("app"),
+        "pdgate.output_tokens_predicted": info.output.median if info.output is not None else None,
+    }
