@@ -121,9 +121,9 @@ class AdminApi:
             "last_error": state.last_error,
             "draining": state.draining,
             "load": {
-                "running": load.running if fresh else None,
-                "waiting": load.waiting if fresh else None,
-                "kv_usage": load.kv_usage if fresh else None,
+                "running": load.running if load is not None and fresh else None,
+                "waiting": load.waiting if load is not None and fresh else None,
+                "kv_usage": load.kv_usage if load is not None and fresh else None,
                 "inflight_requests": state.inflight_requests,
                 "decode_inflight": state.decode_inflight,
                 "prefill_inflight": len(state.prefill_work),

@@ -49,9 +49,9 @@ class Gateway:
     profiles: dict[str, Profile]
     tokenizers: dict[str, Tokenizer]
     metrics: GatewayMetrics
-    admitter: Admitter | None = None
-    migration_policy: MigrationPolicy | None = None
-    profile_handler: ProfileHandler | None = None
+    admitter: Admitter
+    migration_policy: MigrationPolicy
+    profile_handler: ProfileHandler
     migrations: MigrationController | None = None
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
@@ -209,7 +209,6 @@ class GatewayServer:
         gw.admission = AdmissionController(gw.config.admission, gw.admitter, on_outcome=gw.metrics.observe_admission)
         gw.cluster.on_release = gw.admission.wake
         gw.tracing = Tracing.from_config(gw.config.tracing, exporter=self.span_exporter)
-        assert gw.migration_policy is not None and gw.profile_handler is not None
         gw.proxy = Proxy(
             gw.config,
             gw.cluster,
@@ -222,14 +221,15 @@ class GatewayServer:
             tracing=gw.tracing,
             migration_policy=gw.migration_policy,
         )
-        gw.migrations = gw.proxy.migrations
+        migrations = gw.migrations = gw.proxy.migrations
+        assert migrations is not None  # the proxy was given a migration policy
         gw.started_at = time.time()
         try:
             await gw.costs.start()
             gw.admission.start()
             await gw.cluster.start()
-            gw.migrations.start()
-            admin = AdminApi(gw.config, gw.cluster, gw.migrations)
+            migrations.start()
+            admin = AdminApi(gw.config, gw.cluster, migrations)
             self._http = HttpServer(
                 GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
             )

@@ -122,7 +122,7 @@ def client_error(status: int, body: bytes) -> GatewayError:
     try:
         data = json.loads(body)
         if isinstance(data, dict):
-            inner = data.get("error") if isinstance(data.get("error"), dict) else data
+            inner = data["error"] if isinstance(data.get("error"), dict) else data
             message = str(inner.get("message", message))
     except json.JSONDecodeError:
         pass

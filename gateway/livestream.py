@@ -220,7 +220,7 @@ class LiveStream:
         self.upstream_id = handover.request_id or self.upstream_id
         ending = self.decode_leg if self.decode_leg is not None else self.first_leg
         if ending is not None:
-            ending.end(**{"pdgate.moved": True})
+            ending.end(attributes={"pdgate.moved": True})
         self.decode_leg = handover.decode_leg
         self.tasks.extend(handover.tasks)
         self.moves += 1
@@ -231,7 +231,7 @@ class LiveStream:
         if first:
             self._send(first)
         handover.leg.end(
-            **{
+            attributes={
                 "pdgate.migration.gap_s": self.clock() - gap_from,
                 "pdgate.migration.to": handover.state.spec.id,
                 "pdgate.migration.mechanism": handover.mechanism,
@@ -271,7 +271,7 @@ class LiveStream:
         """The request is over (or its client left): stop any move, free the continuation."""
         await self.cancel_move()
         if self.decode_leg is not None:
-            self.decode_leg.end(status=self.upstream.status, **{"pdgate.moves": self.moves})
+            self.decode_leg.end(status=self.upstream.status, attributes={"pdgate.moves": self.moves})
         if self.moves:  # the first upstream belongs to the proxy, continuations to us
             self.upstream.close()
         for lease in self.leases:

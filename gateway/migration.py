@@ -186,9 +186,9 @@ class MigrationController:
                 return
             plans = self.policy.plan(self.cluster.snapshot(model), self.running(model), now)
             for plan in plans:
-                live = self.find(plan.request_id)
-                if live is not None and live.instance_id == plan.source:
-                    self.move(live, plan.target, plan.reason)
+                found = self.find(plan.request_id)
+                if found is not None and found.instance_id == plan.source:
+                    self.move(found, plan.target, plan.reason)
 
     def _watch_stalls(self) -> None:
         limit = self.config.stall_timeout_s

@@ -148,7 +148,7 @@ class StreamMover:
         moved = await source.adapter.live_migrate(live.upstream_id, target.adapter, timeout_s=self.config.timeout_s)
         live.source_released = True
         await live.source_ended.wait()  # every token the source produced has reached the client
-        handoff = moved.handoff
+        handoff: dict[str, Any] | None = moved.handoff
         produced = live.trail.token_ids[live.splice.offset :] if live.splice is not None else live.trail.token_ids
         if produced != moved.output_token_ids:  # (after an earlier move the engine made only the tokens since)
             log.warning(

@@ -114,7 +114,7 @@ class PdLegs:
             except (HandoffError, json.JSONDecodeError) as exc:
                 raise UpstreamFailed(prefill.spec.id, str(exc)) from None
             routed.obs.prefill_cached_reported = reported_cached_tokens(answer)
-            leg.end(status=status, **{"pdgate.prefill_s": routed.obs.prefill_s})
+            leg.end(status=status, attributes={"pdgate.prefill_s": routed.obs.prefill_s})
             return decode.adapter.decode_body(body, handoff)
         except BaseException as exc:
             leg.end(status=status, error=failure_reason(exc))

@@ -19,7 +19,7 @@ from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.observation import Observation
 from pdgate.gateway.requests import GatewayError
 from pdgate.scheduler.estimates import tpot_estimate
-from pdgate.scheduler.framework import Decision, Profile, ProfileHandler, run_profile
+from pdgate.scheduler.framework import Decision, LifecycleHooks, Profile, ProfileHandler, run_profile
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
 RETRY_AFTER_S = "1"
@@ -79,8 +79,10 @@ class Placer:
         prefill = instances[plan.prefill.instance_id] if plan.prefill is not None else None  # type: ignore[index]
         placement = Placement(decode, prefill, plan.decisions, plan.reason)
         for decision in placement.decisions:
+            assert decision.instance is not None  # decide() answers 503 without one
             for plugin in self.profiles[decision.profile].plugins:
-                plugin.on_sent(routed.info, decision.instance, decision.profile)  # type: ignore[arg-type]
+                if isinstance(plugin, LifecycleHooks):
+                    plugin.on_sent(routed.info, decision.instance, decision.profile)
         self.predict(routed, placement, snapshot)
         obs = routed.obs
         obs.attempts = attempt

@@ -57,7 +57,7 @@ class SloResolver:
 
 
 def _matches(cls: SloClassConfig, key: str, route: str, app: str | None) -> bool:
-    return (key and key in cls.api_keys) or route in cls.routes or (app is not None and app in cls.apps)  # type: ignore[return-value]
+    return bool(key and key in cls.api_keys) or route in cls.routes or (app is not None and app in cls.apps)
 
 
 def _target(config: SloTargetConfig, name: str) -> SloTarget:

@@ -206,8 +206,16 @@ class LegTrace:
     def first_token(self) -> None:
         """The leg's first answer byte arrived (ends its KV-transfer span, if it has one)."""
 
-    def end(self, *, status: int | None = None, error: str | None = None, **attributes: Any) -> None:
-        """The leg is over; ``error`` marks it failed (with the reason)."""
+    def end(
+        self,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        **more: Any,
+    ) -> None:
+        """The leg is over; ``error`` marks it failed (with the reason); ``attributes`` (dotted names)
+        and ``more`` go on its span."""
 
 
 class RequestTrace:
@@ -279,9 +287,17 @@ class SpanLeg(LegTrace):
             self.kv.end()
             self.kv = None
 
-    def end(self, *, status: int | None = None, error: str | None = None, **attributes: Any) -> None:
+    def end(
+        self,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        **more: Any,
+    ) -> None:
         if self.ended:
             return
+        attributes = {**attributes, **more} if attributes else more
         self.ended = True
         span = self.span
         if status is not None:

@@ -21,7 +21,7 @@ HTTP API without a GPU) and decides where each request is prefilled and decoded.
 EPILOG = """\
 examples:
   pdgate up                                           # simulated 2P2D fleet + gateway on 127.0.0.1:8000
-  pdgate serve --config configs/sim-2p2d.yaml         # gateway over an already running fleet
+  pdgate serve --config configs/default.yaml          # gateway over an already running fleet
   pdgate engine sim                                   # one simulated vLLM-style engine on :8100
   pdgate engine sim --role prefill --port 8101 --api vllm --profile h100-llama-3-8b
   pdgate engine sim --help                            # every engine flag, with defaults

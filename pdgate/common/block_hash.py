@@ -70,7 +70,7 @@ def none_hash(seed: str | None = None) -> bytes:
 def hash_block(
     parent: bytes | None,
     block_tokens: Sequence[int],
-    extra_keys: tuple | None = None,
+    extra_keys: tuple[object, ...] | None = None,
     *,
     seed: str | None = None,
 ) -> bytes:

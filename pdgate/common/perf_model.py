@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 __all__ = [
     "GPUS",
@@ -148,7 +149,10 @@ class RooflineFactors:
 ROOFLINE = RooflineFactors()
 
 
-def _spec_table(*specs):
+_Spec = TypeVar("_Spec", ModelSpec, GpuSpec)
+
+
+def _spec_table(*specs: _Spec) -> Mapping[str, _Spec]:
     return MappingProxyType({s.name: s for s in specs})
 
 
@@ -399,7 +403,7 @@ def roofline_attention(model: ModelSpec, gpu: GpuSpec, tp: int, f: RooflineFacto
     )
 
 
-def _lookup(table: Mapping[str, object], key: str, kind: str):
+def _lookup(table: Mapping[str, _Spec], key: str, kind: str) -> _Spec:
     try:
         return table[key.lower()]
     except KeyError:
@@ -464,7 +468,7 @@ def _union_table(
     return tuple(xs), tuple(ys), tail_a + tail_b
 
 
-def _from_json(data: Mapping) -> EngineProfile:
+def _from_json(data: Mapping[str, Any]) -> EngineProfile:
     model = _lookup(MODELS, data["model"], "model")
     gpu = _lookup(GPUS, data["gpu"], "GPU")
     tp = int(data["tp"])

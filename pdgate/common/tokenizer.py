@@ -205,11 +205,11 @@ class HFTokenizer(Tokenizer):
         self._generatable = [i for i in range(self.vocab_size) if i not in self._special_ids and self._stable(i)]
         self._texts: dict[int, str] = {}
         source = find_chat_template(file.parent, config)
-        special = {
+        special_tokens = {
             name: _token_content(config.get(name))
             for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
         }
-        self._chat_template = ChatTemplate(source, special) if source else None
+        self._chat_template = ChatTemplate(source, special_tokens) if source else None
 
     def apply_chat_template(
         self,
@@ -263,7 +263,8 @@ def _token_content(token: Any) -> str | None:
 def _read_tokenizer_config(directory: Path) -> dict[str, Any]:
     config_file = directory / "tokenizer_config.json"
     if config_file.exists():
-        return json.loads(config_file.read_text())
+        data = json.loads(config_file.read_text())
+        return data if isinstance(data, dict) else {}
     return {}
 
 

@@ -40,7 +40,7 @@ class _UsageError(Exception):
     """A problem with the inputs, reported as one line and exit status 2."""
 
 
-def add_cost_model_commands(commands: argparse._SubParsersAction) -> None:
+def add_cost_model_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``cost-model train`` and ``cost-model evaluate`` on ``pdgate``'s subcommands."""
     parser = commands.add_parser(
         "cost-model",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 from zlib import crc32
 
 import numpy as np
@@ -68,7 +68,7 @@ def _bigram_hashes(unigrams: np.ndarray) -> np.ndarray:
     h ^= h >> _SHIFT_B
     h *= _MIX3
     h ^= h >> _SHIFT_C
-    return h
+    return np.asarray(h, dtype=np.uint64)
 
 
 def text_words(text: str) -> list[bytes]:
@@ -190,5 +190,5 @@ def parse_text_hash(pairs: Any) -> dict[int, float]:
     return out
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)

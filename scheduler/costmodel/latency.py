@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -200,7 +200,7 @@ def observations_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Observati
     return groups
 
 
-def _positive(value: Any) -> bool:
+def _positive(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 

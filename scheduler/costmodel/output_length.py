@@ -127,7 +127,7 @@ class _Head:
         z = self.intercept + numeric @ np.asarray(self.numeric)
         z += np.array([self.model.get(m, 0.0) for m in models])
         z += np.array([0.0 if t is None else self.tag.get(t, 0.0) for t in tags])
-        return z
+        return np.asarray(z, dtype=float)
 
 
 class OutputLengthModel:
@@ -275,7 +275,7 @@ class OutputLengthModel:
         except IndexError:
             n = len(coef)
             total = sum(coef[i] * v for i, v in text_hash.items() if 0 <= i < n)
-        return self._text_intercept + total * scale
+        return float(self._text_intercept + total * scale)
 
     def predict(self, f: RequestFeatures) -> LengthPrediction:
         """Median and high quantile of the output tokens of one request (no scikit-learn call)."""

@@ -220,7 +220,7 @@ class LoadBalance(MigrationPolicy):
     type_name = "load-balance"
     Params = LoadBalanceParams
 
-    def __init__(self, name: str, params: LoadBalanceParams) -> None:  # type: ignore[override]
+    def __init__(self, name: str, params: LoadBalanceParams) -> None:
         super().__init__(name, params)
         self._moved_out: dict[str, float] = {}  # instance id -> time of the last successful move out of it
         self._failed: dict[str, float] = {}  # request id -> time of its last failed move
