@@ -1,23 +1,15 @@
 """Subscribe to engines' KV cache events (vLLM's ZMQ format) and feed a prefix index.
 
-Wire format (vLLM ``ZmqEventPublisher``; the simulated engine speaks the same, see
-``engines/sim/kv_events.py``):
+The wire format (frames, payload, event types, replay protocol, vLLM's bind/connect rule) is
+defined in :mod:`pdgate.common.kv_events`; the simulated engine publishes the same
+(``engines/sim/kv_events.py``). This module holds the ZMQ side: sockets, sequence tracking,
+replays, counters.
 
-* Frames ``[topic, seq (8-byte big-endian), payload]``; ``seq`` counts 0, 1, 2, ... per
-  publisher process, so it restarts at 0 when the engine restarts.
-* ``payload`` is msgpack ``[ts, [event, ...], dp_rank]``. Events are maps tagged by
-  ``"type"`` (vLLM >= PR #42892) or, in older vLLM, arrays with the tag first:
-  ``["BlockStored", hashes, parent, token_ids, block_size, lora_id, medium?, ...]``,
-  ``["BlockRemoved", hashes, medium?]``, ``["AllBlocksCleared"]``. Hashes are uint64, or
-  raw digests (msgpack bin) when vLLM runs with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``;
-  digests are folded to 64 bits with :func:`pdgate.common.block_hash.to_event_hash`.
-* Replay: a DEALER sends ``[b"", start_seq]`` to the engine's ROUTER and receives
-  ``[b"", seq, payload]`` for every buffered ``seq >= start``, then ``[b"", 0xff*8, b""]``.
-
-Connection rule, mirroring vLLM's publisher: the engine *binds* when its endpoint contains
-``*`` or ``::`` or is ``ipc://`` / ``inproc://``, otherwise it *connects*. So for
-``tcp://127.0.0.1:5557`` we bind a SUB there; for ``tcp://*:5557`` we connect to
-``tcp://<source.host>:5557``. The replay ROUTER is always bound by the engine.
+Connection rule, mirroring vLLM's publisher (:func:`pdgate.common.kv_events.engine_binds`): the
+engine *binds* when its endpoint contains ``*`` or ``::`` or is ``ipc://`` / ``inproc://``,
+otherwise it *connects*. So for ``tcp://127.0.0.1:5557`` we bind a SUB there; for
+``tcp://*:5557`` we connect to ``tcp://<source.host>:5557``. The replay ROUTER is always bound
+by the engine.
 
 Sequence tracking per instance (``last`` = last seq applied, none at start):
 
@@ -42,33 +34,23 @@ import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Self
+from typing import Protocol, Self
 
-import msgpack
 import zmq
 import zmq.asyncio
 
-from pdgate.common.block_hash import to_event_hash
-from pdgate.scheduler.prefix_index import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    KvCacheEvent,
-)
+from pdgate.common.kv_events import END_SEQ, DecodeError, KvCacheEvent, decode_batch, engine_binds
 
 logger = logging.getLogger(__name__)
 
-END_SEQ = b"\xff" * 8
-"""Sequence frame that ends a replay response."""
 RCV_HWM = 100_000
 """SUB receive high-water mark in messages (vLLM's publisher default ``hwm``)."""
 RECV_ERROR_BACKOFF_S = 0.1
-_U64_MASK = (1 << 64) - 1
 _WILDCARD_HOSTS = ("*", "[::]", "::", "[::0]")
 
 
 class KvEventSink(Protocol):
-    """Where decoded events go (:class:`scheduler.prefix_index.ExactPrefixIndex` fits)."""
+    """Where decoded events go (the gateway passes :class:`pdgate.scheduler.prefix_index.ExactPrefixIndex`)."""
 
     def apply(self, instance_id: str, events: Sequence[KvCacheEvent]) -> None: ...
 
@@ -110,16 +92,7 @@ class KvEventCounters:
     last_seq: int | None = None
 
 
-class DecodeError(ValueError):
-    """A payload that is not a valid KV event batch."""
-
-
 # ----------------------------------------------------------------------------- addressing
-
-
-def engine_binds(endpoint: str) -> bool:
-    """vLLM's rule: the publisher binds wildcard / IPv6 / ipc / inproc endpoints."""
-    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 
 def _with_host(endpoint: str, host: str) -> str:
@@ -138,82 +111,6 @@ def subscriber_address(endpoint: str, host: str = "127.0.0.1") -> tuple[bool, st
     if engine_binds(endpoint):
         return False, _with_host(endpoint, host)
     return True, endpoint
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-def _hash(value: Any) -> int:
-    if isinstance(value, bytes):
-        return to_event_hash(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value & _U64_MASK
-    raise DecodeError(f"bad block hash {value!r}")
-
-
-def _hashes(values: Any) -> tuple[int, ...]:
-    if not isinstance(values, list):
-        raise DecodeError(f"bad block hash list {values!r}")
-    return tuple(_hash(v) for v in values)
-
-
-def _medium(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise DecodeError(f"bad medium {value!r}")
-
-
-def _decode_event(raw: Any) -> KvCacheEvent | None:
-    """One event (map or legacy array form); ``None`` for event types we do not use."""
-    if isinstance(raw, dict):
-        kind = raw.get("type")
-        if kind == "BlockStored":
-            parent = raw.get("parent_block_hash")
-            return BlockStored(
-                _hashes(raw.get("block_hashes")), None if parent is None else _hash(parent), _medium(raw.get("medium"))
-            )
-        if kind == "BlockRemoved":
-            return BlockRemoved(_hashes(raw.get("block_hashes")), _medium(raw.get("medium")))
-    elif isinstance(raw, list) and raw:
-        kind = raw[0]
-        if kind == "BlockStored" and len(raw) >= 5:
-            parent = raw[2]
-            return BlockStored(
-                _hashes(raw[1]), None if parent is None else _hash(parent), _medium(raw[6]) if len(raw) > 6 else None
-            )
-        if kind == "BlockRemoved" and len(raw) >= 2:
-            return BlockRemoved(_hashes(raw[1]), _medium(raw[2]) if len(raw) > 2 else None)
-        if kind in ("BlockStored", "BlockRemoved"):
-            raise DecodeError(f"truncated {kind} event")
-    else:
-        raise DecodeError(f"bad event {raw!r}")
-    if kind == "AllBlocksCleared":
-        return AllBlocksCleared()
-    if not isinstance(kind, str):
-        raise DecodeError(f"event without a type: {raw!r}")
-    return None
-
-
-def decode_batch(payload: bytes) -> tuple[list[KvCacheEvent], int]:
-    """Decode ``[ts, [events], dp_rank]``; return the events we use and how many were skipped.
-
-    Raises :class:`DecodeError` on anything malformed (the whole batch is then unusable).
-    """
-    try:
-        batch = msgpack.unpackb(payload, raw=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise DecodeError(f"not msgpack: {exc}") from exc
-    if not isinstance(batch, list) or len(batch) < 2 or not isinstance(batch[1], list):
-        raise DecodeError(f"not an event batch: {batch!r:.200}")
-    events: list[KvCacheEvent] = []
-    skipped = 0
-    for raw in batch[1]:
-        event = _decode_event(raw)
-        if event is None:
-            skipped += 1
-        else:
-            events.append(event)
-    return events, skipped
 
 
 # ----------------------------------------------------------------------------- streams

@@ -14,8 +14,9 @@ predecessors is unusable). Multiply by the block size to get cached prompt token
 Two producers, both pure data structures (no I/O, no clock, single-threaded use):
 
 * :class:`ExactPrefixIndex`: fed by the engine's KV events (``BlockStored``,
-  ``BlockRemoved``, ``AllBlocksCleared``, see ``adapters.kv_events``). It mirrors what the
-  engine holds; a per-instance cap guards against missed ``BlockRemoved`` events.
+  ``BlockRemoved``, ``AllBlocksCleared`` of :mod:`pdgate.common.kv_events`, received by
+  ``adapters.kv_events``). It mirrors what the engine holds; a per-instance cap guards against
+  missed ``BlockRemoved`` events.
 * :class:`ApproximatePrefixIndex`: for engines without KV events; the gateway records the
   prompts it sent where, and a bounded LRU stands in for the engine's eviction.
 
@@ -29,9 +30,11 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, cast
 
-DEFAULT_MEDIA = ("GPU",)
+from pdgate.common.kv_events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KvCacheEvent
+
+DEFAULT_MEDIA = (MEDIUM_GPU,)
 """Event ``medium`` values the exact index tracks (events without a medium count as GPU)."""
 
 DEFAULT_EXACT_CAP = 1 << 18
@@ -39,34 +42,6 @@ DEFAULT_EXACT_CAP = 1 << 18
 
 DEFAULT_APPROX_BUDGET = 100_000
 """Default total budget of :class:`ApproximatePrefixIndex` in (instance, block) entries."""
-
-
-# ----------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class BlockStored:
-    """Blocks newly cached on an instance (the fields of vLLM's ``BlockStored`` we use)."""
-
-    block_hashes: tuple[int, ...]
-    parent_block_hash: int | None = None
-    medium: str | None = "GPU"
-
-
-@dataclass(frozen=True, slots=True)
-class BlockRemoved:
-    """Blocks evicted from an instance (vLLM ``BlockRemoved``)."""
-
-    block_hashes: tuple[int, ...]
-    medium: str | None = "GPU"
-
-
-@dataclass(frozen=True, slots=True)
-class AllBlocksCleared:
-    """The instance's whole prefix cache was reset (vLLM ``AllBlocksCleared``)."""
-
-
-KvCacheEvent: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -304,16 +279,19 @@ class ExactPrefixIndex(_IndexBase):
         self._stale_marks: Counter[str] = Counter()
 
     def apply(self, instance_id: str, events: Iterable[KvCacheEvent]) -> None:
-        """Apply one batch of an instance's events, in order."""
+        """Apply one batch of an instance's events, in order.
+
+        Block hashes must be the uint64 event hashes (``decode_batch`` folds digests to them).
+        """
         sets = self._sets
         for event in events:
             if isinstance(event, BlockStored):
                 if self._tracks(event.medium):
-                    sets.touch(instance_id, event.block_hashes)
+                    sets.touch(instance_id, cast("Sequence[int]", event.block_hashes))
                     self._enforce_cap(instance_id)
             elif isinstance(event, BlockRemoved):
                 if self._tracks(event.medium):
-                    for block_hash in event.block_hashes:
+                    for block_hash in cast("Sequence[int]", event.block_hashes):
                         sets.discard(instance_id, block_hash)
             elif isinstance(event, AllBlocksCleared):
                 sets.clear(instance_id)

@@ -1,4 +1,4 @@
-"""Wire-format tests for the simulated engine's KV-event publisher and block hashing.
+"""Wire-format tests: KV-event encoding (``pdgate.common.kv_events``), the sim's publisher, block hashing.
 
 The subscriber side is written independently with plain pyzmq + msgpack; it
 never calls the publisher's encoding helpers.
@@ -26,18 +26,20 @@ from pdgate.common.block_hash import (
     none_hash,
     to_event_hash,
 )
-from pdgate.engines.sim.kv_events import (
+from pdgate.common.kv_events import (
     DEFAULT_SCHEMA,
     VLLM_EXTENDED_SCHEMA,
     VLLM_UPSTREAM_SCHEMA,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
-    KvEvent,
-    KvEventPublisher,
+    KvCacheEvent,
     WireSchema,
     encode_batch,
 )
+from pdgate.engines.sim.kv_events import KvEventPublisher
+
+pytestmark = pytest.mark.unit
 
 RECV_TIMEOUT_S = 2.0
 END_MARKER = b"\xff" * 8
@@ -334,7 +336,7 @@ async def test_pub_connects_to_bound_sub_and_frames_match_vllm() -> None:
 
         tokens = list(range(100, 148))
         hs = [to_event_hash(h) for h in block_hashes(tokens, 16)]
-        batches: list[tuple[float, list[KvEvent]]] = [
+        batches: list[tuple[float, list[KvCacheEvent]]] = [
             (1.25, [BlockStored(hs, None, tokens, 16)]),
             (2.5, [BlockRemoved(hs[1:]), BlockStored([hs[0]], None, tokens[:16], 16, lora_id=7)]),
             (3.75, [AllBlocksCleared()]),

@@ -23,16 +23,13 @@ from support.procs import PdgateProcess, free_port, start_sim
 from pdgate.adapters.kv_events import (
     KvEventSource,
     KvEventSubscriber,
-    decode_batch,
     subscriber_address,
 )
+from pdgate.common import kv_events as wire
 from pdgate.common.block_hash import block_hashes, to_event_hash
-from pdgate.engines.sim import kv_events as wire
+from pdgate.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
 from pdgate.scheduler.prefix_index import (
-    AllBlocksCleared,
     ApproximatePrefixIndex,
-    BlockRemoved,
-    BlockStored,
     ExactPrefixIndex,
     PrefixIndex,
 )
@@ -234,9 +231,9 @@ def test_decode_map_legacy_array_and_bytes_hashes():
     )
     events, skipped = decode_batch(payload)
     assert events == [
-        BlockStored((1, to_event_hash(digest)), None, "GPU"),
-        BlockStored((3,), 2, None),
-        BlockStored((4,), 3, "CPU"),
+        BlockStored((1, to_event_hash(digest)), None, medium="GPU"),
+        BlockStored((3,), 2, medium=None),
+        BlockStored((4,), 3, medium="CPU"),
         BlockRemoved((3,), None),
         BlockRemoved((4,), "CPU"),
         AllBlocksCleared(),
@@ -307,7 +304,7 @@ class FakeEngine:
     async def send(
         self,
         seq: int,
-        events: Sequence[wire.KvEvent] | None = None,
+        events: Sequence[wire.KvCacheEvent] | None = None,
         *,
         payload: bytes | None = None,
         publish: bool = True,

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 
 from pdgate.common.block_hash import block_hashes, to_event_hash
+from pdgate.common.kv_events import BlockRemoved, BlockStored
 from pdgate.common.perf_model import load_profile
 from pdgate.common.tokenizer import BuiltinTokenizer
 from pdgate.engines.sim.core import CoreConfig, EngineCore
 from pdgate.engines.sim.generation import ContextHash, LengthModel, TokenGenerator
 from pdgate.engines.sim.kv_cache import KVCacheManager
-from pdgate.engines.sim.kv_events import BlockRemoved, BlockStored
 from pdgate.engines.sim.request import RemotePrefill, SamplingParams, SimRequest
+
+pytestmark = pytest.mark.unit
 
 TOKENIZER = BuiltinTokenizer()
 PROFILE = load_profile("h100-llama-3-8b")

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pdgate.common.kv_events import KvCacheEvent
 from pdgate.engines.sim.core import EngineCore, RequestOutput, ScheduledStep
-from pdgate.engines.sim.kv_events import KvEvent
 from pdgate.engines.sim.request import RequestStatus, SimRequest
 
 SLEEP_SPLIT_S = 0.001
@@ -102,7 +102,7 @@ class AsyncSimEngine:
         kv_puller: KvPuller | None = None,
         kv_load_failure_policy: str = "fail",
         observer: EngineObserver | None = None,
-        publish_events: Callable[[float, list[KvEvent]], None] | None = None,
+        publish_events: Callable[[float, list[KvCacheEvent]], None] | None = None,
     ) -> None:
         self.core = core
         self.clock = clock
@@ -114,7 +114,7 @@ class AsyncSimEngine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._pulls: dict[str, asyncio.Task[None]] = {}
-        self._pending_events: list[KvEvent] = []
+        self._pending_events: list[KvCacheEvent] = []
         core.kv.event_sink = self._pending_events.extend
         self.steps = 0
         self.busy_seconds = 0.0
@@ -186,7 +186,7 @@ class AsyncSimEngine:
         """Make the step loop look at the queues again (blocks were freed outside a step)."""
         self._wake.set()
 
-    def set_event_publisher(self, publish: Callable[[float, list[KvEvent]], None]) -> None:
+    def set_event_publisher(self, publish: Callable[[float, list[KvCacheEvent]], None]) -> None:
         self._publish = publish
 
     @property

@@ -11,7 +11,7 @@ prefill answers its client only once the KV was taken. Either way the decode sid
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -24,9 +24,7 @@ from pdgate.engines.sim.protocol import (
     read_json,
 )
 from pdgate.engines.sim.request import RemotePrefill, RequestStatus, SimRequest
-
-if TYPE_CHECKING:
-    from pdgate.engines.sim.state import SimState
+from pdgate.engines.sim.state import SimState
 
 
 def on_request_finished(state: SimState, req: SimRequest) -> None:

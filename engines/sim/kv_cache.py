@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pdgate.common.block_hash import to_event_hash
-from pdgate.engines.sim.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from pdgate.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvCacheEvent
 
 
 @dataclass(eq=False)
@@ -42,7 +42,7 @@ class KVCacheManager:
     num_blocks: int
     block_size: int
     enable_prefix_caching: bool = True
-    event_sink: Callable[[list[KvEvent]], None] | None = None
+    event_sink: Callable[[list[KvCacheEvent]], None] | None = None
     medium: str = "GPU"
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
 
@@ -184,6 +184,6 @@ class KVCacheManager:
         self._emit([AllBlocksCleared()])
         return True
 
-    def _emit(self, events: list[KvEvent]) -> None:
+    def _emit(self, events: list[KvCacheEvent]) -> None:
         if self.event_sink is not None:
             self.event_sink(events)

@@ -21,6 +21,10 @@ source's answer, ``migration: true``) is an ordinary generation request whose de
 the held KV through ``POST /sim/kv/read`` without spending the transfer time again (the stages
 already did), frees its reservation right before its blocks are allocated, recomputes the last
 token and decodes on.
+
+This module is the protocol (source: reserve, copy, stop; target: reservations, the KV pull);
+:mod:`engines.sim.migration_routes` serves it over HTTP and :mod:`engines.sim.migration_state`
+holds the per-engine bookkeeping.
 """
 
 from __future__ import annotations
@@ -29,59 +33,31 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from pdgate.engines.sim.engine import KvPullError
 from pdgate.engines.sim.handoff import read_held_kv
-from pdgate.engines.sim.protocol import ApiError, new_id, read_json
+from pdgate.engines.sim.migration_state import LiveRequest, Reservation
+from pdgate.engines.sim.protocol import ApiError, new_id
 from pdgate.engines.sim.request import RequestStatus, SimRequest
-
-if TYPE_CHECKING:
-    from pdgate.engines.sim.state import SimState
+from pdgate.engines.sim.state import SimState
 
 logger = logging.getLogger(__name__)
 
-MIGRATION_LOG_SIZE = 256  # records /sim/migrations keeps
 RESERVE_TIMEOUT_S = 5.0  # wall seconds the source waits for the target's reservation
 RELEASE_TIMEOUT_S = 2.0  # wall seconds for the best-effort release of an unused reservation
 DRAIN_TIMEOUT_S = 5.0  # wall seconds the source waits for the request's response to be written out
 MARGIN_BLOCKS = 2  # reservation headroom for the tokens decoded while the copy runs
 HOLD_KEY_PREFIX = "migrate:"
-DOWNTIME_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-@dataclass(eq=False)
-class LiveRequest:
-    """A generation request while its HTTP handler runs: what /sim/migrate finds by external id."""
-
-    request_id: str  # the external id: X-Request-Id, else the response id
-    sim_request: SimRequest
-    prefill_leg: bool
-    done: asyncio.Event = field(default_factory=asyncio.Event)  # the handler returned
-    end_reason: str | None = None  # how the client's response ended ("migrated", "stop", ...)
-    migrating: bool = False
-    cancelled: bool = False  # the /sim/migrate caller went away before the stop
-
-
-@dataclass(eq=False)
-class Reservation:
-    """Target side: blocks set aside for a request the source is about to migrate here."""
-
-    reservation_id: str
-    blocks: list[Any]
-    source_engine_id: Any
-    request_id: Any
-    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(frozen=True)
 class MigrateArgs:
+    """A validated ``POST /sim/migrate`` body."""
+
     request_id: str
     host: str
     port: int
@@ -103,94 +79,8 @@ class _Abort(Exception):
         self.message = message
 
 
-class MigrationState:
-    """Per-engine bookkeeping: live requests, reservations, records and metrics."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.live: dict[str, list[LiveRequest]] = {}
-        self.by_internal: dict[str, LiveRequest] = {}
-        self.reservations: dict[str, Reservation] = {}
-        self.outgoing: dict[str, dict[str, Any]] = {}  # hold key -> what the target's "in" record shows
-        self.records: deque[dict[str, Any]] = deque(maxlen=MIGRATION_LOG_SIZE)
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self._total = Counter(
-            "sim_migrations", "Live migrations by direction and outcome.", ["direction", "outcome"], registry=registry
-        )
-        self._downtime = Histogram(
-            "sim_migration_downtime_seconds",
-            "Stop-and-copy downtime of live migrations (simulated seconds).",
-            buckets=DOWNTIME_BUCKETS,
-            registry=registry,
-        )
-
-    # ----------------------------------------------------------- live index
-    def track(self, request_id: str, sim_request: SimRequest, prefill_leg: bool) -> LiveRequest:
-        live = LiveRequest(request_id, sim_request, prefill_leg)
-        self.live.setdefault(request_id, []).append(live)
-        self.by_internal[sim_request.request_id] = live
-        return live
-
-    def untrack(self, live: LiveRequest) -> None:
-        live.done.set()
-        entries = self.live.get(live.request_id, [])
-        if live in entries:
-            entries.remove(live)
-        if not entries:
-            self.live.pop(live.request_id, None)
-        if self.by_internal.get(live.sim_request.request_id) is live:
-            del self.by_internal[live.sim_request.request_id]
-
-    def find(self, request_id: str) -> LiveRequest | None:
-        """The oldest unfinished request with this external id."""
-        for live in self.live.get(request_id, []):
-            if not live.sim_request.status.finished:
-                return live
-        return None
-
-    # ------------------------------------------------------------- records
-    def record(self, rec: dict[str, Any]) -> None:
-        self.records.append(rec)
-        self._total.labels(rec["direction"], rec["outcome"]).inc()
-        if rec["direction"] == "out" and rec["outcome"] == "migrated" and rec.get("downtime_s") is not None:
-            self._downtime.observe(rec["downtime_s"])
-
-    def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for res in self.reservations.values():
-            if res.timer is not None:
-                res.timer.cancel()
-
-
 # ------------------------------------------------------------------ source
-def _parse_migrate(body: Any) -> MigrateArgs:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    rid = body.get("request_id")
-    if not isinstance(rid, str) or not rid:
-        raise ApiError(400, "'request_id' must be a non-empty string", param="request_id")
-    target = body.get("target")
-    if not isinstance(target, dict):
-        raise ApiError(400, '\'target\' must be an object {"host": str, "port": int}', param="target")
-    host, port = target.get("host"), target.get("port")
-    if not isinstance(host, str) or not host:
-        raise ApiError(400, "'target.host' must be a non-empty string", param="target.host")
-    if not _is_int(port) or not 0 < port < 65536:
-        raise ApiError(400, "'target.port' must be an integer port", param="target.port")
-    max_stages = body.get("max_stages", 8)
-    if not _is_int(max_stages) or max_stages < 1:
-        raise ApiError(400, "'max_stages' must be an integer >= 1", param="max_stages")
-    stop_copy_blocks = body.get("stop_copy_blocks", 2)
-    if not _is_int(stop_copy_blocks) or stop_copy_blocks < 0:
-        raise ApiError(400, "'stop_copy_blocks' must be an integer >= 0", param="stop_copy_blocks")
-    return MigrateArgs(rid, host, port, max_stages, stop_copy_blocks)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _not_migratable(state: SimState, live: LiveRequest) -> str | None:
+def not_migratable(state: SimState, live: LiveRequest) -> str | None:
     """Why the request cannot be migrated now (None: it can)."""
     req = live.sim_request
     if req.status.finished:
@@ -203,41 +93,11 @@ def _not_migratable(state: SimState, live: LiveRequest) -> str | None:
     return None
 
 
-async def handle_migrate(state: SimState, request: web.Request) -> web.Response:
-    """``POST /sim/migrate`` on the source engine."""
-    from pdgate.engines.sim.state import check_auth  # engines.sim.state imports this module
+async def migrate(state: SimState, live: LiveRequest, args: MigrateArgs) -> dict[str, Any]:
+    """Run one migration of ``live`` to ``args.target``; the source's answer, or ApiError (409/502).
 
-    check_auth(state, request)
-    args = _parse_migrate(await read_json(request))
-    live = state.migration.find(args.request_id)
-    if live is None:
-        raise ApiError(404, f"no unfinished request with id {args.request_id!r} runs on this engine")
-    if live.migrating:
-        raise ApiError(409, f"request {args.request_id!r} is already being migrated")
-    why = _not_migratable(state, live)
-    if why is not None:
-        raise ApiError(409, why)
-    live.migrating = True
-    task = asyncio.create_task(_migrate(state, live, args), name=f"migrate-{live.sim_request.request_id}")
-    state.migration.tasks.add(task)
-    task.add_done_callback(_task_done(state))
-    try:
-        return await asyncio.shield(task)  # the migration finishes even if our caller goes away
-    except asyncio.CancelledError:
-        live.cancelled = True  # before the stop: the request keeps running here
-        raise
-
-
-def _task_done(state: SimState):
-    def done(task: asyncio.Task[Any]) -> None:
-        state.migration.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), ApiError):
-            logger.error("live migration failed", exc_info=task.exception())
-
-    return done
-
-
-async def _migrate(state: SimState, live: LiveRequest, args: MigrateArgs) -> web.Response:
+    Every outcome is recorded in ``state.migration``. The caller marked ``live.migrating``.
+    """
     req = live.sim_request
     record: dict[str, Any] = {
         "request_id": live.request_id,
@@ -265,7 +125,7 @@ async def _migrate(state: SimState, live: LiveRequest, args: MigrateArgs) -> web
         raise ApiError(abort.status, abort.message) from None
     record.update(outcome="migrated", num_output_tokens=result["num_output_tokens"])
     state.migration.record(record)
-    return web.json_response(result)
+    return result
 
 
 async def _reserve(state: SimState, live: LiveRequest, args: MigrateArgs) -> str:
@@ -306,7 +166,7 @@ async def _copy_and_stop(
     def check() -> None:
         if live.cancelled:
             raise _Abort(409, "cancelled", "the migration's caller went away before the stop; the request goes on here")
-        why = _not_migratable(state, live)
+        why = not_migratable(state, live)
         if why is not None:
             raise _Abort(409, "aborted", f"{why}; the migration was abandoned and the request left on this engine")
 
@@ -417,14 +277,12 @@ async def _release_remote(state: SimState, args: MigrateArgs, reservation_id: st
 
 
 # ------------------------------------------------------------------ target
-async def handle_reserve(state: SimState, request: web.Request) -> web.Response:
-    """``POST /sim/migrate/reserve``: set KV blocks aside for a request about to migrate here."""
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    num_blocks = body.get("num_blocks")
-    if not _is_int(num_blocks) or num_blocks < 1:
-        raise ApiError(400, "'num_blocks' must be an integer >= 1", param="num_blocks")
+def reserve(state: SimState, num_blocks: int, source_engine_id: Any, request_id: Any) -> Reservation:
+    """Set ``num_blocks`` KV blocks aside for a request about to migrate here.
+
+    The reservation expires after ``kv_hold_timeout_s`` (simulated) unless claimed or released.
+    Raises ApiError 503 on a prefill-role engine, 409 when the blocks are not free.
+    """
     if state.config.role == "prefill":
         raise ApiError(503, "a prefill-role engine does not take migrated requests")
     kv = state.core.kv
@@ -432,26 +290,23 @@ async def handle_reserve(state: SimState, request: web.Request) -> web.Response:
     if not kv.allocate(blocks, [], num_blocks * kv.block_size):
         raise ApiError(409, f"not enough free KV blocks: {num_blocks} asked, {kv.num_free_blocks} free")
     state.engine.flush_events(state.clock.now())  # blocks evicted from the prefix cache
-    res = Reservation(new_id("migres"), blocks, body.get("source_engine_id"), body.get("request_id"))
+    res = Reservation(new_id("migres"), blocks, source_engine_id, request_id)
     ttl = state.config.kv_hold_timeout_s
     res.timer = asyncio.get_running_loop().call_later(state.clock.to_wall(ttl), _expire, state, res.reservation_id)
     state.migration.reservations[res.reservation_id] = res
-    return web.json_response({"reservation_id": res.reservation_id, "num_blocks": num_blocks, "expires_in_s": ttl})
+    return res
 
 
-async def handle_release(state: SimState, request: web.Request) -> web.Response:
-    """``POST /sim/migrate/release``: the source gives an unused reservation back."""
-    body = await read_json(request)
-    rid = body.get("reservation_id") if isinstance(body, dict) else None
-    if not isinstance(rid, str):
-        raise ApiError(400, "'reservation_id' must be a string", param="reservation_id")
-    res = claim_reservation(state, rid)
+def release(state: SimState, reservation_id: str) -> bool:
+    """Give an unused reservation's blocks back; False when there was no such reservation."""
+    res = claim_reservation(state, reservation_id)
     if res is not None:
         _free_blocks(state, res.blocks)
-    return web.json_response({"released": res is not None})
+    return res is not None
 
 
 def claim_reservation(state: SimState, reservation_id: Any) -> Reservation | None:
+    """Take a reservation out of the books (its blocks stay allocated); None if unknown or expired."""
     res = state.migration.reservations.pop(reservation_id, None) if isinstance(reservation_id, str) else None
     if res is not None and res.timer is not None:
         res.timer.cancel()
@@ -487,6 +342,7 @@ def _expire(state: SimState, reservation_id: str) -> None:
 
 
 def is_migration(req: SimRequest) -> bool:
+    """Whether a decode leg continues a live migration (its KV comes from the source's hold)."""
     remote = req.remote_prefill
     return remote is not None and bool(remote.params.get("migration"))
 
@@ -528,8 +384,3 @@ async def pull_migrated_kv(state: SimState, req: SimRequest) -> None:
     record.update({k: info[k] for k in ("stages", "downtime_s", "downtime_wall_s", "num_output_tokens") if k in info})
     record.update(outcome="migrated", source_request_id=info.get("request_id"), num_kv_tokens=len(tokens))
     state.migration.record(record)
-
-
-async def handle_migrations(state: SimState, request: web.Request) -> web.Response:
-    """``GET /sim/migrations``: the latest migration records, oldest first."""
-    return web.json_response({"migrations": list(state.migration.records)})

@@ -15,7 +15,8 @@ from pdgate.common.tokenizer import Tokenizer
 from pdgate.engines.sim.core import RequestOutput
 from pdgate.engines.sim.engine import RequestStream
 from pdgate.engines.sim.handoff import await_handoff, kv_transfer_params, remote_prefill_from
-from pdgate.engines.sim.migration import LiveRequest, claim_reservation
+from pdgate.engines.sim.migration import claim_reservation
+from pdgate.engines.sim.migration_state import LiveRequest
 from pdgate.engines.sim.protocol import (
     ApiError,
     ChatCompletionRequest,

@@ -1,4 +1,9 @@
-"""Everything one simulated engine process owns, and small helpers its HTTP routes share."""
+"""Everything one simulated engine process owns, and small helpers its HTTP routes share.
+
+Plain data: :func:`engines.sim.build.build_state` assembles a :class:`SimState` and wires the
+PD hand-off (:mod:`engines.sim.handoff`) and live migration (:mod:`engines.sim.migration`) into
+its engine; those modules and the routes depend on this one, never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +17,14 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from pdgate.common.perf_model import EngineProfile, resolve_profile
-from pdgate.common.tokenizer import Tokenizer, load_tokenizer
+from pdgate.common.perf_model import EngineProfile
+from pdgate.common.tokenizer import Tokenizer
 from pdgate.engines.sim.config import SimEngineConfig
-from pdgate.engines.sim.core import CoreConfig, EngineCore
+from pdgate.engines.sim.core import EngineCore
 from pdgate.engines.sim.engine import AsyncSimEngine, RealtimeClock
-from pdgate.engines.sim.generation import LengthModel, TokenGenerator
-from pdgate.engines.sim.handoff import on_request_finished, pull_kv
-from pdgate.engines.sim.kv_cache import KVCacheManager
 from pdgate.engines.sim.kv_events import KvEventPublisher
-from pdgate.engines.sim.metrics import SglangMetrics, SimMetrics, VllmMetrics
-from pdgate.engines.sim.migration import MigrationState, is_migration, pull_migrated_kv
+from pdgate.engines.sim.metrics import SimMetrics
+from pdgate.engines.sim.migration_state import MigrationState
 from pdgate.engines.sim.protocol import ApiError, error_body
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ class Handoff:
 
 @dataclass
 class SimState:
-    """Everything one engine process owns; built by :func:`build_state`."""
+    """Everything one engine process owns; built by :func:`engines.sim.build.build_state`."""
 
     config: SimEngineConfig
     tokenizer: Tokenizer
@@ -69,71 +71,6 @@ class SimState:
         if entry is None:
             entry = self.handoffs[key] = Handoff()
         return entry
-
-
-def build_state(config: SimEngineConfig) -> SimState:
-    """Assemble tokenizer, performance profile, KV cache, step loop and metrics (no I/O)."""
-    profile = resolve_profile(config.profile or None, model=config.model, gpu=config.gpu, tp=config.tp)
-    tokenizer = load_tokenizer(config.tokenizer)
-    max_model_len = config.max_model_len or profile.model.max_model_len
-    num_blocks = config.num_gpu_blocks or max(
-        1, profile.kv_cache_tokens(config.gpu_memory_utilization) // config.block_size
-    )
-    if num_blocks * config.block_size < max_model_len:
-        raise ValueError(
-            f"max_model_len {max_model_len} is larger than the KV cache ({num_blocks} blocks x {config.block_size} "
-            "tokens): lower max_model_len or give more blocks"
-        )
-    kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
-    generator = TokenGenerator(
-        tokenizer.generatable_ids(),
-        tokenizer.eos_token_id,
-        LengthModel(median=config.output_len_median, sigma=config.output_len_sigma),
-    )
-    core_config = CoreConfig(
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=max_model_len,
-        scheduling_policy=config.scheduling_policy,
-        kv_hold_timeout=config.kv_hold_timeout_s,
-    )
-    core = EngineCore(core_config, kv, profile, generator)
-    served = config.served_model_name or profile.model.name
-    if config.api == "sglang":
-        engine_type = {"both": "unified"}.get(config.role, config.role)
-        metrics: SimMetrics = SglangMetrics(core, served, engine_type)
-    else:
-        cache_info = {
-            "block_size": str(config.block_size),
-            "num_gpu_blocks": str(num_blocks),
-            "enable_prefix_caching": str(config.enable_prefix_caching),
-            "gpu_memory_utilization": str(config.gpu_memory_utilization),
-            "cache_dtype": "auto",
-        }
-        metrics = VllmMetrics(core, served, cache_info)
-    clock = RealtimeClock(config.time_scale)
-    state = SimState(
-        config=config,
-        tokenizer=tokenizer,
-        profile=profile,
-        core=core,
-        engine=None,  # type: ignore[arg-type]  # set just below, it needs the state's puller
-        metrics=metrics,
-        migration=MigrationState(metrics.registry),
-        clock=clock,
-        engine_id=config.resolved_engine_id(),
-        served_model_name=served,
-        max_model_len=max_model_len,
-    )
-    state.engine = AsyncSimEngine(
-        core,
-        clock,
-        kv_puller=lambda req: pull_migrated_kv(state, req) if is_migration(req) else pull_kv(state, req),
-        kv_load_failure_policy=config.kv_load_failure_policy,
-        observer=metrics,
-    )
-    core.on_finish(lambda req: on_request_finished(state, req))
-    return state
 
 
 def route(fn: Callable[[SimState, web.Request], Any]) -> Callable[[web.Request], Any]:

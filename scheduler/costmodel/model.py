@@ -2,20 +2,32 @@
 
 A :class:`CostModel` is immutable once built; the gateway swaps in a new one after each refit,
 so a decision in progress always sees one consistent version.
+
+The cost model sits below the scheduler's snapshot (``ClusterSnapshot.costs`` holds one), so it
+takes instances as :class:`CostedInstance`, which ``pdgate.scheduler.snapshot.InstanceView``
+satisfies, rather than importing the snapshot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pdgate.scheduler.costmodel.latency import LatencyModel
-from pdgate.scheduler.snapshot import InstanceView
 
 if TYPE_CHECKING:
     from pdgate.scheduler.costmodel.output_length import LengthPrediction, OutputLengthModel
 
 DEFAULT_OUTPUT_TOKENS = 128  # when nothing predicts the output length
+
+
+class CostedInstance(Protocol):
+    """What the cost model needs of an instance (``InstanceView`` fits)."""
+
+    @property
+    def cost_group(self) -> str:
+        """The instance's latency-model group (instances sharing hardware, model and engine)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -24,15 +36,15 @@ class CostModel:
     output: OutputLengthModel
     version: str = "prior"
 
-    def prefill_s(self, instance: InstanceView, uncached: float, cached: float = 0.0) -> float:
+    def prefill_s(self, instance: CostedInstance, uncached: float, cached: float = 0.0) -> float:
         """Predicted seconds to prefill on ``instance`` when it is idle."""
         return self.latency.costs(instance.cost_group).prefill_s(uncached, cached)
 
-    def decode_step_s(self, instance: InstanceView, batch: float, context_tokens: float) -> float:
+    def decode_step_s(self, instance: CostedInstance, batch: float, context_tokens: float) -> float:
         """Predicted seconds per decode step (the TPOT) of a batch on ``instance``."""
         return self.latency.costs(instance.cost_group).decode_step_s(batch, context_tokens)
 
-    def handoff_s(self, instance: InstanceView, prompt_tokens: float) -> float:
+    def handoff_s(self, instance: CostedInstance, prompt_tokens: float) -> float:
         """Predicted seconds from sending a decode leg to ``instance`` to its first token."""
         return self.latency.costs(instance.cost_group).handoff_s(prompt_tokens)
 

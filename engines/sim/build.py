@@ -1,0 +1,90 @@
+"""Assembles one simulated engine: :func:`build_state` builds its :class:`SimState` and wires the hooks.
+
+The engine's KV puller (a decode leg's KV comes from its PD prefill peer, :mod:`engines.sim.handoff`,
+or from a live migration's source, :mod:`engines.sim.migration`) and the core's finish hook (a
+finished prefill leg's KV becomes ready for its decode peer) are set here, so that
+:mod:`engines.sim.state` stays plain data that those modules depend on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from pdgate.common.perf_model import resolve_profile
+from pdgate.common.tokenizer import load_tokenizer
+from pdgate.engines.sim.config import SimEngineConfig
+from pdgate.engines.sim.core import CoreConfig, EngineCore
+from pdgate.engines.sim.engine import AsyncSimEngine, RealtimeClock
+from pdgate.engines.sim.generation import LengthModel, TokenGenerator
+from pdgate.engines.sim.handoff import on_request_finished, pull_kv
+from pdgate.engines.sim.kv_cache import KVCacheManager
+from pdgate.engines.sim.metrics import SglangMetrics, SimMetrics, VllmMetrics
+from pdgate.engines.sim.migration import is_migration, pull_migrated_kv
+from pdgate.engines.sim.migration_state import MigrationState
+from pdgate.engines.sim.request import SimRequest
+from pdgate.engines.sim.state import SimState
+
+
+def build_state(config: SimEngineConfig) -> SimState:
+    """Assemble tokenizer, performance profile, KV cache, step loop and metrics (no I/O)."""
+    profile = resolve_profile(config.profile or None, model=config.model, gpu=config.gpu, tp=config.tp)
+    tokenizer = load_tokenizer(config.tokenizer)
+    max_model_len = config.max_model_len or profile.model.max_model_len
+    num_blocks = config.num_gpu_blocks or max(
+        1, profile.kv_cache_tokens(config.gpu_memory_utilization) // config.block_size
+    )
+    if num_blocks * config.block_size < max_model_len:
+        raise ValueError(
+            f"max_model_len {max_model_len} is larger than the KV cache ({num_blocks} blocks x {config.block_size} "
+            "tokens): lower max_model_len or give more blocks"
+        )
+    kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+    generator = TokenGenerator(
+        tokenizer.generatable_ids(),
+        tokenizer.eos_token_id,
+        LengthModel(median=config.output_len_median, sigma=config.output_len_sigma),
+    )
+    core_config = CoreConfig(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=max_model_len,
+        scheduling_policy=config.scheduling_policy,
+        kv_hold_timeout=config.kv_hold_timeout_s,
+    )
+    core = EngineCore(core_config, kv, profile, generator)
+    served = config.served_model_name or profile.model.name
+    if config.api == "sglang":
+        engine_type = {"both": "unified"}.get(config.role, config.role)
+        metrics: SimMetrics = SglangMetrics(core, served, engine_type)
+    else:
+        cache_info = {
+            "block_size": str(config.block_size),
+            "num_gpu_blocks": str(num_blocks),
+            "enable_prefix_caching": str(config.enable_prefix_caching),
+            "gpu_memory_utilization": str(config.gpu_memory_utilization),
+            "cache_dtype": "auto",
+        }
+        metrics = VllmMetrics(core, served, cache_info)
+    clock = RealtimeClock(config.time_scale)
+
+    def kv_puller(req: SimRequest) -> Awaitable[None]:  # a decode leg's KV: a PD peer's or a migration source's
+        return pull_migrated_kv(state, req) if is_migration(req) else pull_kv(state, req)
+
+    engine = AsyncSimEngine(
+        core, clock, kv_puller=kv_puller, kv_load_failure_policy=config.kv_load_failure_policy, observer=metrics
+    )
+    state = SimState(
+        config=config,
+        tokenizer=tokenizer,
+        profile=profile,
+        core=core,
+        engine=engine,
+        metrics=metrics,
+        migration=MigrationState(metrics.registry),
+        clock=clock,
+        engine_id=config.resolved_engine_id(),
+        served_model_name=served,
+        max_model_len=max_model_len,
+    )
+    core.on_finish(lambda req: on_request_finished(state, req))
+    return state
