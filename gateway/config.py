@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -17,6 +16,7 @@ from pydantic import (
 )
 
 from pdgate.adapters import ADAPTERS, InstanceSpec
+from pdgate.common.yamlfile import YamlFileError, read_yaml_mapping
 from pdgate.scheduler.costmodel.latency import PriorSpec
 from pdgate.scheduler.registry import SchedulingConfig
 
@@ -299,7 +299,7 @@ class GatewayConfig(Strict):
     )
     models: list[ModelConfig]
     instances: list[InstanceConfig] = Field(min_length=1)
-    scheduling: SchedulingConfig | None = Field(None, description="plugins and profiles (default: prefix + load aware)")
+    scheduling: SchedulingConfig | None = Field(None, description="plugins, profiles and the profile handler (default: SLO-aware, pd-split)")
     health: HealthConfig = Field(default_factory=HealthConfig)
     scrape_interval_s: float = Field(1.0, gt=0, description="engine /metrics scrape period")
     stale_after_s: float = Field(5.0, gt=0, description="scraped load older than this is ignored")
@@ -342,9 +342,10 @@ class GatewayConfig(Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> GatewayConfig:
-        data = yaml.safe_load(Path(path).read_text())
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            data = read_yaml_mapping(path, empty_ok=False)
+        except YamlFileError as exc:
+            raise ConfigError(str(exc)) from None
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
