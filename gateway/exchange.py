@@ -108,7 +108,8 @@ class Exchange:
             )
             if opened.prefill_task is not None and (failure := await opened.prefill_task) is not None:
                 self.outcome.leg_failed(failure)
-            self.placer.cluster.record_success(obs.decode_id or placement.decode.spec.id)
+            if obs.error is None:  # the instance that finished the answer served it well
+                self.placer.cluster.record_success(obs.answered_by or placement.decode.spec.id)
             opened.leg.end(status=opened.upstream.status, error=obs.error)
         except BaseException as exc:
             opened.leg.end(

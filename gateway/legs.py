@@ -85,6 +85,11 @@ async def racing_prefill(awaitable: Awaitable[T], prefill_task: asyncio.Task[Ups
     """Await ``awaitable`` unless the concurrent prefill leg fails first (then raise its failure)."""
     if prefill_task is None:
         return await awaitable
+    if prefill_task.done() and not prefill_task.cancelled() and (failed := prefill_task.result()) is not None:
+        close = getattr(awaitable, "close", None)
+        if close is not None:
+            close()  # a coroutine never awaited
+        raise failed
     work = asyncio.ensure_future(awaitable)
     try:
         while True:

@@ -37,6 +37,7 @@ class Observation:
     context_at_end: int = 0
     saw_done: bool = False  # the stream's [DONE] went out (a client may hang up right after it)
     moves: int = 0  # times the stream moved to another instance (migration, failover)
+    answered_by: str | None = None  # the instance that finished the answer (after moves: the last one)
     output_tokens: int | None = None  # counted from the token ids the client got (streams that can move)
     status: int = 0  # the HTTP status the client got
     error: str | None = None  # why the answer failed after it started (mid-stream)

@@ -70,6 +70,8 @@ class Relay:
             data = await racing_prefill(read_all(decode, upstream), prefill_task)
             obs.last_token = clock()
             obs.usage_chunk = data
+            if prefill_task is not None:
+                await asyncio.wait([prefill_task])  # its reply carries the cached tokens the client is told
             if obs.split:
                 data = with_cached_tokens(data, obs.cached_tokens)
             responder.send(
@@ -126,6 +128,7 @@ class Relay:
         try:
             await upstream.relay(sink)
         except UpstreamError as exc:
+            self.outcome.leg_failed(UpstreamFailed(decode.spec.id, f"stream broke mid-way: {exc}"))
             self.broke_mid_stream(responder, routed, decode.spec.id, str(exc))
             return
         responder.end()
@@ -170,6 +173,7 @@ class Relay:
             if self.migrations is not None:
                 self.migrations.unregister(live)
             obs.moves = live.moves
+            obs.answered_by = live.state.spec.id
             obs.output_tokens = len(trail.token_ids) if trail.tracked else None
             await live.close()
         responder.end()
