@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pdgate.adapters.load import parse_load
+
+pytestmark = pytest.mark.unit
 
 VLLM = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
+import yaml
 from support.procs import start_pdgate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,3 +50,53 @@ def test_yaml_config_with_flag_override_and_clean_sigterm(tmp_path):
     finally:
         code = proc.stop(signal.SIGTERM)
     assert code == 0
+
+
+def test_port_0_servers_report_the_ports_they_bound(tmp_path):
+    """Every address asked for as port 0 (or ``tcp://host:*``) is printed as the port really bound."""
+    engine = start_pdgate(
+        "engine",
+        "sim",
+        "--port",
+        "0",
+        "--role",
+        "prefill",
+        "--api",
+        "sglang",
+        "--bootstrap-port",
+        "0",
+        "--kv-events-endpoint",
+        "tcp://127.0.0.1:*",
+        "--kv-events-replay-endpoint",
+        "tcp://127.0.0.1:*",
+    )
+    gateway = None
+    try:
+        assert engine.port != 0 and urllib.request.urlopen(f"{engine.url}/health", timeout=5).status == 200
+        boot = engine.bootstrap_port
+        assert boot not in (0, engine.port)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{boot}/health", timeout=5).status == 200
+        publisher, replay = engine.kv_events
+        ports = {int(publisher.rsplit(":", 1)[1]), int(replay.rsplit(":", 1)[1])}
+        assert 0 not in ports and len(ports) == 2
+        for port in ports:  # something listens there (the engine's PUB and replay ROUTER)
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+        config = tmp_path / "gw.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "host": "127.0.0.1",
+                    "port": 8000,
+                    "models": [{"name": "llama-3-8b"}],
+                    "instances": [{"url": engine.url, "kind": "sim", "role": "both", "model": "llama-3-8b"}],
+                }
+            )
+        )
+        gateway = start_pdgate("serve", "--config", str(config), "--port", "0")  # the flag overrides 8000
+        assert gateway.port not in (0, 8000)
+        assert urllib.request.urlopen(f"{gateway.url}/health", timeout=5).status == 200
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        engine.stop()

@@ -9,6 +9,8 @@ import pytest
 from pdgate.gateway.config import DEFAULT_SCHEDULING, GatewayConfig
 from pdgate.scheduler.registry import PluginRegistry
 
+pytestmark = pytest.mark.unit
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 

@@ -9,6 +9,8 @@ import pytest
 from pdgate.common.perf_model import StepBatch, load_profile
 from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec, prior_costs
 
+pytestmark = pytest.mark.unit
+
 GROUP = "vllm/m/prefill/default"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,7 +12,6 @@ import pytest
 from support.fleet import (
     MODEL,
     engine_flags,
-    free_port,
     get_json,
     instance_entry,
     metric,
@@ -21,6 +19,7 @@ from support.fleet import (
     write_config,
 )
 from support.procs import PdgateProcess, start_sim
+from support.waiting import wait_until
 
 PROMPT = "Prefill-decode disaggregation splits the two phases of inference across machines. " * 5
 
@@ -46,12 +45,11 @@ def _start_fleet(tmp_path, api: str, kind: str) -> Fleet:
     try:
         prefill, decode = [], []
         for role, group in (("prefill", prefill), ("prefill", prefill), ("decode", decode), ("decode", decode)):
-            kv = free_port() if api == "vllm" else None
-            boot = free_port() if (api == "sglang" and role == "prefill") else None
-            proc = start_sim(*engine_flags(role, api, kv_port=kv, boot_port=boot))
+            # every port is bound by the engine itself (port 0) and read back from what it printed
+            proc = start_sim(*engine_flags(role, api, kv_events=api == "vllm"))
             procs.append(proc)
             group.append(proc)
-            entries.append(instance_entry(proc, role, kind, kv_port=kv, boot_port=boot))
+            entries.append(instance_entry(proc, role, kind))
         reference = start_sim(*engine_flags("both", api))
         procs.append(reference)
         gateway = start_gateway(write_config(tmp_path / f"{api}.yaml", entries))
@@ -180,14 +178,35 @@ def test_request_id_is_accepted_and_returned(vllm_fleet):
 
 def test_shared_prefix_goes_to_the_prefill_instance_that_holds_it(vllm_fleet):
     client = vllm_fleet.client()
+    gateway = vllm_fleet.gateway.url
     system = "You are the support assistant of a large bank; follow every policy below precisely. " * 12
-    before = {p.url: metric(p.url, "vllm:prefix_cache_hits_total") for p in vllm_fleet.prefill}
+
+    def queried() -> dict[str, float]:
+        return {p.url: metric(p.url, "vllm:prefix_cache_queries_total") for p in vllm_fleet.prefill}
+
+    queried_before = queried()
     greedy(client, system + "First question?", 2)
-    time.sleep(0.3)  # let the KV events of the first prefill reach the gateway
+    queried_after = queried()
+    first = next(p for p in vllm_fleet.prefill if queried_after[p.url] > queried_before[p.url])
+    first_id = f"prefill-{first.port}"
+
+    # Wait until the first prefill's KV events reached the gateway: a prompt sharing the system
+    # prompt's first blocks is then placed on that instance *because* the gateway's index says it
+    # holds them (pdgate_prefix_cache_hit_tokens_total counts what the index expected there).
+    probes = iter(range(1000))
+    expected_before = metric(gateway, "pdgate_prefix_cache_hit_tokens_total", instance=first_id)
+
+    def index_knows_the_first_prefill() -> bool:
+        greedy(client, system[: len(system) // 3] + f"Probe {next(probes)}?", 1)
+        return metric(gateway, "pdgate_prefix_cache_hit_tokens_total", instance=first_id) > expected_before
+
+    wait_until(index_knows_the_first_prefill, timeout=10, message="the gateway to learn the first prefill's blocks")
+    before = {p.url: metric(p.url, "vllm:prefix_cache_hits_total") for p in vllm_fleet.prefill}
     for i in range(6):
         greedy(client, system + f"Question number {i}?", 2)
     gained = {url: metric(url, "vllm:prefix_cache_hits_total") - before[url] for url in before}
     holder = max(gained, key=gained.get)
+    assert holder == first.url  # the instance that computed the prefix first
     prefix_tokens = len(system) // 8  # lower bound on the shared tokens per request
     assert gained[holder] >= 6 * prefix_tokens
     assert all(v == 0 for url, v in gained.items() if url != holder)
@@ -232,12 +251,11 @@ def test_client_disconnect_aborts_both_legs_and_inflight_returns_to_zero(vllm_fl
                 assert metric(vllm_fleet.gateway.url, "pdgate_instance_inflight_requests") == 1
 
     asyncio.run(main())
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def nothing_left() -> bool:
         inflight = metric(vllm_fleet.gateway.url, "pdgate_instance_inflight_requests")
         running = sum(get_json(e.url + "/sim/state")["num_running"] for e in vllm_fleet.engines)
-        if inflight == 0 and running == 0:
-            break
-        time.sleep(0.05)
-    assert inflight == 0 and running == 0
+        return inflight == 0 and running == 0
+
+    wait_until(nothing_left, timeout=5, message="no request in flight on the gateway or running on an engine")
     assert sum(metric(d.url, "vllm:request_success_total", finished_reason="abort") for d in vllm_fleet.decode) >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.error
@@ -19,7 +20,9 @@ from support.fleet import (
     start_gateway,
     write_config,
 )
-from support.procs import start_pdgate
+from support.ports import reserve_port, retry_on_port_clash
+from support.procs import PdgateProcess, start_pdgate
+from support.waiting import wait_until
 
 
 def post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
@@ -42,6 +45,16 @@ def colocated_fleet(sim_factory, tmp_path, n: int = 2, **gateway):
     return engines, entries, write_config(tmp_path / "fleet.yaml", entries, **gateway)
 
 
+def wait_until_unhealthy(gateway: PdgateProcess, engine: PdgateProcess) -> None:
+    """Poll the gateway's metrics until it reports ``engine`` (a colocated instance) unhealthy."""
+    instance = f"both-{engine.port}"
+    wait_until(
+        lambda: metric(gateway.url, "pdgate_instance_healthy", instance=instance) == 0,
+        timeout=5,
+        message=f"the gateway to report {instance} unhealthy",
+    )
+
+
 def test_a_dead_instance_is_avoided_and_reported(sim_factory, tmp_path):
     engines, _, config = colocated_fleet(sim_factory, tmp_path, n=2)
     gateway = start_gateway(config)
@@ -49,11 +62,9 @@ def test_a_dead_instance_is_avoided_and_reported(sim_factory, tmp_path):
         engines[0].kill()
         ok = [completion(gateway.url, f"after the kill {i}")[0] for i in range(8)]
         assert ok == [200] * 8  # a failure before the first byte is retried on the other instance
-        time.sleep(0.5)
-        dead_id = f"both-{engines[0].url.rsplit(':', 1)[1]}"
-        assert metric(gateway.url, "pdgate_instance_healthy", instance=dead_id) == 0
+        wait_until_unhealthy(gateway, engines[0])  # the health checks (every 0.2 s) found it dead
         engines[1].kill()
-        time.sleep(0.5)
+        wait_until_unhealthy(gateway, engines[1])
         status, body, headers = completion(gateway.url)
         assert status == 503 and headers.get("Retry-After") and body["error"]["type"] == "service_unavailable"
         ready = urllib.request.Request(f"{gateway.url}/ready")
@@ -118,12 +129,12 @@ def start_pdgate_expect_exit(*args: str):
 
 
 def test_pdgate_up_starts_the_fleet_and_stops_every_child(tmp_path):
-    from support.procs import free_port
-
-    ports = [free_port() for _ in range(3)]
-    config = tmp_path / "up.yaml"
-    config.write_text(
-        f"""
+    def start() -> tuple[PdgateProcess, list[int]]:
+        # `pdgate up` starts each engine on the port of its URL, so the ports are chosen first
+        ports = [reserve_port() for _ in range(3)]
+        config = tmp_path / "up.yaml"
+        config.write_text(
+            f"""
 host: 127.0.0.1
 port: 0
 models: [{{name: {MODEL}}}]
@@ -132,8 +143,10 @@ instances:
   - {{url: "http://127.0.0.1:{ports[1]}", kind: sim, role: decode, model: {MODEL}, launch: {{time_scale: 20}}}}
   - {{url: "http://127.0.0.1:{ports[2]}", kind: sim, role: decode, model: {MODEL}, launch: {{time_scale: 20, args: {{max_num_seqs: 64}}}}}}
 """
-    )
-    up = start_pdgate("up", "--config", str(config), timeout=60)
+        )
+        return start_pdgate("up", "--config", str(config), timeout=60), ports
+
+    up, ports = retry_on_port_clash(start)
     pids = []
     try:
         assert "pid" in up.log
@@ -144,20 +157,17 @@ instances:
         assert get_json(f"http://127.0.0.1:{ports[2]}/sim/state")["role"] == "decode"
     finally:
         assert up.stop(signal.SIGTERM) == 0
-    import os
-
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
 
 def test_sglang_dead_prefill_leg_is_abandoned_and_retried(sim_factory, tmp_path):
-    from support.procs import free_port
-
-    boots = [free_port(), free_port()]
-    prefills = [sim_factory(*engine_flags("prefill", "sglang", boot_port=b)) for b in boots]
+    # each prefill binds its bootstrap server on a free port and reports it (engine_flags, instance_entry)
+    prefills = [sim_factory(*engine_flags("prefill", "sglang")) for _ in range(2)]
     decode = sim_factory(*engine_flags("decode", "sglang"))
-    entries = [instance_entry(p, "prefill", "sim-sglang", boot_port=b) for p, b in zip(prefills, boots)]
+    entries = [instance_entry(p, "prefill", "sim-sglang") for p in prefills]
+    assert len({e["bootstrap_port"] for e in entries}) == 2
     entries.append(instance_entry(decode, "decode", "sim-sglang"))
     # no active health checks during the test: the failure must be found on the request path
     gateway = start_gateway(

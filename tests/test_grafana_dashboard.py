@@ -19,6 +19,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from pdgate.gateway.metrics import GatewayMetrics, LightCounter, LightHistogram
 
+pytestmark = pytest.mark.unit
+
 DASHBOARD = Path(__file__).resolve().parent.parent / "configs" / "grafana" / "pdgate-dashboard.json"
 
 METRIC_RE = re.compile(r"(?<![A-Za-z0-9_:])pdgate_[a-z0-9_]+")

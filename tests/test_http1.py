@@ -13,8 +13,11 @@ import time
 
 import aiohttp
 import pytest
+from support.waiting import wait_until_async
 
 from pdgate.common.http_server import HttpRequest, HttpServer, Responder
+
+pytestmark = pytest.mark.unit
 
 Response = tuple[int, dict[str, str], bytes]
 
@@ -192,6 +195,7 @@ async def test_pipelined_requests_are_answered_in_order_one_at_a_time(start_serv
         running += 1
         most_running = max(most_running, running)
         try:
+            # handlers of different lengths: served concurrently, they would finish out of order
             await asyncio.sleep({"/a": 0.15, "/b": 0.0, "/c": 0.05}[request.path])
             responder.send(200, request.path.encode(), content_type="text/plain")
         finally:
@@ -206,6 +210,116 @@ async def test_pipelined_requests_are_answered_in_order_one_at_a_time(start_serv
 
     writer.write(get("/b"))  # reading resumed after the pipeline drained
     assert (await read_response(reader))[2] == b"/b"
+
+
+# ------------------------------------------------------------------ Expect: 100-continue
+async def read_interim(reader: asyncio.StreamReader, timeout: float = 2.0) -> bytes:
+    """The next response head (an interim 1xx, or a final one's head) as it arrived, within ``timeout``."""
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+
+
+async def nothing_arrives(reader: asyncio.StreamReader, timeout: float = 0.2) -> bool:
+    """True if the server sends nothing for ``timeout`` seconds (the connection stays open)."""
+    try:
+        data = await asyncio.wait_for(reader.read(1), timeout)
+    except TimeoutError:
+        return True
+    raise AssertionError(f"unexpected bytes: {data!r}")
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(start_server, connect):
+    server = await start_server(echo)
+    reader, writer = await connect(server.port)
+    for i in range(2):  # and again on the kept-alive connection
+        writer.write(
+            f"POST /upload?n={i} HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        assert await read_interim(reader) == b"HTTP/1.1 100 Continue\r\n\r\n"  # the client waits for this
+        writer.write(b"hello")
+        status, headers, body = await read_response(reader)
+        assert status == 200 and headers["connection"] == "keep-alive"
+        assert json.loads(body)["body"] == "hello" and json.loads(body)["query"] == f"n={i}"
+
+
+async def test_expect_100_continue_with_aiohttp_client(start_server):
+    server = await start_server(echo)
+    async with aiohttp.ClientSession() as session:
+        # aiohttp holds the body back until the 100 arrives (it would hang here without one)
+        response = session.post(f"http://127.0.0.1:{server.port}/up", data=b"x" * 50_000, expect100=True)
+        async with await asyncio.wait_for(response, 5) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["body"] == "x" * 50_000
+
+
+async def test_expect_100_continue_for_a_body_over_the_limit_is_413_without_100(start_server, connect):
+    calls = []
+
+    async def handler(request: HttpRequest, responder: Responder) -> None:
+        calls.append(request)
+        responder.send(200, b"")
+
+    server = await start_server(handler, max_body_bytes=100)
+    reader, writer = await connect(server.port)
+    writer.write(b"POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: 101\r\nExpect: 100-continue\r\n\r\n")
+    status, headers, body = await read_response(reader)  # the first thing back is the final answer
+    assert status == 413 and headers["connection"] == "close"
+    assert "too large" in assert_error_json(body, "invalid_request_error")["message"]
+    assert await closed_by_server(reader)
+    assert calls == []
+
+
+async def test_other_expectations_are_417(start_server, connect):
+    calls = []
+
+    async def handler(request: HttpRequest, responder: Responder) -> None:
+        calls.append(request)
+        responder.send(200, b"")
+
+    server = await start_server(handler)
+    reader, writer = await connect(server.port)
+    writer.write(b"POST /x HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\nExpect: telepathy\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 417 and headers["connection"] == "close"
+    assert "telepathy" in assert_error_json(body, "invalid_request_error")["message"]
+    assert await closed_by_server(reader)
+    assert calls == []
+
+
+async def test_expect_100_continue_waits_for_the_response_in_progress(start_server, connect):
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def handler(request: HttpRequest, responder: Responder) -> None:
+        if request.path == "/slow":
+            started.set()
+            await release.wait()
+        await echo(request, responder)
+
+    server = await start_server(handler)
+    reader, writer = await connect(server.port)
+    writer.write(get("/slow"))
+    await asyncio.wait_for(started.wait(), 2)
+    writer.write(b"POST /next HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    assert await nothing_arrives(reader)  # no 100 in the middle of (or before) the first response
+    release.set()
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["path"] == "/slow"
+    assert await read_interim(reader) == b"HTTP/1.1 100 Continue\r\n\r\n"  # now the second may send its body
+    writer.write(b"abc")
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["body"] == "abc"
+
+
+async def test_expect_without_a_body_or_from_http10_gets_no_100(start_server, connect):
+    server = await start_server(echo)
+    reader, writer = await connect(server.port)
+    writer.write(get("/nobody", "Expect: 100-continue\r\n"))  # nothing to wait for: just the answer
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["path"] == "/nobody"
+    reader, writer = await connect(server.port)
+    writer.write(b"POST /old HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nhi")
+    status, _, body = await read_response(reader)  # HTTP/1.0 knows no 100: the expectation is ignored
+    assert status == 200 and json.loads(body)["body"] == "hi"
 
 
 # --------------------------------------------------------------------------- limits
@@ -311,7 +425,7 @@ async def test_chunked_stream_start_write_end_read_by_aiohttp(start_server):
     async def handler(request: HttpRequest, responder: Responder) -> None:
         responder.start(200, content_type="text/event-stream", headers={"X-Stream": "yes"}, first=b"data: 0\n\n")
         for i in range(1, 4):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing: each chunk goes out in its own write, as tokens do
             responder.write(f"data: {i}\n\n".encode())
         responder.write(b"")  # skipped: an empty chunk would end the stream
         responder.end(b"data: [DONE]\n\n")
@@ -337,7 +451,7 @@ async def test_client_disconnect_mid_stream_cancels_the_handler(start_server, co
     async def handler(request: HttpRequest, responder: Responder) -> None:
         responder.start(200, content_type="text/event-stream", first=b"data: 1\n\n")
         try:
-            await asyncio.sleep(30)
+            await asyncio.sleep(30)  # a stream that never ends by itself: only the disconnect stops it
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -350,8 +464,7 @@ async def test_client_disconnect_mid_stream_cancels_the_handler(start_server, co
     assert server.active_requests() == 1
     writer.close()
     await asyncio.wait_for(cancelled.wait(), 2)
-    await asyncio.sleep(0)
-    assert server.active_requests() == 0
+    await wait_until_async(lambda: server.active_requests() == 0, timeout=2)
 
 
 # --------------------------------------------------------------------------- timers
@@ -400,7 +513,7 @@ async def test_partial_request_times_out_with_408(start_server, connect, partial
 
 async def test_partial_pipelined_request_times_out_with_408(start_server, connect):
     async def handler(request: HttpRequest, responder: Responder) -> None:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the first request is still being served when the second's head stalls
         responder.send(200, b"first", content_type="text/plain")
 
     server = await start_server(handler, request_timeout_s=0.3, keepalive_timeout_s=0.3)
@@ -419,7 +532,7 @@ async def test_close_lets_in_flight_request_finish_then_refuses_connections(star
     async def handler(request: HttpRequest, responder: Responder) -> None:
         if request.path == "/slow":
             started.set()
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # in flight when the server is closed: close must wait for it
         responder.send(200, request.path.encode(), content_type="text/plain")
 
     server = await start_server(handler)
@@ -450,7 +563,7 @@ async def test_close_cancels_requests_still_running_after_grace(start_server, co
     async def handler(request: HttpRequest, responder: Responder) -> None:
         started.set()
         try:
-            await asyncio.sleep(30)
+            await asyncio.sleep(30)  # outlives the grace period: close must cancel it
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -482,7 +595,7 @@ async def test_backpressure_pause_hook_fires_when_client_does_not_read(start_ser
         while not responder.paused and written < 64 << 20:  # at most 64 MiB
             responder.write(chunk)
             written += len(chunk)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # yield to the loop so the transport can report the full buffer
         state["written"] = written
         state["paused_flag"] = responder.paused
         await resumed.wait()

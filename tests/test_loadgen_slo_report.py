@@ -13,28 +13,16 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pdgate.loadgen.report import (
-    CSV_COLUMNS,
-    load_run,
-    plot_attainment_vs_rate,
-    plot_cdfs,
-    plot_timeseries,
-    print_summary,
-    render_report,
-    summary_table,
-    write_run,
-)
-from pdgate.loadgen.slo import (
-    Dist,
-    RunStats,
-    Slo,
-    SloSpec,
-    max_rate_meeting,
-    meets,
-    parse_seconds,
-    summarize,
-)
+from pdgate.common.yamlfile import YamlFileError
+from pdgate.loadgen.plots import plot_attainment_vs_rate, plot_cdfs, plot_timeseries
+from pdgate.loadgen.report import render_report
+from pdgate.loadgen.runfile import CSV_COLUMNS, load_run, write_run
+from pdgate.loadgen.slo import Slo, SloSpec, meets, parse_seconds
+from pdgate.loadgen.stats import Dist, RunStats, max_rate_meeting, summarize
+from pdgate.loadgen.tables import print_summary, summary_table
 from pdgate.loadgen.types import RequestResult
+
+pytestmark = pytest.mark.unit
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -132,6 +120,22 @@ def test_from_dict_forms_and_file(tmp_path: Path) -> None:
     assert SloSpec.load(tmp_path / "slo.json") == a
     with pytest.raises(ValueError):
         SloSpec.from_dict({"default": {"latency": 1}})
+
+
+def test_a_bad_slo_file_is_one_clear_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("# no limits yet\n")
+    assert SloSpec.load(tmp_path / "empty.yaml") == SloSpec()
+    cases = {
+        "missing.yaml": (None, r"missing\.yaml: no such file"),
+        "broken.yaml": ("default: {ttft: 0.5\n", r"broken\.yaml:2: not valid YAML"),
+        "list.yaml": ("- ttft: 0.5\n", r"list\.yaml: expected a mapping of SLO limits at the top level, found a list"),
+    }
+    for name, (text, message) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(YamlFileError, match=message):
+            SloSpec.load(tmp_path / name)
+    assert issubclass(YamlFileError, ValueError)  # what `pdgate bench` reports as a usage error
 
 
 def test_meets_definition() -> None:

@@ -12,9 +12,12 @@ import pytest
 
 from pdgate.common.tokenizer import BuiltinTokenizer, HFTokenizer, Tokenizer
 from pdgate.loadgen import traces
+from pdgate.loadgen.lengths import LengthDist
 from pdgate.loadgen.prompts import PromptBuilder, _raw_pieces
 from pdgate.loadgen.traces import MooncakeRecord
-from pdgate.loadgen.workloads import LengthDist, multi_turn, shared_prefix, synthetic
+from pdgate.loadgen.workloads import multi_turn, shared_prefix, synthetic
+
+pytestmark = pytest.mark.unit
 
 CORPUS = (
     "the history of the city begins in antiquity with small settlements along the river where "

@@ -15,6 +15,8 @@ from pdgate.scheduler.plugins.migration import LoadBalance, NoMigration
 from pdgate.scheduler.registry import PluginConfigError, PluginRegistry
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RunningRequest
 
+pytestmark = pytest.mark.unit
+
 REGISTRY = PluginRegistry(load_entry_points=False)
 
 

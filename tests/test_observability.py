@@ -6,7 +6,6 @@ the collector test runs it as its own process exporting OTLP/HTTP to a receiver 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from support.fleet import (
 )
 from support.otlp import OtlpReceiver
 from support.procs import PdgateProcess, start_pdgate, start_sim
+from support.waiting import wait_until_async
 
 from pdgate.gateway.app import GatewayServer, build_gateway
 from pdgate.gateway.config import GatewayConfig, TracingConfig
@@ -435,8 +435,18 @@ async def test_metrics_move_as_requests_are_served(traced, pd_engines) -> None:
     with pytest.raises(openai.NotFoundError):
         await client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     await client.close()
-    await asyncio.sleep(0.3)  # one scrape of the engines' load
-    after = await _samples(server.url)
+    ids = [f"{role}-{engine.port}" for role, engine in zip(("prefill", "decode"), pd_engines)]
+
+    async def settled() -> dict[str, list[tuple[dict[str, str], float]]] | None:
+        """The metrics once every request is counted and both engines' load was scraped."""
+        samples = await _samples(server.url)
+        done = _total(samples, "pdgate_e2e_request_latency_seconds_count", model=MODEL) - _total(
+            before, "pdgate_e2e_request_latency_seconds_count", model=MODEL
+        )
+        scraped = {lab["instance"] for lab, _ in samples.get("pdgate_instance_running_requests", [])}
+        return samples if done >= 3 and scraped >= set(ids) else None
+
+    after = await wait_until_async(settled, timeout=10, message="3 requests counted and the engines' load scraped")
 
     def delta(name: str, **labels: str) -> float:
         return _total(after, name, **labels) - _total(before, name, **labels)
@@ -447,11 +457,11 @@ async def test_metrics_move_as_requests_are_served(traced, pd_engines) -> None:
     assert delta("pdgate_e2e_request_latency_seconds_count", model=MODEL) == 3
     assert delta("pdgate_prompt_tokens_total", model=MODEL) == prompt_tokens
     assert delta("pdgate_generation_tokens_total", model=MODEL) == output_tokens
-    prefill_id = f"prefill-{pd_engines[0].url.rsplit(':', 1)[1]}"
+    prefill_id = ids[0]
     assert delta("pdgate_prefix_cache_queried_tokens_total", instance=prefill_id) == prompt_tokens
     assert delta("pdgate_plugin_duration_seconds_count", profile="prefill") >= 3 * 5
     assert delta("pdgate_admission_decisions_total", model=MODEL, outcome="dispatch") == 3
-    for instance in (prefill_id, f"decode-{pd_engines[1].url.rsplit(':', 1)[1]}"):
+    for instance in ids:
         assert _total(after, "pdgate_instance_circuit_state", instance=instance, state="closed") == 1
         assert _total(after, "pdgate_instance_healthy", instance=instance) == 1
         assert _total(after, "pdgate_instance_info", instance=instance) == 1

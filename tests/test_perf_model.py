@@ -20,6 +20,8 @@ from pdgate.common.perf_model import (
     roofline_profile,
 )
 
+pytestmark = pytest.mark.unit
+
 REQUIRED = (
     "h100-llama-3-8b",
     "h100-llama-2-7b",

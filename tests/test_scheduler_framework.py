@@ -8,6 +8,8 @@ from pdgate.scheduler.framework import Scorer, run_profile
 from pdgate.scheduler.registry import PluginConfigError, PluginRegistry
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
+pytestmark = pytest.mark.unit
+
 REQ = RequestInfo("r1", "m", prompt_tokens=100, max_tokens=10)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from support.waiting import wait_until_async
 
 from pdgate.gateway.admission import AdmissionController
 from pdgate.gateway.config import AdmissionConfig, SloConfig
@@ -20,6 +21,8 @@ from pdgate.scheduler.plugins.slo import (
     SloTtftScorer,
 )
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo, SloTarget
+
+pytestmark = pytest.mark.unit
 
 GROUP = "sim/m/default"
 
@@ -179,11 +182,9 @@ async def test_queue_dispatches_by_priority_then_deadline_and_forgets_cancelled_
                 ("gone", 0.5, 0),
             )
         ]
-        await asyncio.sleep(0.05)
-        assert ctl.queue_length("m") == 5
+        await wait_until_async(lambda: ctl.queue_length("m") == 5, timeout=5, message="5 requests queued")
         tasks[4].cancel()  # the client went away while queued
-        await asyncio.sleep(0.02)
-        assert ctl.queue_length("m") == 4
+        await wait_until_async(lambda: ctl.queue_length("m") == 4, timeout=5, message="the cancelled one gone")
         gate.closed = False
         ctl.wake()
         await asyncio.wait_for(asyncio.gather(*tasks[:4]), 5)
@@ -197,9 +198,10 @@ async def test_full_queue_turns_away_the_lowest_ranked_and_rejections_carry_retr
     ctl = await _controller(gate, max_queue=2)
     try:
         waiting = [asyncio.create_task(ctl.admit(request(ttft=t, rid=f"r{t}"), lambda i: None)) for t in (5.0, 3.0)]
-        await asyncio.sleep(0.02)
+        await wait_until_async(lambda: ctl.queue_length("m") == 2, timeout=5, message="the queue full")
         urgent = asyncio.create_task(ctl.admit(request(ttft=1.0, rid="urgent"), lambda i: None))
-        await asyncio.sleep(0.02)
+        await wait_until_async(waiting[0].done, timeout=5, message="the loosest request turned away")
+        assert ctl.queue_length("m") == 2 and not waiting[1].done() and not urgent.done()
         with pytest.raises(GatewayError) as err:
             await waiting[0]  # the loosest deadline made room
         assert err.value.status == 429 and err.value.headers["x-pdgate-reject-reason"] == "queue-full"
@@ -224,8 +226,8 @@ async def test_infeasible_modes_degrade_or_admit_and_close_fails_the_queue():
     gate = GateAdmitter()
     ctl = await _controller(gate, on_infeasible="best-effort")
     task = asyncio.create_task(ctl.admit(request(rid="late-3"), lambda i: None))
-    await asyncio.sleep(0.02)
-    assert ctl.queue_length("m") == 1  # degraded to best effort, waiting for capacity
+    # degraded to best effort, waiting for capacity
+    await wait_until_async(lambda: ctl.queue_length("m") == 1, timeout=5, message="the request queued")
     await ctl.close()
     with pytest.raises(GatewayError) as err:
         await task

@@ -15,7 +15,6 @@ import pytest
 from support.fleet import (
     MODEL,
     engine_flags,
-    free_port,
     get_json,
     instance_entry,
     metric,
@@ -23,6 +22,7 @@ from support.fleet import (
     write_config,
 )
 from support.procs import PdgateProcess, start_sim
+from support.waiting import wait_until
 
 LONG_PROMPT_WORDS = 700  # ~3k tokens with the builtin tokenizer: ~90 ms of H100 prefill
 
@@ -40,10 +40,10 @@ def fleet() -> Iterator[Fleet]:
     entries = []
     try:
         for role in ("prefill", "decode"):
-            kv = free_port()
-            proc = start_sim(*engine_flags(role, kv_port=kv), time_scale=1.0)
+            # the engine binds its KV-event port itself; each gateway of the module connects to it
+            proc = start_sim(*engine_flags(role, kv_events=True), time_scale=1.0)
             procs.append(proc)
-            entries.append(instance_entry(proc, role, "sim", kv_port=kv))
+            entries.append(instance_entry(proc, role, "sim"))
         yield Fleet(procs, entries)
     finally:
         for proc in procs:
@@ -91,7 +91,7 @@ async def _burst(url: str, n: int, ttft_ms: int, gap_s: float = 0.04, first: int
     """``n`` streamed requests, one every ``gap_s``; (status, TTFT or rejection time, reason) each."""
 
     async def one(i: int, session: aiohttp.ClientSession) -> tuple[int, float, str]:
-        await asyncio.sleep(i * gap_s)
+        await asyncio.sleep(i * gap_s)  # the arrival schedule under test: one request every gap_s
         t0 = time.monotonic()
         body = {"model": MODEL, "prompt": prompt(first + i), "max_tokens": 8, "stream": True, "ignore_eos": True}
         async with session.post(f"{url}/v1/completions", json=body, headers={"x-slo-ttft-ms": str(ttft_ms)}) as resp:
@@ -151,13 +151,15 @@ def test_requests_are_logged_refit_online_and_the_model_is_loaded_at_restart(fle
                 extra_body={"ignore_eos": True},
             )
             assert sum(len(c.choices) for c in stream) > 0
-        deadline = time.monotonic() + 30
         # a request is recorded just after its last byte went out: wait for the 24th, then for a refit
-        while metric(gw.url, "pdgate_prediction_ratio_count", quantity="ttft_s") < 24 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        while not ModelStore(model_dir).versions() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ModelStore(model_dir).versions(), gw.log
+        wait_until(
+            lambda: metric(gw.url, "pdgate_prediction_ratio_count", quantity="ttft_s") >= 24,
+            timeout=30,
+            message="the gateway to record all 24 requests",
+        )
+        wait_until(
+            lambda: ModelStore(model_dir).versions(), timeout=30, interval=0.1, message=lambda: f"a refit\n{gw.log}"
+        )
         state = get_json(f"{gw.url}/cost-model")
         assert state["version"] != "prior" and state["refits"] >= 1
         assert metric(gw.url, "pdgate_prediction_ratio_count", quantity="ttft_s") >= 24

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pdgate.gateway.splice import Splice, StreamTrail, continuation_body, pinned_reason
+
+pytestmark = pytest.mark.unit
 
 
 def event(payload: dict) -> bytes:
@@ -73,6 +77,43 @@ def test_the_trail_keeps_ids_a_client_asked_for_and_notices_an_engine_without_th
     del chunk["choices"][0]["token_ids"]
     blind.feed(event(chunk))
     assert not blind.tracked
+
+
+def test_crlf_framed_streams_are_cut_into_whole_events_at_any_read_boundary():
+    """An engine (or a proxy in front of it) may frame events with CRLF, as sse-starlette does."""
+    crlf = lambda e: e.replace(b"\n", b"\r\n")
+    events = [
+        crlf(event(completion_chunk("a", [5]))),
+        crlf(event(completion_chunk("b", [6, 7]))),
+        crlf(event(completion_chunk("", [], finish="length"))),
+        b"data: [DONE]\r\n\r\n",
+    ]
+    data = b"".join(events)
+    first_end = len(events[0])
+    ends = [sum(map(len, events[:n])) for n in range(len(events) + 1)]
+    for cut in range(len(data) + 1):
+        trail = StreamTrail(strip_ids=False)
+        head, tail = trail.feed(data[:cut]), trail.feed(data[cut:])
+        assert head + tail == data, cut  # forwarded as it came, nothing lost or repeated
+        # every whole event at once (an event is whole at its empty line's CR: the LF may come later)
+        assert len(head) == (cut if cut + 1 in ends else max(e for e in ends if e <= cut)), cut
+        assert trail.token_ids == [5, 6, 7] and trail.finished and trail.done, cut
+        assert trail.identity == {"id": "cmpl-src", "created": 100, "model": "m", "object": "text_completion"}
+    trail = StreamTrail(strip_ids=True)
+    assert [c["choices"][0]["token_ids"] for c in decode(trail.feed(data).replace(b"\r\n", b"\n"))[:2]] == [
+        None,
+        None,
+    ]
+    # a continuation from such an engine is rewritten into the client's stream all the same
+    trail = StreamTrail(strip_ids=True)
+    trail.feed(data[:first_end])
+    splice = Splice(trail, "completion", prompt_tokens=4, offset=1, want_ids=False)
+    more = crlf(event(completion_chunk("c", [8], cid="cmpl-target")) + b": keep-alive\n\n" + b"data: [DONE]\n\n")
+    out = b"".join(splice.feed(more[i : i + 5]) for i in range(0, len(more), 5))
+    assert out.count(b"\n\n") == 3 and b"\r" not in out
+    chunks = decode(out)
+    assert chunks[0]["id"] == "cmpl-src" and chunks[0]["choices"][0]["text"] == "c" and chunks[1] == "[DONE]"
+    assert b": keep-alive\n\n" in out and trail.token_ids == [5, 8] and trail.done
 
 
 def test_a_continuation_becomes_the_clients_completion_stream_with_whole_usage():

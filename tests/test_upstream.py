@@ -14,8 +14,11 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
+from support.waiting import wait_until_async
 
 from pdgate.common.http_client import UpstreamError, UpstreamPool, UpstreamResponse
+
+pytestmark = pytest.mark.unit
 
 TIMEOUT = 5.0  # a request's deadline where the test is not about deadlines
 
@@ -193,7 +196,7 @@ class WebEngine:
         for i in range(20):
             await resp.write(f"data: {i}\n\n".encode())
             if i % 5 == 4:
-                await asyncio.sleep(0.01)  # several socket reads on the client's side
+                await asyncio.sleep(0.01)  # pacing the fake engine: the body arrives in several socket reads
         await resp.write_eof()
         return resp
 
@@ -219,15 +222,6 @@ async def fetch(
         return response, await response.read()
     finally:
         response.close()
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 # ----------------------------------------------------------------------------- bodies
@@ -318,7 +312,7 @@ async def test_connection_close_response_is_not_reused(raw_server, make_pool):
         assert body == b"bye" and response.keep_alive is False
         assert pool.idle_connections() == 0
     assert pool.connections_opened == 2
-    assert await eventually(lambda: server.peers[0].eof.is_set())  # the pool closed its side
+    await wait_until_async(lambda: server.peers[0].eof.is_set(), timeout=2)  # the pool closed its side
 
 
 async def test_stale_keepalive_connection_is_retried_on_a_fresh_one(raw_server, make_pool):
@@ -347,7 +341,7 @@ async def test_keepalive_connection_closed_while_parked_is_not_used(raw_server, 
     server = await raw_server(answer_then_close)
     pool = make_pool()
     assert (await fetch(pool, server.origin))[1] == b"answer 0"
-    assert await eventually(lambda: pool.idle_connections() == 0)  # the engine's close was noticed
+    await wait_until_async(lambda: pool.idle_connections() == 0, timeout=2)  # the engine's close was noticed
     assert (await fetch(pool, server.origin))[1] == b"answer 1"
     assert pool.connections_opened == 2
     assert server.requests == [(0, "/"), (1, "/")]
@@ -401,15 +395,17 @@ async def test_malformed_response_head_is_upstream_error(raw_server, make_pool):
     pool = make_pool()
     with pytest.raises(UpstreamError, match="malformed response"):
         await pool.request(server.origin, "GET", "/", b"", headers={}, timeout_s=TIMEOUT)
-    assert await eventually(lambda: server.peers[0].eof.is_set())  # the connection was dropped
+    await wait_until_async(lambda: server.peers[0].eof.is_set(), timeout=2)  # the connection was dropped
     assert pool.idle_connections() == 0
 
 
 async def test_malformed_chunk_mid_body_is_upstream_error(raw_server, make_pool):
+    first_read = asyncio.Event()  # the garbage follows once the client has the first chunk
+
     async def bad_chunk(peer: Peer) -> None:
         if await peer.read_request() is not None:
             peer.writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-            await asyncio.sleep(0.05)
+            await first_read.wait()
             peer.writer.write(b"zz\r\nnot a chunk\r\n")
             await peer.until_eof()
 
@@ -419,13 +415,14 @@ async def test_malformed_chunk_mid_body_is_upstream_error(raw_server, make_pool)
     try:
         assert response.status == 200
         assert await response.first_chunk() == b"hello"
+        first_read.set()
         pieces: list[bytes] = []
         with pytest.raises(UpstreamError, match="malformed response"):
             await response.relay(pieces.append)
         assert pieces == []
     finally:
         response.close()
-    assert await eventually(lambda: server.peers[0].eof.is_set())
+    await wait_until_async(lambda: server.peers[0].eof.is_set(), timeout=2)
     assert pool.idle_connections() == 0
 
 
@@ -440,7 +437,7 @@ async def test_timeout_waiting_for_the_head_is_upstream_error_and_closes(raw_ser
     with pytest.raises(UpstreamError, match=r"no complete answer within 0\.2 s"):
         await pool.request(server.origin, "GET", "/", b"", headers={}, timeout_s=0.2)
     assert 0.15 < time.monotonic() - t0 < 1.0
-    assert await eventually(lambda: server.peers[0].eof.is_set(), 1.0)  # the connection was closed
+    await wait_until_async(lambda: server.peers[0].eof.is_set(), timeout=1.0)  # the connection was closed
     assert pool.idle_connections() == 0
 
 
@@ -460,7 +457,7 @@ async def test_timeout_mid_body_is_upstream_error_and_closes(raw_server, make_po
             await response.read()
         assert 0.25 < time.monotonic() - t0 < 1.0
         # the deadline itself closed the connection, before the caller released the response
-        assert await eventually(lambda: server.peers[0].eof.is_set(), 1.0)
+        await wait_until_async(lambda: server.peers[0].eof.is_set(), timeout=1.0)
     finally:
         response.close()
     assert pool.idle_connections() == 0
@@ -472,7 +469,7 @@ async def test_closing_a_response_mid_body_closes_its_connection(raw_server, mak
     response = await pool.request(server.origin, "GET", "/hold", b"", headers={}, timeout_s=TIMEOUT)
     assert await response.first_chunk() == b"first"
     response.close()  # how a request is aborted on the engine
-    assert await eventually(lambda: server.peers[0].eof.is_set(), 1.0)  # the engine sees the disconnect
+    await wait_until_async(lambda: server.peers[0].eof.is_set(), timeout=1.0)  # the engine sees the disconnect
     assert pool.idle_connections() == 0
 
     assert (await fetch(pool, server.origin, "/next"))[1] == b"/next"
@@ -482,17 +479,19 @@ async def test_closing_a_response_mid_body_closes_its_connection(raw_server, mak
 
 @pytest.mark.parametrize("framing", ["chunked", "content-length"])
 async def test_engine_closing_mid_body_fails_the_relay(raw_server, make_pool, framing):
+    first_read = asyncio.Event()  # the rest follows once the client has the first piece
+
     async def die_mid_body(peer: Peer) -> None:
         if await peer.read_request() is not None:
             if framing == "chunked":
                 peer.writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
-                await asyncio.sleep(0.05)
+                await first_read.wait()
                 peer.writer.write(b"1\r\nb\r\n")
             else:
                 peer.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\na")
-                await asyncio.sleep(0.05)
+                await first_read.wait()
                 peer.writer.write(b"b")
-            await asyncio.sleep(0.05)
+            await peer.writer.drain()
             # returning closes the connection, mid-body
 
     server = await raw_server(die_mid_body)
@@ -500,6 +499,7 @@ async def test_engine_closing_mid_body_fails_the_relay(raw_server, make_pool, fr
     response = await pool.request(server.origin, "GET", "/", b"", headers={}, timeout_s=TIMEOUT)
     try:
         first = await response.first_chunk()
+        first_read.set()
         pieces: list[bytes] = []
         with pytest.raises(UpstreamError, match="closed the connection mid-response"):
             await asyncio.wait_for(response.relay(pieces.append), 2)
@@ -529,11 +529,11 @@ async def test_idle_connection_past_idle_timeout_is_not_reused(raw_server, make_
     assert (await fetch(pool, server.origin, "/a"))[1] == b"/a"
     assert (await fetch(pool, server.origin, "/b"))[1] == b"/b"  # within the idle timeout: reused
     assert pool.connections_opened == 1
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # the behaviour under test: the parked connection idles past idle_timeout_s
     assert (await fetch(pool, server.origin, "/c"))[1] == b"/c"
     assert pool.connections_opened == 2
     assert server.requests == [(0, "/a"), (0, "/b"), (1, "/c")]
-    assert await eventually(lambda: server.peers[0].eof.is_set(), 1.0)  # the expired one was closed
+    await wait_until_async(lambda: server.peers[0].eof.is_set(), timeout=1.0)  # the expired one was closed
 
 
 async def test_pool_close_closes_every_connection(raw_server, make_pool):
@@ -547,7 +547,7 @@ async def test_pool_close_closes_every_connection(raw_server, make_pool):
 
     await pool.close()
     assert pool.idle_connections() == 0
-    assert await eventually(lambda: all(p.eof.is_set() for p in server.peers), 1.0)  # parked and in use
+    await wait_until_async(lambda: all(p.eof.is_set() for p in server.peers), timeout=1.0)  # parked and in use
     with pytest.raises(UpstreamError, match="mid-response"):
         await in_use.relay(lambda data: None)
     in_use.close()
@@ -567,7 +567,7 @@ async def test_pool_close_fails_a_request_waiting_on_a_reused_connection(raw_ser
     pool = make_pool()
     await fetch(pool, server.origin, "/a")
     waiting = asyncio.create_task(fetch(pool, server.origin, "/b", timeout_s=3))
-    assert await eventually(lambda: len(server.peers[0].requests) == 2)
+    await wait_until_async(lambda: len(server.peers[0].requests) == 2, timeout=2)
     await pool.close()
     try:
         with pytest.raises(UpstreamError):

@@ -17,7 +17,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ import pytest_asyncio
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 from support.otlp import OtlpReceiver
-from support.procs import free_port
+from support.ports import reserve_port, retry_on_port_clash
+from support.waiting import wait_until, wait_until_async
 
 from pdgate.engines.launch.vllm_cpu.install import is_installed, tiny_model_dir, vllm_home
 from pdgate.gateway.app import GatewayServer, build_gateway
@@ -41,7 +41,7 @@ BLOCK = 128  # vLLM's CPU block size
 START_TIMEOUT_S = 300.0
 HOME = vllm_home()
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 
 WORDS = [
     "the",
@@ -156,7 +156,7 @@ class Fleet:
 def start_engine(
     name: str, role: str, core: str, tmp: Path, *, kv_ports: tuple[int, int] | None = None, otlp: str | None = None
 ) -> Engine:
-    port = free_port()
+    port = reserve_port()  # vLLM takes no port 0: chosen outside the ephemeral range (support.ports)
     args = [
         sys.executable,
         "-m",
@@ -179,7 +179,7 @@ def start_engine(
         str(HOME / "venv" / "bin" / "python"),
     ]
     if role != "both":
-        args += ["--side-channel-port", str(free_port())]
+        args += ["--side-channel-port", str(reserve_port())]
     if kv_ports is not None:
         args += [
             "--kv-events-endpoint",
@@ -198,9 +198,9 @@ def start_engine(
 
 
 def wait_healthy(engines: list[Engine]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
     pending = list(engines)
-    while pending:
+
+    def all_healthy() -> bool:
         for engine in list(pending):
             if engine.proc.poll() is not None:
                 raise RuntimeError(
@@ -211,9 +211,9 @@ def wait_healthy(engines: list[Engine]) -> None:
                     pending.remove(engine)
             except OSError:
                 pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vLLM {[e.name for e in pending]} not healthy within {START_TIMEOUT_S:.0f} s")
-        time.sleep(0.5)
+        return not pending
+
+    wait_until(all_healthy, START_TIMEOUT_S, interval=0.5, message=lambda: f"vLLM {[e.name for e in pending]} healthy")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -227,15 +227,26 @@ async def collector() -> OtlpReceiver:
 def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -> Fleet:
     _require_vllm()
     tmp = tmp_path_factory.mktemp("vllm")
-    kv_ports = {"prefill": (free_port(), free_port()), "decode": (free_port(), free_port())}
-    fleet = Fleet(
-        start_engine("prefill", "prefill", "0", tmp, kv_ports=kv_ports["prefill"], otlp=collector.endpoint),
-        start_engine("decode", "decode", "1", tmp, kv_ports=kv_ports["decode"], otlp=collector.endpoint),
-        start_engine("colocated", "both", "0", tmp),
-        kv_ports,
-    )
+
+    def start() -> Fleet:
+        # the gateway binds the KV-event ports (vLLM's PUB connects to a concrete host): chosen beforehand
+        kv_ports = {"prefill": (reserve_port(), reserve_port()), "decode": (reserve_port(), reserve_port())}
+        fleet = Fleet(
+            start_engine("prefill", "prefill", "0", tmp, kv_ports=kv_ports["prefill"], otlp=collector.endpoint),
+            start_engine("decode", "decode", "1", tmp, kv_ports=kv_ports["decode"], otlp=collector.endpoint),
+            start_engine("colocated", "both", "0", tmp),
+            kv_ports,
+        )
+        try:
+            wait_healthy(fleet.engines)
+        except BaseException:
+            for engine in fleet.engines:
+                engine.stop()
+            raise
+        return fleet
+
+    fleet = retry_on_port_clash(start)  # a port taken after all (outside the tests): start again on new ones
     try:
-        wait_healthy(fleet.engines)
         yield fleet
     finally:
         for engine in fleet.engines:
@@ -378,18 +389,20 @@ async def test_exact_prefix_index_holds_the_blocks_vllm_reported(fleet: Fleet) -
     assert reply.usage.prompt_tokens >= 3 * BLOCK
     index = fleet.gateway.gateway.cluster.exact_index  # type: ignore[union-attr]
     expected = {h for ids in fleet.prompts_to_prefill for h in vllm_block_hashes(ids)}
-    deadline = time.monotonic() + 10
-    while index.blocks("prefill") != expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert index.blocks("prefill") == expected  # exactly the prompts' full blocks, from real events
+    # exactly the prompts' full blocks, from real events
+    await wait_until_async(
+        lambda: index.blocks("prefill") == expected,
+        timeout=10,
+        message=lambda: f"the prefill blocks to match: {len(index.blocks('prefill') ^ expected)} differ",
+    )
     newest = set(vllm_block_hashes(fleet.prompts_to_prefill[-1]))
-    while not newest <= index.blocks("decode") and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert newest <= index.blocks("decode")  # the transferred blocks, stored on decode too
+    await wait_until_async(
+        lambda: newest <= index.blocks("decode"), timeout=10, message="the blocks stored on decode too"
+    )
     # and the gateway scores the prefix on the instances that hold it
     snapshot = fleet.gateway.gateway.cluster.snapshot(
         MODEL,
-        fleet.gateway.gateway.proxy._validate(  # type: ignore[union-attr]
+        fleet.gateway.gateway.proxy.intake.parse(  # type: ignore[union-attr]
             json.dumps({"model": MODEL, "prompt": prompt_text(4, 400)}).encode(), "completion", None
         ).hashes,
     )
@@ -434,10 +447,12 @@ async def test_client_disconnect_aborts_the_request_on_vllm(fleet: Fleet) -> Non
             break
     assert fleet.decode.metric("vllm:num_requests_running") == 1
     await stream.close()  # the client goes away mid-stream
-    deadline = time.monotonic() + 10
-    while fleet.decode.metric("vllm:num_requests_running") and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert fleet.decode.metric("vllm:num_requests_running") == 0
+    await wait_until_async(
+        lambda: fleet.decode.metric("vllm:num_requests_running") == 0,
+        timeout=10,
+        interval=0.1,
+        message="the aborted request to leave the decode engine",
+    )
     assert fleet.decode.metric("vllm:kv_cache_usage_perc") == 0.0
     states = fleet.gateway.gateway.cluster.instances  # type: ignore[union-attr]
     assert all(s.inflight_requests == 0 for s in states.values())
@@ -637,10 +652,11 @@ async def test_killed_engine_is_marked_unhealthy_and_avoided(engines: Fleet) -> 
         for i in range(6):
             reply = await complete(server.url, prompt_text(10 + i, 20), 4)
             assert reply.usage.completion_tokens == 4  # every request served, before and after detection
-        deadline = time.monotonic() + 5
-        while cluster.instances["colocated"].breaker.state == "closed" and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert cluster.instances["colocated"].breaker.state != "closed"
+        await wait_until_async(
+            lambda: cluster.instances["colocated"].breaker.state != "closed",
+            timeout=5,
+            message="the dead engine's circuit to open",
+        )
         assert cluster.ready(MODEL)
     finally:
         await server.stop()

@@ -51,11 +51,13 @@ def run_sim(args: argparse.Namespace) -> int:
             f"kv_blocks={st.core.kv.num_blocks}x{config.block_size} time_scale={config.time_scale}",
             flush=True,
         )
-        boot = config.resolved_bootstrap_port()
-        if boot is not None:
-            print(f"  sglang bootstrap server on {config.host}:{boot}", flush=True)
-        if config.kv_events_endpoint:
-            print(f"  KV events -> {config.kv_events_endpoint} topic={config.kv_events_topic!r}", flush=True)
+        # the addresses bound, not the ones asked for: port 0 and ``tcp://host:*`` pick free ports
+        if server.bootstrap_port is not None:
+            print(f"  sglang bootstrap server on {config.host}:{server.bootstrap_port}", flush=True)
+        publisher = st.publisher
+        if publisher is not None:
+            replay = f" replay={publisher.replay_address}" if publisher.replay_address else ""
+            print(f"  KV events -> {publisher.pub_address} topic={config.kv_events_topic!r}{replay}", flush=True)
 
     try:
         run_async(serve_until_signalled(server, ready))

@@ -7,7 +7,8 @@ vLLM: ``/reset_prefix_cache``; SGLang: ``/health_generate``, ``/get_model_info``
 ``/sim/state`` (a JSON snapshot for tests and operators), ``/sim/traces`` (the W3C trace headers
 of the latest generation requests), ``/sim/kv/read`` (the side channel
 a decode peer pulls a held prefill's KV through) and the live-migration routes ``/sim/migrate``,
-``/sim/migrate/reserve``, ``/sim/migrate/release``, ``/sim/migrations`` (see :mod:`engines.sim.migration`). An SGLang-flavour prefill engine also serves a
+``/sim/migrate/reserve``, ``/sim/migrate/release``, ``/sim/migrations`` (see :mod:`engines.sim.migration`,
+served by :mod:`engines.sim.migration_routes`). An SGLang-flavour prefill engine also serves a
 bootstrap server on its bootstrap port (``/route``, ``/health``, ``/sim/bootstrap/{room}``).
 See :mod:`engines.sim.handoff` for the PD protocols.
 """
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from pdgate.engines.sim.build import build_state
 from pdgate.engines.sim.config import SimEngineConfig
 from pdgate.engines.sim.handoff import (
     handle_bootstrap_health,
@@ -28,7 +30,7 @@ from pdgate.engines.sim.handoff import (
     handle_kv_read,
 )
 from pdgate.engines.sim.kv_events import KvEventPublisher
-from pdgate.engines.sim.migration import (
+from pdgate.engines.sim.migration_routes import (
     handle_migrate,
     handle_migrations,
     handle_release,
@@ -48,7 +50,7 @@ from pdgate.engines.sim.routes_info import (
     handle_traces,
     handle_version,
 )
-from pdgate.engines.sim.state import SIM_STATE, SimState, build_state, route
+from pdgate.engines.sim.state import SIM_STATE, SimState, route
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -138,6 +140,7 @@ class SimServer:
         self.config = config
         self.state = build_state(config)
         self._runners: list[web.AppRunner] = []
+        self.bootstrap_port: int | None = None  # the SGLang bootstrap port bound (``--bootstrap-port 0``: a free one)
 
     @property
     def port(self) -> int:
@@ -160,6 +163,7 @@ class SimServer:
             await boot.setup()
             self._runners.append(boot)
             await web.TCPSite(boot, self.config.host, bootstrap_port).start()
+            self.bootstrap_port = boot.addresses[0][1]
 
     async def stop(self) -> None:
         for runner in reversed(self._runners):

@@ -15,6 +15,10 @@ HTTP and nothing about the gateway:
   :attr:`Responder.paused` is set and the hooks given to :meth:`Responder.on_flow` are called.
 * Idle keep-alive connections are closed after ``keepalive_timeout_s``; a request's head and
   body must arrive within ``request_timeout_s`` (408 otherwise).
+* ``Expect: 100-continue`` (HTTP/1.1) is answered ``100 Continue`` as soon as the head shows the
+  body is acceptable (curl and others wait for it before sending a body), after the response in
+  progress when the request is pipelined; a body over the limit gets the 413 instead, and any
+  other expectation 417.
 * :meth:`HttpServer.close` stops listening, lets in-flight requests finish for a grace period,
   then cancels what is left.
 """
@@ -36,6 +40,7 @@ import httptools
 log = logging.getLogger("pdgate.http")
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass(slots=True)
@@ -166,6 +171,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._responder: Responder | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._in_message = False
+        self._expects_continue = False  # the request in arrival awaits a 100 Continue before its body
 
     # ------------------------------------------------------------ transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -209,6 +215,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._body_size = 0
+        self._expects_continue = False
         if self._task is None:
             self._arm(self.server.request_timeout_s, self._request_expired)
 
@@ -222,8 +229,28 @@ class HttpServerProtocol(asyncio.Protocol):
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
             self._reject(413, f"request body too large: {length} bytes (limit {self.server.max_body_bytes})")
+            return
+        expect = self._headers.get("expect")
+        if expect is None:
+            return
+        if expect.strip().lower() != "100-continue":
+            self._reject(417, f"unsupported expectation: Expect: {expect}")
+        elif self.parser.get_http_version() != "1.0":  # an HTTP/1.0 client does not know 100 (RFC 9110 10.1.1)
+            has_body = (length is not None and length != "0") or "transfer-encoding" in self._headers
+            self._expects_continue = has_body  # no body to wait for: the final response is the answer
+            self._send_continue()
+
+    def _send_continue(self) -> None:
+        """Tell a client waiting with ``Expect: 100-continue`` to send its body; not while another
+        request's response is being written (then once it is done: :meth:`_after`)."""
+        if not self._expects_continue or self._task is not None or self._rejected:
+            return
+        self._expects_continue = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
+        self._expects_continue = False  # the body is on its way: no 100 needed (RFC 9110 10.1.1 allows leaving it out)
         self._body_size += len(body)
         if self._body_size > self.server.max_body_bytes:
             self._reject(413, f"request body too large: over {self.server.max_body_bytes} bytes")
@@ -232,6 +259,7 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        self._expects_continue = False
         if self._rejected:
             return
         target = self._url.decode("latin-1")
@@ -284,6 +312,7 @@ class HttpServerProtocol(asyncio.Protocol):
                 transport.resume_reading()
         elif self._in_message:  # the next request has begun to arrive: it has request_timeout_s to finish
             self._arm(self.server.request_timeout_s, self._request_expired)
+            self._send_continue()  # its head asked for a 100 Continue while this response was written
         else:
             self._arm(self.server.keepalive_timeout_s, self._idle_expired)
 

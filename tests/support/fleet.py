@@ -13,29 +13,44 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.procs import PdgateProcess, free_port, start_pdgate
 
 MODEL = "sim-model"
+ENGINE_BOUND_KV = "tcp://127.0.0.1:*"  # the engine binds a free port for its KV events and prints it
 
 
 def engine_flags(
     role: str,
     api: str = "vllm",
     *,
+    kv_events: bool = False,
     kv_port: int | None = None,
     boot_port: int | None = None,
     extra: tuple[str, ...] = (),
 ) -> list[str]:
+    """``pdgate engine sim`` flags for one fleet member.
+
+    ``kv_events``: publish KV events on a port the engine binds itself (vLLM's default topology:
+    the engine binds, the gateway connects; :func:`instance_entry` reads the port back).
+    ``kv_port``: publish to ``tcp://127.0.0.1:PORT`` instead, which the *gateway* binds (a port
+    chosen beforehand, :func:`support.ports.reserve_port`). An SGLang prefill engine binds its
+    bootstrap server on ``boot_port``, or on a free port of its own (reported) when none is given.
+    """
     flags = ["--role", role, "--api", api, "--served-model-name", MODEL, "--max-model-len", "4096"]
     if kv_port is not None:
         flags += ["--kv-events-endpoint", f"tcp://127.0.0.1:{kv_port}"]
+    elif kv_events:
+        flags += ["--kv-events-endpoint", ENGINE_BOUND_KV]
     if boot_port is not None:
         flags += ["--bootstrap-port", str(boot_port)]
+    elif api == "sglang" and role == "prefill":
+        flags += ["--bootstrap-port", "0"]  # not the fixed default 8998: tests run side by side
     return [*flags, *extra]
 
 
 def instance_entry(
     proc: PdgateProcess, role: str, kind: str, *, kv_port: int | None = None, boot_port: int | None = None, **extra: Any
 ) -> dict[str, Any]:
+    """The gateway config entry of a simulated engine, with the ports it reported it bound."""
     entry: dict[str, Any] = {
-        "id": f"{role}-{proc.url.rsplit(':', 1)[1]}",
+        "id": f"{role}-{proc.port}",
         "url": proc.url,
         "kind": kind,
         "role": role,
@@ -44,8 +59,13 @@ def instance_entry(
     }
     if kv_port is not None:
         entry["kv_events"] = {"endpoint": f"tcp://127.0.0.1:{kv_port}"}
+    elif ENGINE_BOUND_KV in proc.args:
+        bound = proc.kv_events[0]  # tcp://127.0.0.1:PORT; a wildcard host tells the gateway to connect
+        entry["kv_events"] = {"endpoint": f"tcp://*:{bound.rsplit(':', 1)[1]}"}
     if boot_port is not None:
         entry["bootstrap_port"] = boot_port
+    elif kind == "sim-sglang" and role == "prefill":
+        entry["bootstrap_port"] = proc.bootstrap_port
     return entry
 
 

@@ -8,9 +8,7 @@ and runs on the test's own event loop.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -21,6 +19,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from support.waiting import wait_until_async
 
 PROTOBUF = "application/x-protobuf"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -127,13 +127,10 @@ class OtlpReceiver:
         self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0
     ) -> list[ReceivedSpan]:
         """Poll until ``predicate(spans)`` holds and return the spans; AssertionError on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if predicate(self.spans):
-                return self.spans
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"no matching spans after {timeout}s; {self.summary()}")
-            await asyncio.sleep(0.05)
+        await wait_until_async(
+            lambda: predicate(self.spans), timeout, interval=0.05, message=lambda: f"matching spans; {self.summary()}"
+        )
+        return self.spans
 
     def summary(self) -> str:
         """The spans seen so far, one line each (for failure messages)."""

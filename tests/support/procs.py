@@ -6,20 +6,27 @@ import os
 import re
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
+from support.ports import reserve_port
+from support.waiting import wait_until
+
 READY_RE = re.compile(r"ready: (http://\S+)")
+BOOTSTRAP_RE = re.compile(r"sglang bootstrap server on \S+:(\d+)")
+KV_EVENTS_RE = re.compile(r"KV events -> (\S+) topic=\S+(?: replay=(\S+))?")
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port for a server that must be told it before it starts: :func:`support.ports.reserve_port`.
+
+    Prefer port 0 where the child supports it: children started here report the ports they bound
+    (:attr:`PdgateProcess.url`, :attr:`PdgateProcess.bootstrap_port`, :attr:`PdgateProcess.kv_events`).
+    """
+    return reserve_port()
 
 
 @dataclass
@@ -45,18 +52,56 @@ class PdgateProcess:
     def log(self) -> str:
         return "".join(self.output)
 
+    def reported(self, pattern: re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
+        """The first line of the child's output matching ``pattern`` (waits for it to be printed)."""
+
+        def find() -> re.Match[str] | None:
+            for line in list(self.output):
+                match = pattern.search(line)
+                if match:
+                    return match
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pdgate {' '.join(self.args)} exited without printing {pattern.pattern!r}")
+            return None
+
+        return wait_until(find, timeout, message=f"pdgate {' '.join(self.args)} to print {pattern.pattern!r}")
+
+    @property
+    def port(self) -> int:
+        """The HTTP port the child bound (from its ready line)."""
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def bootstrap_port(self) -> int:
+        """The SGLang bootstrap port a simulated prefill engine bound (``--bootstrap-port 0``: a free one)."""
+        return int(self.reported(BOOTSTRAP_RE).group(1))
+
+    @property
+    def kv_events(self) -> tuple[str, str | None]:
+        """The KV-event endpoints a simulated engine bound or connected to: (publisher, replay or None)."""
+        match = self.reported(KV_EVENTS_RE)
+        return match.group(1), match.group(2)
+
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
 
 def start_pdgate(
-    *args: str, timeout: float = 30.0, env: dict[str, str] | None = None, cwd: str | None = None
+    *args: str,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    program: list[str] | None = None,
+    replace_env: bool = False,
 ) -> PdgateProcess:
-    """Run ``pdgate ARGS`` and wait for its ``ready: URL`` line (``cwd``: run another checkout's code)."""
-    cmd = [sys.executable, "-m", "pdgate.cli", *args]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, cwd=cwd
-    )
+    """Run ``pdgate ARGS`` and wait for its ``ready: URL`` line (``cwd``: run another checkout's code).
+
+    ``program`` replaces ``python -m pdgate.cli`` (e.g. an installed ``pdgate`` console script);
+    ``env`` is added to this process's environment, or is the whole of it with ``replace_env``.
+    """
+    cmd = [*(program or [sys.executable, "-m", "pdgate.cli"]), *args]
+    environment = dict(env or {}) if replace_env else {**os.environ, **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, cwd=cwd)
     child = PdgateProcess(list(args), proc)
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
@@ -92,4 +137,5 @@ def _drain(child: PdgateProcess) -> None:
 
 
 def start_sim(*flags: str, time_scale: float = 20.0, **kw) -> PdgateProcess:
+    """A simulated engine on a port it picks itself (``--port 0``; ``url`` is what it bound)."""
     return start_pdgate("engine", "sim", "--port", "0", "--time-scale", str(time_scale), *flags, **kw)
