@@ -30,7 +30,8 @@ from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.proxy import Proxy
 from pdgate.gateway.requests import GatewayError
-from pdgate.gateway.tracing import Tracing, resolve_settings
+from pdgate.gateway.tracing import Tracing
+from pdgate.gateway.tracing_setup import resolve_settings
 from pdgate.scheduler.framework import Admitter, MigrationPolicy, Profile, ProfileHandler
 from pdgate.scheduler.registry import PluginRegistry, SchedulingConfig
 

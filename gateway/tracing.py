@@ -19,7 +19,8 @@ unless ``tracing.record_prompt_text`` is set (then the prompt's text, never the 
 With tracing off the proxy gets :data:`NO_TRACE`, whose methods do nothing, so an untraced
 request pays a few empty method calls and no OpenTelemetry code runs (the SDK is not even
 imported). The provider, its batch exporter and its thread are owned by :class:`Tracing`;
-:meth:`Tracing.close` flushes and shuts them down.
+:meth:`Tracing.close` flushes and shuts them down. What tracing is asked for (config and
+``OTEL_*``) is resolved in :mod:`pdgate.gateway.tracing_setup`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ import asyncio
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pdgate.common.runtime import otlp_traces_url
 from pdgate.gateway.config import TracingConfig
+from pdgate.gateway.tracing_setup import (
+    DEFAULT_SERVICE_NAME,
+    TracingSettings,
+    make_exporter,
+    resolve_settings,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -42,74 +47,6 @@ if TYPE_CHECKING:
     from pdgate.gateway.admission import Outcome
     from pdgate.gateway.cluster import InstanceState
     from pdgate.scheduler.framework import Decision
-
-TRACE_HEADERS = ("traceparent", "tracestate")
-DEFAULT_SERVICE_NAME = "pdgate"
-DEFAULT_OTLP_ENDPOINT = "http://localhost:4318"
-
-
-class TracingSetupError(ValueError):
-    """Tracing was asked for in a way that cannot work (unknown exporter, bad sampler...)."""
-
-
-@dataclass(frozen=True)
-class TracingSettings:
-    """Tracing as resolved from the config file and the ``OTEL_*`` environment."""
-
-    exporter: str  # "otlp" | "console"
-    endpoint: str | None  # OTLP traces URL; None: the exporter reads OTEL_EXPORTER_OTLP_* itself
-    headers: dict[str, str]
-    service_name: str
-    sample_ratio: float | None  # None: the SDK's OTEL_TRACES_SAMPLER (default: parent-based, always on)
-    propagate: bool
-    record_prompt_text: bool
-    plugin_spans: bool = True
-
-
-def resolve_settings(config: TracingConfig, env: Mapping[str, str] = os.environ) -> TracingSettings | None:
-    """What the config asks for, unset fields taken from the standard ``OTEL_*`` variables.
-
-    Returns ``None`` when tracing is off: ``OTEL_SDK_DISABLED=true``, ``enabled: false``, or
-    ``enabled`` unset and neither ``OTEL_TRACES_EXPORTER`` (other than ``none``) nor an
-    ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` set. Values in the config file win over the
-    environment; the OTLP exporter's other variables (headers, timeout, compression,
-    certificates) and the batch processor's ``OTEL_BSP_*`` are read by the SDK itself.
-    """
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    env_exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or None
-    env_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    enabled = config.enabled
-    if enabled is None:
-        enabled = (
-            (env_exporter is not None and env_exporter != "none") or bool(env_endpoint) or config.exporter is not None
-        )
-    if not enabled:
-        return None
-    exporter = config.exporter or env_exporter or "otlp"
-    if exporter == "none":
-        return None
-    if exporter not in ("otlp", "console"):
-        raise TracingSetupError(f"tracing: unknown exporter {exporter!r} (OTEL_TRACES_EXPORTER); known: otlp, console")
-    protocol = (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
-    ).strip()
-    if exporter == "otlp" and protocol != "http/protobuf":
-        raise TracingSetupError(f"tracing: OTLP protocol {protocol!r} is not supported; pdgate exports http/protobuf")
-    endpoint = otlp_traces_url(config.endpoint) if config.endpoint else None
-    if endpoint is None and not env_endpoint:
-        endpoint = otlp_traces_url(DEFAULT_OTLP_ENDPOINT)
-    service = config.service_name or env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
-    return TracingSettings(
-        exporter,
-        endpoint,
-        dict(config.headers),
-        service,
-        config.sample_ratio,
-        config.propagate_to_engines,
-        config.record_prompt_text,
-        config.plugin_spans,
-    )
 
 
 class Tracing:
@@ -166,7 +103,7 @@ class Tracing:
         if exporter is not None:
             provider.add_span_processor(SimpleSpanProcessor(exporter))
         else:
-            provider.add_span_processor(BatchSpanProcessor(_make_exporter(settings)))
+            provider.add_span_processor(BatchSpanProcessor(make_exporter(settings)))
         return cls(provider, settings)
 
     def start_request(self, route: str, headers: Mapping[str, str]) -> SpanTrace:
@@ -185,16 +122,6 @@ class Tracing:
     async def close(self) -> None:
         """Export what is buffered and stop the exporter's thread (off the event loop)."""
         await asyncio.to_thread(self.provider.shutdown)
-
-
-def _make_exporter(settings: TracingSettings) -> SpanExporter:
-    if settings.exporter == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        return ConsoleSpanExporter(service_name=settings.service_name)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter(endpoint=settings.endpoint, headers=settings.headers or None)
 
 
 # ------------------------------------------------------------------------- per request

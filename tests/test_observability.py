@@ -33,7 +33,7 @@ from support.waiting import wait_until_async
 from pdgate.gateway.app import GatewayServer, build_gateway
 from pdgate.gateway.config import GatewayConfig, TracingConfig
 from pdgate.gateway.metrics import GatewayMetrics
-from pdgate.gateway.tracing import TracingSetupError, resolve_settings
+from pdgate.gateway.tracing_setup import TracingSetupError, resolve_settings
 
 PROMPT = "Observability of a disaggregated fleet starts with one trace per request. " * 4
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
