@@ -177,6 +177,7 @@ def start_engine(
         "1024",
         "--python",
         str(HOME / "venv" / "bin" / "python"),
+        "--extra-args=--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens, as fleets report
     ]
     if role != "both":
         args += ["--side-channel-port", str(reserve_port())]
@@ -382,6 +383,32 @@ async def test_decode_engine_gets_the_prompt_by_kv_transfer(fleet: Fleet) -> Non
         fleet.prefill.metric("vllm:prompt_tokens_by_source_total", source="local_compute") - prefill_local0
         == reply.usage.prompt_tokens
     )
+
+
+async def test_client_cached_tokens_are_the_prefill_engines_hits(fleet: Fleet) -> None:
+    """vLLM's decode engine counts the prompt it received over NIXL as cached; the client is told the
+    prefill engine's own prefix-cache hits instead, streamed and not."""
+    assert fleet.gateway is not None
+
+    def cached(usage: Any) -> int:
+        details = usage.prompt_tokens_details
+        return (details.cached_tokens or 0) if details is not None else 0
+
+    async def streamed(prompt: str) -> Any:
+        stream = await client(fleet.gateway.url).completions.create(  # type: ignore[union-attr]
+            model=MODEL, prompt=prompt, max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+        return [chunk.usage async for chunk in stream if chunk.usage is not None][-1]
+
+    for seed, ask in ((21, None), (22, streamed)):
+        prompt = prompt_text(seed, 350)  # several full 128-token blocks, never sent before
+        hits0 = fleet.prefill.metric("vllm:prefix_cache_hits_total")
+        first = (await via_gateway(fleet, prompt, 4)).usage if ask is None else await ask(prompt)
+        assert first.prompt_tokens > 2 * BLOCK
+        assert cached(first) == 0 == fleet.prefill.metric("vllm:prefix_cache_hits_total") - hits0
+        again = (await via_gateway(fleet, prompt, 4)).usage if ask is None else await ask(prompt)
+        hits = fleet.prefill.metric("vllm:prefix_cache_hits_total") - hits0
+        assert hits >= 2 * BLOCK and cached(again) == hits
 
 
 async def test_exact_prefix_index_holds_the_blocks_vllm_reported(fleet: Fleet) -> None:
