@@ -74,9 +74,8 @@ class Placer:
             return self.decide(profile_name, routed, snapshot, list(among))
 
         plan = self.handler.plan(routed.info, snapshot, candidates, run)
-        instances = self.cluster.instances
-        decode = instances[plan.decode.instance_id]  # type: ignore[index]  # decide() answers 503 without one
-        prefill = instances[plan.prefill.instance_id] if plan.prefill is not None else None  # type: ignore[index]
+        decode = self._chosen(plan.decode)
+        prefill = self._chosen(plan.prefill) if plan.prefill is not None else None
         placement = Placement(decode, prefill, plan.decisions, plan.reason)
         for decision in placement.decisions:
             assert decision.instance is not None  # decide() answers 503 without one
@@ -166,4 +165,10 @@ class Placer:
         ):
             return self.cluster.instances[view.id]
         decision = self.decide("prefill", cont, snapshot, [i for i in snapshot.instances if i.id not in exclude])
-        return self.cluster.instances[decision.instance_id]  # type: ignore[index]
+        return self._chosen(decision)
+
+    def _chosen(self, decision: Decision) -> InstanceState:
+        """The instance a decision picked (:meth:`decide` answers 503 for one that picked none)."""
+        if decision.instance is None:
+            raise RuntimeError(f"profile {decision.profile!r} picked no instance")
+        return self.cluster.instances[decision.instance.id]
