@@ -23,93 +23,57 @@ empirical quantiles of the outputs (also the fallback should a quantile fit fail
 :meth:`OutputLengthModel.prior` predicts fixed defaults without any data.
 
 :class:`GlobalMeanBaseline` and :class:`PromptLengthBaseline` share the interface, and
-:func:`evaluate_lengths` scores any of them on held-out data.
+:func:`evaluate_lengths` scores any of them on held-out data; they live in
+:mod:`scheduler.costmodel.length_baselines`, the prediction type and its capping rules in
+:mod:`scheduler.costmodel.length_types`, the design matrices in
+:mod:`scheduler.costmodel.length_design`, and this module re-exports their public names.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import mul
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-from scipy import stats
 
 from pdgate.scheduler.costmodel.features import N_FEATURES, RequestFeatures
+from pdgate.scheduler.costmodel.length_baselines import GlobalMeanBaseline as GlobalMeanBaseline
+from pdgate.scheduler.costmodel.length_baselines import PromptLengthBaseline as PromptLengthBaseline
+from pdgate.scheduler.costmodel.length_baselines import evaluate_lengths as evaluate_lengths
+from pdgate.scheduler.costmodel.length_design import (
+    NUMERIC_COLUMNS,
+    group_offsets,
+    numeric_matrix,
+    one_hot,
+    prompt_groups,
+    text_matrix,
+    text_scale,
+    vocabulary,
+)
+from pdgate.scheduler.costmodel.length_types import DEFAULT_Q_HIGH as DEFAULT_Q_HIGH
+from pdgate.scheduler.costmodel.length_types import LengthPrediction as LengthPrediction
+from pdgate.scheduler.costmodel.length_types import LengthPredictor as LengthPredictor
+from pdgate.scheduler.costmodel.length_types import cap_prediction, cap_predictions, check_training
 
-DEFAULT_Q_HIGH = 0.9
 RIDGE_ALPHAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 """Ridge penalties tried by grouped cross-validation (weights are ~1 per n-gram, so large ones win on
 little or repetitive text: 1000 on alpaca_eval's 805 prompts x 38 models)."""
-_NUMERIC = 5  # text score, log1p(prompt_tokens), log1p(max_tokens or 0), has max_tokens, is chat
-
-
-@dataclass(frozen=True)
-class LengthPrediction:
-    """Predicted output tokens: ``1 <= median <= high``, both ``<= max_tokens`` when it is set.
-
-    ``high`` is the model's ``q_high`` quantile (0.9 unless configured otherwise).
-    """
-
-    median: float
-    high: float
-
-
-class LengthPredictor(Protocol):
-    """What evaluation needs from a model or baseline."""
-
-    q_high: float
-
-    def fit(self, features: Sequence[RequestFeatures], outputs: Sequence[int]) -> LengthPredictor: ...
-
-    def predict(self, f: RequestFeatures) -> LengthPrediction: ...
-
-    def predict_many(self, features: Sequence[RequestFeatures]) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def _cap(median: float, high: float, max_tokens: int | None) -> LengthPrediction:
-    median = max(median, 1.0)
-    high = max(high, median)
-    if max_tokens is not None:
-        median = min(median, float(max_tokens))
-        high = min(high, float(max_tokens))
-    return LengthPrediction(median, high)
-
-
-def _cap_many(
-    median: np.ndarray, high: np.ndarray, features: Sequence[RequestFeatures]
-) -> tuple[np.ndarray, np.ndarray]:
-    median = np.maximum(np.asarray(median, dtype=float), 1.0)
-    high = np.maximum(np.asarray(high, dtype=float), median)
-    limit = np.array([np.inf if f.max_tokens is None else float(f.max_tokens) for f in features])
-    if len(limit):
-        median = np.minimum(median, limit)
-        high = np.minimum(high, limit)
-    return median, high
-
-
-def _check_training(features: Sequence[RequestFeatures], outputs: Sequence[int]) -> np.ndarray:
-    y = np.asarray(outputs, dtype=float)
-    if y.ndim != 1 or len(y) != len(features):
-        raise ValueError(f"{len(features)} feature rows but {y.size} outputs")
-    if len(y) == 0:
-        raise ValueError("no training rows")
-    if not np.all(np.isfinite(y)) or np.any(y < 1):
-        raise ValueError("outputs must be finite and >= 1 token")
-    return y
 
 
 @dataclass(frozen=True)
 class _Head:
-    """One linear quantile head on ``log1p(output_tokens)``."""
+    """One linear quantile head on ``log1p(output_tokens)``.
+
+    It and :class:`OutputLengthModel` stay in this module: pickled models name their classes by it.
+    """
 
     intercept: float
-    numeric: tuple[float, ...]  # weights of the _NUMERIC columns, in order
+    numeric: tuple[float, ...]  # weights of the NUMERIC_COLUMNS columns, in order
     model: Mapping[str, float]
     tag: Mapping[str, float]
 
@@ -188,7 +152,7 @@ class OutputLengthModel:
 
     def fit(self, features: Sequence[RequestFeatures], outputs: Sequence[int]) -> OutputLengthModel:
         """Fit on ``features`` and their observed output token counts (each >= 1); returns ``self``."""
-        y_tokens = _check_training(features, outputs)
+        y_tokens = check_training(features, outputs)
         self.n_train = len(y_tokens)
         self.trained_at = time.time()
         self._heads = None
@@ -200,17 +164,17 @@ class OutputLengthModel:
         if len(y_tokens) < self.min_rows:
             return self
         y = np.log1p(y_tokens)
-        models = _vocabulary([f.model for f in features], self.min_category_rows, self.max_categories)
-        text = _text_matrix(features, self.n_features)
+        models = vocabulary([f.model for f in features], self.min_category_rows, self.max_categories)
+        text = text_matrix(features, self.n_features)
         scores = self._fit_text(
-            text, y - _group_offsets([f.model for f in features], models, y), _prompt_groups(features)
+            text, y - group_offsets([f.model for f in features], models, y), prompt_groups(features)
         )
-        tags = _vocabulary([f.tag for f in features if f.tag is not None], self.min_category_rows, self.max_categories)
+        tags = vocabulary([f.tag for f in features if f.tag is not None], self.min_category_rows, self.max_categories)
         design = np.hstack(
             [
-                _numeric(features, scores),
-                _one_hot([f.model for f in features], models),
-                _one_hot([f.tag for f in features], tags),
+                numeric_matrix(features, scores),
+                one_hot([f.model for f in features], models),
+                one_hot([f.tag for f in features], tags),
             ]
         )
         rows = np.arange(len(y))
@@ -257,9 +221,9 @@ class OutputLengthModel:
         if not (np.all(np.isfinite(reg.coef_)) and math.isfinite(reg.intercept_)):
             raise ValueError(f"the q={q} quantile regression did not converge")
         coef = [float(c) for c in reg.coef_]
-        numeric = tuple(coef[:_NUMERIC])
-        model_w = {m: w for m, w in zip(models, coef[_NUMERIC : _NUMERIC + len(models)]) if w != 0.0}
-        tag_w = {t: w for t, w in zip(tags, coef[_NUMERIC + len(models) :]) if w != 0.0}
+        numeric = tuple(coef[:NUMERIC_COLUMNS])
+        model_w = {m: w for m, w in zip(models, coef[NUMERIC_COLUMNS : NUMERIC_COLUMNS + len(models)]) if w != 0.0}
+        tag_w = {t: w for t, w in zip(tags, coef[NUMERIC_COLUMNS + len(models) :]) if w != 0.0}
         return _Head(float(reg.intercept_), numeric, model_w, tag_w)
 
     # --- prediction ---------------------------------------------------------------------------
@@ -269,7 +233,7 @@ class OutputLengthModel:
         coef = self._text_coef
         if not coef or not text_hash:
             return self._text_intercept
-        scale = _text_scale(text_hash)
+        scale = text_scale(text_hash)
         try:  # C-level loop; an index outside this model's hash space is an IndexError
             total = sum(map(mul, map(coef.__getitem__, text_hash.keys()), text_hash.values()))
         except IndexError:
@@ -281,7 +245,7 @@ class OutputLengthModel:
         """Median and high quantile of the output tokens of one request (no scikit-learn call)."""
         heads = self._heads
         if heads is None:
-            return _cap(self._constant[0], self._constant[1], f.max_tokens)
+            return cap_prediction(self._constant[0], self._constant[1], f.max_tokens)
         score = self.text_score(f.text_hash)
         lp = math.log1p(f.prompt_tokens)
         has_max = 0.0 if f.max_tokens is None else 1.0
@@ -289,24 +253,24 @@ class OutputLengthModel:
         chat = 1.0 if f.endpoint == "chat" else 0.0
         median = heads[0].value(score, lp, lm, has_max, chat, f.model, f.tag)
         high = heads[1].value(score, lp, lm, has_max, chat, f.model, f.tag)
-        return _cap(math.expm1(median), math.expm1(high), f.max_tokens)
+        return cap_prediction(math.expm1(median), math.expm1(high), f.max_tokens)
 
     def predict_many(self, features: Sequence[RequestFeatures]) -> tuple[np.ndarray, np.ndarray]:
         """``(median, high)`` arrays for many requests; the same values as :meth:`predict`."""
         if self._heads is None:
             n = len(features)
-            return _cap_many(np.full(n, self._constant[0]), np.full(n, self._constant[1]), features)
+            return cap_predictions(np.full(n, self._constant[0]), np.full(n, self._constant[1]), features)
         if self._text_coef:
-            text = _text_matrix(features, len(self._text_coef))
+            text = text_matrix(features, len(self._text_coef))
             scores = self._text_intercept + text @ np.asarray(self._text_coef)
         else:
             scores = np.full(len(features), self._text_intercept)
-        numeric = _numeric(features, scores)
+        numeric = numeric_matrix(features, scores)
         models = [f.model for f in features]
         tags = [f.tag for f in features]
         median = self._heads[0].values(numeric, models, tags)
         high = self._heads[1].values(numeric, models, tags)
-        return _cap_many(np.expm1(median), np.expm1(high), features)
+        return cap_predictions(np.expm1(median), np.expm1(high), features)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary of what was trained (for model metadata)."""
@@ -325,199 +289,3 @@ class OutputLengthModel:
             out["models"] = sorted(set(self._heads[0].model) | set(self._heads[1].model))
             out["tags"] = sorted(set(self._heads[0].tag) | set(self._heads[1].tag))
         return out
-
-
-# --- baselines --------------------------------------------------------------------------------
-
-
-class GlobalMeanBaseline:
-    """Every request gets the training mean (median) and the training ``q_high`` quantile (high),
-    capped by its max_tokens like the model's predictions."""
-
-    def __init__(self, q_high: float = DEFAULT_Q_HIGH) -> None:
-        self.q_high = float(q_high)
-        self.mean = 1.0
-        self.high = 1.0
-        self.n_train = 0
-
-    def fit(self, features: Sequence[RequestFeatures], outputs: Sequence[int]) -> GlobalMeanBaseline:
-        y = _check_training(features, outputs)
-        self.mean = float(np.mean(y))
-        self.high = float(np.quantile(y, self.q_high))
-        self.n_train = len(y)
-        return self
-
-    def predict(self, f: RequestFeatures) -> LengthPrediction:
-        return _cap(self.mean, self.high, f.max_tokens)
-
-    def predict_many(self, features: Sequence[RequestFeatures]) -> tuple[np.ndarray, np.ndarray]:
-        n = len(features)
-        return _cap_many(np.full(n, self.mean), np.full(n, self.high), features)
-
-
-class PromptLengthBaseline:
-    """Prompt length only: training rows binned by ``log1p(prompt_tokens)`` at its deciles; each
-    bin predicts its median and ``q_high`` quantile (capped by max_tokens)."""
-
-    def __init__(self, q_high: float = DEFAULT_Q_HIGH, bins: int = 10) -> None:
-        self.q_high = float(q_high)
-        self.bins = int(bins)
-        self.edges = np.zeros(0)
-        self.medians = np.ones(1)
-        self.highs = np.ones(1)
-        self.n_train = 0
-
-    def fit(self, features: Sequence[RequestFeatures], outputs: Sequence[int]) -> PromptLengthBaseline:
-        y = _check_training(features, outputs)
-        x = np.log1p([f.prompt_tokens for f in features])
-        self.edges = np.unique(np.quantile(x, np.linspace(0, 1, self.bins + 1)[1:-1]))
-        which = np.searchsorted(self.edges, x, side="right")
-        self.medians = np.empty(len(self.edges) + 1)
-        self.highs = np.empty(len(self.edges) + 1)
-        for b in range(len(self.edges) + 1):
-            part = y[which == b]
-            part = part if len(part) else y
-            self.medians[b] = np.quantile(part, 0.5)
-            self.highs[b] = np.quantile(part, self.q_high)
-        self.n_train = len(y)
-        return self
-
-    def predict(self, f: RequestFeatures) -> LengthPrediction:
-        b = int(np.searchsorted(self.edges, math.log1p(f.prompt_tokens), side="right"))
-        return _cap(float(self.medians[b]), float(self.highs[b]), f.max_tokens)
-
-    def predict_many(self, features: Sequence[RequestFeatures]) -> tuple[np.ndarray, np.ndarray]:
-        which = np.searchsorted(self.edges, np.log1p([f.prompt_tokens for f in features]), side="right")
-        return _cap_many(self.medians[which], self.highs[which], features)
-
-
-# --- evaluation -------------------------------------------------------------------------------
-
-
-def evaluate_lengths(median: np.ndarray, high: np.ndarray, actual: np.ndarray, q_high: float) -> dict[str, Any]:
-    """Held-out quality of length predictions (all JSON-able).
-
-    ``spearman`` / ``kendall``: rank correlation of ``median`` with ``actual`` (``None`` when
-    undefined, e.g. a constant prediction or fewer than two rows); ``mae``: mean absolute error
-    of ``median`` in tokens; ``within_2x``: fraction with ``actual/2 <= median <= 2*actual``;
-    ``coverage_high``: fraction with ``actual <= high`` (ideally ``q_high``); ``mean_high_ratio``:
-    mean of ``high / actual`` (how much a ``high`` reservation over-books); ``n``.
-    """
-    median = np.asarray(median, dtype=float)
-    high = np.asarray(high, dtype=float)
-    actual = np.asarray(actual, dtype=float)
-    if not median.shape == high.shape == actual.shape:
-        raise ValueError("median, high and actual must have the same length")
-    n = int(actual.size)
-    out: dict[str, Any] = {"n": n, "q_high": float(q_high)}
-    if n == 0:
-        return out | {
-            "spearman": None,
-            "kendall": None,
-            "mae": None,
-            "within_2x": None,
-            "coverage_high": None,
-            "mean_high_ratio": None,
-        }
-    out["spearman"] = _correlation(stats.spearmanr, median, actual)
-    out["kendall"] = _correlation(stats.kendalltau, median, actual)
-    out["mae"] = float(np.mean(np.abs(median - actual)))
-    out["within_2x"] = float(np.mean((median >= actual / 2) & (median <= actual * 2)))
-    out["coverage_high"] = float(np.mean(actual <= high))
-    out["mean_high_ratio"] = float(np.mean(high / np.maximum(actual, 1.0)))
-    return out
-
-
-def _correlation(fn: Any, a: np.ndarray, b: np.ndarray) -> float | None:
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    value = float(fn(a, b)[0])
-    return value if math.isfinite(value) else None
-
-
-# --- design matrices --------------------------------------------------------------------------
-
-
-def _text_matrix(features: Sequence[RequestFeatures], n_features: int) -> sp.csr_matrix:
-    """Rows of hashed n-gram weights rescaled so each row's smallest weight is 1 (see :func:`_text_scale`);
-    indices outside ``[0, n_features)`` are dropped."""
-    indptr = np.zeros(len(features) + 1, dtype=np.int64)
-    indices: list[int] = []
-    data: list[float] = []
-    for row, f in enumerate(features):
-        text_hash = f.text_hash
-        if text_hash:
-            scale = _text_scale(text_hash)
-            for i, v in text_hash.items():
-                if 0 <= i < n_features:
-                    indices.append(i)
-                    data.append(v * scale)
-        indptr[row + 1] = len(indices)
-    return sp.csr_matrix(
-        (np.asarray(data, dtype=float), np.asarray(indices, dtype=np.int64), indptr), shape=(len(features), n_features)
-    )
-
-
-def _text_scale(text_hash: Mapping[int, float]) -> float:
-    """``1 / min(weight)``: undoes :func:`~scheduler.costmodel.features.hash_text`'s L2 normalisation
-    (its rarest n-gram nearly always occurs once, weight ``1 / norm``), so an n-gram counts the
-    same in a short and in a long prompt. A keyword then moves the score by its coefficient
-    whatever the prompt's length, which is how instructions like "answer yes or no" behave."""
-    smallest = min(text_hash.values())
-    return 1.0 / smallest if smallest > 0 else 1.0
-
-
-def _numeric(features: Sequence[RequestFeatures], scores: np.ndarray) -> np.ndarray:
-    out = np.empty((len(features), _NUMERIC))
-    out[:, 0] = scores
-    out[:, 1] = np.log1p([f.prompt_tokens for f in features])
-    out[:, 2] = np.log1p([0 if f.max_tokens is None else f.max_tokens for f in features])
-    out[:, 3] = [0.0 if f.max_tokens is None else 1.0 for f in features]
-    out[:, 4] = [1.0 if f.endpoint == "chat" else 0.0 for f in features]
-    return out
-
-
-def _vocabulary(values: Iterable[str], min_count: int, limit: int) -> list[str]:
-    counts = Counter(values)
-    frequent = [v for v, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
-    return frequent[:limit]
-
-
-def _one_hot(values: Sequence[str | None], vocabulary: Sequence[str]) -> np.ndarray:
-    out = np.zeros((len(values), len(vocabulary)))
-    column = {v: i for i, v in enumerate(vocabulary)}
-    for row, value in enumerate(values):
-        i = column.get(value) if value is not None else None
-        if i is not None:
-            out[row, i] = 1.0
-    return out
-
-
-def _group_offsets(values: Sequence[str], vocabulary: Sequence[str], y: np.ndarray) -> np.ndarray:
-    """Per row, the mean of ``y`` over rows with the same value (minus the overall mean); 0 for
-    values outside ``vocabulary``. Taking it out of the text model's target keeps the text
-    coefficients about the prompt, not about which model answered it."""
-    known = set(vocabulary)
-    sums: dict[str, list[float]] = {}
-    for value, target in zip(values, y):
-        if value in known:
-            entry = sums.setdefault(value, [0.0, 0.0])
-            entry[0] += target
-            entry[1] += 1.0
-    overall = float(np.mean(y))
-    means = {value: total / count - overall for value, (total, count) in sums.items()}
-    return np.array([means.get(value, 0.0) for value in values])
-
-
-def _prompt_groups(features: Sequence[RequestFeatures]) -> np.ndarray:
-    """Group ids for cross-validation: requests with the same hashed text share a group; requests
-    without text are each their own group."""
-    ids: dict[tuple[tuple[int, float], ...], int] = {}
-    out = np.empty(len(features), dtype=np.int64)
-    for row, f in enumerate(features):
-        if not f.text_hash:
-            out[row] = -1 - row
-            continue
-        key = tuple(sorted((i, round(v, 9)) for i, v in f.text_hash.items()))
-        out[row] = ids.setdefault(key, len(ids))
-    return out
