@@ -230,7 +230,7 @@ class _InstanceStream:
         with contextlib.suppress(zmq.Again):  # a full queue: no answer, handled as a timeout
             await sock.send_multipart((b"", start.to_bytes(8, "big")), flags=zmq.NOBLOCK)
         while (remaining := deadline - loop.time()) > 0:
-            if not await sock.poll(remaining * 1000, zmq.POLLIN):
+            if not await sock.poll(int(remaining * 1000)):  # (POLLIN)
                 break
             frames = await sock.recv_multipart()
             if len(frames) != 3 or len(frames[1]) != 8:

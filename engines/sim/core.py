@@ -225,16 +225,16 @@ class EngineCore:
 
         prefill_tokens = prefill_pairs = decode_seqs = decode_kv = 0
         for req in self.running:
-            num_new = scheduled.get(req.request_id)
-            if num_new is None:
+            tokens = scheduled.get(req.request_id)
+            if tokens is None:
                 continue
-            step.entries.append((req, num_new))
-            if num_new == 1 and req.num_computed_tokens + 1 == req.num_tokens:
+            step.entries.append((req, tokens))
+            if tokens == 1 and req.num_computed_tokens + 1 == req.num_tokens:
                 decode_seqs += 1
                 decode_kv += req.num_tokens
             else:
-                prefill_tokens += num_new
-                prefill_pairs += num_new * (req.num_computed_tokens + num_new)
+                prefill_tokens += tokens
+                prefill_pairs += tokens * (req.num_computed_tokens + tokens)
         step.batch = StepBatch(prefill_tokens, prefill_pairs, decode_seqs, decode_kv)
         return step
 

@@ -121,7 +121,8 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 def _one_two_five(limit: int) -> list[float]:
-    buckets, exponent = [], 0
+    buckets: list[float] = []
+    exponent = 0
     while True:
         for m in (1, 2, 5):
             value = m * 10**exponent

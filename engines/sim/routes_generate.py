@@ -7,7 +7,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -96,7 +96,7 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
             if isinstance(req.prompt, str):
                 prompt_ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
             else:
-                prompt_ids = list(req.prompt)
+                prompt_ids = list(cast("list[int]", req.prompt))  # check_supported() refused batched prompts
                 if any(t < 0 or t >= tok.vocab_size for t in prompt_ids):
                     raise ApiError(400, f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
         else:
