@@ -90,7 +90,8 @@ from pdgate.gateway.config import GatewayConfig
 from pdgate.loadgen.client import Target
 from pdgate.loadgen.prompts import PromptBuilder
 from pdgate.loadgen.runner import LoadConfig, run_load
-from pdgate.loadgen.slo import RunStats, Slo, SloSpec, summarize
+from pdgate.loadgen.slo import Slo, SloSpec
+from pdgate.loadgen.stats import RunStats, summarize
 from pdgate.loadgen.types import BenchRequest, RequestResult
 from pdgate.scheduler.plugins.migration import LoadBalanceParams
 

@@ -77,7 +77,8 @@ from pdgate.gateway.launcher import launch_command, wait_http_ok
 from pdgate.loadgen.client import Target
 from pdgate.loadgen.prompts import PromptBuilder
 from pdgate.loadgen.runner import LoadConfig, run_load
-from pdgate.loadgen.slo import RunStats, Slo, SloSpec, summarize
+from pdgate.loadgen.slo import Slo, SloSpec
+from pdgate.loadgen.stats import RunStats, summarize
 from pdgate.loadgen.sweep import SweepConfig, SweepResult, sweep
 from pdgate.loadgen.traces import block_sharing, parse_mooncake, read_azure, read_mooncake
 from pdgate.loadgen.types import BenchRequest, RequestResult

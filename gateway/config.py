@@ -299,7 +299,9 @@ class GatewayConfig(Strict):
     )
     models: list[ModelConfig]
     instances: list[InstanceConfig] = Field(min_length=1)
-    scheduling: SchedulingConfig | None = Field(None, description="plugins, profiles and the profile handler (default: SLO-aware, pd-split)")
+    scheduling: SchedulingConfig | None = Field(
+        None, description="plugins, profiles and the profile handler (default: SLO-aware, pd-split)"
+    )
     health: HealthConfig = Field(default_factory=HealthConfig)
     scrape_interval_s: float = Field(1.0, gt=0, description="engine /metrics scrape period")
     stale_after_s: float = Field(5.0, gt=0, description="scraped load older than this is ignored")

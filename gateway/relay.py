@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from pdgate.adapters import UpstreamError, UpstreamResponse
 from pdgate.common.http_server import Responder
+from pdgate.common.sse import complete_length
 from pdgate.gateway.cluster import Cluster, InstanceState, Lease
 from pdgate.gateway.intake import Routed
 from pdgate.gateway.legs import UpstreamFailed, client_error, racing_prefill, read_all
@@ -110,20 +111,15 @@ class Relay:
         if trail is not None:
             await self._relay_movable(responder, routed, decode, upstream, trail, lease, leg, rewrite)
             return
-        write = responder.write
+        write = responder.write if rewrite is None else lambda data: responder.write(rewrite(data))
         observe = observer(obs, clock, lambda: decode)
+        cut = _WholeEvents()  # only whole events reach the client: a break mid-event leaves it readable
 
-        if rewrite is None:
-
-            def sink(data: bytes) -> None:
-                observe(data)
-                write(data)
-
-        else:
-
-            def sink(data: bytes) -> None:
-                observe(data)
-                write(rewrite(data))
+        def sink(data: bytes) -> None:
+            whole = cut.feed(data)
+            if whole:
+                observe(whole)
+                write(whole)
 
         try:
             await upstream.relay(sink)
@@ -131,6 +127,9 @@ class Relay:
             self.outcome.leg_failed(UpstreamFailed(decode.spec.id, f"stream broke mid-way: {exc}"))
             self.broke_mid_stream(responder, routed, decode.spec.id, str(exc))
             return
+        if cut.rest:  # the engine ended without closing its last event: pass it on as it came
+            observe(cut.rest)
+            write(cut.rest)
         responder.end()
         self.outcome.answered(routed, upstream.status)
 
@@ -198,6 +197,25 @@ class Relay:
         responder.end(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
         routed.obs.error = "upstream_failed_mid_stream"
         self.outcome.answered(routed, 502)
+
+
+class _WholeEvents:
+    """Cuts a relayed byte stream at SSE event ends; ``rest`` holds the start of an open event."""
+
+    __slots__ = ("rest",)
+
+    def __init__(self) -> None:
+        self.rest = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The whole events that ``data`` completes (with any held start), as they came."""
+        if self.rest:
+            data, self.rest = self.rest + data, b""
+        n = complete_length(data)
+        if n == len(data):
+            return data
+        self.rest = data[n:]
+        return data[:n]
 
 
 def _cached_tokens_rewrite(obs: Observation) -> Callable[[bytes], bytes]:

@@ -11,6 +11,9 @@ token the client has, sent to another instance as a ``/v1/completions`` prompt o
 engine's ``id``/``created``/``model``, the client's format (completion or chat chunks), and
 ``usage`` counted over the whole answer (the original prompt; every output token, before and
 after the move).
+
+Events are cut by :mod:`pdgate.common.sse`, so an engine may end its lines with LF, CRLF or CR:
+the trail forwards what it cuts as it came; the splice writes its events with LF.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pdgate.common import sse
+from pdgate.common.sse import complete_length
+
 _TOKEN_IDS = re.compile(rb'"token_ids"\s*:\s*\[([0-9,\s]*)\]')
 _IDS_VALUE = re.compile(rb'"token_ids"\s*:\s*\[[0-9,\s]*\]')  # (not "prompt_token_ids": a quote must precede)
 _PROMPT_IDS_VALUE = re.compile(rb'"prompt_token_ids"\s*:\s*\[[0-9,\s]*\]')
 _TEXT = re.compile(rb'"(?:text|content)"\s*:\s*"[^"]')  # a non-empty piece of output text
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 _DONE = b"data: [DONE]"
-_EVENT_END = b"\n\n"
+_EVENT_END = sse.EVENT_END
 
 # Body fields a continuation keeps: sampling and output controls that mean the same on /v1/completions.
 CONTINUATION_FIELDS = (
@@ -111,14 +117,14 @@ def continuation_body(
 
 
 def complete_events(partial: bytes, data: bytes) -> tuple[bytes, bytes]:
-    """Split what came so far (``partial`` + ``data``) into its complete SSE events and the
-    incomplete rest."""
+    """Split what came so far (``partial`` + ``data``) into its complete SSE events, as they came,
+    and the incomplete rest."""
     if partial:
         data = partial + data
-    cut = data.rfind(_EVENT_END)
-    if cut < 0:
+    cut = complete_length(data)
+    if not cut:
         return b"", data
-    return data[: cut + 2], data[cut + 2 :]
+    return data[:cut], data[cut:]
 
 
 class StreamTrail:
@@ -176,17 +182,19 @@ class StreamTrail:
 
 
 def _identity(events: bytes) -> dict[str, Any] | None:
-    start = events.find(b"data: {")
-    if start < 0:
-        return None
-    end = events.find(_EVENT_END, start)
-    try:
-        first = json.loads(events[start + 6 : end if end >= 0 else None])
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(first, dict):
-        return None
-    return {k: first.get(k) for k in ("id", "created", "model", "object")}
+    """``id``, ``created``, ``model`` and ``object`` of the first JSON object among ``events``."""
+    for event in sse.split_events(events)[0]:
+        data = sse.event_data(event)
+        if data is None or not data.lstrip().startswith(b"{"):
+            continue
+        try:
+            first = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(first, dict):
+            return None
+        return {k: first.get(k) for k in ("id", "created", "model", "object")}
+    return None
 
 
 @dataclass
@@ -209,7 +217,7 @@ class Splice:
         if not block:
             return b""
         out = []
-        for event in block.split(_EVENT_END):
+        for event in sse.split_events(block)[0]:
             event = event.strip()
             if not event:
                 continue
@@ -217,9 +225,10 @@ class Splice:
         return b"".join(out)
 
     def _event(self, event: bytes) -> bytes:
-        if not event.startswith(b"data: "):
+        payload = sse.event_data(event) if event.startswith(b"data:") else None
+        if payload is None:
             return event + _EVENT_END  # comments, other SSE fields: as they came
-        payload = event[6:].strip()
+        payload = payload.strip()
         if payload == b"[DONE]":
             self.trail.done = True
             return _DONE + _EVENT_END

@@ -2,7 +2,8 @@
 
 Built on pdgate's lean HTTP/1.1 client (:mod:`pdgate.common.http_client`) so that a single core keeps up
 with hundreds of streams per second: response bytes are handled in the socket's callback, stamped
-with the monotonic clock there, and parsed as server-sent events without a task switch per chunk.
+with the monotonic clock there, and parsed as server-sent events without a task switch per chunk
+(:mod:`pdgate.common.sse`: events framed with LF, CRLF or CR line endings alike).
 
 A chunk "carries output" when an event in it has non-empty ``choices[].text`` (completions) or
 ``choices[].delta.content`` (chat). The first such chunk is the first token; output tokens come
@@ -18,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pdgate.common.http_client import UpstreamError, UpstreamPool
+from pdgate.common.sse import event_data, split_events
 from pdgate.loadgen.types import BenchRequest, RequestResult
 
 
@@ -44,10 +46,10 @@ class Target:
 class _StreamParser:
     """Consumes the SSE body as it arrives; records the time of each chunk that carried output."""
 
-    __slots__ = ("_buffer", "_start", "chunk_times", "error", "events", "usage")
+    __slots__ = ("_rest", "_start", "chunk_times", "error", "events", "usage")
 
     def __init__(self, start: float) -> None:
-        self._buffer = b""
+        self._rest = b""  # the start of an event still open
         self._start = start
         self.chunk_times: list[float] = []
         self.events = 0
@@ -56,19 +58,23 @@ class _StreamParser:
 
     def feed(self, data: bytes) -> None:
         now = time.monotonic() - self._start
-        buffer = self._buffer + data
-        *complete, self._buffer = buffer.split(b"\n\n")
+        events, self._rest = split_events(self._rest + data if self._rest else data)
         carried = False
-        for event in complete:
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]" or not payload:
-                    continue
-                carried |= self._event(payload)
+        for event in events:
+            payload = event_data(event)
+            if not payload:
+                continue
+            payload = payload.strip()
+            if payload == b"[DONE]" or not payload:
+                continue
+            carried |= self._event(payload)
         if carried:
             self.chunk_times.append(now)
+
+    def close(self) -> None:
+        """The body ended: an event the server did not close with an empty line still counts."""
+        if self._rest.strip():
+            self.feed(b"\n\n")
 
     def _event(self, payload: bytes) -> bool:
         try:
@@ -119,8 +125,7 @@ async def send(
             result.error = f"HTTP {response.status}: {detail}"
         else:
             await response.relay(parser.feed)
-            if parser._buffer.strip():
-                parser.feed(b"\n\n")
+            parser.close()
             result.error = parser.error
     except UpstreamError as exc:
         result.error = str(exc)

@@ -97,3 +97,8 @@ def test_bad_arguments_are_explained(tmp_path: Path) -> None:
     assert out.returncode == 2 and "needs --rate" in out.stdout
     out = bench("run", "--target", "http://127.0.0.1:9", "--model", "m", "--workload", "trace", "--rate", "1")
     assert out.returncode == 2 and "--trace FILE" in out.stdout
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("default: {ttft: 0.5\n")
+    out = bench("run", "--target", "http://127.0.0.1:9", "--model", "m", "--rate", "1", "--slo", str(slo))
+    said = "".join(out.stdout.split())  # the terminal may wrap the message anywhere
+    assert out.returncode == 2 and "slo.yaml:2:notvalidYAML" in said, out.stdout + out.stderr

@@ -314,12 +314,6 @@ async def test_a_pinned_stream_whose_engine_dies_ends_with_an_error_event() -> N
     fleet.assert_idle()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Relay.relay forwards a pinned stream's reads as they come and Relay.broke_mid_stream appends its error "
-    "event right after them: when the engine dies inside an event, the half event and the error event run "
-    "together into one unparseable event, so the client never sees the error",
-)
 async def test_a_pinned_stream_that_dies_mid_event_still_ends_with_a_parseable_error_event() -> None:
     fleet = make_fleet(Inst("c1"), Inst("c2"), migration=PINNED)
     pinned_stream_broken(fleet, mid_event=True)

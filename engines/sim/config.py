@@ -6,8 +6,9 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pdgate.common.yamlfile import read_yaml_mapping
 
 
 class SimEngineConfig(BaseModel):
@@ -90,8 +91,6 @@ class SimEngineConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: object) -> SimEngineConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of engine settings")
+        data = read_yaml_mapping(path, what="a mapping of engine settings")  # YamlFileError is a ValueError
         data.update(overrides)
         return cls.model_validate(data)

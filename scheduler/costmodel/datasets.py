@@ -28,12 +28,12 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
+from pdgate.common.jsonl import json_objects
 from pdgate.common.tokenizer import Tokenizer
-from pdgate.loadgen.traces import json_objects
 from pdgate.scheduler.costmodel.features import (
     ENDPOINTS,
     RequestFeatures,
@@ -214,7 +214,7 @@ class _RowReader:
         return self._prompt(text, rendered)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -243,9 +243,9 @@ def _max_tokens(raw: dict[str, Any]) -> int | None:
 
 def _tag(raw: dict[str, Any]) -> str | None:
     value = raw.get("tag")
-    if value is not None and not isinstance(value, str):
-        raise _RowError("tag must be a string or null")
-    return value
+    if value is None or isinstance(value, str):
+        return value
+    raise _RowError("tag must be a string or null")
 
 
 def _endpoint(value: Any) -> str:
@@ -266,8 +266,9 @@ def prompt_key(row: LabeledRequest) -> str | None:
     (:func:`split_holdout` makes each such row its own group).
     """
     record = row.record
-    if isinstance(record.get("instruction"), str) and "prompt" not in record and "messages" not in record:
-        return "i:" + record["instruction"]
+    instruction = record.get("instruction")
+    if isinstance(instruction, str) and "prompt" not in record and "messages" not in record:
+        return "i:" + instruction
     prompt = record.get("prompt")
     if isinstance(prompt, str):
         return "t:" + prompt
@@ -276,8 +277,9 @@ def prompt_key(row: LabeledRequest) -> str | None:
             return "t:" + chat_text(record["messages"])
         except (AttributeError, TypeError, ValueError):
             pass
-    if isinstance(record.get("prompt_text"), str):
-        return "t:" + record["prompt_text"]
+    prompt_text = record.get("prompt_text")
+    if isinstance(prompt_text, str):
+        return "t:" + prompt_text
     if row.features.text_hash:
         return "h:" + json.dumps(sorted((i, round(v, 9)) for i, v in row.features.text_hash.items()))
     return None
