@@ -94,7 +94,7 @@ from support.fleet import (
     start_gateway,
     write_config,
 )
-from support.procs import PdgateProcess, start_sim
+from support.procs import PdgateProcess, start_pdgate, start_sim
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_RE = re.compile(r"ready: (http://\S+)")
@@ -784,6 +784,24 @@ def report(
 
 
 # ------------------------------------------------------------------------------------ main
+
+
+def _gateway_program(tree: str) -> list[str]:
+    """How to start the gateway of another checkout: trees from before the one import root
+    (``gateway/cli.py``) run as ``python -m gateway.cli`` from their root; later ones through a
+    link tree of the installed layout, ahead of this checkout's editable install."""
+    root = Path(tree).resolve()
+    if (root / "gateway" / "cli.py").exists():
+        return [sys.executable, "-m", "gateway.cli"]
+    links = Path(tempfile.mkdtemp(prefix="pdgate-baseline-")) / "pdgate"
+    links.mkdir()
+    for entry in (root / "pdgate").iterdir():
+        (links / entry.name).symlink_to(entry)
+    for name in ("gateway", "scheduler", "adapters", "engines", "loadgen", "configs"):
+        (links / name).symlink_to(root / name)
+    return ["env", f"PYTHONPATH={links.parent}", "PYTHONSAFEPATH=1", sys.executable, "-m", "pdgate.cli"]
+
+
 class Fleet:
     """One sim engine and the proxies in front of it; stops what it started."""
 
@@ -810,7 +828,16 @@ class Fleet:
                 gateway = self._keep(start_gateway(config, env=no_tracing))
                 paths.append(ProxyPath("gateway", gateway.url, gateway.proc.pid))
             if "baseline" in wanted and baseline_tree:
-                baseline = self._keep(start_gateway(config, env=no_tracing, cwd=baseline_tree))
+                baseline = self._keep(
+                    start_pdgate(
+                        "serve",
+                        "--config",
+                        str(config),
+                        env=no_tracing,
+                        cwd=baseline_tree,
+                        program=_gateway_program(baseline_tree),
+                    )
+                )
                 paths.append(ProxyPath("baseline", baseline.url, baseline.proc.pid))
             if "traced" in wanted:
                 sink = self._keep(start_helper("otlp-sink", ""))

@@ -50,14 +50,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from pdgate.engines.sim.build import build_state
 from pdgate.engines.sim.config import SimEngineConfig
 from pdgate.engines.sim.core import EngineCore
 from pdgate.engines.sim.request import SamplingParams, SimRequest
-
-try:  # the state builder moved from server.py to state.py; accept either layout
-    from pdgate.engines.sim.state import build_state
-except ImportError:  # pragma: no cover
-    from pdgate.engines.sim.server import build_state
 
 LAG_SHARE_LIMIT = 0.01  # lag below 1% of simulated time ...
 LAG_MAX_LIMIT = 0.005  # ... and never more than 5 ms lost at once: "negligible"

@@ -46,13 +46,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from pdgate.engines.sim.build import build_state
 from pdgate.engines.sim.config import SimEngineConfig
 from pdgate.engines.sim.request import SamplingParams, SimRequest
-
-try:  # the state builder moved from server.py to state.py; accept either layout
-    from pdgate.engines.sim.state import build_state
-except ImportError:  # pragma: no cover
-    from pdgate.engines.sim.server import build_state
 
 WARMUP_FRACTION = 0.1
 SATURATION_RATIO = 0.95  # completions / arrivals in the window below this: saturated
