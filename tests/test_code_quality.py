@@ -77,9 +77,7 @@ def test_types_check(installed_layout: Path) -> None:
 
 def test_layers_hold(installed_layout: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(installed_layout), "PYTHONSAFEPATH": "1"}
-    result = _run(
-        [_tool("lint-imports"), str(ROOT / "pyproject.toml"), "--no-cache"], installed_layout, env
-    )
+    result = _run([_tool("lint-imports"), str(ROOT / "pyproject.toml"), "--no-cache"], installed_layout, env)
     assert result.returncode == 0, _report(result, installed_layout)
     kept = re.search(r"Contracts: (\d+) kept, 0 broken", result.stdout)
     assert kept is not None and int(kept.group(1)) >= 5, _report(result, installed_layout)
