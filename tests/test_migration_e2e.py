@@ -21,13 +21,13 @@ import pytest
 from support.fleet import (
     MODEL,
     engine_flags,
-    free_port,
     get_json,
     instance_entry,
     metric,
     start_gateway,
     write_config,
 )
+from support.waiting import wait_until
 
 TOKENS = 160
 PROMPT = "Tell me a long story about a migrating bird and the engines that served it"
@@ -123,6 +123,15 @@ def serving(url: str, request_id: str) -> str:
     raise AssertionError(f"{request_id} is not running anywhere")
 
 
+def generated(url: str, request_id: str, *, on: str) -> int:
+    """The tokens the gateway has of stream ``request_id`` while instance ``on`` serves it (-1: it does not)."""
+    for inst in get_json(f"{url}/admin/instances")["data"]:
+        for s in inst["streams"]:
+            if inst["id"] == on and s["request_id"] == request_id and not s["moving"]:
+                return s["generated_tokens"]
+    return -1
+
+
 def assert_same(moved: Stream, reference: Stream) -> None:
     assert moved.text == reference.text
     assert moved.events == reference.events == moved.tokens
@@ -170,20 +179,11 @@ def test_a_stream_migrated_k_tokens_in_is_identical(sim_factory, tmp_path, chat)
     ids=["live-colocated", "live-sglang-pd", "pd-path"],
 )
 def test_live_and_pd_path_migration_are_identical(sim_factory, tmp_path, mechanism, roles, api):
-    boot = {}
-    engines = []
-    for role in roles:
-        port = free_port() if api == "sglang" and role == "prefill" else None
-        engines.append(sim_factory(*engine_flags(role, api, boot_port=port), time_scale=1.0))
-        boot[len(engines) - 1] = port
     kind = "sim-sglang" if api == "sglang" else "sim"
-    entries = [instance_entry(e, role, kind, boot_port=boot[i]) for i, (e, role) in enumerate(zip(engines, roles))]
-    config = write_config(
-        tmp_path / "fleet.yaml",
-        entries,
-        migration={"policy": "no-migration", "interval_s": 0.1, "mechanism": mechanism},
+    # an SGLang prefill binds its bootstrap port itself (port 0) and reports it
+    engines, entries, gateway = fleet(
+        sim_factory, tmp_path, roles=roles, api=api, kind=kind, migration={"mechanism": mechanism}
     )
-    gateway = start_gateway(config)
     try:
         reference = Stream(gateway.url, "ref").run()
         outcome: dict[str, Any] = {}
@@ -218,7 +218,12 @@ def test_a_stream_moved_live_twice_is_identical_and_leaves_no_kv_behind(sim_fact
 
         def two_moves() -> None:  # there and back: the second move is of a continuation
             answers.append(admin(gateway.url, "/admin/requests/twice/migrate"))
-            time.sleep(0.3)
+            status, first = answers[0]
+            if status == 200 and first["migrated"]:  # the continuation decodes on the target before it moves again
+                wait_until(
+                    lambda: generated(gateway.url, "twice", on=first["to"]) > first["generated_tokens"],
+                    message="the moved stream to decode on its target",
+                )
             answers.append(admin(gateway.url, "/admin/requests/twice/migrate"))
 
         stream = Stream(gateway.url, "twice").run(at=20, action=two_moves)
@@ -314,17 +319,16 @@ def test_drain_moves_every_stream_away_and_keeps_new_requests_off(sim_factory, t
         threads = [threading.Thread(target=run, args=(s,)) for s in streams]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 10
-        busiest = None
-        while time.monotonic() < deadline:
+
+        def all_streaming() -> list[dict[str, Any]] | None:
             instances = get_json(f"{gateway.url}/admin/instances")["data"]
-            busiest = max(instances, key=lambda i: len(i["streams"]))
-            if sum(len(i["streams"]) for i in instances) == len(streams) and all(
-                s["generated_tokens"] >= 5 for i in instances for s in i["streams"]
-            ):
-                break
-            time.sleep(0.02)
-        assert busiest is not None and busiest["streams"], "no stream to drain"
+            running = [s for i in instances for s in i["streams"]]
+            ready = len(running) == len(streams) and all(s["generated_tokens"] >= 5 for s in running)
+            return instances if ready else None
+
+        instances = wait_until(all_streaming, message="every stream to run and have 5 tokens")
+        busiest = max(instances, key=lambda i: len(i["streams"]))
+        assert busiest["streams"], "no stream to drain"
         status, drained = admin(gateway.url, f"/admin/instances/{busiest['id']}/drain?wait=true&timeout_s=20")
         assert status == 200 and drained["drained"] is True and drained["draining"] is True, drained
         assert drained["streams"] == [] and drained["running_requests"] == 0

@@ -19,6 +19,7 @@ import pytest
 import zmq
 import zmq.asyncio
 from support.procs import PdgateProcess, free_port, start_sim
+from support.waiting import wait_until_async
 
 from pdgate.adapters.kv_events import (
     KvEventSource,
@@ -335,14 +336,6 @@ class FakeEngine:
                 sock.close(linger=0)
 
 
-async def eventually(check: Callable[[], bool], timeout: float = WAIT_S, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.005)
-
-
 @pytest.fixture
 async def zctx() -> AsyncIterator[zmq.asyncio.Context]:
     ctx = zmq.asyncio.Context()
@@ -352,10 +345,12 @@ async def zctx() -> AsyncIterator[zmq.asyncio.Context]:
 
 @pytest.fixture
 def no_task_left_behind() -> Callable[[], Awaitable[None]]:
-    async def check() -> None:
-        await asyncio.sleep(0)
+    def kv_event_tasks() -> list[asyncio.Task[Any]]:
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        assert not [t for t in others if t.get_name().startswith("kv-events")], others
+        return [t for t in others if t.get_name().startswith("kv-events")]
+
+    async def check() -> None:
+        await wait_until_async(lambda: not kv_event_tasks(), WAIT_S, message=lambda: f"{kv_event_tasks()} to end")
 
     return check
 
@@ -391,7 +386,7 @@ async def test_subscriber_feeds_index_in_both_connection_modes(zctx, no_task_lef
             [time.time(), [["BlockStored", [h[3]], h[2], [0] * 16, 16, None], ["BlockRemoved", [h[0]]]], 0]
         )
         await engine.send(1, payload=legacy)
-        await eventually(lambda: sub.counters["e0"].batches == 2)
+        await wait_until_async(lambda: sub.counters["e0"].batches == 2, WAIT_S)
         assert index.stats().blocks == {"e0": 3} and index.match("e0", h[1:]) == 3
         counters = sub.counters["e0"]
         assert (counters.events, counters.gaps, counters.restarts, counters.last_seq) == (3, 0, 0, 1)
@@ -410,11 +405,11 @@ async def test_gap_without_replay_marks_stale(zctx):
         await engine.send(0, [stored(h[:1])])
         await engine.send(1, [stored(h[1:2])], publish=False)  # lost
         await engine.send(2, [stored(h[2:])])
-        await eventually(lambda: sub.counters["e0"].batches == 2)
+        await wait_until_async(lambda: sub.counters["e0"].batches == 2, WAIT_S)
         assert sub.counters["e0"].gaps == 1 and index.is_stale("e0")
         assert index.match("e0", h) == 1
         await engine.send(3, [wire.AllBlocksCleared()])  # a clear gives the full state back
-        await eventually(lambda: sub.counters["e0"].last_seq == 3)
+        await wait_until_async(lambda: sub.counters["e0"].last_seq == 3, WAIT_S)
         assert not index.is_stale("e0")
     finally:
         await sub.close()
@@ -429,7 +424,7 @@ async def test_gap_is_filled_by_replay(zctx):
         await engine.send(1, [stored(h[1:2])], publish=False)
         await engine.send(2, [stored(h[2:3])], publish=False)
         await engine.send(3, [stored(h[3:])])
-        await eventually(lambda: sub.counters["e0"].last_seq == 3)
+        await wait_until_async(lambda: sub.counters["e0"].last_seq == 3, WAIT_S)
         counters = sub.counters["e0"]
         assert engine.replay_requests == [1]
         assert (counters.gaps, counters.replays, counters.replayed_batches, counters.batches) == (1, 1, 2, 4)
@@ -446,7 +441,7 @@ async def test_replay_that_cannot_reach_back_marks_stale(zctx):
     try:
         await engine.send(4, [stored(h[:1])], publish=False)
         await engine.send(5, [stored(h[1:])])
-        await eventually(lambda: sub.counters["e0"].last_seq == 5)
+        await wait_until_async(lambda: sub.counters["e0"].last_seq == 5, WAIT_S)
         assert engine.replay_requests == [0]
         assert index.match("e0", h) == 2 and index.is_stale("e0")
     finally:
@@ -460,11 +455,11 @@ async def test_seq_going_backwards_is_a_restart(zctx):
     try:
         for seq in range(3):
             await engine.send(seq, [stored(old[seq : seq + 1])])
-        await eventually(lambda: index.match("e0", old) == 3)
+        await wait_until_async(lambda: index.match("e0", old) == 3, WAIT_S)
         engine.buffer.clear()  # a new engine process: fresh buffer, seq from 0 again
         await engine.send(0, [stored(new[:1])], publish=False)  # its first batch is lost...
         await engine.send(1, [stored(new[1:])])  # ...and recovered by replay after the restart
-        await eventually(lambda: sub.counters["e0"].restarts == 1 and sub.counters["e0"].last_seq == 1)
+        await wait_until_async(lambda: sub.counters["e0"].restarts == 1 and sub.counters["e0"].last_seq == 1, WAIT_S)
         assert index.match("e0", old) == 0 and index.match("e0", new) == 3
         assert engine.replay_requests == [0] and not index.is_stale("e0")
     finally:
@@ -479,7 +474,7 @@ async def test_undecodable_batch_is_counted_and_the_stream_goes_on(zctx):
         await engine.send(0, payload=b"\xc1garbage")
         await engine.pub.send_multipart([b"kv", b"\x00"])  # wrong frame count
         await engine.send(1, [stored(h)])
-        await eventually(lambda: sub.counters["e0"].last_seq == 1)
+        await wait_until_async(lambda: sub.counters["e0"].last_seq == 1, WAIT_S)
         counters = sub.counters["e0"]
         assert counters.decode_errors == 2 and counters.gaps == 0 and index.is_stale("e0")
         assert index.match("e0", h) == 2
@@ -502,7 +497,7 @@ async def test_replay_timeout_marks_stale_and_resets_the_socket(zctx):
     try:
         await engine.subscribed()
         await engine.send(3, [stored(chain(1))])
-        await eventually(lambda: sub.counters["e0"].last_seq == 3)
+        await wait_until_async(lambda: sub.counters["e0"].last_seq == 3, WAIT_S)
         counters = sub.counters["e0"]
         assert (counters.replays, counters.replay_failures) == (1, 1) and index.is_stale("e0")
     finally:
@@ -572,11 +567,12 @@ async def barrier(client: SimClient, index: ExactPrefixIndex, iid: str, tag: str
     for attempt in range(10):
         ids, _ = await client.complete(f"probe {tag} {attempt}: " + "xy " * 12)
         expected = full_blocks(ids)
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
-            if index.match(iid, expected) == len(expected) > 0:
-                return
-            await asyncio.sleep(0.005)
+        indexed = lambda want=expected: index.match(iid, want) == len(want) > 0
+        try:
+            await wait_until_async(indexed, 0.5, interval=0.005)
+        except AssertionError:
+            continue  # not indexed yet: send another probe
+        return
     raise AssertionError(f"KV events never arrived; engine said:\n{client.engine.log}")
 
 
@@ -634,7 +630,7 @@ async def test_exact_index_follows_a_real_sim_engine(monkeypatch):
 
             # /reset_prefix_cache -> AllBlocksCleared -> the instance is empty
             await client.reset_prefix_cache()
-            await eventually(lambda: index.stats().blocks["sim"] == 0, what="AllBlocksCleared")
+            await wait_until_async(lambda: index.stats().blocks["sim"] == 0, WAIT_S, message="AllBlocksCleared")
             assert index.match("sim", full_blocks(prompts[0])) == 0
 
             # an engine restart on the same endpoint: seq restarts at 0 -> forget

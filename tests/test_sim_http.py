@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import aiohttp
 import openai
 import pytest
 from support.fleet import metric
+from support.waiting import wait_until
 
 MODEL = "sim-model"
 
@@ -201,13 +201,13 @@ def test_client_disconnect_aborts_and_frees_kv(sim_engine):
 
     before = metric(sim_engine.url, "vllm:request_success_total", finished_reason="abort")
     asyncio.run(main())
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def idle() -> dict | None:
         st = state(sim_engine.url)
-        if st["num_running"] == 0 and st["num_waiting"] == 0:
-            break
-        time.sleep(0.05)
-    assert st["num_running"] == 0 and st["kv_cache_usage"] == 0.0
+        return st if st["num_running"] == 0 and st["num_waiting"] == 0 else None
+
+    st = wait_until(idle, 5, message="the aborted request to leave the engine")
+    assert st["kv_cache_usage"] == 0.0
     assert metric(sim_engine.url, "vllm:request_success_total", finished_reason="abort") == before + 1
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from support.fleet import metric
 from support.procs import free_port
+from support.waiting import wait_until_async
 
 PROMPT = "In the beginning the universe was created. This has made a lot of people very angry. " * 12
 SLOW = {"time_scale": 1.0}
@@ -80,12 +81,23 @@ class StreamReader:
         await asyncio.wait_for(self.task, 20)
 
 
-async def wait_state(s: aiohttp.ClientSession, url: str, ready: Any, timeout: float = 10.0) -> None:
-    """Poll ``/sim/state`` until ``ready(state)``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not ready(await get(s, f"{url}/sim/state")):
-        assert asyncio.get_running_loop().time() < deadline, "the engine never reached the expected state"
-        await asyncio.sleep(0.005)
+async def wait_state(s: aiohttp.ClientSession, url: str, ready: Any, timeout: float = 10.0) -> Any:
+    """Poll ``/sim/state`` until ``ready(state)``; that state."""
+
+    async def reached() -> Any:
+        state = await get(s, f"{url}/sim/state")
+        return state if ready(state) else None
+
+    return await wait_until_async(reached, timeout, interval=0.005, message=f"{url}/sim/state to reach {ready}")
+
+
+async def wait_decoded(url: str, tokens: int) -> None:
+    """Wait until the engine's requests have decoded ``tokens`` tokens after their first (a non-streamed one too)."""
+
+    async def decoded() -> bool:
+        return await asyncio.to_thread(metric, url, "vllm:inter_token_latency_seconds_count") >= tokens
+
+    await wait_until_async(decoded, interval=0.005, message=f"{tokens} tokens decoded on {url}")
 
 
 def continuation(prompt_ids: list[int], result: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
@@ -208,11 +220,11 @@ def test_non_streamed_request_over_a_slow_link_copies_in_stages(sim_factory):
         async with aiohttp.ClientSession() as s:
             headers = {"X-Request-Id": "slow-1"}
             source = asyncio.create_task(post(s, f"{a.url}/v1/completions", request, headers))
-            await wait_state(s, a.url, lambda st: any(r.startswith("slow-1") for r in st["running"]))
-            await asyncio.sleep(0.1)  # past the prefill, a dozen tokens decoded
+            await wait_decoded(a.url, 12)  # past the prefill, a dozen tokens decoded
             body = migrate_body(b.url, "slow-1", stop_copy_blocks=0, max_stages=6)
             first = asyncio.create_task(post(s, f"{a.url}/sim/migrate", body))
-            await asyncio.sleep(0.03)  # the first is copying its stage 1 (~0.25 s) now
+            # the first is copying its stage 1 (~0.25 s) now: it reserved its blocks on the target
+            await wait_state(s, b.url, lambda st: st["migration_reservations"] == 1)
             second = asyncio.create_task(post(s, f"{a.url}/sim/migrate", body))
             (status, result), (status2, err) = sorted(await asyncio.gather(first, second), key=lambda r: r[0])
             assert status == 200, result

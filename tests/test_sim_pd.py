@@ -8,8 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.fleet import metric
-from support.procs import free_port
+from support.fleet import engine_flags, metric
 
 PROMPT = "In the beginning the universe was created. This has made a lot of people very angry. " * 6
 
@@ -34,9 +33,9 @@ async def stream_tokens(session: aiohttp.ClientSession, url: str, body: dict[str
 
 
 def test_vllm_flavour_nixl_flow_gives_identical_greedy_output(sim_factory):
-    prefill = sim_factory("--role", "prefill")
-    decode = sim_factory("--role", "decode")
-    single = sim_factory("--role", "both")
+    prefill = sim_factory(*engine_flags("prefill"))
+    decode = sim_factory(*engine_flags("decode"))
+    single = sim_factory(*engine_flags("both"))
     request = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
 
     async def main() -> None:
@@ -89,9 +88,9 @@ def test_vllm_flavour_nixl_flow_gives_identical_greedy_output(sim_factory):
 
 
 def test_vllm_flavour_pull_failure_follows_the_policy(sim_factory):
-    prefill = sim_factory("--role", "prefill")
-    strict = sim_factory("--role", "decode", "--kv-load-failure-policy", "fail")
-    lenient = sim_factory("--role", "decode", "--kv-load-failure-policy", "recompute")
+    prefill = sim_factory(*engine_flags("prefill"))
+    strict = sim_factory(*engine_flags("decode", extra=("--kv-load-failure-policy", "fail")))
+    lenient = sim_factory(*engine_flags("decode", extra=("--kv-load-failure-policy", "recompute")))
     request = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
     async def main() -> None:
@@ -113,10 +112,10 @@ def test_vllm_flavour_pull_failure_follows_the_policy(sim_factory):
 
 
 def test_sglang_flavour_bootstrap_flow_dispatches_both_legs_at_once(sim_factory):
-    boot = free_port()
-    prefill = sim_factory("--api", "sglang", "--role", "prefill", "--bootstrap-port", str(boot))
-    decode = sim_factory("--api", "sglang", "--role", "decode")
-    single = sim_factory("--api", "sglang", "--role", "both")
+    prefill = sim_factory(*engine_flags("prefill", "sglang"))  # --bootstrap-port 0: it binds a free one
+    decode = sim_factory(*engine_flags("decode", "sglang"))
+    single = sim_factory(*engine_flags("both", "sglang"))
+    boot = prefill.bootstrap_port
     room = random.getrandbits(63)
     request = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
     pd = {**request, "bootstrap_host": "127.0.0.1", "bootstrap_port": boot, "bootstrap_room": room}
@@ -140,11 +139,10 @@ def test_sglang_flavour_bootstrap_flow_dispatches_both_legs_at_once(sim_factory)
 
 @pytest.mark.parametrize("api", ["vllm", "sglang"])
 def test_concurrent_pd_requests_all_match_single_engine(sim_factory, api):
-    boot = free_port()
-    extra = ["--bootstrap-port", str(boot)] if api == "sglang" else []
-    prefill = sim_factory("--api", api, "--role", "prefill", *extra)
-    decode = sim_factory("--api", api, "--role", "decode")
-    single = sim_factory("--api", api, "--role", "both")
+    prefill = sim_factory(*engine_flags("prefill", api))  # SGLang: --bootstrap-port 0, reported
+    decode = sim_factory(*engine_flags("decode", api))
+    single = sim_factory(*engine_flags("both", api))
+    boot = prefill.bootstrap_port if api == "sglang" else None
 
     async def one(s: aiohttp.ClientSession, i: int) -> None:
         request = {
