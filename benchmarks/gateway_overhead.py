@@ -491,10 +491,16 @@ async def poisson_streams(url: str, rate: float, duration: float, rng: random.Ra
     return samples
 
 
-async def measure_idle(paths: list[ProxyPath], seconds: float) -> None:
-    """Idle CPU of each proxy (the gateway scrapes /metrics and checks /health periodically)."""
+async def measure_idle(paths: list[ProxyPath], seconds: float, settle_s: float) -> None:
+    """Idle CPU of each proxy (the gateway scrapes /metrics and checks /health periodically).
+
+    Measured after ``settle_s``: a gateway may still be busy for a moment after its ready line
+    (seen: the tree before the one import root used ~28 ms/s in its first 2 s, then ~1.7 ms/s
+    like today's), and subtracting such a transient as idle would flatter it.
+    """
     # schedstat, not /proc/PID/stat: an idle gateway uses about one 10 ms tick in several seconds
     proxies = [p for p in paths if p.proxy_pid is not None]
+    await asyncio.sleep(settle_s)
     before = {p.name: proc_sched_s(p.proxy_pid) for p in proxies}
     t0 = time.perf_counter()
     await asyncio.sleep(seconds)
@@ -884,7 +890,7 @@ async def run_fleet(
     paths, engine_pid = fleet.paths, fleet.engine.proc.pid
     kinds = [(k, n) for k, n in kinds if n > 0]
     if kinds and not args.skip_cpu:
-        await measure_idle(paths, args.idle_s)
+        await measure_idle(paths, args.idle_s, args.idle_settle_s)
         idle.update({p.name: p.idle_cpu_s_per_s for p in paths if p.proxy_pid is not None})
         for rep in range(args.repeat):
             for p in paths:
@@ -969,6 +975,9 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument(
         "--idle-s", type=float, default=2.0, help="seconds of idle proxy CPU measured (and subtracted) first"
+    )
+    ap.add_argument(
+        "--idle-settle-s", type=float, default=5.0, help="seconds after start-up before idle CPU is measured"
     )
     ap.add_argument("--rate", type=float, default=50.0, help="offered streams per second in the latency phase")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of the latency phase per path")
