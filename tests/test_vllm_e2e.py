@@ -398,7 +398,11 @@ async def test_client_cached_tokens_are_the_prefill_engines_hits(fleet: Fleet) -
         stream = await client(fleet.gateway.url).completions.create(  # type: ignore[union-attr]
             model=MODEL, prompt=prompt, max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True}
         )
-        return [chunk.usage async for chunk in stream if chunk.usage is not None][-1]
+        usage = [chunk.usage async for chunk in stream if chunk.usage is not None][-1]
+        body = json.dumps({"model": MODEL, "prompt": prompt}).encode()
+        ids = fleet.gateway.gateway.proxy.intake.parse(body, "completion", None).prompt_ids  # type: ignore[union-attr]
+        fleet.prompts_to_prefill.append(ids)  # the engine holds its blocks now (the exact-index test counts them)
+        return usage
 
     for seed, ask in ((21, None), (22, streamed)):
         prompt = prompt_text(seed, 350)  # several full 128-token blocks, never sent before
