@@ -7,6 +7,11 @@
   running stream away (others finish where they are). ``?wait=true`` answers once it is empty
   (200) or after ``admin.drain_wait_s`` (202, with what is left); otherwise 202 at once.
 * ``POST /admin/instances/{id}/undrain``: take new requests again.
+* ``POST /admin/instances`` (JSON body: one instance entry, the config file's fields): serve one
+  more instance from now on (201; 400 for a bad entry, 409 for an id in use).
+* ``DELETE /admin/instances/{id}``: drain it, then stop serving it (200). ``?timeout_s=`` bounds
+  the drain (default ``admin.drain_wait_s``); 409 when it did not finish (the instance stays
+  drained) or when the instance is its model's last serving path; ``?force=true`` removes anyway.
 * ``POST /admin/requests/{request_id}/migrate`` (JSON body ``{"target": id}``, optional): move
   one running stream now; answers whether it moved.
 
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 from pdgate.common.http_server import HttpRequest, Responder
+from pdgate.gateway.fleet import FleetChangeError, FleetManager
 from pdgate.gateway.requests import GatewayError
 
 if TYPE_CHECKING:
@@ -35,10 +41,13 @@ if TYPE_CHECKING:
 class AdminApi:
     """Handles every path under ``/admin/``."""
 
-    def __init__(self, config: GatewayConfig, cluster: Cluster, migrations: MigrationController) -> None:
+    def __init__(
+        self, config: GatewayConfig, cluster: Cluster, migrations: MigrationController, fleet: FleetManager
+    ) -> None:
         self.config = config
         self.cluster = cluster
         self.migrations = migrations
+        self.fleet = fleet
         key = config.admin_api_key()
         self._key = key.encode() if key else None
 
@@ -47,12 +56,18 @@ class AdminApi:
         parts = [unquote(p) for p in request.path.split("/")[2:]]  # after "", "admin"
         method = request.method
         if parts == ["instances"]:
-            self._allow(method, "GET")
+            self._allow(method, "GET", "POST")
+            if method == "POST":
+                await self._add(request, responder)
+                return
             responder.send_json(
                 200, {"object": "list", "data": [self._describe(s) for s in self.cluster.instances.values()]}
             )
         elif len(parts) == 2 and parts[0] == "instances":
-            self._allow(method, "GET")
+            self._allow(method, "GET", "DELETE")
+            if method == "DELETE":
+                await self._remove(parts[1], request, responder)
+                return
             responder.send_json(200, self._describe(self._instance(parts[1])))
         elif len(parts) == 3 and parts[0] == "instances" and parts[2] in ("drain", "undrain"):
             self._allow(method, "POST")
@@ -88,9 +103,9 @@ class AdminApi:
             )
 
     @staticmethod
-    def _allow(method: str, allowed: str) -> None:
-        if method != allowed:
-            raise GatewayError(405, f"method {method} not allowed here", headers={"Allow": allowed})
+    def _allow(method: str, *allowed: str) -> None:
+        if method not in allowed:
+            raise GatewayError(405, f"method {method} not allowed here", headers={"Allow": ", ".join(allowed)})
 
     def _instance(self, instance_id: str) -> InstanceState:
         state = self.cluster.instances.get(instance_id)
@@ -147,15 +162,45 @@ class AdminApi:
     async def _drain(self, state: InstanceState, request: HttpRequest, responder: Responder) -> None:
         query = parse_qs(request.query)
         wait = query.get("wait", ["false"])[-1].lower() in ("1", "true", "yes")
-        try:
-            timeout = float(query.get("timeout_s", [self.config.admin.drain_wait_s])[-1])
-        except ValueError:
-            raise GatewayError(400, "timeout_s must be a number", param="timeout_s") from None
+        timeout = self._timeout(query)
         self.migrations.drain(state.spec.id)
         drained = await self.migrations.wait_drained(state.spec.id, timeout) if wait else False
         body = self._describe(state)
         body["drained"] = drained
         responder.send_json(200 if drained else 202, body)
+
+    async def _add(self, request: HttpRequest, responder: Responder) -> None:
+        try:
+            entry = json.loads(request.body or b"null")
+        except ValueError:
+            raise GatewayError(400, "the body must be JSON: one instance entry") from None
+        if not isinstance(entry, dict):
+            raise GatewayError(400, "the body must be a JSON object: one instance entry (url, model, role, kind, ...)")
+        try:
+            state = await self.fleet.add(entry)
+        except FleetChangeError as exc:
+            raise GatewayError(exc.status, exc.message, param=exc.param) from None
+        responder.send_json(201, self._describe(state))
+
+    async def _remove(self, instance_id: str, request: HttpRequest, responder: Responder) -> None:
+        query = parse_qs(request.query)
+        force = query.get("force", ["false"])[-1].lower() in ("1", "true", "yes")
+        timeout = self._timeout(query)
+        self._instance(instance_id)
+        try:
+            state = await asyncio.shield(self.fleet.remove(instance_id, timeout_s=timeout, force=force))
+        except FleetChangeError as exc:
+            raise GatewayError(exc.status, exc.message, param=exc.param) from None
+        responder.send_json(200, {"id": instance_id, "removed": True, "url": state.spec.url})
+
+    def _timeout(self, query: dict[str, list[str]]) -> float:
+        try:
+            timeout = float(query.get("timeout_s", [self.config.admin.drain_wait_s])[-1])
+        except ValueError:
+            raise GatewayError(400, "timeout_s must be a number", param="timeout_s") from None
+        if not 0 <= timeout <= 3600:
+            raise GatewayError(400, "timeout_s must be between 0 and 3600", param="timeout_s")
+        return timeout
 
     async def _migrate(self, request_id: str, request: HttpRequest, responder: Responder) -> None:
         target: str | None = None

@@ -6,6 +6,7 @@ gets is OpenAI's error JSON; an unknown path is a 404, a known path with the wro
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -24,8 +25,9 @@ from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 from pdgate.gateway.admin import AdminApi
 from pdgate.gateway.admission import AdmissionController
 from pdgate.gateway.cluster import Cluster
-from pdgate.gateway.config import DEFAULT_SCHEDULING, GatewayConfig
+from pdgate.gateway.config import DEFAULT_SCHEDULING, ConfigError, GatewayConfig
 from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.fleet import FleetManager
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.proxy import Proxy
@@ -54,6 +56,7 @@ class Gateway:
     migration_policy: MigrationPolicy
     profile_handler: ProfileHandler
     migrations: MigrationController | None = None
+    fleet: FleetManager | None = None
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
     cluster: Cluster | None = None
@@ -190,10 +193,18 @@ class GatewayServer:
     the spans from an in-memory one.
     """
 
-    def __init__(self, gateway: Gateway, *, span_exporter: SpanExporter | None = None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        span_exporter: SpanExporter | None = None,
+        reload_config: Callable[[], GatewayConfig] | None = None,
+    ) -> None:
         self.gateway = gateway
         self.span_exporter = span_exporter
+        self.reload_config = reload_config  # reads the config file again (SIGHUP)
         self._http: HttpServer | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
         self.port = 0
 
     @property
@@ -230,7 +241,8 @@ class GatewayServer:
             gw.admission.start()
             await gw.cluster.start()
             migrations.start()
-            admin = AdminApi(gw.config, gw.cluster, migrations)
+            gw.fleet = FleetManager(gw.config, gw.cluster, migrations, gw.metrics, gw.costs)
+            admin = AdminApi(gw.config, gw.cluster, migrations, gw.fleet)
             self._http = HttpServer(
                 GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
             )
@@ -240,8 +252,29 @@ class GatewayServer:
             raise
         self.port = self._http.port
 
+    def reload(self) -> None:
+        """Read the config file again and apply its instances (SIGHUP); other settings need a restart.
+        Runs in a task this server owns; a file that cannot be read changes nothing."""
+        if self.reload_config is None or self.gateway.fleet is None:
+            log.warning("reload asked for, but this gateway has no config file to read again")
+            return
+        task = asyncio.create_task(self._reload(self.reload_config, self.gateway.fleet), name="config-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self, read: Callable[[], GatewayConfig], fleet: FleetManager) -> None:
+        try:
+            new = await asyncio.to_thread(read)
+        except (ConfigError, ValueError, OSError) as exc:
+            log.error("config reload failed, nothing changed: %s", exc)
+            return
+        await fleet.apply(new, timeout_s=self.gateway.config.admin.drain_wait_s)
+
     async def stop(self) -> None:
         gw = self.gateway
+        for task in list(self._reloads):
+            task.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
         if self._http is not None:
             await self._http.close(SHUTDOWN_GRACE_S)
             self._http = None

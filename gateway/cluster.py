@@ -29,7 +29,7 @@ from pdgate.adapters import EngineAdapter, InstanceSpec, UpstreamPool, make_adap
 from pdgate.adapters.kv_events import KvEventSource, KvEventSubscriber
 from pdgate.adapters.load import EngineLoad
 from pdgate.common.block_hash import block_hashes, to_event_hash
-from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.config import GatewayConfig, InstanceConfig
 from pdgate.scheduler.costmodel.model import CostModel
 from pdgate.scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView
@@ -197,6 +197,16 @@ class Lease:
             self.on_release()
 
 
+def _kv_source(inst: InstanceConfig) -> KvEventSource | None:
+    """Where an instance publishes its KV events, when it does."""
+    if inst.kv_events is None:
+        return None
+    spec = inst.spec()
+    return KvEventSource(
+        spec.id, inst.kv_events.endpoint, inst.kv_events.replay_endpoint, inst.kv_events.topic, host=spec.host
+    )
+
+
 @dataclass
 class PromptHashes:
     """The prompt's chained block hashes for each block size in use (as published in KV events)."""
@@ -223,27 +233,44 @@ class Cluster:
         self.instances: dict[str, InstanceState] = {}
         self.on_release: Callable[[], None] | None = None  # called whenever capacity frees up (admission wakes)
         self._lease_ids = itertools.count(1)
+        self._session = session
+        self._pool = pool
         for inst in config.instances:
-            spec = inst.spec()
-            breaker = CircuitBreaker(config.health.failure_threshold, config.health.cooldown_s)
-            self.instances[spec.id] = InstanceState(
-                spec, make_adapter(spec, session, pool), breaker, cost_group=inst.cost_key()
-            )
+            state = self._state_for(inst)
+            self.instances[state.spec.id] = state
         self.exact_index = ExactPrefixIndex()
         self.approx_index = ApproximatePrefixIndex(max_blocks=config.approx_prefix_max_blocks)
-        sources = [
-            KvEventSource(
-                inst.spec().id,
-                inst.kv_events.endpoint,
-                inst.kv_events.replay_endpoint,
-                inst.kv_events.topic,
-                host=inst.spec().host,
-            )
-            for inst in config.instances
-            if inst.kv_events is not None
-        ]
+        sources = [source for inst in config.instances if (source := _kv_source(inst)) is not None]
         self.kv_events = KvEventSubscriber(self.exact_index, sources)
         self._monitor: asyncio.Task[None] | None = None
+
+    def _state_for(self, inst: InstanceConfig) -> InstanceState:
+        spec = inst.spec()
+        breaker = CircuitBreaker(self.config.health.failure_threshold, self.config.health.cooldown_s)
+        return InstanceState(spec, make_adapter(spec, self._session, self._pool), breaker, cost_group=inst.cost_key())
+
+    # ------------------------------------------------------- fleet changes
+    async def add_instance(self, inst: InstanceConfig) -> InstanceState:
+        """Serve one more instance from now on: its KV events followed, its load and health read at
+        once (it is placed on from the next snapshot). The caller checked that its id is new."""
+        state = self._state_for(inst)
+        source = _kv_source(inst)
+        if source is not None:
+            await self.kv_events.add(source)
+        self.instances[state.spec.id] = state
+        await self._refresh_one(state, check_health=True)
+        log.info("instance %s added (%s, %s, %s)", state.spec.id, state.spec.role, state.spec.kind, state.spec.url)
+        return state
+
+    async def remove_instance(self, instance_id: str) -> InstanceState:
+        """Stop serving an instance and forget it: its KV-event subscription and prefix-index
+        entries go; leases still open on it (a forced removal) count against nothing."""
+        state = self.instances.pop(instance_id)
+        await self.kv_events.remove(instance_id)  # forgets the exact index's entries too
+        self.exact_index.forget(instance_id)
+        self.approx_index.forget(instance_id)
+        log.info("instance %s removed", instance_id)
+        return state
 
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> None:

@@ -15,6 +15,11 @@ SERVE_HELP = """\
 Run the gateway over the fleet described in a YAML config (instances: url, kind, role, model,
 optional API key, KV-events endpoint). The engines must already be running; see
 configs/*.yaml for examples and `pdgate up` to start a simulated fleet too.
+
+The fleet may change while it serves: SIGHUP reads the config again and applies its instances
+(new ones added, missing ones drained and removed, changed ones replaced; other settings need a
+restart), and the admin API adds (POST /admin/instances) and removes (DELETE
+/admin/instances/ID) instances.
 """
 
 UP_HELP = """\
@@ -60,6 +65,13 @@ def _load(args: argparse.Namespace, path: str) -> Any:
     from pdgate.gateway.app import build_gateway
     from pdgate.gateway.logs import configure_logging
 
+    config = _read_config(args, path)
+    configure_logging(config.logging)
+    return config, build_gateway(config)
+
+
+def _read_config(args: argparse.Namespace, path: str) -> GatewayConfig:
+    """The config file with the command line's overrides (also what a SIGHUP reload reads)."""
     config = GatewayConfig.load(path)
     overrides = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k) is not None}
     if overrides:
@@ -71,8 +83,7 @@ def _load(args: argparse.Namespace, path: str) -> Any:
     }
     if logs:
         config = config.model_copy(update={"logging": config.logging.model_copy(update=logs)})
-    configure_logging(config.logging)
-    return config, build_gateway(config)
+    return config
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -85,9 +96,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ConfigError, PluginConfigError, ValueError, OSError) as exc:
         print(f"pdgate serve: {exc}", file=sys.stderr)
         return 2
-    server = GatewayServer(gateway)
+    server = GatewayServer(gateway, reload_config=lambda: _read_config(args, args.config))
     try:
-        run_async(serve_until_signalled(server, lambda s: _started(describe(config, [], s.url))))
+        run_async(
+            serve_until_signalled(
+                server, lambda s: _started(describe(config, [], s.url)), on_hangup=GatewayServer.reload
+            )
+        )
     except OSError as exc:
         print(f"pdgate serve: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -93,6 +93,16 @@ class CostModelService:
             return CostModel(latency, output, version)
         return CostModel(LatencyModel.from_priors(self.prior_specs), OutputLengthModel.prior(), "prior")
 
+    def add_priors(self, specs: Mapping[str, PriorSpec]) -> None:
+        """Latency priors for cost groups that instances added at run time bring (known ones are kept)."""
+        new = {group: spec for group, spec in specs.items() if group not in self.prior_specs}
+        if not new:
+            return
+        self.prior_specs.update(new)
+        current = self.current
+        if current is not None:
+            self.current = CostModel(current.latency.with_prior_specs(new), current.output, current.version)
+
     # -------------------------------------------------------------- observe
     def observe(self, record: dict[str, Any]) -> None:
         self.records.append(record)

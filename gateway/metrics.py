@@ -65,6 +65,12 @@ class LightHistogram(Collector):
     def describe(self) -> Iterator[HistogramMetricFamily]:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
+    def remove_where(self, label: str, value: str) -> None:
+        """Drop every series whose ``label`` is ``value`` (an instance that left the fleet)."""
+        at = self.labelnames.index(label)
+        for labels in [k for k in self._series if k[at] == value]:
+            del self._series[labels]
+
 
 class LightCounter(Collector):
     """A counter for the request path, like :class:`LightHistogram`: ``inc`` is one dict update
@@ -87,6 +93,12 @@ class LightCounter(Collector):
 
     def describe(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def remove_where(self, label: str, value: str) -> None:
+        """Drop every series whose ``label`` is ``value`` (an instance that left the fleet)."""
+        at = self.labelnames.index(label)
+        for labels in [k for k in self._values if k[at] == value]:
+            del self._values[labels]
 
 
 class GatewayMetrics:
@@ -278,7 +290,23 @@ class GatewayMetrics:
             ["instance"],
             registry=r,
         )
+        self._instance_metrics = (  # labelled by instance (besides the light ones)
+            self.prediction_abs_error,
+            self.instance_info,
+            self.inflight,
+            self.inflight_tokens,
+            self.engine_running,
+            self.engine_waiting,
+            self.engine_kv,
+            self.scrape_age,
+            self.healthy,
+            self.circuit,
+            self.draining,
+            self.upstream_failures,
+            self.migrating,
+        )
         self._children: dict[tuple, object] = {}
+        self._gone: set[str] = set()  # instances removed from the fleet: no new series for them
 
     def _child(self, metric, *values: str):
         """A labelled child, looked up once (``.labels()`` costs microseconds per call)."""
@@ -288,6 +316,22 @@ class GatewayMetrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
+    def forget_instance(self, instance_id: str) -> None:
+        """Remove every series labelled with ``instance_id``: an instance removed from the fleet
+        leaves nothing behind in ``/metrics`` (requests that ran there and end later add none)."""
+        self._gone.add(instance_id)
+        for light in (self.prefix_queries, self.prefix_hits, self.prediction_ratio):
+            light.remove_where("instance", instance_id)
+        for metric in self._instance_metrics:
+            at = list(metric._labelnames).index("instance")
+            for labels in [k for k in metric._metrics if k[at] == instance_id]:  # (no public listing)
+                metric.remove(*labels)
+        self._children = {k: v for k, v in self._children.items() if instance_id not in k[1]}
+
+    def remember_instance(self, instance_id: str) -> None:
+        """An instance (re)joined the fleet: its series are recorded again."""
+        self._gone.discard(instance_id)
+
     def count(self, route: str, model: str, status: int) -> None:
         self._child(self.requests, route, model, str(status)).inc()
 
@@ -295,6 +339,8 @@ class GatewayMetrics:
         self.plugin_seconds.observe((profile, plugin), seconds)
 
     def observe_prefix(self, instance: str, prompt_tokens: int, hit_tokens: int) -> None:
+        if instance in self._gone:
+            return
         key = (instance,)
         self.prefix_queries.inc(key, prompt_tokens)
         if hit_tokens:
@@ -307,7 +353,8 @@ class GatewayMetrics:
         self._child(self.migration_gap, reason, mechanism).observe(seconds)
 
     def observe_failure(self, instance: str) -> None:
-        self._child(self.upstream_failures, instance).inc()
+        if instance not in self._gone:
+            self._child(self.upstream_failures, instance).inc()
 
     def observe_admission(self, info: RequestInfo, outcome: Outcome) -> None:
         self._child(self.admission, info.model, outcome.action, outcome.reason).inc()
@@ -340,7 +387,7 @@ class GatewayMetrics:
         )
         for quantity, instance, actual in pairs:
             guess = predicted.get("output_median" if quantity == "output_tokens" else quantity)
-            if actual is None or guess is None or guess <= 0 or instance is None:
+            if actual is None or guess is None or guess <= 0 or instance is None or instance in self._gone:
                 continue
             self.prediction_ratio.observe((quantity, instance), actual / guess)
             self._child(self.prediction_abs_error, quantity, instance).inc(abs(actual - guess))

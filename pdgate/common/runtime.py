@@ -30,8 +30,11 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-async def serve_until_signalled(server: S, ready: Callable[[S], None] | None = None) -> None:
-    """Start ``server``, call ``ready``, run until SIGINT/SIGTERM, then stop it cleanly."""
+async def serve_until_signalled(
+    server: S, ready: Callable[[S], None] | None = None, *, on_hangup: Callable[[S], None] | None = None
+) -> None:
+    """Start ``server``, call ``ready``, run until SIGINT/SIGTERM, then stop it cleanly.
+    ``on_hangup``: what SIGHUP does (e.g. read the config again) instead of ending the process."""
     await server.start()
     if ready is not None:
         ready(server)
@@ -39,6 +42,8 @@ async def serve_until_signalled(server: S, ready: Callable[[S], None] | None = N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup, server)
     try:
         await stop.wait()
     finally:

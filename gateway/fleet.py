@@ -1,0 +1,189 @@
+"""A fleet that changes while the gateway serves: instances added, removed and replaced at run time.
+
+Every change goes through :class:`FleetManager`, whoever asks for it: the admin API
+(``POST /admin/instances``, ``DELETE /admin/instances/{id}``) or a reload of the config file
+(SIGHUP on ``pdgate serve``; :meth:`FleetManager.apply`).
+
+* **Add**: the instance is validated as a config entry (same fields, same checks), its KV
+  events followed, its load and health read, and it takes requests from the next placement.
+  A new cost group gets its latency prior.
+* **Remove**: the instance is drained first (no new requests; its streams move away with the
+  migration controller, other requests finish where they are), then forgotten: no lease, no
+  prefix-index entry, no metric series is left. Removing the last serving path of a model is
+  refused unless forced; so is a removal whose drain did not finish in time.
+* **Reload**: the instances of the new file against those served now, by id: new ones added,
+  missing ones removed, changed ones replaced (removed, then added). Other settings need a
+  restart; a reload names those it did not apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from pdgate.gateway.cluster import Cluster, InstanceState
+from pdgate.gateway.config import GatewayConfig, InstanceConfig
+from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.metrics import GatewayMetrics
+from pdgate.gateway.migration import MigrationController
+
+log = logging.getLogger("pdgate.fleet")
+
+
+class FleetChangeError(Exception):
+    """A change that cannot be made: ``status`` is the HTTP status the admin API answers with."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+@dataclass
+class ReloadReport:
+    """What a reload did (and what it could not do without a restart)."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    not_applied: list[str] = field(default_factory=list)  # top-level settings that need a restart
+
+
+class FleetManager:
+    """Adds and removes instances of a running gateway; one per gateway. Changes run one at a time."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        cluster: Cluster,
+        migrations: MigrationController,
+        metrics: GatewayMetrics,
+        costs: CostModelService | None = None,
+    ) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.migrations = migrations
+        self.metrics = metrics
+        self.costs = costs
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ add
+    async def add(self, entry: InstanceConfig | dict[str, Any]) -> InstanceState:
+        """Serve one more instance; raises :class:`FleetChangeError` (400, 409) for a bad entry."""
+        inst = entry if isinstance(entry, InstanceConfig) else self.validate(entry)
+        async with self._lock:
+            return await self._add(inst)
+
+    def validate(self, entry: dict[str, Any]) -> InstanceConfig:
+        """An instance entry checked as the config file's are (400 with the first problem)."""
+        try:
+            inst = InstanceConfig.model_validate(entry)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "instance"
+            raise FleetChangeError(400, f"{where}: {first['msg']}", param=where) from None
+        models = {m.name for m in self.config.models}
+        if inst.model not in models:
+            raise FleetChangeError(400, f"model {inst.model!r} is not one of models {sorted(models)}", param="model")
+        return inst
+
+    async def _add(self, inst: InstanceConfig) -> InstanceState:
+        instance_id = inst.spec().id
+        if instance_id in self.cluster.instances:
+            raise FleetChangeError(409, f"instance {instance_id!r} exists already", param="id")
+        if self.costs is not None:
+            self.costs.add_priors({inst.cost_key(): inst.prior_spec()})
+        state = await self.cluster.add_instance(inst)
+        self.metrics.remember_instance(instance_id)
+        self.config.instances.append(inst)
+        return state
+
+    # --------------------------------------------------------------- remove
+    async def remove(self, instance_id: str, *, timeout_s: float, force: bool = False) -> InstanceState:
+        """Drain ``instance_id`` (up to ``timeout_s``), then stop serving it.
+
+        Refused (409) when it is the last serving path of its model or when the drain did not
+        finish in time (the instance then stays drained); ``force`` removes it anyway.
+        """
+        async with self._lock:
+            return await self._remove(instance_id, timeout_s, force)
+
+    async def _remove(self, instance_id: str, timeout_s: float, force: bool) -> InstanceState:
+        state = self.cluster.instances.get(instance_id)
+        if state is None:
+            raise FleetChangeError(404, f"no instance {instance_id!r}", param="instance")
+        if not force and not self._servable_without(state):
+            raise FleetChangeError(
+                409,
+                f"removing {instance_id!r} leaves model {state.spec.model!r} without a serving path "
+                "(add its replacement first, or force)",
+            )
+        self.migrations.drain(instance_id)
+        drained = await self.migrations.wait_drained(instance_id, timeout_s)
+        if not drained and not force:
+            raise FleetChangeError(
+                409,
+                f"instance {instance_id!r} still runs {state.inflight_requests} request(s) after {timeout_s:g} s "
+                "of draining; it stays drained (remove again later, or force)",
+            )
+        await self.cluster.remove_instance(instance_id)
+        self.metrics.forget_instance(instance_id)
+        self.config.instances[:] = [i for i in self.config.instances if i.spec().id != instance_id]
+        return state
+
+    def _servable_without(self, leaving: InstanceState) -> bool:
+        roles = {s.spec.role for s in self.cluster.for_model(leaving.spec.model) if s is not leaving and not s.draining}
+        return "both" in roles or {"prefill", "decode"} <= roles
+
+    # --------------------------------------------------------------- reload
+    async def apply(self, new: GatewayConfig, *, timeout_s: float) -> ReloadReport:
+        """Make the served instances those of ``new`` (see the module doc); never raises."""
+        report = ReloadReport(not_applied=_restart_only_changes(self.config, new))
+        async with self._lock:
+            current = {i.spec().id: i for i in self.config.instances}
+            wanted = {i.spec().id: i for i in new.instances}
+            gone = [i for i in current if i not in wanted]
+            changed = [i for i in current if i in wanted and current[i] != wanted[i]]
+            for instance_id, inst in wanted.items():
+                if instance_id not in current:
+                    await self._try(report.added, report, instance_id, self._add(inst))
+            for instance_id in changed:
+                if await self._try(None, report, instance_id, self._remove(instance_id, timeout_s, False)):
+                    await self._try(report.replaced, report, instance_id, self._add(wanted[instance_id]))
+            for instance_id in gone:
+                await self._try(report.removed, report, instance_id, self._remove(instance_id, timeout_s, False))
+        log.info(
+            "config reloaded: added %s, removed %s, replaced %s, failed %s; not applied without a restart: %s",
+            report.added,
+            report.removed,
+            report.replaced,
+            report.failed,
+            report.not_applied,
+        )
+        return report
+
+    @staticmethod
+    async def _try(done: list[str] | None, report: ReloadReport, instance_id: str, change: Any) -> bool:
+        try:
+            await change
+        except FleetChangeError as exc:
+            report.failed[instance_id] = exc.message
+            return False
+        if done is not None:
+            done.append(instance_id)
+        return True
+
+
+def _restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """Top-level settings (other than the instances) that differ: a reload leaves them as they are."""
+    return sorted(
+        name
+        for name in GatewayConfig.model_fields
+        if name not in ("instances", "host", "port") and getattr(old, name) != getattr(new, name)
+    )
