@@ -157,3 +157,26 @@ def test_sighup_applies_the_config_files_instances(sim_factory, tmp_path):
         assert _ids(gateway.url) == [added["id"]]
     finally:
         gateway.stop()
+
+
+def test_an_added_instance_is_followed_by_its_kv_events(sim_factory, tmp_path):
+    _, entries, _, gateway = _gateway(sim_factory, tmp_path)
+    try:
+        newcomer = sim_factory(*engine_flags("both", kv_events=True), time_scale=1.0)
+        entry = instance_entry(newcomer, "both", "sim")
+        assert "kv_events" in entry
+        assert admin(gateway.url, "/admin/instances", entry)[0] == 201
+        status, _ = admin(gateway.url, f"/admin/instances/{entries[0]['id']}", method="DELETE")
+        assert status == 200  # every request now goes to the newcomer
+        prompt = "A prompt long enough to fill several KV blocks of sixteen tokens each. " * 8
+        api = client(gateway.url)
+        api.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+        hits = f'pdgate_prefix_cache_hit_tokens_total{{instance="{entry["id"]}"}}'
+
+        def hit() -> bool:  # the blocks the engine stored came back as KV events: the prompt hits
+            api.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+            return hits in _metrics(gateway.url)
+
+        wait_until(hit, timeout=10, message="a prefix hit on the added instance from its KV events")
+    finally:
+        gateway.stop()
