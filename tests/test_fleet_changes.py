@@ -133,19 +133,23 @@ def test_the_last_serving_path_is_not_removed_unless_forced(sim_factory, tmp_pat
 
 
 def test_sighup_applies_the_config_files_instances(sim_factory, tmp_path):
-    engines, entries, path, gateway = _gateway(sim_factory, tmp_path)
-    first = entries[0]["id"]
+    engines, entries, path, gateway = _gateway(sim_factory, tmp_path, roles=("both", "both"))
+    first, kept = entries[0]["id"], entries[1]["id"]
     try:
         replacement = sim_factory(*engine_flags("both"), time_scale=1.0)
         added = instance_entry(replacement, "both", "sim")
         config = yaml.safe_load(path.read_text())
-        config["instances"] = [added]  # the first leaves, its replacement arrives
+        # the first leaves, the second is changed (replaced), a third arrives
+        config["instances"] = [{**entries[1], "cost_group": "changed"}, added]
         config["max_body_bytes"] = 12345  # not applied without a restart (logged)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         gateway.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: _ids(gateway.url) == [added["id"]], timeout=20, message="the reload to apply")
-        line = gateway.reported(re.compile(r"config reloaded: .*not applied without a restart: (.*)")).group(1)
-        assert "max_body_bytes" in line
+        line = gateway.reported(re.compile(r"config reloaded: (.*)")).group(1)
+        assert f"added ['{added['id']}']" in line and f"removed ['{first}']" in line, line
+        assert f"replaced ['{kept}']" in line and "failed {}" in line, line
+        assert "not applied without a restart: ['max_body_bytes']" in line, line
+        assert _ids(gateway.url) == sorted([kept, added["id"]])
+        assert get_json(f"{gateway.url}/admin/instances/{kept}")["id"] == kept
         assert gateway.proc.poll() is None  # SIGHUP reloads, it does not end the process
         assert client(gateway.url).completions.create(model=MODEL, prompt="after reload", max_tokens=3).usage
         assert f'instance="{first}"' not in _metrics(gateway.url)
@@ -154,7 +158,7 @@ def test_sighup_applies_the_config_files_instances(sim_factory, tmp_path):
         gateway.proc.send_signal(signal.SIGHUP)
         gateway.reported(re.compile(r"config reload failed, nothing changed"))
         assert client(gateway.url).completions.create(model=MODEL, prompt="still serving", max_tokens=3).usage
-        assert _ids(gateway.url) == [added["id"]]
+        assert _ids(gateway.url) == sorted([kept, added["id"]])
     finally:
         gateway.stop()
 
