@@ -73,7 +73,7 @@ class AdminApi:
             self._allow(method, "POST")
             state = self._instance(parts[1])
             if parts[2] == "undrain":
-                self.migrations.undrain(state.spec.id)
+                await self.fleet.undrain(state.spec.id)
                 responder.send_json(200, self._describe(state))
                 return
             await self._drain(state, request, responder)
@@ -163,7 +163,7 @@ class AdminApi:
         query = parse_qs(request.query)
         wait = query.get("wait", ["false"])[-1].lower() in ("1", "true", "yes")
         timeout = self._timeout(query)
-        self.migrations.drain(state.spec.id)
+        await self.fleet.drain(state.spec.id)
         drained = await self.migrations.wait_drained(state.spec.id, timeout) if wait else False
         body = self._describe(state)
         body["drained"] = drained

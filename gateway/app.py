@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.proxy import Proxy
 from pdgate.gateway.requests import GatewayError
+from pdgate.gateway.sharing import NatsState
 from pdgate.gateway.tracing import Tracing
 from pdgate.gateway.tracing_setup import resolve_settings
 from pdgate.scheduler.framework import Admitter, MigrationPolicy, Profile, ProfileHandler
@@ -57,6 +59,7 @@ class Gateway:
     profile_handler: ProfileHandler
     migrations: MigrationController | None = None
     fleet: FleetManager | None = None
+    shared: NatsState | None = None
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
     cluster: Cluster | None = None
@@ -78,6 +81,8 @@ def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None)
     tokenizers = {m.name: load_tokenizer(m.tokenizer) for m in config.models}
     admitter = registry.create_admitter(config.admission.admitter, config.admission.parameters)
     resolve_settings(config.tracing)  # a tracing setup that cannot work fails here (TracingSetupError)
+    if config.sharing.url() is not None and importlib.util.find_spec("nats") is None:
+        raise ValueError("sharing.nats_url needs the NATS client: pip install 'pdgate[replicas]'")
     policy = registry.create_migration_policy(config.migration.policy, config.migration.parameters)
     return Gateway(config, profiles, tokenizers, GatewayMetrics(), admitter, policy, handler)
 
@@ -242,6 +247,11 @@ class GatewayServer:
             await gw.cluster.start()
             migrations.start()
             gw.fleet = FleetManager(gw.config, gw.cluster, migrations, gw.metrics, gw.costs)
+            nats_url = gw.config.sharing.url()
+            if nats_url is not None:  # replicas: the fleet's changes and drains through NATS
+                gw.shared = NatsState(nats_url, gw.config.sharing.replica_id)
+                gw.fleet.share(gw.shared)
+                await gw.shared.start()
             admin = AdminApi(gw.config, gw.cluster, migrations, gw.fleet)
             self._http = HttpServer(
                 GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
@@ -278,6 +288,11 @@ class GatewayServer:
         if self._http is not None:
             await self._http.close(SHUTDOWN_GRACE_S)
             self._http = None
+        if gw.fleet is not None:
+            await gw.fleet.close()
+        if gw.shared is not None:
+            await gw.shared.close()
+            gw.shared = None
         if gw.migrations is not None:
             await gw.migrations.close()
         if gw.admission is not None:

