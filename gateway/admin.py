@@ -144,6 +144,7 @@ class AdminApi:
                 "prefill_inflight": len(state.prefill_work),
             },
             "running_requests": state.inflight_requests,
+            "cluster_running_requests": state.inflight_requests + self._remote_requests(spec.id),
             "streams": [
                 {
                     "request_id": s.request_id,
@@ -157,6 +158,11 @@ class AdminApi:
             ],
             "capabilities": sorted(state.capability_names),
         }
+
+    def _remote_requests(self, instance_id: str) -> int:
+        """Requests other replicas have in flight on the instance (0 without load sharing)."""
+        remote = self.cluster.remote.get(instance_id)
+        return remote.requests if remote is not None else 0
 
     # ----------------------------------------------------------------- actions
     async def _drain(self, state: InstanceState, request: HttpRequest, responder: Responder) -> None:

@@ -29,6 +29,7 @@ from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import DEFAULT_SCHEDULING, ConfigError, GatewayConfig
 from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.fleet import FleetManager
+from pdgate.gateway.load_sharing import LoadSharing
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.proxy import Proxy
@@ -60,6 +61,7 @@ class Gateway:
     migrations: MigrationController | None = None
     fleet: FleetManager | None = None
     shared: NatsState | None = None
+    load_sharing: LoadSharing | None = None
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
     cluster: Cluster | None = None
@@ -249,9 +251,18 @@ class GatewayServer:
             gw.fleet = FleetManager(gw.config, gw.cluster, migrations, gw.metrics, gw.costs)
             nats_url = gw.config.sharing.url()
             if nats_url is not None:  # replicas: the fleet's changes and drains through NATS
-                gw.shared = NatsState(nats_url, gw.config.sharing.replica_id)
+                sharing = gw.config.sharing
+                gw.shared = NatsState(nats_url, sharing.replica_id)
                 gw.fleet.share(gw.shared)
+                gw.load_sharing = LoadSharing(
+                    gw.shared,
+                    gw.cluster,
+                    gw.metrics,
+                    interval_s=sharing.load_interval_s,
+                    expiry_s=sharing.load_expiry_s,
+                )
                 await gw.shared.start()
+                gw.load_sharing.start()
             admin = AdminApi(gw.config, gw.cluster, migrations, gw.fleet)
             self._http = HttpServer(
                 GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
@@ -288,6 +299,9 @@ class GatewayServer:
         if self._http is not None:
             await self._http.close(SHUTDOWN_GRACE_S)
             self._http = None
+        if gw.load_sharing is not None:
+            await gw.load_sharing.close()
+            gw.load_sharing = None
         if gw.fleet is not None:
             await gw.fleet.close()
         if gw.shared is not None:

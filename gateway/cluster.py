@@ -78,6 +78,23 @@ class CircuitBreaker:
             self.trial_in_flight = True
 
 
+@dataclass(frozen=True)
+class RemoteLoad:
+    """What the other gateway replicas have in flight on one instance (summed; see load_sharing)."""
+
+    requests: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_legs: int = 0
+    prefill_wait_s: float = 0.0
+    decode_legs: int = 0
+    decode_context_tokens: int = 0
+    tightest_tpot_s: float | None = None
+
+
+NO_REMOTE_LOAD = RemoteLoad()
+
+
 @dataclass(eq=False)
 class InstanceState:
     spec: InstanceSpec
@@ -121,8 +138,13 @@ class InstanceState:
         in_flight = sum(p for _, p in self.prefill_work.values())
         return max(self.prefill_finish - now, in_flight - min(oldest_work, now - oldest_sent), 0.0)
 
-    def view(self, now: float, stale_after: float) -> InstanceView:
+    def view(self, now: float, stale_after: float, remote: RemoteLoad = NO_REMOTE_LOAD) -> InstanceView:
+        """The instance as the scheduler sees it: this replica's accounting plus ``remote``, the
+        other replicas' (when they share their load)."""
         load = self.load if self.load is not None and now - self.load.scraped_at <= stale_after else None
+        tpot = min(self.tpot_slos) if self.tpot_slos else None
+        if remote.tightest_tpot_s is not None:
+            tpot = remote.tightest_tpot_s if tpot is None else min(tpot, remote.tightest_tpot_s)
         return InstanceView(
             id=self.spec.id,
             url=self.spec.url,
@@ -135,17 +157,17 @@ class InstanceState:
             waiting=load.waiting if load else None,
             kv_usage=load.kv_usage if load else None,
             scrape_age_s=(now - self.load.scraped_at) if self.load else None,
-            inflight_requests=self.inflight_requests,
-            inflight_prefill_tokens=self.inflight_prefill_tokens,
-            inflight_decode_tokens=self.inflight_decode_tokens,
+            inflight_requests=self.inflight_requests + remote.requests,
+            inflight_prefill_tokens=self.inflight_prefill_tokens + remote.prefill_tokens,
+            inflight_decode_tokens=self.inflight_decode_tokens + remote.decode_tokens,
             block_size=self.spec.block_size,
             capabilities=self.capability_names,
             cost_group=self.cost_group,
-            prefill_wait_s=self.prefill_wait(now),
-            prefill_inflight=len(self.prefill_work),
-            decode_inflight=self.decode_inflight,
-            decode_context_tokens=self.decode_context_tokens,
-            tightest_tpot_s=min(self.tpot_slos) if self.tpot_slos else None,
+            prefill_wait_s=self.prefill_wait(now) + remote.prefill_wait_s,
+            prefill_inflight=len(self.prefill_work) + remote.prefill_legs,
+            decode_inflight=self.decode_inflight + remote.decode_legs,
+            decode_context_tokens=self.decode_context_tokens + remote.decode_context_tokens,
+            tightest_tpot_s=tpot,
         )
 
     @functools.cached_property
@@ -235,6 +257,7 @@ class Cluster:
         self._lease_ids = itertools.count(1)
         self._session = session
         self._pool = pool
+        self.remote: dict[str, RemoteLoad] = {}  # other replicas' in-flight load per instance (load sharing)
         for inst in config.instances:
             state = self._state_for(inst)
             self.instances[state.spec.id] = state
@@ -336,7 +359,9 @@ class Cluster:
                 for instance_id, blocks in index.match_all(chain, ids).items():
                     if blocks:
                         hits[instance_id] = blocks * block_size
-        return ClusterSnapshot(tuple(s.view(now, stale) for s in states), now, hits, costs)
+        remote = self.remote
+        views = tuple(s.view(now, stale, remote.get(s.spec.id, NO_REMOTE_LOAD)) for s in states)
+        return ClusterSnapshot(views, now, hits, costs)
 
     def ready(self, model: str) -> bool:
         """Whether ``model`` has a healthy serving path (colocated, or prefill + decode)."""

@@ -280,12 +280,14 @@ class AdminConfig(Strict):
 
 
 class SharingConfig(Strict):
-    """State gateway replicas share (docs/gateway.md): today the fleet's changes and drains."""
+    """State gateway replicas share (docs/gateway.md): the fleet's changes, drains, in-flight load."""
 
     nats_url: str | None = Field(
         None, description="NATS server with JetStream (also PDGATE_NATS_URL); unset: this replica shares nothing"
     )
     replica_id: str | None = Field(None, description="this replica's name (default: host name and process id)")
+    load_interval_s: float = Field(0.1, gt=0, description="how often a replica publishes its in-flight load")
+    load_expiry_s: float = Field(3.0, gt=0, description="a replica not heard from for this long: its load is dropped")
 
     def url(self) -> str | None:
         return self.nats_url or os.environ.get("PDGATE_NATS_URL") or None

@@ -290,6 +290,17 @@ class GatewayMetrics:
             ["instance"],
             registry=r,
         )
+        self.sharing_staleness = Histogram(
+            "pdgate_sharing_load_staleness_seconds",
+            "Delay from another replica publishing its in-flight load to this replica applying it.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.sharing_replicas = Gauge(
+            "pdgate_sharing_replicas",
+            "Other gateway replicas whose in-flight load this replica currently counts.",
+            registry=r,
+        )
         self._instance_metrics = (  # labelled by instance (besides the light ones)
             self.prediction_abs_error,
             self.instance_info,
@@ -327,6 +338,9 @@ class GatewayMetrics:
             for labels in [k for k in metric._metrics if k[at] == instance_id]:  # (no public listing)
                 metric.remove(*labels)
         self._children = {k: v for k, v in self._children.items() if instance_id not in k[1]}
+
+    def observe_sharing_staleness(self, seconds: float) -> None:
+        self.sharing_staleness.observe(seconds)
 
     def remember_instance(self, instance_id: str) -> None:
         """An instance (re)joined the fleet: its series are recorded again."""

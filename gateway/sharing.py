@@ -30,6 +30,7 @@ from typing import Any, Protocol
 log = logging.getLogger("pdgate.sharing")
 
 Watcher = Callable[[str, dict[str, Any]], Awaitable[None]]
+Listener = Callable[[bytes], Awaitable[None]]
 RETRY_S = 1.0
 
 
@@ -43,6 +44,12 @@ class SharedState(Protocol):
         """Call ``on_change(key, value)`` for the bucket's values and other replicas' changes (before start)."""
 
     async def put(self, bucket: str, key: str, value: dict[str, Any]) -> None: ...
+
+    def subscribe(self, subject: str, on_message: Listener) -> None:
+        """Call ``on_message(data)`` for every message on ``subject``, this replica's too (before start)."""
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        """Send a message now, or drop it while the server is away (for figures that are sent again)."""
 
     async def start(self) -> None: ...
 
@@ -64,6 +71,7 @@ class NatsState:
         self.url = url
         self.replica_id = replica_id or default_replica_id()
         self._watchers: dict[str, Watcher] = {}
+        self._listeners: dict[str, Listener] = {}
         self._buckets: dict[str, Any] = {}
         self._unsent: dict[tuple[str, str], dict[str, Any]] = {}
         self._nc: Any = None
@@ -76,6 +84,17 @@ class NatsState:
 
     def watch(self, bucket: str, on_change: Watcher) -> None:
         self._watchers[bucket] = on_change
+
+    def subscribe(self, subject: str, on_message: Listener) -> None:
+        self._listeners[subject] = on_message
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        if not self.connected:
+            return
+        try:
+            await self._nc.publish(subject, data)
+        except Exception as exc:
+            log.debug("shared state: %s not published (%r)", subject, exc)
 
     async def start(self) -> None:
         self._spawn(self._connect(), "sharing-connect")
@@ -140,6 +159,12 @@ class NatsState:
             except Exception as exc:
                 log.warning("shared state: NATS at %s not reachable (%r); retrying", self.url, exc)
                 await asyncio.sleep(RETRY_S)
+        for subject, on_message in self._listeners.items():
+
+            async def deliver(msg: Any, on_message: Listener = on_message) -> None:
+                await on_message(msg.data)
+
+            await self._nc.subscribe(subject, cb=deliver)
         for bucket, on_change in self._watchers.items():
             watcher = await (await self._bucket(bucket)).watchall()
             self._spawn(self._follow(bucket, watcher, on_change), f"sharing-watch-{bucket}")

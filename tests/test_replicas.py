@@ -3,13 +3,17 @@ key-value), as separate processes over the same simulated engines."""
 
 from __future__ import annotations
 
+import signal
+import threading
+import urllib.request
 from collections.abc import Iterator
 
+import openai
 import pytest
 from support.fleet import MODEL, engine_flags, get_json, instance_entry, start_gateway, write_config
 from support.nats import NatsServer, start_nats
 from support.procs import PdgateProcess
-from support.streams import admin, client
+from support.streams import Stream, admin, client
 from support.waiting import wait_until
 
 
@@ -77,3 +81,41 @@ def test_a_replica_starts_and_serves_without_nats(sim_factory, tmp_path):
         assert len(_ids(gateway)) == 2
     finally:
         gateway.stop()
+
+
+def test_every_replica_counts_the_load_the_others_sent(sim_factory, tmp_path, nats):
+    engine = sim_factory(*engine_flags("both"), time_scale=1.0)
+    entry = instance_entry(engine, "both", "sim")
+    sharing = {"nats_url": nats.url, "load_interval_s": 0.05, "load_expiry_s": 2.0}
+    config = write_config(tmp_path / "gateway.yaml", [entry], sharing=sharing)
+    a, b = start_gateway(config), start_gateway(config)
+    try:
+
+        def seen_on_b() -> tuple[int, int]:
+            view = get_json(f"{b.url}/admin/instances/{entry['id']}")
+            return view["running_requests"], view["cluster_running_requests"]
+
+        streams = [Stream(a.url, f"load-{i}", tokens=400) for i in range(3)]
+        cut: list[str] = []
+
+        def run(stream: Stream) -> None:
+            try:
+                stream.run()
+            except openai.APIConnectionError:  # its replica is killed below: only its clients lose out
+                cut.append(stream.request_id)
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in streams]
+        for thread in threads:
+            thread.start()
+        # replica B has nothing in flight itself, but counts what A sent
+        wait_until(lambda: seen_on_b() == (0, 3), timeout=10, message="replica B to count A's 3 streams")
+        assert "pdgate_sharing_replicas 1.0" in urllib.request.urlopen(f"{b.url}/metrics", timeout=10).read().decode()
+        a.stop(signal.SIGKILL)  # a replica that dies: the others forget its load after load_expiry_s
+        wait_until(lambda: seen_on_b() == (0, 0), timeout=10, message="A's load to expire on B")
+        for thread in threads:
+            thread.join(30)
+        assert sorted(cut) == sorted(s.request_id for s in streams)
+        assert client(b.url).completions.create(model=MODEL, prompt="after A died", max_tokens=2).usage
+    finally:
+        a.stop()
+        b.stop()
