@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import re
 import signal
-import threading
 import urllib.error
 import urllib.request
 
 import yaml
 from support.fleet import MODEL, engine_flags, get_json, instance_entry, start_gateway, write_config
-from support.streams import Stream, admin, assert_same, client
+from support.streams import Stream, StreamsInFlight, admin, assert_same, client
 from support.waiting import wait_until
 
 
@@ -72,31 +71,13 @@ def test_removing_an_instance_moves_its_streams_and_forgets_it(sim_factory, tmp_
     try:
         reference = Stream(gateway.url, "ref").run()
         streams = [Stream(gateway.url, f"remove-{i}") for i in range(4)]
-        errors: list[BaseException] = []
-
-        def run(stream: Stream) -> None:
-            try:
-                stream.run()
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(s,)) for s in streams]
-        for thread in threads:
-            thread.start()
-
-        def busiest() -> dict | None:
-            instances = get_json(f"{gateway.url}/admin/instances")["data"]
-            running = [s for i in instances for s in i["streams"]]
-            ready = len(running) == len(streams) and all(s["generated_tokens"] >= 5 for s in running)
-            return max(instances, key=lambda i: len(i["streams"])) if ready else None
-
-        leaving = wait_until(busiest, message="every stream to run and have 5 tokens")
+        flight = StreamsInFlight(streams)
+        leaving = max(flight.running_everywhere(gateway.url), key=lambda i: len(i["streams"]))
         assert leaving["streams"]
         status, body = admin(gateway.url, f"/admin/instances/{leaving['id']}?timeout_s=30", method="DELETE")
         assert status == 200 and body == {"id": leaving["id"], "removed": True, "url": leaving["url"]}, body
-        for thread in threads:
-            thread.join(60)
-        assert not errors
+        flight.join()
+        assert not flight.errors
         for stream in streams:  # every stream went on elsewhere, token for token
             assert_same(stream, reference)
         assert _ids(gateway.url) == sorted(e["id"] for e in entries if e["id"] != leaving["id"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -24,7 +23,17 @@ from support.fleet import (
     start_gateway,
     write_config,
 )
-from support.streams import PROMPT, TOKENS, Stream, admin, assert_same, client, generated, serving
+from support.streams import (
+    PROMPT,
+    TOKENS,
+    Stream,
+    StreamsInFlight,
+    admin,
+    assert_same,
+    client,
+    generated,
+    serving,
+)
 from support.waiting import wait_until
 
 
@@ -201,33 +210,15 @@ def test_drain_moves_every_stream_away_and_keeps_new_requests_off(sim_factory, t
     try:
         reference = Stream(gateway.url, "ref").run()
         streams = [Stream(gateway.url, f"drain-{i}") for i in range(6)]
-        errors: list[BaseException] = []
-
-        def run(stream: Stream) -> None:
-            try:
-                stream.run()
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(s,)) for s in streams]
-        for thread in threads:
-            thread.start()
-
-        def all_streaming() -> list[dict[str, Any]] | None:
-            instances = get_json(f"{gateway.url}/admin/instances")["data"]
-            running = [s for i in instances for s in i["streams"]]
-            ready = len(running) == len(streams) and all(s["generated_tokens"] >= 5 for s in running)
-            return instances if ready else None
-
-        instances = wait_until(all_streaming, message="every stream to run and have 5 tokens")
+        flight = StreamsInFlight(streams)
+        instances = flight.running_everywhere(gateway.url)
         busiest = max(instances, key=lambda i: len(i["streams"]))
         assert busiest["streams"], "no stream to drain"
         status, drained = admin(gateway.url, f"/admin/instances/{busiest['id']}/drain?wait=true&timeout_s=20")
         assert status == 200 and drained["drained"] is True and drained["draining"] is True, drained
         assert drained["streams"] == [] and drained["running_requests"] == 0
-        for thread in threads:
-            thread.join(30)
-        assert not errors
+        flight.join(30)
+        assert not flight.errors
         for stream in streams:
             assert_same(stream, reference)
         assert metric(gateway.url, "pdgate_migrations_total", reason="drain", outcome="migrated") >= 1

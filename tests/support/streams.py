@@ -4,6 +4,7 @@ move, drain or remove what serves them."""
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import openai
 
 from support.fleet import MODEL, get_json
+from support.waiting import wait_until
 
 TOKENS = 160
 PROMPT = "Tell me a long story about a migrating bird and the engines that served it"
@@ -116,3 +118,35 @@ def assert_same(moved: Stream, reference: Stream) -> None:
     assert moved.usage.completion_tokens == reference.usage.completion_tokens == moved.tokens
     assert moved.usage.prompt_tokens == reference.usage.prompt_tokens
     assert moved.usage.total_tokens == reference.usage.total_tokens
+
+
+class StreamsInFlight:
+    """Streams read in threads at once; ``errors`` collects what any of them raised."""
+
+    def __init__(self, streams: list[Stream]) -> None:
+        self.streams = streams
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run, args=(s,)) for s in streams]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, stream: Stream) -> None:
+        try:
+            stream.run()
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def running_everywhere(self, url: str, min_tokens: int = 5) -> list[dict[str, Any]]:
+        """The gateway's instances once every stream runs and has ``min_tokens`` (polled)."""
+
+        def all_streaming() -> list[dict[str, Any]] | None:
+            instances = get_json(f"{url}/admin/instances")["data"]
+            running = [s for i in instances for s in i["streams"]]
+            ready = len(running) == len(self.streams) and all(s["generated_tokens"] >= min_tokens for s in running)
+            return instances if ready else None
+
+        return wait_until(all_streaming, message=f"every stream to run and have {min_tokens} tokens")
+
+    def join(self, timeout_s: float = 60.0) -> None:
+        for thread in self.threads:
+            thread.join(timeout_s)
