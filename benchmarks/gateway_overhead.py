@@ -94,6 +94,7 @@ from support.fleet import (
     start_gateway,
     write_config,
 )
+from support.layout import link_installed_layout
 from support.procs import PdgateProcess, start_pdgate, start_sim
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -799,13 +800,8 @@ def _gateway_program(tree: str) -> list[str]:
     root = Path(tree).resolve()
     if (root / "gateway" / "cli.py").exists():
         return [sys.executable, "-m", "gateway.cli"]
-    links = Path(tempfile.mkdtemp(prefix="pdgate-baseline-")) / "pdgate"
-    links.mkdir()
-    for entry in (root / "pdgate").iterdir():
-        (links / entry.name).symlink_to(entry)
-    for name in ("gateway", "scheduler", "adapters", "engines", "loadgen", "configs"):
-        (links / name).symlink_to(root / name)
-    return ["env", f"PYTHONPATH={links.parent}", "PYTHONSAFEPATH=1", sys.executable, "-m", "pdgate.cli"]
+    links = link_installed_layout(root, Path(tempfile.mkdtemp(prefix="pdgate-baseline-")))
+    return ["env", f"PYTHONPATH={links}", "PYTHONSAFEPATH=1", sys.executable, "-m", "pdgate.cli"]
 
 
 class Fleet:

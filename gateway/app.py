@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 from pdgate.adapters import UpstreamPool
 from pdgate.common.http_server import HttpRequest, HttpServer, Responder
+from pdgate.common.tasks import OwnedTasks
 from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 from pdgate.gateway.admin import AdminApi
 from pdgate.gateway.admission import AdmissionController
@@ -211,7 +212,7 @@ class GatewayServer:
         self.span_exporter = span_exporter
         self.reload_config = reload_config  # reads the config file again (SIGHUP)
         self._http: HttpServer | None = None
-        self._reloads: set[asyncio.Task[None]] = set()
+        self._reloads = OwnedTasks()
         self.port = 0
 
     @property
@@ -279,9 +280,7 @@ class GatewayServer:
         if self.reload_config is None or self.gateway.fleet is None:
             log.warning("reload asked for, but this gateway has no config file to read again")
             return
-        task = asyncio.create_task(self._reload(self.reload_config, self.gateway.fleet), name="config-reload")
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+        self._reloads.spawn(self._reload(self.reload_config, self.gateway.fleet), "config-reload")
 
     async def _reload(self, read: Callable[[], GatewayConfig], fleet: FleetManager) -> None:
         try:
@@ -293,9 +292,7 @@ class GatewayServer:
 
     async def stop(self) -> None:
         gw = self.gateway
-        for task in list(self._reloads):
-            task.cancel()
-        await asyncio.gather(*self._reloads, return_exceptions=True)
+        await self._reloads.close()
         if self._http is not None:
             await self._http.close(SHUTDOWN_GRACE_S)
             self._http = None

@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pdgate.common.tasks import OwnedTasks
 from pdgate.gateway.cluster import Cluster, InstanceState
 from pdgate.gateway.config import GatewayConfig, InstanceConfig
 from pdgate.gateway.costs import CostModelService
@@ -81,7 +82,7 @@ class FleetManager:
         self.costs = costs
         self.shared: SharedState | None = None
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks()
 
     def share(self, shared: SharedState) -> None:
         """Share this gateway's fleet changes and drains with the other replicas (before ``shared`` starts)."""
@@ -91,9 +92,7 @@ class FleetManager:
 
     async def close(self) -> None:
         """Cancel and await the changes other replicas started here."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     # ---------------------------------------------------------------- drains
     async def drain(self, instance_id: str) -> None:
@@ -188,7 +187,7 @@ class FleetManager:
                 if instance_id not in self.cluster.instances:
                     await self._add(inst, publish=False)
         elif op == "remove" and instance_id in self.cluster.instances:
-            self._spawn(self._remote_remove(instance_id), f"fleet-remove-{instance_id}")
+            self._tasks.spawn(self._remote_remove(instance_id), f"fleet-remove-{instance_id}")
 
     async def _remote_remove(self, instance_id: str) -> None:
         """Drain this replica's own streams on the instance (up to ``admin.drain_wait_s``), then forget it:
@@ -204,12 +203,6 @@ class FleetManager:
             self.migrations.drain(instance_id)
         else:
             self.migrations.undrain(instance_id)
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _servable_without(self, leaving: InstanceState) -> bool:
         roles = {s.spec.role for s in self.cluster.for_model(leaving.spec.model) if s is not leaving and not s.draining}

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from pdgate.common.tasks import OwnedTasks
 from pdgate.gateway.livestream import LiveStream
 from pdgate.scheduler.framework import MigrationPlan, MigrationPolicy
 from pdgate.scheduler.snapshot import RunningRequest
@@ -57,7 +58,7 @@ class MigrationController:
         self.policy = policy
         self.mover = mover
         self.streams: dict[int, LiveStream] = {}
-        self._moves: set[asyncio.Task[Any]] = set()
+        self._moves = OwnedTasks()
         self._loop: asyncio.Task[None] | None = None
         self.moved = 0
         self.failed = 0
@@ -67,12 +68,11 @@ class MigrationController:
         self._loop = asyncio.create_task(self._run(), name="migration-controller")
 
     async def close(self) -> None:
-        tasks = [t for t in (self._loop, *self._moves) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop = None
-        self._moves.clear()
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+            self._loop = None
+        await self._moves.close()
 
     async def _run(self) -> None:
         while True:
@@ -151,10 +151,8 @@ class MigrationController:
         if target is None or target_id == live.instance_id:
             return None
         live.move_target = target_id
-        task = asyncio.create_task(self._move(live, target, reason), name=f"migrate-{live.request_id}")
+        task = self._moves.spawn(self._move(live, target, reason), f"migrate-{live.request_id}")
         live.move_task = task
-        self._moves.add(task)
-        task.add_done_callback(self._moves.discard)
         return task
 
     async def _move(self, live: LiveStream, target: InstanceState, reason: str) -> bool:

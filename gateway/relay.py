@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 from pdgate.adapters import UpstreamError, UpstreamResponse
 from pdgate.common.http_server import Responder
-from pdgate.common.sse import complete_length
 from pdgate.gateway.cluster import Cluster, InstanceState, Lease
 from pdgate.gateway.intake import Routed
 from pdgate.gateway.legs import UpstreamFailed, client_error, racing_prefill, read_all
@@ -26,7 +25,7 @@ from pdgate.gateway.logs import request_fields
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.observation import Observation
 from pdgate.gateway.outcome import OutcomeRecorder
-from pdgate.gateway.splice import StreamTrail
+from pdgate.gateway.splice import StreamTrail, complete_events
 from pdgate.gateway.tracing import LegTrace
 from pdgate.gateway.usage import with_cached_tokens
 
@@ -209,13 +208,8 @@ class _WholeEvents:
 
     def feed(self, data: bytes) -> bytes:
         """The whole events that ``data`` completes (with any held start), as they came."""
-        if self.rest:
-            data, self.rest = self.rest + data, b""
-        n = complete_length(data)
-        if n == len(data):
-            return data
-        self.rest = data[n:]
-        return data[:n]
+        whole, self.rest = complete_events(self.rest, data)
+        return whole
 
 
 def _cached_tokens_rewrite(obs: Observation) -> Callable[[bytes], bytes]:

@@ -27,6 +27,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from pdgate.common.tasks import OwnedTasks
+
 log = logging.getLogger("pdgate.sharing")
 
 Watcher = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -75,7 +77,7 @@ class NatsState:
         self._buckets: dict[str, Any] = {}
         self._unsent: dict[tuple[str, str], dict[str, Any]] = {}
         self._nc: Any = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks()
         self._ready = asyncio.Event()
 
     @property
@@ -97,13 +99,10 @@ class NatsState:
             log.debug("shared state: %s not published (%r)", subject, exc)
 
     async def start(self) -> None:
-        self._spawn(self._connect(), "sharing-connect")
+        self._tasks.spawn(self._connect(), "sharing-connect")
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.close()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
@@ -133,12 +132,6 @@ class NatsState:
         await kv.put(_encode_key(key), payload)
 
     # ---------------------------------------------------------------- internals
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _connect(self) -> None:
         import nats
 
@@ -167,7 +160,7 @@ class NatsState:
             await self._nc.subscribe(subject, cb=deliver)
         for bucket, on_change in self._watchers.items():
             watcher = await (await self._bucket(bucket)).watchall()
-            self._spawn(self._follow(bucket, watcher, on_change), f"sharing-watch-{bucket}")
+            self._tasks.spawn(self._follow(bucket, watcher, on_change), f"sharing-watch-{bucket}")
         self._ready.set()
         log.info("shared state: connected to %s as replica %s", self.url, self.replica_id)
         await self._flush()
@@ -207,7 +200,7 @@ class NatsState:
 
     async def _on_reconnect(self) -> None:
         log.info("shared state: reconnected to NATS")
-        self._spawn(self._flush(), "sharing-flush")
+        self._tasks.spawn(self._flush(), "sharing-flush")
 
 
 async def _quiet(exc: Exception) -> None:

@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.layout import link_installed_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-LAYERS = {"gateway": "gateway", "scheduler": "scheduler", "adapters": "adapters", "engines": "engines",
-          "loadgen": "loadgen", "configs": "configs"}  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +36,7 @@ def _tool(name: str) -> str:
 @pytest.fixture(scope="module")
 def installed_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding ``pdgate/`` as it installs: the package root's files and every layer folder, linked."""
-    base = tmp_path_factory.mktemp("layout")
-    package = base / "pdgate"
-    package.mkdir()
-    for entry in (ROOT / "pdgate").iterdir():
-        if entry.name != "__pycache__":
-            (package / entry.name).symlink_to(entry)
-    for name, folder in LAYERS.items():
-        (package / name).symlink_to(ROOT / folder)
-    return base
+    return link_installed_layout(ROOT, tmp_path_factory.mktemp("layout"))
 
 
 def _report(result: subprocess.CompletedProcess[str], layout: Path | None = None) -> str:
