@@ -95,6 +95,12 @@ class RemoteLoad:
 NO_REMOTE_LOAD = RemoteLoad()
 
 
+def min_known(*values: float | None) -> float | None:
+    """The least of the values that are known (``None`` when none is): the strictest of optional SLOs."""
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
 @dataclass(eq=False)
 class InstanceState:
     spec: InstanceSpec
@@ -142,9 +148,7 @@ class InstanceState:
         """The instance as the scheduler sees it: this replica's accounting plus ``remote``, the
         other replicas' (when they share their load)."""
         load = self.load if self.load is not None and now - self.load.scraped_at <= stale_after else None
-        tpot = min(self.tpot_slos) if self.tpot_slos else None
-        if remote.tightest_tpot_s is not None:
-            tpot = remote.tightest_tpot_s if tpot is None else min(tpot, remote.tightest_tpot_s)
+        tpot = min_known(min(self.tpot_slos) if self.tpot_slos else None, remote.tightest_tpot_s)
         return InstanceView(
             id=self.spec.id,
             url=self.spec.url,

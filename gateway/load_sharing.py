@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pdgate.gateway.cluster import Cluster, InstanceState, RemoteLoad
+from pdgate.gateway.cluster import NO_REMOTE_LOAD, Cluster, InstanceState, RemoteLoad, min_known
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.sharing import SharedState
 
@@ -134,8 +134,7 @@ class LoadSharing:
         merged: dict[str, RemoteLoad] = {}
         for heard in self.heard.values():
             for instance_id, f in heard.instances.items():
-                base = merged.get(instance_id, RemoteLoad())
-                tpot = f[7] if f[7] >= 0 else None
+                base = merged.get(instance_id, NO_REMOTE_LOAD)
                 merged[instance_id] = RemoteLoad(
                     base.requests + int(f[0]),
                     base.prefill_tokens + int(f[1]),
@@ -144,9 +143,7 @@ class LoadSharing:
                     base.prefill_wait_s + f[4],
                     base.decode_legs + int(f[5]),
                     base.decode_context_tokens + int(f[6]),
-                    tpot
-                    if base.tightest_tpot_s is None
-                    else (base.tightest_tpot_s if tpot is None else min(tpot, base.tightest_tpot_s)),
+                    min_known(base.tightest_tpot_s, f[7] if f[7] >= 0 else None),
                 )
         self.cluster.remote = merged
         self.metrics.sharing_replicas.set(len(self.heard))
