@@ -573,7 +573,9 @@ class Fleet:
             proc = _spawn(launch_command(inst), self.workdir / f"{spec.id}.log")
             self.engines.append((spec.id, inst.url, proc))
         gw_log = self.workdir / "gateway.log"
-        self.gateway = _spawn([sys.executable, "-m", "pdgate.cli", "serve", "--config", str(config_path)], gw_log)
+        self.gateway = _spawn(
+            [sys.executable, "-m", "pdgate.cli", "serve", "--config", str(config_path), "--workers", "1"], gw_log
+        )
         async with aiohttp.ClientSession() as session:
             for name, url, proc in self.engines:
                 await wait_http_ok(

@@ -207,8 +207,10 @@ class GatewayServer:
         *,
         span_exporter: SpanExporter | None = None,
         reload_config: Callable[[], GatewayConfig] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.gateway = gateway
+        self.reuse_port = reuse_port  # one of several workers on this address (SO_REUSEPORT)
         self.span_exporter = span_exporter
         self.reload_config = reload_config  # reads the config file again (SIGHUP)
         self._http: HttpServer | None = None
@@ -268,7 +270,7 @@ class GatewayServer:
             self._http = HttpServer(
                 GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
             )
-            await self._http.start(gw.config.host, gw.config.port)
+            await self._http.start(gw.config.host, gw.config.port, reuse_port=self.reuse_port)
         except BaseException:
             await self.stop()
             raise

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
+import os
 import sys
 from typing import Any
 
@@ -16,6 +18,10 @@ Run the gateway over the fleet described in a YAML config (instances: url, kind,
 optional API key, KV-events endpoint). The engines must already be running; see
 configs/*.yaml for examples and `pdgate up` to start a simulated fleet too.
 
+--workers N (default: the number of cores, or PDGATE_WORKERS) runs N gateway processes on one
+address, sharing the fleet's state through NATS (sharing.nats_url, or a NATS server started as a
+child); one worker is a single process sharing nothing unless sharing.nats_url is set.
+
 The fleet may change while it serves: SIGHUP reads the config again and applies its instances
 (new ones added, missing ones drained and removed, changed ones replaced; other settings need a
 restart), and the admin API adds (POST /admin/instances) and removes (DELETE
@@ -25,8 +31,9 @@ restart), and the admin API adds (POST /admin/instances) and removes (DELETE
 UP_HELP = """\
 The one-command embedded default: start the simulated engines of a fleet config as child
 processes (default configs/default.yaml: two prefill and two decode engines), wait until they
-are healthy, then serve the gateway on the config's address (127.0.0.1:8000). Ctrl-C or SIGTERM
-stops the gateway and every child cleanly.
+are healthy, then serve the gateway on the config's address (127.0.0.1:8000) with --workers
+processes (and a NATS server for them when there are several). Ctrl-C or SIGTERM stops the
+gateway and every child cleanly.
 """
 
 
@@ -52,6 +59,17 @@ def add_gateway_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="gateway processes on one address (default: PDGATE_WORKERS, else the number of cores "
+        "when the replicas extra is installed and sharing is enabled, else 1)",
+    )
+    # set by a supervisor for the workers it starts
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--replica-id", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--host", help="override the config's listen address")
     parser.add_argument("--port", type=int, help="override the config's port (0 picks a free one)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level")
@@ -83,30 +101,113 @@ def _read_config(args: argparse.Namespace, path: str) -> GatewayConfig:
     }
     if logs:
         config = config.model_copy(update={"logging": config.logging.model_copy(update=logs)})
+    if args.replica_id:
+        config = config.model_copy(
+            update={"sharing": config.sharing.model_copy(update={"replica_id": args.replica_id})}
+        )
     return config
+
+
+def _worker_count(args: argparse.Namespace, config: GatewayConfig) -> int:
+    """``--workers``, else ``PDGATE_WORKERS``, else every core when workers can share state, else 1."""
+    from pdgate.gateway.local_nats import replicas_installed
+    from pdgate.gateway.workers import WORKERS_ENV, default_workers
+
+    if args.worker_of is not None:
+        return 1
+    if args.workers is not None:
+        count = args.workers
+    elif os.environ.get(WORKERS_ENV) or (config.sharing.enabled and replicas_installed()):
+        count = default_workers()
+    else:
+        count = 1
+    if count < 1:
+        raise ValueError(f"--workers must be at least 1, not {count}")
+    return count
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from pdgate.common.runtime import serve_until_signalled
     from pdgate.gateway.app import GatewayServer
     from pdgate.gateway.launcher import describe
+    from pdgate.gateway.workers import end_with_parent
 
     try:
         config, gateway = _load(args, args.config)
+        workers = _worker_count(args, config)
     except (ConfigError, PluginConfigError, ValueError, OSError) as exc:
         print(f"pdgate serve: {exc}", file=sys.stderr)
         return 2
-    server = GatewayServer(gateway, reload_config=lambda: _read_config(args, args.config))
     try:
-        run_async(
-            serve_until_signalled(
-                server, lambda s: _started(describe(config, [], s.url)), on_hangup=GatewayServer.reload
-            )
+        if workers > 1:
+            run_async(_serve_workers(args, config, args.config, workers, []))
+            return 0
+        if args.worker_of is not None:
+            end_with_parent(args.worker_of)
+        server = GatewayServer(
+            gateway, reload_config=lambda: _read_config(args, args.config), reuse_port=args.reuse_port
         )
-    except OSError as exc:
+
+        def ready(s: GatewayServer) -> None:
+            banner = describe(config, [], s.url)
+            _started(banner.split("\n", 1)[0] if args.worker_of is not None else banner)  # a worker: one line
+
+        run_async(serve_until_signalled(server, ready, on_hangup=GatewayServer.reload))
+    except (RuntimeError, OSError) as exc:
         print(f"pdgate serve: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _serve_workers(
+    args: argparse.Namespace, config: GatewayConfig, path: str, count: int, children: list[Any]
+) -> None:
+    """Serve with ``count`` worker processes (and a local NATS server for them when none is
+    configured) until SIGINT/SIGTERM."""
+    import logging
+
+    from pdgate.common.runtime import serve_until_signalled
+    from pdgate.gateway.launcher import describe
+    from pdgate.gateway.local_nats import LocalNats
+    from pdgate.gateway.workers import WorkerPool
+
+    nats: LocalNats | None = None
+    env: dict[str, str] = {}
+    if not config.sharing.enabled:
+        logging.getLogger("pdgate.workers").warning(
+            "%d workers with sharing disabled: each sees only its own in-flight load", count
+        )
+    elif config.sharing.url() is None:
+        nats = LocalNats()
+        env["PDGATE_NATS_URL"] = await asyncio.to_thread(nats.start)
+    shared_through = config.sharing.url() or env.get("PDGATE_NATS_URL")
+
+    def worker_argv(index: int, port: int) -> list[str]:
+        argv = [sys.executable, "-m", "pdgate.cli", "serve", "--config", path, "--workers", "1", "--reuse-port"]
+        argv += ["--worker-of", str(os.getpid()), "--host", config.host, "--port", str(port)]
+        if config.sharing.replica_id:
+            argv += ["--replica-id", f"{config.sharing.replica_id}-{index}"]
+        for flag, value in (("--log-level", args.log_level), ("--log-format", args.log_format)):
+            if value is not None:
+                argv += [flag, value]
+        if args.access_log:
+            argv.append("--access-log")
+        return argv
+
+    def ready(pool: WorkerPool) -> None:
+        banner = describe(config, children, pool.url).split("\n")
+        sharing = f"sharing through NATS at {shared_through}" if shared_through else "sharing nothing"
+        if nats is not None:
+            sharing += " (a child of this process)"
+        banner.insert(1, f"  {count} workers (pids {', '.join(map(str, pool.pids))}), {sharing}")
+        _started("\n".join(banner))
+
+    pool = WorkerPool(count, config.host, config.port, worker_argv, env=env)
+    try:
+        await serve_until_signalled(pool, ready, on_hangup=WorkerPool.reload)
+    finally:
+        if nats is not None:
+            nats.stop()
 
 
 def _started(banner: str) -> None:
@@ -132,6 +233,7 @@ def run_up(args: argparse.Namespace) -> int:
     path = args.config or str(default_config_path())
     try:
         config, gateway = _load(args, path)
+        workers = _worker_count(args, config)
     except (ConfigError, PluginConfigError, ValueError, OSError) as exc:
         print(f"pdgate up: {exc}", file=sys.stderr)
         return 2
@@ -140,6 +242,9 @@ def run_up(args: argparse.Namespace) -> int:
 
         async def main() -> None:
             await wait_healthy(children)
+            if workers > 1:
+                await _serve_workers(args, config, path, workers, children)
+                return
             server = GatewayServer(gateway)
             await serve_until_signalled(server, lambda s: _started(describe(config, children, s.url)))
 

@@ -282,14 +282,21 @@ class AdminConfig(Strict):
 class SharingConfig(Strict):
     """State gateway replicas share (docs/gateway.md): the fleet's changes, drains, in-flight load."""
 
+    enabled: bool = Field(
+        True, description="false: replicas and workers share nothing (each sees only its own in-flight load)"
+    )
     nats_url: str | None = Field(
-        None, description="NATS server with JetStream (also PDGATE_NATS_URL); unset: this replica shares nothing"
+        None,
+        description="NATS server with JetStream (also PDGATE_NATS_URL); unset: a single worker shares nothing, "
+        "several workers share through a NATS server started as a child",
     )
     replica_id: str | None = Field(None, description="this replica's name (default: host name and process id)")
     load_interval_s: float = Field(0.1, gt=0, description="how often a replica publishes its in-flight load")
     load_expiry_s: float = Field(3.0, gt=0, description="a replica not heard from for this long: its load is dropped")
 
     def url(self) -> str | None:
+        if not self.enabled:
+            return None
         return self.nats_url or os.environ.get("PDGATE_NATS_URL") or None
 
 

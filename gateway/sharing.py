@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -72,6 +73,9 @@ class NatsState:
     def __init__(self, url: str, replica_id: str | None = None) -> None:
         self.url = url
         self.replica_id = replica_id or default_replica_id()
+        # what this process's writes carry: a replica restarted under the same id catches up on
+        # what it wrote before it died, and still never hears its own writes back
+        self.origin = f"{self.replica_id}/{secrets.token_hex(4)}"
         self._watchers: dict[str, Watcher] = {}
         self._listeners: dict[str, Listener] = {}
         self._buckets: dict[str, Any] = {}
@@ -79,6 +83,7 @@ class NatsState:
         self._nc: Any = None
         self._tasks = OwnedTasks()
         self._ready = asyncio.Event()
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -102,6 +107,7 @@ class NatsState:
         self._tasks.spawn(self._connect(), "sharing-connect")
 
     async def close(self) -> None:
+        self._closing = True
         await self._tasks.close()
         if self._nc is not None:
             with contextlib.suppress(Exception):
@@ -128,7 +134,7 @@ class NatsState:
 
     async def _put(self, bucket: str, key: str, value: dict[str, Any]) -> None:
         kv = await self._bucket(bucket)
-        payload = json.dumps({"origin": self.replica_id, "value": value}, separators=(",", ":")).encode()
+        payload = json.dumps({"origin": self.origin, "value": value}, separators=(",", ":")).encode()
         await kv.put(_encode_key(key), payload)
 
     # ---------------------------------------------------------------- internals
@@ -184,7 +190,7 @@ class NatsState:
                 continue
             try:
                 record = json.loads(entry.value)
-                if record.get("origin") == self.replica_id:
+                if record.get("origin") == self.origin:
                     continue
                 await on_change(_decode_key(entry.key), record["value"])
             except Exception:  # one bad record must not stop following the bucket
@@ -196,6 +202,8 @@ class NatsState:
             await self.put(bucket, key, value)
 
     async def _on_disconnect(self) -> None:
+        if self._closing:
+            return
         log.warning("shared state: disconnected from NATS; serving on the local view")
 
     async def _on_reconnect(self) -> None:

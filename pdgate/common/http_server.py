@@ -393,9 +393,11 @@ class HttpServer:
         self.closing = False
         self.port = 0
 
-    async def start(self, host: str, port: int, backlog: int = 1024) -> None:
+    async def start(self, host: str, port: int, backlog: int = 1024, *, reuse_port: bool = False) -> None:
+        """Listen on ``host:port``; ``reuse_port``: SO_REUSEPORT, so that several processes serve one
+        address and the kernel spreads the connections over them."""
         self._server = await self.loop.create_server(
-            lambda: HttpServerProtocol(self), host, port, backlog=backlog, reuse_address=True
+            lambda: HttpServerProtocol(self), host, port, backlog=backlog, reuse_address=True, reuse_port=reuse_port
         )
         self.port = self._server.sockets[0].getsockname()[1]
 

@@ -97,10 +97,12 @@ def start_pdgate(
     """Run ``pdgate ARGS`` and wait for its ``ready: URL`` line (``cwd``: run another checkout's code).
 
     ``program`` replaces ``python -m pdgate.cli`` (e.g. an installed ``pdgate`` console script);
-    ``env`` is added to this process's environment, or is the whole of it with ``replace_env``.
+    ``env`` is added to this process's environment, or is the whole of it with ``replace_env``;
+    ``PDGATE_WORKERS`` is 1 unless it says otherwise.
     """
     cmd = [*(program or [sys.executable, "-m", "pdgate.cli"]), *args]
-    environment = dict(env or {}) if replace_env else {**os.environ, **(env or {})}
+    # one gateway process unless a test asks for workers (the default would be one per core)
+    environment = {"PDGATE_WORKERS": "1", **(env if replace_env else {**os.environ, **(env or {})})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, cwd=cwd)
     child = PdgateProcess(list(args), proc)
     selector = selectors.DefaultSelector()

