@@ -15,6 +15,11 @@
 * ``POST /admin/requests/{request_id}/migrate`` (JSON body ``{"target": id}``, optional): move
   one running stream now; answers whether it moved.
 
+With gateway replicas, every replica answers for the whole gateway: an instance's ``streams``
+lists every replica's (``replica`` says which one holds the client's connection), and a move of
+another replica's stream is asked of that replica (:mod:`pdgate.gateway.peers`) and answered as
+it answers.
+
 Authenticated by ``admin.api_key`` (or ``PDGATE_ADMIN_KEY``) as a bearer token when one is set;
 without one, only loopback clients are served (403 for others).
 """
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
     from pdgate.gateway.cluster import Cluster, InstanceState
     from pdgate.gateway.config import GatewayConfig
     from pdgate.gateway.migration import MigrationController
+    from pdgate.gateway.peers import PeerStreams
 
 
 class AdminApi:
@@ -48,6 +54,8 @@ class AdminApi:
         self.cluster = cluster
         self.migrations = migrations
         self.fleet = fleet
+        self.peers: PeerStreams | None = None  # the other replicas' streams (sharing)
+        self.replica_id: str | None = None
         key = config.admin_api_key()
         self._key = key.encode() if key else None
 
@@ -148,6 +156,7 @@ class AdminApi:
             "streams": [
                 {
                     "request_id": s.request_id,
+                    "replica": self.replica_id,
                     "generated_tokens": s.generated,
                     "max_tokens": s.max_tokens,
                     "moves": s.moves,
@@ -155,6 +164,18 @@ class AdminApi:
                     "movable": s.trail.tracked,
                 }
                 for s in streams
+            ]
+            + [
+                {
+                    "request_id": r.request_id,
+                    "replica": replica,
+                    "generated_tokens": r.generated_tokens,
+                    "max_tokens": r.max_tokens,
+                    "moves": r.migrations,
+                    "moving": False,
+                    "movable": r.migratable,
+                }
+                for replica, r in (self.peers.on(spec.id) if self.peers is not None else [])
             ],
             "capabilities": sorted(state.capability_names),
         }
@@ -218,6 +239,28 @@ class AdminApi:
             if not isinstance(data, dict) or not isinstance(data.get("target", ""), (str, type(None))):
                 raise GatewayError(400, 'expected {"target": "<instance id>"}', param="target")
             target = data.get("target")
+        owner = self.peers.owner_of(request_id) if self.peers is not None else None
+        if self.migrations.find(request_id) is None and owner is not None and self.peers is not None:
+            if target is not None:
+                self._instance(target)
+            answer = await self.peers.ask_move(owner, request_id, target, "admin")
+            if answer is None:
+                raise GatewayError(503, f"replica {owner!r}, which serves {request_id!r}, did not answer")
+            status, body = answer
+            responder.send_json(status, body)
+            return
+        status, body = await self.migrate(request_id, target, "admin")
+        responder.send_json(status, body)
+
+    async def execute_move(self, request_id: str, target: str | None, reason: str) -> tuple[int, dict[str, Any]]:
+        """A move another replica asked of this one: :meth:`migrate`, errors as their JSON answer."""
+        try:
+            return await self.migrate(request_id, target, reason)
+        except GatewayError as err:
+            return err.status, err.body()
+
+    async def migrate(self, request_id: str, target: str | None, reason: str) -> tuple[int, dict[str, Any]]:
+        """Move one of this replica's streams now (to ``target``, or where the policy says)."""
         live = self.migrations.find(request_id)
         if live is None:
             raise GatewayError(
@@ -231,7 +274,7 @@ class AdminApi:
             if target == live.instance_id:
                 raise GatewayError(400, f"request {request_id!r} already runs on {target!r}", param="target")
         source = live.instance_id
-        task = self.migrations.move(live, target, "admin")
+        task = self.migrations.move(live, target, reason)
         if task is None:
             raise GatewayError(
                 409,
@@ -240,13 +283,11 @@ class AdminApi:
                 headers={"Retry-After": "1"},
             )
         moved = await asyncio.shield(task)  # an admin client that hangs up does not cancel the move
-        responder.send_json(
-            200,
-            {
-                "request_id": request_id,
-                "migrated": moved,
-                "from": source,
-                "to": live.move_target if moved else None,
-                "generated_tokens": live.generated,
-            },
-        )
+        return 200, {
+            "request_id": request_id,
+            "migrated": moved,
+            "from": source,
+            "to": live.move_target if moved else None,
+            "generated_tokens": live.generated,
+            "replica": self.replica_id,
+        }

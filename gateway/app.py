@@ -30,12 +30,15 @@ from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import DEFAULT_SCHEDULING, ConfigError, GatewayConfig
 from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.fleet import FleetManager
+from pdgate.gateway.leadership import Leadership
 from pdgate.gateway.load_sharing import LoadSharing
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
+from pdgate.gateway.peers import PeerStreams
 from pdgate.gateway.proxy import Proxy
 from pdgate.gateway.requests import GatewayError
 from pdgate.gateway.sharing import NatsState
+from pdgate.gateway.signal_sharing import SignalSharing
 from pdgate.gateway.tracing import Tracing
 from pdgate.gateway.tracing_setup import resolve_settings
 from pdgate.scheduler.framework import Admitter, MigrationPolicy, Profile, ProfileHandler
@@ -63,6 +66,9 @@ class Gateway:
     fleet: FleetManager | None = None
     shared: NatsState | None = None
     load_sharing: LoadSharing | None = None
+    peers: PeerStreams | None = None
+    signals: SignalSharing | None = None
+    leadership: Leadership | None = None
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
     cluster: Cluster | None = None
@@ -165,7 +171,18 @@ class GatewayApp:
         status = {m.name: self.cluster.ready(m.name) for m in self.gw.config.models}
         code = 200 if all(status.values()) else 503
         headers = {} if code == 200 else {"Retry-After": "1"}
-        responder.send_json(code, {"ready": code == 200, "models": status}, headers=headers)
+        body: dict[str, object] = {"ready": code == 200, "models": status, "sync": self._sync()}
+        if self.gw.leadership is not None and self.gw.shared is not None:
+            body["replica"] = self.gw.shared.replica_id
+            body["leader"] = self.gw.leadership.leader_id
+        responder.send_json(code, body, headers=headers)
+
+    def _sync(self) -> str:
+        """``off`` (no sharing), ``ok`` (sharing through NATS) or ``degraded`` (NATS away: serving
+        on this replica's local view; nothing about a request waits for NATS)."""
+        if self.gw.shared is None:
+            return "off"
+        return "ok" if self.gw.shared.connected else "degraded"
 
     async def metrics(self, request: HttpRequest, responder: Responder) -> None:
         responder.send(
@@ -252,21 +269,13 @@ class GatewayServer:
             await gw.cluster.start()
             migrations.start()
             gw.fleet = FleetManager(gw.config, gw.cluster, migrations, gw.metrics, gw.costs)
-            nats_url = gw.config.sharing.url()
-            if nats_url is not None:  # replicas: the fleet's changes and drains through NATS
-                sharing = gw.config.sharing
-                gw.shared = NatsState(nats_url, sharing.replica_id)
-                gw.fleet.share(gw.shared)
-                gw.load_sharing = LoadSharing(
-                    gw.shared,
-                    gw.cluster,
-                    gw.metrics,
-                    interval_s=sharing.load_interval_s,
-                    expiry_s=sharing.load_expiry_s,
-                )
-                await gw.shared.start()
-                gw.load_sharing.start()
             admin = AdminApi(gw.config, gw.cluster, migrations, gw.fleet)
+            nats_url = gw.config.sharing.url()
+            if nats_url is not None:  # replicas: share through NATS
+                await self._share(NatsState(nats_url, gw.config.sharing.replica_id), admin, migrations)
+            gw.leadership = Leadership(gw.shared, gw.metrics, lease_s=gw.config.sharing.leader_lease_s)
+            migrations.plans_here = lambda: gw.leadership is not None and gw.leadership.duties_here
+            gw.leadership.start()
             self._http = HttpServer(
                 GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
             )
@@ -275,6 +284,34 @@ class GatewayServer:
             await self.stop()
             raise
         self.port = self._http.port
+
+    async def _share(self, shared: NatsState, admin: AdminApi, migrations: MigrationController) -> None:
+        """The fleet's changes and drains, the in-flight load and the streams, shared with the other replicas."""
+        gw = self.gateway
+        assert gw.fleet is not None and gw.cluster is not None
+        sharing = gw.config.sharing
+        gw.shared = shared
+        gw.fleet.share(shared)
+        gw.load_sharing = LoadSharing(
+            shared, gw.cluster, gw.metrics, interval_s=sharing.load_interval_s, expiry_s=sharing.load_expiry_s
+        )
+        gw.peers = PeerStreams(
+            shared,
+            migrations.running_all,
+            admin.execute_move,
+            gw.cluster.clock,
+            interval_s=gw.config.migration.interval_s,
+            expiry_s=sharing.load_expiry_s,
+        )
+        migrations.peers = admin.peers = gw.peers
+        gw.signals = SignalSharing(shared, gw.cluster)
+        assert gw.costs is not None
+        gw.costs.share(shared, lambda: gw.leadership is not None and gw.leadership.duties_here)
+        admin.replica_id = shared.replica_id
+        await shared.start()
+        gw.load_sharing.start()
+        gw.peers.start()
+        gw.signals.start()
 
     def reload(self) -> None:
         """Read the config file again and apply its instances (SIGHUP); other settings need a restart.
@@ -298,6 +335,15 @@ class GatewayServer:
         if self._http is not None:
             await self._http.close(SHUTDOWN_GRACE_S)
             self._http = None
+        if gw.leadership is not None:
+            await gw.leadership.close()
+            gw.leadership = None
+        if gw.peers is not None:
+            await gw.peers.close()
+            gw.peers = None
+        if gw.signals is not None:
+            await gw.signals.close()
+            gw.signals = None
         if gw.load_sharing is not None:
             await gw.load_sharing.close()
             gw.load_sharing = None

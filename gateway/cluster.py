@@ -67,11 +67,21 @@ class CircuitBreaker:
         if self.failures >= self.failure_threshold and now >= self.open_until:
             self.record_success()
 
-    def record_failure(self, now: float) -> None:
+    def record_failure(self, now: float) -> bool:
+        """Count a failure; True when it opened the circuit (it was closed or half-open)."""
+        was_open = self.failures >= self.failure_threshold and not self.trial_in_flight
         self.failures += 1
         self.trial_in_flight = False
         if self.failures >= self.failure_threshold:
             self.open_until = now + self.cooldown_s
+            return not was_open
+        return False
+
+    def trip(self, now: float) -> None:
+        """Open the circuit for a cooldown (another replica found the instance dead)."""
+        self.failures = max(self.failures, self.failure_threshold)
+        self.trial_in_flight = False
+        self.open_until = max(self.open_until, now + self.cooldown_s)
 
     def on_send(self, now: float) -> None:
         if self.failures >= self.failure_threshold and now >= self.open_until:
@@ -258,6 +268,8 @@ class Cluster:
         self.clock = clock
         self.instances: dict[str, InstanceState] = {}
         self.on_release: Callable[[], None] | None = None  # called whenever capacity frees up (admission wakes)
+        self.on_circuit_open: Callable[[str, str], None] | None = None  # (instance, reason): replicas are told
+        self.on_prompt_recorded: Callable[[str, list[int]], None] | None = None  # approximate index, for replicas
         self._lease_ids = itertools.count(1)
         self._session = session
         self._pool = pool
@@ -337,7 +349,8 @@ class Cluster:
                 state.breaker.record_probe_success(self.clock())
             else:
                 state.last_error = "health check failed"
-                state.breaker.record_failure(self.clock())
+                if state.breaker.record_failure(self.clock()):
+                    self._circuit_opened(state.spec.id, state.last_error)
 
     # -------------------------------------------------------------- queries
     def for_model(self, model: str) -> list[InstanceState]:
@@ -426,7 +439,16 @@ class Cluster:
         state = self.instances[instance_id]
         if self._has_events(state):
             return
-        self.approx_index.record(instance_id, hashes.by_block_size.get(state.spec.block_size, []))
+        blocks = hashes.by_block_size.get(state.spec.block_size, [])
+        self.approx_index.record(instance_id, blocks)
+        if self.on_prompt_recorded is not None:
+            self.on_prompt_recorded(instance_id, blocks)
+
+    def record_remote_prompt(self, instance_id: str, blocks: list[int]) -> None:
+        """Approximate index: another replica sent these prompt blocks to the instance."""
+        state = self.instances.get(instance_id)
+        if state is not None and not self._has_events(state):
+            self.approx_index.record(instance_id, blocks)
 
     def record_success(self, instance_id: str) -> None:
         self.instances[instance_id].breaker.record_success()
@@ -434,5 +456,10 @@ class Cluster:
     def record_failure(self, instance_id: str, reason: str) -> None:
         state = self.instances[instance_id]
         state.last_error = reason
-        state.breaker.record_failure(self.clock())
+        if state.breaker.record_failure(self.clock()):
+            self._circuit_opened(instance_id, reason)
         log.warning("instance %s failed: %s", instance_id, reason)
+
+    def _circuit_opened(self, instance_id: str, reason: str) -> None:
+        if self.on_circuit_open is not None:
+            self.on_circuit_open(instance_id, reason)

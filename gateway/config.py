@@ -293,6 +293,9 @@ class SharingConfig(Strict):
     replica_id: str | None = Field(None, description="this replica's name (default: host name and process id)")
     load_interval_s: float = Field(0.1, gt=0, description="how often a replica publishes its in-flight load")
     load_expiry_s: float = Field(3.0, gt=0, description="a replica not heard from for this long: its load is dropped")
+    leader_lease_s: float = Field(
+        3.0, gt=0, description="the leader's lease: a new leader takes over within this long of the old one's death"
+    )
 
     def url(self) -> str | None:
         if not self.enabled:

@@ -12,29 +12,41 @@
 
 One background task, owned here; :meth:`CostModelService.close` cancels and awaits it, writes
 what is buffered and shuts the worker process down.
+
+**Replicas** (:meth:`CostModelService.share`): every replica appends its completed-request
+records to the durable stream ``records`` and keeps every other replica's too (so a new leader
+has them); only the replica whose ``duties_here`` says so (the leader) refits, stores the new
+version as a blob and names it in the ``pdgate_cost_model`` bucket; every other replica loads
+that version when it is named, without a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import io
 import json
 import logging
 import multiprocessing
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdgate.gateway.config import CostModelConfig
 from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec
 from pdgate.scheduler.costmodel.model import CostModel
 
+if TYPE_CHECKING:
+    from pdgate.gateway.sharing import SharedState
+
 log = logging.getLogger("pdgate.costs")
 
 LOG_NAME = "requests.jsonl"
 FLUSH_INTERVAL_S = 1.0
+MODEL_BUCKET = "pdgate_cost_model"
+RECORDS_STREAM = "records"
 
 
 class CostModelService:
@@ -50,6 +62,9 @@ class CostModelService:
         self.refits = 0
         self.refit_failures = 0
         self.dir = Path(config.dir) if config.dir else None
+        self.shared: SharedState | None = None
+        self.duties_here: Callable[[], bool] = lambda: True  # whether this replica refits
+        self._unshared: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -103,12 +118,63 @@ class CostModelService:
         if current is not None:
             self.current = CostModel(current.latency.with_prior_specs(new), current.output, current.version)
 
+    def share(self, shared: SharedState, duties_here: Callable[[], bool]) -> None:
+        """Share records and model versions with the other replicas (before :meth:`start`)."""
+        self.shared = shared
+        self.duties_here = duties_here
+        shared.follow(RECORDS_STREAM, self._on_records)
+        shared.watch(MODEL_BUCKET, self._on_model)
+
     # -------------------------------------------------------------- observe
     def observe(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         self._new_since_fit += 1
         if self.dir is not None and self.config.log_requests:
             self._unwritten.append(record)
+        if self.shared is not None:
+            self._unshared.append(record)
+
+    async def _on_records(self, data: bytes) -> None:
+        rows = json.loads(data)
+        if isinstance(rows, list):
+            records = [r for r in rows if isinstance(r, dict)]
+            self.records.extend(records)
+            self._new_since_fit += len(records)
+
+    async def _on_model(self, key: str, value: dict[str, Any]) -> None:
+        """Another replica (the leader) put a new version in force: load it."""
+        version = str(value.get("version"))
+        current = self.current
+        if self.shared is None or (current is not None and current.version == version):
+            return
+        blob = await self.shared.get_blob(str(value.get("blob")))
+        if blob is None:
+            log.error("cost model %s named by replica %s, but its blob cannot be read", version, value.get("replica"))
+            return
+        components = await asyncio.to_thread(_loads, blob)
+        self.current = CostModel(
+            components["latency"].with_prior_specs(self.prior_specs), components["output_length"], version
+        )
+        log.info("cost model %s in force (refitted by replica %s)", version, value.get("replica"))
+
+    async def _share_records(self) -> None:
+        """Append what this replica completed to the shared stream (kept while NATS is away)."""
+        if self.shared is None or not self._unshared:
+            return
+        batch = self._unshared
+        if await self.shared.append(RECORDS_STREAM, json.dumps(batch, separators=(",", ":")).encode()):
+            self._unshared = []
+        else:
+            self._unshared = batch[-self.config.max_records :]
+
+    async def _publish_model(self, model: CostModel) -> None:
+        if self.shared is None:
+            return
+        blob = await asyncio.to_thread(_dumps, {"latency": model.latency, "output_length": model.output})
+        name = f"cost-model-{model.version}"
+        if await self.shared.put_blob(name, blob):
+            value = {"version": model.version, "blob": name, "replica": self.shared.replica_id}
+            await self.shared.put(MODEL_BUCKET, "current", value)
 
     # ---------------------------------------------------------- background
     async def _loop(self) -> None:
@@ -117,10 +183,13 @@ class CostModelService:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             if self._unwritten:
                 await asyncio.to_thread(self._flush)
+            await self._share_records()
             if time.monotonic() >= next_fit:
                 next_fit = time.monotonic() + self.config.refit_interval_s
-                if self._new_since_fit >= self.config.min_new_samples:
-                    await self.refit_now()
+                if self._new_since_fit >= self.config.min_new_samples and self.duties_here():
+                    name = await self.refit_now()
+                    if name is not None and self.current is not None:
+                        await self._publish_model(self.current)
 
     async def refit_now(self) -> str | None:
         """Refit on the records in memory in the worker process and swap the model in."""
@@ -150,6 +219,8 @@ class CostModelService:
         latency = components["latency"].with_prior_specs(self.prior_specs)
         self.refits += 1
         name = Path(version).name if version else f"memory-{self.refits}"
+        if self.shared is not None:  # versions from several replicas over time: unique names
+            name = f"{self.shared.replica_id}-{name}"
         self.current = CostModel(latency, components["output_length"], name)
         log.info(
             "cost model %s in force (%s records, fit %.2fs)", name, meta.get("n_records"), meta.get("fit_seconds", 0)
@@ -178,3 +249,19 @@ class CostModelService:
                 if isinstance(row, dict):
                     rows.append(row)
         return list(rows)
+
+
+def _dumps(components: dict[str, Any]) -> bytes:
+    import joblib
+
+    buffer = io.BytesIO()
+    joblib.dump(components, buffer)
+    return buffer.getvalue()
+
+
+def _loads(blob: bytes) -> dict[str, Any]:
+    """A model version another replica of this gateway stored (a pickle: only from our own NATS)."""
+    import joblib
+
+    loaded: dict[str, Any] = joblib.load(io.BytesIO(blob))
+    return loaded

@@ -93,6 +93,7 @@ class LoadSharing:
         while True:
             await asyncio.sleep(self.interval_s)
             now = self.cluster.clock()
+            self.metrics.sharing_sync.set(1 if self.shared.connected else 0)
             try:
                 figures = {i: _figures(s, now) for i, s in self.cluster.instances.items()}
                 if figures != last or now - last_sent >= HEARTBEAT_S:
@@ -116,6 +117,10 @@ class LoadSharing:
         if replica == self.shared.replica_id:
             return
         self.metrics.observe_sharing_staleness(max(0.0, self.wall_clock() - sent_at))
+        before = self.heard.get(replica)
+        if before is not None:
+            corrections = [abs(f[0] - before.instances.get(i, [0.0])[0]) for i, f in instances.items()]
+            self.metrics.sharing_load_divergence.set(max(corrections, default=0.0))
         self.heard[replica] = _Heard(self.cluster.clock(), instances)
         self._merge()
 

@@ -301,6 +301,23 @@ class GatewayMetrics:
             "Other gateway replicas whose in-flight load this replica currently counts.",
             registry=r,
         )
+        self.sharing_sync = Gauge(
+            "pdgate_sharing_sync",
+            "1 while this replica shares state through NATS, 0 while it serves on its local view "
+            "(degraded: NATS away); absent without sharing.",
+            registry=r,
+        )
+        self.sharing_leader = Gauge(
+            "pdgate_sharing_leader",
+            "1 while this replica is the leader (migration planning, cost-model refits).",
+            registry=r,
+        )
+        self.sharing_load_divergence = Gauge(
+            "pdgate_sharing_load_divergence_requests",
+            "How far this replica's count of another replica's in-flight requests was off before "
+            "that replica's latest report corrected it (the largest per-instance correction).",
+            registry=r,
+        )
         self._instance_metrics = (  # labelled by instance (besides the light ones)
             self.prediction_abs_error,
             self.instance_info,

@@ -9,6 +9,10 @@ gateway could move) and, every ``migration.interval_s``:
   model's instances and its running requests, and the moves it plans are started;
 * stalls: a stream that brought nothing for ``stall_timeout_s`` is cut, which fails it over.
 
+With gateway replicas, drains and stalls are handled by every replica for its own streams,
+and only the leader plans (``plans_here``), over every replica's streams (``peers``): a move of
+another replica's stream is asked of that replica (:mod:`pdgate.gateway.peers`).
+
 A move is carried out by the :class:`Mover` the controller is given (the gateway's
 :class:`~pdgate.gateway.mover.StreamMover`), in a task this controller owns: at most
 ``max_concurrent`` at once, each abandoned after ``timeout_s``; :meth:`close` cancels and
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from pdgate.common.tasks import OwnedTasks
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     from pdgate.gateway.config import MigrationConfig
     from pdgate.gateway.livestream import Handover
     from pdgate.gateway.metrics import GatewayMetrics
+    from pdgate.gateway.peers import PeerStreams
 
 log = logging.getLogger("pdgate.migration")
 
@@ -62,6 +68,9 @@ class MigrationController:
         self._loop: asyncio.Task[None] | None = None
         self.moved = 0
         self.failed = 0
+        # replicas: whether this one plans (the leader), and the other replicas' streams
+        self.plans_here: Callable[[], bool] = lambda: True
+        self.peers: PeerStreams | None = None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -108,6 +117,10 @@ class MigrationController:
     def running(self, model: str) -> list[RunningRequest]:
         now = self.cluster.clock()
         return [self._as_running(s, now) for s in self.streams.values() if s.model == model]
+
+    def running_all(self) -> list[RunningRequest]:
+        now = self.cluster.clock()
+        return [self._as_running(s, now) for s in self.streams.values()]
 
     @staticmethod
     def _as_running(s: LiveStream, now: float) -> RunningRequest:
@@ -177,16 +190,22 @@ class MigrationController:
             if state.draining:
                 for live in self.on(state.spec.id):
                     self.move(live, None, "drain")
-        models = {s.model for s in self.streams.values()}
+        if not self.plans_here():  # another replica (the leader) plans for the whole gateway
+            return
+        peers = self.peers
+        models = {s.model for s in self.streams.values()} | (peers.models() if peers is not None else set())
         now = self.cluster.clock()
         for model in models:
             if len(self._moves) >= self.config.max_concurrent:
                 return
-            plans = self.policy.plan(self.cluster.snapshot(model), self.running(model), now)
+            running = self.running(model) + (peers.running(model) if peers is not None else [])
+            plans = self.policy.plan(self.cluster.snapshot(model), running, now)
             for plan in plans:
                 found = self.find(plan.request_id)
                 if found is not None and found.instance_id == plan.source:
                     self.move(found, plan.target, plan.reason)
+                elif found is None and peers is not None:  # another replica holds the client's stream
+                    peers.delegate(plan.request_id, plan.target, plan.reason)
 
     def _watch_stalls(self) -> None:
         limit = self.config.stall_timeout_s

@@ -43,9 +43,10 @@ def nats_server_binary() -> str:
     return on_path
 
 
-def start_nats(workdir: Path) -> NatsServer:
-    """A NATS server with JetStream on 127.0.0.1 (its store in ``workdir``), ready to accept clients."""
-    port = reserve_port()
+def start_nats(workdir: Path, port: int | None = None) -> NatsServer:
+    """A NATS server with JetStream on 127.0.0.1 (its store in ``workdir``), ready to accept clients.
+    ``port``: the one a stopped server had (a restart: same port, same store)."""
+    port = port or reserve_port()
     log = workdir / "nats.log"
     store = workdir / "jetstream"
     cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), "-l", str(log)]

@@ -1,0 +1,186 @@
+"""Gateway replicas as one gateway: a leader for the exactly-once duties, moves of another
+replica's streams, shared circuit states, and a NATS that goes away (real NATS server, separate
+gateway processes over the same simulated engines, the openai client)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.fleet import MODEL, engine_flags, get_json, instance_entry, start_gateway, write_config
+from support.nats import NatsServer, start_nats
+from support.procs import PdgateProcess
+from support.streams import Stream, StreamsInFlight, admin, assert_same, client, serving
+from support.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+FAST_SHARING = {"load_interval_s": 0.05, "load_expiry_s": 2.0, "leader_lease_s": 1.0}
+
+
+@pytest.fixture
+def nats(tmp_path) -> Iterator[NatsServer]:
+    server = start_nats(tmp_path)
+    yield server
+    server.stop()
+
+
+def _ready(gateway: PdgateProcess) -> dict[str, Any]:
+    return get_json(f"{gateway.url}/ready")
+
+
+def _agreed_leader(replicas: list[PdgateProcess]) -> str | None:
+    """The leader every replica names, when they all name the same one of them."""
+    views = [_ready(r) for r in replicas]
+    leaders = {v.get("leader") for v in views}
+    names = {v["replica"] for v in views}
+    if len(leaders) == 1 and (leader := leaders.pop()) in names:
+        return str(leader)
+    return None
+
+
+def _replicas(config: Path, count: int) -> list[PdgateProcess]:
+    return [start_gateway(config) for _ in range(count)]
+
+
+def test_a_leader_is_elected_killed_and_replaced_and_its_cost_model_is_served_by_all(sim_factory, tmp_path, nats):
+    engine = sim_factory(*engine_flags("both"), time_scale=20.0)
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        [instance_entry(engine, "both", "sim")],
+        sharing={"nats_url": nats.url, **FAST_SHARING},
+        cost_model={"refit_interval_s": 1.0, "min_new_samples": 6},
+    )
+    replicas = _replicas(config, 3)
+    try:
+        leader = wait_until(lambda: _agreed_leader(replicas), 15, message="one leader named by all")
+        # requests through every replica: the leader refits on all their records, and every
+        # replica serves the version it published
+        for i in range(12):
+            client(replicas[i % 3].url).completions.create(model=MODEL, prompt=f"record {i}", max_tokens=4)
+
+        def one_refitted_version() -> str | None:
+            versions = {get_json(f"{r.url}/cost-model")["version"] for r in replicas}
+            version = versions.pop() if len(versions) == 1 else None
+            return version if version is not None and version.startswith(leader) else None
+
+        version = wait_until(one_refitted_version, 30, message="the leader's cost model on every replica")
+        assert get_json(f"{replicas[0].url}/cost-model")["records"] >= 12  # every replica's records
+        # the leader dies: another takes over within a few lease periods
+        dead = next(r for r in replicas if _ready(r)["replica"] == leader)
+        dead.stop(signal.SIGKILL)
+        survivors = [r for r in replicas if r is not dead]
+        successor = wait_until(lambda: _agreed_leader(survivors), 15, message="a new leader")
+        assert successor != leader
+        assert {get_json(f"{r.url}/cost-model")["version"] for r in survivors} == {version}
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_any_replica_moves_and_shows_another_replicas_stream(sim_factory, tmp_path, nats):
+    engines = [sim_factory(*engine_flags("both"), time_scale=1.0) for _ in range(2)]
+    entries = [instance_entry(e, "both", "sim") for e in engines]
+    config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
+    a, b = _replicas(config, 2)
+    try:
+        reference = Stream(a.url, "reference", tokens=120).run()
+        moved = Stream(b.url, "held-by-b", tokens=120)
+        answers: list[tuple[int, Any]] = []
+
+        def move_from_a() -> None:
+            source = serving(a.url, moved.request_id)  # A lists B's stream...
+            view = get_json(f"{a.url}/admin/instances/{source}")
+            owner = next(s["replica"] for s in view["streams"] if s["request_id"] == moved.request_id)
+            assert owner == _ready(b)["replica"]
+            target = next(e["id"] for e in entries if e["id"] != source)  # ...and moves it
+            answers.append(admin(a.url, f"/admin/requests/{moved.request_id}/migrate", {"target": target}))
+
+        def when_a_sees_it() -> None:
+            wait_until(lambda: _lists(a, moved.request_id), 10, message="replica A to list B's stream")
+            move_from_a()
+
+        moved.run(at=20, action=when_a_sees_it)
+        status, body = answers[0]
+        assert status == 200 and body["migrated"] is True and body["replica"] == _ready(b)["replica"]
+        assert_same(moved, reference)
+        # an unknown request is still a 404 on any replica
+        assert admin(a.url, "/admin/requests/nobody/migrate")[0] == 404
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _lists(gateway: PdgateProcess, request_id: str) -> bool:
+    return any(
+        s["request_id"] == request_id for i in get_json(f"{gateway.url}/admin/instances")["data"] for s in i["streams"]
+    )
+
+
+def test_an_instance_one_replica_finds_dead_is_avoided_by_all(sim_factory, tmp_path, nats):
+    alive, doomed = (sim_factory(*engine_flags("both"), time_scale=20.0) for _ in range(2))
+    entries = [instance_entry(alive, "both", "sim"), instance_entry(doomed, "both", "sim")]
+    sharing = {"nats_url": nats.url, **FAST_SHARING}
+    watchful = write_config(tmp_path / "a.yaml", entries, sharing=sharing)
+    # B checks health once a minute: on its own it would go on sending to the dead instance
+    slow = {"interval_s": 60.0, "timeout_s": 1.0, "failure_threshold": 3, "cooldown_s": 30}
+    trusting = write_config(tmp_path / "b.yaml", entries, sharing=sharing, health=slow)
+    a, b = start_gateway(watchful), start_gateway(trusting)
+    try:
+        wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 10, message="both in sync")
+        doomed.stop(signal.SIGKILL)
+        dead_id = entries[1]["id"]
+
+        def circuit(gateway: PdgateProcess) -> str:
+            return str(get_json(f"{gateway.url}/admin/instances/{dead_id}")["circuit"])
+
+        wait_until(lambda: circuit(a) == "open", 10, message="replica A to open the circuit")
+        wait_until(lambda: circuit(b) == "open", 2, message="replica B to follow within a second or so")
+        for i in range(6):  # B sends nothing to the dead instance
+            assert client(b.url).completions.create(model=MODEL, prompt=f"after {i}", max_tokens=2).usage
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_replicas_serve_without_nats_and_converge_when_it_returns(sim_factory, tmp_path):
+    engines = [sim_factory(*engine_flags("both"), time_scale=20.0) for _ in range(2)]
+    entries = [instance_entry(e, "both", "sim") for e in engines]
+    nats = start_nats(tmp_path)
+    try:
+        config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
+        a, b = _replicas(config, 2)
+        try:
+            wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 10, message="both in sync")
+            streams = StreamsInFlight([Stream(r.url, f"through-{i}", tokens=60) for i, r in enumerate([a, b] * 2)])
+            nats.stop()
+            wait_until(lambda: _ready(a)["sync"] == "degraded", 10, message="A to report the loss")
+            wait_until(lambda: "pdgate_sharing_sync 0.0" in _metrics(a), 5, message="the metric to say so")
+            for i in range(4):  # nothing about a request depends on NATS
+                assert client([a, b][i % 2].url).completions.create(model=MODEL, prompt="alone", max_tokens=2).usage
+            streams.join()
+            assert not streams.errors
+            # a drain asked of A while NATS is away reaches B once it is back
+            assert admin(a.url, f"/admin/instances/{entries[0]['id']}/drain")[0] in (200, 202)
+            restarted = start_nats(tmp_path, port=nats.port)
+            nats = restarted
+            wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 20, message="both in sync again")
+            wait_until(
+                lambda: get_json(f"{b.url}/admin/instances/{entries[0]['id']}")["draining"],
+                10,
+                message="A's drain to reach B",
+            )
+        finally:
+            a.stop()
+            b.stop()
+    finally:
+        nats.stop()
+
+
+def _metrics(gateway: PdgateProcess) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
