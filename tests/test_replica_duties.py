@@ -184,3 +184,66 @@ def _metrics(gateway: PdgateProcess) -> str:
     import urllib.request
 
     return urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
+
+
+def _cluster_counts(gateway: PdgateProcess) -> dict[str, int]:
+    return {i["id"]: i["cluster_running_requests"] for i in get_json(f"{gateway.url}/admin/instances")["data"]}
+
+
+def test_three_replicas_count_the_whole_load_and_place_it_evenly(sim_factory, tmp_path, nats):
+    engines = [sim_factory(*engine_flags("both"), time_scale=1.0) for _ in range(2)]
+    entries = [instance_entry(e, "both", "sim") for e in engines]
+    config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
+    replicas = _replicas(config, 3)
+    try:
+        wait_until(lambda: all(_ready(r)["sync"] == "ok" for r in replicas), 10, message="all in sync")
+        streams: list[Stream] = []
+        flights: list[StreamsInFlight] = []
+        for i in range(12):  # a client that spreads its requests over the replicas, one after another
+            prompt = f"{i} {i * 7919} distinct prompts, so that prefix affinity does not decide"
+            stream = Stream(replicas[i % 3].url, f"spread-{i}", tokens=300, prompt=prompt)
+            streams.append(stream)
+            flights.append(StreamsInFlight([stream]))
+            wait_until(lambda n=i + 1: sum(_cluster_counts(replicas[0]).values()) >= n, 5, message="the count")
+
+        def converged() -> dict[str, int] | None:
+            views = [_cluster_counts(r) for r in replicas]
+            return views[0] if all(v == views[0] for v in views) and sum(views[0].values()) == 12 else None
+
+        counts = wait_until(converged, 10, message="every replica to count the same 12 streams")
+        assert max(counts.values()) - min(counts.values()) <= 2, counts  # no pile-up on one instance
+        for flight in flights:
+            flight.join()
+            assert not flight.errors
+        assert all(s.events == 300 for s in streams)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_a_replica_killed_under_load_costs_only_its_own_clients(sim_factory, tmp_path, nats):
+    engine = sim_factory(*engine_flags("both"), time_scale=1.0)
+    entry = instance_entry(engine, "both", "sim")
+    config = write_config(tmp_path / "gateway.yaml", [entry], sharing={"nats_url": nats.url, **FAST_SHARING})
+    replicas = _replicas(config, 3)
+    try:
+        wait_until(lambda: all(_ready(r)["sync"] == "ok" for r in replicas), 10, message="all in sync")
+        victim, *survivors = replicas
+        lost = StreamsInFlight([Stream(victim.url, f"lost-{i}", tokens=2000) for i in range(3)])
+        kept = StreamsInFlight([Stream(r.url, f"kept-{i}", tokens=150) for i, r in enumerate(survivors * 2)])
+        wait_until(lambda: _cluster_counts(survivors[0])[entry["id"]] == 7, 10, message="all 7 streams counted")
+        victim.stop(signal.SIGKILL)
+        kept.join()
+        assert not kept.errors and all(s.events == 150 for s in kept.streams)
+        lost.join()
+        assert len(lost.errors) == 3  # only the clients the dead replica held
+        # its engine requests were aborted (its connections closed), and its leases expire elsewhere
+        wait_until(lambda: get_json(f"{engine.url}/sim/state")["num_running"] == 0, 10, message="the engine to abort")
+        wait_until(lambda: _cluster_counts(survivors[0])[entry["id"]] == 0, 10, message="the dead replica's leases")
+        # a replica started in its place catches up and serves
+        replicas.append(start_gateway(config))
+        wait_until(lambda: _agreed_leader([*survivors, replicas[-1]]), 15, message="one leader among all three")
+        assert client(replicas[-1].url).completions.create(model=MODEL, prompt="back", max_tokens=2).usage
+    finally:
+        for replica in replicas:
+            replica.stop()
