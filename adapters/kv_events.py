@@ -5,11 +5,14 @@ defined in :mod:`pdgate.common.kv_events`; the simulated engine publishes the sa
 (``engines/sim/kv_events.py``). This module holds the ZMQ side: sockets, sequence tracking,
 replays, counters.
 
-Connection rule, mirroring vLLM's publisher (:func:`pdgate.common.kv_events.engine_binds`): the
-engine *binds* when its endpoint contains ``*`` or ``::`` or is ``ipc://`` / ``inproc://``,
-otherwise it *connects*. So for ``tcp://127.0.0.1:5557`` we bind a SUB there; for
-``tcp://*:5557`` we connect to ``tcp://<source.host>:5557``. The replay ROUTER is always bound
-by the engine.
+Connection rule, mirroring vLLM's and SGLang's publisher (:func:`pdgate.common.kv_events.engine_binds`):
+the engine *binds* when its endpoint contains ``*`` or ``::`` or is ``ipc://`` / ``inproc://``,
+otherwise it *connects*. So for ``tcp://*:5557`` (the default topology) we connect a SUB to
+``tcp://<source.host>:5557``, and so does every other gateway replica: one engine, any number of
+subscribers. For ``tcp://127.0.0.1:5557`` we bind a SUB there, and the engine's PUB connects to
+it: one subscriber only (a second process cannot bind the same address). The replay ROUTER is
+always bound by the engine: we connect to it, at ``source.host`` when its host is a wildcard
+(``*``, ``0.0.0.0``, ``[::]``), see :func:`connect_address`.
 
 Sequence tracking per instance (``last`` = last seq applied, none at start):
 
@@ -46,7 +49,8 @@ logger = logging.getLogger(__name__)
 RCV_HWM = 100_000
 """SUB receive high-water mark in messages (vLLM's publisher default ``hwm``)."""
 RECV_ERROR_BACKOFF_S = 0.1
-_WILDCARD_HOSTS = ("*", "[::]", "::", "[::0]")
+_ANY_HOSTS = ("*", "0.0.0.0", "[::]", "::", "[::0]")
+"""Hosts that mean "every interface" in a bound endpoint: a peer connects to the engine's host instead."""
 
 
 class KvEventSink(Protocol):
@@ -64,8 +68,8 @@ class KvEventSource:
     """One engine's KV event stream.
 
     ``endpoint`` / ``replay_endpoint`` / ``topic`` are the engine's own
-    ``--kv-events-config`` values; ``host`` is where to connect when the engine binds a
-    wildcard address (``tcp://*:port``).
+    ``--kv-events-config`` values; ``host`` (the instance's host) is where to connect when the
+    engine binds every interface (``tcp://*:port``, and for the replay also ``0.0.0.0``).
     """
 
     instance_id: str
@@ -95,11 +99,15 @@ class KvEventCounters:
 # ----------------------------------------------------------------------------- addressing
 
 
-def _with_host(endpoint: str, host: str) -> str:
-    """Replace a wildcard host in ``tcp://HOST:PORT`` by ``host``."""
+def connect_address(endpoint: str, host: str) -> str:
+    """Where a peer connects to reach a socket bound on ``endpoint``.
+
+    A ``tcp://HOST:PORT`` whose HOST means every interface (``*``, ``0.0.0.0``, ``[::]``) is
+    reached at ``host`` (bracketed when IPv6); any other endpoint is returned as it is.
+    """
     scheme, sep, rest = endpoint.partition("://")
     addr, colon, port = rest.rpartition(":")
-    if scheme == "tcp" and sep and colon and addr in _WILDCARD_HOSTS:
+    if scheme == "tcp" and sep and colon and addr in _ANY_HOSTS:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"tcp://{host}:{port}"
@@ -107,9 +115,13 @@ def _with_host(endpoint: str, host: str) -> str:
 
 
 def subscriber_address(endpoint: str, host: str = "127.0.0.1") -> tuple[bool, str]:
-    """``(bind, address)`` for our SUB socket given the engine's publisher ``endpoint``."""
+    """``(bind, address)`` for our SUB socket given the engine's publisher ``endpoint``.
+
+    An engine that binds (``tcp://*:PORT``) is connected to at ``host``, its instance's host; one
+    that connects (``tcp://HOST:PORT``) needs us to bind that very address.
+    """
     if engine_binds(endpoint):
-        return False, _with_host(endpoint, host)
+        return False, connect_address(endpoint, host)
     return True, endpoint
 
 
@@ -141,7 +153,7 @@ class _InstanceStream:
             self._sub.setsockopt(zmq.IPV6, "[" in self.address)
             self._sub.setsockopt(zmq.SUBSCRIBE, self.source.topic.encode())
             if bind:
-                self._sub.bind(self.address)
+                self._bind(self._sub)
             else:
                 self._sub.connect(self.address)
             if self.source.replay_endpoint is not None:
@@ -149,6 +161,19 @@ class _InstanceStream:
         except BaseException:
             self.close()
             raise
+
+    def _bind(self, sock: zmq.asyncio.Socket) -> None:
+        """Bind for an engine that connects (``tcp://HOST:PORT``), saying why when that fails."""
+        try:
+            sock.bind(self.address)
+        except zmq.ZMQError as exc:
+            port = self.address.rsplit(":", 1)[-1]
+            raise zmq.ZMQError(
+                exc.errno,
+                f"KV events of {self.source.instance_id}: cannot bind {self.address} ({exc.strerror}). With a "
+                "concrete host the engine connects and this gateway must bind that address, so only one "
+                f"gateway process on that host can; for several, let the engine bind: tcp://*:{port}",
+            ) from exc
 
     def close(self) -> None:
         for sock in (self._sub, self._replay):
@@ -246,7 +271,7 @@ class _InstanceStream:
 
     def _open_replay(self) -> None:
         assert self.source.replay_endpoint is not None
-        address = _with_host(self.source.replay_endpoint, self.source.host)
+        address = connect_address(self.source.replay_endpoint, self.source.host)
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IPV6, "[" in address)

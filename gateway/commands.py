@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any
 
+import zmq
+
 from pdgate.common.runtime import run_async
 from pdgate.gateway.config import ConfigError, GatewayConfig
 from pdgate.scheduler.registry import PluginConfigError
@@ -123,6 +125,12 @@ def _worker_count(args: argparse.Namespace, config: GatewayConfig) -> int:
         count = 1
     if count < 1:
         raise ValueError(f"--workers must be at least 1, not {count}")
+    binding = [i.spec().id for i in config.instances if i.kv_events is not None and not i.kv_events.engine_binds]
+    if count > 1 and binding:
+        raise ValueError(
+            f"{count} workers cannot all bind the KV-event endpoints of {', '.join(binding)}: "
+            "give those engines an endpoint they bind (tcp://*:PORT), or run one worker"
+        )
     return count
 
 
@@ -153,7 +161,7 @@ def run_serve(args: argparse.Namespace) -> int:
             _started(banner.split("\n", 1)[0] if args.worker_of is not None else banner)  # a worker: one line
 
         run_async(serve_until_signalled(server, ready, on_hangup=GatewayServer.reload))
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, zmq.ZMQError) as exc:
         print(f"pdgate serve: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

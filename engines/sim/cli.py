@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pdgate.common.kv_events import engine_binds
 from pdgate.engines.flags import add_model_flags, model_from_args
 from pdgate.engines.sim.config import SimEngineConfig
 
@@ -57,7 +58,12 @@ def run_sim(args: argparse.Namespace) -> int:
         publisher = st.publisher
         if publisher is not None:
             replay = f" replay={publisher.replay_address}" if publisher.replay_address else ""
-            print(f"  KV events -> {publisher.pub_address} topic={config.kv_events_topic!r}{replay}", flush=True)
+            binds = engine_binds(config.kv_events_endpoint or "")
+            mode = "bound: gateways connect" if binds else "connected: one gateway binds it"
+            print(
+                f"  KV events -> {publisher.pub_address} topic={config.kv_events_topic!r}{replay} ({mode})",
+                flush=True,
+            )
 
     try:
         run_async(serve_until_signalled(server, ready))

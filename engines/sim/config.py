@@ -59,10 +59,12 @@ class SimEngineConfig(BaseModel):
         None, ge=0, le=65535, description="SGLang prefill bootstrap port (default 8998 for an sglang prefill)"
     )
     kv_events_endpoint: str | None = Field(
-        None, description="ZMQ endpoint for vLLM-format KV events, e.g. tcp://127.0.0.1:5557"
+        None,
+        description="ZMQ endpoint for vLLM-format KV events, by vLLM's rule: tcp://*:5557 binds "
+        "(every gateway connects), tcp://HOST:5557 connects to the one gateway bound there",
     )
     kv_events_replay_endpoint: str | None = Field(
-        None, description="ZMQ ROUTER endpoint serving replays of recent KV events"
+        None, description="ZMQ ROUTER endpoint (always bound) serving replays of recent KV events, e.g. tcp://*:5558"
     )
     kv_events_topic: str = Field("kv", description="topic frame of KV event messages")
     otlp_traces_endpoint: str | None = Field(

@@ -53,9 +53,10 @@ class KvEventPublisher:
     tasks; nothing here blocks the loop. Sequence numbers start at 0 and are
     assigned in publish order.
 
-    ``endpoint`` follows vLLM's bind/connect rule (``tcp://*:5557`` binds,
-    ``tcp://host:5557`` connects). ``replay_endpoint`` is always bound; like
-    ``endpoint`` it may use ``:*`` for an ephemeral port, see ``replay_address``.
+    ``endpoint`` follows vLLM's bind/connect rule (``tcp://*:5557`` binds and any number of
+    subscribers connect; ``tcp://host:5557`` connects to the one subscriber bound there;
+    ``tcp://127.0.0.1:*`` binds a free port, see ``pub_address``). ``replay_endpoint`` is always
+    bound; like ``endpoint`` it may use ``:*`` for an ephemeral port, see ``replay_address``.
     ``dp_rank`` is the batch's ``data_parallel_rank``; ``buffer_size`` is
     vLLM's ``buffer_steps``; ``schema`` picks the vLLM struct layout.
     """

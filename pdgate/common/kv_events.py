@@ -55,7 +55,9 @@ Transport (vLLM ``ZmqEventPublisher``):
   ``[b"", seq, payload]`` for every buffered ``seq >= start``, then ``[b"", END_SEQ, b""]``.
 * Bind or connect (:func:`engine_binds`): the engine *binds* its PUB when the endpoint contains
   ``*`` or ``::`` or is ``ipc://`` / ``inproc://``, otherwise it *connects* (and the subscriber
-  binds). The replay ROUTER is always bound by the engine.
+  binds). Only a bound PUB takes any number of subscribers (every gateway replica connects to
+  ``tcp://<engine host>:PORT`` for ``tcp://*:PORT``, pdgate's default); a connecting one reaches
+  the single subscriber bound at its address. The replay ROUTER is always bound by the engine.
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ _REQUIRED: dict[type, tuple[str, ...]] = {
 
 
 def engine_binds(endpoint: str) -> bool:
-    """vLLM's rule: the publisher binds wildcard / IPv6-any / ipc / inproc endpoints, connects otherwise."""
+    """vLLM's (and SGLang's) rule: the publisher binds wildcard / IPv6 / ipc / inproc endpoints, connects otherwise.
+
+    ``tcp://*:5557`` binds; ``tcp://10.0.0.2:5557`` and ``tcp://0.0.0.0:5557`` connect (no ``*``).
+    """
     return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.procs import PdgateProcess, free_port, start_pdgate
 
 MODEL = "sim-model"
-ENGINE_BOUND_KV = "tcp://127.0.0.1:*"  # the engine binds a free port for its KV events and prints it
+ENGINE_BOUND_KV = "tcp://*:*"  # the engine binds a free port for its KV events (and replay) and prints them
 
 
 def engine_flags(
@@ -27,9 +27,10 @@ def engine_flags(
 ) -> list[str]:
     """``pdgate engine sim`` flags for one fleet member.
 
-    ``kv_events``: publish KV events on a port the engine binds itself (vLLM's default topology:
-    the engine binds, the gateway connects; :func:`instance_entry` reads the port back).
-    ``kv_port``: publish to ``tcp://127.0.0.1:PORT`` instead, which the *gateway* binds (a port
+    ``kv_events``: publish KV events (and serve replays) on ports the engine binds itself on every
+    interface, as the shipped configs' ``tcp://*:PORT`` does: the engine binds, every gateway
+    connects; :func:`instance_entry` reads the ports back. ``kv_port``: publish to
+    ``tcp://127.0.0.1:PORT`` instead, which one *gateway* binds (the single-gateway form; a port
     chosen beforehand, :func:`support.ports.reserve_port`). An SGLang prefill engine binds its
     bootstrap server on ``boot_port``, or on a free port of its own (reported) when none is given.
     """
@@ -37,7 +38,7 @@ def engine_flags(
     if kv_port is not None:
         flags += ["--kv-events-endpoint", f"tcp://127.0.0.1:{kv_port}"]
     elif kv_events:
-        flags += ["--kv-events-endpoint", ENGINE_BOUND_KV]
+        flags += ["--kv-events-endpoint", ENGINE_BOUND_KV, "--kv-events-replay-endpoint", ENGINE_BOUND_KV]
     if boot_port is not None:
         flags += ["--bootstrap-port", str(boot_port)]
     elif api == "sglang" and role == "prefill":
@@ -60,8 +61,12 @@ def instance_entry(
     if kv_port is not None:
         entry["kv_events"] = {"endpoint": f"tcp://127.0.0.1:{kv_port}"}
     elif ENGINE_BOUND_KV in proc.args:
-        bound = proc.kv_events[0]  # tcp://127.0.0.1:PORT; a wildcard host tells the gateway to connect
-        entry["kv_events"] = {"endpoint": f"tcp://*:{bound.rsplit(':', 1)[1]}"}
+        # what the engine bound (tcp://0.0.0.0:PORT), written as its config would: tcp://*:PORT,
+        # which each gateway reaches at the host of the engine's url
+        publisher, replay = proc.kv_events
+        entry["kv_events"] = {"endpoint": f"tcp://*:{publisher.rsplit(':', 1)[1]}"}
+        if replay is not None:
+            entry["kv_events"]["replay_endpoint"] = f"tcp://*:{replay.rsplit(':', 1)[1]}"
     if boot_port is not None:
         entry["bootstrap_port"] = boot_port
     elif kind == "sim-sglang" and role == "prefill":
