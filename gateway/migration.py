@@ -230,11 +230,21 @@ class MigrationController:
         self.cluster.instances[instance_id].draining = False
 
     async def wait_drained(self, instance_id: str, timeout_s: float) -> bool:
-        """Wait until nothing runs on ``instance_id`` (streams and other requests); False on timeout."""
+        """Wait until nothing runs on ``instance_id`` (streams and other requests, this replica's
+        and, with replicas, the others' as they report them); False on timeout."""
         state = self.cluster.instances[instance_id]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while state.inflight_requests > 0 or self.on(instance_id):
+
+        def busy() -> bool:
+            remote = self.cluster.remote.get(instance_id)
+            return (
+                state.inflight_requests > 0
+                or bool(self.on(instance_id))
+                or (remote is not None and remote.requests > 0)
+            )
+
+        while busy():
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.05)

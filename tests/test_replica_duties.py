@@ -247,3 +247,25 @@ def test_a_replica_killed_under_load_costs_only_its_own_clients(sim_factory, tmp
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_a_drain_on_one_replica_moves_the_streams_another_serves(sim_factory, tmp_path, nats):
+    engines = [sim_factory(*engine_flags("both"), time_scale=1.0) for _ in range(2)]
+    entries = [instance_entry(e, "both", "sim") for e in engines]
+    config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
+    a, b = _replicas(config, 2)
+    try:
+        wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 10, message="both in sync")
+        references = [Stream(a.url, f"reference-{i}", tokens=200).run() for i in range(2)]
+        flight = StreamsInFlight([Stream(b.url, f"on-b-{i}", tokens=200) for i in range(2)])
+        wait_until(lambda: all(_lists(a, s.request_id) for s in flight.streams), 10, message="A to list B's streams")
+        source = serving(a.url, flight.streams[0].request_id)
+        status, body = admin(a.url, f"/admin/instances/{source}/drain?wait=true&timeout_s=30")
+        assert status == 200 and body["drained"] is True  # B's streams moved off, as A waited for
+        flight.join()
+        assert not flight.errors
+        for moved, reference in zip(flight.streams, references, strict=True):
+            assert_same(moved, reference)
+    finally:
+        a.stop()
+        b.stop()
