@@ -178,7 +178,15 @@ class AdminApi:
                 for replica, r in (self.peers.on(spec.id) if self.peers is not None else [])
             ],
             "capabilities": sorted(state.capability_names),
+            "prefix_index": self._prefix_index(state),
         }
+
+    def _prefix_index(self, state: InstanceState) -> dict[str, Any]:
+        """Which prefix index knows the instance's cache (exact: its KV events; approximate: what
+        the gateway's replicas sent it) and how many blocks it holds for it."""
+        exact = self.cluster.has_kv_events(state)
+        index = self.cluster.exact_index if exact else self.cluster.approx_index
+        return {"index": "exact" if exact else "approximate", "blocks": len(index.blocks(state.spec.id))}
 
     def _remote_requests(self, instance_id: str) -> int:
         """Requests other replicas have in flight on the instance (0 without load sharing)."""

@@ -388,6 +388,10 @@ class Cluster:
         serves_decode = any(s.spec.role in ("decode", "both") for s in healthy)
         return serves_prefill and serves_decode
 
+    def has_kv_events(self, state: InstanceState) -> bool:
+        """Whether the exact index (the engine's KV events) serves the instance."""
+        return self._has_events(state)
+
     @staticmethod
     def _has_events(state: InstanceState) -> bool:
         return state.adapter.capabilities.kv_events and state.spec.kv_events_endpoint is not None

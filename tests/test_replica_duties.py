@@ -269,3 +269,29 @@ def test_a_drain_on_one_replica_moves_the_streams_another_serves(sim_factory, tm
     finally:
         a.stop()
         b.stop()
+
+
+def test_replicas_agree_on_who_holds_a_prefix_without_kv_events(sim_factory, tmp_path, nats):
+    engines = [sim_factory(*engine_flags("both"), time_scale=20.0) for _ in range(2)]
+    entries = [instance_entry(e, "both", "sim") for e in engines]  # no KV events: the approximate index
+    config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
+    a, b = _replicas(config, 2)
+    try:
+        wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 10, message="both in sync")
+
+        def blocks(gateway: PdgateProcess) -> dict[str, int]:
+            return {
+                i["id"]: i["prefix_index"]["blocks"]
+                for i in get_json(f"{gateway.url}/admin/instances")["data"]
+                if i["prefix_index"]["index"] == "approximate"
+            }
+
+        assert sum(blocks(b).values()) == 0
+        long_prompt = " ".join(f"word{i}" for i in range(200))
+        client(a.url).completions.create(model=MODEL, prompt=long_prompt, max_tokens=2)
+        held = blocks(a)
+        assert sum(held.values()) > 0
+        wait_until(lambda: blocks(b) == held, 5, message="replica B to learn what A sent where")
+    finally:
+        a.stop()
+        b.stop()
