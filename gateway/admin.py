@@ -1,7 +1,8 @@
 """The operator's API under ``/admin``: instances, drain and undrain, moving one request.
 
 * ``GET /admin/instances``: every instance (id, url, role, model, kind, health, circuit, load,
-  draining, running requests and the streams the gateway can move).
+  draining, running requests, the streams the gateway can move, and its prefix index: exact
+  or approximate, with the blocks it holds for the instance).
 * ``GET /admin/instances/{id}``: one of them.
 * ``POST /admin/instances/{id}/drain``: keep new requests off the instance and move every
   running stream away (others finish where they are). ``?wait=true`` answers once it is empty
