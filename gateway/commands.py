@@ -187,7 +187,11 @@ async def _serve_workers(
         )
     elif config.sharing.url() is None:
         nats = LocalNats()
-        env["PDGATE_NATS_URL"] = await asyncio.to_thread(nats.start)
+        try:
+            env["PDGATE_NATS_URL"] = await asyncio.to_thread(nats.start)
+        except BaseException:
+            nats.stop()
+            raise
     shared_through = config.sharing.url() or env.get("PDGATE_NATS_URL")
 
     def worker_argv(index: int, port: int) -> list[str]:
@@ -211,9 +215,13 @@ async def _serve_workers(
         _started("\n".join(banner))
 
     pool = WorkerPool(count, config.host, config.port, worker_argv, env=env)
+    supervising = asyncio.create_task(nats.supervise(), name="local-nats") if nats is not None else None
     try:
         await serve_until_signalled(pool, ready, on_hangup=WorkerPool.reload)
     finally:
+        if supervising is not None:
+            supervising.cancel()
+            await asyncio.gather(supervising, return_exceptions=True)
         if nats is not None:
             nats.stop()
 

