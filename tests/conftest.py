@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support.nats import NatsServer, start_nats
 from support.procs import PdgateProcess, start_sim
 
 
@@ -34,3 +35,11 @@ def sim_engine() -> Iterator[PdgateProcess]:
     proc = start_sim("--served-model-name", "sim-model", "--max-model-len", "2048")
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real NATS server with JetStream for this test (stopped at its end)."""
+    server = start_nats(tmp_path)
+    yield server
+    server.stop()

@@ -4,14 +4,15 @@ gateway processes over the same simulated engines, the openai client)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.fleet import MODEL, engine_flags, get_json, instance_entry, start_gateway, write_config
-from support.nats import NatsServer, start_nats
 from support.procs import PdgateProcess
 from support.streams import Stream, StreamsInFlight, admin, assert_same, client, serving
 from support.waiting import wait_until
@@ -19,13 +20,6 @@ from support.waiting import wait_until
 pytestmark = pytest.mark.slow
 
 FAST_SHARING = {"load_interval_s": 0.05, "load_expiry_s": 2.0, "leader_lease_s": 1.0}
-
-
-@pytest.fixture
-def nats(tmp_path) -> Iterator[NatsServer]:
-    server = start_nats(tmp_path)
-    yield server
-    server.stop()
 
 
 def _ready(gateway: PdgateProcess) -> dict[str, Any]:
@@ -42,20 +36,39 @@ def _agreed_leader(replicas: list[PdgateProcess]) -> str | None:
     return None
 
 
-def _replicas(config: Path, count: int) -> list[PdgateProcess]:
-    return [start_gateway(config) for _ in range(count)]
+@dataclass
+class Replicas:
+    engines: list[PdgateProcess]
+    entries: list[dict[str, Any]]
+    config: Path
+    gateways: list[PdgateProcess]
+
+
+@contextlib.contextmanager
+def _replicas(
+    sim_factory, tmp_path: Path, nats_url: str, *, count: int, engines: int = 2, time_scale: float = 1.0, **gateway: Any
+) -> Iterator[Replicas]:
+    """``count`` replicas sharing through ``nats_url`` over ``engines`` simulated ``both`` engines,
+    all in sync when it yields; every replica (also one a test adds) stopped at the end."""
+    sims = [sim_factory(*engine_flags("both"), time_scale=time_scale) for _ in range(engines)]
+    entries = [instance_entry(e, "both", "sim") for e in sims]
+    sharing = {"nats_url": nats_url, **FAST_SHARING}
+    config = write_config(tmp_path / "gateway.yaml", entries, sharing=sharing, **gateway)
+    started = Replicas(sims, entries, config, [])
+    try:
+        for _ in range(count):
+            started.gateways.append(start_gateway(config))
+        wait_until(lambda: all(_ready(r)["sync"] == "ok" for r in started.gateways), 10, message="replicas in sync")
+        yield started
+    finally:
+        for replica in started.gateways:
+            replica.stop()
 
 
 def test_a_leader_is_elected_killed_and_replaced_and_its_cost_model_is_served_by_all(sim_factory, tmp_path, nats):
-    engine = sim_factory(*engine_flags("both"), time_scale=20.0)
-    config = write_config(
-        tmp_path / "gateway.yaml",
-        [instance_entry(engine, "both", "sim")],
-        sharing={"nats_url": nats.url, **FAST_SHARING},
-        cost_model={"refit_interval_s": 1.0, "min_new_samples": 6},
-    )
-    replicas = _replicas(config, 3)
-    try:
+    refits = {"refit_interval_s": 1.0, "min_new_samples": 6}
+    with _replicas(sim_factory, tmp_path, nats.url, count=3, engines=1, time_scale=20.0, cost_model=refits) as rs:
+        replicas = rs.gateways
         leader = wait_until(lambda: _agreed_leader(replicas), 15, message="one leader named by all")
         # requests through every replica: the leader refits on all their records, and every
         # replica serves the version it published
@@ -76,17 +89,11 @@ def test_a_leader_is_elected_killed_and_replaced_and_its_cost_model_is_served_by
         successor = wait_until(lambda: _agreed_leader(survivors), 15, message="a new leader")
         assert successor != leader
         assert {get_json(f"{r.url}/cost-model")["version"] for r in survivors} == {version}
-    finally:
-        for replica in replicas:
-            replica.stop()
 
 
 def test_any_replica_moves_and_shows_another_replicas_stream(sim_factory, tmp_path, nats):
-    engines = [sim_factory(*engine_flags("both"), time_scale=1.0) for _ in range(2)]
-    entries = [instance_entry(e, "both", "sim") for e in engines]
-    config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
-    a, b = _replicas(config, 2)
-    try:
+    with _replicas(sim_factory, tmp_path, nats.url, count=2) as rs:
+        (a, b), entries = rs.gateways, rs.entries
         reference = Stream(a.url, "reference", tokens=120).run()
         moved = Stream(b.url, "held-by-b", tokens=120)
         answers: list[tuple[int, Any]] = []
@@ -109,9 +116,6 @@ def test_any_replica_moves_and_shows_another_replicas_stream(sim_factory, tmp_pa
         assert_same(moved, reference)
         # an unknown request is still a 404 on any replica
         assert admin(a.url, "/admin/requests/nobody/migrate")[0] == 404
-    finally:
-        a.stop()
-        b.stop()
 
 
 def _lists(gateway: PdgateProcess, request_id: str) -> bool:
@@ -146,38 +150,26 @@ def test_an_instance_one_replica_finds_dead_is_avoided_by_all(sim_factory, tmp_p
         b.stop()
 
 
-def test_replicas_serve_without_nats_and_converge_when_it_returns(sim_factory, tmp_path):
-    engines = [sim_factory(*engine_flags("both"), time_scale=20.0) for _ in range(2)]
-    entries = [instance_entry(e, "both", "sim") for e in engines]
-    nats = start_nats(tmp_path)
-    try:
-        config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
-        a, b = _replicas(config, 2)
-        try:
-            wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 10, message="both in sync")
-            streams = StreamsInFlight([Stream(r.url, f"through-{i}", tokens=60) for i, r in enumerate([a, b] * 2)])
-            nats.stop()
-            wait_until(lambda: _ready(a)["sync"] == "degraded", 10, message="A to report the loss")
-            wait_until(lambda: "pdgate_sharing_sync 0.0" in _metrics(a), 5, message="the metric to say so")
-            for i in range(4):  # nothing about a request depends on NATS
-                assert client([a, b][i % 2].url).completions.create(model=MODEL, prompt="alone", max_tokens=2).usage
-            streams.join()
-            assert not streams.errors
-            # a drain asked of A while NATS is away reaches B once it is back
-            assert admin(a.url, f"/admin/instances/{entries[0]['id']}/drain")[0] in (200, 202)
-            restarted = start_nats(tmp_path, port=nats.port)
-            nats = restarted
-            wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 20, message="both in sync again")
-            wait_until(
-                lambda: get_json(f"{b.url}/admin/instances/{entries[0]['id']}")["draining"],
-                10,
-                message="A's drain to reach B",
-            )
-        finally:
-            a.stop()
-            b.stop()
-    finally:
+def test_replicas_serve_without_nats_and_converge_when_it_returns(sim_factory, tmp_path, nats):
+    with _replicas(sim_factory, tmp_path, nats.url, count=2, time_scale=20.0) as rs:
+        (a, b), entries = rs.gateways, rs.entries
+        streams = StreamsInFlight([Stream(r.url, f"through-{i}", tokens=60) for i, r in enumerate([a, b] * 2)])
         nats.stop()
+        wait_until(lambda: _ready(a)["sync"] == "degraded", 10, message="A to report the loss")
+        wait_until(lambda: "pdgate_sharing_sync 0.0" in _metrics(a), 5, message="the metric to say so")
+        for i in range(4):  # nothing about a request depends on NATS
+            assert client([a, b][i % 2].url).completions.create(model=MODEL, prompt="alone", max_tokens=2).usage
+        streams.join()
+        assert not streams.errors
+        # a drain asked of A while NATS is away reaches B once it is back
+        assert admin(a.url, f"/admin/instances/{entries[0]['id']}/drain")[0] in (200, 202)
+        nats.start()
+        wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 20, message="both in sync again")
+        wait_until(
+            lambda: get_json(f"{b.url}/admin/instances/{entries[0]['id']}")["draining"],
+            10,
+            message="A's drain to reach B",
+        )
 
 
 def _metrics(gateway: PdgateProcess) -> str:
@@ -191,12 +183,8 @@ def _cluster_counts(gateway: PdgateProcess) -> dict[str, int]:
 
 
 def test_three_replicas_count_the_whole_load_and_place_it_evenly(sim_factory, tmp_path, nats):
-    engines = [sim_factory(*engine_flags("both"), time_scale=1.0) for _ in range(2)]
-    entries = [instance_entry(e, "both", "sim") for e in engines]
-    config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
-    replicas = _replicas(config, 3)
-    try:
-        wait_until(lambda: all(_ready(r)["sync"] == "ok" for r in replicas), 10, message="all in sync")
+    with _replicas(sim_factory, tmp_path, nats.url, count=3) as rs:
+        replicas = rs.gateways
         streams: list[Stream] = []
         flights: list[StreamsInFlight] = []
         for i in range(12):  # a client that spreads its requests over the replicas, one after another
@@ -216,18 +204,11 @@ def test_three_replicas_count_the_whole_load_and_place_it_evenly(sim_factory, tm
             flight.join()
             assert not flight.errors
         assert all(s.events == 300 for s in streams)
-    finally:
-        for replica in replicas:
-            replica.stop()
 
 
 def test_a_replica_killed_under_load_costs_only_its_own_clients(sim_factory, tmp_path, nats):
-    engine = sim_factory(*engine_flags("both"), time_scale=1.0)
-    entry = instance_entry(engine, "both", "sim")
-    config = write_config(tmp_path / "gateway.yaml", [entry], sharing={"nats_url": nats.url, **FAST_SHARING})
-    replicas = _replicas(config, 3)
-    try:
-        wait_until(lambda: all(_ready(r)["sync"] == "ok" for r in replicas), 10, message="all in sync")
+    with _replicas(sim_factory, tmp_path, nats.url, count=3, engines=1) as rs:
+        replicas, engine, entry = rs.gateways, rs.engines[0], rs.entries[0]
         victim, *survivors = replicas
         lost = StreamsInFlight([Stream(victim.url, f"lost-{i}", tokens=2000) for i in range(3)])
         kept = StreamsInFlight([Stream(r.url, f"kept-{i}", tokens=150) for i, r in enumerate(survivors * 2)])
@@ -241,21 +222,14 @@ def test_a_replica_killed_under_load_costs_only_its_own_clients(sim_factory, tmp
         wait_until(lambda: get_json(f"{engine.url}/sim/state")["num_running"] == 0, 10, message="the engine to abort")
         wait_until(lambda: _cluster_counts(survivors[0])[entry["id"]] == 0, 10, message="the dead replica's leases")
         # a replica started in its place catches up and serves
-        replicas.append(start_gateway(config))
+        replicas.append(start_gateway(rs.config))
         wait_until(lambda: _agreed_leader([*survivors, replicas[-1]]), 15, message="one leader among all three")
         assert client(replicas[-1].url).completions.create(model=MODEL, prompt="back", max_tokens=2).usage
-    finally:
-        for replica in replicas:
-            replica.stop()
 
 
 def test_a_drain_on_one_replica_moves_the_streams_another_serves(sim_factory, tmp_path, nats):
-    engines = [sim_factory(*engine_flags("both"), time_scale=1.0) for _ in range(2)]
-    entries = [instance_entry(e, "both", "sim") for e in engines]
-    config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
-    a, b = _replicas(config, 2)
-    try:
-        wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 10, message="both in sync")
+    with _replicas(sim_factory, tmp_path, nats.url, count=2) as rs:
+        a, b = rs.gateways
         references = [Stream(a.url, f"reference-{i}", tokens=200).run() for i in range(2)]
         flight = StreamsInFlight([Stream(b.url, f"on-b-{i}", tokens=200) for i in range(2)])
         wait_until(lambda: all(_lists(a, s.request_id) for s in flight.streams), 10, message="A to list B's streams")
@@ -266,18 +240,11 @@ def test_a_drain_on_one_replica_moves_the_streams_another_serves(sim_factory, tm
         assert not flight.errors
         for moved, reference in zip(flight.streams, references, strict=True):
             assert_same(moved, reference)
-    finally:
-        a.stop()
-        b.stop()
 
 
 def test_replicas_agree_on_who_holds_a_prefix_without_kv_events(sim_factory, tmp_path, nats):
-    engines = [sim_factory(*engine_flags("both"), time_scale=20.0) for _ in range(2)]
-    entries = [instance_entry(e, "both", "sim") for e in engines]  # no KV events: the approximate index
-    config = write_config(tmp_path / "gateway.yaml", entries, sharing={"nats_url": nats.url, **FAST_SHARING})
-    a, b = _replicas(config, 2)
-    try:
-        wait_until(lambda: _ready(a)["sync"] == _ready(b)["sync"] == "ok", 10, message="both in sync")
+    with _replicas(sim_factory, tmp_path, nats.url, count=2, time_scale=20.0) as rs:  # no KV events
+        a, b = rs.gateways
 
         def blocks(gateway: PdgateProcess) -> dict[str, int]:
             return {
@@ -292,6 +259,3 @@ def test_replicas_agree_on_who_holds_a_prefix_without_kv_events(sim_factory, tmp
         held = blocks(a)
         assert sum(held.values()) > 0
         wait_until(lambda: blocks(b) == held, 5, message="replica B to learn what A sent where")
-    finally:
-        a.stop()
-        b.stop()

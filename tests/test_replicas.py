@@ -6,22 +6,12 @@ from __future__ import annotations
 import signal
 import threading
 import urllib.request
-from collections.abc import Iterator
 
 import openai
-import pytest
 from support.fleet import MODEL, engine_flags, get_json, instance_entry, start_gateway, write_config
-from support.nats import NatsServer, start_nats
 from support.procs import PdgateProcess
 from support.streams import Stream, admin, client
 from support.waiting import wait_until
-
-
-@pytest.fixture
-def nats(tmp_path) -> Iterator[NatsServer]:
-    server = start_nats(tmp_path)
-    yield server
-    server.stop()
 
 
 def _ids(gateway: PdgateProcess) -> list[str]:

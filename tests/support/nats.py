@@ -15,16 +15,30 @@ from support.waiting import wait_until
 
 @dataclass
 class NatsServer:
-    proc: subprocess.Popen[bytes]
+    cmd: list[str]
     port: int
     log: Path
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def start(self) -> NatsServer:
+        """Start it (again: same port, same JetStream store) and wait until it accepts clients."""
+        proc = self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+        def accepts() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {self.log.read_text() if self.log.exists() else ''}")
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(accepts, 10, message="nats-server to accept connections")
+        return self
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
@@ -43,21 +57,10 @@ def nats_server_binary() -> str:
     return on_path
 
 
-def start_nats(workdir: Path, port: int | None = None) -> NatsServer:
-    """A NATS server with JetStream on 127.0.0.1 (its store in ``workdir``), ready to accept clients.
-    ``port``: the one a stopped server had (a restart: same port, same store)."""
-    port = port or reserve_port()
+def start_nats(workdir: Path) -> NatsServer:
+    """A NATS server with JetStream on 127.0.0.1 (its store in ``workdir``), ready to accept clients."""
+    port = reserve_port()
     log = workdir / "nats.log"
     store = workdir / "jetstream"
     cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), "-l", str(log)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    server = NatsServer(proc, port, log)
-
-    def accepts() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nats-server exited: {log.read_text() if log.exists() else ''}")
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(accepts, 10, message="nats-server to accept connections")
-    return server
+    return NatsServer(cmd, port, log).start()
