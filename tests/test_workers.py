@@ -12,6 +12,7 @@ import signal
 
 import pytest
 from support.fleet import MODEL, engine_flags, instance_entry, start_gateway, write_config
+from support.procs import PdgateProcess
 from support.streams import client
 from support.waiting import wait_until
 
@@ -62,13 +63,19 @@ def _nats_pid(supervisor: int) -> int:
     raise AssertionError("no nats-server child")
 
 
-@pytest.mark.slow
-def test_two_workers_serve_one_address_and_are_supervised(sim_factory, tmp_path):
+def _two_workers(sim_factory, tmp_path) -> PdgateProcess:
+    """``pdgate serve`` with two workers over one simulated engine, once its banner is out."""
     engine = sim_factory(*engine_flags("both"), time_scale=10.0)
     config = write_config(tmp_path / "gateway.yaml", [instance_entry(engine, "both", "sim")])
     gateway = start_gateway(config, env={WORKERS_ENV: "2"})
+    wait_until(lambda: any(" workers (pids " in line for line in gateway.output), 10, message="the banner")
+    return gateway
+
+
+@pytest.mark.slow
+def test_two_workers_serve_one_address_and_are_supervised(sim_factory, tmp_path):
+    gateway = _two_workers(sim_factory, tmp_path)
     try:
-        wait_until(lambda: any(" workers (pids " in line for line in gateway.output), 10, message="the banner")
         banner = "".join(gateway.output)
         assert "sharing through NATS at nats://127.0.0.1:" in banner
         pids = _worker_pids(banner)
@@ -122,11 +129,8 @@ def _sync(url: str) -> str:
 @pytest.mark.slow
 def test_workers_end_with_their_supervisor(sim_factory, tmp_path):
     """A supervisor killed with SIGKILL leaves no worker behind (the kernel ends them)."""
-    engine = sim_factory(*engine_flags("both"), time_scale=10.0)
-    config = write_config(tmp_path / "gateway.yaml", [instance_entry(engine, "both", "sim")])
-    gateway = start_gateway(config, env={WORKERS_ENV: "2"})
+    gateway = _two_workers(sim_factory, tmp_path)
     try:
-        wait_until(lambda: any(" workers (pids " in line for line in gateway.output), 10, message="the banner")
         pids = _worker_pids("".join(gateway.output))
         gateway.kill()
         wait_until(lambda: not any(_alive(p) for p in pids), 15, message="the workers to end")
