@@ -68,7 +68,11 @@ def _two_workers(sim_factory, tmp_path) -> PdgateProcess:
     engine = sim_factory(*engine_flags("both"), time_scale=10.0)
     config = write_config(tmp_path / "gateway.yaml", [instance_entry(engine, "both", "sim")])
     gateway = start_gateway(config, env={WORKERS_ENV: "2"})
-    wait_until(lambda: any(" workers (pids " in line for line in gateway.output), 10, message="the banner")
+    try:
+        wait_until(lambda: any(" workers (pids " in line for line in gateway.output), 10, message="the banner")
+    except BaseException:
+        gateway.stop()
+        raise
     return gateway
 
 
