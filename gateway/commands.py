@@ -188,7 +188,7 @@ async def _serve_workers(
     elif config.sharing.url() is None:
         nats = LocalNats()
         try:
-            env["PDGATE_NATS_URL"] = await asyncio.to_thread(nats.start)
+            env["PDGATE_NATS_URL"] = await nats.start()
         except BaseException:
             nats.stop()
             raise

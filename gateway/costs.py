@@ -14,8 +14,9 @@ One background task, owned here; :meth:`CostModelService.close` cancels and awai
 what is buffered and shuts the worker process down.
 
 **Replicas** (:meth:`CostModelService.share`): every replica appends its completed-request
-records to the durable stream ``records`` and keeps every other replica's too (so a new leader
-has them); only the replica whose ``duties_here`` says so (the leader) refits, stores the new
+records to the durable stream ``records`` and keeps every other replica's as received bytes
+(so a new leader has them; only a replica that refits parses them); only the replica whose
+``duties_here`` says so (the leader) refits, stores the new
 version as a blob and names it in the ``pdgate_cost_model`` bucket; every other replica loads
 that version when it is named, without a restart.
 """
@@ -47,6 +48,7 @@ LOG_NAME = "requests.jsonl"
 FLUSH_INTERVAL_S = 1.0
 MODEL_BUCKET = "pdgate_cost_model"
 RECORDS_STREAM = "records"
+RECORDS_PER_MESSAGE = 200  # well under NATS's 1 MB message limit
 
 
 class CostModelService:
@@ -65,6 +67,10 @@ class CostModelService:
         self.shared: SharedState | None = None
         self.duties_here: Callable[[], bool] = lambda: True  # whether this replica refits
         self._unshared: list[dict[str, Any]] = []
+        # other replicas' records as they came: parsed only by the replica that refits
+        self._received: collections.deque[bytes] = collections.deque(
+            maxlen=config.max_records // RECORDS_PER_MESSAGE + 1
+        )
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -135,11 +141,17 @@ class CostModelService:
             self._unshared.append(record)
 
     async def _on_records(self, data: bytes) -> None:
-        rows = json.loads(data)
-        if isinstance(rows, list):
-            records = [r for r in rows if isinstance(r, dict)]
-            self.records.extend(records)
-            self._new_since_fit += len(records)
+        self._received.append(data)
+
+    async def _absorb_received(self) -> None:
+        """Parse the other replicas' records (off the event loop) into the training set."""
+        if not self._received:
+            return
+        batches = list(self._received)
+        self._received.clear()
+        records = await asyncio.to_thread(_parse_batches, batches)
+        self.records.extend(records)
+        self._new_since_fit += len(records)
 
     async def _on_model(self, key: str, value: dict[str, Any]) -> None:
         """Another replica (the leader) put a new version in force: load it."""
@@ -158,14 +170,17 @@ class CostModelService:
         log.info("cost model %s in force (refitted by replica %s)", version, value.get("replica"))
 
     async def _share_records(self) -> None:
-        """Append what this replica completed to the shared stream (kept while NATS is away)."""
-        if self.shared is None or not self._unshared:
-            return
-        batch = self._unshared
-        if await self.shared.append(RECORDS_STREAM, json.dumps(batch, separators=(",", ":")).encode()):
-            self._unshared = []
-        else:
-            self._unshared = batch[-self.config.max_records :]
+        """Append what this replica completed to the shared stream, a few hundred records a
+        message; kept (the newest ``max_records``) while NATS is away, dropped if refused."""
+        shared = self.shared
+        while shared is not None and self._unshared:
+            chunk = self._unshared[:RECORDS_PER_MESSAGE]
+            if not await shared.append(RECORDS_STREAM, json.dumps(chunk, separators=(",", ":")).encode()):
+                if not shared.connected:
+                    self._unshared = self._unshared[-self.config.max_records :]
+                    return
+                log.warning("cost model: %d records refused by the shared stream; dropped", len(chunk))
+            del self._unshared[: len(chunk)]
 
     async def _publish_model(self, model: CostModel) -> None:
         if self.shared is None:
@@ -186,6 +201,8 @@ class CostModelService:
             await self._share_records()
             if time.monotonic() >= next_fit:
                 next_fit = time.monotonic() + self.config.refit_interval_s
+                if self.duties_here():
+                    await self._absorb_received()
                 if self._new_since_fit >= self.config.min_new_samples and self.duties_here():
                     name = await self.refit_now()
                     if name is not None and self.current is not None:
@@ -265,3 +282,16 @@ def _loads(blob: bytes) -> dict[str, Any]:
 
     loaded: dict[str, Any] = joblib.load(io.BytesIO(blob))
     return loaded
+
+
+def _parse_batches(batches: list[bytes]) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    for data in batches:
+        try:
+            rows = json.loads(data)
+        except ValueError:
+            log.warning("cost model: a malformed batch of shared records ignored")
+            continue
+        if isinstance(rows, list):
+            records.extend(r for r in rows if isinstance(r, dict))
+    return records

