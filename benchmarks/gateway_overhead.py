@@ -76,17 +76,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import aiohttp
 import numpy as np
 from aiohttp import web
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for extra in (REPO_ROOT, REPO_ROOT / "tests"):
+for extra in (REPO_ROOT, REPO_ROOT / "tests", REPO_ROOT / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
+from _host import CpuWindow, print_table, proc_sched_s, wait_quiet
 from support.fleet import (
     MODEL,
     engine_flags,
@@ -97,7 +97,6 @@ from support.fleet import (
 from support.layout import link_installed_layout
 from support.procs import PdgateProcess, start_pdgate, start_sim
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_RE = re.compile(r"ready: (http://\S+)")
 STALL_MS = 30.0  # a gap this long is a Nagle / delayed-ACK stall, not scheduling noise
 PROMPT = "Hello, my name is"  # a few tokens: below one KV block, so no prefix hashing work
@@ -306,54 +305,6 @@ def start_helper(name: str, upstream: str, timeout: float = 30.0) -> PdgateProce
         selector.close()
     child.stop()
     raise RuntimeError(f"{name} proxy did not become ready:\n{child.log}")
-
-
-# ---------------------------------------------------------------------------- CPU accounting
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc_pid_stat(5)
-
-
-def proc_sched_s(pid: int) -> float:
-    """On-CPU time of all threads of a process from schedstat (ns precision), in seconds."""
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total / 1e9
-
-
-def host_cpu_s() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole host, all cores, from /proc/stat."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
-
-
-class CpuWindow:
-    """CPU of our processes and of everything else on the host over one measured window."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = sorted({*pids, os.getpid()})
-
-    def __enter__(self) -> Self:
-        self.before = {p: proc_cpu_s(p) for p in self.pids}
-        self.host0 = host_cpu_s()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self.t0
-        host1 = host_cpu_s()
-        self.used = {p: proc_cpu_s(p) - self.before[p] for p in self.pids}
-        # everything the host ran that is not one of our processes, in cores
-        self.foreign_cores = max(0.0, (host1[0] - self.host0[0]) - sum(self.used.values())) / self.wall
-        self.steal_cores = (host1[1] - self.host0[1]) / self.wall
 
 
 # ------------------------------------------------------------------------------------ data
@@ -596,14 +547,6 @@ def pct(values: list[float], q: float) -> float:
 
 def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, r in enumerate([header, *rows]):
-        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def median_run(runs: list[CpuRun]) -> CpuRun | None:
@@ -910,23 +853,6 @@ async def run_fleet(
                     lat.setdefault(p.name, []).extend(await poisson_streams(p.url, args.rate, per_round, rng))
                 lat_foreign.append(w.foreign_cores)
             print(f"[latency] round {rnd + 1}/{args.rounds} done", flush=True)
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.1, window_s: float = 2.0) -> None:
-    """Wait (up to ``limit_s``) until other processes use < ``threshold`` cores over ``window_s``."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        with CpuWindow([]) as w:
-            time.sleep(window_s)
-        if w.foreign_cores < threshold:
-            print(f"host quiet: other processes use {w.foreign_cores:.2f} cores", flush=True)
-            return
-        if time.monotonic() >= deadline:
-            print(
-                f"host still busy after {limit_s:g} s (other processes: {w.foreign_cores:.2f} cores); going on",
-                flush=True,
-            )
-            return
 
 
 async def run(args: argparse.Namespace, wanted: list[str], tmp: Path) -> None:
