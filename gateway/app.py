@@ -34,10 +34,10 @@ from pdgate.gateway.leadership import Leadership
 from pdgate.gateway.load_sharing import LoadSharing
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
+from pdgate.gateway.nats_state import NatsState
 from pdgate.gateway.peers import PeerStreams
 from pdgate.gateway.proxy import Proxy
 from pdgate.gateway.requests import GatewayError
-from pdgate.gateway.sharing import NatsState
 from pdgate.gateway.signal_sharing import SignalSharing
 from pdgate.gateway.tracing import Tracing
 from pdgate.gateway.tracing_setup import resolve_settings
