@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -27,6 +28,9 @@ from pdgate.adapters.load import EngineLoad, parse_load
 from pdgate.common.http_client import UpstreamPool, UpstreamResponse
 
 PdProtocol = Literal["sequential", "concurrent", "none"]
+# what json.dumps(body, separators=...) builds per call; no check for circular references: a body
+# is what json.loads gave, plus token ids
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ class EngineAdapter(ABC):
             headers.update(extra)
         return headers
 
-    async def send(
+    def send(
         self,
         path: str,
         body: dict[str, Any],
@@ -117,19 +121,20 @@ class EngineAdapter(ABC):
         *,
         timeout_s: float,
         headers: dict[str, str] | None = None,
-    ) -> UpstreamResponse:
-        """POST ``body`` as JSON to ``path``; the caller reads (or relays) and closes the response.
+    ) -> Awaitable[UpstreamResponse]:
+        """POST ``body`` as JSON to ``path``; the caller awaits the response, then reads (or relays)
+        and closes it. (The pool's request itself is what is awaited: no coroutine of its own.)
 
         Raises :class:`pdgate.common.http_client.UpstreamError` when the engine cannot be reached or
         fails to answer.
         """
         all_headers = self.headers(request_id, headers)
         all_headers["Content-Type"] = "application/json"
-        return await self.pool.request(
+        return self.pool.request(
             self.origin,
             "POST",
             self.base_path + path,
-            json.dumps(body, separators=(",", ":")).encode(),
+            _COMPACT_JSON.encode(body).encode(),
             headers=all_headers,
             timeout_s=timeout_s,
         )

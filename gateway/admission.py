@@ -33,9 +33,9 @@ log = logging.getLogger("pdgate.admission")
 BEST_EFFORT_PRIORITY = -(10**9)
 
 
-@dataclass
+@dataclass(eq=False)
 class Waiter:
-    """One queued request."""
+    """One queued request (equal only to itself: the queue finds and removes it by identity)."""
 
     info: RequestInfo
     snapshot_of: Callable[[RequestInfo], ClusterSnapshot]
@@ -54,6 +54,10 @@ def rank_key(info: RequestInfo, seq: int) -> tuple[float, float, float, int]:
     slo = info.slo
     deadline = info.arrival + slo.ttft_s if slo.ttft_s is not None else math.inf
     return (-slo.priority, 0.0 if slo.ttft_s is not None else 1.0, deadline, seq)
+
+
+def _rank(waiter: Waiter) -> tuple[float, float, float, int]:
+    return waiter.key
 
 
 @dataclass
@@ -146,12 +150,16 @@ class AdmissionController:
                 queue.remove(waiter)
         return admitted, self._report(
             admitted,
-            Outcome("dispatch" if admitted.slo == original.slo else "degraded", "queued", self.clock() - now, None),
+            Outcome(
+                "dispatch" if admitted.slo is original.slo or admitted.slo == original.slo else "degraded",
+                "queued",
+                self.clock() - now,
+                None,
+            ),
         )
 
     def _insert(self, queue: list[Waiter], waiter: Waiter) -> None:
-        keys = [w.key for w in queue]
-        queue.insert(bisect.bisect(keys, waiter.key), waiter)
+        queue.insert(bisect.bisect(queue, waiter.key, key=_rank), waiter)
         while len(queue) > self.config.max_queue:
             worst = queue.pop()  # the lowest-ranked one goes (possibly the newcomer)
             if not worst.future.done():
@@ -167,8 +175,8 @@ class AdmissionController:
     @staticmethod
     def _work_ahead(queue: list[Waiter], info: RequestInfo) -> float:
         """Predicted prefill work of the queued requests that rank before ``info`` (which loses ties)."""
-        key = rank_key(info, 1 << 62)
-        return sum(w.work_s for w in queue if w.key < key)
+        ahead = bisect.bisect_left(queue, rank_key(info, 1 << 62), key=_rank)  # the queue is in rank order
+        return sum(w.work_s for w in queue[:ahead])
 
     def _infeasible(self, info: RequestInfo, verdict: Verdict, now: float) -> tuple[RequestInfo, Outcome]:
         mode = self.config.on_infeasible
@@ -208,7 +216,8 @@ class AdmissionController:
                 await self._wake.wait()
             else:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), recheck)
+                    async with asyncio.timeout(recheck):  # (wait_for would start a task per wait)
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
             self._wake.clear()

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -35,6 +36,7 @@ from pdgate.scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixInd
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView
 
 log = logging.getLogger("pdgate.cluster")
+_PREDICTED = operator.itemgetter(1)  # of a prefill_work entry (sent at, predicted s)
 
 
 @dataclass
@@ -151,38 +153,50 @@ class InstanceState:
         if not self.prefill_work:
             return 0.0
         oldest_sent, oldest_work = min(self.prefill_work.values())
-        in_flight = sum(p for _, p in self.prefill_work.values())
+        in_flight = sum(map(_PREDICTED, self.prefill_work.values()))
         return max(self.prefill_finish - now, in_flight - min(oldest_work, now - oldest_sent), 0.0)
 
     def view(self, now: float, stale_after: float, remote: RemoteLoad = NO_REMOTE_LOAD) -> InstanceView:
         """The instance as the scheduler sees it: this replica's accounting plus ``remote``, the
-        other replicas' (when they share their load)."""
-        load = self.load if self.load is not None and now - self.load.scraped_at <= stale_after else None
-        tpot = min_known(min(self.tpot_slos) if self.tpot_slos else None, remote.tightest_tpot_s)
-        return InstanceView(
-            id=self.spec.id,
-            url=self.spec.url,
-            role=self.spec.role,
-            model=self.spec.model,
-            kind=self.spec.kind,
-            healthy=self.breaker.allows(now),
-            draining=self.draining,
-            running=load.running if load else None,
-            waiting=load.waiting if load else None,
-            kv_usage=load.kv_usage if load else None,
-            scrape_age_s=(now - self.load.scraped_at) if self.load else None,
-            inflight_requests=self.inflight_requests + remote.requests,
-            inflight_prefill_tokens=self.inflight_prefill_tokens + remote.prefill_tokens,
-            inflight_decode_tokens=self.inflight_decode_tokens + remote.decode_tokens,
-            block_size=self.spec.block_size,
-            capabilities=self.capability_names,
-            cost_group=self.cost_group,
-            prefill_wait_s=self.prefill_wait(now) + remote.prefill_wait_s,
-            prefill_inflight=len(self.prefill_work) + remote.prefill_legs,
-            decode_inflight=self.decode_inflight + remote.decode_legs,
-            decode_context_tokens=self.decode_context_tokens + remote.decode_context_tokens,
-            tightest_tpot_s=tpot,
+        other replicas' (when they share their load). Taken for every snapshot, so built from its
+        field values at once (:meth:`InstanceView.from_values`)."""
+        spec = self.spec
+        scraped = self.load
+        load = scraped if scraped is not None and now - scraped.scraped_at <= stale_after else None
+        own_tpot = min(self.tpot_slos) if self.tpot_slos else None
+        tpot = own_tpot if remote.tightest_tpot_s is None else min_known(own_tpot, remote.tightest_tpot_s)
+        return InstanceView.from_values(
+            {
+                "id": spec.id,
+                "url": spec.url,
+                "role": spec.role,
+                "model": spec.model,
+                "kind": spec.kind,
+                "healthy": self.breaker.allows(now),
+                "draining": self.draining,
+                "running": load.running if load else None,
+                "waiting": load.waiting if load else None,
+                "kv_usage": load.kv_usage if load else None,
+                "scrape_age_s": (now - scraped.scraped_at) if scraped else None,
+                "inflight_requests": self.inflight_requests + remote.requests,
+                "inflight_prefill_tokens": self.inflight_prefill_tokens + remote.prefill_tokens,
+                "inflight_decode_tokens": self.inflight_decode_tokens + remote.decode_tokens,
+                "block_size": spec.block_size,
+                "capabilities": self.capability_names,
+                "cost_group": self.cost_group,
+                "prefill_wait_s": self.prefill_wait(now) + remote.prefill_wait_s,
+                "prefill_inflight": len(self.prefill_work) + remote.prefill_legs,
+                "decode_inflight": self.decode_inflight + remote.decode_legs,
+                "decode_context_tokens": self.decode_context_tokens + remote.decode_context_tokens,
+                "tightest_tpot_s": tpot,
+            }
         )
+
+    @functools.cached_property
+    def has_kv_events(self) -> bool:
+        """Whether the gateway follows this instance's KV events (its exact prefix index) rather
+        than recording what it sent there (the approximate one)."""
+        return bool(self.adapter.capabilities.kv_events and self.spec.kv_events_endpoint is not None)
 
     @functools.cached_property
     def capability_names(self) -> frozenset[str]:
@@ -369,7 +383,7 @@ class Cluster:
         if hashes is not None:
             groups: dict[tuple[bool, int], list[str]] = {}  # one lookup per (index, block size)
             for state in states:
-                groups.setdefault((self._has_events(state), state.spec.block_size), []).append(state.spec.id)
+                groups.setdefault((state.has_kv_events, state.spec.block_size), []).append(state.spec.id)
             for (exact, block_size), ids in groups.items():
                 index = self.exact_index if exact else self.approx_index
                 chain = hashes.by_block_size.get(block_size, [])
@@ -377,7 +391,10 @@ class Cluster:
                     if blocks:
                         hits[instance_id] = blocks * block_size
         remote = self.remote
-        views = tuple(s.view(now, stale, remote.get(s.spec.id, NO_REMOTE_LOAD)) for s in states)
+        if remote:
+            views = tuple([s.view(now, stale, remote.get(s.spec.id, NO_REMOTE_LOAD)) for s in states])
+        else:
+            views = tuple([s.view(now, stale) for s in states])
         return ClusterSnapshot(views, now, hits, costs)
 
     def ready(self, model: str) -> bool:
@@ -394,7 +411,7 @@ class Cluster:
 
     @staticmethod
     def _has_events(state: InstanceState) -> bool:
-        return state.adapter.capabilities.kv_events and state.spec.kv_events_endpoint is not None
+        return state.has_kv_events
 
     # ------------------------------------------------------------ accounting
     def lease(

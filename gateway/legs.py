@@ -81,6 +81,12 @@ async def read_all(state: InstanceState, resp: UpstreamResponse) -> bytes:
         resp.close()
 
 
+def raced(awaitable: Awaitable[T], prefill_task: asyncio.Task[UpstreamFailed | None] | None) -> Awaitable[T]:
+    """What to await for ``awaitable``: itself without a concurrent prefill leg (no extra coroutine
+    on the way of every request), else :func:`racing_prefill`."""
+    return awaitable if prefill_task is None else racing_prefill(awaitable, prefill_task)
+
+
 async def racing_prefill(awaitable: Awaitable[T], prefill_task: asyncio.Task[UpstreamFailed | None] | None) -> T:
     """Await ``awaitable`` unless the concurrent prefill leg fails first (then raise its failure)."""
     if prefill_task is None:

@@ -154,8 +154,10 @@ class LiveStream:
             return
         if self.frozen:
             self.held.append(out)
-        else:
-            self._send(out, now)
+        else:  # _send, written out: this runs for every piece of every stream
+            self.last_write = now
+            self.observe(out)
+            self.responder.write(out if self.rewrite is None else self.rewrite(out))
 
     def _send(self, out: bytes, now: float | None = None) -> None:
         self.last_write = self.clock() if now is None else now

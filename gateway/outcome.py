@@ -80,6 +80,7 @@ class OutcomeRecorder:
         """The cost model's training record of one request (no prompt text unless configured)."""
         obs, info = routed.obs, routed.info
         assert routed.features is not None and self.costs is not None
+        slo, current = info.slo, self.costs.current
         record: dict[str, Any] = {
             "v": 1,
             "kind": "pdgate-request",
@@ -89,39 +90,35 @@ class OutcomeRecorder:
         }
         if routed.prompt_text is not None and self.config.cost_model.log_prompt_text:
             record["prompt_text"] = routed.prompt_text
-        record.update(
-            {
-                "output_tokens": tokens,
-                "slo": {
-                    "class": info.slo.slo_class,
-                    "ttft_s": info.slo.ttft_s,
-                    "tpot_s": info.slo.tpot_s,
-                    "priority": info.slo.priority,
-                },
-                "timing": dict(timing),
-                "placement": {
-                    "prefill": obs.prefill_id,
-                    "prefill_group": obs.prefill_group,
-                    "prefill_cached_tokens": obs.prefill_cached,
-                    "prefill_idle": obs.prefill_idle,
-                    "decode": obs.decode_id,
-                    "decode_group": obs.decode_group,
-                    "split": obs.split,
-                    "decode_batch": (obs.batch_at_send + obs.batch_at_end) / 2,
-                    "decode_context_tokens": (obs.context_at_send + obs.context_at_end) / 2,
-                },
-                "predicted": obs.predicted,
-                "cost_model": self.costs.current.version if self.costs.current is not None else None,
-            }
-        )
+        # one key at a time (the log's key order), rather than through a dict built to be merged
+        record["output_tokens"] = tokens
+        record["slo"] = {"class": slo.slo_class, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "priority": slo.priority}
+        record["timing"] = dict(timing)
+        record["placement"] = {
+            "prefill": obs.prefill_id,
+            "prefill_group": obs.prefill_group,
+            "prefill_cached_tokens": obs.prefill_cached,
+            "prefill_idle": obs.prefill_idle,
+            "decode": obs.decode_id,
+            "decode_group": obs.decode_group,
+            "split": obs.split,
+            "decode_batch": (obs.batch_at_send + obs.batch_at_end) / 2,
+            "decode_context_tokens": (obs.context_at_send + obs.context_at_end) / 2,
+        }
+        record["predicted"] = obs.predicted
+        record["cost_model"] = current.version if current is not None else None
         return record
 
     def _traced_end(self, routed: Routed, timing: Mapping[str, float | None], tokens: int | None) -> None:
         """End the request's span with what happened, and write its access-log line."""
+        traced = routed.trace.enabled
+        logged = access_log.isEnabledFor(logging.INFO)
+        if not traced and not logged:
+            return
         obs, info, predicted = routed.obs, routed.info, routed.obs.predicted
         ttft, tpot = timing.get("ttft_s"), timing.get("tpot_s")
         met = info.slo.met(ttft, tpot) if ttft is not None else None
-        if routed.trace.enabled:
+        if traced:
             routed.trace.finish(
                 obs.status,
                 {
@@ -144,7 +141,7 @@ class OutcomeRecorder:
                 },
                 error=obs.error,
             )
-        if access_log.isEnabledFor(logging.INFO):
+        if logged:
             access_log.info(
                 "%s %s %d",
                 "POST",

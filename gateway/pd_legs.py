@@ -27,7 +27,7 @@ from pdgate.gateway.legs import (
     UpstreamFailed,
     client_error,
     failure_reason,
-    racing_prefill,
+    raced,
     read_all,
     send_leg,
 )
@@ -80,8 +80,8 @@ class PdLegs:
         obs.batch_at_send, obs.context_at_send = decode.decode_inflight, decode.decode_context_tokens
         obs.decode_sent = self.cluster.clock()
         opened.leg = answer_span(routed, placement, protocol)
-        opened.upstream = await racing_prefill(
-            self.send(decode, routed.path, body, info.request_id, opened.leg), opened.prefill_task
+        opened.upstream = await raced(
+            send_leg(decode, routed.path, body, info.request_id, opened.leg, self.timeout_s), opened.prefill_task
         )
         self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
 

@@ -53,6 +53,22 @@ class Placer:
         self.handler = handler
         self.metrics = metrics
         self.costs = costs
+        self._hooks: dict[str, tuple[Profile, tuple[LifecycleHooks, ...]]] = {}
+
+    def _sent_hooks(self, profile_name: str) -> tuple[LifecycleHooks, ...]:
+        """The plugins of a profile with an ``on_sent`` hook of their own (the others' does nothing),
+        found once per profile."""
+        profile = self.profiles[profile_name]
+        known = self._hooks.get(profile_name)
+        if known is None or known[0] is not profile:
+            hooks = tuple(
+                plugin
+                for plugin in profile.plugins
+                if isinstance(plugin, LifecycleHooks)
+                and (type(plugin).on_sent is not LifecycleHooks.on_sent or "on_sent" in getattr(plugin, "__dict__", {}))
+            )
+            known = self._hooks[profile_name] = (profile, hooks)
+        return known[1]
 
     def snapshot_for(self, routed: Routed) -> Callable[[RequestInfo], ClusterSnapshot]:
         """Takes the snapshot ``routed`` is judged on (with its prefix hits and the cost model in force)."""
@@ -79,9 +95,8 @@ class Placer:
         placement = Placement(decode, prefill, plan.decisions, plan.reason)
         for decision in placement.decisions:
             assert decision.instance is not None  # decide() answers 503 without one
-            for plugin in self.profiles[decision.profile].plugins:
-                if isinstance(plugin, LifecycleHooks):
-                    plugin.on_sent(routed.info, decision.instance, decision.profile)
+            for plugin in self._sent_hooks(decision.profile):
+                plugin.on_sent(routed.info, decision.instance, decision.profile)
         self.predict(routed, placement, snapshot)
         obs = routed.obs
         obs.attempts = attempt

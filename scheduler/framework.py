@@ -239,7 +239,8 @@ def run_profile(
         calls.append((scorer, t0, clock(), len(current)))
         for inst_id in totals:
             raw = scores.get(inst_id, 0.0)
-            totals[inst_id] += weight * (0.0 if raw != raw else min(1.0, max(0.0, raw)))  # NaN -> 0
+            clamped = raw if raw > 0.0 else 0.0  # NaN -> 0
+            totals[inst_id] += weight * (clamped if clamped < 1.0 else 1.0)
     ranked = sorted(((inst, totals[inst.id]) for inst in current), key=lambda item: -item[1])
     t0 = clock()
     chosen = profile.picker.pick(request, snapshot, ranked)

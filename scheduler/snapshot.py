@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from pdgate.scheduler.costmodel.model import CostModel
@@ -45,6 +45,16 @@ class InstanceView:
     decode_inflight: int = 0  # decode legs in flight on the instance
     decode_context_tokens: int = 0  # context tokens those decode legs attend (prompt + half the predicted output)
     tightest_tpot_s: float | None = None  # the strictest TPOT SLO among those decode legs
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> InstanceView:
+        """The view whose fields have ``values`` (one entry per field, none left out), built
+        without ``__init__``: a frozen dataclass's ``__init__`` sets each of its 23 fields through
+        ``object.__setattr__``, which cost more than the rest of taking a snapshot. Equal to
+        ``InstanceView(**values)``."""
+        view = object.__new__(cls)
+        view.__dict__.update(values)
+        return view
 
     def serves(self, phase: Literal["prefill", "decode"]) -> bool:
         return self.role == phase or self.role == "both"
@@ -148,4 +158,7 @@ class ClusterSnapshot:
     costs: CostModel | None = None  # the cost model in force (None: predictions are not available)
 
     def by_id(self, instance_id: str) -> InstanceView | None:
-        return next((i for i in self.instances if i.id == instance_id), None)
+        for instance in self.instances:
+            if instance.id == instance_id:
+                return instance
+        return None

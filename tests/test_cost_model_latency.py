@@ -7,7 +7,16 @@ import random
 import pytest
 
 from pdgate.common.perf_model import StepBatch, load_profile
-from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec, prior_costs
+from pdgate.scheduler.costmodel.latency import (
+    GroupCosts,
+    LatencyModel,
+    LinearCost,
+    PriorSpec,
+    decode_features,
+    handoff_features,
+    prefill_features,
+    prior_costs,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -86,3 +95,20 @@ def test_few_observations_keep_the_prior_and_busy_prefills_are_not_used(prior):
 
 def test_fit_records_without_timings_is_none():
     assert LatencyModel.fit_records([{"prompt_tokens": 10, "output_tokens": 3}]) is None
+
+
+def test_group_costs_are_their_linear_costs_over_the_features():
+    """GroupCosts' prefill, decode step and hand-off are written out for speed: the same floats as
+    the LinearCost evaluated on the features (including the clamp at zero)."""
+    rng = random.Random(3)
+    for _ in range(5000):
+        costs = GroupCosts(
+            LinearCost(tuple(rng.choice([0.0, -0.0, rng.uniform(-1e-3, 1e-2)]) for _ in range(3))),
+            LinearCost(tuple(rng.uniform(-1e-3, 1e-2) for _ in range(3))),
+            LinearCost(tuple(rng.uniform(-1e-3, 1e-2) for _ in range(2))),
+        )
+        uncached, cached = rng.choice([(rng.randint(0, 40_000), rng.randint(0, 40_000)), (rng.random() * 1e4, 0.0)])
+        batch, context = rng.randint(0, 300), rng.randint(0, 10**6)
+        assert costs.prefill_s(uncached, cached) == costs.prefill(*prefill_features(uncached, cached))
+        assert costs.decode_step_s(batch, context) == costs.decode_step(*decode_features(batch, context))
+        assert costs.handoff_s(uncached) == costs.handoff(*handoff_features(uncached))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -16,7 +17,7 @@ import pytest
 
 from pdgate.common.tokenizer import load_tokenizer
 from pdgate.scheduler.costmodel.datasets import LabeledRequest, read_dataset, split_holdout
-from pdgate.scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
+from pdgate.scheduler.costmodel.features import RequestFeatures, _bigram_hashes, chat_text, hash_text, text_words
 from pdgate.scheduler.costmodel.output_length import (
     GlobalMeanBaseline,
     LengthPrediction,
@@ -108,6 +109,44 @@ def test_hash_text_is_pinned_and_normalised():
     assert sum(v * v for v in repeated.values()) == pytest.approx(1.0)
     assert max(repeated, key=repeated.get) == zlib.crc32(b"a") % (1 << 14)  # 1 + ln 3 is the largest weight
     assert all(0 <= i < 64 for i in hash_text("some words here", n_features=64))
+
+
+def _hash_text_with_numpy(text: str, n_features: int) -> dict[int, float]:
+    """The documented scheme with numpy all the way (what hash_text computes for long texts; short
+    ones take plain integers, which must give the same indices, weights and order)."""
+    words = text_words(text)
+    if not words:
+        return {}
+    unigrams = np.fromiter(map(zlib.crc32, words), np.uint64, len(words))
+    index = np.concatenate((unigrams, _bigram_hashes(unigrams))) % np.uint64(n_features)
+    keys, counts = np.unique(index, return_counts=True)
+    if len(keys) == len(index):
+        return dict.fromkeys(keys.tolist(), 1.0 / len(keys) ** 0.5)
+    weights = 1.0 + np.log(counts.astype(float))
+    weights *= 1.0 / float(weights @ weights) ** 0.5
+    return dict(zip(keys.tolist(), weights.tolist(), strict=True))
+
+
+def test_hash_text_of_short_texts_is_the_numpy_schemes_exactly():
+    rng = np.random.default_rng(7)
+    vocab = ["a", "b", "hello", "World", "naïve", "日本語", "x_y", "42", "the", "the"] + [f"w{i}" for i in range(40)]
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        text = " ".join(str(w) for w in rng.choice(vocab[: int(rng.integers(2, len(vocab)))], n))
+        for n_features in (1, 7, 64, 1 << 14, 1 << 20):
+            ours = hash_text(text, n_features)
+            assert list(ours.items()) == list(_hash_text_with_numpy(text, n_features).items()), text
+
+
+def test_feature_records_hold_tuples_json_writes_as_pairs():
+    features = RequestFeatures(10, 5, "chat", "m", "app", hash_text("hello world, hello again"))
+    record = features.to_record()
+    assert json.loads(json.dumps(record))["text_hash"] == [[i, w] for i, w in features.text_hash.items()]
+    assert RequestFeatures.from_record(record) == features
+    assert RequestFeatures.from_record(json.loads(json.dumps(record))) == features
+    gc.collect()
+    gc.collect()
+    assert not gc.is_tracked(record)  # nothing in it can be part of a cycle: the collector lets it be
 
 
 def test_hash_text_is_stable_across_processes():

@@ -484,6 +484,39 @@ async def test_idle_keepalive_connection_is_closed_after_timeout(start_server, c
     assert 0.1 < time.monotonic() - t0 < 1.5
 
 
+async def test_keepalive_deadline_moves_with_each_request(start_server, connect):
+    """The idle timer counts from the last response, not from when the connection opened (the
+    timer scheduled first fires early and waits on for the deadline in force)."""
+    server = await start_server(echo, keepalive_timeout_s=0.4, request_timeout_s=5)
+    reader, writer = await connect(server.port)
+    t0 = time.monotonic()
+    for _ in range(3):  # requests 0.25 s apart, each before the idle timeout since the last one
+        writer.write(get("/one"))
+        assert (await read_response(reader))[0] == 200
+        await asyncio.sleep(0.25)
+    assert time.monotonic() - t0 > 0.7  # past the first deadline (0.4 s after the connection opened)
+    writer.write(get("/two"))
+    assert (await read_response(reader))[0] == 200  # still open
+    t1 = time.monotonic()
+    assert await closed_by_server(reader, timeout=2)
+    assert 0.3 < time.monotonic() - t1 < 1.5  # closed once idle for the timeout
+
+
+async def test_request_deadline_earlier_than_the_idle_one_still_applies(start_server, connect):
+    """A request started on a connection whose (lazy) idle timer is set later than the request's
+    own deadline still gets its 408 on time."""
+    server = await start_server(echo, keepalive_timeout_s=30, request_timeout_s=0.3)
+    reader, writer = await connect(server.port)
+    writer.write(get("/one"))
+    assert (await read_response(reader))[0] == 200
+    t0 = time.monotonic()
+    writer.write(b"GET /two HTTP/1.1\r\nHost: te")  # never completes
+    status, _, body = await read_response(reader)
+    assert status == 408
+    assert 0.2 < time.monotonic() - t0 < 1.5
+    assert_error_json(body, "invalid_request_error")
+
+
 @pytest.mark.parametrize(
     "partial",
     [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pdgate.scheduler.framework import Scorer, run_profile
@@ -144,3 +146,12 @@ def test_round_robin_advances_only_when_told_a_request_was_sent():
 def test_invalid_configurations_are_rejected_with_the_reason(plugins, profile, message):
     with pytest.raises(PluginConfigError, match=message):
         build(profile, plugins)
+
+
+def test_an_instance_view_from_its_values_is_the_one_init_builds():
+    values = {f.name: getattr(inst("a", running=3, kv_usage=0.5), f.name) for f in dataclasses.fields(InstanceView)}
+    fast, built = InstanceView.from_values(dict(values)), InstanceView(**values)
+    assert fast == built and hash(fast) == hash(built) and repr(fast) == repr(built)
+    assert dataclasses.asdict(fast) == dataclasses.asdict(built) and fast.queue_depth == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.healthy = False  # type: ignore[misc]

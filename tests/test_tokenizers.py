@@ -18,6 +18,42 @@ SAMPLES = [
 ]
 
 
+def _builtin_ids_by_the_scheme(tok: BuiltinTokenizer, text: str) -> list[int]:
+    """The built-in tokenizer's scheme written out plainly: a letter run (with its leading space)
+    is cut into pieces of at most three letters, the space going with the first; a digit with or
+    without a leading space is a piece; whatever is not a piece is byte tokens."""
+    pieces, ids, i = [], [], 0
+    while i < len(text):
+        space = 1 if text[i] == " " and i + 1 < len(text) and text[i + 1].isascii() and text[i + 1].isalnum() else 0
+        j = i + space
+        if j < len(text) and text[j].isascii() and text[j].isalpha():
+            end = j
+            while end < len(text) and text[end].isascii() and text[end].isalpha():
+                end += 1
+            pieces.append(text[i : min(j + 3, end)])
+            pieces += [text[k : min(k + 3, end)] for k in range(j + 3, end, 3)]
+            i = end
+        elif j < len(text) and text[j].isascii() and text[j].isdigit():
+            pieces.append(text[i : j + 1])
+            i = j + 1
+        else:
+            pieces.append(text[i])
+            i += 1
+    for piece in pieces:
+        token = tok._piece_ids.get(piece)
+        ids += [token] if token is not None else [tok._byte_base + b for b in piece.encode()]
+    return ids
+
+
+def test_builtin_encoding_follows_its_scheme():
+    tok = BuiltinTokenizer()
+    alphabet = "abcXYZ019 ,.\n\tüß漢🚀"
+    texts = [*SAMPLES, "Hello, my name is", "HELLO Hello hELLO", " a  b   9 99 x1y2"]
+    texts += ["".join(alphabet[(i * 7 + k * k) % len(alphabet)] for k in range(i % 23)) for i in range(300)]
+    for text in texts:
+        assert tok.encode(text) == _builtin_ids_by_the_scheme(tok, text), text
+
+
 @pytest.mark.parametrize("text", SAMPLES)
 def test_builtin_round_trip(text):
     tok = BuiltinTokenizer()

@@ -189,3 +189,27 @@ def test_continuation_bodies_at_the_edges() -> None:
 def test_wants_token_ids_is_the_clients_own_flag() -> None:
     assert wants_token_ids({"return_token_ids": True})
     assert not wants_token_ids({"return_token_ids": False}) and not wants_token_ids({})
+
+
+def test_the_trail_reads_loosely_spaced_json_as_it_reads_compact_json() -> None:
+    """Engines may write JSON with spaces (and frame events with CRLF): ids are found and hidden,
+    a string finish_reason is seen, [DONE] is seen, whatever the spacing and however the reads cut."""
+    spaced = (
+        b'data: {"id": "c", "choices": [{"text": "a", "finish_reason": null, '
+        b'"prompt_token_ids": [1, 2], "token_ids" : [ 5, 6 ]}]}\r\n\r\n'
+        b'data: {"id": "c", "choices": [{"text": "b", "finish_reason" : "stop", "token_ids": [7]}]}\r\n\r\n'
+        b"data: [DONE]\r\n\r\n"
+    )
+    for cut in range(1, len(spaced), 7):
+        trail = StreamTrail(strip_ids=True)
+        out = trail.feed(spaced[:cut]) + trail.feed(spaced[cut:])
+        assert out == (
+            b'data: {"id": "c", "choices": [{"text": "a", "finish_reason": null, '
+            b'"prompt_token_ids":null, "token_ids":null}]}\r\n\r\n'
+            b'data: {"id": "c", "choices": [{"text": "b", "finish_reason" : "stop", "token_ids":null}]}\r\n\r\n'
+            b"data: [DONE]\r\n\r\n"
+        )
+        assert trail.token_ids == [5, 6, 7] and trail.finished and trail.done and trail.tracked
+        assert trail.identity == {"id": "c", "created": None, "model": None, "object": None}
+    kept = StreamTrail(strip_ids=False)
+    assert kept.feed(spaced) == spaced and kept.token_ids == [5, 6, 7] and kept.finished and kept.done

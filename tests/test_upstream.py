@@ -463,6 +463,35 @@ async def test_timeout_mid_body_is_upstream_error_and_closes(raw_server, make_po
     assert pool.idle_connections() == 0
 
 
+async def test_each_request_on_a_reused_connection_has_its_own_deadline(raw_server, make_pool):
+    """Requests on one keep-alive connection, each answered in time although together they take
+    longer than one deadline, then one with a shorter deadline than the earlier ones that stalls:
+    it times out on time (the connection's timer is moved earlier for it)."""
+
+    async def answer_then_stall(peer: Peer) -> None:
+        while (request := await peer.read_request()) is not None:
+            if request[1] == "/stall":
+                await peer.until_eof()
+                return
+            await asyncio.sleep(0.1)
+            peer.respond(b"ok")
+
+    server = await raw_server(answer_then_stall)
+    pool = make_pool()
+    t0 = time.monotonic()
+    for _ in range(4):  # 0.4 s in all, each within its own 0.3 s
+        response = await pool.request(server.origin, "GET", "/", b"", headers={}, timeout_s=0.3)
+        assert await response.read() == b"ok"
+        response.close()
+    assert time.monotonic() - t0 > 0.35
+    assert len(server.peers) == 1  # one connection served them all
+    t1 = time.monotonic()
+    with pytest.raises(UpstreamError, match=r"no complete answer within 0\.2 s"):
+        await pool.request(server.origin, "GET", "/stall", b"", headers={}, timeout_s=0.2)
+    assert 0.15 < time.monotonic() - t1 < 1.0
+    await wait_until_async(lambda: server.peers[0].eof.is_set(), timeout=1.0)
+
+
 async def test_closing_a_response_mid_body_closes_its_connection(raw_server, make_pool):
     server = await raw_server(keep_alive)
     pool = make_pool()

@@ -33,6 +33,7 @@ from typing import Any
 import httptools
 
 Origin = tuple[str, int, bool]  # host, port, TLS
+_TIMER_SLACK_S = 0.002  # a timer may fire this early (the loop's clock is coarse): its deadline has come
 
 
 class UpstreamError(Exception):
@@ -49,7 +50,6 @@ class UpstreamResponse:
     __slots__ = (
         "_chunks",
         "_conn",
-        "_deadline",
         "_done",
         "_error",
         "_first",
@@ -77,7 +77,6 @@ class UpstreamResponse:
         self.keep_alive = False
         self._error: UpstreamError | None = None
         self._got_bytes = False
-        self._deadline: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ from the connection
     def _on_head(self, status: int, headers: dict[str, str], keep_alive: bool) -> None:
@@ -85,18 +84,18 @@ class UpstreamResponse:
         if not self._head.done():
             self._head.set_result(None)
 
-    def _on_body(self, data: bytes) -> None:
-        self._chunks.append(data)  # handed on once the whole read is parsed: one write for many chunks
-
     def _on_complete(self) -> None:
         self.complete = True
         self._cancel_deadline()
 
     def _after_read(self) -> None:
         """After each socket read is parsed: deliver its body pieces, wake whoever waits."""
-        if self._chunks:
+        chunks = self._chunks  # the parser appended the read's body pieces (see _Connection.start)
+        if chunks:
             if self._sink is not None:
-                self._sink(self._take_chunks())
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._sink(data)
             elif self._first is not None and not self._first.done():
                 self._first.set_result(self._take_chunks())
         if self.complete:
@@ -128,9 +127,8 @@ class UpstreamResponse:
         return data
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        if self._conn is not None:
+            self._conn.clear_deadline(self)
 
     # ------------------------------------------------------------------ for the caller
     async def read(self) -> bytes:
@@ -182,9 +180,9 @@ class UpstreamResponse:
         """Release the connection: back to the pool if the response was read to its end and the
         engine keeps it alive; closed otherwise (which aborts an unfinished request)."""
         conn, self._conn = self._conn, None
-        self._cancel_deadline()
         self._sink = None
         if conn is not None:
+            conn.clear_deadline(self)
             conn.finish(reusable=self.complete and self.keep_alive)
 
     def _raise_if_failed(self) -> None:
@@ -205,6 +203,47 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._header_names: list[bytes] = []
         self._header_values: list[bytes] = []
+        self.on_body: Callable[[bytes], None] = _no_body  # the parser's body callback: see start
+        # the response in progress must be complete by _deadline_at (see set_deadline)
+        self._deadline_of: UpstreamResponse | None = None
+        self._deadline_at = 0.0
+        self._deadline_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    # --------------------------------------------------------------- deadlines
+    # One deadline per request, on a connection that serves request after request: rather than a
+    # loop timer scheduled and cancelled per request, one stays scheduled while the deadline moves
+    # later, and reschedules itself for the deadline in force when it fires early.
+
+    def set_deadline(self, response: UpstreamResponse, timeout_s: float) -> None:
+        """Fail ``response`` and close the connection unless it is complete in ``timeout_s``."""
+        loop = response._loop
+        at = loop.time() + timeout_s
+        self._deadline_of, self._deadline_at, self._deadline_s = response, at, timeout_s
+        if self._timer is None or self._timer_at > at:
+            self._schedule(loop, at)
+
+    def clear_deadline(self, response: UpstreamResponse) -> None:
+        if self._deadline_of is response:
+            self._deadline_of = None  # a scheduled timer finds nothing to do
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(at, self._deadline_passed)
+        self._timer_at = at
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        response = self._deadline_of
+        if response is None:
+            return
+        if self._deadline_at - response._loop.time() > _TIMER_SLACK_S:  # moved later since: wait for it
+            self._schedule(response._loop, self._deadline_at)
+            return
+        self._deadline_of = None
+        _expire(response, self, self._deadline_s)
 
     # ------------------------------------------------------------ transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -225,11 +264,20 @@ class _Connection(asyncio.Protocol):
             response._on_error(UpstreamError(f"malformed response from the engine: {exc}"))
             self._abort()
             return
-        response._after_read()
+        chunks, sink = response._chunks, response._sink
+        if chunks and sink is not None and not response.complete:  # a relayed stream: _after_read's work, in line
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            sink(data)
+        else:
+            response._after_read()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._forget(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         response, self.response = self.response, None
         if response is not None and not response.complete and exc is None and response._until_close():
             response._on_complete()  # a body delimited by the end of the connection (RFC 9112 6.3)
@@ -257,10 +305,6 @@ class _Connection(asyncio.Protocol):
         if self.response is not None:
             self.response._on_head(self.parser.get_status_code(), headers, self.parser.should_keep_alive())
 
-    def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response._on_body(body)
-
     def on_message_complete(self) -> None:
         if self.response is not None:
             self.response._on_complete()
@@ -268,6 +312,9 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ use
     def start(self, response: UpstreamResponse, request: bytes) -> None:
         self.response = response
+        # body pieces go straight to the response's list (no Python call per piece), handed on once
+        # the whole read is parsed: one write for many chunks; the parser reads on_body when built
+        self.on_body = response._chunks.append
         self.parser = httptools.HttpResponseParser(self)
         assert self.transport is not None
         self.transport.write(request)
@@ -324,7 +371,7 @@ class UpstreamPool:
             if conn is None:
                 conn = await self._connect(loop, origin)
             response = UpstreamResponse(conn, loop)
-            response._deadline = loop.call_later(timeout_s, _expire, response, conn, timeout_s)
+            conn.set_deadline(response, timeout_s)
             conn.start(response, raw)
             try:
                 await response._head
@@ -392,6 +439,9 @@ class UpstreamPool:
 
 
 def _expire(response: UpstreamResponse, conn: _Connection, timeout_s: float) -> None:
-    response._deadline = None
     response._on_error(UpstreamError(f"no complete answer within {timeout_s:g} s"))
     conn._abort()
+
+
+def _no_body(body: bytes) -> None:
+    """The body callback of a connection before its first request."""

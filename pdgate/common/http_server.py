@@ -39,8 +39,9 @@ import httptools
 
 log = logging.getLogger("pdgate.http")
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TIMER_SLACK_S = 0.002  # a timer may fire this early (the loop's clock is coarse): its deadline has come
 
 
 @dataclass(slots=True)
@@ -57,12 +58,10 @@ Handler = Callable[[HttpRequest, "Responder"], Awaitable[None]]
 
 
 def _head(status: int, headers: dict[str, str] | None, extra: str) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n", extra]
+    line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n"
     if headers:
-        for name, value in headers.items():
-            lines.append(f"{name}: {value}\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+        extra += "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    return (line + extra + "\r\n").encode("latin-1")
 
 
 class Responder:
@@ -99,10 +98,12 @@ class Responder:
             raise RuntimeError("response already started")
         self.started = self.finished = True
         self.status = status
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
         connection = "keep-alive" if self.keep_alive else "close"
         extra = f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: {connection}\r\n"
-        if not self.client_gone:
-            self._transport.write(_head(status, headers, extra) + body)  # type: ignore[union-attr]
+        transport.write(_head(status, headers, extra) + body)
 
     def send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
         self.send(status, json.dumps(data).encode(), headers=headers)
@@ -124,8 +125,9 @@ class Responder:
 
     def write(self, data: bytes) -> None:
         """One chunk of a started stream (empty data is skipped: it would end the stream)."""
-        if data and not self.client_gone:
-            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
+        transport = self._transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     def end(self, last: bytes = b"") -> None:
         """End a started stream, optionally with a last piece in the same write."""
@@ -169,7 +171,10 @@ class HttpServerProtocol(asyncio.Protocol):
         self._pending: deque[HttpRequest] = deque()
         self._task: asyncio.Task[None] | None = None
         self._responder: Responder | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # scheduled for _timer_at, at or before _deadline
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._on_deadline: Callable[[], None] | None = None  # None: no deadline armed
         self._in_message = False
         self._expects_continue = False  # the request in arrival awaits a 100 Continue before its body
 
@@ -184,7 +189,7 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
-        self._disarm()
+        self._stop_timer()
         self._pending.clear()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client left: the handler's finally aborts its upstream work
@@ -340,22 +345,50 @@ class HttpServerProtocol(asyncio.Protocol):
                 self._responder.keep_alive = False
 
     # -------------------------------------------------------------------- timers
+    # One deadline at a time (keep-alive or request), moved at least twice per request. Moving a
+    # loop timer means cancelling it and scheduling another, so the timer is lazy instead: it stays
+    # scheduled while the deadline moves later, and when it fires early it reschedules itself for
+    # the deadline in force. A busy connection then schedules a timer about once a timeout period.
+
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(delay, callback)
+        """Call ``callback`` in ``delay`` seconds unless re-armed or disarmed before."""
+        deadline = self.loop.time() + delay
+        self._deadline = deadline
+        self._on_deadline = callback
+        if self._timer is None or self._timer_at > deadline:
+            self._schedule(deadline)
 
     def _disarm(self) -> None:
+        self._on_deadline = None  # a scheduled timer finds nothing to do
+
+    def _schedule(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(at, self._timer_fired)
+        self._timer_at = at
+
+    def _stop_timer(self) -> None:
+        self._on_deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _idle_expired(self) -> None:
+    def _timer_fired(self) -> None:
         self._timer = None
+        callback = self._on_deadline
+        if callback is None:
+            return
+        if self._deadline - self.loop.time() > _TIMER_SLACK_S:  # the deadline moved since: wait for it
+            self._schedule(self._deadline)
+            return
+        self._on_deadline = None
+        callback()
+
+    def _idle_expired(self) -> None:
         if self._task is None and not self._in_message and self.transport is not None:
             self.transport.close()
 
     def _request_expired(self) -> None:
-        self._timer = None
         if self._task is None and self._in_message:
             self._reject(408, "the request did not arrive in time")
 

@@ -93,8 +93,11 @@ def message_text(content: Any) -> str:
     return "".join(parts)
 
 
-_PIECE_RE = re.compile(r" ?[A-Za-z]+| ?[0-9]|[\s\S]")
 _MAX_PIECE_LETTERS = 3
+# One match per token candidate: a letter run cut into pieces of at most three letters (only its
+# first piece may carry the leading space), a digit with or without a leading space, or one
+# character. A candidate that is not a piece becomes byte tokens.
+_PIECE_RE = re.compile(rf" ?[A-Za-z]{{1,{_MAX_PIECE_LETTERS}}}| ?[0-9]|[\s\S]")
 
 
 def _letter_pieces() -> list[str]:
@@ -130,36 +133,15 @@ class BuiltinTokenizer(Tokenizer):
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = []  # no post-processor: the same ids with or without special tokens
-        piece_ids = self._piece_ids
-        for match in _PIECE_RE.finditer(text):
-            chunk = match.group()
-            if len(chunk) == 1 or not (chunk[-1].isascii() and chunk[-1].isalnum()):
-                self._encode_fallback(chunk, ids)
-                continue
-            # a (space-prefixed) letter run or digit: split letters into pieces of <= 3
-            start = 1 if chunk[0] == " " else 0
-            first = True
-            pos = start
-            while pos < len(chunk):
-                piece = chunk[pos : pos + _MAX_PIECE_LETTERS]
-                if first and start:
-                    piece = " " + piece
-                token = piece_ids.get(piece)
-                if token is None:
-                    self._encode_fallback(piece, ids)
-                else:
-                    ids.append(token)
-                pos += _MAX_PIECE_LETTERS
-                first = False
-        return ids
-
-    def _encode_fallback(self, chunk: str, ids: list[int]) -> None:
-        token = self._piece_ids.get(chunk)
-        if token is not None:
-            ids.append(token)
-            return
+        piece_id = self._piece_ids.get
         base = self._byte_base
-        ids.extend(base + b for b in chunk.encode())
+        for candidate in _PIECE_RE.findall(text):
+            token = piece_id(candidate)
+            if token is None:
+                ids.extend([base + b for b in candidate.encode()])
+            else:
+                ids.append(token)
+        return ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         out = bytearray()

@@ -21,6 +21,7 @@ Python version (unlike ``hash()``), so indices are stable.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
@@ -60,6 +61,13 @@ def _sublinear_table(size: int) -> np.ndarray:
 _SUBLINEAR = _sublinear_table(8 * EDGE_CHARS)
 
 
+_MASK64 = (1 << 64) - 1
+_MIX1_INT, _MIX2_INT, _MIX3_INT = int(_MIX1), int(_MIX2), int(_MIX3)
+_NUMPY_FROM_WORDS = 24
+"""From this many words on, :func:`hash_text` computes with numpy; below it (a short prompt),
+numpy's per-call cost exceeds the work and plain integers are faster (same indices, same weights)."""
+
+
 def _bigram_hashes(unigrams: np.ndarray) -> np.ndarray:
     """64-bit hashes of consecutive word pairs from the words' CRC32s (``uint64`` array)."""
     h = unigrams[:-1] * _MIX1 + unigrams[1:]
@@ -69,6 +77,23 @@ def _bigram_hashes(unigrams: np.ndarray) -> np.ndarray:
     h *= _MIX3
     h ^= h >> _SHIFT_C
     return np.asarray(h, dtype=np.uint64)
+
+
+def _ngram_indices(words: list[bytes], n_features: int) -> list[int]:
+    """The feature index of every unigram, then of every bigram, of a few ``words``: the scheme
+    of :func:`_bigram_hashes` in Python integers, wrapped to 64 bits as numpy's ``uint64`` wraps."""
+    crcs = list(map(crc32, words))
+    indices = [c % n_features for c in crcs]
+    previous = crcs[0]
+    for current in crcs[1:]:
+        h = (previous * _MIX1_INT + current) & _MASK64
+        h ^= h >> 30
+        h = (h * _MIX2_INT) & _MASK64
+        h ^= h >> 27
+        h = (h * _MIX3_INT) & _MASK64
+        indices.append((h ^ (h >> 31)) % n_features)
+        previous = current
+    return indices
 
 
 def text_words(text: str) -> list[bytes]:
@@ -82,22 +107,38 @@ def hash_text(text: str, n_features: int = N_FEATURES) -> dict[int, float]:
     """Sparse unit-norm vector ``{index: weight}`` of the hashed word unigrams and bigrams of ``text``.
 
     Empty (``{}``) when the text has no words. Deterministic across processes, platforms and
-    Python versions (see the module docstring for the exact scheme). Costs tens of microseconds
-    for a few hundred words; texts longer than ``2 * EDGE_CHARS`` characters cost no more.
+    Python versions (see the module docstring for the exact scheme); the indices come in
+    ascending order. Costs a few microseconds for a short prompt, tens for a few hundred words;
+    texts longer than ``2 * EDGE_CHARS`` characters cost no more.
     """
     if n_features < 1:
         raise ValueError("n_features must be positive")
     words = text_words(text)
     if not words:
         return {}
+    if len(words) < _NUMPY_FROM_WORDS:
+        return _small_text_vector(_ngram_indices(words, n_features))
     unigrams = np.fromiter(map(crc32, words), np.uint64, len(words))
     index = np.concatenate((unigrams, _bigram_hashes(unigrams))) % np.uint64(n_features)
     keys, counts = np.unique(index, return_counts=True)
     if len(keys) == len(index):  # every n-gram once: all weights equal
         return dict.fromkeys(keys.tolist(), 1.0 / math.sqrt(len(keys)))
-    weights = _SUBLINEAR[counts]
-    weights *= 1.0 / math.sqrt(float(weights @ weights))
-    return dict(zip(keys.tolist(), weights.tolist()))
+    return _unit_weights(keys.tolist(), _SUBLINEAR[counts])
+
+
+def _small_text_vector(index: list[int]) -> dict[int, float]:
+    """:func:`hash_text`'s vector from the n-gram indices of a short text (no numpy until an index repeats)."""
+    keys = sorted(set(index))
+    if len(keys) == len(index):  # every n-gram once: all weights equal
+        return dict.fromkeys(keys, 1.0 / math.sqrt(len(keys)))
+    counts = Counter(index)
+    return _unit_weights(keys, _SUBLINEAR[[counts[k] for k in keys]])
+
+
+def _unit_weights(keys: list[int], weights: np.ndarray) -> dict[int, float]:
+    """``{key: weight}`` with the weights (``1 + ln(count)``, in ``keys``' order) scaled to unit L2 norm."""
+    weights = weights * (1.0 / math.sqrt(float(weights @ weights)))
+    return dict(zip(keys, weights.tolist()))
 
 
 def chat_text(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -140,14 +181,18 @@ class RequestFeatures:
     text_hash: Mapping[int, float] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
-        """JSON-able dict (``text_hash`` as ``[[index, weight], ...]``); inverse of :meth:`from_record`."""
+        """JSON-able dict (``text_hash`` as ``((index, weight), ...)``, which JSON writes as
+        ``[[index, weight], ...]``); inverse of :meth:`from_record`.
+
+        Tuples, not lists: a record is kept in memory for the refits, and a record holding only
+        tuples, numbers, strings and dicts of them is one the garbage collector stops tracking."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "max_tokens": self.max_tokens,
             "endpoint": self.endpoint,
             "model": self.model,
             "tag": self.tag,
-            "text_hash": [[int(i), float(v)] for i, v in self.text_hash.items()],
+            "text_hash": tuple((int(i), float(v)) for i, v in self.text_hash.items()),
         }
 
     @classmethod
@@ -172,8 +217,8 @@ class RequestFeatures:
 
 
 def parse_text_hash(pairs: Any) -> dict[int, float]:
-    """``{index: weight}`` from ``[[index, weight], ...]``; ``ValueError`` when malformed."""
-    if not isinstance(pairs, list):
+    """``{index: weight}`` from ``[[index, weight], ...]`` (lists or tuples); ``ValueError`` when malformed."""
+    if not isinstance(pairs, list | tuple):
         raise ValueError("text_hash must be a list of [index, weight] pairs")
     out: dict[int, float] = {}
     for pair in pairs:

@@ -73,14 +73,21 @@ class GroupCosts:
     decode_step: LinearCost
     handoff: LinearCost
 
+    # The scheduler asks these several times per request: each is its LinearCost over its
+    # features written out (the same arithmetic in the same order, so the same float).
+
     def prefill_s(self, uncached: float, cached: float = 0.0) -> float:
-        return self.prefill(*prefill_features(uncached, cached))
+        p0, p1, p2 = self.prefill.coef
+        u = float(uncached)
+        return max(0.0, p0 + p1 * u + p2 * (u * (float(cached) + u / 2.0)))
 
     def decode_step_s(self, batch: float, context_tokens: float) -> float:
-        return self.decode_step(*decode_features(batch, context_tokens))
+        d0, d1, d2 = self.decode_step.coef
+        return max(0.0, d0 + d1 * float(batch) + d2 * float(context_tokens))
 
     def handoff_s(self, prompt_tokens: float) -> float:
-        return self.handoff(*handoff_features(prompt_tokens))
+        t0, t1 = self.handoff.coef
+        return max(0.0, t0 + t1 * float(prompt_tokens))
 
 
 # ------------------------------------------------------------------ priors

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from pydantic import Field
 
-from pdgate.scheduler.estimates import tpot_estimate, tpot_limit, ttft_estimates
+from pdgate.scheduler.estimates import TtftEstimate, tpot_estimate, tpot_limit, ttft_estimates
 from pdgate.scheduler.framework import Admitter, Filter, PluginParams, Scorer, Verdict
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
@@ -112,19 +112,26 @@ class SloAdmitter(Admitter):
     def assess(self, request: RequestInfo, snapshot: ClusterSnapshot, now: float, work_ahead_s: float) -> Verdict:
         p: SloAdmitterParams = self.params  # type: ignore[assignment]
         costs = snapshot.costs
-        live = [i for i in snapshot.instances if i.healthy and not i.draining]
-        prefills = [i for i in live if i.serves("prefill")]
-        decoders = [i for i in live if i.serves("decode")]
+        prefills: list[InstanceView] = []
+        decoders: list[InstanceView] = []
+        for i in snapshot.instances:
+            if i.healthy and not i.draining:
+                if i.serves("prefill"):
+                    prefills.append(i)
+                if i.serves("decode"):
+                    decoders.append(i)
         if costs is None or not prefills or not decoders:
             return Verdict("dispatch", "no-prediction")
-        estimates = ttft_estimates(request, snapshot, prefills, costs)
-        best_now = min(e.total_s for e in estimates)
-        best_case = min(e.unloaded_s for e in estimates)
-        min_wait = min(e.wait_s for e in estimates)
-        work = min(e.prefill_s for e in estimates)
-        tpots = {d.id: tpot_estimate(request, d, costs) for d in decoders}
-        tpot_now = min(tpots.values())
-        decode_ok = any((limit := tpot_limit(request, d)) is None or tpots[d.id] <= limit for d in decoders)
+        best_now, best_case, min_wait, work = _least_ttft_terms(ttft_estimates(request, snapshot, prefills, costs))
+        tpot_now: float | None = None
+        decode_ok = False
+        for d in decoders:  # the least TPOT, and whether any decode instance keeps its batch's SLOs
+            tpot = tpot_estimate(request, d, costs)
+            if tpot_now is None or tpot < tpot_now:
+                tpot_now = tpot
+            if not decode_ok:
+                limit = tpot_limit(request, d)
+                decode_ok = limit is None or tpot <= limit
         slo = request.slo
         elapsed = now - request.arrival
 
@@ -134,7 +141,7 @@ class SloAdmitter(Admitter):
         if elapsed > p.max_queue_wait_s:
             return verdict("reject", "queue-timeout")
         if slo.tpot_s is not None:
-            floor = min(costs.decode_step_s(d, 1, request.prompt_tokens) for d in decoders)
+            floor = min([costs.decode_step_s(d, 1, request.prompt_tokens) for d in decoders])
             if floor > slo.tpot_s * p.slack:
                 return verdict("reject", "tpot-infeasible")
         if slo.ttft_s is not None:
@@ -148,6 +155,25 @@ class SloAdmitter(Admitter):
         elif min_wait <= p.best_effort_wait_s and (decode_ok or slo.tpot_s is None):
             return verdict("dispatch", "capacity")
         return verdict("wait", "decode-saturated" if not decode_ok else "engine-queue")
+
+
+def _least_ttft_terms(estimates: list[TtftEstimate]) -> tuple[float, float, float, float]:
+    """``min`` over ``estimates`` of the total TTFT, the unloaded TTFT, the wait and the prefill
+    time (in one pass; ``min``'s own result, NaN included)."""
+    first = estimates[0]
+    total = first.wait_s + first.prefill_s + first.handoff_s
+    unloaded = first.prefill_s + first.handoff_s
+    wait, prefill = first.wait_s, first.prefill_s
+    for e in estimates[1:]:
+        if (v := e.wait_s + e.prefill_s + e.handoff_s) < total:
+            total = v
+        if (v := e.prefill_s + e.handoff_s) < unloaded:
+            unloaded = v
+        if e.wait_s < wait:
+            wait = e.wait_s
+        if e.prefill_s < prefill:
+            prefill = e.prefill_s
+    return total, unloaded, wait, prefill
 
 
 class AlwaysAdmit(Admitter):
