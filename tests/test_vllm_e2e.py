@@ -622,7 +622,9 @@ async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
         external = (
             engines.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - external0
         )
-        assert external >= reference.usage.prompt_tokens + moved_at - 1  # prompt + generated came over NIXL
+        # prompt + the tokens generated at the hand-off came over NIXL: at least the 12 the move
+        # was asked after, at most what the client had when the move was answered
+        assert reference.usage.prompt_tokens + 12 - 1 <= external <= reference.usage.prompt_tokens + moved_at
 
         # 2. failover: a stream on "decode" whose engine is SIGKILLed continues on "colocated"
         assert (await _admin(url, "/admin/instances/colocated/drain"))[0] in (200, 202)
