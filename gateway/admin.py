@@ -248,8 +248,9 @@ class AdminApi:
             if not isinstance(data, dict) or not isinstance(data.get("target", ""), (str, type(None))):
                 raise GatewayError(400, 'expected {"target": "<instance id>"}', param="target")
             target = data.get("target")
-        owner = self.peers.owner_of(request_id) if self.peers is not None else None
-        if self.migrations.find(request_id) is None and owner is not None and self.peers is not None:
+        local = self.migrations.find(request_id) is not None
+        owner = self.peers.owner_of(request_id) if self.peers is not None and not local else None
+        if owner is not None and self.peers is not None:
             if target is not None:
                 self._instance(target)
             answer = await self.peers.ask_move(owner, request_id, target, "admin")

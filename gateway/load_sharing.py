@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pdgate.common.tasks import OwnedTasks
 from pdgate.gateway.cluster import NO_REMOTE_LOAD, Cluster, InstanceState, RemoteLoad, min_known
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.sharing import SharedState
@@ -74,17 +75,14 @@ class LoadSharing:
         self.expiry_s = expiry_s
         self.wall_clock = wall_clock
         self.heard: dict[str, _Heard] = {}  # replica id -> its latest figures
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks()
         shared.subscribe(LOAD_SUBJECT, self._on_message)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._publish_loop(), name="load-sharing")
+        self._tasks.spawn(self._publish_loop(), "load-sharing")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._tasks.close()
 
     # -------------------------------------------------------------- publish
     async def _publish_loop(self) -> None:

@@ -84,7 +84,7 @@ class NatsState:
         return bytes(reply.data)
 
     async def claim(self, lease: str, ttl_s: float) -> bool:
-        if not self._ready.is_set() or not self.connected:
+        if not self.connected:
             self._lease_revisions.pop(lease, None)
             return False
         try:
@@ -101,7 +101,7 @@ class NatsState:
             return False
 
     async def holder(self, lease: str) -> str | None:
-        if not self._ready.is_set() or not self.connected:
+        if not self.connected:
             return None
         try:
             entry = await (await self._bucket(f"pdgate_lease_{lease}")).get("holder")
@@ -113,7 +113,7 @@ class NatsState:
         self._followers[stream] = on_message
 
     async def append(self, stream: str, data: bytes) -> bool:
-        if not self._ready.is_set() or not self.connected:
+        if not self.connected:
             return False
         try:
             await self._nc.jetstream().publish(_stream_subject(stream), data, headers={ORIGIN_HEADER: self.origin})
@@ -123,7 +123,7 @@ class NatsState:
         return True
 
     async def put_blob(self, name: str, data: bytes) -> bool:
-        if not self._ready.is_set() or not self.connected:
+        if not self.connected:
             return False
         try:
             await (await self._blob_store()).put(name, data)
@@ -133,7 +133,7 @@ class NatsState:
         return True
 
     async def get_blob(self, name: str) -> bytes | None:
-        if not self._ready.is_set() or not self.connected:
+        if not self.connected:
             return None
         try:
             result = await (await self._blob_store()).get(name)

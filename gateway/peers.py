@@ -79,31 +79,23 @@ class PeerStreams:
     # ------------------------------------------------------------------ views
     def running(self, model: str) -> list[RunningRequest]:
         """Other replicas' streams of ``model``."""
-        return [s for h in self._fresh() for s in h.streams if s.model == model]
+        return [s for h in self._fresh().values() for s in h.streams if s.model == model]
 
     def models(self) -> set[str]:
-        return {s.model for h in self._fresh() for s in h.streams}
+        return {s.model for h in self._fresh().values() for s in h.streams}
 
     def owner_of(self, request_id: str) -> str | None:
-        for replica, heard in self.heard.items():
-            if self.clock() - heard.at <= self.expiry_s and any(s.request_id == request_id for s in heard.streams):
-                return replica
-        return None
+        fresh = self._fresh()
+        return next((r for r, h in fresh.items() if any(s.request_id == request_id for s in h.streams)), None)
 
     def on(self, instance_id: str) -> list[tuple[str, RunningRequest]]:
         """(replica, stream) for the other replicas' streams on ``instance_id``."""
-        now = self.clock()
-        return [
-            (replica, s)
-            for replica, heard in self.heard.items()
-            if now - heard.at <= self.expiry_s
-            for s in heard.streams
-            if s.instance_id == instance_id
-        ]
+        return [(r, s) for r, h in self._fresh().items() for s in h.streams if s.instance_id == instance_id]
 
-    def _fresh(self) -> list[_Heard]:
+    def _fresh(self) -> dict[str, _Heard]:
+        """The replicas heard from within ``expiry_s`` (the others are dropped at the next publish)."""
         now = self.clock()
-        return [h for h in self.heard.values() if now - h.at <= self.expiry_s]
+        return {r: h for r, h in self.heard.items() if now - h.at <= self.expiry_s}
 
     # ------------------------------------------------------------------ moves
     async def ask_move(
