@@ -15,7 +15,6 @@ request whose client went away. Load is scraped from ``/metrics`` under the engi
 
 from __future__ import annotations
 
-import json
 from abc import ABC
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -26,11 +25,9 @@ import aiohttp
 
 from pdgate.adapters.load import EngineLoad, parse_load
 from pdgate.common.http_client import UpstreamPool, UpstreamResponse
+from pdgate.common.json_codec import json_encoder
 
 PdProtocol = Literal["sequential", "concurrent", "none"]
-# what json.dumps(body, separators=...) builds per call; no check for circular references: a body
-# is what json.loads gave, plus token ids
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 @dataclass(frozen=True)
@@ -102,6 +99,7 @@ class EngineAdapter(ABC):
         tls = url.scheme == "https"
         self.origin = (url.hostname or "127.0.0.1", url.port or (443 if tls else 80), tls)
         self.base_path = url.path.rstrip("/")
+        self._encode = json_encoder()
 
     # ------------------------------------------------------------ transport
     def headers(self, request_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -134,7 +132,7 @@ class EngineAdapter(ABC):
             self.origin,
             "POST",
             self.base_path + path,
-            _COMPACT_JSON.encode(body).encode(),
+            self._encode(body),
             headers=all_headers,
             timeout_s=timeout_s,
         )

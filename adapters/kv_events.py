@@ -33,11 +33,12 @@ should call ``sink.forget``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import Protocol, Self, cast
 
 import zmq
 import zmq.asyncio
@@ -139,15 +140,22 @@ class _InstanceStream:
         self._ctx = ctx
         self._sink = sink
         self._replay_timeout_s = replay_timeout_s
-        self._sub: zmq.asyncio.Socket | None = None
+        # The SUB is a plain (blocking-API) socket read without blocking from the loop's reader
+        # callback: every message that arrived is taken in one wake-up, and one that continues
+        # the sequence is applied there, without a future or a task switch per message (pyzmq's
+        # asyncio sockets cost more per message than decoding and applying it). Messages that
+        # need a replay first wait in _queue for run(), which may await the replay.
+        self._sub: zmq.Socket[bytes] | None = None
         self._replay: zmq.asyncio.Socket | None = None
+        self._queue: collections.deque[list[bytes]] = collections.deque()
+        self._wake = asyncio.Event()
         self.address = ""
 
     def open(self) -> None:
         """Create and bind/connect the sockets; errors propagate (sockets closed)."""
         bind, self.address = subscriber_address(self.source.endpoint, self.source.host)
         try:
-            self._sub = self._ctx.socket(zmq.SUB)
+            self._sub = zmq.Context.shadow(self._ctx.underlying).socket(zmq.SUB)
             self._sub.setsockopt(zmq.LINGER, 0)
             self._sub.setsockopt(zmq.RCVHWM, RCV_HWM)
             self._sub.setsockopt(zmq.IPV6, "[" in self.address)
@@ -162,7 +170,7 @@ class _InstanceStream:
             self.close()
             raise
 
-    def _bind(self, sock: zmq.asyncio.Socket) -> None:
+    def _bind(self, sock: zmq.Socket[bytes]) -> None:
         """Bind for an engine that connects (``tcp://HOST:PORT``), saying why when that fails."""
         try:
             sock.bind(self.address)
@@ -183,18 +191,53 @@ class _InstanceStream:
 
     async def run(self) -> None:
         assert self._sub is not None
-        while True:
+        loop = asyncio.get_running_loop()
+        fd = cast(int, self._sub.getsockopt(zmq.FD))
+        loop.add_reader(fd, self._on_readable)
+        try:
+            self._on_readable()  # what came before the reader was registered (the FD is edge-triggered)
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    frames = self._queue.popleft()
+                    try:
+                        await self._on_message(frames)
+                    except Exception:  # keep the stream alive; the index may be off until repaired
+                        logger.exception("KV events of %s: batch failed", self.source.instance_id)
+                        self._mark_stale()
+        finally:
+            loop.remove_reader(fd)
+
+    def _on_readable(self) -> None:
+        """Take every message that arrived (ZMQ's FD signals edges: read until none is left)."""
+        sub = self._sub
+        while sub is not None:
             try:
-                frames = await self._sub.recv_multipart()
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
             except zmq.ZMQError:
                 logger.exception("KV events of %s: receive failed", self.source.instance_id)
-                await asyncio.sleep(RECV_ERROR_BACKOFF_S)
-                continue
-            try:
-                await self._on_message(frames)
-            except Exception:  # keep the stream alive; the index may be off until repaired
-                logger.exception("KV events of %s: batch failed", self.source.instance_id)
-                self._mark_stale()
+                return
+            if self._queue or not self._applied_at_once(frames):
+                self._queue.append(frames)
+                self._wake.set()
+
+    def _applied_at_once(self, frames: list[bytes]) -> bool:
+        """Apply a well-formed batch that continues the sequence; False leaves it to :meth:`_on_message`."""
+        if len(frames) != 3 or len(frames[1]) != 8:
+            return False
+        seq = int.from_bytes(frames[1], "big")
+        last = self.counters.last_seq
+        if seq != (0 if last is None else last + 1):
+            return False
+        try:
+            self._apply(seq, frames[2])
+        except Exception:  # keep the stream alive; the index may be off until repaired
+            logger.exception("KV events of %s: batch failed", self.source.instance_id)
+            self._mark_stale()
+        return True
 
     async def _on_message(self, frames: list[bytes]) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:

@@ -283,6 +283,17 @@ def summarize(runs: list[dict[str, Any]], workers: list[int]) -> dict[str, Any]:
     return out
 
 
+def host_ceiling(run: dict[str, Any], workers: int, cores: int) -> float:
+    """The most requests/s this host could serve with ``workers`` workers at the CPU per request
+    every process used in ``run``: all cores busy with the gateway, NATS, the engine and the
+    client, and no worker above one core."""
+    u = run["us_per_req"]
+    everyone = u["gateway"] + u["nats"] + u["engine"] + u["client"]
+    if everyone <= 0 or u["gateway"] <= 0:
+        return 0.0
+    return min(cores * 1e6 / everyone, workers * 1e6 / u["gateway"])
+
+
 def fmt(v: float | None, digits: int = 0) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
@@ -328,6 +339,17 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], summary: dict[s
                 f"{KINDS[kind]}: {n} workers / {args.workers[0]} = {fmt(value, 2)}x (medians; round by round "
                 f"{rounds}; median over the {ratio['quiet_rounds']} rounds in which other processes took < {QUIET} "
                 f"cores: {fmt(ratio['quiet_median'], 2)}x); aim >= {AIM}x: {verdict}"
+            )
+    for kind, s in summary.items():
+        base = s["median"][args.workers[0]]
+        for n, m in s["median"].items():
+            if n == args.workers[0] or not base["req_s"]:
+                continue
+            ceiling = host_ceiling(m, n, cores)
+            print(
+                f"{KINDS[kind]}: this host's ceiling for {n} workers, from the CPU per request every process "
+                f"used in that run: {fmt(ceiling)} req/s = {fmt(ceiling / base['req_s'], 2)}x the "
+                f"{args.workers[0]}-worker rate"
             )
     print(
         f"\nOn this {cores}-core host the client, the engine and NATS run on the same cores as the "

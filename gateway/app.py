@@ -204,7 +204,7 @@ class GatewayApp:
                 "version": current.version,
                 "refits": costs.refits,
                 "refit_failures": costs.refit_failures,
-                "records": len(costs.records),
+                "records": costs.held,
                 "latency": current.latency.describe(),
                 "output_length": {"n_train": getattr(output, "n_train", 0), "q_high": getattr(output, "q_high", None)},
             },

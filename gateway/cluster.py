@@ -284,6 +284,7 @@ class Cluster:
         self.on_release: Callable[[], None] | None = None  # called whenever capacity frees up (admission wakes)
         self.on_circuit_open: Callable[[str, str], None] | None = None  # (instance, reason): replicas are told
         self.on_prompt_recorded: Callable[[str, list[int]], None] | None = None  # approximate index, for replicas
+        self.on_load_change: Callable[[], None] | None = None  # a lease opened, or closed: replicas are told
         self._lease_ids = itertools.count(1)
         self._session = session
         self._pool = pool
@@ -440,7 +441,7 @@ class Cluster:
             prefill_tokens,
             decode_tokens,
             key=next(self._lease_ids),
-            on_release=self.on_release,
+            on_release=self._released,
             clock=self.clock,
         )
         if predicted_prefill_s is not None:
@@ -453,7 +454,15 @@ class Cluster:
             state.decode_context_tokens += context_tokens
             if tpot_slo is not None:
                 state.tpot_slos[tpot_slo] += 1
+        if self.on_load_change is not None:
+            self.on_load_change()
         return lease
+
+    def _released(self) -> None:
+        if self.on_release is not None:
+            self.on_release()
+        if self.on_load_change is not None:
+            self.on_load_change()
 
     def record_sent_prompt(self, instance_id: str, hashes: PromptHashes) -> None:
         """Approximate index: remember the prompt blocks an instance without KV events now holds."""

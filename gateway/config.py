@@ -343,7 +343,12 @@ class SharingConfig(Strict):
         "several workers share through a NATS server started as a child",
     )
     replica_id: str | None = Field(None, description="this replica's name (default: host name and process id)")
-    load_interval_s: float = Field(0.1, gt=0, description="how often a replica publishes its in-flight load")
+    load_interval_s: float = Field(
+        0.02,
+        gt=0,
+        description="the shortest time between two publications of a replica's in-flight load (it publishes "
+        "when a lease opens or closes, and at least every second)",
+    )
     load_expiry_s: float = Field(3.0, gt=0, description="a replica not heard from for this long: its load is dropped")
     leader_lease_s: float = Field(
         3.0, gt=0, description="the leader's lease: a new leader takes over within this long of the old one's death"

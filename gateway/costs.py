@@ -4,8 +4,9 @@
   start (latency priors from the instances' engine profiles, a length prior); groups of the
   fleet that the loaded model does not know get their prior.
 * **Observe**: every completed request's record (features, actuals, predictions; no prompt
-  text unless configured) is kept in memory (the newest ``max_records``) and appended to
-  ``DIR/requests.jsonl`` by the background task, off the event loop.
+  text unless configured) is encoded once by the background task, off the event loop, kept in
+  memory as that JSON line (the newest ``max_records``; only the refit's process parses them)
+  and appended to ``DIR/requests.jsonl``.
 * **Refit**: every ``refit_interval_s``, once ``min_new_samples`` new records arrived, a worker
   process fits new models (:func:`scheduler.costmodel.online.refit`) and saves a version; the
   gateway then swaps the model in one assignment (decisions in progress keep the old one).
@@ -14,8 +15,8 @@ One background task, owned here; :meth:`CostModelService.close` cancels and awai
 what is buffered and shuts the worker process down.
 
 **Replicas** (:meth:`CostModelService.share`): every replica appends its completed-request
-records to the durable stream ``records`` and keeps every other replica's as received bytes
-(so a new leader has them; only a replica that refits parses them); only the replica whose
+records to the durable stream ``records`` (JSON lines, up to ``MESSAGE_BYTES`` a message) and
+keeps every other replica's lines too (so a new leader has them); only the replica whose
 ``duties_here`` says so (the leader) refits, stores the new
 version as a blob and names it in the ``pdgate_cost_model`` bucket; every other replica loads
 that version when it is named, without a restart.
@@ -35,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pdgate.common.json_codec import json_encoder
 from pdgate.gateway.config import CostModelConfig
 from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec
 from pdgate.scheduler.costmodel.model import CostModel
@@ -48,7 +50,8 @@ LOG_NAME = "requests.jsonl"
 FLUSH_INTERVAL_S = 1.0
 MODEL_BUCKET = "pdgate_cost_model"
 RECORDS_STREAM = "records"
-RECORDS_PER_MESSAGE = 200  # well under NATS's 1 MB message limit
+RECORDS_PER_MESSAGE = 200
+MESSAGE_BYTES = 512 * 1024  # half NATS's default limit (1 MB); a long prompt's record is ~35 kB
 
 
 class CostModelService:
@@ -56,8 +59,10 @@ class CostModelService:
         self.config = config
         self.prior_specs = dict(prior_specs)
         self.current: CostModel | None = None
-        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=config.max_records)
-        self._unwritten: list[dict[str, Any]] = []
+        # the training set: the newest max_records records as JSON lines (a quarter of the memory
+        # of the dicts for a long prompt's text features); parsed only in the refit's process
+        self.records: collections.deque[bytes] = collections.deque(maxlen=config.max_records)
+        self._unencoded: list[dict[str, Any]] = []  # completed since the last write-out
         self._new_since_fit = 0
         self._task: asyncio.Task[None] | None = None
         self._executor: ProcessPoolExecutor | None = None
@@ -66,11 +71,8 @@ class CostModelService:
         self.dir = Path(config.dir) if config.dir else None
         self.shared: SharedState | None = None
         self.duties_here: Callable[[], bool] = lambda: True  # whether this replica refits
-        self._unshared: list[dict[str, Any]] = []
-        # other replicas' records as they came: parsed only by the replica that refits
-        self._received: collections.deque[bytes] = collections.deque(
-            maxlen=config.max_records // RECORDS_PER_MESSAGE + 1
-        )
+        self._unshared: list[bytes] = []  # encoded records not yet in the shared stream
+        self._encode = json_encoder()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -84,7 +86,7 @@ class CostModelService:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await asyncio.to_thread(self._flush)
+        await self._write_out()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
@@ -133,25 +135,35 @@ class CostModelService:
 
     # -------------------------------------------------------------- observe
     def observe(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
+        self._unencoded.append(record)
         self._new_since_fit += 1
-        if self.dir is not None and self.config.log_requests:
-            self._unwritten.append(record)
+
+    @property
+    def held(self) -> int:
+        """Records a refit would use now."""
+        return len(self.records) + len(self._unencoded)
+
+    @property
+    def _logging(self) -> bool:
+        return self.dir is not None and self.config.log_requests
+
+    async def _write_out(self) -> None:
+        """Encode the records completed since the last time, once each (a record with a long
+        prompt's text features is tens of kB of JSON and a millisecond of CPU), for the training
+        set, the log and the shared stream."""
+        if not self._unencoded:
+            return
+        batch, self._unencoded = self._unencoded, []  # on the loop's thread: no append is lost
+        lines = await asyncio.to_thread(self._encode_and_log, batch)
+        self.records.extend(lines)
         if self.shared is not None:
-            self._unshared.append(record)
+            self._unshared.extend(lines)
 
     async def _on_records(self, data: bytes) -> None:
-        self._received.append(data)
-
-    async def _absorb_received(self) -> None:
-        """Parse the other replicas' records (off the event loop) into the training set."""
-        if not self._received:
-            return
-        batches = list(self._received)
-        self._received.clear()
-        records = await asyncio.to_thread(_parse_batches, batches)
-        self.records.extend(records)
-        self._new_since_fit += len(records)
+        """Another replica's records: into the training set as they came (cut into lines, not parsed)."""
+        lines = shared_lines(data)
+        self.records.extend(lines)
+        self._new_since_fit += len(lines)
 
     async def _on_model(self, key: str, value: dict[str, Any]) -> None:
         """Another replica (the leader) put a new version in force: load it."""
@@ -170,17 +182,22 @@ class CostModelService:
         log.info("cost model %s in force (refitted by replica %s)", version, value.get("replica"))
 
     async def _share_records(self) -> None:
-        """Append what this replica completed to the shared stream, a few hundred records a
-        message; kept (the newest ``max_records``) while NATS is away, dropped if refused."""
+        """Append what this replica completed to the shared stream, up to ``RECORDS_PER_MESSAGE``
+        records and ``MESSAGE_BYTES`` a message; kept (the newest ``max_records``) while NATS is
+        away, dropped if refused."""
         shared = self.shared
         while shared is not None and self._unshared:
-            chunk = self._unshared[:RECORDS_PER_MESSAGE]
-            if not await shared.append(RECORDS_STREAM, json.dumps(chunk, separators=(",", ":")).encode()):
+            count, size = 0, 0
+            for line in self._unshared[:RECORDS_PER_MESSAGE]:
+                if count and size + len(line) > MESSAGE_BYTES:
+                    break
+                count, size = count + 1, size + len(line) + 1
+            if not await shared.append(RECORDS_STREAM, b"\n".join(self._unshared[:count])):
                 if not shared.connected:
                     self._unshared = self._unshared[-self.config.max_records :]
                     return
-                log.warning("cost model: %d records refused by the shared stream; dropped", len(chunk))
-            del self._unshared[: len(chunk)]
+                log.warning("cost model: %d records refused by the shared stream; dropped", count)
+            del self._unshared[:count]
 
     async def _publish_model(self, model: CostModel) -> None:
         if self.shared is None:
@@ -196,13 +213,10 @@ class CostModelService:
         next_fit = time.monotonic() + self.config.refit_interval_s
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
-            if self._unwritten:
-                await asyncio.to_thread(self._flush)
+            await self._write_out()
             await self._share_records()
             if time.monotonic() >= next_fit:
                 next_fit = time.monotonic() + self.config.refit_interval_s
-                if self.duties_here():
-                    await self._absorb_received()
                 if self._new_since_fit >= self.config.min_new_samples and self.duties_here():
                     name = await self.refit_now()
                     if name is not None and self.current is not None:
@@ -210,19 +224,20 @@ class CostModelService:
 
     async def refit_now(self) -> str | None:
         """Refit on the records in memory in the worker process and swap the model in."""
+        await self._write_out()
         current = self.current
         if current is None or not self.records:
             return None
         self._new_since_fit = 0
         if self._executor is None:
             self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        from pdgate.scheduler.costmodel.online import refit
+        from pdgate.scheduler.costmodel.online import refit_lines
 
         loop = asyncio.get_running_loop()
         try:
             components, version, meta = await loop.run_in_executor(
                 self._executor,
-                refit,
+                refit_lines,
                 list(self.records),
                 current.latency,
                 current.output,
@@ -244,28 +259,24 @@ class CostModelService:
         )
         return name
 
-    def _flush(self) -> None:
-        if not self._unwritten or self.dir is None:
-            return
-        batch, self._unwritten = self._unwritten, []
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with (self.dir / LOG_NAME).open("a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in batch))
+    def _encode_and_log(self, batch: list[dict[str, Any]]) -> list[bytes]:
+        """``batch`` as JSON lines, appended to the request log when there is one (off the event loop)."""
+        encode = self._encode
+        lines = [encode(r) for r in batch]
+        if self._logging and self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with (self.dir / LOG_NAME).open("ab") as f:
+                f.write(b"\n".join(lines) + b"\n")
+        return lines
 
-    def _read_log_tail(self) -> list[dict[str, Any]]:
+    def _read_log_tail(self) -> list[bytes]:
+        """The log's newest ``max_records`` lines (a torn last line after a crash is skipped by the refit)."""
         path = self.dir / LOG_NAME if self.dir is not None else None
         if path is None or not path.exists():
             return []
-        rows: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.config.max_records)
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line after a crash
-                if isinstance(row, dict):
-                    rows.append(row)
-        return list(rows)
+        with path.open("rb") as f:
+            tail = collections.deque((line.rstrip(b"\n") for line in f if line.strip()), maxlen=self.config.max_records)
+        return list(tail)
 
 
 def _dumps(components: dict[str, Any]) -> bytes:
@@ -284,14 +295,17 @@ def _loads(blob: bytes) -> dict[str, Any]:
     return loaded
 
 
-def _parse_batches(batches: list[bytes]) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    for data in batches:
-        try:
-            rows = json.loads(data)
-        except ValueError:
-            log.warning("cost model: a malformed batch of shared records ignored")
-            continue
-        if isinstance(rows, list):
-            records.extend(r for r in rows if isinstance(r, dict))
-    return records
+def shared_lines(data: bytes) -> list[bytes]:
+    """The records of one message of the shared stream, as JSON lines: one record a line (older
+    replicas sent a JSON array, re-encoded here)."""
+    if data[:1] != b"[":
+        return [line for line in data.split(b"\n") if line]
+    try:
+        rows = json.loads(data)
+    except ValueError:
+        log.warning("cost model: a malformed batch of shared records ignored")
+        return []
+    if not isinstance(rows, list):
+        return []
+    encode = json_encoder()
+    return [encode(r) for r in rows if isinstance(r, dict)]

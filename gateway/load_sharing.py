@@ -2,8 +2,10 @@
 
 Each replica publishes, on the NATS subject ``pdgate.load``, what it has in flight on each
 instance (requests, prefill and decode tokens, prefill legs and their predicted wait, decode
-legs and their context, the strictest TPOT SLO among them): every ``sharing.load_interval_s``
-while it changes, and at least every second as a heartbeat. Every replica keeps the others'
+legs and their context, the strictest TPOT SLO among them): as soon as a lease opens or closes,
+at most every ``sharing.load_interval_s`` (20 ms: what opened meanwhile goes out together), and
+at least every second as a heartbeat. The sooner the others know, the less replicas
+that place at the same moment pile onto the same "best" instance. Every replica keeps the others'
 latest figures and adds them to its own when it builds an :class:`~pdgate.scheduler.snapshot.
 InstanceView` (:attr:`pdgate.gateway.cluster.Cluster.remote`), so placement and admission see
 the load other replicas sent too. Nothing on the request path waits for it: a message is a
@@ -75,21 +77,33 @@ class LoadSharing:
         self.expiry_s = expiry_s
         self.wall_clock = wall_clock
         self.heard: dict[str, _Heard] = {}  # replica id -> its latest figures
+        self._changed = asyncio.Event()  # a lease opened or closed since the last publication
         self._tasks = OwnedTasks()
         shared.subscribe(LOAD_SUBJECT, self._on_message)
 
     def start(self) -> None:
+        self.cluster.on_load_change = self._changed.set
         self._tasks.spawn(self._publish_loop(), "load-sharing")
 
     async def close(self) -> None:
+        self.cluster.on_load_change = None
         await self._tasks.close()
 
     # -------------------------------------------------------------- publish
     async def _publish_loop(self) -> None:
+        """Publish when a lease opened or closed (at most every ``interval_s``: the changes meanwhile
+        go out together), and at least every ``HEARTBEAT_S``."""
         last: dict[str, list[float]] | None = None
         last_sent = 0.0
         while True:
-            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.wait_for(self._changed.wait(), HEARTBEAT_S)
+            except TimeoutError:
+                pass
+            wait = last_sent + self.interval_s - self.cluster.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._changed.clear()
             now = self.cluster.clock()
             self.metrics.sharing_sync.set(1 if self.shared.connected else 0)
             try:

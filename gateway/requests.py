@@ -7,10 +7,11 @@ parameters, ...) passes through to the engine unchanged.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pdgate.common.json_codec import JsonError, json_decode
 
 
 class GatewayError(Exception):
@@ -104,8 +105,8 @@ class ChatBody(_Body):
 def parse_body(raw: bytes, model: type[_Body]) -> tuple[dict[str, Any], Any]:
     """The JSON object (forwarded as is) and its validated view; 400 on any problem."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json_decode(raw)
+    except JsonError as exc:
         raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise GatewayError(400, "the request body must be a JSON object")

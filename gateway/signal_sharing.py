@@ -5,8 +5,8 @@
   instance for a cooldown, so all avoid it within the message's delay (milliseconds), not after
   each found out by failing. Each closes it again by its own health checks, as usual.
 * **Routing decisions for the approximate prefix index** (instances without KV events): the
-  prompt blocks a replica sent to an instance are published on ``pdgate.prefixes`` (batched,
-  every ``FLUSH_S``), and every replica records them, so replicas agree on who holds which
+  prompt blocks a replica sent to an instance are published on ``pdgate.prefixes`` (gathered
+  for ``FLUSH_S`` into one message), and every replica records them, so replicas agree on who holds which
   prefix. The exact index (KV events) is not shared: every replica subscribes to the engines.
 
 Messages are sent from a background task, never on the request path; while NATS is away they
@@ -64,13 +64,16 @@ class SignalSharing:
             self._prefixes.append((instance_id, blocks))
             if len(self._prefixes) > MAX_PENDING_PREFIXES:
                 del self._prefixes[: len(self._prefixes) - MAX_PENDING_PREFIXES]
+            if not self._wake.is_set():
+                self._wake.set()
 
     async def _send_loop(self) -> None:
+        # asleep while there is nothing to send (an idle replica does not wake up for it); a
+        # circuit goes out at once, prefix recordings are gathered for FLUSH_S into one message
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), FLUSH_S)
-            except TimeoutError:
-                pass
+            await self._wake.wait()
+            if not self._circuits:
+                await asyncio.sleep(FLUSH_S)
             self._wake.clear()
             try:
                 await self._send()

@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pdgate.common.json_codec import JsonError, json_decode
 from pdgate.scheduler.costmodel.latency import LatencyModel
 
 MIN_LENGTH_ROWS = 20  # fewer labelled requests than this: keep the previous output-length model
@@ -48,3 +49,23 @@ def refit(
 
         version = ModelStore(store_dir).save(components, meta)
     return components, version, meta
+
+
+def refit_lines(
+    lines: Sequence[bytes | str],
+    latency: LatencyModel,
+    previous_output: Any,
+    q_high: float,
+    store_dir: str | None,
+) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """:func:`refit` on records given as JSON lines (the gateway's log and shared-stream form), parsed
+    here, in the worker process; lines that are not a JSON object (a torn last line) are skipped."""
+    records = []
+    for line in lines:
+        try:
+            row = json_decode(line)
+        except JsonError:
+            continue
+        if isinstance(row, dict):
+            records.append(row)
+    return refit(records, latency, previous_output, q_high, store_dir)

@@ -1,0 +1,59 @@
+"""Replicas share their completed-request records through a real NATS server's JetStream.
+
+Records of long prompts carry tens of kB of hashed text features each; a batch of them must be
+cut below NATS's message limit (1 MB by default) rather than refused and lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+from pdgate.gateway.config import CostModelConfig
+from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.nats_state import NatsState
+from pdgate.scheduler.costmodel.features import RequestFeatures, hash_text
+from tests.support.nats import NatsServer
+
+
+def long_prompt_record(i: int, rng: random.Random) -> dict:
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    features = RequestFeatures(2800, 64, "completions", "m", None, hash_text(" ".join(words)))
+    return {"v": 1, "kind": "pdgate-request", "request_id": f"r{i}", **features.to_record(), "output_tokens": 40}
+
+
+async def wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+async def test_long_prompt_records_reach_the_other_replica_whole(nats: NatsServer) -> None:
+    rng = random.Random(7)
+    records = [long_prompt_record(i, rng) for i in range(60)]
+    assert sum(len(json.dumps(r)) for r in records) > 2_000_000  # a batch of them would be over 1 MB
+    states = [NatsState(nats.url, replica_id=name) for name in ("a", "b")]
+    services = [CostModelService(CostModelConfig(), {}) for _ in states]
+    for state, service in zip(states, services):
+        service.share(state, duties_here=lambda: False)
+        await state.start()
+        assert await state.wait_ready(10)
+        await service.start()
+    sender, receiver = services
+    try:
+        for record in records:
+            sender.observe(record)
+        assert await wait_for(lambda: receiver.held >= len(records), 15), f"received {receiver.held}"
+        received = [json.loads(line) for line in receiver.records]
+        assert [r["request_id"] for r in received] == [r["request_id"] for r in records]
+        assert received[0]["text_hash"] == [list(pair) for pair in records[0]["text_hash"]]
+        assert sender.held == len(records)  # its own, once each
+    finally:
+        for service, state in zip(services, states):
+            await service.close()
+            await state.close()
