@@ -164,3 +164,5 @@ class LoadSharing:
                 )
         self.cluster.remote = merged
         self.metrics.sharing_replicas.set(len(self.heard))
+        if self.cluster.on_release is not None:  # capacity another replica freed: requests held here may go
+            self.cluster.on_release()
