@@ -41,6 +41,9 @@ class Capabilities:
     kv_events: bool = False  # publishes vLLM-format KV events
     live_migration: bool = False
     abort_on_disconnect: bool = True
+    # one instance takes either leg of a split request, or a whole one, as each request's own
+    # parameters say (vLLM's NixlConnector with kv_role kv_both): its role may change while it serves
+    flexible_role: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class InstanceSpec:
     id: str
     url: str
     kind: str
-    role: Literal["prefill", "decode", "both"]
+    role: Literal["prefill", "decode", "both", "flex"]
     model: str
     api_key: str | None = None
     bootstrap_port: int | None = None  # SGLang prefill

@@ -48,7 +48,9 @@ class SimLiveMigration(EngineAdapter):
 class SimVllmAdapter(SimLiveMigration, VllmAdapter):
     """The embedded simulated engine speaking vLLM's API."""
 
-    capabilities = Capabilities(pd_protocol="sequential", metrics_flavour="vllm", kv_events=True, live_migration=True)
+    capabilities = Capabilities(
+        pd_protocol="sequential", metrics_flavour="vllm", kv_events=True, live_migration=True, flexible_role=True
+    )
 
 
 class SimSglangAdapter(SimLiveMigration, SglangAdapter):

@@ -8,6 +8,10 @@
   running stream away (others finish where they are). ``?wait=true`` answers once it is empty
   (200) or after ``admin.drain_wait_s`` (202, with what is left); otherwise 202 at once.
 * ``POST /admin/instances/{id}/undrain``: take new requests again.
+* ``POST /admin/instances/{id}/role`` (JSON body ``{"role": "prefill" | "decode" | "both"}``): a
+  flex instance serves in that role from the next placement on (``serving`` in its view); its
+  streams move away when it leaves the decode role. 409 for an instance that is not flex, or a
+  change that leaves its model without a prefill or decode path.
 * ``POST /admin/instances`` (JSON body: one instance entry, the config file's fields): serve one
   more instance from now on (201; 400 for a bad entry, 409 for an id in use).
 * ``DELETE /admin/instances/{id}``: drain it, then stop serving it (200). ``?timeout_s=`` bounds
@@ -86,6 +90,9 @@ class AdminApi:
                 responder.send_json(200, self._describe(state))
                 return
             await self._drain(state, request, responder)
+        elif len(parts) == 3 and parts[0] == "instances" and parts[2] == "role":
+            self._allow(method, "POST")
+            await self._set_role(self._instance(parts[1]), request, responder)
         elif len(parts) == 3 and parts[0] == "requests" and parts[2] == "migrate":
             self._allow(method, "POST")
             await self._migrate(parts[1], request, responder)
@@ -138,6 +145,7 @@ class AdminApi:
             "id": spec.id,
             "url": spec.url,
             "role": spec.role,
+            "serving": state.role,
             "model": spec.model,
             "kind": spec.kind,
             "healthy": state.breaker.allows(now),
@@ -204,6 +212,20 @@ class AdminApi:
         body = self._describe(state)
         body["drained"] = drained
         responder.send_json(200 if drained else 202, body)
+
+    async def _set_role(self, state: InstanceState, request: HttpRequest, responder: Responder) -> None:
+        try:
+            data = json.loads(request.body or b"null")
+        except ValueError:
+            raise GatewayError(400, 'the body must be JSON: {"role": "prefill" | "decode" | "both"}') from None
+        if not isinstance(data, dict) or not isinstance(data.get("role"), str):
+            raise GatewayError(400, 'expected {"role": "prefill" | "decode" | "both"}', param="role")
+        reason = data.get("reason")
+        try:
+            await self.fleet.set_role(state.spec.id, data["role"], reason if isinstance(reason, str) else "admin")
+        except FleetChangeError as exc:
+            raise GatewayError(exc.status, exc.message, param=exc.param) from None
+        responder.send_json(200, self._describe(state))
 
     async def _add(self, request: HttpRequest, responder: Responder) -> None:
         try:

@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import aiohttp
 
@@ -113,11 +114,15 @@ def min_known(*values: float | None) -> float | None:
     return min(known) if known else None
 
 
+Role = Literal["prefill", "decode", "both"]
+
+
 @dataclass(eq=False)
 class InstanceState:
     spec: InstanceSpec
     adapter: EngineAdapter
     breaker: CircuitBreaker
+    role: Role = "both"  # the role it serves in now (a flex instance's changes at run time; others' is spec.role)
     load: EngineLoad | None = None
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
@@ -132,6 +137,16 @@ class InstanceState:
     tpot_slos: Counter[float] = field(default_factory=Counter)
 
     prefill_finish: float = 0.0  # when the prefill work sent so far would be done at the predicted rate
+
+    @property
+    def flexible(self) -> bool:
+        """Whether its role may change while it serves (``role: flex`` in the config)."""
+        return self.spec.role == "flex"
+
+    @property
+    def decodes(self) -> bool:
+        """Whether it takes decode legs (and so may hold streams) in its current role."""
+        return self.role != "prefill"
 
     def add_prefill(self, key: int, now: float, predicted: float) -> None:
         self.prefill_work[key] = (now, predicted)
@@ -169,7 +184,8 @@ class InstanceState:
             {
                 "id": spec.id,
                 "url": spec.url,
-                "role": spec.role,
+                "role": self.role,
+                "flexible": spec.role == "flex",
                 "model": spec.model,
                 "kind": spec.kind,
                 "healthy": self.breaker.allows(now),
@@ -301,7 +317,8 @@ class Cluster:
     def _state_for(self, inst: InstanceConfig) -> InstanceState:
         spec = inst.spec()
         breaker = CircuitBreaker(self.config.health.failure_threshold, self.config.health.cooldown_s)
-        return InstanceState(spec, make_adapter(spec, self._session, self._pool), breaker, cost_group=inst.cost_key())
+        adapter = make_adapter(spec, self._session, self._pool)
+        return InstanceState(spec, adapter, breaker, role=inst.start_role, cost_group=inst.cost_key())
 
     # ------------------------------------------------------- fleet changes
     async def add_instance(self, inst: InstanceConfig) -> InstanceState:
@@ -372,7 +389,7 @@ class Cluster:
         return [s for s in self.instances.values() if s.spec.model == model]
 
     def has_pd(self, model: str) -> bool:
-        return any(s.spec.role in ("prefill", "decode") for s in self.for_model(model))
+        return any(s.role in ("prefill", "decode") for s in self.for_model(model))
 
     def snapshot(
         self, model: str, hashes: PromptHashes | None = None, costs: CostModel | None = None
@@ -402,8 +419,8 @@ class Cluster:
         """Whether ``model`` has a healthy serving path (colocated, or prefill + decode)."""
         now = self.clock()
         healthy = [s for s in self.for_model(model) if s.breaker.allows(now) and not s.draining]
-        serves_prefill = any(s.spec.role in ("prefill", "both") for s in healthy)
-        serves_decode = any(s.spec.role in ("decode", "both") for s in healthy)
+        serves_prefill = any(s.role in ("prefill", "both") for s in healthy)
+        serves_decode = any(s.role in ("decode", "both") for s in healthy)
         return serves_prefill and serves_decode
 
     def has_kv_events(self, state: InstanceState) -> bool:

@@ -107,7 +107,14 @@ class InstanceConfig(Strict):
     id: str | None = Field(None, description="unique name (default: host:port)")
     url: str = Field(description="base URL of the engine, e.g. http://127.0.0.1:8101")
     kind: str = Field("vllm", description="adapter: " + ", ".join(sorted(ADAPTERS)))
-    role: Literal["prefill", "decode", "both"] = "both"
+    role: Literal["prefill", "decode", "both", "flex"] = Field(
+        "both",
+        description="prefill, decode, both (colocated), or flex: takes either leg or a whole request, "
+        "and serves in the role it is given at run time (vLLM kv_both; the sim)",
+    )
+    serving: Literal["prefill", "decode", "both"] | None = Field(
+        None, description="flex only: the role it serves in at start (default both)"
+    )
     model: str
     api_key: str | None = Field(None, description="the engine's own key (sent to it, never the client's)")
     api_key_env: str | None = Field(None, description="read the engine's key from this environment variable")
@@ -141,6 +148,24 @@ class InstanceConfig(Strict):
         if value not in ADAPTERS:
             raise ValueError(f"unknown adapter kind {value!r}; known: {', '.join(sorted(ADAPTERS))}")
         return value
+
+    @model_validator(mode="after")
+    def _flexible(self) -> InstanceConfig:
+        if self.role == "flex" and not ADAPTERS[self.kind].capabilities.flexible_role:
+            raise ValueError(
+                f"role: kind {self.kind!r} cannot change roles while it serves (SGLang fixes the role at launch); "
+                "use prefill, decode or both"
+            )
+        if self.serving is not None and self.role != "flex":
+            raise ValueError("serving: only a flex instance has a serving role apart from its role")
+        return self
+
+    @property
+    def start_role(self) -> Literal["prefill", "decode", "both"]:
+        """The role the instance serves in when the gateway starts (a flex one's ``serving``)."""
+        if self.role == "flex":
+            return self.serving or "both"
+        return self.role
 
     @model_validator(mode="after")
     def _launchable(self) -> InstanceConfig:
@@ -410,10 +435,11 @@ class GatewayConfig(Strict):
             if inst.model not in names:
                 raise ValueError(f"instances[{n}].model: {inst.model!r} is not one of models {sorted(names)}")
         for name in names:
-            roles = {i.role for i in self.instances if i.model == name}
+            roles = {i.start_role for i in self.instances if i.model == name}
             if "both" not in roles and not {"prefill", "decode"} <= roles:
                 raise ValueError(
-                    f"model {name!r} needs a 'both' instance or at least one prefill and one decode instance"
+                    f"model {name!r} needs a 'both' instance or at least one prefill and one decode instance "
+                    "(flex instances count in their serving role)"
                 )
         return self
 

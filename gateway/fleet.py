@@ -14,8 +14,11 @@ Every change goes through :class:`FleetManager`, whoever asks for it: the admin 
 * **Reload**: the instances of the new file against those served now, by id: new ones added,
   missing ones removed, changed ones replaced (removed, then added). Other settings need a
   restart; a reload names those it did not apply.
+* **Roles** (:meth:`FleetManager.set_role`): a flex instance (vLLM ``kv_both``, the sim) serves
+  as prefill, decode or both from the next placement on; leaving the decode role, its streams
+  move away.
 * **Replicas** (:meth:`FleetManager.share`): with shared state, every change made here (added,
-  removed, drained, undrained) is written to it, and the other replicas' changes are applied
+  removed, drained, undrained, a role) is written to it, and the other replicas' changes are applied
   here as they come: a replica removes an instance another one removed (draining its own
   streams on it first), and one that starts catches up with every change made before it.
 """
@@ -30,7 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pdgate.common.tasks import OwnedTasks
-from pdgate.gateway.cluster import Cluster, InstanceState
+from pdgate.gateway.cluster import Cluster, InstanceState, Role
 from pdgate.gateway.config import GatewayConfig, InstanceConfig
 from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.metrics import GatewayMetrics
@@ -41,6 +44,8 @@ log = logging.getLogger("pdgate.fleet")
 
 FLEET_BUCKET = "pdgate_fleet"  # instance id -> {"op": "add", "entry": {...}} | {"op": "remove"}
 DRAIN_BUCKET = "pdgate_drains"  # instance id -> {"draining": bool}
+ROLE_BUCKET = "pdgate_roles"  # instance id -> {"role": "prefill" | "decode" | "both", "reason": str} (flex ones)
+ROLES = ("prefill", "decode", "both")
 
 
 class FleetChangeError(Exception):
@@ -89,6 +94,7 @@ class FleetManager:
         self.shared = shared
         shared.watch(FLEET_BUCKET, self._on_fleet_change)
         shared.watch(DRAIN_BUCKET, self._on_drain_change)
+        shared.watch(ROLE_BUCKET, self._on_role_change)
 
     async def close(self) -> None:
         """Cancel and await the changes other replicas started here."""
@@ -103,6 +109,53 @@ class FleetManager:
     async def undrain(self, instance_id: str) -> None:
         self.migrations.undrain(instance_id)
         await self._publish(DRAIN_BUCKET, instance_id, {"draining": False})
+
+    # ---------------------------------------------------------------- roles
+    async def set_role(self, instance_id: str, role: str, reason: str = "admin") -> InstanceState:
+        """Make a flex instance serve in ``role`` from the next placement on, on every replica.
+
+        Leaving the decode role, its streams move away with the migration controller (they finish
+        where they are when migration is off). Refused: 404 for an unknown instance, 400 for an
+        unknown role, 409 for an instance that is not flex, or when the change leaves its model
+        without a prefill or a decode path.
+        """
+        state = self.cluster.instances.get(instance_id)
+        if state is None:
+            raise FleetChangeError(404, f"no instance {instance_id!r}", param="instance")
+        if role not in ROLES:
+            raise FleetChangeError(400, f"role must be one of {', '.join(ROLES)}, not {role!r}", param="role")
+        if not state.flexible:
+            raise FleetChangeError(
+                409,
+                f"instance {instance_id!r} is configured as {state.spec.role!r}; only a flex instance changes its role "
+                "while it serves",
+                param="role",
+            )
+        if role != state.role:
+            others = {s.role for s in self.cluster.for_model(state.spec.model) if s is not state and not s.draining}
+            roles = others | {role}
+            if "both" not in roles and not {"prefill", "decode"} <= roles:
+                raise FleetChangeError(
+                    409,
+                    f"serving as {role!r}, {instance_id!r} would leave model {state.spec.model!r} without a "
+                    f"{'decode' if role == 'prefill' else 'prefill'} path",
+                    param="role",
+                )
+            self._apply_role(state, role, reason)  # type: ignore[arg-type]
+        await self._publish(ROLE_BUCKET, instance_id, {"role": role, "reason": reason})
+        return state
+
+    def _apply_role(self, state: InstanceState, role: Role, reason: str) -> None:
+        old, state.role = state.role, role
+        self.metrics.role_changed(state.spec.id, old, role, reason)
+        log.warning("instance %s serves as %s (was %s): %s", state.spec.id, role, old, reason)
+
+    async def _on_role_change(self, instance_id: str, change: dict[str, Any]) -> None:
+        """Another replica (or this one before a restart) changed a flex instance's role."""
+        state = self.cluster.instances.get(instance_id)
+        role = change.get("role")
+        if state is not None and state.flexible and role in ROLES and role != state.role:
+            self._apply_role(state, role, str(change.get("reason") or "another replica"))
 
     # ------------------------------------------------------------------ add
     async def add(self, entry: InstanceConfig | dict[str, Any]) -> InstanceState:
@@ -205,7 +258,7 @@ class FleetManager:
             self.migrations.undrain(instance_id)
 
     def _servable_without(self, leaving: InstanceState) -> bool:
-        roles = {s.spec.role for s in self.cluster.for_model(leaving.spec.model) if s is not leaving and not s.draining}
+        roles = {s.role for s in self.cluster.for_model(leaving.spec.model) if s is not leaving and not s.draining}
         return "both" in roles or {"prefill", "decode"} <= roles
 
     # --------------------------------------------------------------- reload

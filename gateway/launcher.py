@@ -60,7 +60,7 @@ def sim_command(instance: InstanceConfig) -> list[str]:
         "--port",
         str(url.port),
         "--role",
-        instance.role,
+        "both" if instance.role == "flex" else instance.role,  # the sim takes either leg whatever its role
         "--api",
         flavour,
         "--served-model-name",

@@ -215,6 +215,18 @@ class GatewayMetrics:
             ["instance", "role", "kind", "model", "url"],
             registry=r,
         )
+        self.serving_role = Gauge(
+            "pdgate_instance_serving_role",
+            "1 for the role an instance serves in now (a flex instance's changes at run time), 0 for the others.",
+            ["instance", "role"],
+            registry=r,
+        )
+        self.role_changes = Counter(
+            "pdgate_role_changes",
+            "Role changes of flex instances, by the role taken and why (admin, the role balancer, another replica).",
+            ["instance", "role", "reason"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "pdgate_instance_inflight_requests",
             "Requests (legs) the gateway has in flight on an instance.",
@@ -321,6 +333,8 @@ class GatewayMetrics:
         self._instance_metrics = (  # labelled by instance (besides the light ones)
             self.prediction_abs_error,
             self.instance_info,
+            self.serving_role,
+            self.role_changes,
             self.inflight,
             self.inflight_tokens,
             self.engine_running,
@@ -358,6 +372,10 @@ class GatewayMetrics:
 
     def observe_sharing_staleness(self, seconds: float) -> None:
         self.sharing_staleness.observe(seconds)
+
+    def role_changed(self, instance_id: str, old: str, new: str, reason: str) -> None:
+        """A flex instance changed its role (``old`` to ``new``)."""
+        self.role_changes.labels(instance_id, new, reason).inc()
 
     def remember_instance(self, instance_id: str) -> None:
         """An instance (re)joined the fleet: its series are recorded again."""
@@ -438,6 +456,8 @@ class GatewayMetrics:
         for instance_id, state in cluster.instances.items():
             spec = state.spec
             self.instance_info.labels(instance_id, spec.role, spec.kind, spec.model, spec.url).set(1)
+            for role in ("prefill", "decode", "both"):
+                self.serving_role.labels(instance_id, role).set(1 if state.role == role else 0)
             self.inflight.labels(instance=instance_id).set(state.inflight_requests)
             self.inflight_tokens.labels(instance=instance_id, phase="prefill").set(state.inflight_prefill_tokens)
             self.inflight_tokens.labels(instance=instance_id, phase="decode").set(state.inflight_decode_tokens)

@@ -187,9 +187,9 @@ class MigrationController:
         if not self.config.enabled:
             return
         for state in self.cluster.instances.values():
-            if state.draining:
+            if state.draining or not state.decodes:  # drained, or a flex instance moved to the prefill role
                 for live in self.on(state.spec.id):
-                    self.move(live, None, "drain")
+                    self.move(live, None, "drain" if state.draining else "role")
         if not self.plans_here():  # another replica (the leader) plans for the whole gateway
             return
         peers = self.peers

@@ -25,8 +25,9 @@ class InstanceView:
 
     id: str
     url: str
-    role: Role
+    role: Role  # the role it serves in now
     model: str
+    flexible: bool = False  # its role may change at run time (the role balancer may move it)
     kind: str = "sim"
     healthy: bool = True
     draining: bool = False

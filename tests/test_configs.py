@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from pdgate.adapters.kv_events import subscriber_address
 from pdgate.common.kv_events import engine_binds
-from pdgate.gateway.config import DEFAULT_SCHEDULING, GatewayConfig, KvEventsConfig
+from pdgate.gateway.config import DEFAULT_SCHEDULING, GatewayConfig, InstanceConfig, KvEventsConfig
 from pdgate.gateway.launcher import sim_command
 from pdgate.scheduler.registry import PluginRegistry
 
@@ -85,3 +85,21 @@ def test_kv_events_config_rejects_what_no_gateway_can_use(endpoint, problem):
     if "0.0.0.0" not in endpoint:
         with pytest.raises(ValidationError, match=problem):
             KvEventsConfig(endpoint="tcp://*:5601", replay_endpoint=endpoint)
+
+
+def test_only_engines_that_take_either_leg_may_be_flex():
+    base = {"url": "http://127.0.0.1:9", "model": "tiny"}
+    assert InstanceConfig.model_validate({**base, "kind": "vllm", "role": "flex"}).start_role == "both"
+    assert (
+        InstanceConfig.model_validate({**base, "kind": "sim", "role": "flex", "serving": "decode"}).start_role
+        == "decode"
+    )
+    flex = InstanceConfig.model_validate(
+        {**base, "url": "http://127.0.0.1:8109", "kind": "sim", "role": "flex", "launch": {}}
+    )
+    argv = sim_command(flex)
+    assert argv[argv.index("--role") + 1] == "both"  # `pdgate up`: the sim takes either leg in its colocated role
+    with pytest.raises(ValueError, match="cannot change roles while it serves"):
+        InstanceConfig.model_validate({**base, "kind": "sglang", "role": "flex"})
+    with pytest.raises(ValueError, match="only a flex instance"):
+        InstanceConfig.model_validate({**base, "kind": "vllm", "role": "decode", "serving": "prefill"})

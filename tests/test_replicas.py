@@ -1,4 +1,4 @@
-"""Gateway replicas that share the fleet's changes and drains through a real NATS server (JetStream
+"""Gateway replicas that share the fleet's changes, drains and roles through a real NATS server (JetStream
 key-value), as separate processes over the same simulated engines."""
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ def _draining(gateway: PdgateProcess, instance_id: str) -> bool:
     return bool(get_json(f"{gateway.url}/admin/instances/{instance_id}")["draining"])
 
 
+def _serving(gateway: PdgateProcess, instance_id: str) -> str:
+    return str(get_json(f"{gateway.url}/admin/instances/{instance_id}")["serving"])
+
+
 def test_replicas_share_fleet_changes_and_drains(sim_factory, tmp_path, nats):
     first = sim_factory(*engine_flags("both"), time_scale=1.0)
     entries = [instance_entry(first, "both", "sim")]
@@ -31,7 +35,7 @@ def test_replicas_share_fleet_changes_and_drains(sim_factory, tmp_path, nats):
         a, b = replicas
         # an instance added on replica A is served by B too, and placed on there
         second = sim_factory(*engine_flags("both"), time_scale=1.0)
-        added = instance_entry(second, "both", "sim")
+        added = instance_entry(second, "flex", "sim")
         assert admin(a.url, "/admin/instances", added)[0] == 201
         both = sorted([entries[0]["id"], added["id"]])
         wait_until(lambda: _ids(b) == both, timeout=10, message="replica B to serve the added instance")
@@ -42,10 +46,16 @@ def test_replicas_share_fleet_changes_and_drains(sim_factory, tmp_path, nats):
         wait_until(lambda: _draining(b, added["id"]), timeout=10, message="the drain to reach replica B")
         assert admin(b.url, f"/admin/instances/{added['id']}/undrain")[0] == 200
         wait_until(lambda: not _draining(a, added["id"]), timeout=10, message="the undrain to reach replica A")
+        # a flex instance's role set on A is the role it serves in on B
+        assert admin(a.url, f"/admin/instances/{added['id']}/role", {"role": "decode"})[0] == 200
+        wait_until(lambda: _serving(b, added["id"]) == "decode", timeout=10, message="the role to reach replica B")
         # a replica that starts later catches up with the changes made before it
         c = start_gateway(config)
         replicas.append(c)
         wait_until(lambda: _ids(c) == both, timeout=10, message="a new replica to catch up")
+        wait_until(
+            lambda: _serving(c, added["id"]) == "decode", timeout=10, message="a new replica to catch up on roles"
+        )
         # a removal on B is applied on A and C
         status, body = admin(b.url, f"/admin/instances/{added['id']}", method="DELETE")
         assert status == 200 and body["removed"] is True

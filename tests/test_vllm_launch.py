@@ -55,6 +55,9 @@ def test_prefill_and_decode_get_nixl_roles_side_channel_and_events() -> None:
 
     decode, _ = vllm_command(VllmLaunchConfig(role="decode", model="/m", side_channel_port=5672, python="/py"))
     assert json.loads(flag(decode, "--kv-transfer-config"))["kv_role"] == "kv_consumer"
+    flex, env = vllm_command(VllmLaunchConfig(role="flex", model="/m", side_channel_port=5673, python="/py"))
+    assert json.loads(flag(flex, "--kv-transfer-config"))["kv_role"] == "kv_both"  # either leg, per request
+    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5673"
 
 
 def test_colocated_has_no_connector_and_gpu_has_no_cpu_fixes() -> None:

@@ -2,7 +2,8 @@
 
 The command and environment for a role, so that a fleet entry is all a user writes:
 
-* ``prefill`` / ``decode``: NixlConnector as ``kv_producer`` / ``kv_consumer`` with the KV
+* ``prefill`` / ``decode`` / ``flex``: NixlConnector as ``kv_producer`` / ``kv_consumer`` /
+  ``kv_both`` (either leg, as each request's ``kv_transfer_params`` say) with the KV
   buffer on the CPU or GPU, ``kv_load_failure_policy`` (``recompute``: a decode whose pull fails
   recomputes the prompt), the NIXL side channel (``VLLM_NIXL_SIDE_CHANNEL_HOST``/``PORT``; every
   engine on a host needs its own port).
@@ -45,7 +46,9 @@ class VllmLaunchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["prefill", "decode", "both"] = Field("both", description="PD role (both: colocated, no KV connector)")
+    role: Literal["prefill", "decode", "both", "flex"] = Field(
+        "both", description="PD role (both: colocated, no KV connector; flex: NixlConnector kv_both, either leg)"
+    )
     model: str = Field(description="local model directory (no hub downloads)")
     served_model_name: str | None = Field(None, description="model name clients use (default: the directory)")
     host: str = Field("127.0.0.1", description="listen address")
@@ -139,7 +142,7 @@ def vllm_command(config: VllmLaunchConfig) -> tuple[list[str], dict[str, str]]:
     if config.role != "both":
         connector = {
             "kv_connector": "NixlConnector",
-            "kv_role": "kv_producer" if config.role == "prefill" else "kv_consumer",
+            "kv_role": {"prefill": "kv_producer", "decode": "kv_consumer"}.get(config.role, "kv_both"),
             "kv_buffer_device": config.kv_buffer_device or ("cpu" if cpu else "cuda"),
             "kv_load_failure_policy": config.kv_load_failure_policy,
         }
