@@ -44,6 +44,9 @@ class Capabilities:
     # one instance takes either leg of a split request, or a whole one, as each request's own
     # parameters say (vLLM's NixlConnector with kv_role kv_both): its role may change while it serves
     flexible_role: bool = False
+    # a decode instance also serves a whole request (prefills it itself) sent without hand-off
+    # parameters (vLLM's kv_consumer does; SGLang's decode server needs a bootstrap room)
+    colocates_on_decode: bool = False
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,12 @@ class SimVllmAdapter(SimLiveMigration, VllmAdapter):
     """The embedded simulated engine speaking vLLM's API."""
 
     capabilities = Capabilities(
-        pd_protocol="sequential", metrics_flavour="vllm", kv_events=True, live_migration=True, flexible_role=True
+        pd_protocol="sequential",
+        metrics_flavour="vllm",
+        kv_events=True,
+        live_migration=True,
+        flexible_role=True,
+        colocates_on_decode=True,
     )
 
 

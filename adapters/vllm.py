@@ -10,7 +10,9 @@ from pdgate.adapters.base import Capabilities, EngineAdapter, HandoffError
 class VllmAdapter(EngineAdapter):
     """vLLM with a KV connector (NixlConnector's ``kv_transfer_params`` protocol)."""
 
-    capabilities = Capabilities(pd_protocol="sequential", metrics_flavour="vllm", kv_events=True, flexible_role=True)
+    capabilities = Capabilities(
+        pd_protocol="sequential", metrics_flavour="vllm", kv_events=True, flexible_role=True, colocates_on_decode=True
+    )
 
     def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
         prefill = {k: v for k, v in body.items() if k not in ("stream_options", "max_completion_tokens")}

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from pdgate.common.version import package_version
+from pdgate.scheduler.plugins.profile_handlers import REASONS
 
 if TYPE_CHECKING:
     from pdgate.gateway.admission import AdmissionController, Outcome
@@ -215,6 +216,13 @@ class GatewayMetrics:
             ["instance", "role", "kind", "model", "url"],
             registry=r,
         )
+        self.pd_decisions = Counter(
+            "pdgate_pd_decisions",
+            "Placements (one per attempt) by the profile handler, by path (split or colocated) and reason "
+            "(the in-tree handlers' fixed reasons; 'other' for a third-party handler's).",
+            ["model", "path", "reason"],
+            registry=r,
+        )
         self.serving_role = Gauge(
             "pdgate_instance_serving_role",
             "1 for the role an instance serves in now (a flex instance's changes at run time), 0 for the others.",
@@ -372,6 +380,11 @@ class GatewayMetrics:
 
     def observe_sharing_staleness(self, seconds: float) -> None:
         self.sharing_staleness.observe(seconds)
+
+    def pd_decision(self, model: str, split: bool, reason: str) -> None:
+        self._child(
+            self.pd_decisions, model, "split" if split else "colocated", reason if reason in REASONS else "other"
+        ).inc()
 
     def role_changed(self, instance_id: str, old: str, new: str, reason: str) -> None:
         """A flex instance changed its role (``old`` to ``new``)."""

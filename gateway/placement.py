@@ -93,6 +93,7 @@ class Placer:
         decode = self._chosen(plan.decode)
         prefill = self._chosen(plan.prefill) if plan.prefill is not None else None
         placement = Placement(decode, prefill, plan.decisions, plan.reason)
+        self.metrics.pd_decision(routed.info.model, placement.split, plan.reason)
         for decision in placement.decisions:
             assert decision.instance is not None  # decide() answers 503 without one
             for plugin in self._sent_hooks(decision.profile):

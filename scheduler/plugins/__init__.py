@@ -8,7 +8,7 @@ from pdgate.scheduler.plugins.pickers import (
     RandomPicker,
     RoundRobinPicker,
 )
-from pdgate.scheduler.plugins.profile_handlers import PdSplitHandler
+from pdgate.scheduler.plugins.profile_handlers import AdaptivePdHandler, PdSplitHandler
 from pdgate.scheduler.plugins.scorers import (
     KvUsageScorer,
     LeastLoadedScorer,
@@ -40,4 +40,5 @@ IN_TREE_PLUGINS = (
     LoadBalance,
     NoMigration,
     PdSplitHandler,
+    AdaptivePdHandler,
 )

@@ -5,13 +5,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from pdgate.scheduler.framework import PdPlan, ProfileHandler, RunProfile
+from pydantic import Field
+
+from pdgate.scheduler.costmodel.model import expected_output_tokens
+from pdgate.scheduler.estimates import tpot_estimate, tpot_limit, ttft_estimates
+from pdgate.scheduler.framework import PdPlan, PluginParams, ProfileHandler, RunProfile
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
 
 def has_pd_instances(snapshot: ClusterSnapshot) -> bool:
     """Whether the request's model has dedicated prefill or decode instances."""
     return any(i.role in ("prefill", "decode") for i in snapshot.instances)
+
+
+def split_plan(candidates: Sequence[InstanceView], run: RunProfile) -> PdPlan:
+    """``prefill`` over the candidates, then ``decode`` over the others (over all of them when the
+    prefill instance is the only one)."""
+    prefill = run("prefill", candidates)
+    others = [c for c in candidates if c.id != prefill.instance_id] or list(candidates)
+    return PdPlan(run("decode", others), prefill, reason=SPLIT_PD)
 
 
 class PdSplitHandler(ProfileHandler):
@@ -32,7 +44,99 @@ class PdSplitHandler(ProfileHandler):
         self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: Sequence[InstanceView], run: RunProfile
     ) -> PdPlan:
         if not has_pd_instances(snapshot):
-            return PdPlan(run("colocated", candidates), reason="colocated: no prefill/decode instances")
-        prefill = run("prefill", candidates)
-        others = [c for c in candidates if c.id != prefill.instance_id] or list(candidates)
-        return PdPlan(run("decode", others), prefill, reason="split: the model has prefill/decode instances")
+            return PdPlan(run("colocated", candidates), reason=NO_PD)
+        return split_plan(candidates, run)
+
+
+class AdaptivePdParams(PluginParams):
+    max_uncached_tokens: int = Field(
+        256,
+        ge=0,
+        description="without a cost model: colocate when at most this many prompt tokens are not cached there",
+    )
+    min_decode_hit_fraction: float = Field(
+        0.8, ge=0.0, le=1.0, description="without a cost model: colocate when the decode instance holds this share"
+    )
+    ttft_margin: float = Field(
+        1.0, gt=0.0, description="colocate when its predicted TTFT is at most this times the split's"
+    )
+
+
+class AdaptivePdHandler(PdSplitHandler):
+    """Per request: split prefill and decode, or serve the whole request on the decode instance.
+
+    The ``prefill`` and ``decode`` profiles choose as for a split (decode by KV-prefix hits and
+    load). Then the request is **colocated** on that decode instance (no KV hand-off) when it can
+    prefill there (``colocates_on_decode``: vLLM and the sim; SGLang's decode servers cannot)
+    and, with a cost model, when the predicted TTFT there (its prefill queue and the uncached
+    part of the prompt) is at most ``ttft_margin`` times the split's (the prefill instance's
+    queue, prefill and the hand-off) while the prefill's stall of the decode batch, spread over
+    the request's expected output, keeps the batch's tightest TPOT SLO. Without a cost model,
+    the thresholds decide: colocate when at most ``max_uncached_tokens`` prompt tokens are not
+    cached on the decode instance, or it holds at least ``min_decode_hit_fraction`` of them.
+    Models without prefill or decode instances run ``colocated``, as with ``pd-split``.
+    Reasons are a fixed set (see ``REASONS``), counted per path in ``pdgate_pd_decisions_total``.
+    """
+
+    type_name = "pd-adaptive"
+    Params = AdaptivePdParams
+
+    def plan(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: Sequence[InstanceView], run: RunProfile
+    ) -> PdPlan:
+        split = super().plan(request, snapshot, candidates, run)  # colocated when the model has no PD instances
+        prefill, decode = split.prefill, split.decode
+        here = decode.instance
+        if prefill is None or prefill.instance is None or here is None or here.id == prefill.instance_id:
+            return split
+        if "colocates_on_decode" not in here.capabilities:
+            return PdPlan(decode, prefill, reason=SPLIT_CANNOT)
+        colocate, reason = self._colocates(request, snapshot, prefill.instance, here)
+        return PdPlan(decode, reason=reason) if colocate else PdPlan(decode, prefill, reason=reason)
+
+    def _colocates(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, prefill: InstanceView, decode: InstanceView
+    ) -> tuple[bool, str]:
+        p: AdaptivePdParams = self.params  # type: ignore[assignment]
+        prompt = request.prompt_tokens
+        hit = min(snapshot.prefix_hit_tokens.get(decode.id, 0), max(0, prompt - 1))
+        costs = snapshot.costs
+        if costs is None:
+            if prompt - hit <= p.max_uncached_tokens:
+                return True, COLOCATED_SHORT
+            if prompt > 0 and hit >= p.min_decode_hit_fraction * prompt:
+                return True, COLOCATED_PREFIX
+            return False, SPLIT_LONG
+        split = ttft_estimates(request, snapshot, [prefill], costs)[0]
+        here = ttft_estimates(request, snapshot, [decode], costs, handoff_s=0.0)[0]
+        if here.wait_s + here.prefill_s > p.ttft_margin * split.total_s:
+            return False, SPLIT_FASTER
+        limit = tpot_limit(request, decode)
+        if limit is not None and decode.decode_inflight > 0:
+            spread = here.prefill_s / max(1.0, expected_output_tokens(request.output, request.max_tokens))
+            if tpot_estimate(request, decode, costs) + spread > limit:
+                return False, SPLIT_TPOT
+        return True, COLOCATED_FASTER
+
+
+NO_PD = "colocated: no prefill/decode instances"
+SPLIT_PD = "split: the model has prefill/decode instances"
+SPLIT_CANNOT = "split: the decode instance cannot prefill a whole request"
+SPLIT_LONG = "split: the uncached prompt is long"
+SPLIT_FASTER = "split: predicted faster"
+SPLIT_TPOT = "split: a prefill there would break the decode batch's TPOT"
+COLOCATED_SHORT = "colocated: little of the prompt is uncached on the decode instance"
+COLOCATED_PREFIX = "colocated: the decode instance holds the prefix"
+COLOCATED_FASTER = "colocated: predicted faster"
+REASONS = (
+    NO_PD,
+    SPLIT_PD,
+    SPLIT_CANNOT,
+    SPLIT_LONG,
+    SPLIT_FASTER,
+    SPLIT_TPOT,
+    COLOCATED_SHORT,
+    COLOCATED_PREFIX,
+    COLOCATED_FASTER,
+)
+"""Every reason the in-tree handlers give (a bounded set: it labels a metric)."""

@@ -1,0 +1,102 @@
+"""The per-request PD decision (``pd-adaptive``, issue 17): split, or serve the whole request on the
+decode instance, on constructed snapshots (the cost model's priors, or none)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec
+from pdgate.scheduler.costmodel.model import CostModel
+from pdgate.scheduler.framework import Decision
+from pdgate.scheduler.plugins import profile_handlers as ph
+from pdgate.scheduler.plugins.profile_handlers import AdaptivePdHandler, AdaptivePdParams
+from pdgate.scheduler.registry import HandlerSpec, PluginRegistry
+from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo, SloTarget
+
+pytestmark = pytest.mark.unit
+
+GROUP = "sim/m/default"
+CAN_COLOCATE = frozenset({"colocates_on_decode"})
+
+
+@pytest.fixture(scope="module")
+def costs() -> CostModel:
+    return CostModel(LatencyModel.from_priors({GROUP: PriorSpec()}), None)  # type: ignore[arg-type]
+
+
+def view(id: str, role: str, **kw) -> InstanceView:
+    kw.setdefault("capabilities", CAN_COLOCATE)
+    return InstanceView(id=id, url=f"http://{id}", role=role, model="m", cost_group=GROUP, **kw)  # type: ignore[arg-type]
+
+
+def request(prompt: int, tpot: float | None = 0.1) -> RequestInfo:
+    return RequestInfo("r", "m", prompt, 128, slo=SloTarget(2.0, tpot))
+
+
+def first_that_serves(profile: str, among: Sequence[InstanceView]) -> Decision:
+    """The profiles' stand-in: the first candidate that can take the profile's leg."""
+    phase = {"prefill": "prefill", "decode": "decode"}.get(profile)
+    chosen = next(i for i in among if (i.serves(phase) if phase else i.role == "both"))  # type: ignore[arg-type]
+    return Decision(profile, chosen, len(among))
+
+
+def plan(snapshot: ClusterSnapshot, info: RequestInfo, **params):
+    handler = AdaptivePdHandler("pd", AdaptivePdParams(**params))
+    return handler.plan(info, snapshot, snapshot.instances, first_that_serves)
+
+
+def test_without_a_cost_model_short_uncached_prompts_and_held_prefixes_stay_on_the_decode_instance():
+    fleet = (view("p", "prefill"), view("d", "decode"))
+    short = plan(ClusterSnapshot(fleet, 0.0, {}, None), request(200))
+    assert not short.split and short.prefill is None and short.decode.instance_id == "d"
+    assert short.reason == ph.COLOCATED_SHORT
+    held = plan(ClusterSnapshot(fleet, 0.0, {"d": 3600}, None), request(4000))
+    assert not held.split and held.reason == ph.COLOCATED_PREFIX
+    long = plan(ClusterSnapshot(fleet, 0.0, {"d": 1000}, None), request(4000))
+    assert long.split and long.prefill.instance_id == "p" and long.reason == ph.SPLIT_LONG
+    tighter = plan(ClusterSnapshot(fleet, 0.0, {}, None), request(200), max_uncached_tokens=100)
+    assert tighter.split
+
+
+def test_a_decode_instance_that_cannot_prefill_a_whole_request_always_splits(costs):
+    fleet = (view("p", "prefill"), view("d", "decode", capabilities=frozenset()))
+    decided = plan(ClusterSnapshot(fleet, 0.0, {}, costs), request(10))
+    assert decided.split and decided.reason == ph.SPLIT_CANNOT
+
+
+def test_colocates_when_the_prefill_queue_would_cost_more_than_prefilling_on_the_decode_instance(costs):
+    busy_prefill = (view("p", "prefill", prefill_wait_s=1.5), view("d", "decode"))
+    decided = plan(ClusterSnapshot(busy_prefill, 0.0, {}, costs), request(2048))
+    assert not decided.split and decided.reason == ph.COLOCATED_FASTER
+    busy_decode = (view("p", "prefill"), view("d", "decode", prefill_wait_s=1.5))
+    decided = plan(ClusterSnapshot(busy_decode, 0.0, {}, costs), request(2048))
+    assert decided.split and decided.reason == ph.SPLIT_FASTER
+    # a margin below 1 asks colocation to win by that much: an idle pair then splits a long prompt
+    idle = (view("p", "prefill"), view("d", "decode"))
+    assert plan(ClusterSnapshot(idle, 0.0, {}, costs), request(2048), ttft_margin=0.5).split
+
+
+def test_splits_when_prefilling_there_would_break_the_decode_batchs_tpot(costs):
+    batch = {"decode_inflight": 32, "decode_context_tokens": 32 * 2000}
+    step = costs.decode_step_s(view("x", "decode"), 33, 32 * 2000 + 2048 + 64)
+    tight = (view("p", "prefill", prefill_wait_s=1.5), view("d", "decode", tightest_tpot_s=step * 1.01, **batch))
+    decided = plan(ClusterSnapshot(tight, 0.0, {}, costs), request(4096))
+    assert decided.split and decided.reason == ph.SPLIT_TPOT
+    loose = (view("p", "prefill", prefill_wait_s=1.5), view("d", "decode", tightest_tpot_s=step * 3, **batch))
+    assert not plan(ClusterSnapshot(loose, 0.0, {}, costs), request(4096)).split
+
+
+def test_models_without_prefill_or_decode_instances_run_colocated(costs):
+    decided = plan(ClusterSnapshot((view("a", "both"), view("b", "both")), 0.0, {}, costs), request(4000))
+    assert not decided.split and decided.reason == ph.NO_PD
+
+
+def test_it_is_a_profile_handler_the_registry_builds():
+    registry = PluginRegistry(load_entry_points=False)
+    profiles = {name: object() for name in ("prefill", "decode", "colocated")}
+    spec = HandlerSpec(type="pd-adaptive", parameters={"max_uncached_tokens": 64})
+    handler = registry.create_profile_handler(spec, profiles)  # type: ignore[arg-type]
+    assert isinstance(handler, AdaptivePdHandler) and handler.params.max_uncached_tokens == 64  # type: ignore[attr-defined]
+    assert all(r.startswith(("split", "colocated")) for r in ph.REASONS)
