@@ -117,7 +117,7 @@ class Intake:
             max_tokens=max_tokens,
             block_hashes=tuple(first_chain),
             priority=slo.priority,
-            tags={"app": tag} if tag else {},
+            tags=_tags(tag, headers.get(PD_PATH_HEADER), path),
             slo=slo,
             output=output,
             arrival=arrival,
@@ -142,6 +142,19 @@ class Intake:
             movable=movable,
             want_ids=want_ids,
         )
+
+
+PD_PATH_HEADER = "x-pdgate-pd-path"  # colocated | split: the path a pd-paths handler may honour
+
+
+def _tags(app: str | None, pd_path: str | None, route: str) -> dict[str, str]:
+    """What a scheduling plugin may read of the request's headers and route."""
+    tags = {"route": route}
+    if app:
+        tags["app"] = app
+    if pd_path:
+        tags["pd_path"] = pd_path.strip().lower()
+    return tags
 
 
 def _completion_prompt(parsed: Any, body: dict[str, Any], tokenizer: Tokenizer) -> tuple[list[int], str, int]:

@@ -143,8 +143,8 @@ class GatewayMetrics:
         )
         self.slo = Counter(
             "pdgate_slo_requests",
-            "Streamed requests by SLO class and whether they met their TTFT and TPOT SLOs.",
-            ["model", "slo_class", "met"],
+            "Streamed requests by SLO class, path (split or colocated) and whether they met their TTFT and TPOT SLOs.",
+            ["model", "slo_class", "path", "met"],
             registry=r,
         )
         # ---- admission
@@ -436,7 +436,8 @@ class GatewayMetrics:
             self.e2e.observe(labels, e2e)
         if ttft is not None:
             self.ttft.observe(labels, ttft)
-            self._child(self.slo, info.model, info.slo.slo_class, "true" if info.slo.met(ttft, tpot) else "false").inc()
+            met = "true" if info.slo.met(ttft, tpot) else "false"
+            self._child(self.slo, info.model, info.slo.slo_class, "split" if obs.split else "colocated", met).inc()
         if tpot is not None:
             self.tpot.observe(labels, tpot)
         predicted = obs.predicted

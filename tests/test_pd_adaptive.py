@@ -100,3 +100,42 @@ def test_it_is_a_profile_handler_the_registry_builds():
     handler = registry.create_profile_handler(spec, profiles)  # type: ignore[arg-type]
     assert isinstance(handler, AdaptivePdHandler) and handler.params.max_uncached_tokens == 64  # type: ignore[attr-defined]
     assert all(r.startswith(("split", "colocated")) for r in ph.REASONS)
+
+
+def paths_plan(info: RequestInfo, fleet=None, **params):
+    fleet = fleet or (view("c", "both"), view("p", "prefill"), view("d", "decode"))
+    handler = ph.PdPathsHandler("paths", ph.PdPathsParams(**params))
+    snapshot = ClusterSnapshot(fleet, 0.0, {}, None)
+    return handler.plan(info, snapshot, snapshot.instances, first_that_serves)
+
+
+def tagged(request_id: str, **tags: str) -> RequestInfo:
+    return RequestInfo(request_id, "m", 100, 16, tags={"route": "/v1/completions", **tags})
+
+
+def test_pd_paths_puts_the_configured_share_on_the_colocated_instances_the_same_for_a_request_id():
+    plans = [paths_plan(tagged(f"req-{i}"), colocated_percent=30) for i in range(2000)]
+    colocated = [p for p in plans if not p.split]
+    assert all(p.decode.instance_id == "c" and p.reason == ph.COLOCATED_SHARE for p in colocated)
+    assert all(p.prefill.instance_id == "p" and p.decode.instance_id == "d" for p in plans if p.split)
+    assert 0.26 < len(colocated) / len(plans) < 0.34
+    again = [paths_plan(tagged(f"req-{i}"), colocated_percent=30).split for i in range(2000)]
+    assert again == [p.split for p in plans]
+    assert all(paths_plan(tagged(f"r{i}")).split for i in range(50))  # the default: 0 %
+
+
+def test_pd_paths_rules_before_the_share_and_a_path_without_instances():
+    rules = {"colocated_apps": ["chat-ui"], "split_apps": ["batch"], "colocated_routes": ["/v1/chat/completions"]}
+    assert paths_plan(tagged("a", app="chat-ui"), **rules).reason == ph.COLOCATED_APP
+    assert paths_plan(tagged("a", app="batch"), colocated_percent=100, **rules).reason == ph.SPLIT_APP
+    chat = RequestInfo("a", "m", 100, 16, tags={"route": "/v1/chat/completions"})
+    assert paths_plan(chat, **rules).reason == ph.COLOCATED_ROUTE
+    asked = tagged("a", pd_path="colocated")
+    assert paths_plan(asked).split  # the header is not honoured unless configured
+    assert paths_plan(asked, honour_header=True).reason == ph.COLOCATED_HEADER
+    assert paths_plan(tagged("a", pd_path="split"), honour_header=True, colocated_percent=100).split
+    no_colocated = (view("p", "prefill"), view("d", "decode"))
+    fallback = paths_plan(tagged("a", app="chat-ui"), no_colocated, **rules)
+    assert fallback.split and fallback.reason == ph.SPLIT_NO_COLOCATED
+    only_colocated = (view("c", "both"),)
+    assert not paths_plan(tagged("a"), only_colocated).split

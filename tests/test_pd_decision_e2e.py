@@ -58,3 +58,47 @@ def test_each_request_is_split_or_colocated_as_predicted_and_answered_the_same(s
         assert line in metrics, [m for m in metrics.splitlines() if m.startswith("pdgate_pd_decisions")]
     finally:
         gateway.stop()
+
+
+def test_pd_paths_serves_a_share_on_colocated_instances_beside_the_disaggregated_ones(sim_factory, tmp_path):
+    roles = ("both", "prefill", "decode")
+    engines = [sim_factory(*engine_flags(role), time_scale=1.0) for role in roles]
+    colocated, prefill, decode = (instance_entry(e, role, "sim") for e, role in zip(engines, roles, strict=True))
+    parameters = {"colocated_percent": 50, "honour_header": True}
+    scheduling = {**DEFAULT_SCHEDULING, "profileHandler": {"type": "pd-paths", "parameters": parameters}}
+    path = write_config(tmp_path / "paths.yaml", [colocated, prefill, decode], scheduling=scheduling)
+    gateway = start_pdgate("serve", "--config", str(path), "--log-format", "json", "--access-log")
+    try:
+        api = client(gateway.url)
+        for n in range(12):
+            stream = api.completions.create(
+                model=MODEL,
+                prompt=f"a/b request {n}",
+                max_tokens=3,
+                stream=True,
+                extra_headers={"X-Request-Id": f"ab-{n}"},
+                extra_body={"ignore_eos": True},  # three tokens of text whatever the sim draws
+            )
+            assert "".join(c.choices[0].text for c in stream if c.choices)
+        api.completions.create(
+            model=MODEL,
+            prompt="asked",
+            max_tokens=3,
+            extra_headers={"x-pdgate-pd-path": "colocated", "X-Request-Id": "ab-split-0"},
+        )
+        wait_until(lambda: len(_access(gateway)) >= 13, message="13 access-log lines")
+        placed = {r["request_id"]: (r["prefill"], r["decode"]) for r in _access(gateway)}
+        assert set(placed.values()) == {(None, colocated["id"]), (prefill["id"], decode["id"])}, placed
+        assert placed["ab-split-0"] == (None, colocated["id"])  # its header, not its share
+        metrics = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
+        per_path = [m for m in metrics.splitlines() if m.startswith("pdgate_slo_requests_total{")]
+        counted = {
+            p: sum(float(m.rsplit(" ", 1)[1]) for m in per_path if f'path="{p}"' in m) for p in ("split", "colocated")
+        }
+        streamed = [placed[f"ab-{n}"] for n in range(12)]
+        assert counted == {
+            "split": streamed.count((prefill["id"], decode["id"])),
+            "colocated": streamed.count((None, colocated["id"])),
+        }
+    finally:
+        gateway.stop()

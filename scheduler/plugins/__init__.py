@@ -8,7 +8,7 @@ from pdgate.scheduler.plugins.pickers import (
     RandomPicker,
     RoundRobinPicker,
 )
-from pdgate.scheduler.plugins.profile_handlers import AdaptivePdHandler, PdSplitHandler
+from pdgate.scheduler.plugins.profile_handlers import AdaptivePdHandler, PdPathsHandler, PdSplitHandler
 from pdgate.scheduler.plugins.scorers import (
     KvUsageScorer,
     LeastLoadedScorer,
@@ -41,4 +41,5 @@ IN_TREE_PLUGINS = (
     NoMigration,
     PdSplitHandler,
     AdaptivePdHandler,
+    PdPathsHandler,
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -119,6 +120,69 @@ class AdaptivePdHandler(PdSplitHandler):
         return True, COLOCATED_FASTER
 
 
+class PdPathsParams(PluginParams):
+    colocated_percent: float = Field(
+        0.0, ge=0.0, le=100.0, description="share of requests (by a hash of their id) on the colocated path"
+    )
+    colocated_apps: list[str] = Field(default_factory=list, description="x-pdgate-app values always colocated")
+    split_apps: list[str] = Field(default_factory=list, description="x-pdgate-app values always split")
+    colocated_routes: list[str] = Field(
+        default_factory=list, description="routes always colocated, e.g. /v1/chat/completions"
+    )
+    honour_header: bool = Field(False, description="a request's x-pdgate-pd-path (colocated | split) picks its path")
+
+
+class PdPathsHandler(ProfileHandler):
+    """The operator's explicit split between a model's colocated and disaggregated instances.
+
+    For rolling disaggregation out (or back) as a config change: ``both`` instances form the
+    colocated path (profile ``colocated``), ``prefill`` and ``decode`` instances the split path
+    (``prefill`` then ``decode``), side by side for one model. Each request takes one path, by the
+    first rule that applies: its ``x-pdgate-pd-path`` header (with ``honour_header``), its app
+    (``x-pdgate-app``) in ``colocated_apps`` or ``split_apps``, its route in ``colocated_routes``,
+    else ``colocated_percent`` of requests by a stable hash of the request id (the same request
+    id always takes the same path). A path without instances sends the request to the other.
+    ``pdgate_pd_decisions_total`` and ``pdgate_slo_requests_total`` count by path, for the A/B
+    comparison.
+    """
+
+    type_name = "pd-paths"
+    Params = PdPathsParams
+    profiles: ClassVar[tuple[str, ...]] = ("prefill", "decode", "colocated")
+
+    def plan(
+        self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: Sequence[InstanceView], run: RunProfile
+    ) -> PdPlan:
+        colocated = [c for c in candidates if c.role == "both"]
+        split = [c for c in candidates if c.role != "both"]
+        wanted, reason = self._path(request)
+        if wanted == "colocated" and not colocated:
+            wanted, reason = "split", SPLIT_NO_COLOCATED
+        elif wanted == "split" and not split:
+            wanted, reason = "colocated", NO_PD
+        if wanted == "colocated":
+            return PdPlan(run("colocated", colocated), reason=reason)
+        plan = split_plan(split, run)
+        return PdPlan(plan.decode, plan.prefill, reason=reason)
+
+    def _path(self, request: RequestInfo) -> tuple[str, str]:
+        p: PdPathsParams = self.params  # type: ignore[assignment]
+        tags = request.tags
+        header = tags.get("pd_path")
+        if p.honour_header and header in ("colocated", "split"):
+            return header, COLOCATED_HEADER if header == "colocated" else SPLIT_HEADER
+        app = tags.get("app")
+        if app is not None and app in p.colocated_apps:
+            return "colocated", COLOCATED_APP
+        if app is not None and app in p.split_apps:
+            return "split", SPLIT_APP
+        if tags.get("route") in p.colocated_routes:
+            return "colocated", COLOCATED_ROUTE
+        if zlib.crc32(request.request_id.encode()) % 10_000 < p.colocated_percent * 100:
+            return "colocated", COLOCATED_SHARE
+        return "split", SPLIT_SHARE
+
+
 NO_PD = "colocated: no prefill/decode instances"
 SPLIT_PD = "split: the model has prefill/decode instances"
 SPLIT_CANNOT = "split: the decode instance cannot prefill a whole request"
@@ -128,6 +192,14 @@ SPLIT_TPOT = "split: a prefill there would break the decode batch's TPOT"
 COLOCATED_SHORT = "colocated: little of the prompt is uncached on the decode instance"
 COLOCATED_PREFIX = "colocated: the decode instance holds the prefix"
 COLOCATED_FASTER = "colocated: predicted faster"
+COLOCATED_HEADER = "colocated: asked by the request's header"
+SPLIT_HEADER = "split: asked by the request's header"
+COLOCATED_APP = "colocated: the app's path"
+SPLIT_APP = "split: the app's path"
+COLOCATED_ROUTE = "colocated: the route's path"
+COLOCATED_SHARE = "colocated: its share of the traffic"
+SPLIT_SHARE = "split: its share of the traffic"
+SPLIT_NO_COLOCATED = "split: no colocated instance"
 REASONS = (
     NO_PD,
     SPLIT_PD,
@@ -138,5 +210,13 @@ REASONS = (
     COLOCATED_SHORT,
     COLOCATED_PREFIX,
     COLOCATED_FASTER,
+    COLOCATED_HEADER,
+    SPLIT_HEADER,
+    COLOCATED_APP,
+    SPLIT_APP,
+    COLOCATED_ROUTE,
+    COLOCATED_SHARE,
+    SPLIT_SHARE,
+    SPLIT_NO_COLOCATED,
 )
 """Every reason the in-tree handlers give (a bounded set: it labels a metric)."""
