@@ -194,7 +194,14 @@ class AdmissionController:
         if verdict is not None and verdict.predicted_ttft_s is not None and math.isfinite(verdict.predicted_ttft_s):
             retry = max(1, math.ceil(verdict.predicted_ttft_s))
         detail = ""
-        if verdict is not None and verdict.predicted_ttft_s is not None and info.slo.ttft_s is not None:
+        if verdict is not None and verdict.earliest_ttft_s is not None and verdict.ttft_limit_s is not None:
+            # the figures the admitter compared (the least predicted TTFT alone can be under the SLO:
+            # the time already waited and the work queued ahead count too)
+            detail = (
+                f" (earliest predicted TTFT {verdict.earliest_ttft_s * 1000:.0f} ms from arrival, limit "
+                f"{verdict.ttft_limit_s * 1000:.0f} ms of a {info.slo.ttft_s * 1000 if info.slo.ttft_s else 0:.0f} ms SLO)"
+            )
+        elif verdict is not None and verdict.predicted_ttft_s is not None and info.slo.ttft_s is not None:
             detail = f" (predicted TTFT {verdict.predicted_ttft_s * 1000:.0f} ms, SLO {info.slo.ttft_s * 1000:.0f} ms)"
         return GatewayError(
             429,

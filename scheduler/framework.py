@@ -99,6 +99,10 @@ class Verdict:
     best_case_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
     prefill_work_s: float = 0.0  # predicted prefill seconds of the request (for the queue's work-ahead)
+    # what a TTFT verdict compared: the earliest first token it sees possible, counted from the
+    # request's arrival (time waited, work queued ahead, the prefill itself), against its limit
+    earliest_ttft_s: float | None = None
+    ttft_limit_s: float | None = None
 
 
 class Admitter(Plugin):

@@ -72,7 +72,11 @@ def test_backlog_beyond_the_deadline_is_rejected_and_a_moderate_one_waits(costs)
     verdict = admitter().assess(request(ttft=1.0), queued, 0.0, 0.0)
     assert verdict.action == "wait"  # it would make it, but the engine queue is past half the SLO
     # and time spent waiting counts against the deadline
-    assert admitter().assess(request(ttft=1.0, arrival=0.0), queued, 0.5, 0.0).action == "reject"
+    late = admitter().assess(request(ttft=1.0, arrival=0.0), queued, 0.5, 0.0)
+    assert late.action == "reject"
+    # what it compared: its own least TTFT is under the SLO, but not after the 0.5 s it waited
+    assert late.predicted_ttft_s < 1.0 and late.ttft_limit_s == pytest.approx(0.9)
+    assert late.earliest_ttft_s == pytest.approx(0.5 + late.predicted_ttft_s) and late.earliest_ttft_s > 0.9
     # work queued ahead at the gateway counts too
     assert (
         admitter().assess(request(ttft=1.0), snapshot(costs, view("p0"), view("d0", "decode")), 0.0, 3.0).action

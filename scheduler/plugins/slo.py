@@ -134,9 +134,11 @@ class SloAdmitter(Admitter):
                 decode_ok = limit is None or tpot <= limit
         slo = request.slo
         elapsed = now - request.arrival
+        start = max(min_wait, work_ahead_s / len(prefills))
+        limit = slo.ttft_s * p.slack if slo.ttft_s is not None else None
 
         def verdict(action: str, reason: str) -> Verdict:
-            return Verdict(action, reason, best_now, best_case, tpot_now, work)  # type: ignore[arg-type]
+            return Verdict(action, reason, best_now, best_case, tpot_now, work, elapsed + start + best_case, limit)  # type: ignore[arg-type]
 
         if elapsed > p.max_queue_wait_s:
             return verdict("reject", "queue-timeout")
@@ -146,7 +148,6 @@ class SloAdmitter(Admitter):
                 return verdict("reject", "tpot-infeasible")
         if slo.ttft_s is not None:
             remaining = slo.ttft_s * p.slack - elapsed
-            start = max(min_wait, work_ahead_s / len(prefills))
             if start + best_case > remaining:
                 return verdict("reject", "ttft-infeasible" if decode_ok else "decode-saturated")
             window = p.engine_queue_fraction * slo.ttft_s
