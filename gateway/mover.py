@@ -95,8 +95,15 @@ class StreamMover:
                     handover = await self._live_handover(live, source, target)
                 else:
                     live.freeze()
+                    # a source leaving the decode role for prefill holds the prompt and the tokens
+                    # so far: the best prefill instance for the continuation (the KV then goes over)
+                    to_prefill = reason == "role" and source.role == "prefill"
                     handover = await self._continuation(
-                        live, target=target, exclude={source.spec.id}, mechanism=mechanism
+                        live,
+                        target=target,
+                        exclude=set() if to_prefill else {source.spec.id},
+                        mechanism=mechanism,
+                        preferred_prefill=source.spec.id if to_prefill else None,
                     )
         except (UpstreamFailed, MigrationError, GatewayError, TimeoutError) as exc:
             error = failure_reason(exc)
@@ -123,6 +130,7 @@ class StreamMover:
                 )
         if handover is None:
             return False
+        mechanism = handover.mechanism  # "pd" becomes "recompute" when no prefill instance but the target was left
         handover.reason = reason
         handover.leg = span
         if pending.done():  # the answer ended first (the stream cancelled this move)
@@ -215,6 +223,7 @@ class StreamMover:
         exclude: set[str],
         mechanism: str,
         handoff: dict[str, Any] | None = None,
+        preferred_prefill: str | None = None,
     ) -> Handover:
         """Open the rest of ``live``'s answer (from the tokens its client has) and read its first piece.
 
@@ -230,9 +239,11 @@ class StreamMover:
         else:
             prefill = None
             if mechanism == "pd":
-                preferred = routed.obs.prefill_id if routed.obs.split else None
+                preferred = preferred_prefill or (routed.obs.prefill_id if routed.obs.split else None)
                 prefill = self.placer.prefill_for(cont, snapshot, exclude, preferred)
             placement = Placement(target, prefill, [])
+            if mechanism == "pd" and not placement.split:
+                mechanism = "recompute"  # the prefill choice fell on the target itself
             self.placer.predict(cont, placement, snapshot)
         opened = Opened(placement.decode)
         try:
