@@ -38,6 +38,7 @@ from pdgate.gateway.nats_state import NatsState
 from pdgate.gateway.peers import PeerStreams
 from pdgate.gateway.proxy import Proxy
 from pdgate.gateway.requests import GatewayError
+from pdgate.gateway.role_balancing import RoleBalancing
 from pdgate.gateway.signal_sharing import SignalSharing
 from pdgate.gateway.tracing import Tracing
 from pdgate.gateway.tracing_setup import resolve_settings
@@ -69,6 +70,7 @@ class Gateway:
     peers: PeerStreams | None = None
     signals: SignalSharing | None = None
     leadership: Leadership | None = None
+    roles: RoleBalancing | None = None  # the role balancer (role_balancer.enabled)
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
     cluster: Cluster | None = None
@@ -276,6 +278,12 @@ class GatewayServer:
             gw.leadership = Leadership(gw.shared, gw.metrics, lease_s=gw.config.sharing.leader_lease_s)
             migrations.plans_here = lambda: gw.leadership is not None and gw.leadership.duties_here
             gw.leadership.start()
+            if gw.config.role_balancer.enabled:
+                leadership = gw.leadership
+                gw.roles = RoleBalancing(
+                    gw.config, gw.cluster, gw.fleet, gw.costs, gw.metrics, lambda: leadership.duties_here
+                )
+                gw.roles.start()
             self._http = HttpServer(
                 GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
             )
@@ -335,6 +343,9 @@ class GatewayServer:
         if self._http is not None:
             await self._http.close(SHUTDOWN_GRACE_S)
             self._http = None
+        if gw.roles is not None:
+            await gw.roles.close()
+            gw.roles = None
         if gw.leadership is not None:
             await gw.leadership.close()
             gw.leadership = None

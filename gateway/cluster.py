@@ -123,6 +123,7 @@ class InstanceState:
     adapter: EngineAdapter
     breaker: CircuitBreaker
     role: Role = "both"  # the role it serves in now (a flex instance's changes at run time; others' is spec.role)
+    role_since: float = 0.0  # the cluster's clock when it took that role
     load: EngineLoad | None = None
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
@@ -301,6 +302,7 @@ class Cluster:
         self.on_circuit_open: Callable[[str, str], None] | None = None  # (instance, reason): replicas are told
         self.on_prompt_recorded: Callable[[str, list[int]], None] | None = None  # approximate index, for replicas
         self.on_load_change: Callable[[], None] | None = None  # a lease opened, or closed: replicas are told
+        self.prefill_work_sent: dict[str, float] = {}  # model -> predicted prefill seconds sent (role balancer)
         self._lease_ids = itertools.count(1)
         self._session = session
         self._pool = pool
@@ -318,7 +320,9 @@ class Cluster:
         spec = inst.spec()
         breaker = CircuitBreaker(self.config.health.failure_threshold, self.config.health.cooldown_s)
         adapter = make_adapter(spec, self._session, self._pool)
-        return InstanceState(spec, adapter, breaker, role=inst.start_role, cost_group=inst.cost_key())
+        state = InstanceState(spec, adapter, breaker, role=inst.start_role, cost_group=inst.cost_key())
+        state.role_since = self.clock()
+        return state
 
     # ------------------------------------------------------- fleet changes
     async def add_instance(self, inst: InstanceConfig) -> InstanceState:
@@ -463,6 +467,8 @@ class Cluster:
         )
         if predicted_prefill_s is not None:
             state.add_prefill(lease.key, now, predicted_prefill_s)
+            model = state.spec.model
+            self.prefill_work_sent[model] = self.prefill_work_sent.get(model, 0.0) + predicted_prefill_s
         if context_tokens is not None:
             lease.decodes = True
             lease.context_tokens = context_tokens

@@ -356,6 +356,24 @@ class AdminConfig(Strict):
     )
 
 
+class RoleBalancerConfig(Strict):
+    """Moving flex instances between the prefill and decode roles as the load's mix shifts
+    (``gateway/role_balancing.py``); a leader-only duty with several replicas."""
+
+    enabled: bool = Field(False, description="move flex instances between prefill and decode by the load")
+    interval_s: float = Field(5.0, gt=0, description="how often the demand is measured and the split planned")
+    min_dwell_s: float = Field(30.0, ge=0, description="an instance keeps a role at least this long")
+    hysteresis: float = Field(
+        0.2, ge=0, description="move only when the busier pool's utilisation drops by this share or more"
+    )
+    prefill_utilisation: float = Field(
+        0.7, gt=0, le=1, description="the share of time a prefill instance may be busy and keep its TTFT target"
+    )
+    tpot_target_ms: float | None = Field(
+        None, gt=0, description="the TPOT decode batches are sized for (default: the default SLO's, else 100 ms)"
+    )
+
+
 class SharingConfig(Strict):
     """State gateway replicas share (docs/gateway.md): the fleet's changes, drains, in-flight load."""
 
@@ -423,6 +441,7 @@ class GatewayConfig(Strict):
     migration: MigrationConfig = Field(default_factory=MigrationConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     sharing: SharingConfig = Field(default_factory=SharingConfig)
+    role_balancer: RoleBalancerConfig = Field(default_factory=RoleBalancerConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewayConfig:

@@ -146,7 +146,7 @@ class FleetManager:
         return state
 
     def _apply_role(self, state: InstanceState, role: Role, reason: str) -> None:
-        old, state.role = state.role, role
+        old, state.role, state.role_since = state.role, role, self.cluster.clock()
         self.metrics.role_changed(state.spec.id, old, role, reason)
         log.warning("instance %s serves as %s (was %s): %s", state.spec.id, role, old, reason)
 

@@ -223,6 +223,12 @@ class GatewayMetrics:
             ["model", "path", "reason"],
             registry=r,
         )
+        self.role_plan_gauge = Gauge(
+            "pdgate_role_plan_instances",
+            "The role balancer's planned split of a model's prefill and decode instances (flex ones moved toward it).",
+            ["model", "role"],
+            registry=r,
+        )
         self.serving_role = Gauge(
             "pdgate_instance_serving_role",
             "1 for the role an instance serves in now (a flex instance's changes at run time), 0 for the others.",
@@ -385,6 +391,10 @@ class GatewayMetrics:
         self._child(
             self.pd_decisions, model, "split" if split else "colocated", reason if reason in REASONS else "other"
         ).inc()
+
+    def role_plan(self, model: str, prefill: int, decode: int) -> None:
+        self._child(self.role_plan_gauge, model, "prefill").set(prefill)
+        self._child(self.role_plan_gauge, model, "decode").set(decode)
 
     def role_changed(self, instance_id: str, old: str, new: str, reason: str) -> None:
         """A flex instance changed its role (``old`` to ``new``)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import pytest
 from support.fleet import MODEL, engine_flags, get_json, instance_entry, write_config
@@ -109,3 +110,39 @@ def gateway_metrics(url: str) -> str:
     import urllib.request
 
     return urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+
+
+def test_the_role_balancer_moves_a_flex_decoder_to_prefill_under_prefill_heavy_load(sim_factory, tmp_path):
+    engines = [sim_factory(*engine_flags("both"), time_scale=1.0) for _ in range(3)]
+    entries = [
+        {**instance_entry(engine, "flex", "sim"), "serving": serving}
+        for engine, serving in zip(engines, ("prefill", "decode", "decode"), strict=True)
+    ]
+    balancer = {"enabled": True, "interval_s": 0.3, "min_dwell_s": 0.0, "hysteresis": 0.1}
+    path = write_config(tmp_path / "balanced.yaml", entries, role_balancer=balancer)
+    gateway = start_pdgate("serve", "--config", str(path))
+    stop = threading.Event()
+
+    def long_prompts(n: int) -> None:  # long prompts, two tokens each: the prefill pool is the busy one
+        api = client(gateway.url)
+        while not stop.is_set():
+            api.completions.create(model=MODEL, prompt=f"{n} " + "prefill heavy words " * 400, max_tokens=2)
+
+    senders = [threading.Thread(target=long_prompts, args=(n,)) for n in range(6)]
+    try:
+        for sender in senders:
+            sender.start()
+
+        def serving_prefill() -> int:
+            return sum(i["serving"] == "prefill" for i in get_json(f"{gateway.url}/admin/instances")["data"])
+
+        wait_until(lambda: serving_prefill() >= 2, timeout=30, message="a decoder moved to prefill")
+        metrics = gateway_metrics(gateway.url)
+        assert 'reason="balancer",role="prefill"} 1.0' in metrics
+        assert f'pdgate_role_plan_instances{{model="{MODEL}",role="prefill"}}' in metrics
+        assert serving_prefill() < 3  # every pool keeps an instance
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(60)
+        gateway.stop()

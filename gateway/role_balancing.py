@@ -1,0 +1,126 @@
+"""The role balancer: flex instances moved between prefill and decode as the load's mix shifts.
+
+Every ``role_balancer.interval_s``, for each model with flex instances:
+
+* **measure**: the prefill work the gateway sent in the interval (predicted prefill seconds per
+  second: :attr:`Cluster.prefill_work_sent`, this replica's) and the decode streams running now
+  with their context (the snapshot's, which counts every replica's when they share their load);
+* **forecast** the next interval with Holt's smoothing (level and trend);
+* **plan** the split (:func:`pdgate.scheduler.role_planner.plan_roles`: prefill capacity at a
+  utilisation that keeps the TTFT target, decode capacity at the TPOT target, from the cost
+  model) and move at most one flex instance toward it, through
+  :meth:`FleetManager.set_role` (reason ``balancer``: its streams move away when it leaves
+  decode, every replica applies it), once it has kept its role ``min_dwell_s``.
+
+With replicas only the leader plans and moves (``duties_here``); every replica measures, so a
+new leader has a forecast. The planned split is exported as ``pdgate_role_plan_instances``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from pdgate.common.tasks import OwnedTasks
+from pdgate.gateway.cluster import Cluster
+from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.fleet import FleetChangeError, FleetManager
+from pdgate.gateway.metrics import GatewayMetrics
+from pdgate.scheduler.role_planner import Holt, PoolDemand, RolePlan, plan_roles
+
+log = logging.getLogger("pdgate.roles")
+
+DEFAULT_TPOT_S = 0.1
+
+
+class RoleBalancing:
+    """Measures each model's demand, forecasts it and moves flex instances; one per gateway."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        cluster: Cluster,
+        fleet: FleetManager,
+        costs: CostModelService,
+        metrics: GatewayMetrics,
+        duties_here: Callable[[], bool],
+    ) -> None:
+        self.settings = config.role_balancer
+        default_tpot = config.slo.default.tpot_ms
+        target_ms = self.settings.tpot_target_ms or default_tpot
+        self.tpot_target_s = target_ms / 1000 if target_ms else DEFAULT_TPOT_S
+        self.cluster = cluster
+        self.fleet = fleet
+        self.costs = costs
+        self.metrics = metrics
+        self.duties_here = duties_here
+        self.plans: dict[str, RolePlan] = {}  # model -> the latest plan (for the admin API)
+        self._work = dict[str, Holt]()
+        self._streams = dict[str, Holt]()
+        self._sent: dict[str, float] = {}
+        self._at: float | None = None
+        self._tasks = OwnedTasks()
+
+    def start(self) -> None:
+        self._tasks.spawn(self._loop(), "role-balancer")
+
+    async def close(self) -> None:
+        await self._tasks.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval_s)
+            try:
+                await self.round()
+            except Exception:  # a bad round must not stop the balancer for good
+                log.exception("role balancer round failed")
+
+    async def round(self) -> None:
+        """Measure, forecast, plan and (as the leader) move one flex instance per model."""
+        now = self.cluster.clock()
+        elapsed = now - self._at if self._at is not None else None
+        self._at = now
+        current = self.costs.current
+        for model in sorted({s.spec.model for s in self.cluster.instances.values() if s.flexible}):
+            sent = self.cluster.prefill_work_sent.get(model, 0.0)
+            before = self._sent.get(model, sent)
+            self._sent[model] = sent
+            snapshot = self.cluster.snapshot(model, costs=current)
+            streams = sum(v.decode_inflight for v in snapshot.instances)
+            context = sum(v.decode_context_tokens for v in snapshot.instances) / max(1, streams)
+            if elapsed is None or elapsed <= 0 or current is None:
+                continue
+            demand = PoolDemand(
+                self._work.setdefault(model, Holt()).update((sent - before) / elapsed),
+                self._streams.setdefault(model, Holt()).update(float(streams)),
+                context,
+            )
+            if not self.duties_here():
+                continue
+            movable = {
+                i
+                for i, s in self.cluster.instances.items()
+                if s.flexible and now - s.role_since >= self.settings.min_dwell_s
+            }
+            plan = plan_roles(
+                snapshot.instances,
+                demand,
+                current,
+                tpot_target_s=self.tpot_target_s,
+                prefill_utilisation=self.settings.prefill_utilisation,
+                hysteresis=self.settings.hysteresis,
+                movable=movable,
+            )
+            if plan is None:
+                continue
+            self.plans[model] = plan
+            self.metrics.role_plan(model, plan.prefill, plan.decode)
+            if plan.move is not None:
+                instance_id, role = plan.move
+                log.warning("role balancer: %s to %s (%s): %s", instance_id, role, model, plan.reason)
+                try:
+                    await self.fleet.set_role(instance_id, role, reason="balancer")
+                except FleetChangeError as exc:
+                    log.warning("role balancer: %s not moved: %s", instance_id, exc.message)
