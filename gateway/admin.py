@@ -17,6 +17,7 @@
 * ``DELETE /admin/instances/{id}``: drain it, then stop serving it (200). ``?timeout_s=`` bounds
   the drain (default ``admin.drain_wait_s``); 409 when it did not finish (the instance stays
   drained) or when the instance is its model's last serving path; ``?force=true`` removes anyway.
+* ``GET /admin/plan``: the role balancer's latest plan per model (``enabled`` false when it is off).
 * ``POST /admin/requests/{request_id}/migrate`` (JSON body ``{"target": id}``, optional): move
   one running stream now; answers whether it moved.
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from pdgate.gateway.config import GatewayConfig
     from pdgate.gateway.migration import MigrationController
     from pdgate.gateway.peers import PeerStreams
+    from pdgate.gateway.role_balancing import RoleBalancing
 
 
 class AdminApi:
@@ -60,6 +62,7 @@ class AdminApi:
         self.migrations = migrations
         self.fleet = fleet
         self.peers: PeerStreams | None = None  # the other replicas' streams (sharing)
+        self.roles: RoleBalancing | None = None  # the role balancer, when enabled
         self.replica_id: str | None = None
         key = config.admin_api_key()
         self._key = key.encode() if key else None
@@ -93,6 +96,9 @@ class AdminApi:
         elif len(parts) == 3 and parts[0] == "instances" and parts[2] == "role":
             self._allow(method, "POST")
             await self._set_role(self._instance(parts[1]), request, responder)
+        elif parts == ["plan"]:
+            self._allow(method, "GET")
+            responder.send_json(200, self._plan())
         elif len(parts) == 3 and parts[0] == "requests" and parts[2] == "migrate":
             self._allow(method, "POST")
             await self._migrate(parts[1], request, responder)
@@ -188,6 +194,33 @@ class AdminApi:
             ],
             "capabilities": sorted(state.capability_names),
             "prefix_index": self._prefix_index(state),
+        }
+
+    def _plan(self) -> dict[str, Any]:
+        """The role balancer's latest plan per model: the split, the utilisations it expects, the
+        forecast demand it planned for, and the move it made toward it (if any)."""
+        plans = self.roles.plans if self.roles is not None else {}
+        return {
+            "object": "list",
+            "enabled": self.roles is not None,
+            "data": [
+                {
+                    "model": model,
+                    "prefill": plan.prefill,
+                    "decode": plan.decode,
+                    "current_prefill": plan.current_prefill,
+                    "prefill_utilisation": round(plan.prefill_utilisation, 4),
+                    "decode_utilisation": round(plan.decode_utilisation, 4),
+                    "forecast": {
+                        "prefill_work_s_per_s": round(plan.demand.prefill_work_s_per_s, 4),
+                        "decode_streams": round(plan.demand.decode_streams, 2),
+                        "context_tokens_per_stream": round(plan.demand.context_tokens_per_stream, 1),
+                    },
+                    "move": {"instance": plan.move[0], "role": plan.move[1]} if plan.move else None,
+                    "reason": plan.reason,
+                }
+                for model, plan in sorted(plans.items())
+            ],
         }
 
     def _prefix_index(self, state: InstanceState) -> dict[str, Any]:

@@ -284,6 +284,7 @@ class GatewayServer:
                     gw.config, gw.cluster, gw.fleet, gw.costs, gw.metrics, lambda: leadership.duties_here
                 )
                 gw.roles.start()
+                admin.roles = gw.roles
             self._http = HttpServer(
                 GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
             )

@@ -48,6 +48,7 @@ class RolePlan:
     current_prefill: int
     move: tuple[str, Literal["prefill", "decode"]] | None
     reason: str
+    demand: PoolDemand  # what it planned for (the forecast)
 
 
 def decode_capacity(view: InstanceView, costs: CostModel, tpot_target_s: float, context_tokens: float) -> int:
@@ -111,7 +112,7 @@ def plan_roles(
         f"prefill {now_p:.0%} / decode {now_d:.0%} busy with {prefill_now} prefill of {len(pool)}; "
         f"{best} prefill would make it {up:.0%} / {down:.0%}"
     )
-    return RolePlan(best, len(pool) - best, up, down, prefill_now, move, reason)
+    return RolePlan(best, len(pool) - best, up, down, prefill_now, move, reason, demand)
 
 
 @dataclass

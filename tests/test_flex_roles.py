@@ -60,6 +60,7 @@ def test_flex_instances_split_requests_in_the_roles_they_are_given(flex_pair):
     url = gateway.url
     view = get_json(f"{url}/admin/instances/{a}")
     assert view["role"] == "flex" and view["serving"] == "prefill"
+    assert get_json(f"{url}/admin/plan") == {"object": "list", "enabled": False, "data": []}
     _ask(url, 3)
     assert _placements(gateway, 0, 3) == [(a, b)] * 3
     # a change that leaves the model without a decode (or prefill) path is refused, nothing changes
@@ -141,6 +142,9 @@ def test_the_role_balancer_moves_a_flex_decoder_to_prefill_under_prefill_heavy_l
         assert 'reason="balancer",role="prefill"} 1.0' in metrics
         assert f'pdgate_role_plan_instances{{model="{MODEL}",role="prefill"}}' in metrics
         assert serving_prefill() < 3  # every pool keeps an instance
+        (plan,) = get_json(f"{gateway.url}/admin/plan")["data"]
+        assert plan["model"] == MODEL and plan["prefill"] >= 2 and plan["decode"] >= 1, plan
+        assert plan["forecast"]["prefill_work_s_per_s"] > 0 and "prefill" in plan["reason"], plan
     finally:
         stop.set()
         for sender in senders:
