@@ -31,7 +31,7 @@ from pdgate.adapters import EngineAdapter, InstanceSpec, UpstreamPool, make_adap
 from pdgate.adapters.kv_events import KvEventSource, KvEventSubscriber
 from pdgate.adapters.load import EngineLoad
 from pdgate.common.block_hash import block_hashes, to_event_hash
-from pdgate.gateway.config import GatewayConfig, InstanceConfig
+from pdgate.gateway.config import GatewayConfig, InstanceConfig, has_serving_path
 from pdgate.scheduler.costmodel.model import CostModel
 from pdgate.scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
 from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView
@@ -422,10 +422,7 @@ class Cluster:
     def ready(self, model: str) -> bool:
         """Whether ``model`` has a healthy serving path (colocated, or prefill + decode)."""
         now = self.clock()
-        healthy = [s for s in self.for_model(model) if s.breaker.allows(now) and not s.draining]
-        serves_prefill = any(s.role in ("prefill", "both") for s in healthy)
-        serves_decode = any(s.role in ("decode", "both") for s in healthy)
-        return serves_prefill and serves_decode
+        return has_serving_path(s.role for s in self.for_model(model) if s.breaker.allows(now) and not s.draining)
 
     def has_kv_events(self, state: InstanceState) -> bool:
         """Whether the exact index (the engine's KV events) serves the instance."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -356,6 +357,13 @@ class AdminConfig(Strict):
     )
 
 
+def has_serving_path(roles: Iterable[str]) -> bool:
+    """Whether instances serving in ``roles`` can answer a request: a colocated one, or a prefill
+    and a decode one."""
+    serving = set(roles)
+    return "both" in serving or {"prefill", "decode"} <= serving
+
+
 class RoleBalancerConfig(Strict):
     """Moving flex instances between the prefill and decode roles as the load's mix shifts
     (``gateway/role_balancing.py``); a leader-only duty with several replicas."""
@@ -454,8 +462,7 @@ class GatewayConfig(Strict):
             if inst.model not in names:
                 raise ValueError(f"instances[{n}].model: {inst.model!r} is not one of models {sorted(names)}")
         for name in names:
-            roles = {i.start_role for i in self.instances if i.model == name}
-            if "both" not in roles and not {"prefill", "decode"} <= roles:
+            if not has_serving_path(i.start_role for i in self.instances if i.model == name):
                 raise ValueError(
                     f"model {name!r} needs a 'both' instance or at least one prefill and one decode instance "
                     "(flex instances count in their serving role)"

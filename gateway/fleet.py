@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from pdgate.common.tasks import OwnedTasks
 from pdgate.gateway.cluster import Cluster, InstanceState, Role
-from pdgate.gateway.config import GatewayConfig, InstanceConfig
+from pdgate.gateway.config import GatewayConfig, InstanceConfig, has_serving_path
 from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
@@ -132,9 +132,8 @@ class FleetManager:
                 param="role",
             )
         if role != state.role:
-            others = {s.role for s in self.cluster.for_model(state.spec.model) if s is not state and not s.draining}
-            roles = others | {role}
-            if "both" not in roles and not {"prefill", "decode"} <= roles:
+            others = [s.role for s in self.cluster.for_model(state.spec.model) if s is not state and not s.draining]
+            if not has_serving_path([*others, role]):
                 raise FleetChangeError(
                     409,
                     f"serving as {role!r}, {instance_id!r} would leave model {state.spec.model!r} without a "
@@ -258,8 +257,9 @@ class FleetManager:
             self.migrations.undrain(instance_id)
 
     def _servable_without(self, leaving: InstanceState) -> bool:
-        roles = {s.role for s in self.cluster.for_model(leaving.spec.model) if s is not leaving and not s.draining}
-        return "both" in roles or {"prefill", "decode"} <= roles
+        return has_serving_path(
+            s.role for s in self.cluster.for_model(leaving.spec.model) if s is not leaving and not s.draining
+        )
 
     # --------------------------------------------------------------- reload
     async def apply(self, new: GatewayConfig, *, timeout_s: float) -> ReloadReport:

@@ -97,7 +97,8 @@ class LoadSharing:
         last_sent = 0.0
         while True:
             try:
-                await asyncio.wait_for(self._changed.wait(), HEARTBEAT_S)
+                async with asyncio.timeout(HEARTBEAT_S):  # (wait_for would start a task per wait)
+                    await self._changed.wait()
             except TimeoutError:
                 pass
             wait = last_sent + self.interval_s - self.cluster.clock()
