@@ -255,7 +255,9 @@ def test_installed_pdgate_up_serves(installed: Install):
         wait_until(ready, timeout=20, interval=0.1, message=lambda: f"{up.url}/ready\n{up.log}")
         client = openai.OpenAI(base_url=f"{up.url}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["llama-3-8b"]
-        reply = client.completions.create(model="llama-3-8b", prompt="Hello from the wheel", max_tokens=4)
+        reply = client.completions.create(
+            model="llama-3-8b", prompt="Hello from the wheel", max_tokens=4, extra_body={"ignore_eos": True}
+        )
         assert reply.usage.completion_tokens == 4
         client.close()
     finally:

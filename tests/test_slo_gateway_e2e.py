@@ -77,7 +77,11 @@ def test_infeasible_slo_is_rejected_early_with_429_and_reason(fleet, tmp_path):
         assert "predicted TTFT" in err.value.body["message"]
         # the same request with a reachable SLO is served
         ok = client.completions.create(
-            model=MODEL, prompt=prompt(1), max_tokens=4, extra_headers={"x-slo-ttft-ms": "2000"}
+            model=MODEL,
+            prompt=prompt(1),
+            max_tokens=4,
+            extra_headers={"x-slo-ttft-ms": "2000"},
+            extra_body={"ignore_eos": True},
         )
         assert ok.usage.completion_tokens == 4
         status, _, body, _ = asyncio.run(_post(gw.url, {"x-slo-ttft-ms": "fast"}, {"model": MODEL, "prompt": "hi"}))
