@@ -17,7 +17,9 @@
 * ``DELETE /admin/instances/{id}``: drain it, then stop serving it (200). ``?timeout_s=`` bounds
   the drain (default ``admin.drain_wait_s``); 409 when it did not finish (the instance stays
   drained) or when the instance is its model's last serving path; ``?force=true`` removes anyway.
-* ``GET /admin/plan``: the role balancer's latest plan per model (``enabled`` false when it is off).
+* ``GET /admin/plan``: the role balancer's latest plan per model (``enabled`` false when it is off),
+  and under ``scaling`` the scaling plan per model (instances per role, the forecast, why, and
+  what the actuator did).
 * ``POST /admin/requests/{request_id}/migrate`` (JSON body ``{"target": id}``, optional): move
   one running stream now; answers whether it moved.
 
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
     from pdgate.gateway.migration import MigrationController
     from pdgate.gateway.peers import PeerStreams
     from pdgate.gateway.role_balancing import RoleBalancing
+    from pdgate.gateway.scaling import Scaling
+    from pdgate.scheduler.role_planner import PoolDemand
 
 
 class AdminApi:
@@ -63,6 +67,7 @@ class AdminApi:
         self.fleet = fleet
         self.peers: PeerStreams | None = None  # the other replicas' streams (sharing)
         self.roles: RoleBalancing | None = None  # the role balancer, when enabled
+        self.scaling: Scaling | None = None  # the scaling plan, when enabled
         self.replica_id: str | None = None
         key = config.admin_api_key()
         self._key = key.encode() if key else None
@@ -211,17 +216,35 @@ class AdminApi:
                     "current_prefill": plan.current_prefill,
                     "prefill_utilisation": round(plan.prefill_utilisation, 4),
                     "decode_utilisation": round(plan.decode_utilisation, 4),
-                    "forecast": {
-                        "prefill_work_s_per_s": round(plan.demand.prefill_work_s_per_s, 4),
-                        "decode_streams": round(plan.demand.decode_streams, 2),
-                        "context_tokens_per_stream": round(plan.demand.context_tokens_per_stream, 1),
-                    },
+                    "forecast": _forecast(plan.demand),
                     "move": {"instance": plan.move[0], "role": plan.move[1]} if plan.move else None,
                     "reason": plan.reason,
                 }
                 for model, plan in sorted(plans.items())
             ],
+            "scaling": self._scaling(),
         }
+
+    def _scaling(self) -> dict[str, Any]:
+        """The scaling plan per model: the instances it wants per role, what runs, the forecast it
+        planned for, why, and what the actuator did last."""
+        scaling = self.scaling
+        if scaling is None:
+            return {"enabled": False, "actuator": None, "data": []}
+        data = []
+        for model, plan in sorted(scaling.plans.items()):
+            data.append(
+                {
+                    "model": model,
+                    "instances": {"prefill": plan.prefill, "decode": plan.decode, "both": plan.colocated},
+                    "current": dict(plan.current),
+                    "streams_per_decode_instance": plan.streams_per_decode,
+                    "forecast": _forecast(plan.demand),
+                    "reason": plan.reason,
+                    "actions": scaling.actions.get(model, []),
+                }
+            )
+        return {"enabled": True, "actuator": scaling.settings.actuator.type, "data": data}
 
     def _prefix_index(self, state: InstanceState) -> dict[str, Any]:
         """Which prefix index knows the instance's cache (exact: its KV events; approximate: what
@@ -356,3 +379,11 @@ class AdminApi:
             "generated_tokens": live.generated,
             "replica": self.replica_id,
         }
+
+
+def _forecast(demand: PoolDemand) -> dict[str, float]:
+    return {
+        "prefill_work_s_per_s": round(demand.prefill_work_s_per_s, 4),
+        "decode_streams": round(demand.decode_streams, 2),
+        "context_tokens_per_stream": round(demand.context_tokens_per_stream, 1),
+    }

@@ -39,6 +39,7 @@ from pdgate.gateway.peers import PeerStreams
 from pdgate.gateway.proxy import Proxy
 from pdgate.gateway.requests import GatewayError
 from pdgate.gateway.role_balancing import RoleBalancing
+from pdgate.gateway.scaling import Scaling
 from pdgate.gateway.signal_sharing import SignalSharing
 from pdgate.gateway.tracing import Tracing
 from pdgate.gateway.tracing_setup import resolve_settings
@@ -71,6 +72,7 @@ class Gateway:
     signals: SignalSharing | None = None
     leadership: Leadership | None = None
     roles: RoleBalancing | None = None  # the role balancer (role_balancer.enabled)
+    scaling: Scaling | None = None  # the scaling plan and its actuator (scaling.enabled)
     session: aiohttp.ClientSession | None = None
     pool: UpstreamPool | None = None
     cluster: Cluster | None = None
@@ -285,6 +287,13 @@ class GatewayServer:
                 )
                 gw.roles.start()
                 admin.roles = gw.roles
+            if gw.config.scaling.enabled:
+                leadership = gw.leadership
+                gw.scaling = Scaling(
+                    gw.config, gw.cluster, gw.fleet, gw.costs, gw.metrics, lambda: leadership.duties_here
+                )
+                await gw.scaling.start()
+                admin.scaling = gw.scaling
             self._http = HttpServer(
                 GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
             )
@@ -344,6 +353,9 @@ class GatewayServer:
         if self._http is not None:
             await self._http.close(SHUTDOWN_GRACE_S)
             self._http = None
+        if gw.scaling is not None:
+            await gw.scaling.close()  # the actuator stops the engines it started
+            gw.scaling = None
         if gw.roles is not None:
             await gw.roles.close()
             gw.roles = None

@@ -307,6 +307,7 @@ class Cluster:
         self._session = session
         self._pool = pool
         self.remote: dict[str, RemoteLoad] = {}  # other replicas' in-flight load per instance (load sharing)
+        self.remote_prefill_work: dict[str, dict[str, float]] = {}  # replica -> its prefill_work_sent
         for inst in config.instances:
             state = self._state_for(inst)
             self.instances[state.spec.id] = state

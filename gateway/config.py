@@ -19,6 +19,7 @@ from pydantic import (
 from pdgate.adapters import ADAPTERS, InstanceSpec
 from pdgate.common.kv_events import engine_binds
 from pdgate.common.yamlfile import YamlFileError, read_yaml_mapping
+from pdgate.gateway.scaling_config import ScalingConfig
 from pdgate.scheduler.costmodel.latency import PriorSpec
 from pdgate.scheduler.registry import SchedulingConfig
 
@@ -450,6 +451,7 @@ class GatewayConfig(Strict):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     sharing: SharingConfig = Field(default_factory=SharingConfig)
     role_balancer: RoleBalancerConfig = Field(default_factory=RoleBalancerConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewayConfig:

@@ -2,7 +2,8 @@
 
 Each replica publishes, on the NATS subject ``pdgate.load``, what it has in flight on each
 instance (requests, prefill and decode tokens, prefill legs and their predicted wait, decode
-legs and their context, the strictest TPOT SLO among them): as soon as a lease opens or closes,
+legs and their context, the strictest TPOT SLO among them; and, per model, the predicted
+prefill seconds it has sent in total, for the leader's role balancer and scaling plan): as soon as a lease opens or closes,
 at most every ``sharing.load_interval_s`` (20 ms: what opened meanwhile goes out together), and
 at least every second as a heartbeat. The sooner the others know, the less replicas
 that place at the same moment pile onto the same "best" instance. Every replica keeps the others'
@@ -41,6 +42,7 @@ HEARTBEAT_S = 1.0
 class _Heard:
     at: float  # this replica's monotonic clock when the figures came
     instances: dict[str, list[float]]
+    prefill_work: dict[str, float]  # model -> predicted prefill seconds the replica sent, in total
 
 
 def _figures(state: InstanceState, now: float) -> list[float]:
@@ -110,7 +112,12 @@ class LoadSharing:
             try:
                 figures = {i: _figures(s, now) for i, s in self.cluster.instances.items()}
                 if figures != last or now - last_sent >= HEARTBEAT_S:
-                    message = {"replica": self.shared.replica_id, "sent_at": self.wall_clock(), "instances": figures}
+                    message = {
+                        "replica": self.shared.replica_id,
+                        "sent_at": self.wall_clock(),
+                        "instances": figures,
+                        "prefill_work": self.cluster.prefill_work_sent,
+                    }
                     await self.shared.publish(LOAD_SUBJECT, json.dumps(message, separators=(",", ":")).encode())
                     last, last_sent = figures, now
                 self._expire(now)
@@ -124,6 +131,7 @@ class LoadSharing:
             replica = str(message["replica"])
             instances = {str(k): [float(x) for x in v] for k, v in message["instances"].items()}
             sent_at = float(message["sent_at"])
+            work = {str(k): float(v) for k, v in message.get("prefill_work", {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("load sharing: a malformed message ignored")
             return
@@ -134,7 +142,7 @@ class LoadSharing:
         if before is not None:
             corrections = [abs(f[0] - before.instances.get(i, [0.0])[0]) for i, f in instances.items()]
             self.metrics.sharing_load_divergence.set(max(corrections, default=0.0))
-        self.heard[replica] = _Heard(self.cluster.clock(), instances)
+        self.heard[replica] = _Heard(self.cluster.clock(), instances, work)
         self._merge()
 
     def _expire(self, now: float) -> None:
@@ -164,6 +172,7 @@ class LoadSharing:
                     min_known(base.tightest_tpot_s, f[7] if f[7] >= 0 else None),
                 )
         self.cluster.remote = merged
+        self.cluster.remote_prefill_work = {r: h.prefill_work for r, h in self.heard.items()}
         self.metrics.sharing_replicas.set(len(self.heard))
         if self.cluster.on_release is not None:  # capacity another replica freed: requests held here may go
             self.cluster.on_release()

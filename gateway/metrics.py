@@ -229,6 +229,12 @@ class GatewayMetrics:
             ["model", "role"],
             registry=r,
         )
+        self.scale_plan_gauge = Gauge(
+            "pdgate_plan_instances",
+            "The scaling plan: instances a model's forecast load needs per serving role (prefill, decode, both).",
+            ["model", "role"],
+            registry=r,
+        )
         self.serving_role = Gauge(
             "pdgate_instance_serving_role",
             "1 for the role an instance serves in now (a flex instance's changes at run time), 0 for the others.",
@@ -395,6 +401,10 @@ class GatewayMetrics:
     def role_plan(self, model: str, prefill: int, decode: int) -> None:
         self._child(self.role_plan_gauge, model, "prefill").set(prefill)
         self._child(self.role_plan_gauge, model, "decode").set(decode)
+
+    def scale_plan(self, model: str, prefill: int, decode: int, colocated: int) -> None:
+        for role, count in (("prefill", prefill), ("decode", decode), ("both", colocated)):
+            self._child(self.scale_plan_gauge, model, role).set(count)
 
     def role_changed(self, instance_id: str, old: str, new: str, reason: str) -> None:
         """A flex instance changed its role (``old`` to ``new``)."""

@@ -2,10 +2,9 @@
 
 Every ``role_balancer.interval_s``, for each model with flex instances:
 
-* **measure**: the prefill work the gateway sent in the interval (predicted prefill seconds per
-  second: :attr:`Cluster.prefill_work_sent`, this replica's) and the decode streams running now
-  with their context (the snapshot's, which counts every replica's when they share their load);
-* **forecast** the next interval with Holt's smoothing (level and trend);
+* **measure** and **forecast** the demand (:class:`pdgate.gateway.demand.DemandMeter`: the
+  prefill work every replica sent, the decode streams running with their context, Holt's
+  smoothing for the next interval);
 * **plan** the split (:func:`pdgate.scheduler.role_planner.plan_roles`: prefill capacity at a
   utilisation that keeps the TTFT target, decode capacity at the TPOT target, from the cost
   model) and move at most one flex instance toward it, through
@@ -26,9 +25,10 @@ from pdgate.common.tasks import OwnedTasks
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.demand import DemandMeter
 from pdgate.gateway.fleet import FleetChangeError, FleetManager
 from pdgate.gateway.metrics import GatewayMetrics
-from pdgate.scheduler.role_planner import Holt, PoolDemand, RolePlan, plan_roles
+from pdgate.scheduler.role_planner import RolePlan, plan_roles
 
 log = logging.getLogger("pdgate.roles")
 
@@ -57,10 +57,7 @@ class RoleBalancing:
         self.metrics = metrics
         self.duties_here = duties_here
         self.plans: dict[str, RolePlan] = {}  # model -> the latest plan (for the admin API)
-        self._work = dict[str, Holt]()
-        self._streams = dict[str, Holt]()
-        self._sent: dict[str, float] = {}
-        self._at: float | None = None
+        self.demand = DemandMeter(cluster)
         self._tasks = OwnedTasks()
 
     def start(self) -> None:
@@ -80,23 +77,12 @@ class RoleBalancing:
     async def round(self) -> None:
         """Measure, forecast, plan and (as the leader) move one flex instance per model."""
         now = self.cluster.clock()
-        elapsed = now - self._at if self._at is not None else None
-        self._at = now
         current = self.costs.current
         for model in sorted({s.spec.model for s in self.cluster.instances.values() if s.flexible}):
-            sent = self.cluster.prefill_work_sent.get(model, 0.0)
-            before = self._sent.get(model, sent)
-            self._sent[model] = sent
             snapshot = self.cluster.snapshot(model, costs=current)
-            streams = sum(v.decode_inflight for v in snapshot.instances)
-            context = sum(v.decode_context_tokens for v in snapshot.instances) / max(1, streams)
-            if elapsed is None or elapsed <= 0 or current is None:
+            demand = self.demand.measure(model, snapshot)
+            if demand is None or current is None:
                 continue
-            demand = PoolDemand(
-                self._work.setdefault(model, Holt()).update((sent - before) / elapsed),
-                self._streams.setdefault(model, Holt()).update(float(streams)),
-                context,
-            )
             if not self.duties_here():
                 continue
             movable = {

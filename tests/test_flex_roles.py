@@ -63,7 +63,9 @@ def test_flex_instances_split_requests_in_the_roles_they_are_given(flex_pair):
     url = gateway.url
     view = get_json(f"{url}/admin/instances/{a}")
     assert view["role"] == "flex" and view["serving"] == "prefill"
-    assert get_json(f"{url}/admin/plan") == {"object": "list", "enabled": False, "data": []}
+    plan = get_json(f"{url}/admin/plan")
+    assert plan["enabled"] is False and plan["data"] == []
+    assert plan["scaling"] == {"enabled": False, "actuator": None, "data": []}
     _ask(url, 3)
     assert _placements(gateway, 0, 3) == [(a, b)] * 3
     # a change that leaves the model without a decode (or prefill) path is refused, nothing changes
@@ -123,7 +125,8 @@ def test_the_role_balancer_moves_a_flex_decoder_to_prefill_under_prefill_heavy_l
         for engine, serving in zip(engines, ("prefill", "decode", "decode"), strict=True)
     ]
     balancer = {"enabled": True, "interval_s": 0.3, "min_dwell_s": 0.0, "hysteresis": 0.1}
-    path = write_config(tmp_path / "balanced.yaml", entries, role_balancer=balancer)
+    scaling = {"enabled": True, "interval_s": 0.3, "scale_down_window_s": 0, "headroom": 0.0}
+    path = write_config(tmp_path / "balanced.yaml", entries, role_balancer=balancer, scaling=scaling)
     gateway = start_pdgate("serve", "--config", str(path))
     stop = threading.Event()
 
@@ -148,6 +151,15 @@ def test_the_role_balancer_moves_a_flex_decoder_to_prefill_under_prefill_heavy_l
         (plan,) = get_json(f"{gateway.url}/admin/plan")["data"]
         assert plan["model"] == MODEL and plan["prefill"] >= 2 and plan["decode"] >= 1, plan
         assert plan["forecast"]["prefill_work_s_per_s"] > 0 and "prefill" in plan["reason"], plan
+        # the scaling plan (recommend only) sees the same load: more than one prefill instance
+        def sized() -> dict:
+            wanted = get_json(f"{gateway.url}/admin/plan")["scaling"]
+            assert wanted["enabled"] and wanted["actuator"] == "none", wanted
+            return wanted["data"][0] if wanted["data"] else {}
+
+        wait_until(lambda: sized().get("instances", {}).get("prefill", 0) >= 2, timeout=20, message=sized)
+        assert sized()["current"]["flex"] == 3 and sized()["actions"] == []
+        assert f'pdgate_plan_instances{{model="{MODEL}",role="prefill"}}' in gateway_metrics(gateway.url)
     finally:
         stop.set()
         for sender in senders:
