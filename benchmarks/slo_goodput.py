@@ -64,6 +64,7 @@ from typing import Any, Self
 import aiohttp
 import numpy as np
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -630,9 +631,37 @@ class Fleet:
                     out[name] = {"error": str(exc)}
         return out
 
+    async def gateway_figures(self) -> dict[str, Any]:
+        """From the gateway's /metrics: the mean actual/predicted ratio per predicted quantity, and
+        its admission outcomes by reason (what the scheduler believed, next to what happened)."""
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(self.url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                    text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return {"error": str(exc)}
+        return prometheus_figures(text)
+
     def stop(self) -> None:
         procs = ([self.gateway] if self.gateway else []) + [p for _, _, p in self.engines]
         _stop(procs)  # the gateway first, so it does not see its engines vanish mid-request
+
+
+def prometheus_figures(text: str) -> dict[str, Any]:
+    """Mean ``pdgate_prediction_ratio`` per quantity and ``pdgate_admission_decisions`` per
+    outcome/reason, from a gateway's Prometheus text."""
+    sums: dict[str, list[float]] = {}
+    admission: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("pdgate_prediction_ratio_sum", "pdgate_prediction_ratio_count"):
+                pair = sums.setdefault(sample.labels["quantity"], [0.0, 0.0])
+                pair[sample.name.endswith("_count")] += sample.value
+            elif sample.name == "pdgate_admission_decisions_total" and sample.value:
+                key = f"{sample.labels['outcome']}/{sample.labels['reason']}"
+                admission[key] = admission.get(key, 0) + int(sample.value)
+    ratios = {q: round(total / n, 3) for q, (total, n) in sorted(sums.items()) if n}
+    return {"prediction_ratio_mean": ratios, "admission": dict(sorted(admission.items()))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,6 +691,7 @@ class Probe:
     cpu: dict[str, Any]
     rejected: int = 0  # answered 429 (admission control)
     errors: list[str] = field(default_factory=list)
+    gateway: dict[str, Any] = field(default_factory=dict)  # prediction ratios, admission reasons
 
     @property
     def attainment(self) -> float:
@@ -687,6 +717,7 @@ class Probe:
             "lag": self.lag,
             "cpu": self.cpu,
             "errors": self.errors[:5],
+            "gateway": self.gateway,
         }
 
 
@@ -768,6 +799,7 @@ async def _run_probe(
         load_wall = time.monotonic() - wall0
         cpu_client, host1 = time.process_time() - cpu_client0, host_cpu()
         states = await fleet.sim_states()
+        figures = await fleet.gateway_figures()
         cpu = fleet.cpu_used()
     lateness = [1e3 * (r.sent_s - r.scheduled_s) for r in results]
     sim_results = [to_sim(r, time_scale) for r in results]
@@ -786,7 +818,9 @@ async def _run_probe(
         cpu_info["other_cores_busy"] = round(max(0.0, host_cores - ours / load_wall), 2) if load_wall > 0 else None
     errors = sorted({(r.error or f"HTTP {r.status}")[:160] for r in results if not r.ok})
     rejected = sum(1 for r in results if r.status == 429)
-    return Probe(policy, rate, len(requests), stats, time.monotonic() - started, lag, cpu_info, rejected, errors)
+    return Probe(
+        policy, rate, len(requests), stats, time.monotonic() - started, lag, cpu_info, rejected, errors, figures
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,6 +924,9 @@ async def run_trace(
             f" (+{p.cpu.get('other_cores_busy', '?')} others)  "
             f"hit {lag['prefill_prefix_hit']}  {p.wall_s:.0f} s{flag}"
         )
+        ratios = p.gateway.get("prediction_ratio_mean")
+        if ratios:
+            log(f"      actual/predicted: {ratios}; admission: {p.gateway.get('admission')}")
         for err in p.errors[:2]:
             log(f"      error: {err}")
         return []
@@ -1006,6 +1043,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-probes", type=int, default=6, help="probes per (trace, policy)")
     ap.add_argument("--tolerance", type=float, default=0.1, help="stop when the bracket is this narrow (relative)")
     ap.add_argument("--start-rate", type=float, help="first probed rate, req/s (default: per trace)")
+    ap.add_argument("--ttft-ms", type=float, help="every trace's TTFT SLO (default: per trace)")
+    ap.add_argument("--tpot-ms", type=float, help="every trace's TPOT SLO (default: per trace)")
     ap.add_argument("--seed", type=int, default=0, help="prompt texts (the lengths and times come from the trace)")
     ap.add_argument("--out", help="write every probe and the tables as JSON to this file")
     ap.add_argument("--keep-logs", action="store_true", help="keep the engines' and gateway's logs (printed path)")
@@ -1045,7 +1084,7 @@ async def main_async(args: argparse.Namespace) -> list[TraceResult]:
     try:
         for name in args.trace_list:
             results.append(
-                await run_trace(TRACES[name], args.policy_list, args, workdir, lambda s: print(s, flush=True))
+                await run_trace(trace_spec(name, args), args.policy_list, args, workdir, lambda s: print(s, flush=True))
             )
     finally:
         if args.keep_logs:
@@ -1053,6 +1092,16 @@ async def main_async(args: argparse.Namespace) -> list[TraceResult]:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return results
+
+
+def trace_spec(name: str, args: argparse.Namespace) -> TraceSpec:
+    """The trace's spec with the SLOs given on the command line (``--ttft-ms``, ``--tpot-ms``)."""
+    spec = TRACES[name]
+    if args.ttft_ms is not None:
+        spec = dataclasses.replace(spec, ttft_s=args.ttft_ms / 1000)
+    if args.tpot_ms is not None:
+        spec = dataclasses.replace(spec, tpot_s=args.tpot_ms / 1000)
+    return spec
 
 
 def code_version() -> dict[str, Any]:

@@ -194,7 +194,19 @@ class AdmissionController:
         if verdict is not None and verdict.predicted_ttft_s is not None and math.isfinite(verdict.predicted_ttft_s):
             retry = max(1, math.ceil(verdict.predicted_ttft_s))
         detail = ""
-        if verdict is not None and verdict.earliest_ttft_s is not None and verdict.ttft_limit_s is not None:
+        if verdict is not None and outcome.reason == "tpot-infeasible" and verdict.predicted_tpot_s is not None:
+            limit = verdict.tpot_limit_s
+            detail = (
+                f" (predicted TPOT {verdict.predicted_tpot_s * 1000:.1f} ms with it in the least loaded decode batch"
+            )
+            detail += f", limit {limit * 1000:.1f} ms" if limit is not None else ""
+            if verdict.decode_free_in_s:
+                detail += (
+                    f"; the first decode stream there is predicted to end in {verdict.decode_free_in_s * 1000:.0f} ms"
+                )
+                retry = max(retry, math.ceil(verdict.decode_free_in_s))
+            detail += ")"
+        elif verdict is not None and verdict.earliest_ttft_s is not None and verdict.ttft_limit_s is not None:
             # the figures the admitter compared (the least predicted TTFT alone can be under the SLO:
             # the time already waited and the work queued ahead count too)
             detail = (

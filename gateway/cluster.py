@@ -106,6 +106,7 @@ class RemoteLoad:
 
 
 NO_REMOTE_LOAD = RemoteLoad()
+OVERDUE_S = 0.05  # a decode stream past its predicted end is taken to end this soon
 
 
 def min_known(*values: float | None) -> float | None:
@@ -136,6 +137,7 @@ class InstanceState:
     decode_inflight: int = 0
     decode_context_tokens: int = 0
     tpot_slos: Counter[float] = field(default_factory=Counter)
+    decode_ends: dict[int, float] = field(default_factory=dict)  # decode lease -> when it is predicted to end
 
     prefill_finish: float = 0.0  # when the prefill work sent so far would be done at the predicted rate
 
@@ -172,6 +174,13 @@ class InstanceState:
         in_flight = sum(map(_PREDICTED, self.prefill_work.values()))
         return max(self.prefill_finish - now, in_flight - min(oldest_work, now - oldest_sent), 0.0)
 
+    def decode_free_in(self, now: float) -> float:
+        """Predicted seconds until one of this replica's decode streams here ends (0 with none). A
+        stream past its predicted end is taken to end within ``OVERDUE_S``."""
+        if not self.decode_ends:
+            return 0.0
+        return max(min(self.decode_ends.values()) - now, OVERDUE_S)
+
     def view(self, now: float, stale_after: float, remote: RemoteLoad = NO_REMOTE_LOAD) -> InstanceView:
         """The instance as the scheduler sees it: this replica's accounting plus ``remote``, the
         other replicas' (when they share their load). Taken for every snapshot, so built from its
@@ -206,6 +215,7 @@ class InstanceState:
                 "decode_inflight": self.decode_inflight + remote.decode_legs,
                 "decode_context_tokens": self.decode_context_tokens + remote.decode_context_tokens,
                 "tightest_tpot_s": tpot,
+                "decode_free_in_s": self.decode_free_in(now),
             }
         )
 
@@ -247,6 +257,7 @@ class Lease:
         if self.decodes:
             state.decode_inflight -= 1
             state.decode_context_tokens -= self.context_tokens
+            state.decode_ends.pop(self.key, None)
             if self.tpot_slo is not None:
                 state.tpot_slos[self.tpot_slo] -= 1
                 if state.tpot_slos[self.tpot_slo] <= 0:
@@ -443,11 +454,13 @@ class Cluster:
         predicted_prefill_s: float | None = None,
         context_tokens: int | None = None,
         tpot_slo: float | None = None,
+        decode_s: float | None = None,
     ) -> Lease:
         """Count a leg as in flight on ``instance_id`` until the lease is released.
 
         ``predicted_prefill_s``: the leg prefills (it joins the instance's predicted prefill queue);
-        ``context_tokens``: the leg decodes (it joins the decode batch, with its TPOT SLO).
+        ``context_tokens``: the leg decodes (it joins the decode batch, with its TPOT SLO);
+        ``decode_s``: how long it is predicted to decode (when the batch gets a free place).
         """
         state = self.instances[instance_id]
         now = self.clock()
@@ -473,6 +486,8 @@ class Cluster:
             lease.tpot_slo = tpot_slo
             state.decode_inflight += 1
             state.decode_context_tokens += context_tokens
+            if decode_s is not None:
+                state.decode_ends[lease.key] = now + decode_s
             if tpot_slo is not None:
                 state.tpot_slos[tpot_slo] += 1
         if self.on_load_change is not None:

@@ -33,11 +33,13 @@ import multiprocessing
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pdgate.common.json_codec import json_encoder
 from pdgate.gateway.config import CostModelConfig
+from pdgate.scheduler.costmodel.calibration import StepCalibration
 from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec
 from pdgate.scheduler.costmodel.model import CostModel
 
@@ -51,6 +53,7 @@ FLUSH_INTERVAL_S = 1.0
 MODEL_BUCKET = "pdgate_cost_model"
 RECORDS_STREAM = "records"
 RECORDS_PER_MESSAGE = 200
+MIN_CALIBRATION_TOKENS = 8  # a shorter answer's TPOT is mostly its first steps' noise
 MESSAGE_BYTES = 512 * 1024  # half NATS's default limit (1 MB); a long prompt's record is ~35 kB
 
 
@@ -73,6 +76,7 @@ class CostModelService:
         self.duties_here: Callable[[], bool] = lambda: True  # whether this replica refits
         self._unshared: list[bytes] = []  # encoded records not yet in the shared stream
         self._encode = json_encoder()
+        self.calibration = StepCalibration()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -124,7 +128,7 @@ class CostModelService:
         self.prior_specs.update(new)
         current = self.current
         if current is not None:
-            self.current = CostModel(current.latency.with_prior_specs(new), current.output, current.version)
+            self.current = replace(current, latency=current.latency.with_prior_specs(new))
 
     def share(self, shared: SharedState, duties_here: Callable[[], bool]) -> None:
         """Share records and model versions with the other replicas (before :meth:`start`)."""
@@ -137,6 +141,27 @@ class CostModelService:
     def observe(self, record: dict[str, Any]) -> None:
         self._unencoded.append(record)
         self._new_since_fit += 1
+        self._calibrate(record)
+
+    def _calibrate(self, record: dict[str, Any]) -> None:
+        """The decode step model's error on this request (its actual TPOT against the uncorrected
+        step time of the batch and context it decoded in) into the group's scale; a scale that
+        moved is put in force at once (a new :class:`CostModel`, same version)."""
+        current = self.current
+        placement = record.get("placement") or {}
+        group, batch, context = (
+            placement.get("decode_group"),
+            placement.get("decode_batch"),
+            placement.get("decode_context_tokens"),
+        )
+        actual = (record.get("timing") or {}).get("tpot_s")
+        if current is None or not group or not batch or context is None or actual is None:
+            return
+        if int(record.get("output_tokens") or 0) < MIN_CALIBRATION_TOKENS:
+            return
+        predicted = current.latency.costs(group).decode_step_s(float(batch), float(context))
+        if self.calibration.observe(group, predicted, float(actual)):
+            self.current = replace(current, tpot_scale=dict(self.calibration.in_force))
 
     @property
     def held(self) -> int:
@@ -176,6 +201,7 @@ class CostModelService:
             log.error("cost model %s named by replica %s, but its blob cannot be read", version, value.get("replica"))
             return
         components = await asyncio.to_thread(_loads, blob)
+        self.calibration.reset()
         self.current = CostModel(
             components["latency"].with_prior_specs(self.prior_specs), components["output_length"], version
         )
@@ -253,6 +279,7 @@ class CostModelService:
         name = Path(version).name if version else f"memory-{self.refits}"
         if self.shared is not None:  # versions from several replicas over time: unique names
             name = f"{self.shared.replica_id}-{name}"
+        self.calibration.reset()
         self.current = CostModel(latency, components["output_length"], name)
         log.info(
             "cost model %s in force (%s records, fit %.2fs)", name, meta.get("n_records"), meta.get("fit_seconds", 0)

@@ -25,6 +25,7 @@ from pdgate.gateway.slo import APP_HEADER, SloResolver
 from pdgate.gateway.splice import pinned_reason, wants_token_ids
 from pdgate.gateway.tracing import NO_TRACE, RequestTrace, Tracing
 from pdgate.scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
+from pdgate.scheduler.costmodel.length_types import client_bounds
 from pdgate.scheduler.snapshot import RequestInfo
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -105,11 +106,21 @@ class Intake:
         first_chain = next(iter(hashes.by_block_size.values()), [])
         tag = headers.get(APP_HEADER)
         features = output = None
+        ignore_eos = body.get("ignore_eos") is True
+        may_stop = bool(body.get("stop") or body.get("stop_token_ids"))
         if self.costs is not None and self.costs.current is not None:
             features = RequestFeatures(
-                len(prompt_ids), max_tokens, kind, model.name, tag, hash_text(text) if text else {}
+                len(prompt_ids), max_tokens, kind, model.name, tag, hash_text(text) if text else {}, ignore_eos
             )
             output = self.costs.current.output.predict(features)
+        min_tokens = body.get("min_tokens")
+        output = client_bounds(
+            output,
+            max_tokens,
+            ignore_eos=ignore_eos,
+            min_tokens=min_tokens if isinstance(min_tokens, int) and not isinstance(min_tokens, bool) else 0,
+            may_stop=may_stop,
+        )
         info = RequestInfo(
             request_id=request_id,
             model=model.name,

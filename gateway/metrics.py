@@ -193,6 +193,12 @@ class GatewayMetrics:
             ["quantity", "instance"],
             registry=r,
         )
+        self.tpot_scale = Gauge(
+            "pdgate_cost_model_tpot_scale",
+            "The online correction on a decode group's predicted step time (1: the fit is right) since the last refit.",
+            ["group"],
+            registry=r,
+        )
         self.cost_model_refits = Gauge(
             "pdgate_cost_model_refits", "Cost-model refits done (and failed) since start.", ["result"], registry=r
         )
@@ -485,6 +491,9 @@ class GatewayMetrics:
         if costs is not None:
             self.cost_model_refits.labels(result="ok").set(costs.refits)
             self.cost_model_refits.labels(result="failed").set(costs.refit_failures)
+            scales = costs.current.tpot_scale if costs.current is not None else {}
+            for group in costs.calibration.groups_seen:
+                self.tpot_scale.labels(group).set(scales.get(group, 1.0))
         now = cluster.clock()
         stale = cluster.config.stale_after_s
         for instance_id, state in cluster.instances.items():

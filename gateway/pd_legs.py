@@ -35,7 +35,7 @@ from pdgate.gateway.placement import Placement
 from pdgate.gateway.requests import GatewayError
 from pdgate.gateway.tracing import NO_LEG, LegTrace
 from pdgate.gateway.usage import reported_cached_tokens
-from pdgate.scheduler.estimates import decode_context_of
+from pdgate.scheduler.estimates import decode_context_of, decode_seconds
 
 
 class PdLegs:
@@ -58,14 +58,8 @@ class PdLegs:
         info = routed.info
         body = routed.body
         protocol = None
-        if prefill is not None and placement.split:
-            protocol = decode.adapter.capabilities.pd_protocol
-            if protocol == "sequential":
-                body = await self._sequential_prefill(routed, prefill, decode, body)
-            elif protocol == "concurrent":
-                body = self._start_concurrent_prefill(routed, prefill, decode, body, opened)
-            else:
-                raise GatewayError(500, f"instance {decode.spec.id} ({decode.spec.kind}) cannot take a PD hand-off")
+        # the decode batch counts the request from now, not from the hand-off: admission and
+        # placement of the requests behind it see the streams already bound for each instance
         split = placement.split
         opened.decode_lease = self.cluster.lease(
             decode.spec.id,
@@ -74,8 +68,17 @@ class PdLegs:
             predicted_prefill_s=None if split else routed.obs.predicted.get("prefill_s", 0.0),
             context_tokens=decode_context_of(info),
             tpot_slo=info.slo.tpot_s,
+            decode_s=decode_seconds(info, routed.obs.predicted),
         )
         opened.leases.append(opened.decode_lease)
+        if prefill is not None and placement.split:
+            protocol = decode.adapter.capabilities.pd_protocol
+            if protocol == "sequential":
+                body = await self._sequential_prefill(routed, prefill, decode, body)
+            elif protocol == "concurrent":
+                body = self._start_concurrent_prefill(routed, prefill, decode, body, opened)
+            else:
+                raise GatewayError(500, f"instance {decode.spec.id} ({decode.spec.kind}) cannot take a PD hand-off")
         obs = routed.obs
         obs.batch_at_send, obs.context_at_send = decode.decode_inflight, decode.decode_context_tokens
         obs.decode_sent = self.cluster.clock()

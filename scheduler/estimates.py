@@ -11,7 +11,7 @@ Used by the SLO plugins (scorers, filter, admitter) so they agree on one set of 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from pdgate.scheduler.costmodel.model import CostModel, expected_output_tokens
@@ -43,6 +43,18 @@ class TtftEstimate(NamedTuple):
 def decode_context_of(request: RequestInfo) -> int:
     """Context tokens the request attends on average while decoding: prompt + half its output."""
     return int(request.prompt_tokens + expected_output_tokens(request.output, request.max_tokens) / 2)
+
+
+def decode_seconds(request: RequestInfo, predicted: Mapping[str, float]) -> float | None:
+    """How long from its dispatch the request is predicted to hold a place in its decode batch:
+    the wait and prefill before its first token, the hand-off, then its expected output at its
+    predicted TPOT (``predicted`` is the placement's, :class:`Observation.predicted`); None
+    without a TPOT prediction."""
+    tpot = predicted.get("tpot_s")
+    if tpot is None:
+        return None
+    first_token = predicted.get("wait_s", 0.0) + predicted.get("prefill_s", 0.0) + predicted.get("handoff_s", 0.0)
+    return first_token + expected_output_tokens(request.output, request.max_tokens) * tpot
 
 
 def handoff_estimate(request: RequestInfo, snapshot: ClusterSnapshot, costs: CostModel) -> float:

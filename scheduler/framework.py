@@ -103,6 +103,11 @@ class Verdict:
     # request's arrival (time waited, work queued ahead, the prefill itself), against its limit
     earliest_ttft_s: float | None = None
     ttft_limit_s: float | None = None
+    # what a TPOT verdict compared: the least predicted TPOT of a batch with the request added
+    # (``predicted_tpot_s``) against the limit that batch must keep, and, when no batch takes it,
+    # the predicted seconds until the first decode stream ends
+    tpot_limit_s: float | None = None
+    decode_free_in_s: float | None = None
 
 
 class Admitter(Plugin):

@@ -46,11 +46,12 @@ class InstanceView:
     decode_inflight: int = 0  # decode legs in flight on the instance
     decode_context_tokens: int = 0  # context tokens those decode legs attend (prompt + half the predicted output)
     tightest_tpot_s: float | None = None  # the strictest TPOT SLO among those decode legs
+    decode_free_in_s: float = 0.0  # predicted seconds until one of those decode legs ends (0: none runs)
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> InstanceView:
         """The view whose fields have ``values`` (one entry per field, none left out), built
-        without ``__init__``: a frozen dataclass's ``__init__`` sets each of its 23 fields through
+        without ``__init__``: a frozen dataclass's ``__init__`` sets each of its 24 fields through
         ``object.__setattr__``, which cost more than the rest of taking a snapshot. Equal to
         ``InstanceView(**values)``."""
         view = object.__new__(cls)

@@ -11,11 +11,12 @@ import json
 import random
 import time
 
+from support.nats import NatsServer
+
 from pdgate.gateway.config import CostModelConfig
 from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.nats_state import NatsState
 from pdgate.scheduler.costmodel.features import RequestFeatures, hash_text
-from tests.support.nats import NatsServer
 
 
 def long_prompt_record(i: int, rng: random.Random) -> dict:

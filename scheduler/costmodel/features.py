@@ -179,6 +179,9 @@ class RequestFeatures:
     model: str
     tag: str | None = None
     text_hash: Mapping[int, float] = field(default_factory=dict)
+    length_fixed: bool = (
+        False  # the client fixed the output length (``ignore_eos``): it says nothing of natural lengths
+    )
 
     def to_record(self) -> dict[str, Any]:
         """JSON-able dict (``text_hash`` as ``((index, weight), ...)``, which JSON writes as
@@ -193,6 +196,7 @@ class RequestFeatures:
             "model": self.model,
             "tag": self.tag,
             "text_hash": tuple((int(i), float(v)) for i, v in self.text_hash.items()),
+            "length_fixed": self.length_fixed,
         }
 
     @classmethod
@@ -213,7 +217,11 @@ class RequestFeatures:
         tag = record.get("tag")
         if tag is not None and not isinstance(tag, str):
             raise ValueError("tag must be a string or null")
-        return cls(prompt_tokens, max_tokens, endpoint, model, tag, parse_text_hash(record.get("text_hash") or []))
+        fixed = record.get("length_fixed", False)
+        if not isinstance(fixed, bool):
+            raise ValueError("length_fixed must be a boolean")
+        text_hash = parse_text_hash(record.get("text_hash") or [])
+        return cls(prompt_tokens, max_tokens, endpoint, model, tag, text_hash, fixed)
 
 
 def parse_text_hash(pairs: Any) -> dict[int, float]:

@@ -62,6 +62,20 @@ def cap_prediction(median: float, high: float, max_tokens: int | None) -> Length
     return LengthPrediction(median, high)
 
 
+def client_bounds(
+    prediction: LengthPrediction | None, max_tokens: int, *, ignore_eos: bool, min_tokens: int, may_stop: bool
+) -> LengthPrediction | None:
+    """``prediction`` within what the client's sampling settings fix: with ``ignore_eos`` and no
+    stop string or stop token (``may_stop`` false) the output is exactly ``max_tokens``; with
+    ``min_tokens`` it is at least that many (both capped by ``max_tokens``)."""
+    if ignore_eos and not may_stop and max_tokens > 0:
+        return LengthPrediction(float(max_tokens), float(max_tokens))
+    if prediction is None or min_tokens <= 0:
+        return prediction
+    floor = float(min(min_tokens, max_tokens)) if max_tokens > 0 else float(min_tokens)
+    return LengthPrediction(max(prediction.median, floor), max(prediction.high, floor))
+
+
 def cap_predictions(
     median: np.ndarray, high: np.ndarray, features: Sequence[RequestFeatures]
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ satisfies, rather than importing the snapshot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pdgate.scheduler.costmodel.latency import LatencyModel
@@ -35,6 +36,9 @@ class CostModel:
     latency: LatencyModel
     output: OutputLengthModel
     version: str = "prior"
+    # decode group -> factor on its step time: the online correction between refits
+    # (:class:`pdgate.scheduler.costmodel.calibration.StepCalibration`)
+    tpot_scale: Mapping[str, float] = field(default_factory=dict)
 
     def prefill_s(self, instance: CostedInstance, uncached: float, cached: float = 0.0) -> float:
         """Predicted seconds to prefill on ``instance`` when it is idle."""
@@ -42,7 +46,8 @@ class CostModel:
 
     def decode_step_s(self, instance: CostedInstance, batch: float, context_tokens: float) -> float:
         """Predicted seconds per decode step (the TPOT) of a batch on ``instance``."""
-        return self.latency.costs(instance.cost_group).decode_step_s(batch, context_tokens)
+        group = instance.cost_group
+        return self.latency.costs(group).decode_step_s(batch, context_tokens) * self.tpot_scale.get(group, 1.0)
 
     def handoff_s(self, instance: CostedInstance, prompt_tokens: float) -> float:
         """Predicted seconds from sending a decode leg to ``instance`` to its first token."""

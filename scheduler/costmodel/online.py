@@ -30,7 +30,7 @@ def refit(
     rows = [
         (RequestFeatures.from_record(r), int(r["output_tokens"]))
         for r in records
-        if isinstance(r.get("output_tokens"), int) and r["output_tokens"] >= 1
+        if isinstance(r.get("output_tokens"), int) and r["output_tokens"] >= 1 and not r.get("length_fixed")
     ]
     output = previous_output
     if len(rows) >= MIN_LENGTH_ROWS:

@@ -99,7 +99,10 @@ class SloAdmitter(Admitter):
     * **reject** (``ttft-infeasible``) when even starting after the work queued ahead of it
       (``max(min wait, work ahead / prefill instances)``) plus its own unloaded prefill and
       hand-off exceeds the time left to its TTFT deadline; ``tpot-infeasible`` when an empty
-      decode batch is already slower than its TPOT SLO; ``queue-timeout`` after ``max_queue_wait_s``;
+      decode batch is already slower than its TPOT SLO, or when no decode batch keeps the TPOT
+      SLOs with it added (its own and those of the streams already there, at ``slack`` x the
+      SLO) and the first decode stream predicted to end there ends too late for its TTFT
+      deadline; ``queue-timeout`` after ``max_queue_wait_s``;
     * **dispatch** when the best prefill instance's wait is short (``engine_queue_fraction`` of
       its TTFT SLO), the predicted TTFT meets the deadline and some decode instance keeps the
       TPOT SLOs of its batch;
@@ -125,20 +128,34 @@ class SloAdmitter(Admitter):
         best_now, best_case, min_wait, work = _least_ttft_terms(ttft_estimates(request, snapshot, prefills, costs))
         tpot_now: float | None = None
         decode_ok = False
+        tpot_bound: float | None = None  # the limit the least-TPOT instance's batch would have to keep
         for d in decoders:  # the least TPOT, and whether any decode instance keeps its batch's SLOs
             tpot = tpot_estimate(request, d, costs)
+            limit = tpot_limit(request, d)
             if tpot_now is None or tpot < tpot_now:
-                tpot_now = tpot
+                tpot_now, tpot_bound = tpot, limit
             if not decode_ok:
-                limit = tpot_limit(request, d)
-                decode_ok = limit is None or tpot <= limit
+                decode_ok = limit is None or tpot <= limit * p.slack
         slo = request.slo
         elapsed = now - request.arrival
         start = max(min_wait, work_ahead_s / len(prefills))
         limit = slo.ttft_s * p.slack if slo.ttft_s is not None else None
 
+        free_in = min(d.decode_free_in_s for d in decoders)  # the first decode stream predicted to end
+
         def verdict(action: str, reason: str) -> Verdict:
-            return Verdict(action, reason, best_now, best_case, tpot_now, work, elapsed + start + best_case, limit)  # type: ignore[arg-type]
+            return Verdict(
+                action,  # type: ignore[arg-type]
+                reason,
+                best_now,
+                best_case,
+                tpot_now,
+                work,
+                elapsed + start + best_case,
+                limit,
+                tpot_bound * p.slack if tpot_bound is not None else None,
+                None if decode_ok else free_in,
+            )
 
         if elapsed > p.max_queue_wait_s:
             return verdict("reject", "queue-timeout")
@@ -150,6 +167,9 @@ class SloAdmitter(Admitter):
             remaining = slo.ttft_s * p.slack - elapsed
             if start + best_case > remaining:
                 return verdict("reject", "ttft-infeasible" if decode_ok else "decode-saturated")
+            if not decode_ok and max(start, free_in) + best_case > remaining:
+                # no decode batch takes it within its TPOT SLO before its first token is due
+                return verdict("reject", "tpot-infeasible")
             window = p.engine_queue_fraction * slo.ttft_s
             if min_wait <= window and best_now <= remaining and decode_ok:
                 return verdict("dispatch", "slo-met")
