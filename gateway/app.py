@@ -24,6 +24,7 @@ from pdgate.adapters import UpstreamPool
 from pdgate.common.http_server import HttpRequest, HttpServer, Responder
 from pdgate.common.tasks import OwnedTasks
 from pdgate.common.tokenizer import Tokenizer, load_tokenizer
+from pdgate.gateway.actuators import actuator_params
 from pdgate.gateway.admin import AdminApi
 from pdgate.gateway.admission import AdmissionController
 from pdgate.gateway.cluster import Cluster
@@ -97,6 +98,8 @@ def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None)
     if config.sharing.url() is not None and importlib.util.find_spec("nats") is None:
         raise ValueError("sharing.nats_url needs the NATS client: pip install 'pdgate[replicas]'")
     policy = registry.create_migration_policy(config.migration.policy, config.migration.parameters)
+    if config.scaling.enabled:
+        actuator_params(config.scaling.actuator)  # a bad actuator or parameter fails here (ValueError)
     return Gateway(config, profiles, tokenizers, GatewayMetrics(), admitter, policy, handler)
 
 

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pdgate.common.tasks import OwnedTasks
-from pdgate.gateway.actuators import actuator_class
+from pdgate.gateway.actuators import actuator_params
 from pdgate.gateway.actuators.base import FleetActuator
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
@@ -73,10 +73,8 @@ class Scaling:
         self.costs = costs
         self.metrics = metrics
         self.duties_here = duties_here
-        kind = actuator_class(self.settings.actuator.type)
-        self.actuator: FleetActuator = kind(
-            kind.validate_params(self.settings.actuator.parameters), fleet, self.settings
-        )
+        kind, params = actuator_params(self.settings.actuator)
+        self.actuator: FleetActuator = kind(params, fleet, self.settings)
         self.plans: dict[str, ScalePlan] = {}  # model -> the plan in force (for the admin API)
         self.actions: dict[str, list[str]] = {}  # model -> what the actuator did with it last
         self.demand = DemandMeter(cluster)

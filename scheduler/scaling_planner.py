@@ -71,8 +71,8 @@ def plan_scale(
     tpot_target_s: float,
     prefill_utilisation: float,
     headroom: float,
-    minimum: Mapping[str, int],
-    maximum: Mapping[str, int | None],
+    minimum: Mapping[PoolRole, int],
+    maximum: Mapping[PoolRole, int],
 ) -> ScalePlan | None:
     """The scaling plan of one model's ``instances`` (healthy and draining alike: a draining
     instance is on its way out and is not counted); None when it has none to size a decode batch
@@ -89,7 +89,7 @@ def plan_scale(
     disaggregated = any(i.role in ("prefill", "decode") for i in live) or current["flex"] > 0
     colocated_now = current["both"] > 0 or not disaggregated
 
-    def bounded(role: str, need: float, serves: bool) -> int:
+    def bounded(role: PoolRole, need: float, serves: bool) -> int:
         if not serves:
             return 0
         count = max(1, math.ceil(need * factor - 1e-9), minimum.get(role, 0))

@@ -151,6 +151,7 @@ def test_the_role_balancer_moves_a_flex_decoder_to_prefill_under_prefill_heavy_l
         (plan,) = get_json(f"{gateway.url}/admin/plan")["data"]
         assert plan["model"] == MODEL and plan["prefill"] >= 2 and plan["decode"] >= 1, plan
         assert plan["forecast"]["prefill_work_s_per_s"] > 0 and "prefill" in plan["reason"], plan
+
         # the scaling plan (recommend only) sees the same load: more than one prefill instance
         def sized() -> dict:
             wanted = get_json(f"{gateway.url}/admin/plan")["scaling"]

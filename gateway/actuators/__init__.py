@@ -9,8 +9,14 @@ per role scaled through the Kubernetes API). :func:`actuator_class` finds one by
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from pdgate.gateway.actuators.base import FleetActuator
+from pydantic import ValidationError
+
+from pdgate.gateway.actuators.base import ActuatorParams, FleetActuator
+
+if TYPE_CHECKING:
+    from pdgate.gateway.scaling_config import ActuatorConfig
 
 ACTUATORS: dict[str, str] = {
     "none": "pdgate.gateway.actuators.base:RecommendOnly",
@@ -32,3 +38,18 @@ def actuator_class(name: str) -> type[FleetActuator]:
         raise ValueError(f"actuator {name!r} needs the package {exc.name!r}: pip install 'pdgate[{name}]'") from None
     cls: type[FleetActuator] = getattr(module, attr)
     return cls
+
+
+def actuator_params(config: ActuatorConfig) -> tuple[type[FleetActuator], ActuatorParams]:
+    """The actuator class of ``config.type`` and its checked parameters; ``ValueError`` naming the
+    field (``scaling.actuator.parameters.<field>: <problem>``) for a bad one."""
+    try:
+        cls = actuator_class(config.type)
+    except ValueError as exc:
+        raise ValueError(f"scaling.actuator.type: {exc}") from None
+    try:
+        return cls, cls.validate_params(config.parameters)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"scaling.actuator.parameters.{where}: {first['msg']}") from None
