@@ -276,6 +276,7 @@ class GatewayServer:
             await gw.cluster.start()
             migrations.start()
             gw.fleet = FleetManager(gw.config, gw.cluster, migrations, gw.metrics, gw.costs)
+            gw.fleet.tracing = gw.tracing
             admin = AdminApi(gw.config, gw.cluster, migrations, gw.fleet)
             nats_url = gw.config.sharing.url()
             if nats_url is not None:  # replicas: share through NATS

@@ -39,6 +39,7 @@ from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.sharing import SharedState
+from pdgate.gateway.tracing import Tracing
 
 log = logging.getLogger("pdgate.fleet")
 
@@ -86,6 +87,7 @@ class FleetManager:
         self.metrics = metrics
         self.costs = costs
         self.shared: SharedState | None = None
+        self.tracing: Tracing | None = None  # role changes are traced when tracing is on
         self._lock = asyncio.Lock()
         self._tasks = OwnedTasks()
 
@@ -147,6 +149,9 @@ class FleetManager:
     def _apply_role(self, state: InstanceState, role: Role, reason: str) -> None:
         old, state.role, state.role_since = state.role, role, self.cluster.clock()
         self.metrics.role_changed(state.spec.id, old, role, reason)
+        if self.tracing is not None:
+            attributes = {"pdgate.instance": state.spec.id, "pdgate.role.from": old, "pdgate.role.to": role}
+            self.tracing.event("pdgate.role_change", {**attributes, "pdgate.reason": reason})
         log.warning("instance %s serves as %s (was %s): %s", state.spec.id, role, old, reason)
 
     async def _on_role_change(self, instance_id: str, change: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.demand import DemandMeter
 from pdgate.gateway.fleet import FleetManager
 from pdgate.gateway.metrics import GatewayMetrics
+from pdgate.gateway.tracing import Tracing
 from pdgate.scheduler.scaling_planner import ScalePlan, plan_scale
 
 log = logging.getLogger("pdgate.scaling")
@@ -78,6 +79,7 @@ class Scaling:
         self.plans: dict[str, ScalePlan] = {}  # model -> the plan in force (for the admin API)
         self.actions: dict[str, list[str]] = {}  # model -> what the actuator did with it last
         self.demand = DemandMeter(cluster)
+        self.tracing: Tracing | None = fleet.tracing  # each action is traced when tracing is on
         self._history: dict[str, deque[tuple[float, ScalePlan]]] = {}
         self._tasks = OwnedTasks()
 
@@ -131,3 +133,7 @@ class Scaling:
                 if actions:
                     log.warning("scaling %s: %s (%s)", model, "; ".join(actions), plan.reason)
                     self.actions[model] = actions
+                    if self.tracing is not None:
+                        for action in actions:
+                            attributes = {"pdgate.model": model, "pdgate.action": action}
+                            self.tracing.event("pdgate.scaling", {**attributes, "pdgate.reason": plan.reason})

@@ -119,6 +119,10 @@ class Tracing:
         )
         return SpanTrace(self, span)
 
+    def event(self, name: str, attributes: Mapping[str, Any]) -> None:
+        """A fleet event that belongs to no request (a role change, a scaling action): a span of its own."""
+        self.tracer.start_span(name, attributes=_clean(attributes)).end()
+
     async def close(self) -> None:
         """Export what is buffered and stop the exporter's thread (off the event loop)."""
         await asyncio.to_thread(self.provider.shutdown)

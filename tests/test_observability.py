@@ -334,6 +334,34 @@ async def test_a_failover_is_a_migration_span_between_two_legs(tmp_path, sim_fac
     assert root.attributes["http.response.status_code"] == 200 and root.attributes["gen_ai.usage.output_tokens"] == 80
 
 
+async def test_a_role_change_is_a_span_of_its_own(tmp_path, sim_factory) -> None:
+    """A flex instance moved by the admin API: one ``pdgate.role_change`` span says which, how and why."""
+    engines = [sim_factory(*engine_flags("both")) for _ in range(2)]
+    entries = [
+        {**instance_entry(e, "flex", "sim"), "serving": serving}
+        for e, serving in zip(engines, ("prefill", "decode"), strict=True)
+    ]
+    exporter = InMemorySpanExporter()
+    server = GatewayServer(
+        build_gateway(GatewayConfig.load(write_config(tmp_path / "flex.yaml", entries))), span_exporter=exporter
+    )
+    await server.start()
+    try:
+        moved = entries[0]["id"]
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{server.url}/admin/instances/{moved}/role", json={"role": "both"}) as resp:
+                assert resp.status == 200, await resp.text()
+    finally:
+        await server.stop()
+    span = _one(list(exporter.get_finished_spans()), "pdgate.role_change")
+    assert dict(span.attributes) == {
+        "pdgate.instance": moved,
+        "pdgate.role.from": "prefill",
+        "pdgate.role.to": "both",
+        "pdgate.reason": "admin",
+    }
+
+
 def test_tracing_settings_follow_the_otel_environment() -> None:
     off = TracingConfig()
     assert resolve_settings(off, {}) is None  # nothing asked for: off, and no SDK work at all
