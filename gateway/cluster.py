@@ -314,11 +314,12 @@ class Cluster:
         self.on_prompt_recorded: Callable[[str, list[int]], None] | None = None  # approximate index, for replicas
         self.on_load_change: Callable[[], None] | None = None  # a lease opened, or closed: replicas are told
         self.prefill_work_sent: dict[str, float] = {}  # model -> predicted prefill seconds sent (role balancer)
+        self.prefill_legs_sent: dict[str, int] = {}  # model -> prefill legs sent (their mean prefill time)
         self._lease_ids = itertools.count(1)
         self._session = session
         self._pool = pool
         self.remote: dict[str, RemoteLoad] = {}  # other replicas' in-flight load per instance (load sharing)
-        self.remote_prefill_work: dict[str, dict[str, float]] = {}  # replica -> its prefill_work_sent
+        self.remote_prefill_work: dict[str, dict[str, tuple[float, int]]] = {}  # replica -> model -> (work, legs)
         for inst in config.instances:
             state = self._state_for(inst)
             self.instances[state.spec.id] = state
@@ -480,6 +481,7 @@ class Cluster:
             state.add_prefill(lease.key, now, predicted_prefill_s)
             model = state.spec.model
             self.prefill_work_sent[model] = self.prefill_work_sent.get(model, 0.0) + predicted_prefill_s
+            self.prefill_legs_sent[model] = self.prefill_legs_sent.get(model, 0) + 1
         if context_tokens is not None:
             lease.decodes = True
             lease.context_tokens = context_tokens

@@ -376,10 +376,20 @@ class RoleBalancerConfig(Strict):
         0.2, ge=0, description="move only when the busier pool's utilisation drops by this share or more"
     )
     prefill_utilisation: float = Field(
-        0.7, gt=0, le=1, description="the share of time a prefill instance may be busy and keep its TTFT target"
+        0.85,
+        gt=0,
+        le=1,
+        description="the most a prefill instance may be busy; the TTFT target lowers it (its queue's tail wait "
+        "plus a prefill must keep the target)",
+    )
+    ttft_target_ms: float | None = Field(
+        None, gt=0, description="the TTFT prefill pools are sized for (default: the default SLO's; none: the cap alone)"
     )
     tpot_target_ms: float | None = Field(
-        None, gt=0, description="the TPOT decode batches are sized for (default: the default SLO's, else 100 ms)"
+        None,
+        gt=0,
+        description="the TPOT decode batches are sized for (default: the default SLO's, else 100 ms; a stricter "
+        "TPOT SLO of the streams in flight wins)",
     )
 
 

@@ -3,7 +3,8 @@
 Each replica publishes, on the NATS subject ``pdgate.load``, what it has in flight on each
 instance (requests, prefill and decode tokens, prefill legs and their predicted wait, decode
 legs and their context, the strictest TPOT SLO among them; and, per model, the predicted
-prefill seconds it has sent in total, for the leader's role balancer and scaling plan): as soon as a lease opens or closes,
+prefill seconds and legs it has sent in total, for the leader's role balancer and scaling
+plan): as soon as a lease opens or closes,
 at most every ``sharing.load_interval_s`` (20 ms: what opened meanwhile goes out together), and
 at least every second as a heartbeat. The sooner the others know, the less replicas
 that place at the same moment pile onto the same "best" instance. Every replica keeps the others'
@@ -42,7 +43,7 @@ HEARTBEAT_S = 1.0
 class _Heard:
     at: float  # this replica's monotonic clock when the figures came
     instances: dict[str, list[float]]
-    prefill_work: dict[str, float]  # model -> predicted prefill seconds the replica sent, in total
+    prefill_work: dict[str, tuple[float, int]]  # model -> predicted prefill seconds and legs the replica sent, in total
 
 
 def _figures(state: InstanceState, now: float) -> list[float]:
@@ -116,7 +117,10 @@ class LoadSharing:
                         "replica": self.shared.replica_id,
                         "sent_at": self.wall_clock(),
                         "instances": figures,
-                        "prefill_work": self.cluster.prefill_work_sent,
+                        "prefill_work": {
+                            m: [w, self.cluster.prefill_legs_sent.get(m, 0)]
+                            for m, w in self.cluster.prefill_work_sent.items()
+                        },
                     }
                     await self.shared.publish(LOAD_SUBJECT, json.dumps(message, separators=(",", ":")).encode())
                     last, last_sent = figures, now
@@ -131,7 +135,7 @@ class LoadSharing:
             replica = str(message["replica"])
             instances = {str(k): [float(x) for x in v] for k, v in message["instances"].items()}
             sent_at = float(message["sent_at"])
-            work = {str(k): float(v) for k, v in message.get("prefill_work", {}).items()}
+            work = {str(k): (float(v[0]), int(v[1])) for k, v in message.get("prefill_work", {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("load sharing: a malformed message ignored")
             return

@@ -25,14 +25,12 @@ from pdgate.common.tasks import OwnedTasks
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.costs import CostModelService
-from pdgate.gateway.demand import DemandMeter
+from pdgate.gateway.demand import DemandMeter, tpot_target_s, ttft_target_s
 from pdgate.gateway.fleet import FleetChangeError, FleetManager
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.scheduler.role_planner import RolePlan, plan_roles
 
 log = logging.getLogger("pdgate.roles")
-
-DEFAULT_TPOT_S = 0.1
 
 
 class RoleBalancing:
@@ -48,9 +46,8 @@ class RoleBalancing:
         duties_here: Callable[[], bool],
     ) -> None:
         self.settings = config.role_balancer
-        default_tpot = config.slo.default.tpot_ms
-        target_ms = self.settings.tpot_target_ms or default_tpot
-        self.tpot_target_s = target_ms / 1000 if target_ms else DEFAULT_TPOT_S
+        self.tpot_target_s = tpot_target_s(config)
+        self.ttft_target_s = ttft_target_s(config)
         self.cluster = cluster
         self.fleet = fleet
         self.costs = costs
@@ -98,6 +95,7 @@ class RoleBalancing:
                 prefill_utilisation=self.settings.prefill_utilisation,
                 hysteresis=self.settings.hysteresis,
                 movable=movable,
+                ttft_target_s=self.ttft_target_s,
             )
             if plan is None:
                 continue

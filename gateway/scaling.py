@@ -24,21 +24,13 @@ from pdgate.gateway.actuators.base import FleetActuator
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.costs import CostModelService
-from pdgate.gateway.demand import DemandMeter
+from pdgate.gateway.demand import DemandMeter, tpot_target_s, ttft_target_s
 from pdgate.gateway.fleet import FleetManager
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.tracing import Tracing
 from pdgate.scheduler.scaling_planner import ScalePlan, plan_scale
 
 log = logging.getLogger("pdgate.scaling")
-
-DEFAULT_TPOT_S = 0.1
-
-
-def tpot_target_s(config: GatewayConfig) -> float:
-    """The TPOT decode pools are sized for: scaling's, else the role balancer's, else the default SLO's."""
-    ms = config.scaling.tpot_target_ms or config.role_balancer.tpot_target_ms or config.slo.default.tpot_ms
-    return ms / 1000 if ms else DEFAULT_TPOT_S
 
 
 def stabilised(history: deque[tuple[float, ScalePlan]], now: float, window_s: float) -> ScalePlan:
@@ -69,7 +61,8 @@ class Scaling:
     ) -> None:
         self.config = config
         self.settings = config.scaling
-        self.tpot_target_s = tpot_target_s(config)
+        self.tpot_target_s = tpot_target_s(config, config.scaling.tpot_target_ms)
+        self.ttft_target_s = ttft_target_s(config)
         self.cluster = cluster
         self.costs = costs
         self.metrics = metrics
@@ -120,6 +113,7 @@ class Scaling:
                 headroom=self.settings.headroom,
                 minimum=self.settings.minimum,
                 maximum=self.settings.maximum,
+                ttft_target_s=self.ttft_target_s,
             )
             if plan is None:
                 continue

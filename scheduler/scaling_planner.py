@@ -2,9 +2,10 @@
 
 Pure over its inputs, like :mod:`pdgate.scheduler.role_planner`, whose capacity model it shares:
 
-* a prefill instance keeps the TTFT target while it is busy at most ``prefill_utilisation`` of
-  the time, so the prefill pool needs ``work / prefill_utilisation`` instances, where ``work``
-  is the forecast prefill seconds arriving per second;
+* a prefill instance keeps the TTFT target while it is busy at most
+  :func:`~pdgate.scheduler.role_planner.prefill_busy_limit` of the time, so the prefill pool
+  needs ``work / limit`` instances, where ``work`` is the forecast prefill seconds arriving per
+  second;
 * a decode instance keeps the TPOT target with up to :func:`decode_capacity` streams of the
   forecast mean context, so the decode pool needs ``streams / capacity`` instances;
 * a colocated instance does both with one clock: it needs the sum of the two shares.
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pdgate.scheduler.costmodel.model import CostModel
-from pdgate.scheduler.role_planner import PoolDemand, decode_capacity
+from pdgate.scheduler.role_planner import PoolDemand, decode_capacity, prefill_busy_limit, tpot_in_force
 from pdgate.scheduler.snapshot import InstanceView
 
 PoolRole = Literal["prefill", "decode", "both", "flex"]
@@ -73,6 +74,7 @@ def plan_scale(
     headroom: float,
     minimum: Mapping[PoolRole, int],
     maximum: Mapping[PoolRole, int],
+    ttft_target_s: float | None = None,
 ) -> ScalePlan | None:
     """The scaling plan of one model's ``instances`` (healthy and draining alike: a draining
     instance is on its way out and is not counted); None when it has none to size a decode batch
@@ -82,8 +84,10 @@ def plan_scale(
         return None
     current: dict[str, int] = {r: sum(1 for i in live if configured_roles.get(i.id) == r) for r in POOL_ROLES}
     sample = next((i for i in live if i.serves("decode")), live[0])
-    streams_each = decode_capacity(sample, costs, tpot_target_s, max(1.0, demand.context_tokens_per_stream))
-    prefill_share = demand.prefill_work_s_per_s / prefill_utilisation
+    tpot = tpot_in_force(tpot_target_s, live)
+    streams_each = decode_capacity(sample, costs, tpot, max(1.0, demand.context_tokens_per_stream))
+    busy = prefill_busy_limit(prefill_utilisation, ttft_target_s, demand.mean_prefill_s)
+    prefill_share = demand.prefill_work_s_per_s / busy
     decode_share = demand.decode_streams / streams_each
     factor = 1.0 + headroom
     disaggregated = any(i.role in ("prefill", "decode") for i in live) or current["flex"] > 0
@@ -108,6 +112,6 @@ def plan_scale(
     reason = (
         f"forecast {demand.prefill_work_s_per_s:.2f} prefill s/s and {demand.decode_streams:.1f} decode streams "
         f"({demand.context_tokens_per_stream:.0f} context tokens each; {streams_each} per instance within "
-        f"{tpot_target_s * 1000:g} ms TPOT); {headroom:.0%} headroom"
+        f"{tpot * 1000:g} ms TPOT; prefill busy at most {busy:.0%}); {headroom:.0%} headroom"
     )
     return ScalePlan(model, prefill, decode, colocated, current, demand, streams_each, reason)

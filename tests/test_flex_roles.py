@@ -6,6 +6,7 @@ the admin API and the access log."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 
@@ -158,8 +159,11 @@ def test_the_role_balancer_moves_a_flex_decoder_to_prefill_under_prefill_heavy_l
             assert wanted["enabled"] and wanted["actuator"] == "none", wanted
             return wanted["data"][0] if wanted["data"] else {}
 
-        wait_until(lambda: sized().get("instances", {}).get("prefill", 0) >= 2, timeout=20, message=sized)
-        assert sized()["current"]["flex"] == 3 and sized()["actions"] == []
+        wait_until(lambda: sized().get("forecast", {}).get("prefill_work_s_per_s", 0) > 0, timeout=20, message=sized)
+        now = sized()
+        work = now["forecast"]["prefill_work_s_per_s"]  # no TTFT target: prefill instances busy up to 85 %
+        assert now["instances"]["prefill"] == max(1, math.ceil(work / 0.85)), now
+        assert now["current"]["flex"] == 3 and now["actions"] == [] and "prefill busy at most 85%" in now["reason"]
         assert f'pdgate_plan_instances{{model="{MODEL}",role="prefill"}}' in gateway_metrics(gateway.url)
     finally:
         stop.set()

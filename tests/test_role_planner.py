@@ -7,7 +7,14 @@ import pytest
 
 from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec
 from pdgate.scheduler.costmodel.model import CostModel
-from pdgate.scheduler.role_planner import Holt, PoolDemand, decode_capacity, plan_roles
+from pdgate.scheduler.role_planner import (
+    Holt,
+    PoolDemand,
+    decode_capacity,
+    plan_roles,
+    prefill_busy_limit,
+    tpot_in_force,
+)
 from pdgate.scheduler.snapshot import InstanceView
 
 pytestmark = pytest.mark.unit
@@ -78,3 +85,35 @@ def test_holt_follows_a_trend():
     forecasts = [holt.update(v) for v in (1.0, 2.0, 3.0, 4.0, 5.0)]
     assert forecasts[0] == 1.0 and forecasts[-1] > 5.0  # a rising series is forecast to go on rising
     assert Holt().update(-1.0) == 0.0
+
+
+def test_prefill_instances_are_kept_as_busy_as_their_ttft_target_allows():
+    # no target, or nothing measured: the cap alone
+    assert prefill_busy_limit(0.85, None, 0.1) == 0.85 and prefill_busy_limit(0.85, 0.4, None) == 0.85
+    # 80 ms prefills under a 400 ms target: the tail wait may be 320 ms, rho / (1 - rho) <= 320 / (2.3 x 80)
+    room = 0.32 / (2.302585 * 0.08)
+    assert prefill_busy_limit(0.85, 0.4, 0.08) == pytest.approx(room / (1 + room), rel=1e-4)
+    assert prefill_busy_limit(0.85, 0.4, 0.01) == 0.85  # short prefills: the cap binds
+    assert prefill_busy_limit(0.85, 0.4, 0.5) == 0.05  # a prefill longer than the target: hardly any queue
+    assert prefill_busy_limit(0.85, 0.4, 0.08) < prefill_busy_limit(0.85, 0.4, 0.04)
+
+
+def test_a_stricter_tpot_slo_in_flight_sizes_the_decode_batches(costs):
+    fleet = [view("p0", "prefill"), view("d0", "decode", tightest_tpot_s=0.02), view("d1", "decode")]
+    assert tpot_in_force(0.05, fleet) == 0.02 and tpot_in_force(0.01, fleet) == 0.01
+    batch_loose = decode_capacity(fleet[1], costs, 0.05, 1000)
+    demand = PoolDemand(prefill_work_s_per_s=0.1, decode_streams=1.5 * batch_loose, context_tokens_per_stream=1000)
+    strict = plan(costs, fleet, demand)
+    loose = plan(costs, [view("p0", "prefill"), view("d0", "decode"), view("d1", "decode")], demand)
+    assert strict.decode_utilisation > loose.decode_utilisation and "20 ms TPOT" in strict.reason
+
+
+def test_a_long_prefill_mix_needs_more_prefill_instances_at_the_same_work(costs):
+    fleet = [view("p0", "prefill"), view("p1", "prefill"), view("d0", "decode"), view("d1", "decode")]
+    streams = 1.6 * decode_capacity(fleet[2], costs, 0.05, 1000)
+    short = PoolDemand(0.6, streams, 1000, mean_prefill_s=0.02)
+    long = PoolDemand(0.6, streams, 1000, mean_prefill_s=0.15)
+    # short prefills: one instance at 0.6 / 0.85 = 71 % busy keeps the target; 150 ms ones may queue
+    # only up to 42 % busy, so the same work takes two
+    assert plan(costs, fleet, short, ttft_target_s=0.4, prefill_utilisation=0.85).prefill == 1
+    assert plan(costs, fleet, long, ttft_target_s=0.4, prefill_utilisation=0.85).prefill == 2

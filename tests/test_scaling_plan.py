@@ -98,7 +98,8 @@ class _Cluster:
     def __init__(self) -> None:
         self.now = 0.0
         self.prefill_work_sent: dict[str, float] = {}
-        self.remote_prefill_work: dict[str, dict[str, float]] = {}
+        self.prefill_legs_sent: dict[str, int] = {}
+        self.remote_prefill_work: dict[str, dict[str, tuple[float, int]]] = {}
 
     def clock(self) -> float:
         return self.now
@@ -108,15 +109,17 @@ def test_demand_counts_the_prefill_work_of_every_replica():
     cluster = _Cluster()
     meter = DemandMeter(cluster)  # type: ignore[arg-type]
     snapshot = ClusterSnapshot(instances=(view("d0", "decode", decode_inflight=3, decode_context_tokens=3000),))
-    cluster.prefill_work_sent = {"m": 10.0}
-    cluster.remote_prefill_work = {"r2": {"m": 50.0}}
+    cluster.prefill_work_sent, cluster.prefill_legs_sent = {"m": 10.0}, {"m": 100}
+    cluster.remote_prefill_work = {"r2": {"m": (50.0, 400)}}
     assert meter.measure("m", snapshot) is None  # the first call sets the baselines
-    cluster.now, cluster.prefill_work_sent["m"] = 2.0, 11.0
-    cluster.remote_prefill_work = {"r2": {"m": 53.0}, "r3": {"m": 7.0}}  # r3 is new: its baseline only
+    cluster.now, cluster.prefill_work_sent["m"], cluster.prefill_legs_sent["m"] = 2.0, 11.0, 110
+    cluster.remote_prefill_work = {"r2": {"m": (53.0, 430)}, "r3": {"m": (7.0, 5)}}  # r3 is new: its baseline only
     demand = meter.measure("m", snapshot)
     assert demand is not None
     assert demand.prefill_work_s_per_s == pytest.approx((1.0 + 3.0) / 2)
+    assert demand.mean_prefill_s == pytest.approx(4.0 / 40)  # 4 s of work in 40 legs
     assert demand.decode_streams == 3 and demand.context_tokens_per_stream == 1000
     cluster.now = 4.0
-    cluster.remote_prefill_work = {"r3": {"m": 9.0}}  # r2 gone (expired), r3 sent 2 s of work
-    assert meter.measure("m", snapshot).prefill_work_s_per_s > 0
+    cluster.remote_prefill_work = {"r3": {"m": (9.0, 15)}}  # r2 gone (expired), r3 sent 2 s of work in 10 legs
+    demand = meter.measure("m", snapshot)
+    assert demand.prefill_work_s_per_s > 0 and demand.mean_prefill_s == pytest.approx((0.1 + 0.2) / 2)
