@@ -19,7 +19,7 @@ from pydantic import (
 from pdgate.adapters import ADAPTERS, InstanceSpec
 from pdgate.common.kv_events import engine_binds
 from pdgate.common.yamlfile import YamlFileError, read_yaml_mapping
-from pdgate.gateway.scaling_config import ScalingConfig
+from pdgate.gateway.planning_config import RoleBalancerConfig, ScalingConfig
 from pdgate.scheduler.costmodel.latency import PriorSpec
 from pdgate.scheduler.registry import SchedulingConfig
 
@@ -363,34 +363,6 @@ def has_serving_path(roles: Iterable[str]) -> bool:
     and a decode one."""
     serving = set(roles)
     return "both" in serving or {"prefill", "decode"} <= serving
-
-
-class RoleBalancerConfig(Strict):
-    """Moving flex instances between the prefill and decode roles as the load's mix shifts
-    (``gateway/role_balancing.py``); a leader-only duty with several replicas."""
-
-    enabled: bool = Field(False, description="move flex instances between prefill and decode by the load")
-    interval_s: float = Field(5.0, gt=0, description="how often the demand is measured and the split planned")
-    min_dwell_s: float = Field(30.0, ge=0, description="an instance keeps a role at least this long")
-    hysteresis: float = Field(
-        0.2, ge=0, description="move only when the busier pool's utilisation drops by this share or more"
-    )
-    prefill_utilisation: float = Field(
-        0.85,
-        gt=0,
-        le=1,
-        description="the most a prefill instance may be busy; the TTFT target lowers it (its queue's tail wait "
-        "plus a prefill must keep the target)",
-    )
-    ttft_target_ms: float | None = Field(
-        None, gt=0, description="the TTFT prefill pools are sized for (default: the default SLO's; none: the cap alone)"
-    )
-    tpot_target_ms: float | None = Field(
-        None,
-        gt=0,
-        description="the TPOT decode batches are sized for (default: the default SLO's, else 100 ms; a stricter "
-        "TPOT SLO of the streams in flight wins)",
-    )
 
 
 class SharingConfig(Strict):

@@ -36,7 +36,7 @@ from pdgate.gateway.actuators.kubernetes import KubernetesActuator
 from pdgate.gateway.app import GatewayServer, build_gateway
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.fleet import FleetManager
-from pdgate.gateway.scaling_config import ScalingConfig
+from pdgate.gateway.planning_config import ScalingConfig
 from pdgate.scheduler.role_planner import PoolDemand
 from pdgate.scheduler.scaling_planner import ScalePlan
 

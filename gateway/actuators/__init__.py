@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from pdgate.gateway.actuators.base import ActuatorParams, FleetActuator
 
 if TYPE_CHECKING:
-    from pdgate.gateway.scaling_config import ActuatorConfig
+    from pdgate.gateway.planning_config import ActuatorConfig
 
 ACTUATORS: dict[str, str] = {
     "none": "pdgate.gateway.actuators.base:RecommendOnly",

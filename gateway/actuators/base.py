@@ -10,7 +10,7 @@ from pdgate.scheduler.scaling_planner import ScalePlan
 
 if TYPE_CHECKING:
     from pdgate.gateway.fleet import FleetManager
-    from pdgate.gateway.scaling_config import ScalingConfig
+    from pdgate.gateway.planning_config import ScalingConfig
 
 
 class ActuatorParams(BaseModel):

@@ -52,7 +52,7 @@ from pdgate.gateway.actuators.kube_pools import (
     serving,
 )
 from pdgate.gateway.fleet import FleetChangeError, FleetManager
-from pdgate.gateway.scaling_config import ScalingConfig
+from pdgate.gateway.planning_config import ScalingConfig
 from pdgate.scheduler.scaling_planner import ScalePlan
 
 log = logging.getLogger("pdgate.scaling")

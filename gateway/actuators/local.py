@@ -37,7 +37,7 @@ from pdgate.gateway.actuators.base import ActuatorParams, FleetActuator
 from pdgate.gateway.config import InstanceConfig
 from pdgate.gateway.fleet import FleetChangeError, FleetManager
 from pdgate.gateway.launcher import HEALTHY_TIMEOUT_S, Child, launch_command, stop_children, wait_http_ok
-from pdgate.gateway.scaling_config import ScalingConfig
+from pdgate.gateway.planning_config import ScalingConfig
 from pdgate.scheduler.scaling_planner import ScalePlan
 
 log = logging.getLogger("pdgate.actuator.local")

@@ -1,5 +1,6 @@
-"""The ``scaling`` section: the scaling plan (how many prefill, decode and colocated instances the
-forecast load needs) and the actuator that carries it out."""
+"""The planning sections: ``role_balancer`` (flex instances moved between prefill and decode) and
+``scaling`` (how many prefill, decode and colocated instances the forecast load needs, and the
+actuator that carries it out)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,34 @@ PoolRoleName = Literal["prefill", "decode", "both", "flex"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class RoleBalancerConfig(_Strict):
+    """Moving flex instances between the prefill and decode roles as the load's mix shifts
+    (``gateway/role_balancing.py``); a leader-only duty with several replicas."""
+
+    enabled: bool = Field(False, description="move flex instances between prefill and decode by the load")
+    interval_s: float = Field(5.0, gt=0, description="how often the demand is measured and the split planned")
+    min_dwell_s: float = Field(30.0, ge=0, description="an instance keeps a role at least this long")
+    hysteresis: float = Field(
+        0.2, ge=0, description="move only when the busier pool's utilisation drops by this share or more"
+    )
+    prefill_utilisation: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="the most a prefill instance may be busy; the TTFT target lowers it (its queue's tail wait "
+        "plus a prefill must keep the target)",
+    )
+    ttft_target_ms: float | None = Field(
+        None, gt=0, description="the TTFT prefill pools are sized for (default: the default SLO's; none: the cap alone)"
+    )
+    tpot_target_ms: float | None = Field(
+        None,
+        gt=0,
+        description="the TPOT decode batches are sized for (default: the default SLO's, else 100 ms; a stricter "
+        "TPOT SLO of the streams in flight wins)",
+    )
 
 
 class ActuatorConfig(_Strict):
