@@ -18,6 +18,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import operator
 import time
 from collections import Counter
@@ -34,7 +35,7 @@ from pdgate.common.block_hash import block_hashes, to_event_hash
 from pdgate.gateway.config import GatewayConfig, InstanceConfig, has_serving_path
 from pdgate.scheduler.costmodel.model import CostModel
 from pdgate.scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
-from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView
+from pdgate.scheduler.snapshot import PREFILL_SHARE_WINDOW_S, ClusterSnapshot, InstanceView
 
 log = logging.getLogger("pdgate.cluster")
 _PREDICTED = operator.itemgetter(1)  # of a prefill_work entry (sent at, predicted s)
@@ -140,6 +141,8 @@ class InstanceState:
     decode_ends: dict[int, float] = field(default_factory=dict)  # decode lease -> when it is predicted to end
 
     prefill_finish: float = 0.0  # when the prefill work sent so far would be done at the predicted rate
+    prefill_rate: float = 0.0  # predicted prefill seconds sent per second, decayed over PREFILL_SHARE_WINDOW_S
+    prefill_rate_at: float = 0.0
 
     @property
     def flexible(self) -> bool:
@@ -154,6 +157,16 @@ class InstanceState:
     def add_prefill(self, key: int, now: float, predicted: float) -> None:
         self.prefill_work[key] = (now, predicted)
         self.prefill_finish = max(self.prefill_finish, now) + predicted
+        self.prefill_rate = self.prefill_share(now) + predicted / PREFILL_SHARE_WINDOW_S
+        self.prefill_rate_at = now
+
+    def prefill_share(self, now: float) -> float:
+        """The share of its time the instance spends prefilling what the gateway sent it lately
+        (predicted prefill seconds per second, decayed with a ``PREFILL_SHARE_WINDOW_S`` time
+        constant): on an instance that also decodes, the share its decode batch stalls."""
+        if not self.prefill_rate:
+            return 0.0
+        return self.prefill_rate * math.exp((self.prefill_rate_at - now) / PREFILL_SHARE_WINDOW_S)
 
     def remove_prefill(self, key: int, now: float) -> None:
         if self.prefill_work.pop(key, None) is not None and not self.prefill_work:
@@ -216,6 +229,7 @@ class InstanceState:
                 "decode_context_tokens": self.decode_context_tokens + remote.decode_context_tokens,
                 "tightest_tpot_s": tpot,
                 "decode_free_in_s": self.decode_free_in(now),
+                "prefill_share": self.prefill_share(now) if self.role != "prefill" else 0.0,
             }
         )
 

@@ -3,8 +3,9 @@
 * TTFT on prefill instance ``i`` = ``wait_i`` (the gateway's FIFO estimate of what it already
   sent there) + ``prefill(uncached_i, cached_i)`` (cached = the instance's prefix hit) +
   the KV hand-off to the decode side (0 when the request is served in one leg).
-* TPOT on decode instance ``j`` = the decode step time of its batch with this request added:
-  ``step(B_j + 1, K_j + prompt + expected_output / 2)``.
+* TPOT on decode instance ``j`` = the decode step time of its batch with this request added,
+  ``step(B_j + 1, K_j + prompt + expected_output / 2)``, over the share of its time left by the
+  prompts it prefills (colocated ones stall its batch).
 
 Used by the SLO plugins (scorers, filter, admitter) so they agree on one set of numbers.
 """
@@ -85,11 +86,21 @@ def ttft_estimates(
     return out
 
 
-def tpot_estimate(request: RequestInfo, instance: InstanceView, costs: CostModel) -> float:
-    """Predicted TPOT of ``instance``'s decode batch once ``request`` joins it."""
-    return costs.decode_step_s(
+MAX_PREFILL_SHARE = 0.8  # beyond this the estimate says "five times the step", not "forever"
+
+
+def tpot_estimate(
+    request: RequestInfo, instance: InstanceView, costs: CostModel, extra_prefill_share: float = 0.0
+) -> float:
+    """Predicted TPOT of ``instance``'s decode batch once ``request`` joins it: its step time,
+    stretched by the share of the instance's time that prefills take (colocated prompts stall
+    the batch: ``step / (1 - share)``), ``extra_prefill_share`` being what this request's own
+    prefill would add."""
+    step = costs.decode_step_s(
         instance, instance.decode_inflight + 1, instance.decode_context_tokens + decode_context_of(request)
     )
+    share = min(MAX_PREFILL_SHARE, instance.prefill_share + extra_prefill_share)
+    return step / (1.0 - share) if share > 0 else step
 
 
 def tpot_limit(request: RequestInfo, instance: InstanceView) -> float | None:

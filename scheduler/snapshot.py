@@ -47,11 +47,12 @@ class InstanceView:
     decode_context_tokens: int = 0  # context tokens those decode legs attend (prompt + half the predicted output)
     tightest_tpot_s: float | None = None  # the strictest TPOT SLO among those decode legs
     decode_free_in_s: float = 0.0  # predicted seconds until one of those decode legs ends (0: none runs)
+    prefill_share: float = 0.0  # an instance that decodes: the share of its time spent prefilling lately
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> InstanceView:
         """The view whose fields have ``values`` (one entry per field, none left out), built
-        without ``__init__``: a frozen dataclass's ``__init__`` sets each of its 24 fields through
+        without ``__init__``: a frozen dataclass's ``__init__`` sets each of its 25 fields through
         ``object.__setattr__``, which cost more than the rest of taking a snapshot. Equal to
         ``InstanceView(**values)``."""
         view = object.__new__(cls)
@@ -103,6 +104,9 @@ class RequestInfo:
     output: LengthPrediction | None = None  # predicted output length (cost model)
     arrival: float = 0.0  # gateway monotonic clock at arrival (deadlines count from here)
 
+
+PREFILL_SHARE_WINDOW_S = 5.0
+"""The time constant of an instance's ``prefill_share`` (its recent prefill seconds per second)."""
 
 OVERRUN_FACTOR = 0.5
 """A request past its predicted length is assumed to run on for this fraction of what it has generated."""

@@ -88,6 +88,19 @@ def test_splits_when_prefilling_there_would_break_the_decode_batchs_tpot(costs):
     assert not plan(ClusterSnapshot(loose, 0.0, {}, costs), request(4096)).split
 
 
+def test_many_colocated_prompts_add_up_and_then_the_next_one_splits(costs):
+    """One short prompt alone hardly stalls a decode batch; the instance's recent prefill share
+    (prompts colocated there lately) stretches every step, and past the TPOT SLO it splits."""
+    batch = {"decode_inflight": 32, "decode_context_tokens": 32 * 1000}
+    step = costs.decode_step_s(view("x", "decode"), 33, 32 * 1000 + 1024 + 64)
+    queued = view("p", "prefill", prefill_wait_s=1.0)
+    fresh = view("d", "decode", tightest_tpot_s=step * 1.4, **batch)
+    assert not plan(ClusterSnapshot((queued, fresh), 0.0, {}, costs), request(1024)).split
+    busy = view("d", "decode", tightest_tpot_s=step * 1.4, prefill_share=0.35, **batch)  # 1/(1-0.35) > 1.4
+    decided = plan(ClusterSnapshot((queued, busy), 0.0, {}, costs), request(1024))
+    assert decided.split and decided.reason == ph.SPLIT_TPOT
+
+
 def test_models_without_prefill_or_decode_instances_run_colocated(costs):
     decided = plan(ClusterSnapshot((view("a", "both"), view("b", "both")), 0.0, {}, costs), request(4000))
     assert not decided.split and decided.reason == ph.NO_PD

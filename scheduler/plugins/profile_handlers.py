@@ -11,7 +11,7 @@ from pydantic import Field
 from pdgate.scheduler.costmodel.model import expected_output_tokens
 from pdgate.scheduler.estimates import tpot_estimate, tpot_limit, ttft_estimates
 from pdgate.scheduler.framework import PdPlan, PluginParams, ProfileHandler, RunProfile
-from pdgate.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from pdgate.scheduler.snapshot import PREFILL_SHARE_WINDOW_S, ClusterSnapshot, InstanceView, RequestInfo
 
 
 def has_pd_instances(snapshot: ClusterSnapshot) -> bool:
@@ -71,8 +71,10 @@ class AdaptivePdHandler(PdSplitHandler):
     prefill there (``colocates_on_decode``: vLLM and the sim; SGLang's decode servers cannot)
     and, with a cost model, when the predicted TTFT there (its prefill queue and the uncached
     part of the prompt) is at most ``ttft_margin`` times the split's (the prefill instance's
-    queue, prefill and the hand-off) while the prefill's stall of the decode batch, spread over
-    the request's expected output, keeps the batch's tightest TPOT SLO. Without a cost model,
+    queue, prefill and the hand-off) while the decode batch keeps its tightest TPOT SLO with the
+    stalls of the prompts it prefills (``InstanceView.prefill_share``, this one's included:
+    many colocated prompts add up) and, for the request itself, its own stall spread over its
+    expected output. Without a cost model,
     the thresholds decide: colocate when at most ``max_uncached_tokens`` prompt tokens are not
     cached on the decode instance, or it holds at least ``min_decode_hit_fraction`` of them.
     Models without prefill or decode instances run ``colocated``, as with ``pd-split``.
@@ -114,8 +116,12 @@ class AdaptivePdHandler(PdSplitHandler):
             return False, SPLIT_FASTER
         limit = tpot_limit(request, decode)
         if limit is not None and decode.decode_inflight > 0:
+            # its prefill stalls the batch: its own share of the instance's recent time, and for
+            # its own stream at least that stall spread over its expected output
+            own = here.prefill_s / PREFILL_SHARE_WINDOW_S
+            tpot = tpot_estimate(request, decode, costs, extra_prefill_share=own)
             spread = here.prefill_s / max(1.0, expected_output_tokens(request.output, request.max_tokens))
-            if tpot_estimate(request, decode, costs) + spread > limit:
+            if max(tpot, tpot_estimate(request, decode, costs) + spread) > limit:
                 return False, SPLIT_TPOT
         return True, COLOCATED_FASTER
 
