@@ -493,9 +493,10 @@ class Cluster:
         )
         if predicted_prefill_s is not None:
             state.add_prefill(lease.key, now, predicted_prefill_s)
-            model = state.spec.model
-            self.prefill_work_sent[model] = self.prefill_work_sent.get(model, 0.0) + predicted_prefill_s
-            self.prefill_legs_sent[model] = self.prefill_legs_sent.get(model, 0) + 1
+            if state.role != "decode":  # a prompt colocated on a decode instance loads the decode pool
+                model = state.spec.model
+                self.prefill_work_sent[model] = self.prefill_work_sent.get(model, 0.0) + predicted_prefill_s
+                self.prefill_legs_sent[model] = self.prefill_legs_sent.get(model, 0) + 1
         if context_tokens is not None:
             lease.decodes = True
             lease.context_tokens = context_tokens

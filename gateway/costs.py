@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from pdgate.common.json_codec import json_encoder
 from pdgate.gateway.config import CostModelConfig
 from pdgate.scheduler.costmodel.calibration import StepCalibration
-from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec
+from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec, step_time_of
 from pdgate.scheduler.costmodel.model import CostModel
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ class CostModelService:
         if int(record.get("output_tokens") or 0) < MIN_CALIBRATION_TOKENS:
             return
         predicted = current.latency.costs(group).decode_step_s(float(batch), float(context))
-        if self.calibration.observe(group, predicted, float(actual)):
+        if self.calibration.observe(group, predicted, step_time_of(float(actual), placement)):
             self.current = replace(current, tpot_scale=dict(self.calibration.in_force))
 
     @property

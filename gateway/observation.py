@@ -26,6 +26,7 @@ class Observation:
     pd_decision: str = ""  # the profile handler's reason for the plan's shape
     batch_at_send: int = 0
     context_at_send: int = 0
+    decode_prefill_share: float = 0.0  # the decode instance's recent prefill share at placement (its stalls)
     predicted: dict[str, float] = field(default_factory=dict)
     prefill_s: float | None = None
     decode_sent: float | None = None

@@ -104,6 +104,7 @@ class OutcomeRecorder:
             "split": obs.split,
             "decode_batch": (obs.batch_at_send + obs.batch_at_end) / 2,
             "decode_context_tokens": (obs.context_at_send + obs.context_at_end) / 2,
+            "decode_prefill_share": round(obs.decode_prefill_share, 4),
         }
         record["predicted"] = obs.predicted
         record["cost_model"] = current.version if current is not None else None

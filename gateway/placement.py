@@ -131,6 +131,7 @@ class Placer:
         obs.pd_decision = placement.reason
         obs.prefill_cached = min(snapshot.prefix_hit_tokens.get(first.spec.id, 0), max(0, info.prompt_tokens - 1))
         obs.prefill_idle = first_view is not None and first_view.prefill_inflight == 0
+        obs.decode_prefill_share = decode_view.prefill_share if decode_view is not None else 0.0
         self.metrics.observe_prefix(first.spec.id, info.prompt_tokens, obs.prefill_cached)
         costs = snapshot.costs
         if costs is None or first_view is None or decode_view is None:

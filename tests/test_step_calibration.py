@@ -33,3 +33,19 @@ def test_a_scale_in_force_multiplies_the_groups_step_time_only():
     assert scaled.decode_step_s(a, 16, 16000) == pytest.approx(1.2 * base.decode_step_s(a, 16, 16000))
     assert scaled.decode_step_s(b, 16, 16000) == base.decode_step_s(b, 16, 16000)
     assert scaled.prefill_s(a, 1000) == base.prefill_s(a, 1000)
+
+
+def test_the_stalls_of_colocated_prompts_are_not_learnt_as_a_slower_step():
+    from pdgate.scheduler.costmodel.latency import observations_of
+
+    def record(share: float) -> dict:
+        placement = {
+            "decode_group": "g",
+            "decode_batch": 8,
+            "decode_context_tokens": 8000,
+            "decode_prefill_share": share,
+        }
+        return {"prompt_tokens": 100, "output_tokens": 50, "timing": {"tpot_s": 0.02}, "placement": placement}
+
+    rows = observations_of([record(0.0), record(0.5)])["g"].decode_step
+    assert [y for _, y in rows] == pytest.approx([0.02, 0.01])  # TPOT = step / (1 - share)

@@ -202,9 +202,19 @@ def observations_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Observati
             and int(record.get("output_tokens") or 0) >= 4
         ):
             groups.setdefault(decode_group, Observations()).decode_step.append(
-                (decode_features(float(batch), float(context)), float(tpot_s))
+                (decode_features(float(batch), float(context)), step_time_of(float(tpot_s), placement))
             )
     return groups
+
+
+def step_time_of(tpot_s: float, placement: Mapping[str, Any]) -> float:
+    """A request's decode step time from its TPOT: the TPOT less the stalls of the prompts its
+    decode instance prefilled meanwhile (``TPOT = step / (1 - prefill share)``), so that colocated
+    prompts are not learnt as a slower step."""
+    share = placement.get("decode_prefill_share") or 0.0
+    if not isinstance(share, int | float) or not 0.0 <= share < 1.0:
+        return tpot_s
+    return tpot_s * (1.0 - share)
 
 
 def _positive(value: Any) -> TypeGuard[float]:
