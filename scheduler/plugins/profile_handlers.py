@@ -61,6 +61,14 @@ class AdaptivePdParams(PluginParams):
     ttft_margin: float = Field(
         1.0, gt=0.0, description="colocate when its predicted TTFT is at most this times the split's"
     )
+    tpot_headroom: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="colocate only while the decode batch's predicted TPOT, its prompts' stalls included, stays "
+        "within this share of its TPOT SLO (below admission's slack, so colocating never makes the decode "
+        "instance refuse the streams it is there for)",
+    )
 
 
 class AdaptivePdHandler(PdSplitHandler):
@@ -71,7 +79,7 @@ class AdaptivePdHandler(PdSplitHandler):
     prefill there (``colocates_on_decode``: vLLM and the sim; SGLang's decode servers cannot)
     and, with a cost model, when the predicted TTFT there (its prefill queue and the uncached
     part of the prompt) is at most ``ttft_margin`` times the split's (the prefill instance's
-    queue, prefill and the hand-off) while the decode batch keeps its tightest TPOT SLO with the
+    queue, prefill and the hand-off) while the decode batch keeps ``tpot_headroom`` of its tightest TPOT SLO with the
     stalls of the prompts it prefills (``InstanceView.prefill_share``, this one's included:
     many colocated prompts add up) and, for the request itself, its own stall spread over its
     expected output. Without a cost model,
@@ -121,7 +129,7 @@ class AdaptivePdHandler(PdSplitHandler):
             own = here.prefill_s / PREFILL_SHARE_WINDOW_S
             tpot = tpot_estimate(request, decode, costs, extra_prefill_share=own)
             spread = here.prefill_s / max(1.0, expected_output_tokens(request.output, request.max_tokens))
-            if max(tpot, tpot_estimate(request, decode, costs) + spread) > limit:
+            if max(tpot, tpot_estimate(request, decode, costs) + spread) > p.tpot_headroom * limit:
                 return False, SPLIT_TPOT
         return True, COLOCATED_FASTER
 
