@@ -139,6 +139,7 @@ class InstanceState:
     decode_context_tokens: int = 0
     tpot_slos: Counter[float] = field(default_factory=Counter)
     decode_ends: dict[int, float] = field(default_factory=dict)  # decode lease -> when it is predicted to end
+    next_decode_end: float | None = math.inf  # the least of decode_ends (inf: none; None: to recompute)
 
     prefill_finish: float = 0.0  # when the prefill work sent so far would be done at the predicted rate
     prefill_rate: float = 0.0  # predicted prefill seconds sent per second, decayed over PREFILL_SHARE_WINDOW_S
@@ -192,7 +193,21 @@ class InstanceState:
         stream past its predicted end is taken to end within ``OVERDUE_S``."""
         if not self.decode_ends:
             return 0.0
-        return max(min(self.decode_ends.values()) - now, OVERDUE_S)
+        if self.next_decode_end is None:  # the earliest one ended: found again once, not per snapshot
+            self.next_decode_end = min(self.decode_ends.values())
+        return max(self.next_decode_end - now, OVERDUE_S)
+
+    def add_decode_end(self, key: int, end: float) -> None:
+        self.decode_ends[key] = end
+        if self.next_decode_end is not None:
+            self.next_decode_end = min(self.next_decode_end, end)
+
+    def remove_decode_end(self, key: int) -> None:
+        end = self.decode_ends.pop(key, None)
+        if not self.decode_ends:
+            self.next_decode_end = math.inf
+        elif end is not None and end == self.next_decode_end:
+            self.next_decode_end = None
 
     def view(self, now: float, stale_after: float, remote: RemoteLoad = NO_REMOTE_LOAD) -> InstanceView:
         """The instance as the scheduler sees it: this replica's accounting plus ``remote``, the
@@ -271,7 +286,7 @@ class Lease:
         if self.decodes:
             state.decode_inflight -= 1
             state.decode_context_tokens -= self.context_tokens
-            state.decode_ends.pop(self.key, None)
+            state.remove_decode_end(self.key)
             if self.tpot_slo is not None:
                 state.tpot_slos[self.tpot_slo] -= 1
                 if state.tpot_slos[self.tpot_slo] <= 0:
@@ -504,7 +519,7 @@ class Cluster:
             state.decode_inflight += 1
             state.decode_context_tokens += context_tokens
             if decode_s is not None:
-                state.decode_ends[lease.key] = now + decode_s
+                state.add_decode_end(lease.key, now + decode_s)
             if tpot_slo is not None:
                 state.tpot_slos[tpot_slo] += 1
         if self.on_load_change is not None:

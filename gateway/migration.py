@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from pdgate.common.tasks import OwnedTasks
+from pdgate.common.tasks import OwnedTasks, every
 from pdgate.gateway.livestream import LiveStream
 from pdgate.scheduler.framework import MigrationPlan, MigrationPolicy
 from pdgate.scheduler.snapshot import RunningRequest
@@ -74,7 +74,10 @@ class MigrationController:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._loop = asyncio.create_task(self._run(), name="migration-controller")
+        # a policy bug must not stop drains and the stall watchdog for good: a failed round is logged
+        self._loop = asyncio.create_task(
+            every(self.config.interval_s, self.round, "migration", log), name="migration-controller"
+        )
 
     async def close(self) -> None:
         if self._loop is not None:
@@ -82,14 +85,6 @@ class MigrationController:
             await asyncio.gather(self._loop, return_exceptions=True)
             self._loop = None
         await self._moves.close()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.interval_s)
-            try:
-                self.round()
-            except Exception:  # a policy bug must not stop drains and the stall watchdog for good
-                log.exception("migration round failed")
 
     # ------------------------------------------------------------- registry
     def register(self, live: LiveStream) -> None:
@@ -182,7 +177,7 @@ class MigrationController:
 
     # ---------------------------------------------------------------- rounds
     def round(self) -> None:
-        """One pass: stalls, drains, then the policy's plan (what :meth:`_run` does every interval)."""
+        """One pass: stalls, drains, then the policy's plan (what runs every interval)."""
         self._watch_stalls()
         if not self.config.enabled:
             return

@@ -17,11 +17,10 @@ new leader has a forecast. The planned split is exported as ``pdgate_role_plan_i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
-from pdgate.common.tasks import OwnedTasks
+from pdgate.common.tasks import OwnedTasks, every
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.costs import CostModelService
@@ -58,18 +57,10 @@ class RoleBalancing:
         self._tasks = OwnedTasks()
 
     def start(self) -> None:
-        self._tasks.spawn(self._loop(), "role-balancer")
+        self._tasks.spawn(every(self.settings.interval_s, self.round, "role balancer", log), "role-balancer")
 
     async def close(self) -> None:
         await self._tasks.close()
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.interval_s)
-            try:
-                await self.round()
-            except Exception:  # a bad round must not stop the balancer for good
-                log.exception("role balancer round failed")
 
     async def round(self) -> None:
         """Measure, forecast, plan and (as the leader) move one flex instance per model."""

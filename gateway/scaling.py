@@ -12,13 +12,12 @@ actuator carry it out (``scaling.actuator``: none, local, kubernetes).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable
 
-from pdgate.common.tasks import OwnedTasks
+from pdgate.common.tasks import OwnedTasks, every
 from pdgate.gateway.actuators import actuator_params
 from pdgate.gateway.actuators.base import FleetActuator
 from pdgate.gateway.cluster import Cluster
@@ -78,19 +77,11 @@ class Scaling:
 
     async def start(self) -> None:
         await self.actuator.start()
-        self._tasks.spawn(self._loop(), "scaling")
+        self._tasks.spawn(every(self.settings.interval_s, self.round, "scaling", log), "scaling")
 
     async def close(self) -> None:
         await self._tasks.close()
         await self.actuator.close()
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.interval_s)
-            try:
-                await self.round()
-            except Exception:  # a bad round must not stop scaling for good
-                log.exception("scaling round failed")
 
     async def round(self) -> None:
         """Measure, forecast and plan every model; as the leader, apply the plans."""

@@ -91,24 +91,21 @@ def plan_scale(
     decode_share = demand.decode_streams / streams_each
     factor = 1.0 + headroom
     disaggregated = any(i.role in ("prefill", "decode") for i in live) or current["flex"] > 0
-    colocated_now = current["both"] > 0 or not disaggregated
 
-    def bounded(role: PoolRole, need: float, serves: bool) -> int:
-        if not serves:
-            return 0
+    def bounded(role: PoolRole, need: float) -> int:
         count = max(1, math.ceil(need * factor - 1e-9), minimum.get(role, 0))
         top = maximum.get(role)
         return min(count, top) if top is not None else count
 
-    if disaggregated and not current["both"]:
-        prefill, decode, colocated = bounded("prefill", prefill_share, True), bounded("decode", decode_share, True), 0
-    elif colocated_now and not disaggregated:
-        prefill, decode, colocated = 0, 0, bounded("both", prefill_share + decode_share, True)
+    if not disaggregated:
+        prefill, decode, colocated = 0, 0, bounded("both", prefill_share + decode_share)
+    elif not current["both"]:
+        prefill, decode, colocated = bounded("prefill", prefill_share), bounded("decode", decode_share), 0
     else:  # both paths side by side: each keeps its share of today's instances
         split = (current["prefill"] + current["decode"] + current["flex"]) / len(live)
-        prefill = bounded("prefill", prefill_share * split, True)
-        decode = bounded("decode", decode_share * split, True)
-        colocated = bounded("both", (prefill_share + decode_share) * (1 - split), True)
+        prefill = bounded("prefill", prefill_share * split)
+        decode = bounded("decode", decode_share * split)
+        colocated = bounded("both", (prefill_share + decode_share) * (1 - split))
     reason = (
         f"forecast {demand.prefill_work_s_per_s:.2f} prefill s/s and {demand.decode_streams:.1f} decode streams "
         f"({demand.context_tokens_per_stream:.0f} context tokens each; {streams_each} per instance within "

@@ -4,10 +4,28 @@ awaited by :meth:`OwnedTasks.close` (every background task has an owner)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+async def every(
+    interval_s: float, work: Callable[[], Awaitable[object] | object], what: str, log: logging.Logger
+) -> None:
+    """Call ``work`` (a function or a coroutine function) every ``interval_s`` until cancelled; a
+    call that raises is logged as ``<what> round failed`` and the next one runs as planned (a
+    bad round must not stop a periodic duty for good)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            result = work()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("%s round failed", what)
 
 
 class OwnedTasks:
