@@ -25,9 +25,9 @@ from lightkube.resources.apps_v1 import Deployment, StatefulSet
 from lightkube.resources.core_v1 import Pod
 from lightkube.types import PatchType
 from support.fake_kube import DELETION_COST, FakeKube
-from support.fleet import MODEL, engine_flags, get_json, instance_entry, metric, write_config
+from support.fleet import MODEL, engine_flags, get_json, instance_entry, metric, pd_engine_pair, write_config
 from support.ports import reserve_port
-from support.procs import PdgateProcess, start_sim
+from support.procs import PdgateProcess
 from support.streams import PROMPT, Stream, StreamsInFlight, assert_same
 from support.waiting import wait_until_async
 
@@ -51,15 +51,8 @@ MIGRATION = {"policy": "no-migration", "interval_s": 0.1, "mechanism": "recomput
 @pytest.fixture(scope="module")
 def static_engines() -> Iterator[tuple[PdgateProcess, PdgateProcess]]:
     """The gateway's configured prefill and decode engines (a config needs a serving path)."""
-    prefill = start_sim(*engine_flags("prefill"), time_scale=1.0)
-    try:
-        decode = start_sim(*engine_flags("decode"), time_scale=1.0)
-    except BaseException:
-        prefill.stop()
-        raise
-    yield prefill, decode
-    decode.stop()
-    prefill.stop()
+    with pd_engine_pair(time_scale=1.0) as engines:
+        yield engines
 
 
 class SimPods:

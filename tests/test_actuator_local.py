@@ -19,8 +19,8 @@ import aiohttp
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.fleet import MODEL, engine_flags, instance_entry, write_config
-from support.procs import PdgateProcess, start_sim
+from support.fleet import MODEL, instance_entry, pd_engine_pair, write_config
+from support.procs import PdgateProcess
 from support.waiting import wait_until_async
 
 from pdgate.gateway.actuators.local import LocalActuator
@@ -38,15 +38,8 @@ BAD_PROFILE = "no-such-profile-for-the-actuator-test"
 @pytest.fixture(scope="module")
 def pd_engines() -> Iterator[tuple[PdgateProcess, PdgateProcess]]:
     """The configured instances: one prefill and one decode sim engine."""
-    prefill = start_sim(*engine_flags("prefill"))
-    try:
-        decode = start_sim(*engine_flags("decode"))
-    except BaseException:
-        prefill.stop()
-        raise
-    yield prefill, decode
-    decode.stop()
-    prefill.stop()
+    with pd_engine_pair() as engines:
+        yield engines
 
 
 @pytest.fixture

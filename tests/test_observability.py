@@ -23,6 +23,7 @@ from support.fleet import (
     engine_flags,
     get_json,
     instance_entry,
+    pd_engine_pair,
     start_gateway,
     write_config,
 )
@@ -44,15 +45,8 @@ CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 @pytest.fixture(scope="module")
 def pd_engines() -> Iterator[tuple[PdgateProcess, PdgateProcess]]:
     """One prefill and one decode sim engine (vLLM flavour: sequential KV hand-off)."""
-    prefill = start_sim(*engine_flags("prefill"))
-    try:
-        decode = start_sim(*engine_flags("decode"))
-    except BaseException:
-        prefill.stop()
-        raise
-    yield prefill, decode
-    decode.stop()
-    prefill.stop()
+    with pd_engine_pair() as engines:
+        yield engines
 
 
 def _config(tmp_path: Path, engines: tuple[PdgateProcess, PdgateProcess], **gateway: Any) -> Path:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.procs import PdgateProcess, free_port, start_pdgate
+from support.procs import PdgateProcess, free_port, start_pdgate, start_sim
 
 MODEL = "sim-model"
 ENGINE_BOUND_KV = "tcp://*:*"  # the engine binds a free port for its KV events (and replay) and prints them
@@ -44,6 +46,21 @@ def engine_flags(
     elif api == "sglang" and role == "prefill":
         flags += ["--bootstrap-port", "0"]  # not the fixed default 8998: tests run side by side
     return [*flags, *extra]
+
+
+@contextlib.contextmanager
+def pd_engine_pair(time_scale: float = 20.0) -> Iterator[tuple[PdgateProcess, PdgateProcess]]:
+    """One prefill and one decode sim engine (vLLM flavour: sequential KV hand-off), both stopped
+    at the end, and the first also when the second does not start."""
+    prefill = start_sim(*engine_flags("prefill"), time_scale=time_scale)
+    try:
+        decode = start_sim(*engine_flags("decode"), time_scale=time_scale)
+        try:
+            yield prefill, decode
+        finally:
+            decode.stop()
+    finally:
+        prefill.stop()
 
 
 def instance_entry(
