@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
-
 from pdgate.adapters.base import (
     Capabilities,
     EngineAdapter,
@@ -15,7 +13,7 @@ from pdgate.adapters.base import (
 from pdgate.adapters.sglang import SglangAdapter
 from pdgate.adapters.sim import SimSglangAdapter, SimVllmAdapter
 from pdgate.adapters.vllm import VllmAdapter
-from pdgate.common.http_client import UpstreamError, UpstreamPool, UpstreamResponse
+from pdgate.common.http_client import Upstream, UpstreamError, UpstreamPool, UpstreamReply, UpstreamResponse
 
 __all__ = [
     "ADAPTERS",
@@ -25,8 +23,10 @@ __all__ = [
     "InstanceSpec",
     "LiveMigration",
     "MigrationError",
+    "Upstream",
     "UpstreamError",
     "UpstreamPool",
+    "UpstreamReply",
     "UpstreamResponse",
     "make_adapter",
 ]
@@ -40,9 +40,9 @@ ADAPTERS: dict[str, type[EngineAdapter]] = {
 }
 
 
-def make_adapter(spec: InstanceSpec, session: aiohttp.ClientSession, pool: UpstreamPool) -> EngineAdapter:
+def make_adapter(spec: InstanceSpec, pool: Upstream) -> EngineAdapter:
     try:
         cls = ADAPTERS[spec.kind]
     except KeyError:
         raise ValueError(f"unknown adapter kind {spec.kind!r}; known: {', '.join(sorted(ADAPTERS))}") from None
-    return cls(spec, session, pool)
+    return cls(spec, pool)

@@ -11,20 +11,22 @@ An adapter turns a placement into HTTP calls on one engine instance:
 
 Aborting is closing the upstream connection: vLLM, SGLang and the simulated engine abort a
 request whose client went away. Load is scraped from ``/metrics`` under the engine's own names.
+Every exchange with the engine (legs, scrapes, health checks, migrations) goes through the
+adapter's :class:`~pdgate.common.http_client.Upstream`: the HTTP pool, or ``pdgate simulate``'s
+in-memory transport.
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from pdgate.adapters.load import EngineLoad, parse_load
-from pdgate.common.http_client import UpstreamPool, UpstreamResponse
+from pdgate.common.http_client import Upstream, UpstreamError, UpstreamReply
 from pdgate.common.json_codec import json_encoder
 
 PdProtocol = Literal["sequential", "concurrent", "none"]
@@ -66,7 +68,7 @@ class InstanceSpec:
 
     @property
     def host(self) -> str:
-        return aiohttp.client.URL(self.url).host or "127.0.0.1"
+        return urlsplit(self.url).hostname or "127.0.0.1"
 
 
 class HandoffError(Exception):
@@ -97,10 +99,9 @@ class EngineAdapter(ABC):
 
     capabilities: Capabilities
 
-    def __init__(self, spec: InstanceSpec, session: aiohttp.ClientSession, pool: UpstreamPool) -> None:
+    def __init__(self, spec: InstanceSpec, pool: Upstream) -> None:
         self.spec = spec
-        self.session = session  # monitoring calls (metrics, health)
-        self.pool = pool  # the request path
+        self.pool = pool
         url = urlsplit(spec.url)
         tls = url.scheme == "https"
         self.origin = (url.hostname or "127.0.0.1", url.port or (443 if tls else 80), tls)
@@ -125,7 +126,7 @@ class EngineAdapter(ABC):
         *,
         timeout_s: float,
         headers: dict[str, str] | None = None,
-    ) -> Awaitable[UpstreamResponse]:
+    ) -> Awaitable[UpstreamReply]:
         """POST ``body`` as JSON to ``path``; the caller awaits the response, then reads (or relays)
         and closes it. (The pool's request itself is what is awaited: no coroutine of its own.)
 
@@ -164,18 +165,41 @@ class EngineAdapter(ABC):
         raise MigrationError(f"{self.spec.kind} has no live migration")
 
     # ------------------------------------------------------------ monitoring
+    async def call(
+        self, method: str, path: str, body: Any = None, *, request_id: str, timeout_s: float
+    ) -> tuple[int, bytes]:
+        """One whole exchange off the request path (scrape, health, migration): status and body.
+        Raises :class:`UpstreamError` when the engine cannot be reached or does not answer in time."""
+        headers = self.headers(request_id)
+        data = b""
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = self._encode(body)
+        resp = await self.pool.request(
+            self.origin, method, self.base_path + path, data, headers=headers, timeout_s=timeout_s
+        )
+        try:
+            return resp.status, await resp.read()
+        finally:
+            resp.close()
+
+    async def call_json(
+        self, method: str, path: str, body: Any = None, *, request_id: str, timeout_s: float
+    ) -> tuple[int, Any]:
+        """:meth:`call` with the answer parsed as JSON (``ValueError`` when it is not JSON)."""
+        status, data = await self.call(method, path, body, request_id=request_id, timeout_s=timeout_s)
+        return status, json.loads(data)
+
     async def scrape_load(self, now: float, timeout: float = 2.0) -> EngineLoad:
-        async with self.session.get(
-            self.spec.url + "/metrics", headers=self.headers("scrape"), timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as resp:
-            resp.raise_for_status()
-            return parse_load(await resp.text(), self.capabilities.metrics_flavour, now)
+        """The engine's load from its ``/metrics``; raises :class:`UpstreamError` or ``ValueError``."""
+        status, data = await self.call("GET", "/metrics", request_id="scrape", timeout_s=timeout)
+        if status != 200:
+            raise UpstreamError(f"/metrics answered HTTP {status}")
+        return parse_load(data.decode("utf-8", errors="replace"), self.capabilities.metrics_flavour, now)
 
     async def check_health(self, timeout: float = 2.0) -> bool:
         try:
-            async with self.session.get(
-                self.spec.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
+            status, _ = await self.call("GET", "/health", request_id="health", timeout_s=timeout)
+        except UpstreamError:
             return False
+        return status == 200

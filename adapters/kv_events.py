@@ -64,6 +64,20 @@ class KvEventSink(Protocol):
     def mark_stale(self, instance_id: str) -> None: ...
 
 
+class KvEventFeed(Protocol):
+    """What follows the engines' KV events into a sink: :class:`KvEventSubscriber` over ZMQ, or
+    ``pdgate simulate``'s in-memory feed. Lifecycle: ``start``, ``add``/``remove`` while
+    running, ``close`` (idempotent)."""
+
+    async def start(self) -> None: ...
+
+    async def add(self, source: KvEventSource) -> None: ...
+
+    async def remove(self, instance_id: str, *, forget: bool = True) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class KvEventSource:
     """One engine's KV event stream.

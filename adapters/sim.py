@@ -8,11 +8,10 @@ carries to take the KV.
 
 from __future__ import annotations
 
-import aiohttp
-
 from pdgate.adapters.base import Capabilities, EngineAdapter, LiveMigration, MigrationError
 from pdgate.adapters.sglang import SglangAdapter
 from pdgate.adapters.vllm import VllmAdapter
+from pdgate.common.http_client import UpstreamError
 
 
 class SimLiveMigration(EngineAdapter):
@@ -22,18 +21,14 @@ class SimLiveMigration(EngineAdapter):
         host, port, _ = target.origin
         body = {"request_id": request_id, "target": {"host": host, "port": port}}
         try:
-            async with self.session.post(
-                self.spec.url + "/sim/migrate",
-                json=body,
-                headers=self.headers(request_id),
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-            ) as resp:
-                data = await resp.json(content_type=None)
-                if resp.status != 200:
-                    message = data.get("error", {}).get("message") if isinstance(data, dict) else None
-                    raise MigrationError(f"HTTP {resp.status}: {message or data}")
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            status, data = await self.call_json(
+                "POST", "/sim/migrate", body, request_id=request_id, timeout_s=timeout_s
+            )
+        except (UpstreamError, ValueError) as exc:
             raise MigrationError(f"live migration call failed: {exc!r}") from None
+        if status != 200:
+            message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+            raise MigrationError(f"HTTP {status}: {message or data}")
         try:
             return LiveMigration(
                 list(data["output_token_ids"]),

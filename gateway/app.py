@@ -15,19 +15,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-from pdgate.adapters import UpstreamPool
+from pdgate.adapters import Upstream, UpstreamPool
+from pdgate.adapters.kv_events import KvEventSubscriber
 from pdgate.common.http_server import HttpRequest, HttpServer, Responder
 from pdgate.common.tasks import OwnedTasks
 from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 from pdgate.gateway.actuators import actuator_params
 from pdgate.gateway.admin import AdminApi
 from pdgate.gateway.admission import AdmissionController
-from pdgate.gateway.cluster import Cluster
+from pdgate.gateway.cluster import Cluster, KvFeedFactory
 from pdgate.gateway.config import DEFAULT_SCHEDULING, ConfigError, GatewayConfig
 from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.fleet import FleetManager
@@ -74,8 +73,7 @@ class Gateway:
     leadership: Leadership | None = None
     roles: RoleBalancing | None = None  # the role balancer (role_balancer.enabled)
     scaling: Scaling | None = None  # the scaling plan and its actuator (scaling.enabled)
-    session: aiohttp.ClientSession | None = None
-    pool: UpstreamPool | None = None
+    pool: Upstream | None = None
     cluster: Cluster | None = None
     proxy: Proxy | None = None
     admission: AdmissionController | None = None
@@ -218,11 +216,25 @@ class GatewayApp:
         )
 
 
+@dataclass(frozen=True)
+class EngineLinks:
+    """How a gateway reaches its engines and what time it keeps. The default is production's: the
+    HTTP pool, KV events over ZMQ, the monotonic clock. ``pdgate simulate`` gives an in-memory
+    transport, an in-memory KV-event feed, a virtual clock and ``inline_refits`` (the cost model
+    refits on the loop's thread: deterministic, and no worker process)."""
+
+    upstream: Callable[[], Upstream] = UpstreamPool
+    kv_feed: KvFeedFactory = KvEventSubscriber
+    clock: Callable[[], float] = time.monotonic
+    inline_refits: bool = False
+
+
 class GatewayServer:
     """Runs one gateway on this loop: its cluster monitor, upstream pool, tracer and HTTP server.
 
     ``span_exporter`` replaces the configured trace exporter (and turns tracing on): tests read
-    the spans from an in-memory one.
+    the spans from an in-memory one. ``links`` replaces the transport and the clock, and with
+    ``listen=False`` no HTTP server is started: :attr:`app` takes requests in memory.
     """
 
     def __init__(
@@ -232,11 +244,16 @@ class GatewayServer:
         span_exporter: SpanExporter | None = None,
         reload_config: Callable[[], GatewayConfig] | None = None,
         reuse_port: bool = False,
+        links: EngineLinks | None = None,
+        listen: bool = True,
     ) -> None:
         self.gateway = gateway
         self.reuse_port = reuse_port  # one of several workers on this address (SO_REUSEPORT)
         self.span_exporter = span_exporter
         self.reload_config = reload_config  # reads the config file again (SIGHUP)
+        self.links = links or EngineLinks()
+        self.listen = listen
+        self.app: GatewayApp | None = None
         self._http: HttpServer | None = None
         self._reloads = OwnedTasks()
         self.port = 0
@@ -246,13 +263,18 @@ class GatewayServer:
         return f"http://{self.gateway.config.host}:{self.port}"
 
     async def start(self) -> None:
-        gw = self.gateway
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=4)
-        gw.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)  # scrapes and health checks
-        gw.pool = UpstreamPool()
-        gw.cluster = Cluster(gw.config, gw.session, gw.pool)
-        gw.costs = CostModelService(gw.config.cost_model, {i.cost_key(): i.prior_spec() for i in gw.config.instances})
-        gw.admission = AdmissionController(gw.config.admission, gw.admitter, on_outcome=gw.metrics.observe_admission)
+        gw, links = self.gateway, self.links
+        gw.pool = links.upstream()
+        gw.cluster = Cluster(gw.config, gw.pool, clock=links.clock, kv_feed=links.kv_feed)
+        gw.costs = CostModelService(
+            gw.config.cost_model,
+            {i.cost_key(): i.prior_spec() for i in gw.config.instances},
+            clock=links.clock,
+            inline=links.inline_refits,
+        )
+        gw.admission = AdmissionController(
+            gw.config.admission, gw.admitter, on_outcome=gw.metrics.observe_admission, clock=links.clock
+        )
         gw.cluster.on_release = gw.admission.wake
         gw.tracing = Tracing.from_config(gw.config.tracing, exporter=self.span_exporter)
         gw.proxy = Proxy(
@@ -298,14 +320,14 @@ class GatewayServer:
                 )
                 await gw.scaling.start()
                 admin.scaling = gw.scaling
-            self._http = HttpServer(
-                GatewayApp(gw, gw.cluster, gw.proxy, admin), max_body_bytes=gw.config.max_body_bytes
-            )
-            await self._http.start(gw.config.host, gw.config.port, reuse_port=self.reuse_port)
+            self.app = GatewayApp(gw, gw.cluster, gw.proxy, admin)
+            if self.listen:
+                self._http = HttpServer(self.app, max_body_bytes=gw.config.max_body_bytes)
+                await self._http.start(gw.config.host, gw.config.port, reuse_port=self.reuse_port)
+                self.port = self._http.port
         except BaseException:
             await self.stop()
             raise
-        self.port = self._http.port
 
     async def _share(self, shared: NatsState, admin: AdminApi, migrations: MigrationController) -> None:
         """The fleet's changes and drains, the in-flight load and the streams, shared with the other replicas."""
@@ -390,8 +412,6 @@ class GatewayServer:
             await gw.cluster.close()
         if gw.pool is not None:
             await gw.pool.close()
-        if gw.session is not None:
-            await gw.session.close()
         if gw.tracing is not None:
             await gw.tracing.close()  # after the HTTP server: the last requests' spans are exported
             gw.tracing = None

@@ -26,10 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import aiohttp
-
-from pdgate.adapters import EngineAdapter, InstanceSpec, UpstreamPool, make_adapter
-from pdgate.adapters.kv_events import KvEventSource, KvEventSubscriber
+from pdgate.adapters import EngineAdapter, InstanceSpec, Upstream, UpstreamError, make_adapter
+from pdgate.adapters.kv_events import KvEventFeed, KvEventSink, KvEventSource, KvEventSubscriber
 from pdgate.adapters.load import EngineLoad
 from pdgate.common.block_hash import block_hashes, to_event_hash
 from pdgate.gateway.config import GatewayConfig, InstanceConfig, has_serving_path
@@ -325,15 +323,23 @@ class PromptHashes:
         return cls({size: [to_event_hash(h) for h in block_hashes(token_ids, size)] for size in set(block_sizes)})
 
 
+KvFeedFactory = Callable[[KvEventSink, list[KvEventSource]], KvEventFeed]
+
+
 class Cluster:
-    """All instances of the fleet, their state, and the prefix indexes."""
+    """All instances of the fleet, their state, and the prefix indexes.
+
+    ``pool`` carries every exchange with the engines (through their adapters) and ``kv_feed``
+    makes what follows their KV events: over HTTP and ZMQ by default, in memory under ``pdgate
+    simulate``, whose ``clock`` is virtual.
+    """
 
     def __init__(
         self,
         config: GatewayConfig,
-        session: aiohttp.ClientSession,
-        pool: UpstreamPool,
+        pool: Upstream,
         clock: Callable[[], float] = time.monotonic,
+        kv_feed: KvFeedFactory = KvEventSubscriber,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -345,7 +351,6 @@ class Cluster:
         self.prefill_work_sent: dict[str, float] = {}  # model -> predicted prefill seconds sent (role balancer)
         self.prefill_legs_sent: dict[str, int] = {}  # model -> prefill legs sent (their mean prefill time)
         self._lease_ids = itertools.count(1)
-        self._session = session
         self._pool = pool
         self.remote: dict[str, RemoteLoad] = {}  # other replicas' in-flight load per instance (load sharing)
         self.remote_prefill_work: dict[str, dict[str, tuple[float, int]]] = {}  # replica -> model -> (work, legs)
@@ -355,13 +360,13 @@ class Cluster:
         self.exact_index = ExactPrefixIndex()
         self.approx_index = ApproximatePrefixIndex(max_blocks=config.approx_prefix_max_blocks)
         sources = [source for inst in config.instances if (source := _kv_source(inst)) is not None]
-        self.kv_events = KvEventSubscriber(self.exact_index, sources)
+        self.kv_events = kv_feed(self.exact_index, sources)
         self._monitor: asyncio.Task[None] | None = None
 
     def _state_for(self, inst: InstanceConfig) -> InstanceState:
         spec = inst.spec()
         breaker = CircuitBreaker(self.config.health.failure_threshold, self.config.health.cooldown_s)
-        adapter = make_adapter(spec, self._session, self._pool)
+        adapter = make_adapter(spec, self._pool)
         state = InstanceState(spec, adapter, breaker, role=inst.start_role, cost_group=inst.cost_key())
         state.role_since = self.clock()
         return state
@@ -420,7 +425,7 @@ class Cluster:
         timeout = self.config.health.timeout_s
         try:
             state.load = await state.adapter.scrape_load(self.clock(), timeout)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        except (UpstreamError, ValueError) as exc:
             state.last_error = f"scrape failed: {exc!r}"
         if check_health:
             if await state.adapter.check_health(timeout):

@@ -58,8 +58,21 @@ MESSAGE_BYTES = 512 * 1024  # half NATS's default limit (1 MB); a long prompt's 
 
 
 class CostModelService:
-    def __init__(self, config: CostModelConfig, prior_specs: Mapping[str, PriorSpec]) -> None:
+    """``clock`` times the refits; ``inline`` runs encoding and refits on the loop's thread, in
+    the call (``pdgate simulate``: deterministic on a virtual clock, where work in a thread or
+    process would land at whatever virtual time it happened to finish)."""
+
+    def __init__(
+        self,
+        config: CostModelConfig,
+        prior_specs: Mapping[str, PriorSpec],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        inline: bool = False,
+    ) -> None:
         self.config = config
+        self.clock = clock
+        self.inline = inline
         self.prior_specs = dict(prior_specs)
         self.current: CostModel | None = None
         # the training set: the newest max_records records as JSON lines (a quarter of the memory
@@ -79,10 +92,14 @@ class CostModelService:
         self.calibration = StepCalibration()
 
     # ------------------------------------------------------------ lifecycle
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a thread, or in the call when ``inline``."""
+        return fn(*args) if self.inline else await asyncio.to_thread(fn, *args)
+
     async def start(self) -> None:
-        self.current = await asyncio.to_thread(self._initial_model)
+        self.current = await self._off_loop(self._initial_model)
         if self.dir is not None and self.config.log_requests:
-            self.records.extend(await asyncio.to_thread(self._read_log_tail))
+            self.records.extend(await self._off_loop(self._read_log_tail))
         self._task = asyncio.create_task(self._loop(), name="cost-model")
 
     async def close(self) -> None:
@@ -179,7 +196,7 @@ class CostModelService:
         if not self._unencoded:
             return
         batch, self._unencoded = self._unencoded, []  # on the loop's thread: no append is lost
-        lines = await asyncio.to_thread(self._encode_and_log, batch)
+        lines = await self._off_loop(self._encode_and_log, batch)
         self.records.extend(lines)
         if self.shared is not None:
             self._unshared.extend(lines)
@@ -236,13 +253,13 @@ class CostModelService:
 
     # ---------------------------------------------------------- background
     async def _loop(self) -> None:
-        next_fit = time.monotonic() + self.config.refit_interval_s
+        next_fit = self.clock() + self.config.refit_interval_s
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             await self._write_out()
             await self._share_records()
-            if time.monotonic() >= next_fit:
-                next_fit = time.monotonic() + self.config.refit_interval_s
+            if self.clock() >= next_fit:
+                next_fit = self.clock() + self.config.refit_interval_s
                 if self._new_since_fit >= self.config.min_new_samples and self.duties_here():
                     name = await self.refit_now()
                     if name is not None and self.current is not None:
@@ -255,21 +272,23 @@ class CostModelService:
         if current is None or not self.records:
             return None
         self._new_since_fit = 0
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         from pdgate.scheduler.costmodel.online import refit_lines
 
-        loop = asyncio.get_running_loop()
+        args = (
+            list(self.records),
+            current.latency,
+            current.output,
+            self.config.q_high,
+            str(self.dir) if self.dir is not None else None,
+        )
         try:
-            components, version, meta = await loop.run_in_executor(
-                self._executor,
-                refit_lines,
-                list(self.records),
-                current.latency,
-                current.output,
-                self.config.q_high,
-                str(self.dir) if self.dir is not None else None,
-            )
+            if self.inline:
+                components, version, meta = refit_lines(*args)
+            else:
+                if self._executor is None:
+                    self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                loop = asyncio.get_running_loop()
+                components, version, meta = await loop.run_in_executor(self._executor, refit_lines, *args)
         except Exception as exc:
             self.refit_failures += 1
             log.error("cost model refit failed: %r", exc)

@@ -14,7 +14,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pdgate.adapters import MigrationError, UpstreamError, UpstreamResponse
+from pdgate.adapters import MigrationError, UpstreamError, UpstreamReply
 from pdgate.gateway.cluster import InstanceState, Lease
 from pdgate.gateway.requests import GatewayError
 from pdgate.gateway.tracing import NO_LEG, LegTrace
@@ -36,7 +36,7 @@ class Opened:
     """The legs of one answer in flight; :meth:`close` aborts what is unfinished and releases the leases."""
 
     decode: InstanceState
-    upstream: UpstreamResponse | None = None
+    upstream: UpstreamReply | None = None
     prefill_task: asyncio.Task[UpstreamFailed | None] | None = None
     leases: list[Lease] = field(default_factory=list)
     decode_lease: Lease | None = None
@@ -54,7 +54,7 @@ class Opened:
 
 async def send_leg(
     state: InstanceState, path: str, body: dict[str, Any], request_id: str, leg: LegTrace, timeout_s: float
-) -> UpstreamResponse:
+) -> UpstreamReply:
     """Send one leg (with its trace context); a connection error or 5xx before any byte is an UpstreamFailed."""
     try:
         resp = await state.adapter.send(path, body, request_id, timeout_s=timeout_s, headers=leg.headers)
@@ -71,7 +71,7 @@ async def send_leg(
     return resp
 
 
-async def read_all(state: InstanceState, resp: UpstreamResponse) -> bytes:
+async def read_all(state: InstanceState, resp: UpstreamReply) -> bytes:
     """A leg's whole reply; a broken one is an UpstreamFailed (nothing reached the client yet)."""
     try:
         return await resp.read()

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pdgate.adapters import UpstreamError, UpstreamResponse
+from pdgate.adapters import UpstreamError, UpstreamReply
 from pdgate.gateway.splice import Splice, StreamTrail
 from pdgate.gateway.tracing import NO_LEG, LegTrace
 
@@ -45,7 +45,7 @@ class Handover:
     """A continuation ready to take over: its instance, its open stream and first piece of it."""
 
     state: InstanceState
-    upstream: UpstreamResponse
+    upstream: UpstreamReply
     first: bytes
     tokens: int  # output tokens the client had when it was opened (it continues after them)
     mechanism: str
@@ -84,7 +84,7 @@ class LiveStream:
         *,
         trail: StreamTrail,
         state: InstanceState,
-        upstream: UpstreamResponse,
+        upstream: UpstreamReply,
         leases: list[Lease],
         responder: Responder,
         observe: Callable[[bytes], None],

@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from pdgate.adapters import UpstreamError, UpstreamResponse
+from pdgate.adapters import UpstreamError, UpstreamReply
 from pdgate.common.http_server import Responder
 from pdgate.gateway.cluster import Cluster, InstanceState, Lease
 from pdgate.gateway.intake import Routed
@@ -54,7 +54,7 @@ class Relay:
         responder: Responder,
         routed: Routed,
         decode: InstanceState,
-        upstream: UpstreamResponse,
+        upstream: UpstreamReply,
         prefill_task: asyncio.Task[UpstreamFailed | None] | None = None,
         lease: Lease | None = None,
         leg: LegTrace | None = None,
@@ -137,7 +137,7 @@ class Relay:
         responder: Responder,
         routed: Routed,
         decode: InstanceState,
-        upstream: UpstreamResponse,
+        upstream: UpstreamReply,
         trail: StreamTrail,
         lease: Lease | None,
         leg: LegTrace | None,

@@ -47,6 +47,11 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("target")
+    _target(t)
+    add_workload_args(p)
+
+
+def _target(t: argparse._ArgumentGroup) -> None:
     t.add_argument(
         "--target",
         action="append",
@@ -57,6 +62,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     t.add_argument("--model", required=True, help="the model name to request")
     t.add_argument("--api-key", help="bearer token for the targets")
     t.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The workload, load and SLO options (``pdgate simulate`` takes them too, spelled the same)."""
     w = p.add_argument_group("workload")
     w.add_argument("--workload", choices=["synthetic", "shared-prefix", "multi-turn", "trace"], default="synthetic")
     w.add_argument(

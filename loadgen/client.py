@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from pdgate.common.http_client import UpstreamError, UpstreamPool
+from pdgate.common.http_client import Upstream, UpstreamError
 from pdgate.common.sse import event_data, split_events
 from pdgate.loadgen.types import BenchRequest, RequestResult
 
@@ -46,18 +47,19 @@ class Target:
 class _StreamParser:
     """Consumes the SSE body as it arrives; records the time of each chunk that carried output."""
 
-    __slots__ = ("_rest", "_start", "chunk_times", "error", "events", "usage")
+    __slots__ = ("_clock", "_rest", "_start", "chunk_times", "error", "events", "usage")
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._rest = b""  # the start of an event still open
         self._start = start
+        self._clock = clock
         self.chunk_times: list[float] = []
         self.events = 0
         self.usage: dict[str, Any] | None = None
         self.error: str | None = None
 
     def feed(self, data: bytes) -> None:
-        now = time.monotonic() - self._start
+        now = self._clock() - self._start
         events, self._rest = split_events(self._rest + data if self._rest else data)
         carried = False
         for event in events:
@@ -100,11 +102,18 @@ class _StreamParser:
 
 
 async def send(
-    pool: UpstreamPool, target: Target, request: BenchRequest, *, scheduled_s: float, start: float, timeout_s: float
+    pool: Upstream,
+    target: Target,
+    request: BenchRequest,
+    *,
+    scheduled_s: float,
+    start: float,
+    timeout_s: float,
+    clock: Callable[[], float] = time.monotonic,
 ) -> RequestResult:
-    """Send ``request`` streamed and time it; never raises for the server's or the network's faults."""
+    """Send ``request`` streamed and time it on ``clock``; never raises for the server's or the network's faults."""
     body = json.dumps(request.body(target.model, stream=True)).encode()
-    sent = time.monotonic() - start
+    sent = clock() - start
     result = RequestResult(
         index=request.index,
         target=target.name,
@@ -113,7 +122,7 @@ async def send(
         sent_s=sent,
         end_s=sent,
     )
-    parser = _StreamParser(start)
+    parser = _StreamParser(start, clock)
     response = None
     try:
         response = await pool.request(
@@ -130,7 +139,7 @@ async def send(
     except UpstreamError as exc:
         result.error = str(exc)
     finally:
-        result.end_s = time.monotonic() - start
+        result.end_s = clock() - start
         if response is not None:
             response.close()
     result.chunk_times = parser.chunk_times

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pdgate.common.http_client import UpstreamPool
+from pdgate.common.http_client import Upstream, UpstreamPool
 from pdgate.loadgen.arrivals import ArrivalKind, arrival_times
 from pdgate.loadgen.client import Target, send
 from pdgate.loadgen.types import BenchRequest, RequestResult
@@ -59,8 +59,13 @@ async def run_load(
     config: LoadConfig,
     *,
     on_result: Callable[[RequestResult], None] | None = None,
+    upstream: Upstream | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[list[RequestResult], ClientOverhead]:
-    """Send ``requests`` to ``target`` as ``config`` says; the results in request order."""
+    """Send ``requests`` to ``target`` as ``config`` says; the results in request order.
+
+    ``upstream`` (the caller's, which it closes) replaces the HTTP pool this run opens and closes
+    itself, and ``clock`` the monotonic clock (``pdgate simulate``: in memory, virtual time)."""
     n = len(requests) if config.max_requests is None else min(len(requests), config.max_requests)
     requests = list(requests[:n])
     times = arrival_times(
@@ -72,12 +77,12 @@ async def run_load(
         requests=requests,
         speedup=config.speedup,
     )
-    pool = UpstreamPool(idle_timeout_s=4.0)
+    pool = upstream or UpstreamPool(idle_timeout_s=4.0)
     slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
     previous_turn: dict[str, asyncio.Task[RequestResult]] = {}
     tasks: list[asyncio.Task[RequestResult]] = []
     loop = asyncio.get_running_loop()
-    cpu0, start = time.process_time(), time.monotonic()
+    cpu0, start = time.process_time(), clock()
 
     async def one(request: BenchRequest, at: float, before: asyncio.Task[RequestResult] | None) -> RequestResult:
         if before is not None:
@@ -85,7 +90,9 @@ async def run_load(
         if slots is not None:
             await slots.acquire()
         try:
-            result = await send(pool, target, request, scheduled_s=at, start=start, timeout_s=config.timeout_s)
+            result = await send(
+                pool, target, request, scheduled_s=at, start=start, timeout_s=config.timeout_s, clock=clock
+            )
         finally:
             if slots is not None:
                 slots.release()
@@ -97,7 +104,7 @@ async def run_load(
         for request, at in zip(requests, times, strict=True):
             if config.duration_s is not None and at > config.duration_s:
                 break
-            delay = start + at - time.monotonic()
+            delay = start + at - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
             before = previous_turn.get(request.session) if request.session else None
@@ -111,14 +118,15 @@ async def run_load(
         for task in tasks:
             task.cancel()
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        await pool.close()
-    overhead = ClientOverhead(time.process_time() - cpu0, time.monotonic() - start, len(tasks))
+        if upstream is None:
+            await pool.close()
+    overhead = ClientOverhead(time.process_time() - cpu0, clock() - start, len(tasks))
     results = []
     for request, at, outcome in zip(requests, times, outcomes, strict=False):
         if isinstance(outcome, RequestResult):
             results.append(outcome)
         else:  # cancelled at the end of the run, or a bug: recorded, never lost
-            now = time.monotonic() - start
+            now = clock() - start
             results.append(
                 RequestResult(
                     index=request.index,

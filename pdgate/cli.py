@@ -10,6 +10,7 @@ from pdgate.engines.cli import add_engine_commands
 from pdgate.gateway.commands import add_gateway_commands
 from pdgate.loadgen.cli import add_bench_commands
 from pdgate.scheduler.costmodel.cli import add_cost_model_commands
+from pdgate.simulate.cli import add_simulate_commands
 
 DESCRIPTION = """\
 pdgate: an SLO-aware gateway and global scheduler for prefill-decode disaggregated LLM serving.
@@ -26,6 +27,7 @@ examples:
   pdgate engine sim --role prefill --port 8101 --api vllm --profile h100-llama-3-8b
   pdgate engine sim --help                            # every engine flag, with defaults
   pdgate bench run --target http://127.0.0.1:8000 --model llama-3-8b --rate 4 --slo ttft=0.5,tpot=0.05
+  pdgate simulate --instances 16 --rate 40 --num-requests 2000 --slo ttft=0.5,tpot=0.05   # virtual time
 """
 
 
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_commands(commands)
     add_bench_commands(commands)
     add_cost_model_commands(commands)
+    add_simulate_commands(commands)
     return parser
 
 

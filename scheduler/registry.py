@@ -26,6 +26,7 @@ in a profile; so is the profile handler that decides which profiles run for a re
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
@@ -83,9 +84,20 @@ class PluginConfigError(ValueError):
 
 
 class PluginRegistry:
-    """Plugin classes by kebab-case type name. One registry per gateway (no globals)."""
+    """Plugin classes by kebab-case type name. One registry per gateway (no globals).
 
-    def __init__(self, classes: Iterable[type[Plugin]] = IN_TREE_PLUGINS, *, load_entry_points: bool = True) -> None:
+    With ``seed``, a plugin that takes a ``seed`` parameter and was given none gets one derived
+    from it and the plugin's name (``pdgate simulate``: a run is reproducible for its seed).
+    """
+
+    def __init__(
+        self,
+        classes: Iterable[type[Plugin]] = IN_TREE_PLUGINS,
+        *,
+        load_entry_points: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        self.seed = seed
         self._classes: dict[str, type[Plugin]] = {}
         for cls in classes:
             self.register(cls)
@@ -125,8 +137,11 @@ class PluginRegistry:
 
     def create(self, spec: PluginSpec) -> Plugin:
         cls = self.get(spec.type)
+        parameters = dict(spec.parameters)
+        if self.seed is not None and "seed" in cls.Params.model_fields and parameters.get("seed") is None:
+            parameters["seed"] = self.seed * 1_000_003 + zlib.crc32(spec.name.encode())
         try:
-            params = cls.Params.model_validate(spec.parameters)
+            params = cls.Params.model_validate(parameters)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])

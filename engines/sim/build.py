@@ -8,13 +8,14 @@ finished prefill leg's KV becomes ready for its decode peer) are set here, so th
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable
 
 from pdgate.common.perf_model import resolve_profile
 from pdgate.common.tokenizer import load_tokenizer
 from pdgate.engines.sim.config import SimEngineConfig
 from pdgate.engines.sim.core import CoreConfig, EngineCore
-from pdgate.engines.sim.engine import AsyncSimEngine, RealtimeClock
+from pdgate.engines.sim.engine import AsyncSimEngine, Clock, RealtimeClock
 from pdgate.engines.sim.generation import LengthModel, TokenGenerator
 from pdgate.engines.sim.handoff import on_request_finished, pull_kv
 from pdgate.engines.sim.kv_cache import KVCacheManager
@@ -25,8 +26,16 @@ from pdgate.engines.sim.request import SimRequest
 from pdgate.engines.sim.state import SimState
 
 
-def build_state(config: SimEngineConfig) -> SimState:
-    """Assemble tokenizer, performance profile, KV cache, step loop and metrics (no I/O)."""
+def build_state(config: SimEngineConfig, clock: Clock | None = None) -> SimState:
+    """Assemble tokenizer, performance profile, KV cache, step loop and metrics (no I/O).
+
+    ``clock``: the engine's simulated time; by default wall time scaled by ``config.time_scale``
+    (:class:`RealtimeClock`), in-process on a virtual-time loop a :class:`~engines.sim.engine.LoopClock`.
+    The state's ``rng`` is seeded from ``config.seed`` and the engine id, so a run is reproducible
+    when both are fixed (``config.engine_id`` is random when not given). ``bound_port`` starts as
+    ``config.port``: the address peers use in-process; the HTTP server replaces it with the port bound.
+    ``peers`` is left unset: the server or the in-process caller wires it.
+    """
     profile = resolve_profile(config.profile or None, model=config.model, gpu=config.gpu, tp=config.tp)
     tokenizer = load_tokenizer(config.tokenizer)
     max_model_len = config.max_model_len or profile.model.max_model_len
@@ -65,7 +74,9 @@ def build_state(config: SimEngineConfig) -> SimState:
             "cache_dtype": "auto",
         }
         metrics = VllmMetrics(core, served, cache_info)
-    clock = RealtimeClock(config.time_scale)
+    if clock is None:
+        clock = RealtimeClock(config.time_scale)
+    engine_id = config.resolved_engine_id()
 
     def kv_puller(req: SimRequest) -> Awaitable[None]:  # a decode leg's KV: a PD peer's or a migration source's
         return pull_migrated_kv(state, req) if is_migration(req) else pull_kv(state, req)
@@ -82,9 +93,11 @@ def build_state(config: SimEngineConfig) -> SimState:
         metrics=metrics,
         migration=MigrationState(metrics.registry),
         clock=clock,
-        engine_id=config.resolved_engine_id(),
+        engine_id=engine_id,
         served_model_name=served,
         max_model_len=max_model_len,
+        rng=random.Random(f"sim-engine:{config.seed}:{engine_id}"),
+        bound_port=config.port,
     )
     core.on_finish(lambda req: on_request_finished(state, req))
     return state

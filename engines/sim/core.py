@@ -28,7 +28,7 @@ from typing import Literal
 
 from pdgate.common.block_hash import hash_block, none_hash
 from pdgate.common.perf_model import EngineProfile, StepBatch
-from pdgate.engines.sim.generation import ContextHash, TokenGenerator
+from pdgate.engines.sim.generation import ContextHash, TokenGenerator, stable_hash
 from pdgate.engines.sim.kv_cache import KVCacheManager
 from pdgate.engines.sim.request import RequestStatus, SimRequest
 
@@ -359,7 +359,7 @@ class EngineCore:
     def _sample(self, req: SimRequest) -> int:
         sp = req.sampling
         allow_eos = not sp.ignore_eos and req.num_output_tokens >= sp.min_tokens
-        seed = None if sp.greedy else (sp.seed if sp.seed is not None else hash(req.request_id))
+        seed = None if sp.greedy else (sp.seed if sp.seed is not None else stable_hash(req.request_id))
         return self.generator.next_token(req.context_hash, req.length_key, seed=seed, allow_eos=allow_eos)
 
     def _append_token(self, req: SimRequest, token: int, now: float) -> str | None:

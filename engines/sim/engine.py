@@ -59,6 +59,27 @@ class RealtimeClock:
         return sim_seconds / self.time_scale
 
 
+class LoopClock:
+    """Simulated time is the running event loop's time (``loop.time()``), one second per second.
+
+    On a virtual-time loop (:mod:`pdgate.common.virtual_time`) an engine on this clock takes no
+    wall time and, for deterministic callers, runs deterministically; every engine and the
+    gateway on that loop share one timeline. ``to_wall`` is the identity: the loop's timeouts
+    are already in its own time.
+    """
+
+    time_scale = 1.0
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep_until(self, t: float) -> None:
+        await asyncio.sleep(max(0.0, t - self.now()))
+
+    def to_wall(self, sim_seconds: float) -> float:
+        return sim_seconds
+
+
 class EngineObserver(Protocol):
     """Receives what the step loop did (metrics)."""
 

@@ -6,6 +6,10 @@ stand-in for NIXL's side channel). SGLang: both legs carry ``bootstrap_host/port
 decode leg long-polls ``GET /sim/bootstrap/{room}`` on the prefill's bootstrap port, and the
 prefill answers its client only once the KV was taken. Either way the decode side then spends
 ``latency + bytes / bandwidth`` of simulated time.
+
+The decode side reaches its peer through ``state.peers`` (:mod:`engines.sim.peer_link`); the
+peer's side is :func:`take_held_kv` and :func:`take_room_kv`, which the HTTP routes here and the
+in-process link (:class:`engines.sim.peers.LocalPeerLink`) both call.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from pdgate.engines.sim.engine import KvPullError
+from pdgate.engines.sim.peer_link import PeerLink
 from pdgate.engines.sim.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -39,15 +43,13 @@ async def pull_kv(state: SimState, req: SimRequest) -> None:
     """Decode side: fetch the prompt KV from the prefill peer, then spend the transfer time."""
     remote = req.remote_prefill
     assert remote is not None
-    session = state.session
-    if session is None:
-        raise KvPullError("the engine has no HTTP client session")
     params = remote.params
-    wait_s = state.clock.to_wall(state.config.kv_hold_timeout_s)
     if remote.protocol == "nixl":
-        data = await read_held_kv(session, params)
+        data = await read_held_kv(state, params)
     else:
-        data = await _wait_bootstrap_room(session, params, wait_s)
+        wait_s = state.clock.to_wall(state.config.kv_hold_timeout_s)
+        host, port, room = params["bootstrap_host"], params["bootstrap_port"], params["bootstrap_room"]
+        data = await _peers(state).wait_bootstrap_room(host, port, room, wait_s)
     tokens = data.get("token_ids") or []
     if (
         tokens[: req.num_prompt_tokens] != req.prompt_token_ids[: len(tokens)]
@@ -59,27 +61,16 @@ async def pull_kv(state: SimState, req: SimRequest) -> None:
     await state.clock.sleep_until(state.clock.now() + seconds)
 
 
-async def read_held_kv(session: aiohttp.ClientSession, params: dict[str, Any]) -> dict[str, Any]:
-    """NIXL-style read of the KV a peer holds (``POST /sim/kv/read`` on ``remote_host:remote_port``)."""
-    url = f"http://{params['remote_host']}:{params['remote_port']}/sim/kv/read"
+async def read_held_kv(state: SimState, params: dict[str, Any]) -> dict[str, Any]:
+    """NIXL-style read of the KV a peer holds (``/sim/kv/read`` on ``remote_host:remote_port``)."""
     body = {k: params[k] for k in ("remote_engine_id", "remote_request_id", "remote_block_ids")}
-    return await _fetch(session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)), url)
+    return await _peers(state).read_kv(params["remote_host"], params["remote_port"], body)
 
 
-async def _wait_bootstrap_room(session: aiohttp.ClientSession, params: dict[str, Any], wait_s: float) -> dict[str, Any]:
-    url = f"http://{params['bootstrap_host']}:{params['bootstrap_port']}/sim/bootstrap/{params['bootstrap_room']}"
-    request = session.get(url, params={"timeout_s": str(wait_s)}, timeout=aiohttp.ClientTimeout(total=wait_s + 30))
-    return await _fetch(request, url)
-
-
-async def _fetch(request: Any, url: str) -> dict[str, Any]:
-    try:
-        async with request as resp:
-            if resp.status != 200:
-                raise KvPullError(f"KV pull from {url} failed with HTTP {resp.status}: {(await resp.text())[:200]}")
-            return await resp.json()
-    except aiohttp.ClientError as exc:
-        raise KvPullError(f"KV pull from the prefill peer failed: {exc!r}") from exc
+def _peers(state: SimState) -> PeerLink:
+    if state.peers is None:
+        raise KvPullError("the engine has no link to its peers")
+    return state.peers
 
 
 _NIXL_REQUIRED = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port")
@@ -143,9 +134,12 @@ async def await_handoff(state: SimState, request: SimRequest, prefill_leg: bool)
         state.handoffs.pop(key, None)
 
 
-async def handle_kv_read(state: SimState, request: web.Request) -> web.Response:
-    """Side channel: a decode peer takes a held prefill's KV (the sim's NIXL read)."""
-    body = await read_json(request)
+def take_held_kv(state: SimState, body: Any) -> dict[str, Any]:
+    """Peer side of a KV read: hand the KV held for ``body["remote_request_id"]`` over (once).
+
+    Answers ``{"token_ids", "num_tokens"}`` (plus ``"migration"`` for a migration's hold); raises
+    ApiError 400/404 when the body is wrong or nothing is held.
+    """
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     if body.get("remote_engine_id") != state.engine_id:
@@ -162,20 +156,20 @@ async def handle_kv_read(state: SimState, request: web.Request) -> web.Response:
     if held.status is RequestStatus.FINISHED_MIGRATED:
         # a migrated request: the KV of its whole context but the last sampled token
         computed = held.all_token_ids[: held.num_computed_tokens]
-        return web.json_response(
-            {"token_ids": computed, "num_tokens": len(computed), "migration": state.migration.outgoing.pop(key, None)}
-        )
-    return web.json_response({"token_ids": held.prompt_token_ids, "num_tokens": held.num_prompt_tokens})
+        return {
+            "token_ids": computed,
+            "num_tokens": len(computed),
+            "migration": state.migration.outgoing.pop(key, None),
+        }
+    return {"token_ids": held.prompt_token_ids, "num_tokens": held.num_prompt_tokens}
 
 
-async def handle_bootstrap_room(state: SimState, request: web.Request) -> web.Response:
-    """Long-poll until the prefill of ``room`` finished, then hand its KV to the decode peer."""
-    room = request.match_info["room"]
+async def take_room_kv(state: SimState, room: str, timeout: float) -> dict[str, Any]:
+    """Peer side of an SGLang bootstrap: wait up to ``timeout`` wall seconds for ``room``'s prefill, hand its KV over.
+
+    Answers ``{"token_ids", "num_tokens"}``; raises ApiError 404 on a timeout or an expired hold.
+    """
     key = f"room:{room}"
-    try:
-        timeout = float(request.query.get("timeout_s", "60"))
-    except ValueError:
-        raise ApiError(400, "timeout_s must be a number", param="timeout_s") from None
     entry = state.handoff(key)
     try:
         await asyncio.wait_for(entry.ready.wait(), timeout)
@@ -187,7 +181,22 @@ async def handle_bootstrap_room(state: SimState, request: web.Request) -> web.Re
     entry.taken.set()
     if held is None:
         raise ApiError(404, f"bootstrap room {room} expired before the decode peer arrived")
-    return web.json_response({"token_ids": held.prompt_token_ids, "num_tokens": held.num_prompt_tokens})
+    return {"token_ids": held.prompt_token_ids, "num_tokens": held.num_prompt_tokens}
+
+
+async def handle_kv_read(state: SimState, request: web.Request) -> web.Response:
+    """Side channel: a decode peer takes a held prefill's KV (the sim's NIXL read)."""
+    return web.json_response(take_held_kv(state, await read_json(request)))
+
+
+async def handle_bootstrap_room(state: SimState, request: web.Request) -> web.Response:
+    """Long-poll until the prefill of ``room`` finished, then hand its KV to the decode peer."""
+    room = request.match_info["room"]
+    try:
+        timeout = float(request.query.get("timeout_s", "60"))
+    except ValueError:
+        raise ApiError(400, "timeout_s must be a number", param="timeout_s") from None
+    return web.json_response(await take_room_kv(state, room, timeout))
 
 
 async def handle_bootstrap_route(state: SimState, request: web.Request) -> web.Response:

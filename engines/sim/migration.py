@@ -23,32 +23,29 @@ already did), frees its reservation right before its blocks are allocated, recom
 token and decodes on.
 
 This module is the protocol (source: reserve, copy, stop; target: reservations, the KV pull);
-:mod:`engines.sim.migration_routes` serves it over HTTP and :mod:`engines.sim.migration_state`
-holds the per-engine bookkeeping.
+:mod:`engines.sim.migration_routes` serves it (over HTTP, and to in-process callers),
+:mod:`engines.sim.migration_state` holds the per-engine bookkeeping, and the source reaches its
+target through ``state.peers`` (:mod:`engines.sim.peer_link`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from pdgate.engines.sim.engine import KvPullError
 from pdgate.engines.sim.handoff import read_held_kv
 from pdgate.engines.sim.migration_state import LiveRequest, Reservation
-from pdgate.engines.sim.protocol import ApiError, new_id
+from pdgate.engines.sim.peer_link import PeerError
+from pdgate.engines.sim.protocol import ApiError
 from pdgate.engines.sim.request import RequestStatus, SimRequest
 from pdgate.engines.sim.state import SimState
 
 logger = logging.getLogger(__name__)
 
-RESERVE_TIMEOUT_S = 5.0  # wall seconds the source waits for the target's reservation
-RELEASE_TIMEOUT_S = 2.0  # wall seconds for the best-effort release of an unused reservation
 DRAIN_TIMEOUT_S = 5.0  # wall seconds the source waits for the request's response to be written out
 MARGIN_BLOCKS = 2  # reservation headroom for the tokens decoded while the copy runs
 HOLD_KEY_PREFIX = "migrate:"
@@ -133,21 +130,22 @@ async def _reserve(state: SimState, live: LiveRequest, args: MigrateArgs) -> str
     kv = state.core.kv
     margin = max(0, min(req.sampling.max_tokens - req.num_output_tokens, MARGIN_BLOCKS * kv.block_size))
     num_blocks = kv.blocks_needed(req.num_tokens + margin)
-    url = f"http://{args.target}/sim/migrate/reserve"
     body = {"num_blocks": num_blocks, "source_engine_id": state.engine_id, "request_id": live.request_id}
-    assert state.session is not None
+    if state.peers is None:
+        raise _Abort(
+            502, "failed", f"cannot reserve KV blocks on the target {args.target}: the engine has no peer link"
+        )
     try:
-        async with state.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=RESERVE_TIMEOUT_S)) as resp:
-            text = await resp.text()
-            if resp.status != 200:
-                raise _Abort(
-                    502,
-                    "failed",
-                    f"the target {args.target} refused to reserve {num_blocks} KV blocks: "
-                    f"HTTP {resp.status}: {text[:300]}",
-                )
-            reservation_id = json.loads(text).get("reservation_id")
-    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+        reservation_id = (await state.peers.reserve(args.host, args.port, body)).get("reservation_id")
+    except PeerError as exc:
+        if exc.status is None:
+            raise _Abort(502, "failed", f"cannot reserve KV blocks on the target {args.target}: {exc.detail}") from None
+        raise _Abort(
+            502,
+            "failed",
+            f"the target {args.target} refused to reserve {num_blocks} KV blocks: HTTP {exc.status}: {exc.text[:300]}",
+        ) from None
+    except (TimeoutError, ValueError, AttributeError) as exc:
         raise _Abort(502, "failed", f"cannot reserve KV blocks on the target {args.target}: {exc!r}") from None
     if not isinstance(reservation_id, str) or not reservation_id:
         raise _Abort(502, "failed", f"the target {args.target} answered no reservation_id")
@@ -264,16 +262,8 @@ def _drop_hold(state: SimState, hold_key: str) -> None:
 
 async def _release_remote(state: SimState, args: MigrateArgs, reservation_id: str) -> None:
     """Best effort: give the target's reservation back (it expires after kv_hold_timeout_s anyway)."""
-    if state.session is None:
-        return
-    url = f"http://{args.target}/sim/migrate/release"
-    try:
-        async with state.session.post(
-            url, json={"reservation_id": reservation_id}, timeout=aiohttp.ClientTimeout(total=RELEASE_TIMEOUT_S)
-        ) as resp:
-            await resp.read()
-    except (aiohttp.ClientError, TimeoutError):
-        pass
+    if state.peers is not None:
+        await state.peers.release(args.host, args.port, reservation_id)
 
 
 # ------------------------------------------------------------------ target
@@ -290,7 +280,7 @@ def reserve(state: SimState, num_blocks: int, source_engine_id: Any, request_id:
     if not kv.allocate(blocks, [], num_blocks * kv.block_size):
         raise ApiError(409, f"not enough free KV blocks: {num_blocks} asked, {kv.num_free_blocks} free")
     state.engine.flush_events(state.clock.now())  # blocks evicted from the prefix cache
-    res = Reservation(new_id("migres"), blocks, source_engine_id, request_id)
+    res = Reservation(state.new_id("migres"), blocks, source_engine_id, request_id)
     ttl = state.config.kv_hold_timeout_s
     res.timer = asyncio.get_running_loop().call_later(state.clock.to_wall(ttl), _expire, state, res.reservation_id)
     state.migration.reservations[res.reservation_id] = res
@@ -367,9 +357,7 @@ async def pull_migrated_kv(state: SimState, req: SimRequest) -> None:
         "at": time.time(),
     }
     try:
-        if state.session is None:
-            raise KvPullError("the engine has no HTTP client session")
-        data = await read_held_kv(state.session, params)
+        data = await read_held_kv(state, params)
         tokens = data.get("token_ids") or []
         common = min(len(tokens), req.num_prompt_tokens)
         if not tokens or tokens[:common] != req.prompt_token_ids[:common]:

@@ -54,6 +54,7 @@ class MigrationState:
         self.outgoing: dict[str, dict[str, Any]] = {}  # hold key -> what the target's "in" record shows
         self.records: deque[dict[str, Any]] = deque(maxlen=MIGRATION_LOG_SIZE)
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.migrated_in = 0  # requests that arrived here by a live migration
         self._total = Counter(
             "sim_migrations", "Live migrations by direction and outcome.", ["direction", "outcome"], registry=registry
         )
@@ -92,6 +93,8 @@ class MigrationState:
     def record(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
         self._total.labels(rec["direction"], rec["outcome"]).inc()
+        if rec["direction"] == "in" and rec["outcome"] == "migrated":
+            self.migrated_in += 1
         if rec["direction"] == "out" and rec["outcome"] == "migrated" and rec.get("downtime_s") is not None:
             self._downtime.observe(rec["downtime_s"])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
@@ -31,6 +32,7 @@ _ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    405: "MethodNotAllowedError",
     409: "ConflictError",
     413: "RequestEntityTooLarge",
     422: "UnprocessableEntityError",
@@ -43,6 +45,7 @@ _SGLANG_PHRASES = {
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
+    405: "Method Not Allowed",
     409: "Conflict",
     500: "Internal Server Error",
     502: "Bad Gateway",
@@ -204,4 +207,42 @@ async def read_json(request: web.Request) -> Any:
     try:
         return await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        raise _not_json(exc) from None
+
+
+def _not_json(exc: Exception) -> ApiError:
+    return ApiError(400, f"request body is not valid JSON: {exc}")
+
+
+@dataclass(frozen=True)
+class InvalidJson:
+    """A request body that is not JSON, kept as the 400 it earns.
+
+    Routes check the caller's API key before they look at the body; :func:`json_of` raises the 400
+    only then, so that a bad key is answered 401 whatever the body.
+    """
+
+    error: ApiError
+
+
+async def read_body(request: web.Request) -> Any:
+    """The request body as JSON, or an :class:`InvalidJson` (for :func:`json_of`)."""
+    try:
+        return await read_json(request)
+    except ApiError as err:
+        return InvalidJson(err)
+
+
+def parse_body(data: bytes) -> Any:
+    """Raw body bytes (UTF-8) as JSON, or an :class:`InvalidJson` (for :func:`json_of`)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return InvalidJson(_not_json(exc))
+
+
+def json_of(body: Any) -> Any:
+    """The parsed body; raises its 400 if it was not JSON."""
+    if isinstance(body, InvalidJson):
+        raise body.error
+    return body

@@ -1,73 +1,41 @@
-"""OpenAI-compatible generation routes of the simulated engine (completions and chat, SSE or JSON)."""
+"""OpenAI-compatible generation routes of the simulated engine (completions and chat, SSE or JSON).
+
+:func:`generate` serves one generation call against a :class:`~engines.sim.reply.Reply`, with no
+transport objects: the aiohttp handlers here and :func:`engines.sim.local.call_local` both use it.
+"""
 
 from __future__ import annotations
 
 import json
-import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 from aiohttp import web
 
-from pdgate.common.tokenizer import Tokenizer
 from pdgate.engines.sim.core import RequestOutput
 from pdgate.engines.sim.engine import RequestStream
 from pdgate.engines.sim.handoff import await_handoff, kv_transfer_params, remote_prefill_from
 from pdgate.engines.sim.migration import claim_reservation
 from pdgate.engines.sim.migration_state import LiveRequest
+from pdgate.engines.sim.output_text import OutputText
 from pdgate.engines.sim.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     error_body,
-    new_id,
+    json_of,
     now_s,
     parse_request,
-    read_json,
+    read_body,
     usage_dict,
 )
+from pdgate.engines.sim.reply import Reply
 from pdgate.engines.sim.request import RequestStatus, SamplingParams, SimRequest
 from pdgate.engines.sim.state import SimState, check_auth
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
-
-
-class OutputText:
-    """Incremental detokenization with stop strings (held back while they could still match)."""
-
-    def __init__(self, tokenizer: Tokenizer, stops: list[str], include_stop: bool, eos_token_id: int) -> None:
-        self._tok = tokenizer
-        self._stops = stops
-        self._include = include_stop
-        self._eos = eos_token_id
-        self._hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-        self.stop_hit: str | None = None
-
-    def add(self, token_ids: list[int], *, stop_checks: bool = True) -> str:
-        """Append tokens; return the text now safe to send (all of it once a stop matched)."""
-        for token in token_ids:
-            if token != self._eos:
-                self.text += self._tok.token_text(token)
-        if self._stops and stop_checks and self.stop_hit is None:
-            start = max(0, self.sent - self._hold)
-            found = [(idx, stop) for stop in self._stops if (idx := self.text.find(stop, start)) >= 0]
-            if found:
-                idx, stop = min(found)  # the earliest match wins
-                self.stop_hit = stop
-                self.text = self.text[: idx + (len(stop) if self._include else 0)]
-        limit = len(self.text) if (self.stop_hit or not self._stops) else max(self.sent, len(self.text) - self._hold)
-        delta = self.text[self.sent : limit]
-        self.sent = limit
-        return delta
-
-    def flush(self) -> str:
-        delta = self.text[self.sent :]
-        self.sent = len(self.text)
-        return delta
 
 
 @dataclass
@@ -134,7 +102,7 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
     if req.min_tokens > max_tokens:
         raise ApiError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
     temperature = 1.0 if req.temperature is None else req.temperature
-    seed = req.seed if req.seed is not None else (None if temperature == 0 else config.seed ^ secrets.randbits(63))
+    seed = req.seed if req.seed is not None else (None if temperature == 0 else config.seed ^ state.rng.getrandbits(63))
     sampling = SamplingParams(
         max_tokens=max_tokens,
         min_tokens=req.min_tokens,
@@ -143,8 +111,8 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
         seed=seed,
         stop_token_ids=tuple(req.stop_token_ids or ()),
     )
-    base = header_id or new_id("cmpl" if kind == "completion" else "chatcmpl")
-    internal_id = f"{base}-{secrets.token_hex(4)}"
+    base = header_id or state.new_id("cmpl" if kind == "completion" else "chatcmpl")
+    internal_id = f"{base}-{state.rng.getrandbits(32):08x}"
     prefill_leg = False
     hold_key = None
     if config.api == "vllm" and (req.kv_transfer_params or {}).get("do_remote_decode"):
@@ -181,29 +149,36 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
     return Generation(kind, req, base, prompt_ids, sim_request, prefill_leg)
 
 
-async def handle_completions(state: SimState, request: web.Request) -> web.StreamResponse:
-    return await _generate(state, request, "completion")
+async def handle_completions(state: SimState, request: web.Request, reply: Reply) -> None:
+    await generate(state, "completion", request.path, request.headers, await read_body(request), reply)
 
 
-async def handle_chat(state: SimState, request: web.Request) -> web.StreamResponse:
-    return await _generate(state, request, "chat")
+async def handle_chat(state: SimState, request: web.Request, reply: Reply) -> None:
+    await generate(state, "chat", request.path, request.headers, await read_body(request), reply)
 
 
-async def _generate(state: SimState, request: web.Request, kind: str) -> web.StreamResponse:
+async def generate(state: SimState, kind: str, path: str, headers: Mapping[str, str], body: Any, reply: Reply) -> None:
+    """Serve one ``kind`` ("completion" or "chat") call: validate, run it on the engine, answer through ``reply``.
+
+    ``headers`` are looked up case-insensitively (``X-Request-Id``, ``Authorization``,
+    ``traceparent``, ``tracestate``); ``body`` is the parsed JSON (or a
+    :class:`~engines.sim.protocol.InvalidJson`). Raises ApiError before the answer started (see
+    :func:`engines.sim.reply.respond`). If the calling task is cancelled (the client went away) the
+    request is aborted in the engine and its KV freed.
+    """
     received_ns = time.time_ns()
-    headers = request.headers
     header_id = headers.get("X-Request-Id")
     traceparent, tracestate = headers.get("traceparent"), headers.get("tracestate")
     record = {
         "request_id": header_id,
-        "path": request.path,
+        "path": path,
         "traceparent": traceparent,
         "tracestate": tracestate,
         "received_at": received_ns / 1e9,
     }
     state.traces.append(record)
-    check_auth(state, request)
-    gen = _prepare(state, kind, await read_json(request), header_id)
+    check_auth(state, headers)
+    gen = _prepare(state, kind, json_of(body), header_id)
     record["request_id"] = gen.request_id
     stream = state.engine.submit(gen.sim_request)
     gen.live = state.migration.track(gen.request_id, gen.sim_request, gen.prefill_leg)
@@ -219,11 +194,10 @@ async def _generate(state: SimState, request: web.Request, kind: str) -> web.Str
     finished = False
     try:
         if gen.body.stream:
-            response = await _stream_response(state, request, gen, stream)
+            await _stream_response(state, gen, stream, reply)
         else:
-            response = await _full_response(state, gen, stream)
+            await _full_response(state, gen, stream, reply)
         finished = True
-        return response
     finally:
         if not finished and not gen.sim_request.status.finished:
             state.engine.abort(gen.sim_request.request_id)  # client went away: free its KV
@@ -278,7 +252,7 @@ def _usage(state: SimState, gen: Generation) -> dict[str, Any]:
     )
 
 
-async def _full_response(state: SimState, gen: Generation, stream: RequestStream) -> web.Response:
+async def _full_response(state: SimState, gen: Generation, stream: RequestStream, reply: Reply) -> None:
     text = _text_of(state, gen)
     token_ids: list[int] = []
     last: RequestOutput | None = None
@@ -335,16 +309,13 @@ async def _full_response(state: SimState, gen: Generation, stream: RequestStream
         payload["prompt_logprobs"] = None
         payload["prompt_token_ids"] = gen.prompt_ids if body.return_token_ids else None
     payload["kv_transfer_params"] = kv_transfer_params(state, gen.sim_request, gen.prefill_leg)
-    return web.json_response(payload, headers={"X-Request-Id": gen.request_id})
+    await reply.json(200, payload, headers={"X-Request-Id": gen.request_id})
 
 
-async def _stream_response(
-    state: SimState, request: web.Request, gen: Generation, stream: RequestStream
-) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": gen.request_id}
+async def _stream_response(state: SimState, gen: Generation, stream: RequestStream, reply: Reply) -> None:
+    await reply.start_stream(
+        {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": gen.request_id}
     )
-    await response.prepare(request)
     body = gen.body
     created, model = now_s(), state.served_model_name
     is_chat = gen.kind == "chat"
@@ -354,7 +325,7 @@ async def _stream_response(
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     async def send(payload: dict[str, Any]) -> None:
-        await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+        await reply.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
     first = True
     if is_chat:
@@ -376,8 +347,8 @@ async def _stream_response(
             live.end_reason = output.finish_reason
         if output.finish_reason == "migrated":
             # moved to another engine: every token so far was sent; no finish chunk, usage or [DONE]
-            await response.write_eof()
-            return response
+            await reply.end()
+            return
         if output.finish_reason == "error":
             err = ApiError(
                 500, gen.sim_request.error or "the request failed inside the engine", err_type="InternalServerError"
@@ -420,6 +391,5 @@ async def _stream_response(
         await send(
             {"id": gen.request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
         )
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+    await reply.write(b"data: [DONE]\n\n")
+    await reply.end()

@@ -7,9 +7,11 @@ from typing import Any
 from aiohttp import web
 
 from pdgate.engines.sim.protocol import ApiError, new_id, now_s, read_json
+from pdgate.engines.sim.reply import Reply
 from pdgate.engines.sim.state import SimState
 
 VERSION = "0.1.0-sim"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 async def handle_models(state: SimState, request: web.Request) -> web.Response:
@@ -85,10 +87,18 @@ async def handle_detokenize(state: SimState, request: web.Request) -> web.Respon
     return web.json_response({"prompt": state.tokenizer.decode(tokens)})
 
 
-async def handle_metrics(state: SimState, request: web.Request) -> web.Response:
-    return web.Response(
-        body=state.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-    )
+async def handle_metrics(state: SimState, request: web.Request, reply: Reply) -> None:
+    await reply_metrics(state, reply)
+
+
+async def reply_metrics(state: SimState, reply: Reply) -> None:
+    """``GET /metrics``: the engine's Prometheus text (vLLM's or SGLang's metric names)."""
+    await reply.text(200, state.metrics.render().decode("utf-8"), METRICS_CONTENT_TYPE)
+
+
+async def reply_health(state: SimState, reply: Reply) -> None:
+    """``GET /health`` in-process: 200 with an empty body (over HTTP: :func:`handle_health`)."""
+    await reply.text(200, "")
 
 
 async def handle_reset_prefix_cache(state: SimState, request: web.Request) -> web.Response:

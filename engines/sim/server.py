@@ -36,6 +36,7 @@ from pdgate.engines.sim.migration_routes import (
     handle_release,
     handle_reserve,
 )
+from pdgate.engines.sim.peers import HttpPeerLink
 from pdgate.engines.sim.routes_generate import handle_chat, handle_completions
 from pdgate.engines.sim.routes_info import (
     handle_detokenize,
@@ -50,7 +51,7 @@ from pdgate.engines.sim.routes_info import (
     handle_traces,
     handle_version,
 )
-from pdgate.engines.sim.state import SIM_STATE, SimState, route
+from pdgate.engines.sim.state import SIM_STATE, SimState, reply_route, route
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -61,18 +62,18 @@ def create_app(state: SimState) -> web.Application:
     app[SIM_STATE] = state
     api = state.config.api
     routes = [
-        web.post("/v1/completions", route(handle_completions)),
-        web.post("/v1/chat/completions", route(handle_chat)),
+        web.post("/v1/completions", reply_route(handle_completions)),
+        web.post("/v1/chat/completions", reply_route(handle_chat)),
         web.get("/v1/models", route(handle_models)),
         web.get("/health", route(handle_health)),
         web.get("/version", route(handle_version)),
         web.post("/tokenize", route(handle_tokenize)),
         web.post("/detokenize", route(handle_detokenize)),
-        web.get("/metrics", route(handle_metrics)),
+        web.get("/metrics", reply_route(handle_metrics)),
         web.get("/sim/state", route(handle_state)),
         web.get("/sim/traces", route(handle_traces)),
         web.post("/sim/kv/read", route(handle_kv_read)),
-        web.post("/sim/migrate", route(handle_migrate)),
+        web.post("/sim/migrate", reply_route(handle_migrate)),
         web.post("/sim/migrate/reserve", route(handle_reserve)),
         web.post("/sim/migrate/release", route(handle_release)),
         web.get("/sim/migrations", route(handle_migrations)),
@@ -106,7 +107,8 @@ def create_bootstrap_app(state: SimState) -> web.Application:
 
 async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[SIM_STATE]
-    state.session = aiohttp.ClientSession()
+    session = aiohttp.ClientSession()
+    state.peers = HttpPeerLink(session)
     if state.config.kv_events_endpoint:
         state.publisher = KvEventPublisher(
             state.config.kv_events_endpoint,
@@ -130,7 +132,7 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
             await state.publisher.close()
         if state.tracer is not None:
             await asyncio.to_thread(state.tracer.shutdown)  # flushes the spans still queued
-        await state.session.close()
+        await session.close()
 
 
 class SimServer:

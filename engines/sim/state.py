@@ -1,4 +1,4 @@
-"""Everything one simulated engine process owns, and small helpers its HTTP routes share.
+"""Everything one simulated engine owns, and small helpers its routes share.
 
 Plain data: :func:`engines.sim.build.build_state` assembles a :class:`SimState` and wires the
 PD hand-off (:mod:`engines.sim.handoff`) and live migration (:mod:`engines.sim.migration`) into
@@ -8,29 +8,32 @@ its engine; those modules and the routes depend on this one, never the other way
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
 from pdgate.common.perf_model import EngineProfile
 from pdgate.common.tokenizer import Tokenizer
 from pdgate.engines.sim.config import SimEngineConfig
 from pdgate.engines.sim.core import EngineCore
-from pdgate.engines.sim.engine import AsyncSimEngine, RealtimeClock
+from pdgate.engines.sim.engine import AsyncSimEngine, Clock
 from pdgate.engines.sim.kv_events import KvEventPublisher
 from pdgate.engines.sim.metrics import SimMetrics
 from pdgate.engines.sim.migration_state import MigrationState
-from pdgate.engines.sim.protocol import ApiError, error_body
+from pdgate.engines.sim.peer_link import PeerLink
+from pdgate.engines.sim.protocol import ApiError
+from pdgate.engines.sim.reply import AiohttpReply, Reply, respond
 
 if TYPE_CHECKING:
     from pdgate.engines.sim.tracing import RequestTracer
 
 SIM_STATE: web.AppKey[SimState] = web.AppKey("sim_state")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 TRACE_LOG_SIZE = 1024  # generation requests whose trace headers /sim/traces keeps
 
 
@@ -45,7 +48,15 @@ class Handoff:
 
 @dataclass
 class SimState:
-    """Everything one engine process owns; built by :func:`engines.sim.build.build_state`."""
+    """Everything one engine owns; built by :func:`engines.sim.build.build_state`.
+
+    ``clock`` is the engine's simulated time (scaled wall time behind HTTP, the loop's virtual time
+    in-process). ``peers`` reaches the other engines (PD KV pulls, migration reservations); the
+    HTTP server sets an :class:`~engines.sim.peers.HttpPeerLink`, an in-process fleet a
+    :class:`~engines.sim.peers.LocalPeerLink`. ``rng`` draws the engine's request ids and
+    default sampling seeds (seeded from ``config.seed`` and the engine id). ``bound_port`` is the
+    port peers reach this engine on (the port bound, or the configured one in-process).
+    """
 
     config: SimEngineConfig
     tokenizer: Tokenizer
@@ -54,17 +65,22 @@ class SimState:
     engine: AsyncSimEngine
     metrics: SimMetrics
     migration: MigrationState
-    clock: RealtimeClock
+    clock: Clock
     engine_id: str
     served_model_name: str
     max_model_len: int
+    rng: random.Random
     publisher: KvEventPublisher | None = None
-    session: aiohttp.ClientSession | None = None
+    peers: PeerLink | None = None
     handoffs: dict[str, Handoff] = field(default_factory=dict)
     bound_port: int = 0
     tracer: RequestTracer | None = None  # set while the engine runs with --otlp-traces-endpoint
     traces: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=TRACE_LOG_SIZE))
     """Trace headers of the latest generation requests, oldest first (``GET /sim/traces``)."""
+
+    def new_id(self, prefix: str) -> str:
+        """A fresh id ``prefix-<32 hex digits>`` (a uuid4's shape), drawn from :attr:`rng`."""
+        return f"{prefix}-{self.rng.getrandbits(128):032x}"
 
     def handoff(self, key: str) -> Handoff:
         entry = self.handoffs.get(key)
@@ -73,23 +89,46 @@ class SimState:
         return entry
 
 
-def route(fn: Callable[[SimState, web.Request], Any]) -> Callable[[web.Request], Any]:
-    """Adapt ``fn(state, request)`` to an aiohttp handler that answers ApiError as error JSON."""
+def route(fn: Callable[[SimState, web.Request], Awaitable[web.StreamResponse]]) -> Handler:
+    """Adapt ``fn(state, request) -> response`` to an aiohttp handler that answers ApiError as error JSON."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         state = request.app[SIM_STATE]
-        try:
-            return await fn(state, request)
-        except ApiError as err:
-            return web.json_response(error_body(err, state.config.api), status=err.status)
+        reply = AiohttpReply(request)
+        answer: list[web.StreamResponse] = []
+
+        async def run(_: Reply) -> None:
+            answer.append(await fn(state, request))
+
+        await respond(reply, state.config.api, run)
+        return answer[0] if answer else _response_of(reply)
 
     return wrapped
 
 
-def check_auth(state: SimState, request: web.Request) -> None:
+def reply_route(fn: Callable[[SimState, web.Request, Reply], Awaitable[None]]) -> Handler:
+    """Adapt ``fn(state, request, reply)``, which answers through its :class:`Reply`, to an aiohttp handler."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        state = request.app[SIM_STATE]
+        reply = AiohttpReply(request)
+        await respond(reply, state.config.api, lambda r: fn(state, request, r))
+        return _response_of(reply)
+
+    return wrapped
+
+
+def _response_of(reply: AiohttpReply) -> web.StreamResponse:
+    if reply.response is None:
+        raise RuntimeError("the route returned without answering")
+    return reply.response
+
+
+def check_auth(state: SimState, headers: Mapping[str, str]) -> None:
+    """401 unless ``headers`` (case-insensitive) carry the engine's API key, when it has one."""
     key = state.config.api_key
     if key is None:
         return
-    supplied = request.headers.get("Authorization", "")
+    supplied = headers.get("Authorization", "")
     if not secrets.compare_digest(supplied.encode(), f"Bearer {key}".encode()):
         raise ApiError(401, "invalid or missing API key", err_type="AuthenticationError")

@@ -28,7 +28,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 
@@ -38,6 +38,39 @@ _TIMER_SLACK_S = 0.002  # a timer may fire this early (the loop's clock is coars
 
 class UpstreamError(Exception):
     """The exchange with the engine failed (connection, protocol or deadline)."""
+
+
+class UpstreamReply(Protocol):
+    """One engine response as the gateway reads it (:class:`UpstreamResponse` over HTTP; ``pdgate
+    simulate`` has an in-memory one): status and headers are set when the request's awaitable
+    returns; the body is read whole or relayed; closing an unfinished one aborts the request."""
+
+    status: int
+    headers: dict[str, str]
+
+    async def read(self) -> bytes: ...
+
+    async def first_chunk(self) -> bytes: ...
+
+    async def relay(self, sink: Callable[[bytes], None]) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """Where engine requests go: :class:`UpstreamPool` over HTTP, or an in-memory transport."""
+
+    async def request(
+        self, origin: Origin, method: str, path: str, body: bytes, *, headers: dict[str, str], timeout_s: float
+    ) -> UpstreamReply: ...
+
+    async def close(self) -> None: ...
 
 
 class _StaleConnection(UpstreamError):

@@ -239,7 +239,7 @@ class FakeEngineAdapter(EngineAdapter):
         model: FakeModel | None = None,
         log: list[SentCall] | None = None,
     ) -> None:
-        super().__init__(spec, cast(Any, None), _UNUSED_POOL)
+        super().__init__(spec, _UNUSED_POOL)
         self.capabilities = Capabilities(
             pd_protocol=protocol,
             metrics_flavour="sglang" if protocol == "concurrent" else "vllm",

@@ -1,8 +1,8 @@
 """A real :class:`~pdgate.gateway.cluster.Cluster` (and :class:`~pdgate.gateway.proxy.Proxy`) over fake engines.
 
 The cluster is built from a real :class:`GatewayConfig` the way the gateway builds it. Its
-constructor makes each instance's adapter from an aiohttp session and an upstream pool; here the
-session is ``None`` and the pool a fresh one, neither ever used: every instance's adapter is then
+constructor makes each instance's adapter from an upstream pool; here a fresh one, never
+used: every instance's adapter is then
 replaced by a :class:`FakeEngineAdapter` with the same spec, before anything reads it. The
 cluster is never started (no monitor task, no scrapes, no KV-event subscriptions) and its clock
 is a :class:`FakeClock`.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from pydantic import Field
 
@@ -178,7 +178,7 @@ def make_fleet(
             "migration": dict(migration or {}),
         }
     )
-    cluster = Cluster(config, cast(Any, None), UpstreamPool(), clock=clock)
+    cluster = Cluster(config, UpstreamPool(), clock=clock)
     fleet = Fleet(config, cluster, clock, {}, order=list(order) if order is not None else [i.id for i in instances])
     for inst in instances:
         state = cluster.instances[inst.id]
