@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pdgate.adapters.load import EngineLoad, parse_load
+from pdgate.adapters.load import EngineLoad, parse_load, scrape_path
 from pdgate.common.http_client import Upstream, UpstreamError, UpstreamReply
 from pdgate.common.json_codec import json_encoder
 
@@ -192,7 +192,8 @@ class EngineAdapter(ABC):
 
     async def scrape_load(self, now: float, timeout: float = 2.0) -> EngineLoad:
         """The engine's load from its ``/metrics``; raises :class:`UpstreamError` or ``ValueError``."""
-        status, data = await self.call("GET", "/metrics", request_id="scrape", timeout_s=timeout)
+        path = scrape_path(self.capabilities.metrics_flavour)
+        status, data = await self.call("GET", path, request_id="scrape", timeout_s=timeout)
         if status != 200:
             raise UpstreamError(f"/metrics answered HTTP {status}")
         return parse_load(data.decode("utf-8", errors="replace"), self.capabilities.metrics_flavour, now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 # gauge names per engine flavour: (running, waiting, kv usage in [0, 1])
 METRIC_NAMES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
@@ -22,6 +23,15 @@ PREFIX_COUNTERS: Mapping[str, tuple[str, str]] = {
     "vllm": ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"),
     "sglang": ("", ""),
 }
+
+
+def scrape_path(flavour: str) -> str:
+    """``/metrics`` asking for only the series :func:`parse_load` reads (prometheus_client's
+    ``name[]`` filter, which vLLM's and SGLang's endpoints honour; an engine that ignores it
+    sends everything, which parses the same)."""
+    running_names, waiting_names, usage_names = METRIC_NAMES[flavour]
+    names = [*running_names, *waiting_names, *usage_names, *(n for n in PREFIX_COUNTERS[flavour] if n)]
+    return "/metrics?" + urlencode([("name[]", name) for name in names])
 
 
 @dataclass(frozen=True)

@@ -116,3 +116,17 @@ def test_bad_fleet_options_are_refused_with_a_clear_message(tmp_path: Path) -> N
     proc = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "each needs an instance" in proc.stdout + proc.stderr
+
+
+def test_a_stream_interval_sends_fewer_chunks_with_the_same_latencies() -> None:
+    requests = _synthetic(20, output_len="fixed:40")
+    runs = {
+        n: run_simulation(_default_fleet(), requests, LoadConfig(rate=4.0, seed=1), stream_interval=n) for n in (1, 8)
+    }
+    fine, coarse = runs[1].results, runs[8].results
+    assert all(r.ok and r.output_tokens == 40 for r in fine + coarse)
+    assert [len(r.chunk_times) for r in fine] == [40] * 20
+    assert all(len(r.chunk_times) <= 7 for r in coarse)  # the first token, then 8 at a time
+    for a, b in zip(fine, coarse, strict=True):
+        assert b.ttft_s == pytest.approx(a.ttft_s, abs=1e-9)
+        assert b.e2e_s == pytest.approx(a.e2e_s, abs=1e-9)

@@ -12,7 +12,7 @@ import random
 from collections.abc import Awaitable
 
 from pdgate.common.perf_model import resolve_profile
-from pdgate.common.tokenizer import load_tokenizer
+from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 from pdgate.engines.sim.config import SimEngineConfig
 from pdgate.engines.sim.core import CoreConfig, EngineCore
 from pdgate.engines.sim.engine import AsyncSimEngine, Clock, RealtimeClock
@@ -26,7 +26,7 @@ from pdgate.engines.sim.request import SimRequest
 from pdgate.engines.sim.state import SimState
 
 
-def build_state(config: SimEngineConfig, clock: Clock | None = None) -> SimState:
+def build_state(config: SimEngineConfig, clock: Clock | None = None, tokenizer: Tokenizer | None = None) -> SimState:
     """Assemble tokenizer, performance profile, KV cache, step loop and metrics (no I/O).
 
     ``clock``: the engine's simulated time; by default wall time scaled by ``config.time_scale``
@@ -35,9 +35,10 @@ def build_state(config: SimEngineConfig, clock: Clock | None = None) -> SimState
     when both are fixed (``config.engine_id`` is random when not given). ``bound_port`` starts as
     ``config.port``: the address peers use in-process; the HTTP server replaces it with the port bound.
     ``peers`` is left unset: the server or the in-process caller wires it.
-    """
+     ``tokenizer`` (the one ``config.tokenizer`` names, already loaded)
+    lets engines in one process share it."""
     profile = resolve_profile(config.profile or None, model=config.model, gpu=config.gpu, tp=config.tp)
-    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer = tokenizer or load_tokenizer(config.tokenizer)
     max_model_len = config.max_model_len or profile.model.max_model_len
     num_blocks = config.num_gpu_blocks or max(
         1, profile.kv_cache_tokens(config.gpu_memory_utilization) // config.block_size
@@ -82,7 +83,12 @@ def build_state(config: SimEngineConfig, clock: Clock | None = None) -> SimState
         return pull_migrated_kv(state, req) if is_migration(req) else pull_kv(state, req)
 
     engine = AsyncSimEngine(
-        core, clock, kv_puller=kv_puller, kv_load_failure_policy=config.kv_load_failure_policy, observer=metrics
+        core,
+        clock,
+        kv_puller=kv_puller,
+        kv_load_failure_policy=config.kv_load_failure_policy,
+        observer=metrics,
+        stream_interval=config.stream_interval,
     )
     state = SimState(
         config=config,

@@ -74,6 +74,12 @@ class SimEngineConfig(BaseModel):
     enable_prompt_tokens_details: bool = Field(True, description="report usage.prompt_tokens_details.cached_tokens")
     api_key: str | None = Field(None, description="require this bearer token on /v1 routes")
     seed: int = Field(0, description="seed for sampled (temperature > 0) requests that give none")
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="streamed tokens sent together, as vLLM's --stream-interval: the first at once, then every N, "
+        "the rest with the finish",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SimEngineConfig:

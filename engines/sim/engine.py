@@ -99,10 +99,34 @@ MAX_CATCHUP_WALL_S = 0.02  # wake-ups up to this late are absorbed; beyond it si
 
 @dataclass(eq=False)
 class RequestStream:
-    """Outputs of one request, in order; the last one has a ``finish_reason``."""
+    """Outputs of one request, in order; the last one has a ``finish_reason``.
+
+    With a ``stream_interval`` of N > 1 (vLLM's ``--stream-interval``) the tokens of several
+    steps go out together: the first token at once, then whenever N are waiting, and the rest
+    with the finish."""
 
     request: SimRequest
     queue: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
+    stream_interval: int = 1
+    pending: list[int] = field(default_factory=list)  # tokens not sent yet (stream_interval > 1)
+    sent_any: bool = False
+
+    def put(self, output: RequestOutput) -> None:
+        """One step's output, sent now or held back as ``stream_interval`` says."""
+        if self.stream_interval <= 1:
+            self.queue.put_nowait(output)
+            return
+        self.pending.extend(output.new_token_ids)
+        if output.finished or not self.sent_any or len(self.pending) >= self.stream_interval:
+            self.queue.put_nowait(RequestOutput(output.request, self.pending, output.finish_reason))
+            self.pending = []
+            self.sent_any = True
+
+    def flush(self) -> None:
+        """Send the tokens held back (before an end that carries none: a migration's)."""
+        if self.pending:
+            self.queue.put_nowait(RequestOutput(self.request, self.pending))
+            self.pending = []
 
     async def __aiter__(self):
         while True:
@@ -123,6 +147,7 @@ class AsyncSimEngine:
         kv_puller: KvPuller | None = None,
         kv_load_failure_policy: str = "fail",
         observer: EngineObserver | None = None,
+        stream_interval: int = 1,
         publish_events: Callable[[float, list[KvCacheEvent]], None] | None = None,
     ) -> None:
         self.core = core
@@ -130,6 +155,7 @@ class AsyncSimEngine:
         self._kv_puller = kv_puller
         self._failure_policy = kv_load_failure_policy
         self._observer = observer
+        self.stream_interval = stream_interval
         self._publish = publish_events
         self._streams: dict[str, RequestStream] = {}
         self._wake = asyncio.Event()
@@ -162,7 +188,7 @@ class AsyncSimEngine:
     # --------------------------------------------------------------- requests
     def submit(self, request: SimRequest) -> RequestStream:
         self.core.add_request(request)
-        stream = RequestStream(request)
+        stream = RequestStream(request, stream_interval=self.stream_interval)
         self._streams[request.request_id] = stream
         self._wake.set()
         return stream
@@ -198,6 +224,7 @@ class AsyncSimEngine:
             if self._observer is not None:
                 self._observer.on_finished(req, now)
             if stream is not None:
+                stream.flush()  # every token produced here goes out before the stream ends
                 stream.queue.put_nowait(RequestOutput(req, [], RequestStatus.FINISHED_MIGRATED.value))
         self.flush_events(now)
         self._wake.set()  # the idle wait re-reads the next hold expiry
@@ -287,7 +314,7 @@ class AsyncSimEngine:
                 if self._observer is not None:
                     self._observer.on_finished(output.request, now)
             if stream is not None:
-                stream.queue.put_nowait(output)
+                stream.put(output)
 
     def flush_events(self, now: float) -> None:
         """Publish KV events collected since the last flush (no-op without a publisher)."""

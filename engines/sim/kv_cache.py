@@ -49,19 +49,22 @@ class KVCacheManager:
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.block_size < 1:
             raise ValueError("the KV cache needs at least one block of at least one token")
-        self._blocks = [KVBlock(i) for i in range(self.num_blocks)]
-        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self._blocks)
+        # The free queue starts as every block in id order; blocks are made when first taken (the
+        # never-used ones are at the queue's front, in id order, ahead of every freed one), so a
+        # large pool costs nothing until it fills.
+        self._blocks: list[KVBlock] = []  # made so far; block i at index i
+        self._free: OrderedDict[int, KVBlock] = OrderedDict()  # freed blocks, least recently freed first
         self._cached: dict[bytes, KVBlock] = {}
 
     # ----------------------------------------------------------------- queries
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.num_blocks - len(self._blocks)
 
     @property
     def usage(self) -> float:
         """Fraction of blocks referenced by requests (vLLM's ``kv_cache_usage_perc``)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     @property
     def num_cached_blocks(self) -> int:
@@ -91,7 +94,7 @@ class KVCacheManager:
     def can_allocate(self, owned: Sequence[KVBlock], new_hits: Sequence[KVBlock], total_tokens: int) -> bool:
         required = self.blocks_needed(total_tokens) - len(owned) - len(new_hits)
         evictable_hits = sum(1 for b in new_hits if b.ref_cnt == 0)
-        return required <= len(self._free) - evictable_hits
+        return required <= self.num_free_blocks - evictable_hits
 
     def allocate(self, owned: list[KVBlock], new_hits: Sequence[KVBlock], total_tokens: int) -> bool:
         """Grow ``owned`` to hold ``total_tokens``: first the prefix hits, then fresh blocks.
@@ -107,6 +110,12 @@ class KVCacheManager:
             owned.append(block)
         removed: list[int] = []
         for _ in range(self.blocks_needed(total_tokens) - len(owned)):
+            if len(self._blocks) < self.num_blocks:  # a never-used block: the front of the queue
+                block = KVBlock(len(self._blocks))
+                self._blocks.append(block)
+                block.ref_cnt = 1
+                owned.append(block)
+                continue
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
                 if self._cached.get(block.block_hash) is block:
@@ -175,7 +184,7 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; only possible when no request holds a block."""
-        if len(self._free) != self.num_blocks:
+        if self.num_free_blocks != self.num_blocks:
             return False
         for block in self._blocks:
             block.block_hash = None

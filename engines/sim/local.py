@@ -20,6 +20,7 @@ state.engine.start()``; at the end :func:`close_local`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from urllib.parse import parse_qs
 
 from pdgate.engines.sim.migration_routes import migrate_call, release_answer, reserve_answer
 from pdgate.engines.sim.protocol import ApiError, json_of, parse_body
@@ -59,11 +60,15 @@ async def call_local(
     An ApiError becomes the engine's error JSON (:func:`engines.sim.reply.respond`); any other
     exception propagates to the caller.
     """
-    route = path.partition("?")[0]
-    await respond(reply, state.config.api, lambda r: _dispatch(state, method.upper(), route, Headers(headers), body, r))
+    route, _, query = path.partition("?")
+    await respond(
+        reply, state.config.api, lambda r: _dispatch(state, method.upper(), route, query, Headers(headers), body, r)
+    )
 
 
-async def _dispatch(state: SimState, method: str, path: str, headers: Headers, body: bytes, reply: Reply) -> None:
+async def _dispatch(
+    state: SimState, method: str, path: str, query: str, headers: Headers, body: bytes, reply: Reply
+) -> None:
     match path:
         case "/v1/completions" | "/v1/chat/completions":
             _allow(method, "POST", path)
@@ -71,7 +76,7 @@ async def _dispatch(state: SimState, method: str, path: str, headers: Headers, b
             await generate(state, kind, path, headers, parse_body(body), reply)
         case "/metrics":
             _allow(method, "GET", path)
-            await reply_metrics(state, reply)
+            await reply_metrics(state, reply, parse_qs(query).get("name[]"))
         case "/health":
             _allow(method, "GET", path)
             await reply_health(state, reply)

@@ -9,6 +9,7 @@ own :class:`~prometheus_client.CollectorRegistry`; nothing is process-global.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 
 from prometheus_client import (
     CollectorRegistry,
@@ -140,9 +141,10 @@ class SimMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._last_token_time: dict[str, float] = {}
 
-    def render(self) -> bytes:
+    def render(self, names: Collection[str] | None = None) -> bytes:
+        """The exposition text; with ``names``, only those series (prometheus_client's ``name[]``)."""
         self.refresh()
-        return generate_latest(self.registry)
+        return generate_latest(self.registry.restricted_registry(names) if names else self.registry)
 
     def refresh(self) -> None:
         """Update gauges from the engine's live state (called at scrape time)."""

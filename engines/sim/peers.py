@@ -8,6 +8,7 @@ peers included.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -91,8 +92,13 @@ class LocalPeerLink:
     :class:`PeerError`), with the same messages but for the missing peer's.
     """
 
-    def __init__(self, find: Callable[[str, int], SimState | None]) -> None:
+    def __init__(self, find: Callable[[str, int], SimState | None], hop_s: float = 0.0) -> None:
         self._find = find
+        self.hop_s = hop_s  # what one exchange takes (the HTTP round trip it stands for)
+
+    async def _hop(self) -> None:
+        if self.hop_s > 0:
+            await asyncio.sleep(self.hop_s)
 
     def _peer(self, host: Any, port: Any) -> SimState | None:
         try:
@@ -101,6 +107,7 @@ class LocalPeerLink:
             return None
 
     async def read_kv(self, host: str, port: int, body: dict[str, Any]) -> dict[str, Any]:
+        await self._hop()
         peer = self._peer(host, port)
         if peer is None:
             raise KvPullError(f"KV pull from the prefill peer failed: {_unreachable(host, port)!r}")
@@ -110,6 +117,7 @@ class LocalPeerLink:
             raise _kv_refused(f"http://{host}:{port}/sim/kv/read", peer, err) from None
 
     async def wait_bootstrap_room(self, host: str, port: int, room: Any, wait_s: float) -> dict[str, Any]:
+        await self._hop()
         peer = self._peer(host, port)
         if peer is None:
             raise KvPullError(f"KV pull from the prefill peer failed: {_unreachable(host, port)!r}")
@@ -119,6 +127,7 @@ class LocalPeerLink:
             raise _kv_refused(f"http://{host}:{port}/sim/bootstrap/{room}", peer, err) from None
 
     async def reserve(self, host: str, port: int, body: dict[str, Any]) -> Any:
+        await self._hop()
         peer = self._peer(host, port)
         if peer is None:
             raise PeerError(repr(_unreachable(host, port)))
@@ -128,6 +137,7 @@ class LocalPeerLink:
             raise PeerError(f"HTTP {err.status}", err.status, _error_text(peer, err)) from None
 
     async def release(self, host: str, port: int, reservation_id: str) -> None:
+        await self._hop()
         peer = self._peer(host, port)
         if peer is None:
             return

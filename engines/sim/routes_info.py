@@ -88,12 +88,14 @@ async def handle_detokenize(state: SimState, request: web.Request) -> web.Respon
 
 
 async def handle_metrics(state: SimState, request: web.Request, reply: Reply) -> None:
-    await reply_metrics(state, reply)
+    await reply_metrics(state, reply, request.query.getall("name[]", None))
 
 
-async def reply_metrics(state: SimState, reply: Reply) -> None:
-    """``GET /metrics``: the engine's Prometheus text (vLLM's or SGLang's metric names)."""
-    await reply.text(200, state.metrics.render().decode("utf-8"), METRICS_CONTENT_TYPE)
+async def reply_metrics(state: SimState, reply: Reply, names: list[str] | None = None) -> None:
+    """``GET /metrics``: the engine's Prometheus text (vLLM's or SGLang's metric names); only the
+    series named by ``name[]`` query parameters when there are any, as prometheus_client serves
+    it (so vLLM and SGLang too)."""
+    await reply.text(200, state.metrics.render(names).decode("utf-8"), METRICS_CONTENT_TYPE)
 
 
 async def reply_health(state: SimState, reply: Reply) -> None:

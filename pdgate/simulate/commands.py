@@ -61,7 +61,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from pdgate.loadgen.runfile import write_run
     from pdgate.loadgen.stats import summarize
     from pdgate.loadgen.tables import print_summary
-    from pdgate.simulate.run import TARGET_NAME, run_simulation
+    from pdgate.simulate.run import TARGET_NAME, HopCosts, run_simulation
 
     console = Console()
     try:
@@ -74,7 +74,15 @@ def run_simulate(args: argparse.Namespace) -> int:
         console.print(f"[red]pdgate simulate: {exc}[/red]")
         return 2
     started = time.time()
-    result = run_simulation(config, requests, load, seed=args.seed, sample_interval_s=args.sample_interval)
+    result = run_simulation(
+        config,
+        requests,
+        load,
+        seed=args.seed,
+        sample_interval_s=args.sample_interval,
+        stream_interval=args.stream_interval,
+        costs=HopCosts(args.hop_ms / 1e3, args.gateway_ms_per_kib / 1e3),
+    )
     results = result.results
     duration = args.duration or max((r.scheduled_s for r in results), default=0.0) + 1e-9
     stats = summarize(results, slo, duration_s=max(duration, 1e-6), warmup_s=args.warmup, cooldown_s=args.cooldown)

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from pdgate.adapters.kv_events import KvEventSink, KvEventSource
 from pdgate.common.kv_events import KvCacheEvent
+from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 from pdgate.engines.flags import add_model_flags, model_from_args
 from pdgate.engines.sim.build import build_state
 from pdgate.engines.sim.config import SimEngineConfig
@@ -50,15 +51,19 @@ def simulated_instance(instance: InstanceConfig) -> InstanceConfig:
     return instance.model_copy(update={"kind": kind, "launch": launch})
 
 
-def engine_config(instance: InstanceConfig, seed: int) -> SimEngineConfig:
-    """The engine ``pdgate up`` would launch for ``instance`` (its ``pdgate engine sim`` flags)."""
+def engine_config(instance: InstanceConfig, seed: int, stream_interval: int | None = None) -> SimEngineConfig:
+    """The engine ``pdgate up`` would launch for ``instance`` (its ``pdgate engine sim`` flags);
+    ``stream_interval`` overrides the engine's."""
     argv = sim_command(instance)
     flags = argv[argv.index("sim") + 1 :]
     parser = argparse.ArgumentParser(add_help=False)
     add_model_flags(parser, SimEngineConfig)
     args = parser.parse_args(flags)
     config: SimEngineConfig = model_from_args(SimEngineConfig, args, None)
-    return config.model_copy(update={"engine_id": instance.spec().id, "seed": seed, "time_scale": 1.0})
+    update: dict[str, object] = {"engine_id": instance.spec().id, "seed": seed, "time_scale": 1.0}
+    if stream_interval is not None:
+        update["stream_interval"] = stream_interval
+    return config.model_copy(update=update)
 
 
 def scale_instances(
@@ -188,14 +193,18 @@ class SimulatedEngine:
 class SimulatedFleet:
     """The engines of a simulation: built from the instances, started and closed together."""
 
-    def __init__(self, transport: MemoryTransport, bus: KvEventBus, seed: int = 0) -> None:
+    def __init__(
+        self, transport: MemoryTransport, bus: KvEventBus, seed: int = 0, stream_interval: int | None = None
+    ) -> None:
         self.transport = transport
         self.bus = bus
         self.seed = seed
+        self.stream_interval = stream_interval
         self.engines: dict[str, SimulatedEngine] = {}
         self._by_origin: dict[tuple[str, int], SimState] = {}
-        self._peers = LocalPeerLink(self._find)
+        self._peers = LocalPeerLink(self._find, hop_s=transport.hop_s)
         self._retired_steps = 0
+        self._tokenizers: dict[str, Tokenizer] = {}  # one per name, shared by the engines
 
     @property
     def steps(self) -> int:
@@ -207,8 +216,11 @@ class SimulatedFleet:
 
     async def add(self, instance: InstanceConfig) -> SimulatedEngine:
         """Build and start the engine of ``instance`` and serve it on its URL's origin."""
-        config = engine_config(instance, self.seed + len(self.engines))
-        state = build_state(config, clock=LoopClock())
+        config = engine_config(instance, self.seed + len(self.engines), self.stream_interval)
+        tokenizer = self._tokenizers.get(config.tokenizer)
+        if tokenizer is None:
+            tokenizer = self._tokenizers[config.tokenizer] = load_tokenizer(config.tokenizer)
+        state = build_state(config, clock=LoopClock(), tokenizer=tokenizer)
         url = urlsplit(instance.url)
         host, port = url.hostname or "127.0.0.1", url.port or 80
         state.bound_port = port

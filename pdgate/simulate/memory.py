@@ -147,20 +147,29 @@ class MemoryReply:
 
 
 class MemoryTransport:
-    """Routes requests to the endpoints registered by origin; owns every request's task."""
+    """Routes requests to the endpoints registered by origin; owns every request's task.
 
-    def __init__(self, endpoints: dict[tuple[str, int], Endpoint] | None = None) -> None:
-        self._endpoints: dict[tuple[str, int], Endpoint] = {} if endpoints is None else endpoints
+    A request reaches its endpoint ``hop_s`` plus the endpoint's ``s_per_kib`` per KiB of body
+    later (virtual time): what the HTTP round trip and the server's parsing take on real hosts
+    (0 by default; ``docs/simulate.md`` has the figures measured on the project's box)."""
+
+    def __init__(
+        self,
+        endpoints: dict[tuple[str, int], tuple[Endpoint, float]] | None = None,
+        hop_s: float = 0.0,
+    ) -> None:
+        self._endpoints: dict[tuple[str, int], tuple[Endpoint, float]] = {} if endpoints is None else endpoints
+        self.hop_s = hop_s
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.requests = 0
 
     def view(self) -> MemoryTransport:
         """Another client of the same endpoints, with its own requests (closing it closes only those)."""
-        return MemoryTransport(self._endpoints)
+        return MemoryTransport(self._endpoints, self.hop_s)
 
-    def serve(self, host: str, port: int, endpoint: Endpoint) -> None:
-        self._endpoints[(host, port)] = endpoint
+    def serve(self, host: str, port: int, endpoint: Endpoint, s_per_kib: float = 0.0) -> None:
+        self._endpoints[(host, port)] = (endpoint, s_per_kib)
 
     def unserve(self, host: str, port: int) -> None:
         """The origin stops answering (an engine killed): new requests are refused."""
@@ -170,13 +179,15 @@ class MemoryTransport:
         self, origin: Origin, method: str, path: str, body: bytes, *, headers: dict[str, str], timeout_s: float
     ) -> MemoryReply:
         host, port, _ = origin
-        endpoint = self._endpoints.get((host, port))
-        if endpoint is None or self._closed:
+        served = self._endpoints.get((host, port))
+        if served is None or self._closed:
             raise UpstreamError(f"cannot connect to {host}:{port} (nothing serves it)")
+        endpoint, s_per_kib = served
+        delay = self.hop_s + s_per_kib * len(body) / 1024
         self.requests += 1
         loop = asyncio.get_running_loop()
         reply = MemoryReply(loop)
-        task = loop.create_task(self._answer(endpoint, method, path, headers, body, reply))
+        task = loop.create_task(self._answer(endpoint, method, path, headers, body, reply, delay))
         reply._task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -190,9 +201,17 @@ class MemoryTransport:
 
     @staticmethod
     async def _answer(
-        endpoint: Endpoint, method: str, path: str, headers: dict[str, str], body: bytes, reply: MemoryReply
+        endpoint: Endpoint,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        reply: MemoryReply,
+        delay_s: float,
     ) -> None:
         try:
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
             await endpoint(method, path, headers, body, reply)
         except asyncio.CancelledError:
             reply.fail("the request was cancelled")

@@ -35,6 +35,17 @@ from pdgate.simulate.memory import MemoryTransport, gateway_endpoint
 TARGET_NAME = "pdgate-sim"
 
 
+@dataclass(frozen=True)
+class HopCosts:
+    """What the simulation charges, in virtual time, for the CPU and network that real hosts spend
+    between the parts: ``hop_s`` for every request from one part to another (client to gateway,
+    gateway to engine, engine to engine), and ``gateway_s_per_kib`` per KiB of a client's request
+    body (the gateway parses, tokenizes and hashes the prompt). Zero: the pure model."""
+
+    hop_s: float = 0.0
+    gateway_s_per_kib: float = 0.0
+
+
 @dataclass
 class FleetSample:
     """One instance at one moment of the run (simulated seconds from the start)."""
@@ -141,14 +152,17 @@ async def simulate(
     *,
     seed: int = 0,
     sample_interval_s: float = 1.0,
+    stream_interval: int | None = None,
+    costs: HopCosts = HopCosts(),
     on_result: Callable[[RequestResult], None] | None = None,
 ) -> SimulationResult:
-    """Run ``requests`` through the gateway of ``config`` over its simulated fleet (see the module doc)."""
+    """Run ``requests`` through the gateway of ``config`` over its simulated fleet (see the module
+    doc). ``stream_interval`` overrides every engine's (tokens streamed together: fewer events)."""
     loop = asyncio.get_running_loop()
     random.seed(seed)  # the adapters' draws (SGLang bootstrap rooms) come from the module's generator
     wall0, cpu0, sim0 = time.monotonic(), time.process_time(), loop.time()
-    transport, bus = MemoryTransport(), KvEventBus()
-    fleet = SimulatedFleet(transport, bus, seed)
+    transport, bus = MemoryTransport(hop_s=costs.hop_s), KvEventBus()
+    fleet = SimulatedFleet(transport, bus, seed, stream_interval)
     server: GatewayServer | None = None
     sampler: FleetSampler | None = None
     try:
@@ -159,7 +173,8 @@ async def simulate(
         server = GatewayServer(gateway, links=links, listen=False)
         await server.start()
         assert server.app is not None and server.gateway.cluster is not None
-        transport.serve(config.host, config.port, gateway_endpoint(server.app, request_ids=f"sim{seed}-"))
+        endpoint = gateway_endpoint(server.app, request_ids=f"sim{seed}-")
+        transport.serve(config.host, config.port, endpoint, s_per_kib=costs.gateway_s_per_kib)
         sampler = FleetSampler(server.gateway.cluster, fleet, sample_interval_s, loop.time)
         sampler.start_sampling()
         model = config.models[0].name
@@ -194,6 +209,8 @@ def run_simulation(
     *,
     seed: int = 0,
     sample_interval_s: float = 1.0,
+    stream_interval: int | None = None,
+    costs: HopCosts = HopCosts(),
     on_result: Callable[[RequestResult], None] | None = None,
     quiet: bool = True,
 ) -> SimulationResult:
@@ -201,5 +218,14 @@ def run_simulation(
     if quiet:  # the gateway's per-request warnings (rejections, retries) would flood the terminal
         logging.getLogger("pdgate").setLevel(logging.ERROR)
     return run_virtual(
-        simulate(config, requests, load, seed=seed, sample_interval_s=sample_interval_s, on_result=on_result)
+        simulate(
+            config,
+            requests,
+            load,
+            seed=seed,
+            sample_interval_s=sample_interval_s,
+            stream_interval=stream_interval,
+            costs=costs,
+            on_result=on_result,
+        )
     )
