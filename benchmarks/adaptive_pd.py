@@ -104,6 +104,8 @@ from pdgate.loadgen.runner import LoadConfig, run_load
 from pdgate.loadgen.slo import Slo, SloSpec
 from pdgate.loadgen.stats import GroupStats
 from pdgate.loadgen.types import BenchRequest, RequestResult
+from pdgate.simulate.fleet import scale_instances, simulated_instance
+from pdgate.simulate.run import run_simulation, simulation_config
 
 MODEL = sg.MODEL
 
@@ -396,6 +398,8 @@ async def run_variant(
 ) -> Run:
     """One run on a fresh fleet; a fleet that fails to start (a port taken meanwhile) is started
     again once on other ports."""
+    if args.scale:
+        return await run_virtual(variant, admission, workload, slo, args)
     for attempt in range(2):
         config = variant_config(
             variant, admission, sg.free_ports(9), slo.default, args.time_scale, args.interval_s, args.min_dwell_s
@@ -415,6 +419,59 @@ async def run_variant(
         finally:
             fleet.stop()
     raise AssertionError("unreachable")
+
+
+async def run_virtual(
+    variant: Variant, admission: bool, workload: Workload, slo: SloSpec, args: argparse.Namespace
+) -> Run:
+    """One run in virtual time (``pdgate simulate``, in a worker thread) on the variant's fleet
+    resized to ``args.scale`` instances; roles from the simulation's fleet samples."""
+    config = variant_config(
+        variant, admission, list(range(8101, 8110)), slo.default, 1.0, args.interval_s, args.min_dwell_s
+    )
+    parsed = GatewayConfig.model_validate(config)
+    fleet = scale_instances([simulated_instance(i) for i in parsed.instances], args.scale)
+    parsed = simulation_config(
+        GatewayConfig.model_validate({**parsed.model_dump(), "instances": [i.model_dump() for i in fleet]})
+    )
+    load = LoadConfig(
+        arrivals="trace", timeout_s=600.0, duration_s=workload.span_s + 1.0, drain_s=args.drain_s, seed=args.seed
+    )
+    result = await asyncio.to_thread(
+        run_simulation, parsed, workload.requests, load, seed=args.seed, sample_interval_s=args.poll_s
+    )
+    by_time: dict[float, dict[str, str]] = {}
+    for sample in result.samples:
+        by_time.setdefault(sample.t, {})[sample.instance] = sample.role
+    by_index = {r.index: r for r in result.results}
+    ordered = [
+        by_index.get(r.index)
+        or RequestResult(
+            r.index,
+            variant.name,
+            r.slo_class,
+            r.arrival_s or 0.0,
+            r.arrival_s or 0.0,
+            workload.span_s,
+            error="not sent",
+        )
+        for r in workload.requests
+    ]
+    lag = {"lag_pct_of_span": 0.0, "lag_max_ms": 0.0, "client_late_p99_ms_wall": 0.0, "engines_unreachable": 0}
+    cpu = {"cores_busy": None, "other_cores_busy": None, "load_wall_s": round(result.wall_s, 2)}
+    run = Run(
+        variant.name,
+        admission,
+        ordered,
+        sorted(by_time.items()),
+        [],
+        gateway_counters(result.gateway_metrics),
+        lag,
+        cpu,
+        result.wall_s,
+    )
+    run.scores = score(run, workload, slo, args.window_s)
+    return run
 
 
 async def _measure(
@@ -774,6 +831,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--rate-scale", type=float, help="every rate times this (default 1; --quick 0.2)")
     ap.add_argument(
+        "--scale",
+        type=int,
+        metavar="N",
+        help="instead of 4 engine processes in real time: N instances in virtual time (pdgate simulate), each "
+        "variant's split scaled (1P3D: N/4 prefill, 3N/4 decode), every rate times N/4",
+    )
+    ap.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
         help=f"of {', '.join(VARIANTS)} (default: all but balancer-only)",
@@ -820,7 +884,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ap.error(f"--rates: {len(args.phase_list)} values expected, one per phase")
     else:
         rates = [PHASES[p].rate for p in args.phase_list]
-    args.rate_list = [r * args.rate_scale for r in rates]
+    if args.scale is not None and args.scale < 4:
+        ap.error("--scale: at least 4 instances (the variants' splits are of 4)")
+    fleet_factor = args.scale / 4 if args.scale else 1.0  # --scale: the rates grow with the fleet
+    args.rate_list = [r * args.rate_scale * fleet_factor for r in rates]
     args.interval_s = args.interval_s or min(2.0, args.phase_s / 15)
     args.min_dwell_s = args.min_dwell_s if args.min_dwell_s is not None else args.phase_s / 12
     return args
@@ -887,8 +954,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         f"Adaptive PD: {len(workload.requests)} requests in {len(workload.phases)} phases of {args.phase_s:g} s; "
-        f"variants {', '.join(args.variant_list)}; admission {args.admission}; 4 sim engines ({sg.PROFILE}) behind "
-        f"`pdgate serve`, fresh per run; role balancer interval {args.interval_s:g} s, min dwell "
+        f"variants {', '.join(args.variant_list)}; admission {args.admission}; "
+        + (
+            f"{args.scale} instances in virtual time (pdgate simulate)"
+            if args.scale
+            else f"4 sim engines ({sg.PROFILE}) behind `pdgate serve`, fresh per run"
+        )
+        + f"; role balancer interval {args.interval_s:g} s, min dwell "
         f"{args.min_dwell_s:g} s; time scale {args.time_scale:g}",
         flush=True,
     )

@@ -83,6 +83,8 @@ from pdgate.loadgen.stats import RunStats, summarize
 from pdgate.loadgen.sweep import SweepConfig, SweepResult, sweep
 from pdgate.loadgen.traces import block_sharing, parse_mooncake, read_azure, read_mooncake
 from pdgate.loadgen.types import BenchRequest, RequestResult
+from pdgate.simulate.fleet import scale_instances, simulated_instance
+from pdgate.simulate.run import run_simulation, simulation_config
 
 DATA = Path(os.environ.get("PDGATE_DATA", REPO_ROOT.parent / "shared" / "data"))
 MODEL = "llama-3-8b"
@@ -823,6 +825,37 @@ async def _run_probe(
     )
 
 
+async def run_virtual_probe(
+    policy: str, rate: float, requests: Sequence[BenchRequest], slo: SloSpec, instances: int, seed: int
+) -> Probe:
+    """One probe in virtual time (``pdgate simulate``, in a worker thread: its own event loop) on
+    the 2P2D fleet resized to ``instances`` (half prefill, half decode), the policy's gateway config."""
+    base = base_config([8101, 8102, 8103, 8104], [5601, 5602, 5603, 5604], 8000, 1.0)
+    parsed = GatewayConfig.model_validate(policy_config(policy, base, slo.default, 1.0))
+    fleet = scale_instances([simulated_instance(i) for i in parsed.instances], instances)
+    config = simulation_config(
+        GatewayConfig.model_validate({**parsed.model_dump(), "instances": [i.model_dump() for i in fleet]})
+    )
+    span_sim = requests[-1].arrival_s or 0.0
+    load = LoadConfig(
+        arrivals="trace", timeout_s=600.0, duration_s=span_sim + 1.0, drain_s=max(60.0, 3 * span_sim), seed=seed
+    )
+    result = await asyncio.to_thread(run_simulation, config, requests, load, seed=seed)
+    stats = summarize(result.results, slo, duration_s=max(span_sim, 1e-6) + 1e-9)
+    lag = {
+        "lag_total_s": 0.0,
+        "lag_max_ms": 0.0,
+        "lag_pct_of_span": 0.0,
+        "client_late_p99_ms_wall": 0.0,
+        "prefill_prefix_hit": None,
+        "engines_unreachable": 0,
+    }
+    cpu = {"cores_busy": None, "load_wall_s": round(result.wall_s, 2), "speedup": round(result.speedup, 2)}
+    errors = sorted({(r.error or f"HTTP {r.status}")[:160] for r in result.results if not r.ok})
+    rejected = sum(1 for r in result.results if r.status == 429)
+    return Probe(policy, rate, len(requests), stats, result.wall_s, lag, cpu, rejected, errors)
+
+
 # --------------------------------------------------------------------------------------------
 # The search, per trace
 # --------------------------------------------------------------------------------------------
@@ -836,6 +869,7 @@ class TraceResult:
     probes: dict[str, dict[float, Probe]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
+    instances: int | None = None  # --scale: virtual time on this many instances (else the real-time 2P2D)
 
 
 def distorted(p: Probe) -> bool:
@@ -857,13 +891,17 @@ def fmt_rate(rate: float | None) -> str:
 async def run_trace(
     spec: TraceSpec, policies: Sequence[str], args: argparse.Namespace, workdir: Path, log: Callable[[str], None]
 ) -> TraceResult:
-    time_scale = args.time_scale or spec.time_scale
-    requests_per_probe = args.requests_per_probe or spec.requests
+    instances = getattr(args, "instances", None)  # virtual time on a fleet of this size (--scale)
+    factor = instances / 4 if instances else 1.0
+    time_scale = 1.0 if instances else args.time_scale or spec.time_scale
+    requests_per_probe = round((args.requests_per_probe or spec.requests) * factor)
+    if instances:
+        spec = dataclasses.replace(spec, max_requests=max(round(spec.max_requests * factor), requests_per_probe))
     min_probe_s = spec.min_probe_s if args.min_probe_seconds is None else args.min_probe_seconds
     workload = TraceWorkload(spec, args.seed)
     slo = SloSpec(default=Slo(ttft_s=spec.ttft_s, tpot_s=spec.tpot_s))
     info = workload.describe(requests_per_probe)
-    result = TraceResult(spec, time_scale, slo, info)
+    result = TraceResult(spec, time_scale, slo, info, instances=instances)
     log(f"\n## {spec.name}: {spec.note}")
     log(
         f"  window: {info['requests']} requests per probe (pool {info['pool']}), native rate "
@@ -882,7 +920,10 @@ async def run_trace(
         f"{1e3 * info['unloaded_ttft_p99_s']:.0f} ms), TPOT <= {1e3 * spec.tpot_s:.0f} ms (unloaded decode step "
         f"{1e3 * info['unloaded_decode_step_s']:.1f} ms); {TARGET_PCT:.0f} % must meet both"
     )
-    log(f"  time scale {time_scale:g} (simulated s per wall s); rates and latencies below are simulated")
+    if instances:
+        log(f"  virtual time (pdgate simulate): {instances} instances, half prefill, half decode")
+    else:
+        log(f"  time scale {time_scale:g} (simulated s per wall s); rates and latencies below are simulated")
     runnable = []
     for name in policies:
         why = policy_available(name)
@@ -893,7 +934,7 @@ async def run_trace(
             runnable.append(name)
     config = SweepConfig(
         target_pct=TARGET_PCT,
-        start_rate=args.start_rate or spec.start_rate,
+        start_rate=(args.start_rate or spec.start_rate) * factor,
         min_rate=0.25,
         max_rate=1000.0,
         point_duration_s=min_probe_s,
@@ -909,9 +950,12 @@ async def run_trace(
         return workload.requests(min(n, spec.max_requests), rate)
 
     async def probe(name: str, rate: float, requests: Sequence[BenchRequest]) -> list[RequestResult]:
-        p = await run_probe(
-            name, rate, requests, spec, slo, time_scale, workdir / f"{spec.name}-{name}-{next(counter)}"
-        )
+        if instances:
+            p = await run_virtual_probe(name, rate, requests, slo, instances, args.seed)
+        else:
+            p = await run_probe(
+                name, rate, requests, spec, slo, time_scale, workdir / f"{spec.name}-{name}-{next(counter)}"
+            )
         probes[name][rate] = p
         s, lag = p.stats, p.lag
         flag = "  [distorted?]" if distorted(p) else ""
@@ -959,7 +1003,12 @@ def markdown(result: TraceResult) -> str:
     best = max((result.sweeps[n].best_rate or 0.0 for n in baselines), default=0.0)
     title = (
         f"### {spec.name}: TTFT <= {1e3 * spec.ttft_s:.0f} ms, TPOT <= {1e3 * spec.tpot_s:.0f} ms, "
-        f"{TARGET_PCT:.0f} % attainment (time scale {result.time_scale:g}; simulated units)"
+        f"{TARGET_PCT:.0f} % attainment "
+        + (
+            f"({result.instances} instances in virtual time)"
+            if result.instances
+            else f"(time scale {result.time_scale:g}; simulated units)"
+        )
     )
     header = (
         "| policy | goodput (req/s) | vs best baseline | attainment % at probed rates (req/s: %) "
@@ -1008,6 +1057,7 @@ def markdown(result: TraceResult) -> str:
 def to_json(result: TraceResult) -> dict[str, Any]:
     return {
         "trace": dataclasses.asdict(result.spec),
+        "instances": result.instances,
         "time_scale": result.time_scale,
         "slo": result.slo.to_dict(),
         "workload": result.workload,
@@ -1046,6 +1096,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ttft-ms", type=float, help="every trace's TTFT SLO (default: per trace)")
     ap.add_argument("--tpot-ms", type=float, help="every trace's TPOT SLO (default: per trace)")
     ap.add_argument("--seed", type=int, default=0, help="prompt texts (the lengths and times come from the trace)")
+    ap.add_argument(
+        "--scale",
+        metavar="N1,N2,...",
+        help="instead of the real-time 2P2D fleet: the same comparison in virtual time (pdgate simulate) on "
+        "fleets of these sizes (half prefill, half decode); rates, requests per probe and the first rate grow "
+        "with the fleet (x N/4)",
+    )
     ap.add_argument("--out", help="write every probe and the tables as JSON to this file")
     ap.add_argument("--keep-logs", action="store_true", help="keep the engines' and gateway's logs (printed path)")
     ap.add_argument(
@@ -1064,6 +1121,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ):
             args.policies = "round-robin,least-loaded"
     args.trace_list = [t.strip() for t in args.traces.split(",") if t.strip()]
+    args.scale_list = [int(n) for n in args.scale.split(",")] if args.scale else []
+    if any(n < 2 for n in args.scale_list):
+        ap.error("--scale: every fleet needs at least 2 instances (one prefill, one decode)")
     args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
     for t in args.trace_list:
         if t not in TRACES:
@@ -1082,10 +1142,14 @@ async def main_async(args: argparse.Namespace) -> list[TraceResult]:
     workdir = Path(tempfile.mkdtemp(prefix="pdgate-slo-goodput-"))
     results = []
     try:
-        for name in args.trace_list:
-            results.append(
-                await run_trace(trace_spec(name, args), args.policy_list, args, workdir, lambda s: print(s, flush=True))
-            )
+        for instances in args.scale_list or [None]:
+            args.instances = instances
+            for name in args.trace_list:
+                results.append(
+                    await run_trace(
+                        trace_spec(name, args), args.policy_list, args, workdir, lambda s: print(s, flush=True)
+                    )
+                )
     finally:
         if args.keep_logs:
             print(f"logs: {workdir}")
@@ -1162,7 +1226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "args": dict(vars(args)),
                     "code": code_version(),
                     "wall_s": total,
-                    "traces": {r.spec.name: {**to_json(r), "markdown": markdown(r)} for r in results},
+                    "traces": {
+                        r.spec.name + (f"@{r.instances}" if r.instances else ""): {
+                            **to_json(r),
+                            "markdown": markdown(r),
+                        }
+                        for r in results
+                    },
                 },
                 indent=1,
                 default=str,

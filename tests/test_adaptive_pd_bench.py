@@ -140,3 +140,20 @@ def test_quick_run_end_to_end(data: Path, tmp_path: Path) -> None:
     ratio = data_out["ratios"]["on"]["adaptive"]["overall"]["goodput_rps"]
     assert ratio["best_static"] == "2P2D" and ratio["ratio"] > 0
     assert assert_run_left_no_process(run.stdout) == 2  # no engine or gateway of the run survives it
+
+
+def test_scale_runs_the_variants_in_virtual_time(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adaptive.json"
+    env = {**os.environ, "PDGATE_DATA": str(data)}
+    cmd = [sys.executable, str(BENCHMARKS / "adaptive_pd.py"), "--quick", "--variants", "1P3D,adaptive"]
+    cmd += ["--admission", "on", "--scale", "8", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "8 instances in virtual time" in run.stdout
+    runs = json.loads(out.read_text())["runs"]
+    for key in ("1P3D/on", "adaptive/on"):
+        assert runs[key]["overall"]["attainment_pct"] > 50
+        polled = runs[key]["roles_polled"]
+        assert polled and len(polled[0]["serving"]) == 8  # the fleet of 4 resized to 8
+    first = runs["1P3D/on"]["roles_polled"][0]["serving"]
+    assert sorted(first.values()).count("prefill") == 2  # 1P3D at 8: 2 prefill, 6 decode

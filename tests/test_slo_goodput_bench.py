@@ -144,3 +144,20 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     assert probes[0]["attainment"] == 1.0  # 4 req/s of ~200-token prompts is nothing for the fleet
     assert probes[0]["lag"]["engines_unreachable"] == 0
     assert assert_run_left_no_process(run.stdout) >= 1  # no engine or gateway of the run survives it
+
+
+def test_scale_runs_the_comparison_in_virtual_time(tmp_path: Path) -> None:
+    _azure_csv(tmp_path / "data" / bench.TRACES["azure-code"].path, 640)
+    out = tmp_path / "goodput.json"
+    env = {**os.environ, "PDGATE_DATA": str(tmp_path / "data")}
+    cmd = [sys.executable, str(BENCHMARKS / "slo_goodput.py"), "--quick", "--traces", "azure-code"]
+    cmd += ["--policies", "round-robin", "--requests-per-probe", "12", "--max-probes", "1", "--start-rate", "4"]
+    cmd += ["--scale", "8", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=110, env=env, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "8 instances in virtual time" in run.stdout
+    trace = json.loads(out.read_text())["traces"]["azure-code@8"]
+    assert trace["instances"] == 8
+    (probe,) = trace["policies"]["round-robin"]["probes"]
+    assert probe["rate"] == 8.0 and probe["requests"] == 24  # both grow with the fleet (x 8/4)
+    assert probe["failed"] == 0 and probe["attainment"] == 1.0

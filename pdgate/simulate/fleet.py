@@ -36,7 +36,6 @@ from pdgate.gateway.launcher import SIM_FLAVOURS, sim_command
 from pdgate.simulate.memory import EngineReply, MemoryReply, MemoryTransport
 
 REAL_TO_SIM = {"vllm": "sim-vllm", "sglang": "sim-sglang"}
-ROLES = ("prefill", "decode", "both", "flex")
 FIRST_PORT = 20000  # ports of added instances (nothing is bound: they only name in-memory origins)
 
 
@@ -70,44 +69,54 @@ def scale_instances(
     instances: Sequence[InstanceConfig], total: int | None = None, counts: Mapping[str, int] | None = None
 ) -> list[InstanceConfig]:
     """``instances`` resized: to ``counts`` per role (``prefill``, ``decode``, ``both``, ``flex``;
-    a role left out keeps its count), or to ``total`` keeping the roles' proportions (largest
-    remainders; every role present keeps at least one). A role's new instances copy its first
-    instance under new ids and ports."""
-    by_role: dict[str, list[InstanceConfig]] = {}
+    a role left out keeps its count), or to ``total`` keeping the groups' proportions (largest
+    remainders; every group present keeps at least one). A group is the instances of one role
+    (flex ones: of one role and one starting role); its new instances copy its first one under
+    new ids and ports."""
+    groups: dict[str, list[InstanceConfig]] = {}
     for inst in instances:
-        by_role.setdefault(inst.role, []).append(inst)
-    wanted = {role: len(group) for role, group in by_role.items()}
+        groups.setdefault(_group(inst), []).append(inst)
+    wanted = {key: len(group) for key, group in groups.items()}
     if total is not None:
         wanted = _proportional(wanted, total)
     for role, count in (counts or {}).items():
-        if count > 0 and role not in by_role:
+        keys = [key for key in groups if key.split(":")[0] == role]
+        if count > 0 and not keys:
             raise ValueError(f"the fleet has no {role} instance to copy (give a config with one)")
-        wanted[role] = count
+        if len(keys) > 1:
+            raise ValueError(f"the fleet's {role} instances start in several roles: resize it with --instances")
+        if keys:
+            wanted[keys[0]] = count
     if sum(wanted.values()) < 1:
         raise ValueError("the fleet needs at least one instance")
     ports = iter(range(FIRST_PORT, FIRST_PORT + 100_000, 3))
     out: list[InstanceConfig] = []
-    for role, group in by_role.items():
-        out.extend(group[: wanted[role]])
-        for n in range(len(group), wanted[role]):
-            out.append(_copy(group[0], f"{role}-{n}", next(ports)))
+    for key, group in groups.items():
+        out.extend(group[: wanted[key]])
+        name = key.replace(":", "-")
+        for n in range(len(group), wanted[key]):
+            out.append(_copy(group[0], f"{name}-{n}", next(ports)))
     return out
 
 
+def _group(inst: InstanceConfig) -> str:
+    return f"flex:{inst.start_role}" if inst.role == "flex" else inst.role
+
+
 def _proportional(counts: Mapping[str, int], total: int) -> dict[str, int]:
-    present = [role for role, n in counts.items() if n > 0]
+    present = [key for key, n in counts.items() if n > 0]
     if total < len(present):
         raise ValueError(f"--instances {total}: the fleet has {len(present)} roles, each needs an instance")
     size = sum(counts.values())
-    shares = {role: total * counts[role] / size for role in present}
-    result = {role: max(1, int(share)) for role, share in shares.items()}
-    by_remainder = sorted(present, key=lambda r: (-(shares[r] - int(shares[r])), ROLES.index(r)))
+    shares = {key: total * counts[key] / size for key in present}
+    result = {key: max(1, int(share)) for key, share in shares.items()}
+    by_remainder = sorted(present, key=lambda k: (-(shares[k] - int(shares[k])), list(counts).index(k)))
     i = 0
     while sum(result.values()) < total:
         result[by_remainder[i % len(present)]] += 1
         i += 1
-    while sum(result.values()) > total:  # every role was raised to one: take from the largest
-        largest = max(present, key=lambda r: result[r])
+    while sum(result.values()) > total:  # every group was raised to one: take from the largest
+        largest = max(present, key=lambda k: result[k])
         result[largest] -= 1
     return result
 

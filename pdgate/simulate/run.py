@@ -79,6 +79,7 @@ class SimulationResult:
     cpu_s: float
     instances: int
     steps: int
+    gateway_metrics: str = ""  # the gateway's /metrics at the end of the run
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -181,6 +182,9 @@ async def simulate(
         target = Target(TARGET_NAME, f"http://{config.host}:{config.port}", model)
         results, _ = await run_load(target, requests, load, on_result=on_result, upstream=transport, clock=loop.time)
         sampler.sample()
+        gw = server.gateway
+        assert gw.cluster is not None
+        metrics_text = gw.metrics.render(gw.cluster, gw.admission, gw.costs).decode()
     finally:
         if sampler is not None:
             await sampler.close()
@@ -199,6 +203,7 @@ async def simulate(
         cpu_s=time.process_time() - cpu0,
         instances=len(config.instances),
         steps=fleet.steps,
+        gateway_metrics=metrics_text,
     )
 
 

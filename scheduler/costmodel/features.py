@@ -195,7 +195,8 @@ class RequestFeatures:
             "endpoint": self.endpoint,
             "model": self.model,
             "tag": self.tag,
-            "text_hash": tuple((int(i), float(v)) for i, v in self.text_hash.items()),
+            # hash_text and parse_text_hash give plain ints and floats already
+            "text_hash": tuple(self.text_hash.items()),
             "length_fixed": self.length_fixed,
         }
 
