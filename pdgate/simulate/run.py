@@ -13,10 +13,12 @@ spent waiting: the clock jumps to the next timer whenever every task waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,6 +209,22 @@ async def simulate(
     )
 
 
+@contextlib.contextmanager
+def _collector_for_long_runs() -> Iterator[None]:
+    """A simulation allocates millions of short-lived objects among a large, long-lived heap (the
+    engines' KV blocks, the gateway's records): collect the young generation less often and keep
+    what exists at the start out of full collections (about a tenth of the run's CPU). Restored after."""
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
 def run_simulation(
     config: GatewayConfig,
     requests: Sequence[BenchRequest],
@@ -220,17 +238,23 @@ def run_simulation(
     quiet: bool = True,
 ) -> SimulationResult:
     """:func:`simulate` on a fresh virtual-clock loop (its own ``asyncio`` run)."""
+    logger = logging.getLogger("pdgate")
+    level = logger.level
     if quiet:  # the gateway's per-request warnings (rejections, retries) would flood the terminal
-        logging.getLogger("pdgate").setLevel(logging.ERROR)
-    return run_virtual(
-        simulate(
-            config,
-            requests,
-            load,
-            seed=seed,
-            sample_interval_s=sample_interval_s,
-            stream_interval=stream_interval,
-            costs=costs,
-            on_result=on_result,
-        )
-    )
+        logger.setLevel(logging.ERROR)
+    try:
+        with _collector_for_long_runs():
+            return run_virtual(
+                simulate(
+                    config,
+                    requests,
+                    load,
+                    seed=seed,
+                    sample_interval_s=sample_interval_s,
+                    stream_interval=stream_interval,
+                    costs=costs,
+                    on_result=on_result,
+                )
+            )
+    finally:
+        logger.setLevel(level)
