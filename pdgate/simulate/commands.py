@@ -147,7 +147,9 @@ def write_fleet_series(path: Path, samples: list[FleetSample]) -> Path:
 
 
 def plot_fleet(samples: list[FleetSample], out_png: Path) -> Path:
-    """Running and waiting requests per role and KV usage over time, plus each instance's role."""
+    """Per role over time: running and waiting requests per instance, the mean utilisation (the
+    share of each interval the engines were busy, from their modelled busy time) and the
+    highest KV usage; and each instance's role."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,22 +159,33 @@ def plot_fleet(samples: list[FleetSample], out_png: Path) -> Path:
     by_role: dict[str, dict[float, list[FleetSample]]] = {}
     for s in samples:
         by_role.setdefault(s.role, {}).setdefault(s.t, []).append(s)
+    previous = {}  # instance -> (t, busy_s) of its last sample
+    utilisation: dict[str, dict[float, list[float]]] = {}
+    for s in samples:
+        last = previous.get(s.instance)
+        if last is not None and s.t > last[0]:
+            share = (s.busy_s - last[1]) / (s.t - last[0])
+            utilisation.setdefault(s.role, {}).setdefault(s.t, []).append(share)
+        previous[s.instance] = (s.t, s.busy_s)
     for role, moments in sorted(by_role.items()):
         times = sorted(moments)
-        axes[0].plot(
-            times, [sum(x.running for x in moments[t]) / len(moments[t]) for t in times], label=f"{role}: running"
-        )
-        axes[0].plot(
-            times, [sum(x.waiting for x in moments[t]) / len(moments[t]) for t in times], "--", label=f"{role}: waiting"
-        )
-        axes[1].plot(times, [max(x.kv_usage for x in moments[t]) for t in times], label=f"{role}: max KV usage")
+        running = [sum(x.running for x in moments[t]) / len(moments[t]) for t in times]
+        waiting = [sum(x.waiting for x in moments[t]) / len(moments[t]) for t in times]
+        axes[0].plot(times, running, label=f"{role}: running")
+        axes[0].plot(times, waiting, "--", label=f"{role}: waiting")
+        kv = [max(x.kv_usage for x in moments[t]) for t in times]
+        axes[1].plot(times, kv, ":", label=f"{role}: max KV usage")
+        shares = utilisation.get(role, {})
+        busy_times = sorted(shares)
+        axes[1].plot(busy_times, [sum(shares[t]) / len(shares[t]) for t in busy_times], label=f"{role}: utilisation")
     instances = sorted({s.instance for s in samples})
     role_codes = {"prefill": 0, "both": 1, "decode": 2}
     for n, instance in enumerate(instances[:64]):
         points = [(s.t, role_codes.get(s.role, 1)) for s in samples if s.instance == instance]
         axes[2].plot([p[0] for p in points], [p[1] + 0.6 * n / max(1, len(instances)) for p in points], linewidth=0.8)
     axes[0].set_ylabel("requests per instance")
-    axes[1].set_ylabel("KV usage")
+    axes[1].set_ylabel("share")
+    axes[1].set_ylim(0, 1.05)
     axes[2].set_ylabel("role")
     axes[2].set_yticks([0.3, 1.3, 2.3], ["prefill", "both", "decode"])
     axes[2].set_xlabel("simulated seconds")
