@@ -130,3 +130,14 @@ def test_a_stream_interval_sends_fewer_chunks_with_the_same_latencies() -> None:
     for a, b in zip(fine, coarse, strict=True):
         assert b.ttft_s == pytest.approx(a.ttft_s, abs=1e-9)
         assert b.e2e_s == pytest.approx(a.e2e_s, abs=1e-9)
+
+
+def test_a_scaling_plan_is_computed_but_nothing_is_started() -> None:
+    base = GatewayConfig.load(str(default_config_path())).model_dump()
+    base["instances"] = [simulated_instance(i).model_dump() for i in GatewayConfig.model_validate(base).instances]
+    base["scaling"] = {"enabled": True, "interval_s": 1.0, "actuator": {"type": "local", "parameters": {}}}
+    config = simulation_config(GatewayConfig.model_validate(base))
+    assert config.scaling.enabled and config.scaling.actuator.type == "none"
+    result = run_simulation(config, _synthetic(20), LoadConfig(rate=4.0, seed=1))
+    assert all(r.ok for r in result.results)
+    assert 'pdgate_plan_instances{model="llama-3-8b",role="decode"}' in result.gateway_metrics

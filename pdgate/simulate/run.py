@@ -141,11 +141,16 @@ class FleetSampler:
 
 def simulation_config(config: GatewayConfig, cost_model_dir: str | None = None) -> GatewayConfig:
     """The gateway config as a simulation runs it: no shared state (one replica), no tracing, the
-    cost model starting from its priors (or ``cost_model_dir``) and keeping nothing on disk."""
+    cost model starting from its priors (or ``cost_model_dir``) and keeping nothing on disk, and
+    a scaling plan computed but carried out by nobody (actuator ``none``: nothing is started)."""
     cost_model = config.cost_model.model_copy(update={"dir": cost_model_dir, "log_requests": False})
     sharing = config.sharing.model_copy(update={"enabled": False})
     tracing = config.tracing.model_copy(update={"enabled": False})
-    return config.model_copy(update={"cost_model": cost_model, "sharing": sharing, "tracing": tracing})
+    actuator = config.scaling.actuator.model_copy(update={"type": "none", "parameters": {}})
+    scaling = config.scaling.model_copy(update={"actuator": actuator})
+    return config.model_copy(
+        update={"cost_model": cost_model, "sharing": sharing, "tracing": tracing, "scaling": scaling}
+    )
 
 
 async def simulate(
