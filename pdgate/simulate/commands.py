@@ -159,7 +159,7 @@ def plot_fleet(samples: list[FleetSample], out_png: Path) -> Path:
     by_role: dict[str, dict[float, list[FleetSample]]] = {}
     for s in samples:
         by_role.setdefault(s.role, {}).setdefault(s.t, []).append(s)
-    previous = {}  # instance -> (t, busy_s) of its last sample
+    previous: dict[str, tuple[float, float]] = {}  # instance -> (t, busy_s) of its last sample
     utilisation: dict[str, dict[float, list[float]]] = {}
     for s in samples:
         last = previous.get(s.instance)
