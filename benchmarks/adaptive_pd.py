@@ -104,7 +104,7 @@ from pdgate.loadgen.runner import LoadConfig, run_load
 from pdgate.loadgen.slo import Slo, SloSpec
 from pdgate.loadgen.stats import GroupStats
 from pdgate.loadgen.types import BenchRequest, RequestResult
-from pdgate.simulate.fleet import scale_instances, simulated_instance
+from pdgate.simulate.fleet import resized
 from pdgate.simulate.run import run_simulation, simulation_config
 
 MODEL = sg.MODEL
@@ -429,11 +429,7 @@ async def run_virtual(
     config = variant_config(
         variant, admission, list(range(8101, 8110)), slo.default, 1.0, args.interval_s, args.min_dwell_s
     )
-    parsed = GatewayConfig.model_validate(config)
-    fleet = scale_instances([simulated_instance(i) for i in parsed.instances], args.scale)
-    parsed = simulation_config(
-        GatewayConfig.model_validate({**parsed.model_dump(), "instances": [i.model_dump() for i in fleet]})
-    )
+    parsed = simulation_config(resized(GatewayConfig.model_validate(config), args.scale))
     load = LoadConfig(
         arrivals="trace", timeout_s=600.0, duration_s=workload.span_s + 1.0, drain_s=args.drain_s, seed=args.seed
     )

@@ -41,7 +41,7 @@ from pdgate.loadgen import workloads
 from pdgate.loadgen.prompts import PromptBuilder
 from pdgate.loadgen.runner import LoadConfig
 from pdgate.loadgen.types import BenchRequest
-from pdgate.simulate.fleet import scale_instances, simulated_instance
+from pdgate.simulate.fleet import resized, role_counts
 from pdgate.simulate.run import SimulationResult, run_simulation, simulation_config
 
 PARTS = {  # where a profiled function's own time is counted, by its file
@@ -53,11 +53,7 @@ PARTS = {  # where a profiled function's own time is counted, by its file
 
 
 def fleet(instances: int) -> GatewayConfig:
-    config = GatewayConfig.load(str(default_config_path()))
-    sized = scale_instances([simulated_instance(i) for i in config.instances], instances)
-    return simulation_config(
-        GatewayConfig.model_validate({**config.model_dump(), "instances": [i.model_dump() for i in sized]})
-    )
+    return simulation_config(resized(GatewayConfig.load(str(default_config_path())), instances))
 
 
 def workload(n: int, seed: int) -> list[BenchRequest]:
@@ -102,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.probe_requests = args.probe_requests or 64 * args.instances
     print(describe_host(machine(), other_load()), flush=True)
     config = fleet(args.instances)
-    roles = {r: sum(1 for i in config.instances if i.role == r) for r in ("prefill", "decode", "both", "flex")}
+    roles = role_counts(config.instances)
     cap = capacity(config, args)
     rate = args.load * cap
     n = max(1, round(rate * args.seconds))

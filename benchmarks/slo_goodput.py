@@ -83,7 +83,7 @@ from pdgate.loadgen.stats import RunStats, summarize
 from pdgate.loadgen.sweep import SweepConfig, SweepResult, sweep
 from pdgate.loadgen.traces import block_sharing, parse_mooncake, read_azure, read_mooncake
 from pdgate.loadgen.types import BenchRequest, RequestResult
-from pdgate.simulate.fleet import scale_instances, simulated_instance
+from pdgate.simulate.fleet import resized
 from pdgate.simulate.run import run_simulation, simulation_config
 
 DATA = Path(os.environ.get("PDGATE_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -831,10 +831,8 @@ async def run_virtual_probe(
     """One probe in virtual time (``pdgate simulate``, in a worker thread: its own event loop) on
     the 2P2D fleet resized to ``instances`` (half prefill, half decode), the policy's gateway config."""
     base = base_config([8101, 8102, 8103, 8104], [5601, 5602, 5603, 5604], 8000, 1.0)
-    parsed = GatewayConfig.model_validate(policy_config(policy, base, slo.default, 1.0))
-    fleet = scale_instances([simulated_instance(i) for i in parsed.instances], instances)
     config = simulation_config(
-        GatewayConfig.model_validate({**parsed.model_dump(), "instances": [i.model_dump() for i in fleet]})
+        resized(GatewayConfig.model_validate(policy_config(policy, base, slo.default, 1.0)), instances)
     )
     span_sim = requests[-1].arrival_s or 0.0
     load = LoadConfig(

@@ -21,7 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from pdgate.loadgen.options import build_slo, build_targets, build_workload, load_config, run_meta
+from pdgate.loadgen.options import build_slo, build_targets, build_workload, load_config, run_meta, run_stats
 
 
 async def _run_one(target: Any, requests: Sequence[Any], load: Any, progress: Progress | None) -> tuple[list[Any], Any]:
@@ -40,7 +40,6 @@ def run_bench(args: argparse.Namespace) -> int:
     from pdgate.common.runtime import run_async
     from pdgate.loadgen.plots import plot_cdfs, plot_timeseries
     from pdgate.loadgen.runfile import write_run
-    from pdgate.loadgen.stats import summarize
     from pdgate.loadgen.tables import print_summary
 
     console = Console()
@@ -56,8 +55,7 @@ def run_bench(args: argparse.Namespace) -> int:
         with _progress(console) as progress:
             started = time.time()
             results, overhead = run_async(_run_one(target, requests, load, progress))
-        duration = args.duration or max((r.scheduled_s for r in results), default=0.0) + 1e-9
-        stats = summarize(results, slo, duration_s=max(duration, 1e-6), warmup_s=args.warmup, cooldown_s=args.cooldown)
+        stats = run_stats(args, results, slo)
         meta = run_meta(
             args,
             target,

@@ -99,6 +99,15 @@ def load_config(args: argparse.Namespace, rate: float | None) -> Any:
     )
 
 
+def run_stats(args: argparse.Namespace, results: list[Any], slo: Any) -> Any:
+    """A run's statistics over ``--duration`` (default: until the last scheduled send), less
+    ``--warmup`` and ``--cooldown``."""
+    from pdgate.loadgen.stats import summarize
+
+    duration = args.duration or max((r.scheduled_s for r in results), default=0.0) + 1e-9
+    return summarize(results, slo, duration_s=max(duration, 1e-6), warmup_s=args.warmup, cooldown_s=args.cooldown)
+
+
 def run_meta(args: argparse.Namespace, target: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a run file records of its configuration (everything but the API key)."""
     config = {k: v for k, v in vars(args).items() if k not in ("run", "api_key")}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,8 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from pdgate.gateway.config import GatewayConfig
+    from pdgate.loadgen.runner import LoadConfig
+    from pdgate.loadgen.types import BenchRequest
     from pdgate.simulate.run import FleetSample, SimulationResult
 
 FLEET_COLUMNS = (
@@ -35,19 +38,14 @@ def fleet_config(args: argparse.Namespace) -> GatewayConfig:
     """The config file (or the embedded default) with the fleet resized as the flags say."""
     from pdgate.gateway.config import GatewayConfig
     from pdgate.gateway.launcher import default_config_path
-    from pdgate.simulate.fleet import scale_instances, simulated_instance
+    from pdgate.simulate.fleet import resized
     from pdgate.simulate.run import simulation_config
 
     config = GatewayConfig.load(args.config or str(default_config_path()))
-    instances = [simulated_instance(i) for i in config.instances]
     counts = {
         role: n for role in ("prefill", "decode", "both", "flex") if (n := getattr(args, f"count_{role}")) is not None
     }
-    if args.instances is not None or counts:
-        instances = scale_instances(instances, args.instances, counts)
-    config = config.model_copy(update={"instances": instances})
-    config = GatewayConfig.model_validate(config.model_dump())  # the resized fleet checked as a file would be
-    return simulation_config(config, args.cost_model_dir)
+    return simulation_config(resized(config, args.instances, counts), args.cost_model_dir)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -56,12 +54,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from pdgate.gateway.config import ConfigError
-    from pdgate.loadgen.options import build_slo, build_workload, load_config
+    from pdgate.loadgen.options import build_slo, build_workload, load_config, run_stats
     from pdgate.loadgen.plots import plot_cdfs, plot_timeseries
     from pdgate.loadgen.runfile import write_run
-    from pdgate.loadgen.stats import summarize
     from pdgate.loadgen.tables import print_summary
-    from pdgate.simulate.run import TARGET_NAME, HopCosts, run_simulation
+    from pdgate.simulate.run import TARGET_NAME
 
     console = Console()
     try:
@@ -74,18 +71,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         console.print(f"[red]pdgate simulate: {exc}[/red]")
         return 2
     started = time.time()
-    result = run_simulation(
-        config,
-        requests,
-        load,
-        seed=args.seed,
-        sample_interval_s=args.sample_interval,
-        stream_interval=args.stream_interval,
-        costs=HopCosts(args.hop_ms / 1e3, args.gateway_ms_per_kib / 1e3),
-    )
+    result = simulate_as_asked(args, config, requests, load)
     results = result.results
-    duration = args.duration or max((r.scheduled_s for r in results), default=0.0) + 1e-9
-    stats = summarize(results, slo, duration_s=max(duration, 1e-6), warmup_s=args.warmup, cooldown_s=args.cooldown)
+    stats = run_stats(args, results, slo)
     meta = {
         "name": "simulate",
         "target": TARGET_NAME,
@@ -108,13 +96,30 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0 if stats.ok else 1
 
 
+def simulate_as_asked(
+    args: argparse.Namespace, config: GatewayConfig, requests: Sequence[BenchRequest], load: LoadConfig
+) -> SimulationResult:
+    """One simulation with the run options of ``simulate`` and ``simulate plan`` (seed, sampling,
+    stream interval, hop costs)."""
+    from pdgate.simulate.run import HopCosts, run_simulation
+
+    return run_simulation(
+        config,
+        requests,
+        load,
+        seed=args.seed,
+        sample_interval_s=args.sample_interval,
+        stream_interval=args.stream_interval,
+        costs=HopCosts(args.hop_ms / 1e3, args.gateway_ms_per_kib / 1e3),
+    )
+
+
 def simulation_meta(result: SimulationResult, config: GatewayConfig) -> dict[str, Any]:
-    roles: dict[str, int] = {}
-    for inst in config.instances:
-        roles[inst.role] = roles.get(inst.role, 0) + 1
+    from pdgate.simulate.fleet import role_counts
+
     return {
         "instances": result.instances,
-        "roles": roles,
+        "roles": role_counts(config.instances),
         "simulated_s": result.simulated_s,
         "wall_s": result.wall_s,
         "cpu_s": result.cpu_s,

@@ -10,7 +10,8 @@ gateway config, on the loop's (virtual) clock, served through the in-memory tran
   and take the same modelled KV-transfer time as over HTTP.
 * KV events go from each engine straight to the gateway's exact prefix index, on the next loop
   turn after the step that made them (:class:`KvEventBus`).
-* :func:`scale_instances` resizes a fleet keeping its roles' proportions, or to exact counts.
+* :func:`scale_instances` resizes a fleet keeping its roles' proportions, or to exact counts;
+  :func:`resized` does it to a whole gateway config.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pdgate.engines.sim.engine import LoopClock
 from pdgate.engines.sim.local import call_local, close_local
 from pdgate.engines.sim.peers import LocalPeerLink
 from pdgate.engines.sim.state import SimState
-from pdgate.gateway.config import InstanceConfig, SimLaunch
+from pdgate.gateway.config import GatewayConfig, InstanceConfig, SimLaunch
 from pdgate.gateway.launcher import SIM_FLAVOURS, sim_command
 from pdgate.simulate.memory import EngineReply, MemoryReply, MemoryTransport
 
@@ -95,8 +96,26 @@ def scale_instances(
         out.extend(group[: wanted[key]])
         name = key.replace(":", "-")
         for n in range(len(group), wanted[key]):
-            out.append(_copy(group[0], f"{name}-{n}", next(ports)))
+            out.append(copy_instance(group[0], f"{name}-{n}", next(ports)))
     return out
+
+
+def resized(config: GatewayConfig, total: int | None = None, counts: Mapping[str, int] | None = None) -> GatewayConfig:
+    """``config`` with every instance made simulable (:func:`simulated_instance`) and the fleet
+    resized as :func:`scale_instances` says (unchanged without ``total`` or ``counts``), checked
+    as a config file would be."""
+    instances = [simulated_instance(i) for i in config.instances]
+    if total is not None or counts:
+        instances = scale_instances(instances, total, counts)
+    return GatewayConfig.model_validate({**config.model_dump(), "instances": [i.model_dump() for i in instances]})
+
+
+def role_counts(instances: Iterable[InstanceConfig]) -> dict[str, int]:
+    """Instances per config role (``prefill``, ``decode``, ``both``, ``flex``), the roles present only."""
+    counts: dict[str, int] = {}
+    for inst in instances:
+        counts[inst.role] = counts.get(inst.role, 0) + 1
+    return counts
 
 
 def _group(inst: InstanceConfig) -> str:
@@ -121,9 +140,11 @@ def _proportional(counts: Mapping[str, int], total: int) -> dict[str, int]:
     return result
 
 
-def _copy(template: InstanceConfig, instance_id: str, port: int) -> InstanceConfig:
+def copy_instance(template: InstanceConfig, instance_id: str, port: int, **changes: object) -> InstanceConfig:
+    """``template`` (with ``changes``) under a new id, its URL on ``port`` and its KV-event and
+    bootstrap ports the two after it."""
     host = urlsplit(template.url).hostname or "127.0.0.1"
-    update: dict[str, object] = {"id": instance_id, "url": f"http://{host}:{port}"}
+    update: dict[str, object] = {**changes, "id": instance_id, "url": f"http://{host}:{port}"}
     if template.kv_events is not None:
         update["kv_events"] = template.kv_events.model_copy(
             update={"endpoint": f"tcp://*:{port + 1}", "replay_endpoint": None}

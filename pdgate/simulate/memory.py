@@ -24,6 +24,7 @@ from typing import Any
 
 from pdgate.common.http_client import Origin, UpstreamError
 from pdgate.common.http_server import HttpRequest, Responder
+from pdgate.common.tasks import OwnedTasks
 
 Endpoint = Callable[[str, str, dict[str, str], bytes, "MemoryReply"], Awaitable[None]]
 """Answers one request ``(method, path with query, headers, body, reply)``."""
@@ -160,7 +161,7 @@ class MemoryTransport:
     ) -> None:
         self._endpoints: dict[tuple[str, int], tuple[Endpoint, float]] = {} if endpoints is None else endpoints
         self.hop_s = hop_s
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks()
         self._closed = False
         self.requests = 0
 
@@ -187,10 +188,7 @@ class MemoryTransport:
         self.requests += 1
         loop = asyncio.get_running_loop()
         reply = MemoryReply(loop)
-        task = loop.create_task(self._answer(endpoint, method, path, headers, body, reply, delay))
-        reply._task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        reply._task = self._tasks.spawn(self._answer(endpoint, method, path, headers, body, reply, delay), path)
         reply._deadline = loop.call_later(timeout_s, reply.abort, f"no complete answer within {timeout_s:g} s")
         try:
             await reply.wait_head()
@@ -223,10 +221,7 @@ class MemoryTransport:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
 
 
 class GatewayResponder(Responder):

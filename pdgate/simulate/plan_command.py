@@ -32,21 +32,13 @@ def shape_config(base: GatewayConfig, shape: Shape) -> GatewayConfig:
     """``base`` with its fleet replaced by ``shape``: each role's instances copy the config's first
     instance of that role, or, when it has none, its first instance in that role."""
     from pdgate.gateway.config import GatewayConfig
-    from pdgate.simulate.fleet import FIRST_PORT, scale_instances
+    from pdgate.simulate.fleet import FIRST_PORT, copy_instance, scale_instances
 
     templates: list[InstanceConfig] = []
     for n, role in enumerate(shape.counts()):
         template = next((i for i in base.instances if i.role == role), None)
-        if template is None:
-            first = base.instances[0]
-            port = FIRST_PORT - 10 * (n + 1)
-            template = first.model_copy(
-                update={"id": f"{role}-0", "role": role, "serving": None, "url": _with_port(first.url, port)}
-            )
-            if first.kv_events is not None:
-                template = template.model_copy(
-                    update={"kv_events": first.kv_events.model_copy(update={"endpoint": f"tcp://*:{port + 1}"})}
-                )
+        if template is None:  # ports below the ones scale_instances gives
+            template = copy_instance(base.instances[0], f"{role}-0", FIRST_PORT - 10 * (n + 1), role=role, serving=None)
         templates.append(template)
     instances = scale_instances(templates, counts=shape.counts())
     update: dict[str, Any] = {"instances": instances}
@@ -55,38 +47,19 @@ def shape_config(base: GatewayConfig, shape: Shape) -> GatewayConfig:
     return GatewayConfig.model_validate(base.model_copy(update=update).model_dump())
 
 
-def _with_port(url: str, port: int) -> str:
-    from urllib.parse import urlsplit
-
-    return f"http://{urlsplit(url).hostname or '127.0.0.1'}:{port}"
-
-
 def evaluate_at(
     args: argparse.Namespace, requests: Sequence[BenchRequest], rate: float, config: GatewayConfig
 ) -> Evaluation:
     """One simulation of ``config`` at ``rate``, judged as ``pdgate bench`` judges a run."""
-    from pdgate.loadgen.options import build_slo, load_config
-    from pdgate.loadgen.stats import summarize
+    from pdgate.loadgen.options import build_slo, load_config, run_stats
+    from pdgate.simulate.commands import simulate_as_asked
+    from pdgate.simulate.fleet import role_counts
     from pdgate.simulate.plan import Evaluation, Shape
-    from pdgate.simulate.run import HopCosts, run_simulation
 
-    load = load_config(args, rate)
-    result = run_simulation(
-        config,
-        requests,
-        load,
-        seed=args.seed,
-        stream_interval=args.stream_interval,
-        costs=HopCosts(args.hop_ms / 1e3, args.gateway_ms_per_kib / 1e3),
-    )
-    duration = args.duration or max((r.scheduled_s for r in result.results), default=0.0) + 1e-9
-    stats = summarize(
-        result.results, build_slo(args), duration_s=max(duration, 1e-6), warmup_s=args.warmup, cooldown_s=args.cooldown
-    )
-    counts = {role: 0 for role in ("prefill", "decode", "both", "flex")}
-    for inst in config.instances:
-        counts[inst.role] += 1
-    shape = Shape(counts["prefill"], counts["decode"], counts["both"], counts["flex"])
+    result = simulate_as_asked(args, config, requests, load_config(args, rate))
+    stats = run_stats(args, result.results, build_slo(args))
+    counts = role_counts(config.instances)
+    shape = Shape(*(counts.get(role, 0) for role in ("prefill", "decode", "both", "flex")))
     return Evaluation(shape, rate, stats.attainment or 0.0, stats.goodput_rps, stats.failed)
 
 
