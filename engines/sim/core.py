@@ -159,6 +159,8 @@ class EngineCore:
         )
         req.length_key = self.generator.length_key(origin)  # a migrated-in request keeps its origin's
         req.block_hashes = self._hash_blocks(req.prompt_token_ids)
+        sp = req.sampling
+        req.sample_seed = None if sp.greedy else (sp.seed if sp.seed is not None else stable_hash(req.request_id))
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.push(req)
@@ -205,10 +207,11 @@ class EngineCore:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = self._chunk(req, req.num_tokens - req.num_computed_tokens, budget)
+            remaining = len(req.prompt_token_ids) + len(req.output_token_ids) - req.num_computed_tokens
+            num_new = 1 if remaining == 1 else self._chunk(req, remaining, budget)  # a decode step: one token
             if num_new <= 0:
                 continue
-            while not self.kv.allocate(req.blocks, [], req.num_computed_tokens + num_new):
+            while not self.kv.allocate(req.blocks, (), req.num_computed_tokens + num_new):
                 victim = self._preemption_victim()
                 if victim.request_id in scheduled:
                     budget += scheduled.pop(victim.request_id)
@@ -229,9 +232,10 @@ class EngineCore:
             if tokens is None:
                 continue
             step.entries.append((req, tokens))
-            if tokens == 1 and req.num_computed_tokens + 1 == req.num_tokens:
+            num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+            if tokens == 1 and req.num_computed_tokens + 1 == num_tokens:
                 decode_seqs += 1
-                decode_kv += req.num_tokens
+                decode_kv += num_tokens
             else:
                 prefill_tokens += tokens
                 prefill_pairs += tokens * (req.num_computed_tokens + tokens)
@@ -343,12 +347,15 @@ class EngineCore:
 
     def update(self, step: ScheduledStep, now: float) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
+        block_size = self.kv.block_size
         for req, num_new in step.entries:
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens += num_new
-            self._cache_full_blocks(req)
-            if req.num_computed_tokens < req.num_tokens:
+            computed = req.num_computed_tokens + num_new
+            req.num_computed_tokens = computed
+            if computed // block_size > req.num_hashed_blocks_cached:
+                self._cache_full_blocks(req)
+            if computed < len(req.prompt_token_ids) + len(req.output_token_ids):
                 continue  # a prefill chunk: nothing sampled yet
             token = self._sample(req)
             reason = self._append_token(req, token, now)
@@ -358,9 +365,8 @@ class EngineCore:
 
     def _sample(self, req: SimRequest) -> int:
         sp = req.sampling
-        allow_eos = not sp.ignore_eos and req.num_output_tokens >= sp.min_tokens
-        seed = None if sp.greedy else (sp.seed if sp.seed is not None else stable_hash(req.request_id))
-        return self.generator.next_token(req.context_hash, req.length_key, seed=seed, allow_eos=allow_eos)
+        allow_eos = not sp.ignore_eos and len(req.output_token_ids) >= sp.min_tokens
+        return self.generator.next_token(req.context_hash, req.length_key, seed=req.sample_seed, allow_eos=allow_eos)
 
     def _append_token(self, req: SimRequest, token: int, now: float) -> str | None:
         req.output_token_ids.append(token)
@@ -369,14 +375,16 @@ class EngineCore:
             req.first_token_time = now
         req.last_token_time = now
         size = self.kv.block_size
-        if req.num_tokens % size == 0:
+        num_output = len(req.output_token_ids)
+        num_tokens = len(req.prompt_token_ids) + num_output
+        if num_tokens % size == 0:
             parent = req.block_hashes[-1] if req.block_hashes else self._root_hash
-            req.block_hashes.append(hash_block(parent, req.tokens_slice(req.num_tokens - size, req.num_tokens)))
+            req.block_hashes.append(hash_block(parent, req.tokens_slice(num_tokens - size, num_tokens)))
         sp = req.sampling
         status = None
         if (token == self.generator.eos_token_id and not sp.ignore_eos) or token in sp.stop_token_ids:
             status = RequestStatus.FINISHED_STOPPED
-        elif req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.config.max_model_len:
+        elif num_output >= sp.max_tokens or num_tokens >= self.config.max_model_len:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
             return None

@@ -88,6 +88,7 @@ class SimRequest:
     remote_kv_ready: bool = False
     remote_kv_failed: bool = False
     length_key: int = 0
+    sample_seed: int | None = None  # the sampler's seed (None: greedy), fixed when the request is added
     context_hash: ContextHash = field(default_factory=ContextHash)
     error: str | None = None
     reserved_blocks: list[Any] = field(

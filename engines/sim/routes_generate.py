@@ -65,7 +65,7 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
                 prompt_ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
             else:
                 prompt_ids = list(cast("list[int]", req.prompt))  # check_supported() refused batched prompts
-                if any(t < 0 or t >= tok.vocab_size for t in prompt_ids):
+                if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= tok.vocab_size):
                     raise ApiError(400, f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
         else:
             messages = [m.model_dump() for m in req.messages]

@@ -83,7 +83,7 @@ def hash_block(
     """
     if not parent:
         parent = none_hash(seed)
-    tokens = tuple(int(t) for t in block_tokens)
+    tokens = tuple(map(int, block_tokens))
     return _sha256_pickle((bytes(parent), tokens, extra_keys))
 
 
