@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pdgate.common.http_client import Upstream, UpstreamError
+from pdgate.common.json_codec import JsonError, json_decode
 from pdgate.common.sse import event_data, split_events
 from pdgate.loadgen.types import BenchRequest, RequestResult
 
@@ -80,8 +81,8 @@ class _StreamParser:
 
     def _event(self, payload: bytes) -> bool:
         try:
-            data = json.loads(payload)
-        except json.JSONDecodeError:
+            data = json_decode(payload)
+        except JsonError:
             self.error = f"malformed event: {payload[:100]!r}"
             return False
         if "error" in data:

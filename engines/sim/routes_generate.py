@@ -6,7 +6,6 @@ transport objects: the aiohttp handlers here and :func:`engines.sim.local.call_l
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -324,8 +323,10 @@ async def _stream_response(state: SimState, gen: Generation, stream: RequestStre
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
+    encode = state.json_encode
+
     async def send(payload: dict[str, Any]) -> None:
-        await reply.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+        await reply.write(b"data: " + encode(payload) + b"\n\n")
 
     first = True
     if is_chat:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from pdgate.common.json_codec import json_encoder
 from pdgate.common.perf_model import EngineProfile
 from pdgate.common.tokenizer import Tokenizer
 from pdgate.engines.sim.config import SimEngineConfig
@@ -77,6 +78,8 @@ class SimState:
     tracer: RequestTracer | None = None  # set while the engine runs with --otlp-traces-endpoint
     traces: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=TRACE_LOG_SIZE))
     """Trace headers of the latest generation requests, oldest first (``GET /sim/traces``)."""
+    json_encode: Callable[[Any], bytes] = field(default_factory=json_encoder)
+    """Compact JSON for stream chunks (text as UTF-8, as vLLM's pydantic ``model_dump_json`` writes it)."""
 
     def new_id(self, prefix: str) -> str:
         """A fresh id ``prefix-<32 hex digits>`` (a uuid4's shape), drawn from :attr:`rng`."""
