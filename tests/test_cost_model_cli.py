@@ -199,3 +199,75 @@ def test_input_errors_exit_2_with_one_line(tmp_path, setup, command, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
     assert not (tmp_path / "m").exists() or command == "evaluate-empty-dir"
+
+
+def alpaca_files(tmp_path: Path, prompts: int = 60) -> list[Path]:
+    """alpaca_eval-shaped answers of three models to the same prompts: essays long, yes/no short,
+    the rest in between, times each model's verbosity (log-normal noise)."""
+    rng = np.random.default_rng(5)
+    asked = []
+    for i in range(prompts):
+        kind, length = [("write an essay about", 300), ("answer yes or no: is", 6), ("tell me about", 60)][i % 3]
+        asked.append((f"{kind} {' '.join(rng.choice(WORDS, size=int(rng.integers(3, 12))))} {i}", length))
+    paths = []
+    for model, verbosity in (("terse-model", 0.5), ("plain-model", 1.0), ("verbose-model", 2.0)):
+        rows = [
+            {
+                "instruction": text,
+                "output": " ".join(rng.choice(WORDS, size=max(1, int(length * verbosity * rng.lognormal(0, 0.2))))),
+                "generator": model,
+            }
+            for text, length in asked
+        ]
+        path = tmp_path / f"{model}.json"
+        path.write_text(json.dumps(rows))
+        paths.append(path)
+    return paths
+
+
+def test_evaluate_cross_validates_and_replays_within_each_model(tmp_path):
+    files = [str(p) for p in alpaca_files(tmp_path)]
+    result = pdgate(
+        "evaluate", "--data", *files, "--cross-validate", "prompts", "models", "--folds", "3",
+        "--prequential", "--refit-every", "30", "--window", "30",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n"] == 180
+    by_prompts = report["cross_validation"]["prompts"]
+    within = by_prompts["model"]["within_model"]
+    assert within["n_models"] == 3 and set(within["per_model"]) == {"terse-model", "plain-model", "verbose-model"}
+    # new prompts: the model ranks each model's answers by what the prompt asks; prompt length cannot
+    assert within["mean_spearman"] > 0.6
+    assert (
+        within["mean_spearman"] > (by_prompts["baselines"]["prompt_length"]["within_model"]["mean_spearman"] or 0) + 0.3
+    )
+    assert report["cross_validation"]["models"]["model"]["n"] == 180
+    replay = report["prequential"]
+    windows = replay["model"]["windows"]
+    assert [w["first"] for w in windows] == [0, 30, 60, 90, 120, 150]
+    assert [w["trained_on"] for w in windows] == [0, 30, 60, 90, 120, 150]
+    assert windows[0]["within_model"]["mean_spearman"] is None  # the prior predicts one constant
+    assert windows[-1]["within_model"]["mean_spearman"] > 0.6  # learnt online from what it served
+    assert replay["base_rows"] == 0 and set(replay["baselines"]) == {"global_mean", "prompt_length"}
+
+    distinct = pdgate("evaluate", "--data", *files, "--prequential", "--distinct-prompts", "--refit-every", "20")
+    assert distinct.returncode == 0, distinct.stderr
+    assert json.loads(distinct.stdout)["prequential"]["n"] == 60  # one answer per prompt
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ((), "say what to evaluate"),
+        (("--prequential", "--folds", "1"), "--folds"),
+        (("--cross-validate", "models"), "3 distinct groups cannot make 5 folds"),
+        (("--cross-validate", "prompts", "--base", "x.json"), "--base is the training data of --prequential"),
+    ],
+)
+def test_evaluate_protocol_errors_exit_2(tmp_path, extra, message):
+    files = [str(p) for p in alpaca_files(tmp_path, prompts=9)]
+    result = pdgate("evaluate", "--data", *files, *extra)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""

@@ -36,6 +36,29 @@ examples:
 """
 
 
+EVALUATE_DESCRIPTION = """\
+Figures for output-length prediction, and which question each answers:
+
+* pooled Spearman/Kendall/MAE/within-2x/coverage: over all rows together. Mixes *which model
+  answered* (known when serving) with *how long this prompt's answer is*; flatters on data with
+  many models.
+* within_model.mean_spearman: Spearman per answering model, averaged (each model once). How well
+  requests to one served model are ranked: what scheduling by predicted length needs.
+* within_model.coverage_min/max: the spread of the high quantile's coverage over models.
+* --model DIR: the saved model on --data; evaluate on rows it was not trained on.
+* --cross-validate prompts: new prompts, known models (K folds of distinct prompts).
+* --cross-validate models: a new answering model on prompts others answered (K folds of models).
+* --cross-validate both: new prompts from a new model (only the diagonal folds are predicted).
+* --prequential: the deployment's view: requests in order, each predicted before it is learned,
+  a refit every --refit-every requests on --base plus what was seen; figures per --window. With
+  several models answering the same prompts, a prompt comes back and what was learned of its
+  earlier answers counts; --distinct-prompts replays one answer per prompt (new traffic only).
+
+Every split also scores the two baselines (global mean; prompt length only), fitted the same way.
+Prints JSON.
+"""
+
+
 class _UsageError(Exception):
     """A problem with the inputs, reported as one line and exit status 2."""
 
@@ -68,10 +91,49 @@ def add_cost_model_commands(commands: argparse._SubParsersAction[argparse.Argume
     )
     train.add_argument("--keep", type=int, default=5, help="model versions kept in --out")
     train.set_defaults(run=run_train)
-    evaluate = sub.add_parser("evaluate", help="score the current model version on data files")
-    evaluate.add_argument("--model", required=True, metavar="DIR", help="model store directory")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a saved model on data files, and/or cross-validate and replay the data online",
+        description=EVALUATE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--model", metavar="DIR", help="model store directory: score its current version")
     evaluate.add_argument("--data", nargs="+", required=True, metavar="FILE")
     _tokenizer_flags(evaluate)
+    evaluate.add_argument(
+        "--cross-validate",
+        nargs="+",
+        choices=["prompts", "models", "both"],
+        default=[],
+        metavar="SPLIT",
+        help="out-of-fold evaluation leaving out prompts, answering models, or both",
+    )
+    evaluate.add_argument("--folds", type=int, default=5, help="folds of --cross-validate (default 5)")
+    evaluate.add_argument(
+        "--prequential", action="store_true", help="replay --data in order: predict each request, then learn it"
+    )
+    evaluate.add_argument(
+        "--base", nargs="+", default=[], metavar="FILE", help="data trained on before the replay (and kept in refits)"
+    )
+    evaluate.add_argument("--refit-every", type=int, default=200, help="requests between refits of the replay")
+    evaluate.add_argument("--window", type=int, default=500, help="requests per reported window of the replay")
+    evaluate.add_argument(
+        "--order",
+        choices=["shuffled", "file"],
+        default="shuffled",
+        help="replay order: a seeded shuffle (mixed traffic) or the files' order",
+    )
+    evaluate.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="replay one answer per prompt, so that no prompt comes back (new traffic only)",
+    )
+    evaluate.add_argument(
+        "--max-rows", type=int, metavar="N", help="use a seeded random sample of at most N rows of --data"
+    )
+    evaluate.add_argument("--min-model-rows", type=int, default=10, help="fewest rows for a model's own Spearman")
+    evaluate.add_argument("--q-high", type=float, default=0.9, help="the high quantile of models fitted here")
+    evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=run_evaluate)
 
 
@@ -222,9 +284,58 @@ def _timing_records(rows: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if args.model is None and not args.cross_validate and not args.prequential:
+        raise _UsageError("say what to evaluate: --model DIR, --cross-validate SPLIT... and/or --prequential")
+    if args.folds < 2 or args.refit_every < 1 or args.window < 1 or args.min_model_rows < 2:
+        raise _UsageError("--folds and --min-model-rows must be at least 2, --refit-every and --window positive")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise _UsageError("--max-rows must be positive")
+    if not 0.5 < args.q_high < 1:
+        raise _UsageError("--q-high must be between 0.5 and 1")
+    if args.base and not args.prequential:
+        raise _UsageError("--base is the training data of --prequential")
+    saved = _load_saved(Path(args.model)) if args.model is not None else None
+    rows = _sample(_read(args), args.max_rows, args.seed)
+    report: dict[str, Any] = {"n": len(rows)}
+    if saved is not None:
+        report |= _evaluate_saved(args.model, *saved, rows)
+    if args.cross_validate or args.prequential:
+        from pdgate.scheduler.costmodel.evaluate_protocols import ProtocolOptions, run_protocols
+
+        base = _read(args, args.base) if args.base else []
+        options = ProtocolOptions(
+            splits=args.cross_validate,
+            folds=args.folds,
+            prequential=args.prequential,
+            refit_every=args.refit_every,
+            window=args.window,
+            order=args.order,
+            distinct_prompts=args.distinct_prompts,
+            min_model_rows=args.min_model_rows,
+            q_high=args.q_high,
+            seed=args.seed,
+        )
+        try:
+            report |= run_protocols(rows, base, options, _progress)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from None
+    return report
+
+
+def _sample(rows: list[Any], limit: int | None, seed: int) -> list[Any]:
+    """At most ``limit`` rows, a seeded random sample in their original order."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+    return [rows[i] for i in keep]
+
+
+def _load_saved(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The current version's components and metadata; a usage error when there is none to score."""
     from pdgate.scheduler.costmodel.store import ModelStore
 
-    directory = Path(args.model)
     if not directory.is_dir():
         raise _UsageError(f"no model directory at {directory}")
     try:
@@ -237,7 +348,13 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model = components.get("output_length")
     if model is None or not hasattr(model, "predict_many"):
         raise _UsageError(f"{directory}/{meta.get('version')}: no output_length component")
-    rows = _read(args)
+    return components, meta
+
+
+def _evaluate_saved(
+    directory: str, components: dict[str, Any], meta: dict[str, Any], rows: list[Any]
+) -> dict[str, Any]:
+    model = components["output_length"]
     baselines = {
         name: components[f"baseline_{name}"]
         for name in ("global_mean", "prompt_length")
@@ -246,8 +363,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     latency = components.get("latency")
     return {
         "model_version": meta.get("version"),
-        "model_dir": str(directory),
-        "n": len(rows),
+        "model_dir": directory,
         "output_length": _length_metrics(model, baselines, rows),
         "latency": _latency_metrics(latency, _timing_records(rows)) if latency is not None else None,
     }
@@ -256,16 +372,18 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 # --- shared -----------------------------------------------------------------------------------
 
 
-def _read(args: argparse.Namespace) -> list[Any]:
+def _read(args: argparse.Namespace, paths: Sequence[str] | None = None) -> list[Any]:
     from pdgate.common.tokenizer import load_tokenizer
     from pdgate.scheduler.costmodel.datasets import read_dataset
+
+    paths = args.data if paths is None else paths
 
     try:
         tokenizer = load_tokenizer(args.tokenizer)
     except (OSError, RuntimeError, ValueError) as exc:
         raise _UsageError(f"--tokenizer {args.tokenizer}: {exc}") from None
     rows = []
-    for path in args.data:
+    for path in paths:
         if not Path(path).is_file():
             raise _UsageError(f"no such file: {path}")
         try:
@@ -275,22 +393,23 @@ def _read(args: argparse.Namespace) -> list[Any]:
         except OSError as exc:
             raise _UsageError(f"cannot read {path}: {exc}") from None
     if not rows:
-        raise _UsageError(f"no usable rows in {', '.join(args.data)}")
+        raise _UsageError(f"no usable rows in {', '.join(paths)}")
     return rows
 
 
 def _length_metrics(model: Any, baselines: dict[str, Any], rows: Sequence[Any]) -> dict[str, Any]:
     import numpy as np
 
-    from pdgate.scheduler.costmodel.output_length import evaluate_lengths
+    from pdgate.scheduler.costmodel.length_evaluation import Predictions, length_report
 
     features = [r.features for r in rows]
     actual = np.array([r.output_tokens for r in rows], dtype=float)
+    models = [f.model for f in features]
     q_high = float(getattr(model, "q_high", 0.9))
 
     def score(predictor: Any) -> dict[str, Any]:
         median, high = predictor.predict_many(features)
-        return evaluate_lengths(median, high, actual, q_high)
+        return length_report(Predictions(np.arange(len(rows)), median, high, actual, models), q_high)
 
     return {"model": score(model), "baselines": {name: score(b) for name, b in baselines.items()}}
 
