@@ -24,7 +24,8 @@ from pdgate.gateway.requests import ChatBody, CompletionBody, GatewayError, pars
 from pdgate.gateway.slo import APP_HEADER, SloResolver
 from pdgate.gateway.splice import pinned_reason, wants_token_ids
 from pdgate.gateway.tracing import NO_TRACE, RequestTrace, Tracing
-from pdgate.scheduler.costmodel.features import RequestFeatures, chat_text, hash_text
+from pdgate.scheduler.costmodel.cues import request_cues
+from pdgate.scheduler.costmodel.features import RequestFeatures, chat_text, hash_text, prompt_digest
 from pdgate.scheduler.costmodel.length_types import client_bounds
 from pdgate.scheduler.snapshot import RequestInfo
 
@@ -109,8 +110,17 @@ class Intake:
         ignore_eos = body.get("ignore_eos") is True
         may_stop = bool(body.get("stop") or body.get("stop_token_ids"))
         if self.costs is not None and self.costs.current is not None:
+            messages = parsed.messages if kind == "chat" else None
             features = RequestFeatures(
-                len(prompt_ids), max_tokens, kind, model.name, tag, hash_text(text) if text else {}, ignore_eos
+                len(prompt_ids),
+                max_tokens,
+                kind,
+                model.name,
+                tag,
+                hash_text(text) if text else {},
+                ignore_eos,
+                request_cues(text, messages) if text or messages else (),
+                prompt_digest(text) if text else None,
             )
             output = self.costs.current.output.predict(features)
         min_tokens = body.get("min_tokens")

@@ -34,12 +34,15 @@ import numpy as np
 
 from pdgate.common.jsonl import json_objects
 from pdgate.common.tokenizer import Tokenizer
+from pdgate.scheduler.costmodel.cues import request_cues
 from pdgate.scheduler.costmodel.features import (
     ENDPOINTS,
     RequestFeatures,
     chat_text,
     hash_text,
+    parse_cues,
     parse_text_hash,
+    prompt_digest,
 )
 
 GATEWAY_LOG_KIND = "pdgate-request"
@@ -100,7 +103,7 @@ class _RowReader:
     def __init__(self, tokenizer: Tokenizer, endpoint_default: str) -> None:
         self.tokenizer = tokenizer
         self.endpoint_default = endpoint_default
-        self._prompts: dict[tuple[str, str], tuple[int, dict[int, float]]] = {}
+        self._prompts: dict[tuple[str, str], tuple[int, dict[int, float], tuple[float, ...], int]] = {}
 
     def read(self, raw: dict[str, Any]) -> LabeledRequest | None:
         if raw.get("kind") == GATEWAY_LOG_KIND:
@@ -131,6 +134,8 @@ class _RowReader:
                 _str_field(raw, "model"),
                 _tag(raw),
                 parse_text_hash(raw.get("text_hash") or []),
+                cues=parse_cues(raw.get("cues")),
+                prompt_digest=_digest(raw.get("prompt_digest")),
             )
         except ValueError as exc:
             raise _RowError(str(exc)) from None
@@ -147,9 +152,9 @@ class _RowReader:
             prompt = raw["prompt"]
             endpoint = _endpoint(raw.get("endpoint", "completion"))
             if isinstance(prompt, str):
-                tokens, text_hash = self._prompt(prompt, None)
+                tokens, text_hash, cues, digest = self._prompt(prompt, None)
             elif isinstance(prompt, list) and all(_is_int(t) for t in prompt):
-                tokens, text_hash = len(prompt), {}
+                tokens, text_hash, cues, digest = len(prompt), {}, (), None
             else:
                 raise _RowError("prompt must be a string or a list of token ids")
         else:
@@ -157,10 +162,12 @@ class _RowReader:
             if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
                 raise _RowError("messages must be a list of {role, content} objects")
             endpoint = _endpoint(raw.get("endpoint", "chat"))
-            tokens, text_hash = self._messages(messages)
+            tokens, text_hash, cues, digest = self._messages(messages)
         if "prompt_tokens" in raw:
             tokens = _int_field(raw, "prompt_tokens")
-        features = RequestFeatures(tokens, _max_tokens(raw), endpoint, model, _tag(raw), text_hash)
+        features = RequestFeatures(
+            tokens, _max_tokens(raw), endpoint, model, _tag(raw), text_hash, cues=cues, prompt_digest=digest
+        )
         return LabeledRequest(features, output, raw)
 
     def _alpaca(self, raw: dict[str, Any]) -> LabeledRequest | None:
@@ -175,10 +182,19 @@ class _RowReader:
         if not isinstance(model, str):
             raise _RowError("generator must be a string")
         if self.endpoint_default == "chat":
-            tokens, text_hash = self._messages([{"role": "user", "content": text}])
+            tokens, text_hash, cues, digest = self._messages([{"role": "user", "content": text}])
         else:
-            tokens, text_hash = self._prompt(text, None)
-        features = RequestFeatures(tokens, _max_tokens(raw), self.endpoint_default, model, _tag(raw), text_hash)
+            tokens, text_hash, cues, digest = self._prompt(text, None)
+        features = RequestFeatures(
+            tokens,
+            _max_tokens(raw),
+            self.endpoint_default,
+            model,
+            _tag(raw),
+            text_hash,
+            cues=cues,
+            prompt_digest=digest,
+        )
         return LabeledRequest(features, output, raw)
 
     def _output_tokens(self, raw: dict[str, Any]) -> int:
@@ -193,25 +209,36 @@ class _RowReader:
             return len(self.tokenizer.encode(raw["output"], add_special_tokens=False))
         raise _RowError("no output or output_tokens")
 
-    def _prompt(self, text: str, rendered: str | None) -> tuple[int, dict[int, float]]:
-        """Token count of ``rendered`` (or ``text``) and the hash of ``text``, cached."""
+    def _prompt(
+        self, text: str, rendered: str | None, messages: list[dict[str, Any]] | None = None
+    ) -> tuple[int, dict[int, float], tuple[float, ...], int]:
+        """Token count of ``rendered`` (or ``text``), the hash, cues (with ``messages``) and digest
+        of ``text``, cached."""
         key = (text, rendered or "")
         cached = self._prompts.get(key)
         if cached is None:
             tokens = len(self.tokenizer.encode(rendered if rendered is not None else text, add_special_tokens=False))
-            cached = (tokens, hash_text(text))
+            cached = (tokens, hash_text(text), request_cues(text, messages), prompt_digest(text))
             if len(self._prompts) >= _PROMPT_CACHE_SIZE:  # bounded: logs of unique prompts gain nothing from it
                 self._prompts.clear()
             self._prompts[key] = cached
         return cached
 
-    def _messages(self, messages: list[dict[str, Any]]) -> tuple[int, dict[int, float]]:
+    def _messages(self, messages: list[dict[str, Any]]) -> tuple[int, dict[int, float], tuple[float, ...], int]:
         try:
             rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             text = chat_text(messages)
         except (KeyError, TypeError, ValueError) as exc:
             raise _RowError(f"bad messages: {exc}") from None
-        return self._prompt(text, rendered)
+        return self._prompt(text, rendered, messages)
+
+
+def _digest(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value < 1 << 64:
+        raise _RowError("prompt_digest must be an unsigned 64-bit integer or null")
+    return value
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

@@ -20,6 +20,7 @@ Python version (unlike ``hash()``), so indices are stable.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -103,6 +104,12 @@ def text_words(text: str) -> list[bytes]:
     return text.lower().encode("utf-8", "surrogatepass").translate(_WORD_BYTES).split()
 
 
+def prompt_digest(text: str) -> int:
+    """A 64-bit digest of a prompt's text (BLAKE2b): the same prompt asked again has the same one,
+    in every process. The output-length model remembers how long the answers to a prompt ran."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 def hash_text(text: str, n_features: int = N_FEATURES) -> dict[int, float]:
     """Sparse unit-norm vector ``{index: weight}`` of the hashed word unigrams and bigrams of ``text``.
 
@@ -182,6 +189,11 @@ class RequestFeatures:
     length_fixed: bool = (
         False  # the client fixed the output length (``ignore_eos``): it says nothing of natural lengths
     )
+    cues: tuple[float, ...] = ()
+    """:func:`~scheduler.costmodel.cues.request_cues` of the prompt (what it asks for); empty when
+    unknown (no text, or a record written before cues existed)."""
+    prompt_digest: int | None = None
+    """:func:`prompt_digest` of the text ``text_hash`` was made from; ``None`` when unknown."""
 
     def to_record(self) -> dict[str, Any]:
         """JSON-able dict (``text_hash`` as ``((index, weight), ...)``, which JSON writes as
@@ -198,6 +210,8 @@ class RequestFeatures:
             # hash_text and parse_text_hash give plain ints and floats already
             "text_hash": tuple(self.text_hash.items()),
             "length_fixed": self.length_fixed,
+            "cues": self.cues,
+            "prompt_digest": self.prompt_digest,
         }
 
     @classmethod
@@ -222,7 +236,11 @@ class RequestFeatures:
         if not isinstance(fixed, bool):
             raise ValueError("length_fixed must be a boolean")
         text_hash = parse_text_hash(record.get("text_hash") or [])
-        return cls(prompt_tokens, max_tokens, endpoint, model, tag, text_hash, fixed)
+        digest = record.get("prompt_digest")
+        if digest is not None and (not _is_int(digest) or not 0 <= digest < 1 << 64):
+            raise ValueError("prompt_digest must be an unsigned 64-bit integer or null")
+        cues = parse_cues(record.get("cues"))
+        return cls(prompt_tokens, max_tokens, endpoint, model, tag, text_hash, fixed, cues, digest)
 
 
 def parse_text_hash(pairs: Any) -> dict[int, float]:
@@ -242,6 +260,25 @@ def parse_text_hash(pairs: Any) -> dict[int, float]:
             raise ValueError("text_hash must be a list of [index, weight] pairs")
         out[pair[0]] = float(pair[1])
     return out
+
+
+MAX_CUES = 64
+"""Longest cue vector a record may carry (the current layout has fewer; later ones append)."""
+
+
+def parse_cues(values: Any) -> tuple[float, ...]:
+    """A record's cue vector (``None`` or missing: empty); ``ValueError`` unless a list of at most
+    :data:`MAX_CUES` finite numbers."""
+    if values is None:
+        return ()
+    if not isinstance(values, list | tuple) or len(values) > MAX_CUES:
+        raise ValueError(f"cues must be a list of at most {MAX_CUES} numbers")
+    out = []
+    for value in values:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError("cues must be finite numbers")
+        out.append(float(value))
+    return tuple(out)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

@@ -15,9 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from pdgate.scheduler.costmodel.cues import CUE_NAMES
 from pdgate.scheduler.costmodel.features import RequestFeatures
 
 __all__ = [
+    "DENSE_COLUMNS",
     "NUMERIC_COLUMNS",
     "group_offsets",
     "numeric_matrix",
@@ -29,6 +31,8 @@ __all__ = [
 ]
 
 NUMERIC_COLUMNS = 5  # text score, log1p(prompt_tokens), log1p(max_tokens or 0), has max_tokens, is chat
+DENSE_COLUMNS = NUMERIC_COLUMNS + len(CUE_NAMES)
+"""The numeric columns, then one per cue (:data:`~scheduler.costmodel.cues.CUE_NAMES`)."""
 
 
 def text_matrix(features: Sequence[RequestFeatures], n_features: int) -> sp.csr_matrix:
@@ -61,14 +65,20 @@ def text_scale(text_hash: Mapping[int, float]) -> float:
 
 
 def numeric_matrix(features: Sequence[RequestFeatures], scores: np.ndarray) -> np.ndarray:
-    """The :data:`NUMERIC_COLUMNS` dense columns: ``[text score, log1p(prompt_tokens),
-    log1p(max_tokens or 0), has max_tokens, is chat]``."""
-    out = np.empty((len(features), NUMERIC_COLUMNS))
+    """The :data:`DENSE_COLUMNS` dense columns: ``[text score, log1p(prompt_tokens),
+    log1p(max_tokens or 0), has max_tokens, is chat]``, then the cues (zeros where a request has
+    none; a shorter vector is padded, a longer one cut)."""
+    out = np.zeros((len(features), DENSE_COLUMNS))
     out[:, 0] = scores
     out[:, 1] = np.log1p([f.prompt_tokens for f in features])
     out[:, 2] = np.log1p([0 if f.max_tokens is None else f.max_tokens for f in features])
     out[:, 3] = [0.0 if f.max_tokens is None else 1.0 for f in features]
     out[:, 4] = [1.0 if f.endpoint == "chat" else 0.0 for f in features]
+    width = len(CUE_NAMES)
+    for row, f in enumerate(features):
+        if f.cues:
+            cues = f.cues[:width]
+            out[row, NUMERIC_COLUMNS : NUMERIC_COLUMNS + len(cues)] = cues
     return out
 
 

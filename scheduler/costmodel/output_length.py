@@ -11,8 +11,14 @@
    (stacking), so that stage learns how far to trust the score on prompts it has not seen;
 2. two linear *quantile heads* (median and ``q_high``; :class:`sklearn.linear_model.QuantileRegressor`,
    HiGHS interior point) over ``[text score, log1p(prompt_tokens), log1p(max_tokens or 0),
-   has max_tokens, is chat, one-hot model, one-hot tag]`` (models and tags seen in at least
-   ``min_category_rows`` training rows; others get no offset).
+   has max_tokens, is chat, the cues, one-hot model, one-hot tag]`` (the cues: what the prompt
+   asks for, :mod:`scheduler.costmodel.cues`; models and tags seen in at least
+   ``min_category_rows`` training rows; others get no offset);
+3. a *prompt memory*: for every prompt (:func:`~scheduler.costmodel.features.prompt_digest`)
+   answered in training, how far its answers ran from the median head, in log tokens; a prompt
+   asked again is shifted by that much, shrunk by its count (:data:`MEMORY_PRIOR`). The heads
+   are fitted for prompts not seen (stacked on out-of-fold text scores); the memory is what a
+   repeated prompt (a template, a benchmark, a retried request) adds.
 
 Predictions are ``expm1`` of the heads, then ``1 <= median <= high`` and both capped by
 ``max_tokens``. After :meth:`OutputLengthModel.fit` only plain floats, lists and dicts remain
@@ -46,7 +52,7 @@ from pdgate.scheduler.costmodel.length_baselines import GlobalMeanBaseline as Gl
 from pdgate.scheduler.costmodel.length_baselines import PromptLengthBaseline as PromptLengthBaseline
 from pdgate.scheduler.costmodel.length_baselines import evaluate_lengths as evaluate_lengths
 from pdgate.scheduler.costmodel.length_design import (
-    NUMERIC_COLUMNS,
+    DENSE_COLUMNS,
     group_offsets,
     numeric_matrix,
     one_hot,
@@ -59,6 +65,10 @@ from pdgate.scheduler.costmodel.length_types import DEFAULT_Q_HIGH as DEFAULT_Q_
 from pdgate.scheduler.costmodel.length_types import LengthPrediction as LengthPrediction
 from pdgate.scheduler.costmodel.length_types import LengthPredictor as LengthPredictor
 from pdgate.scheduler.costmodel.length_types import cap_prediction, cap_predictions, check_training
+
+MEMORY_PRIOR = 1.0
+"""Pseudo-count of the prompt memory's shrinkage: a prompt answered once moves the prediction
+half-way to its answer's length, one answered 9 times 90 %."""
 
 RIDGE_ALPHAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 """Ridge penalties tried by grouped cross-validation (weights are ~1 per n-gram, so large ones win on
@@ -73,22 +83,32 @@ class _Head:
     """
 
     intercept: float
-    numeric: tuple[float, ...]  # weights of the NUMERIC_COLUMNS columns, in order
+    numeric: tuple[float, ...]  # weights of the dense columns, in order (a model saved before cues: the first 5)
     model: Mapping[str, float]
     tag: Mapping[str, float]
 
     def value(
-        self, score: float, lp: float, lm: float, has_max: float, chat: float, model: str, tag: str | None
+        self,
+        score: float,
+        lp: float,
+        lm: float,
+        has_max: float,
+        chat: float,
+        model: str,
+        tag: str | None,
+        cues: tuple[float, ...] = (),
     ) -> float:
         w = self.numeric
         z = self.intercept + w[0] * score + w[1] * lp + w[2] * lm + w[3] * has_max + w[4] * chat
+        if cues and len(w) > 5:
+            z += sum(map(mul, w[5:], cues))
         z += self.model.get(model, 0.0)
         if tag is not None:
             z += self.tag.get(tag, 0.0)
         return z
 
     def values(self, numeric: np.ndarray, models: Sequence[str], tags: Sequence[str | None]) -> np.ndarray:
-        z = self.intercept + numeric @ np.asarray(self.numeric)
+        z = self.intercept + numeric[:, : len(self.numeric)] @ np.asarray(self.numeric)
         z += np.array([self.model.get(m, 0.0) for m in models])
         z += np.array([0.0 if t is None else self.tag.get(t, 0.0) for t in tags])
         return np.asarray(z, dtype=float)
@@ -114,6 +134,7 @@ class OutputLengthModel:
         max_quantile_rows: int = 20_000,
         min_category_rows: int = 10,
         max_categories: int = 64,
+        max_memory: int = 100_000,
         seed: int = 0,
     ) -> None:
         if not 0.5 < q_high < 1.0:
@@ -127,7 +148,9 @@ class OutputLengthModel:
         self.max_quantile_rows = int(max_quantile_rows)
         self.min_category_rows = int(min_category_rows)
         self.max_categories = int(max_categories)
+        self.max_memory = int(max_memory)
         self.seed = int(seed)
+        self._memory: dict[int, tuple[float, int]] = {}
         self.n_train = 0
         self.trained_at: float | None = None
         self.kind = "prior"
@@ -156,6 +179,7 @@ class OutputLengthModel:
         self.n_train = len(y_tokens)
         self.trained_at = time.time()
         self._heads = None
+        self._memory = {}
         self._text_coef = []
         self._text_intercept = 0.0
         self.ridge_alpha = None
@@ -186,7 +210,35 @@ class OutputLengthModel:
             return self
         self._heads = (heads[0], heads[1])
         self.kind = "linear"
+        self._memory = self._prompt_memory(features, y)
         return self
+
+    def _prompt_memory(self, features: Sequence[RequestFeatures], y: np.ndarray) -> dict[int, tuple[float, int]]:
+        """Per prompt digest seen in training: the mean of ``log1p(output)`` minus the median head's
+        prediction for its answers, and how many answers. The most answered ``max_memory`` prompts."""
+        self._memory = {}
+        median, _ = self.predict_many(features)
+        residual = y - np.log1p(median)
+        sums: dict[int, list[float]] = {}
+        for f, r in zip(features, residual.tolist()):
+            if f.prompt_digest is not None:
+                entry = sums.setdefault(f.prompt_digest, [0.0, 0.0])
+                entry[0] += r
+                entry[1] += 1.0
+        kept = sorted(sums.items(), key=lambda kv: -kv[1][1])[: self.max_memory]
+        return {digest: (total / count, int(count)) for digest, (total, count) in kept}
+
+    def _memory_shift(self, digest: int | None) -> float:
+        """How far (in log tokens) the answers to this prompt ran from the heads, shrunk by their
+        count (``n / (n + MEMORY_PRIOR)``); 0 for a prompt never seen."""
+        memory: dict[int, tuple[float, int]] | None = getattr(self, "_memory", None)  # absent from older models
+        if digest is None or not memory:
+            return 0.0
+        found = memory.get(digest)
+        if found is None:
+            return 0.0
+        mean, count = found
+        return mean * count / (count + MEMORY_PRIOR)
 
     def _fit_text(self, text: sp.csr_matrix, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
         """Fit the ridge text model; returns the out-of-fold text score of every training row."""
@@ -221,9 +273,9 @@ class OutputLengthModel:
         if not (np.all(np.isfinite(reg.coef_)) and math.isfinite(reg.intercept_)):
             raise ValueError(f"the q={q} quantile regression did not converge")
         coef = [float(c) for c in reg.coef_]
-        numeric = tuple(coef[:NUMERIC_COLUMNS])
-        model_w = {m: w for m, w in zip(models, coef[NUMERIC_COLUMNS : NUMERIC_COLUMNS + len(models)]) if w != 0.0}
-        tag_w = {t: w for t, w in zip(tags, coef[NUMERIC_COLUMNS + len(models) :]) if w != 0.0}
+        numeric = tuple(coef[:DENSE_COLUMNS])
+        model_w = {m: w for m, w in zip(models, coef[DENSE_COLUMNS : DENSE_COLUMNS + len(models)]) if w != 0.0}
+        tag_w = {t: w for t, w in zip(tags, coef[DENSE_COLUMNS + len(models) :]) if w != 0.0}
         return _Head(float(reg.intercept_), numeric, model_w, tag_w)
 
     # --- prediction ---------------------------------------------------------------------------
@@ -251,8 +303,9 @@ class OutputLengthModel:
         has_max = 0.0 if f.max_tokens is None else 1.0
         lm = math.log1p(f.max_tokens) if f.max_tokens is not None else 0.0
         chat = 1.0 if f.endpoint == "chat" else 0.0
-        median = heads[0].value(score, lp, lm, has_max, chat, f.model, f.tag)
-        high = heads[1].value(score, lp, lm, has_max, chat, f.model, f.tag)
+        shift = self._memory_shift(f.prompt_digest)
+        median = heads[0].value(score, lp, lm, has_max, chat, f.model, f.tag, f.cues) + shift
+        high = heads[1].value(score, lp, lm, has_max, chat, f.model, f.tag, f.cues) + shift
         return cap_prediction(math.expm1(median), math.expm1(high), f.max_tokens)
 
     def predict_many(self, features: Sequence[RequestFeatures]) -> tuple[np.ndarray, np.ndarray]:
@@ -268,8 +321,9 @@ class OutputLengthModel:
         numeric = numeric_matrix(features, scores)
         models = [f.model for f in features]
         tags = [f.tag for f in features]
-        median = self._heads[0].values(numeric, models, tags)
-        high = self._heads[1].values(numeric, models, tags)
+        shift = np.array([self._memory_shift(f.prompt_digest) for f in features])
+        median = self._heads[0].values(numeric, models, tags) + shift
+        high = self._heads[1].values(numeric, models, tags) + shift
         return cap_predictions(np.expm1(median), np.expm1(high), features)
 
     def describe(self) -> dict[str, Any]:
@@ -288,4 +342,5 @@ class OutputLengthModel:
             out["text_features"] = sum(1 for c in self._text_coef if c != 0.0)
             out["models"] = sorted(set(self._heads[0].model) | set(self._heads[1].model))
             out["tags"] = sorted(set(self._heads[0].tag) | set(self._heads[1].tag))
+            out["memory_prompts"] = len(getattr(self, "_memory", {}))
         return out
