@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from pdgate.common.json_codec import json_encoder
 from pdgate.gateway.config import CostModelConfig
-from pdgate.scheduler.costmodel.calibration import StepCalibration
+from pdgate.scheduler.costmodel.calibration import LengthCalibration, StepCalibration
 from pdgate.scheduler.costmodel.latency import LatencyModel, PriorSpec, step_time_of
 from pdgate.scheduler.costmodel.model import CostModel
 
@@ -90,6 +90,7 @@ class CostModelService:
         self._unshared: list[bytes] = []  # encoded records not yet in the shared stream
         self._encode = json_encoder()
         self.calibration = StepCalibration()
+        self.length_calibration = LengthCalibration()
 
     # ------------------------------------------------------------ lifecycle
     async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -159,6 +160,20 @@ class CostModelService:
         self._unencoded.append(record)
         self._new_since_fit += 1
         self._calibrate(record)
+        self._calibrate_length(record)
+
+    def _calibrate_length(self, record: dict[str, Any]) -> None:
+        """The length model's error on this request (actual output tokens against the median it
+        was served with) into its answering model's scale; a scale that moved is put in force."""
+        current = self.current
+        served = (record.get("predicted") or {}).get("output_median")
+        actual = record.get("output_tokens")
+        if current is None or not served or not actual or record.get("length_fixed"):
+            return
+        if self.length_calibration.observe_output(
+            str(record.get("model")), float(served), int(actual), record.get("max_tokens")
+        ):
+            self.current = replace(current, length_scale=dict(self.length_calibration.in_force))
 
     def _calibrate(self, record: dict[str, Any]) -> None:
         """The decode step model's error on this request (its actual TPOT against the uncorrected
@@ -219,6 +234,7 @@ class CostModelService:
             return
         components = await asyncio.to_thread(_loads, blob)
         self.calibration.reset()
+        self.length_calibration.reset()
         self.current = CostModel(
             components["latency"].with_prior_specs(self.prior_specs), components["output_length"], version
         )
@@ -299,6 +315,7 @@ class CostModelService:
         if self.shared is not None:  # versions from several replicas over time: unique names
             name = f"{self.shared.replica_id}-{name}"
         self.calibration.reset()
+        self.length_calibration.reset()
         self.current = CostModel(latency, components["output_length"], name)
         log.info(
             "cost model %s in force (%s records, fit %.2fs)", name, meta.get("n_records"), meta.get("fit_seconds", 0)

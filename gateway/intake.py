@@ -122,7 +122,7 @@ class Intake:
                 request_cues(text, messages) if text or messages else (),
                 prompt_digest(text) if text else None,
             )
-            output = self.costs.current.output.predict(features)
+            output = self.costs.current.predict_output(features)
         min_tokens = body.get("min_tokens")
         output = client_bounds(
             output,

@@ -199,6 +199,12 @@ class GatewayMetrics:
             ["group"],
             registry=r,
         )
+        self.length_scale = Gauge(
+            "pdgate_cost_model_length_scale",
+            "The online correction on a model's predicted output length (1: the fit is right) since the last refit.",
+            ["model"],
+            registry=r,
+        )
         self.cost_model_refits = Gauge(
             "pdgate_cost_model_refits", "Cost-model refits done (and failed) since start.", ["result"], registry=r
         )
@@ -494,6 +500,9 @@ class GatewayMetrics:
             scales = costs.current.tpot_scale if costs.current is not None else {}
             for group in costs.calibration.groups_seen:
                 self.tpot_scale.labels(group).set(scales.get(group, 1.0))
+            lengths = costs.current.length_scale if costs.current is not None else {}
+            for model in costs.length_calibration.keys_seen:
+                self.length_scale.labels(model).set(lengths.get(model, 1.0))
         now = cluster.clock()
         stale = cluster.config.stale_after_s
         for instance_id, state in cluster.instances.items():

@@ -1,13 +1,18 @@
-"""Online correction of the decode step model between refits.
+"""Online corrections of the cost model between refits.
 
-The latency fits are refitted every ``cost_model.refit_interval_s``; between two refits a bias
-in the decode step model (a host running slower than its profile, a batch shape the fit has not
-seen) would make every TPOT-based decision wrong by the same factor. :class:`StepCalibration`
-keeps, per decode group, an exponentially weighted mean of ``actual TPOT / predicted step time``
-(in log space; the prediction taken at the batch and context the request actually decoded in,
-so a batch that grew after placement is not mistaken for a model error) and the gateway applies
-it as :attr:`CostModel.tpot_scale`. A refit absorbs the bias, so a new model starts the
-calibration over.
+The models are refitted every ``cost_model.refit_interval_s``; between two refits a bias would
+make every decision that reads them wrong by the same factor. :class:`ScaleCalibration` keeps,
+per key, an exponentially weighted mean of ``actual / predicted`` in log space and puts a scale
+in force once it has moved; a refit absorbs the bias, so a new model starts the calibration over.
+Two are used:
+
+* :class:`StepCalibration`, per decode group: actual TPOT against the predicted step time of the
+  batch and context the request actually decoded in (so a batch that grew after placement is not
+  mistaken for a model error); applied as :attr:`CostModel.tpot_scale`;
+* :class:`LengthCalibration`, per answering model: actual output tokens against the predicted
+  median. A model the length model has not seen (or one that grew more verbose) gets its
+  verbosity within a few dozen requests instead of at the next refit; applied as
+  :attr:`CostModel.length_scale`.
 """
 
 from __future__ import annotations
@@ -21,26 +26,29 @@ CHANGE = 0.02  # a scale that moved by more than this share is put in force
 
 
 @dataclass
-class StepCalibration:
-    """Per-group decode-step scale factors, learnt from completed requests."""
+class ScaleCalibration:
+    """Per-key scale factors on a prediction, learnt from completed requests."""
 
     alpha: float = ALPHA
+    min_scale: float = MIN_SCALE
+    max_scale: float = MAX_SCALE
+    change: float = CHANGE
     _log_scale: dict[str, float] = field(default_factory=dict)
-    in_force: dict[str, float] = field(default_factory=dict)  # the scales the cost model applies now
-    groups_seen: set[str] = field(default_factory=set)  # every group observed (its scale is exported)
+    in_force: dict[str, float] = field(default_factory=dict)  # the scales applied now
+    keys_seen: set[str] = field(default_factory=set)  # every key observed (its scale is exported)
 
-    def observe(self, group: str, predicted_step_s: float, actual_tpot_s: float) -> bool:
-        """One request's actual TPOT against the (uncorrected) predicted step time of the batch it
-        decoded in; True when the group's scale moved enough to be put in force."""
-        if not (predicted_step_s > 0 and actual_tpot_s > 0 and math.isfinite(actual_tpot_s)):
+    def observe(self, key: str, predicted: float, actual: float) -> bool:
+        """One request's actual value against the model's *uncorrected* prediction; True when
+        the key's scale moved enough to be put in force."""
+        if not (predicted > 0 and actual > 0 and math.isfinite(actual)):
             return False
-        self.groups_seen.add(group)
-        ratio = math.log(min(MAX_SCALE, max(MIN_SCALE, actual_tpot_s / predicted_step_s)))
-        before = self._log_scale.get(group, 0.0)
-        self._log_scale[group] = before + self.alpha * (ratio - before)
-        scale = math.exp(self._log_scale[group])
-        if abs(scale / self.in_force.get(group, 1.0) - 1.0) > CHANGE:
-            self.in_force[group] = scale
+        self.keys_seen.add(key)
+        ratio = math.log(min(self.max_scale, max(self.min_scale, actual / predicted)))
+        before = self._log_scale.get(key, 0.0)
+        self._log_scale[key] = before + self.alpha * (ratio - before)
+        scale = math.exp(self._log_scale[key])
+        if abs(scale / self.in_force.get(key, 1.0) - 1.0) > self.change:
+            self.in_force[key] = scale
             return True
         return False
 
@@ -48,3 +56,33 @@ class StepCalibration:
         """A new model is in force: its fit includes what the scales corrected."""
         self._log_scale.clear()
         self.in_force.clear()
+
+
+@dataclass
+class StepCalibration(ScaleCalibration):
+    """Per decode group: actual TPOT / predicted step time (scales within 0.5-3)."""
+
+    @property
+    def groups_seen(self) -> set[str]:
+        return self.keys_seen
+
+
+LENGTH_MIN_SCALE, LENGTH_MAX_SCALE = 0.125, 8.0
+LENGTH_CHANGE = 0.05
+
+
+@dataclass
+class LengthCalibration(ScaleCalibration):
+    """Per answering model: actual output tokens / the length model's median (scales within 1/8-8)."""
+
+    min_scale: float = LENGTH_MIN_SCALE
+    max_scale: float = LENGTH_MAX_SCALE
+    change: float = LENGTH_CHANGE
+
+    def observe_output(self, model: str, served_median: float, actual: int, max_tokens: int | None) -> bool:
+        """One completed request: ``served_median`` is the median it was served with (this
+        calibration's scale in force already applied). A request cut at ``max_tokens``, or whose
+        prediction was, says nothing of the model's natural length and is skipped."""
+        if max_tokens is not None and (actual >= max_tokens or served_median >= max_tokens):
+            return False
+        return self.observe(model, served_median / self.in_force.get(model, 1.0), float(actual))

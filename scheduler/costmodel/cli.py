@@ -53,6 +53,9 @@ Figures for output-length prediction, and which question each answers:
   a refit every --refit-every requests on --base plus what was seen; figures per --window. With
   several models answering the same prompts, a prompt comes back and what was learned of its
   earlier answers counts; --distinct-prompts replays one answer per prompt (new traffic only).
+  Between refits each answering model's length scale learns online, as in the gateway
+  (--no-calibration: without it). --where / --base-where pick rows by a record field, e.g. to
+  train on some of a benchmark's prompt sources and replay another.
 
 Every split also scores the two baselines (global mean; prompt length only), fitted the same way.
 Prints JSON.
@@ -127,6 +130,21 @@ def add_cost_model_commands(commands: argparse._SubParsersAction[argparse.Argume
         "--distinct-prompts",
         action="store_true",
         help="replay one answer per prompt, so that no prompt comes back (new traffic only)",
+    )
+    evaluate.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="replay without the gateway's online length scale per answering model between refits",
+    )
+    evaluate.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="keep the --data rows whose FIELD (a record field, e.g. dataset or generator) is one of the values",
+    )
+    evaluate.add_argument(
+        "--base-where", action="append", default=[], metavar="FIELD=V1,V2", help="the same for --base rows"
     )
     evaluate.add_argument(
         "--max-rows", type=int, metavar="N", help="use a seeded random sample of at most N rows of --data"
@@ -295,14 +313,14 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.base and not args.prequential:
         raise _UsageError("--base is the training data of --prequential")
     saved = _load_saved(Path(args.model)) if args.model is not None else None
-    rows = _sample(_read(args), args.max_rows, args.seed)
+    rows = _sample(_where(_read(args), args.where), args.max_rows, args.seed)
     report: dict[str, Any] = {"n": len(rows)}
     if saved is not None:
         report |= _evaluate_saved(args.model, *saved, rows)
     if args.cross_validate or args.prequential:
         from pdgate.scheduler.costmodel.evaluate_protocols import ProtocolOptions, run_protocols
 
-        base = _read(args, args.base) if args.base else []
+        base = _where(_read(args, args.base), args.base_where) if args.base else []
         options = ProtocolOptions(
             splits=args.cross_validate,
             folds=args.folds,
@@ -311,6 +329,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
             window=args.window,
             order=args.order,
             distinct_prompts=args.distinct_prompts,
+            calibration=not args.no_calibration,
             min_model_rows=args.min_model_rows,
             q_high=args.q_high,
             seed=args.seed,
@@ -320,6 +339,19 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError as exc:
             raise _UsageError(str(exc)) from None
     return report
+
+
+def _where(rows: list[Any], conditions: Sequence[str]) -> list[Any]:
+    """The rows whose record has, for every ``FIELD=V1,V2`` condition, one of the values."""
+    for condition in conditions:
+        name, sep, values = condition.partition("=")
+        if not sep or not name or not values:
+            raise _UsageError(f"--where/--base-where takes FIELD=VALUE[,VALUE...], not {condition!r}")
+        allowed = set(values.split(","))
+        rows = [r for r in rows if str(r.record.get(name)) in allowed]
+        if not rows:
+            raise _UsageError(f"no rows have {condition}")
+    return rows
 
 
 def _sample(rows: list[Any], limit: int | None, seed: int) -> list[Any]:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pdgate.scheduler.costmodel.calibration import LengthCalibration
 from pdgate.scheduler.costmodel.datasets import LabeledRequest, prompt_key
 from pdgate.scheduler.costmodel.length_baselines import GlobalMeanBaseline, PromptLengthBaseline
 from pdgate.scheduler.costmodel.length_evaluation import (
@@ -36,6 +37,7 @@ class ProtocolOptions:
     window: int = 500
     order: Literal["shuffled", "file"] = "shuffled"
     distinct_prompts: bool = False  # replay one answer per prompt (no prompt comes back)
+    calibration: bool = True  # the gateway's online length scale per answering model between refits
     min_model_rows: int = 10
     q_high: float = 0.9
     seed: int = 0
@@ -91,10 +93,12 @@ def run_protocols(
                 refit_every=options.refit_every,
                 window=options.window,
                 min_rows=options.min_model_rows,
+                calibration=LengthCalibration() if options.calibration else None,
             )
         out["prequential"] = _with_baselines(reports) | {
             "order": options.order,
             "distinct_prompts": options.distinct_prompts,
+            "calibration": options.calibration,
             "n": len(stream),
             "base_rows": len(base),
         }

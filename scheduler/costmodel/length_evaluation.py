@@ -37,9 +37,10 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
+from pdgate.scheduler.costmodel.calibration import LengthCalibration
 from pdgate.scheduler.costmodel.datasets import LabeledRequest, prompt_key
 from pdgate.scheduler.costmodel.length_baselines import evaluate_lengths
-from pdgate.scheduler.costmodel.length_types import LengthPredictor
+from pdgate.scheduler.costmodel.length_types import LengthPredictor, cap_prediction
 
 __all__ = [
     "MIN_MODEL_ROWS",
@@ -177,12 +178,15 @@ def prequential(
     window: int = 500,
     max_records: int = 50_000,
     min_rows: int = MIN_MODEL_ROWS,
+    calibration: LengthCalibration | None = None,
 ) -> dict[str, Any]:
     """Predict-then-learn over ``stream`` in order (module docstring).
 
     ``initial`` serves until the first refit (a model trained on ``base`` beforehand, or a
     prior); each refit fits a fresh ``make()`` on ``base`` plus the latest ``max_records``
-    streamed rows. Returns ``windows`` (per ``window`` arrivals: pooled figures,
+    streamed rows. With ``calibration`` (what the gateway runs between refits), every prediction
+    is scaled by its answering model's length scale in force, and every answer then updates it;
+    a refit starts it over. Returns ``windows`` (per ``window`` arrivals: pooled figures,
     ``within_model`` without its per-model table, and the rows the model of the window's first
     request was trained on) and ``overall`` (the whole stream, with the per-model table)."""
     if refit_every < 1 or window < 1:
@@ -196,6 +200,8 @@ def prequential(
     for start in range(0, len(stream), refit_every):
         block = stream[start : start + refit_every]
         median, high = predictor.predict_many([r.features for r in block])
+        if calibration is not None:
+            median, high = _calibrated(block, np.asarray(median, float), np.asarray(high, float), calibration)
         medians[start : start + len(block)] = median
         highs[start : start + len(block)] = high
         trained[start : start + len(block)] = trained_on
@@ -204,6 +210,8 @@ def prequential(
             seen = list(base) + list(stream[max(0, end - max_records) : end])
             predictor = make().fit([r.features for r in seen], [r.output_tokens for r in seen])
             trained_on = len(seen)
+            if calibration is not None:
+                calibration.reset()
     actual = np.array([r.output_tokens for r in stream], dtype=float)
     models = [r.features.model for r in stream]
     windows = []
@@ -220,6 +228,22 @@ def prequential(
         "windows": windows,
         "overall": length_report(everything, q_high, min_rows),
     }
+
+
+def _calibrated(
+    block: Sequence[LabeledRequest], median: np.ndarray, high: np.ndarray, calibration: LengthCalibration
+) -> tuple[np.ndarray, np.ndarray]:
+    """``block``'s predictions as the gateway serves them, one request after another: scaled by
+    the answering model's length scale in force, which the request's answer then updates."""
+    median, high = median.copy(), high.copy()
+    for i, row in enumerate(block):
+        f = row.features
+        scale = calibration.in_force.get(f.model)
+        if scale is not None:
+            served = cap_prediction(median[i] * scale, high[i] * scale, f.max_tokens)
+            median[i], high[i] = served.median, served.high
+        calibration.observe_output(f.model, float(median[i]), row.output_tokens, f.max_tokens)
+    return median, high
 
 
 def _folds(keys: Sequence[str], folds: int, seed: int) -> np.ndarray:

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pdgate.scheduler.costmodel.latency import LatencyModel
+from pdgate.scheduler.costmodel.length_types import LengthPrediction, cap_prediction
 
 if TYPE_CHECKING:
-    from pdgate.scheduler.costmodel.output_length import LengthPrediction, OutputLengthModel
+    from pdgate.scheduler.costmodel.features import RequestFeatures
+    from pdgate.scheduler.costmodel.output_length import OutputLengthModel
 
 DEFAULT_OUTPUT_TOKENS = 128  # when nothing predicts the output length
 
@@ -39,6 +41,17 @@ class CostModel:
     # decode group -> factor on its step time: the online correction between refits
     # (:class:`pdgate.scheduler.costmodel.calibration.StepCalibration`)
     tpot_scale: Mapping[str, float] = field(default_factory=dict)
+    # answering model -> factor on its predicted output length: the online correction between
+    # refits (:class:`pdgate.scheduler.costmodel.calibration.LengthCalibration`)
+    length_scale: Mapping[str, float] = field(default_factory=dict)
+
+    def predict_output(self, features: RequestFeatures) -> LengthPrediction:
+        """The output-length model's prediction, times the model's online length scale."""
+        prediction = self.output.predict(features)
+        scale = self.length_scale.get(features.model)
+        if scale is None:
+            return prediction
+        return cap_prediction(prediction.median * scale, prediction.high * scale, features.max_tokens)
 
     def prefill_s(self, instance: CostedInstance, uncached: float, cached: float = 0.0) -> float:
         """Predicted seconds to prefill on ``instance`` when it is idle."""

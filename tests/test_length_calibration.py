@@ -1,0 +1,67 @@
+"""The output-length model's online correction per answering model (issue 19): a model that says
+more (or less) than the fit expects is corrected within a few dozen requests, requests cut at
+max_tokens teach nothing, and a refit starts the correction over."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdgate.scheduler.costmodel.calibration import LengthCalibration
+from pdgate.scheduler.costmodel.features import RequestFeatures
+from pdgate.scheduler.costmodel.latency import LatencyModel
+from pdgate.scheduler.costmodel.model import CostModel
+from pdgate.scheduler.costmodel.output_length import OutputLengthModel
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_verbose_model_is_learnt_from_the_medians_it_was_served_with():
+    calibration = LengthCalibration()
+    model = CostModel(LatencyModel(), OutputLengthModel.prior(default_median=100, default_high=400))
+    f = RequestFeatures(20, None, "chat", "verbose", None, {})
+    for _ in range(40):  # the model answers twice what the fit predicts
+        served = model.predict_output(f).median
+        if calibration.observe_output("verbose", served, 200, None):
+            model = CostModel(model.latency, model.output, length_scale=dict(calibration.in_force))
+    assert calibration.in_force["verbose"] == pytest.approx(2.0, rel=0.05)
+    prediction = model.predict_output(f)
+    assert prediction.median == pytest.approx(200, rel=0.05) and prediction.high == pytest.approx(800, rel=0.05)
+    other = RequestFeatures(20, None, "chat", "terse", None, {})
+    assert model.predict_output(other).median == 100  # per answering model
+    capped = RequestFeatures(20, 150, "chat", "verbose", None, {})
+    assert model.predict_output(capped).median == 150 and model.predict_output(capped).high == 150
+
+
+def test_requests_cut_at_max_tokens_teach_nothing_and_a_refit_starts_over():
+    calibration = LengthCalibration()
+    assert not calibration.observe_output("m", 100.0, 256, 256)  # stopped by max_tokens: its natural length is unknown
+    assert not calibration.observe_output("m", 256.0, 40, 256)  # the served median was the cap
+    assert calibration.in_force == {} and calibration.keys_seen == set()
+    for _ in range(30):
+        calibration.observe_output("m", 100.0 * calibration.in_force.get("m", 1.0), 50, 1024)
+    assert calibration.in_force["m"] == pytest.approx(0.5, rel=0.1)
+    calibration.reset()
+    assert calibration.in_force == {} and "m" in calibration.keys_seen
+
+
+async def test_the_gateways_cost_service_learns_a_models_verbosity_from_completed_requests():
+    from pdgate.gateway.config import CostModelConfig
+    from pdgate.gateway.costs import CostModelService
+
+    service = CostModelService(CostModelConfig(), {})
+    await service.start()
+    try:
+        f = RequestFeatures(30, 4096, "chat", "chatty", None, {})
+        for i in range(40):
+            served = service.current.predict_output(f).median
+            record = {"v": 1, "request_id": f"r{i}", **f.to_record(), "output_tokens": round(3 * 128)}
+            record["predicted"] = {"output_median": served}
+            service.observe(record)
+        assert service.current.length_scale["chatty"] == pytest.approx(
+            3 * 128 / service.current.output.predict(f).median, rel=0.1
+        )
+        fixed = {**record, "length_fixed": True, "model": "benchmark", "output_tokens": 4000}
+        service.observe(fixed)  # ignore_eos: the client fixed the length, nothing to learn
+        assert "benchmark" not in service.current.length_scale
+    finally:
+        await service.close()
