@@ -270,6 +270,13 @@ class CostModelConfig(Strict):
     min_new_samples: int = Field(20, ge=1, description="completed requests needed before a refit")
     max_records: int = Field(50_000, ge=100, description="most recent requests a refit uses")
     q_high: float = Field(0.9, gt=0.5, lt=1.0, description="the output-length quantile used for SLO risk")
+    length_source: Literal["client", "model", "none"] = Field(
+        "client",
+        description="what the scheduler takes a request's output length to be: client: the length model, "
+        "within what the client's sampling fixes (ignore_eos: exactly max_tokens; max_tokens caps, min_tokens "
+        "floors); model: the length model alone, blind to those settings (an ablation: how good is the model "
+        "where the client's settings would have told); none: no prediction (the scheduler's default length)",
+    )
 
 
 class TracingConfig(Strict):

@@ -109,28 +109,32 @@ class Intake:
         features = output = None
         ignore_eos = body.get("ignore_eos") is True
         may_stop = bool(body.get("stop") or body.get("stop_token_ids"))
+        source = self.config.cost_model.length_source
         if self.costs is not None and self.costs.current is not None:
             messages = parsed.messages if kind == "chat" else None
+            blind = source == "model"  # the model alone: the client's length settings unseen
             features = RequestFeatures(
                 len(prompt_ids),
-                max_tokens,
+                None if blind else max_tokens,
                 kind,
                 model.name,
                 tag,
                 hash_text(text) if text else {},
-                ignore_eos,
+                ignore_eos and not blind,
                 request_cues(text, messages) if text or messages else (),
                 prompt_digest(text) if text else None,
             )
-            output = self.costs.current.predict_output(features)
-        min_tokens = body.get("min_tokens")
-        output = client_bounds(
-            output,
-            max_tokens,
-            ignore_eos=ignore_eos,
-            min_tokens=min_tokens if isinstance(min_tokens, int) and not isinstance(min_tokens, bool) else 0,
-            may_stop=may_stop,
-        )
+            if source != "none":
+                output = self.costs.current.predict_output(features)
+        if source == "client":
+            min_tokens = body.get("min_tokens")
+            output = client_bounds(
+                output,
+                max_tokens,
+                ignore_eos=ignore_eos,
+                min_tokens=min_tokens if isinstance(min_tokens, int) and not isinstance(min_tokens, bool) else 0,
+                may_stop=may_stop,
+            )
         info = RequestInfo(
             request_id=request_id,
             model=model.name,

@@ -65,3 +65,44 @@ async def test_the_gateways_cost_service_learns_a_models_verbosity_from_complete
         assert "benchmark" not in service.current.length_scale
     finally:
         await service.close()
+
+
+class NoInstances:
+    """The one thing intake asks of the cluster: the model's instances (for prompt block hashes)."""
+
+    def for_model(self, model: str) -> list:
+        return []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("client", (300.0, 300.0)), ("model", (128.0, 512.0)), ("none", None)],
+)
+async def test_length_source_decides_what_the_scheduler_takes_the_length_to_be(source, expected):
+    import json
+
+    from pdgate.common.tokenizer import load_tokenizer
+    from pdgate.gateway.config import GatewayConfig
+    from pdgate.gateway.costs import CostModelService
+    from pdgate.gateway.intake import Intake
+    from pdgate.gateway.launcher import default_config_path
+
+    config = GatewayConfig.load(str(default_config_path()))
+    config = config.model_copy(
+        update={"cost_model": config.cost_model.model_copy(update={"length_source": source, "dir": None})}
+    )
+    model = config.models[0].name
+    costs = CostModelService(config.cost_model, {})
+    await costs.start()  # the prior: median 128, high 512
+    try:
+        intake = Intake(config, NoInstances(), {model: load_tokenizer("builtin")}, costs)  # type: ignore[arg-type]
+        body = {"model": model, "messages": [{"role": "user", "content": "Write an essay"}], "max_tokens": 300}
+        routed = intake.parse(json.dumps(body | {"ignore_eos": True}).encode(), "chat", None)
+        output = routed.info.output
+        assert (None if output is None else (output.median, output.high)) == expected
+        assert routed.features is not None and routed.features.cues  # recorded for the refits whatever the source
+        blind = source == "model"
+        assert routed.features.max_tokens == (None if blind else 300)
+        assert routed.features.length_fixed is (not blind)
+    finally:
+        await costs.close()
