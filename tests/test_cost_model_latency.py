@@ -14,6 +14,7 @@ from pdgate.scheduler.costmodel.latency import (
     PriorSpec,
     decode_features,
     handoff_features,
+    handoff_steps,
     prefill_features,
     prior_costs,
 )
@@ -56,7 +57,9 @@ def _records(n: int, slow: float, seed: int = 0) -> list[dict]:
                 "output_tokens": 50,
                 "timing": {
                     "prefill_s": slow * truth.prefill_s(prompt - cached, cached) * noise(),
-                    "handoff_s": slow * truth.handoff_s(prompt) * noise(),
+                    "handoff_s": slow
+                    * (truth.handoff_s(prompt) + handoff_steps(batch) * truth.decode_step_s(batch, context))
+                    * noise(),
                     "tpot_s": slow * truth.decode_step_s(batch, context) * noise(),
                 },
                 "placement": {

@@ -12,7 +12,11 @@ extrapolates sanely and can be fitted from a handful of observations:
       step(B, K) = d0 + d1 * B + d2 * K                          (weights read, per-row work, KV read)
 
 * **hand-off**: from sending the decode leg to its first token, ``t0 + t1 * prompt_tokens``
-  (KV transfer over the link plus the first decode step).
+  (the KV transfer over the link and the fixed costs) plus :data:`HANDOFF_STEPS` decode steps
+  of the batch the request joins (added by :meth:`CostModel.handoff_s`, which knows the batch):
+  the wait for a step boundary and the first token's step. The steps are what grows under
+  load; before they were counted, a busy decode instance's hand-offs ran 25-70 % over their
+  predictions.
 
 A *group* is a set of instances that share hardware, model and engine (``InstanceView.cost_group``).
 Until a group has observations the **prior** answers: coefficients fitted to the simulated
@@ -34,6 +38,19 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 import numpy as np
+
+HANDOFF_STEPS = 1.5
+"""Decode steps in a hand-off to a busy decode instance besides the transfer: about half a step
+waiting for a step boundary, then one for its first token (an idle instance: the one step).
+Measured against the simulated engine (``benchmarks/latency_check.py``): 2 over-predicted by
+~20 %, 1 (the old idle first step) under-predicted busy instances by 20-70 %."""
+
+
+def handoff_steps(batch: float) -> float:
+    """Decode steps a hand-off into a batch of ``batch`` requests (itself included) takes besides
+    the transfer: :data:`HANDOFF_STEPS`, or one when it is alone (an idle engine takes it at once)."""
+    return 1.0 if batch <= 1 else HANDOFF_STEPS
+
 
 PRIOR_WEIGHT = 8.0  # pseudo-observations the prior is worth
 MIN_OBSERVATIONS = 8  # below this a quantity of a group keeps its prior
@@ -145,9 +162,8 @@ def prior_costs(spec: PriorSpec) -> GroupCosts:
             rows_d.append(decode_features(b, b * ctx))
             y_d.append(profile.step_time(StepBatch(decode_seqs=b, decode_kv_tokens=b * ctx)) * scale)
     per_token = profile.kv_bytes_per_token / (spec.kv_link_gbps * 1e9)
-    first_step = profile.step_time(StepBatch(decode_seqs=1, decode_kv_tokens=1024))
     handoff = (
-        (spec.kv_link_latency_s + first_step + 0.002) * scale,  # + a couple of ms of HTTP and scheduling
+        (spec.kv_link_latency_s + 0.002) * scale,  # + a couple of ms of HTTP and scheduling; steps come on top
         per_token * scale,
     )
     weights_p = 1.0 / np.asarray(y_p)
@@ -169,6 +185,7 @@ class Observations:
     prefill: list[tuple[tuple[float, ...], float]] = field(default_factory=list)
     decode_step: list[tuple[tuple[float, ...], float]] = field(default_factory=list)
     handoff: list[tuple[tuple[float, ...], float]] = field(default_factory=list)
+    handoff_batches: list[tuple[float, float]] = field(default_factory=list)  # (batch, context) of each hand-off row
 
 
 def observations_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Observations]:
@@ -188,9 +205,11 @@ def observations_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Observati
         decode_group = placement.get("decode_group")
         handoff_s = timing.get("handoff_s")
         if decode_group and _positive(handoff_s) and placement.get("split"):
-            groups.setdefault(decode_group, Observations()).handoff.append(
-                (handoff_features(int(record.get("prompt_tokens", 0))), float(handoff_s))
-            )
+            obs = groups.setdefault(decode_group, Observations())
+            prompt_tokens = int(record.get("prompt_tokens", 0))
+            obs.handoff.append((handoff_features(prompt_tokens), float(handoff_s)))
+            batch, context = placement.get("decode_batch"), placement.get("decode_context_tokens")
+            obs.handoff_batches.append((float(batch or 1), float(context if context is not None else prompt_tokens)))
         tpot_s = timing.get("tpot_s")
         batch = placement.get("decode_batch")
         context = placement.get("decode_context_tokens")
@@ -282,19 +301,26 @@ class LatencyModel:
         fitted: dict[str, GroupCosts] = {}
         for group, obs in observations_of(records).items():
             prior = self.priors.get(group) or self.costs(group)
+            decode_step = _refit(
+                prior.decode_step,
+                obs.decode_step,
+                _grid(obs.decode_step, decode_features, [(b, b * 1024) for b in (1, 16, 64)]),
+            )
+            steps = GroupCosts(prior.prefill, decode_step, prior.handoff)
+            transfers = [  # a hand-off less its steps at the batch it joined: what t0, t1 describe
+                (features, seconds - handoff_steps(batch) * steps.decode_step_s(batch, context))
+                for (features, seconds), (batch, context) in zip(obs.handoff, obs.handoff_batches)
+            ]
+            transfers = [row for row in transfers if row[1] > 0]  # a hand-off quicker than its steps: noise
             fitted[group] = GroupCosts(
                 prefill=_refit(
                     prior.prefill,
                     obs.prefill,
                     _grid(obs.prefill, prefill_features, [(u, c) for u in (128, 1024, 4096) for c in (0, 2048)]),
                 ),
-                decode_step=_refit(
-                    prior.decode_step,
-                    obs.decode_step,
-                    _grid(obs.decode_step, decode_features, [(b, b * 1024) for b in (1, 16, 64)]),
-                ),
+                decode_step=decode_step,
                 handoff=_refit(
-                    prior.handoff, obs.handoff, _grid(obs.handoff, handoff_features, [(t,) for t in (128, 2048, 8192)])
+                    prior.handoff, transfers, _grid(transfers, handoff_features, [(t,) for t in (128, 2048, 8192)])
                 ),
             )
         return LatencyModel(dict(self.priors), fitted, dict(self.prior_specs))
@@ -313,10 +339,17 @@ class LatencyModel:
         for group, obs in observations_of(records).items():
             costs = self.costs(group)
             entry: dict[str, Any] = {}
+            handoffs = [  # the transfer and the steps at the batch the request joined
+                ((x, batch, context), y) for (x, y), (batch, context) in zip(obs.handoff, obs.handoff_batches)
+            ]
+
+            def handoff(x: tuple[float, ...], batch: float, context: float, costs: GroupCosts = costs) -> float:
+                return costs.handoff(*x) + handoff_steps(batch) * costs.decode_step_s(batch, context)
+
             for name, rows, fn in (
-                ("prefill", obs.prefill, costs.prefill),
-                ("decode_step", obs.decode_step, costs.decode_step),
-                ("handoff", obs.handoff, costs.handoff),
+                ("prefill", [(x, y) for x, y in obs.prefill], costs.prefill),
+                ("decode_step", [(x, y) for x, y in obs.decode_step], costs.decode_step),
+                ("handoff", handoffs, handoff),
             ):
                 if rows:
                     errors = [abs(fn(*x) - y) / y for x, y in rows]
