@@ -7,7 +7,7 @@ prompt length only, and no prediction, on the same trace and fleet.
 
 **Trace**: real prompts with real answer lengths: alpaca_eval's instructions (``../shared/data``)
 answered by ``--answers`` (lengths in the builtin tokenizer's tokens), half of the prompts held
-out; ``--requests`` of the held-out ones, shuffled, as chat requests with ``ignore_eos`` and
+out (which half depends on ``--seed``); ``--requests`` of the held-out ones, shuffled, as chat requests with ``ignore_eos`` and
 ``max_tokens`` = the answer's length (so the simulated engine says exactly that much), Poisson
 arrivals at each ``--rates`` rate, seed fixed.
 
