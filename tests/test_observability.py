@@ -400,8 +400,8 @@ async def test_gateway_and_engine_spans_reach_an_otlp_collector_as_one_trace(tmp
             )
             engines.append(gateway)
             client = _client(gateway.url)
-            reply = await client.completions.with_raw_response.create(
-                model=MODEL, prompt=PROMPT, max_tokens=5, stream=False
+            reply = await client.completions.with_raw_response.create(  # ignore_eos: exactly 5 tokens
+                model=MODEL, prompt=PROMPT, max_tokens=5, stream=False, extra_body={"ignore_eos": True}
             )
             await client.close()
             request_id = reply.headers["x-request-id"]
