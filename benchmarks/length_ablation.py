@@ -56,7 +56,7 @@ from pdgate.loadgen.runner import LoadConfig
 from pdgate.loadgen.slo import SloSpec
 from pdgate.loadgen.stats import summarize
 from pdgate.loadgen.types import BenchRequest
-from pdgate.scheduler.costmodel.datasets import LabeledRequest, read_datasets, split_holdout
+from pdgate.scheduler.costmodel.datasets import LabeledRequest, read_datasets, sample_rows, split_holdout
 from pdgate.scheduler.costmodel.output_length import OutputLengthModel
 from pdgate.scheduler.costmodel.store import ModelStore
 from pdgate.simulate.run import run_simulation, simulation_config
@@ -151,9 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     slo = SloSpec.parse(args.slo)
     rows = read_rows()
     train, test = split_holdout(rows, 0.5, args.seed)
-    if args.train_rows is not None and len(train) > args.train_rows:
-        keep = np.sort(np.random.default_rng(args.seed).choice(len(train), args.train_rows, replace=False))
-        train = [train[i] for i in keep.tolist()]
+    train = sample_rows(train, args.train_rows, args.seed)
     requests = workload(test, args.answers, args.requests, args.seed)
     lengths = np.array([r.max_tokens for r in requests])
     print(

@@ -101,7 +101,7 @@ class KVCacheManager:
 
         Returns False (and changes nothing) when the pool cannot supply the blocks.
         """
-        if not new_hits and -(-total_tokens // self.block_size) <= len(owned):
+        if not new_hits and self.blocks_needed(total_tokens) <= len(owned):
             return True  # the owned blocks hold them already (most decode steps)
         if not self.can_allocate(owned, new_hits, total_tokens):
             return False

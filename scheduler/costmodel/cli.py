@@ -85,9 +85,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
 
-    from pdgate.scheduler.costmodel.datasets import split_holdout
+    from pdgate.scheduler.costmodel.datasets import sample_rows, split_holdout
     from pdgate.scheduler.costmodel.output_length import (
         GlobalMeanBaseline,
         OutputLengthModel,
@@ -105,9 +104,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     rows = read_rows(args)
     train, test = split_holdout(rows, args.holdout, args.seed)
     n_train_available = len(train)
-    if args.max_train_rows is not None and len(train) > args.max_train_rows:
-        keep = np.sort(np.random.default_rng(args.seed).choice(len(train), args.max_train_rows, replace=False))
-        train = [train[i] for i in keep]
+    train = sample_rows(train, args.max_train_rows, args.seed)
     if not train:
         raise UsageError("no training rows left after the held-out split")
     progress(

@@ -124,7 +124,9 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.base and not args.prequential:
         raise UsageError("--base is the training data of --prequential")
     saved = _load_saved(Path(args.model)) if args.model is not None else None
-    rows = _sample(_where(read_rows(args), args.where), args.max_rows, args.seed)
+    from pdgate.scheduler.costmodel.datasets import sample_rows
+
+    rows = sample_rows(_where(read_rows(args), args.where), args.max_rows, args.seed)
     report: dict[str, Any] = {"n": len(rows)}
     if saved is not None:
         report |= _evaluate_saved(args.model, *saved, rows)
@@ -163,16 +165,6 @@ def _where(rows: list[Any], conditions: Sequence[str]) -> list[Any]:
         if not rows:
             raise UsageError(f"no rows have {condition}")
     return rows
-
-
-def _sample(rows: list[Any], limit: int | None, seed: int) -> list[Any]:
-    """At most ``limit`` rows, a seeded random sample in their original order."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    import numpy as np
-
-    keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
-    return [rows[i] for i in keep]
 
 
 def _load_saved(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:

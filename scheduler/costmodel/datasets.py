@@ -41,6 +41,7 @@ from pdgate.scheduler.costmodel.features import (
     chat_text,
     hash_text,
     parse_cues,
+    parse_prompt_digest,
     parse_text_hash,
     prompt_digest,
 )
@@ -135,7 +136,7 @@ class _RowReader:
                 _tag(raw),
                 parse_text_hash(raw.get("text_hash") or []),
                 cues=parse_cues(raw.get("cues")),
-                prompt_digest=_digest(raw.get("prompt_digest")),
+                prompt_digest=parse_prompt_digest(raw.get("prompt_digest")),
             )
         except ValueError as exc:
             raise _RowError(str(exc)) from None
@@ -233,14 +234,6 @@ class _RowReader:
         return self._prompt(text, rendered, messages)
 
 
-def _digest(value: Any) -> int | None:
-    if value is None:
-        return None
-    if not _is_int(value) or not 0 <= value < 1 << 64:
-        raise _RowError("prompt_digest must be an unsigned 64-bit integer or null")
-    return value
-
-
 def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -310,6 +303,15 @@ def prompt_key(row: LabeledRequest) -> str | None:
     if row.features.text_hash:
         return "h:" + json.dumps(sorted((i, round(v, 9)) for i, v in row.features.text_hash.items()))
     return None
+
+
+def sample_rows(rows: Sequence[LabeledRequest], limit: int | None, seed: int = 0) -> list[LabeledRequest]:
+    """At most ``limit`` of ``rows`` (all of them when ``limit`` is ``None``): a seeded random
+    sample, kept in the rows' order."""
+    if limit is None or len(rows) <= limit:
+        return list(rows)
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+    return [rows[i] for i in keep.tolist()]
 
 
 def split_holdout(

@@ -236,10 +236,8 @@ class RequestFeatures:
         if not isinstance(fixed, bool):
             raise ValueError("length_fixed must be a boolean")
         text_hash = parse_text_hash(record.get("text_hash") or [])
-        digest = record.get("prompt_digest")
-        if digest is not None and (not _is_int(digest) or not 0 <= digest < 1 << 64):
-            raise ValueError("prompt_digest must be an unsigned 64-bit integer or null")
         cues = parse_cues(record.get("cues"))
+        digest = parse_prompt_digest(record.get("prompt_digest"))
         return cls(prompt_tokens, max_tokens, endpoint, model, tag, text_hash, fixed, cues, digest)
 
 
@@ -279,6 +277,13 @@ def parse_cues(values: Any) -> tuple[float, ...]:
             raise ValueError("cues must be finite numbers")
         out.append(float(value))
     return tuple(out)
+
+
+def parse_prompt_digest(value: Any) -> int | None:
+    """A record's prompt digest (``None`` stays ``None``); ``ValueError`` unless an unsigned 64-bit integer."""
+    if value is not None and (not _is_int(value) or not 0 <= value < 1 << 64):
+        raise ValueError("prompt_digest must be an unsigned 64-bit integer or null")
+    return value
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

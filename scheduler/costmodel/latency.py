@@ -106,6 +106,11 @@ class GroupCosts:
         t0, t1 = self.handoff.coef
         return max(0.0, t0 + t1 * float(prompt_tokens))
 
+    def handoff_steps_s(self, batch: float, context_tokens: float) -> float:
+        """The decode steps a hand-off takes besides its transfer (:func:`handoff_steps` of the
+        batch it joins, at that batch's step time)."""
+        return handoff_steps(batch) * self.decode_step_s(batch, context_tokens)
+
 
 # ------------------------------------------------------------------ priors
 
@@ -308,7 +313,7 @@ class LatencyModel:
             )
             steps = GroupCosts(prior.prefill, decode_step, prior.handoff)
             transfers = [  # a hand-off less its steps at the batch it joined: what t0, t1 describe
-                (features, seconds - handoff_steps(batch) * steps.decode_step_s(batch, context))
+                (features, seconds - steps.handoff_steps_s(batch, context))
                 for (features, seconds), (batch, context) in zip(obs.handoff, obs.handoff_batches)
             ]
             transfers = [row for row in transfers if row[1] > 0]  # a hand-off quicker than its steps: noise
@@ -344,7 +349,7 @@ class LatencyModel:
             ]
 
             def handoff(x: tuple[float, ...], batch: float, context: float, costs: GroupCosts = costs) -> float:
-                return costs.handoff(*x) + handoff_steps(batch) * costs.decode_step_s(batch, context)
+                return costs.handoff(*x) + costs.handoff_steps_s(batch, context)
 
             for name, rows, fn in (
                 ("prefill", [(x, y) for x, y in obs.prefill], costs.prefill),

@@ -24,7 +24,7 @@ from pdgate.scheduler.costmodel.length_types import (
     check_training,
 )
 
-__all__ = ["GlobalMeanBaseline", "PromptLengthBaseline", "evaluate_lengths"]
+__all__ = ["GlobalMeanBaseline", "PromptLengthBaseline", "evaluate_lengths", "rank_correlation"]
 
 
 class GlobalMeanBaseline:
@@ -113,8 +113,8 @@ def evaluate_lengths(median: np.ndarray, high: np.ndarray, actual: np.ndarray, q
             "coverage_high": None,
             "mean_high_ratio": None,
         }
-    out["spearman"] = _correlation(stats.spearmanr, median, actual)
-    out["kendall"] = _correlation(stats.kendalltau, median, actual)
+    out["spearman"] = rank_correlation(stats.spearmanr, median, actual)
+    out["kendall"] = rank_correlation(stats.kendalltau, median, actual)
     out["mae"] = float(np.mean(np.abs(median - actual)))
     out["within_2x"] = float(np.mean((median >= actual / 2) & (median <= actual * 2)))
     out["coverage_high"] = float(np.mean(actual <= high))
@@ -122,7 +122,9 @@ def evaluate_lengths(median: np.ndarray, high: np.ndarray, actual: np.ndarray, q
     return out
 
 
-def _correlation(fn: Any, a: np.ndarray, b: np.ndarray) -> float | None:
+def rank_correlation(fn: Any, a: np.ndarray, b: np.ndarray) -> float | None:
+    """``fn``'s (scipy's ``spearmanr``, ``kendalltau``) coefficient of ``a`` and ``b``; ``None`` when
+    undefined (fewer than two rows, a constant side, a non-finite result)."""
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
     value = float(fn(a, b)[0])

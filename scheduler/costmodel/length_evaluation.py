@@ -28,7 +28,6 @@ Fold assignment is deterministic for a seed: keys are ordered by CRC32 (not Pyth
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from scipy import stats
 
 from pdgate.scheduler.costmodel.calibration import LengthCalibration
 from pdgate.scheduler.costmodel.datasets import LabeledRequest, prompt_key
-from pdgate.scheduler.costmodel.length_baselines import evaluate_lengths
+from pdgate.scheduler.costmodel.length_baselines import evaluate_lengths, rank_correlation
 from pdgate.scheduler.costmodel.length_types import LengthPredictor, cap_prediction
 
 __all__ = [
@@ -91,7 +90,9 @@ def within_model(
         rows = np.asarray(by_model[model])
         per_model[model] = {
             "n": int(rows.size),
-            "spearman": _spearman(median[rows], actual[rows]) if rows.size >= min_rows else None,
+            "spearman": rank_correlation(stats.spearmanr, median[rows], actual[rows])
+            if rows.size >= min_rows
+            else None,
             "coverage_high": float(np.mean(actual[rows] <= high[rows])),
         }
     counted = [m for m in per_model.values() if m["spearman"] is not None]
@@ -266,10 +267,3 @@ def _in_fold(prompt_fold: np.ndarray | None, model_fold: np.ndarray | None, k: i
             test &= fold == k
             train &= fold != k
     return {"test": test, "train": train}
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    value = float(stats.spearmanr(a, b)[0])
-    return value if math.isfinite(value) else None

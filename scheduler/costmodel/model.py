@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from pdgate.scheduler.costmodel.latency import LatencyModel, handoff_steps
+from pdgate.scheduler.costmodel.latency import LatencyModel
 from pdgate.scheduler.costmodel.length_types import LengthPrediction, cap_prediction
 
 if TYPE_CHECKING:
@@ -66,10 +66,12 @@ class CostModel:
         """Predicted seconds from sending a decode leg to ``instance`` to its first token: the
         KV transfer and fixed costs, plus :func:`~scheduler.costmodel.latency.handoff_steps` steps of the batch
         it joins."""
-        transfer = self.latency.costs(instance.cost_group).handoff_s(prompt_tokens)
+        group = instance.cost_group
+        costs = self.latency.costs(group)
         batch = getattr(instance, "decode_inflight", 0) + 1
         context = getattr(instance, "decode_context_tokens", 0) + prompt_tokens
-        return transfer + handoff_steps(batch) * self.decode_step_s(instance, batch, context)
+        steps = costs.handoff_steps_s(batch, context) * self.tpot_scale.get(group, 1.0)
+        return costs.handoff_s(prompt_tokens) + steps
 
 
 def expected_output_tokens(prediction: LengthPrediction | None, max_tokens: int) -> float:
