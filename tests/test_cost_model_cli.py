@@ -203,7 +203,8 @@ def test_input_errors_exit_2_with_one_line(tmp_path, setup, command, message):
 
 def alpaca_files(tmp_path: Path, prompts: int = 60) -> list[Path]:
     """alpaca_eval-shaped answers of three models to the same prompts: essays long, yes/no short,
-    the rest in between, times each model's verbosity (log-normal noise)."""
+    the rest in between, times each model's verbosity (log-normal noise); prompts alternate
+    between two sources (``dataset``)."""
     rng = np.random.default_rng(5)
     asked = []
     for i in range(prompts):
@@ -216,8 +217,9 @@ def alpaca_files(tmp_path: Path, prompts: int = 60) -> list[Path]:
                 "instruction": text,
                 "output": " ".join(rng.choice(WORDS, size=max(1, int(length * verbosity * rng.lognormal(0, 0.2))))),
                 "generator": model,
+                "dataset": f"source-{i % 2}",
             }
-            for text, length in asked
+            for i, (text, length) in enumerate(asked)
         ]
         path = tmp_path / f"{model}.json"
         path.write_text(json.dumps(rows))
@@ -271,6 +273,23 @@ def test_a_new_verbose_model_is_learnt_between_refits(tmp_path):
     assert mae[False] < 0.7 * mae[True], mae
 
 
+def test_evaluate_leaves_each_source_out_in_turn(tmp_path):
+    files = [str(p) for p in alpaca_files(tmp_path)]
+    result = pdgate("evaluate", "--data", *files, "--cross-validate", "sources")
+    assert result.returncode == 0, result.stderr
+    by_source = json.loads(result.stdout)["cross_validation"]["sources"]
+    assert by_source["folds"] == 2 and by_source["model"]["n"] == 180
+    per_source = by_source["model"]["per_source"]
+    assert set(per_source) == {"source-0", "source-1"} and {s["n"] for s in per_source.values()} == {90}
+    # what the prompt asks for ("an essay", "yes or no") carries from one source to the other
+    baseline = by_source["baselines"]["prompt_length"]["per_source"]
+    for source, figures in per_source.items():
+        assert figures["within_model_spearman"] > 0.6, (source, figures)
+        assert figures["within_model_spearman"] > (baseline[source]["within_model_spearman"] or 0) + 0.3
+    mean = by_source["model"]["per_source_mean_within_model_spearman"]
+    assert mean == pytest.approx(sum(f["within_model_spearman"] for f in per_source.values()) / 2)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -280,6 +299,7 @@ def test_a_new_verbose_model_is_learnt_between_refits(tmp_path):
         (("--prequential", "--folds", "1"), "--folds"),
         (("--cross-validate", "models"), "3 distinct groups cannot make 5 folds"),
         (("--cross-validate", "prompts", "--base", "x.json"), "--base is the training data of --prequential"),
+        (("--cross-validate", "sources", "--source-field", "origin"), "needs the field 'origin' in every row"),
     ],
 )
 def test_evaluate_protocol_errors_exit_2(tmp_path, extra, message):

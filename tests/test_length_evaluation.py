@@ -95,6 +95,36 @@ def test_no_fold_trains_on_what_it_is_scored_on(protocol):
         assert len(predictions.index) == len(rows)
 
 
+def test_leaving_sources_out_trains_each_fold_on_the_other_sources_only():
+    rows = [
+        LabeledRequest(r.features, r.output_tokens, r.record | {"dataset": source})
+        for source, block in (("a", grid(6, 2)), ("b", grid(4, 2)), ("c", grid(3, 2)))
+        for r in block
+    ]
+    source_of = {id(r.features): r.record["dataset"] for r in rows}
+    Recorder.fits = []
+    predictions = cross_validate(rows, Recorder, "sources", folds=5)  # one fold per source, whatever folds says
+    assert len(Recorder.fits) == 3
+    for fit in Recorder.fits:
+        asked = {source_of[id(f)] for f in fit.asked}
+        assert len(asked) == 1 and not asked & {source_of[id(f)] for f in fit.trained}
+        assert len(fit.trained) + len(fit.asked) == len(rows)
+    assert sorted(predictions.index.tolist()) == list(range(len(rows)))
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([{"dataset": "a"}] * 5 + [{}] * 5, "needs the field 'dataset' in every row"),
+        ([{"dataset": "a"}] * 10, "at least 2 values of 'dataset'"),
+    ],
+)
+def test_sources_that_cannot_be_left_out_are_an_error(records, message):
+    rows = [LabeledRequest(r.features, r.output_tokens, record) for r, record in zip(grid(10, 1), records)]
+    with pytest.raises(ValueError, match=message):
+        cross_validate(rows, Recorder, "sources")
+
+
 def test_too_few_groups_for_the_folds_is_an_error():
     with pytest.raises(ValueError, match="cannot make 5 folds"):
         cross_validate(grid(prompts=20, models=3), Recorder, "models", folds=5)

@@ -32,6 +32,11 @@ Figures for output-length prediction, and which question each answers:
 * --cross-validate prompts: new prompts, known models (K folds of distinct prompts).
 * --cross-validate models: a new answering model on prompts others answered (K folds of models).
 * --cross-validate both: new prompts from a new model (only the diagonal folds are predicted).
+* --cross-validate sources: traffic of a kind not trained on: one fold per value of the record
+  field --source-field (default dataset: alpaca_eval's prompt sources), each predicted by a
+  model trained on the others; per_source gives each source's own figures, and
+  per_source_mean_within_model_spearman their mean (the headline: pooling the folds mixes the
+  sources' different offsets into each model's ranking).
 * --prequential: the deployment's view: requests in order, each predicted before it is learned,
   a refit every --refit-every requests on --base plus what was seen; figures per --window. With
   several models answering the same prompts, a prompt comes back and what was learned of its
@@ -59,10 +64,16 @@ def add_evaluate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     evaluate.add_argument(
         "--cross-validate",
         nargs="+",
-        choices=["prompts", "models", "both"],
+        choices=["prompts", "models", "both", "sources"],
         default=[],
         metavar="SPLIT",
-        help="out-of-fold evaluation leaving out prompts, answering models, or both",
+        help="out-of-fold evaluation leaving out prompts, answering models, both, or prompt sources",
+    )
+    evaluate.add_argument(
+        "--source-field",
+        default="dataset",  # length_evaluation.DEFAULT_SOURCE_FIELD (not imported: numpy stays out of --help)
+        metavar="FIELD",
+        help="the record field naming a row's source, for --cross-validate sources (default dataset)",
     )
     evaluate.add_argument("--folds", type=int, default=5, help="folds of --cross-validate (default 5)")
     evaluate.add_argument(
@@ -144,6 +155,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
             distinct_prompts=args.distinct_prompts,
             calibration=not args.no_calibration,
             min_model_rows=args.min_model_rows,
+            source_field=args.source_field,
             q_high=args.q_high,
             seed=args.seed,
         )

@@ -14,16 +14,19 @@ from pdgate.scheduler.costmodel.calibration import LengthCalibration
 from pdgate.scheduler.costmodel.datasets import LabeledRequest, prompt_key
 from pdgate.scheduler.costmodel.length_baselines import GlobalMeanBaseline, PromptLengthBaseline
 from pdgate.scheduler.costmodel.length_evaluation import (
+    DEFAULT_SOURCE_FIELD,
+    Predictions,
     PredictorFactory,
     Protocol,
     cross_validate,
     fold_numbers,
     length_report,
     prequential,
+    source_of,
 )
 from pdgate.scheduler.costmodel.output_length import OutputLengthModel
 
-__all__ = ["ProtocolOptions", "predictors", "run_protocols"]
+__all__ = ["ProtocolOptions", "per_source", "predictors", "run_protocols"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class ProtocolOptions:
     distinct_prompts: bool = False  # replay one answer per prompt (no prompt comes back)
     calibration: bool = True  # the gateway's online length scale per answering model between refits
     min_model_rows: int = 10
+    source_field: str = DEFAULT_SOURCE_FIELD  # the record field that names a row's source ("sources" split)
     q_high: float = 0.9
     seed: int = 0
 
@@ -62,17 +66,25 @@ def run_protocols(
     "baselines": {name: report}}``; ``ValueError`` when the data cannot be split as asked."""
     makers = predictors(options.q_high, options.seed)
     for split in options.splits:  # refuse a split the data cannot make before fitting anything
-        fold_numbers(rows, split, options.folds, options.seed)
+        fold_numbers(rows, split, options.folds, options.seed, options.source_field)
     out: dict[str, Any] = {}
     if options.splits:
         out["cross_validation"] = {}
         for split in options.splits:
             reports = {}
             for name, make in makers.items():
-                progress(f"cross-validating {name}, leaving out {split} ({options.folds} folds)")
-                predictions = cross_validate(rows, make, split, options.folds, options.seed)
+                progress(f"cross-validating {name}, leaving out {split}")
+                predictions = cross_validate(rows, make, split, options.folds, options.seed, options.source_field)
                 reports[name] = length_report(predictions, options.q_high, options.min_model_rows)
-            out["cross_validation"][split] = _with_baselines(reports) | {"folds": options.folds}
+                if split == "sources":
+                    by_source = per_source(rows, predictions, options)
+                    scored = [
+                        f["within_model_spearman"] for f in by_source.values() if f["within_model_spearman"] is not None
+                    ]
+                    reports[name]["per_source"] = by_source
+                    reports[name]["per_source_mean_within_model_spearman"] = float(np.mean(scored)) if scored else None
+            folds = len(reports["model"].get("per_source", ())) or options.folds
+            out["cross_validation"][split] = _with_baselines(reports) | {"folds": folds}
     if options.prequential:
         stream = list(rows)
         if options.order == "shuffled":
@@ -101,6 +113,32 @@ def run_protocols(
             "calibration": options.calibration,
             "n": len(stream),
             "base_rows": len(base),
+        }
+    return out
+
+
+def per_source(rows: Sequence[LabeledRequest], predictions: Predictions, options: ProtocolOptions) -> dict[str, Any]:
+    """Each left-out source's own figures: rows, pooled Spearman, ``within_model`` mean Spearman
+    and coverage of the high quantile (as in :func:`within_model`)."""
+    sources = np.array([str(source_of(rows[i], options.source_field)) for i in predictions.index.tolist()])
+    out: dict[str, Any] = {}
+    for source in sorted(set(sources.tolist())):
+        mask = sources == source
+        subset = Predictions(
+            predictions.index[mask],
+            predictions.median[mask],
+            predictions.high[mask],
+            predictions.actual[mask],
+            [m for m, keep in zip(predictions.models, mask.tolist()) if keep],
+        )
+        report = length_report(subset, options.q_high, options.min_model_rows)
+        within = report["within_model"]
+        out[source] = {
+            "n": int(mask.sum()),
+            "spearman": report["spearman"],
+            "within_model_spearman": within["mean_spearman"],
+            "coverage_min": within["coverage_min"],
+            "coverage_max": within["coverage_max"],
         }
     return out
 

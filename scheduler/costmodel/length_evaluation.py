@@ -17,6 +17,9 @@ and the protocols are:
 * ``"models"``: K folds of answering models (a new model, whose prompts other models answered);
 * ``"both"``: the fold's prompts *and* models are left out of its training (new prompts from a
   new model); only rows whose prompt fold and model fold coincide are predicted, about 1/K;
+* ``"sources"``: one fold per value of a record field (``source_field``, e.g. alpaca_eval's
+  ``dataset``: the benchmark a prompt came from), each predicted by a model trained on the
+  other sources (traffic of a kind not trained on); ``folds`` does not apply;
 * :func:`prequential`: the deployment's view. Requests arrive in order; each is predicted by
   the model of the moment before its answer is learned; every ``refit_every`` requests the
   model is refitted on everything seen so far (plus any base data trained on before serving);
@@ -42,6 +45,7 @@ from pdgate.scheduler.costmodel.length_baselines import evaluate_lengths, rank_c
 from pdgate.scheduler.costmodel.length_types import LengthPredictor, cap_prediction
 
 __all__ = [
+    "DEFAULT_SOURCE_FIELD",
     "MIN_MODEL_ROWS",
     "Predictions",
     "Protocol",
@@ -49,13 +53,16 @@ __all__ = [
     "fold_numbers",
     "length_report",
     "prequential",
+    "source_folds",
+    "source_of",
     "within_model",
 ]
 
 MIN_MODEL_ROWS = 10
 """Fewest rows of one answering model for its own Spearman to count in the mean."""
 
-Protocol = Literal["prompts", "models", "both"]
+Protocol = Literal["prompts", "models", "both", "sources"]
+DEFAULT_SOURCE_FIELD = "dataset"
 PredictorFactory = Callable[[], LengthPredictor]
 
 
@@ -119,18 +126,19 @@ def cross_validate(
     protocol: Protocol,
     folds: int = 5,
     seed: int = 0,
+    source_field: str = DEFAULT_SOURCE_FIELD,
 ) -> Predictions:
     """Out-of-fold predictions of predictors from ``make`` under ``protocol`` (module docstring).
 
-    ``ValueError`` when there are fewer than ``folds`` distinct prompts (or models) to split, or
-    a fold leaves nothing to train on."""
-    prompt_fold, model_fold = fold_numbers(rows, protocol, folds, seed)
+    ``ValueError`` when there are fewer than ``folds`` distinct prompts (or models, or fewer than
+    2 sources) to split, or a fold leaves nothing to train on."""
+    fold_arrays = fold_numbers(rows, protocol, folds, seed, source_field)
     models = [r.features.model for r in rows]
     index: list[np.ndarray] = []
     medians: list[np.ndarray] = []
     highs: list[np.ndarray] = []
-    for k in range(folds):
-        in_fold = _in_fold(prompt_fold, model_fold, k, len(rows))
+    for k in range(max(int(fold.max()) for fold in fold_arrays) + 1):
+        in_fold = _in_fold(fold_arrays, k, len(rows))
         test = np.flatnonzero(in_fold["test"])
         train = np.flatnonzero(in_fold["train"])
         if test.size == 0:
@@ -157,16 +165,43 @@ def cross_validate(
 
 
 def fold_numbers(
-    rows: Sequence[LabeledRequest], protocol: Protocol, folds: int, seed: int = 0
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Every row's prompt fold and model fold (``None`` where the protocol does not split by it);
-    ``ValueError`` when there are fewer distinct prompts or models than ``folds``."""
+    rows: Sequence[LabeledRequest],
+    protocol: Protocol,
+    folds: int,
+    seed: int = 0,
+    source_field: str = DEFAULT_SOURCE_FIELD,
+) -> list[np.ndarray]:
+    """Every row's fold, once per key the protocol splits by (prompt, model or both; the source);
+    a row is predicted in fold ``k`` when all its folds are ``k``. ``ValueError`` when there are
+    fewer distinct prompts or models than ``folds``, or fewer than 2 sources."""
+    if protocol == "sources":
+        return [source_folds(rows, source_field)]
     if folds < 2:
         raise ValueError("need at least 2 folds")
-    prompts = [prompt_key(r) or f"r:{i}" for i, r in enumerate(rows)]
-    prompt_fold = _folds(prompts, folds, seed) if protocol in ("prompts", "both") else None
-    model_fold = _folds([r.features.model for r in rows], folds, seed + 1) if protocol in ("models", "both") else None
-    return prompt_fold, model_fold
+    out = []
+    if protocol in ("prompts", "both"):
+        out.append(_folds([prompt_key(r) or f"r:{i}" for i, r in enumerate(rows)], folds, seed))
+    if protocol in ("models", "both"):
+        out.append(_folds([r.features.model for r in rows], folds, seed + 1))
+    return out
+
+
+def source_folds(rows: Sequence[LabeledRequest], source_field: str) -> np.ndarray:
+    """One fold per distinct value of the record field ``source_field``, in sorted order;
+    ``ValueError`` when a row lacks it or there are fewer than 2 values."""
+    values = [source_of(r, source_field) for r in rows]
+    if any(v is None for v in values):
+        raise ValueError(f"leaving sources out needs the field {source_field!r} in every row")
+    unique = sorted({str(v) for v in values})
+    if len(unique) < 2:
+        raise ValueError(f"leaving sources out needs at least 2 values of {source_field!r}, not {len(unique)}")
+    fold_of = {v: k for k, v in enumerate(unique)}
+    return np.array([fold_of[str(v)] for v in values])
+
+
+def source_of(row: LabeledRequest, source_field: str) -> Any:
+    """The row's source: its record's ``source_field`` (``None`` when absent)."""
+    return row.record.get(source_field)
 
 
 def prequential(
@@ -257,13 +292,12 @@ def _folds(keys: Sequence[str], folds: int, seed: int) -> np.ndarray:
     return np.array([fold_of[k] for k in keys])
 
 
-def _in_fold(prompt_fold: np.ndarray | None, model_fold: np.ndarray | None, k: int, n: int) -> dict[str, np.ndarray]:
-    """Boolean ``test`` and ``train`` masks of fold ``k``: test rows have the fold's prompts and/or
-    models (as the protocol splits), training rows share neither."""
+def _in_fold(fold_arrays: Sequence[np.ndarray], k: int, n: int) -> dict[str, np.ndarray]:
+    """Boolean ``test`` and ``train`` masks of fold ``k``: test rows have the fold's prompts,
+    models or source (as the protocol splits), training rows share none of them."""
     test = np.ones(n, dtype=bool)
     train = np.ones(n, dtype=bool)
-    for fold in (prompt_fold, model_fold):
-        if fold is not None:
-            test &= fold == k
-            train &= fold != k
+    for fold in fold_arrays:
+        test &= fold == k
+        train &= fold != k
     return {"test": test, "train": train}
