@@ -41,8 +41,9 @@ def test_prior_follows_the_engine_profile_and_its_time_scale(prior):
     assert prior.costs("scaled").prefill_s(2048) == pytest.approx(costs.prefill_s(2048) / 10, rel=1e-6)
 
 
-def _records(n: int, slow: float, seed: int = 0) -> list[dict]:
-    """Requests as the gateway logs them, on hardware ``slow`` times slower than the prior's."""
+def _records(n: int, slow: float, seed: int = 0, handoff_steps_weight: float = 1.0) -> list[dict]:
+    """Requests as the gateway logs them, on hardware ``slow`` times slower than the prior's,
+    whose hand-offs take ``handoff_steps_weight`` times the structural decode steps."""
     rng = random.Random(seed)
     truth = prior_costs(PriorSpec())
     rows = []
@@ -58,7 +59,10 @@ def _records(n: int, slow: float, seed: int = 0) -> list[dict]:
                 "timing": {
                     "prefill_s": slow * truth.prefill_s(prompt - cached, cached) * noise(),
                     "handoff_s": slow
-                    * (truth.handoff_s(prompt) + handoff_steps(batch) * truth.decode_step_s(batch, context))
+                    * (
+                        truth.handoff_s(prompt)
+                        + handoff_steps_weight * handoff_steps(batch) * truth.decode_step_s(batch, context)
+                    )
                     * noise(),
                     "tpot_s": slow * truth.decode_step_s(batch, context) * noise(),
                 },
@@ -89,6 +93,34 @@ def test_refit_learns_hardware_twice_as_slow_as_the_prior(prior):
     assert fitted.costs("scaled") is prior.costs("scaled")  # groups without data keep their prior
 
 
+def test_refit_learns_how_many_decode_steps_a_hand_off_takes(prior):
+    """Real vLLM's hand-off polls for the remote KV over several steps (about 6, against the
+    structural 1.5): the weight on the steps is learnt, so busy decode instances' hand-offs are
+    predicted at their length and not as a larger fixed cost."""
+    train, test = (
+        _records(300, slow=1.0, seed=3, handoff_steps_weight=4.0),
+        _records(100, slow=1.0, seed=4, handoff_steps_weight=4.0),
+    )
+    assert prior.evaluate(test)["decode-group"]["handoff"]["mape"] > 0.5
+    fitted = prior.refit(train)
+    costs = fitted.costs("decode-group")
+    assert costs.handoff_step_weight == pytest.approx(4.0, rel=0.15)
+    assert fitted.evaluate(test)["decode-group"]["handoff"]["mape"] < 0.1
+    truth = prior_costs(PriorSpec())
+    for prompt in (500, 4000):  # the transfer is not inflated by the steps it did not count
+        assert costs.handoff_s(prompt) < 1.5 * truth.handoff_s(prompt)
+
+
+def test_a_model_saved_before_the_step_weight_counts_the_steps_once():
+    prior = prior_costs(PriorSpec())
+    old = GroupCosts(prior.prefill, prior.decode_step, LinearCost(prior.handoff.coef[:2], 30))
+    assert old.handoff_step_weight == 1.0
+    assert old.handoff_steps_s(32, 32 * 1000) == prior.handoff_steps_s(32, 32 * 1000)
+    assert old.handoff_s(1000) == prior.handoff_s(1000)
+    refitted = LatencyModel({"g": old}).refit(_records(50, slow=1.0, seed=5))
+    assert len(refitted.costs("decode-group").handoff.coef) == 3
+
+
 def test_few_observations_keep_the_prior_and_busy_prefills_are_not_used(prior):
     rows = _records(5, slow=3.0)
     assert prior.refit(rows).costs(GROUP).prefill.coef == prior.costs(GROUP).prefill.coef
@@ -108,7 +140,7 @@ def test_group_costs_are_their_linear_costs_over_the_features():
         costs = GroupCosts(
             LinearCost(tuple(rng.choice([0.0, -0.0, rng.uniform(-1e-3, 1e-2)]) for _ in range(3))),
             LinearCost(tuple(rng.uniform(-1e-3, 1e-2) for _ in range(3))),
-            LinearCost(tuple(rng.uniform(-1e-3, 1e-2) for _ in range(2))),
+            LinearCost(tuple(rng.uniform(-1e-3, 1e-2) for _ in range(3))),
         )
         uncached, cached = rng.choice([(rng.randint(0, 40_000), rng.randint(0, 40_000)), (rng.random() * 1e4, 0.0)])
         batch, context = rng.randint(0, 300), rng.randint(0, 10**6)

@@ -11,12 +11,18 @@ extrapolates sanely and can be fitted from a handful of observations:
 
       step(B, K) = d0 + d1 * B + d2 * K                          (weights read, per-row work, KV read)
 
-* **hand-off**: from sending the decode leg to its first token, ``t0 + t1 * prompt_tokens``
-  (the KV transfer over the link and the fixed costs) plus :data:`HANDOFF_STEPS` decode steps
-  of the batch the request joins (added by :meth:`CostModel.handoff_s`, which knows the batch):
-  the wait for a step boundary and the first token's step. The steps are what grows under
-  load; before they were counted, a busy decode instance's hand-offs ran 25-70 % over their
-  predictions.
+* **hand-off**: from sending the decode leg to its first token::
+
+      handoff = t0 + t1 * prompt_tokens + s * handoff_steps(B) * step(B, K)
+
+  the KV transfer over the link and the fixed costs, then the decode steps of the batch the
+  request joins (``B``, ``K`` with it; the batch is known at placement, so
+  :meth:`CostModel.handoff_s` adds them): :data:`HANDOFF_STEPS` of them by structure (the wait
+  for a step boundary and the first token's step), times ``s``, learnt per group (prior 1).
+  The steps are what grows under load: before they were counted, a busy simulated decode
+  instance's hand-offs ran 25-70 % over their predictions; real vLLM (CPU build, NixlConnector)
+  takes about 6 steps (the remote KV is polled for over a few steps before the first token's),
+  which a fixed 1.5 under-predicted by up to 2.5x at load.
 
 A *group* is a set of instances that share hardware, model and engine (``InstanceView.cost_group``).
 Until a group has observations the **prior** answers: coefficients fitted to the simulated
@@ -78,8 +84,16 @@ def decode_features(batch: float, context_tokens: float) -> tuple[float, float, 
     return (1.0, float(batch), float(context_tokens))
 
 
-def handoff_features(prompt_tokens: float) -> tuple[float, float]:
-    return (1.0, float(prompt_tokens))
+def handoff_features(prompt_tokens: float, steps_s: float = 0.0) -> tuple[float, float, float]:
+    """``(1, prompt tokens, the structural steps' time)``: the last is ``handoff_steps(B) *
+    step(B, K)`` of the batch joined (:meth:`GroupCosts.structural_steps_s`)."""
+    return (1.0, float(prompt_tokens), float(steps_s))
+
+
+def with_step_weight(handoff: LinearCost) -> LinearCost:
+    """A hand-off cost of a model saved before the step weight was learnt (``t0, t1``), with the
+    weight it implied (1); one that has it, unchanged."""
+    return handoff if len(handoff.coef) > 2 else LinearCost((*handoff.coef, 1.0), handoff.n_obs)
 
 
 @dataclass
@@ -103,13 +117,24 @@ class GroupCosts:
         return max(0.0, d0 + d1 * float(batch) + d2 * float(context_tokens))
 
     def handoff_s(self, prompt_tokens: float) -> float:
-        t0, t1 = self.handoff.coef
-        return max(0.0, t0 + t1 * float(prompt_tokens))
+        """The hand-off's transfer and fixed costs (``t0 + t1 * prompt_tokens``), without its steps."""
+        coef = self.handoff.coef
+        return max(0.0, coef[0] + coef[1] * float(prompt_tokens))
+
+    @property
+    def handoff_step_weight(self) -> float:
+        """``s``: the hand-off's decode steps as a multiple of :func:`handoff_steps` (1 for a
+        model saved before it was learnt)."""
+        coef = self.handoff.coef
+        return coef[2] if len(coef) > 2 else 1.0
+
+    def structural_steps_s(self, batch: float, context_tokens: float) -> float:
+        """:func:`handoff_steps` of the batch joined, at that batch's step time (``s`` not applied)."""
+        return handoff_steps(batch) * self.decode_step_s(batch, context_tokens)
 
     def handoff_steps_s(self, batch: float, context_tokens: float) -> float:
-        """The decode steps a hand-off takes besides its transfer (:func:`handoff_steps` of the
-        batch it joins, at that batch's step time)."""
-        return handoff_steps(batch) * self.decode_step_s(batch, context_tokens)
+        """The decode steps a hand-off takes besides its transfer: ``s`` times the structural ones."""
+        return self.handoff_step_weight * self.structural_steps_s(batch, context_tokens)
 
 
 # ------------------------------------------------------------------ priors
@@ -170,6 +195,7 @@ def prior_costs(spec: PriorSpec) -> GroupCosts:
     handoff = (
         (spec.kv_link_latency_s + 0.002) * scale,  # + a couple of ms of HTTP and scheduling; steps come on top
         per_token * scale,
+        1.0,  # the structural steps, as they are
     )
     weights_p = 1.0 / np.asarray(y_p)
     weights_d = 1.0 / np.asarray(y_d)
@@ -312,11 +338,10 @@ class LatencyModel:
                 _grid(obs.decode_step, decode_features, [(b, b * 1024) for b in (1, 16, 64)]),
             )
             steps = GroupCosts(prior.prefill, decode_step, prior.handoff)
-            transfers = [  # a hand-off less its steps at the batch it joined: what t0, t1 describe
-                (features, seconds - steps.handoff_steps_s(batch, context))
+            handoffs = [  # t0, t1 and s together, the steps at the batch joined on the new step model
+                (handoff_features(features[1], steps.structural_steps_s(batch, context)), seconds)
                 for (features, seconds), (batch, context) in zip(obs.handoff, obs.handoff_batches)
             ]
-            transfers = [row for row in transfers if row[1] > 0]  # a hand-off quicker than its steps: noise
             fitted[group] = GroupCosts(
                 prefill=_refit(
                     prior.prefill,
@@ -325,7 +350,9 @@ class LatencyModel:
                 ),
                 decode_step=decode_step,
                 handoff=_refit(
-                    prior.handoff, transfers, _grid(transfers, handoff_features, [(t,) for t in (128, 2048, 8192)])
+                    with_step_weight(prior.handoff),
+                    handoffs,
+                    _grid(handoffs, handoff_features, [(t, s) for t in (128, 2048, 8192) for s in (0.0, 0.05)]),
                 ),
             )
         return LatencyModel(dict(self.priors), fitted, dict(self.prior_specs))
@@ -349,7 +376,7 @@ class LatencyModel:
             ]
 
             def handoff(x: tuple[float, ...], batch: float, context: float, costs: GroupCosts = costs) -> float:
-                return costs.handoff(*x) + costs.handoff_steps_s(batch, context)
+                return costs.handoff_s(x[1]) + costs.handoff_steps_s(batch, context)
 
             for name, rows, fn in (
                 ("prefill", [(x, y) for x, y in obs.prefill], costs.prefill),
