@@ -19,7 +19,8 @@ off, so each arm keeps its predictor through the run.
 
 * ``true lengths``: ``client``: ``ignore_eos`` with ``max_tokens`` tells the gateway each length;
 * ``length model``: ``model`` (the client's settings unseen), the output-length model trained on
-  the other half of the prompts (every alpaca_eval model's answers);
+  the other half of the prompts (every alpaca_eval model's answers; ``--answers``' own under the
+  fleet's served model name, as a gateway serving that model learns them from its traffic);
 * ``prompt length``: ``model`` with the same model trained on prompt tokens and the answering
   model alone (text, cues and prompt digests stripped);
 * ``none``: ``none``: no prediction, the scheduler's default length.
@@ -48,7 +49,7 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from slo_goodput import base_config, deep_merge, policy_config
+from slo_goodput import MODEL, base_config, deep_merge, policy_config
 
 from pdgate.common.tokenizer import load_tokenizer
 from pdgate.gateway.config import GatewayConfig
@@ -81,6 +82,15 @@ def read_rows() -> list[LabeledRequest]:
 def without_text(rows: Sequence[LabeledRequest]) -> list[LabeledRequest]:
     """The rows as a prompt-length-only predictor sees them (no words, cues or digest)."""
     return [replace(r, features=replace(r.features, text_hash={}, cues=(), prompt_digest=None)) for r in rows]
+
+
+def as_served(rows: Sequence[LabeledRequest], answers: str) -> list[LabeledRequest]:
+    """The rows with ``answers``' name replaced by the fleet's served model name: the gateway
+    serving that model learns its verbosity from its own traffic under the name it serves it by.
+    Without this the length model would meet an unknown model and predict every model's pooled
+    lengths (for Meta-Llama-3-8B-Instruct 1.2x its own), and since every request of the trace
+    ends at ``max_tokens`` (``ignore_eos``) the gateway's online length scale could not correct it."""
+    return [replace(r, features=replace(r.features, model=MODEL)) if r.features.model == answers else r for r in rows]
 
 
 def trained_store(rows: Sequence[LabeledRequest], directory: Path) -> Path:
@@ -151,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     slo = SloSpec.parse(args.slo)
     rows = read_rows()
     train, test = split_holdout(rows, 0.5, args.seed)
-    train = sample_rows(train, args.train_rows, args.seed)
+    train = as_served(sample_rows(train, args.train_rows, args.seed), args.answers)
     requests = workload(test, args.answers, args.requests, args.seed)
     lengths = np.array([r.max_tokens for r in requests])
     print(

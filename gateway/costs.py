@@ -170,8 +170,9 @@ class CostModelService:
         actual = record.get("output_tokens")
         if current is None or not served or not actual or record.get("length_fixed"):
             return
+        scale = (record.get("predicted") or {}).get("output_scale", 1.0)
         if self.length_calibration.observe_output(
-            str(record.get("model")), float(served), int(actual), record.get("max_tokens")
+            str(record.get("model")), float(served), int(actual), record.get("max_tokens"), float(scale)
         ):
             self.current = replace(current, length_scale=dict(self.length_calibration.in_force))
 

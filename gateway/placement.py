@@ -147,6 +147,8 @@ class Placer:
         if info.output is not None:
             predicted["output_median"] = info.output.median
             predicted["output_high"] = info.output.high
+            if info.output.scale != 1.0:
+                predicted["output_scale"] = info.output.scale  # the length scale it carries
 
     def decide(
         self, profile_name: str, routed: Routed, snapshot: ClusterSnapshot, candidates: list[InstanceView]

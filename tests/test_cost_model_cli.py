@@ -287,7 +287,7 @@ def test_evaluate_leaves_each_source_out_in_turn(tmp_path):
         assert figures["within_model_spearman"] > 0.6, (source, figures)
         assert figures["within_model_spearman"] > (baseline[source]["within_model_spearman"] or 0) + 0.3
     mean = by_source["model"]["per_source_mean_within_model_spearman"]
-    assert mean == pytest.approx(sum(f["within_model_spearman"] for f in per_source.values()) / 2)
+    assert mean == pytest.approx(sum(f["within_model_spearman"] for f in per_source.values()) / 2, abs=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,8 @@ def test_a_verbose_model_is_learnt_from_the_medians_it_was_served_with():
     model = CostModel(LatencyModel(), OutputLengthModel.prior(default_median=100, default_high=400))
     f = RequestFeatures(20, None, "chat", "verbose", None, {})
     for _ in range(40):  # the model answers twice what the fit predicts
-        served = model.predict_output(f).median
-        if calibration.observe_output("verbose", served, 200, None):
+        served = model.predict_output(f)
+        if calibration.observe_output("verbose", served.median, 200, None, served.scale):
             model = CostModel(model.latency, model.output, length_scale=dict(calibration.in_force))
     assert calibration.in_force["verbose"] == pytest.approx(2.0, rel=0.05)
     prediction = model.predict_output(f)
@@ -38,10 +38,28 @@ def test_requests_cut_at_max_tokens_teach_nothing_and_a_refit_starts_over():
     assert not calibration.observe_output("m", 256.0, 40, 256)  # the served median was the cap
     assert calibration.in_force == {} and calibration.keys_seen == set()
     for _ in range(30):
-        calibration.observe_output("m", 100.0 * calibration.in_force.get("m", 1.0), 50, 1024)
+        scale = calibration.in_force.get("m", 1.0)
+        calibration.observe_output("m", 100.0 * scale, 50, 1024, scale)
     assert calibration.in_force["m"] == pytest.approx(0.5, rel=0.1)
     calibration.reset()
     assert calibration.in_force == {} and "m" in calibration.keys_seen
+
+
+def test_answers_to_requests_served_before_the_scale_moved_do_not_move_it_again():
+    """A burst: every request is served before the first answer comes back (the answers of a
+    decode batch arrive together, seconds later). Each is judged against the median it was
+    served with, so the scale settles at the model's verbosity; judging them against the scale
+    in force at their end fed its every move back into it (a 10x swing within one burst)."""
+    calibration = LengthCalibration()
+    model = CostModel(LatencyModel(), OutputLengthModel.prior(default_median=100, default_high=400))
+    f = RequestFeatures(20, None, "chat", "verbose", None, {})
+    for _ in range(3):  # three bursts of 60, each served at the scale of its start
+        served = [model.predict_output(f) for _ in range(60)]
+        for prediction in served:
+            calibration.observe_output("verbose", prediction.median, 200, None, prediction.scale)
+        model = CostModel(model.latency, model.output, length_scale=dict(calibration.in_force))
+        assert 1.0 <= calibration.in_force["verbose"] <= 2.1
+    assert calibration.in_force["verbose"] == pytest.approx(2.0, rel=0.05)
 
 
 async def test_the_gateways_cost_service_learns_a_models_verbosity_from_completed_requests():
@@ -53,9 +71,9 @@ async def test_the_gateways_cost_service_learns_a_models_verbosity_from_complete
     try:
         f = RequestFeatures(30, 4096, "chat", "chatty", None, {})
         for i in range(40):
-            served = service.current.predict_output(f).median
+            served = service.current.predict_output(f)
             record = {"v": 1, "request_id": f"r{i}", **f.to_record(), "output_tokens": round(3 * 128)}
-            record["predicted"] = {"output_median": served}
+            record["predicted"] = {"output_median": served.median, "output_scale": served.scale}  # as placement logs it
             service.observe(record)
         assert service.current.length_scale["chatty"] == pytest.approx(
             3 * 128 / service.current.output.predict(f).median, rel=0.1

@@ -79,10 +79,16 @@ class LengthCalibration(ScaleCalibration):
     max_scale: float = LENGTH_MAX_SCALE
     change: float = LENGTH_CHANGE
 
-    def observe_output(self, model: str, served_median: float, actual: int, max_tokens: int | None) -> bool:
-        """One completed request: ``served_median`` is the median it was served with (this
-        calibration's scale in force already applied). A request cut at ``max_tokens``, or whose
-        prediction was, says nothing of the model's natural length and is skipped."""
+    def observe_output(
+        self, model: str, served_median: float, actual: int, max_tokens: int | None, served_scale: float = 1.0
+    ) -> bool:
+        """One completed request: ``served_median`` is the median it was served with, which
+        carried ``served_scale`` (the scale in force *when it was served*: dividing by the one in
+        force now would feed the scale's own moves back into it, and it would swing by 10x within
+        a burst). A request cut at ``max_tokens``, or whose prediction was, says nothing of the
+        model's natural length and is skipped."""
         if max_tokens is not None and (actual >= max_tokens or served_median >= max_tokens):
             return False
-        return self.observe(model, served_median / self.in_force.get(model, 1.0), float(actual))
+        if not served_scale > 0:
+            return False
+        return self.observe(model, served_median / served_scale, float(actual))

@@ -278,7 +278,7 @@ def _calibrated(
         if scale is not None:
             served = cap_prediction(median[i] * scale, high[i] * scale, f.max_tokens)
             median[i], high[i] = served.median, served.high
-        calibration.observe_output(f.model, float(median[i]), row.output_tokens, f.max_tokens)
+        calibration.observe_output(f.model, float(median[i]), row.output_tokens, f.max_tokens, scale or 1.0)
     return median, high
 
 

@@ -33,11 +33,15 @@ DEFAULT_Q_HIGH = 0.9
 class LengthPrediction:
     """Predicted output tokens: ``1 <= median <= high``, both ``<= max_tokens`` when it is set.
 
-    ``high`` is the model's ``q_high`` quantile (0.9 unless configured otherwise).
+    ``high`` is the model's ``q_high`` quantile (0.9 unless configured otherwise). ``scale`` is
+    the online length scale both carry (:attr:`CostModel.length_scale` when it was served; the
+    model's own median is ``median / scale`` unless capped), so a correction learnt from the
+    answer divides out the scale that was in force then, not the one in force when it ends.
     """
 
     median: float
     high: float
+    scale: float = 1.0
 
 
 class LengthPredictor(Protocol):
@@ -73,7 +77,7 @@ def client_bounds(
     if prediction is None or min_tokens <= 0:
         return prediction
     floor = float(min(min_tokens, max_tokens)) if max_tokens > 0 else float(min_tokens)
-    return LengthPrediction(max(prediction.median, floor), max(prediction.high, floor))
+    return LengthPrediction(max(prediction.median, floor), max(prediction.high, floor), prediction.scale)
 
 
 def cap_predictions(

@@ -11,7 +11,7 @@ satisfies, rather than importing the snapshot.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from pdgate.scheduler.costmodel.latency import LatencyModel
@@ -51,7 +51,8 @@ class CostModel:
         scale = self.length_scale.get(features.model)
         if scale is None:
             return prediction
-        return cap_prediction(prediction.median * scale, prediction.high * scale, features.max_tokens)
+        capped = cap_prediction(prediction.median * scale, prediction.high * scale, features.max_tokens)
+        return replace(capped, scale=scale)
 
     def prefill_s(self, instance: CostedInstance, uncached: float, cached: float = 0.0) -> float:
         """Predicted seconds to prefill on ``instance`` when it is idle."""
@@ -64,8 +65,9 @@ class CostModel:
 
     def handoff_s(self, instance: CostedInstance, prompt_tokens: float) -> float:
         """Predicted seconds from sending a decode leg to ``instance`` to its first token: the
-        KV transfer and fixed costs, plus :func:`~scheduler.costmodel.latency.handoff_steps` steps of the batch
-        it joins."""
+        KV transfer and fixed costs, plus the decode steps of the batch it joins
+        (:meth:`~scheduler.costmodel.latency.GroupCosts.handoff_steps_s`: the structural
+        :func:`~scheduler.costmodel.latency.handoff_steps` times the group's learnt weight)."""
         group = instance.cost_group
         costs = self.latency.costs(group)
         batch = getattr(instance, "decode_inflight", 0) + 1
