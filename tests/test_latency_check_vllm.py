@@ -9,11 +9,13 @@ Without it the test skips with the reason; with ``CI=true`` a missing environmen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -25,7 +27,7 @@ from support.scripts import load_benchmark
 from pdgate.engines.launch.vllm_cpu.install import tiny_model_dir, venv_python, vllm_home
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_check_vllm.py"
-RUN_TIMEOUT_S = 200.0
+RUN_TIMEOUT_S = 230.0
 MARKER = "PDGATE_LATENCY_CHECK_VLLM_TEST"  # in the environment of every process the run starts
 ROW = re.compile(r"^\| (\d+) \| ([\d.]+) \| (\w+) \| (\S+) \| ([^|]+) \| ([^|]+) \| (\d+) \|$")
 QUANTITIES = {"prefill", "handoff", "ttft", "tpot"}
@@ -68,8 +70,9 @@ def _require_vllm() -> None:
     pytest.skip(reason)
 
 
-def processes_with(marker: str) -> list[str]:
-    """Live processes whose environment holds ``marker`` (whoever their parent is now): their command lines."""
+def processes_with(marker: str) -> list[tuple[int, str]]:
+    """Live processes whose environment holds ``marker`` (whoever their parent is now): their
+    pids and command lines."""
     found = []
     needle = marker.encode()
     for entry in Path("/proc").iterdir():
@@ -80,7 +83,8 @@ def processes_with(marker: str) -> list[str]:
                 continue
             stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             if stat[0] != "Z":
-                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append((int(entry.name), command))
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return found
@@ -93,25 +97,36 @@ def test_smallest_run_prints_every_quantity_and_stops_the_engines(tmp_path: Path
     token = uuid.uuid4().hex
     out = tmp_path / "results.json"
     args = ["--prompts", "128", "--rates", "8", "--requests", "12", "--warmup", "20", "--output", "16"]
-    result = subprocess.run(
+    run = subprocess.Popen(
         [sys.executable, str(SCRIPT), *args, "--out", str(out)],
         env={**os.environ, MARKER: token},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
     )
     try:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        rows = [m.groups() for line in result.stdout.splitlines() if (m := ROW.match(line.strip()))]
-        assert {r[2] for r in rows} == QUANTITIES, result.stdout
+        try:
+            stdout, stderr = run.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # SIGTERM: the script stops its engines, then exits
+            run.terminate()
+            stdout, stderr = run.communicate(timeout=60)
+            pytest.fail(f"no result within {RUN_TIMEOUT_S:g} s: {stdout[-2000:]}{stderr[-2000:]}")
+        assert run.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        rows = [m.groups() for line in stdout.splitlines() if (m := ROW.match(line.strip()))]
+        assert {r[2] for r in rows} == QUANTITIES, stdout
         groups = {r[3] for r in rows}
-        assert groups == {"vllm/tiny/prefill/default", "vllm/tiny/decode/default"}, result.stdout
+        assert groups == {"vllm/tiny/prefill/default", "vllm/tiny/decode/default"}, stdout
         for prompt, rate, _, _, mape, ratio, n in rows:
             assert (prompt, rate) == ("128", "8")
-            assert int(n) > 0 and math.isfinite(float(mape)) and float(ratio) > 0, result.stdout
-        assert "other load" in result.stdout and "wall-clock timing on a shared host" in result.stdout
+            assert int(n) > 0 and math.isfinite(float(mape)) and float(ratio) > 0, stdout
+        assert "other load" in stdout and "wall-clock timing on a shared host" in stdout
         assert out.exists() and '"points"' in out.read_text()
     finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
         leftovers = processes_with(f"{MARKER}={token}")
+        for pid, _ in leftovers:  # not left running for the next test, whatever this one says
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert not leftovers, leftovers

@@ -59,6 +59,7 @@ def handoff_steps(batch: float) -> float:
 
 
 PRIOR_WEIGHT = 8.0  # pseudo-observations the prior is worth
+BUSY_BATCHES = (16, 64)  # decode batches the prior always speaks for in a refit (see busy_handoff_anchors)
 MIN_OBSERVATIONS = 8  # below this a quantity of a group keeps its prior
 
 
@@ -287,6 +288,19 @@ def _refit(
     return LinearCost(_fit_nonneg(x, y, weights), len(rows))
 
 
+def busy_handoff_anchors(costs: GroupCosts) -> list[tuple[float, ...]]:
+    """Prior pseudo-observations of hand-offs into busy batches (16 and 64 requests of 1k tokens,
+    on ``costs``' step model), always added to the data's own: a group whose hand-offs were all
+    seen on an idle engine (one step, whose time is nearly a constant plus a multiple of the
+    prompt) does not tell the step weight from ``t0`` and ``t1``, and without these the fit
+    could put it anywhere (0, and the old under-prediction under load; or many times the prior)."""
+    return [
+        handoff_features(prompt, costs.structural_steps_s(batch, batch * 1024.0))
+        for prompt in (256, 2048)
+        for batch in BUSY_BATCHES
+    ]
+
+
 def _grid(
     rows: Sequence[tuple[tuple[float, ...], float]],
     make: Callable[..., tuple[float, ...]],
@@ -335,7 +349,8 @@ class LatencyModel:
             decode_step = _refit(
                 prior.decode_step,
                 obs.decode_step,
-                _grid(obs.decode_step, decode_features, [(b, b * 1024) for b in (1, 16, 64)]),
+                _grid(obs.decode_step, decode_features, [(b, b * 1024) for b in (1, 16, 64)])
+                + [decode_features(b, b * 1024.0) for b in BUSY_BATCHES],  # where an idle engine's data says nothing
             )
             steps = GroupCosts(prior.prefill, decode_step, prior.handoff)
             handoffs = [  # t0, t1 and s together, the steps at the batch joined on the new step model
@@ -352,7 +367,8 @@ class LatencyModel:
                 handoff=_refit(
                     with_step_weight(prior.handoff),
                     handoffs,
-                    _grid(handoffs, handoff_features, [(t, s) for t in (128, 2048, 8192) for s in (0.0, 0.05)]),
+                    _grid(handoffs, handoff_features, [(t, 0.0) for t in (128, 2048, 8192)])
+                    + busy_handoff_anchors(steps),
                 ),
             )
         return LatencyModel(dict(self.priors), fitted, dict(self.prior_specs))
