@@ -87,9 +87,8 @@ def without_text(rows: Sequence[LabeledRequest]) -> list[LabeledRequest]:
 def as_served(rows: Sequence[LabeledRequest], answers: str) -> list[LabeledRequest]:
     """The rows with ``answers``' name replaced by the fleet's served model name: the gateway
     serving that model learns its verbosity from its own traffic under the name it serves it by.
-    Without this the length model would meet an unknown model and predict every model's pooled
-    lengths (for Meta-Llama-3-8B-Instruct 1.2x its own), and since every request of the trace
-    ends at ``max_tokens`` (``ignore_eos``) the gateway's online length scale could not correct it."""
+    Without this the length model meets an unknown model and predicts every model's pooled
+    lengths, which the gateway's online length scale then has to correct while the run goes on."""
     return [replace(r, features=replace(r.features, model=MODEL)) if r.features.model == answers else r for r in rows]
 
 

@@ -166,11 +166,15 @@ class CostModelService:
         """The length model's error on this request (actual output tokens against the median it
         was served with) into its answering model's scale; a scale that moved is put in force."""
         current = self.current
-        served = (record.get("predicted") or {}).get("output_median")
+        predicted = record.get("predicted") or {}
+        served = predicted.get("output_median")
         actual = record.get("output_tokens")
         if current is None or not served or not actual or record.get("length_fixed"):
             return
-        scale = (record.get("predicted") or {}).get("output_scale", 1.0)
+        if record.get("cost_model") not in (None, current.version):
+            return  # predicted by an earlier model: its error is the one the refit already took in
+        scale = predicted.get("output_scale")
+        scale = 1.0 if scale is None else scale
         if self.length_calibration.observe_output(
             str(record.get("model")), float(served), int(actual), record.get("max_tokens"), float(scale)
         ):

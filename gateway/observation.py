@@ -28,6 +28,7 @@ class Observation:
     context_at_send: int = 0
     decode_prefill_share: float = 0.0  # the decode instance's recent prefill share at placement (its stalls)
     predicted: dict[str, float] = field(default_factory=dict)
+    cost_model_version: str | None = None  # the cost model that made ``predicted``
     prefill_s: float | None = None
     decode_sent: float | None = None
     first_token: float | None = None

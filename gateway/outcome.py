@@ -107,7 +107,8 @@ class OutcomeRecorder:
             "decode_prefill_share": round(obs.decode_prefill_share, 4),
         }
         record["predicted"] = obs.predicted
-        record["cost_model"] = current.version if current is not None else None
+        # the version that predicted it (a refit may have put another in force since)
+        record["cost_model"] = obs.cost_model_version or (current.version if current is not None else None)
         return record
 
     def _traced_end(self, routed: Routed, timing: Mapping[str, float | None], tokens: int | None) -> None:

@@ -136,6 +136,7 @@ class Placer:
         costs = snapshot.costs
         if costs is None or first_view is None or decode_view is None:
             return
+        obs.cost_model_version = costs.version
         predicted = obs.predicted
         predicted["prefill_s"] = costs.prefill_s(
             first_view, info.prompt_tokens - obs.prefill_cached, obs.prefill_cached

@@ -81,8 +81,25 @@ async def test_the_gateways_cost_service_learns_a_models_verbosity_from_complete
         fixed = {**record, "length_fixed": True, "model": "benchmark", "output_tokens": 4000}
         service.observe(fixed)  # ignore_eos: the client fixed the length, nothing to learn
         assert "benchmark" not in service.current.length_scale
+        for i in range(40):  # answers predicted by an earlier model (before a refit): nothing to learn
+            stale = {**record, "request_id": f"s{i}", "model": "stale", "cost_model": "v0001", "output_tokens": 900}
+            service.observe(stale)
+        assert "stale" not in service.current.length_scale
     finally:
         await service.close()
+
+
+def test_a_median_raised_by_min_tokens_teaches_nothing():
+    from pdgate.scheduler.costmodel.length_types import LengthPrediction, client_bounds
+
+    served = LengthPrediction(100.0, 400.0, 1.5)
+    floored = client_bounds(served, 1000, ignore_eos=False, min_tokens=300, may_stop=False)
+    assert floored == LengthPrediction(300.0, 400.0, 0.0)  # the client's floor, not the model's median
+    assert client_bounds(served, 1000, ignore_eos=False, min_tokens=50, may_stop=False) == served
+    calibration = LengthCalibration()
+    for _ in range(40):
+        calibration.observe_output("m", floored.median, 310, 1000, floored.scale)
+    assert calibration.in_force == {} and calibration.keys_seen == set()
 
 
 class NoInstances:

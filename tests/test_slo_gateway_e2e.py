@@ -86,6 +86,10 @@ def test_infeasible_slo_is_rejected_early_with_429_and_reason(fleet, tmp_path):
         assert ok.usage.completion_tokens == 4
         status, _, body, _ = asyncio.run(_post(gw.url, {"x-slo-ttft-ms": "fast"}, {"model": MODEL, "prompt": "hi"}))
         assert status == 400 and "x-slo-ttft-ms" in body["error"]["message"]
+        status, _, body, _ = asyncio.run(
+            _post(gw.url, {"x-slo-ttft-ms": "300", "x-llm-d-slo-ttft-ms": "900"}, {"model": MODEL, "prompt": "hi"})
+        )
+        assert status == 400 and "conflicting SLO headers" in body["error"]["message"]
         assert metric(gw.url, "pdgate_admission_decisions_total", outcome="reject", reason="ttft-infeasible") == 1
     finally:
         gw.stop()
@@ -185,3 +189,45 @@ def test_requests_are_logged_refit_online_and_the_model_is_loaded_at_restart(fle
         assert state["records"] == 24  # the log's tail is back in memory for the next refit
     finally:
         gw.stop()
+
+
+def test_answers_teach_the_length_scale_and_the_log_says_which_scale_each_was_served_with(fleet, tmp_path):
+    """Natural answers (no ignore_eos) move the answering model's length scale; a request served
+    after that carries the scale in its log row (predicted.output_scale), its median over the scale
+    is the model's own, and the row names the cost model that predicted it."""
+    model_dir = tmp_path / "cost-model"
+    gw = gateway(fleet, tmp_path / "gw.yaml", cost_model={"dir": str(model_dir), "refit_interval_s": 3600.0})
+
+    async def burst(first: int, n: int) -> None:
+        async with aiohttp.ClientSession() as session:
+
+            async def one(i: int) -> None:
+                body = {"model": MODEL, "prompt": prompt(first + i, 20), "max_tokens": 600}
+                async with session.post(f"{gw.url}/v1/completions", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+
+    def logged() -> list[dict]:
+        log = model_dir / "requests.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    try:
+        asyncio.run(burst(0, 40))  # all served at scale 1 before the first answer comes back
+        wait_until(lambda: len(logged()) >= 40, timeout=30, message="the gateway to log the first 40 answers")
+        scale = metric(gw.url, "pdgate_cost_model_length_scale", model=MODEL)
+        assert (
+            scale is not None and scale != 1.0 and 0.3 < scale < 4.0
+        )  # the simulated model's lengths are not the prior's
+        asyncio.run(burst(100, 10))
+        wait_until(lambda: len(logged()) >= 50, timeout=30, message="the gateway to log the next 10")
+    finally:
+        gw.stop()
+    rows = logged()
+    assert not any("output_scale" in r["predicted"] for r in rows[:40])
+    later = [r for r in rows[40:] if "output_scale" in r["predicted"]]
+    assert later, [r["predicted"] for r in rows[40:]]
+    for row in later:
+        predicted = row["predicted"]
+        assert predicted["output_median"] / predicted["output_scale"] == pytest.approx(128.0)  # the prior's median
+        assert row["cost_model"] == "prior"

@@ -75,7 +75,9 @@ def add_evaluate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
         metavar="FIELD",
         help="the record field naming a row's source, for --cross-validate sources (default dataset)",
     )
-    evaluate.add_argument("--folds", type=int, default=5, help="folds of --cross-validate (default 5)")
+    evaluate.add_argument(
+        "--folds", type=int, default=5, help="folds of --cross-validate (default 5; sources: one per source)"
+    )
     evaluate.add_argument(
         "--prequential", action="store_true", help="replay --data in order: predict each request, then learn it"
     )

@@ -36,7 +36,9 @@ class LengthPrediction:
     ``high`` is the model's ``q_high`` quantile (0.9 unless configured otherwise). ``scale`` is
     the online length scale both carry (:attr:`CostModel.length_scale` when it was served; the
     model's own median is ``median / scale`` unless capped), so a correction learnt from the
-    answer divides out the scale that was in force then, not the one in force when it ends.
+    answer divides out the scale that was in force then, not the one in force when it ends; 0
+    when the median is not the model's at all (a client's ``min_tokens`` raised it), so that
+    nothing is learnt from the answer.
     """
 
     median: float
@@ -77,7 +79,9 @@ def client_bounds(
     if prediction is None or min_tokens <= 0:
         return prediction
     floor = float(min(min_tokens, max_tokens)) if max_tokens > 0 else float(min_tokens)
-    return LengthPrediction(max(prediction.median, floor), max(prediction.high, floor), prediction.scale)
+    if prediction.median >= floor:
+        return LengthPrediction(prediction.median, max(prediction.high, floor), prediction.scale)
+    return LengthPrediction(floor, max(prediction.high, floor), 0.0)  # the client's floor, not the model's median
 
 
 def cap_predictions(
