@@ -245,7 +245,10 @@ class SloClassConfig(SloTargetConfig):
 class SloConfig(Strict):
     default: SloTargetConfig = Field(default_factory=lambda: SloTargetConfig(ttft_ms=2000.0, tpot_ms=100.0))
     classes: list[SloClassConfig] = Field(default_factory=list)
-    honor_headers: bool = Field(True, description="x-slo-ttft-ms, x-slo-tpot-ms and x-priority override the class")
+    honor_headers: bool = Field(
+        True,
+        description="x-slo-ttft-ms, x-slo-tpot-ms (or llm-d's x-llm-d-slo-ttft-ms, x-llm-d-slo-tpot-ms) and x-priority override the class",
+    )
 
 
 class AdmissionConfig(Strict):

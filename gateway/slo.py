@@ -1,8 +1,11 @@
 """Which SLO a request has: its class (by API key, route or app tag), then the request's headers.
 
 Headers (when ``slo.honor_headers``): ``x-slo-ttft-ms``, ``x-slo-tpot-ms`` (a positive number,
-or ``none`` to lift the limit) and ``x-priority`` (an integer, higher is served first). A bad
-value is the client's fault: 400 in OpenAI's error shape. The class is chosen by the first
+or ``none`` to lift the limit) and ``x-priority`` (an integer, higher is served first). The
+Gateway API Inference Extension's names (llm-d's ``x-llm-d-slo-ttft-ms``,
+``x-llm-d-slo-tpot-ms``, of which pdgate's are the older aliases) are read the same way; both
+names of one limit with different values are a 400. A bad value is the client's fault: 400 in
+OpenAI's error shape. The class is chosen by the first
 configured class whose ``api_keys``, ``routes`` or ``apps`` (header ``x-pdgate-app``) match.
 """
 
@@ -17,6 +20,8 @@ from pdgate.scheduler.snapshot import SloTarget
 
 APP_HEADER = "x-pdgate-app"
 MAX_PRIORITY = 1_000_000
+TTFT_HEADERS = ("x-slo-ttft-ms", "x-llm-d-slo-ttft-ms")
+TPOT_HEADERS = ("x-slo-tpot-ms", "x-llm-d-slo-tpot-ms")
 
 
 class SloResolver:
@@ -30,10 +35,8 @@ class SloResolver:
         if not self.config.honor_headers:
             return target
         ttft, tpot, priority = target.ttft_s, target.tpot_s, target.priority
-        if (raw := headers.get("x-slo-ttft-ms")) is not None:
-            ttft = _limit(raw, "x-slo-ttft-ms")
-        if (raw := headers.get("x-slo-tpot-ms")) is not None:
-            tpot = _limit(raw, "x-slo-tpot-ms")
+        ttft = _header_limit(headers, TTFT_HEADERS, ttft)
+        tpot = _header_limit(headers, TPOT_HEADERS, tpot)
         if (raw := headers.get("x-priority")) is not None:
             try:
                 priority = int(raw.strip())
@@ -67,6 +70,18 @@ def _target(config: SloTargetConfig, name: str) -> SloTarget:
         priority=config.priority,
         slo_class=name,
     )
+
+
+def _header_limit(headers: Mapping[str, str], names: tuple[str, ...], default: float | None) -> float | None:
+    """The limit the request sent under one of ``names`` (``default`` when none); 400 when a value
+    is bad or two names carry different limits."""
+    sent = [(name, raw, _limit(raw, name)) for name in names if (raw := headers.get(name)) is not None]
+    if not sent:
+        return default
+    if len({limit for _, _, limit in sent}) > 1:
+        listed = ", ".join(f"{name}: {raw[:40]!r}" for name, raw, _ in sent)
+        raise GatewayError(400, f"conflicting SLO headers ({listed}): send one of them")
+    return sent[0][2]
 
 
 def _limit(raw: str, header: str) -> float | None:

@@ -145,6 +145,22 @@ def test_slo_resolution_from_classes_and_headers():
         assert err.value.status == 400 and header in err.value.message
 
 
+def test_the_gateway_api_inference_extensions_slo_headers_are_read_too():
+    """llm-d's names (the Gateway API Inference Extension's) for the same limits, so that clients
+    written for an llm-d gateway keep their SLOs behind pdgate."""
+    resolver = SloResolver(SloConfig.model_validate({"default": {"ttft_ms": 2000, "tpot_ms": 100}}))
+    headers = {"x-llm-d-slo-ttft-ms": "300", "x-llm-d-slo-tpot-ms": "25"}
+    assert resolver.resolve(headers, "/v1/chat/completions") == SloTarget(0.3, 0.025, 0, "default")
+    same = {"x-llm-d-slo-ttft-ms": "300", "x-slo-ttft-ms": " 300.0"}
+    assert resolver.resolve(same, "/v1/completions").ttft_s == 0.3  # both names, one value: fine
+    with pytest.raises(GatewayError) as err:
+        resolver.resolve({"x-llm-d-slo-tpot-ms": "fast"}, "/v1/completions")
+    assert err.value.status == 400 and "x-llm-d-slo-tpot-ms" in err.value.message
+    with pytest.raises(GatewayError) as err:
+        resolver.resolve({"x-slo-ttft-ms": "300", "x-llm-d-slo-ttft-ms": "900"}, "/v1/completions")
+    assert err.value.status == 400 and "conflicting" in err.value.message and "x-llm-d-slo-ttft-ms" in err.value.message
+
+
 class GateAdmitter(Admitter):
     """Waits while ``closed``; rejects requests with an SLO whose id starts with 'late'."""
 
