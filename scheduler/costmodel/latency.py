@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import numpy as np
 
@@ -210,14 +210,22 @@ def prior_costs(spec: PriorSpec) -> GroupCosts:
 # -------------------------------------------------------------- the model
 
 
+class HandoffRow(NamedTuple):
+    """One observed hand-off: its prompt, the decode batch and context it joined, its seconds."""
+
+    prompt_tokens: float
+    batch: float
+    context_tokens: float
+    seconds: float
+
+
 @dataclass
 class Observations:
     """Training rows of one group, split by quantity."""
 
     prefill: list[tuple[tuple[float, ...], float]] = field(default_factory=list)
     decode_step: list[tuple[tuple[float, ...], float]] = field(default_factory=list)
-    handoff: list[tuple[tuple[float, ...], float]] = field(default_factory=list)
-    handoff_batches: list[tuple[float, float]] = field(default_factory=list)  # (batch, context) of each hand-off row
+    handoff: list[HandoffRow] = field(default_factory=list)
 
 
 def observations_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Observations]:
@@ -237,11 +245,16 @@ def observations_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Observati
         decode_group = placement.get("decode_group")
         handoff_s = timing.get("handoff_s")
         if decode_group and _positive(handoff_s) and placement.get("split"):
-            obs = groups.setdefault(decode_group, Observations())
             prompt_tokens = int(record.get("prompt_tokens", 0))
-            obs.handoff.append((handoff_features(prompt_tokens), float(handoff_s)))
             batch, context = placement.get("decode_batch"), placement.get("decode_context_tokens")
-            obs.handoff_batches.append((float(batch or 1), float(context if context is not None else prompt_tokens)))
+            groups.setdefault(decode_group, Observations()).handoff.append(
+                HandoffRow(
+                    float(prompt_tokens),
+                    float(batch or 1),
+                    float(context if context is not None else prompt_tokens),
+                    float(handoff_s),
+                )
+            )
         tpot_s = timing.get("tpot_s")
         batch = placement.get("decode_batch")
         context = placement.get("decode_context_tokens")
@@ -354,8 +367,11 @@ class LatencyModel:
             )
             steps = GroupCosts(prior.prefill, decode_step, prior.handoff)
             handoffs = [  # t0, t1 and s together, the steps at the batch joined on the new step model
-                (handoff_features(features[1], steps.structural_steps_s(batch, context)), seconds)
-                for (features, seconds), (batch, context) in zip(obs.handoff, obs.handoff_batches)
+                (
+                    handoff_features(row.prompt_tokens, steps.structural_steps_s(row.batch, row.context_tokens)),
+                    row.seconds,
+                )
+                for row in obs.handoff
             ]
             fitted[group] = GroupCosts(
                 prefill=_refit(
@@ -388,19 +404,16 @@ class LatencyModel:
             costs = self.costs(group)
             entry: dict[str, Any] = {}
             handoffs = [  # the transfer and the steps at the batch the request joined
-                ((x, batch, context), y) for (x, y), (batch, context) in zip(obs.handoff, obs.handoff_batches)
+                (costs.handoff_s(row.prompt_tokens) + costs.handoff_steps_s(row.batch, row.context_tokens), row.seconds)
+                for row in obs.handoff
             ]
-
-            def handoff(x: tuple[float, ...], batch: float, context: float, costs: GroupCosts = costs) -> float:
-                return costs.handoff_s(x[1]) + costs.handoff_steps_s(batch, context)
-
-            for name, rows, fn in (
-                ("prefill", [(x, y) for x, y in obs.prefill], costs.prefill),
-                ("decode_step", [(x, y) for x, y in obs.decode_step], costs.decode_step),
-                ("handoff", handoffs, handoff),
+            for name, rows in (
+                ("prefill", [(costs.prefill(*x), y) for x, y in obs.prefill]),
+                ("decode_step", [(costs.decode_step(*x), y) for x, y in obs.decode_step]),
+                ("handoff", handoffs),
             ):
                 if rows:
-                    errors = [abs(fn(*x) - y) / y for x, y in rows]
+                    errors = [abs(guess - y) / y for guess, y in rows]
                     entry[name] = {
                         "n": len(rows),
                         "mape": round(float(np.mean(errors)), 4),
