@@ -157,7 +157,7 @@ instances:
         assert "pid" in up.log
         pids = [int(line.split("(pid ")[1].rstrip(")\n")) for line in up.output if "(pid " in line]
         assert len(pids) == 3
-        status, body, _ = completion(up.url, "through pdgate up")
+        status, body, _ = completion(up.url, "through pdgate up", ignore_eos=True)  # exactly 4: no early EOS draw
         assert status == 200 and body["usage"]["completion_tokens"] == 4
         assert get_json(f"http://127.0.0.1:{ports[2]}/sim/state")["role"] == "decode"
     finally:
