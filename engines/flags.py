@@ -1,4 +1,8 @@
-"""Command-line flags made from pydantic settings models: one ``--kebab-case`` flag per field."""
+"""Command-line flags made from pydantic settings models: one ``--kebab-case`` flag per field.
+
+A ``list[...]`` field takes one or more values after its flag (``--lora-modules a=/p b=/q``, as
+vLLM's ``nargs="+"`` flags do).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
         choices, base = _flag_type(annotation)
         if base is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif _is_list(annotation):
+            parser.add_argument(flag, dest=name, nargs="+", default=None, metavar=name.upper(), help=help_text)
         else:
             parser.add_argument(
                 flag,
@@ -29,6 +35,15 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
                 metavar=None if choices else name.upper(),
                 help=help_text,
             )
+
+
+def _is_list(annotation: Any) -> bool:
+    """``list[...]``, also inside ``... | None``."""
+    if typing.get_origin(annotation) is list:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation) if a is not type(None))
+    return False
 
 
 def _flag_type(annotation: Any) -> tuple[list[Any] | None, Any]:

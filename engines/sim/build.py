@@ -19,9 +19,11 @@ from pdgate.engines.sim.engine import AsyncSimEngine, Clock, RealtimeClock
 from pdgate.engines.sim.generation import LengthModel, TokenGenerator
 from pdgate.engines.sim.handoff import on_request_finished, pull_kv
 from pdgate.engines.sim.kv_cache import KVCacheManager
+from pdgate.engines.sim.lora import LoraRegistry
 from pdgate.engines.sim.metrics import SglangMetrics, SimMetrics, VllmMetrics
 from pdgate.engines.sim.migration import is_migration, pull_migrated_kv
 from pdgate.engines.sim.migration_state import MigrationState
+from pdgate.engines.sim.protocol import ApiError
 from pdgate.engines.sim.request import SimRequest
 from pdgate.engines.sim.state import SimState
 
@@ -60,9 +62,12 @@ def build_state(config: SimEngineConfig, clock: Clock | None = None, tokenizer: 
         max_model_len=max_model_len,
         scheduling_policy=config.scheduling_policy,
         kv_hold_timeout=config.kv_hold_timeout_s,
+        hash_algo=config.prefix_caching_hash_algo,
+        max_loras=config.max_loras if config.enable_lora else None,
     )
     core = EngineCore(core_config, kv, profile, generator)
     served = config.served_model_name or profile.model.name
+    loras = _static_loras(config, served) if config.enable_lora else None
     if config.api == "sglang":
         engine_type = {"both": "unified"}.get(config.role, config.role)
         metrics: SimMetrics = SglangMetrics(core, served, engine_type)
@@ -73,8 +78,9 @@ def build_state(config: SimEngineConfig, clock: Clock | None = None, tokenizer: 
             "enable_prefix_caching": str(config.enable_prefix_caching),
             "gpu_memory_utilization": str(config.gpu_memory_utilization),
             "cache_dtype": "auto",
+            "prefix_caching_hash_algo": config.prefix_caching_hash_algo,
         }
-        metrics = VllmMetrics(core, served, cache_info)
+        metrics = VllmMetrics(core, served, cache_info, max_loras=config.max_loras if loras is not None else None)
     if clock is None:
         clock = RealtimeClock(config.time_scale)
     engine_id = config.resolved_engine_id()
@@ -104,6 +110,19 @@ def build_state(config: SimEngineConfig, clock: Clock | None = None, tokenizer: 
         max_model_len=max_model_len,
         rng=random.Random(f"sim-engine:{config.seed}:{engine_id}"),
         bound_port=config.port,
+        loras=loras,
     )
     core.on_finish(lambda req: on_request_finished(state, req))
     return state
+
+
+def _static_loras(config: SimEngineConfig, served: str) -> LoraRegistry:
+    """The adapter registry with ``--lora-modules`` loaded (vLLM's ``init_static_loras``: one that cannot load
+    stops the start with ``ValueError``)."""
+    registry = LoraRegistry([served])
+    for module in config.static_lora_modules():
+        try:
+            registry.load(module.name, module.path, base_model_name=module.base_model_name)
+        except ApiError as exc:
+            raise ValueError(exc.message) from None
+    return registry

@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pdgate.common.block_hash import HashAlgo, hash_function
 from pdgate.common.yamlfile import read_yaml_mapping
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One ``--lora-modules`` entry (vLLM's ``LoRAModulePath``)."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+def parse_lora_module(item: str) -> LoraModule:
+    """vLLM's ``LoRAParserAction``: ``name=path`` when the item has a ``=`` and no ``,``, else a JSON object
+    with ``name``, ``path`` and optionally ``base_model_name``; ``ValueError`` otherwise."""
+    if "=" in item and "," not in item:
+        name, path = item.split("=", 1)
+        return LoraModule(name, path)
+    try:
+        data = json.loads(item)
+    except json.JSONDecodeError:
+        raise ValueError(f"Invalid JSON format for --lora-modules: {item}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(data.get("path"), str):
+        raise ValueError(f"Invalid fields for --lora-modules: {item} - give 'name' and 'path' strings")
+    unknown = set(data) - {"name", "path", "base_model_name", "is_3d_lora_weight"}
+    if unknown:
+        raise ValueError(f"Invalid fields for --lora-modules: {item} - unexpected {', '.join(sorted(unknown))}")
+    base = data.get("base_model_name")
+    return LoraModule(data["name"], data["path"], base if isinstance(base, str) else None)
 
 
 class SimEngineConfig(BaseModel):
@@ -22,6 +53,10 @@ class SimEngineConfig(BaseModel):
         "both", description="colocated engine, or one side of prefill-decode disaggregation"
     )
     api: Literal["vllm", "sglang"] = Field("vllm", description="whose HTTP API, PD protocol and metric names to speak")
+    runner: Literal["generate", "pooling"] = Field(
+        "generate",
+        description="generate: completions and chat; pooling: embeddings, score and rerank (vLLM's --runner)",
+    )
     profile: str | None = Field(
         "h100-llama-3-8b",
         description="calibrated performance profile GPU-MODEL[-tpN]; set to '' to use --model/--gpu/--tp (roofline when no profile matches)",
@@ -41,6 +76,18 @@ class SimEngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(8192, ge=1, description="token budget per step (chunked prefill)")
     max_model_len: int | None = Field(None, ge=2, description="context length limit (default: the model's)")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of identical prefixes")
+    prefix_caching_hash_algo: HashAlgo = Field(
+        "sha256",
+        description="block hash of the prefix cache and its KV events, as vLLM's flag (xxhash*: pip install "
+        "'pdgate[xxhash]'; seeded at random per process unless PYTHONHASHSEED is set)",
+    )
+    enable_lora: bool = Field(False, description="serve LoRA adapters (vLLM API; a simulated adapter has no weights)")
+    max_loras: int = Field(1, ge=1, description="most distinct LoRA adapters in one batch (vLLM's --max-loras)")
+    lora_modules: list[str] | None = Field(
+        None,
+        description='adapters served from the start, each name=path or JSON {"name", "path", "base_model_name"}; '
+        "more at runtime with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 (POST /v1/load_lora_adapter)",
+    )
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs", description="waiting-queue order (priority: lower value first)"
     )
@@ -87,7 +134,21 @@ class SimEngineConfig(BaseModel):
             raise ValueError("give a --profile, or a --model (with optional --gpu, --tp)")
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
+        try:
+            hash_function(self.prefix_caching_hash_algo)(b"")  # the xxhash package, when asked for
+        except ModuleNotFoundError as exc:
+            raise ValueError(str(exc)) from None
+        if self.enable_lora and self.api != "vllm":
+            raise ValueError("LoRA adapters are simulated for the vLLM API only")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
+        for module in self.lora_modules or ():
+            parse_lora_module(module)  # a ValueError names the bad entry
         return self
+
+    def static_lora_modules(self) -> list[LoraModule]:
+        """The adapters of ``lora_modules``, parsed (empty without LoRA)."""
+        return [parse_lora_module(m) for m in self.lora_modules or () if m]
 
     def resolved_engine_id(self) -> str:
         return self.engine_id or str(uuid.uuid4())

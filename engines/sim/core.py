@@ -22,11 +22,11 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pdgate.common.block_hash import hash_block, none_hash
+from pdgate.common.block_hash import DEFAULT_HASH_ALGO, NO_KEYS, PrefixHasher
 from pdgate.common.perf_model import EngineProfile, StepBatch
 from pdgate.engines.sim.generation import ContextHash, TokenGenerator, stable_hash
 from pdgate.engines.sim.kv_cache import KVCacheManager
@@ -45,7 +45,9 @@ class CoreConfig:
     scheduling_policy: SchedulingPolicy = "fcfs"
     long_prefill_token_threshold: int = 0  # 0: a prefill chunk may use the whole budget
     kv_hold_timeout: float = 480.0  # seconds a prefill leg holds KV for its decode peer
-    hash_seed: str | None = None
+    hash_algo: str = DEFAULT_HASH_ALGO  # --prefix-caching-hash-algo
+    hash_seed: str | None = None  # NONE_HASH seed; None: as a vLLM process picks it (PYTHONHASHSEED, ...)
+    max_loras: int | None = None  # distinct LoRA adapters per step (--max-loras); None: LoRA off
 
 
 @dataclass
@@ -94,6 +96,10 @@ class _WaitingQueue:
 
     def __len__(self) -> int:
         return len(self._heap) if self._policy == "priority" else len(self._fifo)
+
+    def __iter__(self) -> Iterator[SimRequest]:
+        """The waiting requests, in no particular order."""
+        return (item[3] for item in self._heap) if self._policy == "priority" else iter(self._fifo)
 
     def push(self, req: SimRequest, *, front: bool = False) -> None:
         if self._policy == "priority":
@@ -144,7 +150,11 @@ class EngineCore:
         self.requests: dict[str, SimRequest] = {}
         self.held: dict[str, HeldKV] = {}
         self.num_preemptions = 0
-        self._root_hash = none_hash(config.hash_seed)
+        self.hasher = (
+            PrefixHasher.for_engine(config.hash_algo)
+            if config.hash_seed is None
+            else PrefixHasher.create(config.hash_algo, config.hash_seed)
+        )
         self._on_finish: list[Callable[[SimRequest], None]] = []
 
     # --------------------------------------------------------------- requests
@@ -158,21 +168,12 @@ class EngineCore:
             req.prompt_token_ids if req.length_key_tokens is None else req.prompt_token_ids[: req.length_key_tokens]
         )
         req.length_key = self.generator.length_key(origin)  # a migrated-in request keeps its origin's
-        req.block_hashes = self._hash_blocks(req.prompt_token_ids)
+        req.block_hashes = self.hasher.block_hashes(req.prompt_token_ids, self.kv.block_size, req.block_keys)
         sp = req.sampling
         req.sample_seed = None if sp.greedy else (sp.seed if sp.seed is not None else stable_hash(req.request_id))
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.push(req)
-
-    def _hash_blocks(self, tokens: list[int]) -> list[bytes]:
-        size = self.kv.block_size
-        hashes: list[bytes] = []
-        parent = self._root_hash
-        for start in range(0, len(tokens) - size + 1, size):
-            parent = hash_block(parent, tokens[start : start + size])
-            hashes.append(parent)
-        return hashes
 
     def abort(
         self, request_id: str, now: float, status: RequestStatus = RequestStatus.FINISHED_ABORTED
@@ -252,11 +253,18 @@ class EngineCore:
     def _schedule_waiting(self, step: ScheduledStep, scheduled: dict[str, int], budget: int, now: float) -> int:
         cfg = self.config
         skipped: list[SimRequest] = []
+        # vLLM: the adapters of the running requests scheduled this step; a waiting request with
+        # another adapter waits while max_loras of them are in the batch
+        loras = {r.lora_id for r in self.running if r.lora_id is not None and r.request_id in scheduled}
         while len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting.peek()
             if req.status is RequestStatus.WAITING_FOR_REMOTE_KVS:
                 skipped.append(self.waiting.pop())
                 continue
+            if cfg.max_loras is not None and req.lora_id is not None:
+                if req.lora_id not in loras and len(loras) >= cfg.max_loras:
+                    skipped.append(self.waiting.pop())
+                    continue
             hits = []
             if not req.blocks:
                 if req.reserved_blocks:  # a migration target's reservation: give it back right before allocating
@@ -285,7 +293,9 @@ class EngineCore:
             self.running.append(req)
             scheduled[req.request_id] = num_new
             budget -= num_new
-        for req in skipped:
+            if req.lora_id is not None:
+                loras.add(req.lora_id)
+        for req in reversed(skipped):  # back at the front, in their order
             self.waiting.push(req, front=True)
         return budget
 
@@ -378,8 +388,10 @@ class EngineCore:
         num_output = len(req.output_token_ids)
         num_tokens = len(req.prompt_token_ids) + num_output
         if num_tokens % size == 0:
-            parent = req.block_hashes[-1] if req.block_hashes else self._root_hash
-            req.block_hashes.append(hash_block(parent, req.tokens_slice(num_tokens - size, num_tokens)))
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            start = num_tokens - size
+            extra = None if req.block_keys is NO_KEYS else req.block_keys.extra_keys(start, num_tokens)
+            req.block_hashes.append(self.hasher.hash_block(parent, req.tokens_slice(start, num_tokens), extra))
         sp = req.sampling
         status = None
         if (token == self.generator.eos_token_id and not sp.ignore_eos) or token in sp.stop_token_ids:
@@ -395,7 +407,15 @@ class EngineCore:
     def _cache_full_blocks(self, req: SimRequest) -> None:
         full = min(req.num_computed_tokens // self.kv.block_size, len(req.block_hashes), len(req.blocks))
         if full > req.num_hashed_blocks_cached:
-            self.kv.cache_blocks(req.blocks, req.block_hashes, req.num_hashed_blocks_cached, full, req.tokens_slice)
+            self.kv.cache_blocks(
+                req.blocks,
+                req.block_hashes,
+                req.num_hashed_blocks_cached,
+                full,
+                req.tokens_slice,
+                keys=req.block_keys,
+                lora_id=req.lora_id,
+            )
             req.num_hashed_blocks_cached = full
 
     def _finish(self, req: SimRequest, status: RequestStatus, now: float, *, hold: bool) -> None:

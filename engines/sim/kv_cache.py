@@ -7,6 +7,9 @@
   block is registered, ``BlockRemoved`` when a cached block is evicted for reuse,
   ``AllBlocksCleared`` on reset) carry the same 64-bit hashes real vLLM publishes.
 * Only one block per hash is registered; a duplicate computed in parallel stays private.
+* The hashes carry each request's extra keys (LoRA adapter, ``cache_salt``), so requests of
+  different adapters never share a block, and a ``BlockStored`` carries the request's ``lora_id``,
+  ``lora_name`` and per-block ``extra_keys`` in vLLM's untagged form.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pdgate.common.block_hash import to_event_hash
+from pdgate.common.block_hash import NO_KEYS, BlockKeys, to_event_hash
 from pdgate.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvCacheEvent
 
 
@@ -33,6 +36,40 @@ class PrefixCacheStats:
     queries: int = 0
     hits: int = 0
     resets: int = 0
+
+
+@dataclass
+class _Stored:
+    """Builds one request's ``BlockStored`` events: the request's fields and its blocks' extra keys."""
+
+    keys: BlockKeys
+    lora_id: int | None
+    block_size: int
+    extra_keys: list[tuple[object, ...] | None] = field(default_factory=list)
+
+    def add_block(self, index: int) -> None:
+        start = index * self.block_size
+        self.extra_keys.append(
+            None if self.keys is NO_KEYS else self.keys.event_extra_keys(start, start + self.block_size)
+        )
+
+    def event(self, hashes: list[int], parent: int | None, tokens: list[int], medium: str) -> list[KvCacheEvent]:
+        extra_keys, self.extra_keys = self.extra_keys, []
+        lora = self.keys.lora
+        return [
+            BlockStored(
+                block_hashes=hashes,
+                parent_block_hash=parent,
+                token_ids=tokens,
+                block_size=self.block_size,
+                lora_id=self.lora_id,
+                medium=medium,
+                lora_name=None if lora is None else lora.name,
+                extra_keys=extra_keys,  # [None, ...] for plain-text base-model requests, as vLLM sends
+                group_idx=0,
+                kv_cache_spec_kind="full_attention",
+            )
+        ]
 
 
 @dataclass
@@ -145,10 +182,19 @@ class KVCacheManager:
         first: int,
         last: int,
         tokens_of: Callable[[int, int], list[int]],
+        *,
+        keys: BlockKeys = NO_KEYS,
+        lora_id: int | None = None,
     ) -> None:
-        """Register owned blocks ``first..last-1`` (now fully computed) in the prefix cache."""
+        """Register owned blocks ``first..last-1`` (now fully computed) in the prefix cache.
+
+        ``keys`` and ``lora_id`` are the owning request's (its LoRA adapter, cache_salt): the
+        ``BlockStored`` events carry them as vLLM's do (``lora_id``, ``lora_name``, per-block
+        ``extra_keys``).
+        """
         if not self.enable_prefix_caching or last <= first:
             return
+        stored = _Stored(keys, lora_id, self.block_size)
         stored_hashes: list[int] = []
         stored_tokens: list[int] = []
         parent: int | None = to_event_hash(block_hashes[first - 1]) if first > 0 else None
@@ -157,7 +203,7 @@ class KVCacheManager:
             if block.block_hash is not None or h in self._cached:
                 # already registered (a prefix hit) or a duplicate: nothing new to announce
                 if stored_hashes:
-                    self._emit_stored(stored_hashes, parent, stored_tokens)
+                    self._emit(stored.event(stored_hashes, parent, stored_tokens, self.medium))
                     stored_hashes, stored_tokens = [], []
                 parent = to_event_hash(h)
                 continue
@@ -165,24 +211,9 @@ class KVCacheManager:
             self._cached[h] = block
             stored_hashes.append(to_event_hash(h))
             stored_tokens.extend(tokens_of(i * self.block_size, (i + 1) * self.block_size))
+            stored.add_block(i)
         if stored_hashes:
-            self._emit_stored(stored_hashes, parent, stored_tokens)
-
-    def _emit_stored(self, hashes: list[int], parent: int | None, tokens: list[int]) -> None:
-        self._emit(
-            [
-                BlockStored(
-                    block_hashes=hashes,
-                    parent_block_hash=parent,
-                    token_ids=tokens,
-                    block_size=self.block_size,
-                    medium=self.medium,
-                    extra_keys=[None] * len(hashes),  # as real vLLM sends for plain-text requests
-                    group_idx=0,
-                    kv_cache_spec_kind="full_attention",
-                )
-            ]
-        )
+            self._emit(stored.event(stored_hashes, parent, stored_tokens, self.medium))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; only possible when no request holds a block."""

@@ -6,7 +6,9 @@ logic, answers and error bodies as the HTTP server (:mod:`engines.sim.server`):
 * ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE);
 * ``GET /metrics`` (the Prometheus text), ``GET /health``;
 * ``POST /sim/migrate`` (a live migration's source), ``POST /sim/migrate/reserve`` and
-  ``POST /sim/migrate/release`` (its target).
+  ``POST /sim/migrate/release`` (its target);
+* ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` where the HTTP server has them
+  (:func:`engines.sim.routes_lora.runtime_lora_routes`).
 
 An unknown path is answered 404 and a known one with another method 405, both as error JSON in
 the engine's flavour; a body that is not JSON is a 400 as over HTTP. The engine's own peers are
@@ -27,6 +29,7 @@ from pdgate.engines.sim.protocol import ApiError, json_of, parse_body
 from pdgate.engines.sim.reply import Reply, respond
 from pdgate.engines.sim.routes_generate import generate
 from pdgate.engines.sim.routes_info import reply_health, reply_metrics
+from pdgate.engines.sim.routes_lora import LOAD_PATH, load_adapter, runtime_lora_routes, unload_adapter
 from pdgate.engines.sim.state import SimState
 
 
@@ -89,6 +92,10 @@ async def _dispatch(
         case "/sim/migrate/release":
             _allow(method, "POST", path)
             await reply.json(200, release_answer(state, json_of(parse_body(body))))
+        case "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" if runtime_lora_routes(state):
+            _allow(method, "POST", path)
+            serve = load_adapter if path == LOAD_PATH else unload_adapter
+            await reply.text(200, serve(state, headers, parse_body(body)))
         case _:
             raise ApiError(404, f"no route {path!r} on the simulated engine (in-process)")
 

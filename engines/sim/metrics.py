@@ -180,8 +180,11 @@ class SimMetrics:
 class VllmMetrics(SimMetrics):
     """vLLM v1 ``PrometheusStatLogger`` names."""
 
-    def __init__(self, core: EngineCore, model_name: str, cache_info: dict[str, str]) -> None:
+    def __init__(
+        self, core: EngineCore, model_name: str, cache_info: dict[str, str], *, max_loras: int | None = None
+    ) -> None:
         super().__init__(core)
+        self._max_loras = max_loras
         self._seen_queries = self._seen_hits = self._seen_preemptions = 0
         r, labels = self.registry, ["model_name", "engine"]
         values = (model_name, "0")
@@ -272,6 +275,18 @@ class VllmMetrics(SimMetrics):
             "Histogram of number of tokens per engine_step.",
             VLLM_ITERATION_TOKEN_BUCKETS,
         )
+        # vLLM with --enable-lora: a series per (max, waiting, running) adapter set, set to the time it
+        # was last seen; routers read the newest
+        self._lora_info = (
+            None
+            if max_loras is None
+            else Gauge(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                registry=r,
+            )
+        )
 
     def refresh(self) -> None:
         core = self.core
@@ -284,6 +299,10 @@ class VllmMetrics(SimMetrics):
         self._hits.inc(stats.hits - self._seen_hits)
         self._preemptions.inc(core.num_preemptions - self._seen_preemptions)
         self._seen_queries, self._seen_hits, self._seen_preemptions = stats.queries, stats.hits, core.num_preemptions
+        if self._lora_info is not None:
+            running = ",".join(dict.fromkeys(n for r in core.running if (n := r.lora_name) is not None))
+            waiting = ",".join(dict.fromkeys(n for r in core.waiting if (n := r.lora_name) is not None))
+            self._lora_info.labels(str(self._max_loras), waiting, running).set_to_current_time()
 
     def on_iteration(self, step: ScheduledStep) -> None:
         self._iteration.observe(sum(n for _, n in step.entries))

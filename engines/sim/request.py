@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdgate.common.block_hash import NO_KEYS, BlockKeys
 from pdgate.engines.sim.generation import ContextHash
 
 
@@ -95,6 +96,13 @@ class SimRequest:
         default_factory=list
     )  # a migration target's reservation, freed when first scheduled
     length_key_tokens: int | None = None  # leading prompt tokens that were the original prompt (a migrated-in request)
+    block_keys: BlockKeys = NO_KEYS  # vLLM's extra keys of its block hashes: LoRA adapter, cache_salt
+    lora_id: int | None = None  # the engine's id of the request's LoRA adapter (KV events carry it)
+
+    @property
+    def lora_name(self) -> str | None:
+        lora = self.block_keys.lora
+        return None if lora is None else lora.name
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from pdgate.common.block_hash import request_keys
 from pdgate.engines.sim.core import RequestOutput
 from pdgate.engines.sim.engine import RequestStream
 from pdgate.engines.sim.handoff import await_handoff, kv_transfer_params, remote_prefill_from
@@ -35,6 +36,8 @@ from pdgate.engines.sim.request import RequestStatus, SamplingParams, SimRequest
 from pdgate.engines.sim.state import SimState, check_auth
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+MAX_CACHE_SALT_LENGTH = 128
+CACHE_SALT_FORBIDDEN_CHARS = frozenset("@/\\\x00")
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Generation:
     prompt_ids: list[int]
     sim_request: SimRequest
     prefill_leg: bool
+    model: str  # the name answers carry: the base model's, or the LoRA adapter's the request named
     live: LiveRequest | None = None  # set while the handler runs (the live-migration index)
 
 
@@ -55,8 +59,8 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
     model_cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
     req = parse_request(model_cls, body)
     req.check_supported()
-    if req.model is not None and req.model != state.served_model_name:
-        raise ApiError(404, f"The model `{req.model}` does not exist.", param="model", err_type="NotFoundError")
+    adapter = state.resolve_model(req.model)
+    cache_salt = _cache_salt(req) if config.api == "vllm" else None
     tok = state.tokenizer
     try:
         if isinstance(req, CompletionRequest):
@@ -136,6 +140,8 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
         priority=req.priority,
         kv_hold_key=hold_key,
         remote_prefill=remote,
+        block_keys=request_keys(lora=None if adapter is None else adapter.key, cache_salt=cache_salt),
+        lora_id=None if adapter is None else adapter.lora_id,
     )
     if migration:
         assert remote is not None
@@ -145,7 +151,22 @@ def _prepare(state: SimState, kind: str, body: Any, header_id: str | None) -> Ge
         reservation = claim_reservation(state, remote.params.get("reservation_id"))
         if reservation is not None:  # freed right before the request's own blocks are allocated
             sim_request.reserved_blocks = reservation.blocks
-    return Generation(kind, req, base, prompt_ids, sim_request, prefill_leg)
+    model = state.served_model_name if adapter is None else adapter.name
+    return Generation(kind, req, base, prompt_ids, sim_request, prefill_leg, model)
+
+
+def _cache_salt(req: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The request's ``cache_salt``, checked as vLLM's ``validate_cache_salt`` checks it (400 otherwise)."""
+    salt = (req.model_extra or {}).get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        message = "Parameter 'cache_salt' must be a non-empty string if provided."
+    elif len(salt) > MAX_CACHE_SALT_LENGTH or any(c in CACHE_SALT_FORBIDDEN_CHARS for c in salt):
+        message = "Parameter 'cache_salt' must be at most 128 characters and must not contain '@', '/', '\\\\', or NUL."
+    else:
+        return salt
+    raise ApiError(400, f"{message} (parameter=cache_salt)", param="cache_salt")
 
 
 async def handle_completions(state: SimState, request: web.Request, reply: Reply) -> None:
@@ -271,7 +292,7 @@ async def _full_response(state: SimState, gen: Generation, stream: RequestStream
     if reason != "migrated":  # a migrated request goes on elsewhere: text held back for stop strings stays out
         text.flush()
     final_text = text.text[: text.sent]
-    created, model = now_s(), state.served_model_name
+    created, model = now_s(), gen.model
     if gen.kind == "completion":
         choice: dict[str, Any] = {
             "index": 0,
@@ -316,7 +337,7 @@ async def _stream_response(state: SimState, gen: Generation, stream: RequestStre
         {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": gen.request_id}
     )
     body = gen.body
-    created, model = now_s(), state.served_model_name
+    created, model = now_s(), gen.model
     is_chat = gen.kind == "chat"
     obj = "chat.completion.chunk" if is_chat else "text_completion"
     text = _text_of(state, gen)

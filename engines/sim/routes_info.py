@@ -15,15 +15,25 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 async def handle_models(state: SimState, request: web.Request) -> web.Response:
+    """The base model, then every LoRA adapter as vLLM lists it (``id`` its name, ``root`` its path,
+    ``parent`` the base model, no ``max_model_len``)."""
+    cards = [_model_card(state, state.served_model_name, state.profile.model.name, None, state.max_model_len)]
+    for adapter in state.loras.adapters if state.loras is not None else ():
+        parent = adapter.base_model_name or state.served_model_name
+        cards.append(_model_card(state, adapter.name, adapter.path, parent, None))
+    return web.json_response({"object": "list", "data": cards})
+
+
+def _model_card(state: SimState, name: str, root: str, parent: str | None, max_model_len: int | None) -> dict[str, Any]:
     owned_by = "sglang" if state.config.api == "sglang" else "vllm"
     card: dict[str, Any] = {
-        "id": state.served_model_name,
+        "id": name,
         "object": "model",
         "created": now_s(),
         "owned_by": owned_by,
-        "root": state.profile.model.name,
-        "parent": None,
-        "max_model_len": state.max_model_len,
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
     }
     if owned_by == "vllm":
         card["permission"] = [
@@ -42,7 +52,7 @@ async def handle_models(state: SimState, request: web.Request) -> web.Response:
                 "is_blocking": False,
             }
         ]
-    return web.json_response({"object": "list", "data": [card]})
+    return card
 
 
 async def handle_health(state: SimState, request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from pdgate.engines.sim.config import SimEngineConfig
 from pdgate.engines.sim.core import EngineCore
 from pdgate.engines.sim.engine import AsyncSimEngine, Clock
 from pdgate.engines.sim.kv_events import KvEventPublisher
+from pdgate.engines.sim.lora import LoraRegistry, ServedAdapter
 from pdgate.engines.sim.metrics import SimMetrics
 from pdgate.engines.sim.migration_state import MigrationState
 from pdgate.engines.sim.peer_link import PeerLink
@@ -80,10 +81,25 @@ class SimState:
     """Trace headers of the latest generation requests, oldest first (``GET /sim/traces``)."""
     json_encode: Callable[[Any], bytes] = field(default_factory=json_encoder)
     """Compact JSON for stream chunks (text as UTF-8, as vLLM's pydantic ``model_dump_json`` writes it)."""
+    loras: LoraRegistry | None = None
+    """The LoRA adapters served (``--enable-lora``); ``None`` without LoRA."""
 
     def new_id(self, prefix: str) -> str:
         """A fresh id ``prefix-<32 hex digits>`` (a uuid4's shape), drawn from :attr:`rng`."""
         return f"{prefix}-{self.rng.getrandbits(128):032x}"
+
+    def resolve_model(self, model: str | None) -> ServedAdapter | None:
+        """The adapter a request's ``model`` names, ``None`` for the base model (or no model);
+        vLLM's 404 for any other name."""
+        if model is None or model == self.served_model_name:
+            return None
+        adapter = self.loras.get(model) if self.loras is not None else None
+        if adapter is None:
+            aliases = f" Valid aliases: {self.served_model_name}." if self.config.api == "vllm" else ""
+            raise ApiError(
+                404, f"The model `{model}` does not exist.{aliases}", param="model", err_type="NotFoundError"
+            )
+        return adapter
 
     def handoff(self, key: str) -> Handoff:
         entry = self.handoffs.get(key)

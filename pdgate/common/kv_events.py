@@ -7,7 +7,9 @@ one is pure (msgpack, no I/O).
 
 Sources read: ``vllm-project/vllm`` ``vllm/distributed/kv_events.py`` (commit
 0181ea3 and the older b4e69e0), the newer tree in ``local-inference-lab/vllm``
-(same path), and a real vLLM 0.26 capture quoted in volcano-sh/kthena#1535.
+(same path), a real vLLM 0.26 capture quoted in volcano-sh/kthena#1535, and vLLM 0.32's
+installed source (``BlockStored`` of 14 fields: the upstream 11 + ``locality``, ``ownership``,
+``session_id``; ``BlockRemoved`` + ``locality``, ``ownership``; :data:`VLLM_032_SCHEMA`).
 vLLM PR #42892 dropped ``array_like`` from the *event* structs; the batch
 stayed array-like (0.26 capture: ``[ts, [{'type': 'BlockStored', ...}], 0]``).
 
@@ -40,6 +42,11 @@ msgspec encoding details reproduced by :func:`encode_batch` (checked against msg
   uses fixmap, the 17-field newer one map16); see :class:`WireSchema`.
 * Hashes are uint64 (``pdgate.common.block_hash.to_event_hash``), or raw digest
   ``bytes`` (msgpack bin) when vLLM runs with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``.
+* A LoRA request's blocks (vLLM 0.32, checked on the CPU build): ``lora_id`` the engine's adapter
+  id (1, 2, ... in load order), ``lora_name`` the adapter's name, ``extra_keys`` one entry per
+  block, untagged (``["sql-lora"]``, with a ``cache_salt`` on the first block
+  ``["sql-lora", "salt"]``); a base-model request sends nil ``lora_id``/``lora_name`` and
+  ``[None, ...]``. The hashes themselves include the adapter (``pdgate.common.block_hash``).
 
 Decoding (:func:`decode_batch`) accepts both event forms: maps tagged by ``"type"`` (vLLM >= PR
 #42892) and, from older vLLM, arrays with the tag first:
@@ -93,8 +100,8 @@ class BlockStored:
     Defaults are what the engine usually sends; on the wire ``token_ids``, ``block_size``,
     ``lora_id``, ``medium`` and ``lora_name`` are always present (nil allowed) and the remaining
     fields only when not ``None``. :func:`decode_batch` fills only what routing uses
-    (``block_hashes`` as uint64, ``parent_block_hash``, ``medium``); the other fields keep their
-    defaults.
+    (``block_hashes`` as uint64, ``parent_block_hash``, ``medium``, ``lora_id``, ``lora_name``);
+    the other fields keep their defaults.
     """
 
     block_hashes: Sequence[ExternalBlockHash]
@@ -202,6 +209,11 @@ VLLM_EXTENDED_SCHEMA = WireSchema(
     ),
     VLLM_UPSTREAM_SCHEMA.block_removed + ("locality", "ownership"),
 )
+VLLM_032_SCHEMA = WireSchema(
+    "vLLM 0.32: upstream + locality/ownership/session_id",
+    VLLM_UPSTREAM_SCHEMA.block_stored + ("locality", "ownership", "session_id"),
+    VLLM_UPSTREAM_SCHEMA.block_removed + ("locality", "ownership"),
+)
 DEFAULT_SCHEMA = VLLM_UPSTREAM_SCHEMA
 
 
@@ -280,6 +292,18 @@ def _medium(value: Any) -> str | None:
     raise DecodeError(f"bad medium {value!r}")
 
 
+def _lora_id(value: Any) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise DecodeError(f"bad lora_id {value!r}")
+
+
+def _lora_name(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise DecodeError(f"bad lora_name {value!r}")
+
+
 def _decode_event(raw: Any) -> KvCacheEvent | None:
     """One event (map or legacy array form); ``None`` for event types we do not use."""
     if isinstance(raw, dict):
@@ -289,7 +313,9 @@ def _decode_event(raw: Any) -> KvCacheEvent | None:
             return BlockStored(
                 _hashes(raw.get("block_hashes")),
                 None if parent is None else _hash(parent),
+                lora_id=_lora_id(raw.get("lora_id")),
                 medium=_medium(raw.get("medium")),
+                lora_name=_lora_name(raw.get("lora_name")),
             )
         if kind == "BlockRemoved":
             return BlockRemoved(_hashes(raw.get("block_hashes")), _medium(raw.get("medium")))
@@ -300,7 +326,9 @@ def _decode_event(raw: Any) -> KvCacheEvent | None:
             return BlockStored(
                 _hashes(raw[1]),
                 None if parent is None else _hash(parent),
+                lora_id=_lora_id(raw[5]) if len(raw) > 5 else None,
                 medium=_medium(raw[6]) if len(raw) > 6 else None,
+                lora_name=_lora_name(raw[7]) if len(raw) > 7 else None,
             )
         if kind == "BlockRemoved" and len(raw) >= 2:
             return BlockRemoved(_hashes(raw[1]), _medium(raw[2]) if len(raw) > 2 else None)
