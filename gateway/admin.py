@@ -29,7 +29,10 @@ another replica's stream is asked of that replica (:mod:`pdgate.gateway.peers`) 
 it answers.
 
 Authenticated by ``admin.api_key`` (or ``PDGATE_ADMIN_KEY``) as a bearer token when one is set;
-without one, only loopback clients are served (403 for others).
+without one, only loopback clients are served (403 for others). With
+``tls.admin_requires_client_cert`` the connection must also have presented a client certificate
+signed by ``tls.client_ca_file`` (401 otherwise); that certificate then stands in for the
+loopback rule, and an admin key, when set, is still required (docs/tls.md).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class AdminApi:
         self.replica_id: str | None = None
         key = config.admin_api_key()
         self._key = key.encode() if key else None
+        self._requires_client_cert = config.tls.admin_requires_client_cert
 
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
         self._authorize(request, responder)
@@ -112,11 +116,15 @@ class AdminApi:
 
     # ------------------------------------------------------------------ checks
     def _authorize(self, request: HttpRequest, responder: Responder) -> None:
+        if self._requires_client_cert:
+            self._check_client_cert(responder)
         if self._key is not None:
             supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
             if not hmac.compare_digest(supplied, self._key):
                 raise GatewayError(401, "invalid or missing admin key", code="invalid_api_key")
             return
+        if self._requires_client_cert:
+            return  # the verified client certificate authenticates the caller, wherever it connects from
         host = responder.peer_host
         try:
             loopback = host is not None and ipaddress.ip_address(host.split("%")[0]).is_loopback
@@ -127,6 +135,18 @@ class AdminApi:
                 403,
                 "the admin API answers loopback clients only unless admin.api_key is set",
                 err_type="permission_error",
+            )
+
+    @staticmethod
+    def _check_client_cert(responder: Responder) -> None:
+        """401 unless this connection's TLS handshake verified a client certificate (one that
+        does not verify never gets this far: its handshake fails)."""
+        if responder.peer_certificate is None:
+            raise GatewayError(
+                401,
+                "the admin API requires a client certificate (tls.admin_requires_client_cert): connect over "
+                "HTTPS presenting a certificate signed by the gateway's client CA",
+                code="client_certificate_required",
             )
 
     @staticmethod

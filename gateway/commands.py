@@ -214,7 +214,8 @@ async def _serve_workers(
         banner.insert(1, f"  {count} workers (pids {', '.join(map(str, pool.pids))}), {sharing}")
         _started("\n".join(banner))
 
-    pool = WorkerPool(count, config.host, config.port, worker_argv, env=env)
+    scheme = "https" if config.tls.files() is not None else "http"
+    pool = WorkerPool(count, config.host, config.port, worker_argv, env=env, scheme=scheme)
     supervising = asyncio.create_task(nats.supervise(), name="local-nats") if nats is not None else None
     try:
         await serve_until_signalled(pool, ready, on_hangup=WorkerPool.reload)

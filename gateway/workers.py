@@ -73,10 +73,12 @@ class WorkerPool:
         command: Callable[[int, int], Sequence[str]],
         *,
         env: dict[str, str] | None = None,
+        scheme: str = "http",
     ) -> None:
         self.count = count
         self.host = host
         self.port = port
+        self.scheme = scheme  # https when the workers serve TLS
         self.command = command  # (worker index, port) -> argv
         self.env = {**os.environ, **(env or {})}
         self.workers = [_Worker(i) for i in range(count)]
@@ -86,7 +88,7 @@ class WorkerPool:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def pids(self) -> list[int]:

@@ -17,8 +17,13 @@ response parser (llhttp), nothing else:
   closes any other. Closing mid-response is how a request is aborted on the engine.
 * Every request has a deadline; on expiry the connection is closed and the waiter gets
   :class:`UpstreamError`.
+* ``https`` origins (the third member of an :data:`Origin`) are served over TLS with the pool's
+  ``ssl_context`` (:func:`pdgate.common.tls.client_context`: the configured CA, host names
+  checked), or the system's trust store when none is given. A certificate that does not verify
+  is an :class:`UpstreamError` that says so.
 
-Errors are :class:`UpstreamError` (connect refused, reset, malformed response, timeout).
+Errors are :class:`UpstreamError` (connect refused, reset, TLS verification, malformed response,
+timeout).
 """
 
 from __future__ import annotations
@@ -375,11 +380,19 @@ class UpstreamPool:
     """
 
     def __init__(
-        self, *, idle_timeout_s: float = 4.0, max_idle_per_origin: int = 256, connect_timeout_s: float = 5.0
+        self,
+        *,
+        idle_timeout_s: float = 4.0,
+        max_idle_per_origin: int = 256,
+        connect_timeout_s: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``ssl_context``: how ``https`` origins are verified (None: the system's trust store,
+        host names checked)."""
         self.idle_timeout_s = idle_timeout_s
         self.max_idle_per_origin = max_idle_per_origin
         self.connect_timeout_s = connect_timeout_s
+        self._ssl_context = ssl_context
         self._idle: dict[Origin, list[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._closed = False
@@ -423,16 +436,34 @@ class UpstreamPool:
         host, port, tls = origin
         if self._closed:
             raise UpstreamError("the upstream pool is closed")
+        context = self._tls_context() if tls else None
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self, origin), host, port, ssl=ssl.create_default_context() if tls else None
+                    lambda: _Connection(self, origin),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if tls else None,
                 )
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamError(
+                f"TLS verification of https://{host}:{port} failed: {exc.verify_message or exc.reason}"
+            ) from None
+        except ssl.SSLError as exc:
+            raise UpstreamError(f"TLS handshake with https://{host}:{port} failed: {exc.reason or exc}") from None
         except (OSError, TimeoutError) as exc:
             raise UpstreamError(f"cannot connect to {host}:{port}: {exc!r}") from None
         self._all.add(conn)
         self.connections_opened += 1
         return conn
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The context ``https`` origins are reached with (the system's trust store by default,
+        made once)."""
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         parked = self._idle.get(origin)

@@ -21,6 +21,12 @@ HTTP and nothing about the gateway:
   other expectation 417.
 * :meth:`HttpServer.close` stops listening, lets in-flight requests finish for a grace period,
   then cancels what is left.
+* HTTPS when :meth:`HttpServer.start` is given an ``ssl.SSLContext`` (:mod:`pdgate.common.tls`).
+  The handshake must finish within ``tls_handshake_timeout_s``; a failed one (an untrusted or
+  missing client certificate where one is required, plain HTTP sent to the HTTPS port) closes
+  the connection without a response and is not logged above debug level (asyncio reports TLS
+  errors, which are ``OSError``, only in debug mode). :attr:`Responder.peer_certificate` is the
+  client's verified certificate, if it sent one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +49,7 @@ log = logging.getLogger("pdgate.http")
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _TIMER_SLACK_S = 0.002  # a timer may fire this early (the loop's clock is coarse): its deadline has come
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -85,6 +93,13 @@ class Responder:
         """The client's address (None when unknown)."""
         peer = self._transport.get_extra_info("peername") if self._transport is not None else None
         return peer[0] if isinstance(peer, tuple) and peer else None
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The client certificate verified in this connection's TLS handshake (``ssl``'s
+        ``getpeercert()`` dict), or None: plain HTTP, no certificate sent, or none asked for."""
+        cert = self._transport.get_extra_info("peercert") if self._transport is not None else None
+        return cert if isinstance(cert, dict) and cert else None
 
     @property
     def client_gone(self) -> bool:
@@ -424,14 +439,33 @@ class HttpServer:
         self._connections: set[HttpServerProtocol] = set()
         self._server: asyncio.base_events.Server | None = None
         self.closing = False
+        self.tls = False
         self.port = 0
 
-    async def start(self, host: str, port: int, backlog: int = 1024, *, reuse_port: bool = False) -> None:
+    async def start(
+        self,
+        host: str,
+        port: int,
+        backlog: int = 1024,
+        *,
+        reuse_port: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        tls_handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
+    ) -> None:
         """Listen on ``host:port``; ``reuse_port``: SO_REUSEPORT, so that several processes serve one
-        address and the kernel spreads the connections over them."""
+        address and the kernel spreads the connections over them. ``ssl_context``: serve HTTPS
+        (the context stays in use: a certificate loaded into it later serves new handshakes)."""
         self._server = await self.loop.create_server(
-            lambda: HttpServerProtocol(self), host, port, backlog=backlog, reuse_address=True, reuse_port=reuse_port
+            lambda: HttpServerProtocol(self),
+            host,
+            port,
+            backlog=backlog,
+            reuse_address=True,
+            reuse_port=reuse_port,
+            ssl=ssl_context,
+            ssl_handshake_timeout=tls_handshake_timeout_s if ssl_context is not None else None,
         )
+        self.tls = ssl_context is not None
         self.port = self._server.sockets[0].getsockname()[1]
 
     def active_requests(self) -> int:

@@ -241,6 +241,10 @@ class GatewayResponder(Responder):
         return "127.0.0.1"
 
     @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        return None  # no TLS in memory
+
+    @property
     def client_gone(self) -> bool:
         return self.reply._task is None and not self.reply.complete
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from support.ports import reserve_port
 from support.waiting import wait_until
 
-READY_RE = re.compile(r"ready: (http://\S+)")
+READY_RE = re.compile(r"ready: (https?://\S+)")
 BOOTSTRAP_RE = re.compile(r"sglang bootstrap server on \S+:(\d+)")
 KV_EVENTS_RE = re.compile(r"KV events -> (\S+) topic=\S+(?: replay=(\S+))?")
 
