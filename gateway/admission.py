@@ -15,15 +15,16 @@ One background task (the dispatcher) is owned by :class:`AdmissionController`;
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
+from pdgate.gateway.admission_queue import FairQueue, RankQueue, Waiter, WaitQueue, tenant_of
 from pdgate.gateway.config import AdmissionConfig
+from pdgate.gateway.fair_share import VirtualCounters
 from pdgate.gateway.requests import GatewayError
 from pdgate.scheduler.framework import Admitter, Verdict
 from pdgate.scheduler.snapshot import ClusterSnapshot, RequestInfo, SloTarget
@@ -31,33 +32,6 @@ from pdgate.scheduler.snapshot import ClusterSnapshot, RequestInfo, SloTarget
 log = logging.getLogger("pdgate.admission")
 
 BEST_EFFORT_PRIORITY = -(10**9)
-
-
-@dataclass(eq=False)
-class Waiter:
-    """One queued request (equal only to itself: the queue finds and removes it by identity)."""
-
-    info: RequestInfo
-    snapshot_of: Callable[[RequestInfo], ClusterSnapshot]
-    seq: int
-    future: asyncio.Future[RequestInfo] = field(repr=False)
-    work_s: float = 0.0
-    enqueued_at: float = 0.0
-
-    @property
-    def key(self) -> tuple[float, float, float, int]:
-        return rank_key(self.info, self.seq)
-
-
-def rank_key(info: RequestInfo, seq: int) -> tuple[float, float, float, int]:
-    """Queue order: priority (higher first), SLO before best effort, TTFT deadline, then ``seq``."""
-    slo = info.slo
-    deadline = info.arrival + slo.ttft_s if slo.ttft_s is not None else math.inf
-    return (-slo.priority, 0.0 if slo.ttft_s is not None else 1.0, deadline, seq)
-
-
-def _rank(waiter: Waiter) -> tuple[float, float, float, int]:
-    return waiter.key
 
 
 @dataclass
@@ -81,12 +55,14 @@ class AdmissionController:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_outcome: Callable[[RequestInfo, Outcome], None] | None = None,
+        fair_share: VirtualCounters | None = None,
     ) -> None:
         self.config = config
         self.admitter = admitter
         self.clock = clock
         self.on_outcome = on_outcome
-        self.queues: dict[str, list[Waiter]] = {}
+        self.fair_share = fair_share  # tenants: queues serve the least-served tenant first (VTC)
+        self.queues: dict[str, WaitQueue] = {}
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -125,12 +101,16 @@ class AdmissionController:
         """Return when ``info`` may be placed (possibly degraded to best effort), or raise 429."""
         if not self.config.enabled:
             return info, Outcome("dispatch", "admission-off")
-        queue = self.queues.setdefault(info.model, [])
+        queue = self._queue(info.model)
+        if self.fair_share is not None and isinstance(queue, FairQueue):
+            tenant = tenant_of(info)
+            if tenant not in queue.lanes:
+                self.fair_share.joined(tenant, queue.backlogged())
         original = info
         now = self.clock()
         snapshot = snapshot_of(info)
-        verdict = self.admitter.assess(info, snapshot, now, self._work_ahead(queue, info))
-        if verdict.action == "dispatch" and not self._ranked_ahead(queue, info):
+        verdict = self.admitter.assess(info, snapshot, now, queue.work_ahead(info))
+        if verdict.action == "dispatch" and not queue.ahead_of(info):
             return info, self._report(info, Outcome("dispatch", verdict.reason, 0.0, verdict, snapshot))
         if verdict.action == "reject":
             info, outcome = self._infeasible(info, verdict, now)
@@ -146,8 +126,7 @@ class AdmissionController:
         try:
             admitted = await waiter.future
         finally:
-            if waiter in queue:  # cancelled (client gone) or failed while queued
-                queue.remove(waiter)
+            queue.remove(waiter)  # still there when cancelled (client gone) or failed while queued
         return admitted, self._report(
             admitted,
             Outcome(
@@ -158,25 +137,20 @@ class AdmissionController:
             ),
         )
 
-    def _insert(self, queue: list[Waiter], waiter: Waiter) -> None:
-        queue.insert(bisect.bisect(queue, waiter.key, key=_rank), waiter)
+    def _queue(self, model: str) -> WaitQueue:
+        queue = self.queues.get(model)
+        if queue is None:
+            queue = self.queues[model] = FairQueue(self.fair_share) if self.fair_share is not None else RankQueue()
+        return queue
+
+    def _insert(self, queue: WaitQueue, waiter: Waiter) -> None:
+        queue.insert(waiter)
         while len(queue) > self.config.max_queue:
-            worst = queue.pop()  # the lowest-ranked one goes (possibly the newcomer)
+            worst = queue.pop_worst()  # the lowest-ranked one goes (possibly the newcomer)
             if not worst.future.done():
                 worst.future.set_exception(
                     self._reject(worst.info, Outcome("reject", "queue-full", self.clock() - worst.enqueued_at))
                 )
-
-    @staticmethod
-    def _ranked_ahead(queue: list[Waiter], info: RequestInfo) -> bool:
-        """Whether a queued request goes before a newcomer (which wins ties)."""
-        return bool(queue) and queue[0].key < rank_key(info, -1)
-
-    @staticmethod
-    def _work_ahead(queue: list[Waiter], info: RequestInfo) -> float:
-        """Predicted prefill work of the queued requests that rank before ``info`` (which loses ties)."""
-        ahead = bisect.bisect_left(queue, rank_key(info, 1 << 62), key=_rank)  # the queue is in rank order
-        return sum(w.work_s for w in queue[:ahead])
 
     def _infeasible(self, info: RequestInfo, verdict: Verdict, now: float) -> tuple[RequestInfo, Outcome]:
         mode = self.config.on_infeasible
@@ -243,18 +217,17 @@ class AdmissionController:
             for queue in list(self.queues.values()):
                 await self._drain(queue)
 
-    async def _drain(self, queue: list[Waiter]) -> None:
+    async def _drain(self, queue: WaitQueue) -> None:
         """Dispatch from the head while the admitter allows; drop what can no longer make it."""
-        while queue:
-            head = queue[0]
+        while (head := queue.head()) is not None:
             if head.future.done():
-                queue.pop(0)
+                queue.pop_head()
                 continue
             now = self.clock()
             verdict = self.admitter.assess(head.info, head.snapshot_of(head.info), now, 0.0)
             if verdict.action == "wait":
                 break
-            queue.pop(0)
+            queue.pop_head()
             if verdict.action == "reject":
                 try:
                     info, outcome = self._infeasible(head.info, verdict, now)

@@ -22,6 +22,7 @@ from pdgate.adapters import Upstream, UpstreamPool
 from pdgate.adapters.kv_events import KvEventSubscriber
 from pdgate.common.http_server import HttpRequest, HttpServer, Responder
 from pdgate.common.tasks import OwnedTasks
+from pdgate.common.tls import ServerTls, TlsError, client_context
 from pdgate.common.tokenizer import Tokenizer, load_tokenizer
 from pdgate.gateway.actuators import actuator_params
 from pdgate.gateway.admin import AdminApi
@@ -35,12 +36,15 @@ from pdgate.gateway.load_sharing import LoadSharing
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.nats_state import NatsState
+from pdgate.gateway.passthrough import POOLING_ROUTES, TOKENIZER_ROUTES, PassThrough
 from pdgate.gateway.peers import PeerStreams
 from pdgate.gateway.proxy import Proxy
 from pdgate.gateway.requests import GatewayError
 from pdgate.gateway.role_balancing import RoleBalancing
 from pdgate.gateway.scaling import Scaling
 from pdgate.gateway.signal_sharing import SignalSharing
+from pdgate.gateway.tenant_service import TenantService
+from pdgate.gateway.tenant_sharing import TenantSharing
 from pdgate.gateway.tracing import Tracing
 from pdgate.gateway.tracing_setup import resolve_settings
 from pdgate.scheduler.framework import Admitter, MigrationPolicy, Profile, ProfileHandler
@@ -79,6 +83,8 @@ class Gateway:
     admission: AdmissionController | None = None
     costs: CostModelService | None = None
     tracing: Tracing | None = None
+    tenants: TenantService | None = None  # tenants' budgets and fair share (tenants configured)
+    tenant_sharing: TenantSharing | None = None  # their budgets shared with the other replicas
     started_at: float = 0.0
 
 
@@ -110,10 +116,13 @@ class GatewayApp:
         self.proxy = proxy
         self.admin = admin
         self._keys = [k.encode() for k in gateway.config.client_api_keys()]
+        self.passthrough = PassThrough(gateway.config, cluster, gateway.metrics)
         self.routes: dict[str, dict[str, Route]] = {
             "/v1/completions": {"POST": self.completions},
             "/v1/chat/completions": {"POST": self.chat_completions},
+            "/v1/responses": {"POST": self.responses},
             "/v1/models": {"GET": self.models},
+            **{path: {"POST": self.passthrough.handle} for path in (*POOLING_ROUTES, *TOKENIZER_ROUTES)},
             "/health": {"GET": self.health},
             "/ready": {"GET": self.ready},
             "/metrics": {"GET": self.metrics},
@@ -126,6 +135,8 @@ class GatewayApp:
             if methods is None and self.admin is not None and request.path.startswith("/admin/"):
                 await self.admin(request, responder)
                 return
+            if methods is None and request.path.startswith("/v1/responses/"):
+                raise GatewayError(404, "pdgate does not store responses: they cannot be read, cancelled or deleted")
             if methods is None:
                 raise GatewayError(404, f"no route {request.method} {request.path}")
             handler = methods.get(request.method)
@@ -133,7 +144,7 @@ class GatewayApp:
                 raise GatewayError(
                     405, f"method {request.method} not allowed on {request.path}", headers={"Allow": ", ".join(methods)}
                 )
-            if self._keys and request.path.startswith("/v1/"):
+            if self._keys and (request.path.startswith("/v1/") or request.path in TOKENIZER_ROUTES):
                 self._authenticate(request)
             await handler(request, responder)
         except GatewayError as err:
@@ -153,6 +164,9 @@ class GatewayApp:
 
     async def chat_completions(self, request: HttpRequest, responder: Responder) -> None:
         await self.proxy.handle(request, responder, "chat")
+
+    async def responses(self, request: HttpRequest, responder: Responder) -> None:
+        await self.proxy.handle(request, responder, "responses")
 
     async def models(self, request: HttpRequest, responder: Responder) -> None:
         created = int(self.gw.started_at)
@@ -235,6 +249,10 @@ class GatewayServer:
     ``span_exporter`` replaces the configured trace exporter (and turns tracing on): tests read
     the spans from an in-memory one. ``links`` replaces the transport and the clock, and with
     ``listen=False`` no HTTP server is started: :attr:`app` takes requests in memory.
+
+    TLS (docs/tls.md): the server serves HTTPS when ``tls`` gives a certificate (:attr:`tls`;
+    :meth:`reload` reads it again), and the default transport verifies ``https://`` engines as
+    ``upstream_tls`` says.
     """
 
     def __init__(
@@ -251,16 +269,25 @@ class GatewayServer:
         self.reuse_port = reuse_port  # one of several workers on this address (SO_REUSEPORT)
         self.span_exporter = span_exporter
         self.reload_config = reload_config  # reads the config file again (SIGHUP)
-        self.links = links or EngineLinks()
+        self.links = links or EngineLinks(upstream=self._upstream_pool)
         self.listen = listen
         self.app: GatewayApp | None = None
+        self.tls: ServerTls | None = None  # HTTPS: the live server context (set by start)
         self._http: HttpServer | None = None
         self._reloads = OwnedTasks()
         self.port = 0
 
     @property
     def url(self) -> str:
-        return f"http://{self.gateway.config.host}:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.gateway.config.host}:{self.port}"
+
+    def _upstream_pool(self) -> UpstreamPool:
+        """Production's transport: the HTTP pool, verifying ``https://`` engines against
+        ``upstream_tls`` (the system's trust store when it names no CA). :class:`TlsError` when
+        its files do not load."""
+        files = self.gateway.config.upstream_tls.files()
+        return UpstreamPool(ssl_context=client_context(files) if files.configured else None)
 
     async def start(self) -> None:
         gw, links = self.gateway, self.links
@@ -272,8 +299,14 @@ class GatewayServer:
             clock=links.clock,
             inline=links.inline_refits,
         )
+        if gw.config.tenants.enabled:
+            gw.tenants = TenantService(gw.config.tenants, links.clock, gw.metrics.registry)
         gw.admission = AdmissionController(
-            gw.config.admission, gw.admitter, on_outcome=gw.metrics.observe_admission, clock=links.clock
+            gw.config.admission,
+            gw.admitter,
+            on_outcome=gw.metrics.observe_admission,
+            clock=links.clock,
+            fair_share=gw.tenants.counters if gw.tenants is not None else None,
         )
         gw.cluster.on_release = gw.admission.wake
         gw.tracing = Tracing.from_config(gw.config.tracing, exporter=self.span_exporter)
@@ -288,6 +321,7 @@ class GatewayServer:
             costs=gw.costs,
             tracing=gw.tracing,
             migration_policy=gw.migration_policy,
+            tenants=gw.tenants,
         )
         migrations = gw.migrations = gw.proxy.migrations
         assert migrations is not None  # the proxy was given a migration policy
@@ -295,6 +329,8 @@ class GatewayServer:
         try:
             await gw.costs.start()
             gw.admission.start()
+            if gw.tenants is not None:
+                gw.tenants.start()
             await gw.cluster.start()
             migrations.start()
             gw.fleet = FleetManager(gw.config, gw.cluster, migrations, gw.metrics, gw.costs)
@@ -322,8 +358,15 @@ class GatewayServer:
                 admin.scaling = gw.scaling
             self.app = GatewayApp(gw, gw.cluster, gw.proxy, admin)
             if self.listen:
+                tls_files = gw.config.tls.files()
+                self.tls = ServerTls(tls_files) if tls_files is not None else None
                 self._http = HttpServer(self.app, max_body_bytes=gw.config.max_body_bytes)
-                await self._http.start(gw.config.host, gw.config.port, reuse_port=self.reuse_port)
+                await self._http.start(
+                    gw.config.host,
+                    gw.config.port,
+                    reuse_port=self.reuse_port,
+                    ssl_context=self.tls.context if self.tls is not None else None,
+                )
                 self.port = self._http.port
         except BaseException:
             await self.stop()
@@ -356,14 +399,35 @@ class GatewayServer:
         gw.load_sharing.start()
         gw.peers.start()
         gw.signals.start()
+        if gw.tenants is not None:  # tenant budgets hold across the replicas
+            gw.tenant_sharing = TenantSharing(
+                shared, gw.tenants.budgets, interval_s=gw.config.tenants.charge_interval_s
+            )
+            gw.tenant_sharing.start()
 
     def reload(self) -> None:
-        """Read the config file again and apply its instances (SIGHUP); other settings need a restart.
-        Runs in a task this server owns; a file that cannot be read changes nothing."""
+        """SIGHUP: read the TLS certificate and key files again (new connections get the new
+        certificate, open ones keep theirs; files that do not load leave the old one serving), then
+        read the config file again and apply its instances; other settings, the TLS files' paths
+        among them, need a restart. The config runs in a task this server owns; a file that cannot
+        be read changes nothing."""
+        self._reload_certificate()
         if self.reload_config is None or self.gateway.fleet is None:
-            log.warning("reload asked for, but this gateway has no config file to read again")
+            if self.tls is None:
+                log.warning("reload asked for, but this gateway has no config file to read again")
             return
         self._reloads.spawn(self._reload(self.reload_config, self.gateway.fleet), "config-reload")
+
+    def _reload_certificate(self) -> None:
+        """Load the TLS certificate files again into the live context; on failure, log and keep serving the old one."""
+        if self.tls is None:
+            return
+        try:
+            self.tls.reload()
+        except TlsError as exc:
+            log.error("TLS certificate reload failed, still serving the previous certificate: %s", exc)
+            return
+        log.info("TLS certificate reloaded from %s and %s", self.tls.files.cert_file, self.tls.files.key_file)
 
     async def _reload(self, read: Callable[[], GatewayConfig], fleet: FleetManager) -> None:
         try:
@@ -406,6 +470,11 @@ class GatewayServer:
             await gw.migrations.close()
         if gw.admission is not None:
             await gw.admission.close()
+        if gw.tenant_sharing is not None:
+            await gw.tenant_sharing.close()
+            gw.tenant_sharing = None
+        if gw.tenants is not None:
+            await gw.tenants.close()
         if gw.costs is not None:
             await gw.costs.close()
         if gw.cluster is not None:

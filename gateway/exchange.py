@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
-from pdgate.common.http_server import Responder
 from pdgate.gateway.admission import AdmissionController
+from pdgate.gateway.answer import Answer
 from pdgate.gateway.intake import Routed
 from pdgate.gateway.legs import Opened, UpstreamFailed, failure_reason
 from pdgate.gateway.metrics import GatewayMetrics
@@ -21,7 +21,10 @@ from pdgate.gateway.pd_legs import PdLegs
 from pdgate.gateway.placement import RETRY_AFTER_S, Placement, Placer
 from pdgate.gateway.relay import Relay
 from pdgate.gateway.requests import GatewayError
+from pdgate.gateway.tenant_service import TenantService
 from pdgate.scheduler.snapshot import ClusterSnapshot
+
+CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's convention)
 
 
 class Exchange:
@@ -37,6 +40,7 @@ class Exchange:
         *,
         retries: int,
         admission: AdmissionController | None = None,
+        tenants: TenantService | None = None,
     ) -> None:
         self.placer = placer
         self.legs = legs
@@ -45,9 +49,28 @@ class Exchange:
         self.metrics = metrics
         self.retries = retries
         self.admission = admission
+        self.tenants = tenants
 
-    async def serve(self, routed: Routed, responder: Responder) -> None:
+    async def serve(self, routed: Routed, responder: Answer) -> None:
         """Admit, place and execute ``routed``; raises :class:`GatewayError` for an answer that cannot be given."""
+        if self.tenants is None:
+            await self._serve(routed, responder)
+            return
+        status = 500
+        try:
+            self.tenants.admit(routed)  # the tenant's budgets first: 429 before it queues
+            await self._serve(routed, responder)
+            status = routed.obs.status or 200
+        except GatewayError as err:
+            status = err.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            self.tenants.ended(routed, status)
+
+    async def _serve(self, routed: Routed, responder: Answer) -> None:
         trace = routed.trace
         snapshot: ClusterSnapshot | None = None  # admitted at once: the snapshot admission judged on is current
         if self.admission is not None:
@@ -63,6 +86,8 @@ class Exchange:
             routed.info = info
             routed.obs.queued_s = outcome.queued_s
             snapshot = outcome.snapshot
+        if self.tenants is not None:
+            self.tenants.started(routed)
         excluded: set[str] = set()
         last_error = "no instance could serve the request"
         attempts = 1 + self.retries
@@ -86,7 +111,7 @@ class Exchange:
                 last_error = str(failure)
         raise GatewayError(502, f"upstream failed: {last_error}", headers={"Retry-After": RETRY_AFTER_S})
 
-    async def _execute(self, responder: Responder, routed: Routed, placement: Placement) -> None:
+    async def _execute(self, responder: Answer, routed: Routed, placement: Placement) -> None:
         """One attempt: open the legs, relay the answer, release everything whatever happens."""
         opened = Opened(placement.decode)
         try:

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdgate.common.tokenizer import Tokenizer
+from pdgate.gateway.admission_queue import TENANT_TAG
 from pdgate.gateway.cluster import Cluster, PromptHashes
 from pdgate.gateway.config import GatewayConfig, ModelConfig
 from pdgate.gateway.costs import CostModelService
 from pdgate.gateway.observation import Observation
-from pdgate.gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body
+from pdgate.gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body, validate_body
+from pdgate.gateway.responses_api import ResponsesRequest, chat_request
 from pdgate.gateway.slo import APP_HEADER, SloResolver
 from pdgate.gateway.splice import pinned_reason, wants_token_ids
+from pdgate.gateway.tenants import TenantDirectory
 from pdgate.gateway.tracing import NO_TRACE, RequestTrace, Tracing
 from pdgate.scheduler.costmodel.cues import request_cues
 from pdgate.scheduler.costmodel.features import RequestFeatures, chat_text, hash_text, prompt_digest
@@ -31,14 +34,15 @@ from pdgate.scheduler.snapshot import RequestInfo
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
+RESPONSES_ROUTE = "/v1/responses"
 
 
 @dataclass
 class Routed:
     """A validated request, ready to place."""
 
-    kind: str  # "completion" | "chat"
-    path: str
+    kind: str  # "completion" | "chat": the engine request it is
+    path: str  # the engine route the legs are sent to
     body: dict[str, Any]
     info: RequestInfo
     prompt_ids: list[int]
@@ -50,6 +54,11 @@ class Routed:
     trace: RequestTrace = NO_TRACE
     movable: bool = False  # a stream that can continue on another instance (migration, failover)
     want_ids: bool = False  # the client asked for token ids itself
+    route: str = ""  # the client's route (metrics, spans, SLO classes); the engine route when empty
+
+    def __post_init__(self) -> None:
+        if not self.route:
+            self.route = self.path
 
 
 class Intake:
@@ -69,10 +78,11 @@ class Intake:
         self.costs = costs
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.slo = SloResolver(config.slo)
+        self.tenants = TenantDirectory(config.tenants) if config.tenants.enabled else None
         self.keep_text = config.cost_model.log_prompt_text or (
             tracing is not None and tracing.settings.record_prompt_text
         )
-        self._ids = _request_ids()
+        self._ids = request_ids()
 
     def parse(
         self,
@@ -84,8 +94,32 @@ class Intake:
         arrival: float = 0.0,
     ) -> Routed:
         """Validate and tokenize one request body (``kind``: "completion" or "chat")."""
-        headers = headers or {}
         body, parsed = parse_body(raw, CompletionBody if kind == "completion" else ChatBody)
+        return self._routed(body, parsed, kind, ROUTES[kind], header_id, headers or {}, arrival)
+
+    def parse_responses(
+        self,
+        raw: bytes,
+        header_id: str | None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        arrival: float = 0.0,
+    ) -> tuple[Routed, ResponsesRequest]:
+        """Validate a ``/v1/responses`` body and route it as the chat request it stands for."""
+        body, request = chat_request(raw)
+        parsed = validate_body(body, ChatBody)
+        return self._routed(body, parsed, "chat", RESPONSES_ROUTE, header_id, headers or {}, arrival), request
+
+    def _routed(
+        self,
+        body: dict[str, Any],
+        parsed: Any,
+        kind: str,
+        route: str,
+        header_id: str | None,
+        headers: Mapping[str, str],
+        arrival: float,
+    ) -> Routed:
         model = self.models.get(parsed.model)
         if model is None:
             raise GatewayError(
@@ -100,8 +134,14 @@ class Intake:
         if header_id is not None and not valid_request_id(header_id):
             raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
         request_id = header_id or next(self._ids)
-        path = ROUTES[kind]
-        slo = self.slo.resolve(headers, path)
+        tenant = self.tenants.identify(headers, route) if self.tenants is not None else None
+        tenant_config = self.config.tenants.get(tenant) if tenant is not None else None
+        slo = self.slo.resolve(
+            headers,
+            route,
+            slo_class=tenant_config.slo_class if tenant_config is not None else None,
+            max_priority=tenant_config.max_priority if tenant_config is not None else None,
+        )
         states = self.cluster.for_model(model.name)
         hashes = PromptHashes.of(prompt_ids, (s.spec.block_size for s in states))
         first_chain = next(iter(hashes.by_block_size.values()), [])
@@ -142,7 +182,7 @@ class Intake:
             max_tokens=max_tokens,
             block_hashes=tuple(first_chain),
             priority=slo.priority,
-            tags=_tags(tag, headers.get(PD_PATH_HEADER), path),
+            tags=_tags(tag, headers.get(PD_PATH_HEADER), route, tenant),
             slo=slo,
             output=output,
             arrival=arrival,
@@ -156,7 +196,7 @@ class Intake:
             body["return_token_ids"] = True  # the ids the client got are where a continuation starts
         return Routed(
             kind,
-            path,
+            ROUTES[kind],
             body,
             info,
             prompt_ids,
@@ -166,15 +206,18 @@ class Intake:
             text if self.keep_text else None,
             movable=movable,
             want_ids=want_ids,
+            route=route,
         )
 
 
 PD_PATH_HEADER = "x-pdgate-pd-path"  # colocated | split: the path a pd-paths handler may honour
 
 
-def _tags(app: str | None, pd_path: str | None, route: str) -> dict[str, str]:
-    """What a scheduling plugin may read of the request's headers and route."""
+def _tags(app: str | None, pd_path: str | None, route: str, tenant: str | None) -> dict[str, str]:
+    """What a scheduling plugin may read of the request's headers, route and tenant."""
     tags = {"route": route}
+    if tenant is not None:
+        tags[TENANT_TAG] = tenant
     if app:
         tags["app"] = app
     if pd_path:
@@ -227,10 +270,10 @@ def _check_lengths(prompt_ids: list[int], max_tokens: int, max_model_len: int) -
         )
 
 
-def _request_ids() -> Iterator[str]:
-    """Request ids unique per gateway process."""
+def request_ids(tag: str = "") -> Iterator[str]:
+    """Request ids unique per gateway process (``tag`` marks a kind of request in them)."""
     prefix = uuid.uuid4().hex[:12]
-    return (f"pdgate-{prefix}-{n}" for n in itertools.count())
+    return (f"pdgate-{prefix}-{tag}{n}" for n in itertools.count())
 
 
 def valid_request_id(value: str) -> bool:
@@ -252,5 +295,6 @@ def request_attributes(routed: Routed) -> dict[str, Any]:
         "pdgate.slo.tpot_s": slo.tpot_s,
         "pdgate.priority": slo.priority,
         "pdgate.app": info.tags.get("app"),
+        "pdgate.tenant": info.tags.get(TENANT_TAG),
         "pdgate.output_tokens_predicted": info.output.median if info.output is not None else None,
     }

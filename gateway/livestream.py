@@ -24,7 +24,7 @@ from pdgate.gateway.splice import Splice, StreamTrail
 from pdgate.gateway.tracing import NO_LEG, LegTrace
 
 if TYPE_CHECKING:
-    from pdgate.common.http_server import Responder
+    from pdgate.gateway.answer import Answer
     from pdgate.gateway.cluster import InstanceState, Lease
     from pdgate.gateway.intake import Routed
 
@@ -86,7 +86,7 @@ class LiveStream:
         state: InstanceState,
         upstream: UpstreamReply,
         leases: list[Lease],
-        responder: Responder,
+        responder: Answer,
         observe: Callable[[bytes], None],
         clock: Callable[[], float],
         rewrite: Callable[[bytes], bytes] | None = None,

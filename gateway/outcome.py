@@ -28,6 +28,17 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 _USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
+def output_tokens(routed: Routed) -> int | None:
+    """The output tokens the client got: from the usage when the engine reported it, else counted."""
+    obs = routed.obs
+    counts = _USAGE_TOKENS.findall(obs.usage_chunk)  # the last one: continuous usage stats grow per event
+    tokens = int(counts[-1]) if counts else obs.output_tokens
+    if tokens is None and routed.stream:
+        # one SSE event per token, less [DONE], a chat stream's role-only first event
+        tokens = max(0, obs.events - 1 - (1 if routed.kind == "chat" else 0))
+    return tokens
+
+
 class OutcomeRecorder:
     """Records request outcomes; one per gateway."""
 
@@ -46,7 +57,7 @@ class OutcomeRecorder:
     def answered(self, routed: Routed, status: int) -> None:
         """The client got a response with ``status`` (the answer may still be streaming)."""
         routed.obs.status = status
-        self.metrics.count(routed.path, routed.info.model, status)
+        self.metrics.count(routed.route, routed.info.model, status)
 
     def leg_failed(self, failure: UpstreamFailed) -> None:
         """A leg failed on an instance: its circuit breaker and the failure counter learn of it."""
@@ -57,11 +68,7 @@ class OutcomeRecorder:
         """Record predicted vs actual (metrics, span, access log) and hand the request's record to the cost model."""
         obs = routed.obs
         info = routed.info
-        counts = _USAGE_TOKENS.findall(obs.usage_chunk)  # the last one: continuous usage stats grow per event
-        tokens = int(counts[-1]) if counts else obs.output_tokens
-        if tokens is None and routed.stream:
-            # one SSE event per token, less [DONE], a chat stream's role-only first event
-            tokens = max(0, obs.events - 1 - (1 if routed.kind == "chat" else 0))
+        tokens = output_tokens(routed)
         timing: dict[str, float | None] = {"queued_s": obs.queued_s, "prefill_s": obs.prefill_s}
         if obs.first_token is not None:
             timing["ttft_s"] = obs.first_token - info.arrival
@@ -147,12 +154,12 @@ class OutcomeRecorder:
             access_log.info(
                 "%s %s %d",
                 "POST",
-                routed.path,
+                routed.route,
                 obs.status,
                 extra={
                     **request_fields(info.request_id, routed.trace.trace_id),
                     "access": {
-                        "route": routed.path,
+                        "route": routed.route,
                         "model": info.model,
                         "status": obs.status,
                         "stream": routed.stream,

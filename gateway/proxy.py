@@ -17,16 +17,18 @@ docs/architecture.md follows one request through them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 from pdgate.common.http_server import HttpRequest, Responder
 from pdgate.common.tokenizer import Tokenizer
 from pdgate.gateway.admission import AdmissionController
+from pdgate.gateway.answer import Answer
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.costs import CostModelService
-from pdgate.gateway.exchange import Exchange
-from pdgate.gateway.intake import ROUTES, Intake, Routed, request_attributes
+from pdgate.gateway.exchange import CLIENT_CLOSED, Exchange
+from pdgate.gateway.intake import RESPONSES_ROUTE, ROUTES, Intake, Routed, request_attributes
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.mover import StreamMover
@@ -35,10 +37,10 @@ from pdgate.gateway.pd_legs import PdLegs
 from pdgate.gateway.placement import Placer
 from pdgate.gateway.relay import Relay
 from pdgate.gateway.requests import GatewayError
+from pdgate.gateway.responses_stream import ResponsesAnswer
+from pdgate.gateway.tenant_service import TenantService
 from pdgate.gateway.tracing import NO_TRACE, Tracing
 from pdgate.scheduler.framework import MigrationPolicy, Profile, ProfileHandler
-
-CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's convention)
 
 
 class Proxy:
@@ -57,8 +59,11 @@ class Proxy:
         costs: CostModelService | None = None,
         tracing: Tracing | None = None,
         migration_policy: MigrationPolicy | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        tenants: TenantService | None = None,
     ) -> None:
         self.cluster = cluster
+        self.wall_clock = wall_clock  # the Responses API's created_at
         self.tracing = tracing
         self.intake = Intake(config, cluster, tokenizers, costs, tracing)
         self.outcome = OutcomeRecorder(config, cluster, metrics, costs)
@@ -72,26 +77,36 @@ class Proxy:
         )
         self.relay = Relay(cluster, self.outcome, self.mover.failover, self.migrations)
         self.exchange = Exchange(
-            self.placer, self.legs, self.relay, self.outcome, metrics, retries=config.retries, admission=admission
+            self.placer,
+            self.legs,
+            self.relay,
+            self.outcome,
+            metrics,
+            retries=config.retries,
+            admission=admission,
+            tenants=tenants,
         )
 
     async def handle(self, request: HttpRequest, responder: Responder, kind: str) -> None:
-        """Serve one request of ``kind`` ("completion" or "chat"); errors propagate as :class:`GatewayError`."""
-        route = ROUTES[kind]
+        """Serve one request of ``kind`` ("completion", "chat" or "responses": OpenAI's Responses API,
+        served as the chat request it stands for); errors propagate as :class:`GatewayError`."""
+        route = RESPONSES_ROUTE if kind == "responses" else ROUTES[kind]
         trace = self.tracing.start_request(route, request.headers) if self.tracing is not None else NO_TRACE
         routed: Routed | None = None
+        answer: Answer = responder
         try:
-            routed = self.intake.parse(
-                request.body,
-                kind,
-                request.headers.get("x-request-id"),
-                headers=request.headers,
-                arrival=self.cluster.clock(),
-            )
+            header_id, arrival = request.headers.get("x-request-id"), self.cluster.clock()
+            if kind == "responses":
+                routed, responses = self.intake.parse_responses(
+                    request.body, header_id, headers=request.headers, arrival=arrival
+                )
+                answer = ResponsesAnswer(responder, responses, self.wall_clock)
+            else:
+                routed = self.intake.parse(request.body, kind, header_id, headers=request.headers, arrival=arrival)
             routed.trace = trace
             if trace.enabled:
                 trace.validated(request_attributes(routed), routed.prompt_text)
-            await self.exchange.serve(routed, responder)
+            await self.exchange.serve(routed, answer)
         except GatewayError as err:
             self.outcome.failed(routed, trace, route, err.status, err.code or err.err_type)
             raise

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from pdgate.adapters import UpstreamError, UpstreamReply
-from pdgate.common.http_server import Responder
+from pdgate.gateway.answer import Answer
 from pdgate.gateway.cluster import Cluster, InstanceState, Lease
 from pdgate.gateway.intake import Routed
 from pdgate.gateway.legs import UpstreamFailed, client_error, raced, read_all
@@ -51,7 +51,7 @@ class Relay:
 
     async def relay(
         self,
-        responder: Responder,
+        responder: Answer,
         routed: Routed,
         decode: InstanceState,
         upstream: UpstreamReply,
@@ -134,7 +134,7 @@ class Relay:
 
     async def _relay_movable(
         self,
-        responder: Responder,
+        responder: Answer,
         routed: Routed,
         decode: InstanceState,
         upstream: UpstreamReply,
@@ -179,7 +179,7 @@ class Relay:
         responder.end()
         self.outcome.answered(routed, upstream.status)
 
-    def broke_mid_stream(self, responder: Responder, routed: Routed, instance_id: str, reason: str) -> None:
+    def broke_mid_stream(self, responder: Answer, routed: Routed, instance_id: str, reason: str) -> None:
         """The answer broke after it started and cannot go on: an error event ends the stream."""
         log.warning(
             "stream from %s broke mid-way: %s",

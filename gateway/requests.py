@@ -102,16 +102,27 @@ class ChatBody(_Body):
         return value
 
 
-def parse_body(raw: bytes, model: type[_Body]) -> tuple[dict[str, Any], Any]:
+def parse_body(raw: bytes, model: type[BaseModel]) -> tuple[dict[str, Any], Any]:
     """The JSON object (forwarded as is) and its validated view; 400 on any problem."""
+    data = json_object(raw)
+    return data, validate_body(data, model)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; 400 otherwise."""
     try:
         data = json_decode(raw)
     except JsonError as exc:
         raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise GatewayError(400, "the request body must be a JSON object")
+    return data
+
+
+def validate_body(data: dict[str, Any], model: type[BaseModel]) -> Any:
+    """The validated view of a request's JSON object; 400 on any problem."""
     try:
-        return data, model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"

@@ -29,9 +29,17 @@ class SloResolver:
         self.config = config
         self._default = _target(config.default, "default")
         self._classes = [(c, _target(c, c.name)) for c in config.classes]
+        self._named = {c.name: target for c, target in self._classes}
 
-    def resolve(self, headers: Mapping[str, str], route: str) -> SloTarget:
-        target = self._class_target(headers, route)
+    def resolve(
+        self, headers: Mapping[str, str], route: str, *, slo_class: str | None = None, max_priority: int | None = None
+    ) -> SloTarget:
+        """The request's SLO: ``slo_class`` (a tenant's) or the class that matches, then its headers;
+        ``max_priority`` caps the priority it may ask for."""
+        target = self._named.get(slo_class) if slo_class is not None else None
+        target = target or self._class_target(headers, route)
+        if max_priority is not None and target.priority > max_priority:
+            target = SloTarget(target.ttft_s, target.tpot_s, max_priority, target.slo_class)
         if not self.config.honor_headers:
             return target
         ttft, tpot, priority = target.ttft_s, target.tpot_s, target.priority
@@ -44,6 +52,8 @@ class SloResolver:
                 raise GatewayError(400, f"x-priority must be an integer, got {raw[:40]!r}") from None
             if abs(priority) > MAX_PRIORITY:
                 raise GatewayError(400, f"x-priority must be within ±{MAX_PRIORITY}")
+            if max_priority is not None:
+                priority = min(priority, max_priority)
         if (ttft, tpot, priority) == (target.ttft_s, target.tpot_s, target.priority):
             return target
         return SloTarget(ttft, tpot, priority, target.slo_class)

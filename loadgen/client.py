@@ -127,7 +127,12 @@ async def send(
     response = None
     try:
         response = await pool.request(
-            target.origin, "POST", target.path(request), body, headers=target.headers, timeout_s=timeout_s
+            target.origin,
+            "POST",
+            target.path(request),
+            body,
+            headers={**target.headers, **request.headers} if request.headers else target.headers,
+            timeout_s=timeout_s,
         )
         result.status = response.status
         if response.status != 200:

@@ -27,6 +27,7 @@ class BenchRequest:
     session: str | None = None  # a multi-turn conversation: its turns go in order, each after the last ends
     turn: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # more body fields (ignore_eos, priority, ...)
+    headers: dict[str, str] = field(default_factory=dict)  # more request headers (a tenant, SLO headers, ...)
 
     def body(self, model: str, stream: bool = True) -> dict[str, Any]:
         """The OpenAI request body."""

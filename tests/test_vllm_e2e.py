@@ -366,6 +366,28 @@ async def test_pd_greedy_output_equals_a_single_engine(fleet: Fleet) -> None:
     assert text == chat_direct.choices[0].message.content
 
 
+async def test_responses_through_pd_equal_vllms_own_responses(fleet: Fleet) -> None:
+    """The gateway serves /v1/responses as a chat completion through PD; real vLLM serves it itself."""
+    request: dict[str, Any] = {
+        "model": MODEL,
+        "instructions": "Answer in one line.",
+        "input": prompt_text(3, 40),
+        "max_output_tokens": 24,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    direct = await client(fleet.colocated.url).responses.create(**request)
+    through = await client(fleet.gateway.url).responses.create(**request)
+    assert through.output_text == direct.output_text and through.output_text
+    assert through.usage.input_tokens == direct.usage.input_tokens
+    assert through.usage.output_tokens == direct.usage.output_tokens == 24
+    stream = await client(fleet.gateway.url).responses.create(**request, stream=True)
+    events = [event async for event in stream]
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == direct.output_text
+    assert events[-1].response.usage.output_tokens == 24
+
+
 async def test_decode_engine_gets_the_prompt_by_kv_transfer(fleet: Fleet) -> None:
     def counts() -> tuple[float, float]:
         return (

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from typing import Any
 
 from pydantic import ValidationError
 
 from pdgate.common.kv_events import engine_binds
+from pdgate.common.tls import ServerTlsFiles, TlsError, server_context
 from pdgate.engines.flags import add_model_flags, model_from_args
 from pdgate.engines.sim.config import SimEngineConfig
 
@@ -30,7 +32,26 @@ def add_sim_command(kinds: argparse._SubParsersAction) -> None:
     )
     sim.add_argument("--config", metavar="FILE", help="YAML file of engine settings")
     add_model_flags(sim, SimEngineConfig)
+    tls = sim.add_argument_group("TLS (vLLM's flag names)")
+    tls.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this PEM certificate chain")
+    tls.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's unencrypted PEM private key")
+    tls.add_argument(
+        "--ssl-ca-certs", metavar="FILE", help="require client certificates signed by this PEM CA bundle (mTLS)"
+    )
     sim.set_defaults(run=run_sim)
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The HTTPS context the TLS flags ask for (None: plain HTTP); :class:`TlsError` when they are incomplete
+    or a file does not load."""
+    if args.ssl_certfile is None and args.ssl_keyfile is None:
+        if args.ssl_ca_certs is not None:
+            raise TlsError("--ssl-ca-certs needs --ssl-certfile and --ssl-keyfile")
+        return None
+    if args.ssl_certfile is None or args.ssl_keyfile is None:
+        raise TlsError("--ssl-certfile and --ssl-keyfile go together: give both")
+    files = ServerTlsFiles(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs)
+    return server_context(files, require_client_cert=args.ssl_ca_certs is not None)
 
 
 def run_sim(args: argparse.Namespace) -> int:
@@ -39,7 +60,7 @@ def run_sim(args: argparse.Namespace) -> int:
 
     try:
         config = model_from_args(SimEngineConfig, args, args.config)
-        server = SimServer(config)
+        server = SimServer(config, ssl_context=_ssl_context(args))
     except (ValidationError, ValueError, OSError) as exc:
         print(f"pdgate engine sim: invalid configuration:\n{exc}", file=sys.stderr)
         return 2

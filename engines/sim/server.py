@@ -16,6 +16,7 @@ See :mod:`engines.sim.handoff` for the PD protocols.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -51,6 +52,8 @@ from pdgate.engines.sim.routes_info import (
     handle_traces,
     handle_version,
 )
+from pdgate.engines.sim.routes_lora import lora_routes
+from pdgate.engines.sim.routes_pooling import handle_embeddings, handle_rerank, handle_score
 from pdgate.engines.sim.state import SIM_STATE, SimState, reply_route, route
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -61,9 +64,21 @@ def create_app(state: SimState) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SIM_STATE] = state
     api = state.config.api
-    routes = [
-        web.post("/v1/completions", reply_route(handle_completions)),
-        web.post("/v1/chat/completions", reply_route(handle_chat)),
+    if state.config.runner == "pooling":  # a pooling model serves vectors and scores, not tokens
+        routes = [
+            web.post("/v1/embeddings", route(handle_embeddings)),
+            web.post("/v1/score", route(handle_score)),
+            web.post("/score", route(handle_score)),
+            web.post("/v1/rerank", route(handle_rerank)),
+            web.post("/rerank", route(handle_rerank)),
+        ]
+    else:
+        routes = [
+            web.post("/v1/completions", reply_route(handle_completions)),
+            web.post("/v1/chat/completions", reply_route(handle_chat)),
+        ]
+    routes += lora_routes(state)
+    routes += [
         web.get("/v1/models", route(handle_models)),
         web.get("/health", route(handle_health)),
         web.get("/version", route(handle_version)),
@@ -136,10 +151,16 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 class SimServer:
-    """Runs one engine's HTTP site (and an SGLang prefill's bootstrap site) on this loop."""
+    """Runs one engine's HTTP site (and an SGLang prefill's bootstrap site) on this loop.
 
-    def __init__(self, config: SimEngineConfig) -> None:
+    ``ssl_context``: serve the engine's API over HTTPS (as vLLM's ``--ssl-certfile``); the
+    bootstrap site and the simulator's engine-to-engine calls (KV reads, migration) stay plain
+    HTTP, so a TLS engine serves whole requests, not PD hand-offs.
+    """
+
+    def __init__(self, config: SimEngineConfig, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
+        self.ssl_context = ssl_context
         self.state = build_state(config)
         self._runners: list[web.AppRunner] = []
         self.bootstrap_port: int | None = None  # the SGLang bootstrap port bound (``--bootstrap-port 0``: a free one)
@@ -150,13 +171,14 @@ class SimServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.config.host}:{self.port}"
 
     async def start(self) -> None:
         runner = web.AppRunner(create_app(self.state), handler_cancellation=True, access_log=None)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, self.config.host, self.config.port)
+        site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=self.ssl_context)
         await site.start()
         self.state.bound_port = runner.addresses[0][1]
         bootstrap_port = self.config.resolved_bootstrap_port()

@@ -1,0 +1,103 @@
+"""Routes the gateway passes to one engine as they are: pooling (embeddings, score, rerank) and tokenizers.
+
+No prefill-decode split applies to them. A pooling request goes to the least loaded instance of
+its model that serves ``both`` roles (a pooling model is not split), a tokenizer request to the
+least loaded instance of its model in any role (every engine of a model tokenizes alike). A
+request that fails to reach an engine, or that an engine answers 5xx, is tried on the next one
+(the calls change nothing on the engine); an engine's 4xx (say, a generative model asked for
+embeddings) reaches the client in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pdgate.common.http_server import HttpRequest, Responder
+from pdgate.gateway.cluster import Cluster, InstanceState
+from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.intake import request_ids, valid_request_id
+from pdgate.gateway.legs import UpstreamFailed, client_error, read_all, send_leg
+from pdgate.gateway.metrics import GatewayMetrics
+from pdgate.gateway.requests import GatewayError, json_object
+from pdgate.gateway.tracing import NO_LEG
+
+POOLING_ROUTES = ("/v1/embeddings", "/v1/score", "/v1/rerank")
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
+
+
+class PassThrough:
+    """Serves the pass-through routes; one per gateway."""
+
+    def __init__(self, config: GatewayConfig, cluster: Cluster, metrics: GatewayMetrics) -> None:
+        self.cluster = cluster
+        self.metrics = metrics
+        self.timeout_s = config.upstream_timeout_s
+        self.models = [m.name for m in config.models]
+        self._ids = request_ids("p")
+
+    async def handle(self, request: HttpRequest, responder: Responder) -> None:
+        """Answer one pass-through request from the engine chosen for it."""
+        body = json_object(request.body)
+        pooling = request.path in POOLING_ROUTES
+        model = self._model(body, required=pooling)
+        header_id = request.headers.get("x-request-id")
+        if header_id is not None and not valid_request_id(header_id):
+            raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
+        request_id = header_id or next(self._ids)
+        try:
+            status, reply, content_type = await self._forward(request.path, body, model, request_id, pooling)
+        except GatewayError as err:
+            self.metrics.count(request.path, model, err.status)
+            raise
+        self.metrics.count(request.path, model, status)
+        responder.send(status, reply, content_type=content_type, headers={"X-Request-Id": request_id})
+
+    def _model(self, body: dict[str, Any], *, required: bool) -> str:
+        model = body.get("model")
+        if model is None and not required and len(self.models) == 1:
+            return self.models[0]  # as an engine does: its one model when none is named
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, "`model` is required (a string naming a served model)", param="model")
+        if model not in self.models:
+            raise GatewayError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return model
+
+    def candidates(self, model: str, pooling: bool) -> list[InstanceState]:
+        """The instances that may answer, least loaded first (healthy, not draining; ``both`` for pooling)."""
+        now = self.cluster.clock()
+        states = [
+            s
+            for s in self.cluster.for_model(model)
+            if s.breaker.allows(now) and not s.draining and (not pooling or s.role == "both")
+        ]
+        return sorted(states, key=_load_key)
+
+    async def _forward(
+        self, path: str, body: dict[str, Any], model: str, request_id: str, pooling: bool
+    ) -> tuple[int, bytes, str]:
+        states = self.candidates(model, pooling)
+        if not states:
+            what = "colocated (role both) instance" if pooling else "healthy instance"
+            raise GatewayError(503, f"no {what} of `{model}` can serve {path} now", headers={"Retry-After": "1"})
+        failures: list[str] = []
+        for state in states:
+            lease = self.cluster.lease(state.spec.id)
+            try:
+                reply = await send_leg(state, path, body, request_id, NO_LEG, self.timeout_s)
+                data = await read_all(state, reply)
+            except UpstreamFailed as failed:
+                self.cluster.record_failure(failed.instance_id, failed.reason)
+                failures.append(str(failed))
+                continue
+            finally:
+                lease.release()
+            if reply.status >= 400:
+                raise client_error(reply.status, data)
+            self.cluster.record_success(state.spec.id)
+            return reply.status, data, reply.headers.get("content-type", "application/json")
+        raise GatewayError(502, f"no engine answered {path}: " + "; ".join(failures)[:500])
+
+
+def _load_key(state: InstanceState) -> tuple[int, int, float]:
+    load = state.load
+    return (state.inflight_requests, load.waiting + load.running if load else 0, load.kv_usage if load else 0.0)
