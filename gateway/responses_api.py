@@ -104,6 +104,8 @@ def chat_request(raw: bytes) -> tuple[dict[str, Any], ResponsesRequest]:
         raise GatewayError(
             400, "background responses need stored state, which pdgate does not keep", param="background"
         )
+    if data.get("n", 1) != 1:
+        raise GatewayError(400, "a response has one answer: `n` must be 1", param="n")
     if parsed.tools:
         raise GatewayError(
             400, "tools are not supported on /v1/responses through pdgate; use /v1/chat/completions", param="tools"

@@ -23,6 +23,7 @@ from typing import Any
 from pdgate.common.http_server import Responder
 from pdgate.common.json_codec import JsonError, json_decode
 from pdgate.common.sse import EventBuffer, event_data
+from pdgate.gateway.requests import GatewayError
 from pdgate.gateway.responses_api import ResponsesRequest
 
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -97,8 +98,13 @@ def responses_usage(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def response_from_chat(builder: ResponseBuilder, body: bytes) -> bytes:
-    """A whole chat completion (JSON) as the response object."""
-    chat = json_decode(body)
+    """A whole chat completion (JSON) as the response object; 502 when the engine's answer is not one."""
+    try:
+        chat = json_decode(body)
+    except JsonError:
+        chat = None
+    if not isinstance(chat, dict):
+        raise GatewayError(502, "the engine's answer is not a chat completion")
     choice = (chat.get("choices") or [{}])[0]
     text = (choice.get("message") or {}).get("content") or ""
     finish = choice.get("finish_reason")

@@ -4,7 +4,8 @@
 for naming and budgets, :mod:`~pdgate.gateway.fair_share` for the counters):
 
 * :meth:`TenantService.admit`: before admission, the tenant's budgets take the request and its
-  prompt, or refuse it (429, ``x-pdgate-reject-reason: tenant-budget``);
+  prompt, or refuse it (429, ``x-pdgate-reject-reason: tenant-budget``); a request that is then
+  never dispatched (admission refused it, its client left while queued) gets them back;
 * :meth:`TenantService.started` / :meth:`TenantService.ended`: a dispatched request charges its
   prompt to the tenant's virtual counter, and its output, as it streams (every
   ``tenants.charge_interval_s``, from what has reached the client) and exactly at the end (from the
@@ -96,7 +97,8 @@ class TenantService:
             else None
         )
         self.metrics = TenantMetrics(registry)
-        self.running: dict[int, _Running] = {}
+        self.running: dict[int, _Running] = {}  # dispatched requests whose output is still charged
+        self.admitted: set[int] = set()  # requests its budgets took that wait for dispatch
         self._tasks = OwnedTasks()
         for name, buckets in (("requests", self.budgets.requests), ("tokens", self.budgets.tokens)):
             for tenant, bucket in buckets.items():
@@ -123,12 +125,14 @@ class TenantService:
         except BudgetExceeded as err:
             self.metrics.rejections.labels(tenant, err.budget).inc()
             raise
-        self.metrics.tokens.labels(tenant, "prompt").inc(routed.info.prompt_tokens)
+        self.admitted.add(id(routed))
 
     def started(self, routed: Routed) -> None:
         """A request of the tenant was dispatched: its prompt counts toward the tenant's share."""
         tenant = routed.info.tags.get(TENANT_TAG, self.config.default_tenant)
+        self.admitted.discard(id(routed))
         self.running[id(routed)] = _Running(routed, tenant)
+        self.metrics.tokens.labels(tenant, "prompt").inc(routed.info.prompt_tokens)
         if self.counters is not None:
             self.counters.started(tenant)
             self.counters.charge(tenant, prompt_tokens=routed.info.prompt_tokens)
@@ -137,10 +141,12 @@ class TenantService:
     def ended(self, routed: Routed, status: int) -> None:
         """The request is over: its output is charged exactly (from the usage), and it is counted."""
         running = self.running.pop(id(routed), None)
-        if running is None:  # refused before dispatch (budget, admission) or failed in intake's wake
-            self.metrics.requests.labels(
-                routed.info.tags.get(TENANT_TAG, self.config.default_tenant), str(status)
-            ).inc()
+        if running is None:  # refused before dispatch (its budget, admission) or gone while queued
+            tenant = routed.info.tags.get(TENANT_TAG, self.config.default_tenant)
+            if id(routed) in self.admitted:  # its budgets took it, but nothing was served: given back
+                self.admitted.discard(id(routed))
+                self.budgets.charge(tenant, requests=-1, prompt_tokens=-routed.info.prompt_tokens)
+            self.metrics.requests.labels(tenant, str(status)).inc()
             return
         tokens = output_tokens(routed) or 0
         self._charge_output(running, tokens)

@@ -1,17 +1,18 @@
 """Tenant budgets held across gateway replicas: each replica's usage, shared through NATS.
 
-Every ``tenants.charge_interval_s`` (and at least every second) a replica publishes on
+Every ``tenants.charge_interval_s`` a replica publishes on
 ``pdgate.tenants`` what its tenants have used since it started: requests and tokens, as running
 totals. A replica that hears another's totals charges the difference from the last totals it
 heard to its own buckets, so every replica's buckets drain with the whole gateway's use (a lost
-message is made up by the next one; totals that fall back mean the other replica restarted, and
-count from zero). Budgets are then enforced within a charging interval's use of exact.
+message is made up by the next one; totals go down too when a refused request's charge is given
+back; a new ``epoch`` means the other replica restarted, and its totals count from zero). Budgets are then enforced within a charging interval's use of exact.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any
 
 from pdgate.common.tasks import OwnedTasks, every
@@ -30,7 +31,8 @@ class TenantSharing:
         self.shared = shared
         self.budgets = budgets
         self.interval_s = interval_s
-        self.heard: dict[str, dict[str, tuple[int, int]]] = {}  # replica -> tenant -> (requests, tokens) totals
+        self.epoch = uuid.uuid4().hex  # this replica's run: its totals count from its start
+        self.heard: dict[str, tuple[str, dict[str, tuple[int, int]]]] = {}  # replica -> (epoch, tenant -> totals)
         self._tasks = OwnedTasks()
         shared.subscribe(TENANTS_SUBJECT, self._on_message)
 
@@ -44,23 +46,24 @@ class TenantSharing:
         return {tenant: (u.requests, u.prompt_tokens + u.output_tokens) for tenant, u in self.budgets.usage.items()}
 
     async def publish(self) -> None:
-        message = {"replica": self.shared.replica_id, "usage": self.totals()}
+        message = {"replica": self.shared.replica_id, "epoch": self.epoch, "usage": self.totals()}
         await self.shared.publish(TENANTS_SUBJECT, json.dumps(message, separators=(",", ":")).encode())
 
     async def _on_message(self, data: bytes) -> None:
         try:
             message: dict[str, Any] = json.loads(data)
             replica = str(message["replica"])
+            epoch = str(message["epoch"])
             usage = {str(t): (int(v[0]), int(v[1])) for t, v in message["usage"].items()}
         except (ValueError, KeyError, TypeError, AttributeError, IndexError):
             log.warning("tenant sharing: a malformed message ignored")
             return
         if replica == self.shared.replica_id:
             return
-        before = self.heard.get(replica, {})
+        last_epoch, before = self.heard.get(replica, (epoch, {}))
+        if last_epoch != epoch:  # the replica restarted: its totals count from zero again
+            before = {}
         for tenant, (requests, tokens) in usage.items():
             last_requests, last_tokens = before.get(tenant, (0, 0))
-            if requests < last_requests or tokens < last_tokens:  # the replica restarted: its totals start again
-                last_requests = last_tokens = 0
             self.budgets.charge_remote(tenant, requests - last_requests, tokens - last_tokens)
-        self.heard[replica] = usage
+        self.heard[replica] = (epoch, usage)

@@ -167,3 +167,80 @@ async def test_at_overload_the_least_served_tenant_goes_first_not_the_flood() ->
 async def test_without_fair_share_the_deadline_order_lets_the_flood_go_first() -> None:
     order = await dispatch_order(None)
     assert order.index("c0") == 10  # behind the whole flood
+
+
+def routed_request(tenant: str, prompt: int = 100):
+    from pdgate.gateway.cluster import PromptHashes
+    from pdgate.gateway.intake import Routed
+
+    return Routed(
+        "chat", "/v1/chat/completions", {}, info("r", tenant, prompt=prompt), [1] * prompt, PromptHashes(), True
+    )
+
+
+async def test_a_request_refused_after_its_budget_took_it_gets_the_budget_back() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from pdgate.gateway.tenant_service import TenantService
+
+    clock = FakeClock()
+    config = TenantsConfig.model_validate({"tenants": [{"name": "acme", "requests_per_minute": 1}]})
+    service = TenantService(config, clock, CollectorRegistry())
+    refused = routed_request("acme")
+    service.admit(refused)
+    service.ended(refused, 429)  # admission turned it away: nothing was served
+    served = routed_request("acme")
+    service.admit(served)  # the minute's one request is still there
+    service.started(served)
+    service.ended(served, 200)
+    with pytest.raises(BudgetExceeded):
+        service.admit(routed_request("acme"))
+
+
+class Bus:
+    """A hand-written stand-in for NATS subjects: every subscriber hears every message."""
+
+    def __init__(self) -> None:
+        self.listeners: list = []
+
+    def replica(self, replica_id: str):
+        bus = self
+
+        class Shared:
+            connected = True
+
+            def __init__(self) -> None:
+                self.replica_id = replica_id
+
+            def subscribe(self, subject, on_message) -> None:
+                bus.listeners.append(on_message)
+
+            async def publish(self, subject, data) -> None:
+                for listener in list(bus.listeners):
+                    await listener(data)
+
+        return Shared()
+
+
+async def test_replicas_charge_each_others_use_and_start_over_when_one_restarts() -> None:
+    from pdgate.gateway.tenant_sharing import TenantSharing
+
+    clock = FakeClock()
+    config = TenantsConfig.model_validate({"tenants": [{"name": "acme", "requests_per_minute": 10}]})
+    bus = Bus()
+    a_budgets, b_budgets = TenantBudgets(config, clock), TenantBudgets(config, clock)
+    a = TenantSharing(bus.replica("a"), a_budgets, interval_s=1)  # type: ignore[arg-type]
+    TenantSharing(bus.replica("b"), b_budgets, interval_s=1)  # type: ignore[arg-type]
+    for _ in range(3):
+        a_budgets.admit("acme", 0)
+    await a.publish()
+    await a.publish()  # the same totals again: charged once
+    assert b_budgets.requests["acme"].level == pytest.approx(7)
+    a_budgets.charge("acme", requests=-1)  # one of them given back
+    await a.publish()
+    assert b_budgets.requests["acme"].level == pytest.approx(8)
+    restarted_budgets = TenantBudgets(config, clock)
+    restarted = TenantSharing(bus.replica("a"), restarted_budgets, interval_s=1)  # type: ignore[arg-type]
+    restarted_budgets.admit("acme", 0)
+    await restarted.publish()  # a new epoch: its one request is new use, not 1 - 2
+    assert b_budgets.requests["acme"].level == pytest.approx(7)
