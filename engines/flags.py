@@ -1,7 +1,8 @@
 """Command-line flags made from pydantic settings models: one ``--kebab-case`` flag per field.
 
-A ``list[...]`` field takes one or more values after its flag (``--lora-modules a=/p b=/q``, as
-vLLM's ``nargs="+"`` flags do).
+A field marked ``json_schema_extra={"nargs": "+"}`` takes one or more values after its flag
+(``--lora-modules a=/p b=/q``, as vLLM's ``nargs="+"`` flags do); any other field takes one value
+(a ``list[str]`` field given as one string is the model's to split, as ``extra_args`` does).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
@@ -23,7 +25,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
         choices, base = _flag_type(annotation)
         if base is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif _is_list(annotation):
+        elif _takes_several(field):
             parser.add_argument(flag, dest=name, nargs="+", default=None, metavar=name.upper(), help=help_text)
         else:
             parser.add_argument(
@@ -37,13 +39,9 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
             )
 
 
-def _is_list(annotation: Any) -> bool:
-    """``list[...]``, also inside ``... | None``."""
-    if typing.get_origin(annotation) is list:
-        return True
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_is_list(a) for a in typing.get_args(annotation) if a is not type(None))
-    return False
+def _takes_several(field: FieldInfo) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and extra.get("nargs") == "+"
 
 
 def _flag_type(annotation: Any) -> tuple[list[Any] | None, Any]:

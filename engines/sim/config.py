@@ -87,6 +87,7 @@ class SimEngineConfig(BaseModel):
         None,
         description='adapters served from the start, each name=path or JSON {"name", "path", "base_model_name"}; '
         "more at runtime with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 (POST /v1/load_lora_adapter)",
+        json_schema_extra={"nargs": "+"},
     )
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs", description="waiting-queue order (priority: lower value first)"
