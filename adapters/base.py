@@ -26,6 +26,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pdgate.adapters.load import EngineLoad, parse_load, scrape_path
+from pdgate.adapters.lora import LOAD_PATH, MODELS_PATH, AdapterCard, LoraLoadError, adapter_cards, load_outcome
 from pdgate.common.http_client import Upstream, UpstreamError, UpstreamReply
 from pdgate.common.json_codec import json_encoder
 
@@ -49,6 +50,9 @@ class Capabilities:
     # a decode instance also serves a whole request (prefills it itself) sent without hand-off
     # parameters (vLLM's kv_consumer does; SGLang's decode server needs a bootstrap room)
     colocates_on_decode: bool = False
+    # LoRA adapters through vLLM's API: named by ``model``, listed in /v1/models, loaded at run time
+    # with POST /v1/load_lora_adapter (SGLang names them ``base:adapter`` and has its own routes)
+    lora: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,9 @@ class InstanceSpec:
     bootstrap_port: int | None = None  # SGLang prefill
     block_size: int = 16
     kv_events_endpoint: str | None = None
+    hash_algo: str | None = None  # its --prefix-caching-hash-algo (None: as it reports, else vLLM's default)
+    hash_seed: str | None = None  # the PYTHONHASHSEED it runs with (None: vLLM's default rule)
+    max_cpu_loras: int | None = None  # LoRA adapters it keeps in memory (None: as it reports, else 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -197,6 +204,31 @@ class EngineAdapter(ABC):
         if status != 200:
             raise UpstreamError(f"/metrics answered HTTP {status}")
         return parse_load(data.decode("utf-8", errors="replace"), self.capabilities.metrics_flavour, now)
+
+    async def list_lora_adapters(self, timeout: float = 2.0) -> list[AdapterCard] | None:
+        """The LoRA adapters the engine serves now (its ``/v1/models``); None when it lists none
+        this way (no ``lora`` capability, or no such route). Raises :class:`UpstreamError` or
+        ``ValueError`` (an answer that is not a model list)."""
+        if not self.capabilities.lora:
+            return None
+        status, data = await self.call("GET", MODELS_PATH, request_id="lora-list", timeout_s=timeout)
+        if status == 404:
+            return None
+        if status != 200:
+            raise UpstreamError(f"{MODELS_PATH} answered HTTP {status}")
+        return adapter_cards(json.loads(data))
+
+    async def load_lora_adapter(self, name: str, path: str, *, timeout_s: float) -> None:
+        """Load the adapter ``name`` from ``path`` (vLLM's ``POST /v1/load_lora_adapter``); returns
+        once the engine serves it (also when it already did). Raises :class:`LoraLoadError`."""
+        if not self.capabilities.lora:
+            raise LoraLoadError(f"{self.spec.kind} instances do not load LoRA adapters at run time", engine_wide=True)
+        body = {"lora_name": name, "lora_path": path}
+        try:
+            status, data = await self.call("POST", LOAD_PATH, body, request_id=f"lora-load-{name}", timeout_s=timeout_s)
+        except UpstreamError as exc:
+            raise LoraLoadError(f"loading LoRA adapter {name!r} failed: {exc}") from None
+        load_outcome(status, data, name)
 
     async def check_health(self, timeout: float = 2.0) -> bool:
         try:

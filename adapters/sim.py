@@ -50,6 +50,7 @@ class SimVllmAdapter(SimLiveMigration, VllmAdapter):
         live_migration=True,
         flexible_role=True,
         colocates_on_decode=True,
+        lora=True,
     )
 
 

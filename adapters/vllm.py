@@ -11,7 +11,12 @@ class VllmAdapter(EngineAdapter):
     """vLLM with a KV connector (NixlConnector's ``kv_transfer_params`` protocol)."""
 
     capabilities = Capabilities(
-        pd_protocol="sequential", metrics_flavour="vllm", kv_events=True, flexible_role=True, colocates_on_decode=True
+        pd_protocol="sequential",
+        metrics_flavour="vllm",
+        kv_events=True,
+        flexible_role=True,
+        colocates_on_decode=True,
+        lora=True,
     )
 
     def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -181,6 +181,19 @@ class GatewayApp:
             }
             for m in self.gw.config.models
         ]
+        lengths = {m.name: m.max_model_len for m in self.gw.config.models}
+        data += [  # each LoRA adapter once, as vLLM lists its own: root its path, parent its base model
+            {
+                "id": card.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "pdgate",
+                "root": card.path,
+                "parent": card.parent,
+                "max_model_len": lengths[card.parent],
+            }
+            for card in self.cluster.loras.cards()
+        ]
         responder.send_json(200, {"object": "list", "data": data})
 
     async def health(self, request: HttpRequest, responder: Responder) -> None:

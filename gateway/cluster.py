@@ -22,15 +22,17 @@ import math
 import operator
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pdgate.adapters import EngineAdapter, InstanceSpec, Upstream, UpstreamError, make_adapter
 from pdgate.adapters.kv_events import KvEventFeed, KvEventSink, KvEventSource, KvEventSubscriber
 from pdgate.adapters.load import EngineLoad
-from pdgate.common.block_hash import block_hashes, to_event_hash
 from pdgate.gateway.config import GatewayConfig, InstanceConfig, has_serving_path
+from pdgate.gateway.hash_schemes import HashScheme, PromptHashes, SchemeBook, approximate_scheme, keyed
+from pdgate.gateway.lora import InstanceLoras, LoraCatalog, read_adapters
+from pdgate.gateway.lora_loader import LoraLoader
 from pdgate.scheduler.costmodel.model import CostModel
 from pdgate.scheduler.prefix_index import ApproximatePrefixIndex, ExactPrefixIndex
 from pdgate.scheduler.snapshot import PREFILL_SHARE_WINDOW_S, ClusterSnapshot, InstanceView
@@ -142,6 +144,12 @@ class InstanceState:
     prefill_finish: float = 0.0  # when the prefill work sent so far would be done at the predicted rate
     prefill_rate: float = 0.0  # predicted prefill seconds sent per second, decayed over PREFILL_SHARE_WINDOW_S
     prefill_rate_at: float = 0.0
+    lora: InstanceLoras = field(default_factory=lambda: InstanceLoras(can_load=False))  # its LoRA adapters
+    scheme: HashScheme = field(default_factory=lambda: approximate_scheme(16))  # how its prefix index hashes a prompt
+    exact: bool = False  # its prefix hits come from its KV events (the exact index), not the approximate one
+    index_group: int = 0  # the cluster's number for (exact, scheme): snapshots group instances by it
+    reported_algo: str | None = None  # the hash algorithm its engine last reported
+    scheme_problem: str = ""  # why its KV events cannot be matched (logged when it changes)
 
     @property
     def flexible(self) -> bool:
@@ -214,6 +222,9 @@ class InstanceState:
         spec = self.spec
         scraped = self.load
         load = scraped if scraped is not None and now - scraped.scraped_at <= stale_after else None
+        lora = self.lora
+        if now >= lora.expires_at:
+            lora.expire(now)
         own_tpot = min(self.tpot_slos) if self.tpot_slos else None
         tpot = own_tpot if remote.tightest_tpot_s is None else min_known(own_tpot, remote.tightest_tpot_s)
         return InstanceView.from_values(
@@ -243,14 +254,18 @@ class InstanceState:
                 "tightest_tpot_s": tpot,
                 "decode_free_in_s": self.decode_free_in(now),
                 "prefill_share": self.prefill_share(now) if self.role != "prefill" else 0.0,
+                "loras": lora.names,
+                "lora_room": lora.room_now,
+                "lora_failed": lora.failed_now,
             }
         )
 
-    @functools.cached_property
+    @property
     def has_kv_events(self) -> bool:
         """Whether the gateway follows this instance's KV events (its exact prefix index) rather
-        than recording what it sent there (the approximate one)."""
-        return bool(self.adapter.capabilities.kv_events and self.spec.kv_events_endpoint is not None)
+        than recording what it sent there (the approximate one): it publishes them and the gateway
+        hashes blocks as its engine does (:func:`pdgate.gateway.hash_schemes.engine_scheme`)."""
+        return self.exact
 
     @functools.cached_property
     def capability_names(self) -> frozenset[str]:
@@ -312,17 +327,6 @@ def _kv_source(inst: InstanceConfig) -> KvEventSource | None:
     )
 
 
-@dataclass
-class PromptHashes:
-    """The prompt's chained block hashes for each block size in use (as published in KV events)."""
-
-    by_block_size: dict[int, list[int]] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, token_ids: list[int], block_sizes: Iterable[int]) -> PromptHashes:
-        return cls({size: [to_event_hash(h) for h in block_hashes(token_ids, size)] for size in set(block_sizes)})
-
-
 KvFeedFactory = Callable[[KvEventSink, list[KvEventSource]], KvEventFeed]
 
 
@@ -354,6 +358,9 @@ class Cluster:
         self._pool = pool
         self.remote: dict[str, RemoteLoad] = {}  # other replicas' in-flight load per instance (load sharing)
         self.remote_prefill_work: dict[str, dict[str, tuple[float, int]]] = {}  # replica -> model -> (work, legs)
+        self.loras = LoraCatalog({m.name: m.lora for m in config.models}, lambda: self.instances.values())
+        self.lora_loader = LoraLoader(self.loras, clock)
+        self.schemes = SchemeBook()  # every instance's prefix-index scheme
         for inst in config.instances:
             state = self._state_for(inst)
             self.instances[state.spec.id] = state
@@ -369,7 +376,42 @@ class Cluster:
         adapter = make_adapter(spec, self._pool)
         state = InstanceState(spec, adapter, breaker, role=inst.start_role, cost_group=inst.cost_key())
         state.role_since = self.clock()
+        state.lora = InstanceLoras(can_load=adapter.capabilities.lora, max_cpu_loras=spec.max_cpu_loras)
+        self.loras.check_instance(spec, adapter.capabilities.lora)
+        self._assign_scheme(state, None)
         return state
+
+    def _assign_scheme(self, state: InstanceState, reported: str | None) -> None:
+        """How the instance's prefix index hashes prompts, from its config and ``reported`` (the
+        algorithm its engine reports): its engine's scheme for the exact index, when it publishes
+        KV events and the gateway can hash as it does; else the approximate index's."""
+        spec, choice = state.spec, self.schemes.choose(state.spec, state.adapter.capabilities.kv_events, reported)
+        if choice.problem and choice.problem != state.scheme_problem:
+            log.warning(
+                "instance %s: prefix hits from the approximate index, its KV events cannot be matched: %s",
+                spec.id,
+                choice.problem,
+            )
+        elif choice.exact and choice.scheme.algo != state.scheme.algo and reported is not None:
+            log.info("instance %s hashes prefix blocks with %s (as its engine reports)", spec.id, choice.scheme.algo)
+        state.scheme, state.exact, state.index_group = choice.scheme, choice.exact, choice.group
+        state.reported_algo, state.scheme_problem = reported, choice.problem
+
+    def _engine_reported(self, state: InstanceState, load: EngineLoad) -> None:
+        """What a scrape says of the engine's set-up: its hash algorithm, its LoRA slots."""
+        if load.max_loras is not None:
+            state.lora.report_max(load.max_loras)
+        if load.hash_algo is None or load.hash_algo == state.reported_algo:
+            return
+        configured = state.spec.hash_algo
+        if configured is not None and configured != load.hash_algo:
+            log.warning(
+                "instance %s: configured prefix_caching_hash_algo %s, but its engine reports %s (the config wins)",
+                state.spec.id,
+                configured,
+                load.hash_algo,
+            )
+        self._assign_scheme(state, load.hash_algo)
 
     # ------------------------------------------------------- fleet changes
     async def add_instance(self, inst: InstanceConfig) -> InstanceState:
@@ -425,11 +467,13 @@ class Cluster:
         timeout = self.config.health.timeout_s
         try:
             state.load = await state.adapter.scrape_load(self.clock(), timeout)
+            self._engine_reported(state, state.load)
         except (UpstreamError, ValueError) as exc:
             state.last_error = f"scrape failed: {exc!r}"
         if check_health:
             if await state.adapter.check_health(timeout):
                 state.breaker.record_probe_success(self.clock())
+                await read_adapters(state, self.clock, timeout)
             else:
                 state.last_error = "health check failed"
                 if state.breaker.record_failure(self.clock()):
@@ -449,22 +493,56 @@ class Cluster:
         stale = self.config.stale_after_s
         states = self.for_model(model)
         hits: dict[str, int] = {}
-        if hashes is not None:
-            groups: dict[tuple[bool, int], list[str]] = {}  # one lookup per (index, block size)
-            for state in states:
-                groups.setdefault((state.has_kv_events, state.spec.block_size), []).append(state.spec.id)
-            for (exact, block_size), ids in groups.items():
+        if hashes is not None:  # one lookup per (index, scheme)
+            groups: Iterable[tuple[tuple[bool, HashScheme], list[str]]]
+            if hashes.keyed:  # the adapter's path and the salt make each instance's scheme its own
+                keyed_groups: dict[tuple[bool, HashScheme], list[str]] = {}
+                for state in states:
+                    scheme = self.scheme_for(state, hashes)
+                    if scheme is not None:
+                        keyed_groups.setdefault((state.exact, scheme), []).append(state.spec.id)
+                groups = keyed_groups.items()
+            else:  # the common case: the instances' own schemes, grouped by number
+                numbered: dict[int, list[str]] = {}
+                for state in states:
+                    numbered.setdefault(state.index_group, []).append(state.spec.id)
+                groups = [(self.schemes.groups[n], ids) for n, ids in numbered.items()]
+            for (exact, scheme), ids in groups:
                 index = self.exact_index if exact else self.approx_index
-                chain = hashes.by_block_size.get(block_size, [])
-                for instance_id, blocks in index.match_all(chain, ids).items():
+                for instance_id, blocks in index.match_all(hashes.chain(scheme), ids).items():
                     if blocks:
-                        hits[instance_id] = blocks * block_size
+                        hits[instance_id] = blocks * scheme.block_size
         remote = self.remote
         if remote:
             views = tuple([s.view(now, stale, remote.get(s.spec.id, NO_REMOTE_LOAD)) for s in states])
         else:
             views = tuple([s.view(now, stale) for s in states])
         return ClusterSnapshot(views, now, hits, costs)
+
+    def scheme_for(self, state: InstanceState, hashes: PromptHashes) -> HashScheme | None:
+        """How ``state``'s prefix index hashes the request ``hashes`` is of: its scheme with the
+        request's adapter (as this instance knows it: its path there) and salt. None: the instance
+        does not serve the request's adapter (nothing of it can be cached there)."""
+        if not hashes.keyed:
+            return state.scheme
+        path = None
+        if hashes.lora is not None:
+            path = state.lora.adapters.get(hashes.lora)
+            if path is None:
+                return None
+        return keyed(state.scheme, hashes, path)
+
+    def prompt_hashes(
+        self, model: str, token_ids: Sequence[int], *, lora: str | None = None, cache_salt: str | None = None
+    ) -> PromptHashes:
+        """A prompt of ``model`` hashed once per scheme its instances use (for a request with
+        adapter ``lora`` and ``cache_salt``): one pass in the common case."""
+        hashes = PromptHashes(token_ids, lora, cache_salt)
+        for state in self.for_model(model):
+            scheme = self.scheme_for(state, hashes)
+            if scheme is not None:
+                hashes.chain(scheme)
+        return hashes
 
     def ready(self, model: str) -> bool:
         """Whether ``model`` has a healthy serving path (colocated, or prefill + decode)."""
@@ -542,7 +620,10 @@ class Cluster:
         state = self.instances[instance_id]
         if self._has_events(state):
             return
-        blocks = hashes.by_block_size.get(state.spec.block_size, [])
+        scheme = self.scheme_for(state, hashes)
+        if scheme is None:
+            return
+        blocks = hashes.chain(scheme)
         self.approx_index.record(instance_id, blocks)
         if self.on_prompt_recorded is not None:
             self.on_prompt_recorded(instance_id, blocks)

@@ -17,9 +17,11 @@ from pydantic import (
 )
 
 from pdgate.adapters import ADAPTERS, InstanceSpec
+from pdgate.common.block_hash import NON_CRYPTO_HASH_ALGOS, XXHASH_MISSING, HashAlgo, hash_function
 from pdgate.common.kv_events import engine_binds
 from pdgate.common.tls import ClientTlsFiles, ServerTlsFiles, TlsError, client_context, server_context
 from pdgate.common.yamlfile import YamlFileError, read_yaml_mapping
+from pdgate.gateway.lora_config import ModelLoraConfig
 from pdgate.gateway.planning_config import RoleBalancerConfig, ScalingConfig
 from pdgate.gateway.tenant_config import TenantsConfig
 from pdgate.scheduler.costmodel.latency import PriorSpec
@@ -125,6 +127,22 @@ class InstanceConfig(Strict):
     kv_events: KvEventsConfig | None = None
     bootstrap_port: int | None = Field(None, description="SGLang prefill bootstrap port")
     block_size: int = Field(16, ge=1)
+    prefix_caching_hash_algo: HashAlgo | None = Field(
+        None,
+        description="the engine's --prefix-caching-hash-algo (none: what it reports in vllm:cache_config_info, "
+        "else vLLM's default sha256); the exact prefix index hashes prompts as the engine does",
+    )
+    hash_seed: str | None = Field(
+        None,
+        description="the PYTHONHASHSEED the engine runs with (none: the gateway's own PYTHONHASHSEED when set, "
+        "else vLLM's default seed; xxhash engines need it, or their prefix hits are approximate)",
+    )
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description="LoRA adapters the engine keeps in memory (vLLM's --max-cpu-loras); the gateway loads adapters "
+        "on demand there only while fewer are registered (none: its reported --max-loras, else 1)",
+    )
     cost_group: str | None = Field(
         None,
         description="instances with equal hardware, model and engine share latency models "
@@ -145,6 +163,22 @@ class InstanceConfig(Strict):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("hash_seed", mode="before")
+    @classmethod
+    def _seed_text(cls, value: Any) -> Any:
+        """``hash_seed: 0`` in YAML is an int; the engine reads PYTHONHASHSEED as the string."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("prefix_caching_hash_algo")
+    @classmethod
+    def _algo_usable(cls, value: str | None) -> str | None:
+        if value in NON_CRYPTO_HASH_ALGOS:
+            try:
+                hash_function(value)(b"")
+            except ModuleNotFoundError:
+                raise ValueError(XXHASH_MISSING) from None
+        return value
 
     @field_validator("kind")
     @classmethod
@@ -211,6 +245,9 @@ class InstanceConfig(Strict):
             bootstrap_port=self.bootstrap_port,
             block_size=self.block_size,
             kv_events_endpoint=self.kv_events.endpoint if self.kv_events else None,
+            hash_algo=self.prefix_caching_hash_algo,
+            hash_seed=self.hash_seed,
+            max_cpu_loras=self.max_cpu_loras,
         )
 
 
@@ -220,6 +257,10 @@ class ModelConfig(Strict):
         "builtin", description="'builtin' (the simulator's) or a local Hugging Face tokenizer directory"
     )
     max_model_len: int = Field(8192, ge=2)
+    lora: ModelLoraConfig = Field(
+        default_factory=ModelLoraConfig,
+        description="LoRA adapters of this base model the gateway may load on demand (docs/lora.md)",
+    )
 
 
 class HealthConfig(Strict):
@@ -577,6 +618,13 @@ class GatewayConfig(Strict):
         for n, inst in enumerate(self.instances):
             if inst.model not in names:
                 raise ValueError(f"instances[{n}].model: {inst.model!r} is not one of models {sorted(names)}")
+        adapters: dict[str, str] = {}
+        for m in self.models:
+            for adapter in m.lora.adapters:
+                if adapter in names or adapter in adapters:
+                    other = "a model's name" if adapter in names else f"an adapter of {adapters[adapter]!r}"
+                    raise ValueError(f"models: LoRA adapter {adapter!r} of {m.name!r} is also {other}")
+                adapters[adapter] = m.name
         classes = {c.name for c in self.slo.classes}
         for tenant in self.tenants.tenants:
             if tenant.slo_class is not None and tenant.slo_class not in classes:
@@ -631,6 +679,8 @@ DEFAULT_SCHEDULING: dict[str, Any] = {
         {"name": "prefill-role", "type": "role-filter", "parameters": {"role": "prefill"}},
         {"name": "decode-role", "type": "role-filter", "parameters": {"role": "decode"}},
         {"name": "colocated-role", "type": "role-filter", "parameters": {"role": "both"}},
+        {"name": "lora", "type": "lora-affinity"},
+        {"name": "lora-decode", "type": "lora-affinity", "parameters": {"measure": "tpot"}},
         {"name": "ttft", "type": "slo-ttft"},
         {"name": "tpot-fit", "type": "slo-tpot-filter"},
         {"name": "tpot", "type": "slo-tpot"},
@@ -644,6 +694,7 @@ DEFAULT_SCHEDULING: dict[str, Any] = {
         "prefill": [
             {"pluginRef": "healthy"},
             {"pluginRef": "prefill-role"},
+            {"pluginRef": "lora"},
             {"pluginRef": "ttft", "weight": 4.0},
             {"pluginRef": "prefix", "weight": 1.0},
             {"pluginRef": "pick"},
@@ -652,6 +703,7 @@ DEFAULT_SCHEDULING: dict[str, Any] = {
         "decode": [
             {"pluginRef": "healthy"},
             {"pluginRef": "decode-role"},
+            {"pluginRef": "lora-decode"},
             {"pluginRef": "tpot-fit"},
             {"pluginRef": "tpot", "weight": 2.0},
             {"pluginRef": "prefix", "weight": 1.0},
@@ -661,6 +713,7 @@ DEFAULT_SCHEDULING: dict[str, Any] = {
         "colocated": [
             {"pluginRef": "healthy"},
             {"pluginRef": "colocated-role"},
+            {"pluginRef": "lora"},
             {"pluginRef": "ttft", "weight": 3.0},
             {"pluginRef": "tpot", "weight": 1.0},
             {"pluginRef": "prefix", "weight": 1.0},

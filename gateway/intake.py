@@ -17,20 +17,21 @@ from typing import Any
 
 from pdgate.common.tokenizer import Tokenizer
 from pdgate.gateway.admission_queue import TENANT_TAG
-from pdgate.gateway.cluster import Cluster, PromptHashes
+from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig, ModelConfig
 from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.hash_schemes import PromptHashes
 from pdgate.gateway.observation import Observation
 from pdgate.gateway.requests import ChatBody, CompletionBody, GatewayError, parse_body, validate_body
 from pdgate.gateway.responses_api import ResponsesRequest, chat_request
 from pdgate.gateway.slo import APP_HEADER, SloResolver
 from pdgate.gateway.splice import pinned_reason, wants_token_ids
 from pdgate.gateway.tenants import TenantDirectory
-from pdgate.gateway.tracing import NO_TRACE, RequestTrace, Tracing
+from pdgate.gateway.tracing import LORA_ADAPTER_ATTRIBUTE, NO_TRACE, RequestTrace, Tracing
 from pdgate.scheduler.costmodel.cues import request_cues
 from pdgate.scheduler.costmodel.features import RequestFeatures, chat_text, hash_text, prompt_digest
 from pdgate.scheduler.costmodel.length_types import client_bounds
-from pdgate.scheduler.snapshot import RequestInfo
+from pdgate.scheduler.snapshot import LoraTarget, RequestInfo
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -120,11 +121,7 @@ class Intake:
         headers: Mapping[str, str],
         arrival: float,
     ) -> Routed:
-        model = self.models.get(parsed.model)
-        if model is None:
-            raise GatewayError(
-                404, f"The model `{parsed.model}` does not exist.", param="model", code="model_not_found"
-            )
+        model, lora = self._model_of(parsed.model)
         tokenizer = self.tokenizers[model.name]
         if kind == "completion":
             prompt_ids, text, max_tokens = _completion_prompt(parsed, body, tokenizer)
@@ -142,9 +139,14 @@ class Intake:
             slo_class=tenant_config.slo_class if tenant_config is not None else None,
             max_priority=tenant_config.max_priority if tenant_config is not None else None,
         )
-        states = self.cluster.for_model(model.name)
-        hashes = PromptHashes.of(prompt_ids, (s.spec.block_size for s in states))
-        first_chain = next(iter(hashes.by_block_size.values()), [])
+        salt = body.get("cache_salt")
+        hashes = self.cluster.prompt_hashes(
+            model.name,
+            prompt_ids,
+            lora=lora.name if lora is not None else None,
+            cache_salt=salt if isinstance(salt, str) and salt else None,
+        )
+        first_chain = hashes.first_chain()
         tag = headers.get(APP_HEADER)
         features = output = None
         ignore_eos = body.get("ignore_eos") is True
@@ -186,6 +188,7 @@ class Intake:
             slo=slo,
             output=output,
             arrival=arrival,
+            lora=lora,
         )
         migration = self.config.migration
         movable = (
@@ -208,6 +211,18 @@ class Intake:
             want_ids=want_ids,
             route=route,
         )
+
+    def _model_of(self, name: str) -> tuple[ModelConfig, LoraTarget | None]:
+        """The configured model a request's ``model`` names, and its LoRA adapter when the name is
+        an adapter of that model (served by its instances or in its ``lora.adapters``); else 404.
+        The body keeps the adapter's name: the engines serve it under that name."""
+        model = self.models.get(name)
+        if model is not None:
+            return model, None
+        base = self.cluster.loras.base_of(name)
+        if base is None or base not in self.models:
+            raise GatewayError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        return self.models[base], LoraTarget(name, loadable=self.cluster.loras.loadable(base, name))
 
 
 PD_PATH_HEADER = "x-pdgate-pd-path"  # colocated | split: the path a pd-paths handler may honour
@@ -296,5 +311,6 @@ def request_attributes(routed: Routed) -> dict[str, Any]:
         "pdgate.priority": slo.priority,
         "pdgate.app": info.tags.get("app"),
         "pdgate.tenant": info.tags.get(TENANT_TAG),
+        LORA_ADAPTER_ATTRIBUTE: info.lora.name if info.lora is not None else None,
         "pdgate.output_tokens_predicted": info.output.median if info.output is not None else None,
     }

@@ -101,6 +101,10 @@ class LightCounter(Collector):
         for labels in [k for k in self._values if k[at] == value]:
             del self._values[labels]
 
+    def mirror(self, values: Mapping[tuple[str, ...], float]) -> None:
+        """Take every series from counts kept elsewhere (which only grow, while their owner lives)."""
+        self._values = dict(values)
+
 
 class GatewayMetrics:
     """Every metric of one gateway; names and labels are documented in docs/observability.md."""
@@ -221,6 +225,20 @@ class GatewayMetrics:
             self.prediction_ratio,
         ):
             r.register(light)
+        # ---- LoRA adapters (counted by each instance's state in the cluster, mirrored at scrape time)
+        self.lora_loads = LightCounter(
+            "pdgate_lora_loads",
+            "LoRA adapters the gateway loaded on demand (POST /v1/load_lora_adapter), by instance, adapter "
+            "and outcome (loaded, failed).",
+            ("instance", "adapter", "outcome"),
+        )
+        r.register(self.lora_loads)
+        self.lora_adapters = Gauge(
+            "pdgate_instance_lora_adapters",
+            "LoRA adapters an instance's engine serves (its /v1/models, and those the gateway loaded there).",
+            ["instance"],
+            registry=r,
+        )
         # ---- instances
         self.instance_info = Gauge(
             "pdgate_instance_info",
@@ -378,9 +396,11 @@ class GatewayMetrics:
             self.draining,
             self.upstream_failures,
             self.migrating,
+            self.lora_adapters,
         )
         self._children: dict[tuple, object] = {}
         self._gone: set[str] = set()  # instances removed from the fleet: no new series for them
+        self._lora_seen: set[str] = set()  # instances that served a LoRA adapter (their gauge stays)
 
     def _child(self, metric, *values: str):
         """A labelled child, looked up once (``.labels()`` costs microseconds per call)."""
@@ -394,6 +414,7 @@ class GatewayMetrics:
         """Remove every series labelled with ``instance_id``: an instance removed from the fleet
         leaves nothing behind in ``/metrics`` (requests that ran there and end later add none)."""
         self._gone.add(instance_id)
+        self._lora_seen.discard(instance_id)
         for light in (self.prefix_queries, self.prefix_hits, self.prediction_ratio):
             light.remove_where("instance", instance_id)
         for metric in self._instance_metrics:
@@ -531,4 +552,14 @@ class GatewayMetrics:
                         pass
             if load is not None:
                 self.scrape_age.labels(instance=instance_id).set(now - load.scraped_at)
+            if state.lora.names or instance_id in self._lora_seen:  # (no series for instances that never had one)
+                self._lora_seen.add(instance_id)
+                self.lora_adapters.labels(instance=instance_id).set(len(state.lora.names))
+        self.lora_loads.mirror(
+            {
+                (instance_id, adapter, outcome): count
+                for instance_id, state in cluster.instances.items()
+                for (adapter, outcome), count in state.lora.loads.items()
+            }
+        )
         return generate_latest(self.registry)

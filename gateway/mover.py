@@ -23,7 +23,7 @@ import logging
 from typing import Any
 
 from pdgate.adapters import MigrationError, UpstreamError
-from pdgate.gateway.cluster import Cluster, InstanceState, PromptHashes
+from pdgate.gateway.cluster import Cluster, InstanceState
 from pdgate.gateway.config import MigrationConfig
 from pdgate.gateway.intake import ROUTES, Routed
 from pdgate.gateway.legs import Opened, UpstreamFailed, failure_reason, racing_prefill, read_all
@@ -287,17 +287,22 @@ class StreamMover:
         info = routed.info
         generated = list(live.trail.token_ids)
         body = continuation_body(routed.body, routed.prompt_ids, generated, info.max_tokens)
+        if routed.hashes.cache_salt is not None:  # isolated as the request was (and hashed so)
+            body["cache_salt"] = routed.hashes.cache_salt
         if handoff:
             body.update(handoff)
         context = [*routed.prompt_ids, *generated]
-        hashes = PromptHashes.of(context, (s.spec.block_size for s in self.cluster.for_model(info.model)))
+        # the continuation is hashed as each instance hashes the request (its adapter and salt too)
+        hashes = self.cluster.prompt_hashes(
+            info.model, context, lora=routed.hashes.lora, cache_salt=routed.hashes.cache_salt
+        )
         cont_info = dataclasses.replace(
             info,
             request_id=f"{info.request_id}-m{live.moves + 1}",
             prompt_tokens=len(context),
             max_tokens=info.max_tokens - len(generated),
             output=None,
-            block_hashes=tuple(next(iter(hashes.by_block_size.values()), [])),
+            block_hashes=tuple(hashes.first_chain()),
         )
         cont = Routed("completion", ROUTES["completion"], body, cont_info, context, hashes, True, trace=routed.trace)
         return cont, len(generated)

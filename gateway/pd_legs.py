@@ -11,6 +11,12 @@ The protocol is the decode instance's adapter capability, never a decision of th
 The prefill leg's own prefix-cache hit (``usage.prompt_tokens_details.cached_tokens``) is
 recorded: the decode engine counts every transferred token as cached, so the client's figure
 comes from the prefill leg (:func:`pdgate.gateway.usage.with_cached_tokens`).
+
+A request for a LoRA adapter first has it loaded on whichever of its instances lacks it
+(:meth:`pdgate.gateway.lora_loader.LoraLoader.ensure`). A load the engine refused answers 503
+(``lora_load_failed``, with ``Retry-After``): the refusal is remembered, so the next attempt is
+placed where the adapter is, or can be loaded; an engine that did not answer is the leg's failure
+on that instance (:class:`UpstreamFailed`: retried elsewhere, counted by its circuit breaker).
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from pdgate.gateway.legs import (
     read_all,
     send_leg,
 )
+from pdgate.gateway.lora_loader import LoraNotLoaded
 from pdgate.gateway.placement import Placement
 from pdgate.gateway.requests import GatewayError
-from pdgate.gateway.tracing import NO_LEG, LegTrace
+from pdgate.gateway.tracing import LORA_ADAPTER_ATTRIBUTE, LORA_LOADED_ATTRIBUTE, NO_LEG, LegTrace
 from pdgate.gateway.usage import reported_cached_tokens
 from pdgate.scheduler.estimates import decode_context_of, decode_seconds
 
@@ -58,6 +65,7 @@ class PdLegs:
         info = routed.info
         body = routed.body
         protocol = None
+        loaded = await self._ensure_lora(routed, placement) if info.lora is not None else ()
         # the decode batch counts the request from now, not from the hand-off: admission and
         # placement of the requests behind it see the streams already bound for each instance
         split = placement.split
@@ -74,7 +82,7 @@ class PdLegs:
         if prefill is not None and placement.split:
             protocol = decode.adapter.capabilities.pd_protocol
             if protocol == "sequential":
-                body = await self._sequential_prefill(routed, prefill, decode, body)
+                body = await self._sequential_prefill(routed, prefill, decode, body, prefill.spec.id in loaded)
             elif protocol == "concurrent":
                 body = self._start_concurrent_prefill(routed, prefill, decode, body, opened)
             else:
@@ -82,14 +90,34 @@ class PdLegs:
         obs = routed.obs
         obs.batch_at_send, obs.context_at_send = decode.decode_inflight, decode.decode_context_tokens
         obs.decode_sent = self.cluster.clock()
-        opened.leg = answer_span(routed, placement, protocol)
+        opened.leg = answer_span(routed, placement, protocol, decode.spec.id in loaded)
         opened.upstream = await raced(
             send_leg(decode, routed.path, body, info.request_id, opened.leg, self.timeout_s), opened.prefill_task
         )
         self.cluster.record_sent_prompt(decode.spec.id, routed.hashes)
 
+    async def _ensure_lora(self, routed: Routed, placement: Placement) -> list[str]:
+        """Have the request's adapter loaded where it runs; the ids of the instances it was loaded on now."""
+        info = routed.info
+        assert info.lora is not None
+        states = [placement.decode]
+        if placement.prefill is not None and placement.split:
+            states.append(placement.prefill)
+        try:
+            return await self.cluster.lora_loader.ensure(info.lora.name, info.model, states)
+        except LoraNotLoaded as exc:
+            if exc.unreachable:
+                raise UpstreamFailed(exc.instance_id, exc.reason) from None
+            raise GatewayError(
+                503,
+                f"LoRA adapter '{info.lora.name}' is not available on instance {exc.instance_id}: {exc.reason}",
+                err_type="service_unavailable",
+                code="lora_load_failed",
+                headers={"Retry-After": "1"},
+            ) from None
+
     async def _sequential_prefill(
-        self, routed: Routed, prefill: InstanceState, decode: InstanceState, body: dict[str, Any]
+        self, routed: Routed, prefill: InstanceState, decode: InstanceState, body: dict[str, Any], loaded: bool = False
     ) -> dict[str, Any]:
         """vLLM: prefill to the end, then the decode body with the hand-off the prefill returned."""
         lease = self.cluster.lease(
@@ -97,7 +125,7 @@ class PdLegs:
             prefill_tokens=routed.info.prompt_tokens,
             predicted_prefill_s=routed.obs.predicted.get("prefill_s", 0.0),
         )
-        leg = prefill_span(routed, prefill)
+        leg = prefill_span(routed, prefill, loaded)
         status = None
         try:
             sent = self.cluster.clock()
@@ -180,7 +208,7 @@ class PdLegs:
             lease.release()
 
 
-def answer_span(routed: Routed, placement: Placement, protocol: str | None) -> LegTrace:
+def answer_span(routed: Routed, placement: Placement, protocol: str | None, lora_loaded: bool = False) -> LegTrace:
     """The span of the leg that answers (with a KV-transfer child after a PD hand-off, when streamed)."""
     if not routed.trace.enabled:
         return NO_LEG
@@ -190,6 +218,7 @@ def answer_span(routed: Routed, placement: Placement, protocol: str | None) -> L
         "pdgate.decode.batch_at_send": obs.batch_at_send,
         "pdgate.tpot_predicted_s": predicted.get("tpot_s"),
         "gen_ai.request.max_tokens": info.max_tokens,
+        **lora_attributes(routed, lora_loaded),
     }
     if not obs.split:
         attributes.update(
@@ -212,7 +241,7 @@ def answer_span(routed: Routed, placement: Placement, protocol: str | None) -> L
     return routed.trace.leg("decode", placement.decode, attributes, kv_transfer=kv)
 
 
-def prefill_span(routed: Routed, prefill: InstanceState) -> LegTrace:
+def prefill_span(routed: Routed, prefill: InstanceState, lora_loaded: bool = False) -> LegTrace:
     if not routed.trace.enabled:
         return NO_LEG
     obs, predicted = routed.obs, routed.obs.predicted
@@ -224,5 +253,14 @@ def prefill_span(routed: Routed, prefill: InstanceState) -> LegTrace:
             "pdgate.prefix_hit_tokens": obs.prefill_cached,
             "pdgate.prefill_predicted_s": predicted.get("prefill_s"),
             "pdgate.prefill_wait_predicted_s": predicted.get("wait_s"),
+            **lora_attributes(routed, lora_loaded),
         },
     )
+
+
+def lora_attributes(routed: Routed, loaded: bool) -> dict[str, Any]:
+    """A leg's LoRA attributes: the adapter, and whether it was loaded there for this request."""
+    lora = routed.info.lora
+    if lora is None:
+        return {}
+    return {LORA_ADAPTER_ATTRIBUTE: lora.name, LORA_LOADED_ATTRIBUTE: loaded}

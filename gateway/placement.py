@@ -162,6 +162,13 @@ class Placer:
             reason = (
                 f"filter '{decision.rejected_by}' left no instance" if decision.rejected_by else "no candidate instance"
             )
+            lora = routed.info.lora
+            if lora is not None:
+                reason += f"; LoRA adapter '{lora.name}': " + (
+                    "no instance that serves it, or can load it now, is left"
+                    if lora.loadable
+                    else "no instance that serves it is left (loading on demand is off or its path unknown: models[].lora)"
+                )
             raise GatewayError(
                 503,
                 f"no healthy instance can serve model '{routed.info.model}' ({profile_name}: {reason})",

@@ -39,6 +39,11 @@ from pdgate.gateway.tracing_setup import (
     resolve_settings,
 )
 
+LORA_ADAPTER_ATTRIBUTE = "pdgate.lora.adapter"
+"""The LoRA adapter a request is for (its ``model`` names it), on the request span and its legs."""
+LORA_LOADED_ATTRIBUTE = "pdgate.lora.loaded"
+"""On a leg's span: the gateway loaded the request's adapter on that instance just before the leg."""
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter

@@ -48,11 +48,18 @@ class InstanceView:
     tightest_tpot_s: float | None = None  # the strictest TPOT SLO among those decode legs
     decode_free_in_s: float = 0.0  # predicted seconds until one of those decode legs ends (0: none runs)
     prefill_share: float = 0.0  # an instance that decodes: the share of its time spent prefilling lately
+    loras: frozenset[str] = (
+        frozenset()
+    )  # LoRA adapters its engine serves (its /v1/models, and those the gateway loaded)
+    lora_room: int | None = (
+        None  # adapters the gateway may still load there (0: its memory is full); None: none at run time
+    )
+    lora_failed: frozenset[str] = frozenset()  # adapters whose load failed there lately (not tried there for a while)
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> InstanceView:
         """The view whose fields have ``values`` (one entry per field, none left out), built
-        without ``__init__``: a frozen dataclass's ``__init__`` sets each of its 25 fields through
+        without ``__init__``: a frozen dataclass's ``__init__`` sets each of its 28 fields through
         ``object.__setattr__``, which cost more than the rest of taking a snapshot. Equal to
         ``InstanceView(**values)``."""
         view = object.__new__(cls)
@@ -90,6 +97,19 @@ class SloTarget:
 
 
 @dataclass(frozen=True)
+class LoraTarget:
+    """The LoRA adapter a request is for (its ``model`` names the adapter, not the base model).
+
+    ``loadable``: the gateway may load it on an instance that lacks it (the model's
+    ``lora.load_on_demand`` is on and the adapter's path is known); otherwise only instances that
+    serve it (``InstanceView.loras``) can take the request.
+    """
+
+    name: str
+    loadable: bool = False
+
+
+@dataclass(frozen=True)
 class RequestInfo:
     """What the scheduler may know of a request (no prompt text)."""
 
@@ -103,6 +123,7 @@ class RequestInfo:
     slo: SloTarget = field(default_factory=SloTarget)
     output: LengthPrediction | None = None  # predicted output length (cost model)
     arrival: float = 0.0  # gateway monotonic clock at arrival (deadlines count from here)
+    lora: LoraTarget | None = None  # the LoRA adapter it is for (None: the base model)
 
 
 PREFILL_SHARE_WINDOW_S = 5.0

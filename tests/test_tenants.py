@@ -170,11 +170,17 @@ async def test_without_fair_share_the_deadline_order_lets_the_flood_go_first() -
 
 
 def routed_request(tenant: str, prompt: int = 100):
-    from pdgate.gateway.cluster import PromptHashes
+    from pdgate.gateway.hash_schemes import PromptHashes
     from pdgate.gateway.intake import Routed
 
     return Routed(
-        "chat", "/v1/chat/completions", {}, info("r", tenant, prompt=prompt), [1] * prompt, PromptHashes(), True
+        "chat",
+        "/v1/chat/completions",
+        {},
+        info("r", tenant, prompt=prompt),
+        [1] * prompt,
+        PromptHashes([1] * prompt),
+        True,
     )
 
 

@@ -5,8 +5,11 @@ One engine (``pdgate engine vllm`` with ``--enable-lora --lora-modules a1=PATH``
 two tiny PEFT adapters for the tiny Llama are written by the vLLM environment's own torch/safetensors;
 a base-model request, an adapter request, a salted adapter request and one for an adapter loaded at
 runtime each publish one ``BlockStored`` whose hashes, ``lora_id``, ``lora_name`` and ``extra_keys``
-are checked. Needs ``pdgate engine vllm-setup`` (skips otherwise; fails with ``CI=true``), as
-tests/test_vllm_e2e.py.
+are checked. Then the gateway, in-process in front of the same engine, hashes adapter requests as
+the engine does (its algorithm read from the engine's ``vllm:cache_config_info``, the adapter's path
+from its ``/v1/models``): the prefix hits its exact index counts for each request equal vLLM's own
+``vllm:prefix_cache_hits`` counter, also for an adapter the gateway loads on demand. Needs
+``pdgate engine vllm-setup`` (skips otherwise; fails with ``CI=true``), as tests/test_vllm_e2e.py.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgpack
+import openai
 import pytest
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 from support.ports import reserve_port, retry_on_port_clash
-from support.waiting import wait_until
+from support.waiting import wait_until, wait_until_async
 
 from pdgate.common.block_hash import LoraAdapter, block_hashes, to_event_hash
 from pdgate.engines.launch.vllm_cpu.install import is_installed, tiny_model_dir, venv_python, vllm_home
+from pdgate.gateway.app import GatewayServer, build_gateway
+from pdgate.gateway.config import GatewayConfig
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -234,3 +242,108 @@ def test_block_hashes_in_kv_events_are_ours_with_adapter_and_salt(engine: Engine
         ctx.destroy(linger=0)
     metrics = urllib.request.urlopen(f"{engine.url}/metrics", timeout=10).read().decode()
     assert f'prefix_caching_hash_algo="{ALGO}"' in metrics  # the engine reports its algorithm
+
+
+def metric_in(text: str, name: str, **labels: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """A metric of the engine (another process: a blocking call is fine)."""
+    return metric_in(urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode(), name, **labels)
+
+
+async def fetch(url: str) -> str:
+    """A GET of the in-process gateway (on this event loop: never a blocking call)."""
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200, resp.status
+        return await resp.text()
+
+
+async def test_gateway_prefix_hits_for_adapter_requests_equal_vllms_counters(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request by request, the hit tokens the gateway's exact index expected equal the hits vLLM
+    counted: the base model's blocks are no use to an adapter, nor an unsalted one to a salted
+    request; an adapter the gateway loaded itself (``late``, from the config's path) hashes right too."""
+    monkeypatch.delenv(
+        "PYTHONHASHSEED", raising=False
+    )  # as the engine runs (the gateway would take it for the engine's)
+    config = GatewayConfig.model_validate(
+        {
+            "host": "127.0.0.1",
+            "port": 0,
+            "scrape_interval_s": 0.25,
+            "health": {"interval_s": 0.25, "timeout_s": 5.0, "failure_threshold": 3, "cooldown_s": 60},
+            "models": [
+                {
+                    "name": MODEL,
+                    "tokenizer": str(tiny_model_dir(HOME)),
+                    "max_model_len": 1024,
+                    "lora": {"load_on_demand": True, "adapters": {"late": engine.adapters["a2"]}},
+                }
+            ],
+            "instances": [
+                {
+                    "id": "vllm",
+                    "url": engine.url,
+                    "kind": "vllm",
+                    "role": "both",
+                    "model": MODEL,
+                    "block_size": BLOCK,
+                    "kv_events": {"endpoint": f"tcp://*:{engine.events_port}"},  # its algorithm: as it reports
+                }
+            ],
+        }
+    )
+    server = GatewayServer(build_gateway(config))
+    await server.start()
+    try:
+        cluster = server.gateway.cluster
+        state = cluster.instances["vllm"]
+        assert state.exact and state.scheme.algo == ALGO
+        cards = {m["id"]: m for m in json.loads(await fetch(f"{server.url}/v1/models"))["data"]}
+        assert (cards["a1"]["root"], cards["a1"]["parent"]) == (engine.adapters["a1"], MODEL)
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        tokens = list(range(300, 370))  # two full blocks and a partial one, sent by no other test
+        steps = [
+            (MODEL, None, 0),
+            ("a1", None, 0),
+            ("a1", None, 2 * BLOCK),
+            ("a1", "s9", 0),
+            ("a1", "s9", 2 * BLOCK),
+            ("late", None, 0),  # loaded on demand before it runs
+            ("late", None, 2 * BLOCK),
+            (MODEL, None, 2 * BLOCK),
+        ]
+        for model, salt, expected in steps:
+            blocks = len(cluster.exact_index.blocks("vllm"))
+            engine_hits = metric(engine.url, "vllm:prefix_cache_hits_total")
+            counted = metric_in(await fetch(f"{server.url}/metrics"), "pdgate_prefix_cache_hit_tokens_total")
+            await client.completions.create(
+                model=model,
+                prompt=tokens,
+                max_tokens=1,
+                temperature=0,
+                extra_body={"cache_salt": salt} if salt else None,
+            )
+            hits = metric(engine.url, "vllm:prefix_cache_hits_total") - engine_hits
+            now = metric_in(await fetch(f"{server.url}/metrics"), "pdgate_prefix_cache_hit_tokens_total")
+            expected_by_gateway = now - counted
+            assert (hits, expected_by_gateway) == (expected, expected), (model, salt)
+            if not expected:  # a new chain: its events reach the gateway's index before the next request
+                await wait_until_async(
+                    lambda b=blocks: len(cluster.exact_index.blocks("vllm")) >= b + 2,
+                    timeout=30,
+                    message=f"the blocks of {model} (salt {salt}) in the gateway's exact index",
+                )
+        loads = metric_in(await fetch(f"{server.url}/metrics"), "pdgate_lora_loads_total", adapter="late")
+        assert loads == 1
+        assert "late" in {m["id"] for m in call(f"{engine.url}/v1/models")[1]["data"]}
+    finally:
+        await server.stop()

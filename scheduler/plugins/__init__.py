@@ -1,6 +1,7 @@
 """In-tree scheduling plugins (and migration policies). Each class documents its formula in its docstring."""
 
 from pdgate.scheduler.plugins.filters import HealthFilter, RoleFilter
+from pdgate.scheduler.plugins.lora import LoraAffinityFilter
 from pdgate.scheduler.plugins.migration import LoadBalance, NoMigration
 from pdgate.scheduler.plugins.pickers import (
     MaxScorePicker,
@@ -25,6 +26,7 @@ from pdgate.scheduler.plugins.slo import (
 IN_TREE_PLUGINS = (
     HealthFilter,
     RoleFilter,
+    LoraAffinityFilter,
     LeastLoadedScorer,
     KvUsageScorer,
     PrefixAffinityScorer,
