@@ -49,8 +49,9 @@ from pdgate.gateway.fleet import FleetChangeError, FleetManager
 from pdgate.gateway.requests import GatewayError
 
 if TYPE_CHECKING:
-    from pdgate.gateway.cluster import Cluster, InstanceState
+    from pdgate.gateway.cluster import Cluster
     from pdgate.gateway.config import GatewayConfig
+    from pdgate.gateway.instance_state import InstanceState
     from pdgate.gateway.migration import MigrationController
     from pdgate.gateway.peers import PeerStreams
     from pdgate.gateway.role_balancing import RoleBalancing

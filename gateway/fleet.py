@@ -33,9 +33,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from pdgate.common.tasks import OwnedTasks
-from pdgate.gateway.cluster import Cluster, InstanceState, Role
-from pdgate.gateway.config import GatewayConfig, InstanceConfig, has_serving_path
+from pdgate.gateway.cluster import Cluster
+from pdgate.gateway.config import GatewayConfig, has_serving_path
 from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.instance_config import InstanceConfig
+from pdgate.gateway.instance_state import InstanceState, Role
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.sharing import SharedState

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import aiohttp
 
-from pdgate.gateway.config import GatewayConfig, InstanceConfig, SimLaunch, VllmLaunch
+from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.instance_config import InstanceConfig, SimLaunch, VllmLaunch
 
 SIM_FLAVOURS = {"sim": "vllm", "sim-vllm": "vllm", "sim-sglang": "sglang"}
 STOP_GRACE_S = 10.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pdgate.adapters import MigrationError, UpstreamError, UpstreamReply
-from pdgate.gateway.cluster import InstanceState, Lease
+from pdgate.gateway.instance_state import InstanceState, Lease
 from pdgate.gateway.requests import GatewayError
 from pdgate.gateway.tracing import NO_LEG, LegTrace
 

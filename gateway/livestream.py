@@ -25,7 +25,7 @@ from pdgate.gateway.tracing import NO_LEG, LegTrace
 
 if TYPE_CHECKING:
     from pdgate.gateway.answer import Answer
-    from pdgate.gateway.cluster import InstanceState, Lease
+    from pdgate.gateway.instance_state import InstanceState, Lease
     from pdgate.gateway.intake import Routed
 
 log = logging.getLogger("pdgate.migration")

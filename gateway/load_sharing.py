@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdgate.common.tasks import OwnedTasks
-from pdgate.gateway.cluster import NO_REMOTE_LOAD, Cluster, InstanceState, RemoteLoad, min_known
+from pdgate.gateway.cluster import Cluster
+from pdgate.gateway.instance_state import NO_REMOTE_LOAD, InstanceState, RemoteLoad, min_known
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.sharing import SharedState
 

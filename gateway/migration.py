@@ -32,8 +32,9 @@ from pdgate.scheduler.framework import MigrationPlan, MigrationPolicy
 from pdgate.scheduler.snapshot import RunningRequest
 
 if TYPE_CHECKING:
-    from pdgate.gateway.cluster import Cluster, InstanceState
+    from pdgate.gateway.cluster import Cluster
     from pdgate.gateway.config import MigrationConfig
+    from pdgate.gateway.instance_state import InstanceState
     from pdgate.gateway.livestream import Handover
     from pdgate.gateway.metrics import GatewayMetrics
     from pdgate.gateway.peers import PeerStreams

@@ -23,8 +23,9 @@ import logging
 from typing import Any
 
 from pdgate.adapters import MigrationError, UpstreamError
-from pdgate.gateway.cluster import Cluster, InstanceState
+from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import MigrationConfig
+from pdgate.gateway.instance_state import InstanceState
 from pdgate.gateway.intake import ROUTES, Routed
 from pdgate.gateway.legs import Opened, UpstreamFailed, failure_reason, racing_prefill, read_all
 from pdgate.gateway.livestream import Handover, LiveStream

@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from pdgate.common.http_server import HttpRequest, Responder
-from pdgate.gateway.cluster import Cluster, InstanceState
+from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.instance_state import InstanceState
 from pdgate.gateway.intake import request_ids, valid_request_id
 from pdgate.gateway.legs import UpstreamFailed, client_error, read_all, send_leg
 from pdgate.gateway.metrics import GatewayMetrics

@@ -26,7 +26,8 @@ import json
 from typing import Any
 
 from pdgate.adapters import HandoffError
-from pdgate.gateway.cluster import Cluster, InstanceState, Lease
+from pdgate.gateway.cluster import Cluster
+from pdgate.gateway.instance_state import InstanceState, Lease
 from pdgate.gateway.intake import Routed
 from pdgate.gateway.legs import (
     Opened,

@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pdgate.gateway.cluster import Cluster, InstanceState
+from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.instance_state import InstanceState
 from pdgate.gateway.intake import Routed
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.observation import Observation

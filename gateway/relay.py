@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 from pdgate.adapters import UpstreamError, UpstreamReply
 from pdgate.gateway.answer import Answer
-from pdgate.gateway.cluster import Cluster, InstanceState, Lease
+from pdgate.gateway.cluster import Cluster
+from pdgate.gateway.instance_state import InstanceState, Lease
 from pdgate.gateway.intake import Routed
 from pdgate.gateway.legs import UpstreamFailed, client_error, raced, read_all
 from pdgate.gateway.livestream import Failover, LiveStream, MidStreamFailure

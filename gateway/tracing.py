@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from pdgate.gateway.admission import Outcome
-    from pdgate.gateway.cluster import InstanceState
+    from pdgate.gateway.instance_state import InstanceState
     from pdgate.scheduler.framework import Decision
 
 

@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from pdgate.adapters.kv_events import subscriber_address
 from pdgate.common.kv_events import engine_binds
-from pdgate.gateway.config import DEFAULT_SCHEDULING, GatewayConfig, InstanceConfig, KvEventsConfig
+from pdgate.gateway.config import DEFAULT_SCHEDULING, GatewayConfig
+from pdgate.gateway.instance_config import InstanceConfig, KvEventsConfig
 from pdgate.gateway.launcher import sim_command
 from pdgate.scheduler.registry import PluginRegistry
 

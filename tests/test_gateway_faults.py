@@ -205,7 +205,7 @@ def test_approximate_prefix_index_routes_shared_prefixes_to_the_instance_holding
 
 
 def test_circuit_breaker_opens_after_failures_and_half_opens_after_cooldown():
-    from pdgate.gateway.cluster import CircuitBreaker
+    from pdgate.gateway.instance_state import CircuitBreaker
 
     breaker = CircuitBreaker(failure_threshold=2, cooldown_s=5)
     breaker.record_failure(0.0)

@@ -30,7 +30,7 @@ from fakes.streams import (
 from fakes.tasks import no_leaked_tasks, settle, until  # noqa: F401  (no_leaked_tasks: a fixture)
 from fakes.upstream import STALL, FakeUpstreamResponse
 
-from pdgate.gateway.cluster import InstanceState
+from pdgate.gateway.instance_state import InstanceState
 from pdgate.gateway.livestream import Handover, LiveStream
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController

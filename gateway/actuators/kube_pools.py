@@ -21,7 +21,7 @@ from lightkube.resources.core_v1 import Pod
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from pdgate.gateway.config import InstanceConfig
+from pdgate.gateway.instance_config import InstanceConfig
 
 PORT_ANNOTATION = "pdgate.io/port"
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"

@@ -34,8 +34,8 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdgate.gateway.actuators.base import ActuatorParams, FleetActuator
-from pdgate.gateway.config import InstanceConfig
 from pdgate.gateway.fleet import FleetChangeError, FleetManager
+from pdgate.gateway.instance_config import InstanceConfig
 from pdgate.gateway.launcher import HEALTHY_TIMEOUT_S, Child, launch_command, stop_children, wait_http_ok
 from pdgate.gateway.planning_config import ScalingConfig
 from pdgate.scheduler.scaling_planner import ScalePlan

@@ -32,7 +32,8 @@ from pdgate.engines.sim.engine import LoopClock
 from pdgate.engines.sim.local import call_local, close_local
 from pdgate.engines.sim.peers import LocalPeerLink
 from pdgate.engines.sim.state import SimState
-from pdgate.gateway.config import GatewayConfig, InstanceConfig, SimLaunch
+from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.instance_config import InstanceConfig, SimLaunch
 from pdgate.gateway.launcher import SIM_FLAVOURS, sim_command
 from pdgate.simulate.memory import EngineReply, MemoryReply, MemoryTransport
 

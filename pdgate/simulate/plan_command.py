@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from pdgate.gateway.config import GatewayConfig, InstanceConfig
+    from pdgate.gateway.config import GatewayConfig
+    from pdgate.gateway.instance_config import InstanceConfig
     from pdgate.loadgen.types import BenchRequest
     from pdgate.simulate.plan import Evaluation, PlanResult, Shape
 

@@ -27,8 +27,9 @@ from pdgate.adapters import UpstreamPool
 from pdgate.adapters.base import PdProtocol
 from pdgate.common.http_server import HttpRequest
 from pdgate.common.tokenizer import load_tokenizer
-from pdgate.gateway.cluster import Cluster, InstanceState
+from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.instance_state import InstanceState
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.proxy import Proxy
 from pdgate.scheduler.framework import MigrationPolicy, PluginParams, Profile, ProfileHandler, Scorer

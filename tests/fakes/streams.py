@@ -19,7 +19,7 @@ from fakes.fleet import Fleet
 from fakes.responder import FakeResponder
 from fakes.sse import chunks_of, text_of, usage_of
 from fakes.upstream import FakeUpstreamResponse, Gate, Step
-from pdgate.gateway.cluster import Lease
+from pdgate.gateway.instance_state import Lease
 from pdgate.gateway.intake import Routed
 from pdgate.gateway.livestream import Handover, LiveStream
 from pdgate.gateway.proxy import Proxy
