@@ -116,7 +116,7 @@ class GatewayApp:
         self.proxy = proxy
         self.admin = admin
         self._keys = [k.encode() for k in gateway.config.client_api_keys()]
-        self.passthrough = PassThrough(gateway.config, cluster, gateway.metrics)
+        self.passthrough = PassThrough(gateway.config, cluster, gateway.metrics, gateway.tenants)
         self.routes: dict[str, dict[str, Route]] = {
             "/v1/completions": {"POST": self.completions},
             "/v1/chat/completions": {"POST": self.chat_completions},

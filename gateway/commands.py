@@ -258,7 +258,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
 
         async def main() -> None:
-            await wait_healthy(children)
+            await wait_healthy(children, upstream_tls=config.upstream_tls.files())
             if workers > 1:
                 await _serve_workers(args, config, path, workers, children)
                 return

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
+from pdgate.common.tls import ClientTlsFiles, client_context
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.instance_config import InstanceConfig, SimLaunch, VllmLaunch
 
@@ -145,8 +146,17 @@ def start_children(config: GatewayConfig) -> list[Child]:
     return children
 
 
-async def wait_healthy(children: list[Child], timeout: float | None = None) -> None:
-    async with aiohttp.ClientSession() as session:
+def health_session(upstream_tls: ClientTlsFiles) -> aiohttp.ClientSession:
+    """A session for engines' health checks that verifies ``https://`` engines as the gateway does."""
+    if not upstream_tls.configured:
+        return aiohttp.ClientSession()
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(upstream_tls)))
+
+
+async def wait_healthy(
+    children: list[Child], timeout: float | None = None, upstream_tls: ClientTlsFiles = ClientTlsFiles()
+) -> None:
+    async with health_session(upstream_tls) as session:
         for child in children:
             limit = timeout or HEALTHY_TIMEOUT_S["vllm" if isinstance(child.instance.launch, VllmLaunch) else "sim"]
             await wait_http_ok(

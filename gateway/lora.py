@@ -54,6 +54,7 @@ class InstanceLoras:
     failed: dict[str, float] = field(default_factory=dict)  # adapter -> not asked to load it before
     loads: Counter[tuple[str, str]] = field(default_factory=Counter)  # (adapter, outcome) -> loads
     added_at: float = -math.inf  # when the gateway last loaded one here
+    loading: set[str] = field(default_factory=set)  # adapters the gateway is loading here now (room they take)
     room_now: int | None = None  # :meth:`room` as of the last change
     failed_now: frozenset[str] = NO_ADAPTERS  # :meth:`failed_names` as of the last change
     expires_at: float = math.inf  # when a refusal or a failure runs out next
@@ -84,7 +85,7 @@ class InstanceLoras:
         None when it cannot load any at run time (its kind, or a recent refusal)."""
         if not self.can_load or now < self.refused_until:
             return None
-        return max(0, self.capacity - len(self.adapters))
+        return max(0, self.capacity - len(self.adapters) - len(self.loading - self.names))
 
     def failed_names(self, now: float) -> frozenset[str]:
         """Adapters whose load failed here lately (not tried here again until their time is up)."""
@@ -116,6 +117,15 @@ class InstanceLoras:
         self.failed.pop(name, None)
         self.added_at = now
         self._set({**self.adapters, name: path})
+
+    def load_begun(self, name: str) -> None:
+        """The gateway is loading ``name`` here: its room is taken until :meth:`load_ended`."""
+        self.loading.add(name)
+        self._update(self.seen)
+
+    def load_ended(self, name: str) -> None:
+        self.loading.discard(name)
+        self._update(self.seen)
 
     def load_failed(self, name: str, error: LoraLoadError, until: float) -> None:
         """A load was refused: not asked again (the adapter, or any when ``engine_wide``) before ``until``."""

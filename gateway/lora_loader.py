@@ -78,12 +78,15 @@ class LoraLoader:
         key = (holder.spec.id, name)
         pending = self._pending.get(key)
         if pending is None:
+            # its room is taken from now (placement's next snapshot sees it), not when the load starts
+            holder.lora.load_begun(name)
             pending = asyncio.ensure_future(self._load_once(holder, name, path, timeout_s, retry_s))
             self._pending[key] = pending
-            pending.add_done_callback(lambda done: self._finished(key, done))
+            pending.add_done_callback(lambda done: self._finished(key, done, holder))
         await asyncio.shield(pending)
 
-    def _finished(self, key: tuple[str, str], done: asyncio.Future[None]) -> None:
+    def _finished(self, key: tuple[str, str], done: asyncio.Future[None], holder: LoraHolder) -> None:
+        holder.lora.load_ended(key[1])
         if self._pending.get(key) is done:
             del self._pending[key]
         if not done.cancelled():

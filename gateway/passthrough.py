@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from pdgate.common.http_server import HttpRequest, Responder
+from pdgate.common.json_codec import JsonError, json_decode
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.instance_state import InstanceState
@@ -20,6 +21,7 @@ from pdgate.gateway.intake import request_ids, valid_request_id
 from pdgate.gateway.legs import UpstreamFailed, client_error, read_all, send_leg
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.requests import GatewayError, json_object
+from pdgate.gateway.tenant_service import TenantService
 from pdgate.gateway.tracing import NO_LEG
 
 POOLING_ROUTES = ("/v1/embeddings", "/v1/score", "/v1/rerank")
@@ -29,9 +31,12 @@ TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 class PassThrough:
     """Serves the pass-through routes; one per gateway."""
 
-    def __init__(self, config: GatewayConfig, cluster: Cluster, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, config: GatewayConfig, cluster: Cluster, metrics: GatewayMetrics, tenants: TenantService | None = None
+    ) -> None:
         self.cluster = cluster
         self.metrics = metrics
+        self.tenants = tenants  # tenants configured: named, counted and budgeted here too
         self.timeout_s = config.upstream_timeout_s
         self.models = [m.name for m in config.models]
         self._ids = request_ids("p")
@@ -45,12 +50,17 @@ class PassThrough:
         if header_id is not None and not valid_request_id(header_id):
             raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
         request_id = header_id or next(self._ids)
+        tenant = self.tenants.admit_call(request.headers, request.path) if self.tenants is not None else None
         try:
             status, reply, content_type = await self._forward(request.path, body, model, request_id, pooling)
         except GatewayError as err:
             self.metrics.count(request.path, model, err.status)
+            if tenant is not None and self.tenants is not None:
+                self.tenants.call_ended(tenant, err.status, 0)
             raise
         self.metrics.count(request.path, model, status)
+        if tenant is not None and self.tenants is not None:
+            self.tenants.call_ended(tenant, status, input_tokens(reply))
         responder.send(status, reply, content_type=content_type, headers={"X-Request-Id": request_id})
 
     def _model(self, body: dict[str, Any], *, required: bool) -> str:
@@ -96,7 +106,18 @@ class PassThrough:
                 raise client_error(reply.status, data)
             self.cluster.record_success(state.spec.id)
             return reply.status, data, reply.headers.get("content-type", "application/json")
-        raise GatewayError(502, f"no engine answered {path}: " + "; ".join(failures)[:500])
+        raise GatewayError(
+            502, f"no engine answered {path}: " + "; ".join(failures)[:500], headers={"Retry-After": "1"}
+        )
+
+
+def input_tokens(reply: bytes) -> int:
+    """The input tokens an engine's answer reports (``usage.prompt_tokens`` or ``total_tokens``; 0 without)."""
+    try:
+        usage = json_decode(reply).get("usage") or {}
+        return int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
+    except (JsonError, AttributeError, TypeError, ValueError):
+        return 0
 
 
 def _load_key(state: InstanceState) -> tuple[int, int, float]:

@@ -66,9 +66,9 @@ class PdLegs:
         info = routed.info
         body = routed.body
         protocol = None
-        loaded = await self._ensure_lora(routed, placement) if info.lora is not None else ()
         # the decode batch counts the request from now, not from the hand-off: admission and
         # placement of the requests behind it see the streams already bound for each instance
+        # (an on-demand LoRA load, below, may take seconds: the instance is not idle meanwhile)
         split = placement.split
         opened.decode_lease = self.cluster.lease(
             decode.spec.id,
@@ -80,6 +80,7 @@ class PdLegs:
             decode_s=decode_seconds(info, routed.obs.predicted),
         )
         opened.leases.append(opened.decode_lease)
+        loaded = await self._ensure_lora(routed, placement) if info.lora is not None else ()
         if prefill is not None and placement.split:
             protocol = decode.adapter.capabilities.pd_protocol
             if protocol == "sequential":

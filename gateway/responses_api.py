@@ -149,7 +149,8 @@ def _message(i: int, item: dict[str, Any]) -> dict[str, Any]:
         raise GatewayError(
             400, f"input item {i} is a {kind!r}; only message items are supported", param=f"input.{i}.type"
         )
-    role = _ROLES.get(item.get("role", ""))
+    named = item.get("role")
+    role = _ROLES.get(named) if isinstance(named, str) else None
     if role is None:
         raise GatewayError(
             400, f"input item {i} has role {item.get('role')!r}; expected one of {sorted(_ROLES)}", param=f"input.{i}"

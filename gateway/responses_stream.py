@@ -104,7 +104,7 @@ def response_from_chat(builder: ResponseBuilder, body: bytes) -> bytes:
     except JsonError:
         chat = None
     if not isinstance(chat, dict):
-        raise GatewayError(502, "the engine's answer is not a chat completion")
+        raise GatewayError(502, "the engine's answer is not a chat completion", headers={"Retry-After": "1"})
     choice = (chat.get("choices") or [{}])[0]
     text = (choice.get("message") or {}).get("content") or ""
     finish = choice.get("finish_reason")
@@ -234,6 +234,7 @@ class ResponsesEvents:
         message = error.get("message") if isinstance(error, dict) else None
         message = message if isinstance(message, str) and message else "the answer failed mid-stream"
         code = (error.get("code") or error.get("type")) if isinstance(error, dict) else None
+        code = str(code) if code is not None else None  # an engine's error code may be a number
         b = self.builder
         partial = b.message("".join(self._text), "incomplete")
         failed = b.response(

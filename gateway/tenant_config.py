@@ -26,7 +26,9 @@ class TenantConfig(_Strict):
     routes: list[str] = Field(default_factory=list, description="routes that name this tenant, e.g. /v1/embeddings")
     slo_class: str | None = Field(None, description="the SLO class its requests get (a name in slo.classes)")
     max_priority: int | None = Field(
-        None, description="the highest priority its requests may ask for (x-priority or body priority); none: any"
+        None,
+        description="the highest gateway priority its requests get (their class's or x-priority's); none: any. "
+        "The body's priority field goes to the engine unchanged",
     )
     requests_per_minute: float | None = Field(None, gt=0, description="request budget (token bucket; none: no limit)")
     tokens_per_minute: float | None = Field(

@@ -5,7 +5,8 @@ for naming and budgets, :mod:`~pdgate.gateway.fair_share` for the counters):
 
 * :meth:`TenantService.admit`: before admission, the tenant's budgets take the request and its
   prompt, or refuse it (429, ``x-pdgate-reject-reason: tenant-budget``); a request that is then
-  never dispatched (admission refused it, its client left while queued) gets them back;
+  never dispatched (admission refused it, its client left while queued), or that the fleet failed
+  (5xx) before any of its answer came, gets them back;
 * :meth:`TenantService.started` / :meth:`TenantService.ended`: a dispatched request charges its
   prompt to the tenant's virtual counter, and its output, as it streams (every
   ``tenants.charge_interval_s``, from what has reached the client) and exactly at the end (from the
@@ -17,7 +18,7 @@ One background task (the charging round) is owned here; :meth:`TenantService.clo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -132,7 +133,6 @@ class TenantService:
         tenant = routed.info.tags.get(TENANT_TAG, self.config.default_tenant)
         self.admitted.discard(id(routed))
         self.running[id(routed)] = _Running(routed, tenant)
-        self.metrics.tokens.labels(tenant, "prompt").inc(routed.info.prompt_tokens)
         if self.counters is not None:
             self.counters.started(tenant)
             self.counters.charge(tenant, prompt_tokens=routed.info.prompt_tokens)
@@ -148,12 +148,16 @@ class TenantService:
                 self.budgets.charge(tenant, requests=-1, prompt_tokens=-routed.info.prompt_tokens)
             self.metrics.requests.labels(tenant, str(status)).inc()
             return
-        tokens = output_tokens(routed) or 0
-        self._charge_output(running, tokens)
+        obs = routed.obs
+        if status >= 500 and obs.first_token is None and obs.last_token is None:
+            self._give_back(running)  # the fleet failed it before any answer: not the tenant's use
+        else:
+            self.metrics.tokens.labels(running.tenant, "prompt").inc(routed.info.prompt_tokens)
+            self._charge_output(running, output_tokens(routed) or 0)
+        tokens = running.charged_output
         if self.counters is not None:
             self.counters.ended(running.tenant)
         self.metrics.requests.labels(running.tenant, str(status)).inc()
-        obs = routed.obs
         first = obs.first_token if routed.stream else obs.last_token  # a whole answer's first token is its end
         if status == 200 and first is not None:
             tpot = None
@@ -161,6 +165,36 @@ class TenantService:
                 tpot = (obs.last_token - first) / (tokens - 1)
             met = routed.info.slo.met(first - routed.info.arrival, tpot)
             self.metrics.slo.labels(running.tenant, "true" if met else "false").inc()
+
+    def admit_call(self, headers: Mapping[str, str], route: str) -> str:
+        """A pass-through call (embeddings, score, rerank, tokenizer): its tenant, named as for any
+        request (403 rules included), and one request taken from its budget (or 429)."""
+        tenant = self.directory.identify(headers, route)
+        try:
+            self.budgets.admit(tenant, 0)
+        except BudgetExceeded as err:
+            self.metrics.rejections.labels(tenant, err.budget).inc()
+            self.metrics.requests.labels(tenant, str(err.status)).inc()
+            raise
+        return tenant
+
+    def call_ended(self, tenant: str, status: int, prompt_tokens: int) -> None:
+        """A pass-through call is over: its input tokens are charged, or its request given back
+        when no engine answered it (5xx)."""
+        if status >= 500:
+            self.budgets.charge(tenant, requests=-1)
+        elif prompt_tokens > 0:
+            self.budgets.charge(tenant, prompt_tokens=prompt_tokens)
+            self.metrics.tokens.labels(tenant, "prompt").inc(prompt_tokens)
+        self.metrics.requests.labels(tenant, str(status)).inc()
+
+    def _give_back(self, running: _Running) -> None:
+        """Return a dispatched request's request and prompt charge (and its fair-share charge)."""
+        prompt = running.routed.info.prompt_tokens
+        self.budgets.charge(running.tenant, requests=-1, prompt_tokens=-prompt)
+        if self.counters is not None:
+            self.counters.charge(running.tenant, prompt_tokens=-prompt)
+            self.metrics.counter.labels(running.tenant).set(self.counters.counter(running.tenant))
 
     def charge_streams(self) -> None:
         """Charge what each running stream has sent since the last round: its events less three (a

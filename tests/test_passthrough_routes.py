@@ -156,3 +156,31 @@ def test_the_tokenizer_routes_need_the_api_key_when_the_gateway_has_keys(tmp_pat
     finally:
         for proc in (fleet.gateway, *fleet.generate, *fleet.pooling):
             proc.stop()
+
+
+def test_tenants_are_named_budgeted_and_counted_on_the_passthrough_routes(tmp_path) -> None:
+    tenants = {
+        "identify_by": ["header", "route"],
+        "require_tenant": True,
+        "tenants": [{"name": "search", "requests_per_minute": 2}, {"name": "tools", "routes": ["/tokenize"]}],
+    }
+    fleet = _start(tmp_path, tenants=tenants)
+    try:
+        url = fleet.gateway.url
+        status, answer = post(f"{url}/v1/embeddings", {"model": EMBEDDER, "input": "who am I"})
+        assert status == 403 and answer["error"]["code"] == "no_tenant"
+        named = {"x-pdgate-tenant": "search"}
+        status, first = post(f"{url}/v1/embeddings", {"model": EMBEDDER, "input": "two words"}, headers=named)
+        assert status == 200
+        assert post(f"{url}/v1/rerank", {"model": EMBEDDER, "query": "q", "documents": ["d"]}, headers=named)[0] == 200
+        status, refused = post(f"{url}/v1/embeddings", {"model": EMBEDDER, "input": "again"}, headers=named)
+        assert status == 429 and refused["error"]["code"] == "tenant-budget"
+        assert post(f"{url}/tokenize", {"model": MODEL, "prompt": "x"})[0] == 200  # the route names "tools"
+        assert metric(url, "pdgate_tenant_requests_total", tenant="search", status="200") == 2
+        assert metric(url, "pdgate_tenant_requests_total", tenant="search", status="429") == 1
+        assert metric(url, "pdgate_tenant_requests_total", tenant="tools", status="200") == 1
+        prompt = metric(url, "pdgate_tenant_tokens_total", tenant="search", kind="prompt")
+        assert prompt > first["usage"]["prompt_tokens"] > 0  # the embeddings' and the rerank's inputs
+    finally:
+        for proc in (fleet.gateway, *fleet.generate, *fleet.pooling):
+            proc.stop()

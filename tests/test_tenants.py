@@ -184,7 +184,7 @@ def routed_request(tenant: str, prompt: int = 100):
     )
 
 
-async def test_a_request_refused_after_its_budget_took_it_gets_the_budget_back() -> None:
+async def test_a_request_refused_or_failed_before_any_answer_gets_the_budget_back() -> None:
     from prometheus_client import CollectorRegistry
 
     from pdgate.gateway.tenant_service import TenantService
@@ -195,9 +195,14 @@ async def test_a_request_refused_after_its_budget_took_it_gets_the_budget_back()
     refused = routed_request("acme")
     service.admit(refused)
     service.ended(refused, 429)  # admission turned it away: nothing was served
+    failed = routed_request("acme")
+    service.admit(failed)
+    service.started(failed)
+    service.ended(failed, 502)  # every engine failed it before any answer: not the tenant's use
     served = routed_request("acme")
     service.admit(served)  # the minute's one request is still there
     service.started(served)
+    served.obs.first_token = served.obs.last_token = clock()
     service.ended(served, 200)
     with pytest.raises(BudgetExceeded):
         service.admit(routed_request("acme"))
@@ -234,9 +239,14 @@ async def test_replicas_charge_each_others_use_and_start_over_when_one_restarts(
     clock = FakeClock()
     config = TenantsConfig.model_validate({"tenants": [{"name": "acme", "requests_per_minute": 10}]})
     bus = Bus()
-    a_budgets, b_budgets = TenantBudgets(config, clock), TenantBudgets(config, clock)
-    a = TenantSharing(bus.replica("a"), a_budgets, interval_s=1)  # type: ignore[arg-type]
-    TenantSharing(bus.replica("b"), b_budgets, interval_s=1)  # type: ignore[arg-type]
+
+    def replica(name: str, started_at: float) -> tuple[TenantSharing, TenantBudgets]:
+        budgets = TenantBudgets(config, clock)
+        sharing = TenantSharing(bus.replica(name), budgets, interval_s=1, wall_clock=lambda: started_at)  # type: ignore[arg-type]
+        return sharing, budgets
+
+    a, a_budgets = replica("a", 100.0)
+    _, b_budgets = replica("b", 100.0)
     for _ in range(3):
         a_budgets.admit("acme", 0)
     await a.publish()
@@ -245,8 +255,17 @@ async def test_replicas_charge_each_others_use_and_start_over_when_one_restarts(
     a_budgets.charge("acme", requests=-1)  # one of them given back
     await a.publish()
     assert b_budgets.requests["acme"].level == pytest.approx(8)
-    restarted_budgets = TenantBudgets(config, clock)
-    restarted = TenantSharing(bus.replica("a"), restarted_budgets, interval_s=1)  # type: ignore[arg-type]
-    restarted_budgets.admit("acme", 0)
-    await restarted.publish()  # a new epoch: its one request is new use, not 1 - 2
+    # a replica that starts while A runs takes A's totals so far as a baseline, not as new use
+    _, late_budgets = replica("late", 300.0)
+    await a.publish()
+    assert late_budgets.requests["acme"].level == pytest.approx(10)
+    a_budgets.admit("acme", 0)
+    await a.publish()
+    assert late_budgets.requests["acme"].level == pytest.approx(9)
     assert b_budgets.requests["acme"].level == pytest.approx(7)
+    # A restarts (a new run, begun after the others'): its totals count from zero
+    restarted, restarted_budgets = replica("a", 400.0)
+    restarted_budgets.admit("acme", 0)
+    await restarted.publish()
+    assert b_budgets.requests["acme"].level == pytest.approx(6)
+    assert late_budgets.requests["acme"].level == pytest.approx(8)

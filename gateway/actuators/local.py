@@ -30,13 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdgate.gateway.actuators.base import ActuatorParams, FleetActuator
 from pdgate.gateway.fleet import FleetChangeError, FleetManager
 from pdgate.gateway.instance_config import InstanceConfig
-from pdgate.gateway.launcher import HEALTHY_TIMEOUT_S, Child, launch_command, stop_children, wait_http_ok
+from pdgate.gateway.launcher import (
+    HEALTHY_TIMEOUT_S,
+    Child,
+    health_session,
+    launch_command,
+    stop_children,
+    wait_http_ok,
+)
 from pdgate.gateway.planning_config import ScalingConfig
 from pdgate.scheduler.scaling_planner import ScalePlan
 
@@ -194,7 +200,7 @@ class LocalActuator(FleetActuator):
         kind = "vllm" if inst.kind == "vllm" else "sim"
         timeout = self.local.start_timeout_s or HEALTHY_TIMEOUT_S[kind]
         try:
-            async with aiohttp.ClientSession() as session:
+            async with health_session(self.fleet.config.upstream_tls.files()) as session:
                 await wait_http_ok(session, f"{inst.url}/health", proc, log_path, f"engine {instance_id}", timeout)
         except (RuntimeError, OSError) as exc:
             await self._stop(instance_id)

@@ -139,23 +139,31 @@ def client_context(files: ClientTlsFiles) -> ssl.SSLContext:
 
 
 class ServerTls:
-    """A server context whose certificate can be replaced while it serves (SIGHUP)."""
+    """A server context whose certificate can be replaced while it serves (SIGHUP).
+
+    :attr:`context` is what the listener is given; each handshake is handed over (its SNI callback,
+    called for every ClientHello, with or without a server name) to :attr:`current`, a whole context
+    built from the files. A reload builds a new one, so the new certificate replaces the old one
+    whatever its key type (loading it into the live context would keep an old certificate of
+    another key type beside it).
+    """
 
     def __init__(self, files: ServerTlsFiles) -> None:
-        """Build the context; :class:`TlsError` when a file is bad."""
+        """Build the contexts; :class:`TlsError` when a file is bad."""
         self.files = files
+        self.current = server_context(files)
         self.context = server_context(files)
+        self.context.sni_callback = self._hand_over
         self.reloads = 0
 
-    def reload(self) -> None:
-        """Read the certificate chain and key files again into the live context: new handshakes
-        serve them, open connections keep the certificate they were made with.
+    def _hand_over(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> None:
+        connection.context = self.current
 
-        The files are loaded into a scratch context first, so files that are missing, malformed
-        or do not match each other raise :class:`TlsError` and leave the live context unchanged.
-        (The client CA is not re-read: a new one needs a restart.)
+    def reload(self) -> None:
+        """Read the certificate chain and key files again: new handshakes serve them, open
+        connections keep the certificate they were made with. Files that are missing, malformed or
+        do not match each other raise :class:`TlsError` and change nothing. (The client CA is not
+        re-read: a new one needs a restart.)
         """
-        scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        _load_chain(scratch, self.files.cert_file, self.files.key_file)
-        _load_chain(self.context, self.files.cert_file, self.files.key_file)
+        self.current = server_context(self.files)
         self.reloads += 1
