@@ -93,6 +93,9 @@ def test_a_budget_holds_across_two_replicas(sim_factory, tmp_path, nats) -> None
     )
     a, b = start_gateway(config), start_gateway(config)
     try:
+        # B counts A's use from when it first hears A (A's totals before that are a baseline:
+        # docs/tenants.md): wait until the replicas hear each other
+        wait_until(lambda: metric(b.url, "pdgate_sharing_replicas") == 1, timeout=10, message="B to hear A")
         for _ in range(3):
             ask(a.url, "sk-acme")
 
