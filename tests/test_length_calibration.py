@@ -103,10 +103,16 @@ def test_a_median_raised_by_min_tokens_teaches_nothing():
 
 
 class NoInstances:
-    """The one thing intake asks of the cluster: the model's instances (for prompt block hashes)."""
+    """What intake asks of the cluster, for a model with no instances: the prompt's block hashes
+    (none: no instance has a hash scheme) and its instances."""
 
     def for_model(self, model: str) -> list:
         return []
+
+    def prompt_hashes(self, model: str, token_ids, *, lora=None, cache_salt=None):
+        from pdgate.gateway.hash_schemes import PromptHashes
+
+        return PromptHashes(token_ids, lora, cache_salt)
 
 
 @pytest.mark.parametrize(
