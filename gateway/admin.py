@@ -293,7 +293,7 @@ class AdminApi:
     async def _set_role(self, state: InstanceState, request: HttpRequest, responder: Responder) -> None:
         try:
             data = json.loads(request.body or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # (a body nested too deep is the client's fault too)
             raise GatewayError(400, 'the body must be JSON: {"role": "prefill" | "decode" | "both"}') from None
         if not isinstance(data, dict) or not isinstance(data.get("role"), str):
             raise GatewayError(400, 'expected {"role": "prefill" | "decode" | "both"}', param="role")
@@ -307,7 +307,7 @@ class AdminApi:
     async def _add(self, request: HttpRequest, responder: Responder) -> None:
         try:
             entry = json.loads(request.body or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # (a body nested too deep is the client's fault too)
             raise GatewayError(400, "the body must be JSON: one instance entry") from None
         if not isinstance(entry, dict):
             raise GatewayError(400, "the body must be a JSON object: one instance entry (url, model, role, kind, ...)")
@@ -331,7 +331,7 @@ class AdminApi:
     def _timeout(self, query: dict[str, list[str]]) -> float:
         try:
             timeout = float(query.get("timeout_s", [self.config.admin.drain_wait_s])[-1])
-        except ValueError:
+        except (ValueError, RecursionError):  # (a body nested too deep is the client's fault too)
             raise GatewayError(400, "timeout_s must be a number", param="timeout_s") from None
         if not 0 <= timeout <= 3600:
             raise GatewayError(400, "timeout_s must be between 0 and 3600", param="timeout_s")
@@ -342,7 +342,7 @@ class AdminApi:
         if request.body.strip():
             try:
                 data = json.loads(request.body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise GatewayError(400, "the body must be JSON") from None
             if not isinstance(data, dict) or not isinstance(data.get("target", ""), (str, type(None))):
                 raise GatewayError(400, 'expected {"target": "<instance id>"}', param="target")

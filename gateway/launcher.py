@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
+from pdgate.common.children import die_with_parent
 from pdgate.common.tls import ClientTlsFiles, client_context
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.instance_config import InstanceConfig, SimLaunch, VllmLaunch
@@ -140,8 +141,12 @@ def start_children(config: GatewayConfig) -> list[Child]:
         log = log_dir / f"{instance.spec().id.replace('/', '_').replace(':', '_')}.log"
         with log.open("w") as out:
             proc = subprocess.Popen(
-                launch_command(instance), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )  # our signals reach them only through us
+                launch_command(instance),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # our signals reach them only through us
+                preexec_fn=die_with_parent(),  # and they stop when we die, however we die
+            )
         children.append(Child(instance, proc, log))
     return children
 

@@ -9,8 +9,6 @@ free port, its JetStream store in a temporary directory removed when it stops.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import functools
 import importlib.util
 import logging
 import shutil
@@ -20,14 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from pdgate.common.children import die_with_parent
 
 log = logging.getLogger("pdgate.workers")
 
 START_TIMEOUT_S = 10.0
 STOP_GRACE_S = 5.0
-_PR_SET_PDEATHSIG = 1
 
 
 def nats_server_binary() -> str | None:
@@ -117,16 +115,8 @@ def _spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_end_with_parent(),  # one foreign call in the child: no Python lock involved
+        preexec_fn=die_with_parent(),
     )
-
-
-def _end_with_parent() -> Callable[[], None] | None:
-    """What the child runs before exec so that the kernel stops it when this process dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-    return functools.partial(prctl, _PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:

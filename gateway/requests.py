@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from pdgate.common.json_codec import JsonError, json_decode
 
@@ -55,13 +55,13 @@ _TYPES = {
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1)
@@ -70,7 +70,7 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     prompt: str | list[int] | list[str] | list[list[int]]
-    add_special_tokens: bool = True  # as vLLM: a text prompt gets the tokenizer's special tokens (BOS)
+    add_special_tokens: StrictBool = True  # as vLLM: a text prompt gets the tokenizer's special tokens (BOS)
 
     @field_validator("prompt")
     @classmethod
@@ -88,8 +88,8 @@ class ChatBody(_Body):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
     # read to render the prompt exactly as the engine will (vLLM's chat parameters and defaults)
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = False
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = False
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from pdgate.gateway.requests import GatewayError, parse_body
 
@@ -71,12 +71,12 @@ class _ResponsesBody(BaseModel):
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
+    stream: StrictBool = False
     text: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     metadata: dict[str, str] | None = None
-    store: bool | None = None
-    background: bool | None = None
+    store: StrictBool | None = None
+    background: StrictBool | None = None
 
 
 @dataclass(frozen=True)

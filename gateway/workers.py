@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from pdgate.common.children import die_with_parent
 from pdgate.common.tasks import OwnedTasks
 
 log = logging.getLogger("pdgate.workers")
@@ -134,7 +135,7 @@ class WorkerPool:
     async def _spawn(self, worker: _Worker) -> None:
         argv = list(self.command(worker.index, self.port))
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, env=self.env, start_new_session=True
+            *argv, stdout=asyncio.subprocess.PIPE, env=self.env, start_new_session=True, preexec_fn=die_with_parent()
         )
         worker.proc = proc
         assert proc.stdout is not None

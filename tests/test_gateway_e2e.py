@@ -228,6 +228,8 @@ def test_bad_inputs_get_openai_errors(vllm_fleet):
         (b'{"model": "sim-model", "prompt": "x", "max_tokens": 5000}', 400, "maximum context length"),
         (b'{"model": "sim-model", "prompt": "x", "n": 2}', 400, "n=1"),
         (b'{"model": "sim-model", "prompt": "x", "priority": "high"}', 400, "priority"),
+        (b'{"model": "sim-model", "prompt": "x", "stream": "yes"}', 400, "stream"),  # a boolean, not "yes"
+        (b'{"model": "sim-model", "prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", 400, "nested too deeply"),
     ]
     for body, status, fragment in cases:
         got, payload, _ = asyncio.run(post(body))

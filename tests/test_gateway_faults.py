@@ -8,6 +8,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -133,7 +134,9 @@ def start_pdgate_expect_exit(*args: str):
     return subprocess.run([sys.executable, "-m", "pdgate.cli", *args], capture_output=True, text=True, timeout=30)
 
 
-def test_pdgate_up_starts_the_fleet_and_stops_every_child(tmp_path):
+def start_up(tmp_path) -> tuple[PdgateProcess, list[int], list[int]]:
+    """``pdgate up`` over three simulated engines it starts: the process, the engines' ports and pids."""
+
     def start() -> tuple[PdgateProcess, list[int]]:
         # `pdgate up` starts each engine on the port of its URL, so the ports are chosen first
         ports = [reserve_port() for _ in range(3)]
@@ -152,10 +155,26 @@ instances:
         return start_pdgate("up", "--config", str(config), timeout=60), ports
 
     up, ports = retry_on_port_clash(start)
-    pids = []
+    pids = [int(line.split("(pid ")[1].rstrip(")\n")) for line in up.output if "(pid " in line]
+    return up, ports, pids
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie nobody reaped yet has ended too)."""
     try:
-        assert "pid" in up.log
-        pids = [int(line.split("(pid ")[1].rstrip(")\n")) for line in up.output if "(pid " in line]
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_pdgate_up_starts_the_fleet_and_stops_every_child(tmp_path):
+    up, ports, pids = start_up(tmp_path)
+    try:
         assert len(pids) == 3
         status, body, _ = completion(up.url, "through pdgate up", ignore_eos=True)  # exactly 4: no early EOS draw
         assert status == 200 and body["usage"]["completion_tokens"] == 4
@@ -163,8 +182,15 @@ instances:
     finally:
         assert up.stop(signal.SIGTERM) == 0
     for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+        assert gone(pid)
+
+
+def test_the_engines_of_a_killed_pdgate_up_die_with_it(tmp_path):
+    """SIGKILL gives ``pdgate up`` no chance to stop its engines: the kernel does (PR_SET_PDEATHSIG)."""
+    up, _, pids = start_up(tmp_path)
+    assert len(pids) == 3 and not any(gone(pid) for pid in pids)
+    up.stop(signal.SIGKILL)
+    wait_until(lambda: all(gone(pid) for pid in pids), timeout=15, message="the orphaned engines to stop")
 
 
 def test_sglang_dead_prefill_leg_is_abandoned_and_retried(sim_factory, tmp_path):

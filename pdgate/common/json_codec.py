@@ -22,8 +22,12 @@ def json_encoder() -> Callable[[Any], bytes]:
 
 
 def json_decode(data: bytes | str) -> Any:
-    """Parse JSON; :data:`JsonError` when it is not."""
-    return msgspec.json.decode(data)
+    """Parse JSON; :data:`JsonError` when it is not, or when it nests deeper than Python's stack
+    allows (a hostile body of ``[[[[...`` must be a client error, not a crash)."""
+    try:
+        return msgspec.json.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON nested too deeply") from None
 
 
 def _plain(obj: Any) -> Any:
