@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from support.scripts import load_benchmark
+from support.vllm import require_vllm
 
 from pdgate.engines.launch.vllm_cpu.install import tiny_model_dir, venv_python, vllm_home
 
@@ -62,12 +63,8 @@ def test_a_point_reads_only_the_records_it_caused(tmp_path: Path) -> None:
 
 def _require_vllm() -> None:
     home = vllm_home()
-    if venv_python(home).exists() and (tiny_model_dir(home) / "model.safetensors").exists():
-        return  # (a quick look: importing vLLM to be sure takes ten seconds; a broken one fails the run)
-    reason = f"no vLLM environment at {home} (run `pdgate engine vllm-setup`)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI must run the real-vLLM suite: {reason}")
-    pytest.skip(reason)
+    # (a quick look: importing vLLM to be sure takes ten seconds; a broken one fails the run)
+    require_vllm(home, venv_python(home).exists() and (tiny_model_dir(home) / "model.safetensors").exists())
 
 
 def processes_with(marker: str) -> list[tuple[int, str]]:

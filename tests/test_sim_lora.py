@@ -10,7 +10,6 @@ loop's ``--max-loras`` rule and the flag parsing.
 from __future__ import annotations
 
 import itertools
-import json
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from support.fleet import metric
+from support.fleet import call, metric
 from support.procs import PdgateProcess
 from support.waiting import wait_until
 
@@ -30,21 +29,6 @@ from pdgate.engines.sim.config import LoraModule, SimEngineConfig, parse_lora_mo
 BLOCK = 16
 FLAGS = ("--num-gpu-blocks", "200", "--max-model-len", "2048", "--served-model-name", "base")
 RUNTIME = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-
-
-def call(url: str, body: dict | None = None) -> tuple[int, Any]:
-    """POST ``body`` (GET without one); (status, parsed JSON or text)."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            status, raw = resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read().decode()
-    try:
-        return status, json.loads(raw)
-    except json.JSONDecodeError:
-        return status, raw
 
 
 def complete(engine: PdgateProcess, prompt: list[int], model: str = "base", **extra: Any) -> dict:

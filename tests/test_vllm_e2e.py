@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 from support.otlp import OtlpReceiver
 from support.ports import reserve_port, retry_on_port_clash
+from support.vllm import require_vllm
 from support.waiting import wait_until, wait_until_async
 
 from pdgate.engines.launch.vllm_cpu.install import is_installed, tiny_model_dir, vllm_home
@@ -95,15 +96,6 @@ WORDS = [
 
 def prompt_text(seed: int, words: int) -> str:
     return " ".join(WORDS[(seed * 7 + i * i * 3 + i) % len(WORDS)] for i in range(words))
-
-
-def _require_vllm() -> None:
-    if is_installed(HOME):
-        return
-    reason = f"no vLLM environment at {HOME} (run `pdgate engine vllm-setup`)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI must run the real-vLLM suite: {reason}")
-    pytest.skip(reason)
 
 
 @dataclass
@@ -226,7 +218,7 @@ async def collector() -> OtlpReceiver:
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -> Fleet:
-    _require_vllm()
+    require_vllm(HOME, is_installed(HOME))
     tmp = tmp_path_factory.mktemp("vllm")
 
     def start() -> Fleet:

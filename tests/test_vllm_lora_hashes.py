@@ -32,7 +32,9 @@ import openai
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
+from support.fleet import call
 from support.ports import reserve_port, retry_on_port_clash
+from support.vllm import require_vllm
 from support.waiting import wait_until, wait_until_async
 
 from pdgate.common.block_hash import LoraAdapter, block_hashes, to_event_hash
@@ -43,6 +45,7 @@ from pdgate.gateway.config import GatewayConfig
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(600)]
 
 HOME = vllm_home()
+ENGINE_TIMEOUT_S = 60.0  # one call to the real engine (CPU): an adapter load, a completion
 MODEL = "tiny"
 BLOCK = 32  # a multiple of 32 on CPU
 ALGO = "sha256_cbor"
@@ -73,15 +76,6 @@ save_file(tensors, str(out / "adapter_model.safetensors"))
 """
 
 
-def _require_vllm() -> None:
-    if is_installed(HOME):
-        return
-    reason = f"no vLLM environment at {HOME} (run `pdgate engine vllm-setup`)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI must run the real-vLLM suite: {reason}")
-    pytest.skip(reason)
-
-
 @dataclass
 class Engine:
     port: int
@@ -102,20 +96,6 @@ class Engine:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-
-
-def call(url: str, body: dict | None = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            status, raw = resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read().decode()
-    try:
-        return status, json.loads(raw)
-    except json.JSONDecodeError:
-        return status, raw
 
 
 def _start(tmp: Path, adapters: dict[str, str]) -> Engine:
@@ -169,7 +149,7 @@ def _start(tmp: Path, adapters: dict[str, str]) -> Engine:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    _require_vllm()
+    require_vllm(HOME, is_installed(HOME))
     tmp = tmp_path_factory.mktemp("vllm-lora")
     adapters = {}
     for seed, name in enumerate(("a1", "a2"), start=1):
@@ -207,7 +187,7 @@ def test_block_hashes_in_kv_events_are_ours_with_adapter_and_salt(engine: Engine
 
     def complete(tokens: list[int], model: str, **extra: Any) -> None:
         body = {"model": model, "prompt": tokens, "max_tokens": 1, "temperature": 0, **extra}
-        status, answer = call(f"{engine.url}/v1/completions", body)
+        status, answer = call(f"{engine.url}/v1/completions", body, timeout=ENGINE_TIMEOUT_S)
         assert status == 200, answer
 
     try:
@@ -222,10 +202,12 @@ def test_block_hashes_in_kv_events_are_ours_with_adapter_and_salt(engine: Engine
         receive(1.0)
 
         status, loaded = call(
-            f"{engine.url}/v1/load_lora_adapter", {"lora_name": "a2", "lora_path": engine.adapters["a2"]}
+            f"{engine.url}/v1/load_lora_adapter",
+            {"lora_name": "a2", "lora_path": engine.adapters["a2"]},
+            timeout=ENGINE_TIMEOUT_S,
         )
         assert (status, loaded) == (200, "Success: LoRA adapter 'a2' added successfully.")
-        cards = {m["id"]: m for m in call(f"{engine.url}/v1/models")[1]["data"]}
+        cards = {m["id"]: m for m in call(f"{engine.url}/v1/models", timeout=ENGINE_TIMEOUT_S)[1]["data"]}
         assert (cards["a1"]["root"], cards["a1"]["parent"]) == (engine.adapters["a1"], MODEL)
 
         cases = [(MODEL, None, None), ("a1", None, 1), ("a1", "s1", 1), (MODEL, "s1", None), ("a2", None, 2)]
@@ -344,6 +326,6 @@ async def test_gateway_prefix_hits_for_adapter_requests_equal_vllms_counters(
                 )
         loads = metric_in(await fetch(f"{server.url}/metrics"), "pdgate_lora_loads_total", adapter="late")
         assert loads == 1
-        assert "late" in {m["id"] for m in call(f"{engine.url}/v1/models")[1]["data"]}
+        assert "late" in {m["id"] for m in call(f"{engine.url}/v1/models", timeout=ENGINE_TIMEOUT_S)[1]["data"]}
     finally:
         await server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,22 @@ def write_config(path: Path, instances: list[dict[str, Any]], **gateway: Any) ->
 
 def start_gateway(config: Path, *, env: dict[str, str] | None = None, cwd: str | None = None) -> PdgateProcess:
     return start_pdgate("serve", "--config", str(config), env=env, cwd=cwd)
+
+
+def call(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+    """POST ``body`` as JSON (GET without one): the status and the parsed JSON answer (its text
+    when it is not JSON), error statuses included."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read().decode()
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw
 
 
 def get_json(url: str) -> Any:

@@ -1,0 +1,19 @@
+"""The real-vLLM suite's precondition: a vLLM environment (``pdgate engine vllm-setup``), or a skip
+with the reason; under CI (``CI=true``) a missing environment fails the test instead."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def require_vllm(home: Path, present: bool) -> None:
+    """Go on when ``present`` (the caller's check of the environment at ``home``), else skip or fail."""
+    if present:
+        return
+    reason = f"no vLLM environment at {home} (run `pdgate engine vllm-setup`)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the real-vLLM suite: {reason}")
+    pytest.skip(reason)
