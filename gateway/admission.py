@@ -102,10 +102,8 @@ class AdmissionController:
         if not self.config.enabled:
             return info, Outcome("dispatch", "admission-off")
         queue = self._queue(info.model)
-        if self.fair_share is not None and isinstance(queue, FairQueue):
-            tenant = tenant_of(info)
-            if tenant not in queue.lanes:
-                self.fair_share.joined(tenant, queue.backlogged())
+        if isinstance(queue, FairQueue) and tenant_of(info) not in queue.lanes:
+            queue.counters.joined(tenant_of(info), queue.backlogged())
         original = info
         now = self.clock()
         snapshot = snapshot_of(info)

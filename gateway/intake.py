@@ -128,9 +128,7 @@ class Intake:
         else:
             prompt_ids, text, max_tokens = _chat_prompt(parsed, tokenizer, model.max_model_len)
         _check_lengths(prompt_ids, max_tokens, model.max_model_len)
-        if header_id is not None and not valid_request_id(header_id):
-            raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
-        request_id = header_id or next(self._ids)
+        request_id = request_id_of(header_id, self._ids)
         tenant = self.tenants.identify(headers, route) if self.tenants is not None else None
         tenant_config = self.config.tenants.get(tenant) if tenant is not None else None
         slo = self.slo.resolve(
@@ -289,6 +287,15 @@ def request_ids(tag: str = "") -> Iterator[str]:
     """Request ids unique per gateway process (``tag`` marks a kind of request in them)."""
     prefix = uuid.uuid4().hex[:12]
     return (f"pdgate-{prefix}-{tag}{n}" for n in itertools.count())
+
+
+def request_id_of(header_id: str | None, ids: Iterator[str]) -> str:
+    """The client's ``X-Request-Id`` (400 unless :func:`valid_request_id`), else the next of ``ids``."""
+    if header_id is None:
+        return next(ids)
+    if not valid_request_id(header_id):
+        raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
+    return header_id
 
 
 def valid_request_id(value: str) -> bool:

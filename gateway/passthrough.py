@@ -17,7 +17,7 @@ from pdgate.common.json_codec import JsonError, json_decode
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.instance_state import InstanceState
-from pdgate.gateway.intake import request_ids, valid_request_id
+from pdgate.gateway.intake import request_id_of, request_ids
 from pdgate.gateway.legs import UpstreamFailed, client_error, read_all, send_leg
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.requests import GatewayError, json_object
@@ -46,10 +46,7 @@ class PassThrough:
         body = json_object(request.body)
         pooling = request.path in POOLING_ROUTES
         model = self._model(body, required=pooling)
-        header_id = request.headers.get("x-request-id")
-        if header_id is not None and not valid_request_id(header_id):
-            raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
-        request_id = header_id or next(self._ids)
+        request_id = request_id_of(request.headers.get("x-request-id"), self._ids)
         tenant = self.tenants.admit_call(request.headers, request.path) if self.tenants is not None else None
         try:
             status, reply, content_type = await self._forward(request.path, body, model, request_id, pooling)

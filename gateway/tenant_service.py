@@ -118,9 +118,13 @@ class TenantService:
     async def close(self) -> None:
         await self._tasks.close()
 
+    def _tenant(self, routed: Routed) -> str:
+        """The tenant intake named (the default one for a request built without it)."""
+        return routed.info.tags.get(TENANT_TAG, self.config.default_tenant)
+
     def admit(self, routed: Routed) -> None:
         """Take the request and its prompt from its tenant's budgets, or raise 429."""
-        tenant = routed.info.tags.get(TENANT_TAG, self.config.default_tenant)
+        tenant = self._tenant(routed)
         try:
             self.budgets.admit(tenant, routed.info.prompt_tokens)
         except BudgetExceeded as err:
@@ -130,7 +134,7 @@ class TenantService:
 
     def started(self, routed: Routed) -> None:
         """A request of the tenant was dispatched: its prompt counts toward the tenant's share."""
-        tenant = routed.info.tags.get(TENANT_TAG, self.config.default_tenant)
+        tenant = self._tenant(routed)
         self.admitted.discard(id(routed))
         self.running[id(routed)] = _Running(routed, tenant)
         if self.counters is not None:
@@ -142,7 +146,7 @@ class TenantService:
         """The request is over: its output is charged exactly (from the usage), and it is counted."""
         running = self.running.pop(id(routed), None)
         if running is None:  # refused before dispatch (its budget, admission) or gone while queued
-            tenant = routed.info.tags.get(TENANT_TAG, self.config.default_tenant)
+            tenant = self._tenant(routed)
             if id(routed) in self.admitted:  # its budgets took it, but nothing was served: given back
                 self.admitted.discard(id(routed))
                 self.budgets.charge(tenant, requests=-1, prompt_tokens=-routed.info.prompt_tokens)

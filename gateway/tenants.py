@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdgate.gateway.requests import GatewayError
 from pdgate.gateway.tenant_config import TenantConfig, TenantsConfig
@@ -110,7 +110,6 @@ class TenantUsage:
     requests: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)  # budget ("requests" | "tokens") -> rejections
 
 
 class TenantBudgets:
@@ -148,8 +147,6 @@ class TenantBudgets:
                 continue
             wait = bucket.wait_for(amount, now)
             if wait > 0:
-                usage = self.usage_of(tenant)
-                usage.rejected[budget] = usage.rejected.get(budget, 0) + 1
                 raise BudgetExceeded(tenant, budget, bucket.per_minute, wait)
         self.charge(tenant, requests=1, prompt_tokens=prompt_tokens)
 
