@@ -25,13 +25,14 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 from support.ports import retry_on_port_clash
+from support.vllm import require_vllm
 from support.waiting import wait_until_async
 from test_vllm_e2e import (
     BLOCK,
+    HOME,
     MODEL,
     Engine,
     _admin,
-    _require_vllm,
     _stream_with,
     complete,
     gateway_config,
@@ -40,6 +41,7 @@ from test_vllm_e2e import (
     wait_healthy,
 )
 
+from pdgate.engines.launch.vllm_cpu.install import is_installed
 from pdgate.gateway.app import GatewayServer, build_gateway
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
@@ -52,7 +54,7 @@ TOKENS = 24
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Engine]]:
     """Engines ``a`` and ``b``: vLLM with NixlConnector kv_both, each on its own core and side channel."""
-    _require_vllm()
+    require_vllm(HOME, is_installed(HOME))
     tmp = tmp_path_factory.mktemp("vllm-flex")
 
     def start() -> dict[str, Engine]:
