@@ -373,7 +373,12 @@ class GatewayServer:
             if self.listen:
                 tls_files = gw.config.tls.files()
                 self.tls = ServerTls(tls_files) if tls_files is not None else None
-                self._http = HttpServer(self.app, max_body_bytes=gw.config.max_body_bytes)
+                self._http = HttpServer(
+                    self.app,
+                    gw.config.limits.http_limits(gw.config.max_body_bytes),
+                    on_limit=gw.metrics.process.limit_hit,
+                )
+                gw.metrics.process.watch(self._http)
                 await self._http.start(
                     gw.config.host,
                     gw.config.port,

@@ -18,6 +18,7 @@ from pydantic import (
 
 from pdgate.common.yamlfile import YamlFileError, read_yaml_mapping
 from pdgate.gateway.instance_config import InstanceConfig
+from pdgate.gateway.limits_config import ClientLimitsConfig
 from pdgate.gateway.lora_config import ModelLoraConfig
 from pdgate.gateway.planning_config import RoleBalancerConfig, ScalingConfig
 from pdgate.gateway.tenant_config import TenantsConfig
@@ -251,7 +252,10 @@ class GatewayConfig(Strict):
     health: HealthConfig = Field(default_factory=HealthConfig)
     scrape_interval_s: float = Field(1.0, gt=0, description="engine /metrics scrape period")
     stale_after_s: float = Field(5.0, gt=0, description="scraped load older than this is ignored")
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="a request body over it: 413")
+    limits: ClientLimitsConfig = Field(
+        default_factory=ClientLimitsConfig, description="what the gateway accepts from client connections"
+    )
     approx_prefix_max_blocks: int = Field(1_000_000, ge=1, description="memory budget of the approximate prefix index")
     retries: int = Field(1, ge=0, le=3, description="retries on another instance before the first token")
     upstream_timeout_s: float = Field(600.0, gt=0)

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from pdgate.common.version import package_version
+from pdgate.gateway.process_metrics import ProcessMetrics
 from pdgate.scheduler.plugins.profile_handlers import REASONS
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         Info("pdgate_build", "The gateway's version.", registry=r).info({"version": package_version() or "unknown"})
+        self.process = ProcessMetrics(r)
         # ---- requests
         self.requests = Counter(
             "pdgate_requests",

@@ -15,6 +15,14 @@ HTTP and nothing about the gateway:
   :attr:`Responder.paused` is set and the hooks given to :meth:`Responder.on_flow` are called.
 * Idle keep-alive connections are closed after ``keepalive_timeout_s``; a request's head and
   body must arrive within ``request_timeout_s`` (408 otherwise).
+* Limits against hostile or broken clients (:class:`HttpLimits`; each hit is reported to the
+  ``on_limit`` hook by name, :data:`LIMIT_NAMES`): a request head (request line and headers) over
+  ``max_header_bytes`` is answered 431 and the connection closed, also while it is still arriving;
+  a connection beyond ``max_connections`` gets 503 with ``Retry-After`` and is closed; a client
+  that reads nothing of its response for ``slow_reader_timeout_s`` while its socket buffer is
+  full, or lets more than ``max_write_buffer_bytes`` pile up unsent, is dropped (the request's
+  task is cancelled as when it leaves). A handler that honours :meth:`Responder.on_flow` pauses
+  its source instead of buffering, so the write-buffer limit is the backstop.
 * ``Expect: 100-continue`` (HTTP/1.1) is answered ``100 Continue`` as soon as the head shows the
   body is acceptable (curl and others wait for it before sending a body), after the response in
   progress when the request is pipelined; a body over the limit gets the 413 instead, and any
@@ -32,13 +40,13 @@ HTTP and nothing about the gateway:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -50,9 +58,31 @@ _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStat
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _TIMER_SLACK_S = 0.002  # a timer may fire this early (the loop's clock is coarse): its deadline has come
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
+LIMIT_NAMES = (
+    "body",  # 413: the body is over max_body_bytes
+    "header",  # 431: the request line and headers are over max_header_bytes
+    "request_timeout",  # 408: the head and body did not arrive within request_timeout_s
+    "malformed",  # 400: not HTTP/1.x the parser accepts
+    "connections",  # 503: max_connections already open
+    "slow_reader",  # dropped: read nothing for slow_reader_timeout_s with its buffer full
+    "write_buffer",  # dropped: over max_write_buffer_bytes unsent
+)
 
 
-@dataclass(slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What one server process accepts from its clients; see the module doc."""
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 10_000
+    keepalive_timeout_s: float = 75.0
+    request_timeout_s: float = 60.0
+    slow_reader_timeout_s: float = 60.0
+    max_write_buffer_bytes: int = 4 * 1024 * 1024
+
+
+@dataclasses.dataclass(slots=True)
 class HttpRequest:
     method: str
     path: str
@@ -139,9 +169,13 @@ class Responder:
             self._transport.write(data)  # type: ignore[union-attr]
 
     def write(self, data: bytes) -> None:
-        """One chunk of a started stream (empty data is skipped: it would end the stream)."""
+        """One chunk of a started stream (empty data is skipped: it would end the stream). A client
+        with more than ``max_write_buffer_bytes`` unsent is dropped instead."""
         transport = self._transport
         if data and transport is not None and not transport.is_closing():
+            if self.paused and transport.get_write_buffer_size() > self._conn.server.limits.max_write_buffer_bytes:
+                self._conn.drop("write_buffer")
+                return
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     def end(self, last: bytes = b"") -> None:
@@ -191,6 +225,9 @@ class HttpServerProtocol(asyncio.Protocol):
         self._deadline = 0.0
         self._on_deadline: Callable[[], None] | None = None  # None: no deadline armed
         self._in_message = False
+        self._in_head = False  # a request line or headers are arriving (and count towards max_header_bytes)
+        self._head_size = 0  # bytes of request line and headers parsed
+        self._head_bytes = 0  # bytes received since the head began, but for the chunk it began in
         self._expects_continue = False  # the request in arrival awaits a 100 Continue before its body
 
     # ------------------------------------------------------------ transport events
@@ -199,8 +236,12 @@ class HttpServerProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        limit = self.server.limits.max_connections
+        if len(self.server._connections) >= limit:
+            self._reject(503, f"the gateway has {limit} connections open, its limit: retry shortly", "connections")
+            return
         self.server._connections.add(self)
-        self._arm(self.server.keepalive_timeout_s, self._idle_expired)
+        self._arm(self.server.limits.keepalive_timeout_s, self._idle_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
@@ -212,49 +253,85 @@ class HttpServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return
+        if self._in_head:  # the whole chunk is head unless the head ends in it (checked below)
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reject(400, "protocol upgrades are not supported")
+            self._reject(400, "protocol upgrades are not supported", "malformed")
         except httptools.HttpParserError as exc:
             if not self._rejected:
-                self._reject(400, f"malformed HTTP request: {exc}")
+                self._reject(400, f"malformed HTTP request: {exc}", "malformed")
+        else:
+            # the parser buffers a header until it is whole: bound what a head still arriving holds
+            if self._in_head and self._head_bytes > self.server.limits.max_header_bytes and not self._rejected:
+                self._header_overflow()
 
     def pause_writing(self) -> None:
         if self._responder is not None:
             self._responder._pause()
+            if self._task is not None:  # the deadline slot is free while a response is written
+                self._arm(self.server.limits.slow_reader_timeout_s, self._reader_stalled)
 
     def resume_writing(self) -> None:
         if self._responder is not None:
+            if self._task is not None:
+                self._disarm()
             self._responder._resume()
+
+    def drop(self, limit: str) -> None:
+        """Abort the connection (unsent data discarded: a client that does not read would keep a
+        graceful close waiting forever); the request's task is cancelled by :meth:`connection_lost`."""
+        self.server.limit_hit(limit)
+        if self.transport is not None:
+            self.transport.abort()
 
     # -------------------------------------------------------------- parser callbacks
     def on_message_begin(self) -> None:
         self._in_message = True
         self._url = b""
+        self._head_size = 0
         self._headers = {}
         self._body = []
         self._body_size = 0
         self._expects_continue = False
+        self._head_bytes = 0
+        self._in_head = True
         if self._task is None:
-            self._arm(self.server.request_timeout_s, self._request_expired)
+            self._arm(self.server.limits.request_timeout_s, self._request_expired)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
+        if self._head_size > self.server.limits.max_header_bytes:
+            self._header_overflow()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.server.limits.max_header_bytes:
+            self._header_overflow()
+            return
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
+    def _header_overflow(self) -> None:
+        if not self._rejected:
+            limit = self.server.limits.max_header_bytes
+            self._reject(431, f"request line and headers over {limit} bytes", "header")
+
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._rejected:
+            return
         length = self._headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
-            self._reject(413, f"request body too large: {length} bytes (limit {self.server.max_body_bytes})")
+        if length is not None and length.isdigit() and int(length) > self.server.limits.max_body_bytes:
+            limit = self.server.limits.max_body_bytes
+            self._reject(413, f"request body too large: {length} bytes (limit {limit})", "body")
             return
         expect = self._headers.get("expect")
         if expect is None:
             return
         if expect.strip().lower() != "100-continue":
-            self._reject(417, f"unsupported expectation: Expect: {expect}")
+            self._reject(417, f"unsupported expectation: Expect: {expect}", None)
         elif self.parser.get_http_version() != "1.0":  # an HTTP/1.0 client does not know 100 (RFC 9110 10.1.1)
             has_body = (length is not None and length != "0") or "transfer-encoding" in self._headers
             self._expects_continue = has_body  # no body to wait for: the final response is the answer
@@ -272,8 +349,8 @@ class HttpServerProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._expects_continue = False  # the body is on its way: no 100 needed (RFC 9110 10.1.1 allows leaving it out)
         self._body_size += len(body)
-        if self._body_size > self.server.max_body_bytes:
-            self._reject(413, f"request body too large: over {self.server.max_body_bytes} bytes")
+        if self._body_size > self.server.limits.max_body_bytes:
+            self._reject(413, f"request body too large: over {self.server.limits.max_body_bytes} bytes", "body")
             return
         self._body.append(body)
 
@@ -331,23 +408,30 @@ class HttpServerProtocol(asyncio.Protocol):
             if not self._pending:
                 transport.resume_reading()
         elif self._in_message:  # the next request has begun to arrive: it has request_timeout_s to finish
-            self._arm(self.server.request_timeout_s, self._request_expired)
+            self._arm(self.server.limits.request_timeout_s, self._request_expired)
             self._send_continue()  # its head asked for a 100 Continue while this response was written
         else:
-            self._arm(self.server.keepalive_timeout_s, self._idle_expired)
+            self._arm(self.server.limits.keepalive_timeout_s, self._idle_expired)
 
-    def _reject(self, status: int, message: str) -> None:
-        """Answer an unparseable or oversized request and close the connection."""
+    def _reject(self, status: int, message: str, limit: str | None) -> None:
+        """Answer an unparseable or oversized request and close the connection; ``limit``: the
+        name of the limit it hit (:data:`LIMIT_NAMES`), reported to the server's hook."""
+        if self._rejected:
+            return
         self._rejected = True  # ignore whatever else arrives
+        if limit is not None:
+            self.server.limit_hit(limit)
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         if self._task is None:
-            body = json.dumps(_error_body(status, message, "invalid_request_error")).encode()
+            err_type = "service_unavailable" if status == 503 else "invalid_request_error"
+            body = json.dumps(_error_body(status, message, err_type)).encode()
+            headers = {"Retry-After": "1"} if status == 503 else None
             transport.write(
                 _head(
                     status,
-                    None,
+                    headers,
                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n",
                 )
                 + body
@@ -400,12 +484,20 @@ class HttpServerProtocol(asyncio.Protocol):
         callback()
 
     def _idle_expired(self) -> None:
-        if self._task is None and not self._in_message and self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if self._task is None and not self._in_message and transport is not None:
+            if transport.get_write_buffer_size():  # a client that never read its last response
+                transport.abort()  # (a graceful close would wait for it forever)
+            else:
+                transport.close()
 
     def _request_expired(self) -> None:
         if self._task is None and self._in_message:
-            self._reject(408, "the request did not arrive in time")
+            self._reject(408, "the request did not arrive in time", "request_timeout")
+
+    def _reader_stalled(self) -> None:
+        if self._responder is not None and self._responder.paused:
+            self.drop("slow_reader")
 
     def shutdown(self) -> None:
         """Close now if idle; otherwise after the response in progress."""
@@ -426,15 +518,15 @@ class HttpServer:
     def __init__(
         self,
         handler: Handler,
+        limits: HttpLimits | None = None,
         *,
-        max_body_bytes: int,
-        keepalive_timeout_s: float = 75.0,
-        request_timeout_s: float = 60.0,
+        on_limit: Callable[[str], None] | None = None,
+        **overrides: float,
     ) -> None:
+        """``overrides``: fields of :class:`HttpLimits` that differ from ``limits`` (or its defaults)."""
         self.handler = handler
-        self.max_body_bytes = max_body_bytes
-        self.keepalive_timeout_s = keepalive_timeout_s
-        self.request_timeout_s = request_timeout_s
+        self.limits = dataclasses.replace(limits or HttpLimits(), **overrides)  # type: ignore[arg-type]
+        self.on_limit = on_limit  # called with a name of LIMIT_NAMES each time a limit is hit
         self.loop = asyncio.get_running_loop()
         self._connections: set[HttpServerProtocol] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -470,6 +562,13 @@ class HttpServer:
 
     def active_requests(self) -> int:
         return sum(1 for c in self._connections if c._task is not None)
+
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    def limit_hit(self, name: str) -> None:
+        if self.on_limit is not None:
+            self.on_limit(name)
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop listening; finish in-flight requests for up to ``grace_s``, then cancel them."""
