@@ -391,7 +391,13 @@ class AdminApi:
                 "or too many moves in flight)",
                 headers={"Retry-After": "1"},
             )
-        moved = await asyncio.shield(task)  # an admin client that hangs up does not cancel the move
+        try:
+            moved = await asyncio.shield(task)  # an admin client that hangs up does not cancel the move
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not task.cancelled() or (current is not None and current.cancelling()):
+                raise  # this admin request itself was cancelled
+            moved = False  # the stream ended meanwhile (its client left): the move was called off
         return 200, {
             "request_id": request_id,
             "migrated": moved,
