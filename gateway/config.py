@@ -94,6 +94,9 @@ class CostModelConfig(Strict):
     refit_interval_s: float = Field(30.0, gt=0, description="refit period, in a separate process")
     min_new_samples: int = Field(20, ge=1, description="completed requests needed before a refit")
     max_records: int = Field(50_000, ge=100, description="most recent requests a refit uses")
+    max_records_mib: int = Field(
+        256, ge=1, description="memory for those records (a long prompt's is ~50 kB): the oldest go first"
+    )
     q_high: float = Field(0.9, gt=0.5, lt=1.0, description="the output-length quantile used for SLO risk")
     length_source: Literal["client", "model", "none"] = Field(
         "client",

@@ -31,7 +31,7 @@ import json
 import logging
 import multiprocessing
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +57,31 @@ MIN_CALIBRATION_TOKENS = 8  # a shorter answer's TPOT is mostly its first steps'
 MESSAGE_BYTES = 512 * 1024  # half NATS's default limit (1 MB); a long prompt's record is ~35 kB
 
 
+class RecordWindow:
+    """The newest records (encoded lines): at most ``max_records`` of them and ``max_bytes`` in
+    all (a record of a long prompt's text features is ~50 kB: the count alone would let 50,000
+    of them take 2.5 GB)."""
+
+    def __init__(self, max_records: int, max_bytes: int) -> None:
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._lines: collections.deque[bytes] = collections.deque()
+
+    def extend(self, lines: Iterable[bytes]) -> None:
+        for line in lines:
+            self._lines.append(line)
+            self.bytes += len(line)
+        while self._lines and (len(self._lines) > self.max_records or self.bytes > self.max_bytes):
+            self.bytes -= len(self._lines.popleft())
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._lines)
+
+
 class CostModelService:
     """``clock`` times the refits; ``inline`` runs encoding and refits on the loop's thread, in
     the call (``pdgate simulate``: deterministic on a virtual clock, where work in a thread or
@@ -75,9 +100,9 @@ class CostModelService:
         self.inline = inline
         self.prior_specs = dict(prior_specs)
         self.current: CostModel | None = None
-        # the training set: the newest max_records records as JSON lines (a quarter of the memory
-        # of the dicts for a long prompt's text features); parsed only in the refit's process
-        self.records: collections.deque[bytes] = collections.deque(maxlen=config.max_records)
+        # the training set: the newest records as JSON lines (a quarter of the memory of the dicts
+        # for a long prompt's text features); parsed only in the refit's process
+        self.records = RecordWindow(config.max_records, config.max_records_mib << 20)
         self._unencoded: list[dict[str, Any]] = []  # completed since the last write-out
         self._new_since_fit = 0
         self._task: asyncio.Task[None] | None = None

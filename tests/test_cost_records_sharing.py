@@ -14,7 +14,7 @@ import time
 from support.nats import NatsServer
 
 from pdgate.gateway.config import CostModelConfig
-from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.costs import CostModelService, RecordWindow
 from pdgate.gateway.nats_state import NatsState
 from pdgate.scheduler.costmodel.features import RequestFeatures, hash_text
 
@@ -58,3 +58,14 @@ async def test_long_prompt_records_reach_the_other_replica_whole(nats: NatsServe
         for service, state in zip(services, states):
             await service.close()
             await state.close()
+
+
+def test_the_training_records_are_bounded_in_bytes_as_well_as_in_count() -> None:
+    """A long prompt's record is ~50 kB: 50,000 of them (the count limit) would be 2.5 GB of gateway
+    memory; the byte limit drops the oldest first."""
+    window = RecordWindow(max_records=100, max_bytes=10_000)
+    window.extend(b"%04d" % i + b"x" * 996 for i in range(50))  # 50 records of 1 kB
+    assert len(window) == 10 and window.bytes == 10_000
+    assert [line[:4] for line in window] == [b"%04d" % i for i in range(40, 50)]  # the newest
+    window.extend([b"y"] * 200)  # then the count limit
+    assert len(window) == 100 and window.bytes == 100
