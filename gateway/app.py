@@ -36,6 +36,7 @@ from pdgate.gateway.load_sharing import LoadSharing
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.migration import MigrationController
 from pdgate.gateway.nats_state import NatsState
+from pdgate.gateway.openapi import openapi_document
 from pdgate.gateway.passthrough import POOLING_ROUTES, TOKENIZER_ROUTES, PassThrough
 from pdgate.gateway.peers import PeerStreams
 from pdgate.gateway.proxy import Proxy
@@ -127,6 +128,7 @@ class GatewayApp:
             "/ready": {"GET": self.ready},
             "/metrics": {"GET": self.metrics},
             "/cost-model": {"GET": self.cost_model},
+            "/openapi.json": {"GET": self.openapi},
         }
 
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
@@ -222,6 +224,11 @@ class GatewayApp:
             self.gw.metrics.render(self.cluster, self.gw.admission, self.gw.costs),
             content_type="text/plain; version=0.0.4; charset=utf-8",
         )
+
+    async def openapi(self, request: HttpRequest, responder: Responder) -> None:
+        """This gateway's OpenAPI 3.1 description (:mod:`pdgate.gateway.openapi`)."""
+        adapters = [card.name for card in self.cluster.loras.cards()]
+        responder.send_json(200, openapi_document(self.gw.config, adapters=adapters, admin=self.admin is not None))
 
     async def cost_model(self, request: HttpRequest, responder: Responder) -> None:
         """The cost model in force: version, refits, records held, latency coefficients per group."""

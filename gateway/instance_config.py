@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -147,7 +148,21 @@ class InstanceConfig(_Strict):
     def _url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
+        except ValueError as exc:
+            raise ValueError(f"is not a usable URL: {exc}") from None
+        if not parts.hostname:
+            raise ValueError("names no host")
         return value.rstrip("/")
+
+    @field_validator("id")
+    @classmethod
+    def _id_in_a_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or not value.isprintable()):
+            raise ValueError("must be non-empty printable text without '/' (it is a path segment of /admin)")
+        return value
 
     @field_validator("hash_seed", mode="before")
     @classmethod

@@ -85,6 +85,10 @@ class Intake:
         )
         self._ids = request_ids()
 
+    def error_id(self, header_id: str | None) -> str:
+        """The ``X-Request-Id`` of an answer refused before the request had one (:func:`answer_id`)."""
+        return answer_id(header_id, self._ids)
+
     def parse(
         self,
         raw: bytes,
@@ -296,6 +300,11 @@ def request_id_of(header_id: str | None, ids: Iterator[str]) -> str:
     if not valid_request_id(header_id):
         raise GatewayError(400, "X-Request-Id must be 1-256 printable ASCII characters without spaces")
     return header_id
+
+
+def answer_id(header_id: str | None, ids: Iterator[str]) -> str:
+    """The id an error answer carries: the client's ``X-Request-Id`` when it is valid, else a new one."""
+    return header_id if header_id is not None and valid_request_id(header_id) else next(ids)
 
 
 def valid_request_id(value: str) -> bool:

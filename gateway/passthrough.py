@@ -17,7 +17,7 @@ from pdgate.common.json_codec import JsonError, json_decode
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.instance_state import InstanceState
-from pdgate.gateway.intake import request_id_of, request_ids
+from pdgate.gateway.intake import answer_id, request_id_of, request_ids
 from pdgate.gateway.legs import UpstreamFailed, client_error, read_all, send_leg
 from pdgate.gateway.metrics import GatewayMetrics
 from pdgate.gateway.requests import GatewayError, json_object
@@ -42,18 +42,25 @@ class PassThrough:
         self._ids = request_ids("p")
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
-        """Answer one pass-through request from the engine chosen for it."""
-        body = json_object(request.body)
-        pooling = request.path in POOLING_ROUTES
-        model = self._model(body, required=pooling)
-        request_id = request_id_of(request.headers.get("x-request-id"), self._ids)
-        tenant = self.tenants.admit_call(request.headers, request.path) if self.tenants is not None else None
+        """Answer one pass-through request from the engine chosen for it (every answer, errors
+        too, with its ``X-Request-Id``)."""
+        header_id = request.headers.get("x-request-id")
+        try:
+            body = json_object(request.body)
+            pooling = request.path in POOLING_ROUTES
+            model = self._model(body, required=pooling)
+            request_id = request_id_of(header_id, self._ids)
+            tenant = self.tenants.admit_call(request.headers, request.path) if self.tenants is not None else None
+        except GatewayError as err:
+            err.headers.setdefault("X-Request-Id", answer_id(header_id, self._ids))
+            raise
         try:
             status, reply, content_type = await self._forward(request.path, body, model, request_id, pooling)
         except GatewayError as err:
             self.metrics.count(request.path, model, err.status)
             if tenant is not None and self.tenants is not None:
                 self.tenants.call_ended(tenant, err.status, 0)
+            err.headers.setdefault("X-Request-Id", request_id)
             raise
         self.metrics.count(request.path, model, status)
         if tenant is not None and self.tenants is not None:

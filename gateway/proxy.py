@@ -94,8 +94,9 @@ class Proxy:
         trace = self.tracing.start_request(route, request.headers) if self.tracing is not None else NO_TRACE
         routed: Routed | None = None
         answer: Answer = responder
+        header_id = request.headers.get("x-request-id")
         try:
-            header_id, arrival = request.headers.get("x-request-id"), self.cluster.clock()
+            arrival = self.cluster.clock()
             if kind == "responses":
                 routed, responses = self.intake.parse_responses(
                     request.body, header_id, headers=request.headers, arrival=arrival
@@ -109,6 +110,8 @@ class Proxy:
             await self.exchange.serve(routed, answer)
         except GatewayError as err:
             self.outcome.failed(routed, trace, route, err.status, err.code or err.err_type)
+            request_id = routed.info.request_id if routed is not None else self.intake.error_id(header_id)
+            err.headers.setdefault("X-Request-Id", request_id)
             raise
         except asyncio.CancelledError:
             if routed is None or not routed.obs.saw_done:

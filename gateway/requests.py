@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from pdgate.common.json_codec import JsonError, json_decode
 
@@ -63,13 +63,14 @@ class _Body(BaseModel):
     model: str = Field(min_length=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    n: int = Field(1, ge=1)
-    priority: int = 0  # read for scheduling, forwarded unchanged
+    max_tokens: StrictInt | None = Field(None, ge=0)  # strict: true, "3" and 2.0 are not counts
+    n: StrictInt = Field(1, ge=1)
+    priority: StrictInt = 0  # read for scheduling, forwarded unchanged
+    response_format: dict[str, Any] | None = None  # read when a stream is continued elsewhere
 
 
 class CompletionBody(_Body):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     add_special_tokens: StrictBool = True  # as vLLM: a text prompt gets the tokenizer's special tokens (BOS)
 
     @field_validator("prompt")
@@ -86,7 +87,7 @@ class CompletionBody(_Body):
 
 class ChatBody(_Body):
     messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: StrictInt | None = Field(None, ge=0)
     # read to render the prompt exactly as the engine will (vLLM's chat parameters and defaults)
     add_generation_prompt: StrictBool = True
     add_special_tokens: StrictBool = False

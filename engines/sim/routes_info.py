@@ -72,6 +72,8 @@ async def handle_tokenize(state: SimState, request: web.Request) -> web.Response
     if not isinstance(special, bool):
         raise ApiError(400, "'add_special_tokens' must be a boolean", param="add_special_tokens")
     if "messages" in body:
+        if not isinstance(body["messages"], list):
+            raise ApiError(400, "'messages' must be a list of messages", param="messages")
         try:
             text = tok.apply_chat_template(
                 body["messages"], add_generation_prompt=body.get("add_generation_prompt", True) is not False
@@ -92,8 +94,12 @@ async def handle_tokenize(state: SimState, request: web.Request) -> web.Response
 async def handle_detokenize(state: SimState, request: web.Request) -> web.Response:
     body = await read_json(request)
     tokens = body.get("tokens") if isinstance(body, dict) else None
-    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise ApiError(400, "'tokens' must be a list of token ids", param="tokens")
+    vocab = state.tokenizer.vocab_size
+    outside = [t for t in tokens if not 0 <= t < vocab]
+    if outside:  # (as vLLM: a client's bad id is its fault, not the engine's)
+        raise ApiError(400, f"token id {outside[0]} is out of vocabulary (0-{vocab - 1})", param="tokens")
     return web.json_response({"prompt": state.tokenizer.decode(tokens)})
 
 
