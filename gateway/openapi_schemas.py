@@ -12,18 +12,18 @@ def ref(name: str) -> dict[str, str]:
     return {"$ref": SCHEMAS + name}
 
 
-TOKEN_ID = {
+TOKEN_ID: dict[str, Any] = {
     "type": "integer",
     "minimum": 0,
     "description": "A token id (the engine refuses one beyond its vocabulary)",
 }
-TEXT_PARTS = {
+TEXT_PARTS: dict[str, Any] = {
     "type": "array",
     "items": {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}},
 }
 # Fields the engine takes that the gateway reads too (length prediction, prefix hashing, whether a stream can
 # move); the engine validates them
-READ_AND_PASSED_ON = {
+READ_AND_PASSED_ON: dict[str, Any] = {
     "ignore_eos": {"type": "boolean"},
     "min_tokens": {"type": ["integer", "null"], "minimum": 0},
     "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
@@ -36,7 +36,7 @@ READ_AND_PASSED_ON = {
         "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
     },
 }
-ERROR = {
+ERROR: dict[str, Any] = {
     "type": "object",
     "description": "OpenAI's error shape",
     "required": ["error"],
@@ -54,7 +54,7 @@ ERROR = {
     },
 }
 
-RESPONSE_INPUT_ITEM = {
+RESPONSE_INPUT_ITEM: dict[str, Any] = {
     "type": "object",
     "description": "A message item: `type` message (the default), a role, and text or content parts",
     "properties": {
@@ -121,7 +121,7 @@ RESPONSE_REQUEST: dict[str, Any] = {
     },
 }
 
-USAGE = {
+USAGE: dict[str, Any] = {
     "type": ["object", "null"],
     "properties": {
         "prompt_tokens": {"type": "integer"},
@@ -130,7 +130,7 @@ USAGE = {
     },
 }
 
-STREAM_DATA = {
+STREAM_DATA: dict[str, Any] = {
     "type": "object",
     "description": "A chunk (`choices`), a Responses event (`type`), or the error that ended a stream",
     "anyOf": [
