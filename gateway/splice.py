@@ -139,17 +139,30 @@ class StreamTrail:
     should have: such an answer cannot be continued exactly.
     """
 
-    __slots__ = ("_ids", "_raw", "done", "finished", "identity", "partial", "strip", "tracked")
+    __slots__ = ("_finished", "_ids", "_raw", "done", "identity", "partial", "strip", "tracked", "usage_sent")
 
     def __init__(self, *, strip_ids: bool) -> None:
         self._ids: list[int] = []
         self._raw: list[bytes] = []  # ids as they came ("1,2,3"), parsed when first needed
         self.partial = b""
-        self.finished = False  # a finish_reason went out
+        self._finished = False
+        self.usage_sent = False  # the usage chunk went out after the finish reason
         self.done = False  # [DONE] went out
         self.identity: dict[str, Any] | None = None  # id, created, model, object of the first event
         self.strip = strip_ids
         self.tracked = True
+
+    @property
+    def finished(self) -> bool:
+        """A finish_reason went out (set back to False when the answer goes on elsewhere after
+        all: then its usage chunk, if one went out too, is no longer the client's last word)."""
+        return self._finished
+
+    @finished.setter
+    def finished(self, value: bool) -> None:
+        self._finished = value
+        if not value:
+            self.usage_sent = False
 
     @property
     def token_ids(self) -> list[int]:
@@ -189,13 +202,44 @@ class StreamTrail:
             self._raw.extend(found)
         elif self.tracked and _TEXT.search(out) is not None:
             self.tracked = False  # output without token ids: this engine does not report them
-        if not self.finished and _FINISHED.search(out) is not None:
-            self.finished = True
-        if not self.done and out.rfind(_DONE) >= 0:
-            self.done = True
+        if not self._finished and _FINISHED.search(out) is not None:
+            self._finished = True
+        if self._finished and not self.usage_sent and out.rfind(b'"usage"') >= 0:  # (only once finished)
+            self.usage_sent = _has_usage_chunk(out)
+        if not self.done and out.rfind(b"[DONE]") >= 0:  # (usually the last event; text may hold it too)
+            self.done = _ends_the_stream(out)
         if self.strip and (out.rfind(b'"prompt_token_ids":[') >= 0 or out.rfind(b'"prompt_token_ids": [') >= 0):
             out = _PROMPT_IDS_VALUE.sub(b'"prompt_token_ids":null', out)
         return out
+
+
+def _ends_the_stream(events: bytes) -> bool:
+    """Whether one of ``events`` (whole SSE events) is the stream's end: its data ``[DONE]``
+    (not a token's text that reads ``data: [DONE]``, which JSON carries unescaped)."""
+    for event in sse.split_events(events)[0]:
+        data = sse.event_data(event)
+        if data is not None and data.strip() == b"[DONE]":
+            return True
+    return False
+
+
+def _has_usage_chunk(events: bytes) -> bool:
+    """Whether one of ``events`` (whole SSE events) is the usage chunk: no choices, a usage."""
+    for event in sse.split_events(events)[0]:
+        data = sse.event_data(event)
+        if data is None or not data.lstrip().startswith(b"{"):
+            continue
+        try:
+            chunk = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(chunk, dict) and _is_usage_chunk(chunk):
+            return True
+    return False
+
+
+def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
+    return not chunk.get("choices") and isinstance(chunk.get("usage"), dict)
 
 
 def _identity(events: bytes) -> dict[str, Any] | None:
@@ -255,11 +299,21 @@ class Splice:
             return event + _EVENT_END
         if not isinstance(chunk, dict) or "error" in chunk:
             return event + _EVENT_END
-        return b"data: " + json.dumps(self.rewrite(chunk), separators=(",", ":")).encode() + _EVENT_END
+        opening = self.trail.identity is None  # nothing of the answer reached the client yet
+        out = b"data: " + json.dumps(self.rewrite(chunk), separators=(",", ":")).encode() + _EVENT_END
+        if opening and self.kind == "chat":
+            return self._role_event() + out
+        return out
 
     def rewrite(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        """One continuation chunk as the client's chunk (and the trail updated with its tokens)."""
-        identity = self.trail.identity or {}
+        """One continuation chunk as the client's chunk (and the trail updated with its tokens).
+
+        When no event of the first engine reached the client (its stream broke inside the first
+        event), this chunk's ``id``/``created``/``model`` become the answer's: later moves keep them.
+        """
+        if self.trail.identity is None:
+            self.trail.identity = {k: chunk.get(k) for k in ("id", "created", "model", "object")}
+        identity = self.trail.identity
         choices = []
         for choice in chunk.get("choices") or []:
             ids = choice.get("token_ids") or []
@@ -277,9 +331,25 @@ class Splice:
         usage = chunk.get("usage")
         if usage is not None:
             out["usage"] = self._usage(usage)
+            if not choices:  # the usage chunk
+                self.trail.usage_sent = True
         elif self.kind == "completion" and "usage" in chunk:
             out["usage"] = None
         return out
+
+    def _role_event(self) -> bytes:
+        """A chat stream's first event (the assistant's role), for a client that has none yet."""
+        identity = self.trail.identity or {}
+        first = {
+            "id": identity.get("id"),
+            "object": "chat.completion.chunk",
+            "created": identity.get("created"),
+            "model": identity.get("model"),
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+        }
+        return b"data: " + json.dumps(first, separators=(",", ":")).encode() + _EVENT_END
 
     def _choice(self, choice: dict[str, Any], ids: list[int]) -> dict[str, Any]:
         text = choice.get("text") or ""
@@ -319,7 +389,8 @@ class Splice:
 
     def closing_events(self, reason: str | None, include_usage: bool) -> bytes:
         """The end of an answer whose every token already went out: a finish chunk (unless
-        ``reason`` is None: the client had it), the usage chunk when asked for, ``[DONE]``."""
+        ``reason`` is None: the client had it), the usage chunk when asked for (unless the
+        client had it too), ``[DONE]``."""
         identity = self.trail.identity or {}
         base = {
             "id": identity.get("id"),
@@ -335,7 +406,7 @@ class Splice:
                 else {"index": 0, "text": "", "logprobs": None, "finish_reason": reason, "stop_reason": None}
             )
             events.append({**base, "choices": [choice]})
-        if include_usage:
+        if include_usage and not self.trail.usage_sent:  # (it went out before the stream broke)
             events.append({**base, "choices": [], "usage": self._usage({"completion_tokens": 0})})
         self.trail.finished = True
         self.trail.done = True
