@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +15,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from support.nats import NatsServer, start_nats
 from support.procs import PdgateProcess, start_sim
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis's caches (constants, unicode data) in a temporary directory, not a ``.hypothesis``
+    in the checkout (the property tests keep no example database either)."""
+    if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+        config._pdgate_hypothesis_dir = tempfile.mkdtemp(prefix="pdgate-hypothesis-")  # type: ignore[attr-defined]
+        os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = config._pdgate_hypothesis_dir  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = getattr(config, "_pdgate_hypothesis_dir", None)
+    if directory is not None:
+        os.environ.pop("HYPOTHESIS_STORAGE_DIRECTORY", None)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ unknown key added) and validated. The properties:
   or any bytes) returns a config or raises ``ConfigError`` whose message starts with the file's
   path, and :func:`read_yaml_mapping` returns a mapping or raises ``YamlFileError`` naming it.
 
-Tests marked ``xfail(strict=True)`` at the end show bugs outside this file (see their reasons);
-the properties leave out those inputs with ``assume`` until they are fixed.
+The tests at the end pin bugs these properties found outside this file, since fixed.
 
 ``PDGATE_PROPERTY_EXAMPLES`` raises the number of examples (the default keeps this file fast).
 """
@@ -62,11 +61,6 @@ BOUNDARY_NUMBERS = (
 )
 # what a check across sections (GatewayConfig._consistent, error location ()) names in its message
 CROSS_FIELD_WORDS = ("instances", "models", "model ", "tenants")
-TLS_FILE_FIELDS = {
-    "tls": ("cert_file", "key_file", "client_ca_file"),
-    "upstream_tls": ("ca_file", "cert_file", "key_file"),
-}
-NAME_MAX = 255  # the longest file name component Linux takes (longer: ENAMETOOLONG)
 
 
 def property_settings(default_examples: int) -> settings:
@@ -241,20 +235,6 @@ def mutated(draw: st.DrawFn) -> tuple[dict[str, Any], list[Place]]:
     return config, changed
 
 
-def names_an_overlong_file(config: Any) -> bool:
-    """A TLS file setting with a name too long for the file system (the OSError bug, xfail below)."""
-    if not isinstance(config, dict):
-        return False
-    for section, fields in TLS_FILE_FIELDS.items():
-        values = config.get(section)
-        if isinstance(values, dict):
-            for name in fields:
-                value = values.get(name)
-                if isinstance(value, str) and any(len(part.encode()) > NAME_MAX for part in value.split("/")):
-                    return True
-    return False
-
-
 # ----------------------------------------------------------------------------- checking
 def located(loc: tuple[Any, ...], path: Place, data: Any) -> bool:
     """Whether an error at ``loc`` is at ``path``, inside it, or at what holds it. Pydantic puts
@@ -303,7 +283,6 @@ def test_the_base_config_is_valid() -> None:
 @given(case=mutated())
 def test_a_changed_config_is_accepted_or_refused_naming_what_changed(case: tuple[dict[str, Any], list[Place]]) -> None:
     config, changed = case
-    assume(not names_an_overlong_file(config))
     data = copy.deepcopy(config)
     try:
         GatewayConfig.model_validate(config)
@@ -368,7 +347,6 @@ def config_files(draw: st.DrawFn) -> bytes:
     if draw(st.integers(0, 4)) == 0:
         return draw(st.binary(max_size=200))
     config, _ = draw(mutated())
-    assume(not names_an_overlong_file(config))
     text = yaml.safe_dump(_plain(config), allow_unicode=True, sort_keys=False, default_flow_style=draw(st.booleans()))
     for _ in range(draw(st.integers(0, 3))):
         at = draw(st.integers(0, len(text)))
@@ -400,7 +378,6 @@ def test_any_config_file_loads_or_fails_with_a_config_error_naming_the_file(cont
             assert str(error).startswith(str(path))
         else:
             assert isinstance(mapping, dict)
-            assume(not names_an_overlong_file(mapping))
         try:
             config = GatewayConfig.load(path)
         except ConfigError as error:
@@ -409,13 +386,7 @@ def test_any_config_file_loads_or_fails_with_a_config_error_naming_the_file(cont
             assert isinstance(config, GatewayConfig)
 
 
-# ------------------------------------------------------------- bugs found, not fixed yet
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG(pdgate/common/tls.py, _check_file): Path.is_file() raises OSError (ENAMETOOLONG) for a "
-    "name over 255 bytes; it escapes the TLS sections' validators (TlsError is caught, plain OSError is "
-    "not), so model_validate raises OSError instead of a ValidationError naming tls.cert_file",
-)
+# ------------------------------------------------------------- bugs these properties found, fixed
 @pytest.mark.parametrize("section", ["tls", "upstream_tls"])
 def test_an_overlong_tls_file_name_is_a_validation_error(section: str) -> None:
     files = {"cert_file": "x" * 300, "key_file": "/nonexistent.key"} if section == "tls" else {"ca_file": "x" * 300}
@@ -424,12 +395,6 @@ def test_an_overlong_tls_file_name_is_a_validation_error(section: str) -> None:
         GatewayConfig.model_validate(config)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG(pdgate/common/yamlfile.py): yaml.safe_load raises RecursionError on deeply nested YAML "
-    "(about 1000 levels), which read_yaml_mapping does not turn into a YamlFileError (it catches "
-    "yaml.YAMLError only), so `pdgate serve` dies with a traceback instead of naming the file",
-)
 def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "deep.yaml"
     path.write_text("models: " + "[" * 2000 + "]" * 2000 + "\n")

@@ -22,8 +22,7 @@ The properties:
 * a body over ``max_body_bytes`` is a 413 (before it is read when Content-Length tells), one at
   or under it reaches the handler whole.
 
-Tests marked ``xfail(strict=True)`` at the end show bugs in http_server.py that are not fixed
-yet (see their reasons); each turns into a failure once the bug is fixed, to remove the mark.
+The tests at the end pin bugs these properties found in http_server.py, since fixed.
 
 ``PDGATE_PROPERTY_EXAMPLES`` raises the number of examples (the default keeps this file fast).
 """
@@ -196,6 +195,12 @@ class Request:
         return self.connection != "close"
 
     @property
+    def kept_alive(self) -> bool:
+        """Whether the connection goes on after the answer: not after a stream to an HTTP/1.0
+        client, which only the connection's close can end (whatever the request asked)."""
+        return self.keep_alive and not (self.version == "1.0" and self.reply.startswith("stream"))
+
+    @property
     def may_get_continue(self) -> bool:
         return (
             self.expect
@@ -298,9 +303,11 @@ class Response:
     body: bytes
 
 
-def read_responses(data: bytes) -> tuple[list[Response], bytes]:
+def read_responses(data: bytes, *, closed: bool = False) -> tuple[list[Response], bytes]:
     """The complete responses at the start of ``data`` and what follows them (the start of an
-    incomplete one). Strict: anything that is not a well-framed HTTP/1.1 response fails."""
+    incomplete one). Strict: anything that is not a well-framed HTTP/1.1 response fails. A stream
+    to an HTTP/1.0 client (no framing, ``Connection: close``) ends with the connection: complete
+    once ``closed``."""
     out: list[Response] = []
     pos = 0
     while True:
@@ -328,6 +335,11 @@ def read_responses(data: bytes) -> tuple[list[Response], bytes]:
             if len(data) < start + length:
                 return out, data[pos:]
             body, pos = data[start : start + length], start + length
+        elif "transfer-encoding" not in headers:
+            assert headers.get("connection") == "close", f"no framing: {headers}"
+            if not closed:
+                return out, data[pos:]
+            body, pos = data[start:], len(data)
         else:
             assert headers.get("transfer-encoding") == "chunked", f"no framing: {headers}"
             chunked = read_chunked(data, start)
@@ -440,7 +452,7 @@ async def send_all(transport: LoopbackTransport, pieces: list[bytes], pauses: li
 def served_part(sequence: list[Request]) -> list[Request]:
     """The requests served: up to the first that ends the connection."""
     for n, request in enumerate(sequence):
-        if not request.keep_alive:
+        if not request.kept_alive:
             return sequence[: n + 1]
     return sequence
 
@@ -455,7 +467,7 @@ def check_replies(responses: list[Response], served: list[Request]) -> None:
         assert at < len(responses), f"no response to request {n}"
         response = responses[at]
         assert (response.status, response.headers.get("x-n")) == (200, str(n)), (n, response)
-        assert response.headers["connection"] == ("keep-alive" if request.keep_alive else "close")
+        assert response.headers["connection"] == ("keep-alive" if request.kept_alive else "close")
         at += 1
     assert at == len(responses), f"responses nobody asked for: {responses[at:]}"
 
@@ -474,7 +486,7 @@ def check_seen(seen: list[HttpRequest], served: list[Request]) -> None:
 @property_settings(250)
 @given(sequence=sequences(requests(), 6), data=st.data())
 def test_pipelined_requests_cut_anywhere_are_served_in_order(sequence: list[Request], data: st.DataObject) -> None:
-    served = served_part(sequence)  # (bytes after a request that ends the connection: see the xfail below)
+    served = served_part(sequence)  # (bytes after a request that ends the connection: test_a_request_that_closes...)
     pieces = data.draw(cut(b"".join(r.encode() for r in served)), label="writes")
     pauses = data.draw(st.lists(st.integers(0, 3), max_size=len(pieces)), label="loop turns between writes")
 
@@ -485,22 +497,22 @@ def test_pipelined_requests_cut_anywhere_are_served_in_order(sequence: list[Requ
         await send_all(transport, pieces, pauses)
 
         def finished() -> bool:
-            responses, rest = read_responses(bytes(transport.received))
+            responses, rest = read_responses(bytes(transport.received), closed=transport.lost)
             finals = [r for r in responses if r.status >= 200]
             return len(finals) == len(served) and not rest and server.active_requests() == 0
 
         await wait_until_async(finished, timeout=WAIT_S, interval=0)
-        if not served[-1].keep_alive:
+        if not served[-1].kept_alive:
             await wait_until_async(lambda: transport.lost, timeout=WAIT_S, interval=0)
         else:
             await asyncio.sleep(0)
             assert not transport.is_closing()  # kept alive for the next request
-        responses, _ = read_responses(bytes(transport.received))
+        responses, _ = read_responses(bytes(transport.received), closed=transport.lost)
         check_replies(responses, served)
         check_seen(recorder.seen, served)
         assert recorder.most_running == 1 and not recorder.errors
         tally(
-            f"{len(served)} requests, the last {'closing' if not served[-1].keep_alive else 'keeping'} the connection"
+            f"{len(served)} requests, the last {'closing' if not served[-1].kept_alive else 'keeping'} the connection"
         )
         tally(f"a 100 Continue went out: {any(r.status == 100 for r in responses)}")
         tally(f"chunked requests: {any(r.framing == 'chunked' for r in served)}")
@@ -540,11 +552,14 @@ def test_a_client_waiting_for_100_continue_is_never_left_waiting(sequence: list[
             )
             await send_all(transport, data.draw(cut(body), label="body"), [])
         await wait_until_async(
-            lambda: len([r for r in read_responses(bytes(transport.received))[0] if r.status >= 200]) == len(served),
+            lambda: (
+                len([r for r in read_responses(bytes(transport.received), closed=transport.lost)[0] if r.status >= 200])
+                == len(served)
+            ),
             timeout=WAIT_S,
             interval=0,
         )
-        responses, rest = read_responses(bytes(transport.received))
+        responses, rest = read_responses(bytes(transport.received), closed=transport.lost)
         assert not rest
         check_replies(responses, served)
         check_seen(recorder.seen, served)
@@ -585,7 +600,7 @@ def test_any_bytes_get_at_most_one_4xx_json_error_and_a_close(wire: bytes, data:
         transport = connect(server)
         await send_all(transport, pieces, [])
         await wait_until_async(lambda: transport.lost, timeout=WAIT_S, interval=0.005)  # never left hanging
-        responses, rest = read_responses(bytes(transport.received))
+        responses, rest = read_responses(bytes(transport.received), closed=True)
         assert not rest, f"bytes that are no response: {rest[:100]!r}"
         finals = [r for r in responses if r.status >= 200]
         errors = [r for r in finals if r.status != 200]
@@ -685,7 +700,7 @@ async def exchange_over_socket(server: HttpServer, pieces: list[bytes], until: C
 def test_over_a_real_socket_pipelined_requests_are_served_in_order(
     sequence: list[Request], data: st.DataObject
 ) -> None:
-    served = served_part(sequence)  # (bytes after a request that ends the connection: see the xfail below)
+    served = served_part(sequence)  # (bytes after a request that ends the connection: test_a_request_that_closes...)
     pieces = data.draw(cut(b"".join(r.encode() for r in served)), label="writes")
 
     def complete(received: bytes) -> bool:
@@ -697,8 +712,8 @@ def test_over_a_real_socket_pipelined_requests_are_served_in_order(
         server = HttpServer(recorder.handle, max_body_bytes=1 << 20)
         await server.start("127.0.0.1", 0)
         try:
-            received = await exchange_over_socket(server, pieces, complete)
-            responses, rest = read_responses(received)
+            received = await exchange_over_socket(server, pieces, complete)  # (or until closed)
+            responses, rest = read_responses(received, closed=True)
             assert not rest
             check_replies(responses, served)
             check_seen(recorder.seen, served)
@@ -719,7 +734,7 @@ def test_over_a_real_socket_bad_bytes_end_in_one_4xx_and_the_server_serves_on(wi
         await server.start("127.0.0.1", 0)
         try:
             received = await exchange_over_socket(server, pieces, lambda _: False)  # read until closed
-            responses, rest = read_responses(received)
+            responses, rest = read_responses(received, closed=True)
             assert not rest
             finals = [r for r in responses if r.status >= 200]
             errors = [r for r in finals if r.status != 200]
@@ -746,7 +761,7 @@ def serve_once(wire: list[bytes], check: Callable[[LoopbackTransport, Recorder],
         transport = connect(server)
         await send_all(transport, wire, [])
         await wait_until_async(
-            lambda: transport.lost or (server.active_requests() == 0 and read_responses(bytes(transport.received))[0]),
+            lambda: transport.lost or (server.active_requests() == 0 and bool(transport.received)),
             timeout=WAIT_S,
             interval=0,
         )
@@ -756,12 +771,6 @@ def serve_once(wire: list[bytes], check: Callable[[LoopbackTransport, Recorder],
     run_example(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG(http_server.py): bytes after a request with Connection: close, in the same read, drop that "
-    "request unanswered (llhttp's 'Data after Connection: close' error goes to _reject while the previous "
-    "request is served, which clears the pending request); RFC 9112 9.6: it must be answered, the rest ignored",
-)
 def test_a_request_that_closes_the_connection_is_answered_whatever_follows_it() -> None:
     first = b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n"
     closing = b"GET /b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
@@ -774,12 +783,6 @@ def test_a_request_that_closes_the_connection_is_answered_whatever_follows_it() 
     serve_once([first + closing + after], check)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG(http_server.py): trailer fields of a chunked request overwrite its header fields "
-    "(on_header also receives trailers), e.g. a trailer Authorization or x-pdgate-tenant replaces the "
-    "header a proxy in front checked; RFC 9110 6.5.1: trailers must not be merged into the headers",
-)
 def test_trailer_fields_do_not_change_the_request_headers() -> None:
     wire = (
         b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nX-Pdgate-Tenant: alpha\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -793,27 +796,16 @@ def test_trailer_fields_do_not_change_the_request_headers() -> None:
     serve_once([wire], check)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG(http_server.py): a streamed response to an HTTP/1.0 request is sent with Transfer-Encoding: "
-    "chunked, which HTTP/1.0 clients do not know (RFC 9112 6.1: not unless the request is HTTP/1.1); it "
-    "should be delimited by closing the connection",
-)
 def test_a_streamed_response_to_http10_is_not_chunked() -> None:
     def check(transport: LoopbackTransport, recorder: Recorder) -> None:
         head = bytes(transport.received).split(b"\r\n\r\n", 1)[0].lower()
         assert b"transfer-encoding" not in head
-        assert transport.lost  # the end of the body is the end of the connection
+        assert transport.is_closing()  # the end of the body is the end of the connection
+        assert bytes(transport.received).endswith(b"\n")  # the whole reply, unframed
 
     serve_once([b"GET /s HTTP/1.0\r\nX-Reply: stream\r\n\r\n"], check)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG(http_server.py): a response to HEAD carries its body (Responder.send writes it; the "
-    "gateway answers HEAD with a 404/405 JSON body), so a keep-alive client reads that body as the start "
-    "of the next response; RFC 9110 9.3.2: no content in a response to HEAD",
-)
 def test_a_response_to_head_has_no_body() -> None:
     def check(transport: LoopbackTransport, recorder: Recorder) -> None:
         data = bytes(transport.received)

@@ -90,6 +90,7 @@ class HttpRequest:
     headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
     body: bytes
     keep_alive: bool
+    version: str = "1.1"  # the client's HTTP version: "1.0" or "1.1"
 
 
 Handler = Callable[[HttpRequest, "Responder"], Awaitable[None]]
@@ -105,12 +106,26 @@ def _head(status: int, headers: dict[str, str] | None, extra: str) -> bytes:
 class Responder:
     """How a handler answers one request; see the module doc."""
 
-    __slots__ = ("_conn", "_flow", "_transport", "finished", "keep_alive", "paused", "started", "status", "streaming")
+    __slots__ = (
+        "_bodiless",
+        "_chunked",
+        "_conn",
+        "_flow",
+        "_transport",
+        "finished",
+        "keep_alive",
+        "paused",
+        "started",
+        "status",
+        "streaming",
+    )
 
-    def __init__(self, conn: HttpServerProtocol, keep_alive: bool) -> None:
+    def __init__(self, conn: HttpServerProtocol, keep_alive: bool, *, head: bool = False, http10: bool = False) -> None:
         self._conn = conn
         self._transport = conn.transport
         self.keep_alive = keep_alive
+        self._bodiless = head  # a response to HEAD: its head only (RFC 9110 9.3.2)
+        self._chunked = not http10  # HTTP/1.0 knows no chunked coding: the stream ends with the connection
         self.started = False
         self.finished = False
         self.streaming = False
@@ -148,7 +163,7 @@ class Responder:
             return
         connection = "keep-alive" if self.keep_alive else "close"
         extra = f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: {connection}\r\n"
-        transport.write(_head(status, headers, extra) + body)
+        transport.write(_head(status, headers, extra) + (b"" if self._bodiless else body))
 
     def send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
         self.send(status, json.dumps(data).encode(), headers=headers)
@@ -161,10 +176,13 @@ class Responder:
             raise RuntimeError("response already started")
         self.started = self.streaming = True
         self.status = status
-        extra = f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\nConnection: {'keep-alive' if self.keep_alive else 'close'}\r\n"
-        data = _head(status, headers, extra)
-        if first:
-            data += b"%x\r\n%b\r\n" % (len(first), first)
+        if not self._chunked:
+            self.keep_alive = False
+        framing = "Transfer-Encoding: chunked\r\n" if self._chunked else ""
+        connection = "keep-alive" if self.keep_alive else "close"
+        data = _head(status, headers, f"Content-Type: {content_type}\r\n{framing}Connection: {connection}\r\n")
+        if first and not self._bodiless:
+            data += b"%x\r\n%b\r\n" % (len(first), first) if self._chunked else first
         if not self.client_gone:
             self._transport.write(data)  # type: ignore[union-attr]
 
@@ -172,19 +190,24 @@ class Responder:
         """One chunk of a started stream (empty data is skipped: it would end the stream). A client
         with more than ``max_write_buffer_bytes`` unsent is dropped instead."""
         transport = self._transport
-        if data and transport is not None and not transport.is_closing():
+        if data and transport is not None and not transport.is_closing() and not self._bodiless:
             if self.paused and transport.get_write_buffer_size() > self._conn.server.limits.max_write_buffer_bytes:
                 self._conn.drop("write_buffer")
                 return
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
 
     def end(self, last: bytes = b"") -> None:
         """End a started stream, optionally with a last piece in the same write."""
         if self.finished:
             return
         self.finished = True
-        data = b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n"
-        if not self.client_gone:
+        if self._bodiless:
+            return
+        if not self._chunked:  # the connection's close ends the stream (see _after)
+            data = last
+        else:
+            data = b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n"
+        if data and not self.client_gone:
             self._transport.write(data)  # type: ignore[union-attr]
 
     def on_flow(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
@@ -225,6 +248,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._deadline = 0.0
         self._on_deadline: Callable[[], None] | None = None  # None: no deadline armed
         self._in_message = False
+        self._last_request = False  # a request that closes the connection arrived: nothing after it is read
         self._in_head = False  # a request line or headers are arriving (and count towards max_header_bytes)
         self._head_size = 0  # bytes of request line and headers parsed
         self._head_bytes = 0  # bytes received since the head began, but for the chunk it began in
@@ -260,7 +284,10 @@ class HttpServerProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._reject(400, "protocol upgrades are not supported", "malformed")
         except httptools.HttpParserError as exc:
-            if not self._rejected:
+            if self._last_request:  # bytes after a request that closes the connection: ignored
+                if self.transport is not None:
+                    self.transport.pause_reading()
+            elif not self._rejected:
                 self._reject(400, f"malformed HTTP request: {exc}", "malformed")
         else:
             # the parser buffers a header until it is whole: bound what a head still arriving holds
@@ -307,6 +334,8 @@ class HttpServerProtocol(asyncio.Protocol):
             self._header_overflow()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer of a chunked body: never merged into the headers (RFC 9110 6.5.1)
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.server.limits.max_header_bytes:
             self._header_overflow()
@@ -368,7 +397,10 @@ class HttpServerProtocol(asyncio.Protocol):
             self._headers,
             b"".join(self._body),
             self.parser.should_keep_alive(),
+            self.parser.get_http_version(),
         )
+        if not request.keep_alive:
+            self._last_request = True  # what follows on this connection is not read (RFC 9112 9.6)
         if self._task is None:
             self._disarm()
             self._run(request)
@@ -379,7 +411,12 @@ class HttpServerProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------- serving
     def _run(self, request: HttpRequest) -> None:
-        self._responder = Responder(self, request.keep_alive and not self.server.closing)
+        self._responder = Responder(
+            self,
+            request.keep_alive and not self.server.closing,
+            head=request.method == "HEAD",
+            http10=request.version == "1.0",
+        )
         self._task = self.loop.create_task(self._serve(request, self._responder))
 
     async def _serve(self, request: HttpRequest, responder: Responder) -> None:

@@ -58,12 +58,12 @@ class ClientTlsFiles:
 def _check_file(path: str, what: str) -> None:
     """Raise :class:`TlsError` unless ``path`` is a readable file."""
     file = Path(path)
-    if not file.is_file():
-        raise TlsError(f"{what} {path!r} does not exist or is not a file")
     try:
+        if not file.is_file():
+            raise TlsError(f"{what} {path!r} does not exist or is not a file")
         with file.open("rb"):
             pass
-    except OSError as exc:
+    except OSError as exc:  # (is_file() too raises for a name the file system refuses: too long)
         raise TlsError(f"{what} {path!r} cannot be read: {exc.strerror or exc}") from None
 
 

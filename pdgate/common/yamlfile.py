@@ -34,6 +34,8 @@ def read_yaml_mapping(path: str | Path, *, empty_ok: bool = True, what: str = "a
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise YamlFileError(f"{where}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise YamlFileError(f"{path}: not valid YAML: nested too deeply") from None
     if data is None and empty_ok:
         return {}
     if not isinstance(data, dict):
