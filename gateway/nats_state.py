@@ -133,7 +133,9 @@ class NatsState:
         return True
 
     async def get_blob(self, name: str) -> bytes | None:
-        if not self.connected:
+        # connected to NATS is enough: a watcher replaying a bucket at (re)connection, before
+        # ``connected``, reads the blobs its values name (a restarted replica's cost model in force)
+        if self._nc is None or not self._nc.is_connected:
             return None
         try:
             result = await (await self._blob_store()).get(name)

@@ -69,3 +69,34 @@ def test_the_training_records_are_bounded_in_bytes_as_well_as_in_count() -> None
     assert [line[:4] for line in window] == [b"%04d" % i for i in range(40, 50)]  # the newest
     window.extend([b"y"] * 200)  # then the count limit
     assert len(window) == 100 and window.bytes == 100
+
+
+async def test_a_replica_that_starts_later_reads_the_blob_a_replayed_value_names(nats: NatsServer) -> None:
+    """What a restarted replica does for the cost model in force: its bucket watcher replays the
+    value (before the replica counts as connected) and reads the blob the value names."""
+    first = NatsState(nats.url, replica_id="a")
+    await first.start()
+    assert await first.wait_ready(10)
+    assert await first.put_blob("model-v1", b"the model")
+    await first.put("models", "current", {"blob": "model-v1"})
+    seen: list[bytes | None] = []
+    later = NatsState(nats.url, replica_id="b")
+
+    async def on_change(key: str, value: dict | None) -> None:
+        if value is not None:
+            seen.append(await later.get_blob(value["blob"]))
+
+    async def ignore(key: str, value: dict | None) -> None:
+        pass
+
+    later.watch("models", on_change)
+    for n in range(8):  # more buckets to open after it: the replay comes before the replica counts as connected
+        later.watch(f"other-{n}", ignore)
+    await later.start()
+    try:
+        assert await later.wait_ready(10)
+        assert await wait_for(lambda: bool(seen), 5)
+        assert seen == [b"the model"]
+    finally:
+        await later.close()
+        await first.close()
