@@ -152,3 +152,18 @@ def test_pd_paths_rules_before_the_share_and_a_path_without_instances():
     assert fallback.split and fallback.reason == ph.SPLIT_NO_COLOCATED
     only_colocated = (view("c", "both"),)
     assert not paths_plan(tagged("a"), only_colocated).split
+
+
+def test_pd_paths_sends_a_request_to_the_other_path_when_its_own_has_no_live_instance_for_a_leg():
+    """Found by the soak: every prefill drained (or the one colocated instance dead) left the
+    path's instances in place, so the request got a 503 while the other path could serve it."""
+    split_asked = tagged("a", pd_path="split")
+    drained_prefill = (view("c", "both"), view("p", "prefill", draining=True), view("d", "decode"))
+    moved = paths_plan(split_asked, drained_prefill, honour_header=True)
+    assert not moved.split and moved.decode.instance_id == "c" and moved.reason == ph.NO_PD
+    colocated_asked = tagged("a", pd_path="colocated")
+    dead_colocated = (view("c", "both", healthy=False), view("p", "prefill"), view("d", "decode"))
+    moved = paths_plan(colocated_asked, dead_colocated, honour_header=True)
+    assert moved.split and moved.reason == ph.SPLIT_NO_COLOCATED
+    nothing_live = (view("c", "both", healthy=False), view("p", "prefill", draining=True), view("d", "decode"))
+    assert paths_plan(colocated_asked, nothing_live, honour_header=True).reason == ph.COLOCATED_HEADER  # (503 then)

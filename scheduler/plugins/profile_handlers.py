@@ -149,15 +149,16 @@ class PdPathsParams(PluginParams):
 class PdPathsHandler(ProfileHandler):
     """The operator's explicit split between a model's colocated and disaggregated instances.
 
-    For rolling disaggregation out (or back) as a config change: ``both`` instances form the
-    colocated path (profile ``colocated``), ``prefill`` and ``decode`` instances the split path
-    (``prefill`` then ``decode``), side by side for one model. Each request takes one path, by the
-    first rule that applies: its ``x-pdgate-pd-path`` header (with ``honour_header``), its app
-    (``x-pdgate-app``) in ``colocated_apps`` or ``split_apps``, its route in ``colocated_routes``,
-    else ``colocated_percent`` of requests by a stable hash of the request id (the same request
-    id always takes the same path). A path without instances sends the request to the other.
-    ``pdgate_pd_decisions_total`` and ``pdgate_slo_requests_total`` count by path, for the A/B
-    comparison.
+        For rolling disaggregation out (or back) as a config change: ``both`` instances form the
+        colocated path (profile ``colocated``), ``prefill`` and ``decode`` instances the split path
+        (``prefill`` then ``decode``), side by side for one model. Each request takes one path, by the
+        first rule that applies: its ``x-pdgate-pd-path`` header (with ``honour_header``), its app
+        (``x-pdgate-app``) in ``colocated_apps`` or ``split_apps``, its route in ``colocated_routes``,
+        else ``colocated_percent`` of requests by a stable hash of the request id (the same request
+        id always takes the same path). A path without a live (healthy, undrained) instance for each of
+    its legs sends the request to the other.
+        ``pdgate_pd_decisions_total`` and ``pdgate_slo_requests_total`` count by path, for the A/B
+        comparison.
     """
 
     type_name = "pd-paths"
@@ -170,10 +171,21 @@ class PdPathsHandler(ProfileHandler):
         colocated = [c for c in candidates if c.role == "both"]
         split = [c for c in candidates if c.role != "both"]
         wanted, reason = self._path(request)
-        if wanted == "colocated" and not colocated:
+        # a path serves when it has a live instance for each of its legs (not merely instances:
+        # every prefill drained, or the one colocated instance dead, sends the request to the other)
+        colocated_serves = any(_live(c) for c in colocated)
+        split_serves = any(_live(c) and c.serves("prefill") for c in split) and any(
+            _live(c) and c.serves("decode") for c in split
+        )
+        if wanted == "colocated" and not colocated_serves and split_serves:
             wanted, reason = "split", SPLIT_NO_COLOCATED
-        elif wanted == "split" and not split:
+        elif wanted == "split" and not split_serves and colocated_serves:
             wanted, reason = "colocated", NO_PD
+        elif not colocated_serves and not split_serves:  # neither: the path with instances (its filters say why)
+            if wanted == "colocated" and not colocated:
+                wanted, reason = "split", SPLIT_NO_COLOCATED
+            elif wanted == "split" and not split:
+                wanted, reason = "colocated", NO_PD
         if wanted == "colocated":
             return PdPlan(run("colocated", colocated), reason=reason)
         plan = split_plan(split, run)
@@ -195,6 +207,10 @@ class PdPathsHandler(ProfileHandler):
         if zlib.crc32(request.request_id.encode()) % 10_000 < p.colocated_percent * 100:
             return "colocated", COLOCATED_SHARE
         return "split", SPLIT_SHARE
+
+
+def _live(view: InstanceView) -> bool:
+    return view.healthy and not view.draining
 
 
 NO_PD = "colocated: no prefill/decode instances"
