@@ -231,7 +231,8 @@ def observer(
         obs.last_token = clock()
         if data.rfind(_USAGE_KEY) >= 0:  # the usage chunk and [DONE] may arrive in separate reads
             obs.usage_chunk = data
-        if data.rfind(b"data: [DONE]") >= 0:
+        # [DONE] starts a line: a token whose text reads "data: [DONE]" is inside a JSON string
+        if data.startswith(b"data: [DONE]") or data.rfind(b"\ndata: [DONE]") >= 0:
             obs.saw_done = True
             state = instance()
             obs.batch_at_end, obs.context_at_end = state.decode_inflight, state.decode_context_tokens

@@ -226,7 +226,8 @@ async def test_when_every_attempt_fails_before_the_first_byte_the_client_gets_50
     proxy = fleet.proxy()
     with pytest.raises(GatewayError) as raised:
         await serve(proxy, completion_request())
-    assert raised.value.status == 502 and raised.value.headers == {"Retry-After": "1"}
+    assert raised.value.status == 502 and raised.value.headers["Retry-After"] == "1"
+    assert raised.value.headers["X-Request-Id"].startswith("pdgate-")  # the refusal names its request too
     assert [c.instance for c in fleet.log] == ["c1", "c2"]  # 1 + retries attempts, each elsewhere
     assert all(r.closed for r in fleet.adapters["c1"].responses + fleet.adapters["c2"].responses)
     fleet.assert_idle()
