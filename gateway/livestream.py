@@ -181,6 +181,9 @@ class LiveStream:
             if self.pending is not None:
                 handover = await asyncio.shield(self.pending)
                 self.pending = None
+            if handover is not None and self.trail.finished:  # the client has its finish: only the end is left
+                handover.discard("the answer ended first")
+                handover = None
             if handover is None:
                 reason = self.stall_reason or error or "the stream ended before the answer did"
                 self.stall_reason = None

@@ -143,8 +143,8 @@ class MigrationController:
 
     def move(self, live: LiveStream, target_id: str | None, reason: str) -> asyncio.Task[bool] | None:
         """Start moving ``live`` (to ``target_id``, or where the policy says); None when it cannot start now."""
-        if live.moving or live.trail.done or not live.trail.tracked:
-            return None
+        if live.moving or live.trail.done or live.trail.finished or not live.trail.tracked:
+            return None  # (a stream whose finish went out has nothing left to move)
         if len(self._moves) >= self.config.max_concurrent:
             return None
         if target_id is None:
