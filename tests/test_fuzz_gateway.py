@@ -239,6 +239,7 @@ def scenario_failures(recorder: ScenarioRecorder) -> dict[str, str]:
 def test_fuzzed_requests_get_documented_answers(fuzzed: FuzzedGateway, tmp_path: Path) -> None:
     with hypothesis_storage(tmp_path):
         fuzzed.cases, fuzzed.failures = fuzz(fuzzed.gateway.url)
+    print(f"schemathesis sent {fuzzed.cases} requests; {len(fuzzed.failures)} distinct failures")
     assert fuzzed.cases > 100, f"the fuzzer sent only {fuzzed.cases} requests"
     assert not fuzzed.failures, f"{len(fuzzed.failures)} failures:\n\n" + "\n\n".join(fuzzed.failures)
 
