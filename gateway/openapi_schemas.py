@@ -140,57 +140,43 @@ STREAM_DATA: dict[str, Any] = {
     ],
 }
 
+
+def _answer(object_name: str, field: str, field_schema: dict[str, Any]) -> dict[str, Any]:
+    """A whole completion or chat completion: its choices carry ``field`` (text or message)."""
+    choice = {
+        "type": "object",
+        "required": ["index", field],
+        "properties": {
+            "index": {"type": "integer"},
+            field: field_schema,
+            "finish_reason": {"type": ["string", "null"]},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["id", "object", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": object_name},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": choice},
+            "usage": USAGE,
+        },
+    }
+
+
 ANSWER_SCHEMAS: dict[str, Any] = {
-    "Completion": {
-        "type": "object",
-        "required": ["id", "object", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "text_completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "text"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "text": {"type": "string"},
-                        "finish_reason": {"type": ["string", "null"]},
-                    },
-                },
-            },
-            "usage": USAGE,
+    "Completion": _answer("text_completion", "text", {"type": "string"}),
+    "ChatCompletion": _answer(
+        "chat.completion",
+        "message",
+        {
+            "type": "object",
+            "required": ["role"],
+            "properties": {"role": {"type": "string"}, "content": {"type": ["string", "null"]}},
         },
-    },
-    "ChatCompletion": {
-        "type": "object",
-        "required": ["id", "object", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "message"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "message": {
-                            "type": "object",
-                            "required": ["role"],
-                            "properties": {"role": {"type": "string"}, "content": {"type": ["string", "null"]}},
-                        },
-                        "finish_reason": {"type": ["string", "null"]},
-                    },
-                },
-            },
-            "usage": USAGE,
-        },
-    },
+    ),
     "Response": {
         "type": "object",
         "required": ["id", "object", "status", "output"],

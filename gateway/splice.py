@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,19 +223,22 @@ def _ends_the_stream(events: bytes) -> bool:
     return False
 
 
-def _has_usage_chunk(events: bytes) -> bool:
-    """Whether one of ``events`` (whole SSE events) is the usage chunk: no choices, a usage."""
+def _event_objects(events: bytes) -> Iterator[Any]:
+    """The JSON value of each of ``events`` (whole SSE events) whose data is an object; None for
+    one that is not valid JSON."""
     for event in sse.split_events(events)[0]:
         data = sse.event_data(event)
         if data is None or not data.lstrip().startswith(b"{"):
             continue
         try:
-            chunk = json.loads(data)
+            yield json.loads(data)
         except (ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(chunk, dict) and _is_usage_chunk(chunk):
-            return True
-    return False
+            yield None
+
+
+def _has_usage_chunk(events: bytes) -> bool:
+    """Whether one of ``events`` (whole SSE events) is the usage chunk: no choices, a usage."""
+    return any(isinstance(chunk, dict) and _is_usage_chunk(chunk) for chunk in _event_objects(events))
 
 
 def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
@@ -244,14 +247,7 @@ def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
 
 def _identity(events: bytes) -> dict[str, Any] | None:
     """``id``, ``created``, ``model`` and ``object`` of the first JSON object among ``events``."""
-    for event in sse.split_events(events)[0]:
-        data = sse.event_data(event)
-        if data is None or not data.lstrip().startswith(b"{"):
-            continue
-        try:
-            first = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            return None
+    for first in _event_objects(events):
         if not isinstance(first, dict):
             return None
         return {k: first.get(k) for k in ("id", "created", "model", "object")}
