@@ -15,6 +15,10 @@ HTTP and nothing about the gateway:
   :attr:`Responder.paused` is set and the hooks given to :meth:`Responder.on_flow` are called.
 * Idle keep-alive connections are closed after ``keepalive_timeout_s``; a request's head and
   body must arrive within ``request_timeout_s`` (408 otherwise).
+* HTTP/1.0 clients get their streams delimited by the connection's close (they know no chunked
+  coding); responses to HEAD carry no body; trailer fields of a chunked body are not merged
+  into the headers; bytes after a request that closes the connection are ignored, that request
+  is still answered.
 * Limits against hostile or broken clients (:class:`HttpLimits`; each hit is reported to the
   ``on_limit`` hook by name, :data:`LIMIT_NAMES`): a request head (request line and headers) over
   ``max_header_bytes`` is answered 431 and the connection closed, also while it is still arriving;
