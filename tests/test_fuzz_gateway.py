@@ -40,7 +40,7 @@ from support.waiting import wait_until
 
 from pdgate.gateway.openapi import STORED_RESPONSE_ROUTE
 
-FUZZ_EXAMPLES = int(os.environ.get("PDGATE_FUZZ_EXAMPLES", "15"))
+FUZZ_EXAMPLES = int(os.environ.get("PDGATE_FUZZ_EXAMPLES", "10"))
 FUZZ_SEED = int(os.environ.get("PDGATE_FUZZ_SEED", "21"))
 MAX_RESPONSE_S = 5.0  # an answer slower than this counts as a hang
 REQUEST_TIMEOUT_S = 10.0

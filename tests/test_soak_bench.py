@@ -20,7 +20,7 @@ from support.waiting import wait_until_async
 check = load_benchmark("_soak_check")
 faults = load_benchmark("_soak_faults")
 
-CI_SECONDS = 60  # of load and faults; the whole run takes about 80 s on the 2-core box
+CI_SECONDS = 40  # of load and faults (faults every 1-2.5 s); the whole run takes about 60 s on the 2-core box
 
 
 # ------------------------------------------------------------------------------ the checker
@@ -242,7 +242,10 @@ def test_the_fault_schedule_is_seeded_and_keeps_to_the_kinds_asked_for() -> None
 def test_a_short_ci_soak_ends_every_request_as_documented_with_no_token_lost(tmp_path: Path) -> None:
     out = tmp_path / "soak"
     run = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "soak.py"), "--ci", "--duration", str(CI_SECONDS), "--out", str(out)],
+        [
+            *(sys.executable, str(BENCHMARKS / "soak.py"), "--ci", "--duration", str(CI_SECONDS)),
+            *("--gap", "1,2.5", "--out", str(out)),
+        ],
         capture_output=True,
         text=True,
         timeout=CI_SECONDS + 240,
@@ -251,7 +254,7 @@ def test_a_short_ci_soak_ends_every_request_as_documented_with_no_token_lost(tmp
     assert run.returncode == 0, tail
     report = json.loads((out / "soak.json").read_text())
     by_kind = report["faults"]["by_kind"]
-    assert len(by_kind) >= 5 and sum(by_kind.values()) >= 8, by_kind  # faults of many kinds really happened
+    assert len(by_kind) >= 4 and sum(by_kind.values()) >= 6, by_kind  # faults of many kinds really happened
     assert not report["faults"]["failed_to_apply"], tail
     assert report["endings"].get("identical", 0) >= 0.5 * report["requests"], report["endings"]
     assert report["tokens"] == {"lost": 0, "duplicated": 0, "different": 0}, report["bugs"][:5]
