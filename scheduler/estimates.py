@@ -60,7 +60,7 @@ def decode_seconds(request: RequestInfo, predicted: Mapping[str, float]) -> floa
 
 def handoff_estimate(request: RequestInfo, snapshot: ClusterSnapshot, costs: CostModel) -> float:
     """The cheapest hand-off to any decode instance of the snapshot (0 with none)."""
-    decoders = [i for i in snapshot.instances if i.role == "decode" and i.healthy and not i.draining]
+    decoders = [i for i in snapshot.instances if i.role == "decode" and i.available]
     if not decoders:
         return 0.0
     return min(costs.handoff_s(d, request.prompt_tokens) for d in decoders)

@@ -107,7 +107,7 @@ def plan_roles(
     instance in the prefill or decode role, or no instance serving one of them. Prefill
     instances are kept within :func:`prefill_busy_limit` of ``ttft_target_s``, decode batches
     within :func:`tpot_in_force` of ``tpot_target_s``."""
-    pool = [i for i in instances if i.role in ("prefill", "decode") and i.healthy and not i.draining]
+    pool = [i for i in instances if i.role in ("prefill", "decode") and i.available]
     flex = [i for i in pool if i.flexible]
     prefill_now = sum(1 for i in pool if i.role == "prefill")
     fixed_prefill = sum(1 for i in pool if i.role == "prefill" and not i.flexible)

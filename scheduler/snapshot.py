@@ -70,6 +70,11 @@ class InstanceView:
         return self.role == phase or self.role == "both"
 
     @property
+    def available(self) -> bool:
+        """It takes new requests: healthy (circuit closed) and not draining."""
+        return self.healthy and not self.draining
+
+    @property
     def queue_depth(self) -> int:
         """Requests on the instance: the larger of what it reports and what we sent it."""
         reported = (self.running or 0) + (self.waiting or 0)

@@ -16,7 +16,7 @@ class HealthFilter(Filter):
     def filter(
         self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: list[InstanceView]
     ) -> list[InstanceView]:
-        return [i for i in candidates if i.healthy and not i.draining]
+        return [i for i in candidates if i.available]
 
 
 class RoleFilterParams(PluginParams):

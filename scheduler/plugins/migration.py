@@ -143,7 +143,7 @@ class _Loads:
 
 
 def _decoders(snapshot: ClusterSnapshot, model: str) -> list[InstanceView]:
-    return [i for i in snapshot.instances if i.model == model and i.healthy and not i.draining and i.serves("decode")]
+    return [i for i in snapshot.instances if i.model == model and i.available and i.serves("decode")]
 
 
 def _least_loaded_target(

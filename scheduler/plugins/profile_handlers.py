@@ -168,24 +168,21 @@ class PdPathsHandler(ProfileHandler):
     def plan(
         self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: Sequence[InstanceView], run: RunProfile
     ) -> PdPlan:
-        colocated = [c for c in candidates if c.role == "both"]
-        split = [c for c in candidates if c.role != "both"]
+        paths = {"colocated": [c for c in candidates if c.role == "both"]}
+        paths["split"] = [c for c in candidates if c.role != "both"]
+        # a path serves when it has an available instance for each of its legs (not merely
+        # instances: every prefill drained, or the one colocated instance dead, sends the request to
+        # the other); when neither serves, the request keeps to its path if it has instances (its
+        # filters then say why none can serve)
+        serves = {
+            "colocated": any(c.available for c in paths["colocated"]),
+            "split": all(any(c.available and c.serves(leg) for c in paths["split"]) for leg in ("prefill", "decode")),
+        }
         wanted, reason = self._path(request)
-        # a path serves when it has a live instance for each of its legs (not merely instances:
-        # every prefill drained, or the one colocated instance dead, sends the request to the other)
-        colocated_serves = any(_live(c) for c in colocated)
-        split_serves = any(_live(c) and c.serves("prefill") for c in split) and any(
-            _live(c) and c.serves("decode") for c in split
-        )
-        if wanted == "colocated" and not colocated_serves and split_serves:
-            wanted, reason = "split", SPLIT_NO_COLOCATED
-        elif wanted == "split" and not split_serves and colocated_serves:
-            wanted, reason = "colocated", NO_PD
-        elif not colocated_serves and not split_serves:  # neither: the path with instances (its filters say why)
-            if wanted == "colocated" and not colocated:
-                wanted, reason = "split", SPLIT_NO_COLOCATED
-            elif wanted == "split" and not split:
-                wanted, reason = "colocated", NO_PD
+        other = "split" if wanted == "colocated" else "colocated"
+        if not serves[wanted] and (serves[other] or not paths[wanted]):
+            wanted, reason = other, (SPLIT_NO_COLOCATED if other == "split" else NO_PD)
+        colocated, split = paths["colocated"], paths["split"]
         if wanted == "colocated":
             return PdPlan(run("colocated", colocated), reason=reason)
         plan = split_plan(split, run)
@@ -207,10 +204,6 @@ class PdPathsHandler(ProfileHandler):
         if zlib.crc32(request.request_id.encode()) % 10_000 < p.colocated_percent * 100:
             return "colocated", COLOCATED_SHARE
         return "split", SPLIT_SHARE
-
-
-def _live(view: InstanceView) -> bool:
-    return view.healthy and not view.draining
 
 
 NO_PD = "colocated: no prefill/decode instances"

@@ -118,7 +118,7 @@ class SloAdmitter(Admitter):
         prefills: list[InstanceView] = []
         decoders: list[InstanceView] = []
         for i in snapshot.instances:
-            if i.healthy and not i.draining:
+            if i.available:
                 if i.serves("prefill"):
                     prefills.append(i)
                 if i.serves("decode"):
