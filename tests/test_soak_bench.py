@@ -7,10 +7,12 @@ every request identical or documented, no token lost or duplicated, and no proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,19 @@ async def _streaming_server(written: list[int]) -> asyncio.Server:
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
+@contextlib.asynccontextmanager
+async def _proxied_stream() -> AsyncIterator[tuple[list[int], faults.FaultProxy]]:
+    """A streaming server behind a fault proxy (what it wrote, the proxy); both closed after."""
+    written: list[int] = []
+    server = await _streaming_server(written)
+    proxy = await faults.FaultProxy("engine", 0, server.sockets[0].getsockname()[1]).start()
+    try:
+        yield written, proxy
+    finally:
+        await proxy.close()
+        server.close()
+
+
 async def _open_stream(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -173,10 +188,7 @@ async def _read_until_reset(reader: asyncio.StreamReader) -> None:
 @pytest.mark.unit
 def test_a_reset_in_the_proxy_cuts_the_clients_stream_mid_way() -> None:
     async def scenario() -> None:
-        written: list[int] = []
-        server = await _streaming_server(written)
-        proxy = await faults.FaultProxy("engine", 0, server.sockets[0].getsockname()[1]).start()
-        try:
+        async with _proxied_stream() as (written, proxy):
             reader, writer = await _open_stream(proxy.listen_port)
             assert len(proxy.mid_stream()) == 1  # an event stream that is moving
             assert proxy.reset_one(random.Random(0))
@@ -184,9 +196,6 @@ def test_a_reset_in_the_proxy_cuts_the_clients_stream_mid_way() -> None:
                 await asyncio.wait_for(_read_until_reset(reader), 5)
             assert proxy.resets == 1 and not proxy.live()
             writer.close()
-        finally:
-            await proxy.close()
-            server.close()
 
     asyncio.run(scenario())
 
@@ -194,10 +203,7 @@ def test_a_reset_in_the_proxy_cuts_the_clients_stream_mid_way() -> None:
 @pytest.mark.unit
 def test_a_paused_proxy_holds_the_stream_and_a_downed_one_refuses_connections() -> None:
     async def scenario() -> None:
-        written: list[int] = []
-        server = await _streaming_server(written)
-        proxy = await faults.FaultProxy("engine", 0, server.sockets[0].getsockname()[1]).start()
-        try:
+        async with _proxied_stream() as (written, proxy):
             reader, writer = await _open_stream(proxy.listen_port)
 
             def delivered() -> int:
@@ -219,9 +225,6 @@ def test_a_paused_proxy_holds_the_stream_and_a_downed_one_refuses_connections() 
             await proxy.up()
             reader, writer = await _open_stream(proxy.listen_port)  # the same port serves again
             writer.close()
-        finally:
-            await proxy.close()
-            server.close()
 
     asyncio.run(scenario())
 
