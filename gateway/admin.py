@@ -20,6 +20,12 @@
 * ``GET /admin/plan``: the role balancer's latest plan per model (``enabled`` false when it is off),
   and under ``scaling`` the scaling plan per model (instances per role, the forecast, why, and
   what the actuator did).
+* ``GET /admin/discovery``: what Kubernetes discovery sees (``synced``, ``pods``), the instances
+  it added (``managed``) and is removing, the pods that cannot join and why (``problems``), and
+  the API's last failure; ``enabled`` false without ``discovery.kubernetes``.
+* ``GET /admin/console/state``: what the ops console at ``GET /console`` shows
+  (:mod:`pdgate.gateway.console`): these instances, the admission queue, the last minutes' SLO
+  attainment and goodput, recent migrations and role changes, and the plan.
 * ``POST /admin/requests/{request_id}/migrate`` (JSON body ``{"target": id}``, optional): move
   one running stream now; answers whether it moved.
 
@@ -51,6 +57,8 @@ from pdgate.gateway.requests import GatewayError
 if TYPE_CHECKING:
     from pdgate.gateway.cluster import Cluster
     from pdgate.gateway.config import GatewayConfig
+    from pdgate.gateway.console import ConsoleState
+    from pdgate.gateway.discovery.kube_discovery import KubeDiscovery
     from pdgate.gateway.instance_state import InstanceState
     from pdgate.gateway.migration import MigrationController
     from pdgate.gateway.peers import PeerStreams
@@ -72,6 +80,8 @@ class AdminApi:
         self.peers: PeerStreams | None = None  # the other replicas' streams (sharing)
         self.roles: RoleBalancing | None = None  # the role balancer, when enabled
         self.scaling: Scaling | None = None  # the scaling plan, when enabled
+        self.discovery: KubeDiscovery | None = None  # Kubernetes discovery, when configured
+        self.console: ConsoleState | None = None  # the ops console's state (set by the app)
         self.replica_id: str | None = None
         key = config.admin_api_key()
         self._key = key.encode() if key else None
@@ -109,6 +119,13 @@ class AdminApi:
         elif parts == ["plan"]:
             self._allow(method, "GET")
             responder.send_json(200, self._plan())
+        elif parts == ["discovery"]:
+            self._allow(method, "GET")
+            found = self.discovery.status() if self.discovery is not None else {}
+            responder.send_json(200, {"enabled": self.discovery is not None, **found})
+        elif parts == ["console", "state"]:
+            self._allow(method, "GET")
+            responder.send_json(200, self._console())
         elif len(parts) == 3 and parts[0] == "requests" and parts[2] == "migrate":
             self._allow(method, "POST")
             await self._migrate(parts[1], request, responder)
@@ -245,6 +262,13 @@ class AdminApi:
             ],
             "scaling": self._scaling(),
         }
+
+    def _console(self) -> dict[str, Any]:
+        """The ops console's state: these instances and plan, and what :mod:`pdgate.gateway.console` adds."""
+        if self.console is None:
+            raise GatewayError(404, "this gateway serves no ops console")
+        instances = [self._describe(s) for s in self.cluster.instances.values()]
+        return self.console.state(instances, self._plan(), self.replica_id)
 
     def _scaling(self) -> dict[str, Any]:
         """The scaling plan per model: the instances it wants per role, what runs, the forecast it

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
+    from pdgate.gateway.discovery.kube_discovery import KubeDiscovery
+
 from pdgate.adapters import Upstream, UpstreamPool
 from pdgate.adapters.kv_events import KvEventSubscriber
 from pdgate.common.http_server import HttpRequest, HttpServer, Responder
@@ -29,7 +31,9 @@ from pdgate.gateway.admin import AdminApi
 from pdgate.gateway.admission import AdmissionController
 from pdgate.gateway.cluster import Cluster, KvFeedFactory
 from pdgate.gateway.config import DEFAULT_SCHEDULING, ConfigError, GatewayConfig
+from pdgate.gateway.console import CONSOLE_ROUTES, ConsolePage, ConsoleState
 from pdgate.gateway.costs import CostModelService
+from pdgate.gateway.discovery_config import KubernetesDiscoveryConfig
 from pdgate.gateway.fleet import FleetManager
 from pdgate.gateway.leadership import Leadership
 from pdgate.gateway.load_sharing import LoadSharing
@@ -52,8 +56,6 @@ from pdgate.scheduler.framework import Admitter, MigrationPolicy, Profile, Profi
 from pdgate.scheduler.registry import PluginRegistry, SchedulingConfig
 
 log = logging.getLogger("pdgate.gateway")
-
-SHUTDOWN_GRACE_S = 5.0
 
 Route = Callable[[HttpRequest, Responder], Awaitable[None]]
 
@@ -86,7 +88,9 @@ class Gateway:
     tracing: Tracing | None = None
     tenants: TenantService | None = None  # tenants' budgets and fair share (tenants configured)
     tenant_sharing: TenantSharing | None = None  # their budgets shared with the other replicas
+    discovery: KubeDiscovery | None = None  # engine pods found through the Kubernetes API (discovery.kubernetes)
     started_at: float = 0.0
+    stopping: bool = False  # SIGTERM came: /ready answers 503 while the last requests finish
 
 
 def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None) -> Gateway:
@@ -105,6 +109,8 @@ def build_gateway(config: GatewayConfig, registry: PluginRegistry | None = None)
     policy = registry.create_migration_policy(config.migration.policy, config.migration.parameters)
     if config.scaling.enabled:
         actuator_params(config.scaling.actuator)  # a bad actuator or parameter fails here (ValueError)
+    if config.discovery.enabled and importlib.util.find_spec("lightkube") is None:
+        raise ValueError("discovery.kubernetes needs the Kubernetes client: pip install 'pdgate[kubernetes]'")
     return Gateway(config, profiles, tokenizers, GatewayMetrics(), admitter, policy, handler)
 
 
@@ -118,6 +124,14 @@ class GatewayApp:
         self.admin = admin
         self._keys = [k.encode() for k in gateway.config.client_api_keys()]
         self.passthrough = PassThrough(gateway.config, cluster, gateway.metrics, gateway.tenants)
+        self.console = ConsolePage()
+        if admin is not None:  # the console's state sits behind the admin API's auth
+            admin.console = ConsoleState(
+                gateway.metrics,
+                gateway.admission,
+                max_queue=gateway.config.admission.max_queue,
+                started_at=gateway.started_at,
+            )
         self.routes: dict[str, dict[str, Route]] = {
             "/v1/completions": {"POST": self.completions},
             "/v1/chat/completions": {"POST": self.chat_completions},
@@ -129,6 +143,7 @@ class GatewayApp:
             "/metrics": {"GET": self.metrics},
             "/cost-model": {"GET": self.cost_model},
             "/openapi.json": {"GET": self.openapi},
+            **{path: {"GET": self.console.serve} for path in CONSOLE_ROUTES},
         }
 
     async def __call__(self, request: HttpRequest, responder: Responder) -> None:
@@ -203,9 +218,11 @@ class GatewayApp:
 
     async def ready(self, request: HttpRequest, responder: Responder) -> None:
         status = {m.name: self.cluster.ready(m.name) for m in self.gw.config.models}
-        code = 200 if all(status.values()) else 503
+        code = 200 if all(status.values()) and not self.gw.stopping else 503
         headers = {} if code == 200 else {"Retry-After": "1"}
         body: dict[str, object] = {"ready": code == 200, "models": status, "sync": self._sync()}
+        if self.gw.stopping:
+            body["stopping"] = True
         if self.gw.leadership is not None and self.gw.shared is not None:
             body["replica"] = self.gw.shared.replica_id
             body["leader"] = self.gw.leadership.leader_id
@@ -358,7 +375,8 @@ class GatewayServer:
             admin = AdminApi(gw.config, gw.cluster, migrations, gw.fleet)
             nats_url = gw.config.sharing.url()
             if nats_url is not None:  # replicas: share through NATS
-                await self._share(NatsState(nats_url, gw.config.sharing.replica_id), admin, migrations)
+                shared = NatsState(nats_url, gw.config.sharing.replica_id, copies=gw.config.sharing.stream_replicas)
+                await self._share(shared, admin, migrations)
             gw.leadership = Leadership(gw.shared, gw.metrics, lease_s=gw.config.sharing.leader_lease_s)
             migrations.plans_here = lambda: gw.leadership is not None and gw.leadership.duties_here
             gw.leadership.start()
@@ -376,6 +394,8 @@ class GatewayServer:
                 )
                 await gw.scaling.start()
                 admin.scaling = gw.scaling
+            if gw.config.discovery.kubernetes is not None:
+                await self._discover(gw.config.discovery.kubernetes, gw.fleet, gw.leadership, admin)
             self.app = GatewayApp(gw, gw.cluster, gw.proxy, admin)
             if self.listen:
                 tls_files = gw.config.tls.files()
@@ -396,6 +416,17 @@ class GatewayServer:
         except BaseException:
             await self.stop()
             raise
+
+    async def _discover(
+        self, settings: KubernetesDiscoveryConfig, fleet: FleetManager, leadership: Leadership, admin: AdminApi
+    ) -> None:
+        """Watch the engine pods (every replica); the leader adds, drains and removes them."""
+        from pdgate.gateway.discovery.kube_discovery import DiscoveryMetrics, KubeDiscovery
+
+        metrics = DiscoveryMetrics(self.gateway.metrics.registry)
+        discovery = self.gateway.discovery = KubeDiscovery(settings, fleet, metrics, lambda: leadership.duties_here)
+        await discovery.start()
+        admin.discovery = discovery
 
     async def _share(self, shared: NatsState, admin: AdminApi, migrations: MigrationController) -> None:
         """The fleet's changes and drains, the in-flight load and the streams, shared with the other replicas."""
@@ -463,11 +494,23 @@ class GatewayServer:
         await fleet.apply(new, timeout_s=self.gateway.config.admin.drain_wait_s)
 
     async def stop(self) -> None:
+        """End gracefully (the ``shutdown`` section): ``/ready`` 503 for ``ready_delay_s`` while still
+        serving, then no new connections and ``grace_s`` for the requests in flight, then the rest."""
         gw = self.gateway
+        shutdown = gw.config.shutdown
         await self._reloads.close()
         if self._http is not None:
-            await self._http.close(SHUTDOWN_GRACE_S)
+            gw.stopping = True
+            if shutdown.ready_delay_s > 0:
+                log.warning("stopping: /ready answers 503; serving on for %g s", shutdown.ready_delay_s)
+                await asyncio.sleep(shutdown.ready_delay_s)
+            active = self._http.active_requests()
+            log.warning("stopping: no new connections; %d request(s) in flight get %g s", active, shutdown.grace_s)
+            await self._http.close(shutdown.grace_s)
             self._http = None
+        if gw.discovery is not None:
+            await gw.discovery.close()
+            gw.discovery = None
         if gw.scaling is not None:
             await gw.scaling.close()  # the actuator stops the engines it started
             gw.scaling = None

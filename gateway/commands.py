@@ -215,7 +215,9 @@ async def _serve_workers(
         _started("\n".join(banner))
 
     scheme = "https" if config.tls.files() is not None else "http"
-    pool = WorkerPool(count, config.host, config.port, worker_argv, env=env, scheme=scheme)
+    pool = WorkerPool(
+        count, config.host, config.port, worker_argv, env=env, scheme=scheme, stop_grace_s=config.shutdown.total_s
+    )
     supervising = asyncio.create_task(nats.supervise(), name="local-nats") if nats is not None else None
     try:
         await serve_until_signalled(pool, ready, on_hangup=WorkerPool.reload)

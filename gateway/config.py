@@ -17,10 +17,12 @@ from pydantic import (
 )
 
 from pdgate.common.yamlfile import YamlFileError, read_yaml_mapping
+from pdgate.gateway.discovery_config import DiscoveryConfig
 from pdgate.gateway.instance_config import InstanceConfig
 from pdgate.gateway.limits_config import ClientLimitsConfig
 from pdgate.gateway.lora_config import ModelLoraConfig
 from pdgate.gateway.planning_config import RoleBalancerConfig, ScalingConfig
+from pdgate.gateway.shutdown_config import ShutdownConfig
 from pdgate.gateway.tenant_config import TenantsConfig
 from pdgate.gateway.tls_config import TlsConfig, UpstreamTlsConfig
 from pdgate.scheduler.registry import SchedulingConfig
@@ -208,7 +210,8 @@ class SharingConfig(Strict):
     )
     nats_url: str | None = Field(
         None,
-        description="NATS server with JetStream (also PDGATE_NATS_URL); unset: a single worker shares nothing, "
+        description="NATS server with JetStream, or a cluster's servers comma separated (also PDGATE_NATS_URL); "
+        "unset: a single worker shares nothing, "
         "several workers share through a NATS server started as a child",
     )
     replica_id: str | None = Field(None, description="this replica's name (default: host name and process id)")
@@ -221,6 +224,13 @@ class SharingConfig(Strict):
     load_expiry_s: float = Field(3.0, gt=0, description="a replica not heard from for this long: its load is dropped")
     leader_lease_s: float = Field(
         3.0, gt=0, description="the leader's lease: a new leader takes over within this long of the old one's death"
+    )
+    stream_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="copies a NATS cluster keeps of each shared bucket and stream (JetStream replicas): 3 in a "
+        "3-server cluster keeps the shared state through the loss of one server; 1 for a single server",
     )
 
     def url(self) -> str | None:
@@ -248,7 +258,9 @@ class GatewayConfig(Strict):
         default_factory=list, description="client keys accepted (also PDGATE_API_KEYS, comma-separated)"
     )
     models: list[ModelConfig]
-    instances: list[InstanceConfig] = Field(min_length=1)
+    instances: list[InstanceConfig] = Field(
+        default_factory=list, description="the engines served (at least one, unless discovery finds them)"
+    )
     scheduling: SchedulingConfig | None = Field(
         None, description="plugins, profiles and the profile handler (default: SLO-aware, pd-split)"
     )
@@ -275,6 +287,8 @@ class GatewayConfig(Strict):
     sharing: SharingConfig = Field(default_factory=SharingConfig)
     role_balancer: RoleBalancerConfig = Field(default_factory=RoleBalancerConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -288,6 +302,17 @@ class GatewayConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> GatewayConfig:
         names = {m.name for m in self.models}
+        found = self.discovery.enabled or (self.scaling.enabled and self.scaling.actuator.type == "kubernetes")
+        if not self.instances and not found:
+            raise ValueError(
+                "instances: list at least one engine instance (or find them with discovery.kubernetes or the "
+                "kubernetes scaling actuator)"
+            )
+        if self.discovery.enabled and self.scaling.enabled and self.scaling.actuator.type == "kubernetes":
+            raise ValueError(
+                "discovery.kubernetes and the kubernetes scaling actuator would both add the engine pods: "
+                "use one (the actuator's pools find their own pods)"
+            )
         ids = [i.spec().id for i in self.instances]
         duplicates = {i for i in ids if ids.count(i) > 1}
         if duplicates:
@@ -308,7 +333,7 @@ class GatewayConfig(Strict):
                 raise ValueError(
                     f"tenants: {tenant.name!r} names SLO class {tenant.slo_class!r}, not one of slo.classes {sorted(classes)}"
                 )
-        for name in names:
+        for name in names if not found else ():  # found at run time: the serving paths come later
             if not has_serving_path(i.start_role for i in self.instances if i.model == name):
                 raise ValueError(
                     f"model {name!r} needs a 'both' instance or at least one prefill and one decode instance "

@@ -202,12 +202,25 @@ class FleetManager:
         """Drain ``instance_id`` (up to ``timeout_s``), then stop serving it.
 
         Refused (409) when it is the last serving path of its model or when the drain did not
-        finish in time (the instance then stays drained); ``force`` removes it anyway.
+        finish in time (the instance then stays drained); ``force`` removes it anyway. Other
+        changes (an add, above all) do not wait for the drain: only its start and the final
+        removal hold the lock.
         """
         async with self._lock:
-            return await self._remove(instance_id, timeout_s, force)
+            state = self._start_removal(instance_id, force)
+        drained = await self.migrations.wait_drained(instance_id, timeout_s)
+        async with self._lock:
+            if self.cluster.instances.get(instance_id) is not state:  # removed (or replaced) meanwhile
+                return state
+            return await self._finish_removal(state, drained, timeout_s, force)
 
     async def _remove(self, instance_id: str, timeout_s: float, force: bool, *, publish: bool = True) -> InstanceState:
+        """:meth:`remove` with the lock held throughout (a reload's changes, one after the other)."""
+        state = self._start_removal(instance_id, force)
+        drained = await self.migrations.wait_drained(instance_id, timeout_s)
+        return await self._finish_removal(state, drained, timeout_s, force, publish=publish)
+
+    def _start_removal(self, instance_id: str, force: bool) -> InstanceState:
         state = self.cluster.instances.get(instance_id)
         if state is None:
             raise FleetChangeError(404, f"no instance {instance_id!r}", param="instance")
@@ -218,7 +231,12 @@ class FleetManager:
                 "(add its replacement first, or force)",
             )
         self.migrations.drain(instance_id)
-        drained = await self.migrations.wait_drained(instance_id, timeout_s)
+        return state
+
+    async def _finish_removal(
+        self, state: InstanceState, drained: bool, timeout_s: float, force: bool, *, publish: bool = True
+    ) -> InstanceState:
+        instance_id = state.spec.id
         if not drained and not force:
             raise FleetChangeError(
                 409,
@@ -252,8 +270,13 @@ class FleetManager:
         """Drain this replica's own streams on the instance (up to ``admin.drain_wait_s``), then forget it:
         the replica that asked checked that the fleet can do without it."""
         async with self._lock:
-            if instance_id in self.cluster.instances:
-                await self._remove(instance_id, self.config.admin.drain_wait_s, True, publish=False)
+            if instance_id not in self.cluster.instances:
+                return
+            state = self._start_removal(instance_id, True)
+        await self.migrations.wait_drained(instance_id, self.config.admin.drain_wait_s)
+        async with self._lock:
+            if self.cluster.instances.get(instance_id) is state:
+                await self._finish_removal(state, True, self.config.admin.drain_wait_s, True, publish=False)
 
     async def _on_drain_change(self, instance_id: str, change: dict[str, Any]) -> None:
         if instance_id not in self.cluster.instances:
@@ -273,7 +296,7 @@ class FleetManager:
         """Make the served instances those of ``new`` (see the module doc); never raises."""
         report = ReloadReport(not_applied=_restart_only_changes(self.config, new))
         async with self._lock:
-            current = {i.spec().id: i for i in self.config.instances}
+            current = {i.spec().id: i for i in self.config.instances if i.pod_uid is None}  # discovery keeps the rest
             wanted = {i.spec().id: i for i in new.instances}
             gone = [i for i in current if i not in wanted]
             changed = [i for i in current if i in wanted and current[i] != wanted[i]]

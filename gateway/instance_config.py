@@ -142,6 +142,11 @@ class InstanceConfig(_Strict):
     launch: VllmLaunch | SimLaunch | None = Field(
         None, description="for `pdgate up`: start this instance (sim or vllm)"
     )
+    pod_uid: str | None = Field(
+        None,
+        description="set by Kubernetes discovery, never by hand: the uid of the pod this instance is; discovery "
+        "drains and removes it when that pod goes, and a config reload leaves it alone",
+    )
 
     @field_validator("url")
     @classmethod

@@ -45,7 +45,13 @@ class Leadership:
             self._tasks.spawn(self._campaign(self.shared), "leader-election")
 
     async def close(self) -> None:
+        """Stop campaigning; a leader gives the lease up, so another replica leads within a third of a lease."""
         await self._tasks.close()
+        if self.shared is not None and self.is_leader:
+            self.is_leader = False
+            self.metrics.sharing_leader.set(0)
+            await self.shared.release(LEASE)
+            log.warning("replica %s gave up the leadership", self.shared.replica_id)
 
     async def _campaign(self, shared: SharedState) -> None:
         while True:

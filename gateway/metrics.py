@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from pdgate.common.version import package_version
 from pdgate.gateway.process_metrics import ProcessMetrics
+from pdgate.gateway.recent import RecentActivity
 from pdgate.scheduler.plugins.profile_handlers import REASONS
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class GatewayMetrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         Info("pdgate_build", "The gateway's version.", registry=r).info({"version": package_version() or "unknown"})
         self.process = ProcessMetrics(r)
+        self.recent = RecentActivity()  # the last minutes' requests and fleet events (the ops console)
         # ---- requests
         self.requests = Counter(
             "pdgate_requests",
@@ -444,6 +446,7 @@ class GatewayMetrics:
     def role_changed(self, instance_id: str, old: str, new: str, reason: str) -> None:
         """A flex instance changed its role (``old`` to ``new``)."""
         self.role_changes.labels(instance_id, new, reason).inc()
+        self.recent.role_change(instance_id, old, new, reason)
 
     def remember_instance(self, instance_id: str) -> None:
         """An instance (re)joined the fleet: its series are recorded again."""
@@ -475,6 +478,8 @@ class GatewayMetrics:
 
     def observe_admission(self, info: RequestInfo, outcome: Outcome) -> None:
         self._child(self.admission, info.model, outcome.action, outcome.reason).inc()
+        if outcome.action == "reject":
+            self.recent.requests.rejected()
         if outcome.queued_s > 0:
             self.queue_wait.observe((info.model,), outcome.queued_s)
 
@@ -489,10 +494,12 @@ class GatewayMetrics:
             self.generation_tokens.inc((info.model,), tokens)
         if e2e is not None:
             self.e2e.observe(labels, e2e)
+        met = None if ttft is None else info.slo.met(ttft, tpot)
+        self.recent.requests.finished(met)
         if ttft is not None:
             self.ttft.observe(labels, ttft)
-            met = "true" if info.slo.met(ttft, tpot) else "false"
-            self._child(self.slo, info.model, info.slo.slo_class, "split" if obs.split else "colocated", met).inc()
+            verdict = "true" if met else "false"
+            self._child(self.slo, info.model, info.slo.slo_class, "split" if obs.split else "colocated", verdict).inc()
         if tpot is not None:
             self.tpot.observe(labels, tpot)
         predicted = obs.predicted

@@ -171,6 +171,7 @@ class MigrationController:
             self.moved += 1
         else:
             self.failed += 1
+        self.metrics.recent.migration(live.request_id, source, target.spec.id, reason, ok)
         self.policy.on_migrated(
             MigrationPlan(live.request_id, source, target.spec.id, reason), ok, self.cluster.clock()
         )
@@ -228,7 +229,9 @@ class MigrationController:
     async def wait_drained(self, instance_id: str, timeout_s: float) -> bool:
         """Wait until nothing runs on ``instance_id`` (streams and other requests, this replica's
         and, with replicas, the others' as they report them); False on timeout."""
-        state = self.cluster.instances[instance_id]
+        state = self.cluster.instances.get(instance_id)
+        if state is None:  # removed meanwhile: nothing runs there any more
+            return True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
 

@@ -205,6 +205,7 @@ class StreamMover:
         handover.reason = "failover"
         handover.leg = span
         self.metrics.observe_migration(model, "failover", handover.mechanism, "migrated")
+        self.metrics.recent.migration(live.request_id, failed, handover.state.spec.id, "failover", True)
         log.warning(
             "failed %s over from %s to %s after %d tokens (%s)",
             live.request_id,

@@ -30,8 +30,9 @@ class NatsState:
     itself); one task per watched bucket, owned here and cancelled by :meth:`close`.
     """
 
-    def __init__(self, url: str, replica_id: str | None = None) -> None:
+    def __init__(self, url: str, replica_id: str | None = None, *, copies: int = 1) -> None:
         self.url = url
+        self.copies = copies  # JetStream replicas of each bucket and stream (sharing.stream_replicas)
         self.replica_id = replica_id or default_replica_id()
         # what this process's writes carry: a replica restarted under the same id catches up on
         # what it wrote before it died, and still never hears its own writes back
@@ -108,6 +109,15 @@ class NatsState:
         except Exception:
             return None
         return bytes(entry.value).decode().rsplit("/", 1)[0] if entry.value else None
+
+    async def release(self, lease: str) -> None:
+        revision = self._lease_revisions.pop(lease, None)
+        if revision is None or not self.connected:
+            return
+        try:
+            await (await self._bucket(f"pdgate_lease_{lease}")).delete("holder", last=revision)
+        except Exception as exc:  # taken meanwhile, or the server away: it expires on its own
+            log.debug("shared state: lease %s not released (%r)", lease, exc)
 
     def follow(self, stream: str, on_message: Listener) -> None:
         self._followers[stream] = on_message
@@ -186,7 +196,7 @@ class NatsState:
         while True:
             try:
                 self._nc = await nats.connect(
-                    self.url,
+                    [u.strip() for u in self.url.split(",") if u.strip()],  # one server, or a cluster's seeds
                     name=f"pdgate-{self.replica_id}",
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
@@ -237,7 +247,9 @@ class NatsState:
 
         js = self._nc.jetstream()
         subject = _stream_subject(stream)
-        config = StreamConfig(name=_stream_name(stream), subjects=[subject], max_msgs=STREAM_MAX_MSGS)
+        config = StreamConfig(
+            name=_stream_name(stream), subjects=[subject], max_msgs=STREAM_MAX_MSGS, num_replicas=self.copies
+        )
         try:
             await js.add_stream(config)
         except Exception:  # it exists (possibly with other limits): use it as it is
@@ -274,7 +286,7 @@ class NatsState:
             try:
                 kv = await js.key_value(name)
             except BucketNotFoundError:
-                kv = await js.create_key_value(bucket=name, history=1, ttl=ttl_s)
+                kv = await js.create_key_value(bucket=name, history=1, ttl=ttl_s, replicas=self.copies)
             self._buckets[name] = kv
         return kv
 
@@ -286,7 +298,11 @@ class NatsState:
             try:
                 self._blobs = await js.object_store(BLOB_BUCKET)
             except NotFoundError:
-                self._blobs = await js.create_object_store(BLOB_BUCKET)
+                from nats.js.api import ObjectStoreConfig
+
+                self._blobs = await js.create_object_store(
+                    BLOB_BUCKET, config=ObjectStoreConfig(bucket=BLOB_BUCKET, replicas=self.copies)
+                )
         return self._blobs
 
     async def _follow(self, bucket: str, watcher: Any, on_change: Watcher) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pdgate.common.version import package_version
 from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.console import CONSOLE_STATE_SCHEMA, PAGE_FILES
 from pdgate.gateway.instance_config import InstanceConfig
 from pdgate.gateway.openapi_schemas import (
     ADMIN_SCHEMAS,
@@ -65,7 +66,10 @@ def openapi_document(
     tags = [
         {"name": TAG_OPENAI, "description": "OpenAI's API, through prefill-decode disaggregation (docs/api.md)"},
         {"name": TAG_PASSTHROUGH, "description": "passed to one engine as they are: pooling and tokenizers"},
-        {"name": TAG_OPERATIONS, "description": "health, readiness, metrics, the cost model, this document"},
+        {
+            "name": TAG_OPERATIONS,
+            "description": "health, readiness, metrics, the cost model, this document, the ops console",
+        },
     ]
     if admin:
         paths.update(doc.admin_paths())
@@ -260,7 +264,19 @@ class _Document:
                     {"200": _json_response("The OpenAPI 3.1 description of this gateway", {"type": "object"})},
                 )
             },
+            **self._console_paths(),
         }
+
+    def _console_paths(self) -> dict[str, Any]:
+        """The ops console's page and its files (:mod:`pdgate.gateway.console`; its data is under ``/admin/``)."""
+        paths = {}
+        for path, (name, content_type) in PAGE_FILES.items():
+            media = content_type.split(";")[0]
+            answer = {"description": f"The console's {name}", "content": {media: {"schema": {"type": "string"}}}}
+            summary = f"The ops console's {name} (the page polls `GET /admin/console/state`)"
+            operation_id = "console" + name.split(".")[-1].capitalize()  # consoleHtml, consoleJs, consoleCss
+            paths[path] = {"get": self._operation(TAG_OPERATIONS, operation_id, summary, {"200": answer})}
+        return paths
 
     def admin_paths(self) -> dict[str, Any]:
         instance = [_path_parameter("instance_id", "An instance's id")]
@@ -345,6 +361,20 @@ class _Document:
                     "adminPlan",
                     "The role balancer's and the scaling plan",
                     {"200": _json_response("Plans", ref("AdminPlan"))},
+                )
+            },
+            "/admin/discovery": {
+                "get": self._admin(
+                    "adminDiscovery",
+                    "What Kubernetes discovery sees and manages (`enabled` false when it is off)",
+                    {"200": _json_response("Discovery's state", ref("AdminDiscovery"))},
+                )
+            },
+            "/admin/console/state": {
+                "get": self._admin(
+                    "adminConsoleState",
+                    "What the ops console (`GET /console`) shows: instances, queue, SLO history, events, plan",
+                    {"200": _json_response("The console's state", ref("ConsoleState"))},
                 )
             },
             "/admin/requests/{request_id}/migrate": {
@@ -484,6 +514,7 @@ class _Document:
             **self._request_schemas(),
             **ANSWER_SCHEMAS,
             **ADMIN_SCHEMAS,
+            "ConsoleState": CONSOLE_STATE_SCHEMA,
         }
         components: dict[str, Any] = {"schemas": schemas}
         security = {}

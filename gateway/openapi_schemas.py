@@ -312,6 +312,23 @@ ADMIN_SCHEMAS: dict[str, Any] = {
             "scaling": {"type": "object"},
         },
     },
+    "AdminDiscovery": {
+        "type": "object",
+        "required": ["enabled"],
+        "properties": {
+            "enabled": {"type": "boolean", "description": "discovery.kubernetes is configured"},
+            "synced": {"type": "boolean", "description": "the pods have been listed"},
+            "pods": {"type": "integer", "description": "pods the watch holds"},
+            "managed": {"type": "array", "items": {"type": "string"}, "description": "instances it added"},
+            "removing": {"type": "array", "items": {"type": "string"}, "description": "instances it drains to remove"},
+            "problems": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "pods that cannot join, and why",
+            },
+            "last_error": {"type": ["string", "null"], "description": "the API's last failure, while it lasts"},
+        },
+    },
     "AdminMigrateRequest": {
         "type": "object",
         "properties": {"target": {"type": ["string", "null"], "description": "An instance id (default: the policy's)"}},

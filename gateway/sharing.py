@@ -61,6 +61,9 @@ class SharedState(Protocol):
     async def holder(self, lease: str) -> str | None:
         """The replica holding ``lease``, if any is known."""
 
+    async def release(self, lease: str) -> None:
+        """Give up ``lease`` if this replica holds it, so another takes it at once (not a lease later)."""
+
     def follow(self, stream: str, on_message: Listener) -> None:
         """Call ``on_message(data)`` for every message of the durable ``stream``, from its first one
         still kept, other replicas' only (before start)."""

@@ -32,7 +32,7 @@ from pdgate.common.tasks import OwnedTasks
 log = logging.getLogger("pdgate.workers")
 
 READY_TIMEOUT_S = 60.0
-STOP_GRACE_S = 15.0
+STOP_GRACE_S = 15.0  # the default wait for the workers to end after SIGTERM (the config's shutdown.total_s)
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0
 WORKERS_ENV = "PDGATE_WORKERS"
 _PR_SET_PDEATHSIG = 1
@@ -75,8 +75,10 @@ class WorkerPool:
         *,
         env: dict[str, str] | None = None,
         scheme: str = "http",
+        stop_grace_s: float = STOP_GRACE_S,
     ) -> None:
         self.count = count
+        self.stop_grace_s = stop_grace_s  # after SIGTERM, before SIGKILL
         self.host = host
         self.port = port
         self.scheme = scheme  # https when the workers serve TLS
@@ -124,7 +126,7 @@ class WorkerPool:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         if procs:
-            _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE_S)
+            _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=self.stop_grace_s)
             for proc in procs:
                 if proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):

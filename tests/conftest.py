@@ -8,6 +8,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -61,3 +63,20 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
     server = start_nats(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def helm() -> ModuleType:
+    """helm-python-sdk, Helm's own Go engine (tests/test_helm_chart*.py); skips without it, fails in CI."""
+    from support.helm_chart import require_helm
+
+    return require_helm()
+
+
+@pytest.fixture(scope="module")
+def chart(helm: ModuleType) -> Iterator[Any]:
+    """The chart in deploy/helm/pdgate, loaded by Helm."""
+    from support.helm_chart import CHART
+
+    with helm.Chart.load(str(CHART)) as loaded:
+        yield loaded

@@ -276,6 +276,9 @@ EXCHANGES = [
     ("/admin/instances/{instance_id}/undrain", "POST", {}, 200),
     ("/admin/instances/{instance_id}", "DELETE", {"path_parameters": {"instance_id": "no-such-instance"}}, 404),
     ("/admin/plan", "GET", {}, 200),
+    ("/admin/discovery", "GET", {}, 200),
+    ("/admin/console/state", "GET", {}, 200),
+    ("/console", "GET", {}, 200),
     ("/admin/requests/{request_id}/migrate", "POST", {"path_parameters": {"request_id": "r1"}, "body": {}}, 404),
 ]
 

@@ -3,132 +3,66 @@ NixlConnector, and one colocated engine as the single-engine reference.
 
 Needs ``pdgate engine vllm-setup`` (``.vllm/`` or ``$PDGATE_VLLM_HOME``). Without it these tests
 skip with the reason; with ``CI=true`` a missing environment fails them instead. The engines are
-real processes started with ``pdgate engine vllm``; the gateway runs in this process so that its
-prefix index and load view can be inspected.
+real processes started with ``pdgate engine vllm`` (tests/support/vllm_engines.py); the gateway
+runs in this process so that its prefix index and load view can be inspected.
+
+The prefill and decode engines are started with ``--role flex`` (NixlConnector ``kv_both``), so
+they also serve as flex instances (issue 17, item 5): behind a gateway of their own as ``role:
+flex`` entries, A (the prefill engine) serving prefill and B (the decode engine) decode.
+
+* A greedy completion through the gateway equals, token for token, the same completion on one
+  engine alone; each engine's own prompt-token counters show that A computed the prompt and B
+  pulled it over NIXL.
+* The roles swapped through the admin API (via a colocated step, since a change that leaves no
+  prefill or decode path is 409): the same answer, and now B computes and A pulls.
+* Both serving ``both``: the gateway colocates the request on one engine, no KV moves.
+* A stream decoding on an engine that is moved to ``prefill`` continues on the other one with
+  the same tokens (migration reason ``role``): the engine that left prefills the continuation
+  from its cache and the other pulls it over NIXL (mechanism ``pd``).
+
+Tests run in file order on the shared engines: the exact-index test counts every block the prefill
+engine has stored, so it runs before anything else sends it long requests; the last two kill engines.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
-import urllib.error
-import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 import pytest_asyncio
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.parser import text_string_to_metric_families
 from support.otlp import OtlpReceiver
 from support.ports import reserve_port, retry_on_port_clash
 from support.vllm import require_vllm
-from support.waiting import wait_until, wait_until_async
+from support.vllm_engines import (
+    BLOCK,
+    HOME,
+    MODEL,
+    Engine,
+    admin,
+    client,
+    complete,
+    gateway_config,
+    gateway_metrics,
+    migration_count,
+    prompt_text,
+    start_engine,
+    stream_with,
+    wait_healthy,
+)
+from support.waiting import wait_until_async
 
-from pdgate.engines.launch.vllm_cpu.install import is_installed, tiny_model_dir, vllm_home
+from pdgate.engines.launch.vllm_cpu.install import is_installed
 from pdgate.gateway.app import GatewayServer, build_gateway
-from pdgate.gateway.config import GatewayConfig
-
-MODEL = "tiny"
-BLOCK = 128  # vLLM's CPU block size
-START_TIMEOUT_S = 300.0
-HOME = vllm_home()
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
-
-WORDS = [
-    "the",
-    "cache",
-    "block",
-    "token",
-    "prefill",
-    "decode",
-    "request",
-    "router",
-    "server",
-    "engine",
-    "model",
-    "prompt",
-    "stream",
-    "latency",
-    "memory",
-    "queue",
-    "worker",
-    "batch",
-    "tensor",
-    "layer",
-    "hidden",
-    "vector",
-    "score",
-    "policy",
-    "route",
-    "load",
-    "balance",
-    "python",
-    "rust",
-    "kernel",
-    "thread",
-    "socket",
-    "metric",
-    "event",
-    "hash",
-    "prefix",
-    "transfer",
-    "remote",
-    "local",
-    "greedy",
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "river",
-    "mountain",
-]
-
-
-def prompt_text(seed: int, words: int) -> str:
-    return " ".join(WORDS[(seed * 7 + i * i * 3 + i) % len(WORDS)] for i in range(words))
-
-
-@dataclass
-class Engine:
-    name: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
-        return {
-            (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine")))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    def metric(self, name: str, **labels: str) -> float:
-        want = tuple(sorted(labels.items()))
-        return sum(v for (n, lab), v in self.metrics().items() if n == name and all(p in lab for p in want))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 @dataclass
@@ -143,70 +77,6 @@ class Fleet:
     @property
     def engines(self) -> list[Engine]:
         return [self.prefill, self.decode, self.colocated]
-
-
-def start_engine(
-    name: str, role: str, core: str, tmp: Path, *, kv_ports: tuple[int, int] | None = None, otlp: str | None = None
-) -> Engine:
-    port = reserve_port()  # vLLM takes no port 0: chosen outside the ephemeral range (support.ports)
-    args = [
-        sys.executable,
-        "-m",
-        "pdgate.cli",
-        "engine",
-        "vllm",
-        "--role",
-        role,
-        "--model",
-        str(tiny_model_dir(HOME)),
-        "--served-model-name",
-        MODEL,
-        "--port",
-        str(port),
-        "--cpu-cores",
-        core,
-        "--max-model-len",
-        "1024",
-        "--python",
-        str(HOME / "venv" / "bin" / "python"),
-        "--extra-args=--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens, as fleets report
-    ]
-    if role != "both":
-        args += ["--side-channel-port", str(reserve_port())]
-    if kv_ports is not None:
-        args += [
-            "--kv-events-endpoint",
-            f"tcp://127.0.0.1:{kv_ports[0]}",
-            "--kv-events-replay-endpoint",
-            f"tcp://127.0.0.1:{kv_ports[1]}",
-        ]
-    env = dict(os.environ)
-    if otlp is not None:
-        args += ["--otlp-traces-endpoint", otlp]
-        env["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # export spans within 0.2 s (default 5 s)
-    log = tmp / f"{name}.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    return Engine(name, port, proc, log)
-
-
-def wait_healthy(engines: list[Engine]) -> None:
-    pending = list(engines)
-
-    def all_healthy() -> bool:
-        for engine in list(pending):
-            if engine.proc.poll() is not None:
-                raise RuntimeError(
-                    f"vLLM {engine.name} exited ({engine.proc.returncode}):\n{engine.log.read_text()[-3000:]}"
-                )
-            try:
-                if urllib.request.urlopen(f"{engine.url}/health", timeout=2).status == 200:
-                    pending.remove(engine)
-            except OSError:
-                pass
-        return not pending
-
-    wait_until(all_healthy, START_TIMEOUT_S, interval=0.5, message=lambda: f"vLLM {[e.name for e in pending]} healthy")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -225,8 +95,9 @@ def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -
         # the gateway binds the KV-event ports (vLLM's PUB connects to a concrete host): chosen beforehand
         kv_ports = {"prefill": (reserve_port(), reserve_port()), "decode": (reserve_port(), reserve_port())}
         fleet = Fleet(
-            start_engine("prefill", "prefill", "0", tmp, kv_ports=kv_ports["prefill"], otlp=collector.endpoint),
-            start_engine("decode", "decode", "1", tmp, kv_ports=kv_ports["decode"], otlp=collector.endpoint),
+            # kv_both: the gateways below use them as prefill and decode, and as flex instances
+            start_engine("prefill", "flex", "0", tmp, kv_ports=kv_ports["prefill"], otlp=collector.endpoint),
+            start_engine("decode", "flex", "1", tmp, kv_ports=kv_ports["decode"], otlp=collector.endpoint),
             start_engine("colocated", "both", "0", tmp),
             kv_ports,
         )
@@ -244,20 +115,6 @@ def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -
     finally:
         for engine in fleet.engines:
             engine.stop()
-
-
-def gateway_config(instances: list[dict[str, Any]], **extra: Any) -> GatewayConfig:
-    return GatewayConfig.model_validate(
-        {
-            "host": "127.0.0.1",
-            "port": 0,
-            "scrape_interval_s": 0.25,
-            "health": {"interval_s": 0.25, "timeout_s": 2.0, "failure_threshold": 1, "cooldown_s": 60},
-            "models": [{"name": MODEL, "tokenizer": str(tiny_model_dir(HOME)), "max_model_len": 1024}],
-            "instances": instances,
-            **extra,
-        }
-    )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -286,20 +143,6 @@ async def fleet(engines: Fleet) -> Fleet:
     finally:
         await server.stop()
         engines.gateway = None
-
-
-def client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-async def complete(url: str, prompt: str, max_tokens: int, **extra: Any) -> Any:
-    return await client(url).completions.create(
-        model=MODEL,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        extra_body={"ignore_eos": True, "return_token_ids": True, **extra},
-    )
 
 
 async def via_gateway(fleet: Fleet, prompt: str, max_tokens: int) -> Any:
@@ -532,48 +375,128 @@ async def test_vllm_continues_the_gateway_trace(engines: Fleet, collector: OtlpR
     assert decode_span.attributes["gen_ai.usage.completion_tokens"] == 6
 
 
-async def _admin(url: str, path: str, body: dict | None = None) -> tuple[int, Any]:
-    def call() -> tuple[int, Any]:
-        req = urllib.request.Request(
-            f"{url}{path}",
-            data=json.dumps(body or {}).encode(),
-            method="POST",
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                return resp.status, json.load(resp)
-        except urllib.error.HTTPError as err:
-            return err.code, json.load(err)
-
-    return await asyncio.to_thread(call)
+SOURCES = ("local_compute", "external_kv_transfer")
+FLEX_PROMPT = prompt_text(31, 60)  # under one 128-token block: never a prefix-cache hit, every token counted
+FLEX_TOKENS = 24
 
 
-async def _stream_with(
-    url: str, prompt: str, max_tokens: int, request_id: str, at: int, action: Any
-) -> tuple[list[int], Any, set[str]]:
-    """A greedy streamed completion whose token ids are collected; ``action`` runs after ``at`` tokens."""
-    stream = await client(url).completions.create(
-        model=MODEL,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True, "return_token_ids": True},
-        extra_headers={"X-Request-Id": request_id},
-    )
-    ids: list[int] = []
-    usage, chunk_ids = None, set()
-    async for chunk in stream:
-        chunk_ids.add(chunk.id)
-        usage = chunk.usage or usage
-        for choice in chunk.choices:
-            ids += list(getattr(choice, "token_ids", None) or [])
-        if action is not None and len(ids) >= at:
-            await action()
-            action = None
-    return ids, usage, chunk_ids
+@pytest.fixture
+def flex_engines(engines: Fleet) -> dict[str, Engine]:
+    """The PD pair as flex engines ``a`` (the prefill engine) and ``b`` (the decode engine)."""
+    return {"a": engines.prefill, "b": engines.decode}
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def flex_gateway(flex_engines: dict[str, Engine]) -> AsyncIterator[GatewayServer]:
+    """A gateway of its own for each flex test: ``a`` and ``b`` as ``role: flex``, serving prefill and decode.
+
+    The roles it changes are its own view; the engines (kv_both) serve any leg either way, so the
+    other gateways over the same engines are unaffected."""
+    instances = [
+        {
+            "id": name,
+            "url": engine.url,
+            "kind": "vllm",
+            "role": "flex",
+            "serving": serving,
+            "model": MODEL,
+            "block_size": BLOCK,
+        }
+        for (name, engine), serving in zip(flex_engines.items(), ("prefill", "decode"))
+    ]
+    migration = {"policy": "no-migration", "interval_s": 0.1}  # moves only for drains and role changes
+    server = GatewayServer(build_gateway(gateway_config(instances, migration=migration)))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def prompt_tokens_by_source(engines: dict[str, Engine]) -> dict[tuple[str, str], float]:
+    return {
+        (name, source): engine.metric("vllm:prompt_tokens_by_source_total", source=source)
+        for name, engine in engines.items()
+        for source in SOURCES
+    }
+
+
+async def set_role(url: str, instance: str, role: str) -> None:
+    status, body = await admin(url, f"/admin/instances/{instance}/role", {"role": role})
+    assert status == 200 and body["serving"] == role, body
+
+
+async def answer_and_sources(url: str, engines: dict[str, Engine]) -> tuple[list[int], dict[tuple[str, str], float]]:
+    """The completion's token ids and what each engine's prompt-token counters gained from it."""
+    before = prompt_tokens_by_source(engines)
+    reply = await complete(url, FLEX_PROMPT, FLEX_TOKENS)
+    after = prompt_tokens_by_source(engines)
+    assert reply.usage.completion_tokens == FLEX_TOKENS
+    return list(reply.choices[0].token_ids), {k: v - before[k] for k, v in after.items() if v != before[k]}
+
+
+async def test_flex_engines_split_swap_and_colocate(
+    flex_engines: dict[str, Engine], flex_gateway: GatewayServer
+) -> None:
+    engines, url = flex_engines, flex_gateway.url
+    reference = await complete(engines["a"].url, FLEX_PROMPT, FLEX_TOKENS)  # colocated, no kv_transfer_params
+    expected, n = list(reference.choices[0].token_ids), reference.usage.prompt_tokens
+
+    # A prefills, B pulls the prompt's KV over NIXL and decodes
+    ids, gained = await answer_and_sources(url, engines)
+    assert ids == expected
+    assert gained == {("a", "local_compute"): n, ("b", "external_kv_transfer"): n}
+
+    # B alone cannot serve as prefill (no decode path left): refused, nothing changes
+    status, body = await admin(url, "/admin/instances/b/role", {"role": "prefill"})
+    assert status == 409 and "without a decode path" in body["error"]["message"], body
+
+    # swap through a colocated step: B both, A decode, B prefill
+    for instance, role in (("b", "both"), ("a", "decode"), ("b", "prefill")):
+        await set_role(url, instance, role)
+    ids, gained = await answer_and_sources(url, engines)
+    assert ids == expected
+    assert gained == {("b", "local_compute"): n, ("a", "external_kv_transfer"): n}
+
+    # both colocated: the whole request on one engine, no KV transfer
+    for instance in ("a", "b"):
+        await set_role(url, instance, "both")
+    ids, gained = await answer_and_sources(url, engines)
+    assert ids == expected
+    assert gained in ({("a", "local_compute"): n}, {("b", "local_compute"): n})
+
+
+async def test_engine_leaving_the_decode_role_hands_its_stream_on(
+    flex_engines: dict[str, Engine], flex_gateway: GatewayServer
+) -> None:
+    """Both serve ``both``; the engine the stream decodes on is moved to ``prefill``."""
+    engines, url = flex_engines, flex_gateway.url
+    for instance in ("a", "b"):
+        await set_role(url, instance, "both")
+    prompt, tokens = prompt_text(32, 50), 400
+    reference = await complete(engines["b"].url, prompt, tokens)
+    migrations = flex_gateway.gateway.migrations
+    assert migrations is not None
+    moved: dict[str, str] = {}
+
+    async def to_prefill() -> None:
+        live = await wait_until_async(lambda: migrations.find("flex-moved"), message="the stream in the gateway")
+        moved["from"] = live.instance_id
+        await set_role(url, live.instance_id, "prefill")
+
+    before = prompt_tokens_by_source(engines)
+    ids, usage, chunk_ids = await stream_with(url, prompt, tokens, "flex-moved", 12, to_prefill)
+    after = prompt_tokens_by_source(engines)
+    assert ids == list(reference.choices[0].token_ids)  # no token lost or repeated
+    assert usage.completion_tokens == tokens and usage.prompt_tokens == reference.usage.prompt_tokens
+    assert len(chunk_ids) == 1
+    # the engine that left the decode role prefilled the continuation (its cache holds the prompt and
+    # the tokens so far) and the other pulled it over NIXL: prompt + at least the 12 tokens generated
+    # by the move, less the last one, which vLLM computes itself
+    assert migration_count(await gateway_metrics(url), reason="role", outcome="migrated", mechanism="pd") == 1
+    (other,) = set(engines) - {moved["from"]}
+    pulled = after[(other, "external_kv_transfer")] - before[(other, "external_kv_transfer")]
+    assert pulled >= reference.usage.prompt_tokens + 12 - 1, (moved, before, after)
 
 
 async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
@@ -618,15 +541,15 @@ async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
         expected = list(reference.choices[0].token_ids)
 
         # 1. migration: the stream starts on "colocated" (decode drained), then moves to "decode"
-        assert (await _admin(url, "/admin/instances/decode/drain"))[0] in (200, 202)
+        assert (await admin(url, "/admin/instances/decode/drain"))[0] in (200, 202)
         external0 = engines.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
         moved: dict[str, Any] = {}
 
         async def migrate() -> None:
-            await _admin(url, "/admin/instances/decode/undrain")
-            moved["answer"] = await _admin(url, "/admin/requests/vllm-moved/migrate", {"target": "decode"})
+            await admin(url, "/admin/instances/decode/undrain")
+            moved["answer"] = await admin(url, "/admin/requests/vllm-moved/migrate", {"target": "decode"})
 
-        ids, usage, chunk_ids = await _stream_with(url, prompt, tokens, "vllm-moved", 12, migrate)
+        ids, usage, chunk_ids = await stream_with(url, prompt, tokens, "vllm-moved", 12, migrate)
         status, answer = moved["answer"]
         assert status == 200 and answer["migrated"] is True and answer["from"] == "colocated", answer
         assert ids == expected  # no token lost or repeated, the same continuation
@@ -641,30 +564,17 @@ async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
         assert reference.usage.prompt_tokens + 12 - 1 <= external <= reference.usage.prompt_tokens + moved_at
 
         # 2. failover: a stream on "decode" whose engine is SIGKILLed continues on "colocated"
-        assert (await _admin(url, "/admin/instances/colocated/drain"))[0] in (200, 202)
+        assert (await admin(url, "/admin/instances/colocated/drain"))[0] in (200, 202)
 
         async def kill() -> None:
-            await _admin(url, "/admin/instances/colocated/undrain")
+            await admin(url, "/admin/instances/colocated/undrain")
             os.killpg(engines.decode.proc.pid, signal.SIGKILL)
 
-        ids, usage, chunk_ids = await _stream_with(url, prompt, tokens, "vllm-killed", 12, kill)
+        ids, usage, chunk_ids = await stream_with(url, prompt, tokens, "vllm-killed", 12, kill)
         assert ids == expected and usage.completion_tokens == tokens and len(chunk_ids) == 1
-        text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode())
-        samples = {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-        }
-
-        def count(**labels: str) -> float:
-            return sum(
-                v
-                for (n, lab), v in samples.items()
-                if n == "pdgate_migrations_total" and all(p in lab for p in labels.items())
-            )
-
-        assert count(reason="admin", mechanism="pd", outcome="migrated") == 1
-        assert count(reason="failover", outcome="migrated") == 1
+        text = await gateway_metrics(url)
+        assert migration_count(text, reason="admin", mechanism="pd", outcome="migrated") == 1
+        assert migration_count(text, reason="failover", outcome="migrated") == 1
     finally:
         await server.stop()
         engines.decode.stop()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -34,7 +33,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from support.fleet import call
 from support.ports import reserve_port, retry_on_port_clash
-from support.vllm import require_vllm
+from support.vllm import require_vllm, stop_process_group
 from support.waiting import wait_until, wait_until_async
 
 from pdgate.common.block_hash import LoraAdapter, block_hashes, to_event_hash
@@ -89,13 +88,7 @@ class Engine:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process_group(self.proc)
 
 
 def _start(tmp: Path, adapters: dict[str, str]) -> Engine:

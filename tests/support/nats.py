@@ -64,3 +64,26 @@ def start_nats(workdir: Path) -> NatsServer:
     store = workdir / "jetstream"
     cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), "-l", str(log)]
     return NatsServer(cmd, port, log).start()
+
+
+def start_nats_cluster(workdir: Path, size: int = 3) -> list[NatsServer]:
+    """``size`` NATS servers with JetStream, clustered over loopback routes (each its own store),
+    every one accepting clients when it returns (JetStream's meta leader may take a moment more)."""
+    ports = [(reserve_port(), reserve_port()) for _ in range(size)]
+    routes = ",".join(f"nats://127.0.0.1:{cluster}" for _, cluster in ports)
+    servers = []
+    for i, (port, cluster) in enumerate(ports):
+        node = workdir / f"nats-{i}"
+        node.mkdir(parents=True, exist_ok=True)
+        cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(node / "jetstream")]
+        cmd += ["-l", str(node / "nats.log"), "--server_name", f"n{i}", "--cluster_name", "pdgate"]
+        cmd += ["--cluster", f"nats://127.0.0.1:{cluster}", "--routes", routes]
+        servers.append(NatsServer(cmd, port, node / "nats.log"))
+    try:
+        for server in servers:
+            server.start()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
