@@ -68,11 +68,12 @@ from latency_check import QUANTITIES, errors
 
 from pdgate.common.tokenizer import load_tokenizer
 from pdgate.engines.launch.vllm_cpu.install import tiny_model_dir, venv_python, vllm_home
-from pdgate.gateway.app import GatewayServer, build_gateway
+from pdgate.gateway.app import build_gateway
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.costs import LOG_NAME
 from pdgate.gateway.instance_config import InstanceConfig, KvEventsConfig, VllmLaunch
 from pdgate.gateway.launcher import Child, start_children, stop_children, wait_healthy
+from pdgate.gateway.server import GatewayServer
 from pdgate.loadgen import workloads
 from pdgate.loadgen.client import Target
 from pdgate.loadgen.prompts import PromptBuilder

@@ -136,8 +136,8 @@ def _worker_count(args: argparse.Namespace, config: GatewayConfig) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from pdgate.common.runtime import serve_until_signalled
-    from pdgate.gateway.app import GatewayServer
     from pdgate.gateway.launcher import describe
+    from pdgate.gateway.server import GatewayServer
     from pdgate.gateway.workers import end_with_parent
 
     try:
@@ -240,7 +240,6 @@ def _started(banner: str) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     from pdgate.common.runtime import serve_until_signalled
-    from pdgate.gateway.app import GatewayServer
     from pdgate.gateway.launcher import (
         default_config_path,
         describe,
@@ -248,6 +247,7 @@ def run_up(args: argparse.Namespace) -> int:
         stop_children,
         wait_healthy,
     )
+    from pdgate.gateway.server import GatewayServer
 
     path = args.config or str(default_config_path())
     try:

@@ -33,10 +33,11 @@ from support.waiting import wait_until_async
 
 from pdgate.gateway.actuators.kube_pools import going_pods, marked_leaving
 from pdgate.gateway.actuators.kubernetes import KubernetesActuator
-from pdgate.gateway.app import GatewayServer, build_gateway
+from pdgate.gateway.app import build_gateway
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.fleet import FleetManager
 from pdgate.gateway.planning_config import ScalingConfig
+from pdgate.gateway.server import GatewayServer
 from pdgate.scheduler.role_planner import PoolDemand
 from pdgate.scheduler.scaling_planner import ScalePlan
 

@@ -24,10 +24,11 @@ from support.procs import PdgateProcess
 from support.waiting import wait_until_async
 
 from pdgate.gateway.actuators.local import LocalActuator
-from pdgate.gateway.app import GatewayServer, build_gateway
+from pdgate.gateway.app import build_gateway
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.fleet import FleetManager
 from pdgate.gateway.planning_config import ScalingConfig
+from pdgate.gateway.server import GatewayServer
 from pdgate.scheduler.role_planner import PoolDemand
 from pdgate.scheduler.scaling_planner import ScalePlan
 

@@ -26,8 +26,9 @@ from support.procs import PdgateProcess
 from support.streams import admin
 from support.waiting import wait_until_async
 
-from pdgate.gateway.app import GatewayServer, build_gateway
+from pdgate.gateway.app import build_gateway
 from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.server import GatewayServer
 
 pytestmark = pytest.mark.slow
 
@@ -245,9 +246,16 @@ async def test_every_replica_watches_and_only_the_leader_changes_the_fleet(clust
         leader = next(r for r in replicas if r.gateway.leadership is not None and r.gateway.leadership.is_leader)
         follower = second if leader is first else first
 
-        # the leader stops: the follower leads, and acts on the next change itself
+        # unready under the leader: drained on both; the leader stops; Ready again, the new
+        # leader undrains it (it followed the pod's state while it did not lead)
+        cluster.fake.set_ready("decode-1", False)
+        for r in replicas:
+            await _until(lambda r=r: _draining(r, "decode-1"), "the unready pod drained on both")
         await leader.stop()
         await _until(lambda: follower.gateway.leadership.is_leader, "the follower leads")
+        cluster.fake.set_ready("decode-1", True)
+        await _until(lambda: not _draining(follower, "decode-1"), "the new leader undrained the Ready pod")
+        assert _changes(follower, "undrain") == 1 and _changes(follower, "drain") == 0
         cluster.fake.terminate_pod("decode-1")
         await _until(lambda: "decode-1" not in _serving(follower), "the new leader removed the deleted pod")
         assert _changes(follower, "remove") == 1

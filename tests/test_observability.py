@@ -31,9 +31,10 @@ from support.otlp import OtlpReceiver
 from support.procs import PdgateProcess, start_pdgate, start_sim
 from support.waiting import wait_until_async
 
-from pdgate.gateway.app import GatewayServer, build_gateway
+from pdgate.gateway.app import build_gateway
 from pdgate.gateway.config import GatewayConfig, TracingConfig
 from pdgate.gateway.metrics import GatewayMetrics
+from pdgate.gateway.server import GatewayServer
 from pdgate.gateway.tracing_setup import TracingSetupError, resolve_settings
 
 PROMPT = "Observability of a disaggregated fleet starts with one trace per request. " * 4

@@ -60,7 +60,8 @@ from support.vllm_engines import (
 from support.waiting import wait_until_async
 
 from pdgate.engines.launch.vllm_cpu.install import is_installed
-from pdgate.gateway.app import GatewayServer, build_gateway
+from pdgate.gateway.app import build_gateway
+from pdgate.gateway.server import GatewayServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 

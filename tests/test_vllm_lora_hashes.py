@@ -38,8 +38,9 @@ from support.waiting import wait_until, wait_until_async
 
 from pdgate.common.block_hash import LoraAdapter, block_hashes, to_event_hash
 from pdgate.engines.launch.vllm_cpu.install import is_installed, tiny_model_dir, venv_python, vllm_home
-from pdgate.gateway.app import GatewayServer, build_gateway
+from pdgate.gateway.app import build_gateway
 from pdgate.gateway.config import GatewayConfig
+from pdgate.gateway.server import GatewayServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -110,7 +110,7 @@ class KubeDiscovery:
         if settings.readiness == "endpointslices":
             self.slices = watcher(EndpointSlice, f"kubernetes.io/service-name={settings.service}")
         self._unready_since: dict[str, float] = {}
-        self._drained: set[str] = set()  # instances this discovery drained for being unready
+        self._drained: set[str] = set()  # unready past the grace: discovery's to drain, and to undrain when Ready
         self._removing: set[str] = set()
         self._problems: dict[str, str] = {}  # pod -> why it cannot join (logged once)
         self._lists_seen = 0
@@ -160,9 +160,9 @@ class KubeDiscovery:
                 await asyncio.wait_for(self._changed.wait(), self.tick_s)
             self._changed.clear()
             self._observe()
-            if self.watcher.synced and (self.slices is None or self.slices.synced) and self.acts_here():
+            if self.watcher.synced and (self.slices is None or self.slices.synced):
                 try:
-                    await self.reconcile()
+                    await self.reconcile(act=self.acts_here())
                 except Exception:  # the next pass tries again
                     log.exception("discovery: a reconcile pass failed")
 
@@ -172,8 +172,10 @@ class KubeDiscovery:
             self.metrics.lists.inc(self.watcher.lists - self._lists_seen)
             self._lists_seen = self.watcher.lists
 
-    async def reconcile(self) -> None:
-        """One pass over the pods the watch holds now (module doc)."""
+    async def reconcile(self, *, act: bool = True) -> None:
+        """One pass over the pods the watch holds now (module doc). Without ``act`` (a replica that
+        does not lead) it only follows which pods are unready past the grace, so that, leading
+        later, it knows which drains are discovery's to undrain."""
         facts = {name: pod_facts(pod, self.settings) for name, pod in self.watcher.objects.items()}
         if self.slices is not None:
             endpoints = endpoint_states(self.slices.objects.values())
@@ -181,7 +183,7 @@ class KubeDiscovery:
         self._count(facts)
         for f in facts.values():
             if f.ready and f.name not in self.fleet.cluster.instances and f.name not in self._removing:
-                await self._add(f)
+                await self._join(f, act)
         now = self.clock()
         for name, inst in self._managed().items():
             if name in self._removing:
@@ -189,17 +191,27 @@ class KubeDiscovery:
             seen = facts.get(name)
             why = self._why_leave(seen, inst)
             if why is not None:
-                self._remove_later(name, why)
+                if act:
+                    self._remove_later(name, why)
             elif seen is not None and not seen.ready:
                 since = self._unready_since.setdefault(name, now)
-                if now - since >= self.settings.unready_grace_s and name not in self._drained:
-                    await self._drain(name)
+                if now - since >= self.settings.unready_grace_s:
+                    self._drained.add(name)  # discovery's to drain, and to undrain once Ready
+                    if act and not self._draining(name):
+                        await self._drain(name)
             else:
                 self._unready_since.pop(name, None)
                 if name in self._drained:
-                    await self._undrain(name)
+                    if act and self._draining(name):
+                        await self._undrain(name)
+                    if act or not self._draining(name):
+                        self._drained.discard(name)
         for name in [n for n in self._problems if n not in facts]:
             del self._problems[name]
+
+    def _draining(self, name: str) -> bool:
+        state = self.fleet.cluster.instances.get(name)
+        return state is not None and state.draining
 
     def _managed(self) -> dict[str, InstanceConfig]:
         return {i.spec().id: i for i in self.fleet.config.instances if i.pod_uid is not None}
@@ -228,11 +240,16 @@ class KubeDiscovery:
             self.metrics.pods.labels(state).set(n)
 
     # ------------------------------------------------------------------ changes
-    async def _add(self, f: PodFacts) -> None:
+    async def _join(self, f: PodFacts, act: bool) -> None:
+        """A Ready pod not served: the leader adds it; every replica reports why it cannot join."""
         problem = f.problem
         if problem is None and f.entry is not None:
             try:
-                await self.fleet.add(f.entry)
+                inst = self.fleet.validate(f.entry)
+                if not act:
+                    self._problems.pop(f.name, None)
+                    return
+                await self.fleet.add(inst)
             except FleetChangeError as exc:
                 problem = exc.message
             else:
@@ -247,16 +264,13 @@ class KubeDiscovery:
 
     async def _drain(self, name: str) -> None:
         await self.fleet.drain(name)
-        self._drained.add(name)
         self.metrics.changes.labels("drain").inc()
         log.warning("discovery: pod %s is not Ready for %g s; drained", name, self.settings.unready_grace_s)
 
     async def _undrain(self, name: str) -> None:
-        if name in self.fleet.cluster.instances:
-            await self.fleet.undrain(name)
-            self.metrics.changes.labels("undrain").inc()
-            log.warning("discovery: pod %s is Ready again; undrained", name)
-        self._drained.discard(name)
+        await self.fleet.undrain(name)
+        self.metrics.changes.labels("undrain").inc()
+        log.warning("discovery: pod %s is Ready again; undrained", name)
 
     def _remove_later(self, name: str, why: str) -> None:
         self._removing.add(name)

@@ -2,7 +2,7 @@
 process on a virtual clock.
 
 :func:`simulate` builds the gateway from its config exactly as ``pdgate serve`` does
-(:func:`~pdgate.gateway.app.build_gateway`, :class:`~pdgate.gateway.app.GatewayServer`) with
+(:func:`~pdgate.gateway.app.build_gateway`, :class:`~pdgate.gateway.server.GatewayServer`) with
 three things swapped behind their interfaces: the engines are reached through the in-memory
 transport, KV events through the in-memory bus, and every clock is the loop's. The load generator
 (:func:`~pdgate.loadgen.runner.run_load`) sends the workload through the same transport. Run it on
@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdgate.common.virtual_time import run_virtual
-from pdgate.gateway.app import EngineLinks, GatewayServer, build_gateway
+from pdgate.gateway.app import build_gateway
 from pdgate.gateway.cluster import Cluster
 from pdgate.gateway.config import GatewayConfig
 from pdgate.gateway.migration import MigrationController
+from pdgate.gateway.server import EngineLinks, GatewayServer
 from pdgate.loadgen.client import Target
 from pdgate.loadgen.runner import LoadConfig, run_load
 from pdgate.loadgen.types import BenchRequest, RequestResult
