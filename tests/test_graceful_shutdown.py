@@ -159,3 +159,24 @@ def test_a_leader_that_stops_hands_the_leadership_on_at_once(sim_factory, tmp_pa
     finally:
         for r in replicas:
             r.stop()
+
+
+def test_sigterm_on_a_workers_supervisor_lets_every_workers_streams_finish(sim_factory, tmp_path) -> None:
+    engine = sim_factory(*engine_flags("both"), time_scale=1.0)
+    config = write_config(
+        tmp_path / "gateway.yaml", [instance_entry(engine, "both", "sim")], shutdown={"ready_delay_s": 0, "grace_s": 20}
+    )
+    gateway = start_gateway(config, env={"PDGATE_WORKERS": "2"})
+    try:
+        wait_until(lambda: any(" workers (pids " in line for line in gateway.output), 10, message="the banner")
+        streams = [StreamInThread(gateway.url) for _ in range(4)]  # the kernel spreads them over both workers
+        wait_until(lambda: all(s.chunks for s in streams), 15, message="every stream under way")
+        gateway.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: gateway.proc.poll() is not None, 40, message="the supervisor to exit")
+        assert gateway.proc.returncode == 0, gateway.log[-3000:]
+        for s in streams:
+            assert s.done.wait(5) and s.error is None, s.error
+            assert s.finish == "length" and len(s.chunks) >= TOKENS - 1, (s.finish, len(s.chunks))
+        assert gateway.log.count("stopping: no new connections; ") == 2  # each worker, gracefully
+    finally:
+        gateway.stop()

@@ -20,6 +20,8 @@ from typing import Any
 
 import openai
 import pytest
+from lightkube import AsyncClient, KubeConfig
+from lightkube.resources.core_v1 import Pod
 from support.fake_kube import FakeKube
 from support.fleet import MODEL, engine_flags
 from support.procs import PdgateProcess
@@ -111,6 +113,18 @@ def _serving(server: GatewayServer) -> dict[str, str]:
     return {i: s.spec.url for i, s in server.gateway.cluster.instances.items()}
 
 
+def _role(server: GatewayServer, instance: str) -> str | None:
+    assert server.gateway.cluster is not None
+    state = server.gateway.cluster.instances.get(instance)
+    return state.spec.role if state is not None else None
+
+
+async def _patch_labels(cluster: Cluster, pod: str, labels: dict[str, str]) -> None:
+    config = KubeConfig.from_file(cluster.kubeconfig)
+    async with AsyncClient(config) as api:
+        await api.patch(Pod, pod, {"metadata": {"labels": labels}}, namespace="default")
+
+
 def _draining(server: GatewayServer, instance: str) -> bool:
     assert server.gateway.cluster is not None
     state = server.gateway.cluster.instances.get(instance)
@@ -192,6 +206,10 @@ async def test_the_fleet_follows_the_pods_through_churn_with_no_request_failing(
             # replaced under the same name (a StatefulSet's pod): a new uid and a new engine
             decode0b = await cluster.pod("decode-0", "decode")
             await _until(lambda: _serving(server).get("decode-0") == decode0b.url, "the new decode-0 served")
+
+            # relabelled through the API (a real PATCH): the instance is replaced in its new role
+            await _patch_labels(cluster, "decode-0", {"pdgate.io/role": "both"})
+            await _until(lambda: _role(server, "decode-0") == "both", "decode-0 serving as both")
 
             # deleted while the API was away and its history compacted since: the watch from the
             # last resourceVersion gets 410 Gone, and the re-list sees the pod gone

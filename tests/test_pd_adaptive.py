@@ -167,3 +167,25 @@ def test_pd_paths_sends_a_request_to_the_other_path_when_its_own_has_no_live_ins
     assert moved.split and moved.reason == ph.SPLIT_NO_COLOCATED
     nothing_live = (view("c", "both", healthy=False), view("p", "prefill", draining=True), view("d", "decode"))
     assert paths_plan(colocated_asked, nothing_live, honour_header=True).reason == ph.COLOCATED_HEADER  # (503 then)
+
+
+def test_pd_split_colocates_on_a_both_instance_when_a_leg_has_no_live_instance():
+    """Found by the Kubernetes churn test: a pod relabelled from decode to both left a prefill and a
+    both instance, and pd-split still split every request (its decode filter left no instance: 503)."""
+    handler = ph.PdSplitHandler("pd", ph.PluginParams())
+
+    def split_plan(*fleet: InstanceView):
+        snapshot = ClusterSnapshot(fleet, 0.0, {}, None)
+        return handler.plan(request(200), snapshot, snapshot.instances, first_that_serves)
+
+    for fleet in (
+        (view("p", "prefill"), view("c", "both")),
+        (view("p", "prefill"), view("d", "decode", draining=True), view("c", "both")),
+        (view("p", "prefill", healthy=False), view("d", "decode"), view("c", "both")),
+    ):
+        plan_ = split_plan(*fleet)
+        assert not plan_.split and plan_.decode.instance_id == "c" and plan_.reason == ph.NO_PD, fleet
+    whole = split_plan(view("p", "prefill"), view("d", "decode"), view("c", "both"))
+    assert whole.split and whole.prefill.instance_id == "p" and whole.decode.instance_id == "d"
+    nothing_live = split_plan(view("p", "prefill"), view("d", "decode", draining=True))
+    assert nothing_live.split  # no both instance to fall back on: its filters say why (503 then)

@@ -19,6 +19,17 @@ def has_pd_instances(snapshot: ClusterSnapshot) -> bool:
     return any(i.role in ("prefill", "decode") for i in snapshot.instances)
 
 
+def serving_paths(candidates: Sequence[InstanceView]) -> dict[str, bool]:
+    """Which paths can serve now: ``colocated`` with an available ``both`` instance, ``split`` with an
+    available instance for each leg among the others (not merely instances: every prefill drained,
+    or the last decode instance dead, leaves no split path)."""
+    split = [c for c in candidates if c.role != "both"]
+    return {
+        "colocated": any(c.available and c.role == "both" for c in candidates),
+        "split": all(any(c.available and c.serves(leg) for c in split) for leg in ("prefill", "decode")),
+    }
+
+
 def split_plan(candidates: Sequence[InstanceView], run: RunProfile) -> PdPlan:
     """``prefill`` over the candidates, then ``decode`` over the others (over all of them when the
     prefill instance is the only one)."""
@@ -32,8 +43,9 @@ class PdSplitHandler(ProfileHandler):
 
     Split: the ``prefill`` profile picks where the prompt is computed, then the ``decode``
     profile picks where the answer is generated, among the other candidates (the same instance
-    only when it is the only one left). Colocated (no prefill or decode instance for the model):
-    the ``colocated`` profile picks the one instance that does both. This is pdgate's behaviour
+    only when it is the only one left). Colocated (no prefill or decode instance for the model,
+    or none available for one of the legs while a ``both`` instance is): the ``colocated``
+    profile picks the one instance that does both. This is pdgate's behaviour
     before per-request decisions existed; a handler that weighs colocating against splitting
     per request subclasses :class:`~pdgate.scheduler.framework.ProfileHandler` the same way.
     """
@@ -45,6 +57,9 @@ class PdSplitHandler(ProfileHandler):
         self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: Sequence[InstanceView], run: RunProfile
     ) -> PdPlan:
         if not has_pd_instances(snapshot):
+            return PdPlan(run("colocated", candidates), reason=NO_PD)
+        paths = serving_paths(candidates)
+        if not paths["split"] and paths["colocated"]:  # (a prefill and a both, the decodes drained...)
             return PdPlan(run("colocated", candidates), reason=NO_PD)
         return split_plan(candidates, run)
 
@@ -95,7 +110,7 @@ class AdaptivePdHandler(PdSplitHandler):
     def plan(
         self, request: RequestInfo, snapshot: ClusterSnapshot, candidates: Sequence[InstanceView], run: RunProfile
     ) -> PdPlan:
-        split = super().plan(request, snapshot, candidates, run)  # colocated when the model has no PD instances
+        split = super().plan(request, snapshot, candidates, run)  # colocated without PD instances or a split path
         prefill, decode = split.prefill, split.decode
         here = decode.instance
         if prefill is None or prefill.instance is None or here is None or here.id == prefill.instance_id:
@@ -170,14 +185,9 @@ class PdPathsHandler(ProfileHandler):
     ) -> PdPlan:
         paths = {"colocated": [c for c in candidates if c.role == "both"]}
         paths["split"] = [c for c in candidates if c.role != "both"]
-        # a path serves when it has an available instance for each of its legs (not merely
-        # instances: every prefill drained, or the one colocated instance dead, sends the request to
-        # the other); when neither serves, the request keeps to its path if it has instances (its
-        # filters then say why none can serve)
-        serves = {
-            "colocated": any(c.available for c in paths["colocated"]),
-            "split": all(any(c.available and c.serves(leg) for c in paths["split"]) for leg in ("prefill", "decode")),
-        }
+        # a path that cannot serve now sends the request to the other; when neither serves, the
+        # request keeps to its path if it has instances (its filters then say why none can serve)
+        serves = serving_paths(candidates)
         wanted, reason = self._path(request)
         other = "split" if wanted == "colocated" else "colocated"
         if not serves[wanted] and (serves[other] or not paths[wanted]):
