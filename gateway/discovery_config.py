@@ -36,6 +36,10 @@ class KubernetesDiscoveryConfig(_Strict):
         None, description="kubeconfig file (default: the pod's service account in a cluster, else $KUBECONFIG)"
     )
     context: str | None = Field(None, description="the kubeconfig context (default: its current one)")
+    service_account_dir: str = Field(
+        "/var/run/secrets/kubernetes.io/serviceaccount",
+        description="in a cluster (no kubeconfig): where the pod's service account token, CA and namespace are",
+    )
     namespace: str | None = Field(
         None, min_length=1, description="where the engine pods run (default: the gateway's own namespace)"
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,3 +340,45 @@ async def test_with_endpointslices_readiness_is_the_services(cluster: Cluster) -
         cluster.fake.set_endpoints("engines-a", [*ready, leaving])
         await _until(lambda: "decode-0" not in _serving(server), "decode-0 left")
         assert _changes(server, "remove") == 1
+
+
+async def test_in_a_cluster_it_uses_the_pods_service_account_and_its_namespace(
+    sim_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No kubeconfig: the service account's token, CA and namespace, and the API server's address
+    from KUBERNETES_SERVICE_HOST/PORT, as a pod sees them; the API over HTTPS."""
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    fake = FakeKube(_unused, _unused, token="in-cluster-token")
+    await fake.start(ssl_context=server_context)
+    try:
+        account = tmp_path / "serviceaccount"
+        account.mkdir()
+        (account / "token").write_text("in-cluster-token")
+        (account / "namespace").write_text("llm")
+        ca.cert_pem.write_to_path(str(account / "ca.crt"))
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", fake.url.rsplit(":", 1)[1])
+        cluster = Cluster(fake, tmp_path / "unused", sim_factory)
+        engine = await asyncio.to_thread(sim_factory, *engine_flags("both"), time_scale=5.0)
+        labels = {**POOL, "pdgate.io/role": "both", "pdgate.io/engine": "sim"}
+        annotations = {"pdgate.io/model": MODEL, "pdgate.io/port": str(engine.port)}
+        fake.add_pod("both-0", labels, annotations=annotations, namespace="llm")
+        fake.add_pod("elsewhere-0", labels, annotations=annotations, namespace="default")
+        config = _config(cluster.kubeconfig)
+        assert config.discovery.kubernetes is not None
+        config.discovery.kubernetes = config.discovery.kubernetes.model_copy(
+            update={"kubeconfig": None, "service_account_dir": str(account)}
+        )
+        async with _gateway(config) as server:
+            await _until(lambda: set(_serving(server)) == {"both-0"}, "the pod of the gateway's namespace served")
+            reply = await openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x").completions.create(
+                model=MODEL, prompt="in a cluster", max_tokens=3
+            )
+            assert reply.choices[0].finish_reason == "length"
+            assert {r.authorization for r in fake.requests} == {"Bearer in-cluster-token"}
+    finally:
+        await fake.close()

@@ -119,7 +119,11 @@ class KubeDiscovery:
     def _api(self) -> AsyncClient:
         if self._client is None:
             s = self.settings
-            config = KubeConfig.from_file(s.kubeconfig) if s.kubeconfig else KubeConfig.from_env()
+            config = (
+                KubeConfig.from_file(s.kubeconfig)
+                if s.kubeconfig
+                else KubeConfig.from_env(service_account=s.service_account_dir)
+            )
             self._client = AsyncClient(config.get(s.context), namespace=s.namespace, field_manager="pdgate")
         return self._client
 

@@ -40,6 +40,7 @@ began; :attr:`FakeKube.requests` every request seen. A workload pod's readiness 
 from __future__ import annotations
 
 import functools
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,7 +92,8 @@ class FakeKube(KubeObjects):
         self.url = ""
 
     # -------------------------------------------------------------- lifecycle
-    async def start(self) -> str:
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Serve on a free loopback port (HTTPS with ``ssl_context``, as an API server in a cluster does)."""
         app = web.Application(middlewares=[self._middleware])
         self._controller.add_routes(app)
         for plural, (path, _, _) in LISTED.items():
@@ -100,10 +102,10 @@ class FakeKube(KubeObjects):
         app.router.add_route("PATCH", "/api/v1/namespaces/{ns}/pods/{name}", self._patch_pod)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if ssl_context is not None else 'http'}://127.0.0.1:{port}"
         return self.url
 
     async def close(self) -> None:
