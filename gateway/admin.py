@@ -121,8 +121,7 @@ class AdminApi:
             responder.send_json(200, self._plan())
         elif parts == ["discovery"]:
             self._allow(method, "GET")
-            found = self.discovery.status() if self.discovery is not None else {}
-            responder.send_json(200, {"enabled": self.discovery is not None, **found})
+            responder.send_json(200, self._discovery())
         elif parts == ["console", "state"]:
             self._allow(method, "GET")
             responder.send_json(200, self._console())
@@ -268,7 +267,12 @@ class AdminApi:
         if self.console is None:
             raise GatewayError(404, "this gateway serves no ops console")
         instances = [self._describe(s) for s in self.cluster.instances.values()]
-        return self.console.state(instances, self._plan(), self.replica_id)
+        return self.console.state(instances, self._plan(), self._discovery(), self.replica_id)
+
+    def _discovery(self) -> dict[str, Any]:
+        """Kubernetes discovery's state (``enabled`` false without it)."""
+        found = self.discovery.status() if self.discovery is not None else {}
+        return {"enabled": self.discovery is not None, **found}
 
     def _scaling(self) -> dict[str, Any]:
         """The scaling plan per model: the instances it wants per role, what runs, the forecast it

@@ -22,7 +22,8 @@ The state's contract (:data:`CONSOLE_STATE_SCHEMA`, also in ``/openapi.json`` as
   rejected, attainment and goodput per 10-s bucket over the last 5 minutes, and their total;
 * ``events``: the latest migrations and role changes, newest first
   (:meth:`~pdgate.gateway.recent.EventLog.recent`);
-* ``plan``: what ``GET /admin/plan`` answers (the role balancer's plan and the scaling plan).
+* ``plan``: what ``GET /admin/plan`` answers (the role balancer's plan and the scaling plan);
+* ``discovery``: what ``GET /admin/discovery`` answers (Kubernetes discovery: pods, problems).
 """
 
 from __future__ import annotations
@@ -98,8 +99,14 @@ class ConsoleState:
         self.clock = clock
         self.version = package_version() or "unknown"
 
-    def state(self, instances: Iterable[dict[str, Any]], plan: dict[str, Any], replica: str | None) -> dict[str, Any]:
-        """The page's whole state: ``instances`` as the admin API describes them, ``plan`` as it answers."""
+    def state(
+        self,
+        instances: Iterable[dict[str, Any]],
+        plan: dict[str, Any],
+        discovery: dict[str, Any],
+        replica: str | None,
+    ) -> dict[str, Any]:
+        """The page's whole state: ``instances``, ``plan`` and ``discovery`` as the admin API answers them."""
         now = self.clock()
         recent = self.metrics.recent
         return {
@@ -113,6 +120,7 @@ class ConsoleState:
             "requests": recent.requests.view(),
             "events": recent.events.recent(),
             "plan": plan,
+            "discovery": discovery,
         }
 
     def _instances(self, described: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,7 +184,7 @@ _BUCKET = {
 CONSOLE_STATE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "The ops console's state (GET /console polls it): see pdgate.gateway.console",
-    "required": ["object", "time", "version", "instances", "queue", "requests", "events", "plan"],
+    "required": ["object", "time", "version", "instances", "queue", "requests", "events", "plan", "discovery"],
     "properties": {
         "object": {"const": "console.state"},
         "time": _NUMBER,
@@ -256,5 +264,6 @@ CONSOLE_STATE_SCHEMA: dict[str, Any] = {
             },
         },
         "plan": ref("AdminPlan"),
+        "discovery": ref("AdminDiscovery"),
     },
 }

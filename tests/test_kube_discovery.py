@@ -23,6 +23,7 @@ import openai
 import pytest
 from lightkube import AsyncClient, KubeConfig
 from lightkube.resources.core_v1 import Pod
+from support.browser import PageErrors, headless_chromium
 from support.fake_kube import FakeKube
 from support.fleet import MODEL, engine_flags
 from support.procs import PdgateProcess
@@ -236,6 +237,17 @@ async def test_the_fleet_follows_the_pods_through_churn_with_no_request_failing(
         assert discovery is not None and discovery.status()["problems"] == {}
 
 
+def _console_card(url: str, profile: Path, name: str) -> tuple[str, list[str]]:
+    """The ops console's card ``name`` as headless Chromium shows it, and the page's errors (in a
+    thread: the browser is driven synchronously, the gateway serves on the test's loop)."""
+    with headless_chromium(profile) as browser:
+        page = browser.new_page()
+        errors = PageErrors(page)
+        page.goto(f"{url}/console?interval_ms=200")
+        page.wait_for_selector(f'[data-card="{name}"]', timeout=10_000)
+        return page.inner_text(f'[data-card="{name}"]'), errors.errors
+
+
 def _changes(server: GatewayServer, change: str) -> float:
     sample = server.gateway.metrics.registry.get_sample_value("pdgate_discovery_changes_total", {"change": change})
     return sample or 0.0
@@ -300,6 +312,10 @@ async def test_a_pod_that_cannot_join_is_reported_once_and_a_config_reload_keeps
         assert status == 200 and body["enabled"] and body["synced"] and body["pods"] == 4, body
         assert sorted(body["managed"]) == ["decode-0", "prefill-0"] and body["last_error"] is None
         problems = body["problems"]
+        status, console = await asyncio.to_thread(admin, server.url, "/admin/console/state", method="GET")
+        assert status == 200 and console["discovery"] == body
+        card, errors = await asyncio.to_thread(_console_card, server.url, tmp_path / "browser", "discovery")
+        assert card.split("\n")[:3] == ["Pods discovered", "2", "2 pod(s) cannot join"] and not errors, (card, errors)
         assert "no pdgate.io/role label" in problems["odd-0"]
         assert "not-served" in problems["other-model-0"]
         passes = cluster.fake.watches["pods"]

@@ -181,6 +181,15 @@ function render(state) {
   renderPlan(state.plan);
 }
 
+// Kubernetes discovery, when it is on: the pods it serves, and what is wrong if anything is
+function discoveryCard(discovery) {
+  if (!discovery || !discovery.enabled) return [];
+  const problems = Object.keys(discovery.problems || {}).length;
+  let note = discovery.synced ? (problems ? problems + " pod(s) cannot join" : "watching " + discovery.pods + " pod(s)") : "not listed yet";
+  if (discovery.last_error) note = "API: " + discovery.last_error;
+  return [card("discovery", "Pods discovered", String((discovery.managed || []).length), note)];
+}
+
 function card(name, label, value, note) {
   return el("div", { class: "card", "data-card": name },
     el("div", { class: "label", text: label }),
@@ -201,7 +210,8 @@ function renderSummary(state) {
     card("queue", "Waiting at the gateway", String(state.queue.total), "at most " + state.queue.max_per_model + " per model"),
     card("attainment", "SLO attainment (" + minutes + " min)", pct(total.attainment, 1), total.met + " of " + total.judged + " streamed within SLO"),
     card("goodput", "Goodput (last " + state.requests.bucket_s + " s)", num(last.goodput_rps, 2) + " req/s", "window: " + num(total.goodput_rps, 2) + " req/s"),
-    card("finished", "Finished (" + minutes + " min)", String(total.finished), total.rejected + " rejected by admission"));
+    card("finished", "Finished (" + minutes + " min)", String(total.finished), total.rejected + " rejected by admission"),
+    ...discoveryCard(state.discovery));
 }
 
 function renderInstances(instances) {
