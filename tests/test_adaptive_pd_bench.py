@@ -101,7 +101,7 @@ def test_quick_run_end_to_end(data: Path, tmp_path: Path) -> None:
             str(BENCHMARKS / "adaptive_pd.py"),
             "--quick",
             "--phase-s",
-            "5",  # (CI time: 3 x 5 s per variant instead of --quick's 3 x 8 s)
+            "4",  # (CI time: 3 x 4 s per variant instead of --quick's 3 x 8 s)
             "--variants",
             "2P2D,adaptive",
             "--admission",

@@ -22,7 +22,7 @@ from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
-LEASE_S = 12.0
+LEASE_S = 9.0
 TOKENS = 480  # a few seconds of real-time decode on the simulated engine (time_scale 1)
 
 
@@ -154,7 +154,7 @@ def test_a_leader_that_stops_hands_the_leadership_on_at_once(sim_factory, tmp_pa
         # a released lease is taken at the follower's next round (a third of a lease); one left to
         # expire would be taken two thirds of a lease after the exit at the earliest
         wait_until(lambda: get_json(f"{other.url}/ready")["leader"] == other_id, 15, message="the other replica leads")
-        assert time.monotonic() - exited < LEASE_S / 3 + 2.5
+        assert time.monotonic() - exited < LEASE_S / 3 + 2.0
         assert "gave up the leadership" in first.log
     finally:
         for r in replicas:

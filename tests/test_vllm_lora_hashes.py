@@ -58,21 +58,23 @@ import json, sys
 from pathlib import Path
 import torch
 from safetensors.torch import save_file
-out, seed, r = Path(sys.argv[1]), int(sys.argv[2]), 8
-out.mkdir(parents=True, exist_ok=True)
-g = torch.Generator().manual_seed(seed)
-tensors = {}
-for layer in range(2):
-    for module, rows in (("q_proj", 128), ("v_proj", 64)):
-        p = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-        tensors[p + ".lora_A.weight"] = (torch.randn(r, 128, generator=g) * 0.01).to(torch.bfloat16)
-        tensors[p + ".lora_B.weight"] = (torch.randn(rows, r, generator=g) * 0.01).to(torch.bfloat16)
-save_file(tensors, str(out / "adapter_model.safetensors"))
-(out / "adapter_config.json").write_text(json.dumps({
-    "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 16, "lora_dropout": 0.0,
-    "target_modules": ["q_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
-    "base_model_name_or_path": "tiny", "modules_to_save": None, "inference_mode": True,
-}))
+r = 8
+for out, seed in zip(sys.argv[1::2], sys.argv[2::2]):  # (folder, seed) pairs: one interpreter for all
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(int(seed))
+    tensors = {}
+    for layer in range(2):
+        for module, rows in (("q_proj", 128), ("v_proj", 64)):
+            p = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[p + ".lora_A.weight"] = (torch.randn(r, 128, generator=g) * 0.01).to(torch.bfloat16)
+            tensors[p + ".lora_B.weight"] = (torch.randn(rows, r, generator=g) * 0.01).to(torch.bfloat16)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 16, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": "tiny", "modules_to_save": None, "inference_mode": True,
+    }))
 """
 
 
@@ -145,10 +147,9 @@ def _start(tmp: Path, adapters: dict[str, str]) -> Engine:
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     require_vllm(HOME, is_installed(HOME))
     tmp = tmp_path_factory.mktemp("vllm-lora")
-    adapters = {}
-    for seed, name in enumerate(("a1", "a2"), start=1):
-        adapters[name] = str(tmp / name)
-        subprocess.run([str(venv_python(HOME)), "-c", MAKE_ADAPTER, adapters[name], str(seed)], check=True)
+    adapters = {name: str(tmp / name) for name in ("a1", "a2")}
+    pairs = [arg for seed, name in enumerate(adapters, start=1) for arg in (adapters[name], str(seed))]
+    subprocess.run([str(venv_python(HOME)), "-c", MAKE_ADAPTER, *pairs], check=True)
     started = retry_on_port_clash(lambda: _start(tmp, adapters))
     try:
         yield started
