@@ -1,14 +1,17 @@
-"""The gateway against real vLLM (the PyPI CPU build): one prefill + one decode engine with
-NixlConnector, and one colocated engine as the single-engine reference.
+"""The gateway against real vLLM (the PyPI CPU build): two engines, one prefill and one decode, with
+NixlConnector.
 
 Needs ``pdgate engine vllm-setup`` (``.vllm/`` or ``$PDGATE_VLLM_HOME``). Without it these tests
 skip with the reason; with ``CI=true`` a missing environment fails them instead. The engines are
 real processes started with ``pdgate engine vllm`` (tests/support/vllm_engines.py); the gateway
 runs in this process so that its prefix index and load view can be inspected.
 
-The prefill and decode engines are started with ``--role flex`` (NixlConnector ``kv_both``), so
-they also serve as flex instances (issue 17, item 5): behind a gateway of their own as ``role:
-flex`` entries, A (the prefill engine) serving prefill and B (the decode engine) decode.
+Both engines are started with ``--role flex`` (NixlConnector ``kv_both``). A request without
+``kv_transfer_params`` is served by either one as by a colocated engine, so the single-engine reference
+is a plain request sent straight to the decode engine (greedy output is deterministic; the decode
+engine, so that the prefill engine stores only the blocks the gateway sent it). They also serve as
+flex instances (issue 17, item 5): behind a gateway of their own as ``role: flex`` entries, A (the
+prefill engine) serving prefill and B (the decode engine) decode.
 
 * A greedy completion through the gateway equals, token for token, the same completion on one
   engine alone; each engine's own prompt-token counters show that A computed the prompt and B
@@ -21,11 +24,13 @@ flex`` entries, A (the prefill engine) serving prefill and B (the decode engine)
   from its cache and the other pulls it over NIXL (mechanism ``pd``).
 
 Tests run in file order on the shared engines: the exact-index test counts every block the prefill
-engine has stored, so it runs before anything else sends it long requests; the last two kill engines.
+engine has stored, so it runs before anything else sends it long requests; the last one kills the
+decode engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -49,6 +54,7 @@ from support.vllm_engines import (
     admin,
     client,
     complete,
+    counter_total,
     gateway_config,
     gateway_metrics,
     migration_count,
@@ -70,14 +76,13 @@ pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module"), pytest
 class Fleet:
     prefill: Engine
     decode: Engine
-    colocated: Engine
     kv_ports: dict[str, tuple[int, int]]
     gateway: GatewayServer | None = None
     prompts_to_prefill: list[list[int]] = field(default_factory=list)  # as the prefill engine reported them
 
     @property
     def engines(self) -> list[Engine]:
-        return [self.prefill, self.decode, self.colocated]
+        return [self.prefill, self.decode]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -87,8 +92,10 @@ async def collector() -> OtlpReceiver:
         yield receiver
 
 
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -> Fleet:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -> AsyncIterator[Fleet]:
+    """The two engines, started and stopped in threads: the loop keeps serving the OTLP receiver
+    meanwhile (a stopping engine flushes its spans to it, and waits for it up to 10 s)."""
     require_vllm(HOME, is_installed(HOME))
     tmp = tmp_path_factory.mktemp("vllm")
 
@@ -99,7 +106,6 @@ def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -
             # kv_both: the gateways below use them as prefill and decode, and as flex instances
             start_engine("prefill", "flex", "0", tmp, kv_ports=kv_ports["prefill"], otlp=collector.endpoint),
             start_engine("decode", "flex", "1", tmp, kv_ports=kv_ports["decode"], otlp=collector.endpoint),
-            start_engine("colocated", "both", "0", tmp),
             kv_ports,
         )
         try:
@@ -110,12 +116,11 @@ def engines(tmp_path_factory: pytest.TempPathFactory, collector: OtlpReceiver) -
             raise
         return fleet
 
-    fleet = retry_on_port_clash(start)  # a port taken after all (outside the tests): start again on new ones
+    fleet = await asyncio.to_thread(retry_on_port_clash, start)  # a port taken after all: again on new ones
     try:
         yield fleet
     finally:
-        for engine in fleet.engines:
-            engine.stop()
+        await asyncio.gather(*(asyncio.to_thread(engine.stop) for engine in fleet.engines))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -170,7 +175,7 @@ def vllm_block_hashes(token_ids: list[int]) -> list[int]:
 
 async def test_pd_greedy_output_equals_a_single_engine(fleet: Fleet) -> None:
     prompt = prompt_text(1, 60)
-    direct = await complete(fleet.colocated.url, prompt, 32)
+    direct = await complete(fleet.decode.url, prompt, 32)  # one engine alone: no kv_transfer_params
     through = await via_gateway(fleet, prompt, 32)
     assert through.choices[0].token_ids == direct.choices[0].token_ids
     assert through.choices[0].text == direct.choices[0].text
@@ -192,7 +197,7 @@ async def test_pd_greedy_output_equals_a_single_engine(fleet: Fleet) -> None:
     assert "".join(pieces) == direct.choices[0].text and usage.completion_tokens == 32
 
     messages = [{"role": "user", "content": prompt_text(2, 30)}]
-    chat_direct = await client(fleet.colocated.url).chat.completions.create(
+    chat_direct = await client(fleet.decode.url).chat.completions.create(
         model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
     )
     chat_stream = await client(fleet.gateway.url).chat.completions.create(
@@ -212,7 +217,7 @@ async def test_responses_through_pd_equal_vllms_own_responses(fleet: Fleet) -> N
         "temperature": 0,
         "extra_body": {"ignore_eos": True},
     }
-    direct = await client(fleet.colocated.url).responses.create(**request)
+    direct = await client(fleet.decode.url).responses.create(**request)
     through = await client(fleet.gateway.url).responses.create(**request)
     assert through.output_text == direct.output_text and through.output_text
     assert through.usage.input_tokens == direct.usage.input_tokens
@@ -500,48 +505,39 @@ async def test_engine_leaving_the_decode_role_hands_its_stream_on(
     assert pulled >= reference.usage.prompt_tokens + 12 - 1, (moved, before, after)
 
 
-async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
-    """Run second to last (it kills the decode engine). A stream decoding on one engine moves to
-    the NIXL decode engine through vLLM's own PD path (prompt + generated tokens prefilled with
-    do_remote_decode, continued with the returned kv_transfer_params); then the decode engine is
-    SIGKILLed under another stream, which fails over. Both equal an uninterrupted greedy run."""
+LONG_PROMPT = prompt_text(21, 50)
+LONG_TOKENS = 400
+
+
+def plain_instance(instance_id: str, engine: Engine, role: str) -> dict[str, Any]:
+    """``engine`` as a vLLM instance of a gateway of a test's own (no KV events)."""
+    return {"id": instance_id, "url": engine.url, "kind": "vllm", "role": role, "model": MODEL, "block_size": BLOCK}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def long_answer(engines: Fleet) -> Any:
+    """The uninterrupted greedy answer the moved and the failed-over streams must equal. Computed on the
+    prefill engine: the decode engine's cache must not hold it (a move pulls the whole context there)."""
+    return await complete(engines.prefill.url, LONG_PROMPT, LONG_TOKENS)
+
+
+async def test_admin_migration_goes_through_vllms_pd_path(engines: Fleet, long_answer: Any) -> None:
+    """A stream decoding on the prefill engine moves to the decode engine through the admin API and
+    vLLM's own PD path: prompt + generated tokens prefilled with do_remote_decode, pulled over NIXL and
+    continued with the returned kv_transfer_params. It equals an uninterrupted greedy run.
+
+    A move's prefill instance is never its source, so this gateway lists the prefill engine twice:
+    as ``prefill`` and as ``home`` (``both``), where the stream starts, colocated while ``decode`` is
+    drained (no split path; the stream is the gateway's only request)."""
     instances = [
-        {
-            "id": "prefill",
-            "url": engines.prefill.url,
-            "kind": "vllm",
-            "role": "prefill",
-            "model": MODEL,
-            "block_size": BLOCK,
-        },
-        {
-            "id": "decode",
-            "url": engines.decode.url,
-            "kind": "vllm",
-            "role": "decode",
-            "model": MODEL,
-            "block_size": BLOCK,
-        },
-        # no KV connector: as a decode instance it computes the prompt itself
-        {
-            "id": "colocated",
-            "url": engines.colocated.url,
-            "kind": "vllm",
-            "role": "decode",
-            "model": MODEL,
-            "block_size": BLOCK,
-        },
+        plain_instance("prefill", engines.prefill, "prefill"),
+        plain_instance("decode", engines.decode, "decode"),
+        plain_instance("home", engines.prefill, "both"),
     ]
     server = GatewayServer(build_gateway(gateway_config(instances, migration={"policy": "no-migration"})))
     await server.start()
-    tokens = 400
     try:
         url = server.url
-        prompt = prompt_text(21, 50)
-        reference = await complete(engines.colocated.url, prompt, tokens)
-        expected = list(reference.choices[0].token_ids)
-
-        # 1. migration: the stream starts on "colocated" (decode drained), then moves to "decode"
         assert (await admin(url, "/admin/instances/decode/drain"))[0] in (200, 202)
         external0 = engines.decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
         moved: dict[str, Any] = {}
@@ -550,11 +546,11 @@ async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
             await admin(url, "/admin/instances/decode/undrain")
             moved["answer"] = await admin(url, "/admin/requests/vllm-moved/migrate", {"target": "decode"})
 
-        ids, usage, chunk_ids = await stream_with(url, prompt, tokens, "vllm-moved", 12, migrate)
+        ids, usage, chunk_ids = await stream_with(url, LONG_PROMPT, LONG_TOKENS, "vllm-moved", 12, migrate)
         status, answer = moved["answer"]
-        assert status == 200 and answer["migrated"] is True and answer["from"] == "colocated", answer
-        assert ids == expected  # no token lost or repeated, the same continuation
-        assert usage.completion_tokens == tokens and usage.prompt_tokens == reference.usage.prompt_tokens
+        assert status == 200 and answer["migrated"] is True and answer["from"] == "home", answer
+        assert ids == list(long_answer.choices[0].token_ids)  # no token lost or repeated, the same continuation
+        assert usage.completion_tokens == LONG_TOKENS and usage.prompt_tokens == long_answer.usage.prompt_tokens
         assert len(chunk_ids) == 1
         moved_at = answer["generated_tokens"]
         external = (
@@ -562,59 +558,58 @@ async def test_migration_and_failover_on_vllm(engines: Fleet) -> None:
         )
         # prompt + the tokens generated at the hand-off came over NIXL: at least the 12 the move
         # was asked after, at most what the client had when the move was answered
-        assert reference.usage.prompt_tokens + 12 - 1 <= external <= reference.usage.prompt_tokens + moved_at
-
-        # 2. failover: a stream on "decode" whose engine is SIGKILLed continues on "colocated"
-        assert (await admin(url, "/admin/instances/colocated/drain"))[0] in (200, 202)
-
-        async def kill() -> None:
-            await admin(url, "/admin/instances/colocated/undrain")
-            os.killpg(engines.decode.proc.pid, signal.SIGKILL)
-
-        ids, usage, chunk_ids = await stream_with(url, prompt, tokens, "vllm-killed", 12, kill)
-        assert ids == expected and usage.completion_tokens == tokens and len(chunk_ids) == 1
-        text = await gateway_metrics(url)
-        assert migration_count(text, reason="admin", mechanism="pd", outcome="migrated") == 1
-        assert migration_count(text, reason="failover", outcome="migrated") == 1
+        prompt_tokens = long_answer.usage.prompt_tokens
+        assert prompt_tokens + 12 - 1 <= external <= prompt_tokens + moved_at
+        assert migration_count(await gateway_metrics(url), reason="admin", mechanism="pd", outcome="migrated") == 1
     finally:
         await server.stop()
-        engines.decode.stop()
 
 
-async def test_killed_engine_is_marked_unhealthy_and_avoided(engines: Fleet) -> None:
-    """Run last: it kills the colocated engine. The prefill engine serves plain requests too."""
-    instances = [
-        {
-            "id": "colocated",
-            "url": engines.colocated.url,
-            "kind": "vllm",
-            "role": "both",
-            "model": MODEL,
-            "block_size": BLOCK,
-        },
-        {
-            "id": "other",
-            "url": engines.prefill.url,
-            "kind": "vllm",
-            "role": "both",
-            "model": MODEL,
-            "block_size": BLOCK,
-        },
-    ]
-    server = GatewayServer(build_gateway(gateway_config(instances)))
+async def test_killed_engine_fails_over_and_is_avoided(engines: Fleet, long_answer: Any) -> None:
+    """Run last: it SIGKILLs the decode engine under a stream and three requests, both engines serving
+    ``both``.
+
+    The stream continues on the prefill engine with the same tokens (failover). The requests the
+    engine was serving had sent the client nothing: they are retried on the other engine. The
+    dead engine's circuit opens, the requests sent after the kill are served by the other engine,
+    and the model stays ready."""
+    instances = [plain_instance("decode", engines.decode, "both"), plain_instance("other", engines.prefill, "both")]
+    server = GatewayServer(build_gateway(gateway_config(instances, migration={"policy": "no-migration"})))
     await server.start()
     try:
-        cluster = server.gateway.cluster
-        os.killpg(engines.colocated.proc.pid, signal.SIGKILL)
-        engines.colocated.proc.wait(10)
-        for i in range(6):
-            reply = await complete(server.url, prompt_text(10 + i, 20), 4)
-            assert reply.usage.completion_tokens == 4  # every request served, before and after detection
-        await wait_until_async(
-            lambda: cluster.instances["colocated"].breaker.state != "closed",
-            timeout=5,
-            message="the dead engine's circuit to open",
-        )
+        url, cluster, migrations = server.url, server.gateway.cluster, server.gateway.migrations
+        assert migrations is not None
+        assert (await admin(url, "/admin/instances/other/drain"))[0] in (200, 202)  # everything starts on decode
+        on_the_engine: list[asyncio.Task[Any]] = []
+
+        async def kill() -> None:
+            live = migrations.find("vllm-killed")
+            assert live is not None and live.instance_id == "decode"
+            # long enough to be still decoding when the engine dies
+            on_the_engine.extend(asyncio.create_task(complete(url, prompt_text(10 + i, 20), 200)) for i in range(3))
+            await wait_until_async(
+                lambda: cluster.instances["decode"].inflight_requests == 4,
+                timeout=10,
+                message="the three requests placed on the decode engine",
+            )
+            await admin(url, "/admin/instances/other/undrain")
+            os.killpg(engines.decode.proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(engines.decode.proc.wait, 10)
+
+        ids, usage, chunk_ids = await stream_with(url, LONG_PROMPT, LONG_TOKENS, "vllm-killed", 12, kill)
+        assert ids == list(long_answer.choices[0].token_ids) and usage.completion_tokens == LONG_TOKENS
+        assert len(chunk_ids) == 1
+        assert [(await task).usage.completion_tokens for task in on_the_engine] == [200] * 3  # every one served
+        for i in range(3):  # and after the kill
+            assert (await complete(url, prompt_text(13 + i, 20), 4)).usage.completion_tokens == 4
+        text = await gateway_metrics(url)
+        assert migration_count(text, reason="failover", outcome="migrated") == 1
+        assert counter_total(text, "pdgate_retries_total", model=MODEL) == 3
+        assert cluster.instances["decode"].breaker.state != "closed"  # the engine is avoided
         assert cluster.ready(MODEL)
     finally:
+        for task in on_the_engine:
+            task.cancel()
+        await asyncio.gather(*on_the_engine, return_exceptions=True)
         await server.stop()
+        engines.decode.stop()

@@ -232,11 +232,16 @@ async def gateway_metrics(url: str) -> str:
     return await asyncio.to_thread(lambda: urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode())
 
 
-def migration_count(text: str, **labels: str) -> float:
-    """``pdgate_migrations_total`` summed over the samples carrying ``labels``."""
+def counter_total(text: str, name: str, **labels: str) -> float:
+    """The sample ``name`` of a ``/metrics`` text summed over the samples carrying ``labels``."""
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "pdgate_migrations_total" and all(s.labels.get(k) == v for k, v in labels.items())
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def migration_count(text: str, **labels: str) -> float:
+    """``pdgate_migrations_total`` summed over the samples carrying ``labels``."""
+    return counter_total(text, "pdgate_migrations_total", **labels)
