@@ -94,7 +94,9 @@ def test_sigterm_stops_readiness_first_finishes_the_streams_and_exits_0(sim_fact
         # the delay: not ready, and still serving what comes (a load balancer's last requests)
         code, body = wait_until(lambda: (r := _status(gateway.url, "/ready"))[0] == 503 and r, 5, message="503")
         assert body["stopping"] is True and body["ready"] is False
-        late = client(gateway.url).completions.create(model=MODEL, prompt="one more", max_tokens=4)
+        late = client(gateway.url).completions.create(
+            model=MODEL, prompt="one more", max_tokens=4, extra_body={"ignore_eos": True}
+        )
         assert late.choices[0].finish_reason == "length" and time.monotonic() - sent < 1.0
 
         # then no new connections, while the streams go on to their last token

@@ -392,7 +392,7 @@ async def test_in_a_cluster_it_uses_the_pods_service_account_and_its_namespace(
         async with _gateway(config) as server:
             await _until(lambda: set(_serving(server)) == {"both-0"}, "the pod of the gateway's namespace served")
             reply = await openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x").completions.create(
-                model=MODEL, prompt="in a cluster", max_tokens=3
+                model=MODEL, prompt="in a cluster", max_tokens=3, extra_body={"ignore_eos": True}
             )
             assert reply.choices[0].finish_reason == "length"
             assert {r.authorization for r in fake.requests} == {"Bearer in-cluster-token"}

@@ -66,7 +66,9 @@ def test_the_shared_state_outlives_a_nats_server(sim_factory, tmp_path: Path) ->
             message="the later replica serving the instance added before the server went",
         )
         # and the first replica, whose server may have been the one lost, serves on and syncs again
-        reply = client(first.url).completions.create(model=MODEL, prompt="still here", max_tokens=2)
+        reply = client(first.url).completions.create(
+            model=MODEL, prompt="still here", max_tokens=2, extra_body={"ignore_eos": True}
+        )
         assert reply.choices[0].finish_reason == "length"
         wait_until(lambda: get_json(f"{first.url}/ready")["sync"] == "ok", 30, message="the first replica in sync")
     finally:

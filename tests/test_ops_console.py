@@ -211,9 +211,14 @@ def test_console_shows_the_fleet_live_and_follows_a_drain_and_a_role_change(flee
         assert loaded[holder]["inflight"].endswith("/ 1"), loaded[holder]
         api = client(url)
         for i in range(3):
-            answer = api.completions.create(model=MODEL, prompt=f"short {i}", max_tokens=4)
-            assert answer.choices[0].text
-        for _ in api.completions.create(model=MODEL, prompt="short streamed", max_tokens=4, stream=True):
+            # (ignore_eos: the simulated engine may end an answer at its first token otherwise)
+            answer = api.completions.create(
+                model=MODEL, prompt=f"short {i}", max_tokens=4, extra_body={"ignore_eos": True}
+            )
+            assert answer.usage is not None and answer.usage.completion_tokens == 4
+        for _ in api.completions.create(
+            model=MODEL, prompt="short streamed", max_tokens=4, stream=True, extra_body={"ignore_eos": True}
+        ):
             pass
         cards = shown(page, "4 requests finished", cards_of, lambda c: int(c["finished"]) >= 4)
         assert cards["attainment"].endswith("%"), cards  # the streamed one had an SLO verdict
