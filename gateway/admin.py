@@ -339,6 +339,8 @@ class AdminApi:
             raise GatewayError(400, "the body must be JSON: one instance entry") from None
         if not isinstance(entry, dict):
             raise GatewayError(400, "the body must be a JSON object: one instance entry (url, model, role, kind, ...)")
+        if "pod_uid" in entry:
+            raise GatewayError(400, "pod_uid is set by Kubernetes discovery, not by hand", param="pod_uid")
         try:
             state = await self.fleet.add(entry)
         except FleetChangeError as exc:
@@ -350,6 +352,12 @@ class AdminApi:
         force = query.get("force", ["false"])[-1].lower() in ("1", "true", "yes")
         timeout = self._timeout(query)
         self._instance(instance_id)
+        if self.discovery is not None and instance_id in self.discovery.managed():
+            raise GatewayError(
+                409,
+                f"instance {instance_id!r} is a pod Kubernetes discovery serves: it would join again; drain it "
+                "(POST /admin/instances/{id}/drain), or delete or relabel the pod",
+            )
         try:
             state = await asyncio.shield(self.fleet.remove(instance_id, timeout_s=timeout, force=force))
         except FleetChangeError as exc:

@@ -313,6 +313,9 @@ class GatewayConfig(Strict):
                 "discovery.kubernetes and the kubernetes scaling actuator would both add the engine pods: "
                 "use one (the actuator's pools find their own pods)"
             )
+        by_hand = [i.spec().id for i in self.instances if i.pod_uid is not None]
+        if by_hand:
+            raise ValueError(f"instances: pod_uid is set by Kubernetes discovery, not in the file ({by_hand})")
         ids = [i.spec().id for i in self.instances]
         duplicates = {i for i in ids if ids.count(i) > 1}
         if duplicates:

@@ -26,6 +26,7 @@ Every change goes through :class:`FleetManager`, whoever asks for it: the admin 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,7 @@ class FleetManager:
         self.tracing: Tracing | None = None  # role changes are traced when tracing is on
         self._lock = asyncio.Lock()
         self._tasks = OwnedTasks()
+        self._removals: dict[str, asyncio.Task[None]] = {}  # another replica's removals, draining here
 
     def share(self, shared: SharedState) -> None:
         """Share this gateway's fleet changes and drains with the other replicas (before ``shared`` starts)."""
@@ -208,6 +210,7 @@ class FleetManager:
         """
         async with self._lock:
             state = self._start_removal(instance_id, force)
+        await self._publish(DRAIN_BUCKET, instance_id, {"draining": True})  # every replica stops sending there
         drained = await self.migrations.wait_drained(instance_id, timeout_s)
         async with self._lock:
             if self.cluster.instances.get(instance_id) is not state:  # removed (or replaced) meanwhile
@@ -248,6 +251,10 @@ class FleetManager:
         self.config.instances[:] = [i for i in self.config.instances if i.spec().id != instance_id]
         if publish:
             await self._publish(FLEET_BUCKET, instance_id, {"op": "remove"})
+            # its drain and role end with it: an instance added later under the same id (a
+            # StatefulSet's new pod) must not replay them
+            await self._publish(DRAIN_BUCKET, instance_id, {"draining": False})
+            await self._publish(ROLE_BUCKET, instance_id, {"role": None, "reason": "removed"})
         return state
 
     # --------------------------------------------------------------- replicas
@@ -258,13 +265,39 @@ class FleetManager:
     async def _on_fleet_change(self, instance_id: str, change: dict[str, Any]) -> None:
         """Another replica added or removed an instance (or did so before this one started)."""
         op = change.get("op")
-        if op == "add" and instance_id not in self.cluster.instances:
+        if op == "add":
             inst = InstanceConfig.model_validate(change["entry"])
-            async with self._lock:
-                if instance_id not in self.cluster.instances:
-                    await self._add(inst, publish=False)
-        elif op == "remove" and instance_id in self.cluster.instances:
-            self._tasks.spawn(self._remote_remove(instance_id), f"fleet-remove-{instance_id}")
+            pending = self._removals.get(instance_id)
+            if pending is not None or self._served_entry(instance_id) not in (None, inst):
+                # added again while this replica still drains its removal (a pod relabelled: removed,
+                # then added at once), or added anew with another entry (a replay after a
+                # reconnection keeps only the newest): applied once the old one is gone
+                self._tasks.spawn(self._remote_replace(instance_id, inst, pending), f"fleet-replace-{instance_id}")
+            elif instance_id not in self.cluster.instances:
+                async with self._lock:
+                    if instance_id not in self.cluster.instances:
+                        await self._add(inst, publish=False)
+        elif op == "remove" and instance_id in self.cluster.instances and instance_id not in self._removals:
+            task = self._tasks.spawn(self._remote_remove(instance_id), f"fleet-remove-{instance_id}")
+            self._removals[instance_id] = task
+            task.add_done_callback(functools.partial(self._removed, instance_id))
+
+    def _removed(self, instance_id: str, _task: asyncio.Task[None]) -> None:
+        self._removals.pop(instance_id, None)
+
+    def _served_entry(self, instance_id: str) -> InstanceConfig | None:
+        return next((i for i in self.config.instances if i.spec().id == instance_id), None)
+
+    async def _remote_replace(self, instance_id: str, inst: InstanceConfig, pending: asyncio.Task[None] | None) -> None:
+        """Another replica's add of ``instance_id``, after this replica's removal of the old one."""
+        if pending is not None:
+            await asyncio.wait([pending])
+        served = self._served_entry(instance_id)
+        if served is not None and served != inst and instance_id not in self._removals:
+            await self._remote_remove(instance_id)
+        async with self._lock:
+            if instance_id not in self.cluster.instances:
+                await self._add(inst, publish=False)
 
     async def _remote_remove(self, instance_id: str) -> None:
         """Drain this replica's own streams on the instance (up to ``admin.drain_wait_s``), then forget it:
@@ -279,7 +312,7 @@ class FleetManager:
                 await self._finish_removal(state, True, self.config.admin.drain_wait_s, True, publish=False)
 
     async def _on_drain_change(self, instance_id: str, change: dict[str, Any]) -> None:
-        if instance_id not in self.cluster.instances:
+        if instance_id not in self.cluster.instances or instance_id in self._removals:  # (removed: stays drained)
             return
         if change.get("draining"):
             self.migrations.drain(instance_id)

@@ -112,10 +112,11 @@ class NatsState:
 
     async def release(self, lease: str) -> None:
         revision = self._lease_revisions.pop(lease, None)
-        if revision is None or not self.connected:
+        kv = self._buckets.get(f"pdgate_lease_{lease}")  # opened by claim (never created here: no TTL)
+        if revision is None or kv is None or not self.connected:
             return
         try:
-            await (await self._bucket(f"pdgate_lease_{lease}")).delete("holder", last=revision)
+            await kv.delete("holder", last=revision)
         except Exception as exc:  # taken meanwhile, or the server away: it expires on its own
             log.debug("shared state: lease %s not released (%r)", lease, exc)
 

@@ -203,3 +203,24 @@ def test_with_endpointslices_a_pod_serves_only_when_its_endpoint_is_ready() -> N
     assert with_endpoint(unready_pod, EndpointState(ready=True, terminating=False)).ready
     with pytest.raises(ValidationError, match="needs service"):
         KubernetesDiscoveryConfig(label_selector="a=b", readiness="endpointslices")
+
+
+def test_a_pod_that_ended_is_on_its_way_out() -> None:
+    for phase in ("Failed", "Succeeded"):  # evicted, or exited for good: no deletionTimestamp yet
+        facts = pod_facts(pod(phase=phase), SETTINGS)
+        assert facts.terminating and not facts.ready, phase
+
+
+def test_a_pod_several_slices_list_is_ready_when_one_says_so_and_leaving_when_all_do() -> None:
+    from pdgate.gateway.discovery.pod_entries import EndpointState, endpoint_states
+
+    moving = [_slice(_endpoint("a-0", ready=True)), _slice(_endpoint("a-0", ready=False, terminating=True))]
+    assert endpoint_states(moving) == {"a-0": EndpointState(ready=True, terminating=False)}
+    leaving = [_slice(_endpoint("a-0", ready=False, terminating=True))] * 2
+    assert endpoint_states(leaving) == {"a-0": EndpointState(ready=False, terminating=True)}
+
+
+def test_pod_uid_is_discoverys_not_the_config_files() -> None:
+    entry = {"url": "http://127.0.0.1:1", "kind": "sim", "role": "both", "model": "m", "pod_uid": "u"}
+    with pytest.raises(ValidationError, match="pod_uid is set by Kubernetes discovery"):
+        GatewayConfig.model_validate(_config(instances=[entry]))

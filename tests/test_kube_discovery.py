@@ -271,9 +271,18 @@ async def test_every_replica_watches_and_only_the_leader_changes_the_fleet(clust
         await cluster.pod("decode-1", "decode")
         for r in replicas:
             await _until(lambda r=r: "decode-1" in _serving(r), "both serve the new pod")
+        # relabelled: the leader removes and adds it again at once; the follower, still draining
+        # the removal, applies the add after it (it does not drop it)
+        await _patch_labels(cluster, "decode-1", {"pdgate.io/role": "both"})
+        for r in replicas:
+            await _until(lambda r=r: _role(r, "decode-1") == "both", "both serve the relabelled pod as both")
+        await _patch_labels(cluster, "decode-1", {"pdgate.io/role": "decode"})
+        for r in replicas:
+            await _until(lambda r=r: _role(r, "decode-1") == "decode", "and back as decode")
         assert all(r.gateway.discovery is not None and r.gateway.discovery.watcher.synced for r in replicas)
-        # each pod joined once, by the replica leading then (the lease may have moved meanwhile)
-        assert _changes(first, "add") + _changes(second, "add") == 3
+        # each pod joined once (decode-1 three times: added, relabelled twice), by the replica
+        # leading then (the lease may have moved meanwhile)
+        assert _changes(first, "add") + _changes(second, "add") == 5
         leader = next(r for r in replicas if r.gateway.leadership is not None and r.gateway.leadership.is_leader)
         follower = second if leader is first else first
 
@@ -323,6 +332,28 @@ async def test_a_pod_that_cannot_join_is_reported_once_and_a_config_reload_keeps
         await _until(lambda: cluster.fake.watches["pods"] > passes, "a new watch")
         metric = server.gateway.metrics.registry.get_sample_value
         assert metric("pdgate_discovery_problems_total") == 2
+
+        # the admin API leaves discovery's instances to discovery: a DELETE would be undone, a pod_uid is not given
+        status, body = await asyncio.to_thread(admin, server.url, "/admin/instances/decode-0", method="DELETE")
+        assert status == 409 and "Kubernetes discovery" in body["error"]["message"], body
+        forged = {
+            "id": "x",
+            "url": "http://127.0.0.1:1",
+            "kind": "sim",
+            "role": "decode",
+            "model": MODEL,
+            "pod_uid": "u",
+        }
+        status, body = await asyncio.to_thread(admin, server.url, "/admin/instances", forged)
+        assert status == 400 and body["error"]["param"] == "pod_uid", body
+
+        # an operator's drain is the operator's: the pod going unready and Ready again keeps it
+        assert (await asyncio.to_thread(admin, server.url, "/admin/instances/decode-0/drain"))[0] in (200, 202)
+        cluster.fake.set_ready("decode-0", False)
+        await _until(lambda: discovery._unready_since.get("decode-0") is not None, "the pod seen unready")
+        cluster.fake.set_ready("decode-0", True)
+        await _until(lambda: "decode-0" not in discovery._unready_since, "the pod seen Ready again")
+        assert _draining(server, "decode-0") and _changes(server, "undrain") == 0
 
         # SIGHUP's reload applies the file's instances: the discovered ones are not the file's to remove
         assert server.gateway.fleet is not None

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from lightkube import AsyncClient, KubeConfig
@@ -109,7 +109,7 @@ class KubeDiscovery:
         self.slices: KubeWatcher[EndpointSlice] | None = None  # readiness: endpointslices
         if settings.readiness == "endpointslices":
             self.slices = watcher(EndpointSlice, f"kubernetes.io/service-name={settings.service}")
-        self._unready_since: dict[str, float] = {}
+        self._unready_since: dict[str, tuple[float, bool]] = {}  # pod -> (since, drained by an operator then)
         self._drained: set[str] = set()  # unready past the grace: discovery's to drain, and to undrain when Ready
         self._removing: set[str] = set()
         self._problems: dict[str, str] = {}  # pod -> why it cannot join (logged once)
@@ -151,7 +151,7 @@ class KubeDiscovery:
         return {
             "synced": self.watcher.synced,
             "pods": len(self.watcher.objects),
-            "managed": sorted(i.spec().id for i in self._managed().values()),
+            "managed": sorted(i.spec().id for i in self.managed().values()),
             "removing": sorted(self._removing),
             "problems": dict(self._problems),
             "last_error": self.watcher.last_error or (self.slices.last_error if self.slices is not None else None),
@@ -187,44 +187,58 @@ class KubeDiscovery:
         self._count(facts)
         for f in facts.values():
             if f.ready and f.name not in self.fleet.cluster.instances and f.name not in self._removing:
-                await self._join(f, act)
+                await self._guarded(f.name, self._join(f, act))
         now = self.clock()
-        for name, inst in self._managed().items():
-            if name in self._removing:
-                continue
-            seen = facts.get(name)
-            why = self._why_leave(seen, inst)
-            if why is not None:
-                if act:
-                    self._remove_later(name, why)
-            elif seen is not None and not seen.ready:
-                since = self._unready_since.setdefault(name, now)
-                if now - since >= self.settings.unready_grace_s:
-                    self._drained.add(name)  # discovery's to drain, and to undrain once Ready
-                    if act and not self._draining(name):
-                        await self._drain(name)
-            else:
-                self._unready_since.pop(name, None)
-                if name in self._drained:
-                    if act and self._draining(name):
-                        await self._undrain(name)
-                    if act or not self._draining(name):
-                        self._drained.discard(name)
-        for name in [n for n in self._problems if n not in facts]:
+        for name, inst in self.managed().items():
+            # (each step awaits: an instance removed meanwhile is skipped)
+            if name not in self._removing and name in self.fleet.cluster.instances:
+                await self._guarded(name, self._follow(name, inst, facts.get(name), now, act))
+        served = self.fleet.cluster.instances
+        for name in [n for n in self._problems if n not in facts or n in served]:
             del self._problems[name]
+
+    async def _follow(self, name: str, inst: InstanceConfig, seen: PodFacts | None, now: float, act: bool) -> None:
+        """One served pod: gone, unready past the grace, or Ready again."""
+        why = self._why_leave(seen, inst)
+        if why is not None:
+            if act:
+                self._remove_later(name, why)
+        elif seen is not None and not seen.ready:
+            # whether an operator had drained it before it went unready: then the drain is not discovery's
+            since, drained_before = self._unready_since.setdefault(name, (now, self._draining(name)))
+            if now - since >= self.settings.unready_grace_s and not drained_before:
+                self._drained.add(name)  # discovery's to drain, and to undrain once Ready
+                if act and not self._draining(name):
+                    await self._drain(name)
+        else:
+            self._unready_since.pop(name, None)
+            if name in self._drained:
+                if act and self._draining(name):
+                    await self._undrain(name)
+                if act or not self._draining(name):
+                    self._drained.discard(name)
+
+    async def _guarded(self, name: str, step: Coroutine[Any, Any, None]) -> None:
+        """One pod's step; a failure is that pod's problem, never the whole pass's."""
+        try:
+            await step
+        except Exception as exc:
+            log.exception("discovery: pod %s: %s", name, exc)
+            self._problems[name] = f"{type(exc).__name__}: {exc}"
 
     def _draining(self, name: str) -> bool:
         state = self.fleet.cluster.instances.get(name)
         return state is not None and state.draining
 
-    def _managed(self) -> dict[str, InstanceConfig]:
+    def managed(self) -> dict[str, InstanceConfig]:
+        """The instances discovery added (those with a ``pod_uid``), by id."""
         return {i.spec().id: i for i in self.fleet.config.instances if i.pod_uid is not None}
 
     def _why_leave(self, f: PodFacts | None, inst: InstanceConfig) -> str | None:
         if f is None:
             return "is gone"
         if f.terminating:
-            return "is being deleted"
+            return "is being deleted (or has ended)"
         if f.uid != inst.pod_uid:
             return "was replaced by a new pod of the same name"
         if f.entry is not None and f.ready:

@@ -26,7 +26,7 @@ class PodFacts:
     name: str
     uid: str
     ready: bool  # Running, Ready, with an IP
-    terminating: bool  # deletionTimestamp set: on its way out
+    terminating: bool  # deletionTimestamp set, or Failed/Succeeded (evicted): on its way out
     entry: dict[str, Any] | None
     problem: str | None = None
 
@@ -35,7 +35,8 @@ def pod_facts(pod: Pod, settings: KubernetesDiscoveryConfig) -> PodFacts:
     meta, status = pod.metadata, pod.status
     name = (meta.name if meta is not None else None) or ""
     uid = (meta.uid if meta is not None else None) or ""
-    terminating = meta is not None and meta.deletionTimestamp is not None
+    ended = status is not None and status.phase in ("Failed", "Succeeded")  # evicted, or exited for good
+    terminating = (meta is not None and meta.deletionTimestamp is not None) or ended
     ip = status.podIP if status is not None else None
     ready = bool(
         not terminating
@@ -115,9 +116,10 @@ def endpoint_states(slices: Iterable[EndpointSlice]) -> dict[str, EndpointState]
     """Pod name -> its endpoint's state, over every slice of a Service (a pod in none: absent).
 
     ``ready`` nil means ready and ``terminating`` nil means not. A terminating endpoint, still
-    serving (its connections drain) or not, is a pod on its way out.
+    serving (its connections drain) or not, is a pod on its way out; a pod several slices list
+    is ready when one says so, and leaving when all do.
     """
-    states: dict[str, EndpointState] = {}
+    seen: dict[str, list[EndpointState]] = {}
     for eps in slices:
         for endpoint in eps.endpoints or []:
             ref = endpoint.targetRef
@@ -126,8 +128,13 @@ def endpoint_states(slices: Iterable[EndpointSlice]) -> dict[str, EndpointState]
             c = endpoint.conditions
             ready = c is None or c.ready is None or c.ready
             terminating = c is not None and bool(c.terminating)  # serving or not: on its way out
-            states[ref.name] = EndpointState(ready=bool(ready and not terminating), terminating=terminating)
-    return states
+            seen.setdefault(ref.name, []).append(EndpointState(bool(ready and not terminating), terminating))
+    # a pod in several slices (dual-stack, or moved between slices): ready when one says so,
+    # leaving when all do
+    return {
+        name: EndpointState(ready=any(s.ready for s in states), terminating=all(s.terminating for s in states))
+        for name, states in seen.items()
+    }
 
 
 def with_endpoint(facts: PodFacts, endpoint: EndpointState | None) -> PodFacts:
