@@ -160,7 +160,7 @@ def test_pd_paths_sends_a_request_to_the_other_path_when_its_own_has_no_live_ins
     split_asked = tagged("a", pd_path="split")
     drained_prefill = (view("c", "both"), view("p", "prefill", draining=True), view("d", "decode"))
     moved = paths_plan(split_asked, drained_prefill, honour_header=True)
-    assert not moved.split and moved.decode.instance_id == "c" and moved.reason == ph.NO_PD
+    assert not moved.split and moved.decode.instance_id == "c" and moved.reason == ph.NO_SPLIT
     colocated_asked = tagged("a", pd_path="colocated")
     dead_colocated = (view("c", "both", healthy=False), view("p", "prefill"), view("d", "decode"))
     moved = paths_plan(colocated_asked, dead_colocated, honour_header=True)
@@ -184,7 +184,7 @@ def test_pd_split_colocates_on_a_both_instance_when_a_leg_has_no_live_instance()
         (view("p", "prefill", healthy=False), view("d", "decode"), view("c", "both")),
     ):
         plan_ = split_plan(*fleet)
-        assert not plan_.split and plan_.decode.instance_id == "c" and plan_.reason == ph.NO_PD, fleet
+        assert not plan_.split and plan_.decode.instance_id == "c" and plan_.reason == ph.NO_SPLIT, fleet
     whole = split_plan(view("p", "prefill"), view("d", "decode"), view("c", "both"))
     assert whole.split and whole.prefill.instance_id == "p" and whole.decode.instance_id == "d"
     nothing_live = split_plan(view("p", "prefill"), view("d", "decode", draining=True))

@@ -60,7 +60,7 @@ class PdSplitHandler(ProfileHandler):
             return PdPlan(run("colocated", candidates), reason=NO_PD)
         paths = serving_paths(candidates)
         if not paths["split"] and paths["colocated"]:  # (a prefill and a both, the decodes drained...)
-            return PdPlan(run("colocated", candidates), reason=NO_PD)
+            return PdPlan(run("colocated", candidates), reason=NO_SPLIT)
         return split_plan(candidates, run)
 
 
@@ -191,7 +191,7 @@ class PdPathsHandler(ProfileHandler):
         wanted, reason = self._path(request)
         other = "split" if wanted == "colocated" else "colocated"
         if not serves[wanted] and (serves[other] or not paths[wanted]):
-            wanted, reason = other, (SPLIT_NO_COLOCATED if other == "split" else NO_PD)
+            wanted, reason = other, (SPLIT_NO_COLOCATED if other == "split" else NO_SPLIT)
         colocated, split = paths["colocated"], paths["split"]
         if wanted == "colocated":
             return PdPlan(run("colocated", colocated), reason=reason)
@@ -217,6 +217,7 @@ class PdPathsHandler(ProfileHandler):
 
 
 NO_PD = "colocated: no prefill/decode instances"
+NO_SPLIT = "colocated: no live instance for a leg of the split"
 SPLIT_PD = "split: the model has prefill/decode instances"
 SPLIT_CANNOT = "split: the decode instance cannot prefill a whole request"
 SPLIT_LONG = "split: the uncached prompt is long"
@@ -235,6 +236,7 @@ SPLIT_SHARE = "split: its share of the traffic"
 SPLIT_NO_COLOCATED = "split: no colocated instance"
 REASONS = (
     NO_PD,
+    NO_SPLIT,
     SPLIT_PD,
     SPLIT_CANNOT,
     SPLIT_LONG,
