@@ -182,3 +182,18 @@ def test_sigterm_on_a_workers_supervisor_lets_every_workers_streams_finish(sim_f
         assert gateway.log.count("stopping: no new connections; ") == 2  # each worker, gracefully
     finally:
         gateway.stop()
+
+
+def test_a_sigterm_right_after_the_ready_line_still_stops_it_cleanly(sim_factory, tmp_path) -> None:
+    """Found by CI: the handlers were installed after the ready line and its garbage collection, so
+    a SIGTERM sent at once (an orchestrator's, a test's) killed the process (-15)."""
+    for workers in ("1", "2"):
+        engine = sim_factory(*engine_flags("both"), time_scale=1.0)
+        config = write_config(tmp_path / f"gateway-{workers}.yaml", [instance_entry(engine, "both", "sim")])
+        gateway = start_gateway(config, env={"PDGATE_WORKERS": workers})
+        try:
+            gateway.proc.send_signal(signal.SIGTERM)  # the moment the ready line is read
+            wait_until(lambda g=gateway: g.proc.poll() is not None, 30, message="the gateway to exit")
+            assert gateway.proc.returncode == 0, (workers, gateway.log[-2000:])
+        finally:
+            gateway.stop()

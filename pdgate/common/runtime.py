@@ -34,10 +34,11 @@ async def serve_until_signalled(
     server: S, ready: Callable[[S], None] | None = None, *, on_hangup: Callable[[S], None] | None = None
 ) -> None:
     """Start ``server``, call ``ready``, run until SIGINT/SIGTERM, then stop it cleanly.
-    ``on_hangup``: what SIGHUP does (e.g. read the config again) instead of ending the process."""
-    await server.start()
-    if ready is not None:
-        ready(server)
+    ``on_hangup``: what SIGHUP does (e.g. read the config again) instead of ending the process.
+
+    The handlers are in place before the server starts: a SIGTERM that comes while it starts, or
+    right after its ready line (``ready`` may take a while: a garbage collection), stops it
+    cleanly instead of killing the process."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,6 +46,9 @@ async def serve_until_signalled(
     if on_hangup is not None:
         loop.add_signal_handler(signal.SIGHUP, on_hangup, server)
     try:
+        await server.start()
+        if ready is not None:
+            ready(server)
         await stop.wait()
     finally:
         await server.stop()
