@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from pdgate.common.http_server import HttpRequest, Responder
 from pdgate.common.version import package_version
 from pdgate.gateway.admission_queue import tenant_of
-from pdgate.gateway.openapi_schemas import ref
+from pdgate.gateway.openapi_schemas import ADMIN_SCHEMAS, ref
 from pdgate.gateway.requests import GatewayError
 
 if TYPE_CHECKING:
@@ -181,6 +181,7 @@ _BUCKET = {
         "goodput_rps": _NUMBER,
     },
 }
+_ADMIN_INSTANCE = ADMIN_SCHEMAS["AdminInstance"]
 CONSOLE_STATE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "The ops console's state (GET /console polls it): see pdgate.gateway.console",
@@ -194,18 +195,11 @@ CONSOLE_STATE_SCHEMA: dict[str, Any] = {
         "instances": {
             "type": "array",
             "items": {
+                # GET /admin/instances' view of an instance, its streams counted, its prefix hits added
                 "type": "object",
-                "required": ["id", "role", "serving", "model", "kind", "healthy", "draining", "load", "streams"],
+                "required": _ADMIN_INSTANCE["required"],
                 "properties": {
-                    "id": {"type": "string"},
-                    "role": {"enum": ["prefill", "decode", "both", "flex"]},
-                    "serving": {"enum": ["prefill", "decode", "both"]},
-                    "model": {"type": "string"},
-                    "kind": {"type": "string"},
-                    "healthy": {"type": "boolean"},
-                    "circuit": {"type": "string"},
-                    "draining": {"type": "boolean"},
-                    "load": {"type": "object"},
+                    **_ADMIN_INSTANCE["properties"],
                     "streams": {
                         "type": "object",
                         "required": ["total", "moving"],

@@ -30,10 +30,10 @@ import msgpack
 import openai
 import pytest
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
 from support.fleet import call
 from support.ports import reserve_port, retry_on_port_clash
 from support.vllm import require_vllm, stop_process_group
+from support.vllm_engines import counter_total
 from support.waiting import wait_until, wait_until_async
 
 from pdgate.common.block_hash import LoraAdapter, block_hashes, to_event_hash
@@ -221,18 +221,9 @@ def test_block_hashes_in_kv_events_are_ours_with_adapter_and_salt(engine: Engine
     assert f'prefix_caching_hash_algo="{ALGO}"' in metrics  # the engine reports its algorithm
 
 
-def metric_in(text: str, name: str, **labels: str) -> float:
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 def metric(url: str, name: str, **labels: str) -> float:
     """A metric of the engine (another process: a blocking call is fine)."""
-    return metric_in(urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode(), name, **labels)
+    return counter_total(urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode(), name, **labels)
 
 
 async def fetch(url: str) -> str:
@@ -301,7 +292,7 @@ async def test_gateway_prefix_hits_for_adapter_requests_equal_vllms_counters(
         for model, salt, expected in steps:
             blocks = len(cluster.exact_index.blocks("vllm"))
             engine_hits = metric(engine.url, "vllm:prefix_cache_hits_total")
-            counted = metric_in(await fetch(f"{server.url}/metrics"), "pdgate_prefix_cache_hit_tokens_total")
+            counted = counter_total(await fetch(f"{server.url}/metrics"), "pdgate_prefix_cache_hit_tokens_total")
             await client.completions.create(
                 model=model,
                 prompt=tokens,
@@ -310,7 +301,7 @@ async def test_gateway_prefix_hits_for_adapter_requests_equal_vllms_counters(
                 extra_body={"cache_salt": salt} if salt else None,
             )
             hits = metric(engine.url, "vllm:prefix_cache_hits_total") - engine_hits
-            now = metric_in(await fetch(f"{server.url}/metrics"), "pdgate_prefix_cache_hit_tokens_total")
+            now = counter_total(await fetch(f"{server.url}/metrics"), "pdgate_prefix_cache_hit_tokens_total")
             expected_by_gateway = now - counted
             assert (hits, expected_by_gateway) == (expected, expected), (model, salt)
             if not expected:  # a new chain: its events reach the gateway's index before the next request
@@ -319,7 +310,7 @@ async def test_gateway_prefix_hits_for_adapter_requests_equal_vllms_counters(
                     timeout=30,
                     message=f"the blocks of {model} (salt {salt}) in the gateway's exact index",
                 )
-        loads = metric_in(await fetch(f"{server.url}/metrics"), "pdgate_lora_loads_total", adapter="late")
+        loads = counter_total(await fetch(f"{server.url}/metrics"), "pdgate_lora_loads_total", adapter="late")
         assert loads == 1
         assert "late" in {m["id"] for m in call(f"{engine.url}/v1/models", timeout=ENGINE_TIMEOUT_S)[1]["data"]}
     finally:
